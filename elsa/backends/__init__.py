@@ -1,0 +1,1 @@
+"""Built-in grouping backends. Each registers through the ``elsa`` entry-point group."""

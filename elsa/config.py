@@ -1,0 +1,274 @@
+"""TOML configuration: schema, defaults, validation.
+
+Every key has a default (so an absent file means "embedded defaults") and a
+one-line doc used to generate ``packaging/elsa.toml``. Unknown keys and wrong
+types are refused with a message naming the file, the key and the expected
+type. Per-plugin tables (``[backends.<name>]``, ``[sources.<name>]``) are kept
+raw here and validated by the plugin that owns them with :func:`validate_table`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from elsa.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on RHEL 9's Python 3.9
+    import tomli as tomllib
+
+DEFAULT_PATH = "/etc/elsa/elsa.toml"
+ENV_VAR = "ELSA_CONFIG"
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key: its type, default and documentation."""
+
+    type: Any  # a type or a tuple of types accepted by isinstance
+    default: Any
+    doc: str
+    choices: Tuple[Any, ...] = ()
+    # Extra check returning an error message, or None when the value is fine.
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    item_type: Any = None  # for lists: the type of each element
+
+
+def _type_name(t: Any) -> str:
+    names = {str: "string", int: "integer", float: "number", bool: "boolean",
+             list: "array", dict: "table"}
+    if isinstance(t, tuple):
+        return " or ".join(names.get(x, x.__name__) for x in t)
+    return names.get(t, getattr(t, "__name__", str(t)))
+
+
+def _positive(v: Any) -> Optional[str]:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _non_negative(v: Any) -> Optional[str]:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def _absolute(v: Any) -> Optional[str]:
+    return None if os.path.isabs(v) else "must be an absolute path"
+
+
+CORE_OPTIONS: Dict[str, Option] = {
+    "backend": Option(str, "cnproc", "Grouping backend: cnproc, cgroup2, cpuset, or a plugin's."),
+    "socket": Option(str, "/run/elsa/elsad.sock", "Path of the control socket (AF_UNIX).",
+                     check=_absolute),
+    "state_dir": Option(str, "/var/lib/elsa", "Directory of the persistent store (SQLite).",
+                        check=_absolute),
+    "log_level": Option(str, "info", "Log level.", choices=LOG_LEVELS),
+    "job_end": Option(str, "last-exit",
+                      "When a job ends: 'last-exit' (its last member exited) or 'explicit'"
+                      " (only on 'end').", choices=("last-exit", "explicit")),
+    "netlink_rcvbuf": Option(int, 32 * 1024 * 1024,
+                             "Receive buffer (bytes) for the proc connector socket; set with"
+                             " SO_RCVBUFFORCE so it may exceed net.core.rmem_max.",
+                             check=_positive),
+    "admin_group": Option(str, "", "Group whose members may manage every job (besides root)."
+                          " Empty: root only."),
+    "sources": Option(list, [], "Accounting sources to enable, by plugin name"
+                      " (e.g. [\"taskstats\", \"cgroupstat\"]).", item_type=str),
+    "disabled_plugins": Option(list, [], "Plugins (entry-point names) never to load.",
+                               item_type=str),
+    "exited_linger": Option(float, 60.0, "Seconds an exited process stays resolvable to its job"
+                            " so late accounting records are still attributed.",
+                            check=_non_negative),
+}
+
+LIMIT_OPTIONS: Dict[str, Option] = {
+    "max_request_bytes": Option(int, 65536, "Largest accepted control request line, in bytes.",
+                                check=_positive),
+    "idle_timeout": Option((int, float), 30.0, "Seconds a client connection may stay idle.",
+                           check=_positive),
+    "max_connections": Option(int, 256, "Concurrent control connections accepted.",
+                              check=_positive),
+}
+
+PLUGIN_TABLES = ("backends", "sources")
+
+
+def validate_table(table: Mapping[str, Any], options: Mapping[str, Option], *,
+                   where: str, path: str) -> Dict[str, Any]:
+    """Validate *table* against *options*; return it completed with defaults.
+
+    *where* is the dotted table name used in messages (``""`` for the top
+    level), *path* the file the table came from.
+    """
+    out: Dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{where}.{key}" if where else key
+        opt = options.get(key)
+        if opt is None:
+            known = ", ".join(sorted(options)) or "(none)"
+            raise ConfigError(f"{path}: unknown key '{name}'; known keys here: {known}")
+        out[key] = check_value(value, opt, name=name, path=path)
+    for key, opt in options.items():
+        if key not in out:
+            default = opt.default
+            out[key] = list(default) if isinstance(default, list) else default
+    return out
+
+
+def check_value(value: Any, opt: Option, *, name: str, path: str) -> Any:
+    """Check one value; ints are accepted where floats are expected."""
+    expected = opt.type
+    ok_types = expected if isinstance(expected, tuple) else (expected,)
+    if float in ok_types and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    # bool is an int subclass in Python; TOML keeps them apart, so do we.
+    if isinstance(value, bool) and bool not in ok_types:
+        ok = False
+    else:
+        ok = isinstance(value, ok_types)
+    if not ok:
+        raise ConfigError(
+            f"{path}: key '{name}' must be a {_type_name(expected)}, got "
+            f"{_type_name(type(value))} {value!r}")
+    if opt.item_type is not None:
+        for i, item in enumerate(value):
+            if not isinstance(item, opt.item_type):
+                raise ConfigError(
+                    f"{path}: key '{name}[{i}]' must be a {_type_name(opt.item_type)}, got "
+                    f"{_type_name(type(item))} {item!r}")
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(f"{path}: key '{name}' must be one of "
+                          f"{', '.join(map(repr, opt.choices))}; got {value!r}")
+    if opt.check is not None:
+        problem = opt.check(value)
+        if problem:
+            raise ConfigError(f"{path}: key '{name}' {problem}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration. Plugin tables stay raw until the plugin validates them."""
+
+    backend: str = "cnproc"
+    socket: str = "/run/elsa/elsad.sock"
+    state_dir: str = "/var/lib/elsa"
+    log_level: str = "info"
+    job_end: str = "last-exit"
+    netlink_rcvbuf: int = 32 * 1024 * 1024
+    admin_group: str = ""
+    sources: Tuple[str, ...] = ()
+    disabled_plugins: Tuple[str, ...] = ()
+    exited_linger: float = 60.0
+    limits: Mapping[str, Any] = field(default_factory=lambda: {
+        k: o.default for k, o in LIMIT_OPTIONS.items()})
+    backends: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    source_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    path: str = "<defaults>"
+
+    def backend_table(self, name: str) -> Mapping[str, Any]:
+        """The raw ``[backends.<name>]`` table (empty when absent)."""
+        return self.backends.get(name, {})
+
+    def source_table(self, name: str) -> Mapping[str, Any]:
+        """The raw ``[sources.<name>]`` table (empty when absent)."""
+        return self.source_tables.get(name, {})
+
+
+def resolve_path(cli_path: Optional[str], env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The config file to read: ``--config``, else ``$ELSA_CONFIG``, else the default
+    path if it exists, else ``None`` (embedded defaults)."""
+    env = os.environ if env is None else env
+    if cli_path:
+        return cli_path
+    if env.get(ENV_VAR):
+        return env[ENV_VAR]
+    return DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None
+
+
+def load(path: Optional[str]) -> Config:
+    """Read and validate the config at *path* (``None``: embedded defaults)."""
+    if path is None:
+        return parse({}, "<defaults>")
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; create it (see "
+                          "packaging/elsa.toml) or drop --config/ELSA_CONFIG") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: cannot read config file (permission denied)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 TOML: {exc}") from None
+    return parse(data, path)
+
+
+def parse(data: Mapping[str, Any], path: str) -> Config:
+    """Validate an already-parsed TOML document."""
+    top = {k: v for k, v in data.items() if k not in PLUGIN_TABLES and k != "limits"}
+    core = validate_table(top, CORE_OPTIONS, where="", path=path)
+    limits_raw = data.get("limits", {})
+    if not isinstance(limits_raw, dict):
+        raise ConfigError(f"{path}: key 'limits' must be a table, got {limits_raw!r}")
+    limits = validate_table(limits_raw, LIMIT_OPTIONS, where="limits", path=path)
+    tables: Dict[str, Dict[str, Mapping[str, Any]]] = {}
+    for kind in PLUGIN_TABLES:
+        raw = data.get(kind, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: key '{kind}' must be a table of tables, got {raw!r}")
+        for name, table in raw.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: key '{kind}.{name}' must be a table, got {table!r}")
+        tables[kind] = dict(raw)
+    return Config(
+        backend=core["backend"], socket=core["socket"], state_dir=core["state_dir"],
+        log_level=core["log_level"], job_end=core["job_end"],
+        netlink_rcvbuf=core["netlink_rcvbuf"], admin_group=core["admin_group"],
+        sources=tuple(core["sources"]), disabled_plugins=tuple(core["disabled_plugins"]),
+        exited_linger=core["exited_linger"], limits=limits,
+        backends=tables["backends"], source_tables=tables["sources"], path=path)
+
+
+def render_example(plugin_options: Mapping[str, Mapping[str, Option]] = {}) -> str:
+    """A commented example config listing every key with its default."""
+    lines = ["# ELSA configuration (/etc/elsa/elsa.toml). Every key is optional;",
+             "# the values shown are the embedded defaults.", ""]
+
+    def emit(options: Mapping[str, Option]) -> None:
+        for key, opt in options.items():
+            lines.append(f"# {opt.doc}")
+            if opt.choices:
+                lines.append(f"# One of: {', '.join(map(repr, opt.choices))}.")
+            lines.append(f"#{key} = {_toml_value(opt.default)}")
+            lines.append("")
+
+    emit(CORE_OPTIONS)
+    lines.append("[limits]")
+    emit(LIMIT_OPTIONS)
+    for table, options in plugin_options.items():
+        lines.append(f"[{table}]")
+        emit(options)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def plugin_options_of(options: Mapping[str, Option]) -> List[str]:
+    """Names of *options*, for messages."""
+    return sorted(options)

@@ -1,0 +1,1 @@
+"""The daemon's core: kernel adapters, job manager, store, event loop."""

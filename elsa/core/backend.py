@@ -1,0 +1,117 @@
+"""The grouping-backend interface every backend (built-in or third party) implements.
+
+The job manager keeps the authoritative *index* of members (pid -> job) for
+every backend, fed by fork/exit events, attach/detach requests and resyncs.
+The backend decides *placement*: the in-memory ``cnproc`` backend places
+nothing (the index is the grouping), cgroup backends move the process into the
+job's cgroup so the kernel keeps every child in. A backend whose
+``inherits_in_kernel`` is true is asked for its members after event loss and
+on recovery: its answer is the truth, events are hints (Slurm, systemd).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Mapping, Optional, Set
+
+from elsa.config import Option
+from elsa.core.model import Job, ProcessId, ProcessInfo
+from elsa.core.procfs import ProcFS
+from elsa.errors import BackendError
+
+
+@dataclass
+class BackendContext:
+    """What the daemon hands a backend when it starts."""
+
+    options: Mapping[str, object]  # the validated [backends.<name>] table
+    procfs: ProcFS
+    state_dir: str
+    # Called (on the event thread) when the backend learns a job has no
+    # process left, e.g. from cgroup.events "populated 0".
+    job_emptied: Callable[[int], None] = lambda jid: None
+    # Register a file descriptor to watch on the event loop: fd, callback().
+    add_reader: Callable[[int, Callable[[], None]], None] = lambda fd, cb: None
+    remove_reader: Callable[[int], None] = lambda fd: None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """A way of grouping processes into jobs."""
+
+    #: The name used by ``backend = "<name>"`` in the config.
+    name: str = ""
+    #: True when the kernel keeps a member's children in the job by itself.
+    inherits_in_kernel: bool = False
+
+    def start(self, ctx: BackendContext) -> None:
+        """Prepare the backend (create directories, check privileges)."""
+        self.ctx = ctx
+
+    def stop(self) -> None:
+        """Release resources; jobs and their kernel objects stay for the next start."""
+
+    def validate_params(self, params: Mapping[str, str]) -> Dict[str, str]:
+        """Check per-job creation parameters (e.g. cpuset ``cpus``/``mems``).
+
+        Returns the parameters to keep with the job. The default accepts none.
+        """
+        if params:
+            raise BackendError(f"backend {self.name!r} takes no job parameters; "
+                               f"got {', '.join(sorted(params))}")
+        return {}
+
+    @abc.abstractmethod
+    def create_job(self, job: Job) -> Dict[str, str]:
+        """Create the kernel-side object for a new job.
+
+        Returns parameters to persist with the job (e.g. its cgroup path).
+        """
+
+    @abc.abstractmethod
+    def attach(self, job: Job, proc: ProcessInfo) -> None:
+        """Place a live process into *job* (its future children follow)."""
+
+    @abc.abstractmethod
+    def detach(self, job: Job, proc: ProcessId) -> None:
+        """Take a process out of *job* (back where it came from, where possible)."""
+
+    def members(self, job: Job) -> Optional[Set[int]]:
+        """The kernel's view of the job's member pids, or ``None`` when the
+        backend has no such view (then the manager's index is the truth)."""
+        return None
+
+    @abc.abstractmethod
+    def signal(self, job: Job, sig: int, pids: Iterable[int]) -> int:
+        """Send *sig* to every member; return how many processes were signalled."""
+
+    def freeze(self, job: Job) -> None:
+        raise BackendError(f"backend {self.name!r} cannot freeze jobs; use cgroup2")
+
+    def thaw(self, job: Job) -> None:
+        raise BackendError(f"backend {self.name!r} cannot thaw jobs; use cgroup2")
+
+    @abc.abstractmethod
+    def end_job(self, job: Job) -> None:
+        """Remove the job's kernel-side object (sources took final readings already)."""
+
+    def recover(self, jobs: Iterable[Job]) -> Dict[int, Set[int]]:
+        """After a daemon restart: the member pids of each running job, as the
+        kernel knows them. Backends without a kernel view return ``{}`` and the
+        manager re-validates from the store and /proc ancestry."""
+        return {}
+
+    def status(self) -> Dict[str, object]:
+        """Backend-specific facts for the ``status`` request."""
+        return {}
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend as a plugin declares it in ``elsa_backends``."""
+
+    name: str
+    factory: Callable[[], Backend]
+    options: Mapping[str, Option] = field(default_factory=dict)
+    description: str = ""

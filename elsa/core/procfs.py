@@ -1,0 +1,161 @@
+"""procfs adapter: the only module that knows /proc's file layouts.
+
+The root is injectable (tests, containers). Files vanish mid-read when a
+process exits; that is reported as :class:`~elsa.errors.ProcessGone`, never as
+a crash (psutil's ``_pslinux.py`` does the same).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Iterator, List, Optional
+
+from elsa.core.model import CLOCK_TICKS, ProcessId, ProcessInfo
+from elsa.errors import ProcessGone, from_oserror
+
+
+class ProcFS:
+    """Reads process facts from a procfs mounted at *root*."""
+
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root
+
+    # -- single process ---------------------------------------------------
+    def info(self, pid: int) -> ProcessInfo:
+        """Parse /proc/PID/stat (proc(5)) and the directory owner (the real uid)."""
+        path = f"{self.root}/{pid}/stat"
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+            uid = os.stat(f"{self.root}/{pid}").st_uid
+        except OSError as exc:
+            raise from_oserror(exc, "read process", path) from None
+        return parse_stat(pid, data, uid)
+
+    def ident(self, pid: int) -> ProcessId:
+        """The (pid, start time) identity of a live process."""
+        return self.info(pid).ident
+
+    def alive(self, proc: ProcessId) -> bool:
+        """True when *proc* still runs (same pid and start time)."""
+        try:
+            return self.ident(proc.pid).same_process(proc)
+        except ProcessGone:
+            return False
+
+    def threads(self, pid: int) -> List[int]:
+        """Thread ids of process *pid*."""
+        path = f"{self.root}/{pid}/task"
+        try:
+            return sorted(int(t) for t in os.listdir(path))
+        except OSError as exc:
+            raise from_oserror(exc, "list threads", path) from None
+
+    def tgid(self, tid: int) -> int:
+        """The thread-group id (process id) of thread *tid*."""
+        path = f"{self.root}/{tid}/status"
+        try:
+            with open(path, "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"Tgid:"):
+                        return int(line.split()[1])
+        except OSError as exc:
+            raise from_oserror(exc, "read process status", path) from None
+        raise ProcessGone(f"read process status: {path} has no Tgid line")
+
+    def status_field(self, pid: int, name: str) -> Optional[str]:
+        """One ``Name:`` value of /proc/PID/status (e.g. Cpus_allowed_list)."""
+        path = f"{self.root}/{pid}/status"
+        key = name.encode() + b":"
+        try:
+            with open(path, "rb") as fh:
+                for line in fh:
+                    if line.startswith(key):
+                        return line[len(key):].strip().decode()
+        except OSError as exc:
+            raise from_oserror(exc, "read process status", path) from None
+        return None
+
+    # -- whole system -----------------------------------------------------
+    def pids(self) -> List[int]:
+        """Every process (thread-group) id visible in this procfs."""
+        try:
+            names = os.listdir(self.root)
+        except OSError as exc:
+            raise from_oserror(exc, "list processes", self.root) from None
+        return [int(n) for n in names if n.isdigit()]
+
+    def snapshot(self) -> Dict[int, ProcessInfo]:
+        """Every live process, keyed by pid. Processes exiting meanwhile are skipped."""
+        out: Dict[int, ProcessInfo] = {}
+        for pid in self.pids():
+            try:
+                out[pid] = self.info(pid)
+            except ProcessGone:
+                continue
+        return out
+
+    def boot_id(self) -> str:
+        """The kernel's boot id: identities are only comparable within one boot."""
+        path = f"{self.root}/sys/kernel/random/boot_id"
+        try:
+            with open(path) as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            raise from_oserror(exc, "read boot id", path) from None
+
+    def pid_max(self) -> int:
+        path = f"{self.root}/sys/kernel/pid_max"
+        try:
+            with open(path) as fh:
+                return int(fh.read())
+        except OSError:
+            return 4194304
+
+    def iter_children(self, pid: int) -> Iterator[int]:
+        """Children of *pid* from /proc/PID/task/*/children (needs CONFIG_PROC_CHILDREN)."""
+        for tid in self.threads(pid):
+            path = f"{self.root}/{pid}/task/{tid}/children"
+            try:
+                with open(path) as fh:
+                    for tok in fh.read().split():
+                        yield int(tok)
+            except OSError:
+                continue
+
+
+def parse_stat(pid: int, data: bytes, uid: int = -1) -> ProcessInfo:
+    """Parse a /proc/PID/stat line.
+
+    comm is in parentheses and may itself contain spaces and ')' (proc(5)), so
+    split at the *last* ')'. Field 4 is ppid, 6 session, 5 pgrp, 22 starttime.
+    """
+    lpar = data.find(b"(")
+    rpar = data.rfind(b")")
+    if lpar < 0 or rpar < 0:
+        raise ProcessGone(f"read process: /proc/{pid}/stat is malformed: {data[:80]!r}")
+    comm = data[lpar + 1:rpar].decode("utf-8", "replace")
+    rest = data[rpar + 2:].split()
+    # rest[0] is field 3 (state); field N is rest[N - 3].
+    return ProcessInfo(pid=pid, ppid=int(rest[1]), pgid=int(rest[2]), sid=int(rest[3]),
+                       start_ticks=int(rest[19]), uid=uid, comm=comm)
+
+
+def boottime_offset_ns() -> int:
+    """CLOCK_BOOTTIME minus CLOCK_MONOTONIC, in ns.
+
+    cn_proc stamps events with ktime_get_ns() (monotonic) while /proc/PID/stat
+    start times count from boot including suspend (task->start_boottime,
+    fs/proc/array.c); the offset converts one into the other.
+    """
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def ns_to_ticks(ns: int) -> int:
+    return ns * CLOCK_TICKS // 1_000_000_000
+
+
+def boot_epoch() -> float:
+    """Wall-clock time of boot (for turning start ticks into dates)."""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)

@@ -1,0 +1,1 @@
+"""The `elsa` report program: per-job usage from the store."""
