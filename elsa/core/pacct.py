@@ -1,0 +1,582 @@
+"""BSD process accounting (acct v3) adapter: the only module that knows the pacct layout.
+
+Record layout: ``struct acct_v3`` in the kernel's include/uapi/linux/acct.h,
+64 bytes, written in the writer's native byte order; the version byte carries
+``ACCT_BYTEORDER`` (0x80) when the writer was big-endian. Times are in AHZ
+(100) ticks encoded as ``comp_t`` (13-bit mantissa, 3-bit base-8 exponent);
+``ac_etime`` is an IEEE float of AHZ ticks; ``ac_btime`` is epoch seconds
+(kernel/acct.c fill_ac: *exit time minus elapsed*, truncated to seconds).
+``ac_mem`` is the process's virtual size at exit in KiB (fill_ac: ``vsize / 1024``);
+GNU ``sa`` treats it as pages and reports memory 4x too low — we do not.
+``ac_io`` is documented as "chars transferred" and was long written as 0, but
+this kernel (6.18) fills it with non-zero values whose unit we could not tie
+to /proc/PID/io (a 600 MB ``dd`` showed 7625); it is decoded and carried
+verbatim (``extra["acct_io"]``) and used for no figure. ``ac_rw`` is 0.
+
+Two decoders give identical results: a vectorized numpy path (structured
+``frombuffer`` dtype; ~0.07 s per million records here) and a pure-``struct``
+fallback when numpy (the optional ``fast`` extra) is absent.
+
+Corrupt input never loses good records: the decoder returns every record it
+could decode plus a list of :class:`~elsa.errors.AccountingFormatError`
+problems, each naming the file and byte offset. After a bad record it
+resynchronises by scanning for the next offset where a plausible record starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from elsa.core.source import UsageRecord
+from elsa.errors import AccountingFormatError
+
+try:  # numpy is optional (extra "fast"); the struct path gives the same answers.
+    import numpy as np
+except ImportError:  # pragma: no cover - exercised by forcing use_numpy=False in tests
+    np = None  # type: ignore[assignment]
+
+RECORD_SIZE = 64
+ACCT_VERSION = 3
+ACCT_BYTEORDER = 0x80
+AHZ = 100  # include/uapi/linux/acct.h: AHZ for v3 records
+US_PER_TICK = 1_000_000 // AHZ
+
+# ac_flag bits (include/uapi/linux/acct.h).
+AFORK = 0x01   # forked but did not exec
+ASU = 0x02     # used super-user privileges
+ACOMPAT = 0x04
+ACORE = 0x08   # dumped core
+AXSIG = 0x10   # killed by a signal
+_FLAG_MASK = AFORK | ASU | ACOMPAT | ACORE | AXSIG
+
+#: What each ac_version value is, so a refusal can say what the file holds.
+VERSION_NAMES = {
+    0: "v0 (no version byte: pre-2.6.8 struct acct)",
+    1: "v1 (struct acct of m68k kernels without CONFIG_BSD_PROCESS_ACCT_V3)",
+    2: "v2 (struct acct of kernels without CONFIG_BSD_PROCESS_ACCT_V3)",
+    3: "v3 (struct acct_v3)",
+}
+
+_FIELDS = ("flag", "version", "tty", "exitcode", "uid", "gid", "pid", "ppid", "btime", "etime",
+           "utime", "stime", "mem", "io", "rw", "minflt", "majflt", "swaps", "comm")
+_STRUCT_FMT = "BBHIIIIIIf8H16s"
+_LE = struct.Struct("<" + _STRUCT_FMT)
+_BE = struct.Struct(">" + _STRUCT_FMT)
+assert _LE.size == RECORD_SIZE
+
+#: Columns a decode returns (comp_t fields already expanded to integers).
+COLUMNS = ("offset", "flag", "tty", "exitcode", "uid", "gid", "pid", "ppid", "btime", "etime",
+           "utime", "stime", "mem", "io", "rw", "minflt", "majflt", "comm", "big_endian")
+
+
+def decode_comp_t(c: int) -> int:
+    """Expand a comp_t: 13-bit mantissa, 3-bit base-8 exponent (kernel/acct.c encode_comp_t)."""
+    return (c & 0x1FFF) << (3 * (c >> 13))
+
+
+def encode_comp_t(value: int) -> int:
+    """The kernel's encode_comp_t (kernel/acct.c), for building test samples:
+    shift right 3 bits at a time until 13 bits fit, rounding on the last bit lost."""
+    exp = 0
+    rnd = 0
+    while value > 0x1FFF:
+        rnd = value & (1 << 2)
+        value >>= 3
+        exp += 1
+    if rnd:
+        value += 1
+        if value > 0x1FFF:
+            value >>= 3
+            exp += 1
+    if exp > 7:
+        return 0xFFFF
+    return (exp << 13) + value
+
+
+@dataclass(frozen=True)
+class AcctRecord:
+    """One decoded acct v3 record, in kernel units (ticks are AHZ = 100 Hz)."""
+
+    offset: int
+    flag: int
+    tty: int
+    exitcode: int
+    uid: int
+    gid: int
+    pid: int
+    ppid: int
+    btime: int          # epoch seconds
+    etime: float        # AHZ ticks
+    utime: int          # AHZ ticks
+    stime: int          # AHZ ticks
+    mem: int            # KiB (virtual size at exit)
+    io: int             # ac_io, decoded; see the module doc
+    rw: int             # ac_rw, decoded (0 on Linux)
+    minflt: int
+    majflt: int
+    comm: str
+    big_endian: bool = False
+
+    @property
+    def utime_us(self) -> int:
+        return self.utime * US_PER_TICK
+
+    @property
+    def stime_us(self) -> int:
+        return self.stime * US_PER_TICK
+
+    @property
+    def elapsed_us(self) -> int:
+        return int(round(self.etime * US_PER_TICK))
+
+    def to_usage(self, source: str = "bsdacct") -> UsageRecord:
+        """The common form. acct has no start ticks: attribution matches ``start_time``
+        (1 s resolution) against the membership history with a tolerance."""
+        end = self.btime + self.etime / AHZ
+        return UsageRecord(
+            source=source, pid=self.pid, ppid=self.ppid, uid=self.uid, gid=self.gid,
+            comm=self.comm, start_time=float(self.btime), end_time=end,
+            exit_code=self.exitcode, cpu_user_us=self.utime_us, cpu_system_us=self.stime_us,
+            elapsed_us=self.elapsed_us, max_vm_kb=self.mem, minflt=self.minflt,
+            majflt=self.majflt,
+            extra={"acct_flag": self.flag, "acct_tty": self.tty, "acct_io": self.io})
+
+
+@dataclass
+class Decoded:
+    """The result of decoding a buffer: good records, problems, and how far it got.
+
+    ``columns`` maps each name of :data:`COLUMNS` to a numpy array (numpy path)
+    or a list (struct path); ``consumed`` is the number of bytes fully handled
+    (a trailing partial record is left unconsumed unless ``final``).
+    """
+
+    columns: Dict[str, Any]
+    problems: List[AccountingFormatError] = field(default_factory=list)
+    consumed: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.columns["pid"])
+
+    def records(self) -> List[AcctRecord]:
+        cols = self.columns
+        if np is not None and isinstance(cols["pid"], np.ndarray):
+            cols = {k: v.tolist() for k, v in cols.items()}
+        out = []
+        for i in range(len(cols["pid"])):
+            kw = {k: cols[k][i] for k in COLUMNS}
+            comm = kw["comm"]
+            kw["comm"] = _comm_str(comm) if isinstance(comm, bytes) else comm
+            kw["big_endian"] = bool(kw["big_endian"])
+            out.append(AcctRecord(**kw))
+        return out
+
+
+def _comm_str(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+# -- plausibility and resynchronisation -------------------------------------------
+
+def _version_byte_ok(v: int) -> bool:
+    return (v & 0x7F) == ACCT_VERSION
+
+
+def _plausible(data: bytes, off: int) -> bool:
+    """Could a v3 record start at *off*? Version byte 3 or 0x83, only known flag bits."""
+    if off + RECORD_SIZE > len(data):
+        return False
+    return _version_byte_ok(data[off + 1]) and not (data[off] & ~_FLAG_MASK)
+
+
+def _next_plausible(data: bytes, start: int) -> int:
+    """The next offset >= *start* where a record plausibly starts (two in a row when
+    possible, so one lucky byte does not restart decoding in the middle of garbage);
+    ``len(data)`` when none."""
+    n = len(data)
+    pos = start
+    while True:
+        a = data.find(b"\x03", pos + 1, n)
+        b = data.find(b"\x83", pos + 1, n)
+        cands = [x for x in (a, b) if x >= 0]
+        if not cands:
+            return n
+        hit = min(cands) - 1  # the version byte is the record's second byte
+        pos = hit + 1
+        if hit < start or not _plausible(data, hit):
+            continue
+        nxt = hit + RECORD_SIZE
+        if nxt + RECORD_SIZE > n or _plausible(data, nxt):
+            return hit
+
+
+def _problem(path: str, offset: int, what: str) -> AccountingFormatError:
+    return AccountingFormatError(f"{path}: offset {offset}: {what}")
+
+
+def _describe_bad(data: bytes, off: int) -> str:
+    v = data[off + 1]
+    if (v & 0x7F) != ACCT_VERSION:
+        name = VERSION_NAMES.get(v & 0x7F)
+        if name:
+            return (f"acct record version {name} is not supported (only v3); "
+                    "switch the kernel to CONFIG_BSD_PROCESS_ACCT_V3 records")
+        return f"not an acct record (version byte {v:#04x}, flag byte {data[off]:#04x})"
+    return f"not an acct record (unknown flag bits {data[off]:#04x})"
+
+
+# -- decoding ----------------------------------------------------------------------
+
+def decode(data: bytes, *, path: str = "<memory>", base_offset: int = 0, final: bool = True,
+           use_numpy: Optional[bool] = None) -> Decoded:
+    """Decode acct v3 records from *data* (file bytes starting at *base_offset*).
+
+    The file's byte order is the first good record's; a record of the other
+    order is still decoded (its version byte says how) but reported, since one
+    kernel never writes both. With ``final`` false a trailing partial record is
+    left for later (a growing file); with ``final`` true it is reported as
+    truncated.
+    """
+    if use_numpy is None:
+        use_numpy = np is not None
+    problems: List[AccountingFormatError] = []
+    segments: List[Tuple[int, int]] = []  # (start, end) runs of good aligned records
+    n = len(data)
+    pos = 0
+    file_big: Optional[bool] = None
+    while pos + RECORD_SIZE <= n:
+        end = _good_run_end(data, pos, use_numpy)
+        if end > pos:
+            segments.append((pos, end))
+            if file_big is None:
+                file_big = bool(data[pos + 1] & ACCT_BYTEORDER)
+            pos = end
+            continue
+        # data[pos:pos+64] is not a record: explain, then resynchronise.
+        what = _describe_bad(data, pos)
+        nxt = _next_plausible(data, pos)
+        if nxt + RECORD_SIZE > n and not final:
+            # Garbage up to the end of what we have: maybe the writer is still
+            # mid-record. Report it, but consume only what is certainly bad.
+            nxt = max(pos + 1, n - RECORD_SIZE + 1)
+            problems.append(_problem(path, base_offset + pos,
+                                     f"{what}; skipped {nxt - pos} bytes"))
+            pos = nxt
+            break
+        skipped = nxt - pos
+        problems.append(_problem(
+            path, base_offset + pos,
+            f"{what}; skipped {skipped} bytes to the next plausible record at offset "
+            f"{base_offset + nxt}" if nxt < n else f"{what}; skipped {skipped} bytes to the end"))
+        pos = nxt
+    consumed = pos
+    if pos < n:
+        if final:
+            problems.append(_problem(path, base_offset + pos,
+                                     f"truncated record: {n - pos} of {RECORD_SIZE} bytes at "
+                                     "the end of the file; dropped"))
+            consumed = n
+    cols = (_decode_numpy if use_numpy else _decode_struct)(data, segments, base_offset)
+    if file_big is not None and cols["pid"] is not None:
+        foreign = _foreign_offsets(cols, file_big)
+        for off in foreign[:10]:
+            order = "big" if not file_big else "little"
+            problems.append(_problem(path, off, f"record in {order}-endian byte order in a file "
+                                     "of the other order (concatenated files?); decoded anyway"))
+        if len(foreign) > 10:
+            problems.append(_problem(path, foreign[10], f"{len(foreign) - 10} more records "
+                                     "in the foreign byte order"))
+    return Decoded(columns=cols, problems=problems, consumed=consumed)
+
+
+def _good_run_end(data: bytes, pos: int, use_numpy: bool) -> int:
+    """The end of the run of plausible, aligned records starting at *pos*."""
+    n = len(data)
+    if not use_numpy:
+        end = pos
+        while end + RECORD_SIZE <= n and _plausible(data, end):
+            end += RECORD_SIZE
+        return end
+    # Check a window at a time so a file full of garbage (many short runs)
+    # stays linear instead of re-checking the whole rest after each bad record.
+    end = pos
+    window = 1 << 16
+    while True:
+        nrec = min((n - end) // RECORD_SIZE, window)
+        if nrec == 0:
+            return end
+        arr = np.frombuffer(data, dtype=np.uint8, count=nrec * RECORD_SIZE, offset=end)
+        arr = arr.reshape(nrec, RECORD_SIZE)
+        ok = ((arr[:, 1] & 0x7F) == ACCT_VERSION) & ((arr[:, 0] & (0xFF & ~_FLAG_MASK)) == 0)
+        if not ok.all():
+            return end + int(np.argmin(ok)) * RECORD_SIZE
+        end += nrec * RECORD_SIZE
+
+
+def _dtype(order: str) -> Any:
+    return np.dtype([
+        ("flag", "u1"), ("version", "u1"), ("tty", order + "u2"), ("exitcode", order + "u4"),
+        ("uid", order + "u4"), ("gid", order + "u4"), ("pid", order + "u4"),
+        ("ppid", order + "u4"), ("btime", order + "u4"), ("etime", order + "f4"),
+        ("utime", order + "u2"), ("stime", order + "u2"), ("mem", order + "u2"),
+        ("io", order + "u2"), ("rw", order + "u2"), ("minflt", order + "u2"),
+        ("majflt", order + "u2"), ("swaps", order + "u2"), ("comm", "S16")])
+
+
+def _comp_np(c: Any) -> Any:
+    c = c.astype(np.uint64)
+    return ((c & np.uint64(0x1FFF)) << (np.uint64(3) * (c >> np.uint64(13)))).astype(np.int64)
+
+
+def _decode_numpy(data: bytes, segments: Sequence[Tuple[int, int]],
+                  base_offset: int) -> Dict[str, Any]:
+    le, be = _dtype("<"), _dtype(">")
+    parts: List[Dict[str, Any]] = []
+    for start, end in segments:
+        count = (end - start) // RECORD_SIZE
+        raw = np.frombuffer(data, dtype=le, count=count, offset=start)
+        offsets = base_offset + start + RECORD_SIZE * np.arange(count, dtype=np.int64)
+        big = (raw["version"] & ACCT_BYTEORDER) != 0
+        braw = np.frombuffer(data, dtype=be, count=count, offset=start) if big.any() else None
+
+        def col(name: str, kind: Any = np.int64, raw: Any = raw, braw: Any = braw,
+                big: Any = big) -> Any:
+            # Big-endian records (version byte 0x83) are re-read with the
+            # big-endian dtype; a file is normally all one order.
+            v = raw[name].astype(kind)
+            return v if braw is None else np.where(big, braw[name].astype(kind), v)
+
+        parts.append({
+            "offset": offsets, "flag": col("flag"), "tty": col("tty"),
+            "exitcode": col("exitcode"), "uid": col("uid"), "gid": col("gid"),
+            "pid": col("pid"), "ppid": col("ppid"), "btime": col("btime"),
+            "etime": col("etime", np.float64), "utime": _comp_np(col("utime")),
+            "stime": _comp_np(col("stime")), "mem": _comp_np(col("mem")),
+            "io": _comp_np(col("io")), "rw": _comp_np(col("rw")),
+            "minflt": _comp_np(col("minflt")), "majflt": _comp_np(col("majflt")),
+            "comm": raw["comm"], "big_endian": big,
+        })
+    if not parts:
+        empty = {k: np.zeros(0, dtype=np.int64) for k in COLUMNS}
+        empty["etime"] = np.zeros(0, dtype=np.float64)
+        empty["comm"] = np.zeros(0, dtype="S16")
+        empty["big_endian"] = np.zeros(0, dtype=bool)
+        return empty
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}
+
+
+def _decode_struct(data: bytes, segments: Sequence[Tuple[int, int]],
+                   base_offset: int) -> Dict[str, Any]:
+    cols: Dict[str, List[Any]] = {k: [] for k in COLUMNS}
+    comp = decode_comp_t
+    for start, end in segments:
+        for off in range(start, end, RECORD_SIZE):
+            big = bool(data[off + 1] & ACCT_BYTEORDER)
+            (flag, _v, tty, exitcode, uid, gid, pid, ppid, btime, etime, utime, stime, mem,
+             io, rw, minflt, majflt, _swaps, comm) = (_BE if big else _LE).unpack_from(data, off)
+            for k, v in (("offset", base_offset + off), ("flag", flag), ("tty", tty),
+                         ("exitcode", exitcode), ("uid", uid), ("gid", gid), ("pid", pid),
+                         ("ppid", ppid), ("btime", btime), ("etime", etime),
+                         ("utime", comp(utime)), ("stime", comp(stime)), ("mem", comp(mem)),
+                         ("io", comp(io)), ("rw", comp(rw)),
+                         ("minflt", comp(minflt)), ("majflt", comp(majflt)),
+                         ("comm", _comm_str(comm)), ("big_endian", big)):
+                cols[k].append(v)
+    return cols
+
+
+def _foreign_offsets(cols: Dict[str, Any], file_big: bool) -> List[int]:
+    big = cols["big_endian"]
+    offs = cols["offset"]
+    if np is not None and isinstance(big, np.ndarray):
+        return offs[big != file_big].tolist()
+    return [o for o, b in zip(offs, big) if b != file_big]
+
+
+def read_file(path: str, *, use_numpy: Optional[bool] = None) -> Decoded:
+    """Decode a whole pacct file (a trailing partial record is reported as truncated)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise AccountingFormatError(f"{path}: cannot read accounting file: "
+                                    f"{exc.strerror or exc}") from None
+    return decode(data, path=path, use_numpy=use_numpy)
+
+
+def encode(records: Sequence[AcctRecord], *, big_endian: bool = False) -> bytes:
+    """Build acct v3 bytes (test samples, benchmarks). comp_t fields are re-encoded
+    with the kernel's rounding, so large values lose precision exactly as the kernel's do."""
+    st = _BE if big_endian else _LE
+    version = ACCT_VERSION | (ACCT_BYTEORDER if big_endian else 0)
+    out = bytearray()
+    for r in records:
+        out += st.pack(r.flag, version, r.tty, r.exitcode, r.uid, r.gid, r.pid, r.ppid,
+                       r.btime, float(r.etime), encode_comp_t(r.utime), encode_comp_t(r.stime),
+                       encode_comp_t(r.mem), encode_comp_t(r.io), encode_comp_t(r.rw),
+                       encode_comp_t(r.minflt),
+                       encode_comp_t(r.majflt), 0, r.comm.encode()[:16])
+    return bytes(out)
+
+
+# -- following a growing file -------------------------------------------------------
+
+class PacctFollower:
+    """Follows a pacct file as the kernel appends to it, across rotations.
+
+    The position (device, inode, offset) is persisted as JSON in *state_path*
+    only when the caller :meth:`commit`\\ s it, i.e. after the records read so
+    far were handed on; a restart resumes there, so nothing is lost. Records
+    handed on but not yet committed may be read again after a crash; the store
+    ignores a process record it already holds (unique key), so nothing is
+    counted twice either.
+
+    A partial record at the end is left unread until the rest arrives. When
+    the followed path names a new file (external rotation) or :meth:`switch_to`
+    is called (managed rotation), the old file is read to its end first.
+    """
+
+    def __init__(self, path: str, state_path: Optional[str] = None, *,
+                 chunk: int = 4 * 1024 * 1024) -> None:
+        self.path = path
+        self.state_path = state_path
+        self.chunk = chunk
+        self._fh: Optional[Any] = None
+        self._ident: Optional[Tuple[int, int]] = None
+        self.offset = 0
+        self._committed: Dict[str, Any] = {}
+        self.problems: List[AccountingFormatError] = []
+        self.records_read = 0
+        self.bytes_skipped = 0
+        self._load_state()
+
+    # -- state ---------------------------------------------------------------------
+    def _load_state(self) -> None:
+        if not self.state_path:
+            return
+        try:
+            with open(self.state_path) as fh:
+                st = json.load(fh)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            return  # unreadable state: start at the current file's beginning
+        self._committed = st
+        want = (int(st.get("dev", -1)), int(st.get("inode", -1)))
+        offset = int(st.get("offset", 0))
+        # The file we were reading may have been rotated away: find it by inode
+        # beside the followed path (pacct.0, pacct.1, ...) and finish it first.
+        for cand in [st.get("path", self.path), self.path] + _siblings(self.path):
+            try:
+                s = os.stat(cand)
+            except OSError:
+                continue
+            if (s.st_dev, s.st_ino) == want:
+                self._open(cand, offset)
+                return
+
+    def position(self) -> Dict[str, Any]:
+        """The current position, for :meth:`commit`."""
+        if self._ident is None:
+            return {"path": self.path, "dev": -1, "inode": -1, "offset": 0}
+        return {"path": self._fh.name if self._fh else self.path, "dev": self._ident[0],
+                "inode": self._ident[1], "offset": self.offset}
+
+    def commit(self, pos: Optional[Dict[str, Any]] = None) -> None:
+        """Persist *pos* (default: the current position) atomically."""
+        pos = pos or self.position()
+        if not self.state_path or pos == self._committed:
+            return
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(pos, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.state_path)
+        self._committed = dict(pos)
+
+    # -- reading ---------------------------------------------------------------------
+    def _open(self, path: str, offset: int) -> bool:
+        try:
+            fh = open(path, "rb")
+        except OSError:
+            return False
+        if self._fh is not None:
+            self._fh.close()
+        s = os.fstat(fh.fileno())
+        self._fh = fh
+        self._ident = (s.st_dev, s.st_ino)
+        if offset > s.st_size:
+            offset = 0  # truncated in place (copytruncate): start over
+        self.offset = offset
+        return True
+
+    def switch_to(self, path: str) -> List[AcctRecord]:
+        """Finish the current file, then follow *path* from its start."""
+        out = self.read(final=True)
+        self.path = path
+        self._open(path, 0)
+        return out
+
+    def read(self, final: bool = False) -> List[AcctRecord]:
+        """Records appended since the last call (the file may have been rotated)."""
+        out: List[AcctRecord] = []
+        if self._fh is None and not self._open(self.path, 0):
+            return out
+        while True:
+            out.extend(self._drain(final))
+            # Did the followed path start naming another file? Finish the old one
+            # (done above, to its end) and move on.
+            try:
+                s = os.stat(self.path)
+            except OSError:
+                return out
+            if self._ident == (s.st_dev, s.st_ino):
+                if s.st_size < self.offset:  # truncated in place
+                    self.offset = 0
+                    continue
+                return out
+            out.extend(self._drain(True))
+            if not self._open(self.path, 0):
+                return out
+
+    def _drain(self, final: bool) -> List[AcctRecord]:
+        assert self._fh is not None
+        out: List[AcctRecord] = []
+        while True:
+            self._fh.seek(self.offset)
+            data = self._fh.read(self.chunk)
+            if not data:
+                return out
+            last = len(data) < self.chunk
+            dec = decode(data, path=self._fh.name, base_offset=self.offset,
+                         final=final and last)
+            out.extend(dec.records())
+            self.problems.extend(dec.problems)
+            self.records_read += dec.count
+            if dec.consumed == 0:
+                return out  # only a partial record so far: wait for the rest
+            self.offset += dec.consumed
+            if last:
+                return out
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _siblings(path: str) -> List[str]:
+    d, base = os.path.split(path)
+    try:
+        names = os.listdir(d or ".")
+    except OSError:
+        return []
+    return [os.path.join(d, n) for n in sorted(names) if n.startswith(base) and n != base]
