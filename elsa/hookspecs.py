@@ -30,7 +30,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # -- discovery (daemon start, and `elsad --list-plugins`) ----------------------
 
 @hookspec
-def elsa_backends() -> "List[BackendSpec]":
+def elsa_backends() -> List[BackendSpec]:
     """Declare the grouping backends this plugin provides.
 
     Called once when elsad starts (and by ``elsad --list-plugins``), before any
@@ -44,7 +44,7 @@ def elsa_backends() -> "List[BackendSpec]":
 
 
 @hookspec
-def elsa_sources() -> "List[SourceSpec]":
+def elsa_sources() -> List[SourceSpec]:
     """Declare the accounting sources this plugin provides.
 
     Called once when elsad starts (and by ``elsad --list-plugins``), from the
@@ -58,7 +58,7 @@ def elsa_sources() -> "List[SourceSpec]":
 # -- daemon lifecycle -----------------------------------------------------------
 
 @hookspec
-def elsa_daemon_ready(status: "Mapping[str, object]") -> None:
+def elsa_daemon_ready(status: Mapping[str, object]) -> None:
     """The daemon is subscribed to the proc connector, recovered its jobs and
     is about to tell systemd READY=1.
 
@@ -82,7 +82,7 @@ def elsa_daemon_stopping(reason: str) -> None:
 # -- jobs ---------------------------------------------------------------------
 
 @hookspec
-def elsa_job_created(job: "Job") -> None:
+def elsa_job_created(job: Job) -> None:
     """A job was created (by a client request) and persisted.
 
     :param job: snapshot of the new job (no members yet).
@@ -91,7 +91,7 @@ def elsa_job_created(job: "Job") -> None:
 
 
 @hookspec
-def elsa_job_ended(job: "Job") -> None:
+def elsa_job_ended(job: Job) -> None:
     """A job ended: its last member exited (``job_end = "last-exit"``) or a
     client ended it. Sources have already taken their final readings.
 
@@ -103,7 +103,7 @@ def elsa_job_ended(job: "Job") -> None:
 # -- processes ------------------------------------------------------------------
 
 @hookspec
-def elsa_process_joined(job: "Job", proc: "ProcessId", how: str) -> None:
+def elsa_process_joined(job: Job, proc: ProcessId, how: str) -> None:
     """A process became a member of a job.
 
     Called for every member, including forked children, so implementations
@@ -120,7 +120,7 @@ def elsa_process_joined(job: "Job", proc: "ProcessId", how: str) -> None:
 
 
 @hookspec
-def elsa_process_exited(jid: int, proc: "ProcessId", exit_code: int) -> None:
+def elsa_process_exited(jid: int, proc: ProcessId, exit_code: int) -> None:
     """A member process exited (seen by the proc connector or by resync).
 
     :param jid: the job the process belonged to.

@@ -32,7 +32,7 @@ class ProcessId:
     pid: int
     start_ticks: int
 
-    def same_process(self, other: "ProcessId") -> bool:
+    def same_process(self, other: ProcessId) -> bool:
         """True when *other* is this process (start times within tolerance)."""
         return (self.pid == other.pid
                 and abs(self.start_ticks - other.start_ticks) <= START_TOLERANCE_TICKS)

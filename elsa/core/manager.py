@@ -1,0 +1,485 @@
+"""The job manager: jobs, their members, and the pid -> job index.
+
+Runs only on the daemon's event thread. The index is keyed by tgid (a thread
+is never a member: cn_proc reports thread creation as a fork with
+child_pid != child_tgid). Every identity carries its start time, so a pid that
+is reused after its process exited never inherits the old job.
+
+Exited members stay resolvable for ``exited_linger`` seconds: the proc
+connector's exit event and the accounting record (taskstats, pacct) arrive in
+either order (CSA shipped that race as a bug, commit 12b6a9d).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+
+import structlog
+
+from elsa.core.backend import Backend
+from elsa.core.jobid import JidAllocator
+from elsa.core.model import (
+    CLOCK_TICKS,
+    JOB_ENDED,
+    JOB_RUNNING,
+    START_TOLERANCE_TICKS,
+    Job,
+    ProcessId,
+    ProcessInfo,
+)
+from elsa.core.procfs import ProcFS, boottime_offset_ns
+from elsa.core.store import Store
+from elsa.errors import JobNotFound, JobStateError, ProcessGone
+
+log = structlog.get_logger("elsa.manager")
+
+
+@dataclass
+class _JobState:
+    jid: int
+    name: str
+    owner_uid: int
+    tags: Tuple[Tuple[str, str], ...]
+    created: float
+    backend: str
+    params: Dict[str, str]
+    members: Dict[int, int] = field(default_factory=dict)  # pid -> start_ticks
+    had_members: bool = False
+    ended: Optional[float] = None
+    state: str = JOB_RUNNING
+
+    def snapshot(self, with_pids: bool = True) -> Job:
+        return Job(jid=self.jid, name=self.name, owner_uid=self.owner_uid, tags=self.tags,
+                   created=self.created, ended=self.ended, state=self.state,
+                   backend=self.backend,
+                   pids=tuple(sorted(self.members)) if with_pids else (),
+                   params=dict(self.params))
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """A member that exited, kept for late accounting records."""
+
+    jid: int
+    proc: ProcessId
+    left: float
+    exit_code: int
+
+
+class Counters:
+    """Event-path counters reported by ``status``."""
+
+    def __init__(self) -> None:
+        self.forks = 0
+        self.thread_forks = 0
+        self.exits = 0
+        self.member_forks = 0
+        self.member_exits = 0
+        self.resyncs = 0
+        self.resync_adopted = 0
+        self.resync_exited = 0
+
+    def as_dict(self) -> Dict[str, int]:
+        return dict(vars(self))
+
+
+class JobManager:
+    """Owns every running job and the membership index."""
+
+    def __init__(self, *, store: Store, backend: Backend, procfs: ProcFS, boot_id: str,
+                 job_end: str = "last-exit", exited_linger: float = 60.0,
+                 allocator: Optional[JidAllocator] = None,
+                 hooks=None, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.backend = backend
+        self.procfs = procfs
+        self.boot_id = boot_id
+        self.job_end = job_end
+        self.exited_linger = exited_linger
+        self.allocator = allocator or JidAllocator(store)
+        self.hooks = hooks
+        self.clock = clock
+        self.jobs: Dict[int, _JobState] = {}
+        self.index: Dict[int, Tuple[int, int]] = {}  # tgid -> (jid, start_ticks)
+        self.detached: Set[Tuple[int, int]] = set()  # (pid, start_ticks) kept out of jobs
+        self.exited: Dict[int, List[ExitRecord]] = {}
+        self._exit_order: Deque[Tuple[float, int]] = collections.deque()
+        self.counters = Counters()
+        self._boot_offset_ns = boottime_offset_ns()
+        # Called with the job snapshot just before the backend removes the job
+        # (sources take final readings), and after it ended (waiters, hooks).
+        self.before_end: List[Callable[[Job], None]] = []
+        self.after_end: List[Callable[[Job], None]] = []
+        self._hook_joined = bool(hooks and hooks.has_impls("elsa_process_joined"))
+        self._hook_exited = bool(hooks and hooks.has_impls("elsa_process_exited"))
+
+    # -- queries ------------------------------------------------------------------
+    def job(self, jid: int) -> Job:
+        state = self.jobs.get(jid)
+        if state is not None:
+            return state.snapshot()
+        stored = self.store.job(jid)
+        if stored is None:
+            raise JobNotFound(f"no job {jid:#x}; list jobs with 'elsa-jobmng list --all'")
+        return stored
+
+    def running(self, with_pids: bool = False) -> List[Job]:
+        return [s.snapshot(with_pids) for s in self.jobs.values()]
+
+    def job_of(self, pid: int) -> Optional[int]:
+        entry = self.index.get(pid)
+        return entry[0] if entry else None
+
+    def member(self, pid: int) -> Optional[ProcessId]:
+        entry = self.index.get(pid)
+        return ProcessId(pid, entry[1]) if entry else None
+
+    def resolve(self, pid: int, start_ticks: Optional[int], tolerance: int = 0) -> Optional[int]:
+        """The job *pid* (started at *start_ticks*) belongs or belonged to.
+
+        Live members first, then members that exited within ``exited_linger``.
+        *tolerance* widens the start-time match for sources with coarse start
+        times (pacct's btime has 1 s resolution).
+        """
+        tol = max(tolerance, START_TOLERANCE_TICKS)
+        entry = self.index.get(pid)
+        if entry is not None and (start_ticks is None or abs(entry[1] - start_ticks) <= tol):
+            return entry[0]
+        for rec in reversed(self.exited.get(pid, ())):
+            if start_ticks is None or abs(rec.proc.start_ticks - start_ticks) <= tol:
+                return rec.jid
+        return None
+
+    # -- job lifecycle --------------------------------------------------------------
+    def create(self, *, name: str, owner_uid: int, tags: Mapping[str, str] = {},
+               params: Mapping[str, str] = {}) -> Job:
+        params = self.backend.validate_params(dict(params))
+        jid = self.allocator.next()
+        state = _JobState(jid=jid, name=name, owner_uid=owner_uid,
+                          tags=tuple(sorted(tags.items())), created=self.clock(),
+                          backend=self.backend.name, params=dict(params))
+        extra = self.backend.create_job(state.snapshot())
+        state.params.update(extra)
+        self.jobs[jid] = state
+        job = state.snapshot()
+        self.store.insert_job(job)
+        self.store.flush()  # the reply promises the job exists; make it durable first
+        log.info("job created", jid=f"{jid:#x}", name=name, owner_uid=owner_uid)
+        if self.hooks:
+            self.hooks.job_created(job)
+        return job
+
+    def _running(self, jid: int) -> _JobState:
+        state = self.jobs.get(jid)
+        if state is None:
+            if self.store.job(jid) is not None:
+                raise JobStateError(f"job {jid:#x} has ended; create a new job")
+            raise JobNotFound(f"no job {jid:#x}; list jobs with 'elsa-jobmng list'")
+        return state
+
+    def attach(self, jid: int, pid: int, how: str = "attach") -> ProcessId:
+        """Make live process *pid* (and its future children) a member of *jid*."""
+        state = self._running(jid)
+        info = self.procfs.info(pid)
+        if info.pid != pid:  # pragma: no cover - defensive
+            raise ProcessGone(f"pid {pid} is gone")
+        old = self.index.get(pid)
+        if old is not None and old[0] != jid:
+            self._leave(old[0], ProcessId(pid, old[1]), exit_code=None, detached=True)
+        self.backend.attach(state.snapshot(with_pids=False), info)
+        self.detached.discard((pid, info.start_ticks))
+        ident = info.ident
+        self._join(state, ident, how)
+        # Children forked before the attach stay where they are: a job holds a
+        # process and what it forks *afterwards* (CSA/ELSA semantics).
+        return ident
+
+    def detach(self, pid: int) -> int:
+        """Take *pid* out of its job; its future children are not members either."""
+        entry = self.index.get(pid)
+        if entry is None:
+            raise JobNotFound(f"pid {pid} is not in any job")
+        jid, start = entry
+        state = self.jobs[jid]
+        ident = ProcessId(pid, start)
+        self.backend.detach(state.snapshot(with_pids=False), ident)
+        self.detached.add((pid, start))
+        self._leave(jid, ident, exit_code=None, detached=True)
+        return jid
+
+    def end(self, jid: int, reason: str = "request") -> Job:
+        """End a job: members are detached (not killed), the job is closed."""
+        state = self._running(jid)
+        for pid, start in list(state.members.items()):
+            ident = ProcessId(pid, start)
+            try:
+                self.backend.detach(state.snapshot(with_pids=False), ident)
+            except Exception as exc:  # the process may have just exited
+                log.debug("detach at end failed", pid=pid, error=str(exc))
+            self.detached.add((pid, start))
+            self._leave(jid, ident, exit_code=None, detached=True, may_end=False)
+        return self._finish(state, reason)
+
+    def _finish(self, state: _JobState, reason: str) -> Job:
+        snap = state.snapshot()
+        for cb in self.before_end:
+            try:
+                cb(snap)
+            except Exception as exc:
+                log.error("before-end callback failed", jid=f"{state.jid:#x}", error=str(exc))
+        try:
+            self.backend.end_job(snap)
+        except Exception as exc:
+            log.error("backend could not remove job", jid=f"{state.jid:#x}", error=str(exc))
+        state.state = JOB_ENDED
+        state.ended = self.clock()
+        del self.jobs[state.jid]
+        self.store.end_job(state.jid, state.ended, JOB_ENDED)
+        job = state.snapshot()
+        log.info("job ended", jid=f"{state.jid:#x}", reason=reason)
+        for cb in self.after_end:
+            try:
+                cb(job)
+            except Exception as exc:
+                log.error("after-end callback failed", jid=f"{state.jid:#x}", error=str(exc))
+        if self.hooks:
+            self.hooks.job_ended(job)
+        return job
+
+    # -- membership primitives --------------------------------------------------------
+    def _join(self, state: _JobState, ident: ProcessId, how: str) -> None:
+        state.members[ident.pid] = ident.start_ticks
+        self.index[ident.pid] = (state.jid, ident.start_ticks)
+        if not state.had_members:
+            state.had_members = True
+            self.store.mark_had_members(state.jid)
+        self.store.add_member(self.boot_id, state.jid, ident.pid, ident.start_ticks,
+                              self.clock(), how)
+        if self._hook_joined:
+            self.hooks.process_joined(state.snapshot(with_pids=False), ident, how)
+
+    def _leave(self, jid: int, ident: ProcessId, exit_code: Optional[int], *,
+               detached: bool = False, may_end: bool = True) -> None:
+        state = self.jobs.get(jid)
+        self.index.pop(ident.pid, None)
+        now = self.clock()
+        if state is not None:
+            state.members.pop(ident.pid, None)
+        self.store.close_member(self.boot_id, jid, ident.pid, ident.start_ticks, now,
+                                exit_code, detached)
+        if not detached:
+            rec = ExitRecord(jid, ident, now, -1 if exit_code is None else exit_code)
+            self.exited.setdefault(ident.pid, []).append(rec)
+            self._exit_order.append((now, ident.pid))
+            if self._hook_exited:
+                self.hooks.process_exited(jid, ident, rec.exit_code)
+        if (may_end and state is not None and not state.members and state.had_members
+                and self.job_end == "last-exit"):
+            self._finish(state, "last member exited")
+
+    def expire_exited(self) -> None:
+        """Forget exits older than ``exited_linger`` (called from a timer)."""
+        horizon = self.clock() - self.exited_linger
+        order = self._exit_order
+        while order and order[0][0] < horizon:
+            _, pid = order.popleft()
+            recs = self.exited.get(pid)
+            if recs:
+                recs[:] = [r for r in recs if r.left >= horizon]
+                if not recs:
+                    del self.exited[pid]
+
+    # -- event path (hot: keep it lean) --------------------------------------------------
+    def on_fork(self, parent_tgid: int, child_pid: int, child_tgid: int, ts_ns: int) -> None:
+        counters = self.counters
+        counters.forks += 1
+        if child_pid != child_tgid:
+            counters.thread_forks += 1  # a new thread, not a process
+            return
+        entry = self.index.get(parent_tgid)
+        if entry is None:
+            return
+        state = self.jobs.get(entry[0])
+        if state is None:
+            return
+        counters.member_forks += 1
+        # The event timestamp is CLOCK_MONOTONIC; /proc start times count
+        # CLOCK_BOOTTIME ticks (see procfs.boottime_offset_ns).
+        start = (ts_ns + self._boot_offset_ns) * CLOCK_TICKS // 1_000_000_000
+        known = self.index.get(child_tgid)
+        if known is not None and abs(known[1] - start) <= START_TOLERANCE_TICKS:
+            return  # already adopted by a resync that read /proc after this fork
+        if (child_tgid, start) in self.detached:
+            return
+        self._join(state, ProcessId(child_tgid, start), "fork")
+
+    def on_exit(self, pid: int, tgid: int, exit_code: int, ts_ns: int) -> None:
+        self.counters.exits += 1
+        if pid != tgid:
+            return  # a thread exited; the process lives on
+        entry = self.index.get(tgid)
+        if entry is None:
+            return
+        # An exit queued before a resync snapshot may name a pid that resync
+        # already gave to a newer process: an exit cannot precede its start.
+        if ((ts_ns + self._boot_offset_ns) * CLOCK_TICKS // 1_000_000_000
+                < entry[1] - START_TOLERANCE_TICKS):
+            return
+        self.counters.member_exits += 1
+        self._leave(entry[0], ProcessId(tgid, entry[1]), exit_code)
+
+    # -- resync and recovery ------------------------------------------------------------
+    def resync(self, reason: str, snapshot: Optional[Dict[int, ProcessInfo]] = None,
+               how: str = "resync") -> Dict[str, int]:
+        """Bring the index back in line with the kernel after events were lost.
+
+        1. Backends that keep children in the kernel (cgroups) are asked for
+           each job's members: their answer is the truth.
+        2. Members no longer alive (pid gone or start time differs) exited.
+        3. Every live process not in a job whose ppid ancestry reaches a member
+           joins that member's job (children born while events were lost).
+        """
+        self.counters.resyncs += 1
+        procs = snapshot if snapshot is not None else self.procfs.snapshot()
+        adopted = exited = 0
+        # (2) members that are gone
+        for pid, (jid, start) in list(self.index.items()):
+            info = procs.get(pid)
+            if info is None or abs(info.start_ticks - start) > START_TOLERANCE_TICKS:
+                self._leave(jid, ProcessId(pid, start), exit_code=None)
+                exited += 1
+            elif info.start_ticks != start:
+                # Replace the event-derived estimate with the exact value.
+                self.index[pid] = (jid, info.start_ticks)
+                if jid in self.jobs:
+                    self.jobs[jid].members[pid] = info.start_ticks
+        # (1) kernel truth
+        for state in list(self.jobs.values()):
+            truth = self.backend.members(state.snapshot(with_pids=False))
+            if truth is None:
+                continue
+            for pid in truth:
+                info = procs.get(pid)
+                if info is None or pid in state.members:
+                    continue
+                old = self.index.get(pid)
+                if old is not None and old[0] != state.jid:
+                    self._leave(old[0], ProcessId(pid, old[1]), None, detached=True)
+                self._join(state, info.ident, how)
+                adopted += 1
+        # (3) ancestry
+        memo: Dict[int, Optional[int]] = {}
+
+        def job_by_ancestry(pid: int) -> Optional[int]:
+            chain = []
+            found: Optional[int] = None
+            cur = pid
+            for _ in range(4096):  # bounded: ppid loops cannot happen, but be safe
+                if cur in memo:
+                    found = memo[cur]
+                    break
+                info = procs.get(cur)
+                if info is None or cur <= 1:
+                    break
+                if (cur, info.start_ticks) in self.detached:
+                    break
+                entry = self.index.get(cur)
+                if entry is not None:
+                    found = entry[0]
+                    break
+                chain.append(cur)
+                cur = info.ppid
+            for c in chain:
+                memo[c] = found
+            return found
+
+        # Parents before children, so a whole lost subtree joins in one pass.
+        for pid in sorted(procs, key=lambda p: procs[p].start_ticks):
+            if pid in self.index or pid <= 1:
+                continue
+            info = procs[pid]
+            if (pid, info.start_ticks) in self.detached:
+                continue
+            jid = job_by_ancestry(pid)
+            if jid is not None and jid in self.jobs:
+                self._join(self.jobs[jid], info.ident, how)
+                adopted += 1
+        self.counters.resync_adopted += adopted
+        self.counters.resync_exited += exited
+        log.info("resync done", reason=reason, adopted=adopted, exited=exited,
+                 members=len(self.index))
+        # Jobs that lost their last member while events were lost.
+        if self.job_end == "last-exit":
+            for state in list(self.jobs.values()):
+                if state.had_members and not state.members:
+                    self._finish(state, "last member exited (found by resync)")
+        return {"adopted": adopted, "exited": exited}
+
+    def recover(self) -> Dict[str, int]:
+        """Load running jobs from the store after a (re)start and re-validate them."""
+        stored_members = self.store.live_members()
+        jobs = self.store.running_jobs()
+        procs = self.procfs.snapshot()
+        for job, had in jobs:
+            self.jobs[job.jid] = _JobState(
+                jid=job.jid, name=job.name, owner_uid=job.owner_uid, tags=job.tags,
+                created=job.created, backend=job.backend, params=dict(job.params),
+                had_members=had)
+            if job.backend != self.backend.name:
+                log.warning("job was created by another backend", jid=f"{job.jid:#x}",
+                            job_backend=job.backend, backend=self.backend.name)
+        self.detached = {(p, s) for p, s in self.store.detached_members(self.boot_id)}
+        revalidated = 0
+        now = self.clock()
+        for boot, jid, pid, start, _how in stored_members:
+            state = self.jobs.get(jid)
+            info = procs.get(pid) if boot == self.boot_id else None
+            alive = info is not None and abs(info.start_ticks - start) <= START_TOLERANCE_TICKS
+            if state is None or not alive:
+                # Exited while we were down (or another boot): close the record.
+                self.store.close_member(boot, jid, pid, start, now, None)
+                if state is not None:
+                    self.exited.setdefault(pid, []).append(
+                        ExitRecord(jid, ProcessId(pid, start), now, -1))
+                    self._exit_order.append((now, pid))
+                continue
+            state.members[pid] = info.start_ticks
+            self.index[pid] = (jid, info.start_ticks)
+            revalidated += 1
+        # Kernel truth (cgroups) and ancestry adopt what was born while we were down.
+        kernel = self.backend.recover([s.snapshot(with_pids=False) for s in self.jobs.values()])
+        for jid, pids in kernel.items():
+            state = self.jobs.get(jid)
+            if state is None:
+                continue
+            for pid in pids:
+                info = procs.get(pid)
+                if info is not None and pid not in self.index:
+                    self._join(state, info.ident, "recover")
+        result = self.resync("recover", snapshot=procs, how="recover")
+        log.info("jobs recovered", jobs=len(self.jobs), revalidated=revalidated,
+                 adopted=result["adopted"], exited=result["exited"])
+        return {"jobs": len(self.jobs), "revalidated": revalidated, **result}
+
+    # -- signalling ----------------------------------------------------------------------
+    def signal(self, jid: int, sig: int) -> int:
+        state = self._running(jid)
+        return self.backend.signal(state.snapshot(with_pids=False), sig, list(state.members))
+
+    def member_pids(self, jid: int) -> List[int]:
+        return sorted(self._running(jid).members)
+
+    def owner_of_pid(self, pid: int) -> int:
+        return self.procfs.info(pid).uid
+
+    def all_members(self) -> Iterable[Tuple[int, int, int]]:
+        for pid, (jid, start) in self.index.items():
+            yield pid, jid, start
+
+
+def my_uid() -> int:
+    return os.geteuid()
