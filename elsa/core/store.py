@@ -186,6 +186,12 @@ class Store:
         self._writer.join(timeout=30.0)
         self.db.close()
 
+    def _read_own_writes(self) -> None:
+        """Reads use their own connection and see only committed data; wait for
+        queued writes first so a reply never contradicts an earlier one."""
+        if self._submitted != self._committed:
+            self.flush()
+
     # -- metadata -----------------------------------------------------------------
     def get_meta(self, key: str, default: Optional[str] = None) -> Optional[str]:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -215,18 +221,21 @@ class Store:
 
     def running_jobs(self) -> List[Tuple[Job, bool]]:
         """Running jobs with their ``had_members`` flag, oldest first."""
+        self._read_own_writes()
         rows = self.db.execute(
             "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params, "
             "had_members FROM jobs WHERE state = 'running' ORDER BY jid").fetchall()
         return [(_job_from_row(r), bool(r[9])) for r in rows]
 
     def job(self, jid: int) -> Optional[Job]:
+        self._read_own_writes()
         row = self.db.execute(
             "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params "
             "FROM jobs WHERE jid = ?", (jid,)).fetchone()
         return _job_from_row(row) if row else None
 
     def jobs(self, *, include_ended: bool = True, limit: int = 10000) -> List[Job]:
+        self._read_own_writes()
         where = "" if include_ended else "WHERE state = 'running'"
         rows = self.db.execute(
             f"SELECT jid, name, owner_uid, tags, created, ended, state, backend, params "
@@ -247,11 +256,13 @@ class Store:
 
     def live_members(self) -> List[Tuple[str, int, int, int, str]]:
         """(boot_id, jid, pid, start_ticks, how) of every member not yet seen leaving."""
+        self._read_own_writes()
         return self.db.execute(
             "SELECT boot_id, jid, pid, start_ticks, how FROM members WHERE left IS NULL"
         ).fetchall()
 
     def detached_members(self, boot_id: str) -> List[Tuple[int, int]]:
+        self._read_own_writes()
         return self.db.execute(
             "SELECT pid, start_ticks FROM members WHERE boot_id = ? AND detached = 1",
             (boot_id,)).fetchall()
@@ -259,6 +270,7 @@ class Store:
     def members_of(self, jid: int) -> List[Tuple[int, int, float, Optional[float],
                                                  Optional[int], str]]:
         """(pid, start_ticks, joined, left, exit_code, how) of every member a job ever had."""
+        self._read_own_writes()
         return self.db.execute(
             "SELECT pid, start_ticks, joined, left, exit_code, how FROM members "
             "WHERE jid = ? ORDER BY joined", (jid,)).fetchall()

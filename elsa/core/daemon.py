@@ -1,0 +1,422 @@
+"""elsad's event loop: one thread, one selector, events strictly in order.
+
+Start-up order matters: we subscribe to the proc connector *before* reading
+/proc to recover jobs, so a fork that happens in between is queued on the
+socket rather than missed (duplicates are harmless: the manager ignores a
+fork for a child it already holds).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import structlog
+
+from elsa import __version__
+from elsa.config import Config, validate_table
+from elsa.core import sdnotify
+from elsa.core.backend import Backend, BackendContext
+from elsa.core.cnproc import (
+    ExitEvent,
+    ForkEvent,
+    LossEvent,
+    ProcConnector,
+)
+from elsa.core.control import ControlServer, Operations
+from elsa.core.manager import JobManager
+from elsa.core.procfs import ProcFS
+from elsa.core.store import Store
+from elsa.errors import ConfigError, ElsaError, KernelInterfaceError
+from elsa.plugins import PluginHost
+
+log = structlog.get_logger("elsa.daemon")
+
+#: How long to drain events after a loss before resyncing anyway (a storm may
+#: never leave the socket empty).
+RESYNC_MAX_DELAY = 0.5
+
+
+class _Timer:
+    __slots__ = ("interval", "callback", "name")
+
+    def __init__(self, interval: float, callback: Callable[[], None], name: str) -> None:
+        self.interval = interval
+        self.callback = callback
+        self.name = name
+
+
+class Daemon:
+    """The job daemon. ``start()`` then ``run()``; ``request_stop()`` from a signal."""
+
+    def __init__(self, config: Config, host: PluginHost, *, procfs: Optional[ProcFS] = None,
+                 self_test: bool = True) -> None:
+        self.config = config
+        self.host = host
+        self.procfs = procfs or ProcFS()
+        self.self_test = self_test
+        self.selector = selectors.DefaultSelector()
+        self._timers: List[Tuple[float, int, _Timer]] = []
+        self._seq = itertools.count()
+        self._readers: Dict[int, Callable[[], None]] = {}
+        self._writers: Dict[int, Callable[[], None]] = {}
+        self._stop_reason: Optional[str] = None
+        self._reload = False
+        self._loss_since: Optional[float] = None
+        self.loss_events = 0
+        self.started = time.time()
+        self.store: Optional[Store] = None
+        self.connector: Optional[ProcConnector] = None
+        self.control: Optional[ControlServer] = None
+        self.backend: Optional[Backend] = None
+        self.manager: Optional[JobManager] = None
+        self.sources: Dict[str, Any] = {}
+        self.source_status: Callable[[], Dict[str, Any]] = lambda: {}
+
+    # -- selector plumbing -------------------------------------------------------------
+    def _register(self, fd: int) -> None:
+        mask = 0
+        if fd in self._readers:
+            mask |= selectors.EVENT_READ
+        if fd in self._writers:
+            mask |= selectors.EVENT_WRITE
+        try:
+            key = self.selector.get_key(fd)
+        except KeyError:
+            key = None
+        if key is None and mask:
+            self.selector.register(fd, mask)
+        elif key is not None and mask:
+            self.selector.modify(fd, mask)
+        elif key is not None:
+            self.selector.unregister(fd)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self._readers[fd] = callback
+        self._register(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        self._register(fd)
+
+    def set_writer(self, fd: int, callback: Optional[Callable[[], None]]) -> None:
+        if callback is None:
+            if self._writers.pop(fd, None) is None:
+                return
+        else:
+            self._writers[fd] = callback
+        self._register(fd)
+
+    def add_timer(self, interval: float, callback: Callable[[], None], name: str) -> None:
+        timer = _Timer(interval, callback, name)
+        heapq.heappush(self._timers, (time.monotonic() + interval, next(self._seq), timer))
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _make_backend(self) -> Backend:
+        specs = self.host.backends()
+        spec = specs.get(self.config.backend)
+        if spec is None:
+            known = ", ".join(sorted(specs)) or "(none: are the elsa entry points installed?)"
+            raise ConfigError(f"{self.config.path}: key 'backend': no backend named "
+                              f"{self.config.backend!r}; available: {known}")
+        options = validate_table(self.config.backend_table(spec.name), spec.options,
+                                 where=f"backends.{spec.name}", path=self.config.path)
+        backend = spec.factory()
+        backend.start(BackendContext(options=options, procfs=self.procfs,
+                                     state_dir=self.config.state_dir,
+                                     job_emptied=self._job_emptied,
+                                     add_reader=self.add_reader,
+                                     remove_reader=self.remove_reader))
+        return backend
+
+    def start(self) -> None:
+        cfg = self.config
+        boot_id = self.procfs.boot_id()
+        self.store = Store(cfg.state_dir)
+        self.backend = self._make_backend()
+        self.manager = JobManager(store=self.store, backend=self.backend, procfs=self.procfs,
+                                  boot_id=boot_id, job_end=cfg.job_end,
+                                  exited_linger=cfg.exited_linger, hooks=self.host)
+        # Subscribe first, then read /proc (see module docstring).
+        self.connector = ProcConnector(cfg.netlink_rcvbuf)
+        recovered = self.manager.recover()
+        if self.self_test:
+            self._self_test()
+        self.add_reader(self.connector.fileno(), self._on_netlink)
+        ops = Operations(self.manager, backend_name=self.backend.name,
+                         admin_group=cfg.admin_group, status=self.status)
+        self.control = ControlServer(cfg.socket, ops, limits=dict(cfg.limits),
+                                     add_reader=self.add_reader,
+                                     remove_reader=self.remove_reader,
+                                     set_writer=self.set_writer)
+        self.manager.after_end.append(self.control.job_ended)
+        self._start_sources()
+        self.add_timer(0.5, self.control.sweep, "control-sweep")
+        self.add_timer(5.0, self.manager.expire_exited, "expire-exited")
+        log.info("elsad ready", version=__version__, backend=self.backend.name,
+                 socket=cfg.socket, state_dir=cfg.state_dir, rcvbuf=self.connector.rcvbuf,
+                 **recovered)
+        self.host.daemon_ready(self.status())
+        sdnotify.notify("READY=1", f"STATUS=tracking {len(self.manager.jobs)} jobs")
+
+    def _start_sources(self) -> None:
+        """Start the accounting sources named in ``sources`` (see elsa/core/source.py)."""
+        if not self.config.sources:
+            return
+        specs = self.host.sources()
+        for name in self.config.sources:
+            if name not in specs:
+                known = ", ".join(sorted(specs)) or "(none installed)"
+                raise ConfigError(f"{self.config.path}: key 'sources': no source named "
+                                  f"{name!r}; available: {known}")
+        from elsa.core.accounting import start_sources  # sources are optional
+
+        self.sources, self.source_status = start_sources(self, specs)
+
+    def _self_test(self) -> None:
+        """Fork a child and wait for its fork event.
+
+        The kernel silently ignores a subscription from outside the initial
+        pid/user namespace (drivers/connector/cn_proc.c cn_proc_mcast_ctl);
+        without this check elsad would run and track nothing.
+        """
+        assert self.connector is not None and self.manager is not None
+        child = subprocess.Popen(["true"], close_fds=True)
+        child.wait()
+        deadline = time.monotonic() + 3.0
+        sel = selectors.DefaultSelector()
+        sel.register(self.connector.fileno(), selectors.EVENT_READ)
+        try:
+            while time.monotonic() < deadline:
+                sel.select(0.1)
+                for ev in self.connector.read():
+                    self._dispatch(ev)
+                    if isinstance(ev, ExitEvent) and ev.tgid == child.pid:
+                        return
+        finally:
+            sel.close()
+        raise KernelInterfaceError(
+            "subscribed to the proc connector but saw no event for a test child in 3 s; "
+            "elsad must run in the initial pid and user namespace (not in a container)")
+
+    def _dispatch(self, ev: object) -> None:
+        """Slow-path dispatch of decoded events (start-up only)."""
+        m = self.manager
+        assert m is not None
+        if isinstance(ev, ForkEvent):
+            m.on_fork(ev.parent_tgid, ev.child_pid, ev.child_tgid, ev.timestamp_ns)
+        elif isinstance(ev, ExitEvent):
+            m.on_exit(ev.pid, ev.tgid, ev.exit_code, ev.timestamp_ns)
+        elif isinstance(ev, LossEvent):
+            self.on_loss(ev)
+
+    # -- event path ----------------------------------------------------------------------------
+    def on_exec(self, pid: int, tgid: int) -> None:
+        return None
+
+    def on_loss(self, event: LossEvent) -> None:
+        self.loss_events += 1
+        if self._loss_since is None:
+            self._loss_since = time.monotonic()
+            log.warning("proc connector events lost; will resync from /proc",
+                        reason=event.reason, cpu=event.cpu, missing=event.missing)
+
+    def _on_netlink(self) -> None:
+        conn = self.connector
+        manager = self.manager
+        assert conn is not None and manager is not None
+        sink = _Sink(manager.on_fork, manager.on_exit, self.on_exec, self.on_loss)
+        while True:
+            n = conn.drain(sink)
+            if self._loss_since is not None:
+                if n < 4096 or time.monotonic() - self._loss_since > RESYNC_MAX_DELAY:
+                    self._loss_since = None
+                    manager.resync("event loss")
+            if n < 4096:
+                return
+
+    def _job_emptied(self, jid: int) -> None:
+        """A backend saw a job's kernel object empty (e.g. cgroup.events populated 0)."""
+        manager = self.manager
+        if manager is None or jid not in manager.jobs:
+            return
+        manager.resync(f"job {jid:#x} emptied")
+
+    # -- status ----------------------------------------------------------------------------------
+    def status(self) -> Dict[str, Any]:
+        m = self.manager
+        conn = self.connector
+        assert m is not None and conn is not None and self.backend is not None
+        out: Dict[str, Any] = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3),
+            "backend": self.backend.name,
+            "backend_status": self.backend.status(),
+            "jobs_running": len(m.jobs),
+            "members": len(m.index),
+            "events": conn.events,
+            "lost_events": {"enobufs": conn.enobufs, "seq_gap": conn.seq_lost},
+            "loss_notices": self.loss_events,
+            "resyncs": m.counters.resyncs,
+            "counters": m.counters.as_dict(),
+            "rcvbuf": conn.rcvbuf,
+            "plugins": self.host.plugin_names(),
+            "plugin_failures": dict(self.host.failures),
+            "sources": self.source_status(),
+            "store": {"path": self.store.path if self.store else None,
+                      "schema": self.store.schema_version if self.store else None},
+        }
+        if self.control is not None:
+            out["control"] = dict(self.control.counters, connections=len(self.control.conns),
+                                  denied=self.control.ops.denied)
+        return out
+
+    # -- loop --------------------------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = reason
+
+    def request_reload(self) -> None:
+        self._reload = True
+
+    def install_signal_handlers(self) -> None:
+        rfd, wfd = socket.socketpair()
+        rfd.setblocking(False)
+        wfd.setblocking(False)
+        self._wakeup = (rfd, wfd)
+        signal.set_wakeup_fd(wfd.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, lambda s, f: self.request_stop("SIGTERM"))
+        signal.signal(signal.SIGINT, lambda s, f: self.request_stop("SIGINT"))
+        signal.signal(signal.SIGHUP, lambda s, f: self.request_reload())
+
+        def drain_wakeup() -> None:
+            try:
+                while rfd.recv(512):
+                    pass
+            except BlockingIOError:
+                pass
+
+        self.add_reader(rfd.fileno(), drain_wakeup)
+
+    def run(self) -> str:
+        """Serve until a stop is requested; returns the reason."""
+        select = self.selector.select
+        readers = self._readers
+        writers = self._writers
+        while self._stop_reason is None:
+            if self._reload:
+                self._reload = False
+                self._do_reload()
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            for key, mask in select(timeout):
+                fd = key.fd
+                if mask & selectors.EVENT_READ:
+                    cb = readers.get(fd)
+                    if cb is not None:
+                        cb()
+                if mask & selectors.EVENT_WRITE:
+                    cb = writers.get(fd)
+                    if cb is not None:
+                        cb()
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, timer = heapq.heappop(self._timers)
+                try:
+                    timer.callback()
+                except Exception as exc:
+                    log.exception("timer failed", timer=timer.name, error=str(exc))
+                heapq.heappush(self._timers, (now + timer.interval, next(self._seq), timer))
+        return self._stop_reason
+
+    def _do_reload(self) -> None:
+        from elsa import config as config_mod
+        from elsa import logsetup
+
+        path = None if self.config.path == "<defaults>" else self.config.path
+        try:
+            new = config_mod.load(path)
+        except ElsaError as exc:
+            log.error("reload refused; keeping the running config", error=exc.message)
+            return
+        needs_restart = [k for k in ("backend", "socket", "state_dir", "sources")
+                         if getattr(new, k) != getattr(self.config, k)]
+        if needs_restart:
+            log.warning("config changes that need a restart were not applied",
+                        keys=needs_restart)
+        logsetup.configure(new.log_level)
+        assert self.manager is not None
+        self.manager.job_end = new.job_end
+        self.manager.exited_linger = new.exited_linger
+        if self.control is not None:
+            self.control.limits.update(new.limits)
+        self.config = new
+        log.info("config reloaded", path=new.path)
+        sdnotify.notify("READY=1")
+
+    def stop(self, reason: str) -> None:
+        sdnotify.notify("STOPPING=1")
+        self.host.daemon_stopping(reason)
+        for name, src in self.sources.items():
+            try:
+                src.stop()
+            except Exception as exc:
+                log.error("source failed to stop", source=name, error=str(exc))
+        if self.control is not None:
+            self.control.close()
+        if self.connector is not None:
+            self.connector.close()
+        if self.backend is not None:
+            try:
+                self.backend.stop()
+            except Exception as exc:
+                log.error("backend failed to stop", error=str(exc))
+        if self.store is not None:
+            self.store.close()
+        log.info("elsad stopped", reason=reason)
+
+
+class _Sink:
+    """Binds the connector's hot-path callbacks to the manager's methods."""
+
+    __slots__ = ("on_fork", "on_exit", "on_exec", "on_loss")
+
+    def __init__(self, on_fork, on_exit, on_exec, on_loss) -> None:
+        self.on_fork = on_fork
+        self.on_exit = on_exit
+        self.on_exec = on_exec
+        self.on_loss = on_loss
+
+
+def check_privileges(proc_root: str = "/proc") -> None:
+    """Refuse to start without CAP_NET_ADMIN (needed to subscribe to cn_proc)."""
+    cap_net_admin = 12  # include/uapi/linux/capability.h
+    try:
+        with open(f"{proc_root}/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    break
+            else:
+                caps = 0
+    except OSError:
+        caps = 0
+    if not caps & (1 << cap_net_admin):
+        from elsa.errors import PrivilegeError
+
+        raise PrivilegeError(
+            "elsad needs CAP_NET_ADMIN to subscribe to the kernel's proc connector "
+            f"(uid {os.geteuid()} lacks it); run it as root, e.g. via the systemd unit "
+            "in packaging/elsad.service")
+
+
+

@@ -1,0 +1,25 @@
+"""Smoke test: the daemon starts, answers status, creates a job and follows a fork."""
+
+import subprocess
+
+import pytest
+
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.root
+
+
+def test_daemon_tracks_child_of_member(elsad, spawned):
+    d = elsad()
+    p = subprocess.Popen(["sh", "-c", "read x; sleep 30 & wait"], stdin=subprocess.PIPE,
+                         start_new_session=True)
+    spawned.append(p)
+    with d.client() as c:
+        job = c.create(name="smoke", pids=[p.pid])
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        pids = wait_for(lambda: len(c.pids(job["jid"])) >= 2 and c.pids(job["jid"]),
+                        what="the forked sleep to join")
+        assert p.pid in pids
+        st = c.status()
+        assert st["backend"] == "cnproc" and st["events"] > 0
