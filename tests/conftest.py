@@ -58,7 +58,7 @@ class DaemonProc:
             f'state_dir = "{self.state_dir}"\nlog_level = "debug"\n' + extra)
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, timeout: float = 15.0) -> "DaemonProc":
+    def start(self, timeout: float = 15.0) -> DaemonProc:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "elsa.elsad", "--config", str(self.config_path)],
