@@ -1,0 +1,185 @@
+"""cgroup v2 statistics files: the only module that knows their formats.
+
+Formats: Documentation/admin-guide/cgroup-v2.rst ("Format" and each
+controller's "Interface Files"). ``cpu.stat`` is a core file, present even
+without the cpu controller; ``memory.*``, ``io.stat`` and ``pids.peak`` exist
+only where the controller is enabled for the cgroup (in the parent's
+``cgroup.subtree_control``). We read what exists and report what is missing,
+so a job on a host with few v2 controllers still gets its CPU figures.
+
+This module only parses files in a directory it is given; finding the
+cgroup2 mount and a job's cgroup belongs to the cgroup backends (cgroupfs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Tuple
+
+from elsa.core.source import UsageRecord
+from elsa.errors import ProcessGone, from_oserror
+
+#: Files read, in order. Missing ones are listed in :attr:`CgroupStats.missing`.
+STAT_FILES = ("cpu.stat", "memory.peak", "memory.current", "memory.stat", "memory.events",
+              "io.stat", "pids.peak", "pids.current")
+
+
+@dataclass(frozen=True)
+class CgroupStats:
+    """One reading of a cgroup's statistics files. ``None``: file missing."""
+
+    path: str
+    cpu: Mapping[str, int] = field(default_factory=dict)            # cpu.stat (µs, counts)
+    memory_peak: Optional[int] = None                                # bytes
+    memory_current: Optional[int] = None                             # bytes
+    memory_stat: Mapping[str, int] = field(default_factory=dict)     # bytes / counts
+    memory_events: Mapping[str, int] = field(default_factory=dict)
+    io: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # "maj:min" -> keys
+    pids_peak: Optional[int] = None
+    pids_current: Optional[int] = None
+    missing: Tuple[str, ...] = ()
+
+    @property
+    def cpu_user_us(self) -> Optional[int]:
+        return self.cpu.get("user_usec")
+
+    @property
+    def cpu_system_us(self) -> Optional[int]:
+        return self.cpu.get("system_usec")
+
+    @property
+    def cpu_usage_us(self) -> Optional[int]:
+        return self.cpu.get("usage_usec")
+
+    def io_total(self, key: str) -> Optional[int]:
+        """A key of io.stat (rbytes, wbytes, rios, wios, dbytes, dios) summed over devices."""
+        if "io.stat" in self.missing:
+            return None
+        return sum(dev.get(key, 0) for dev in self.io.values())
+
+    def to_usage(self, jid: Optional[int], source: str = "cgroupstat",
+                 final: bool = True) -> UsageRecord:
+        """A job-level record (``pid == 0``)."""
+        extra: Dict[str, int] = {}
+        for k in ("oom", "oom_kill", "max", "high"):
+            if k in self.memory_events:
+                extra[f"memory_events_{k}"] = self.memory_events[k]
+        for k in ("nr_throttled", "throttled_usec", "usage_usec"):
+            if k in self.cpu:
+                extra[f"cpu_{k}"] = self.cpu[k]
+        if self.pids_peak is not None:
+            extra["pids_peak"] = self.pids_peak
+        for k in ("pgfault", "pgmajfault"):
+            if k in self.memory_stat:
+                extra[f"memory_{k}"] = self.memory_stat[k]
+        return UsageRecord(
+            source=source, pid=0, jid=jid, cpu_user_us=self.cpu_user_us,
+            cpu_system_us=self.cpu_system_us,
+            max_rss_kb=None if self.memory_peak is None else self.memory_peak // 1024,
+            read_bytes=self.io_total("rbytes"), write_bytes=self.io_total("wbytes"),
+            minflt=(None if "pgfault" not in self.memory_stat
+                    else self.memory_stat["pgfault"] - self.memory_stat.get("pgmajfault", 0)),
+            majflt=self.memory_stat.get("pgmajfault"), extra=extra, final=final)
+
+
+def parse_flat_keyed(text: str) -> Dict[str, int]:
+    """'key value' lines (cpu.stat, memory.stat, memory.events)."""
+    out: Dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                out[parts[0]] = int(parts[1])
+            except ValueError:
+                continue
+    return out
+
+
+def parse_single(text: str) -> Optional[int]:
+    """A single-value file (memory.peak, pids.peak); "max" reads as None."""
+    text = text.strip()
+    return None if text in ("", "max") else int(text)
+
+
+def parse_nested_keyed(text: str) -> Dict[str, Dict[str, int]]:
+    """'name key=value ...' lines (io.stat: "8:16 rbytes=1 wbytes=2 ...")."""
+    out: Dict[str, Dict[str, int]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        vals: Dict[str, int] = {}
+        for kv in parts[1:]:
+            k, sep, v = kv.partition("=")
+            if sep:
+                try:
+                    vals[k] = int(v)
+                except ValueError:
+                    continue
+        out[parts[0]] = vals
+    return out
+
+
+_PARSERS = {
+    "cpu.stat": ("cpu", parse_flat_keyed),
+    "memory.peak": ("memory_peak", parse_single),
+    "memory.current": ("memory_current", parse_single),
+    "memory.stat": ("memory_stat", parse_flat_keyed),
+    "memory.events": ("memory_events", parse_flat_keyed),
+    "io.stat": ("io", parse_nested_keyed),
+    "pids.peak": ("pids_peak", parse_single),
+    "pids.current": ("pids_current", parse_single),
+}
+
+
+def read_stats(directory: str) -> CgroupStats:
+    """Read every statistics file present in the cgroup *directory*.
+
+    Raises :class:`~elsa.errors.ProcessGone` when the directory itself is gone
+    (the cgroup was removed), another ElsaError for other failures.
+    """
+    if not os.path.isdir(directory):
+        raise ProcessGone(f"read cgroup stats: {directory} is gone")
+    values: Dict[str, object] = {}
+    missing = []
+    for name in STAT_FILES:
+        attr, parse = _PARSERS[name]
+        path = os.path.join(directory, name)
+        try:
+            with open(path) as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            missing.append(name)
+            continue
+        except OSError as exc:
+            raise from_oserror(exc, "read cgroup stats", path) from None
+        values[attr] = parse(text)
+    return CgroupStats(path=directory, missing=tuple(missing), **values)  # type: ignore[arg-type]
+
+
+def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
+    """The first cgroup2 mount point in *mountinfo* (proc(5): the filesystem
+    type follows the " - " separator), or ``None``."""
+    try:
+        with open(mountinfo) as fh:
+            for line in fh:
+                pre, sep, post = line.partition(" - ")
+                if sep and post.split()[0] == "cgroup2":
+                    return _unescape(pre.split()[4])
+    except OSError:
+        return None
+    return None
+
+
+def _unescape(path: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal (\040 ...).
+    out, i = [], 0
+    while i < len(path):
+        if path[i] == "\\" and i + 3 < len(path) + 0 and path[i + 1:i + 4].isdigit():
+            out.append(chr(int(path[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(path[i])
+            i += 1
+    return "".join(out)
