@@ -80,6 +80,8 @@ CORE_OPTIONS: Dict[str, Option] = {
                       " (e.g. [\"taskstats\", \"cgroupstat\"]).", item_type=str),
     "disabled_plugins": Option(list, [], "Plugins (entry-point names) never to load.",
                                item_type=str),
+    "plugins": Option(list, [], "Extra plugin modules to load by import path (site-local"
+                      " plugins that are not installed with an entry point).", item_type=str),
     "exited_linger": Option(float, 60.0, "Seconds an exited process stays resolvable to its job"
                             " so late accounting records are still attributed.",
                             check=_non_negative),
@@ -163,6 +165,7 @@ class Config:
     admin_group: str = ""
     sources: Tuple[str, ...] = ()
     disabled_plugins: Tuple[str, ...] = ()
+    plugins: Tuple[str, ...] = ()
     exited_linger: float = 60.0
     limits: Mapping[str, Any] = field(default_factory=lambda: {
         k: o.default for k, o in LIMIT_OPTIONS.items()})
@@ -233,6 +236,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         log_level=core["log_level"], job_end=core["job_end"],
         netlink_rcvbuf=core["netlink_rcvbuf"], admin_group=core["admin_group"],
         sources=tuple(core["sources"]), disabled_plugins=tuple(core["disabled_plugins"]),
+        plugins=tuple(core["plugins"]),
         exited_linger=core["exited_linger"], limits=limits,
         backends=tables["backends"], source_tables=tables["sources"], path=path)
 

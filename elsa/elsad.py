@@ -55,7 +55,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from elsa.plugins import PluginHost, build_plugin_manager
 
     try:
-        host = PluginHost(build_plugin_manager(blocked=cfg.disabled_plugins))
+        host = PluginHost(build_plugin_manager(blocked=cfg.disabled_plugins,
+                                              modules=cfg.plugins))
         if args.print_default_config:
             print(_default_config(host), end="")
             return EXIT_OK

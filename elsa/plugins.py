@@ -8,6 +8,7 @@ itself would propagate the exception and stop the caller.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import sys
@@ -33,13 +34,15 @@ def _entry_points() -> List[importlib.metadata.EntryPoint]:
 
 
 def build_plugin_manager(*, autoload: Optional[bool] = None, blocked: Sequence[str] = (),
+                         modules: Sequence[str] = (),
                          extra: Iterable[Any] = ()) -> pluggy.PluginManager:
     """A plugin manager with every ``elsa`` entry point loaded, minus *blocked*.
 
     *autoload* defaults to true unless ``ELSA_DISABLE_PLUGIN_AUTOLOAD`` is set
-    (then only *extra* plugin objects are registered — useful for tests and for
-    running with a hand-picked set). A plugin that fails to import is logged
-    and skipped. ``check_pending()`` refuses hooks with a typo'd name.
+    (then only *modules* and *extra* are registered — useful for tests and for
+    running with a hand-picked set). *modules* are imported by dotted path (the
+    config's ``plugins`` key). A plugin that fails to import is logged and
+    skipped. ``check_pending()`` refuses hooks with a typo'd name.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -59,6 +62,16 @@ def build_plugin_manager(*, autoload: Optional[bool] = None, blocked: Sequence[s
                           error=f"{type(exc).__name__}: {exc}")
                 continue
             pm.register(plugin, name=ep.name)
+    for dotted in modules:
+        if dotted in blocked_set or pm.has_plugin(dotted):
+            continue
+        try:
+            plugin = importlib.import_module(dotted)
+        except Exception as exc:
+            log.error("plugin failed to load", plugin=dotted,
+                      error=f"{type(exc).__name__}: {exc}")
+            continue
+        pm.register(plugin, name=dotted)
     for plugin in extra:
         pm.register(plugin)
     try:

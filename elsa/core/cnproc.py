@@ -183,7 +183,7 @@ def decode(buf: bytes, seqs: Optional[SeqTracker] = None) -> List[Event]:
     if len(buf) < _MIN_LEN:
         return out
     _nl_len, seq, what, cpu, ts = _HDR.unpack_from(buf)
-    if seqs is not None:
+    if seqs is not None and what != PROC_EVENT_NONE:
         missing = seqs.gap(cpu, seq)
         if missing:
             out.append(LossEvent("seq-gap", cpu, missing))
@@ -321,6 +321,8 @@ class ProcConnector:
             if size < _MIN_LEN:
                 continue
             _l, seq, what, cpu, ts = hdr(buf)
+            if what == PROC_EVENT_NONE:
+                continue  # the ack of our LISTEN: not from the per-CPU event counter
             prev = last.get(cpu)
             last[cpu] = seq
             if prev is not None and seq != ((prev + 1) & 0xFFFFFFFF):
