@@ -76,8 +76,6 @@ CORE_OPTIONS: Dict[str, Option] = {
                              check=_positive),
     "admin_group": Option(str, "", "Group whose members may manage every job (besides root)."
                           " Empty: root only."),
-    "sources": Option(list, [], "Accounting sources to enable, by plugin name"
-                      " (e.g. [\"taskstats\", \"cgroupstat\"]).", item_type=str),
     "disabled_plugins": Option(list, [], "Plugins (entry-point names) never to load.",
                                item_type=str),
     "plugins": Option(list, [], "Extra plugin modules to load by import path (site-local"
@@ -163,7 +161,7 @@ class Config:
     job_end: str = "last-exit"
     netlink_rcvbuf: int = 32 * 1024 * 1024
     admin_group: str = ""
-    sources: Tuple[str, ...] = ()
+    sources: Tuple[str, ...] = ()  # enabled sources: [sources.<name>] tables
     disabled_plugins: Tuple[str, ...] = ()
     plugins: Tuple[str, ...] = ()
     exited_linger: float = 60.0
@@ -231,11 +229,23 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: key '{kind}.{name}' must be a table, got {table!r}")
         tables[kind] = dict(raw)
+    # A source is enabled by its [sources.<name>] table; `enabled = false` keeps
+    # the table but switches the source off. The key is the core's, so it is
+    # taken out before the plugin validates its own table.
+    enabled: List[str] = []
+    for name, table in list(tables["sources"].items()):
+        flag = table.get("enabled", True)
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{path}: key 'sources.{name}.enabled' must be a boolean, "
+                              f"got {flag!r}")
+        if flag:
+            enabled.append(name)
+        tables["sources"][name] = {k: v for k, v in table.items() if k != "enabled"}
     return Config(
         backend=core["backend"], socket=core["socket"], state_dir=core["state_dir"],
         log_level=core["log_level"], job_end=core["job_end"],
         netlink_rcvbuf=core["netlink_rcvbuf"], admin_group=core["admin_group"],
-        sources=tuple(core["sources"]), disabled_plugins=tuple(core["disabled_plugins"]),
+        sources=tuple(enabled), disabled_plugins=tuple(core["disabled_plugins"]),
         plugins=tuple(core["plugins"]),
         exited_linger=core["exited_linger"], limits=limits,
         backends=tables["backends"], source_tables=tables["sources"], path=path)
@@ -258,7 +268,11 @@ def render_example(plugin_options: Mapping[str, Mapping[str, Option]] = {}) -> s
     lines.append("[limits]")
     emit(LIMIT_OPTIONS)
     for table, options in plugin_options.items():
-        lines.append(f"[{table}]")
+        if table.startswith("sources."):
+            # A [sources.<name>] table enables its source: keep it commented.
+            lines.append(f"# Uncomment the table to enable this source.\n#[{table}]")
+        else:
+            lines.append(f"[{table}]")
         emit(options)
     return "\n".join(lines).rstrip() + "\n"
 
