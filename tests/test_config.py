@@ -27,7 +27,8 @@ def test_defaults_without_file():
 
 def test_valid_file(tmp_path):
     cfg = config.load(write(tmp_path, 'backend = "cgroup2"\nlog_level = "debug"\n'
-                            '[sources.taskstats]\n[sources.bsdacct]\nenabled = false\n[limits]\nidle_timeout = 5\n'
+                            '[sources.taskstats]\n[sources.bsdacct]\nenabled = false\n'
+                            '[limits]\nidle_timeout = 5\n'
                             '[backends.cgroup2]\nbase = "/x"\n'))
     assert cfg.backend == "cgroup2" and cfg.log_level == "debug"
     assert cfg.sources == ("taskstats",)  # bsdacct's table says enabled = false

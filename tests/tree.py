@@ -56,7 +56,7 @@ def serve() -> None:
         elif cmd == "grandchild":
             r, w = os.pipe()
 
-            def middle() -> None:
+            def middle(w: int = w) -> None:
                 gc = _fork(_sleep_forever)
                 os.write(w, f"{gc}\n".encode())
                 _sleep_forever()
@@ -70,7 +70,7 @@ def serve() -> None:
             # Classic double fork + setsid: the daemon is re-parented to init.
             r, w = os.pipe()
 
-            def first() -> None:
+            def first(w: int = w) -> None:
                 os.setsid()
                 d = _fork(_sleep_forever)
                 os.write(w, f"{d}\n".encode())
@@ -89,7 +89,7 @@ def serve() -> None:
             n = int(args[0])
             r, w = os.pipe()
 
-            def threaded() -> None:
+            def threaded(w: int = w, n: int = n) -> None:
                 ts = [threading.Thread(target=time.sleep, args=(600,), daemon=True)
                       for _ in range(n)]
                 for t in ts:
@@ -102,7 +102,7 @@ def serve() -> None:
             reply(pids=[pid])
         elif cmd == "exit":
             code = int(args[0])
-            pid = _fork(lambda: os._exit(code))
+            pid = _fork(lambda code=code: os._exit(code))
             _, status = os.waitpid(pid, 0)
             reply(exited=[pid], status=status)
         elif cmd == "storm":
