@@ -63,6 +63,146 @@ MIGRATIONS: List[str] = [
     CREATE INDEX members_jid ON members(jid);
     CREATE INDEX members_live ON members(left) WHERE left IS NULL;
     """,
+    # -- 2: accounting usage (issue 5; owned by elsa/core/aggregator.py) --------------
+    # proc_usage: one row per process per source (units: µs, KiB, bytes). The
+    # unique key makes re-reading a record after a crash harmless (INSERT OR
+    # IGNORE), and the triggers fire only for rows really inserted, so the
+    # pre-aggregated usage_rollup (hourly, per uid and command: what
+    # `elsa summary --by user|command` reads) and job_usage (per job and source)
+    # never count a record twice. The WHEN guard lets a bulk import
+    # (aggregator.bulk_insert) aggregate a whole chunk with one GROUP BY instead.
+    """
+    CREATE TABLE proc_usage (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        jid INTEGER,
+        pid INTEGER NOT NULL,
+        start_ticks INTEGER,
+        start_time REAL,
+        end_time REAL NOT NULL,
+        ppid INTEGER,
+        uid INTEGER,
+        gid INTEGER,
+        comm TEXT NOT NULL DEFAULT '',
+        exit_code INTEGER,
+        cpu_user_us INTEGER,
+        cpu_system_us INTEGER,
+        elapsed_us INTEGER,
+        max_rss_kb INTEGER,
+        max_vm_kb INTEGER,
+        read_bytes INTEGER,
+        write_bytes INTEGER,
+        read_chars INTEGER,
+        write_chars INTEGER,
+        minflt INTEGER,
+        majflt INTEGER,
+        nvcsw INTEGER,
+        nivcsw INTEGER,
+        coremem_kb_us INTEGER,
+        virtmem_kb_us INTEGER,
+        extra TEXT
+    );
+    CREATE UNIQUE INDEX proc_usage_key ON proc_usage(source, pid, start_time, end_time);
+    CREATE INDEX proc_usage_jid ON proc_usage(jid) WHERE jid IS NOT NULL;
+    CREATE INDEX proc_usage_end ON proc_usage(end_time);
+    CREATE TABLE usage_rollup (
+        bucket INTEGER NOT NULL,
+        prio INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        comm TEXT NOT NULL,
+        processes INTEGER NOT NULL,
+        cpu_user_us INTEGER NOT NULL,
+        cpu_system_us INTEGER NOT NULL,
+        elapsed_us INTEGER NOT NULL,
+        max_rss_kb INTEGER,
+        mem_kb_sum INTEGER NOT NULL,
+        read_bytes INTEGER NOT NULL,
+        write_bytes INTEGER NOT NULL,
+        minflt INTEGER NOT NULL,
+        majflt INTEGER NOT NULL,
+        PRIMARY KEY (bucket, prio, source, uid, comm)
+    ) WITHOUT ROWID;
+    CREATE TABLE job_usage (
+        jid INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        processes INTEGER,
+        cpu_user_us INTEGER,
+        cpu_system_us INTEGER,
+        elapsed_us INTEGER,
+        max_rss_kb INTEGER,
+        max_vm_kb INTEGER,
+        read_bytes INTEGER,
+        write_bytes INTEGER,
+        read_chars INTEGER,
+        write_chars INTEGER,
+        minflt INTEGER,
+        majflt INTEGER,
+        nvcsw INTEGER,
+        nivcsw INTEGER,
+        coremem_kb_us INTEGER,
+        virtmem_kb_us INTEGER,
+        incomplete TEXT,
+        updated REAL,
+        extra TEXT,
+        PRIMARY KEY (jid, source)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER proc_usage_rollup AFTER INSERT ON proc_usage
+    WHEN NOT EXISTS (SELECT 1 FROM meta WHERE key = 'usage.bulk')
+    BEGIN
+        INSERT INTO usage_rollup VALUES (
+            CAST(NEW.end_time / 3600 AS INTEGER),
+            CASE NEW.source WHEN 'taskstats' THEN 1 WHEN 'bsdacct' THEN 2 ELSE 9 END,
+            NEW.source, COALESCE(NEW.uid, -1), NEW.comm, 1,
+            COALESCE(NEW.cpu_user_us, 0), COALESCE(NEW.cpu_system_us, 0),
+            COALESCE(NEW.elapsed_us, 0), NEW.max_rss_kb,
+            COALESCE(NEW.max_rss_kb, NEW.max_vm_kb, 0),
+            COALESCE(NEW.read_bytes, 0), COALESCE(NEW.write_bytes, 0),
+            COALESCE(NEW.minflt, 0), COALESCE(NEW.majflt, 0))
+        ON CONFLICT DO UPDATE SET
+            processes = processes + 1,
+            cpu_user_us = cpu_user_us + excluded.cpu_user_us,
+            cpu_system_us = cpu_system_us + excluded.cpu_system_us,
+            elapsed_us = elapsed_us + excluded.elapsed_us,
+            max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
+                             COALESCE(excluded.max_rss_kb, max_rss_kb)),
+            mem_kb_sum = mem_kb_sum + excluded.mem_kb_sum,
+            read_bytes = read_bytes + excluded.read_bytes,
+            write_bytes = write_bytes + excluded.write_bytes,
+            minflt = minflt + excluded.minflt,
+            majflt = majflt + excluded.majflt;
+    END;
+    CREATE TRIGGER proc_usage_job AFTER INSERT ON proc_usage
+    WHEN NEW.jid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'usage.bulk')
+    BEGIN
+        INSERT INTO job_usage VALUES (
+            NEW.jid, NEW.source, 1, NEW.cpu_user_us, NEW.cpu_system_us, NEW.elapsed_us,
+            NEW.max_rss_kb, NEW.max_vm_kb, NEW.read_bytes, NEW.write_bytes, NEW.read_chars,
+            NEW.write_chars, NEW.minflt, NEW.majflt, NEW.nvcsw, NEW.nivcsw,
+            NEW.coremem_kb_us, NEW.virtmem_kb_us, NULL, NEW.end_time, NULL)
+        ON CONFLICT DO UPDATE SET
+            processes = processes + 1,
+            cpu_user_us = cpu_user_us + excluded.cpu_user_us,
+            cpu_system_us = cpu_system_us + excluded.cpu_system_us,
+            elapsed_us = elapsed_us + excluded.elapsed_us,
+            max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
+                             COALESCE(excluded.max_rss_kb, max_rss_kb)),
+            max_vm_kb = MAX(COALESCE(max_vm_kb, excluded.max_vm_kb),
+                            COALESCE(excluded.max_vm_kb, max_vm_kb)),
+            read_bytes = read_bytes + excluded.read_bytes,
+            write_bytes = write_bytes + excluded.write_bytes,
+            read_chars = read_chars + excluded.read_chars,
+            write_chars = write_chars + excluded.write_chars,
+            minflt = minflt + excluded.minflt,
+            majflt = majflt + excluded.majflt,
+            nvcsw = nvcsw + excluded.nvcsw,
+            nivcsw = nivcsw + excluded.nivcsw,
+            coremem_kb_us = coremem_kb_us + excluded.coremem_kb_us,
+            virtmem_kb_us = virtmem_kb_us + excluded.virtmem_kb_us,
+            updated = MAX(COALESCE(updated, 0), excluded.updated);
+    END;
+    """,
+    # -- end of migration 2 (issue 5) ---------------------------------------------------
 ]
 
 
@@ -291,9 +431,19 @@ def _execute_grouped(db: sqlite3.Connection, batch: Iterable[Tuple[str, Sequence
 
 
 def _split_sql(script: str) -> List[str]:
-    # executescript() would COMMIT our transaction; split on ';' instead (the
-    # migration scripts contain no ';' inside literals or triggers).
-    return [s.strip() for s in script.split(";") if s.strip()]
+    # executescript() would COMMIT our transaction; split into statements
+    # ourselves. sqlite3.complete_statement() knows that the ';' inside a
+    # trigger's BEGIN ... END does not end the CREATE TRIGGER (migration 2).
+    out: List[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return [s for s in out if s.rstrip(";").strip()]
 
 
 def _job_from_row(r: Sequence[Any]) -> Job:
