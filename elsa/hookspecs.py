@@ -59,8 +59,9 @@ def elsa_sources() -> List[SourceSpec]:
 
 @hookspec
 def elsa_daemon_ready(status: Mapping[str, object]) -> None:
-    """The daemon is subscribed to the proc connector, recovered its jobs and
-    is about to tell systemd READY=1.
+    """Called once on the event thread when the daemon has subscribed to the
+    proc connector and recovered its jobs, just before it tells systemd
+    READY=1. Must not block.
 
     :param status: the same mapping the ``status`` request returns (version,
         backend, counters).
@@ -83,7 +84,8 @@ def elsa_daemon_stopping(reason: str) -> None:
 
 @hookspec
 def elsa_job_created(job: Job) -> None:
-    """A job was created (by a client request) and persisted.
+    """Called on the event thread after a job was created (by a client
+    request) and persisted, before the reply is sent. Must not block.
 
     :param job: snapshot of the new job (no members yet).
     :return: ignored.
@@ -92,8 +94,10 @@ def elsa_job_created(job: Job) -> None:
 
 @hookspec
 def elsa_job_ended(job: Job) -> None:
-    """A job ended: its last member exited (``job_end = "last-exit"``) or a
-    client ended it. Sources have already taken their final readings.
+    """Called on the event thread after a job ended: its last member exited
+    (``job_end = "last-exit"``) or a client ended it. Sources have already
+    taken their final readings and the backend removed its kernel object.
+    Must not block.
 
     :param job: snapshot of the ended job, ``state == "ended"``.
     :return: ignored.
@@ -104,7 +108,7 @@ def elsa_job_ended(job: Job) -> None:
 
 @hookspec
 def elsa_process_joined(job: Job, proc: ProcessId, how: str) -> None:
-    """A process became a member of a job.
+    """Called on the event thread when a process became a member of a job.
 
     Called for every member, including forked children, so implementations
     must be cheap (this runs once per fork during a fork storm).
@@ -121,7 +125,9 @@ def elsa_process_joined(job: Job, proc: ProcessId, how: str) -> None:
 
 @hookspec
 def elsa_process_exited(jid: int, proc: ProcessId, exit_code: int) -> None:
-    """A member process exited (seen by the proc connector or by resync).
+    """Called on the event thread when a member process exited (seen by the
+    proc connector or inferred by resync). Runs once per exit during a fork
+    storm: keep it cheap, never block.
 
     :param jid: the job the process belonged to.
     :param proc: the process identity.
