@@ -274,6 +274,16 @@ class Store:
         self._queue.append((sql, params))
         self._submitted += 1
 
+    # -- durability marks (issue 5: a pacct follower persists its offset only
+    # after the records it read are committed; see elsa/core/accounting.py) --
+    def mark(self) -> int:
+        """A mark for every write submitted so far (see :meth:`is_committed`)."""
+        return self._submitted
+
+    def is_committed(self, mark: int) -> bool:
+        """True once every write submitted before *mark* was taken is committed."""
+        return self._committed >= mark
+
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every write submitted so far is committed."""
         target = self._submitted
