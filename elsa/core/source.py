@@ -63,8 +63,14 @@ class SourceContext:
     emit: Callable[[Iterable[UsageRecord]], None] = lambda records: None
     # Running jobs as the manager knows them (snapshots, without pids).
     jobs: Callable[[], Iterable[Job]] = lambda: ()
-    # Mark a job's usage incomplete (e.g. records lost to ENOBUFS).
+    # Mark a job's usage incomplete (e.g. records lost to ENOBUFS); jid None:
+    # every job that may have lost records (running, or with members that
+    # exited recently).
     flag_incomplete: Callable[[Optional[int], str], None] = lambda jid, why: None
+    # Run a callback once every record emitted so far is committed to the
+    # store (a file follower persists its offset then: a restart neither loses
+    # nor doubles records). The default runs it at once (no store).
+    when_stored: Callable[[Callable[[], None]], None] = lambda cb: cb()
     extra: Dict[str, object] = field(default_factory=dict)
 
 

@@ -1,0 +1,220 @@
+"""Glue between the daemon and the accounting sources (issue 5).
+
+:meth:`elsa.core.daemon.Daemon._start_sources` calls :func:`start_sources`,
+which builds the :class:`~elsa.core.aggregator.Aggregator`, validates each
+enabled source's ``[sources.<name>]`` table, starts the source and wires it
+into the event loop:
+
+* ``daemon.add_reader(source.fileno(), source.on_readable)`` when the source
+  has a descriptor (taskstats' netlink socket);
+* ``daemon.add_timer(source.interval, source.poll)`` when it polls (pacct
+  follower, cgroup readings);
+* ``manager.before_end`` gets ``source.job_ending(job)`` (final readings before
+  the backend removes the job's cgroup);
+* a 0.25 s timer retries held records (``Aggregator.retry``) and runs the
+  "stored" callbacks (:class:`Durability`).
+
+A source that raises is logged with its name and isolated (GUIDE §3.6); one
+that fails to start is reported in ``status`` and the daemon runs without it.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+
+import structlog
+
+from elsa.config import validate_table
+from elsa.core.aggregator import Aggregator, history_lookup
+from elsa.core.model import Job
+from elsa.core.source import Source, SourceContext, SourceSpec
+from elsa.errors import ElsaError
+
+log = structlog.get_logger("elsa.accounting")
+
+#: A reader callback that raised this many times in a row is unregistered
+#: (a broken descriptor stays readable and would spin the loop).
+MAX_CONSECUTIVE_ERRORS = 100
+RETRY_INTERVAL = 0.25
+
+
+class Durability:
+    """Runs callbacks once the records emitted before them are committed.
+
+    Two phases: a callback first waits out the aggregator's hold window (a
+    record may sit there unresolved before it is submitted), then takes a store
+    mark and waits for the writer to commit up to it.
+    """
+
+    def __init__(self, store: Any, hold_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.hold = hold_seconds
+        self.clock = clock
+        self.waiting: Deque[Tuple[float, Callable[[], None]]] = collections.deque()
+        self.marked: Deque[Tuple[int, Callable[[], None]]] = collections.deque()
+
+    def defer(self, cb: Callable[[], None]) -> None:
+        self.waiting.append((self.clock(), cb))
+
+    def tick(self) -> None:
+        now = self.clock()
+        while self.waiting and now - self.waiting[0][0] > self.hold + RETRY_INTERVAL:
+            _, cb = self.waiting.popleft()
+            self.marked.append((self.store.mark(), cb))
+        while self.marked and self.store.is_committed(self.marked[0][0]):
+            _, cb = self.marked.popleft()
+            _run(cb, "stored-callback")
+
+    def drain(self) -> None:
+        """At stop, after the aggregator forced out its held records."""
+        self.store.flush()
+        for _, cb in list(self.waiting) + list(self.marked):
+            _run(cb, "stored-callback")
+        self.waiting.clear()
+        self.marked.clear()
+
+
+def _run(cb: Callable[[], None], what: str, source: str = "") -> bool:
+    try:
+        cb()
+        return True
+    except Exception as exc:
+        log.exception("accounting callback raised; isolated", source=source, what=what,
+                      error=f"{type(exc).__name__}: {exc}")
+        return False
+
+
+class _Guard:
+    """Wraps a source callback: logs and counts failures instead of raising."""
+
+    def __init__(self, name: str, what: str, fn: Callable[[], None],
+                 on_give_up: Optional[Callable[[], None]] = None) -> None:
+        self.name, self.what, self.fn = name, what, fn
+        self.errors = 0
+        self.consecutive = 0
+        self.on_give_up = on_give_up
+
+    def __call__(self) -> None:
+        if _run(self.fn, self.what, self.name):
+            self.consecutive = 0
+            return
+        self.errors += 1
+        self.consecutive += 1
+        if self.consecutive >= MAX_CONSECUTIVE_ERRORS and self.on_give_up is not None:
+            log.error("source keeps failing; its descriptor is no longer watched",
+                      source=self.name, what=self.what)
+            self.on_give_up()
+            self.on_give_up = None
+
+
+class AccountingStop:
+    """Listed last among ``daemon.sources`` so that the daemon's stop loop,
+    which stops every source before closing the store, flushes the aggregator
+    (held records) and runs the pending "stored" callbacks after the real
+    sources emitted their final records."""
+
+    def __init__(self, aggregator: Aggregator, durability: Durability) -> None:
+        self.aggregator = aggregator
+        self.durability = durability
+
+    def stop(self) -> None:
+        self.aggregator.stop()
+        self.durability.drain()
+
+    def status(self) -> Dict[str, object]:
+        return self.aggregator.status()
+
+
+def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
+                  ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]]]:
+    """Start every enabled source; return (sources by name, status function)."""
+    cfg = daemon.config
+    manager = daemon.manager
+    store = daemon.store
+    aggregator = Aggregator(store.submit, manager.resolve,
+                            history=history_lookup(store.db, manager.boot_id))
+    durability = Durability(store, aggregator.hold_seconds)
+    started: Dict[str, Any] = {}
+    failed: Dict[str, str] = {}
+    guards: Dict[str, List[_Guard]] = {}
+
+    def affected_jobs() -> Set[int]:
+        jids = {j.jid for j in manager.running()}
+        for recs in getattr(manager, "exited", {}).values():
+            jids.update(r.jid for r in recs)
+        return jids
+
+    for name in cfg.sources:
+        spec = specs[name]
+        try:
+            options = validate_table(cfg.source_table(name), spec.options,
+                                     where=f"sources.{name}", path=cfg.path)
+            src: Source = spec.factory()
+
+            def flag(jid: Optional[int], why: str, _name: str = name) -> None:
+                jids = affected_jobs() if jid is None else {jid}
+                aggregator.flag_incomplete(sorted(jids), _name, why)
+
+            ctx = SourceContext(options=options, procfs=daemon.procfs,
+                                state_dir=cfg.state_dir, emit=aggregator.add,
+                                jobs=lambda: manager.running(), flag_incomplete=flag,
+                                when_stored=durability.defer,
+                                extra={"boot_id": manager.boot_id})
+            src.start(ctx)
+        except ElsaError as exc:
+            failed[name] = exc.message
+            log.error("accounting source failed to start; running without it",
+                      source=name, error=exc.message)
+            continue
+        except Exception as exc:  # a third-party source must not stop the daemon
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            log.exception("accounting source failed to start; running without it",
+                          source=name, error=failed[name])
+            continue
+        started[name] = src
+        guards[name] = []
+        fd = src.fileno()
+        if fd is not None:
+            g = _Guard(name, "on_readable", src.on_readable,
+                       on_give_up=lambda fd=fd: daemon.remove_reader(fd))
+            guards[name].append(g)
+            daemon.add_reader(fd, g)
+        if src.interval:
+            g = _Guard(name, "poll", src.poll)
+            guards[name].append(g)
+            daemon.add_timer(float(src.interval), g, f"source-{name}")
+        log.info("accounting source started", source=name)
+
+    def job_ending(job: Job) -> None:
+        for name, src in started.items():
+            _run(lambda src=src: src.job_ending(job), "job_ending", name)
+        aggregator.job_ending(job)
+
+    manager.before_end.append(job_ending)
+
+    def tick() -> None:
+        aggregator.retry()
+        durability.tick()
+
+    daemon.add_timer(RETRY_INTERVAL, tick, "accounting-retry")
+    sources: Dict[str, Any] = dict(started)
+    sources["accounting"] = AccountingStop(aggregator, durability)
+
+    def status() -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for name, src in started.items():
+            try:
+                st = dict(src.status())
+            except Exception as exc:
+                st = {"status_error": f"{type(exc).__name__}: {exc}"}
+            st["callback_errors"] = sum(g.errors for g in guards.get(name, ()))
+            out[name] = st
+        for name, why in failed.items():
+            out[name] = {"error": why}
+        out["aggregator"] = aggregator.status()
+        return out
+
+    return sources, status
