@@ -105,6 +105,7 @@ MIGRATIONS: List[str] = [
     CREATE UNIQUE INDEX proc_usage_key ON proc_usage(source, pid, start_time, end_time);
     CREATE INDEX proc_usage_jid ON proc_usage(jid) WHERE jid IS NOT NULL;
     CREATE INDEX proc_usage_end ON proc_usage(end_time);
+    CREATE INDEX members_pid ON members(pid);
     CREATE TABLE usage_rollup (
         bucket INTEGER NOT NULL,
         prio INTEGER NOT NULL,
