@@ -49,6 +49,7 @@ class DaemonProc:
 
     def __init__(self, workdir: Path, backend: str = "cnproc", extra: str = "") -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(workdir / "elsad.sock")
         self.state_dir = str(workdir / "state")
         self.config_path = workdir / "elsa.toml"

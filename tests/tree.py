@@ -113,6 +113,17 @@ def serve() -> None:
                     os._exit(0)
                 os.waitpid(pid, 0)
             reply(done=n)
+        elif cmd == "reap":
+            reaped = []
+            while True:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                reaped.append(pid)
+            reply(reaped=reaped)
         elif cmd == "quit":
             reply(bye=True)
             return

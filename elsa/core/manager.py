@@ -185,8 +185,8 @@ class JobManager:
         """Make live process *pid* (and its future children) a member of *jid*."""
         state = self._running(jid)
         info = self.procfs.info(pid)
-        if info.pid != pid:  # pragma: no cover - defensive
-            raise ProcessGone(f"pid {pid} is gone")
+        if info.exited:
+            raise ProcessGone(f"process {pid} has exited (zombie); nothing to attach")
         old = self.index.get(pid)
         if old is not None and old[0] != jid:
             self._leave(old[0], ProcessId(pid, old[1]), exit_code=None, detached=True)
@@ -371,7 +371,20 @@ class JobManager:
                     self._leave(old[0], ProcessId(pid, old[1]), None, detached=True)
                 self._join(state, info.ident, how)
                 adopted += 1
-        # (3) ancestry
+        # (1b) with kernel truth, a live member the kernel no longer holds was moved
+        # out behind our back: it left the job.
+        if self.backend.inherits_in_kernel:
+            for state in list(self.jobs.values()):
+                truth = self.backend.members(state.snapshot(with_pids=False))
+                if truth is None:
+                    continue
+                for pid, start in list(state.members.items()):
+                    if pid not in truth:
+                        self._leave(state.jid, ProcessId(pid, start), None, detached=True,
+                                    may_end=False)
+                        exited += 1
+        # (3) ancestry; not with kernel truth: a child of a member outside the job's
+        # cgroup was detached or born before the attach, and stays out.
         memo: Dict[int, Optional[int]] = {}
 
         def job_by_ancestry(pid: int) -> Optional[int]:
@@ -398,7 +411,9 @@ class JobManager:
             return found
 
         # Parents before children, so a whole lost subtree joins in one pass.
-        for pid in sorted(procs, key=lambda p: procs[p].start_ticks):
+        by_age = [] if self.backend.inherits_in_kernel else sorted(
+            procs, key=lambda p: procs[p].start_ticks)
+        for pid in by_age:
             if pid in self.index or pid <= 1:
                 continue
             info = procs[pid]
@@ -460,15 +475,48 @@ class JobManager:
                 info = procs.get(pid)
                 if info is not None and pid not in self.index:
                     self._join(state, info.ident, "recover")
+        for jid in self.backend.gone_jobs():
+            state = self.jobs.get(jid)
+            if state is None:
+                continue
+            for pid, start in list(state.members.items()):
+                self._leave(jid, ProcessId(pid, start), None, detached=True, may_end=False)
+            self._finish(state, "kernel object vanished while elsad was down")
         result = self.resync("recover", snapshot=procs, how="recover")
         log.info("jobs recovered", jobs=len(self.jobs), revalidated=revalidated,
                  adopted=result["adopted"], exited=result["exited"])
         return {"jobs": len(self.jobs), "revalidated": revalidated, **result}
 
+    def job_emptied(self, jid: int) -> None:
+        """The backend saw *jid*'s kernel object empty (cgroup.events ``populated 0``).
+
+        Cheaper than :meth:`resync`: only this job's members are checked against
+        the kernel's answer; members still alive elsewhere were moved out.
+        """
+        state = self.jobs.get(jid)
+        if state is None:
+            return
+        truth = self.backend.members(state.snapshot(with_pids=False))
+        if truth is None:
+            self.resync(f"job {jid:#x} emptied")
+            return
+        for pid, start in list(state.members.items()):
+            if pid in truth:
+                continue
+            ident = ProcessId(pid, start)
+            self._leave(jid, ident, None, detached=self.procfs.alive(ident), may_end=False)
+        if (state.had_members and not state.members and jid in self.jobs
+                and self.job_end == "last-exit"):
+            self._finish(state, "last member exited (kernel: job emptied)")
+
     # -- signalling ----------------------------------------------------------------------
-    def signal(self, jid: int, sig: int) -> int:
+    def signal(self, jid: int, sig: int, pids: Optional[Iterable[int]] = None) -> int:
+        """Signal *jid*'s members, or only *pids* among them (the control server
+        passes the members a non-admin caller may signal under kill(2)'s rule)."""
         state = self._running(jid)
-        return self.backend.signal(state.snapshot(with_pids=False), sig, list(state.members))
+        targets = list(state.members) if pids is None else [
+            p for p in pids if p in state.members]
+        return self.backend.signal(state.snapshot(with_pids=False), sig, targets)
 
     def member_pids(self, jid: int) -> List[int]:
         return sorted(self._running(jid).members)

@@ -49,6 +49,12 @@ class ProcessInfo:
     comm: str
     sid: int = 0
     pgid: int = 0
+    state: str = "R"  # proc(5) state letter; "Z"/"X": exited, not yet reaped
+
+    @property
+    def exited(self) -> bool:
+        """A zombie has exited (its exit event was sent); only its pid is held."""
+        return self.state in ("Z", "X")
 
     @property
     def ident(self) -> ProcessId:

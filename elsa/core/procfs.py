@@ -38,11 +38,12 @@ class ProcFS:
         return self.info(pid).ident
 
     def alive(self, proc: ProcessId) -> bool:
-        """True when *proc* still runs (same pid and start time)."""
+        """True when *proc* still runs (same pid and start time, not a zombie)."""
         try:
-            return self.ident(proc.pid).same_process(proc)
+            info = self.info(proc.pid)
         except ProcessGone:
             return False
+        return not info.exited and info.ident.same_process(proc)
 
     def threads(self, pid: int) -> List[int]:
         """Thread ids of process *pid*."""
@@ -87,13 +88,16 @@ class ProcFS:
         return [int(n) for n in names if n.isdigit()]
 
     def snapshot(self) -> Dict[int, ProcessInfo]:
-        """Every live process, keyed by pid. Processes exiting meanwhile are skipped."""
+        """Every live process, keyed by pid. Processes exiting meanwhile, and
+        zombies (exited, waiting to be reaped), are left out."""
         out: Dict[int, ProcessInfo] = {}
         for pid in self.pids():
             try:
-                out[pid] = self.info(pid)
+                info = self.info(pid)
             except ProcessGone:
                 continue
+            if not info.exited:
+                out[pid] = info
         return out
 
     def boot_id(self) -> str:
@@ -139,7 +143,8 @@ def parse_stat(pid: int, data: bytes, uid: int = -1) -> ProcessInfo:
     rest = data[rpar + 2:].split()
     # rest[0] is field 3 (state); field N is rest[N - 3].
     return ProcessInfo(pid=pid, ppid=int(rest[1]), pgid=int(rest[2]), sid=int(rest[3]),
-                       start_ticks=int(rest[19]), uid=uid, comm=comm)
+                       start_ticks=int(rest[19]), uid=uid, comm=comm,
+                       state=rest[0].decode("ascii", "replace"))
 
 
 def boottime_offset_ns() -> int:
