@@ -102,6 +102,12 @@ class Backend(abc.ABC):
         manager re-validates from the store and /proc ancestry."""
         return {}
 
+    def gone_jobs(self) -> Set[int]:
+        """After :meth:`recover`: running jobs whose kernel-side object vanished
+        while the daemon was down (e.g. someone removed the job cgroup). The
+        manager ends them. Backends without kernel objects return none."""
+        return set()
+
     def status(self) -> Dict[str, object]:
         """Backend-specific facts for the ``status`` request."""
         return {}

@@ -1,0 +1,545 @@
+"""The ``cgroup2`` backend: one cgroup v2 per job; the kernel keeps children in.
+
+Layout (Documentation/admin-guide/cgroup-v2.rst)::
+
+    <base>/                 controllers that exist enabled in subtree_control
+    <base>/<jid>/           one leaf per job (jid as 0x%016x), params["cgroup_path"]
+    <base>/released/        where a detached process goes when its origin is gone
+    <base>/daemon/          elsad itself, only when <base> is its delegated cgroup
+
+``<base>`` is the ``base`` option, else the daemon's own cgroup when systemd
+delegated it (``Delegate=yes``; elsad then moves itself into ``daemon/`` to obey
+"no internal processes"), else ``<cgroup2 mount>/elsa``.
+
+Truth is in the kernel: ``members()`` reads cgroup.procs, an emptied job is
+seen on ``cgroup.events`` (``populated 0``, through inotify), and after a
+restart the job cgroups are what jobs are recovered from. Where each attached
+process came from is journaled in ``<state_dir>/<backend>-origins.jsonl`` so
+``detach`` can put it back after a restart too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal as signal_mod
+from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
+
+import structlog
+
+from elsa import hookimpl
+from elsa.config import Option
+from elsa.core.backend import Backend, BackendContext, BackendSpec
+from elsa.core.cgroupfs import CgroupFS, EventsWatcher
+from elsa.core.model import Job, ProcessId, ProcessInfo, format_jid, parse_jid
+from elsa.errors import BackendError, ElsaError, ProcessGone
+
+log = structlog.get_logger("elsa.backends.cgroup2")
+
+#: Controllers enabled for job cgroups when they exist (cgroup-v2.rst "Controllers").
+DEFAULT_CONTROLLERS = ["cpu", "memory", "io", "pids"]
+RELEASED = "released"
+DAEMON_LEAF = "daemon"
+
+
+def _check_base(v: object) -> Optional[str]:
+    return None if v == "" or (isinstance(v, str) and os.path.isabs(v)) else \
+        "must be empty (automatic) or an absolute path under the cgroup2 mount"
+
+
+def _positive(v: float) -> Optional[str]:
+    return None if v > 0 else "must be greater than 0"
+
+
+CGROUP2_OPTIONS: Dict[str, Option] = {
+    "base": Option(str, "", "Parent cgroup of the job cgroups (absolute path under the cgroup2 "
+                   "mount). Empty: the daemon's delegated cgroup under systemd Delegate=yes, "
+                   "else <cgroup2 mount>/elsa.", check=_check_base),
+    "delegation": Option(str, "auto", "Use the daemon's own cgroup as base: 'auto' (when run by "
+                         "systemd and the cgroup is delegated), 'yes' or 'no'.",
+                         choices=("auto", "yes", "no")),
+    "controllers": Option(list, list(DEFAULT_CONTROLLERS), "Controllers to enable for job "
+                          "cgroups where available; the missing ones are listed by 'status'.",
+                          item_type=str),
+    "kill_timeout": Option(float, 10.0, "Seconds 'kill' with SIGKILL (and 'freeze') wait for "
+                           "the job to be empty (frozen) before failing.", check=_positive),
+}
+
+
+class _Origins:
+    """Where each attached process came from, journaled so a restart keeps it.
+
+    An append-only JSON-lines file, compacted at start; losing it only means a
+    detached process goes to the ``released`` leaf instead of its origin.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.by_proc: Dict[Tuple[int, int], Tuple[int, Dict[str, str]]] = {}
+        self.by_job: Dict[int, Set[Tuple[int, int]]] = {}
+        self._fd = -1
+
+    def load(self, alive) -> None:
+        try:
+            with open(self.path) as fh:
+                lines = fh.readlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                if rec.get("d"):
+                    self._forget_job(int(rec["j"]))
+                else:
+                    self._set(int(rec["j"]), int(rec["p"]), int(rec["s"]), dict(rec["o"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash
+        for key in [k for k in self.by_proc if not alive(k)]:
+            jid = self.by_proc.pop(key)[0]
+            self.by_job.get(jid, set()).discard(key)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            for (pid, start), (jid, origin) in self.by_proc.items():
+                fh.write(json.dumps({"j": jid, "p": pid, "s": start, "o": origin}) + "\n")
+        os.replace(tmp, self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    def _set(self, jid: int, pid: int, start: int, origin: Dict[str, str]) -> None:
+        key = (pid, start)
+        old = self.by_proc.get(key)
+        if old is not None:
+            self.by_job.get(old[0], set()).discard(key)
+        self.by_proc[key] = (jid, origin)
+        self.by_job.setdefault(jid, set()).add(key)
+
+    def _forget_job(self, jid: int) -> None:
+        for key in self.by_job.pop(jid, ()):
+            if self.by_proc.get(key, (None,))[0] == jid:
+                del self.by_proc[key]
+
+    def _append(self, rec: dict) -> None:
+        if self._fd >= 0:
+            os.write(self._fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
+
+    def record(self, jid: int, proc: ProcessId, origin: Dict[str, str]) -> None:
+        self._set(jid, proc.pid, proc.start_ticks, origin)
+        self._append({"j": jid, "p": proc.pid, "s": proc.start_ticks, "o": origin})
+
+    def get(self, proc: ProcessId) -> Optional[Dict[str, str]]:
+        entry = self.by_proc.get((proc.pid, proc.start_ticks))
+        return entry[1] if entry else None
+
+    def get_pid(self, pid: int) -> Optional[Dict[str, str]]:
+        for (p, _s), (_j, origin) in self.by_proc.items():
+            if p == pid:
+                return origin
+        return None
+
+    def job_ended(self, jid: int) -> None:
+        if jid in self.by_job:
+            self._forget_job(jid)
+            self._append({"j": jid, "d": 1})
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Cgroup2Backend(Backend):
+    """One cgroup v2 per job. See the module docstring for the layout."""
+
+    name = "cgroup2"
+    inherits_in_kernel = True
+    #: Key of this backend's origin in the origin journal records.
+    origin_key = "v2"
+
+    def __init__(self, cgroupfs: Optional[CgroupFS] = None) -> None:
+        self.fs = cgroupfs or CgroupFS()
+        self.mount = ""
+        self.base = ""
+        self.delegated = False
+        self.enabled: List[str] = []
+        self.missing: List[str] = []
+        self.kill_timeout = 10.0
+        self.live: Dict[int, str] = {}           # jid -> cgroup path of running jobs
+        self.pending: Dict[int, str] = {}        # ended jobs whose rmdir was EBUSY
+        self.frozen: Set[int] = set()
+        self.orphans: List[str] = []
+        self.gone: Set[int] = set()
+        self.watcher: Optional[EventsWatcher] = None
+        self.origins: Optional[_Origins] = None
+        self.counters = {"created": 0, "removed": 0, "deferred_removals": 0,
+                         "emptied_notices": 0, "kills": 0}
+
+    # -- start/stop -------------------------------------------------------------------
+    def start(self, ctx: BackendContext) -> None:
+        super().start(ctx)
+        fs = self.fs = ctx.extra.get("cgroupfs", self.fs)  # type: ignore[assignment]
+        opts = ctx.options
+        self.kill_timeout = float(opts.get("kill_timeout", 10.0))
+        mount = fs.cgroup2_mount()
+        if mount is None:
+            raise BackendError(
+                f"backend {self.name!r}: no cgroup2 filesystem in {fs.mountinfo_path}; mount "
+                "it (mount -t cgroup2 none /sys/fs/cgroup/unified) or choose backend "
+                "'cnproc'")
+        self.mount = mount
+        self.base, self.delegated = self._choose_base(str(opts.get("base", "")),
+                                                      str(opts.get("delegation", "auto")))
+        if self.delegated:
+            # "No internal processes" (cgroup-v2.rst): the daemon leaves its cgroup for a
+            # leaf before controllers are enabled for the job cgroups beside it.
+            leaf = os.path.join(self.base, DAEMON_LEAF)
+            fs.mkdir(leaf)
+            fs.move(leaf, os.getpid())
+        else:
+            fs.makedirs(self.base)
+        self._enable_controllers(list(opts.get("controllers", DEFAULT_CONTROLLERS)))
+        self.watcher = EventsWatcher()
+        ctx.add_reader(self.watcher.fileno(), self._on_events)
+        self.origins = _Origins(os.path.join(ctx.state_dir, f"{self.name}-origins.jsonl"))
+        os.makedirs(ctx.state_dir, exist_ok=True)
+        self.origins.load(lambda key: ctx.procfs.alive(ProcessId(*key)))
+        log.info("cgroup2 backend ready", base=self.base, delegated=self.delegated,
+                 controllers=self.enabled, missing=self.missing)
+
+    def _choose_base(self, base: str, delegation: str) -> Tuple[str, bool]:
+        mount = self.mount
+        if base:
+            base = os.path.normpath(base)
+            if not base.startswith(mount + "/"):
+                raise BackendError(f"[backends.{self.name}] base = {base!r} is not below the "
+                                   f"cgroup2 mount {mount}; use a path like {mount}/elsa")
+            return base, False
+        own = self.fs.own_cgroup() or "/"
+        if delegation != "no" and own != "/":
+            own_path = os.path.normpath(mount + own)
+            if delegation == "yes" or (_run_by_systemd() and _is_delegated(own_path)):
+                # Under systemd the daemon's cgroup may already be the "daemon" leaf
+                # of an earlier start.
+                if os.path.basename(own_path) == DAEMON_LEAF:
+                    own_path = os.path.dirname(own_path)
+                return own_path, True
+        return os.path.join(mount, "elsa"), False
+
+    def _enable_controllers(self, wanted: List[str]) -> None:
+        available = self.fs.controllers(self.base)
+        active = self.fs.subtree_control(self.base)
+        todo = [c for c in wanted if c in available and c not in active]
+        self.missing = [c for c in wanted if c not in available]
+        enabled = [c for c in wanted if c in active]
+        for c in todo:
+            try:
+                self.fs.enable_controllers(self.base, [c])
+                enabled.append(c)
+            except ElsaError as exc:
+                log.warning("controller not enabled", controller=c, base=self.base,
+                            error=exc.message)
+                self.missing.append(c)
+        self.enabled = enabled
+        if self.missing:
+            log.info("controllers unavailable for job cgroups (bound to cgroup v1 or not "
+                     "delegated); their counters will be missing", missing=self.missing,
+                     base=self.base)
+
+    def stop(self) -> None:
+        self._retry_pending()
+        released = os.path.join(self.base, RELEASED)
+        if self.base and not self.fs.procs(released):
+            try:
+                self.fs.rmdir(released)
+            except ElsaError:
+                pass
+        if self.watcher is not None:
+            self.ctx.remove_reader(self.watcher.fileno())
+            self.watcher.close()
+            self.watcher = None
+        if self.origins is not None:
+            self.origins.close()
+
+    # -- paths ------------------------------------------------------------------------
+    def job_path(self, job: Job) -> str:
+        return job.params.get("cgroup_path") or os.path.join(self.base, format_jid(job.jid))
+
+    def _released_leaf(self) -> str:
+        path = os.path.join(self.base, RELEASED)
+        self.fs.mkdir(path)
+        return path
+
+    # -- jobs ---------------------------------------------------------------------------
+    def create_job(self, job: Job) -> Dict[str, str]:
+        path = os.path.join(self.base, format_jid(job.jid))
+        self.fs.mkdir(path)
+        try:
+            self._prepare_job(job, path)
+            if self.watcher is not None:
+                self.watcher.watch(job.jid, path)
+        except ElsaError:
+            self.fs.rmdir(path)
+            raise
+        self.live[job.jid] = path
+        self.counters["created"] += 1
+        return {"cgroup_path": path}
+
+    def _prepare_job(self, job: Job, path: str) -> None:
+        """Subclass hook: configure the new job cgroup (cpuset writes cpus/mems)."""
+
+    def _origin_of(self, pid: int) -> Dict[str, str]:
+        """Where *pid* is now, unless that is inside one of our job cgroups (a move
+        between jobs keeps the first origin)."""
+        cur = self.fs.own_cgroup(pid) or "/"
+        path = os.path.normpath(self.mount + cur)
+        if path == self.base or path.startswith(self.base + "/"):
+            return {}
+        return {self.origin_key: path}
+
+    def attach(self, job: Job, proc: ProcessInfo) -> None:
+        path = self.job_path(job)
+        origin = self._origin_of(proc.pid)
+        self.fs.move(path, proc.pid)
+        assert self.origins is not None
+        if not origin:
+            origin = self.origins.get(proc.ident) or {}
+        self.origins.record(job.jid, proc.ident, origin)
+
+    def _return_to(self, pid: int, origin: Optional[Dict[str, str]]) -> str:
+        """Move *pid* back to its origin, else into the ``released`` leaf."""
+        target = (origin or {}).get(self.origin_key)
+        if target and os.path.isdir(target):
+            try:
+                self.fs.move(target, pid)
+                return target
+            except ProcessGone:
+                raise
+            except ElsaError as exc:
+                # E.g. the origin now enables controllers ("no internal processes").
+                log.info("origin refused the process; using the released leaf", pid=pid,
+                         origin=target, error=exc.message)
+        leaf = self._released_leaf()
+        self.fs.move(leaf, pid)
+        return leaf
+
+    def detach(self, job: Job, proc: ProcessId) -> None:
+        assert self.origins is not None
+        try:
+            self._return_to(proc.pid, self.origins.get(proc))
+        except ProcessGone:
+            return
+
+    def members(self, job: Job) -> Optional[Set[int]]:
+        return self.members_of_path(self.job_path(job))
+
+    def members_of_path(self, path: str) -> Set[int]:
+        pids = set(self.fs.procs(path))
+        # A member could have created sub-cgroups (root-owned, but be thorough).
+        for child in self.fs.children(path):
+            pids.update(self.members_of_path(os.path.join(path, child)))
+        return pids
+
+    def signal(self, job: Job, sig: int, pids: Iterable[int]) -> int:
+        path = self.job_path(job)
+        members = self.members(job) or set()
+        self.counters["kills"] += 1
+        if sig == signal_mod.SIGKILL and self.fs.has_kill(path):
+            # cgroup.kill (Linux 5.14) kills the whole subtree atomically, even
+            # processes forked while it runs (cgroup-v2.rst).
+            self.fs.kill(path)
+        else:
+            self._signal_frozen(job, path, sig)
+        if sig == signal_mod.SIGKILL:
+            self._wait_empty(job, path)
+        return len(members)
+
+    def _signal_frozen(self, job: Job, path: str, sig: int) -> None:
+        """Freeze, signal every process, thaw: no member can fork a child we miss
+        between reading cgroup.procs and sending the signal."""
+        freeze = self.fs.has_freeze(path) and job.jid not in self.frozen
+        if freeze:
+            self.fs.set_frozen(path, True)
+            self.fs.wait_events(path, "frozen", 1, self.kill_timeout)
+        try:
+            for pid in self.members_of_path(path):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    continue
+        finally:
+            if freeze:
+                self.fs.set_frozen(path, False)
+
+    def _wait_empty(self, job: Job, path: str) -> None:
+        if not self.fs.wait_events(path, "populated", 0, self.kill_timeout):
+            left = sorted(self.members_of_path(path))
+            raise BackendError(
+                f"job {format_jid(job.jid)}: {len(left)} process(es) still in {path} "
+                f"{self.kill_timeout} s after SIGKILL (pids {left[:10]}); they are probably "
+                "in uninterruptible sleep (D state); retry the kill later")
+
+    def freeze(self, job: Job) -> None:
+        path = self.job_path(job)
+        self.fs.set_frozen(path, True)
+        self.frozen.add(job.jid)
+        if not self.fs.wait_events(path, "frozen", 1, self.kill_timeout):
+            raise BackendError(f"job {format_jid(job.jid)}: {path} did not report frozen "
+                               f"within {self.kill_timeout} s")
+
+    def thaw(self, job: Job) -> None:
+        path = self.job_path(job)
+        self.fs.set_frozen(path, False)
+        self.frozen.discard(job.jid)
+
+    def end_job(self, job: Job) -> None:
+        path = self.job_path(job)
+        self.live.pop(job.jid, None)
+        self.frozen.discard(job.jid)
+        assert self.origins is not None
+        # The manager detached the members it knows; anything left (a process
+        # exiting right now is harmless: the kernel skips PF_EXITING tasks on migration)
+        # goes back where it came from, so the cgroup can be removed.
+        for pid in self.members_of_path(path):
+            try:
+                self._return_to(pid, self.origins.get_pid(pid))
+            except ElsaError:
+                continue
+        self.origins.job_ended(job.jid)
+        self._remove(job.jid, path)
+
+    def _remove(self, jid: int, path: str) -> bool:
+        try:
+            self._remove_tree(path)
+        except ElsaError as exc:
+            # An exit event precedes the kernel's removal of the task from the cgroup
+            # (kernel/exit.c: proc_exit_connector before cgroup_exit), so right after
+            # the last exit rmdir may see EBUSY; retried when cgroup.events says
+            # populated 0.
+            log.debug("job cgroup busy; removal deferred", path=path, error=exc.message)
+            if jid not in self.pending:
+                self.counters["deferred_removals"] += 1
+            self.pending[jid] = path
+            return False
+        self.pending.pop(jid, None)
+        if self.watcher is not None:
+            self.watcher.unwatch(jid)
+        self.counters["removed"] += 1
+        return True
+
+    def _remove_tree(self, path: str) -> None:
+        for child in self.fs.children(path):
+            self._remove_tree(os.path.join(path, child))
+        self.fs.rmdir(path)
+
+    def _retry_pending(self) -> None:
+        for jid, path in list(self.pending.items()):
+            self._remove(jid, path)
+
+    # -- notifications ---------------------------------------------------------------------
+    def _on_events(self) -> None:
+        assert self.watcher is not None
+        for jid in self.watcher.read():
+            if jid in self.pending:
+                self._remove(jid, self.pending[jid])  # type: ignore[arg-type]
+                continue
+            path = self.live.get(jid)  # type: ignore[arg-type]
+            if path is not None and not self.fs.populated(path):
+                self.counters["emptied_notices"] += 1
+                self.ctx.job_emptied(jid)  # type: ignore[arg-type]
+        if self.pending:
+            self._retry_pending()
+
+    # -- recovery --------------------------------------------------------------------------
+    def recover(self, jobs: Iterable[Job]) -> Dict[int, Set[int]]:
+        out: Dict[int, Set[int]] = {}
+        self.gone = set()
+        running = {}
+        for job in jobs:
+            if job.backend != self.name:
+                continue
+            path = self.job_path(job)
+            running[os.path.normpath(path)] = job.jid
+            if not os.path.isdir(path):
+                self.gone.add(job.jid)
+                log.warning("job cgroup vanished while elsad was down; the job is ended",
+                            jid=format_jid(job.jid), path=path)
+                continue
+            self.live[job.jid] = path
+            if self.watcher is not None:
+                self.watcher.watch(job.jid, path)
+            try:
+                if self.fs.events(path).get("frozen") == 1:
+                    self.frozen.add(job.jid)
+            except ElsaError:
+                pass
+            out[job.jid] = self.members(job) or set()
+            self._recover_job(job)
+        self._reconcile_leftovers(running)
+        return out
+
+    def _recover_job(self, job: Job) -> None:
+        """Subclass hook: recover per-job kernel state besides the v2 cgroup."""
+
+    def _reconcile_leftovers(self, running: Mapping[str, int]) -> None:
+        """Job cgroups with no running job: finish removals deferred before a
+        restart; report the populated ones (their processes are not adopted into
+        a job that has no record)."""
+        self.orphans = []
+        for name in self.fs.children(self.base):
+            try:
+                jid = parse_jid(name)
+            except ValueError:
+                continue  # daemon/, released/ or someone else's
+            path = os.path.join(self.base, name)
+            if path in running:
+                continue
+            if self.fs.populated(path):
+                self.orphans.append(path)
+                log.warning("cgroup of an unknown or ended job still holds processes; "
+                            "left alone (inspect it, then move or kill them)",
+                            path=path, pids=sorted(self.members_of_path(path))[:20])
+            elif not self._remove(jid, path):
+                self.pending.pop(jid, None)
+
+    def gone_jobs(self) -> Set[int]:
+        return set(self.gone)
+
+    # -- status ----------------------------------------------------------------------------
+    def status(self) -> Dict[str, object]:
+        self._retry_pending()
+        return {
+            "cgroup2_mount": self.mount,
+            "base": self.base,
+            "delegated": self.delegated,
+            "controllers_enabled": list(self.enabled),
+            "controllers_missing": list(self.missing),
+            "kill": "cgroup.kill" if self.fs.has_kill(self.base) else "freeze+signal",
+            "jobs": len(self.live),
+            "frozen_jobs": len(self.frozen),
+            "pending_removals": len(self.pending),
+            "orphan_cgroups": list(self.orphans),
+            **self.counters,
+        }
+
+
+def _run_by_systemd() -> bool:
+    # systemd sets INVOCATION_ID for every unit it starts (systemd.exec(5)).
+    return bool(os.environ.get("INVOCATION_ID"))
+
+
+def _is_delegated(path: str) -> bool:
+    """systemd >= 251 marks delegated cgroups with the trusted.delegate xattr
+    (https://systemd.io/CGROUP_DELEGATION/); older versions: the unit's cgroup
+    is owned by the service user or writable subtree_control is the only hint."""
+    for attr in ("trusted.delegate", "user.delegate"):
+        try:
+            if os.getxattr(path, attr).strip() in (b"1", b"yes", b"true"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@hookimpl
+def elsa_backends() -> List[BackendSpec]:
+    return [BackendSpec(name="cgroup2", factory=Cgroup2Backend, options=CGROUP2_OPTIONS,
+                        description="one cgroup v2 per job; the kernel keeps children in "
+                                    "(recommended)")]
