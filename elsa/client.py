@@ -2,10 +2,18 @@
 
 Example::
 
+    import os
     from elsa.client import Client
-    with Client() as c:
-        job = c.create(name="build", tags={"queue": "short"})
-        c.attach(job["jid"], [os.getpid()])
+
+    with Client() as c:                      # socket from the config, see default_socket()
+        job = c.create(name="build", tags={"queue": "short"}, pids=[os.getpid()])
+        print(job["jid_hex"], c.pids(job["jid"]))
+
+Every method sends one request (docs/protocol.md) and returns its ``result``.
+A refusal raises :class:`RequestFailed` whose ``code`` is the protocol's stable
+error code; a daemon that is not running (or goes away) raises
+:class:`~elsa.errors.DaemonUnavailable`. A :class:`Client` holds one
+connection and is not thread-safe: use one per thread.
 """
 
 from __future__ import annotations
@@ -13,12 +21,16 @@ from __future__ import annotations
 import itertools
 import json
 import socket
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 from elsa.errors import DaemonUnavailable, ElsaError, ProtocolError
 
 DEFAULT_SOCKET = "/run/elsa/elsad.sock"
 PROTOCOL_VERSION = 1
+#: Longest reply line accepted (a ``list --all`` of 10,000 jobs fits easily).
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
+START_HINT = "start it with 'systemctl start elsad' (or run 'elsad' as root)"
 
 
 class RequestFailed(ElsaError):
@@ -28,26 +40,51 @@ class RequestFailed(ElsaError):
         super().__init__(message)
         self.code = code
 
+    def __str__(self) -> str:
+        return f"{self.message} [{self.code}]"
+
+
+def default_socket(config_path: Optional[str] = None) -> str:
+    """The socket path from the config: ``config_path``, else ``$ELSA_CONFIG``, else
+    /etc/elsa/elsa.toml if it exists, its ``socket`` key; else the built-in default."""
+    from elsa import config
+
+    path = config.resolve_path(config_path)
+    if path is None:
+        return DEFAULT_SOCKET
+    return config.load(path).socket
+
 
 class Client:
     """One connection to elsad; requests are answered in order."""
 
-    def __init__(self, path: str = DEFAULT_SOCKET, timeout: Optional[float] = 30.0) -> None:
-        self.path = path
+    def __init__(self, path: Optional[str] = None, timeout: Optional[float] = 30.0,
+                 *, config_path: Optional[str] = None) -> None:
+        self.path = path or default_socket(config_path)
         self.timeout = timeout
         self._ids = itertools.count(1)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(path)
+            self.sock.connect(self.path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             self.sock.close()
             raise DaemonUnavailable(
-                f"elsad is not running (no listener on {path}: {exc.strerror}); start it "
-                "with 'systemctl start elsad' or 'elsad &' as root") from None
+                f"elsad is not running (nothing listens on {self.path}: "
+                f"{exc.strerror}); {START_HINT}") from None
         except PermissionError:
             self.sock.close()
-            raise DaemonUnavailable(f"cannot connect to {path}: permission denied") from None
+            raise DaemonUnavailable(
+                f"cannot connect to {self.path}: permission denied (the socket or its "
+                "directory is not accessible to this user)") from None
+        except socket.timeout:
+            self.sock.close()
+            raise DaemonUnavailable(f"elsad did not accept a connection on {self.path} "
+                                    f"within {timeout} s") from None
+        except OSError as exc:
+            self.sock.close()
+            raise DaemonUnavailable(f"cannot connect to {self.path}: {exc.strerror or exc}"
+                                    ) from None
         self._rfile = self.sock.makefile("rb")
 
     def __enter__(self) -> Client:
@@ -63,35 +100,73 @@ class Client:
             self.sock.close()
 
     def call(self, op: str, io_timeout: Optional[float] = None, **fields: Any) -> Any:
-        """Send one request and return its ``result``; raise :class:`RequestFailed`."""
+        """Send one request and return its ``result``; raise :class:`RequestFailed`.
+
+        Fields whose value is ``None`` are left out (the daemon's default applies).
+        """
         req_id = next(self._ids)
-        req = {"v": PROTOCOL_VERSION, "id": req_id, "op": op}
+        req: Dict[str, Any] = {"v": PROTOCOL_VERSION, "id": req_id, "op": op}
         req.update({k: v for k, v in fields.items() if v is not None})
         self.sock.settimeout(self.timeout if io_timeout is None else io_timeout)
         try:
-            self.sock.sendall(json.dumps(req).encode() + b"\n")
-            line = self._rfile.readline()
+            self.sock.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
         except socket.timeout:
+            raise DaemonUnavailable(f"elsad did not take '{op}' in time") from None
+        except OSError as exc:
+            # The daemon may have refused the connection with a reply (busy).
+            reply = self._read_reply(op, quiet=True)
+            if reply is not None:
+                return self._result(reply, None)
+            raise DaemonUnavailable(f"connection to elsad failed: {exc}") from None
+        reply = self._read_reply(op)
+        return self._result(reply, req_id)
+
+    def _read_reply(self, op: str, quiet: bool = False) -> Optional[Dict[str, Any]]:
+        try:
+            line = self._rfile.readline(MAX_REPLY_BYTES)
+        except socket.timeout:
+            if quiet:
+                return None
             raise DaemonUnavailable(f"elsad did not answer '{op}' in time") from None
         except OSError as exc:
+            if quiet:
+                return None
             raise DaemonUnavailable(f"connection to elsad failed: {exc}") from None
         if not line:
-            raise DaemonUnavailable("elsad closed the connection")
+            if quiet:
+                return None
+            raise DaemonUnavailable("elsad closed the connection (did it stop, or was this "
+                                    "connection idle longer than limits.idle_timeout?)")
         try:
             reply = json.loads(line)
         except ValueError:
             raise ProtocolError(f"elsad sent a malformed reply: {line[:200]!r}") from None
+        if not isinstance(reply, dict):
+            raise ProtocolError(f"elsad sent a reply that is not an object: {line[:200]!r}")
+        return reply
+
+    @staticmethod
+    def _result(reply: Dict[str, Any], req_id: Optional[int]) -> Any:
         if not reply.get("ok"):
             err = reply.get("error") or {}
-            raise RequestFailed(err.get("code", "error"), err.get("message", "unknown error"))
+            raise RequestFailed(str(err.get("code", "error")),
+                                str(err.get("message", "unknown error")))
+        if req_id is not None and reply.get("id") != req_id:
+            raise ProtocolError(f"reply id {reply.get('id')!r} does not match request "
+                                f"id {req_id}")
         return reply.get("result")
 
     # -- the operations (docs/protocol.md) ---------------------------------------------
+    def hello(self) -> Dict[str, Any]:
+        """Protocol versions, operations, limits, and who the daemon thinks we are."""
+        return self.call("hello")
+
     def create(self, name: str = "", tags: Optional[Dict[str, str]] = None,
                params: Optional[Dict[str, str]] = None,
                pids: Optional[Iterable[int]] = None,
                owner_uid: Optional[int] = None) -> Dict[str, Any]:
-        return self.call("create", name=name, tags=tags or {}, params=params or {},
+        """Create a job (and attach *pids* to it); returns the job object."""
+        return self.call("create", name=name, tags=tags or None, params=params or None,
                          pids=list(pids) if pids is not None else None, owner_uid=owner_uid)
 
     def attach(self, jid: int, pids: Iterable[int]) -> Dict[str, Any]:
@@ -101,10 +176,12 @@ class Client:
         return self.call("detach", pids=list(pids))
 
     def jobof(self, pid: int) -> int:
+        """The job id of *pid*; raises RequestFailed('not-in-job') when it has none."""
         return self.call("jobof", pid=pid)["jid"]
 
-    def list(self, all: bool = False) -> List[Dict[str, Any]]:
-        return self.call("list", all=all)
+    def list(self, all: bool = False, owner_uid: Optional[int] = None,
+             limit: Optional[int] = None) -> List[Dict[str, Any]]:
+        return self.call("list", all=all, owner_uid=owner_uid, limit=limit)
 
     def show(self, jid: int) -> Dict[str, Any]:
         return self.call("show", jid=jid)
@@ -113,11 +190,12 @@ class Client:
         return self.call("pids", jid=jid)["pids"]
 
     def wait(self, jid: int, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Block until *jid* ends or *timeout* s pass: ``{"ended": bool, "job": {...}}``."""
         # The socket must outlast the daemon-side timeout; None waits forever.
         io_timeout = None if timeout is None else timeout + 10.0
         return self.call("wait", io_timeout=io_timeout, jid=jid, timeout=timeout)
 
-    def kill(self, jid: int, signal: int = 15) -> Dict[str, Any]:
+    def kill(self, jid: int, signal: Union[int, str] = 15) -> Dict[str, Any]:
         return self.call("kill", jid=jid, signal=signal)
 
     def end(self, jid: int) -> Dict[str, Any]:

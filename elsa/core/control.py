@@ -1,18 +1,34 @@
 """The control socket: AF_UNIX stream, one JSON object per line, per-request authorization.
 
 Runs on the daemon's event thread with non-blocking sockets, so a slow or
-half-open client can never stall the proc-connector path: reads and writes
-happen only when the selector says they will not block, partial lines are
-buffered (bounded by ``limits.max_request_bytes``), idle connections are
-closed after ``limits.idle_timeout`` and clients that do not read their
-replies are dropped once their output backlog passes a bound.
+half-open client can never stall the proc-connector path:
 
-Authorization uses SO_PEERCRED (unix(7)), never anything the client claims:
-root and members of ``admin_group`` may do everything; any other user may
-create jobs and act only on processes whose uid is theirs and jobs they own.
-cgrulesengd's socket had no such check (any client could move any pid).
+* reads and writes happen only when the selector says they will not block;
+* a connection handles at most ``REQUESTS_PER_TURN`` requests (or
+  ``TURN_BUDGET`` seconds) per wake-up, then yields to the event loop and
+  continues when the loop comes round again (it asks for write-readiness,
+  which an AF_UNIX socket with room in its buffer reports at once);
+* a client that does not read its replies stops being read once its output
+  backlog passes ``OUTPUT_HIGH_WATER`` (the kernel then blocks *its* writes,
+  not ours), and is dropped when no reply byte left for ``idle_timeout``;
+* a partial line is buffered up to ``limits.max_request_bytes``; a longer one
+  is answered with ``too-large`` and skipped up to its newline, the
+  connection carries on; an unfinished line older than ``idle_timeout`` and
+  an idle connection are closed;
+* at most ``limits.max_connections`` connections; a non-admin uid may hold at
+  most half of them, and admins get ``ADMIN_RESERVE`` extra slots so root can
+  still manage a daemon another user floods.
 
-The protocol is documented in docs/protocol.md.
+Authorization uses SO_PEERCRED and SO_PEERGROUPS (socket(7)), never anything
+the client claims: root and members of ``admin_group`` may do everything; any
+other user may create jobs and act only on processes whose real uid is theirs
+and jobs they own (cgrulesengd's socket had no such check: any client could
+move any pid). ``kill`` from a non-admin signals only the members the caller
+could signal itself under kill(2)'s rule, so the root daemon never becomes a
+confused deputy for a job member that changed uid (``su``, ``sudo``).
+
+The protocol (operations, fields, replies, error codes, limits, versioning)
+is documented in docs/protocol.md; ``ERROR_CODES`` below is its error table.
 """
 
 from __future__ import annotations
@@ -20,35 +36,88 @@ from __future__ import annotations
 import grp
 import json
 import os
-import pwd
+import select
+import signal as signal_mod
 import socket
 import stat
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import structlog
 
 from elsa import __version__
-from elsa.core.model import Job, format_jid
+from elsa.core.model import JOB_RUNNING, Job, format_jid
 from elsa.errors import (
     ElsaError,
     JobNotFound,
     PermissionDenied,
+    ProcessGone,
     ProtocolError,
 )
 
 log = structlog.get_logger("elsa.control")
 
+#: The protocol version this daemon speaks, and every version it accepts.
 PROTOCOL_VERSION = 1
-MAX_OUTPUT_BACKLOG = 4 * 1024 * 1024
-_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+SUPPORTED_VERSIONS = (1,)
+
+#: Stop reading a client whose unread replies exceed this (bytes).
+OUTPUT_HIGH_WATER = 1024 * 1024
+#: Requests handled per wake-up of one connection before yielding to the loop.
+REQUESTS_PER_TURN = 32
+#: ... or this many seconds, whichever comes first (at least one request).
+TURN_BUDGET = 0.002
+#: Connections admins may open beyond ``max_connections``.
+ADMIN_RESERVE = 8
+#: Bytes read per recv().
+RECV_SIZE = 65536
+
+_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid (socket(7) SO_PEERCRED)
+# SO_PEERGROUPS (Linux 4.13, include/uapi/asm-generic/socket.h); Python has no
+# constant for it. The peer's supplementary groups as of connect(), race-free,
+# and without an NSS lookup on the event thread.
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_GID = struct.Struct("=I")
+
+#: Every error code a reply can carry (docs/protocol.md, "Errors"). Stable:
+#: codes are never renamed or reused; new ones may be added.
+ERROR_CODES: Dict[str, str] = {
+    "bad-request": "the line is not a JSON object, or a field is missing, of the wrong "
+                   "type or out of range",
+    "unknown-op": "'op' names no operation this daemon knows",
+    "unsupported-version": "'v' names a protocol version this daemon does not speak",
+    "too-large": "the request line is longer than limits.max_request_bytes",
+    "busy": "too many connections; sent once, then the connection is closed",
+    "permission-denied": "the caller may not act on that process or job",
+    "no-such-job": "no job has that id",
+    "not-in-job": "the pid is not a member of any job",
+    "no-such-process": "the process does not exist (or exited meanwhile)",
+    "bad-job-state": "the job has ended; the operation needs a running job",
+    "backend": "the grouping backend refused or failed (e.g. freeze on cnproc, bad cpus)",
+    "kernel": "a kernel interface failed",
+    "no-privilege": "the daemon lacks a privilege it needs for this",
+    "store": "the persistent store failed",
+    "internal": "a bug in elsad; the message says what; the daemon carries on",
+}
+
+
+class UnknownOperation(ProtocolError):
+    code = "unknown-op"
+
+
+class UnsupportedVersion(ProtocolError):
+    code = "unsupported-version"
+
+
+class NotInJob(JobNotFound):
+    code = "not-in-job"
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who sent a request, as the kernel says (SO_PEERCRED)."""
+    """Who sent a request, as the kernel says (SO_PEERCRED at connect time)."""
 
     pid: int
     uid: int
@@ -56,23 +125,33 @@ class Caller:
     admin: bool
 
 
-@dataclass
+@dataclass(eq=False)
 class Connection:
     sock: socket.socket
+    fd: int
     caller: Caller
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
-    last_active: float = 0.0
-    closing: bool = False
+    last_active: float = 0.0  # last byte in or out
+    write_progress: float = 0.0  # last time outbuf shrank (or became non-empty)
+    partial_since: Optional[float] = None  # an unfinished line started then
+    discarding: bool = False  # skipping the rest of an oversized line
+    eof: bool = False  # the client shut down its sending side
+    closed: bool = False
     waiting: int = 0  # outstanding 'wait' requests
+    reg_read: bool = False
+    reg_write: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class Waiter:
     conn: Connection
     jid: int
     deadline: Optional[float]
     req_id: Any
+
+
+_DEFERRED = object()
 
 
 class ControlServer:
@@ -91,9 +170,11 @@ class ControlServer:
         self._set_writer = set_writer
         self.clock = clock
         self.conns: Dict[int, Connection] = {}
+        self.per_uid: Dict[int, int] = {}
         self.waiters: List[Waiter] = []
-        self.counters = {"requests": 0, "errors": 0, "refused_connections": 0,
-                         "dropped_slow_clients": 0, "idle_closed": 0}
+        self.counters = {"accepted": 0, "requests": 0, "errors": 0, "too_large": 0,
+                         "refused_connections": 0, "dropped_slow_clients": 0,
+                         "idle_closed": 0, "deferred_turns": 0}
         self.sock = self._listen(path)
         add_reader(self.sock.fileno(), self._accept)
         ops.server = self
@@ -153,157 +234,293 @@ class ControlServer:
                 sock, _addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:
+            except OSError as exc:  # EMFILE and friends: try again on the next wake-up
                 log.warning("accept failed", error=str(exc))
                 return
             sock.setblocking(False)
-            if len(self.conns) >= self.limits["max_connections"]:
+            try:
+                caller = self._caller(sock)
+            except OSError as exc:
+                log.warning("cannot read peer credentials", error=str(exc))
+                sock.close()
+                continue
+            refusal = self._admission(caller)
+            if refusal:
                 self.counters["refused_connections"] += 1
                 try:
-                    sock.send(_encode(_error_reply(None, "busy", "too many connections; "
-                                                   "retry later")))
+                    sock.send(_encode(_error_reply(None, "busy", refusal)))
                 except OSError:
                     pass
                 sock.close()
                 continue
-            pid, uid, gid = peer_credentials(sock)
-            caller = Caller(pid=pid, uid=uid, gid=gid, admin=self.ops.is_admin(uid, gid))
-            conn = Connection(sock=sock, caller=caller, last_active=self.clock())
-            self.conns[sock.fileno()] = conn
-            self._add_reader(sock.fileno(), lambda c=conn: self._readable(c))
+            now = self.clock()
+            conn = Connection(sock=sock, fd=sock.fileno(), caller=caller, last_active=now,
+                              write_progress=now)
+            self.conns[conn.fd] = conn
+            self.per_uid[caller.uid] = self.per_uid.get(caller.uid, 0) + 1
+            self.counters["accepted"] += 1
+            self._interest(conn, read=True, write=False)
+
+    def _caller(self, sock: socket.socket) -> Caller:
+        pid, uid, gid = peer_credentials(sock)
+        admin = uid == 0
+        if not admin and self.ops.admin_gid is not None:
+            admin = gid == self.ops.admin_gid or self.ops.admin_gid in peer_groups(sock, pid)
+        return Caller(pid=pid, uid=uid, gid=gid, admin=admin)
+
+    def _admission(self, caller: Caller) -> Optional[str]:
+        cap = self.limits["max_connections"]
+        if caller.admin:
+            if len(self.conns) >= cap + ADMIN_RESERVE:
+                return f"too many connections ({len(self.conns)}); retry later"
+            return None
+        if len(self.conns) >= cap:
+            return f"too many connections ({len(self.conns)} of {cap}); retry later"
+        per_uid = max(1, cap // 2)
+        if self.per_uid.get(caller.uid, 0) >= per_uid:
+            return (f"uid {caller.uid} already holds {per_uid} connections (half of "
+                    "limits.max_connections); close some and retry")
+        return None
+
+    def _interest(self, conn: Connection, *, read: bool, write: bool) -> None:
+        """Register exactly the readiness *conn* needs with the event loop."""
+        if conn.closed:
+            return
+        if not read and conn.reg_read:
+            self._remove_reader(conn.fd)  # also drops the writer (daemon.remove_reader)
+            conn.reg_read = conn.reg_write = False
+        if read and not conn.reg_read:
+            self._add_reader(conn.fd, lambda c=conn: self._readable(c))
+            conn.reg_read = True
+        if write != conn.reg_write:
+            self._set_writer(conn.fd, (lambda c=conn: self._writable(c)) if write else None)
+            conn.reg_write = write
 
     def _readable(self, conn: Connection) -> None:
         try:
-            data = conn.sock.recv(65536)
+            data = conn.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
             self._close(conn)
             return
-        conn.last_active = self.clock()
-        conn.inbuf += data
+        now = self.clock()
+        if not data:
+            # The client shut down its sending side (or went away). Answer what
+            # it sent, then close: `printf '{"op":"status"}' | socat - UNIX:…`
+            # sends without a final newline and half-closes.
+            conn.eof = True
+            conn.partial_since = None
+            if conn.inbuf and not conn.inbuf.endswith(b"\n") and not conn.discarding:
+                conn.inbuf += b"\n"
+        else:
+            conn.last_active = now
+            self._take(conn, data)
+        self._process(conn)
+
+    def _take(self, conn: Connection, data: bytes) -> None:
+        """Append *data* to the input buffer, bounding an unfinished line.
+
+        An unfinished line longer than the limit is cut to ``limit + 1`` bytes
+        and terminated, so :meth:`_process` answers ``too-large`` in request
+        order; the rest of it is skipped up to its newline.
+        """
         limit = self.limits["max_request_bytes"]
-        while not conn.closing:
+        if conn.discarding:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return
+            conn.discarding = False
+            data = data[nl + 1:]
+            conn.partial_since = None
+        conn.inbuf += data
+        last_nl = conn.inbuf.rfind(b"\n")
+        tail = len(conn.inbuf) - (last_nl + 1)
+        if tail > limit:
+            del conn.inbuf[last_nl + 1 + limit + 1:]
+            conn.inbuf += b"\n"
+            conn.discarding = True
+            conn.partial_since = None
+        elif tail == 0:
+            conn.partial_since = None
+        elif conn.partial_since is None or b"\n" in data:
+            conn.partial_since = self.clock()  # a new unfinished line began
+
+    def _too_large(self, conn: Connection) -> None:
+        self.counters["too_large"] += 1
+        self.counters["errors"] += 1
+        limit = self.limits["max_request_bytes"]
+        self._reply(conn, _error_reply(None, "too-large",
+                                       f"request longer than {limit} bytes "
+                                       "(limits.max_request_bytes); skipped"))
+
+    def _process(self, conn: Connection) -> None:
+        """Handle complete lines within this turn's budget, then set the interest."""
+        limit = self.limits["max_request_bytes"]
+        start = self.clock()
+        handled = 0
+        while not conn.closed and len(conn.outbuf) < OUTPUT_HIGH_WATER:
             nl = conn.inbuf.find(b"\n")
             if nl < 0:
-                if len(conn.inbuf) > limit:
-                    self._reply(conn, _error_reply(None, "too-large",
-                                                   f"request longer than {limit} bytes"))
-                    conn.closing = True
-                    conn.inbuf.clear()
+                break
+            if handled >= REQUESTS_PER_TURN or (
+                    handled and self.clock() - start > TURN_BUDGET):
+                self.counters["deferred_turns"] += 1
                 break
             line = bytes(conn.inbuf[:nl])
             del conn.inbuf[:nl + 1]
             if len(line) > limit:
-                self._reply(conn, _error_reply(None, "too-large",
-                                               f"request longer than {limit} bytes"))
-                continue
-            if line.strip():
+                self._too_large(conn)
+            elif line.strip():
                 self._handle(conn, line)
-        if conn.closing and not conn.outbuf:
+            handled += 1
+        if conn.closed:
+            return
+        complete = conn.inbuf.find(b"\n") >= 0
+        if conn.eof and not complete and not conn.outbuf and conn.waiting == 0:
             self._close(conn)
+            return
+        backlog = len(conn.outbuf) >= OUTPUT_HIGH_WATER
+        # Pending lines continue on write-readiness: it comes round on the next
+        # loop pass (after the proc connector had its turn), and never while the
+        # client leaves its replies unread.
+        want_write = bool(conn.outbuf) or complete
+        want_read = not conn.eof and not complete and not backlog
+        self._interest(conn, read=want_read, write=want_write)
+
+    def _writable(self, conn: Connection) -> None:
+        self._flush(conn)
+        if not conn.closed:
+            self._process(conn)
 
     def _handle(self, conn: Connection, line: bytes) -> None:
         self.counters["requests"] += 1
         req_id = None
         try:
-            try:
-                req = json.loads(line)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ProtocolError(f"request is not valid JSON: {exc}") from None
-            if not isinstance(req, dict):
-                raise ProtocolError("request must be a JSON object")
-            req_id = req.get("id")
-            if isinstance(req_id, (dict, list)):
-                req_id = None
-                raise ProtocolError("'id' must be a string or a number")
+            req = _parse(line)
+            req_id = _request_id(req)
             version = req.get("v", PROTOCOL_VERSION)
-            if version != PROTOCOL_VERSION:
-                raise ProtocolError(f"protocol version {version!r} not supported; this "
-                                    f"daemon speaks v{PROTOCOL_VERSION}")
-            result = self.ops.dispatch(conn, req)
+            if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+                raise UnsupportedVersion(
+                    f"protocol version {str(version)[:32]!r} not supported; this daemon speaks "
+                    f"{', '.join(f'v{v}' for v in SUPPORTED_VERSIONS)}")
+            result = self.ops.dispatch(conn, req, req_id)
         except ElsaError as exc:
             self.counters["errors"] += 1
-            self._reply(conn, _error_reply(req_id, exc.code, exc.message))
+            code = exc.code if exc.code in ERROR_CODES else "internal"
+            self._reply(conn, _error_reply(req_id, code, exc.message))
             return
         except Exception as exc:  # a bug must not take the daemon down
             self.counters["errors"] += 1
             log.exception("request failed", error=str(exc))
-            self._reply(conn, _error_reply(req_id, "internal", f"internal error: {exc}"))
+            self._reply(conn, _error_reply(req_id, "internal",
+                                           f"internal error: {type(exc).__name__}: {exc}"))
             return
         if result is _DEFERRED:
             return
-        self._reply(conn, {"v": PROTOCOL_VERSION, "id": req_id, "ok": True, "result": result})
+        self._reply(conn, _ok_reply(req_id, result))
 
     def _reply(self, conn: Connection, obj: Dict[str, Any]) -> None:
-        if obj.get("id") is None:
-            obj.pop("id", None)
-        conn.outbuf += _encode(obj)
-        if len(conn.outbuf) > MAX_OUTPUT_BACKLOG:
-            # The client does not read its replies; drop it rather than buffer forever.
-            self.counters["dropped_slow_clients"] += 1
-            self._close(conn)
+        if conn.closed:
             return
+        if not conn.outbuf:
+            conn.write_progress = self.clock()
+        conn.outbuf += _encode(obj)
         self._flush(conn)
 
     def _flush(self, conn: Connection) -> None:
-        fd = conn.sock.fileno()
-        if fd < 0:
+        if conn.closed or not conn.outbuf:
             return
         try:
             while conn.outbuf:
                 sent = conn.sock.send(conn.outbuf)
                 del conn.outbuf[:sent]
+                conn.write_progress = conn.last_active = self.clock()
         except (BlockingIOError, InterruptedError):
-            self._set_writer(fd, lambda c=conn: self._flush(c))
+            self._interest(conn, read=conn.reg_read, write=True)
             return
-        except OSError:
+        except OSError:  # EPIPE/ECONNRESET: the client went away
             self._close(conn)
             return
-        self._set_writer(fd, None)
-        if conn.closing:
+        if conn.eof and conn.waiting == 0 and conn.inbuf.find(b"\n") < 0:
             self._close(conn)
 
     def _close(self, conn: Connection) -> None:
-        fd = conn.sock.fileno()
-        if fd >= 0 and fd in self.conns:
-            del self.conns[fd]
-            self._remove_reader(fd)
+        if conn.closed:
+            return
+        conn.closed = True
+        if self.conns.pop(conn.fd, None) is not None:
+            left = self.per_uid.get(conn.caller.uid, 1) - 1
+            if left > 0:
+                self.per_uid[conn.caller.uid] = left
+            else:
+                self.per_uid.pop(conn.caller.uid, None)
+        if conn.reg_read or conn.reg_write:
+            self._remove_reader(conn.fd)
+        conn.reg_read = conn.reg_write = False
         conn.sock.close()
-        self.waiters = [w for w in self.waiters if w.conn is not conn]
+        if conn.waiting:
+            self.waiters = [w for w in self.waiters if w.conn is not conn]
+            conn.waiting = 0
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters for the ``status`` reply (docs/protocol.md)."""
+        return dict(self.counters, connections=len(self.conns), waiters=len(self.waiters),
+                    denied=self.ops.denied)
 
     # -- timers --------------------------------------------------------------------------
     def sweep(self) -> None:
-        """Close idle connections and answer waits that timed out (timer, every ~0.5 s)."""
+        """Close stuck connections and answer waits that timed out (daemon timer)."""
         now = self.clock()
         idle = self.limits["idle_timeout"]
         for conn in list(self.conns.values()):
-            if conn.waiting == 0 and now - conn.last_active > idle:
+            if conn.outbuf and now - conn.write_progress > idle:
+                # Replies left unread for a whole idle period.
+                self.counters["dropped_slow_clients"] += 1
+                self._close(conn)
+            elif conn.partial_since is not None and now - conn.partial_since > idle:
+                # Slow-loris: a line that never ends.
                 self.counters["idle_closed"] += 1
                 self._close(conn)
+            elif conn.waiting == 0 and not conn.outbuf and now - conn.last_active > idle:
+                self.counters["idle_closed"] += 1
+                self._close(conn)
+            elif conn.eof and conn.waiting and _hung_up(conn.sock):
+                self._close(conn)  # nobody left to read the wait's answer
         expired = [w for w in self.waiters if w.deadline is not None and now >= w.deadline]
         if expired:
-            self.waiters = [w for w in self.waiters if w not in expired]
+            self.waiters = [w for w in self.waiters if not (w.deadline is not None
+                                                            and now >= w.deadline)]
             for w in expired:
-                w.conn.waiting -= 1
-                w.conn.last_active = now
-                job = self.ops.manager.job(w.jid)
-                self._reply(w.conn, {"v": PROTOCOL_VERSION, "id": w.req_id, "ok": True,
-                                     "result": {"ended": False, "job": _job_json(job)}})
+                try:
+                    job = self.ops.manager.job(w.jid)
+                except ElsaError as exc:
+                    w.conn.waiting -= 1
+                    self._reply(w.conn, _error_reply(w.req_id, exc.code, exc.message))
+                    continue
+                self._answer_wait(w, False, job)
+
+    def next_deadline(self) -> Optional[float]:
+        """The earliest wait deadline (monotonic), for a daemon that wants to wake for it."""
+        deadlines = [w.deadline for w in self.waiters if w.deadline is not None]
+        return min(deadlines) if deadlines else None
 
     def job_ended(self, job: Job) -> None:
         """Answer every ``wait`` on *job* (manager after-end callback)."""
-        done = [w for w in self.waiters if w.jid == job.jid]
-        if not done:
+        if not any(w.jid == job.jid for w in self.waiters):
             return
+        done = [w for w in self.waiters if w.jid == job.jid]
         self.waiters = [w for w in self.waiters if w.jid != job.jid]
         for w in done:
-            w.conn.waiting -= 1
-            w.conn.last_active = self.clock()
-            self._reply(w.conn, {"v": PROTOCOL_VERSION, "id": w.req_id, "ok": True,
-                                 "result": {"ended": True, "job": _job_json(job)}})
+            self._answer_wait(w, True, job)
+
+    def _answer_wait(self, w: Waiter, ended: bool, job: Job) -> None:
+        conn = w.conn
+        conn.waiting -= 1
+        conn.last_active = self.clock()
+        self._reply(conn, _ok_reply(w.req_id, {"ended": ended, "job": job_json(job)}))
+        if not conn.closed:
+            self._process(conn)
 
     def add_waiter(self, conn: Connection, jid: int, timeout: Optional[float],
                    req_id: Any) -> None:
@@ -312,25 +529,80 @@ class ControlServer:
         self.waiters.append(Waiter(conn, jid, deadline, req_id))
 
 
-_DEFERRED = object()
+# -- wire format ------------------------------------------------------------------------
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(f"{name} is not valid JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _parse(line: bytes) -> Dict[str, Any]:
+    try:
+        req = json.loads(line, parse_constant=_reject_constant)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError("request nests too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"request is not valid JSON: {exc}") from None
+    if not isinstance(req, dict):
+        raise ProtocolError(f"request must be a JSON object, got {_kind(req)}")
+    return req
+
+
+def _request_id(req: Dict[str, Any]) -> Any:
+    req_id = req.get("id")
+    if req_id is None:
+        return None
+    if isinstance(req_id, str) and len(req_id) <= 256:
+        return req_id
+    if isinstance(req_id, int) and not isinstance(req_id, bool) and abs(req_id) < 2 ** 63:
+        return req_id
+    raise ProtocolError("'id' must be a string (<= 256 chars) or a 64-bit integer")
 
 
 def _encode(obj: Dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def _ok_reply(req_id: Any, result: Any) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": True, "result": result}
+    if req_id is not None:
+        out["id"] = req_id
+    return out
 
 
 def _error_reply(req_id: Any, code: str, message: str) -> Dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False,
-            "error": {"code": code, "message": message}}
+    out: Dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": False,
+                           "error": {"code": code, "message": message}}
+    if req_id is not None:
+        out["id"] = req_id
+    return out
 
 
-def _job_json(job: Job, with_pids: bool = True) -> Dict[str, Any]:
+def _hung_up(sock: socket.socket) -> bool:
+    """True when the peer closed completely (POLLHUP), not just its sending side."""
+    try:
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLHUP)
+        return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+def job_json(job: Job, with_pids: bool = True) -> Dict[str, Any]:
+    """The protocol's job object: Job.to_json plus ``jid_hex``."""
     out = job.to_json(with_pids)
     out["jid_hex"] = format_jid(job.jid)
     return out
 
 
 # -- request validation helpers --------------------------------------------------------
+
+def _kind(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
 
 def _int(req: Dict[str, Any], key: str, *, required: bool = True, minimum: int = 0,
          maximum: int = 2 ** 63 - 1) -> Optional[int]:
@@ -340,46 +612,103 @@ def _int(req: Dict[str, Any], key: str, *, required: bool = True, minimum: int =
             raise ProtocolError(f"'{key}' is required")
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"'{key}' must be an integer, got {type(value).__name__}")
+        raise ProtocolError(f"'{key}' must be an integer, got {_kind(value)}")
     if not minimum <= value <= maximum:
-        raise ProtocolError(f"'{key}' out of range: {value}")
+        raise ProtocolError(f"'{key}' out of range [{minimum}, {maximum}]: {value}")
     return value
+
+
+def _jid(req: Dict[str, Any]) -> int:
+    value = _int(req, "jid", minimum=1)
+    assert value is not None
+    return value
+
+
+def _printable(text: str) -> bool:
+    # No control characters: names and tags end up in terminals and reports.
+    return text.isprintable()
 
 
 def _str(req: Dict[str, Any], key: str, default: str = "", max_len: int = 256) -> str:
     value = req.get(key, default)
+    if value is None:
+        value = default
     if not isinstance(value, str):
-        raise ProtocolError(f"'{key}' must be a string, got {type(value).__name__}")
+        raise ProtocolError(f"'{key}' must be a string, got {_kind(value)}")
     if len(value) > max_len:
         raise ProtocolError(f"'{key}' longer than {max_len} characters")
+    if not _printable(value):
+        raise ProtocolError(f"'{key}' contains control characters")
     return value
 
 
-def _str_map(req: Dict[str, Any], key: str) -> Dict[str, str]:
-    value = req.get(key, {})
+def _str_map(req: Dict[str, Any], key: str, max_entries: int = 64) -> Dict[str, str]:
+    value = req.get(key)
+    if value is None:
+        return {}
     if not isinstance(value, dict):
-        raise ProtocolError(f"'{key}' must be an object of strings")
-    if len(value) > 64:
-        raise ProtocolError(f"'{key}' has more than 64 entries")
+        raise ProtocolError(f"'{key}' must be an object mapping names to strings, "
+                            f"got {_kind(value)}")
+    if len(value) > max_entries:
+        raise ProtocolError(f"'{key}' has more than {max_entries} entries")
     for k, v in value.items():
-        if not isinstance(v, str) or len(k) > 128 or len(v) > 1024 or not k:
-            raise ProtocolError(f"'{key}' must map non-empty names (<=128 chars) to "
-                                "strings (<=1024 chars)")
+        if (not k or len(k) > 128 or "=" in k or not k.isprintable() or " " in k
+                or not isinstance(v, str) or len(v) > 1024 or not _printable(v)):
+            raise ProtocolError(
+                f"'{key}' must map names (1-128 printable characters, no '=' or space) to "
+                f"strings (<= 1024 printable characters); bad entry {k[:64]!r}")
     return dict(value)
 
 
 def _pids(req: Dict[str, Any], key: str = "pids") -> List[int]:
     value = req.get(key)
     if not isinstance(value, list) or not value:
-        raise ProtocolError(f"'{key}' must be a non-empty array of pids")
+        raise ProtocolError(f"'{key}' must be a non-empty array of pids, got {_kind(value)}")
     if len(value) > 4096:
         raise ProtocolError(f"'{key}' has more than 4096 pids")
-    out = []
+    out: List[int] = []
     for p in value:
         if isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 2 ** 31:
-            raise ProtocolError(f"'{key}' must contain positive integers, got {p!r}")
-        out.append(p)
+            raise ProtocolError(f"'{key}' must contain pids (1 to 2^31-1), got {p!r:.40}")
+        if p not in out:
+            out.append(p)
     return out
+
+
+def _signal(req: Dict[str, Any]) -> int:
+    value = req.get("signal", int(signal_mod.SIGTERM))
+    if isinstance(value, str):
+        return parse_signal(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"'signal' must be a number or a name, got {_kind(value)}")
+    if not 1 <= value <= signal_mod.SIGRTMAX:
+        raise ProtocolError(f"'signal' out of range [1, {int(signal_mod.SIGRTMAX)}]: {value}")
+    return value
+
+
+def parse_signal(text: str) -> int:
+    """``"TERM"``, ``"SIGTERM"``, ``"sigkill"`` or ``"9"`` to a signal number."""
+    name = text.strip().upper()
+    if name.isdigit():
+        number = int(name)
+        if 1 <= number <= signal_mod.SIGRTMAX:
+            return number
+        raise ProtocolError(f"signal number out of range: {text[:32]!r}")
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal_mod.Signals[name])
+    except KeyError:
+        raise ProtocolError(f"unknown signal {text[:32]!r} (use a name like TERM or KILL, "
+                            "or a number)") from None
+
+
+def _uids(status_value: Optional[str]) -> Tuple[int, int, int]:
+    """(real, effective, saved) from the ``Uid:`` line of /proc/PID/status (proc(5))."""
+    if not status_value:
+        raise ProcessGone("process has no Uid line")
+    fields = status_value.split()
+    return int(fields[0]), int(fields[1]), int(fields[2])
 
 
 class Operations:
@@ -393,36 +722,33 @@ class Operations:
         self.admin_gid = _group_id(admin_group)
         self.server: Optional[ControlServer] = None
         self.denied = 0
-        self._handlers: Dict[str, Callable[[Connection, Dict[str, Any]], Any]] = {
-            "create": self.op_create, "attach": self.op_attach, "detach": self.op_detach,
-            "jobof": self.op_jobof, "list": self.op_list, "show": self.op_show,
-            "pids": self.op_pids, "wait": self.op_wait, "kill": self.op_kill,
-            "end": self.op_end, "status": self.op_status, "freeze": self.op_freeze,
-            "thaw": self.op_thaw,
+        self._handlers: Dict[str, Callable[[Connection, Dict[str, Any], Any], Any]] = {
+            "hello": self.op_hello, "create": self.op_create, "attach": self.op_attach,
+            "detach": self.op_detach, "jobof": self.op_jobof, "list": self.op_list,
+            "show": self.op_show, "pids": self.op_pids, "wait": self.op_wait,
+            "kill": self.op_kill, "end": self.op_end, "status": self.op_status,
+            "freeze": self.op_freeze, "thaw": self.op_thaw,
         }
 
-    def is_admin(self, uid: int, gid: int) -> bool:
+    @property
+    def names(self) -> List[str]:
+        return sorted(self._handlers)
+
+    def is_admin(self, uid: int, gid: int, groups: Iterable[int] = ()) -> bool:
         if uid == 0:
             return True
         if self.admin_gid is None:
             return False
-        if gid == self.admin_gid:
-            return True
-        try:
-            name = pwd.getpwuid(uid).pw_name
-            return self.admin_gid in os.getgrouplist(name, gid)
-        except KeyError:
-            return False
+        return gid == self.admin_gid or self.admin_gid in groups
 
-    def dispatch(self, conn: Connection, req: Dict[str, Any]) -> Any:
+    def dispatch(self, conn: Connection, req: Dict[str, Any], req_id: Any = None) -> Any:
         op = req.get("op")
         if not isinstance(op, str):
-            raise ProtocolError("'op' is required and must be a string")
+            raise ProtocolError(f"'op' is required and must be a string, got {_kind(op)}")
         handler = self._handlers.get(op)
         if handler is None:
-            raise ProtocolError(f"unknown op {op[:64]!r}; known: "
-                                f"{', '.join(sorted(self._handlers))}")
-        return handler(conn, req)
+            raise UnknownOperation(f"unknown op {op[:64]!r}; known: {', '.join(self.names)}")
+        return handler(conn, req, req_id)
 
     # -- authorization ---------------------------------------------------------------
     def _deny(self, message: str) -> PermissionDenied:
@@ -434,126 +760,191 @@ class Operations:
             raise self._deny(f"job {format_jid(job.jid)} belongs to uid {job.owner_uid}; "
                              f"uid {caller.uid} may only manage its own jobs")
 
+    def _process_uids(self, pid: int) -> Tuple[int, int, int]:
+        return _uids(self.manager.procfs.status_field(pid, "Uid"))
+
     def _check_pid(self, caller: Caller, pid: int) -> None:
+        """A non-admin may act on a process whose *real* uid is the caller's."""
         if caller.admin:
+            self.manager.procfs.info(pid)  # exists? (no-such-process otherwise)
             return
-        uid = self.manager.owner_of_pid(pid)
-        if uid != caller.uid:
-            raise self._deny(f"process {pid} belongs to uid {uid}; uid {caller.uid} may only "
-                             "manage its own processes")
+        real = self._process_uids(pid)[0]
+        if real != caller.uid:
+            raise self._deny(f"process {pid} belongs to uid {real}; uid {caller.uid} may "
+                             "only manage its own processes")
+
+    def _may_signal(self, caller: Caller, pid: int) -> bool:
+        """kill(2): the sender's uid matches the target's real or saved set-user-ID."""
+        if caller.admin:
+            return True
+        try:
+            real, _eff, saved = self._process_uids(pid)
+        except ElsaError:
+            return False
+        return caller.uid in (real, saved)
 
     # -- operations -------------------------------------------------------------------
-    def op_create(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
+    def op_hello(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
+        c = conn.caller
+        server = self.server
+        return {"protocol": PROTOCOL_VERSION, "versions": list(SUPPORTED_VERSIONS),
+                "daemon": __version__, "backend": self.backend_name, "ops": self.names,
+                "caller": {"pid": c.pid, "uid": c.uid, "gid": c.gid, "admin": c.admin},
+                "limits": dict(server.limits) if server else {}}
+
+    def op_create(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
         caller = conn.caller
         owner = _int(req, "owner_uid", required=False, maximum=2 ** 32 - 2)
         if owner is None:
             owner = caller.uid
         elif owner != caller.uid and not caller.admin:
             raise self._deny("only root or the admin group may create jobs for another user")
-        job = self.manager.create(name=_str(req, "name"), owner_uid=owner,
-                                  tags=_str_map(req, "tags"), params=_str_map(req, "params"))
-        pids = req.get("pids")
-        if pids is not None:
-            for pid in _pids(req):
-                self._check_pid(caller, pid)
+        name = _str(req, "name")
+        tags = _str_map(req, "tags")
+        params = _str_map(req, "params", max_entries=16)
+        pids = _pids(req) if req.get("pids") is not None else []
+        # Check every pid before the job exists: a refused create leaves nothing behind.
+        for pid in pids:
+            self._check_pid(caller, pid)
+            self._check_current_job(caller, pid)
+        job = self.manager.create(name=name, owner_uid=owner, tags=tags, params=params)
+        try:
+            for pid in pids:
                 self.manager.attach(job.jid, pid)
-            job = self.manager.job(job.jid)
-        return _job_json(job)
+        except ElsaError:
+            # A pid exited between the check and the attach: do not leave an empty job.
+            self.manager.end(job.jid, reason="create failed")
+            raise
+        return job_json(self.manager.job(job.jid))
 
-    def op_attach(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
-        jid = _int(req, "jid", minimum=1)
+    def _check_current_job(self, caller: Caller, pid: int) -> None:
+        """Moving a process out of a job needs the right to manage that job too."""
+        current = self.manager.job_of(pid)
+        if current is not None:
+            self._check_job(caller, self.manager.job(current))
+
+    def op_attach(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
+        jid = _jid(req)
         pids = _pids(req)
         job = self.manager.job(jid)
         self._check_job(conn.caller, job)
-        attached = []
+        if job.state != JOB_RUNNING:
+            self.manager.member_pids(jid)  # raises bad-job-state with the usual message
         for pid in pids:
             self._check_pid(conn.caller, pid)
-            current = self.manager.job_of(pid)
-            if current is not None and current != jid:
-                self._check_job(conn.caller, self.manager.job(current))
+            self._check_current_job(conn.caller, pid)
+        attached = []
+        for pid in pids:
             ident = self.manager.attach(jid, pid)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
-        return {"jid": jid, "attached": attached}
+        return {"jid": jid, "jid_hex": format_jid(jid), "attached": attached}
 
-    def op_detach(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
-        out = []
-        for pid in _pids(req):
+    def op_detach(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
+        pids = _pids(req)
+        plan = []
+        for pid in pids:
             jid = self.manager.job_of(pid)
             if jid is None:
-                raise JobNotFound(f"pid {pid} is not in any job")
-            self._check_pid(conn.caller, pid)
+                raise NotInJob(f"pid {pid} is not in any job")
             self._check_job(conn.caller, self.manager.job(jid))
+            self._check_pid(conn.caller, pid)
+            plan.append((pid, jid))
+        for pid, _jid_of_pid in plan:
             self.manager.detach(pid)
-            out.append({"pid": pid, "jid": jid})
-        return {"detached": out}
+        return {"detached": [{"pid": p, "jid": j, "jid_hex": format_jid(j)} for p, j in plan]}
 
-    def op_jobof(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
-        pid = _int(req, "pid", minimum=1, maximum=2 ** 31)
+    def op_jobof(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
+        pid = _int(req, "pid", minimum=1, maximum=2 ** 31 - 1)
+        assert pid is not None
         jid = self.manager.job_of(pid)
         if jid is None:
-            raise JobNotFound(f"pid {pid} is not in any job")
+            raise NotInJob(f"pid {pid} is not in any job")
         return {"pid": pid, "jid": jid, "jid_hex": format_jid(jid)}
 
-    def op_list(self, conn: Connection, req: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def op_list(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> List[Dict[str, Any]]:
         include_ended = req.get("all", False)
         if not isinstance(include_ended, bool):
-            raise ProtocolError("'all' must be a boolean")
-        running = {j.jid: j for j in self.manager.running()}
-        out = [_job_json(j, with_pids=False) for j in running.values()]
+            raise ProtocolError(f"'all' must be a boolean, got {_kind(include_ended)}")
+        owner = _int(req, "owner_uid", required=False, maximum=2 ** 32 - 2)
+        limit = _int(req, "limit", required=False, minimum=1, maximum=10000) or 10000
+        manager = self.manager
+        out = []
+        for state in list(manager.jobs.values()):
+            job = state.snapshot(with_pids=False)
+            item = job_json(job, with_pids=False)
+            item["nprocs"] = len(state.members)
+            out.append(item)
         if include_ended:
-            out += [_job_json(j, with_pids=False)
-                    for j in self.manager.store.jobs(include_ended=True)
-                    if j.jid not in running]
+            running = {j["jid"] for j in out}
+            for job in manager.store.jobs(include_ended=True, limit=limit):
+                if job.jid not in running:
+                    item = job_json(job, with_pids=False)
+                    item["nprocs"] = 0
+                    out.append(item)
+        if owner is not None:
+            out = [j for j in out if j["owner_uid"] == owner]
         out.sort(key=lambda j: j["jid"])
-        return out
+        return out[-limit:]
 
-    def op_show(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
-        return _job_json(self.manager.job(_int(req, "jid", minimum=1)))
+    def op_show(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
+        return job_json(self.manager.job(_jid(req)))
 
-    def op_pids(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
-        jid = _int(req, "jid", minimum=1)
-        return {"jid": jid, "pids": self.manager.member_pids(jid)}
+    def op_pids(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
+        jid = _jid(req)
+        job = self.manager.job(jid)
+        pids = self.manager.member_pids(jid) if job.state == JOB_RUNNING else []
+        return {"jid": jid, "jid_hex": format_jid(jid), "state": job.state, "pids": pids}
 
-    def op_wait(self, conn: Connection, req: Dict[str, Any]) -> Any:
-        jid = _int(req, "jid", minimum=1)
+    def op_wait(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Any:
+        jid = _jid(req)
         timeout = req.get("timeout")
         if timeout is not None and (isinstance(timeout, bool)
                                     or not isinstance(timeout, (int, float))
                                     or not 0 <= timeout <= 10 ** 7):
-            raise ProtocolError("'timeout' must be a number of seconds (0 to 1e7)")
+            raise ProtocolError("'timeout' must be a number of seconds (0 to 1e7) or null")
         job = self.manager.job(jid)
-        if job.state != "running":
-            return {"ended": True, "job": _job_json(job)}
+        if job.state != JOB_RUNNING:
+            return {"ended": True, "job": job_json(job)}
+        if timeout == 0:
+            return {"ended": False, "job": job_json(job)}
         assert self.server is not None
-        self.server.add_waiter(conn, jid, timeout, req.get("id"))
+        self.server.add_waiter(conn, jid, timeout, req_id)
         return _DEFERRED
 
-    def op_kill(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
-        jid = _int(req, "jid", minimum=1)
-        sig = _int(req, "signal", required=False, minimum=1, maximum=64) or 15
-        self._check_job(conn.caller, self.manager.job(jid))
-        return {"jid": jid, "signal": sig, "signalled": self.manager.signal(jid, sig)}
-
-    def op_end(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
-        jid = _int(req, "jid", minimum=1)
-        self._check_job(conn.caller, self.manager.job(jid))
-        return _job_json(self.manager.end(jid))
-
-    def op_freeze(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
-        jid = _int(req, "jid", minimum=1)
+    def op_kill(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
+        jid = _jid(req)
+        sig = _signal(req)
         job = self.manager.job(jid)
         self._check_job(conn.caller, job)
-        self.manager.backend.freeze(job)
-        return {"jid": jid, "frozen": True}
+        members = self.manager.member_pids(jid)
+        allowed = [p for p in members if self._may_signal(conn.caller, p)]
+        sent = self.manager.signal(jid, sig, pids=allowed)
+        return {"jid": jid, "jid_hex": format_jid(jid), "signal": sig, "signalled": sent,
+                "skipped": len(members) - len(allowed)}
 
-    def op_thaw(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
-        jid = _int(req, "jid", minimum=1)
+    def op_end(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
+        jid = _jid(req)
+        self._check_job(conn.caller, self.manager.job(jid))
+        return job_json(self.manager.end(jid))
+
+    def op_freeze(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
+        return self._freeze(conn, req, True)
+
+    def op_thaw(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
+        return self._freeze(conn, req, False)
+
+    def _freeze(self, conn: Connection, req: Dict[str, Any], freeze: bool) -> Dict[str, Any]:
+        jid = _jid(req)
         job = self.manager.job(jid)
         self._check_job(conn.caller, job)
-        self.manager.backend.thaw(job)
-        return {"jid": jid, "frozen": False}
+        self.manager.member_pids(jid)  # bad-job-state for an ended job
+        if freeze:
+            self.manager.backend.freeze(job)
+        else:
+            self.manager.backend.thaw(job)
+        return {"jid": jid, "jid_hex": format_jid(jid), "frozen": freeze}
 
-    def op_status(self, conn: Connection, req: Dict[str, Any]) -> Dict[str, Any]:
+    def op_status(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
         out = self.status_fn()
         out["version"] = __version__
         out["protocol"] = PROTOCOL_VERSION
@@ -575,3 +966,23 @@ def peer_credentials(sock: socket.socket) -> Tuple[int, int, int]:
     return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
 
 
+def peer_groups(sock: socket.socket, pid: int = 0) -> List[int]:
+    """Supplementary groups of the peer (SO_PEERGROUPS; /proc/PID/status as fallback)."""
+    size = 4 * 256
+    for _ in range(4):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+            return [g for (g,) in _GID.iter_unpack(raw[: len(raw) // 4 * 4])]
+        except OSError as exc:
+            if exc.errno == 34 and size < 4 * 65536:  # ERANGE: buffer too small
+                size *= 4
+                continue
+            break
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Groups:"):
+                    return [int(g) for g in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []
