@@ -340,10 +340,13 @@ _JOBS_FROM = """
 """
 
 
-def bulk_insert(db: sqlite3.Connection, insert: Callable[[sqlite3.Connection], None]) -> int:
+def bulk_insert(db: sqlite3.Connection, insert: Callable[[sqlite3.Connection], None],
+                after_insert: Optional[Callable[[sqlite3.Connection, int, int], None]] = None
+                ) -> Tuple[int, int]:
     """Run *insert(db)* (which adds proc_usage rows) in one transaction with
     the per-row triggers switched off, then aggregate the new rows with one
-    GROUP BY each. Returns the number of rows inserted (duplicates ignored).
+    GROUP BY each. *after_insert(db, lo, hi)* may update the new rows (ids in
+    (lo, hi]) first, e.g. to attribute them to jobs. Returns (lo, hi).
 
     The switch is a meta row only this transaction sees; other writers (the
     daemon) wait for our lock and then run with their triggers as usual.
@@ -354,6 +357,8 @@ def bulk_insert(db: sqlite3.Connection, insert: Callable[[sqlite3.Connection], N
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('usage.bulk', '1')")
         insert(db)
         (hi,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM proc_usage").fetchone()
+        if after_insert is not None:
+            after_insert(db, lo, hi)
         db.execute("DELETE FROM meta WHERE key = 'usage.bulk'")
         db.execute(_ROLLUP_FROM, (lo, hi))
         db.execute(_JOBS_FROM, (lo, hi))
@@ -361,7 +366,7 @@ def bulk_insert(db: sqlite3.Connection, insert: Callable[[sqlite3.Connection], N
     except BaseException:
         db.execute("ROLLBACK")
         raise
-    return hi - lo
+    return lo, hi
 
 
 def history_lookup(db: sqlite3.Connection, boot_id: str) -> Callable[[int, int, int],

@@ -1,0 +1,300 @@
+"""``elsa``: per-job accounting reports from the store (and pacct import).
+
+    elsa jobs [--state running|ended] [--since T] [--until T]
+    elsa job JID [--source NAME]                    each process with its usage
+    elsa summary --by job|user|command [--since T] [--until T] [--source NAME]
+    elsa import-acct FILE...                        bring old pacct files in
+
+Every report prints a table, or ``--json`` / ``--csv`` (raw units: µs, KiB,
+bytes). Times (``--since/--until``) accept ISO dates ("2026-11-21",
+"2026-11-21T10:00"), epoch seconds, or an age ("90m", "12h", "7d").
+The store is ``<state_dir>/elsa.db`` from the config (``--config``,
+``$ELSA_CONFIG``, /etc/elsa/elsa.toml), or ``--state-dir`` / ``--db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from elsa.errors import ElsaError
+
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(text: str, now: Optional[float] = None) -> float:
+    """An absolute time (epoch seconds) from ISO, epoch, or an age like "12h"."""
+    now = time.time() if now is None else now
+    t = text.strip()
+    m = _AGE.match(t)
+    if m:
+        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    try:
+        d = dt.datetime.fromisoformat(t.replace(" ", "T", 1) if " " in t else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (use 2026-11-21, 2026-11-21T10:00, epoch seconds, or an "
+            "age such as 90m, 12h, 7d)") from None
+    return d.timestamp()
+
+
+def _db_path(args: argparse.Namespace) -> str:
+    if args.db:
+        return args.db
+    if args.state_dir:
+        return os.path.join(args.state_dir, "elsa.db")
+    from elsa import config
+
+    cfg = config.load(config.resolve_path(args.config))
+    return os.path.join(cfg.state_dir, "elsa.db")
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+def _fmt_us(us: Optional[int]) -> str:
+    if us is None:
+        return "-"
+    s = us / 1e6
+    if s < 60:
+        return f"{s:.2f}s"
+    if s < 3600:
+        return f"{s / 60:.1f}m"
+    return f"{s / 3600:.2f}h"
+
+
+def _fmt_kb(kb: Optional[int]) -> str:
+    if kb is None:
+        return "-"
+    if kb < 1024:
+        return f"{kb}K"
+    if kb < 1024 * 1024:
+        return f"{kb / 1024:.1f}M"
+    return f"{kb / 1024 / 1024:.2f}G"
+
+
+def _fmt_bytes(b: Optional[int]) -> str:
+    return "-" if b is None else _fmt_kb(b // 1024) if b >= 1024 else f"{b}B"
+
+
+def _fmt_time(t: Optional[float]) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _table(rows: List[List[str]], header: List[str], out) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    out.write("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip() + "\n")
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+
+
+def _emit(args: argparse.Namespace, data: Any, csv_rows: Optional[List[Dict[str, Any]]],
+          table, out) -> None:
+    if args.json:
+        json.dump(data, out, indent=1 if out.isatty() else None, sort_keys=False)
+        out.write("\n")
+    elif args.csv:
+        rows = csv_rows if csv_rows is not None else []
+        if rows:
+            cols = list(rows[0].keys())
+            w = csv.DictWriter(out, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
+                            for k, v in r.items()})
+    else:
+        table()
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+def cmd_summary(args: argparse.Namespace, out) -> int:
+    from elsa.report import query
+
+    db = query.open_store(_db_path(args))
+    rows = query.summary(db, args.by, args.since, args.until, args.source)
+
+    def table() -> None:
+        if args.by == "job":
+            header = ["JID", "NAME", "OWNER", "PROCS", "USER", "SYS", "ELAPSED", "MAXRSS",
+                      "READ", "WRITE"]
+            body = [[f"{r['jid']:#x}", r["name"], r["owner"], str(r["processes"]),
+                     _fmt_us(r["cpu_user_us"]), _fmt_us(r["cpu_system_us"]),
+                     _fmt_us(r["elapsed_us"]), _fmt_kb(r["max_rss_kb"]),
+                     _fmt_bytes(r["read_bytes"]), _fmt_bytes(r["write_bytes"])
+                     + (" (incomplete)" if r["incomplete"] else "")] for r in rows]
+        else:
+            label = "USER" if args.by == "user" else "COMMAND"
+            header = [label, "PROCS", "USER", "SYS", "ELAPSED", "MAXRSS", "AVGMEM", "READ",
+                      "WRITE"]
+            body = [[r["user"] if args.by == "user" else r["command"], str(r["processes"]),
+                     _fmt_us(r["cpu_user_us"]), _fmt_us(r["cpu_system_us"]),
+                     _fmt_us(r["elapsed_us"]), _fmt_kb(r["max_rss_kb"]),
+                     _fmt_kb(r["avg_mem_kb"]), _fmt_bytes(r["read_bytes"]),
+                     _fmt_bytes(r["write_bytes"])] for r in rows]
+        _table(body, header, out)
+
+    _emit(args, rows, rows, table, out)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, out) -> int:
+    from elsa.report import query
+
+    db = query.open_store(_db_path(args))
+    rows = query.jobs(db, args.since, args.until, args.state)
+
+    def table() -> None:
+        header = ["JID", "NAME", "OWNER", "STATE", "CREATED", "ENDED", "PROCS", "CPU", "MAXRSS"]
+        body = []
+        for r in rows:
+            u = r["usage"]
+            cpu = None
+            if u.get("cpu_user_us") is not None or u.get("cpu_system_us") is not None:
+                cpu = (u.get("cpu_user_us") or 0) + (u.get("cpu_system_us") or 0)
+            body.append([f"{r['jid']:#x}", r["name"], r["owner"], r["state"],
+                         _fmt_time(r["created"]), _fmt_time(r["ended"]),
+                         "-" if u.get("processes") is None else str(u["processes"]),
+                         _fmt_us(cpu), _fmt_kb(u.get("max_rss_kb"))])
+        _table(body, header, out)
+
+    csv_rows = [{**{k: v for k, v in r.items() if k != "usage"},
+                 **{k: v for k, v in r["usage"].items()
+                    if k not in ("sources", "chosen", "incomplete")}} for r in rows]
+    _emit(args, rows, csv_rows, table, out)
+    return 0
+
+
+def cmd_job(args: argparse.Namespace, out) -> int:
+    from elsa.core.model import parse_jid
+    from elsa.report import query
+
+    try:
+        jid = parse_jid(args.jid)
+    except ValueError as exc:
+        raise ElsaError(str(exc)) from None
+    db = query.open_store(_db_path(args))
+    detail = query.job_detail(db, jid, args.source)
+    if detail is None:
+        raise ElsaError(f"no job {jid:#x} in the store; list jobs with 'elsa jobs'")
+
+    def table() -> None:
+        u = detail["usage"]
+        out.write(f"job {jid:#x}  {detail.get('name', '')}  owner {detail.get('owner', '?')}  "
+                  f"{detail.get('state', '?')}  created {_fmt_time(detail.get('created'))}  "
+                  f"ended {_fmt_time(detail.get('ended'))}\n")
+        out.write(f"usage: processes {u.get('processes')}  user {_fmt_us(u.get('cpu_user_us'))}"
+                  f"  sys {_fmt_us(u.get('cpu_system_us'))}  maxrss "
+                  f"{_fmt_kb(u.get('max_rss_kb'))}  read {_fmt_bytes(u.get('read_bytes'))}"
+                  f"  write {_fmt_bytes(u.get('write_bytes'))}\n")
+        if u.get("chosen"):
+            by_src: Dict[str, List[str]] = {}
+            for m, s in u["chosen"].items():
+                by_src.setdefault(s, []).append(m)
+            out.write("figures from: " + "; ".join(
+                f"{s}: {', '.join(ms)}" for s, ms in sorted(by_src.items())) + "\n")
+        for s, why in (u.get("incomplete") or {}).items():
+            out.write(f"INCOMPLETE ({s}): {why}\n")
+        out.write(f"\nprocesses (source {detail['process_source'] or '-'}):\n")
+        header = ["PID", "PPID", "USER", "COMMAND", "START", "ELAPSED", "USER", "SYS",
+                  "MAXRSS", "READ", "WRITE", "EXIT"]
+        body = [[str(p["pid"]), str(p["ppid"] if p["ppid"] is not None else "-"), p["user"],
+                 p["comm"], _fmt_time(p["start_time"]), _fmt_us(p["elapsed_us"]),
+                 _fmt_us(p["cpu_user_us"]), _fmt_us(p["cpu_system_us"]),
+                 _fmt_kb(p["max_rss_kb"]), _fmt_bytes(p["read_bytes"]),
+                 _fmt_bytes(p["write_bytes"]),
+                 "-" if p["exit_code"] is None else str(p["exit_code"])]
+                for p in detail["processes"]]
+        _table(body, header, out)
+
+    _emit(args, detail, detail["processes"], table, out)
+    return 0
+
+
+def cmd_import_acct(args: argparse.Namespace, out) -> int:
+    from elsa.report.importer import import_files
+
+    path = _db_path(args)
+    results = import_files(path, args.files, attribute=not args.no_attribute)
+    bad = 0
+    for r in results:
+        for p in r["problems"][:20]:
+            sys.stderr.write(f"elsa import-acct: {p}\n")
+        if len(r["problems"]) > 20:
+            sys.stderr.write(f"elsa import-acct: {r['file']}: {len(r['problems']) - 20} more "
+                             "problems\n")
+        if r["problems"]:
+            bad += 1
+    if args.json:
+        json.dump(results, out)
+        out.write("\n")
+    else:
+        for r in results:
+            out.write(f"{r['file']}: {r['records']} records, {r['inserted']} new, "
+                      f"{r['attributed']} attributed to jobs, {len(r['problems'])} problems\n")
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: $ELSA_CONFIG or "
+                        "/etc/elsa/elsa.toml)")
+    common.add_argument("--state-dir", help="elsad's state_dir (overrides the config)")
+    common.add_argument("--db", help="the store file itself (overrides --state-dir)")
+    fmt = common.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON output (raw units)")
+    fmt.add_argument("--csv", action="store_true", help="CSV output (raw units)")
+    window = argparse.ArgumentParser(add_help=False)
+    window.add_argument("--since", type=parse_time, help="from this time (ISO, epoch, or age)")
+    window.add_argument("--until", type=parse_time, help="up to this time (exclusive)")
+
+    p = argparse.ArgumentParser(prog="elsa", description="Per-job accounting reports.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("jobs", parents=[common, window], help="list jobs with their usage")
+    s.add_argument("--state", choices=("running", "ended"))
+    s.set_defaults(func=cmd_jobs)
+    s = sub.add_parser("job", parents=[common], help="one job: usage and every process")
+    s.add_argument("jid", help="job id (0x... or decimal)")
+    s.add_argument("--source", help="process records of this source (default: the best)")
+    s.set_defaults(func=cmd_job)
+    s = sub.add_parser("summary", parents=[common, window],
+                       help="totals by job, user or command")
+    s.add_argument("--by", choices=("job", "user", "command"), default="user")
+    s.add_argument("--source", help="count only this source's process records")
+    s.set_defaults(func=cmd_summary)
+    s = sub.add_parser("import-acct", parents=[common], help="import pacct files")
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s.add_argument("--no-attribute", action="store_true",
+                   help="do not attribute records to jobs from the membership history")
+    s.set_defaults(func=cmd_import_acct)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = sys.stdout
+    try:
+        return args.func(args, out)
+    except ElsaError as exc:
+        sys.stderr.write(f"elsa: {exc.message}\n")
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
