@@ -20,6 +20,8 @@ Section = Tuple[str, str]
 def escape(text: str) -> str:
     """Escape *text* for roff: backslashes, hyphens, and control characters at line start."""
     text = text.replace("\\", "\\e").replace("-", "\\-")
+    # Non-ASCII as groff glyph names: plain groff (without preconv) rejects raw UTF-8.
+    text = "".join(c if ord(c) < 128 else f"\\[u{ord(c):04X}]" for c in text)
     lines = []
     for line in text.split("\n"):
         # A line starting with "." or "'" would be read as a request (man(7)).
