@@ -194,6 +194,10 @@ class JobManager:
         self.detached.discard((pid, info.start_ticks))
         ident = info.ident
         self._join(state, ident, how)
+        # The reply promises membership: with the in-memory backend the store is the
+        # only record of it across a kill -9 (found by the conformance suite's
+        # recover test), so make it durable first, as create() does.
+        self.store.flush()
         # Children forked before the attach stay where they are: a job holds a
         # process and what it forks *afterwards* (CSA/ELSA semantics).
         return ident
