@@ -1,0 +1,146 @@
+"""Aggregator: attribution by (pid, start), either arrival order, hold/retry,
+the "best" rule, and the store's triggers (no double counting)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from elsa.core.aggregator import INSERT_PROC, Aggregator, best, proc_row
+from elsa.core.source import UsageRecord
+from elsa.core.store import MIGRATIONS, _split_sql
+
+
+@pytest.fixture
+def db():
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    for m in MIGRATIONS:
+        for stmt in _split_sql(m):
+            db.execute(stmt)
+    return db
+
+
+class FakeManager:
+    """Membership: pid -> [(start_ticks, jid)], like JobManager.resolve."""
+
+    def __init__(self):
+        self.members = {}
+
+    def resolve(self, pid, start, tol):
+        for s, jid in self.members.get(pid, ()):
+            if start is None or abs(s - start) <= tol:
+                return jid
+        return None
+
+
+def _agg(db, mgr, **kw):
+    clock = [0.0]
+    agg = Aggregator(lambda sql, p: db.execute(sql, p), mgr.resolve, clock=lambda: clock[0],
+                     boot_epoch_fn=lambda: 1_700_000_000.0, **kw)
+    return agg, clock
+
+
+def _ts(pid, start_ticks, cpu=1000, end=None):
+    # A fresh record (a stale one, from a backlog, is not held).
+    end = time.time() if end is None else end
+    return UsageRecord(source="taskstats", pid=pid, start_ticks=start_ticks, uid=1000,
+                       comm="work", cpu_user_us=cpu, cpu_system_us=cpu // 10, end_time=end,
+                       start_time=end - 1, elapsed_us=10_000, max_rss_kb=500)
+
+
+def test_record_attributed_by_pid_and_start(db):
+    mgr = FakeManager()
+    mgr.members[10] = [(5000, 1)]
+    agg, _ = _agg(db, mgr)
+    agg.add([_ts(10, 5010)])                 # within tolerance: job 1
+    agg.add([_ts(10, 9000)])       # same pid, another process: not job 1
+    rows = db.execute("SELECT pid, jid FROM proc_usage ORDER BY id").fetchall()
+    assert rows == [(10, 1)]
+    assert agg.counters.held == 1
+
+
+def test_record_before_membership_is_held_then_attributed(db):
+    mgr = FakeManager()
+    agg, clock = _agg(db, mgr, hold_seconds=2.0)
+    agg.add([_ts(11, 100)])        # accounting record first (event still queued)
+    assert db.execute("SELECT COUNT(*) FROM proc_usage").fetchone() == (0,)
+    mgr.members[11] = [(100, 7)]   # the fork/exit events are processed
+    clock[0] = 0.5
+    agg.retry()
+    assert db.execute("SELECT jid FROM proc_usage").fetchall() == [(7,)]
+    assert agg.counters.resolved_late == 1
+
+
+def test_unresolvable_record_is_stored_without_job_after_hold(db):
+    agg, clock = _agg(db, FakeManager(), hold_seconds=2.0)
+    agg.add([_ts(12, 100)])
+    clock[0] = 1.0
+    agg.retry()
+    assert db.execute("SELECT COUNT(*) FROM proc_usage").fetchone() == (0,)
+    clock[0] = 2.5
+    agg.retry()
+    assert db.execute("SELECT pid, jid FROM proc_usage").fetchall() == [(12, None)]
+
+
+def test_acct_record_matches_with_one_second_btime(db):
+    mgr = FakeManager()
+    mgr.members[13] = [(12_345, 3)]  # started 123.45 s after boot
+    agg, _ = _agg(db, mgr)
+    # btime is whole seconds (exit time minus elapsed, truncated): 123 s after boot.
+    rec = UsageRecord(source="bsdacct", pid=13, start_time=1_700_000_123.0,
+                      end_time=1_700_000_124.0, cpu_user_us=10_000, comm="x", uid=0)
+    agg.add([rec])
+    assert db.execute("SELECT jid FROM proc_usage").fetchall() == [(3,)]
+
+
+def test_duplicate_record_is_not_counted_twice(db):
+    mgr = FakeManager()
+    mgr.members[14] = [(100, 9)]
+    agg, _ = _agg(db, mgr)
+    rec = _ts(14, 100, cpu=2000)
+    agg.add([rec])
+    agg.add([rec])   # re-read after a crash
+    assert db.execute("SELECT COUNT(*) FROM proc_usage").fetchone() == (1,)
+    assert db.execute("SELECT processes, cpu_user_us FROM job_usage WHERE jid = 9"
+                      ).fetchone() == (1, 2000)
+    assert db.execute("SELECT SUM(processes), SUM(cpu_user_us) FROM usage_rollup"
+                      ).fetchone() == (1, 2000)
+
+
+def test_job_level_readings_replace_and_best_rule(db):
+    mgr = FakeManager()
+    mgr.members[15] = [(100, 4)]
+    agg, _ = _agg(db, mgr)
+    agg.add([_ts(15, 100, cpu=1000)])
+    acct = UsageRecord(source="bsdacct", pid=15, start_time=1_700_000_001.0,
+                       end_time=1_700_000_002.0, cpu_user_us=0, cpu_system_us=0, comm="x",
+                       max_vm_kb=9000, minflt=3)
+    agg.add([acct])
+    for cpu in (500, 1500):  # interim then final: the later reading replaces
+        agg.add([UsageRecord(source="cgroupstat", pid=0, jid=4, cpu_user_us=cpu,
+                             cpu_system_us=10, max_rss_kb=None)])
+    per = {r[0]: {"processes": r[1], "cpu_user_us": r[2], "max_rss_kb": r[3],
+                  "max_vm_kb": r[4]}
+           for r in db.execute("SELECT source, processes, cpu_user_us, max_rss_kb, max_vm_kb "
+                               "FROM job_usage WHERE jid = 4")}
+    assert per["cgroupstat"]["cpu_user_us"] == 1500
+    values, chosen = best(per)
+    assert chosen["cpu_user_us"] == "cgroupstat" and values["cpu_user_us"] == 1500
+    assert chosen["processes"] == "taskstats" and values["processes"] == 1
+    assert chosen["max_rss_kb"] == "taskstats" and values["max_rss_kb"] == 500
+    assert chosen["max_vm_kb"] == "bsdacct"   # only acct measured it here
+
+
+def test_incomplete_flag_accumulates_reasons(db):
+    agg, _ = _agg(db, FakeManager())
+    agg.flag_incomplete([5], "taskstats", "records lost (ENOBUFS)")
+    agg.flag_incomplete([5], "taskstats", "records lost (ENOBUFS)")
+    assert db.execute("SELECT incomplete FROM job_usage").fetchone() == (
+        "records lost (ENOBUFS)",)
+
+
+def test_proc_row_matches_insert_columns():
+    row = proc_row(_ts(1, 1), 3)
+    assert INSERT_PROC.count("?") == len(row)
