@@ -918,7 +918,14 @@ class Operations:
         self._check_job(conn.caller, job)
         members = self.manager.member_pids(jid)
         allowed = [p for p in members if self._may_signal(conn.caller, p)]
-        sent = self.manager.signal(jid, sig, pids=allowed)
+        if len(allowed) == len(members):
+            # The backend signals the whole job (cgroup2: freeze-signal-thaw or
+            # cgroup.kill, which also reaches children forked meanwhile).
+            sent = self.manager.signal(jid, sig)
+        else:
+            # Some members changed uid (su, sudo): a backend signals the whole
+            # cgroup, so signal the allowed ones one by one instead.
+            sent = _kill_each(allowed, sig)
         return {"jid": jid, "jid_hex": format_jid(jid), "signal": sig, "signalled": sent,
                 "skipped": len(members) - len(allowed)}
 
@@ -949,6 +956,17 @@ class Operations:
         out["version"] = __version__
         out["protocol"] = PROTOCOL_VERSION
         return out
+
+
+def _kill_each(pids: Iterable[int], sig: int) -> int:
+    sent = 0
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            sent += 1
+        except ProcessLookupError:
+            continue  # exited meanwhile
+    return sent
 
 
 def _group_id(name: str) -> Optional[int]:
