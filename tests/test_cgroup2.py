@@ -1,0 +1,167 @@
+"""cgroup2 backend on the real kernel, beyond the conformance suite: placement and
+origins, the released leaf, emptied-job notice via cgroup.events, kill that waits,
+controller report, recovery reconciling cgroups with the store.
+
+Every cgroup lives under a private ``<cgroup2 mount>/elsa-test-<random>`` base
+that is removed at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from elsa.core.cgroupfs import CgroupFS
+from elsa.testing import BackendUnderTest, Harness, pid_alive, wait_for
+
+pytestmark = pytest.mark.root
+
+FS = CgroupFS()
+MOUNT = FS.cgroup2_mount() or "/nonexistent"
+
+
+def v2_of(pid: int) -> str:
+    return os.path.normpath(MOUNT + (FS.own_cgroup(pid) or "/"))
+
+
+def _rmtree_empty(path: str) -> None:
+    if not os.path.isdir(path):
+        return
+    for e in os.scandir(path):
+        if e.is_dir():
+            _rmtree_empty(e.path)
+    os.rmdir(path)
+
+
+@pytest.fixture
+def area():
+    """A private base plus a private 'origin' cgroup outside it."""
+    if not os.path.isdir(MOUNT):
+        pytest.skip("no cgroup2 mount")
+    tag = uuid.uuid4().hex[:8]
+    base = os.path.join(MOUNT, f"elsa-test-c2-{tag}")
+    origin = os.path.join(MOUNT, f"elsa-test-origin-{tag}")
+    yield base, origin
+    leftovers = []
+    for path in (base, origin):
+        if os.path.isdir(path):
+            leftovers += [e.name for e in os.scandir(path) if e.is_dir()]
+            try:
+                _rmtree_empty(path)
+            except OSError:
+                pass
+    assert not os.path.exists(base) and not os.path.exists(origin), leftovers
+
+
+@pytest.fixture
+def harness(area, tmp_path: Path):
+    base, _ = area
+    h = Harness(BackendUnderTest("cgroup2", config=f'base = "{base}"\nkill_timeout = 5'),
+                tmp_path / "d")
+    yield h
+    h.close()
+
+
+def test_placement_origin_and_released_leaf(harness: Harness, area) -> None:
+    base, origin = area
+    d = harness.start()
+    h1, h2 = harness.helper(), harness.helper()
+    os.mkdir(origin)
+    FS.move(origin, h2.pid)
+    start1 = v2_of(h1.pid)
+    with d.client() as c:
+        job = c.create(name="p", pids=[h1.pid, h2.pid])
+        path = job["params"]["cgroup_path"]
+        assert path == os.path.join(base, job["jid_hex"])
+        assert v2_of(h1.pid) == path == v2_of(h2.pid)
+        assert set(FS.procs(path)) == {h1.pid, h2.pid}
+        # Detach puts a process back where it came from...
+        c.detach([h1.pid])
+        assert v2_of(h1.pid) == start1
+        # ...or, when that cgroup is gone, into the documented leaf <base>/released.
+        os.rmdir(origin)
+        c.detach([h2.pid])
+        assert v2_of(h2.pid) == os.path.join(base, "released")
+        st = c.status()["backend_status"]
+        assert st["base"] == base and st["kill"] == "cgroup.kill"
+    FS.move(MOUNT, h2.pid)  # so the leaf can go when the daemon stops
+
+
+def test_controllers_reported(harness: Harness, area) -> None:
+    base, _ = area
+    d = harness.start()
+    with d.client() as c:
+        st = c.status()["backend_status"]
+    available = FS.controllers(base)
+    wanted = ["cpu", "memory", "io", "pids"]
+    assert st["controllers_missing"] == [x for x in wanted if x not in available]
+    assert st["controllers_enabled"] == [x for x in wanted if x in available]
+    assert set(st["controllers_enabled"]) <= FS.subtree_control(base)
+
+
+def test_emptied_job_noticed_from_cgroup_events(harness: Harness, area) -> None:
+    """A member moved out behind elsad's back sends no exit event: only
+    cgroup.events (populated 0) tells, and the job must end promptly."""
+    d = harness.start()
+    h = harness.helper()
+    with d.client() as c:
+        job = c.create(name="e", pids=[h.pid])
+        t0 = time.monotonic()
+        FS.move(MOUNT, h.pid)
+        done = c.wait(job["jid"], timeout=5)
+        elapsed = time.monotonic() - t0
+        assert done["ended"] is True, "populated 0 was not noticed"
+        assert elapsed < 1.0
+        assert c.status()["backend_status"]["emptied_notices"] >= 1
+        assert not os.path.exists(job["params"]["cgroup_path"])
+    assert pid_alive(h.pid)
+
+
+def test_kill_returns_when_members_are_gone(harness: Harness) -> None:
+    d = harness.start()
+    h = harness.helper()
+    with d.client() as c:
+        job = c.create(name="k", pids=[h.pid])
+        pids = [h.pid, *h.cmd("nested")["pids"], *h.cmd("daemon")["pids"]]
+        wait_for(lambda: set(c.pids(job["jid"])) >= set(pids), 5, what="tree joined")
+        reply = c.kill(job["jid"], signal=signal.SIGKILL)
+        # No polling: the reply itself promises they are gone (cgroup.events populated 0).
+        assert not FS.populated(job["params"]["cgroup_path"])
+        assert not any(pid_alive(p) for p in pids), reply
+        # A catchable signal goes through freeze/signal/thaw and does not wait.
+        h2 = harness.helper()
+        job2 = c.create(name="t", pids=[h2.pid])
+        c.kill(job2["jid"], signal=signal.SIGTERM)
+        assert c.wait(job2["jid"], timeout=5)["ended"] is True
+
+
+def test_recover_reconciles_cgroups_with_store(harness: Harness, area) -> None:
+    base, _ = area
+    d = harness.start()
+    h, stray = harness.helper(), harness.helper()
+    with d.client() as c:
+        keep = c.create(name="keep", pids=[h.pid])
+        vanish = c.create(name="vanish")  # no member yet: stays running
+    d.kill9()
+    # While down: someone removes a job cgroup, and cgroups appear that no job owns.
+    os.rmdir(vanish["params"]["cgroup_path"])
+    empty_orphan = os.path.join(base, "0x00000000deadbeef")
+    full_orphan = os.path.join(base, "0x00000000deadbee0")
+    os.mkdir(empty_orphan)
+    os.mkdir(full_orphan)
+    FS.move(full_orphan, stray.pid)
+    d.start()
+    with d.client() as c:
+        assert c.show(vanish["jid"])["state"] == "ended"
+        assert c.show(keep["jid"])["state"] == "running"
+        assert c.pids(keep["jid"]) == [h.pid]
+        st = c.status()["backend_status"]
+        assert st["orphan_cgroups"] == [full_orphan]
+        assert not os.path.exists(empty_orphan)
+    FS.move(MOUNT, stray.pid)
+    os.rmdir(full_orphan)
