@@ -235,6 +235,9 @@ def test_packaged_elsad_runs_with_only_the_units_privileges(deb_root, backend, t
     caps = _unit()["CapabilityBoundingSet"][0].split()
     assert set(caps) <= set(_CAP_BITS), f"add the new capability's bit to _CAP_BITS: {caps}"
     extra = '[sources.taskstats]\n'
+    if backend == "cnproc":
+        # acct(2) is global: only one case switches it (elsad switches it back on stop).
+        extra += '[sources.bsdacct]\n'
     if backend == "cgroup2":
         if "cgroup2" not in cgroup_bases:
             pytest.skip("no cgroup2 mount")
@@ -291,6 +294,14 @@ def test_packaged_elsad_runs_with_only_the_units_privileges(deb_root, backend, t
     child.wait(10)
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(20) == 0, log_path.read_text()[-4000:]
+    if backend == "cnproc":
+        assert "bsdacct" in st["sources"], st["sources"]
+        # Accounting no longer goes to elsad's files once it stopped.
+        pacct = list((tmp_path / "state").rglob("pacct*"))
+        sizes = {p: p.stat().st_size for p in pacct if p.is_file()}
+        subprocess.run(["true"], check=True)
+        assert {p: p.stat().st_size for p in sizes if p.exists()} == \
+            {p: n for p, n in sizes.items() if p.exists()}
     assert '"level": "error"' not in log_path.read_text(), log_path.read_text()[-4000:]
 
 
