@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal as signal_mod
 import socket
 from typing import Any, Dict, Iterable, List, Optional, Union
 
@@ -53,6 +54,23 @@ def default_socket(config_path: Optional[str] = None) -> str:
     if path is None:
         return DEFAULT_SOCKET
     return config.load(path).socket
+
+
+def parse_signal(text: str) -> int:
+    """``"TERM"``, ``"SIGTERM"``, ``"sigkill"`` or ``"9"`` to a signal number."""
+    name = text.strip().upper()
+    if name.isdigit():
+        number = int(name)
+        if 1 <= number <= signal_mod.SIGRTMAX:
+            return number
+        raise ProtocolError(f"signal number out of range: {text[:32]!r}")
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal_mod.Signals[name])
+    except KeyError:
+        raise ProtocolError(f"unknown signal {text[:32]!r} (use a name like TERM or KILL, "
+                            "or a number)") from None
 
 
 class Client:

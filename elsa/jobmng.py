@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from elsa import __version__
-from elsa.client import Client, RequestFailed, default_socket
+from elsa.client import Client, RequestFailed, default_socket, parse_signal
 from elsa.core.model import format_jid, parse_jid
 from elsa.errors import DaemonUnavailable, ElsaError
 
@@ -90,8 +90,6 @@ def _timeout_arg(text: str) -> float:
 
 
 def _signal_arg(text: str) -> int:
-    from elsa.core.control import parse_signal
-
     try:
         return parse_signal(text)
     except ElsaError as exc:

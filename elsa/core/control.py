@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import structlog
 
 from elsa import __version__
+from elsa.client import parse_signal
 from elsa.core.model import JOB_RUNNING, Job, format_jid
 from elsa.errors import (
     ElsaError,
@@ -684,23 +685,6 @@ def _signal(req: Dict[str, Any]) -> int:
     if not 1 <= value <= signal_mod.SIGRTMAX:
         raise ProtocolError(f"'signal' out of range [1, {int(signal_mod.SIGRTMAX)}]: {value}")
     return value
-
-
-def parse_signal(text: str) -> int:
-    """``"TERM"``, ``"SIGTERM"``, ``"sigkill"`` or ``"9"`` to a signal number."""
-    name = text.strip().upper()
-    if name.isdigit():
-        number = int(name)
-        if 1 <= number <= signal_mod.SIGRTMAX:
-            return number
-        raise ProtocolError(f"signal number out of range: {text[:32]!r}")
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    try:
-        return int(signal_mod.Signals[name])
-    except KeyError:
-        raise ProtocolError(f"unknown signal {text[:32]!r} (use a name like TERM or KILL, "
-                            "or a number)") from None
 
 
 def _uids(status_value: Optional[str]) -> Tuple[int, int, int]:
