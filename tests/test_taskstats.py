@@ -54,7 +54,10 @@ def test_threads_fold_into_their_process():
     assert proc.utime_us == 4000 + 8000 + 47964
     assert proc.hiwater_rss_kb == 13548  # the shared mm's peak, not a sum
     u = proc.to_usage()
-    assert u.pid == 12429 and u.cpu_user_us == 59964 and u.extra["threads"] == 3
+    assert u.pid == 12429 and u.extra["threads"] == 3 and u.extra["tick_utime_us"] == 59964
+    # CPU is the precise runtime (cpu_run_virtual_total) split by the tick ratio.
+    assert proc.cpu_run_ns == 6564902 + 6234270 + 55417947
+    assert u.cpu_user_us + u.cpu_system_us == proc.cpu_run_ns // 1000
 
 
 def test_lost_last_thread_expires_as_partial():
@@ -122,7 +125,7 @@ def test_live_listener_folds_a_multithreaded_process():
         s.close()
     assert got is not None, "no folded exit record for the test process"
     assert got.threads == 4 and got.pid == p.pid
-    cpu = got.utime_us + got.stime_us
+    cpu = sum(got.cpu_adjusted_us())
     ru_cpu = (ru.ru_utime + ru.ru_stime) * 1e6
     assert cpu == pytest.approx(ru_cpu, rel=0.02, abs=20_000)
     assert s.enobufs == 0
