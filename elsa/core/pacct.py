@@ -329,8 +329,11 @@ def _dtype(order: str) -> Any:
 
 
 def _comp_np(c: Any) -> Any:
-    c = c.astype(np.uint64)
-    return ((c & np.uint64(0x1FFF)) << (np.uint64(3) * (c >> np.uint64(13)))).astype(np.int64)
+    c = c.astype(np.int64)
+    exp = c >> 13
+    if not exp.any():  # common: every value fits the mantissa, nothing to shift
+        return c
+    return (c & 0x1FFF) << (3 * exp)
 
 
 def _decode_numpy(data: bytes, segments: Sequence[Tuple[int, int]],

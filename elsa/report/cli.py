@@ -123,10 +123,17 @@ def _emit(args: argparse.Namespace, data: Any, csv_rows: Optional[List[Dict[str,
 # -- commands -----------------------------------------------------------------------------------
 
 def cmd_summary(args: argparse.Namespace, out) -> int:
-    from elsa.report import query
+    if args.acct_file:
+        if args.by == "job":
+            raise ElsaError("--acct-file summarizes by user or command; jobs need the store")
+        from elsa.report.acctfile import summarize
 
-    db = query.open_store(_db_path(args))
-    rows = query.summary(db, args.by, args.since, args.until, args.source)
+        rows = summarize(args.acct_file, args.by)
+    else:
+        from elsa.report import query
+
+        db = query.open_store(_db_path(args))
+        rows = query.summary(db, args.by, args.since, args.until, args.source)
 
     def table() -> None:
         if args.by == "job":
@@ -141,11 +148,12 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
             label = "USER" if args.by == "user" else "COMMAND"
             header = [label, "PROCS", "USER", "SYS", "ELAPSED", "MAXRSS", "AVGMEM", "READ",
                       "WRITE"]
-            body = [[r["user"] if args.by == "user" else r["command"], str(r["processes"]),
-                     _fmt_us(r["cpu_user_us"]), _fmt_us(r["cpu_system_us"]),
-                     _fmt_us(r["elapsed_us"]), _fmt_kb(r["max_rss_kb"]),
-                     _fmt_kb(r["avg_mem_kb"]), _fmt_bytes(r["read_bytes"]),
-                     _fmt_bytes(r["write_bytes"])] for r in rows]
+            body = [[str(r["user"] if args.by == "user" else r["command"]),
+                     str(r["processes"]), _fmt_us(r["cpu_user_us"]),
+                     _fmt_us(r["cpu_system_us"]), _fmt_us(r["elapsed_us"]),
+                     _fmt_kb(r["max_rss_kb"]), _fmt_kb(r["avg_mem_kb"]),
+                     _fmt_bytes(r.get("read_bytes")), _fmt_bytes(r.get("write_bytes"))]
+                    for r in rows]
         _table(body, header, out)
 
     _emit(args, rows, rows, table, out)
@@ -275,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="totals by job, user or command")
     s.add_argument("--by", choices=("job", "user", "command"), default="user")
     s.add_argument("--source", help="count only this source's process records")
+    s.add_argument("--acct-file", action="append", metavar="PACCT",
+                   help="summarize this pacct file directly, like GNU sa (repeatable)")
     s.set_defaults(func=cmd_summary)
     s = sub.add_parser("import-acct", parents=[common], help="import pacct files")
     s.add_argument("files", nargs="+", metavar="FILE")

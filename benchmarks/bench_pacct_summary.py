@@ -1,0 +1,129 @@
+"""Summarize a 1M-record pacct per command and per user: `elsa summary
+--acct-file` vs GNU `sa` (per command) and `sa -m` (per user), same file,
+same run. Target ratio (elsa / sa) <= 1.0.
+
+Two elsa figures: the command end to end (interpreter start-up and imports
+included, like sa's), and the in-process summarize() call (decode + group),
+which is what a long-running report or the daemon pays.
+
+    python3 benchmarks/bench_pacct_summary.py [--records N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+T0 = 1_700_000_000
+USERS = 50
+COMMANDS = 300
+
+
+def make_pacct(path: str, n: int, seconds_per_record: float = 0.3) -> None:
+    """n acct v3 records (little-endian), deterministic: record i has
+    uid 1000 + (7i mod 50), comm "cmd<13i mod 300>", pid 1000 + (i mod 4e6),
+    btime T0 + floor(i * s), etime i mod 1000 ticks, utime i mod 200,
+    stime i mod 50, mem 1000 + (i mod 5000) KiB, minflt i mod 300.
+    bench_store_summary builds its store with the same formulas in SQL."""
+    import numpy as np
+
+    from elsa.core.pacct import _dtype
+
+    dt = _dtype("<")
+    chunk = 1_000_000
+    names = np.array([f"cmd{k}".encode() for k in range(COMMANDS)], dtype="S16")
+    with open(path, "wb") as fh:
+        for lo in range(0, n, chunk):
+            i = np.arange(lo, min(n, lo + chunk), dtype=np.int64)
+            a = np.zeros(len(i), dtype=dt)
+            a["version"] = 3
+            a["uid"] = 1000 + (i * 7) % USERS
+            a["gid"] = 100
+            a["pid"] = 1000 + i % 4_000_000
+            a["ppid"] = 1
+            a["btime"] = T0 + (i * int(seconds_per_record * 1000)) // 1000
+            a["etime"] = (i % 1000).astype(np.float32)
+            a["utime"] = i % 200      # < 8192: comp_t stores these exactly
+            a["stime"] = i % 50
+            a["mem"] = 1000 + i % 5000
+            a["minflt"] = i % 300
+            a["comm"] = names[(i * 13) % COMMANDS]
+            fh.write(a.tobytes())
+
+
+def best_time(cmd: Sequence[str], runs: int = 3, env: Optional[Dict[str, str]] = None) -> float:
+    """Best wall time of *runs* runs of *cmd* (output discarded)."""
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(list(cmd), stdout=subprocess.DEVNULL, check=True, env=env)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def elsa_cmd() -> List[str]:
+    exe = shutil.which("elsa")
+    return [exe] if exe else [sys.executable, "-m", "elsa.report.cli"]
+
+
+def row(metric: str, elsa: float, peer: float, target: float, reproduce: str) -> Dict[str, Any]:
+    ratio = elsa / peer if peer else float("inf")
+    return {"metric": metric, "elsa": round(elsa, 4), "peer": round(peer, 4),
+            "ratio": round(ratio, 3), "target": target, "passed": ratio <= target,
+            "reproduce": reproduce}
+
+
+def print_rows(rows: List[Dict[str, Any]]) -> None:
+    print(f"{'metric':44} {'elsa s':>8} {'peer s':>8} {'ratio':>6} {'target':>6}  result")
+    for r in rows:
+        print(f"{r['metric']:44} {r['elsa']:8.3f} {r['peer']:8.3f} {r['ratio']:6.2f} "
+              f"{r['target']:6.2f}  {'PASS' if r['passed'] else 'FAIL'}")
+
+
+def cache_dir() -> str:
+    d = os.environ.get("ELSA_BENCH_CACHE", "/var/tmp/elsa-bench")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+REPRO = "python3 benchmarks/bench_pacct_summary.py"
+
+
+def main(records: int = 1_000_000, runs: int = 3) -> List[Dict[str, Any]]:
+    if shutil.which("sa") is None:
+        raise SystemExit("GNU sa (Debian/Ubuntu package 'acct') is needed as the peer")
+    path = os.path.join(cache_dir(), f"pacct-{records}.bin")
+    if not os.path.exists(path) or os.path.getsize(path) != records * 64:
+        make_pacct(path, records)
+    from elsa.report.acctfile import summarize
+
+    rows = []
+    elsa = elsa_cmd()
+    for by, sa_args in (("command", ["sa", "-a"]), ("user", ["sa", "-m"])):
+        # -a: no "***other" folding; sa reads only the given file here (no
+        # summary files exist) and prints one line per command / user.
+        peer = best_time(sa_args + [path], runs)
+        cli = best_time(elsa + ["summary", "--by", by, "--acct-file", path], runs)
+        rows.append(row(f"pacct {records // 1000}k per {by}: elsa command", cli, peer, 1.0,
+                        REPRO))
+        inproc = float("inf")
+        for _ in range(runs):
+            t = time.perf_counter()
+            summarize([path], by)
+            inproc = min(inproc, time.perf_counter() - t)
+        rows.append(row(f"pacct {records // 1000}k per {by}: elsa in-process", inproc, peer,
+                        1.0, REPRO))
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    print_rows(main(a.records, a.runs))

@@ -1,0 +1,162 @@
+"""``elsa summary --acct-file FILE``: summarize pacct files directly, like GNU
+``sa`` (per command) and ``sa -m`` (per user), without a store.
+
+Vectorized: the numpy pacct decoder, then grouping with ``np.unique`` on a
+64-bit hash of the 16-byte command name (checked for collisions) and
+``np.bincount`` sums. Without numpy a plain loop does the same, slower.
+Memory is the acct ``ac_mem`` figure in KiB (GNU sa divides by 4 here).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from elsa.core import pacct
+
+
+def summarize(files: Sequence[str], by: str) -> List[Dict[str, Any]]:
+    np = pacct.np
+    rows: List[Dict[str, Any]] = []
+    problems = 0
+    if np is not None:
+        cols = _fast_columns(files)
+        if cols is None:  # corrupt or mixed-order input: the checked decoder
+            decs = [pacct.read_file(f) for f in files]
+            problems = sum(len(d.problems) for d in decs)
+            cols = {k: np.concatenate([d.columns[k] for d in decs])
+                    for k in ("uid", "comm", "utime", "stime", "etime", "mem", "minflt",
+                              "majflt")}
+        rows = _numpy(cols, by)
+    else:
+        decs = [pacct.read_file(f) for f in files]
+        problems = sum(len(d.problems) for d in decs)
+        rows = _loop(decs, by)
+    rows.sort(key=lambda r: -(r["cpu_user_us"] + r["cpu_system_us"]))
+    if problems:
+        for r in rows:
+            r["problems"] = problems
+    return rows
+
+
+def _fast_columns(files: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """Only the columns a summary needs, straight from the structured view,
+    when every file is clean little- or big-endian v3 (checked vectorized)."""
+    np = pacct.np
+    parts = []
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            return None
+        if len(data) % pacct.RECORD_SIZE:
+            return None
+        raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, pacct.RECORD_SIZE)
+        if not len(raw):
+            continue
+        version = raw[:, 1]
+        if (version == pacct.ACCT_VERSION).all():
+            order = "<"
+        elif (version == (pacct.ACCT_VERSION | pacct.ACCT_BYTEORDER)).all():
+            order = ">"
+        else:
+            return None
+        if (raw[:, 0] & (0xFF & ~pacct._FLAG_MASK)).any():
+            return None
+        parts.append(np.frombuffer(data, dtype=pacct._dtype(order)))
+    if not parts:
+        return None
+    rec = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    comp = pacct._comp_np
+    return {"uid": rec["uid"], "comm": rec["comm"], "utime": comp(rec["utime"]),
+            "stime": comp(rec["stime"]), "etime": rec["etime"].astype(np.float64),
+            "mem": comp(rec["mem"]), "minflt": comp(rec["minflt"]),
+            "majflt": comp(rec["majflt"])}
+
+
+def _group(cols: Dict[str, Any], by: str) -> Tuple[List[Any], Any]:
+    """(labels, index of each record's group) without a full sort when possible."""
+    np = pacct.np
+    if by == "user":
+        uid = cols["uid"].astype(np.int64)
+        if len(uid) and uid.max() < (1 << 20):
+            present = np.flatnonzero(np.bincount(uid))
+            slot = np.full(int(uid.max()) + 1, -1, dtype=np.int64)
+            slot[present] = np.arange(len(present))
+            return present.tolist(), slot[uid]
+        keys, inv = np.unique(uid, return_inverse=True)
+        return keys.tolist(), inv.ravel()
+    comm = np.ascontiguousarray(cols["comm"])
+    words = comm.view(np.uint64).reshape(-1, 2)
+    h = (words[:, 0] * np.uint64(0x9E3779B97F4A7C15)) ^ words[:, 1]
+    h = (h ^ (h >> np.uint64(29))) & np.uint64((1 << 18) - 1)
+    table = np.zeros(1 << 18, dtype=comm.dtype)
+    table[h] = comm           # one representative per hash slot
+    if np.array_equal(table[h], comm):  # no two commands share a slot
+        used = np.flatnonzero(np.bincount(h.astype(np.int64), minlength=1 << 18))
+        idx = np.full(1 << 18, -1, dtype=np.int64)
+        idx[used] = np.arange(len(used))
+        names = table[used]
+        inv = idx[h.astype(np.int64)]
+    else:
+        names, inv = np.unique(comm, return_inverse=True)
+        inv = inv.ravel()
+    return [n.split(b"\0", 1)[0].decode("utf-8", "replace") for n in names.tolist()], inv
+
+
+def _numpy(cols: Dict[str, Any], by: str) -> List[Dict[str, Any]]:
+    np = pacct.np
+    labels, inv = _group(cols, by)
+    n = len(labels)
+    count = np.bincount(inv, minlength=n)
+
+    def total(x: Any) -> List[int]:
+        return np.bincount(inv, weights=x, minlength=n).round().astype(np.int64).tolist()
+
+    t = pacct.US_PER_TICK
+    cu, cs = total(cols["utime"] * t), total(cols["stime"] * t)
+    el = total(np.rint(cols["etime"] * t))
+    mem, mi, ma = total(cols["mem"]), total(cols["minflt"]), total(cols["majflt"])
+    out = []
+    for i, label in enumerate(labels):
+        c = int(count[i])
+        row: Dict[str, Any] = {by: label}
+        if by == "user":
+            from elsa.report.query import user_name
+
+            row["uid"] = label
+            row[by] = user_name(label)
+        row.update({"processes": c, "cpu_user_us": cu[i], "cpu_system_us": cs[i],
+                    "elapsed_us": el[i], "max_rss_kb": None,
+                    "avg_mem_kb": round(mem[i] / c) if c else 0, "minflt": mi[i],
+                    "majflt": ma[i]})
+        out.append(row)
+    return out
+
+
+def _loop(decs: List[pacct.Decoded], by: str) -> List[Dict[str, Any]]:
+    acc: Dict[Any, List[int]] = {}
+    for d in decs:
+        for r in d.records():
+            k = r.uid if by == "user" else r.comm
+            a = acc.setdefault(k, [0, 0, 0, 0, 0, 0, 0])
+            a[0] += 1
+            a[1] += r.utime_us
+            a[2] += r.stime_us
+            a[3] += r.elapsed_us
+            a[4] += r.mem
+            a[5] += r.minflt
+            a[6] += r.majflt
+    out = []
+    for k, a in acc.items():
+        row: Dict[str, Any] = {by: k}
+        if by == "user":
+            from elsa.report.query import user_name
+
+            row["uid"] = k
+            row[by] = user_name(k)
+        row.update({"processes": a[0], "cpu_user_us": a[1], "cpu_system_us": a[2],
+                    "elapsed_us": a[3], "max_rss_kb": None, "avg_mem_kb": round(a[4] / a[0]),
+                    "minflt": a[5], "majflt": a[6]})
+        out.append(row)
+    return out
