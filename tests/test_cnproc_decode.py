@@ -7,6 +7,7 @@ Captured with elsa.core.cnproc.ProcConnector while running
 import struct
 
 from elsa.core.cnproc import (
+    REORDER_WINDOW_NS,
     ExecEvent,
     ExitEvent,
     ForkEvent,
@@ -73,20 +74,40 @@ def _with_seq(buf: bytes, seq: int, cpu: int) -> bytes:
     return bytes(b)
 
 
-def test_per_cpu_sequence_gap_is_loss():
-    seqs = SeqTracker()
+def test_per_cpu_sequence_gap_is_loss_once_the_window_passes():
+    seqs = SeqTracker(window_ns=1000)
     assert decode(_with_seq(FORK, 10, 0), seqs)[0].__class__ is ForkEvent
     assert decode(_with_seq(FORK, 500, 1), seqs)[0].__class__ is ForkEvent  # other CPU
     assert decode(_with_seq(FORK, 11, 0), seqs)[0].__class__ is ForkEvent
-    evs = decode(_with_seq(EXIT, 15, 0), seqs)
-    assert evs[0] == LossEvent("seq-gap", 0, 3)
-    assert isinstance(evs[1], ExitEvent)
+    evs = decode(_with_seq(EXIT, 15, 0), seqs)  # 12, 13, 14 missing: holes, not loss yet
+    assert [type(e) for e in evs] == [ExitEvent]
+    assert seqs.expire(evs[0].timestamp_ns + 999) == []
+    assert seqs.expire(evs[0].timestamp_ns + 1000) == [LossEvent("seq-gap", 0, 3)]
+    assert seqs.holes == {}
+
+
+def test_reordered_events_within_the_window_are_not_loss():
+    seqs = SeqTracker(window_ns=10**9)
+    for seq in (10, 12, 11, 13, 15, 14):  # two late arrivals on CPU 0
+        for ev in decode(_with_seq(FORK, seq, 0), seqs):
+            assert not isinstance(ev, LossEvent)
+    assert seqs.reordered == 2 and seqs.holes == {}
+    assert seqs.expire(1 << 62) == []
+
+
+def test_huge_gap_reports_beyond_the_hole_cap_at_once():
+    from elsa.core.cnproc import MAX_HOLES
+    seqs = SeqTracker()
+    decode(_with_seq(FORK, 0, 0), seqs)
+    evs = decode(_with_seq(FORK, MAX_HOLES + 101, 0), seqs)
+    assert evs[0] == LossEvent("seq-gap", 0, 100)
 
 
 def test_sequence_wraps_without_false_loss():
     seqs = SeqTracker()
     decode(_with_seq(FORK, 0xFFFFFFFF, 0), seqs)
     assert len(decode(_with_seq(FORK, 0, 0), seqs)) == 1
+    assert seqs.holes == {}
 
 
 def test_short_datagram_is_ignored():
@@ -138,15 +159,17 @@ def test_fast_path_agrees_with_decode():
     assert conn.drain(sink) == 4
     seqs = SeqTracker()
     described = [ev for m in (ACK, FORK, EXEC, EXIT) for ev in decode(m, seqs)][1:]
-    f, e, gap, x = described
-    # The captured EXIT has seq 0xfaa after EXEC's 0xfa8: one event (0xfa9) was
-    # not captured, and both paths must call that loss.
-    assert gap == LossEvent("seq-gap", 0, 1)
+    f, e, x = described
     assert sink.calls == [
         ("fork", (f.parent_tgid, f.child_pid, f.child_tgid, f.timestamp_ns)),
         ("exec", (e.pid, e.tgid)),
-        ("loss", gap),
         ("exit", (x.pid, x.tgid, x.exit_code, x.timestamp_ns)),
     ]
+    # The captured EXIT has seq 0xfaa after EXEC's 0xfa8: 0xfa9 was not
+    # captured. Both paths hold it as a hole and call it loss after the window.
+    gap = [LossEvent("seq-gap", 0, 1)]
+    assert seqs.expire(x.timestamp_ns + REORDER_WINDOW_NS) == gap
+    conn.expire_holes(sink, x.timestamp_ns + REORDER_WINDOW_NS)
+    assert sink.calls[-1] == ("loss", gap[0]) and conn.seq_lost == 1
     a.close()
     b.close()

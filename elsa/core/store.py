@@ -220,6 +220,11 @@ class Store:
         self.db = self._connect()
         self._migrate(self.db)
         self._queue: Deque[Tuple[str, Sequence[Any]]] = collections.deque()
+        # Membership rows not yet written, keyed by identity: a process that
+        # joins and exits within one batch (most of a fork storm) becomes one
+        # INSERT instead of an INSERT and an UPDATE.
+        self._members: Dict[Tuple[str, int, int, int], List[Any]] = {}
+        self._members_lock = threading.Lock()
         self._cond = threading.Condition()
         self._submitted = 0   # ops appended
         self._committed = 0   # ops committed
@@ -302,16 +307,27 @@ class Store:
         db = self._connect()
         while True:
             with self._cond:
-                if not self._queue and not self._stopping:
+                if not self._queue and not self._members and not self._stopping:
                     self._cond.wait(self.batch_interval)
                 stopping = self._stopping
+            # Take the member rows first: a close that misses them from now on
+            # is queued as an UPDATE and drained below, so it runs after them.
+            with self._members_lock:
+                members, self._members = self._members, {}
             batch: List[Tuple[str, Sequence[Any]]] = []
             q = self._queue
             while q:
                 batch.append(q.popleft())
-            if batch:
+            done = len(batch) + sum(row[-1] for row in members.values())
+            if done:
                 try:
                     db.execute("BEGIN")
+                    if members:
+                        db.executemany(
+                            "INSERT OR REPLACE INTO members(boot_id, pid, start_ticks, jid, "
+                            "joined, how, left, exit_code, detached) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            [(*key, *row[:-1]) for key, row in members.items()])
                     _execute_grouped(db, batch)
                     db.execute("COMMIT")
                     self.batches += 1
@@ -324,9 +340,9 @@ class Store:
                               ops=len(batch))
                     self._error = exc
                 with self._cond:
-                    self._committed += len(batch)
+                    self._committed += done
                     self._cond.notify_all()
-            if stopping and not self._queue:
+            if stopping and not self._queue and not self._members:
                 break
         db.close()
 
@@ -396,11 +412,19 @@ class Store:
     # -- members --------------------------------------------------------------------
     def add_member(self, boot_id: str, jid: int, pid: int, start_ticks: int, joined: float,
                    how: str) -> None:
-        self.submit("INSERT OR REPLACE INTO members(boot_id, pid, start_ticks, jid, joined, how) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", (boot_id, pid, start_ticks, jid, joined, how))
+        # row: joined, how, left, exit_code, detached, number of calls merged
+        with self._members_lock:
+            self._members[(boot_id, pid, start_ticks, jid)] = [joined, how, None, None, 0, 1]
+        self._submitted += 1
 
     def close_member(self, boot_id: str, jid: int, pid: int, start_ticks: int, left: float,
                      exit_code: Optional[int], detached: bool = False) -> None:
+        with self._members_lock:
+            row = self._members.get((boot_id, pid, start_ticks, jid))
+            if row is not None:
+                row[2:6] = [left, exit_code, int(detached), row[5] + 1]
+                self._submitted += 1
+                return
         self.submit("UPDATE members SET left = ?, exit_code = ?, detached = ? "
                     "WHERE boot_id = ? AND pid = ? AND start_ticks = ? AND jid = ?",
                     (left, exit_code, int(detached), boot_id, pid, start_ticks, jid))
