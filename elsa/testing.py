@@ -35,6 +35,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,9 @@ class DaemonProc:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(workdir / "elsad.sock")
+        if len(self.socket.encode()) > 100:
+            # sun_path holds 108 bytes (unix(7)); deep pytest tmp paths exceed it.
+            self.socket = os.path.join(tempfile.mkdtemp(prefix="elsa-t-"), "elsad.sock")
         self.state_dir = str(workdir / "state")
         self.config_path = workdir / "elsa.toml"
         self.log_path = workdir / "elsad.log"
