@@ -37,13 +37,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import structlog
-
 from elsa.core.model import CLOCK_TICKS, Job
 from elsa.core.procfs import boot_epoch
 from elsa.core.source import UsageRecord
-
-log = structlog.get_logger("elsa.aggregator")
 
 #: Source priority for the "best" figure (lower wins); unknown sources come last.
 PRIORITY: Dict[str, int] = {"cgroupstat": 0, "taskstats": 1, "bsdacct": 2}
