@@ -22,6 +22,7 @@ import itertools
 import json
 import signal as signal_mod
 import socket
+import time
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from elsa.errors import DaemonUnavailable, ElsaError, ProtocolError
@@ -84,7 +85,7 @@ class Client:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(self.path)
+            self._connect(timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             self.sock.close()
             raise DaemonUnavailable(
@@ -104,6 +105,21 @@ class Client:
             raise DaemonUnavailable(f"cannot connect to {self.path}: {exc.strerror or exc}"
                                     ) from None
         self._rfile = self.sock.makefile("rb")
+
+    def _connect(self, timeout: Optional[float]) -> None:
+        # EAGAIN on an AF_UNIX connect means the listen backlog is full (a burst
+        # of clients, unix(7)): the daemon is alive, so retry until the timeout.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                self.sock.connect(self.path)
+                return
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise socket.timeout("listen backlog full") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
 
     def __enter__(self) -> Client:
         return self

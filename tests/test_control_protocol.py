@@ -308,8 +308,10 @@ def test_status_counts_events_losses_and_resyncs(elsad, spawned):
     with d.client() as c:
         job = c.create(name="lossy", pids=[gate.pid])
         before = c.status()
-    assert before["lost_events"] == {"enobufs": 0, "seq_gap": 0}
-    assert before["resyncs"] == 1  # the recovery pass at start-up
+    assert before["resyncs"] >= 1  # the recovery pass at start-up
+    # (With a 4 KiB buffer, other activity on the machine may overflow it too:
+    # compare with the counters before the storm, not with zero.)
+    lost_before = sum(before["lost_events"].values())
     os.kill(d.proc.pid, signal.SIGSTOP)
     try:
         gate.stdin.write(b"go\n")
@@ -320,9 +322,10 @@ def test_status_counts_events_losses_and_resyncs(elsad, spawned):
     finally:
         os.kill(d.proc.pid, signal.SIGCONT)
     with d.client() as c:
-        st = wait_for(lambda: (lambda s: s if s["resyncs"] >= 2 else None)(c.status()),
-                      what="a resync after the loss")
-        assert st["lost_events"]["enobufs"] + st["lost_events"]["seq_gap"] > 0
+        st = wait_for(lambda: (lambda s: s if s["resyncs"] > before["resyncs"] else None)(
+            c.status()), what="a resync after the loss")
+        assert sum(st["lost_events"].values()) > lost_before
+        assert st["loss_notices"] > before["loss_notices"]
         assert st["events"] > before["events"]
         # The fork we missed was recovered from /proc ancestry.
         assert sleep_pid in c.pids(job["jid"])
