@@ -394,16 +394,32 @@ class Cgroup2Backend(Backend):
         self.live.pop(job.jid, None)
         self.frozen.discard(job.jid)
         assert self.origins is not None
-        # The manager detached the members it knows; anything left (a process
-        # exiting right now is harmless: the kernel skips PF_EXITING tasks on migration)
-        # goes back where it came from, so the cgroup can be removed.
+        self.origins.job_ended(job.jid)
+        # Fast path: the manager detached the members it knows, or they exited.
+        if self._rmdir_job(job.jid, path):
+            return
+        # Anything left (a process exiting right now is harmless: the kernel skips
+        # PF_EXITING tasks on migration) goes back where it came from.
         for pid in self.members_of_path(path):
             try:
                 self._return_to(pid, self.origins.get_pid(pid))
             except ElsaError:
                 continue
-        self.origins.job_ended(job.jid)
         self._remove(job.jid, path)
+
+    def _rmdir_job(self, jid: int, path: str) -> bool:
+        try:
+            removed = self.fs.rmdir(path)
+        except ElsaError:
+            return False
+        # rmdir dropped the inotify watch (IN_IGNORED follows); inotify_rm_watch
+        # would only wait for an SRCU grace period (fs/notify/mark.c) for nothing.
+        if self.watcher is not None:
+            self.watcher.forget(jid)
+        self.pending.pop(jid, None)
+        if removed:
+            self.counters["removed"] += 1
+        return True
 
     def _remove(self, jid: int, path: str) -> bool:
         try:
@@ -420,7 +436,7 @@ class Cgroup2Backend(Backend):
             return False
         self.pending.pop(jid, None)
         if self.watcher is not None:
-            self.watcher.unwatch(jid)
+            self.watcher.forget(jid)
         self.counters["removed"] += 1
         return True
 

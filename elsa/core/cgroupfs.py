@@ -512,6 +512,14 @@ class EventsWatcher:
             # Fails harmlessly (EINVAL) when rmdir already dropped the watch.
             self._libc.inotify_rm_watch(self.fd, wd)
 
+    def forget(self, key: object) -> None:
+        """Drop *key* after its cgroup was removed: the kernel already dropped the
+        watch (and queues IN_IGNORED), so no inotify_rm_watch, which waits for an
+        SRCU grace period (fs/notify/mark.c) — milliseconds under load."""
+        wd = self._key_wd.pop(key, None)
+        if wd is not None:
+            self._wd_key.pop(wd, None)
+
     def read(self) -> List[object]:
         """Keys whose events file changed since the last call (each once)."""
         changed: List[object] = []
