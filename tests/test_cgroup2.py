@@ -165,3 +165,41 @@ def test_recover_reconciles_cgroups_with_store(harness: Harness, area) -> None:
         assert not os.path.exists(empty_orphan)
     FS.move(MOUNT, stray.pid)
     os.rmdir(full_orphan)
+
+
+def test_kill_fallback_freeze_signal_thaw(area, tmp_path: Path, monkeypatch) -> None:
+    """Kernels before 5.14 have no cgroup.kill: freeze, SIGKILL each pid, thaw, wait.
+    MOCK of one fact only: has_kill() answers False (this kernel has cgroup.kill);
+    the freeze, the signals and the wait are real."""
+    import subprocess
+
+    from elsa.backends.cgroup2 import CGROUP2_OPTIONS, Cgroup2Backend
+    from elsa.config import validate_table
+    from elsa.core.backend import BackendContext
+    from elsa.core.model import Job
+    from elsa.core.procfs import ProcFS
+
+    base, _ = area
+    b = Cgroup2Backend()
+    b.start(BackendContext(options=validate_table({"base": base, "kill_timeout": 5},
+                                                  CGROUP2_OPTIONS, where="b", path="t"),
+                           procfs=ProcFS(), state_dir=str(tmp_path)))
+    job = Job(jid=0x77, name="k", owner_uid=0, tags=(), created=0.0, ended=None,
+              state="running", backend="cgroup2")
+    job = Job(**{**job.__dict__, "params": b.create_job(job)})
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        for p in procs:
+            b.attach(job, ProcFS().info(p.pid))
+        monkeypatch.setattr(b.fs, "has_kill", lambda path: False)
+        assert b.signal(job, signal.SIGKILL, []) == 3
+        assert not FS.populated(job.params["cgroup_path"])
+        assert all(p.wait(5) == -signal.SIGKILL for p in procs)
+        assert FS.events(job.params["cgroup_path"])["frozen"] == 0  # thawed again
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        b.end_job(job)
+        b.stop()
