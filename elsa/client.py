@@ -32,6 +32,8 @@ PROTOCOL_VERSION = 1
 #: Longest reply line accepted (a ``list --all`` of 10,000 jobs fits easily).
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
+CLOSED = ("elsad closed the connection (did it stop, or was this connection idle longer "
+          "than limits.idle_timeout?)")
 START_HINT = "start it with 'systemctl start elsad' (or run 'elsad' as root)"
 
 
@@ -151,6 +153,8 @@ class Client:
             reply = self._read_reply(op, quiet=True)
             if reply is not None:
                 return self._result(reply, None)
+            if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                raise DaemonUnavailable(CLOSED) from None
             raise DaemonUnavailable(f"connection to elsad failed: {exc}") from None
         reply = self._read_reply(op)
         return self._result(reply, req_id)
@@ -169,8 +173,7 @@ class Client:
         if not line:
             if quiet:
                 return None
-            raise DaemonUnavailable("elsad closed the connection (did it stop, or was this "
-                                    "connection idle longer than limits.idle_timeout?)")
+            raise DaemonUnavailable(CLOSED)
         try:
             reply = json.loads(line)
         except ValueError:
