@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Run every ELSA benchmark and print one table (issue 6, part 1).
+
+Imports each ``benchmarks/bench_*.py`` that exists, calls its ``main()`` and
+collects the rows it returns: metric, ELSA figure, peer figure (measured in the
+same run, by a real program from Debian: forkstat, GNU sa, stress-ng, or the
+same workload without elsad), ratio, target, pass/fail and how to reproduce
+the row alone. A benchmark that cannot run (missing tool, not root, crash) is
+reported as a failed row with its reason; the others still run.
+
+    sudo python3 benchmarks/run_all.py                 # everything, one table
+    sudo python3 benchmarks/run_all.py --only memory   # one benchmark (repeatable)
+    sudo python3 benchmarks/run_all.py --json          # rows as JSON on stdout
+    sudo python3 benchmarks/run_all.py --markdown      # the table as Markdown (README)
+
+Exit status: 0 when every row passed, 1 otherwise. The whole run is meant to
+take under 10 minutes on the 2-core benchmark machine; each benchmark's time
+is shown, and the total is checked against that budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import textwrap
+import time
+import traceback
+from types import ModuleType
+from typing import Any, Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+BUDGET_S = 600.0
+FIELDS = ("metric", "elsa", "peer", "ratio", "target", "passed", "reproduce", "unit")
+
+
+def discover() -> List[str]:
+    """Names (without ``bench_``) of the benchmark modules present, sorted."""
+    return sorted(f[len("bench_"):-len(".py")] for f in os.listdir(HERE)
+                  if f.startswith("bench_") and f.endswith(".py"))
+
+
+def _load(name: str) -> ModuleType:
+    path = os.path.join(HERE, f"bench_{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _call_main(module: ModuleType) -> Any:
+    """Call ``main()`` with the benchmark's defaults, whatever its signature."""
+    main = module.main
+    saved = sys.argv
+    # A main() that parses sys.argv must not see run_all's own options.
+    sys.argv = [module.__file__ or module.__name__]
+    try:
+        params = [p for p in inspect.signature(main).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return main([]) if params else main()
+    finally:
+        sys.argv = saved
+
+
+def _failed_row(name: str, reason: str) -> Dict[str, Any]:
+    return {"metric": f"{name}: did not run", "elsa": None, "peer": None, "ratio": None,
+            "target": "-", "passed": False, "unit": "", "error": reason,
+            "reproduce": f"sudo python3 benchmarks/bench_{name}.py"}
+
+
+def run_one(name: str) -> List[Dict[str, Any]]:
+    """The rows of one benchmark, normalised; its own printing goes to stderr."""
+    t0 = time.monotonic()
+    try:
+        module = _load(name)
+        with contextlib.redirect_stdout(sys.stderr):
+            rows = _call_main(module)
+    except SystemExit as exc:
+        rows = [_failed_row(name, str(exc.code) if exc.code not in (None, 0) else "exited")]
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        rows = [_failed_row(name, f"{type(exc).__name__}: {exc}")]
+    if not isinstance(rows, list) or not rows:
+        rows = [_failed_row(name, f"main() returned {rows!r}, expected a list of rows")]
+    seconds = round(time.monotonic() - t0, 1)
+    out = []
+    for row in rows:
+        row = dict(row)
+        missing = [f for f in FIELDS if f not in row]
+        if missing:
+            row.setdefault("error", f"row lacks {', '.join(missing)}")
+            row["passed"] = False
+            for f in missing:
+                row.setdefault(f, None)
+        row["benchmark"] = name
+        row["seconds"] = seconds
+        out.append(row)
+    return out
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _cells(row: Dict[str, Any]) -> List[str]:
+    unit = f" {row['unit']}" if row.get("unit") and row.get("elsa") is not None else ""
+    peer = _num(row.get("peer"))
+    if row.get("peer") is not None:
+        peer += unit
+        if row.get("peer_name"):
+            peer = f"{row['peer_name']}: {peer}"
+    status = "PASS" if row.get("passed") else "FAIL"
+    if row.get("error"):
+        status += f" ({row['error']})"
+    return [str(row.get("metric")), _num(row.get("elsa")) + unit, peer, _num(row.get("ratio")),
+            str(row.get("target")), status, str(row.get("reproduce"))]
+
+
+HEADER = ["metric", "ELSA", "peer", "ratio", "target", "result", "reproduce"]
+
+
+def format_table(rows: Sequence[Dict[str, Any]]) -> str:
+    table = [HEADER] + [_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
+    # The metric column wraps at 60 characters so the table stays readable.
+    widths[0] = min(widths[0], 60)
+    lines = []
+    for n, line in enumerate(table):
+        chunks = textwrap.wrap(line[0], widths[0]) or [""]
+        for k, chunk in enumerate(chunks):
+            cells = [chunk] + (line[1:] if k == 0 else [""] * (len(line) - 1))
+            lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(rows: Sequence[Dict[str, Any]]) -> str:
+    def esc(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for r in rows:
+        cells = _cells(r)
+        cells[-1] = f"`{cells[-1]}`"
+        lines.append("| " + " | ".join(esc(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    available = discover()
+    ap = argparse.ArgumentParser(description="Run every ELSA benchmark; print one table.")
+    ap.add_argument("--only", action="append", metavar="NAME", default=[],
+                    help=f"run only this benchmark (repeatable); one of: {', '.join(available)}")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(available))
+        return 0
+    names = available
+    if args.only:
+        wanted = [n[len("bench_"):] if n.startswith("bench_") else n for n in args.only]
+        wanted = [w[:-3] if w.endswith(".py") else w for w in wanted]
+        unknown = [w for w in wanted if w not in available]
+        if unknown:
+            ap.error(f"no benchmark named {', '.join(unknown)}; available: "
+                     f"{', '.join(available)}")
+        names = wanted
+    t0 = time.monotonic()
+    rows: List[Dict[str, Any]] = []
+    for name in names:
+        print(f"run_all: running {name} ...", file=sys.stderr, flush=True)
+        got = run_one(name)
+        print(f"run_all: {name} took {got[0]['seconds']} s", file=sys.stderr, flush=True)
+        rows.extend(got)
+    total = time.monotonic() - t0
+    if args.json:
+        print(json.dumps({"rows": rows, "seconds": round(total, 1), "budget_s": BUDGET_S},
+                         indent=2, default=str))
+    elif args.markdown:
+        print(format_markdown(rows))
+    else:
+        print(format_table(rows))
+        passed = sum(1 for r in rows if r.get("passed"))
+        print(f"\n{passed} of {len(rows)} rows passed; {len(names)} benchmarks in {total:.0f} s"
+              + ("" if total <= BUDGET_S or args.only
+                 else f" (over the {BUDGET_S:.0f} s budget)"))
+    return 0 if rows and all(r.get("passed") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

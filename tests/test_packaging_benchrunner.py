@@ -1,0 +1,83 @@
+"""benchmarks/run_all.py: discovery, --only, failure isolation, table/JSON output.
+
+Uses stand-in benchmark modules in a temporary directory (the real ones need
+root and minutes); the runner is the thing under test here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_all(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_all_under_test",
+                                                  ROOT / "benchmarks/run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "HERE", str(tmp_path))
+    row = ('{"metric": "%s", "elsa": %s, "peer": 2.0, "peer_name": "peer", "ratio": %s,'
+           ' "target": "<= 1.0", "passed": %s, "reproduce": "python3 x", "unit": "s"}')
+    (tmp_path / "bench_good.py").write_text(
+        "import sys\n"
+        "def main(argv=()):\n"
+        "    assert list(argv) == [] and sys.argv[1:] == [], (argv, sys.argv)\n"
+        "    print('noise on stdout')\n"
+        f"    return [{row % ('good one', 1.0, 0.5, True)}]\n")
+    (tmp_path / "bench_slow.py").write_text(
+        "def main():\n"
+        f"    return [{row % ('slow one', 3.0, 1.5, False)}]\n")
+    (tmp_path / "bench_broken.py").write_text(
+        "def main():\n    raise SystemExit('needs forkstat')\n")
+    (tmp_path / "bench_bad_rows.py").write_text(
+        "def main():\n    return [{'metric': 'half a row'}]\n")
+    (tmp_path / "helper.py").write_text("raise RuntimeError('not a benchmark')\n")
+    return module
+
+
+def test_discovers_only_bench_modules(run_all):
+    assert run_all.discover() == ["bad_rows", "broken", "good", "slow"]
+
+
+def test_only_runs_the_named_benchmark_and_exit_status(run_all, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--only", "good"])
+    assert run_all.main(["--only", "good"]) == 0
+    out = capsys.readouterr().out
+    assert "good one" in out and "slow one" not in out
+    assert "noise on stdout" not in out  # a benchmark's own printing goes to stderr
+    assert "PASS" in out and "peer: 2 s" in out
+    assert run_all.main(["--only", "bench_slow.py"]) == 1
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "nonesuch"])
+
+
+def test_failures_are_rows_and_the_rest_still_run(run_all, capsys):
+    assert run_all.main(["--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["benchmark"]: r for r in data["rows"]}
+    assert set(rows) == {"bad_rows", "broken", "good", "slow"}
+    assert rows["good"]["passed"] is True
+    assert rows["slow"]["passed"] is False and rows["slow"]["ratio"] == 1.5
+    assert rows["broken"]["passed"] is False and rows["broken"]["error"] == "needs forkstat"
+    assert rows["bad_rows"]["passed"] is False and "lacks" in rows["bad_rows"]["error"]
+    for r in data["rows"]:
+        assert set(run_all.FIELDS) <= set(r)
+
+
+def test_table_and_markdown(run_all, capsys):
+    run_all.main([])
+    table = capsys.readouterr().out
+    header = table.splitlines()[0].split()
+    assert header == ["metric", "ELSA", "peer", "ratio", "target", "result", "reproduce"]
+    assert "1 of 4 rows passed" in table
+    run_all.main(["--markdown"])
+    md = capsys.readouterr().out.splitlines()
+    assert md[0].startswith("| metric |") and md[1].startswith("|---|")
+    assert len(md) == 2 + 4
