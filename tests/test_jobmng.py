@@ -232,3 +232,12 @@ def test_parser_is_complete():
         opts = {o for a in sub.choices[name]._actions for o in a.option_strings}
         assert {"--name", "--tag", "--cpus", "--mems"} <= opts
     assert "exit codes" in parser.format_help()
+
+
+def test_docs_cover_every_command_and_exit_code():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "jobmng.md").read_text()
+    sub = next(a for a in jobmng.build_parser()._actions if a.dest == "command")
+    for name in sub.choices:
+        assert f"`{name}" in text, f"command {name} not documented"
+    for code in (0, 1, 2, 3, 4, 5, 6, 125, 126, 127):
+        assert f"| {code} |" in text or f"**{code}**" in text, f"exit code {code}"
