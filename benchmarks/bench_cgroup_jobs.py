@@ -84,7 +84,9 @@ def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "
                  f'log_level = "warning"\n[backends.cgroup2]\nbase = "{base}"\n')
     log = open(os.path.join(work, "elsad.log"), "wb")
     prof = ["-m", "cProfile", "-o", cprofile] if cprofile else []
-    daemon = subprocess.Popen([sys.executable, *prof, "-m", "elsa.elsad", "-c", cfg],
+    entry = os.environ.get("ELSA_BENCH_DAEMON")  # a wrapper script, for experiments
+    cmd = [sys.executable, *prof, *([entry] if entry else ["-m", "elsa.elsad"]), "-c", cfg]
+    daemon = subprocess.Popen(cmd,
                               stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20

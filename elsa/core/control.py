@@ -811,7 +811,9 @@ class Operations:
         for pid in pids:
             self._check_pid(caller, pid)
             self._check_current_job(caller, pid)
-        job = self.manager.create(name=name, owner_uid=owner, tags=tags, params=params)
+        # With pids, the last attach's flush makes the job durable too (one commit).
+        job = self.manager.create(name=name, owner_uid=owner, tags=tags, params=params,
+                                  durable=not pids)
         try:
             for pid in pids:
                 self.manager.attach(job.jid, pid)

@@ -21,6 +21,7 @@ from typing import (
     Deque,
     Dict,
     Iterable,
+    Iterator,
     List,
     Mapping,
     NamedTuple,
@@ -49,6 +50,66 @@ from elsa.errors import JobNotFound, JobStateError, ProcessGone
 log = structlog.get_logger("elsa.manager")
 
 
+#: The index packs a job slot and a start time into one int per process:
+#: start ticks fit 40 bits for 348 years of uptime at USER_HZ 100.
+SLOT_SHIFT = 40
+START_MASK = (1 << SLOT_SHIFT) - 1
+
+
+class _Members:
+    """One job's members: a view on the manager's packed index (pid -> slot|start).
+
+    elsad must hold 100,000+ tracked processes in little memory (issue 6: 40 MB).
+    One dict entry and one int per process (~116 B measured) instead of a
+    per-job dict plus a (jid, start) tuple in the index (~280 B). Iteration
+    scans the whole index, so it is kept to requests and resyncs, never the
+    per-event path; membership tests and counts are O(1).
+    """
+
+    __slots__ = ("index", "tag", "count")
+
+    def __init__(self, index: Dict[int, int], slot: int) -> None:
+        self.index = index
+        self.tag = slot << SLOT_SHIFT
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def __contains__(self, pid: object) -> bool:
+        v = self.index.get(pid)  # type: ignore[call-overload]
+        return v is not None and v & ~START_MASK == self.tag
+
+    def get(self, pid: int, default: Optional[int] = None) -> Optional[int]:
+        v = self.index.get(pid)
+        return v & START_MASK if v is not None and v & ~START_MASK == self.tag else default
+
+    def __setitem__(self, pid: int, start: int) -> None:
+        if pid not in self:
+            self.count += 1
+        self.index[pid] = self.tag | start
+
+    def pop(self, pid: int, default: Optional[int] = None) -> Optional[int]:
+        v = self.index.get(pid)
+        if v is None or v & ~START_MASK != self.tag:
+            return default
+        del self.index[pid]
+        self.count -= 1
+        return v & START_MASK
+
+    def items(self) -> List[Tuple[int, int]]:
+        """(pid, start_ticks) pairs, as a list: safe to mutate the job while looping."""
+        tag = self.tag
+        return [(pid, v & START_MASK) for pid, v in self.index.items()
+                if v & ~START_MASK == tag]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([pid for pid, _ in self.items()])
+
+
 @dataclass
 class _JobState:
     jid: int
@@ -58,7 +119,7 @@ class _JobState:
     created: float
     backend: str
     params: Dict[str, str]
-    members: Dict[int, int] = field(default_factory=dict)  # pid -> start_ticks
+    members: _Members = field(default=None)  # type: ignore[assignment]  # set by the manager
     had_members: bool = False
     ended: Optional[float] = None
     state: str = JOB_RUNNING
@@ -67,7 +128,8 @@ class _JobState:
         return Job(jid=self.jid, name=self.name, owner_uid=self.owner_uid, tags=self.tags,
                    created=self.created, ended=self.ended, state=self.state,
                    backend=self.backend,
-                   pids=tuple(sorted(self.members)) if with_pids else (),
+                   # (skip the index scan for an empty job: create, end)
+                   pids=tuple(sorted(self.members)) if with_pids and self.members else (),
                    params=dict(self.params))
 
 
@@ -118,7 +180,10 @@ class JobManager:
         self.hooks = hooks
         self.clock = clock
         self.jobs: Dict[int, _JobState] = {}
-        self.index: Dict[int, Tuple[int, int]] = {}  # tgid -> (jid, start_ticks)
+        # tgid -> (job slot << SLOT_SHIFT) | start_ticks; see _Members.
+        self.index: Dict[int, int] = {}
+        self._slot_jid: Dict[int, int] = {}
+        self._next_slot = 1
         self.detached: Set[Tuple[int, int]] = set()  # (pid, start_ticks) kept out of jobs
         self.exited: Dict[int, List[ExitRecord]] = {}
         self._exit_order: Deque[Tuple[float, int]] = collections.deque()
@@ -144,12 +209,27 @@ class JobManager:
     def running(self, with_pids: bool = False) -> List[Job]:
         return [s.snapshot(with_pids) for s in self.jobs.values()]
 
+    def _entry(self, pid: int) -> Optional[Tuple[int, int]]:
+        """(jid, start_ticks) of member *pid*, or None."""
+        v = self.index.get(pid)
+        if v is None:
+            return None
+        return self._slot_jid[v >> SLOT_SHIFT], v & START_MASK
+
+    def _new_state(self, **fields) -> _JobState:
+        state = _JobState(**fields)
+        slot = self._next_slot
+        self._next_slot += 1
+        state.members = _Members(self.index, slot)
+        self._slot_jid[slot] = state.jid
+        return state
+
     def job_of(self, pid: int) -> Optional[int]:
-        entry = self.index.get(pid)
+        entry = self._entry(pid)
         return entry[0] if entry else None
 
     def member(self, pid: int) -> Optional[ProcessId]:
-        entry = self.index.get(pid)
+        entry = self._entry(pid)
         return ProcessId(pid, entry[1]) if entry else None
 
     def resolve(self, pid: int, start_ticks: Optional[int], tolerance: int = 0) -> Optional[int]:
@@ -160,7 +240,7 @@ class JobManager:
         times (pacct's btime has 1 s resolution).
         """
         tol = max(tolerance, START_TOLERANCE_TICKS)
-        entry = self.index.get(pid)
+        entry = self._entry(pid)
         if entry is not None and (start_ticks is None or abs(entry[1] - start_ticks) <= tol):
             return entry[0]
         for rec in reversed(self.exited.get(pid, ())):
@@ -170,18 +250,21 @@ class JobManager:
 
     # -- job lifecycle --------------------------------------------------------------
     def create(self, *, name: str, owner_uid: int, tags: Mapping[str, str] = {},
-               params: Mapping[str, str] = {}) -> Job:
+               params: Mapping[str, str] = {}, durable: bool = True) -> Job:
         params = self.backend.validate_params(dict(params))
         jid = self.allocator.next()
-        state = _JobState(jid=jid, name=name, owner_uid=owner_uid,
-                          tags=tuple(sorted(tags.items())), created=self.clock(),
-                          backend=self.backend.name, params=dict(params))
+        state = self._new_state(jid=jid, name=name, owner_uid=owner_uid,
+                                tags=tuple(sorted(tags.items())), created=self.clock(),
+                                backend=self.backend.name, params=dict(params))
         extra = self.backend.create_job(state.snapshot())
         state.params.update(extra)
         self.jobs[jid] = state
         job = state.snapshot()
         self.store.insert_job(job)
-        self.store.flush()  # the reply promises the job exists; make it durable first
+        if durable:  # the reply promises the job exists; make it durable first
+            # (a caller that attaches pids next passes durable=False: attach()'s
+            # flush commits the job row too, one commit instead of two)
+            self.store.flush()
         log.info("job created", jid=f"{jid:#x}", name=name, owner_uid=owner_uid)
         if self.hooks:
             self.hooks.job_created(job)
@@ -201,7 +284,7 @@ class JobManager:
         info = self.procfs.info(pid)
         if info.exited:
             raise ProcessGone(f"process {pid} has exited (zombie); nothing to attach")
-        old = self.index.get(pid)
+        old = self._entry(pid)
         if old is not None and old[0] != jid:
             self._leave(old[0], ProcessId(pid, old[1]), exit_code=None, detached=True)
         self.backend.attach(state.snapshot(with_pids=False), info)
@@ -218,7 +301,7 @@ class JobManager:
 
     def detach(self, pid: int) -> int:
         """Take *pid* out of its job; its future children are not members either."""
-        entry = self.index.get(pid)
+        entry = self._entry(pid)
         if entry is None:
             raise JobNotFound(f"pid {pid} is not in any job")
         jid, start = entry
@@ -256,6 +339,10 @@ class JobManager:
         state.state = JOB_ENDED
         state.ended = self.clock()
         del self.jobs[state.jid]
+        if state.members:  # none should be left, but never leak index entries
+            for pid, _start in state.members.items():
+                state.members.pop(pid)
+        self._slot_jid.pop(state.members.tag >> SLOT_SHIFT, None)
         self.store.end_job(state.jid, state.ended, JOB_ENDED)
         job = state.snapshot()
         log.info("job ended", jid=f"{state.jid:#x}", reason=reason)
@@ -271,7 +358,6 @@ class JobManager:
     # -- membership primitives --------------------------------------------------------
     def _join(self, state: _JobState, ident: ProcessId, how: str) -> None:
         state.members[ident.pid] = ident.start_ticks
-        self.index[ident.pid] = (state.jid, ident.start_ticks)
         if not state.had_members:
             state.had_members = True
             self.store.mark_had_members(state.jid)
@@ -283,10 +369,11 @@ class JobManager:
     def _leave(self, jid: int, ident: ProcessId, exit_code: Optional[int], *,
                detached: bool = False, may_end: bool = True) -> None:
         state = self.jobs.get(jid)
-        self.index.pop(ident.pid, None)
         now = self.clock()
         if state is not None:
-            state.members.pop(ident.pid, None)
+            state.members.pop(ident.pid)
+        else:
+            self.index.pop(ident.pid, None)
         self.store.close_member(self.boot_id, jid, ident.pid, ident.start_ticks, now,
                                 exit_code, detached)
         if not detached:
@@ -318,26 +405,32 @@ class JobManager:
         if child_pid != child_tgid:
             counters.thread_forks += 1  # a new thread, not a process
             return
-        entry = self.index.get(parent_tgid)
-        if entry is None:
-            return
-        state = self.jobs.get(entry[0])
-        if state is None:
+        index = self.index
+        v = index.get(parent_tgid)
+        if v is None:
             return
         counters.member_forks += 1
+        jid = self._slot_jid[v >> SLOT_SHIFT]
         # The event timestamp is CLOCK_MONOTONIC; /proc start times count
         # CLOCK_BOOTTIME ticks (see procfs.boottime_offset_ns).
         start = (ts_ns + self._boot_offset_ns) * CLOCK_TICKS // 1_000_000_000
-        known = self.index.get(child_tgid)
-        if known is not None and abs(known[1] - start) <= START_TOLERANCE_TICKS:
-            return  # already adopted by a resync that read /proc after this fork
+        known = index.get(child_tgid)
+        if known is not None:
+            if abs((known & START_MASK) - start) <= START_TOLERANCE_TICKS:
+                return  # already adopted by a resync that read /proc after this fork
+            # The pid's previous process exited unseen (events lost): close it.
+            old_jid = self._slot_jid[known >> SLOT_SHIFT]
+            self._leave(old_jid, ProcessId(child_tgid, known & START_MASK), None)
+            if jid not in self.jobs:
+                return
         if self.detached and (child_tgid, start) in self.detached:
             return
+        state = self.jobs[jid]
         # _join() inlined: this runs once per member fork in a storm. The
         # parent is a member, so the job already had members.
-        state.members[child_tgid] = start
-        self.index[child_tgid] = (state.jid, start)
-        self.store.add_member(self.boot_id, state.jid, child_tgid, start, self.clock(), "fork")
+        index[child_tgid] = (v & ~START_MASK) | start
+        state.members.count += 1
+        self.store.add_member(self.boot_id, jid, child_tgid, start, self.clock(), "fork")
         if self._hook_joined:
             self.hooks.process_joined(state.snapshot(with_pids=False),
                                       ProcessId(child_tgid, start), "fork")
@@ -346,7 +439,7 @@ class JobManager:
         self.counters.exits += 1
         if pid != tgid:
             return  # a thread exited; the process lives on
-        entry = self.index.get(tgid)
+        entry = self._entry(tgid)
         if entry is None:
             return
         # An exit queued before a resync snapshot may name a pid that resync
@@ -372,16 +465,15 @@ class JobManager:
         procs = snapshot if snapshot is not None else self.procfs.snapshot()
         adopted = exited = 0
         # (2) members that are gone
-        for pid, (jid, start) in list(self.index.items()):
+        for pid, v in list(self.index.items()):
+            jid, start = self._slot_jid[v >> SLOT_SHIFT], v & START_MASK
             info = procs.get(pid)
             if info is None or abs(info.start_ticks - start) > START_TOLERANCE_TICKS:
                 self._leave(jid, ProcessId(pid, start), exit_code=None)
                 exited += 1
             elif info.start_ticks != start:
                 # Replace the event-derived estimate with the exact value.
-                self.index[pid] = (jid, info.start_ticks)
-                if jid in self.jobs:
-                    self.jobs[jid].members[pid] = info.start_ticks
+                self.jobs[jid].members[pid] = info.start_ticks
         # (1) kernel truth
         for state in list(self.jobs.values()):
             truth = self.backend.members(state.snapshot(with_pids=False))
@@ -391,7 +483,7 @@ class JobManager:
                 info = procs.get(pid)
                 if info is None or pid in state.members:
                     continue
-                old = self.index.get(pid)
+                old = self._entry(pid)
                 if old is not None and old[0] != state.jid:
                     self._leave(old[0], ProcessId(pid, old[1]), None, detached=True)
                 self._join(state, info.ident, how)
@@ -425,7 +517,7 @@ class JobManager:
                     break
                 if (cur, info.start_ticks) in self.detached:
                     break
-                entry = self.index.get(cur)
+                entry = self._entry(cur)
                 if entry is not None:
                     found = entry[0]
                     break
@@ -465,7 +557,7 @@ class JobManager:
         jobs = self.store.running_jobs()
         procs = self.procfs.snapshot()
         for job, had in jobs:
-            self.jobs[job.jid] = _JobState(
+            self.jobs[job.jid] = self._new_state(
                 jid=job.jid, name=job.name, owner_uid=job.owner_uid, tags=job.tags,
                 created=job.created, backend=job.backend, params=dict(job.params),
                 had_members=had)
@@ -479,7 +571,8 @@ class JobManager:
             state = self.jobs.get(jid)
             info = procs.get(pid) if boot == self.boot_id else None
             alive = info is not None and abs(info.start_ticks - start) <= START_TOLERANCE_TICKS
-            if state is None or not alive:
+            if state is None or not alive or pid in self.index:
+                # (a pid stored live in two jobs is stale data: the first wins)
                 # Exited while we were down (or another boot): close the record.
                 self.store.close_member(boot, jid, pid, start, now, None)
                 if state is not None:
@@ -488,7 +581,6 @@ class JobManager:
                     self._exit_order.append((now, pid))
                 continue
             state.members[pid] = info.start_ticks
-            self.index[pid] = (jid, info.start_ticks)
             revalidated += 1
         # Kernel truth (cgroups) and ancestry adopt what was born while we were down.
         kernel = self.backend.recover([s.snapshot(with_pids=False) for s in self.jobs.values()])
@@ -550,8 +642,8 @@ class JobManager:
         return self.procfs.info(pid).uid
 
     def all_members(self) -> Iterable[Tuple[int, int, int]]:
-        for pid, (jid, start) in self.index.items():
-            yield pid, jid, start
+        for pid, v in list(self.index.items()):
+            yield pid, self._slot_jid[v >> SLOT_SHIFT], v & START_MASK
 
 
 def my_uid() -> int:
