@@ -1,0 +1,289 @@
+"""Requests per second through elsad's control socket (issue 3).
+
+Rows:
+
+* ``create``+``end`` pairs per second, one client, one request at a time. Each
+  ``create`` is durable before its reply (the store flushes the job row), so
+  this measures the full create path, not just the socket.
+* ``jobof`` per second, one client, one request at a time (round-trip bound).
+* ``jobof`` per second, one client pipelining 64 requests at a time (server bound).
+* ``jobof`` per second, 4 client processes concurrently.
+
+Peer: a minimal JSON-lines echo server over the same kind of socket, written
+the same way (Python, one thread, selector, non-blocking) and run on the same
+machine: it parses each request and writes a reply, nothing else. It is the
+floor of any Python control socket, so the ratio shows what elsad's framing,
+validation, authorization and dispatch cost on top. Targets are ours: jobof at
+least 10,000/s one at a time, create+end at least 500 pairs/s.
+
+Run as root (elsad needs CAP_NET_ADMIN): ``python3 benchmarks/bench_socket.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from elsa.client import Client
+from elsa.errors import DaemonUnavailable
+
+REPRODUCE = "sudo python3 benchmarks/bench_socket.py"
+TARGET_JOBOF = 10000.0
+TARGET_PAIRS = 500.0
+PIPELINE = 64
+CLIENTS = 4
+
+
+def start_elsad(work: str) -> subprocess.Popen:
+    sock = os.path.join(work, "elsad.sock")
+    cfg = os.path.join(work, "elsa.toml")
+    with open(cfg, "w") as fh:
+        fh.write(f'backend = "cnproc"\nsocket = "{sock}"\nstate_dir = "{work}/state"\n'
+                 'log_level = "warning"\n')
+    log = open(os.path.join(work, "elsad.log"), "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "elsa.elsad", "--config", cfg],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit("elsad exited: " + open(os.path.join(work, "elsad.log")).read())
+        try:
+            with Client(sock, timeout=2) as c:
+                c.status()
+            return proc
+        except DaemonUnavailable:
+            if time.monotonic() > deadline:
+                raise SystemExit("elsad did not start") from None
+            time.sleep(0.05)
+
+
+def rate(n: int, fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t0)
+
+
+def create_end_pairs(sock: str, n: int) -> float:
+    with Client(sock) as c:
+        def loop() -> None:
+            for _ in range(n):
+                jid = c.call("create", name="bench")["jid"]
+                c.call("end", jid=jid)
+        return rate(n, loop)
+
+
+def sequential(sock: str, n: int, req: Dict[str, Any]) -> float:
+    """One request at a time on a raw socket (no client-library overhead)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock)
+    line = json.dumps(req).encode() + b"\n"
+    f = s.makefile("rb")
+
+    def loop() -> None:
+        for _ in range(n):
+            s.sendall(line)
+            reply = f.readline()
+            if b'"ok":true' not in reply:
+                raise SystemExit(f"request failed: {reply[:200]!r}")
+    try:
+        return rate(n, loop)
+    finally:
+        f.close()
+        s.close()
+
+
+def pipelined(sock: str, n: int, req: Dict[str, Any], depth: int = PIPELINE) -> float:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock)
+    batch = (json.dumps(req).encode() + b"\n") * depth
+    f = s.makefile("rb")
+
+    def loop() -> None:
+        for _ in range(n // depth):
+            s.sendall(batch)
+            for _ in range(depth):
+                if b'"ok":true' not in f.readline():
+                    raise SystemExit("pipelined request failed")
+    try:
+        return rate(n // depth * depth, loop)
+    finally:
+        f.close()
+        s.close()
+
+
+def concurrent(sock: str, n_each: int, req: Dict[str, Any], clients: int = CLIENTS) -> float:
+    """*clients* processes, each *n_each* sequential requests; total rate."""
+    go_r, go_w = os.pipe()
+    pids = []
+    for _ in range(clients):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(go_w)
+                os.read(go_r, 1)
+                sequential(sock, n_each, req)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    os.close(go_r)
+    t0 = time.perf_counter()
+    os.close(go_w)  # EOF releases every client at once
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+            raise SystemExit("a concurrent client failed")
+    return clients * n_each / (time.perf_counter() - t0)
+
+
+# -- the peer: a minimal JSON-lines echo server ----------------------------------------------
+
+def echo_server(path: str, ready_w: int) -> None:
+    """Parse each line as JSON and answer {"v":1,"ok":true,"result":...}; nothing else."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(128)
+    srv.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(srv, selectors.EVENT_READ)
+    bufs: Dict[socket.socket, bytearray] = {}
+    os.write(ready_w, b"r")
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is srv:
+                conn, _ = srv.accept()
+                conn.setblocking(False)
+                bufs[conn] = bytearray()
+                sel.register(conn, selectors.EVENT_READ)
+                continue
+            conn = key.fileobj
+            data = conn.recv(65536)
+            if not data:
+                sel.unregister(conn)
+                conn.close()
+                del bufs[conn]
+                continue
+            buf = bufs[conn]
+            buf += data
+            out = bytearray()
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    break
+                req = json.loads(bytes(buf[:nl]))
+                del buf[:nl + 1]
+                out += json.dumps({"v": 1, "ok": True, "result": {"pid": req.get("pid")}},
+                                  separators=(",", ":")).encode() + b"\n"
+            conn.setblocking(True)
+            conn.sendall(out)
+            conn.setblocking(False)
+
+
+def start_echo(work: str) -> tuple:
+    path = os.path.join(work, "echo.sock")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            echo_server(path, w)
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.read(r, 1)
+    os.close(r)
+    return pid, path
+
+
+def main(argv: Optional[List[str]] = None) -> List[dict]:
+    if os.geteuid() != 0:
+        raise SystemExit("bench_socket needs root (elsad subscribes to the proc connector)")
+    work = tempfile.mkdtemp(prefix="elsa-bench-socket-")
+    daemon = start_elsad(work)
+    echo_pid = None
+    member = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    rows: List[dict] = []
+    try:
+        sock = os.path.join(work, "elsad.sock")
+        echo_pid, echo_path = start_echo(work)
+        with Client(sock) as c:
+            jid = c.create(name="bench-jobof", pids=[member.pid])["jid"]
+        jobof = {"v": 1, "op": "jobof", "pid": member.pid}
+        # warm-up
+        sequential(sock, 500, jobof)
+        sequential(echo_path, 500, jobof)
+
+        pairs = create_end_pairs(sock, 2000)
+        seq = sequential(sock, 20000, jobof)
+        seq_peer = sequential(echo_path, 20000, jobof)
+        pipe = pipelined(sock, 40000, jobof)
+        pipe_peer = pipelined(echo_path, 40000, jobof)
+        conc = concurrent(sock, 5000, jobof)
+        conc_peer = concurrent(echo_path, 5000, jobof)
+        with Client(sock) as c:
+            if c.jobof(member.pid) != jid:
+                raise SystemExit("jobof answered a wrong job")
+            st = c.status()
+
+        def row(metric: str, elsa: float, peer: Optional[float], target: Optional[float],
+                extra: str = "") -> dict:
+            return {"metric": metric, "elsa": round(elsa, 1),
+                    "peer": None if peer is None else round(peer, 1),
+                    "peer_name": None if peer is None else "JSON-lines echo server (Python)",
+                    "ratio": None if peer is None else round(elsa / peer, 3),
+                    "target": None if target is None else f">= {target:g}",
+                    "passed": True if target is None else elsa >= target,
+                    "reproduce": REPRODUCE + extra, "unit": "req/s"}
+
+        rows = [
+            row("socket: create+end pairs/s (1 client, sequential, durable create)",
+                pairs, None, TARGET_PAIRS),
+            row("socket: jobof req/s (1 client, sequential)", seq, seq_peer, TARGET_JOBOF),
+            row(f"socket: jobof req/s (1 client, pipelined x{PIPELINE})", pipe, pipe_peer,
+                None),
+            row(f"socket: jobof req/s ({CLIENTS} clients, sequential each)", conc, conc_peer,
+                None),
+        ]
+        rows[0]["unit"] = "pairs/s"
+        errors = st["control"]["errors"]
+        if errors:
+            raise SystemExit(f"elsad counted {errors} request errors during the benchmark")
+    finally:
+        member.kill()
+        member.wait()
+        if echo_pid is not None:
+            os.kill(echo_pid, signal.SIGKILL)
+            os.waitpid(echo_pid, 0)
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(15)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    for r in rows:
+        peer = "-" if r["peer"] is None else f"{r['peer']:>10,.0f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        print(f"{r['metric']:<66} {r['elsa']:>10,.0f} {r['unit']:<8} peer {peer:>10} "
+              f"ratio {ratio:>5}  target {r['target'] or '-':<8} "
+              f"{'PASS' if r['passed'] else 'FAIL'}")
+    return rows
+
+
+if __name__ == "__main__":
+    result = main(sys.argv[1:])
+    sys.exit(0 if all(r["passed"] for r in result) else 1)
