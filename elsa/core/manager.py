@@ -285,9 +285,13 @@ class JobManager:
         if info.exited:
             raise ProcessGone(f"process {pid} has exited (zombie); nothing to attach")
         old = self._entry(pid)
+        # Place it first, then leave the old job: leaving may end that job, and a
+        # cgroup backend would then find the process still in the old job's cgroup
+        # (and move it out to remove the cgroup). A failed placement leaves the
+        # process where it was.
+        self.backend.attach(state.snapshot(with_pids=False), info)
         if old is not None and old[0] != jid:
             self._leave(old[0], ProcessId(pid, old[1]), exit_code=None, detached=True)
-        self.backend.attach(state.snapshot(with_pids=False), info)
         self.detached.discard((pid, info.start_ticks))
         ident = info.ident
         self._join(state, ident, how)

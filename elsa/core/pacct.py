@@ -34,10 +34,32 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from elsa.core.source import UsageRecord
 from elsa.errors import AccountingFormatError
 
-try:  # numpy is optional (extra "fast"); the struct path gives the same answers.
-    import numpy as np
-except ImportError:  # pragma: no cover - exercised by forcing use_numpy=False in tests
-    np = None  # type: ignore[assignment]
+#: Inputs smaller than this are decoded with struct: numpy is imported only
+#: when it pays. Importing it costs ~12 MB of RSS, which the daemon (whose
+#: bsdacct follower decodes a few records at a time) must not pay: the
+#: memory target is 40 MB with 100,000 tracked processes (issue 6).
+NUMPY_MIN_BYTES = 256 * 1024
+
+_numpy: Any = False  # False: not tried yet; None: not installed
+
+
+def _np() -> Any:
+    """numpy (the optional ``fast`` extra), imported on first use, or None."""
+    global _numpy
+    if _numpy is False:
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover - exercised by forcing use_numpy=False
+            numpy = None  # type: ignore[assignment]
+        _numpy = numpy
+    return _numpy
+
+
+def __getattr__(name: str) -> Any:
+    # ``pacct.np`` for the report code: numpy, imported on first access.
+    if name == "np":
+        return _np()
+    raise AttributeError(name)
 
 RECORD_SIZE = 64
 ACCT_VERSION = 3
@@ -165,6 +187,7 @@ class Decoded:
 
     def records(self) -> List[AcctRecord]:
         cols = self.columns
+        np = _numpy or None
         if np is not None and isinstance(cols["pid"], np.ndarray):
             cols = {k: v.tolist() for k, v in cols.items()}
         out = []
@@ -243,7 +266,7 @@ def decode(data: bytes, *, path: str = "<memory>", base_offset: int = 0, final: 
     truncated.
     """
     if use_numpy is None:
-        use_numpy = np is not None
+        use_numpy = (len(data) >= NUMPY_MIN_BYTES or bool(_numpy)) and _np() is not None
     problems: List[AccountingFormatError] = []
     segments: List[Tuple[int, int]] = []  # (start, end) runs of good aligned records
     n = len(data)
@@ -302,6 +325,7 @@ def _good_run_end(data: bytes, pos: int, use_numpy: bool) -> int:
         while end + RECORD_SIZE <= n and _plausible(data, end):
             end += RECORD_SIZE
         return end
+    np = _np()
     # Check a window at a time so a file full of garbage (many short runs)
     # stays linear instead of re-checking the whole rest after each bad record.
     end = pos
@@ -319,6 +343,7 @@ def _good_run_end(data: bytes, pos: int, use_numpy: bool) -> int:
 
 
 def _dtype(order: str) -> Any:
+    np = _np()
     return np.dtype([
         ("flag", "u1"), ("version", "u1"), ("tty", order + "u2"), ("exitcode", order + "u4"),
         ("uid", order + "u4"), ("gid", order + "u4"), ("pid", order + "u4"),
@@ -329,6 +354,7 @@ def _dtype(order: str) -> Any:
 
 
 def _comp_np(c: Any) -> Any:
+    np = _np()
     c = c.astype(np.int64)
     exp = c >> 13
     if not exp.any():  # common: every value fits the mantissa, nothing to shift
@@ -338,6 +364,7 @@ def _comp_np(c: Any) -> Any:
 
 def _decode_numpy(data: bytes, segments: Sequence[Tuple[int, int]],
                   base_offset: int) -> Dict[str, Any]:
+    np = _np()
     le, be = _dtype("<"), _dtype(">")
     parts: List[Dict[str, Any]] = []
     for start, end in segments:
@@ -396,6 +423,7 @@ def _decode_struct(data: bytes, segments: Sequence[Tuple[int, int]],
 
 
 def _foreign_offsets(cols: Dict[str, Any], file_big: bool) -> List[int]:
+    np = _numpy or None  # arrays can only be numpy's if it was imported
     big = cols["big_endian"]
     offs = cols["offset"]
     if np is not None and isinstance(big, np.ndarray):

@@ -243,6 +243,10 @@ class Store:
                                  check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            # 1 MiB page cache per connection (SQLite's default is 2 MiB): the
+            # OS page cache holds the rest, and elsad's RSS budget is tight
+            # (40 MB with 100,000 tracked processes; benchmarks/bench_memory.py).
+            db.execute("PRAGMA cache_size=-1024")
             db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}; check state_dir and "
