@@ -203,3 +203,22 @@ def test_kill_fallback_freeze_signal_thaw(area, tmp_path: Path, monkeypatch) -> 
                 p.wait()
         b.end_job(job)
         b.stop()
+
+
+def test_move_between_jobs_keeps_first_origin(harness: Harness, area) -> None:
+    """Attaching a member of job A to job B places it first, then A (now empty)
+    ends: A's removal must not push the process out, and detach from B returns it
+    to where it was before A (found by bench_cgroup_jobs --mode join)."""
+    base, _ = area
+    d = harness.start()
+    h = harness.helper()
+    first = v2_of(h.pid)
+    with d.client() as c:
+        a = c.create(name="a", pids=[h.pid])
+        b = c.create(name="b", pids=[h.pid])
+        assert v2_of(h.pid) == b["params"]["cgroup_path"]
+        assert c.wait(a["jid"], timeout=5)["ended"] is True
+        assert not os.path.exists(a["params"]["cgroup_path"])
+        assert not os.path.exists(os.path.join(base, "released"))
+        c.detach([h.pid])
+        assert v2_of(h.pid) == first

@@ -398,9 +398,9 @@ class Cgroup2Backend(Backend):
         # Fast path: the manager detached the members it knows, or they exited.
         if self._rmdir_job(job.jid, path):
             return
-        # Anything left (a process exiting right now is harmless: the kernel skips
-        # PF_EXITING tasks on migration) goes back where it came from.
-        for pid in self.members_of_path(path):
+        # Live processes left (not just tasks still exiting: "populated" ignores
+        # those) go back where they came from; then remove, or retry on populated 0.
+        for pid in self.members_of_path(path) if self.fs.populated(path) else ():
             try:
                 self._return_to(pid, self.origins.get_pid(pid))
             except ElsaError:
