@@ -220,8 +220,10 @@ def test_users_manage_only_their_own(shared_dir, elsad, spawned, accounts):
         assert c.pids(job_b) == [pb1.pid]
         assert c.pids(job_r) == [pr.pid]
         assert len(c.list(all=True)) == jobs_before
-        # Every refusal was counted.
+        # Every refusal was counted, and logged with who tried.
         assert c.status()["control"]["denied"] - denied_before == attempts
+    denials = [line for line in d.log().splitlines() if "request denied" in line]
+    assert len(denials) == attempts and all(f'"uid": {a.uid}' in x for x in denials)
 
     # What A may do with its own processes and jobs.
     assert as_user(a, attempt(sock, "attach", jid=job_a, pids=[pa2.pid]))["ok"]

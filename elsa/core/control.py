@@ -270,10 +270,10 @@ class ControlServer:
 
     def _caller(self, sock: socket.socket) -> Caller:
         pid, uid, gid = peer_credentials(sock)
-        admin = uid == 0
-        if not admin and self.ops.admin_gid is not None:
-            admin = gid == self.ops.admin_gid or self.ops.admin_gid in peer_groups(sock, pid)
-        return Caller(pid=pid, uid=uid, gid=gid, admin=admin)
+        # Supplementary groups matter only for the admin group: fetch them then.
+        needs_groups = uid != 0 and self.ops.admin_gid is not None and gid != self.ops.admin_gid
+        groups = peer_groups(sock, pid) if needs_groups else ()
+        return Caller(pid=pid, uid=uid, gid=gid, admin=self.ops.is_admin(uid, gid, groups))
 
     def _admission(self, caller: Caller) -> Optional[str]:
         cap = self.limits["max_connections"]
@@ -414,6 +414,7 @@ class ControlServer:
     def _handle(self, conn: Connection, line: bytes) -> None:
         self.counters["requests"] += 1
         req_id = None
+        req: Dict[str, Any] = {}
         try:
             req = _parse(line)
             req_id = _request_id(req)
@@ -426,6 +427,10 @@ class ControlServer:
         except ElsaError as exc:
             self.counters["errors"] += 1
             code = exc.code if exc.code in ERROR_CODES else "internal"
+            if isinstance(exc, PermissionDenied):
+                # An audit trail of refused attempts (who, from which process).
+                log.info("request denied", uid=conn.caller.uid, pid=conn.caller.pid,
+                         op=str(req.get("op"))[:32], reason=exc.message)
             self._reply(conn, _error_reply(req_id, code, exc.message))
             return
         except Exception as exc:  # a bug must not take the daemon down
