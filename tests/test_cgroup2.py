@@ -222,3 +222,19 @@ def test_move_between_jobs_keeps_first_origin(harness: Harness, area) -> None:
         assert not os.path.exists(os.path.join(base, "released"))
         c.detach([h.pid])
         assert v2_of(h.pid) == first
+
+
+def test_fork_born_member_detaches_to_job_origin(harness: Harness, area) -> None:
+    """A child born inside the job has no origin of its own: it goes where the job's
+    first attached process came from, not to the released leaf."""
+    base, _ = area
+    d = harness.start()
+    h = harness.helper()
+    first = v2_of(h.pid)
+    with d.client() as c:
+        job = c.create(name="f", pids=[h.pid])
+        (child,) = h.cmd("child")["pids"]
+        wait_for(lambda: child in c.pids(job["jid"]), 5, what="child joins")
+        c.end(job["jid"])
+        assert v2_of(child) == first == v2_of(h.pid)
+        assert not os.path.exists(os.path.join(base, "released"))

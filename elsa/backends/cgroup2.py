@@ -77,6 +77,9 @@ class _Origins:
         self.path = path
         self.by_proc: Dict[Tuple[int, int], Tuple[int, Dict[str, str]]] = {}
         self.by_job: Dict[int, Set[Tuple[int, int]]] = {}
+        # A member born inside the job (a fork) was never anywhere else: on detach
+        # it goes where the job's first attached process came from.
+        self.first: Dict[int, Dict[str, str]] = {}
         self._fd = -1
 
     def load(self, alive) -> None:
@@ -111,8 +114,11 @@ class _Origins:
             self.by_job.get(old[0], set()).discard(key)
         self.by_proc[key] = (jid, origin)
         self.by_job.setdefault(jid, set()).add(key)
+        if origin and jid not in self.first:
+            self.first[jid] = origin
 
     def _forget_job(self, jid: int) -> None:
+        self.first.pop(jid, None)
         for key in self.by_job.pop(jid, ()):
             if self.by_proc.get(key, (None,))[0] == jid:
                 del self.by_proc[key]
@@ -135,7 +141,11 @@ class _Origins:
                 return origin
         return None
 
+    def job_default(self, jid: int) -> Optional[Dict[str, str]]:
+        return self.first.get(jid)
+
     def job_ended(self, jid: int) -> None:
+        self.first.pop(jid, None)
         if jid in self.by_job:
             self._forget_job(jid)
             self._append({"j": jid, "d": 1})
@@ -245,10 +255,9 @@ class Cgroup2Backend(Backend):
 
     def stop(self) -> None:
         self._retry_pending()
-        released = os.path.join(self.base, RELEASED)
-        if self.base and not self.fs.procs(released):
-            try:
-                self.fs.rmdir(released)
+        if self.base:
+            try:  # EBUSY while someone is still in it: then it stays
+                self.fs.rmdir(os.path.join(self.base, RELEASED))
             except ElsaError:
                 pass
         if self.watcher is not None:
@@ -323,7 +332,8 @@ class Cgroup2Backend(Backend):
     def detach(self, job: Job, proc: ProcessId) -> None:
         assert self.origins is not None
         try:
-            self._return_to(proc.pid, self.origins.get(proc))
+            self._return_to(proc.pid, self.origins.get(proc)
+                            or self.origins.job_default(job.jid))
         except ProcessGone:
             return
 
@@ -394,6 +404,7 @@ class Cgroup2Backend(Backend):
         self.live.pop(job.jid, None)
         self.frozen.discard(job.jid)
         assert self.origins is not None
+        default = self.origins.job_default(job.jid)
         self.origins.job_ended(job.jid)
         # Fast path: the manager detached the members it knows, or they exited.
         if self._rmdir_job(job.jid, path):
@@ -402,7 +413,7 @@ class Cgroup2Backend(Backend):
         # those) go back where they came from; then remove, or retry on populated 0.
         for pid in self.members_of_path(path) if self.fs.populated(path) else ():
             try:
-                self._return_to(pid, self.origins.get_pid(pid))
+                self._return_to(pid, self.origins.get_pid(pid) or default)
             except ElsaError:
                 continue
         self._remove(job.jid, path)
