@@ -271,3 +271,13 @@ def test_v2_mode_refused_without_controller(tmp_path: Path) -> None:
     b = CpusetBackend()
     with pytest.raises(BackendError, match="mode = 'v2'"):
         b.start(_ctx(tmp_path, fs, mode="v2"))
+
+
+def test_delegate_subgroup_daemon_leaf_fake_tree(tmp_path: Path) -> None:
+    """MOCK tree: systemd >= 254 with DelegateSubgroup=daemon already put elsad in
+    <service>/daemon; the base is the service cgroup, jobs beside the leaf."""
+    fs = FakeV2(tmp_path, "cpu memory", "/system.slice/elsad.service/daemon")
+    b = Cgroup2Backend()
+    b.start(_ctx(tmp_path, fs, delegation="yes"))
+    assert b.base == str(tmp_path / "sys/fs/cgroup/system.slice/elsad.service")
+    b.stop()

@@ -225,11 +225,11 @@ class Cgroup2Backend(Backend):
         own = self.fs.own_cgroup() or "/"
         if delegation != "no" and own != "/":
             own_path = os.path.normpath(mount + own)
+            # Already in the "daemon" leaf: an earlier start moved us, or systemd >= 254
+            # did (DelegateSubgroup=daemon); the delegated cgroup is its parent.
+            if os.path.basename(own_path) == DAEMON_LEAF:
+                own_path = os.path.dirname(own_path)
             if delegation == "yes" or (_run_by_systemd() and _is_delegated(own_path)):
-                # Under systemd the daemon's cgroup may already be the "daemon" leaf
-                # of an earlier start.
-                if os.path.basename(own_path) == DAEMON_LEAF:
-                    own_path = os.path.dirname(own_path)
                 return own_path, True
         return os.path.join(mount, "elsa"), False
 
