@@ -329,3 +329,24 @@ def test_status_counts_events_losses_and_resyncs(elsad, spawned):
         assert st["events"] > before["events"]
         # The fork we missed was recovered from /proc ancestry.
         assert sleep_pid in c.pids(job["jid"])
+
+
+def test_attaching_a_member_again_is_a_quick_no_op(elsad, spawned):
+    """A child that joined by its fork event, then attached explicitly: no second
+    membership (the store once miscounted that and stalled every flush for 10 s)."""
+    d = elsad()
+    gate = subprocess.Popen(["sh", "-c", "read x; sleep 300 & wait"], stdin=subprocess.PIPE,
+                            start_new_session=True)
+    spawned.append(gate)
+    with d.client(timeout=5) as c:
+        jid = c.create(pids=[gate.pid])["jid"]
+        gate.stdin.write(b"go\n")
+        gate.stdin.flush()
+        kid = wait_for(lambda: (_children(gate.pid) or [None])[0], what="the sleep")
+        wait_for(lambda: kid in c.pids(jid), what="the sleep to join by its fork")
+        t0 = time.monotonic()
+        res = c.attach(jid, [kid])
+        assert res["attached"][0]["pid"] == kid
+        c.create(name="after")  # a durable create right after must not stall either
+        assert time.monotonic() - t0 < 2.0
+        assert sorted(c.pids(jid)) == sorted([gate.pid, kid])

@@ -285,6 +285,12 @@ class JobManager:
         if info.exited:
             raise ProcessGone(f"process {pid} has exited (zombie); nothing to attach")
         old = self._entry(pid)
+        if (old is not None and old[0] == jid
+                and abs(old[1] - info.start_ticks) <= START_TOLERANCE_TICKS):
+            # Already a member (its fork event came first): joining twice would
+            # record a second membership row for the same stay.
+            self.store.flush()
+            return info.ident
         # Place it first, then leave the old job: leaving may end that job, and a
         # cgroup backend would then find the process still in the old job's cgroup
         # (and move it out to remove the cgroup). A failed placement leaves the
