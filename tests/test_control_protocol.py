@@ -255,6 +255,24 @@ def test_wait_timeout_and_end(elsad, spawned):
                                                  "state": "ended", "pids": []}
 
 
+def test_pipelined_waits_are_capped_per_connection(elsad, spawned):
+    d = elsad()
+    p = sleeper(spawned)
+    c = RawConn(d.socket)
+    jid = c.call("create", pids=[p.pid])["result"]["jid"]
+    c.send(b"".join(json.dumps({"op": "wait", "jid": jid, "id": i}).encode() + b"\n"
+                    for i in range(100)))
+    # The 36 beyond the cap are refused at once (in order); 64 stay outstanding.
+    refused = [c.reply() for _ in range(36)]
+    assert [r["id"] for r in refused] == list(range(64, 100))
+    assert {err(r) for r in refused} == {"limit"}
+    assert c.call("status")["result"]["control"]["waiters"] == 64
+    RawConn(d.socket).call("end", jid=jid)
+    ended = [c.reply() for _ in range(64)]
+    assert sorted(r["id"] for r in ended) == list(range(64))
+    assert all(r["result"]["ended"] for r in ended)
+
+
 def test_wait_reply_while_client_vanished_does_not_hurt(elsad, spawned):
     d = elsad()
     p = sleeper(spawned)

@@ -72,6 +72,9 @@ REQUESTS_PER_TURN = 32
 TURN_BUDGET = 0.002
 #: Connections admins may open beyond ``max_connections``.
 ADMIN_RESERVE = 8
+#: Outstanding ``wait`` requests one connection may hold (each is answered
+#: later, so pipelined waits would otherwise grow without backpressure).
+MAX_WAITS_PER_CONNECTION = 64
 #: listen() backlog, and connections accepted per wake-up.
 LISTEN_BACKLOG = 1024
 ACCEPTS_PER_TURN = 256
@@ -94,6 +97,7 @@ ERROR_CODES: Dict[str, str] = {
     "unsupported-version": "'v' names a protocol version this daemon does not speak",
     "too-large": "the request line is longer than limits.max_request_bytes",
     "busy": "too many connections; sent once, then the connection is closed",
+    "limit": "a per-connection limit was reached (more than 64 outstanding waits)",
     "permission-denied": "the caller may not act on that process or job",
     "no-such-job": "no job has that id",
     "not-in-job": "the pid is not a member of any job",
@@ -117,6 +121,10 @@ class UnsupportedVersion(ProtocolError):
 
 class NotInJob(JobNotFound):
     code = "not-in-job"
+
+
+class LimitReached(ProtocolError):
+    code = "limit"
 
 
 @dataclass(frozen=True)
@@ -918,6 +926,9 @@ class Operations:
             return {"ended": True, "job": job_json(job)}
         if timeout == 0:
             return {"ended": False, "job": job_json(job)}
+        if conn.waiting >= MAX_WAITS_PER_CONNECTION:
+            raise LimitReached(f"this connection already has {conn.waiting} outstanding "
+                               "waits; wait on fewer jobs per connection")
         assert self.server is not None
         self.server.add_waiter(conn, jid, timeout, req_id)
         return _DEFERRED
