@@ -163,6 +163,9 @@ def test_commands_json_and_exit_codes(elsad, spawned, capsys):
     assert isinstance(listed, list) and len(listed) == 1
     assert SHOW_KEYS - {"pids"} <= set(listed[0]) and "pids" not in listed[0]
     assert listed[0]["nprocs"] == 1
+    assert len(json.loads(cli(*s, "list", "--user", "root", "--json", capsys=capsys)[1])) == 1
+    assert json.loads(cli(*s, "list", "--user", "65000", "--json", capsys=capsys)[1]) == []
+    assert cli(*s, "list", "--user", "no-such-user-here", capsys=capsys)[0] == 2
     rc, out, _ = cli(*s, "list", capsys=capsys)
     assert out.splitlines()[0].split()[:4] == ["JID", "STATE", "OWNER", "PROCS"]
     assert jid in out
