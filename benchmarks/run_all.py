@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -56,15 +55,16 @@ def _load(name: str) -> ModuleType:
 
 
 def _call_main(module: ModuleType) -> Any:
-    """Call ``main()`` with the benchmark's defaults, whatever its signature."""
-    main = module.main
+    """Call ``main()`` with no arguments: every benchmark's defaults.
+
+    (Some take ``argv``, some take keyword parameters such as ``records``; all
+    default to the documented run.) A main() that parses ``sys.argv`` must not
+    see run_all's own options, so argv is the module alone meanwhile.
+    """
     saved = sys.argv
-    # A main() that parses sys.argv must not see run_all's own options.
     sys.argv = [module.__file__ or module.__name__]
     try:
-        params = [p for p in inspect.signature(main).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        return main([]) if params else main()
+        return module.main()
     finally:
         sys.argv = saved
 

@@ -27,12 +27,13 @@ def run_all(tmp_path, monkeypatch):
            ' "target": "<= 1.0", "passed": %s, "reproduce": "python3 x", "unit": "s"}')
     (tmp_path / "bench_good.py").write_text(
         "import sys\n"
-        "def main(argv=()):\n"
-        "    assert list(argv) == [] and sys.argv[1:] == [], (argv, sys.argv)\n"
+        "def main(argv=None):\n"
+        "    assert argv is None and sys.argv[1:] == [], (argv, sys.argv)\n"
         "    print('noise on stdout')\n"
         f"    return [{row % ('good one', 1.0, 0.5, True)}]\n")
     (tmp_path / "bench_slow.py").write_text(
-        "def main():\n"
+        "def main(records=10, runs=3):\n"
+        "    assert (records, runs) == (10, 3)\n"
         f"    return [{row % ('slow one', 3.0, 1.5, False)}]\n")
     (tmp_path / "bench_broken.py").write_text(
         "def main():\n    raise SystemExit('needs forkstat')\n")
