@@ -25,6 +25,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -36,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 BUDGET_S = 600.0
+DEFAULT_TIMEOUT_S = 240.0
 FIELDS = ("metric", "elsa", "peer", "ratio", "target", "passed", "reproduce", "unit")
 
 
@@ -69,24 +71,46 @@ def _call_main(module: ModuleType) -> Any:
         sys.argv = saved
 
 
+class BenchmarkTimeout(BaseException):
+    """Raised in a benchmark that overran its time; a BaseException so that the
+    benchmark's own ``except Exception`` does not swallow it, while its
+    ``finally`` blocks still stop the daemons it started."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise BenchmarkTimeout()
+
+
 def _failed_row(name: str, reason: str) -> Dict[str, Any]:
     return {"metric": f"{name}: did not run", "elsa": None, "peer": None, "ratio": None,
             "target": "-", "passed": False, "unit": "", "error": reason,
             "reproduce": f"sudo python3 benchmarks/bench_{name}.py"}
 
 
-def run_one(name: str) -> List[Dict[str, Any]]:
-    """The rows of one benchmark, normalised; its own printing goes to stderr."""
+def run_one(name: str, timeout: float = 0) -> List[Dict[str, Any]]:
+    """The rows of one benchmark, normalised; its own printing goes to stderr.
+
+    *timeout* (seconds, 0: none) is enforced with SIGALRM in this thread.
+    """
     t0 = time.monotonic()
+    old_handler = signal.signal(signal.SIGALRM, _on_alarm) if timeout else None
     try:
         module = _load(name)
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
         with contextlib.redirect_stdout(sys.stderr):
             rows = _call_main(module)
+    except BenchmarkTimeout:
+        rows = [_failed_row(name, f"timed out after {timeout:g} s")]
     except SystemExit as exc:
         rows = [_failed_row(name, str(exc.code) if exc.code not in (None, 0) else "exited")]
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         rows = [_failed_row(name, f"{type(exc).__name__}: {exc}")]
+    finally:
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_handler)
     if not isinstance(rows, list) or not rows:
         rows = [_failed_row(name, f"main() returned {rows!r}, expected a list of rows")]
     seconds = round(time.monotonic() - t0, 1)
@@ -125,8 +149,8 @@ def _cells(row: Dict[str, Any]) -> List[str]:
         if row.get("peer_name"):
             peer = f"{row['peer_name']}: {peer}"
     status = "PASS" if row.get("passed") else "FAIL"
-    if row.get("error"):
-        status += f" ({row['error']})"
+    if row.get("note"):
+        status += f" [{row['note']}]"
     return [str(row.get("metric")), _num(row.get("elsa")) + unit, peer, _num(row.get("ratio")),
             str(row.get("target")), status, str(row.get("reproduce"))]
 
@@ -134,7 +158,18 @@ def _cells(row: Dict[str, Any]) -> List[str]:
 HEADER = ["metric", "ELSA", "peer", "ratio", "target", "result", "reproduce"]
 
 
+def _number_notes(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Give each row with an error a note number; the notes' text, in order."""
+    notes = []
+    for r in rows:
+        if r.get("error"):
+            notes.append(f"[{len(notes) + 1}] {r['benchmark']}: {r['error']}")
+            r["note"] = len(notes)
+    return notes
+
+
 def format_table(rows: Sequence[Dict[str, Any]]) -> str:
+    notes = _number_notes(rows)
     table = [HEADER] + [_cells(r) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
     # The metric column wraps at 60 characters so the table stays readable.
@@ -147,6 +182,8 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
             lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines)
 
 
@@ -154,11 +191,14 @@ def format_markdown(rows: Sequence[Dict[str, Any]]) -> str:
     def esc(text: str) -> str:
         return text.replace("|", "\\|")
 
+    notes = _number_notes(rows)
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for r in rows:
         cells = _cells(r)
         cells[-1] = f"`{cells[-1]}`"
         lines.append("| " + " | ".join(esc(c) for c in cells) + " |")
+    if notes:
+        lines += [""] + [f"{n}  " for n in notes]
     return "\n".join(lines)
 
 
@@ -170,6 +210,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                    help="stop a benchmark that runs longer than this and report it as "
+                         "failed (default %(default)g s; 0: no limit)")
     args = ap.parse_args(argv)
     if args.list:
         print("\n".join(available))
@@ -187,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Dict[str, Any]] = []
     for name in names:
         print(f"run_all: running {name} ...", file=sys.stderr, flush=True)
-        got = run_one(name)
+        got = run_one(name, args.timeout)
         print(f"run_all: {name} took {got[0]['seconds']} s", file=sys.stderr, flush=True)
         rows.extend(got)
     total = time.monotonic() - t0

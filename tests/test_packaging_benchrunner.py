@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,23 @@ def test_table_and_markdown(run_all, capsys):
     md = capsys.readouterr().out.splitlines()
     assert md[0].startswith("| metric |") and md[1].startswith("|---|")
     assert len(md) == 2 + 4
+
+
+def test_a_benchmark_that_overruns_is_stopped_and_cleans_up(run_all, tmp_path, capsys):
+    marker = tmp_path / "cleaned-up"
+    (tmp_path / "bench_hang.py").write_text(
+        "import time\n"
+        "def main():\n"
+        "    try:\n"
+        "        time.sleep(60)\n"
+        "    except Exception:\n"
+        "        return []  # must not swallow the runner's timeout\n"
+        "    finally:\n"
+        f"        open({str(marker)!r}, 'w').close()\n")
+    t0 = time.monotonic()
+    assert run_all.main(["--only", "hang", "--only", "good", "--timeout", "0.5"]) == 1
+    assert time.monotonic() - t0 < 20
+    out = capsys.readouterr().out
+    assert marker.exists()
+    assert "[1] hang: timed out after 0.5 s" in out
+    assert "good one" in out  # the next benchmark still ran
