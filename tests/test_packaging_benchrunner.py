@@ -82,7 +82,9 @@ def test_table_and_markdown(run_all, capsys):
     run_all.main(["--markdown"])
     md = capsys.readouterr().out.splitlines()
     assert md[0].startswith("| metric |") and md[1].startswith("|---|")
-    assert len(md) == 2 + 4
+    assert len([line for line in md if line.startswith("|")]) == 2 + 4
+    assert any("FAIL [1]" in line for line in md)
+    assert any(line.startswith("[1] ") for line in md)  # the error notes follow
 
 
 def test_a_benchmark_that_overruns_is_stopped_and_cleans_up(run_all, tmp_path, capsys):
