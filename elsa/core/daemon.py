@@ -351,7 +351,11 @@ class Daemon:
                 self._do_reload()
             if self._busy:
                 self._busy = False
-                time.sleep(BUSY_PAUSE)
+                # Pause only when nothing but proc events is waiting: a client
+                # request must never wait for the batching pause.
+                nl_fd = self.connector.fileno() if self.connector else -1
+                if all(key.fd == nl_fd for key, _ in select(0)):
+                    time.sleep(BUSY_PAUSE)
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
