@@ -13,6 +13,14 @@ reported as a failed row with its reason; the others still run.
     sudo python3 benchmarks/run_all.py --json          # rows as JSON on stdout
     sudo python3 benchmarks/run_all.py --markdown      # the table as Markdown (README)
 
+The row contract: each ``benchmarks/bench_<name>.py`` runs standalone and has
+``main() -> list[dict]`` (callable without arguments: its default run) whose
+rows carry ``metric``, ``elsa``, ``peer`` (None without a peer), ``ratio``
+(None without a peer), ``target``, ``passed`` (bool), ``reproduce`` (the
+command for this row alone) and ``unit``; optional: ``peer_name`` (shown
+before the peer figure) and ``detail`` (kept in --json output). A row that
+lacks a key gets a note; one that lacks ``passed`` counts as failed.
+
 Exit status: 0 when every row passed, 1 otherwise. The whole run is meant to
 take under 10 minutes on the 2-core benchmark machine; each benchmark's time
 is shown, and the total is checked against that budget.
@@ -119,10 +127,11 @@ def run_one(name: str, timeout: float = 0) -> List[Dict[str, Any]]:
         row = dict(row)
         missing = [f for f in FIELDS if f not in row]
         if missing:
-            row.setdefault("error", f"row lacks {', '.join(missing)}")
-            row["passed"] = False
+            # Shown as a note; only a row that does not say whether it passed fails.
+            row.setdefault("error", f"row lacks {', '.join(missing)} (the row contract is "
+                                    "in benchmarks/run_all.py's docstring)")
             for f in missing:
-                row.setdefault(f, None)
+                row.setdefault(f, False if f == "passed" else None)
         row["benchmark"] = name
         row["seconds"] = seconds
         out.append(row)
@@ -152,7 +161,7 @@ def _cells(row: Dict[str, Any]) -> List[str]:
     if row.get("note"):
         status += f" [{row['note']}]"
     return [str(row.get("metric")), _num(row.get("elsa")) + unit, peer, _num(row.get("ratio")),
-            str(row.get("target")), status, str(row.get("reproduce"))]
+            _num(row.get("target")), status, str(row.get("reproduce"))]
 
 
 HEADER = ["metric", "ELSA", "peer", "ratio", "target", "result", "reproduce"]
