@@ -33,6 +33,7 @@ is documented in docs/protocol.md; ``ERROR_CODES`` below is its error table.
 
 from __future__ import annotations
 
+import collections
 import grp
 import json
 import os
@@ -43,7 +44,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 import structlog
 
@@ -154,6 +155,9 @@ class Connection:
     reg_read: bool = False
     reg_write: bool = False
     in_turn: bool = False  # inside _process: replies are sent in one go at its end
+    # Replies waiting for the store to commit what their request wrote, in
+    # order: (store mark, reply). Once one waits, later replies queue behind it.
+    held: Deque[Tuple[int, Dict[str, Any]]] = field(default_factory=collections.deque)
 
 
 @dataclass(eq=False)
@@ -165,6 +169,9 @@ class Waiter:
 
 
 _DEFERRED = object()
+
+#: Operations whose reply promises a change that must survive a crash.
+DURABLE_OPS = frozenset({"create", "attach", "detach", "end"})
 
 
 class ControlServer:
@@ -185,6 +192,7 @@ class ControlServer:
         self.conns: Dict[int, Connection] = {}
         self.per_uid: Dict[int, int] = {}
         self.waiters: List[Waiter] = []
+        self._holding: Set[Connection] = set()  # connections with held replies
         self.counters = {"accepted": 0, "requests": 0, "errors": 0, "too_large": 0,
                          "refused_connections": 0, "dropped_slow_clients": 0,
                          "idle_closed": 0, "deferred_turns": 0}
@@ -399,7 +407,8 @@ class ControlServer:
         if conn.closed:
             return
         complete = conn.inbuf.find(b"\n") >= 0
-        if conn.eof and not complete and not conn.outbuf and conn.waiting == 0:
+        if (conn.eof and not complete and not conn.outbuf and conn.waiting == 0
+                and not conn.held):
             self._close(conn)
             return
         backlog = len(conn.outbuf) >= OUTPUT_HIGH_WATER
@@ -449,9 +458,44 @@ class ControlServer:
             return
         if result is _DEFERRED:
             return
-        self._reply(conn, _ok_reply(req_id, result))
+        mark = 0
+        if req.get("op") in DURABLE_OPS:
+            # The reply promises what the request changed survives a crash: send
+            # it once the store committed it. The loop does not wait meanwhile,
+            # and requests arriving during one commit share the next.
+            store = self.ops.manager.store
+            mark = store.mark()
+            if store.is_committed(mark):
+                mark = 0
+            else:
+                store.kick(mark)
+        self._reply(conn, _ok_reply(req_id, result), mark)
 
-    def _reply(self, conn: Connection, obj: Dict[str, Any]) -> None:
+    def on_commit(self) -> None:
+        """The store committed: send the held replies whose writes are durable."""
+        store = self.ops.manager.store
+        store.drain_notifications()
+        for conn in list(self._holding):
+            held = conn.held
+            while held and (held[0][0] == 0 or store.is_committed(held[0][0])):
+                self._send_reply(conn, held.popleft()[1])
+            if not held:
+                self._holding.discard(conn)
+                if not conn.closed and not conn.in_turn:
+                    self._flush(conn)
+            else:
+                store.kick(held[0][0])
+
+    def _reply(self, conn: Connection, obj: Dict[str, Any], mark: int = 0) -> None:
+        if conn.closed:
+            return
+        if mark or conn.held:
+            conn.held.append((mark, obj))
+            self._holding.add(conn)
+            return
+        self._send_reply(conn, obj)
+
+    def _send_reply(self, conn: Connection, obj: Dict[str, Any]) -> None:
         if conn.closed:
             return
         if not conn.outbuf:
@@ -474,7 +518,8 @@ class ControlServer:
         except OSError:  # EPIPE/ECONNRESET: the client went away
             self._close(conn)
             return
-        if conn.eof and conn.waiting == 0 and conn.inbuf.find(b"\n") < 0:
+        if (conn.eof and conn.waiting == 0 and not conn.held
+                and conn.inbuf.find(b"\n") < 0):
             self._close(conn)
 
     def _close(self, conn: Connection) -> None:
@@ -491,6 +536,8 @@ class ControlServer:
             self._remove_reader(conn.fd)
         conn.reg_read = conn.reg_write = False
         conn.sock.close()
+        conn.held.clear()
+        self._holding.discard(conn)
         if conn.waiting:
             self.waiters = [w for w in self.waiters if w.conn is not conn]
             conn.waiting = 0
@@ -824,12 +871,13 @@ class Operations:
         for pid in pids:
             self._check_pid(caller, pid)
             self._check_current_job(caller, pid)
-        # With pids, the last attach's flush makes the job durable too (one commit).
+        # Not durable here: the server holds the reply until the store commits
+        # (DURABLE_OPS), without blocking the event loop.
         job = self.manager.create(name=name, owner_uid=owner, tags=tags, params=params,
-                                  durable=not pids)
+                                  durable=False)
         try:
             for pid in pids:
-                self.manager.attach(job.jid, pid)
+                self.manager.attach(job.jid, pid, durable=False)
         except ElsaError:
             # A pid exited between the check and the attach: do not leave an empty job.
             self.manager.end(job.jid, reason="create failed")
@@ -854,7 +902,7 @@ class Operations:
             self._check_current_job(conn.caller, pid)
         attached = []
         for pid in pids:
-            ident = self.manager.attach(jid, pid)
+            ident = self.manager.attach(jid, pid, durable=False)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
         return {"jid": jid, "jid_hex": format_jid(jid), "attached": attached}
 

@@ -168,6 +168,7 @@ class Daemon:
                                      remove_reader=self.remove_reader,
                                      set_writer=self.set_writer)
         self.manager.after_end.append(self.control.job_ended)
+        self.add_reader(self.store.commit_notifications(), self.control.on_commit)
         self._start_sources()
         # 0.1 s: the resolution of 'wait' timeouts and of the idle limits.
         self.add_timer(0.1, self.control.sweep, "control-sweep")

@@ -278,7 +278,7 @@ class JobManager:
             raise JobNotFound(f"no job {jid:#x}; list jobs with 'elsa-jobmng list'")
         return state
 
-    def attach(self, jid: int, pid: int, how: str = "attach") -> ProcessId:
+    def attach(self, jid: int, pid: int, how: str = "attach", durable: bool = True) -> ProcessId:
         """Make live process *pid* (and its future children) a member of *jid*."""
         state = self._running(jid)
         info = self.procfs.info(pid)
@@ -289,7 +289,8 @@ class JobManager:
                 and abs(old[1] - info.start_ticks) <= START_TOLERANCE_TICKS):
             # Already a member (its fork event came first): joining twice would
             # record a second membership row for the same stay.
-            self.store.flush()
+            if durable:
+                self.store.flush()
             return info.ident
         # Place it first, then leave the old job: leaving may end that job, and a
         # cgroup backend would then find the process still in the old job's cgroup
@@ -303,8 +304,11 @@ class JobManager:
         self._join(state, ident, how)
         # The reply promises membership: with the in-memory backend the store is the
         # only record of it across a kill -9 (found by the conformance suite's
-        # recover test), so make it durable first, as create() does.
-        self.store.flush()
+        # recover test), so make it durable first, as create() does. (The
+        # control server passes durable=False and holds its reply until the
+        # store reports the commit instead: see ControlServer.on_commit.)
+        if durable:
+            self.store.flush()
         # Children forked before the attach stay where they are: a job holds a
         # process and what it forks *afterwards* (CSA/ELSA semantics).
         return ident

@@ -229,6 +229,10 @@ class Store:
         self._submitted = 0   # ops appended
         self._committed = 0   # ops committed
         self._stopping = False
+        # Commit notifications for the event loop (see commit_notifications()).
+        self._notify_at = 0
+        self._notify_r: Optional[int] = None
+        self._notify_w: Optional[int] = None
         self._error: Optional[BaseException] = None
         self.batch_interval = batch_interval
         self.batches = 0
@@ -294,6 +298,30 @@ class Store:
         """True once every write submitted before *mark* was taken is committed."""
         return self._committed >= mark
 
+    def commit_notifications(self) -> int:
+        """A descriptor that becomes readable when a mark passed to :meth:`kick`
+        is committed, so the event loop can answer requests whose writes are
+        durable without ever waiting for the disk itself."""
+        if self._notify_r is None:
+            self._notify_r, self._notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        return self._notify_r
+
+    def drain_notifications(self) -> None:
+        assert self._notify_r is not None
+        try:
+            while os.read(self._notify_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def kick(self, mark: int) -> None:
+        """Commit soon, and notify (see :meth:`commit_notifications`) once *mark*
+        is committed. Returns at once. Requests that arrive while a commit runs
+        share the next one (group commit)."""
+        with self._cond:
+            self._notify_at = max(self._notify_at, mark)
+            self._cond.notify_all()
+
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every write submitted so far is committed."""
         target = self._submitted
@@ -311,7 +339,8 @@ class Store:
         db = self._connect()
         while True:
             with self._cond:
-                if not self._queue and not self._members and not self._stopping:
+                if (not self._queue and not self._members and not self._stopping
+                        and not self._notify_at):
                     self._cond.wait(self.batch_interval)
                 stopping = self._stopping
             # Take the member rows first: a close that misses them from now on
@@ -346,6 +375,14 @@ class Store:
                 with self._cond:
                     self._committed += done
                     self._cond.notify_all()
+                    wake = bool(self._notify_at) and self._committed >= self._notify_at
+                    if wake:
+                        self._notify_at = 0
+                if wake and self._notify_w is not None:
+                    try:
+                        os.write(self._notify_w, b"c")
+                    except BlockingIOError:
+                        pass  # the pipe already holds a wake-up
             if stopping and not self._queue and not self._members:
                 break
         db.close()
@@ -356,6 +393,10 @@ class Store:
             self._cond.notify_all()
         self._writer.join(timeout=30.0)
         self.db.close()
+        for fd in (self._notify_r, self._notify_w):
+            if fd is not None:
+                os.close(fd)
+        self._notify_r = self._notify_w = None
 
     def _read_own_writes(self) -> None:
         """Reads use their own connection and see only committed data; wait for
