@@ -194,6 +194,20 @@ def test_half_close_without_final_newline_is_answered(elsad):
         data += chunk
     lines = [json.loads(x) for x in data.splitlines()]
     assert [x["id"] for x in lines] == [1, 2] and all(x["ok"] for x in lines)
+    # The same with requests that change state (their replies wait for the store).
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(d.socket)
+    s.sendall(b'{"op":"create","id":1}\n{"op":"hello","id":2}\n{"op":"create","id":3}')
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    lines = [json.loads(x) for x in data.splitlines()]
+    assert [x["id"] for x in lines] == [1, 2, 3] and all(x["ok"] for x in lines)
 
 
 def test_idle_and_slow_loris_connections_are_closed(elsad):
