@@ -350,7 +350,12 @@ class Cgroup2Backend(Backend):
     def signal(self, job: Job, sig: int, pids: Iterable[int]) -> int:
         path = self.job_path(job)
         members = self.members(job) or set()
+        wanted = set(pids)
         self.counters["kills"] += 1
+        if not members <= wanted:
+            # Only some members (the control server applies kill(2)'s rule for
+            # a non-admin caller): signal exactly those, never the whole cgroup.
+            return _kill_each(wanted & members, sig)
         if sig == signal_mod.SIGKILL and self.fs.has_kill(path):
             # cgroup.kill (Linux 5.14) kills the whole subtree atomically, even
             # processes forked while it runs (cgroup-v2.rst).
@@ -570,3 +575,14 @@ def elsa_backends() -> List[BackendSpec]:
     return [BackendSpec(name="cgroup2", factory=Cgroup2Backend, options=CGROUP2_OPTIONS,
                         description="one cgroup v2 per job; the kernel keeps children in "
                                     "(recommended)")]
+
+
+def _kill_each(pids: Iterable[int], sig: int) -> int:
+    sent = 0
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            sent += 1
+        except ProcessLookupError:
+            continue
+    return sent

@@ -84,7 +84,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def signal(self, job: Job, sig: int, pids: Iterable[int]) -> int:
-        """Send *sig* to every member; return how many processes were signalled."""
+        """Send *sig* to the processes *pids* of *job*; return how many were signalled.
+
+        *pids* are exactly the processes to signal. When they include every
+        member, a backend may signal the whole job atomically (cgroup.kill,
+        freeze-signal-thaw) so that children forked meanwhile are not missed;
+        when they are a subset (a non-admin caller may signal only processes
+        kill(2) lets it signal), it must signal just those."""
 
     def freeze(self, job: Job) -> None:
         raise BackendError(f"backend {self.name!r} cannot freeze jobs; use cgroup2")

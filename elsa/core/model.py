@@ -45,7 +45,7 @@ class ProcessInfo:
     pid: int
     ppid: int
     start_ticks: int
-    uid: int
+    uid: int  # owner of /proc/PID: the effective uid (see ProcFS.info)
     comm: str
     sid: int = 0
     pgid: int = 0

@@ -23,7 +23,11 @@ class ProcFS:
 
     # -- single process ---------------------------------------------------
     def info(self, pid: int) -> ProcessInfo:
-        """Parse /proc/PID/stat (proc(5)) and the directory owner (the real uid)."""
+        """Parse /proc/PID/stat (proc(5)) and the owner of /proc/PID.
+
+        The owner is the process's *effective* uid (root for a non-dumpable
+        process, proc(5)): good for reports, not for authorization, which
+        reads the real uid from /proc/PID/status (elsa/core/control.py)."""
         path = f"{self.root}/{pid}/stat"
         try:
             with open(path, "rb") as fh:

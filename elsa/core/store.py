@@ -457,9 +457,15 @@ class Store:
     # -- members --------------------------------------------------------------------
     def add_member(self, boot_id: str, jid: int, pid: int, start_ticks: int, joined: float,
                    how: str) -> None:
-        # row: joined, how, left, exit_code, detached, number of calls merged
+        # row: joined, how, left, exit_code, detached, number of calls merged.
+        # A pending row for the same stay is replaced (INSERT OR REPLACE would
+        # do the same on disk) but its merge count carries over: the writer
+        # counts every call it commits, or flush() would wait for calls that
+        # were merged away.
+        key = (boot_id, pid, start_ticks, jid)
         with self._members_lock:
-            self._members[(boot_id, pid, start_ticks, jid)] = [joined, how, None, None, 0, 1]
+            old = self._members.get(key)
+            self._members[key] = [joined, how, None, None, 0, 1 + (old[5] if old else 0)]
         self._submitted += 1
 
     def close_member(self, boot_id: str, jid: int, pid: int, start_ticks: int, left: float,
