@@ -32,6 +32,7 @@ import ctypes
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,9 +93,11 @@ class DaemonProc:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(workdir / "elsad.sock")
+        self._socket_dir: Optional[str] = None
         if len(self.socket.encode()) > 100:
             # sun_path holds 108 bytes (unix(7)); deep pytest tmp paths exceed it.
-            self.socket = os.path.join(tempfile.mkdtemp(prefix="elsa-t-"), "elsad.sock")
+            self._socket_dir = tempfile.mkdtemp(prefix="elsa-t-")
+            self.socket = os.path.join(self._socket_dir, "elsad.sock")
         self.state_dir = str(workdir / "state")
         self.config_path = workdir / "elsa.toml"
         self.log_path = workdir / "elsad.log"
@@ -133,9 +136,13 @@ class DaemonProc:
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+            rc = self.proc.returncode if self.proc else 0
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+            rc = self.proc.wait(timeout)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)  # elsad re-creates it
+        return rc
 
     def kill9(self) -> None:
         assert self.proc is not None

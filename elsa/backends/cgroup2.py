@@ -29,7 +29,7 @@ import structlog
 
 from elsa import hookimpl
 from elsa.config import Option
-from elsa.core.backend import Backend, BackendContext, BackendSpec
+from elsa.core.backend import Backend, BackendContext, BackendSpec, signal_each
 from elsa.core.cgroupfs import CgroupFS, EventsWatcher
 from elsa.core.model import Job, ProcessId, ProcessInfo, format_jid, parse_jid
 from elsa.errors import BackendError, ElsaError, ProcessGone
@@ -355,7 +355,7 @@ class Cgroup2Backend(Backend):
         if not members <= wanted:
             # Only some members (the control server applies kill(2)'s rule for
             # a non-admin caller): signal exactly those, never the whole cgroup.
-            return _kill_each(wanted & members, sig)
+            return signal_each(wanted & members, sig)
         if sig == signal_mod.SIGKILL and self.fs.has_kill(path):
             # cgroup.kill (Linux 5.14) kills the whole subtree atomically, even
             # processes forked while it runs (cgroup-v2.rst).
@@ -575,14 +575,3 @@ def elsa_backends() -> List[BackendSpec]:
     return [BackendSpec(name="cgroup2", factory=Cgroup2Backend, options=CGROUP2_OPTIONS,
                         description="one cgroup v2 per job; the kernel keeps children in "
                                     "(recommended)")]
-
-
-def _kill_each(pids: Iterable[int], sig: int) -> int:
-    sent = 0
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-            sent += 1
-        except ProcessLookupError:
-            continue
-    return sent

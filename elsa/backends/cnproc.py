@@ -11,11 +11,10 @@ where cgroup v2 is available.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Iterable, List
 
 from elsa import hookimpl
-from elsa.core.backend import Backend, BackendSpec
+from elsa.core.backend import Backend, BackendSpec, signal_each
 from elsa.core.model import Job, ProcessId, ProcessInfo
 
 
@@ -37,13 +36,7 @@ class CnprocBackend(Backend):
         return None
 
     def signal(self, job: Job, sig: int, pids: Iterable[int]) -> int:
-        sent = 0
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-                sent += 1
-            except ProcessLookupError:
-                continue  # exited meanwhile; its exit event is on its way
+        sent = signal_each(pids, sig)
         self.signalled += sent
         return sent
 

@@ -12,6 +12,7 @@ on recovery: its answer is the truth, events are hints (Slurm, systemd).
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Mapping, Optional, Set
 
@@ -117,6 +118,19 @@ class Backend(abc.ABC):
     def status(self) -> Dict[str, object]:
         """Backend-specific facts for the ``status`` request."""
         return {}
+
+
+def signal_each(pids: Iterable[int], sig: int) -> int:
+    """Send *sig* to each pid; return how many were signalled. A process that
+    exited meanwhile is skipped: its exit event is on its way."""
+    sent = 0
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            sent += 1
+        except ProcessLookupError:
+            continue
+    return sent
 
 
 @dataclass(frozen=True)

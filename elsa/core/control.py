@@ -50,6 +50,7 @@ import structlog
 
 from elsa import __version__
 from elsa.client import parse_signal
+from elsa.core.backend import signal_each
 from elsa.core.model import JOB_RUNNING, Job, format_jid
 from elsa.errors import (
     ElsaError,
@@ -995,7 +996,7 @@ class Operations:
         else:
             # Some members changed uid (su, sudo): a backend signals the whole
             # cgroup, so signal the allowed ones one by one instead.
-            sent = _kill_each(allowed, sig)
+            sent = signal_each(allowed, sig)
         return {"jid": jid, "jid_hex": format_jid(jid), "signal": sig, "signalled": sent,
                 "skipped": len(members) - len(allowed)}
 
@@ -1026,17 +1027,6 @@ class Operations:
         out["version"] = __version__
         out["protocol"] = PROTOCOL_VERSION
         return out
-
-
-def _kill_each(pids: Iterable[int], sig: int) -> int:
-    sent = 0
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-            sent += 1
-        except ProcessLookupError:
-            continue  # exited meanwhile
-    return sent
 
 
 def _group_id(name: str) -> Optional[int]:
