@@ -144,3 +144,48 @@ def test_incomplete_flag_accumulates_reasons(db):
 def test_proc_row_matches_insert_columns():
     row = proc_row(_ts(1, 1), 3)
     assert INSERT_PROC.count("?") == len(row)
+
+
+def test_live_bulk_batches_total_the_same_as_per_row_triggers(tmp_path):
+    """The store writer aggregates large batches of usage rows with one GROUP BY
+    (aggregator.live_bulk) instead of per-row triggers: the totals must match."""
+    from elsa.core.aggregator import INSERT_PROC, LIVE_BULK_MIN, live_bulk, proc_row
+    from elsa.core.source import UsageRecord
+    from elsa.core.store import Store
+
+    def records(n, source):
+        return [UsageRecord(source=source, pid=1000 + i, start_ticks=i, uid=7 + i % 3,
+                            comm=f"c{i % 4}", end_time=1_800_000_000.0 + i,
+                            start_time=1_799_999_990.0, cpu_user_us=10 + i,
+                            cpu_system_us=i, elapsed_us=100, max_rss_kb=50 + i,
+                            read_bytes=i, write_bytes=2 * i, minflt=1, majflt=0)
+                for i in range(n)]
+
+    totals = []
+    for bulk in (False, True):
+        store = Store(str(tmp_path / str(bulk)))
+        try:
+            seen = []
+            if bulk:
+                def runner(db, rows, seen=seen):
+                    seen.append(len(rows))
+                    live_bulk(db, rows)
+                store.register_batch_runner(INSERT_PROC, runner)
+            rows = [proc_row(r, 0x42 if r.pid % 2 else None)
+                    for r in records(3 * LIVE_BULK_MIN, "taskstats")]
+            for row in rows + rows[:5]:  # duplicates are ignored either way
+                store.submit(INSERT_PROC, row)
+            store.flush()
+            if bulk:
+                assert max(seen) >= LIVE_BULK_MIN  # the GROUP BY path really ran
+            db = store.db
+            totals.append((
+                db.execute("SELECT jid, source, processes, cpu_user_us, cpu_system_us, "
+                           "max_rss_kb, read_bytes, write_bytes FROM job_usage "
+                           "ORDER BY jid, source").fetchall(),
+                db.execute("SELECT bucket, uid, comm, processes, cpu_user_us, max_rss_kb "
+                           "FROM usage_rollup ORDER BY 1, 2, 3").fetchall()))
+        finally:
+            store.close()
+    assert totals[0] == totals[1]
+    assert totals[0][0] and totals[0][1]  # something was aggregated at all

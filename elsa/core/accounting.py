@@ -27,7 +27,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tup
 import structlog
 
 from elsa.config import validate_table
-from elsa.core.aggregator import Aggregator, history_lookup
+from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.errors import ElsaError
@@ -134,6 +134,7 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
     cfg = daemon.config
     manager = daemon.manager
     store = daemon.store
+    store.register_batch_runner(INSERT_PROC, live_bulk)
     aggregator = Aggregator(store.submit, manager.resolve,
                             history=history_lookup(store.db, manager.boot_id))
     durability = Durability(store, aggregator.hold_seconds)

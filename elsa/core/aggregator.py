@@ -336,6 +336,24 @@ _JOBS_FROM = """
 """
 
 
+#: A writer batch with at least this many usage rows aggregates them with one
+#: GROUP BY per summary table instead of the per-row triggers. Each row's
+#: triggers upsert the hourly rollup and the job's totals (two more B-tree
+#: writes per process); with every source on that was a third of elsad's CPU
+#: in benchmarks/bench_overhead.py. Small batches keep the triggers: the
+#: aggregation queries cost more than a few trigger runs.
+LIVE_BULK_MIN = 8
+
+
+def live_bulk(db: sqlite3.Connection, rows: Sequence[Sequence[object]]) -> None:
+    """The store writer's runner for a batch of INSERT_PROC rows (inside its
+    transaction): same result as the triggers, one aggregation per table."""
+    if len(rows) < LIVE_BULK_MIN:
+        db.executemany(INSERT_PROC, rows)
+        return
+    _bulk_in_transaction(db, lambda d: d.executemany(INSERT_PROC, rows))
+
+
 def bulk_insert(db: sqlite3.Connection, insert: Callable[[sqlite3.Connection], None],
                 after_insert: Optional[Callable[[sqlite3.Connection, int, int], None]] = None
                 ) -> Tuple[int, int]:
@@ -349,19 +367,26 @@ def bulk_insert(db: sqlite3.Connection, insert: Callable[[sqlite3.Connection], N
     """
     db.execute("BEGIN IMMEDIATE")
     try:
-        (lo,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM proc_usage").fetchone()
-        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('usage.bulk', '1')")
-        insert(db)
-        (hi,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM proc_usage").fetchone()
-        if after_insert is not None:
-            after_insert(db, lo, hi)
-        db.execute("DELETE FROM meta WHERE key = 'usage.bulk'")
-        db.execute(_ROLLUP_FROM, (lo, hi))
-        db.execute(_JOBS_FROM, (lo, hi))
+        lo, hi = _bulk_in_transaction(db, insert, after_insert)
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
+    return lo, hi
+
+
+def _bulk_in_transaction(db: sqlite3.Connection, insert: Callable[[sqlite3.Connection], None],
+                         after_insert: Optional[Callable[[sqlite3.Connection, int, int], None]]
+                         = None) -> Tuple[int, int]:
+    (lo,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM proc_usage").fetchone()
+    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('usage.bulk', '1')")
+    insert(db)
+    (hi,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM proc_usage").fetchone()
+    if after_insert is not None:
+        after_insert(db, lo, hi)
+    db.execute("DELETE FROM meta WHERE key = 'usage.bulk'")
+    db.execute(_ROLLUP_FROM, (lo, hi))
+    db.execute(_JOBS_FROM, (lo, hi))
     return lo, hi
 
 

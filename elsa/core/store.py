@@ -19,7 +19,7 @@ import json
 import os
 import sqlite3
 import threading
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import structlog
 
@@ -225,6 +225,9 @@ class Store:
         # INSERT instead of an INSERT and an UPDATE.
         self._members: Dict[Tuple[str, int, int, int], List[Any]] = {}
         self._members_lock = threading.Lock()
+        # Statements whose consecutive writes a runner executes instead of one
+        # executemany (see register_batch_runner); read by the writer thread.
+        self._runners: Dict[str, Callable[[sqlite3.Connection, List[Sequence[Any]]], None]] = {}
         self._cond = threading.Condition()
         self._submitted = 0   # ops appended
         self._committed = 0   # ops committed
@@ -298,6 +301,13 @@ class Store:
         """True once every write submitted before *mark* was taken is committed."""
         return self._committed >= mark
 
+    def register_batch_runner(self, sql: str,
+                              runner: Callable[[sqlite3.Connection, List[Sequence[Any]]], None]
+                              ) -> None:
+        """Let *runner(db, rows)* execute each run of consecutive *sql* writes
+        in the writer's transaction (e.g. to aggregate them in one query)."""
+        self._runners[sql] = runner
+
     def commit_notifications(self) -> int:
         """A descriptor that becomes readable when a mark passed to :meth:`kick`
         is committed, so the event loop can answer requests whose writes are
@@ -361,7 +371,7 @@ class Store:
                             "joined, how, left, exit_code, detached) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             [(*key, *row[:-1]) for key, row in members.items()])
-                    _execute_grouped(db, batch)
+                    _execute_grouped(db, batch, self._runners)
                     db.execute("COMMIT")
                     self.batches += 1
                 except sqlite3.Error as exc:
@@ -502,18 +512,29 @@ class Store:
             "WHERE jid = ? ORDER BY joined", (jid,)).fetchall()
 
 
-def _execute_grouped(db: sqlite3.Connection, batch: Iterable[Tuple[str, Sequence[Any]]]) -> None:
-    """Run consecutive writes of the same statement with one executemany (order kept)."""
+def _execute_grouped(db: sqlite3.Connection, batch: Iterable[Tuple[str, Sequence[Any]]],
+                     runners: Mapping[str, Callable[[sqlite3.Connection, List[Sequence[Any]]],
+                                                    None]] = {}) -> None:
+    """Run consecutive writes of the same statement with one executemany, or
+    that statement's registered runner (order kept)."""
     current: Optional[str] = None
     params: List[Sequence[Any]] = []
+
+    def run() -> None:
+        runner = runners.get(current)  # type: ignore[arg-type]
+        if runner is not None:
+            runner(db, params)
+        else:
+            db.executemany(current, params)  # type: ignore[arg-type]
+
     for sql, p in batch:
         if sql != current:
             if current is not None:
-                db.executemany(current, params)
+                run()
             current, params = sql, []
         params.append(p)
     if current is not None:
-        db.executemany(current, params)
+        run()
 
 
 def _split_sql(script: str) -> List[str]:
