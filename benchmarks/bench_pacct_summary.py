@@ -78,7 +78,7 @@ def row(metric: str, elsa: float, peer: float, target: float, reproduce: str) ->
     ratio = elsa / peer if peer else float("inf")
     return {"metric": metric, "elsa": round(elsa, 4), "peer": round(peer, 4),
             "ratio": round(ratio, 3), "target": target, "passed": ratio <= target,
-            "reproduce": reproduce}
+            "reproduce": reproduce, "unit": "s"}
 
 
 def print_rows(rows: List[Dict[str, Any]]) -> None:
@@ -117,10 +117,10 @@ def main(records: int = 1_000_000, runs: int = 3) -> List[Dict[str, Any]]:
     numpy_import = best_time([sys.executable, "-c", "import numpy"], runs)
     rows.append({"metric": "python3 start-up alone (context; not ELSA)",
                  "elsa": round(startup, 4), "peer": None, "ratio": None, "target": None,
-                 "passed": True, "reproduce": f"{sys.executable} -c pass"})
+                 "passed": True, "reproduce": f"{sys.executable} -c pass", "unit": "s"})
     rows.append({"metric": "python3 start-up + import numpy (context)",
                  "elsa": round(numpy_import, 4), "peer": None, "ratio": None,
-                 "target": None, "passed": True,
+                 "target": None, "passed": True, "unit": "s",
                  "reproduce": f"{sys.executable} -c 'import numpy'"})
     for by, sa_args in (("command", ["sa", "-a"]), ("user", ["sa", "-m"])):
         # -a: no "***other" folding; sa reads only the given file here (no

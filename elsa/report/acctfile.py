@@ -9,6 +9,8 @@ Memory is the acct ``ac_mem`` figure in KiB (GNU sa divides by 4 here).
 
 from __future__ import annotations
 
+import mmap
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from elsa.core import pacct
@@ -45,8 +47,7 @@ def _fast_columns(files: Sequence[str]) -> Optional[Dict[str, Any]]:
     parts = []
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                data = fh.read()
+            data = _map(f)
         except OSError:
             return None
         if len(data) % pacct.RECORD_SIZE:
@@ -72,6 +73,18 @@ def _fast_columns(files: Sequence[str]) -> Optional[Dict[str, Any]]:
             "stime": comp(rec["stime"]), "etime": rec["etime"].astype(np.float64),
             "mem": comp(rec["mem"]), "minflt": comp(rec["minflt"]),
             "majflt": comp(rec["majflt"])}
+
+
+def _map(path: str) -> Any:
+    """The file's bytes without copying them: a read-only mapping, pre-faulted
+    from the page cache (MAP_POPULATE) where available. Reading 64 MB with
+    read() into a new buffer was a third of a 1M-record summary."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return b""
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fh.fileno(), size, flags=flags, prot=mmap.PROT_READ)
 
 
 def _group(cols: Dict[str, Any], by: str) -> Tuple[List[Any], Any]:
