@@ -8,6 +8,7 @@ that is removed at teardown.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -167,10 +168,10 @@ def test_recover_reconciles_cgroups_with_store(harness: Harness, area) -> None:
     os.rmdir(full_orphan)
 
 
-def test_kill_fallback_freeze_signal_thaw(area, tmp_path: Path, monkeypatch) -> None:
-    """Kernels before 5.14 have no cgroup.kill: freeze, SIGKILL each pid, thaw, wait.
-    MOCK of one fact only: has_kill() answers False (this kernel has cgroup.kill);
-    the freeze, the signals and the wait are real."""
+@contextlib.contextmanager
+def _backend_job_with_sleepers(area, tmp_path: Path, jid: int, n: int = 3):
+    """A started cgroup2 backend (no daemon), one job in it holding *n* sleeps.
+    Yields (backend, job, procs); kills what is left and removes the job."""
     import subprocess
 
     from elsa.backends.cgroup2 import CGROUP2_OPTIONS, Cgroup2Backend
@@ -184,18 +185,14 @@ def test_kill_fallback_freeze_signal_thaw(area, tmp_path: Path, monkeypatch) -> 
     b.start(BackendContext(options=validate_table({"base": base, "kill_timeout": 5},
                                                   CGROUP2_OPTIONS, where="b", path="t"),
                            procfs=ProcFS(), state_dir=str(tmp_path)))
-    job = Job(jid=0x77, name="k", owner_uid=0, tags=(), created=0.0, ended=None,
+    job = Job(jid=jid, name="k", owner_uid=0, tags=(), created=0.0, ended=None,
               state="running", backend="cgroup2")
     job = Job(**{**job.__dict__, "params": b.create_job(job)})
-    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(n)]
     try:
         for p in procs:
             b.attach(job, ProcFS().info(p.pid))
-        monkeypatch.setattr(b.fs, "has_kill", lambda path: False)
-        assert b.signal(job, signal.SIGKILL, [p.pid for p in procs]) == 3
-        assert not FS.populated(job.params["cgroup_path"])
-        assert all(p.wait(5) == -signal.SIGKILL for p in procs)
-        assert FS.events(job.params["cgroup_path"])["frozen"] == 0  # thawed again
+        yield b, job, procs
     finally:
         for p in procs:
             if p.poll() is None:
@@ -203,6 +200,26 @@ def test_kill_fallback_freeze_signal_thaw(area, tmp_path: Path, monkeypatch) -> 
                 p.wait()
         b.end_job(job)
         b.stop()
+
+
+def test_kill_fallback_freeze_signal_thaw(area, tmp_path: Path, monkeypatch) -> None:
+    """Kernels before 5.14 have no cgroup.kill: freeze, SIGKILL each pid, thaw, wait.
+    MOCK of one fact only: has_kill() answers False (this kernel has cgroup.kill);
+    the freeze, the signals and the wait are real."""
+    with _backend_job_with_sleepers(area, tmp_path, 0x77) as (b, job, procs):
+        monkeypatch.setattr(b.fs, "has_kill", lambda path: False)
+        assert b.signal(job, signal.SIGKILL, [p.pid for p in procs]) == 3
+        assert not FS.populated(job.params["cgroup_path"])
+        assert all(p.wait(5) == -signal.SIGKILL for p in procs)
+        assert FS.events(job.params["cgroup_path"])["frozen"] == 0  # thawed again
+
+
+def test_signal_subset_reaches_only_those_pids(area, tmp_path: Path) -> None:
+    """A non-admin kill passes only the members kill(2) allows: the others live."""
+    with _backend_job_with_sleepers(area, tmp_path, 0x78) as (b, job, procs):
+        assert b.signal(job, signal.SIGTERM, [procs[0].pid]) == 1
+        assert procs[0].wait(5) == -signal.SIGTERM
+        assert procs[1].poll() is None and procs[2].poll() is None
 
 
 def test_move_between_jobs_keeps_first_origin(harness: Harness, area) -> None:
@@ -238,37 +255,3 @@ def test_fork_born_member_detaches_to_job_origin(harness: Harness, area) -> None
         c.end(job["jid"])
         assert v2_of(child) == first == v2_of(h.pid)
         assert not os.path.exists(os.path.join(base, "released"))
-
-
-def test_signal_subset_reaches_only_those_pids(area, tmp_path: Path) -> None:
-    """A non-admin kill passes only the members kill(2) allows: the others live."""
-    import subprocess
-
-    from elsa.backends.cgroup2 import CGROUP2_OPTIONS, Cgroup2Backend
-    from elsa.config import validate_table
-    from elsa.core.backend import BackendContext
-    from elsa.core.model import Job
-    from elsa.core.procfs import ProcFS
-
-    base, _ = area
-    b = Cgroup2Backend()
-    b.start(BackendContext(options=validate_table({"base": base, "kill_timeout": 5},
-                                                  CGROUP2_OPTIONS, where="b", path="t"),
-                           procfs=ProcFS(), state_dir=str(tmp_path)))
-    job = Job(jid=0x78, name="s", owner_uid=0, tags=(), created=0.0, ended=None,
-              state="running", backend="cgroup2")
-    job = Job(**{**job.__dict__, "params": b.create_job(job)})
-    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
-    try:
-        for p in procs:
-            b.attach(job, ProcFS().info(p.pid))
-        assert b.signal(job, signal.SIGTERM, [procs[0].pid]) == 1
-        assert procs[0].wait(5) == -signal.SIGTERM
-        assert procs[1].poll() is None and procs[2].poll() is None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        b.end_job(job)
-        b.stop()
