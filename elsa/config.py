@@ -285,8 +285,3 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)
-
-
-def plugin_options_of(options: Mapping[str, Option]) -> List[str]:
-    """Names of *options*, for messages."""
-    return sorted(options)

@@ -8,7 +8,6 @@ Every message says *what* went wrong, *where* (file, key, pid, job, offset) and
 from __future__ import annotations
 
 import errno
-from typing import Optional
 
 
 class ElsaError(Exception):
@@ -117,8 +116,3 @@ def from_oserror(exc: OSError, what: str, where: str, hint: str = "") -> ElsaErr
         return PrivilegeError(msg + (f"; {hint}" if hint else "; run as root"))
     msg = f"{what}: {where}: {reason}"
     return KernelInterfaceError(msg + (f"; {hint}" if hint else ""))
-
-
-def errno_of(exc: BaseException) -> Optional[int]:
-    """The errno carried by *exc*, or ``None``."""
-    return getattr(exc, "errno", None)

@@ -38,6 +38,11 @@ from elsa.errors import (
 
 # cgroup v2 core files (cgroup-v2.rst "Core Interface Files").
 PROCS = "cgroup.procs"
+#: A cgroup file that is gone, or whose cgroup is being removed: kernfs
+#: answers ENODEV for a node deactivated while the file was open or the
+#: directory still listed (fs/kernfs/file.c), ENOENT once it is unlinked.
+_REMOVED = (errno.ENOENT, errno.ENODEV)
+
 EVENTS = "cgroup.events"
 KILL = "cgroup.kill"
 FREEZE = "cgroup.freeze"
@@ -321,9 +326,9 @@ class CgroupFS:
         try:
             with open(os.path.join(path, PROCS), "rb") as fh:
                 return [int(x) for x in fh.read().split()]
-        except FileNotFoundError:
-            return []
         except OSError as exc:
+            if exc.errno in _REMOVED:
+                return []
             raise translate(exc, "read members", os.path.join(path, PROCS)) from None
 
     def move(self, path: str, pid: int) -> None:
@@ -350,9 +355,9 @@ class CgroupFS:
         try:
             with open(os.path.join(path, EVENTS), "rb") as fh:
                 data = fh.read()
-        except FileNotFoundError:
-            return False
         except OSError as exc:
+            if exc.errno in _REMOVED:
+                return False
             raise translate(exc, "read cgroup events", os.path.join(path, EVENTS)) from None
         return b"populated 1" in data
 

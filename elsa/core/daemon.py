@@ -326,7 +326,7 @@ class Daemon:
         rfd, wfd = socket.socketpair()
         rfd.setblocking(False)
         wfd.setblocking(False)
-        self._wakeup = (rfd, wfd)
+        self._wakeup = (rfd, wfd)  # keep both ends open for the process's life
         signal.set_wakeup_fd(wfd.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, lambda s, f: self.request_stop("SIGTERM"))
         signal.signal(signal.SIGINT, lambda s, f: self.request_stop("SIGINT"))

@@ -13,7 +13,6 @@ either order (CSA shipped that race as a bug, commit 12b6a9d).
 from __future__ import annotations
 
 import collections
-import os
 import time
 from dataclasses import dataclass, field
 from typing import (
@@ -227,10 +226,6 @@ class JobManager:
     def job_of(self, pid: int) -> Optional[int]:
         entry = self._entry(pid)
         return entry[0] if entry else None
-
-    def member(self, pid: int) -> Optional[ProcessId]:
-        entry = self._entry(pid)
-        return ProcessId(pid, entry[1]) if entry else None
 
     def resolve(self, pid: int, start_ticks: Optional[int], tolerance: int = 0) -> Optional[int]:
         """The job *pid* (started at *start_ticks*) belongs or belonged to.
@@ -651,14 +646,3 @@ class JobManager:
 
     def member_pids(self, jid: int) -> List[int]:
         return sorted(self._running(jid).members)
-
-    def owner_of_pid(self, pid: int) -> int:
-        return self.procfs.info(pid).uid
-
-    def all_members(self) -> Iterable[Tuple[int, int, int]]:
-        for pid, v in list(self.index.items()):
-            yield pid, self._slot_jid[v >> SLOT_SHIFT], v & START_MASK
-
-
-def my_uid() -> int:
-    return os.geteuid()

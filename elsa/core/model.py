@@ -81,10 +81,6 @@ class Job:
     # Backend-specific settings (e.g. cpuset cpus/mems, cgroup path).
     params: Mapping[str, str] = field(default_factory=dict)
 
-    @property
-    def tag_dict(self) -> dict:
-        return dict(self.tags)
-
     def to_json(self, with_pids: bool = True) -> dict:
         """The stable JSON form used by the protocol and ``--json`` output."""
         out = {
@@ -95,18 +91,6 @@ class Job:
         if with_pids:
             out["pids"] = list(self.pids)
         return out
-
-
-@dataclass(frozen=True)
-class Membership:
-    """One process's stay in one job (kept after exit, for attribution)."""
-
-    jid: int
-    proc: ProcessId
-    joined: float
-    left: Optional[float] = None
-    exit_code: Optional[int] = None
-    how: str = "fork"  # fork | attach | resync | recover
 
 
 def format_jid(jid: int) -> str:

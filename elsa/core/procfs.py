@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
-from elsa.core.model import CLOCK_TICKS, ProcessId, ProcessInfo
+from elsa.core.model import ProcessId, ProcessInfo
 from elsa.errors import ProcessGone, from_oserror
 
 
@@ -113,25 +113,6 @@ class ProcFS:
         except OSError as exc:
             raise from_oserror(exc, "read boot id", path) from None
 
-    def pid_max(self) -> int:
-        path = f"{self.root}/sys/kernel/pid_max"
-        try:
-            with open(path) as fh:
-                return int(fh.read())
-        except OSError:
-            return 4194304
-
-    def iter_children(self, pid: int) -> Iterator[int]:
-        """Children of *pid* from /proc/PID/task/*/children (needs CONFIG_PROC_CHILDREN)."""
-        for tid in self.threads(pid):
-            path = f"{self.root}/{pid}/task/{tid}/children"
-            try:
-                with open(path) as fh:
-                    for tok in fh.read().split():
-                        yield int(tok)
-            except OSError:
-                continue
-
 
 def parse_stat(pid: int, data: bytes, uid: int = -1) -> ProcessInfo:
     """Parse a /proc/PID/stat line.
@@ -159,10 +140,6 @@ def boottime_offset_ns() -> int:
     fs/proc/array.c); the offset converts one into the other.
     """
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-
-def ns_to_ticks(ns: int) -> int:
-    return ns * CLOCK_TICKS // 1_000_000_000
 
 
 def boot_epoch() -> float:

@@ -432,9 +432,6 @@ class Store:
                     (job.jid, job.name, job.owner_uid, json.dumps(dict(job.tags)), job.created,
                      job.ended, job.state, job.backend, json.dumps(dict(job.params))))
 
-    def update_job_params(self, jid: int, params: Dict[str, str]) -> None:
-        self.submit("UPDATE jobs SET params = ? WHERE jid = ?", (json.dumps(params), jid))
-
     def mark_had_members(self, jid: int) -> None:
         self.submit("UPDATE jobs SET had_members = 1 WHERE jid = ?", (jid,))
 
