@@ -23,3 +23,24 @@ def test_daemon_tracks_child_of_member(elsad, spawned):
         assert p.pid in pids
         st = c.status()
         assert st["backend"] == "cnproc" and st["events"] > 0
+
+
+def test_event_storm_cannot_starve_the_loop(monkeypatch):
+    """A drain that always finds a full batch (a storm that never lets the
+    socket empty) still returns to the loop after a bounded number of batches."""
+    from elsa.core import daemon as daemon_mod
+
+    class Conn:
+        calls = 0
+
+        def drain(self, sink, limit):
+            Conn.calls += 1
+            return limit  # always full
+
+    d = daemon_mod.Daemon.__new__(daemon_mod.Daemon)
+    d.connector = Conn()
+    d.manager = object()
+    d._loss_since = None
+    d._sink = lambda: None
+    d._on_netlink()  # returns instead of looping forever
+    assert Conn.calls == daemon_mod.DRAIN_BATCHES

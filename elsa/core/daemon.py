@@ -52,6 +52,10 @@ RESYNC_MAX_DELAY = 0.5
 BUSY_BATCH = 8
 BUSY_PAUSE = 0.002
 
+#: Events read per drain call, and full drains per loop pass.
+DRAIN_BATCH = 4096
+DRAIN_BATCHES = 4
+
 
 class _Timer:
     __slots__ = ("interval", "callback", "name")
@@ -251,13 +255,16 @@ class Daemon:
         manager = self.manager
         assert conn is not None and manager is not None
         sink = self._sink()
-        while True:
-            n = conn.drain(sink)
+        # At most DRAIN_BATCHES full batches per loop pass: under a sustained
+        # storm the socket never empties, and clients and timers must still
+        # get their turn (the socket stays readable, so we are back at once).
+        for _ in range(DRAIN_BATCHES):
+            n = conn.drain(sink, DRAIN_BATCH)
             if self._loss_since is not None:
-                if n < 4096 or time.monotonic() - self._loss_since > RESYNC_MAX_DELAY:
+                if n < DRAIN_BATCH or time.monotonic() - self._loss_since > RESYNC_MAX_DELAY:
                     self._loss_since = None
                     manager.resync("event loss")
-            if n < 4096:
+            if n < DRAIN_BATCH:
                 self._busy = n >= BUSY_BATCH
                 return
 
