@@ -80,8 +80,9 @@ CORE_OPTIONS: Dict[str, Option] = {
                                item_type=str),
     "plugins": Option(list, [], "Extra plugin modules to load by import path (site-local"
                       " plugins that are not installed with an entry point).", item_type=str),
-    "exited_linger": Option(float, 60.0, "Seconds an exited process stays resolvable to its job"
-                            " so late accounting records are still attributed.",
+    "exited_linger": Option(float, 15.0, "Seconds an exited process stays resolvable to its job"
+                            " in memory, so late accounting records are still attributed"
+                            " (later ones are resolved from the stored history).",
                             check=_non_negative),
 }
 
@@ -164,7 +165,7 @@ class Config:
     sources: Tuple[str, ...] = ()  # enabled sources: [sources.<name>] tables
     disabled_plugins: Tuple[str, ...] = ()
     plugins: Tuple[str, ...] = ()
-    exited_linger: float = 60.0
+    exited_linger: float = 15.0
     limits: Mapping[str, Any] = field(default_factory=lambda: {
         k: o.default for k, o in LIMIT_OPTIONS.items()})
     backends: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
