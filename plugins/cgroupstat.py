@@ -20,6 +20,7 @@ import structlog
 from elsa import hookimpl
 from elsa.config import Option
 from elsa.core import cgroupstats
+from elsa.core.cgroupfs import CgroupFS
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.errors import ElsaError, ProcessGone
@@ -55,7 +56,7 @@ class CgroupStatSource(Source):
     def start(self, ctx: SourceContext) -> None:
         super().start(ctx)
         self.interval = float(ctx.options["interval"])  # type: ignore[arg-type]
-        self.mount = str(ctx.options["mount"]) or cgroupstats.find_cgroup2_mount()
+        self.mount = str(ctx.options["mount"]) or CgroupFS().cgroup2_mount()
 
     def _dir(self, job: Job) -> Optional[str]:
         path = job.params.get(PARAM)

@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from elsa.core import cgroupstats as C
+from elsa.core.cgroupfs import CgroupFS
 from elsa.errors import ProcessGone
 
 GOLDEN = {
@@ -60,12 +61,12 @@ def test_mountinfo_parsing(tmp_path):
     mi = tmp_path / "mountinfo"
     mi.write_text("22 1 0:21 / /proc rw - proc proc rw\n"
                   "41 31 0:38 / /sys/fs/cgroup/my\\040dir rw,relatime - cgroup2 cgroup2 rw\n")
-    assert C.find_cgroup2_mount(str(mi)) == "/sys/fs/cgroup/my dir"
+    assert CgroupFS(mountinfo=str(mi)).cgroup2_mount() == "/sys/fs/cgroup/my dir"
 
 
 @pytest.mark.root
 def test_live_cpu_stat_of_a_test_cgroup():
-    mount = C.find_cgroup2_mount()
+    mount = CgroupFS().cgroup2_mount()
     if mount is None:
         pytest.skip("no cgroup2 mount")
     path = os.path.join(mount, f"elsa-test-{uuid.uuid4().hex[:8]}")

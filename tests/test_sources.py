@@ -17,6 +17,7 @@ import pytest
 
 from elsa.core import cgroupstats, pacct
 from elsa.core import taskstats as T
+from elsa.core.cgroupfs import CgroupFS
 from elsa.core.model import Job
 from elsa.core.procfs import ProcFS
 from elsa.core.source import SourceContext, UsageRecord
@@ -41,7 +42,7 @@ def _ctx(tmp_path, options, emitted: List[UsageRecord], jobs=()):
 
 @pytest.mark.root
 def test_job_cpu_agrees_across_taskstats_cgroup_and_getrusage(tmp_path):
-    mount = cgroupstats.find_cgroup2_mount()
+    mount = CgroupFS().cgroup2_mount()
     if mount is None:
         pytest.skip("no cgroup2 mount")
     from elsa_plugins.cgroupstat import CgroupStatSource

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
+# The flat-keyed format is the cgroupfs adapter's (cgroup.events uses it too).
+from elsa.core.cgroupfs import parse_flat_keyed
 from elsa.core.source import UsageRecord
 from elsa.errors import ProcessGone, from_oserror
 
@@ -83,19 +85,6 @@ class CgroupStats:
             majflt=self.memory_stat.get("pgmajfault"), extra=extra, final=final)
 
 
-def parse_flat_keyed(text: str) -> Dict[str, int]:
-    """'key value' lines (cpu.stat, memory.stat, memory.events)."""
-    out: Dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                out[parts[0]] = int(parts[1])
-            except ValueError:
-                continue
-    return out
-
-
 def parse_single(text: str) -> Optional[int]:
     """A single-value file (memory.peak, pids.peak); "max" reads as None."""
     text = text.strip()
@@ -156,30 +145,3 @@ def read_stats(directory: str) -> CgroupStats:
             raise from_oserror(exc, "read cgroup stats", path) from None
         values[attr] = parse(text)
     return CgroupStats(path=directory, missing=tuple(missing), **values)  # type: ignore[arg-type]
-
-
-def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
-    """The first cgroup2 mount point in *mountinfo* (proc(5): the filesystem
-    type follows the " - " separator), or ``None``."""
-    try:
-        with open(mountinfo) as fh:
-            for line in fh:
-                pre, sep, post = line.partition(" - ")
-                if sep and post.split()[0] == "cgroup2":
-                    return _unescape(pre.split()[4])
-    except OSError:
-        return None
-    return None
-
-
-def _unescape(path: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal (\040 ...).
-    out, i = [], 0
-    while i < len(path):
-        if path[i] == "\\" and i + 3 < len(path) + 0 and path[i + 1:i + 4].isdigit():
-            out.append(chr(int(path[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(path[i])
-            i += 1
-    return "".join(out)
