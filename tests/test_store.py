@@ -33,3 +33,22 @@ def test_schema_newer_than_code_is_refused(tmp_path):
     db.close()
     with pytest.raises(StoreError, match="schema version 999"):
         Store(str(tmp_path))
+
+
+def test_import_path_migrates_and_refuses_newer_schema_like_the_daemon(tmp_path):
+    import sqlite3
+
+    import pytest
+
+    from elsa.core.store import MIGRATIONS
+    from elsa.errors import StoreError
+    from elsa.report.importer import open_for_import
+
+    path = str(tmp_path / "elsa.db")
+    db = open_for_import(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    db.execute("PRAGMA user_version = 999")
+    db.close()
+    with pytest.raises(StoreError, match="schema version 999"):
+        open_for_import(path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 999

@@ -218,7 +218,7 @@ class Store:
             raise StoreError(f"cannot create state_dir {state_dir}: {exc.strerror}; "
                              "set state_dir in the config to a writable directory") from None
         self.db = self._connect()
-        self._migrate(self.db)
+        migrate(self.db, self.path)
         self._queue: Deque[Tuple[str, Sequence[Any]]] = collections.deque()
         # Membership rows not yet written, keyed by identity: a process that
         # joins and exits within one batch (most of a fork storm) becomes one
@@ -259,25 +259,6 @@ class Store:
             raise StoreError(f"cannot open store {self.path}: {exc}; check state_dir and "
                              "free disk space") from None
         return db
-
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        (version,) = db.execute("PRAGMA user_version").fetchone()
-        if version > len(MIGRATIONS):
-            raise StoreError(f"store {self.path} has schema version {version} but this ELSA "
-                             f"knows only up to {len(MIGRATIONS)}; upgrade ELSA or point "
-                             "state_dir elsewhere")
-        for i in range(version, len(MIGRATIONS)):
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                for stmt in _split_sql(MIGRATIONS[i]):
-                    db.execute(stmt)
-                db.execute(f"PRAGMA user_version = {i + 1}")
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                db.execute("ROLLBACK")
-                raise StoreError(f"store {self.path}: migration to schema {i + 1} failed: "
-                                 f"{exc}") from None
-            log.info("store migrated", path=self.path, schema=i + 1)
 
     @property
     def schema_version(self) -> int:
@@ -508,6 +489,28 @@ class Store:
             "SELECT pid, start_ticks, joined, left, exit_code, how FROM members "
             "WHERE jid = ? ORDER BY joined", (jid,)).fetchall()
 
+
+def migrate(db: sqlite3.Connection, path: str) -> None:
+    """Bring the store *db* (at *path*) to the current schema, one transaction
+    per migration. Used by the daemon's :class:`Store` and by ``elsa
+    import-acct``, which opens the store without a writer thread."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > len(MIGRATIONS):
+        raise StoreError(f"store {path} has schema version {version} but this ELSA "
+                         f"knows only up to {len(MIGRATIONS)}; upgrade ELSA or point "
+                         "state_dir elsewhere")
+    for i in range(version, len(MIGRATIONS)):
+        db.execute("BEGIN IMMEDIATE")  # outside the try: nothing to roll back if it fails
+        try:
+            for stmt in _split_sql(MIGRATIONS[i]):
+                db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {i + 1}")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            db.execute("ROLLBACK")
+            raise StoreError(f"store {path}: migration to schema {i + 1} failed: "
+                             f"{exc}") from None
+        log.info("store migrated", path=path, schema=i + 1)
 
 def _execute_grouped(db: sqlite3.Connection, batch: Iterable[Tuple[str, Sequence[Any]]],
                      runners: Mapping[str, Callable[[sqlite3.Connection, List[Sequence[Any]]],

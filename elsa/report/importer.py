@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Sequence
 
 from elsa.core import pacct
 from elsa.core.aggregator import INSERT_PROC, bulk_insert
-from elsa.errors import StoreError
 
 SOURCE = "bsdacct"
 
@@ -40,20 +39,7 @@ def open_for_import(db_path: str) -> sqlite3.Connection:
     db = sqlite3.connect(db_path, timeout=60.0, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
-    (version,) = db.execute("PRAGMA user_version").fetchone()
-    if version > len(store_mod.MIGRATIONS):
-        raise StoreError(f"store {db_path} has schema {version}, newer than this ELSA")
-    for i in range(version, len(store_mod.MIGRATIONS)):
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in store_mod._split_sql(store_mod.MIGRATIONS[i]):
-                db.execute(stmt)
-            db.execute(f"PRAGMA user_version = {i + 1}")
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            db.execute("ROLLBACK")
-            raise StoreError(f"store {db_path}: migration to schema {i + 1} failed: "
-                             f"{exc}") from None
+    store_mod.migrate(db, db_path)
     return db
 
 
