@@ -293,8 +293,8 @@ class JobManager:
         job = state.snapshot()
         self.store.insert_job(job)
         if durable:  # the reply promises the job exists; make it durable first
-            # (a caller that attaches pids next passes durable=False: attach()'s
-            # flush commits the job row too, one commit instead of two)
+            # (the control server passes durable=False: it holds its reply
+            # until the store reports the commit, without blocking the loop)
             self.store.flush()
         log.info("job created", jid=f"{jid:#x}", name=name, owner_uid=owner_uid)
         if self.hooks:
