@@ -9,11 +9,20 @@ reused. The host id keeps 31 bits so ids stay positive in SQLite's signed
 
 from __future__ import annotations
 
-import hashlib
 import socket
 from typing import Optional
 
 from elsa.errors import StoreError
+
+try:  # CPython's built-in SHA-256: same digest as hashlib's, without OpenSSL.
+    from _sha2 import sha256  # 3.12+
+except ImportError:
+    try:
+        from _sha256 import sha256  # 3.9-3.11
+    except ImportError:  # another implementation
+        from hashlib import sha256
+# hashlib.sha256 would load _hashlib, i.e. libcrypto: 3.6 MB of elsad's 40 MB
+# RSS budget (issue 6) for one hash at start-up.
 
 BLOCK = 1024
 COUNTER_BITS = 32
@@ -30,7 +39,7 @@ def host_id(machine_id_path: str = "/etc/machine-id") -> int:
         seed = ""
     if not seed:
         seed = socket.gethostname()
-    digest = hashlib.sha256(seed.encode()).digest()
+    digest = sha256(seed.encode()).digest()
     return (int.from_bytes(digest[:4], "big") & 0x7FFFFFFF) or 1
 
 

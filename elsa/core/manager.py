@@ -42,6 +42,7 @@ from elsa.core.model import (
     ProcessId,
     ProcessInfo,
 )
+from elsa.core.pidindex import PidIndex
 from elsa.core.procfs import ProcFS, boottime_offset_ns
 from elsa.core.store import Store
 from elsa.errors import JobNotFound, JobStateError, ProcessGone
@@ -59,15 +60,15 @@ class _Members:
     """One job's members: a view on the manager's packed index (pid -> slot|start).
 
     elsad must hold 100,000+ tracked processes in little memory (issue 6: 40 MB).
-    One dict entry and one int per process (~116 B measured) instead of a
-    per-job dict plus a (jid, start) tuple in the index (~280 B). Iteration
+    One slot of the flat PidIndex per process (24-48 B) instead of a per-job
+    dict plus a (jid, start) tuple in a dict index (~280 B). Iteration
     scans the whole index, so it is kept to requests and resyncs, never the
     per-event path; membership tests and counts are O(1).
     """
 
     __slots__ = ("index", "tag", "count")
 
-    def __init__(self, index: Dict[int, int], slot: int) -> None:
+    def __init__(self, index: PidIndex, slot: int) -> None:
         self.index = index
         self.tag = slot << SLOT_SHIFT
         self.count = 0
@@ -79,7 +80,7 @@ class _Members:
         return self.count > 0
 
     def __contains__(self, pid: object) -> bool:
-        v = self.index.get(pid)  # type: ignore[call-overload]
+        v = self.index.get(pid)
         return v is not None and v & ~START_MASK == self.tag
 
     def get(self, pid: int, default: Optional[int] = None) -> Optional[int]:
@@ -220,7 +221,7 @@ class JobManager:
         self.clock = clock
         self.jobs: Dict[int, _JobState] = {}
         # tgid -> (job slot << SLOT_SHIFT) | start_ticks; see _Members.
-        self.index: Dict[int, int] = {}
+        self.index = PidIndex()
         self._slot_jid: Dict[int, int] = {}
         self._next_slot = 1
         self.detached: Set[Tuple[int, int]] = set()  # (pid, start_ticks) kept out of jobs
