@@ -6,10 +6,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-import structlog
-
 from elsa import __version__, config, logsetup
 from elsa.errors import ElsaError
+from elsa.logsetup import structlog
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

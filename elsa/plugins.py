@@ -15,10 +15,10 @@ import sys
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import pluggy
-import structlog
 
 from elsa import hookspecs
 from elsa.errors import PluginError
+from elsa.logsetup import structlog
 
 ENTRY_POINT_GROUP = "elsa"
 AUTOLOAD_ENV = "ELSA_DISABLE_PLUGIN_AUTOLOAD"

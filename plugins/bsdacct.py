@@ -30,13 +30,12 @@ import os
 import subprocess
 from typing import Dict, List, Optional
 
-import structlog
-
 from elsa import hookimpl
 from elsa.config import Option
 from elsa.core import pacct
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.errors import AccountingFormatError, from_oserror
+from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.source.bsdacct")
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Set
 
-import structlog
-
 from elsa import hookimpl
 from elsa.config import Option
 from elsa.core import cgroupstats
@@ -24,6 +22,7 @@ from elsa.core.cgroupfs import CgroupFS
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.errors import ElsaError, ProcessGone
+from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.source.cgroupstat")
 

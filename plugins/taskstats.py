@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-import structlog
-
 from elsa import hookimpl
 from elsa.config import Option
 from elsa.core import taskstats
 from elsa.core.source import Source, SourceContext, SourceSpec, UsageRecord
+from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.source.taskstats")
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Mapping, Optional, Set, Tuple
 
-import structlog
-
 from elsa import hookimpl
 from elsa.backends.cgroup2 import CGROUP2_OPTIONS, Cgroup2Backend
 from elsa.config import Option
@@ -31,6 +29,7 @@ from elsa.core.backend import BackendContext, BackendSpec
 from elsa.core.cgroupfs import format_cpulist, parse_cpulist
 from elsa.core.model import Job, ProcessInfo, format_jid, parse_jid
 from elsa.errors import BackendError, ElsaError, ProcessGone
+from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.backends.cpuset")
 

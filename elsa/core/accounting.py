@@ -24,13 +24,12 @@ import collections
 import time
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
-import structlog
-
 from elsa.config import validate_table
 from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.errors import ElsaError
+from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.accounting")
 

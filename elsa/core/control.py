@@ -46,8 +46,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
-import structlog
-
 from elsa import __version__
 from elsa.client import parse_signal
 from elsa.core.backend import signal_each
@@ -59,6 +57,7 @@ from elsa.errors import (
     ProcessGone,
     ProtocolError,
 )
+from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.control")
 

@@ -18,8 +18,6 @@ import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import structlog
-
 from elsa import __version__
 from elsa.config import Config, validate_table
 from elsa.core import sdnotify
@@ -35,6 +33,7 @@ from elsa.core.manager import JobManager
 from elsa.core.procfs import ProcFS
 from elsa.core.store import Store
 from elsa.errors import ConfigError, ElsaError, KernelInterfaceError
+from elsa.logsetup import structlog
 from elsa.plugins import PluginHost
 
 log = structlog.get_logger("elsa.daemon")

@@ -29,8 +29,6 @@ from typing import (
     Tuple,
 )
 
-import structlog
-
 from elsa.core.backend import Backend
 from elsa.core.jobid import JidAllocator
 from elsa.core.model import (
@@ -46,6 +44,7 @@ from elsa.core.pidindex import PidIndex
 from elsa.core.procfs import ProcFS, boottime_offset_ns
 from elsa.core.store import Store
 from elsa.errors import JobNotFound, JobStateError, ProcessGone
+from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.manager")
 

@@ -21,10 +21,9 @@ import sqlite3
 import threading
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import structlog
-
 from elsa.core.model import Job
 from elsa.errors import StoreError
+from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.store")
 
