@@ -1,16 +1,37 @@
 """Jobs per second through the control socket with the cgroup2 backend.
 
-One job = ``create`` (mkdir of the job cgroup, durable store insert) with a
-freshly forked child attached (write to cgroup.procs, durable membership), the
-child then execs ``/bin/true`` inside the job, exits, and the job ends by
-itself (last member exited: the cgroup is removed). Several client processes
-run this loop concurrently, as a batch system's launchers would; the clock
-stops when elsad reports no running job.
+One job = a job cgroup created by elsad (``create``: mkdir, durable store
+insert), one process running ``/bin/true`` inside it, and the job ending by
+itself when its last process exited (the cgroup removed, the end stored).
+Every ``create``/``attach`` reply is sent only once the store committed it.
+K launcher processes run this loop concurrently, as a batch system's would;
+the clock starts when they all start and stops when elsad reports no running
+job (so every job has ended and its cgroup is gone).
 
-Peer: the kernel alone doing mkdir + rmdir of a cgroup v2 directory, the floor
-of any cgroup-per-job design. Target: >= 2,000 jobs/s (issue 4).
+Launchers (``--launcher``):
 
-Run as root: ``python3 benchmarks/bench_cgroup_jobs.py [--jobs N] [--clients K]``.
+* ``c`` (default): benchmarks/launcher.c, so the launcher's own cost is a C
+  program's, not CPython's. ``--mode clone`` (default): ``create`` an empty
+  job, ``clone3(CLONE_INTO_CGROUP)`` true straight into its cgroup (no
+  migration), ``attach`` it before reaping it; the attach of job k and the
+  create of job k+1 travel in one write. ``--mode join``: ``create`` with the
+  launcher's own pid (elsad migrates it into the job), spawn true inside,
+  reap; joining the next job ends the previous one.
+* ``python``: the launcher loop in Python (``--mode join`` as above with
+  ``os.posix_spawn``, or ``--mode fork``: a forked child waits, is attached
+  by ``create``, then execs true).
+
+Peers, measured in the same run before elsad starts: the kernel alone doing
+mkdir + rmdir of a cgroup v2 directory (the floor of any cgroup-per-job
+design), and the same launchers alone with no elsad (spawn true and reap it,
+K in parallel: the most process starts/s the machine allows this launcher).
+elsad's CPU per job is split into user and system time, and into the event
+thread and the store's writer thread. Target: >= 2,000 jobs/s (issue 4).
+``benchmarks/cgroup_floor.c`` measures the kernel cost of each per-job
+cgroup operation on its own.
+
+Run as root: ``python3 benchmarks/bench_cgroup_jobs.py [--jobs N] [--clients K]
+[--launcher c|python] [--mode clone|join|fork]``.
 """
 
 from __future__ import annotations
@@ -34,6 +55,37 @@ from elsa.core.cgroupfs import CgroupFS
 
 TARGET = 2000.0
 REPRODUCE = "sudo python3 benchmarks/bench_cgroup_jobs.py"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_launcher(workdir: str) -> str:
+    exe = os.path.join(workdir, "launcher")
+    subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(HERE, "launcher.c")], check=True)
+    return exe
+
+
+def _start_c_launchers(exe: str, mode: str, sock: str, per: int, clients: int
+                       ) -> Tuple[List[subprocess.Popen], int]:
+    """Start *clients* C launchers; return them and the fd that starts them all."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    kids = [subprocess.Popen([exe, mode, sock, str(per), str(ready_w), str(go_r)],
+                             pass_fds=(ready_w, go_r), stdout=subprocess.PIPE)
+            for _ in range(clients)]
+    os.close(ready_w)
+    os.close(go_r)
+    for _ in kids:
+        if os.read(ready_r, 1) != b"r":
+            raise SystemExit("a launcher failed to start")
+    os.close(ready_r)
+    return kids, go_w
+
+
+def _wait_c_launchers(kids: List[subprocess.Popen]) -> None:
+    for k in kids:
+        k.wait()
+        if k.returncode != 0:
+            raise SystemExit(f"launcher failed with status {k.returncode}")
 
 
 def kernel_mkdir_rmdir(mount: str, n: int = 5000) -> float:
@@ -81,7 +133,7 @@ def _client_loop(sock: str, n: int, ready_w: int, go_r: int, mode: str) -> None:
 
 
 def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "",
-        mode: str = "fork") -> Dict[str, float]:
+        mode: str = "clone", launcher: str = "c", exe: str = "") -> Dict[str, float]:
     fs = CgroupFS()
     mount = fs.cgroup2_mount()
     if mount is None:
@@ -119,20 +171,26 @@ def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "
                                    stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # let it attach before the clock starts
         per = jobs // clients
-        ready_r, ready_w = os.pipe()
-        go_r, go_w = os.pipe()
+        c_kids: List[subprocess.Popen] = []
         kids = []
-        for _ in range(clients):
-            pid = os.fork()
-            if pid == 0:
-                _client_loop(sock, per, ready_w, go_r, mode)
-            kids.append(pid)
-        for _ in kids:
-            os.read(ready_r, 1)
+        if launcher == "c":
+            c_kids, go_w = _start_c_launchers(exe, mode, sock, per, clients)
+        else:
+            ready_r, ready_w = os.pipe()
+            go_r, go_w = os.pipe()
+            for _ in range(clients):
+                pid = os.fork()
+                if pid == 0:
+                    _client_loop(sock, per, ready_w, go_r, mode)
+                kids.append(pid)
+            for _ in kids:
+                os.read(ready_r, 1)
         cpu0 = _cpu_seconds(daemon.pid)
         split0 = _cpu_split(daemon.pid)
+        threads0 = _thread_cpu(daemon.pid)
         t0 = time.perf_counter()
         os.write(go_w, b"g" * clients)
+        _wait_c_launchers(c_kids)
         for pid in kids:
             _, status = os.waitpid(pid, 0)
             if status != 0:
@@ -144,6 +202,9 @@ def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "
             st = c.status()
         cpu = _cpu_seconds(daemon.pid) - cpu0
         split1 = _cpu_split(daemon.pid)
+        threads1 = _thread_cpu(daemon.pid)
+        writer = sum(v - threads0.get(k, 0.0) for k, v in threads1.items()
+                     if k != daemon.pid)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
@@ -154,6 +215,8 @@ def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "
                 # (cgroup migration, mkdir/rmdir, socket wake-ups).
                 "daemon_user_per_job_us": (split1[0] - split0[0]) / (per * clients) * 1e6,
                 "daemon_system_per_job_us": (split1[1] - split0[1]) / (per * clients) * 1e6,
+                # the store's writer thread (SQLite commits); the rest is the event thread
+                "daemon_writer_thread_per_job_us": writer / (per * clients) * 1e6,
                 "deferred_removals": st["backend_status"]["deferred_removals"],
                 "left_behind": len(left), "left_names": left[:5]}
     finally:
@@ -175,9 +238,17 @@ def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "
             shutil.rmtree(work, ignore_errors=True)
 
 
-def launch_ceiling(jobs: int, clients: int, mode: str) -> float:
+def launch_ceiling(jobs: int, clients: int, mode: str, launcher: str = "python",
+                   exe: str = "") -> float:
     """The launchers alone (no daemon): process starts/s this machine allows."""
     per = jobs // clients
+    if launcher == "c":
+        c_kids, go_w = _start_c_launchers(exe, "alone", "-", per, clients)
+        t0 = time.perf_counter()
+        os.write(go_w, b"g" * clients)
+        _wait_c_launchers(c_kids)
+        os.close(go_w)
+        return per * clients / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     kids = []
     for _ in range(clients):
@@ -211,6 +282,20 @@ def _cpu_split(pid: int) -> Tuple[float, float]:
     return int(f[11]) / tck, int(f[12]) / tck
 
 
+def _thread_cpu(pid: int) -> Dict[int, float]:
+    """CPU seconds (user + system) of each thread of *pid*."""
+    out = {}
+    tck = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(f[11]) + int(f[12])) / tck
+    return out
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         f = fh.read().rsplit(")", 1)[1].split()
@@ -221,34 +306,51 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=4000)
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--mode", choices=("fork", "join"), default="join",
-                    help="fork: a waiting child is attached; join: the launcher joins, "
-                         "then posix_spawns true (like elsa-jobmng run)")
+    ap.add_argument("--launcher", choices=("c", "python"), default="c",
+                    help="c: benchmarks/launcher.c (built with gcc); python: the loop in Python")
+    ap.add_argument("--mode", choices=("clone", "join", "fork"), default=None,
+                    help="clone (c only, the default): true is born in the job cgroup "
+                         "(clone3 CLONE_INTO_CGROUP), then attached; join (the default for "
+                         "python): the launcher joins, then spawns true (like elsa-jobmng "
+                         "run); fork (python only): a waiting child is attached, then execs")
     ap.add_argument("--profile", default="", help="write py-spy folded stacks of elsad here")
     ap.add_argument("--cprofile", default="", help="run elsad under cProfile, stats to here")
     args = ap.parse_args(argv if argv is not None else [])
     if os.geteuid() != 0:
         raise SystemExit("run as root (elsad needs the proc connector and cgroupfs)")
+    mode = args.mode or ("clone" if args.launcher == "c" else "join")
+    if (args.launcher, mode) in (("c", "fork"), ("python", "clone")):
+        raise SystemExit(f"--mode {mode} needs --launcher {'python' if mode == 'fork' else 'c'}")
     mount = CgroupFS().cgroup2_mount()
     assert mount is not None
-    peer = kernel_mkdir_rmdir(mount)
-    ceiling = launch_ceiling(min(args.jobs, 2000), args.clients, args.mode)
-    res = run(args.jobs, args.clients, args.profile, args.cprofile, args.mode)
+    build_dir = tempfile.mkdtemp(prefix="elsa-bench-launcher-")
+    try:
+        exe = build_launcher(build_dir) if args.launcher == "c" else ""
+        peer = kernel_mkdir_rmdir(mount)
+        ceiling = launch_ceiling(min(args.jobs, 2000), args.clients, mode, args.launcher, exe)
+        res = run(args.jobs, args.clients, args.profile, args.cprofile, mode, args.launcher,
+                  exe)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    how = f"--jobs {args.jobs} --clients {args.clients} --launcher {args.launcher} --mode {mode}"
     rows = [
         {"metric": "cgroup2 jobs/s (create + attach + exec true + auto end, via socket)",
          "elsa": round(res["rate"], 1), "peer": round(peer, 1),
          "ratio": round(res["rate"] / peer, 3), "target": TARGET,
          "passed": res["rate"] >= TARGET and res["left_behind"] == 0,
-         "reproduce": REPRODUCE + f" --jobs {args.jobs} --clients {args.clients} "
-                                  f"--mode {args.mode}",
+         "reproduce": f"{REPRODUCE} {how}",
          "unit": "jobs/s (peer: kernel cgroup mkdir+rmdir/s)"},
-        {"metric": f"launchers alone, no elsad ({args.mode}: start true and reap it)",
+        {"metric": f"launchers alone, no elsad ({args.launcher} launcher: start true and "
+                   "reap it)",
          "elsa": round(res["rate"], 1), "peer": round(ceiling, 1),
          "ratio": round(res["rate"] / ceiling, 3), "target": None, "passed": True,
-         "reproduce": REPRODUCE, "unit": "jobs/s vs process starts/s"},
-        {"metric": "elsad CPU per job", "elsa": round(res["daemon_cpu_per_job_us"], 1),
+         "reproduce": f"{REPRODUCE} {how}", "unit": "jobs/s vs process starts/s"},
+        {"metric": f"elsad CPU per job (user {res['daemon_user_per_job_us']:.0f} + system "
+                   f"{res['daemon_system_per_job_us']:.0f}; store writer thread "
+                   f"{res['daemon_writer_thread_per_job_us']:.0f})",
+         "elsa": round(res["daemon_cpu_per_job_us"], 1),
          "peer": None, "ratio": None, "target": None, "passed": True,
-         "reproduce": REPRODUCE, "unit": "µs"},
+         "reproduce": f"{REPRODUCE} {how}", "unit": "µs"},
     ]
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))

@@ -9,14 +9,17 @@ that is removed at teardown.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import sqlite3
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from elsa.client import RequestFailed
 from elsa.core.cgroupfs import CgroupFS
 from elsa.testing import BackendUnderTest, Harness, pid_alive, wait_for
 
@@ -255,3 +258,147 @@ def test_fork_born_member_detaches_to_job_origin(harness: Harness, area) -> None
         c.end(job["jid"])
         assert v2_of(child) == first == v2_of(h.pid)
         assert not os.path.exists(os.path.join(base, "released"))
+
+
+# -- born inside: clone3(CLONE_INTO_CGROUP) then attach ------------------------------------
+
+_CLONE_INTO_CGROUP = 0x200000000  # include/uapi/linux/sched.h
+_SYS_CLONE3 = 435  # x86_64 and the generic table alike
+
+
+class _CloneArgs(ctypes.Structure):
+    # struct clone_args (include/uapi/linux/sched.h), the first 11 u64 fields (VER2).
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
+        "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]
+
+
+def clone_into(path: str, hold_fd: int, exit_code: int) -> int:
+    """Start a child born inside cgroup *path* (no migration): it waits for a
+    byte on *hold_fd* (or not at all when -1), then exits with *exit_code*.
+
+    PyDLL keeps the GIL across the call, so the child returns to a consistent
+    interpreter and leaves at once through os.read/os._exit."""
+    libc = ctypes.PyDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        args = _CloneArgs(flags=_CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=fd)
+        pid = libc.syscall(ctypes.c_long(_SYS_CLONE3), ctypes.byref(args),
+                           ctypes.c_size_t(ctypes.sizeof(args)))
+        if pid == 0:
+            try:
+                if hold_fd >= 0:
+                    os.read(hold_fd, 1)
+            finally:
+                os._exit(exit_code)
+        if pid < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), "clone3")
+        return pid
+    finally:
+        os.close(fd)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
+def _stored_member(state_dir: str, jid: int, pid: int):
+    """(left, exit_code, detached, how) of a closed membership, once committed
+    (the store commits member changes in batches)."""
+    def closed():
+        db = sqlite3.connect(os.path.join(state_dir, "elsa.db"))
+        try:
+            row = db.execute("SELECT left, exit_code, detached, how FROM members "
+                             "WHERE jid = ? AND pid = ?", (jid, pid)).fetchone()
+        finally:
+            db.close()
+        return row if row is not None and row[0] is not None else None
+    return wait_for(closed, 5, what="membership closed in the store")
+
+
+def test_born_inside_attach_without_migration(harness: Harness, area) -> None:
+    """clone3(CLONE_INTO_CGROUP) into the job cgroup, then attach: elsad takes
+    the process where it is (cgroup.procs is not written) and the job ends by
+    itself when it exits, with its exit status."""
+    d = harness.start()
+    with d.client() as c:
+        job = c.create(name="born")
+        path = job["params"]["cgroup_path"]
+        r, w = os.pipe()
+        pid = clone_into(path, r, 3)
+        os.close(r)
+        try:
+            assert v2_of(pid) == path
+            res = c.attach(job["jid"], [pid])
+            assert res["attached"][0]["pid"] == pid
+            assert c.pids(job["jid"]) == [pid]
+            assert c.jobof(pid) == job["jid"]
+        finally:
+            os.write(w, b"g")  # the child exits 3
+            os.close(w)
+        done = c.wait(job["jid"], timeout=5)
+        os.waitpid(pid, 0)
+        assert done["ended"] is True
+        wait_for(lambda: not os.path.exists(path), 5, what="job cgroup removed")
+    left, code, detached, how = _stored_member(d.state_dir, job["jid"], pid)
+    assert left is not None and code == 3 << 8 and detached == 0 and how == "attach"
+
+
+def test_born_inside_zombie_is_attached_and_closed(harness: Harness, area) -> None:
+    """The process born inside may exit before its launcher's attach arrives;
+    unreaped, it is still that process: attach records it with its exit
+    status, and the job ends at once."""
+    d = harness.start()
+    with d.client() as c:
+        job = c.create(name="zombie")
+        path = job["params"]["cgroup_path"]
+        pid = clone_into(path, -1, 7)
+        try:
+            wait_for(lambda: _state(pid) == "Z", 5, what="child to become a zombie")
+            c.attach(job["jid"], [pid])
+            done = c.wait(job["jid"], timeout=5)
+            assert done["ended"] is True
+        finally:
+            os.waitpid(pid, 0)
+        wait_for(lambda: not os.path.exists(path), 5, what="job cgroup removed")
+    left, code, detached, how = _stored_member(d.state_dir, job["jid"], pid)
+    assert left is not None and code == 7 << 8 and detached == 0
+
+
+def test_zombie_outside_the_job_is_refused(harness: Harness, area) -> None:
+    d = harness.start()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        wait_for(lambda: _state(pid) == "Z", 5, what="child to become a zombie")
+        with d.client() as c:
+            job = c.create(name="z")
+            with pytest.raises(RequestFailed) as err:
+                c.attach(job["jid"], [pid])
+            assert err.value.code == "no-such-process"
+            c.end(job["jid"])
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_born_inside_children_forked_before_attach_join(harness: Harness, area) -> None:
+    """A child the born-inside process forked before the attach was born
+    inside too; its fork event came from a non-member and was ignored, so the
+    attach takes it from the cgroup (the kernel's truth)."""
+    d = harness.start()
+    h = harness.helper()
+    with d.client() as c:
+        job = c.create(name="tree")
+        path = job["params"]["cgroup_path"]
+        FS.move(path, h.pid)  # as if born inside: elsad has not been told
+        (kid,) = h.cmd("child")["pids"]
+        assert v2_of(kid) == path
+        c.attach(job["jid"], [h.pid])
+        assert sorted(c.pids(job["jid"])) == sorted([h.pid, kid])
+        c.end(job["jid"])
+    for pid in (h.pid, kid):  # out of the released leaf, so it can go at stop
+        FS.move(MOUNT, pid)

@@ -293,23 +293,45 @@ class Cgroup2Backend(Backend):
     def _prepare_job(self, job: Job, path: str) -> None:
         """Subclass hook: configure the new job cgroup (cpuset writes cpus/mems)."""
 
-    def _origin_of(self, pid: int) -> Dict[str, str]:
-        """Where *pid* is now, unless that is inside one of our job cgroups (a move
-        between jobs keeps the first origin)."""
-        cur = self.fs.own_cgroup(pid) or "/"
-        path = os.path.normpath(self.mount + cur)
+    def _cgroup_of(self, pid: int) -> str:
+        """The absolute path of *pid*'s v2 cgroup (a zombie's too: proc(5))."""
+        return os.path.normpath(self.mount + (self.fs.own_cgroup(pid) or "/"))
+
+    def _origin_of(self, pid: int, path: Optional[str] = None) -> Dict[str, str]:
+        """Where *pid* is now (*path*, if already read), unless that is inside one
+        of our job cgroups (a move between jobs keeps the first origin)."""
+        if path is None:
+            path = self._cgroup_of(pid)
         if path == self.base or path.startswith(self.base + "/"):
             return {}
         return {self.origin_key: path}
 
-    def attach(self, job: Job, proc: ProcessInfo) -> None:
+    def holds(self, job: Job, proc: ProcessInfo) -> bool:
+        try:
+            return self._cgroup_of(proc.pid) == os.path.normpath(self.job_path(job))
+        except ProcessGone:
+            return False
+
+    def attach(self, job: Job, proc: ProcessInfo) -> Optional[bool]:
         path = self.job_path(job)
-        origin = self._origin_of(proc.pid)
-        self.fs.move(path, proc.pid)
         assert self.origins is not None
+        cur = self._cgroup_of(proc.pid)
+        if cur == os.path.normpath(path):
+            # Born inside (clone3 CLONE_INTO_CGROUP, cgroup-v2.rst) or already
+            # moved: a write to cgroup.procs would only take the threadgroup
+            # rwsem for writing to move nothing. Its origin is the job's.
+            self.origins.record(job.jid, proc.ident, self.origins.get(proc.ident) or {})
+            return True
+        if proc.exited:
+            # Writing a zombie's pid to cgroup.procs "succeeds" and moves nothing.
+            raise ProcessGone(f"process {proc.pid} has exited (zombie) outside job "
+                              f"{format_jid(job.jid)}; nothing to attach")
+        origin = self._origin_of(proc.pid, cur)
+        self.fs.move(path, proc.pid)
         if not origin:
             origin = self.origins.get(proc.ident) or {}
         self.origins.record(job.jid, proc.ident, origin)
+        return None
 
     def _return_to(self, pid: int, origin: Optional[Dict[str, str]]) -> str:
         """Move *pid* back to its origin, else into the ``released`` leaf."""

@@ -191,8 +191,8 @@ class CpusetBackend(Cgroup2Backend):
             out["cpuset_path"] = os.path.join(self.v1_base, format_jid(job.jid))
         return out
 
-    def _origin_of(self, pid: int) -> Dict[str, str]:
-        origin = super()._origin_of(pid)
+    def _origin_of(self, pid: int, path: Optional[str] = None) -> Dict[str, str]:
+        origin = super()._origin_of(pid, path)
         if self.mode == "v1" and origin:
             cur = self.fs.v1_cgroup("cpuset", pid) or "/"
             path = os.path.normpath(self.v1_mount + cur)
@@ -200,10 +200,13 @@ class CpusetBackend(Cgroup2Backend):
                 origin["v1"] = path
         return origin
 
-    def attach(self, job: Job, proc: ProcessInfo) -> None:
+    def attach(self, job: Job, proc: ProcessInfo) -> Optional[bool]:
         if self.mode != "v1":
-            super().attach(job, proc)
-            return
+            return super().attach(job, proc)
+        # A process born in the v2 job cgroup is still outside the v1 cpuset:
+        # v1 mode always moves (and so never reports "already placed").
+        if proc.exited:
+            raise ProcessGone(f"process {proc.pid} has exited (zombie); nothing to attach")
         origin = self._origin_of(proc.pid)
         # v1 first: once in the v2 job cgroup the process counts as a member, and it
         # must not run a single instruction of the job unpinned.
@@ -220,6 +223,7 @@ class CpusetBackend(Cgroup2Backend):
         if not origin:
             origin = self.origins.get(proc.ident) or {}
         self.origins.record(job.jid, proc.ident, origin)
+        return None
 
     def _return_to(self, pid: int, origin: Optional[Dict[str, str]]) -> str:
         where = super()._return_to(pid, origin)

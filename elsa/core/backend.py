@@ -71,8 +71,22 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def attach(self, job: Job, proc: ProcessInfo) -> None:
-        """Place a live process into *job* (its future children follow)."""
+    def attach(self, job: Job, proc: ProcessInfo) -> Optional[bool]:
+        """Place a live process into *job* (its future children follow).
+
+        Return True when the kernel had already placed it there, so nothing
+        moved: a launcher started it inside the job (clone3 with
+        CLONE_INTO_CGROUP). The manager then also takes the job's other
+        kernel-side members and accepts a process that has already exited.
+        None (or False) otherwise.
+        """
+
+    def holds(self, job: Job, proc: ProcessInfo) -> bool:
+        """True when the kernel already places *proc* in *job* (it was born
+        inside). Asked only for a process that has exited but is not reaped
+        yet, which can no longer be moved; backends without kernel-side
+        placement say False."""
+        return False
 
     @abc.abstractmethod
     def detach(self, job: Job, proc: ProcessId) -> None:

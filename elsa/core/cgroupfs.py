@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from elsa.core.procfs import read_small
 from elsa.errors import (
     BackendError,
     ElsaError,
@@ -239,8 +240,7 @@ class CgroupFS:
     def proc_cgroups(self, pid: object = "self") -> Dict[str, str]:
         path = f"{self.proc_root}/{pid}/cgroup"
         try:
-            with open(path) as fh:
-                return parse_proc_cgroup(fh.read())
+            return parse_proc_cgroup(read_small(path).decode("utf-8", "surrogateescape"))
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ESRCH):
                 raise ProcessGone(f"read {path}: process {pid} is gone") from None
@@ -324,8 +324,7 @@ class CgroupFS:
     def procs(self, path: str) -> List[int]:
         """Process ids in the cgroup itself (not its descendants)."""
         try:
-            with open(os.path.join(path, PROCS), "rb") as fh:
-                return [int(x) for x in fh.read().split()]
+            return [int(x) for x in read_small(os.path.join(path, PROCS)).split()]
         except OSError as exc:
             if exc.errno in _REMOVED:
                 return []
@@ -353,8 +352,7 @@ class CgroupFS:
     def populated(self, path: str) -> bool:
         """True while the cgroup or a descendant holds a live process (zombies do not count)."""
         try:
-            with open(os.path.join(path, EVENTS), "rb") as fh:
-                data = fh.read()
+            data = read_small(os.path.join(path, EVENTS))
         except OSError as exc:
             if exc.errno in _REMOVED:
                 return False

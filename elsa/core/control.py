@@ -49,7 +49,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tu
 from elsa import __version__
 from elsa.client import parse_signal
 from elsa.core.backend import signal_each
-from elsa.core.model import JOB_RUNNING, Job, format_jid
+from elsa.core.model import JOB_RUNNING, Job, ProcessInfo, format_jid
 from elsa.errors import (
     ElsaError,
     JobNotFound,
@@ -827,15 +827,19 @@ class Operations:
     def _process_uids(self, pid: int) -> Tuple[int, int, int]:
         return _uids(self.manager.procfs.status_field(pid, "Uid"))
 
-    def _check_pid(self, caller: Caller, pid: int) -> None:
-        """A non-admin may act on a process whose *real* uid is the caller's."""
+    def _check_pid(self, caller: Caller, pid: int) -> Optional[ProcessInfo]:
+        """A non-admin may act on a process whose *real* uid is the caller's.
+
+        For an admin: /proc's view of the process (it exists), which the
+        attach that follows in the same request reuses instead of reading it
+        again."""
         if caller.admin:
-            self.manager.procfs.info(pid)  # exists? (no-such-process otherwise)
-            return
+            return self.manager.procfs.info(pid)  # no-such-process if it is gone
         real = self._process_uids(pid)[0]
         if real != caller.uid:
             raise self._deny(f"process {pid} belongs to uid {real}; uid {caller.uid} may "
                              "only manage its own processes")
+        return None
 
     def _may_signal(self, caller: Caller, pid: int) -> bool:
         """kill(2): the sender's uid matches the target's real or saved set-user-ID."""
@@ -868,16 +872,17 @@ class Operations:
         params = _str_map(req, "params", max_entries=16)
         pids = _pids(req) if req.get("pids") is not None else []
         # Check every pid before the job exists: a refused create leaves nothing behind.
+        infos = []
         for pid in pids:
-            self._check_pid(caller, pid)
+            infos.append(self._check_pid(caller, pid))
             self._check_current_job(caller, pid)
         # Not durable here: the server holds the reply until the store commits
         # (DURABLE_OPS), without blocking the event loop.
         job = self.manager.create(name=name, owner_uid=owner, tags=tags, params=params,
                                   durable=False)
         try:
-            for pid in pids:
-                self.manager.attach(job.jid, pid, durable=False)
+            for pid, info in zip(pids, infos):
+                self.manager.attach(job.jid, pid, durable=False, info=info)
         except ElsaError:
             # A pid exited between the check and the attach: do not leave an empty job.
             self.manager.end(job.jid, reason="create failed")
@@ -897,12 +902,13 @@ class Operations:
         self._check_job(conn.caller, job)
         if job.state != JOB_RUNNING:
             self.manager.member_pids(jid)  # raises bad-job-state with the usual message
+        infos = []
         for pid in pids:
-            self._check_pid(conn.caller, pid)
+            infos.append(self._check_pid(conn.caller, pid))
             self._check_current_job(conn.caller, pid)
         attached = []
-        for pid in pids:
-            ident = self.manager.attach(jid, pid, durable=False)
+        for pid, info in zip(pids, infos):
+            ident = self.manager.attach(jid, pid, durable=False, info=info)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
         return {"jid": jid, "jid_hex": format_jid(jid), "attached": attached}
 

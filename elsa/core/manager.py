@@ -309,11 +309,20 @@ class JobManager:
             raise JobNotFound(f"no job {jid:#x}; list jobs with 'elsa-jobmng list'")
         return state
 
-    def attach(self, jid: int, pid: int, how: str = "attach", durable: bool = True) -> ProcessId:
-        """Make live process *pid* (and its future children) a member of *jid*."""
+    def attach(self, jid: int, pid: int, how: str = "attach", durable: bool = True,
+               info: Optional[ProcessInfo] = None) -> ProcessId:
+        """Make live process *pid* (and its future children) a member of *jid*.
+
+        *info* is /proc's view of *pid* when the caller has just read it. A
+        process the kernel already placed in the job (a launcher started it
+        there with clone3 CLONE_INTO_CGROUP) is taken as it is, even after it
+        exited (a zombie its launcher has not reaped yet): see
+        :meth:`_adopt_born_inside`.
+        """
         state = self._running(jid)
-        info = self.procfs.info(pid)
-        if info.exited:
+        if info is None or info.pid != pid:
+            info = self.procfs.info(pid)
+        if info.exited and not self.backend.holds(state.snapshot(with_pids=False), info):
             raise ProcessGone(f"process {pid} has exited (zombie); nothing to attach")
         old = self._entry(pid)
         if (old is not None and old[0] == jid
@@ -327,12 +336,14 @@ class JobManager:
         # cgroup backend would then find the process still in the old job's cgroup
         # (and move it out to remove the cgroup). A failed placement leaves the
         # process where it was.
-        self.backend.attach(state.snapshot(with_pids=False), info)
+        placed = self.backend.attach(state.snapshot(with_pids=False), info) is True
         if old is not None and old[0] != jid:
             self._leave(old[0], ProcessId(pid, old[1]), exit_code=None, detached=True)
         self.detached.discard((pid, info.start_ticks))
         ident = info.ident
         self._join(state, ident, how)
+        if placed:
+            self._adopt_born_inside(state, info)
         # The reply promises membership: with the in-memory backend the store is the
         # only record of it across a kill -9 (found by the conformance suite's
         # recover test), so make it durable first, as create() does. (The
@@ -343,6 +354,32 @@ class JobManager:
         # Children forked before the attach stay where they are: a job holds a
         # process and what it forks *afterwards* (CSA/ELSA semantics).
         return ident
+
+    def _adopt_born_inside(self, state: _JobState, info: ProcessInfo) -> None:
+        """*info* was already in the job's kernel object when attached.
+
+        A zombie's exit event was sent before we joined it: the kernel marks
+        the task a zombie (exit_notify) before proc_exit_connector (kernel/
+        exit.c), so a process /proc shows alive has not sent its exit event
+        yet and the event path will close it. The zombie is closed here, with
+        its wait status from /proc (the job may end with it). Processes it
+        forked before the attach were born inside too, but their fork events
+        (from a parent that was not a member yet) were ignored: the kernel's
+        member list adds the live ones.
+        """
+        if info.exited:
+            self._leave(state.jid, info.ident, info.exit_code)
+            return
+        truth = self.backend.members(state.snapshot(with_pids=False))
+        for pid in truth or ():
+            if pid in self.index:
+                continue
+            try:
+                child = self.procfs.info(pid)
+            except ProcessGone:
+                continue
+            if not child.exited:
+                self._join(state, child.ident, "fork")
 
     def detach(self, pid: int) -> int:
         """Take *pid* out of its job; its future children are not members either."""

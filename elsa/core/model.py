@@ -50,6 +50,8 @@ class ProcessInfo:
     sid: int = 0
     pgid: int = 0
     state: str = "R"  # proc(5) state letter; "Z"/"X": exited, not yet reaped
+    #: A zombie's wait status (proc(5) field 52, Linux 3.5), else None.
+    exit_code: Optional[int] = None
 
     @property
     def exited(self) -> bool:

@@ -15,6 +15,30 @@ from elsa.core.model import ProcessId, ProcessInfo
 from elsa.errors import ProcessGone, from_oserror
 
 
+def read_small(path: str, size: int = 4096) -> bytes:
+    """Read a small kernel-generated file whole: open, read, close.
+
+    ``open()`` would add an fstat, an isatty ioctl and a second read to every
+    file (strace shows them), and elsad reads a /proc or cgroupfs file or two
+    per job. seq_file and kernfs fill the buffer as far as the file goes, so a
+    short read is the end (fs/seq_file.c seq_read_iter); a full one reads on.
+    Raises OSError.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, size)
+        if len(data) < size:
+            return data
+        chunks = [data]
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
 class ProcFS:
     """Reads process facts from a procfs mounted at *root*."""
 
@@ -30,9 +54,14 @@ class ProcFS:
         reads the real uid from /proc/PID/status (elsa/core/control.py)."""
         path = f"{self.root}/{pid}/stat"
         try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-            uid = os.stat(f"{self.root}/{pid}").st_uid
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # The files of /proc/PID have the owner of /proc/PID itself
+                # (task_dump_owner() in fs/proc/base.c sets both): no second lookup.
+                uid = os.fstat(fd).st_uid
+                data = os.read(fd, 4096)  # one seq_file read: the line is < 1 KiB
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise from_oserror(exc, "read process", path) from None
         return parse_stat(pid, data, uid)
@@ -127,9 +156,12 @@ def parse_stat(pid: int, data: bytes, uid: int = -1) -> ProcessInfo:
     comm = data[lpar + 1:rpar].decode("utf-8", "replace")
     rest = data[rpar + 2:].split()
     # rest[0] is field 3 (state); field N is rest[N - 3].
+    state = rest[0].decode("ascii", "replace")
+    # Field 52 (exit_code, Linux 3.5) is meaningful once the process is a zombie.
+    exit_code = int(rest[49]) if state in ("Z", "X") and len(rest) > 49 else None
     return ProcessInfo(pid=pid, ppid=int(rest[1]), pgid=int(rest[2]), sid=int(rest[3]),
-                       start_ticks=int(rest[19]), uid=uid, comm=comm,
-                       state=rest[0].decode("ascii", "replace"))
+                       start_ticks=int(rest[19]), uid=uid, comm=comm, state=state,
+                       exit_code=exit_code)
 
 
 def boottime_offset_ns() -> int:
