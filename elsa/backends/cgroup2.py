@@ -462,10 +462,11 @@ class Cgroup2Backend(Backend):
         try:
             self._remove_tree(path)
         except ElsaError as exc:
-            # An exit event precedes the kernel's removal of the task from the cgroup
-            # (kernel/exit.c: proc_exit_connector before cgroup_exit), so right after
-            # the last exit rmdir may see EBUSY; retried when cgroup.events says
-            # populated 0.
+            # The last member's exit event does not prove the cgroup empty: the
+            # event is sent when the group leader exits (kernel/exit.c do_exit,
+            # cgroup_exit then exit_notify then proc_exit_connector), while other
+            # threads of the process may still be in the cgroup. rmdir then sees
+            # EBUSY; retried when cgroup.events says populated 0.
             log.debug("job cgroup busy; removal deferred", path=path, error=exc.message)
             if jid not in self.pending:
                 self.counters["deferred_removals"] += 1

@@ -358,14 +358,15 @@ class JobManager:
     def _adopt_born_inside(self, state: _JobState, info: ProcessInfo) -> None:
         """*info* was already in the job's kernel object when attached.
 
-        A zombie's exit event was sent before we joined it: the kernel marks
-        the task a zombie (exit_notify) before proc_exit_connector (kernel/
-        exit.c), so a process /proc shows alive has not sent its exit event
-        yet and the event path will close it. The zombie is closed here, with
-        its wait status from /proc (the job may end with it). Processes it
-        forked before the attach were born inside too, but their fork events
-        (from a parent that was not a member yet) were ignored: the kernel's
-        member list adds the live ones.
+        The kernel marks an exiting task a zombie (exit_notify) before it sends
+        the exit event (proc_exit_connector; kernel/exit.c do_exit), so a
+        process /proc shows alive has not sent its exit event yet and the event
+        path will close it. A zombie's event may have been sent already
+        (ignored then: the pid was no member) or may still come (it then finds
+        no member): the zombie is closed here, with its wait status from /proc
+        (the job may end with it). Processes it forked before the attach were
+        born inside too, but their fork events (from a parent that was not a
+        member yet) were ignored: the kernel's member list adds the live ones.
         """
         if info.exited:
             self._leave(state.jid, info.ident, info.exit_code)
