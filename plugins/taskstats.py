@@ -65,21 +65,31 @@ class TaskstatsSource(Source):
         return self.sock.fileno() if self.sock else None
 
     def on_readable(self) -> None:
+        """Hot path (one call per batch of exits on the whole machine): plain
+        tuples from the adapter, a usage row per process. A single-threaded
+        process (its only task's record carries AGROUP) needs no folding;
+        other tasks go through the ThreadFolder as TaskRecords."""
         assert self.sock is not None
-        out: List[UsageRecord] = []
-        for msg in self.sock.receive():
-            task = msg.task
-            if task is None:
+        rows = []
+        pending = self.folder.pending
+        versions = self.versions
+        usage_row = taskstats.usage_row
+        tuples = self.sock.receive_tuples()
+        self.tasks += len(tuples)
+        for t in tuples:
+            # (version, pid, tgid, ..., flag at 8, ...): see TaskRecord
+            version, pid, tgid = t[0], t[1], t[2]
+            versions[version] = versions.get(version, 0) + 1
+            if t[8] & taskstats.AGROUP and pid == tgid and tgid not in pending:
+                rows.append(usage_row(t, NAME))
                 continue
-            self.tasks += 1
-            self.versions[task.version] = self.versions.get(task.version, 0) + 1
-            proc = self.folder.add(task)
+            proc = self.folder.add(taskstats.TaskRecord(*t))
             if proc is not None:
-                out.append(proc.to_usage(NAME))
+                rows.append(proc.usage_row(NAME))
         self._check_loss()
-        if out:
-            self.records += len(out)
-            self.ctx.emit(out)
+        if rows:
+            self.records += len(rows)
+            self.ctx.emit_rows(NAME, rows)
 
     def _check_loss(self) -> None:
         assert self.sock is not None

@@ -135,8 +135,18 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
     manager = daemon.manager
     store = daemon.store
     store.register_batch_runner(INSERT_PROC, live_bulk)
+    started_wall = time.time()
+
+    def history_horizon() -> float:
+        # Memory (index, exit history, left-alive map) knows every membership
+        # of processes that ended after this: older ones need the store.
+        return max(started_wall, time.time() - manager.exited_linger)
+
     aggregator = Aggregator(store.submit, manager.resolve,
-                            history=history_lookup(store.db, manager.boot_id))
+                            history=history_lookup(store.db, manager.boot_id),
+                            submit_many=store.submit_many,
+                            settle=getattr(daemon, "settle_events", None),
+                            history_horizon=history_horizon)
     durability = Durability(store, aggregator.hold_seconds)
     started: Dict[str, Any] = {}
     failed: Dict[str, str] = {}
@@ -161,6 +171,7 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
 
             ctx = SourceContext(options=options, procfs=daemon.procfs,
                                 state_dir=cfg.state_dir, emit=aggregator.add,
+                                emit_rows=aggregator.add_rows,
                                 jobs=lambda: manager.running(), flag_incomplete=flag,
                                 when_stored=durability.defer,
                                 extra={"boot_id": manager.boot_id})

@@ -84,6 +84,7 @@ class Daemon:
         self._reload = False
         self._loss_since: Optional[float] = None
         self._busy = False
+        self._draining = False
         self.loss_events = 0
         self.started = time.time()
         self.store: Optional[Store] = None
@@ -250,23 +251,51 @@ class Daemon:
             log.warning("proc connector events lost; will resync from /proc",
                         reason=event.reason, cpu=event.cpu, missing=event.missing)
 
-    def _on_netlink(self) -> None:
+    def _on_netlink(self) -> bool:
+        """Drain the proc connector; True when the socket was emptied."""
+        if self._draining:
+            # Re-entered from an event's consequences (a job ends, a source
+            # emits its final reading, the aggregator asks to settle): the
+            # outer drain carries on after we return.
+            return False
         conn = self.connector
         manager = self.manager
         assert conn is not None and manager is not None
         sink = self._sink()
-        # At most DRAIN_BATCHES full batches per loop pass: under a sustained
-        # storm the socket never empties, and clients and timers must still
-        # get their turn (the socket stays readable, so we are back at once).
-        for _ in range(DRAIN_BATCHES):
-            n = conn.drain(sink, DRAIN_BATCH)
-            if self._loss_since is not None:
-                if n < DRAIN_BATCH or time.monotonic() - self._loss_since > RESYNC_MAX_DELAY:
-                    self._loss_since = None
-                    manager.resync("event loss")
-            if n < DRAIN_BATCH:
-                self._busy = n >= BUSY_BATCH
-                return
+        self._draining = True
+        try:
+            # At most DRAIN_BATCHES full batches per loop pass: under a sustained
+            # storm the socket never empties, and clients and timers must still
+            # get their turn (the socket stays readable, so we are back at once).
+            for _ in range(DRAIN_BATCHES):
+                n = conn.drain(sink, DRAIN_BATCH)
+                if self._loss_since is not None:
+                    if n < DRAIN_BATCH or time.monotonic() - self._loss_since > RESYNC_MAX_DELAY:
+                        self._loss_since = None
+                        manager.resync("event loss")
+                if n < DRAIN_BATCH:
+                    self._busy = n >= BUSY_BATCH
+                    return True
+            return False
+        finally:
+            self._draining = False
+
+    def settle_events(self) -> bool:
+        """Apply every proc-connector event queued so far (the accounting
+        aggregator calls this before it gives up on a record's job).
+
+        True when the socket was emptied with no loss pending and no sequence
+        hole open: then every fork and exit that happened before this call is
+        reflected in the manager (the kernel queues a process's fork event
+        before the process can exit, hence before its accounting record
+        exists). False otherwise (also when called from inside a drain).
+        """
+        conn = self.connector
+        if conn is None or self.manager is None:
+            return False
+        if not self._on_netlink():
+            return False
+        return self._loss_since is None and not conn.seqs.holes
 
     def _sink(self) -> _Sink:
         m = self.manager

@@ -224,6 +224,12 @@ class JobManager:
         self._slot_jid: Dict[int, int] = {}
         self._next_slot = 1
         self.detached: Set[Tuple[int, int]] = set()  # (pid, start_ticks) kept out of jobs
+        # Processes that left a job alive (detached, moved out, job ended):
+        # pid -> (jid, start_ticks). Their accounting records still resolve to
+        # that job, as the persisted history would resolve them; the entry
+        # moves to the exit history when the process exits. Lets the
+        # aggregator settle a record without the store (see resolve()).
+        self.left_alive: Dict[int, Tuple[int, int]] = {}
         self.exited = ExitHistory(exited_linger, clock)
         self.counters = Counters()
         self._boot_offset_ns = boottime_offset_ns()
@@ -277,7 +283,12 @@ class JobManager:
         entry = self._entry(pid)
         if entry is not None and (start_ticks is None or abs(entry[1] - start_ticks) <= tol):
             return entry[0]
-        return self.exited.find(pid, start_ticks, tol)
+        jid = self.exited.find(pid, start_ticks, tol)
+        if jid is None and self.left_alive:
+            left = self.left_alive.get(pid)
+            if left is not None and (start_ticks is None or abs(left[1] - start_ticks) <= tol):
+                return left[0]
+        return jid
 
     # -- job lifecycle --------------------------------------------------------------
     def create(self, *, name: str, owner_uid: int, tags: Mapping[str, str] = {},
@@ -403,6 +414,8 @@ class JobManager:
     # -- membership primitives --------------------------------------------------------
     def _join(self, state: _JobState, ident: ProcessId, how: str) -> None:
         state.members[ident.pid] = ident.start_ticks
+        if self.left_alive:
+            self.left_alive.pop(ident.pid, None)
         if not state.had_members:
             state.had_members = True
             self.store.mark_had_members(state.jid)
@@ -421,7 +434,9 @@ class JobManager:
             self.index.pop(ident.pid, None)
         self.store.close_member(self.boot_id, jid, ident.pid, ident.start_ticks, now,
                                 exit_code, detached)
-        if not detached:
+        if detached:
+            self.left_alive[ident.pid] = (jid, ident.start_ticks)
+        else:
             self.exited.add(ident.pid, jid, ident.start_ticks)
             if self._hook_exited:
                 self.hooks.process_exited(jid, ident, -1 if exit_code is None else exit_code)
@@ -484,6 +499,10 @@ class JobManager:
             return  # a thread exited; the process lives on
         entry = self._entry(tgid)
         if entry is None:
+            if self.left_alive:
+                left = self.left_alive.pop(tgid, None)
+                if left is not None:  # resolvable for exited_linger more, like a member
+                    self.exited.add(tgid, left[0], left[1])
             return
         # An exit queued before a resync snapshot may name a pid that resync
         # already gave to a newer process: an exit cannot precede its start.
@@ -583,6 +602,10 @@ class JobManager:
             if jid is not None and jid in self.jobs:
                 self._join(self.jobs[jid], info.ident, how)
                 adopted += 1
+        for pid, (_jid, start) in list(self.left_alive.items()):
+            info = procs.get(pid)
+            if info is None or abs(info.start_ticks - start) > START_TOLERANCE_TICKS:
+                del self.left_alive[pid]  # exited unseen: the stored history has it
         self.counters.resync_adopted += adopted
         self.counters.resync_exited += exited
         log.info("resync done", reason=reason, adopted=adopted, exited=exited,
@@ -608,6 +631,10 @@ class JobManager:
                 log.warning("job was created by another backend", jid=f"{job.jid:#x}",
                             job_backend=job.backend, backend=self.backend.name)
         self.detached = {(p, s) for p, s in self.store.detached_members(self.boot_id)}
+        for pid, start, jid in self.store.left_alive(self.boot_id):
+            info = procs.get(pid)
+            if info is not None and abs(info.start_ticks - start) <= START_TOLERANCE_TICKS:
+                self.left_alive[pid] = (jid, start)
         revalidated = 0
         now = self.clock()
         for boot, jid, pid, start, _how in stored_members:

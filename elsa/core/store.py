@@ -272,6 +272,15 @@ class Store:
         self._queue.append((sql, params))
         self._submitted += 1
 
+    def submit_many(self, sql: str, rows: List[Sequence[Any]]) -> None:
+        """Queue one statement for each of *rows* with one queue entry (the
+        accounting hot path: one append per batch of records, not per record)."""
+        if self._error is not None:
+            raise StoreError(f"store {self.path}: writer failed: {self._error}")
+        if rows:
+            self._queue.append((sql, _Many(rows)))
+            self._submitted += len(rows)
+
     # -- durability marks (issue 5: a pacct follower persists its offset only
     # after the records it read are committed; see elsa/core/accounting.py) --
     def mark(self) -> int:
@@ -342,7 +351,8 @@ class Store:
             q = self._queue
             while q:
                 batch.append(q.popleft())
-            done = len(batch) + sum(row[-1] for row in members.values())
+            done = (sum(len(p) if type(p) is _Many else 1 for _, p in batch)
+                    + sum(row[-1] for row in members.values()))
             if done:
                 try:
                     db.execute("BEGIN")
@@ -481,6 +491,14 @@ class Store:
             "SELECT pid, start_ticks FROM members WHERE boot_id = ? AND detached = 1",
             (boot_id,)).fetchall()
 
+    def left_alive(self, boot_id: str) -> List[Tuple[int, int, int]]:
+        """(pid, start_ticks, jid) of every process of boot *boot_id* that left a
+        job without exiting (detached, moved out, job ended), latest stay last."""
+        self._read_own_writes()
+        return self.db.execute(
+            "SELECT pid, start_ticks, jid FROM members WHERE boot_id = ? AND detached = 1 "
+            "ORDER BY joined", (boot_id,)).fetchall()
+
     def members_of(self, jid: int) -> List[Tuple[int, int, float, Optional[float],
                                                  Optional[int], str]]:
         """(pid, start_ticks, joined, left, exit_code, how) of every member a job ever had."""
@@ -532,9 +550,18 @@ def _execute_grouped(db: sqlite3.Connection, batch: Iterable[Tuple[str, Sequence
             if current is not None:
                 run()
             current, params = sql, []
-        params.append(p)
+        if type(p) is _Many:
+            params.extend(p)
+        else:
+            params.append(p)
     if current is not None:
         run()
+
+
+class _Many(list):
+    """A queue entry's parameters for several executions (Store.submit_many)."""
+
+    __slots__ = ()
 
 
 def _split_sql(script: str) -> List[str]:
