@@ -69,6 +69,10 @@ class _Timer:
 class Daemon:
     """The job daemon. ``start()`` then ``run()``; ``request_stop()`` from a signal."""
 
+    #: True while _on_netlink drains (re-entrancy guard; a class default so a
+    #: Daemon built without __init__, as a test does, has it).
+    _draining = False
+
     def __init__(self, config: Config, host: PluginHost, *, procfs: Optional[ProcFS] = None,
                  self_test: bool = True) -> None:
         self.config = config
@@ -84,7 +88,6 @@ class Daemon:
         self._reload = False
         self._loss_since: Optional[float] = None
         self._busy = False
-        self._draining = False
         self.loss_events = 0
         self.started = time.time()
         self.store: Optional[Store] = None
