@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+import select as select_mod
 import selectors
 import signal
 import socket
@@ -43,14 +44,18 @@ log = structlog.get_logger("elsa.daemon")
 #: never leave the socket empty).
 RESYNC_MAX_DELAY = 0.5
 
-#: Adaptive batching. cn_proc sends one datagram per event, so every event
-#: costs a recv; under a storm, waking up for each handful of events adds an
-#: epoll_wait and a loop pass per handful. When a drain found at least
-#: BUSY_BATCH events, the loop pauses BUSY_PAUSE seconds so the next wake-up
-#: takes a larger batch. Measured in benchmarks/bench_forkstorm.py; the kernel
-#: buffer (netlink_rcvbuf, 32 MiB) holds far more than a pause's worth.
-BUSY_BATCH = 8
-BUSY_PAUSE = 0.002
+#: Batching window. cn_proc sends one datagram per event; woken for each
+#: handful, the loop pays an epoll_wait, a context switch and a loop pass per
+#: handful, which was most of elsad's CPU per process with a fork-heavy
+#: workload (issue 6: ~50 µs per process on this VM, against ~10 µs to receive
+#: a process's events). After each drain the proc connector's descriptor is
+#: left out of the selector for EVENT_WINDOW seconds, so the next wake-up
+#: takes everything that arrived meanwhile (the kernel buffer, netlink_rcvbuf
+#: = 32 MiB, holds far more than a window's worth). Nothing waits on it: any
+#: other readable descriptor (a client request) is served after a drain, so a
+#: request always sees every event queued before it. Replaces the 2 ms pause
+#: after busy drains (bench_forkstorm: 1.07 -> ~0.8 then).
+EVENT_WINDOW = 0.01
 
 #: Events read per drain call, and full drains per loop pass.
 DRAIN_BATCH = 4096
@@ -87,7 +92,6 @@ class Daemon:
         self._stop_reason: Optional[str] = None
         self._reload = False
         self._loss_since: Optional[float] = None
-        self._busy = False
         self.loss_events = 0
         self.started = time.time()
         self.store: Optional[Store] = None
@@ -277,7 +281,6 @@ class Daemon:
                         self._loss_since = None
                         manager.resync("event loss")
                 if n < DRAIN_BATCH:
-                    self._busy = n >= BUSY_BATCH
                     return True
             return False
         finally:
@@ -385,22 +388,52 @@ class Daemon:
         select = self.selector.select
         readers = self._readers
         writers = self._writers
+        nl_fd = self.connector.fileno() if self.connector else -1
+        resume: Optional[float] = None  # proc connector left out until then (EVENT_WINDOW)
+        monotonic = time.monotonic
+        # Switching the descriptor off and on: the selector's register and
+        # unregister cost ~10 µs of Python per window; the epoll object under
+        # EpollSelector (CPython's selectors keeps it in ``_selector``) does it
+        # with one epoll_ctl (events 0 = reported never).
+        ep = getattr(self.selector, "_selector", None)
+        if isinstance(ep, select_mod.epoll):
+            def nl_off() -> None:
+                ep.modify(nl_fd, 0)
+
+            def nl_on() -> None:
+                ep.modify(nl_fd, select_mod.EPOLLIN)
+        else:  # pragma: no cover - DefaultSelector is epoll on Linux
+            def nl_off() -> None:
+                self.selector.unregister(nl_fd)
+
+            def nl_on() -> None:
+                self.selector.register(nl_fd, selectors.EVENT_READ)
         while self._stop_reason is None:
             if self._reload:
                 self._reload = False
                 self._do_reload()
-            if self._busy:
-                self._busy = False
-                # Pause only when nothing but proc events is waiting: a client
-                # request must never wait for the batching pause.
-                nl_fd = self.connector.fileno() if self.connector else -1
-                if all(key.fd == nl_fd for key, _ in select(0)):
-                    time.sleep(BUSY_PAUSE)
             timeout = None
             if self._timers:
-                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                timeout = max(0.0, self._timers[0][0] - monotonic())
+            if resume is not None:
+                wait = resume - monotonic()
+                if wait <= 0:
+                    resume = None
+                    if nl_fd in readers:
+                        nl_on()
+                elif timeout is None or wait < timeout:
+                    timeout = wait
             for key, mask in select(timeout):
                 fd = key.fd
+                if fd == nl_fd:
+                    readers[fd]()
+                    if nl_fd in readers:
+                        nl_off()
+                        resume = monotonic() + EVENT_WINDOW
+                    continue
+                if resume is not None:
+                    # Events queued before this request come first.
+                    self._on_netlink()
                 if mask & selectors.EVENT_READ:
                     cb = readers.get(fd)
                     if cb is not None:
@@ -409,7 +442,7 @@ class Daemon:
                     cb = writers.get(fd)
                     if cb is not None:
                         cb()
-            now = time.monotonic()
+            now = monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _, _, timer = heapq.heappop(self._timers)
                 try:
@@ -417,6 +450,8 @@ class Daemon:
                 except Exception as exc:
                     log.exception("timer failed", timer=timer.name, error=str(exc))
                 heapq.heappush(self._timers, (now + timer.interval, next(self._seq), timer))
+        if resume is not None and nl_fd in readers:
+            nl_on()
         return self._stop_reason
 
     def _do_reload(self) -> None:
