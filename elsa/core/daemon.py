@@ -57,6 +57,10 @@ RESYNC_MAX_DELAY = 0.5
 #: after busy drains (bench_forkstorm: 1.07 -> ~0.8 then).
 EVENT_WINDOW = 0.01
 
+#: With ``nice`` > 0: seconds without a backlog before elsad returns to its
+#: configured nice value after a boost (see Daemon._boost).
+BOOST_HOLD = 10.0
+
 #: Events read per drain call, and full drains per loop pass.
 DRAIN_BATCH = 4096
 DRAIN_BATCHES = 4
@@ -77,6 +81,8 @@ class Daemon:
     #: True while _on_netlink drains (re-entrancy guard; a class default so a
     #: Daemon built without __init__, as a test does, has it).
     _draining = False
+    #: The configured nice value (config ``nice``); a class default for the same reason.
+    _nice_cfg = 0
 
     def __init__(self, config: Config, host: PluginHost, *, procfs: Optional[ProcFS] = None,
                  self_test: bool = True) -> None:
@@ -93,6 +99,10 @@ class Daemon:
         self._reload = False
         self._loss_since: Optional[float] = None
         self.loss_events = 0
+        self._nice_cfg = config.nice
+        self._nice_now = os.getpriority(os.PRIO_PROCESS, 0)  # the nice value we run at now
+        self._boosted_until = 0.0   # monotonic; 0: not boosted
+        self.boosts = 0
         self.started = time.time()
         self.store: Optional[Store] = None
         self.connector: Optional[ProcConnector] = None
@@ -162,6 +172,9 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         boot_id = self.procfs.boot_id()
+        # Before the store: its writer thread inherits the nice value.
+        if cfg.nice:
+            self._set_nice(cfg.nice)
         self.store = Store(cfg.state_dir)
         self.backend = self._make_backend()
         self.manager = JobManager(store=self.store, backend=self.backend, procfs=self.procfs,
@@ -185,6 +198,8 @@ class Daemon:
         # 0.1 s: the resolution of 'wait' timeouts and of the idle limits.
         self.add_timer(0.1, self.control.sweep, "control-sweep")
         self.add_timer(5.0, self.manager.expire_exited, "expire-exited")
+        if cfg.nice:
+            self.add_timer(1.0, self._unboost, "unboost")
         self.add_timer(0.25, self._expire_seq_holes, "seq-holes")
         log.info("elsad ready", version=__version__, backend=self.backend.name,
                  socket=cfg.socket, state_dir=cfg.state_dir, rcvbuf=self.connector.rcvbuf,
@@ -282,9 +297,37 @@ class Daemon:
                         manager.resync("event loss")
                 if n < DRAIN_BATCH:
                     return True
+            if self._nice_cfg:
+                self._boost()
             return False
         finally:
             self._draining = False
+
+    # -- priority (config ``nice``) ----------------------------------------------------
+    def _set_nice(self, value: int) -> None:
+        """Set every thread's nice value (Linux nice is per thread)."""
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                os.setpriority(os.PRIO_PROCESS, int(tid), value)
+        except (OSError, ValueError) as exc:
+            log.warning("could not set nice value", nice=value, error=str(exc))
+            return
+        self._nice_now = value
+
+    def _boost(self) -> None:
+        """The proc connector backlog outgrew a loop pass: run at nice 0 until
+        BOOST_HOLD seconds pass without that (checked by _unboost)."""
+        if self._nice_now != 0:
+            self.boosts += 1
+            log.warning("event backlog: running at nice 0 until caught up",
+                        configured_nice=self._nice_cfg)
+            self._set_nice(0)
+        self._boosted_until = time.monotonic() + BOOST_HOLD
+
+    def _unboost(self) -> None:
+        if (self._nice_cfg and self._nice_now != self._nice_cfg
+                and time.monotonic() >= self._boosted_until):
+            self._set_nice(self._nice_cfg)
 
     def settle_events(self) -> bool:
         """Apply every proc-connector event queued so far (the accounting
@@ -347,6 +390,8 @@ class Daemon:
             "resyncs": m.counters.resyncs,
             "counters": m.counters.as_dict(),
             "rcvbuf": conn.rcvbuf,
+            "priority": {"nice": self._nice_now, "configured": self._nice_cfg,
+                         "boosts": self.boosts},
             "plugins": self.host.plugin_names(),
             "plugin_failures": dict(self.host.failures),
             "sources": self.source_status(),
@@ -473,6 +518,10 @@ class Daemon:
         assert self.manager is not None
         self.manager.job_end = new.job_end
         self.manager.exited_linger = new.exited_linger
+        if new.nice != self._nice_cfg:
+            self._nice_cfg = new.nice
+            self._boosted_until = 0.0
+            self._set_nice(new.nice)
         if self.control is not None:
             self.control.limits.update(new.limits)
         self.config = new
