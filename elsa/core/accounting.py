@@ -38,6 +38,7 @@ log = structlog.get_logger("elsa.accounting")
 #: (a broken descriptor stays readable and would spin the loop).
 MAX_CONSECUTIVE_ERRORS = 100
 RETRY_INTERVAL = 0.25
+HISTORY_MARGIN_S = 1.0
 
 
 class Durability:
@@ -139,8 +140,12 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
 
     def history_horizon() -> float:
         # Memory (index, exit history, left-alive map) knows every membership
-        # of processes that ended after this: older ones need the store.
-        return max(started_wall, time.time() - manager.exited_linger)
+        # of processes that exited after this; older ones need the store. A
+        # record's end time is never late (taskstats' and acct's btime are
+        # truncated to the second, so end = btime + elapsed <= the exit), so
+        # end >= horizon implies the exit was seen; 1 s covers the exit
+        # history's per-second generations.
+        return max(started_wall, time.time() - manager.exited_linger + HISTORY_MARGIN_S)
 
     aggregator = Aggregator(store.submit, manager.resolve,
                             history=history_lookup(store.db, manager.boot_id),

@@ -113,11 +113,6 @@ proc_row = record_row
 #: Row fields the aggregator reads (PROC_COLUMNS positions).
 _SRC, _JID, _PID, _START_TICKS, _START_TIME, _END = 0, 1, 2, 3, 4, 5
 
-#: A record of a process that ended this long before the in-memory
-#: membership history starts (the daemon's start, or ``exited_linger`` ago)
-#: may belong to a membership only the stored history knows. acct's end time
-#: can be up to 1 s early (ac_btime is truncated), hence the margin.
-HISTORY_MARGIN_S = 2.0
 
 
 @dataclass
@@ -273,9 +268,7 @@ class Aggregator:
             self.submit_many(INSERT_PROC, done)
 
     def _horizon(self) -> float:
-        if self.history_horizon is None:
-            return 0.0
-        return self.history_horizon() + HISTORY_MARGIN_S
+        return 0.0 if self.history_horizon is None else self.history_horizon()
 
     def _from_history(self, row: Sequence[Any], boot: float) -> Optional[int]:
         if self.history is None:
