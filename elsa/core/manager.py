@@ -494,23 +494,36 @@ class JobManager:
                                       ProcessId(child_tgid, start), "fork")
 
     def on_exit(self, pid: int, tgid: int, exit_code: int, ts_ns: int) -> None:
-        self.counters.exits += 1
+        counters = self.counters
+        counters.exits += 1
         if pid != tgid:
             return  # a thread exited; the process lives on
-        entry = self._entry(tgid)
-        if entry is None:
+        v = self.index.get(tgid)
+        if v is None:
             if self.left_alive:
                 left = self.left_alive.pop(tgid, None)
                 if left is not None:  # resolvable for exited_linger more, like a member
                     self.exited.add(tgid, left[0], left[1])
             return
+        start = v & START_MASK
         # An exit queued before a resync snapshot may name a pid that resync
         # already gave to a newer process: an exit cannot precede its start.
         if ((ts_ns + self._boot_offset_ns) * CLOCK_TICKS // 1_000_000_000
-                < entry[1] - START_TOLERANCE_TICKS):
+                < start - START_TOLERANCE_TICKS):
             return
-        self.counters.member_exits += 1
-        self._leave(entry[0], ProcessId(tgid, entry[1]), exit_code)
+        counters.member_exits += 1
+        jid = self._slot_jid[v >> SLOT_SHIFT]
+        state = self.jobs.get(jid)
+        if state is None or self._hook_exited or state.members.count <= 1:
+            self._leave(jid, ProcessId(tgid, start), exit_code)
+            return
+        # _leave() inlined for the common case (once per member exit in a
+        # storm): the job keeps other members, no hook wants the exit.
+        del self.index[tgid]
+        state.members.count -= 1
+        now = self.clock()
+        self.store.close_member(self.boot_id, jid, tgid, start, now, exit_code, False)
+        self.exited.add(tgid, jid, start)
 
     # -- resync and recovery ------------------------------------------------------------
     def resync(self, reason: str, snapshot: Optional[Dict[int, ProcessInfo]] = None,
