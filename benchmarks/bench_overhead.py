@@ -95,13 +95,14 @@ class Elsad:
     """elsad from this tree, every source on, private socket/state/cgroup base."""
 
     def __init__(self, work: str, backend: str, cgroup_base: Optional[str],
-                 sources: Sequence[str] = ALL_SOURCES) -> None:
+                 sources: Sequence[str] = ALL_SOURCES, nice: int = 0) -> None:
         self.work = work
         self.sock = os.path.join(work, "elsad.sock")
         self.cfg = os.path.join(work, "elsa.toml")
         text = (f'backend = "{backend}"\nsocket = "{self.sock}"\n'
                 f'state_dir = "{work}/state"\n'
                 f'log_level = "{os.environ.get("ELSA_BENCH_LOG_LEVEL", "warning")}"\n'
+                + (f"nice = {nice}\n" if nice else "")
                 + "".join(f"[sources.{name}]\n" for name in sources))
         if backend == "cgroup2" and cgroup_base:
             text += f'[backends.cgroup2]\nbase = "{cgroup_base}"\n'
@@ -151,6 +152,10 @@ def wait_quiet(daemon: Elsad, timeout: float = 60.0) -> Dict[str, Any]:
             time.sleep(0.2)
 
 
+def _ts_lost(st: Dict[str, Any]) -> int:
+    return int(st.get("sources", {}).get("taskstats", {}).get("lost_enobufs", 0) or 0)
+
+
 def run_once(cmd: List[str], daemon: Optional[Elsad]) -> float:
     """Wall seconds of *cmd* (as nobody), in a job when *daemon* is given."""
     launcher = subprocess.Popen(["sh", "-c", 'read go; exec "$@"', "sh", *NOBODY, *cmd],
@@ -178,7 +183,7 @@ def run_once(cmd: List[str], daemon: Optional[Elsad]) -> float:
 
 def run(reps: int = 4, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 2000,
         backend: Optional[str] = None,
-        sources: Sequence[str] = ALL_SOURCES) -> List[Dict[str, Any]]:
+        sources: Sequence[str] = ALL_SOURCES, nice: int = 0) -> List[Dict[str, Any]]:
     if os.geteuid() != 0:
         raise SystemExit("bench_overhead: needs root (elsad, BSD accounting)")
     for tool in ("stress-ng", "setpriv"):
@@ -190,12 +195,13 @@ def run(reps: int = 4, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 2
     mount = _cgroup2_mount()
     backend = backend or ("cgroup2" if mount else "cnproc")
     base = f"{mount}/elsa-bench-{os.getpid()}" if mount and backend == "cgroup2" else None
-    daemon = Elsad(work, backend, base, sources)
+    daemon = Elsad(work, backend, base, sources, nice)
     what = ("every source on" if set(sources) == set(ALL_SOURCES)
-            else f"sources: {', '.join(sources) or 'none'}")
+            else f"sources: {', '.join(sources) or 'none'}") + (f", nice {nice}" if nice else "")
     walls: Dict[str, Dict[str, List[float]]] = {n: {"elsa": [], "peer": []} for n, _ in loads}
     elsa_cpu = 0.0
     lost = 0
+    lost_ts = 0
     t_start = time.monotonic()
     ok = False
     try:
@@ -218,6 +224,7 @@ def run(reps: int = 4, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 2
                     st1 = wait_quiet(daemon)
                     elsa_cpu += cpu_seconds(daemon.proc.pid) - cpu0
                     lost += sum(st1["lost_events"].values()) - sum(st0["lost_events"].values())
+                    lost_ts += (_ts_lost(st1) - _ts_lost(st0))
                     daemon.stop()
         ok = True
     finally:
@@ -249,7 +256,8 @@ def run(reps: int = 4, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 2
     ratio = total_elsa / total_peer
     rows.append({
         "metric": f"workload overhead, all three workloads (elsad {backend} backend, {what}; "
-                  f"elsad used {elsa_cpu:.1f} CPU s, lost {lost} events)",
+                  f"elsad used {elsa_cpu:.1f} CPU s, lost {lost} events, "
+                  f"{lost_ts} taskstats overflows)",
         "unit": "s", "elsa": round(total_elsa, 3), "peer": round(total_peer, 3),
         "peer_name": "no elsad", "ratio": round(ratio, 3), "target": f"<= {TARGET}",
         "passed": ratio <= TARGET, "reproduce": REPRODUCE,
@@ -271,9 +279,12 @@ def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
     ap.add_argument("--sources", default=",".join(ALL_SOURCES),
                     help="comma-separated sources to enable (default: all; '' for none), "
                          "to find which one costs what")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="elsad's nice value (config key 'nice'; default 0)")
     args = ap.parse_args(list(argv))
     sources = [x for x in args.sources.split(",") if x]
-    rows = run(args.reps, args.fork_ops, args.exec_ops, args.loops, args.backend, sources)
+    rows = run(args.reps, args.fork_ops, args.exec_ops, args.loops, args.backend, sources,
+               args.nice)
     for r in rows:
         print(f"{r['metric']}: elsa {r['elsa']} {r['unit']}, {r['peer_name']} {r['peer']}, "
               f"ratio {r['ratio']} (target {r['target']}: {'PASS' if r['passed'] else 'FAIL'})")

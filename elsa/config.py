@@ -84,6 +84,12 @@ CORE_OPTIONS: Dict[str, Option] = {
                             " in memory, so late accounting records are still attributed"
                             " (later ones are resolved from the stored history).",
                             check=_non_negative),
+    "nice": Option(int, 0, "Nice value elsad runs at (0..19). Above 0 a busy machine's"
+                   " workload goes first and elsad catches up from the kernel's buffers"
+                   " (netlink_rcvbuf, the taskstats rcvbuf, the pacct file); when the proc"
+                   " connector backlog nevertheless outgrows a loop pass, elsad returns to"
+                   " nice 0 until it has caught up (status: 'priority').",
+                   check=lambda v: None if 0 <= v <= 19 else "must be 0..19"),  # type: ignore[operator]
 }
 
 LIMIT_OPTIONS: Dict[str, Option] = {
@@ -166,6 +172,7 @@ class Config:
     disabled_plugins: Tuple[str, ...] = ()
     plugins: Tuple[str, ...] = ()
     exited_linger: float = 15.0
+    nice: int = 0
     limits: Mapping[str, Any] = field(default_factory=lambda: {
         k: o.default for k, o in LIMIT_OPTIONS.items()})
     backends: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -248,7 +255,7 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         netlink_rcvbuf=core["netlink_rcvbuf"], admin_group=core["admin_group"],
         sources=tuple(enabled), disabled_plugins=tuple(core["disabled_plugins"]),
         plugins=tuple(core["plugins"]),
-        exited_linger=core["exited_linger"], limits=limits,
+        exited_linger=core["exited_linger"], nice=core["nice"], limits=limits,
         backends=tables["backends"], source_tables=tables["sources"], path=path)
 
 

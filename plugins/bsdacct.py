@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 from elsa import hookimpl
 from elsa.config import Option
 from elsa.core import pacct
-from elsa.core.source import Source, SourceContext, SourceSpec
+from elsa.core.source import Source, SourceContext, SourceSpec, UsageRow
 from elsa.errors import AccountingFormatError, from_oserror
 from elsa.logsetup import structlog
 
@@ -173,7 +173,7 @@ class BsdAcctSource(Source):
             return
         if self.mode == "managed" and self.rotate_size and self._current_size() >= self.rotate_size:
             self._rotate()
-        self._emit(self.follower.read())
+        self._emit(self.follower.read(rows=NAME))
 
     def _current_size(self) -> int:
         try:
@@ -189,13 +189,15 @@ class BsdAcctSource(Source):
         old_seq = self.seq
         self.seq += 1
         self.rotations += 1
-        self._emit(self.follower.switch_to(new))
+        self._emit(self.follower.switch_to(new, rows=NAME))
         # Delete fully read files once their records are in the store.
         doomed = [self._path(s) for s in range(1, old_seq + 1 - self.keep_files)]
         self.ctx.when_stored(lambda: [_unlink(p) for p in doomed])
         log.info("accounting file rotated", new=new, seq=self.seq)
 
-    def _emit(self, recs: List[pacct.AcctRecord]) -> None:
+    def _emit(self, rows: List[UsageRow]) -> None:
+        """Hand usage rows (pacct.usage_rows: no dataclass per record on this
+        path, which sees every process of the machine) to the aggregator."""
         assert self.follower is not None
         problems = self.follower.problems
         if problems:
@@ -205,9 +207,9 @@ class BsdAcctSource(Source):
                 log.warning("corrupt accounting data skipped", error=p.message)
             self.follower.problems = []
         pos = self.follower.position()
-        if recs:
-            self.records += len(recs)
-            self.ctx.emit([r.to_usage(NAME) for r in recs])
+        if rows:
+            self.records += len(rows)
+            self.ctx.emit_rows(NAME, rows)
         follower = self.follower
         self.ctx.when_stored(lambda: follower.commit(pos))
 
@@ -222,7 +224,7 @@ class BsdAcctSource(Source):
                 log.error("could not restore kernel accounting", error=str(exc))
             self.switched_on = False
         try:
-            self._emit(self.follower.read(final=False))
+            self._emit(self.follower.read(final=False, rows=NAME))
         except AccountingFormatError as exc:
             log.error("final read failed", error=exc.message)
         # The commit callbacks run when the daemon's accounting glue drains.

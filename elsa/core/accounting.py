@@ -37,6 +37,7 @@ log = structlog.get_logger("elsa.accounting")
 #: (a broken descriptor stays readable and would spin the loop).
 MAX_CONSECUTIVE_ERRORS = 100
 RETRY_INTERVAL = 0.25
+HISTORY_MARGIN_S = 1.0
 
 
 class Durability:
@@ -134,8 +135,22 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
     manager = daemon.manager
     store = daemon.store
     store.register_batch_runner(INSERT_PROC, live_bulk)
+    started_wall = time.time()
+
+    def history_horizon() -> float:
+        # Memory (index, exit history, left-alive map) knows every membership
+        # of processes that exited after this; older ones need the store. A
+        # record's end time is never late (taskstats' and acct's btime are
+        # truncated to the second, so end = btime + elapsed <= the exit), so
+        # end >= horizon implies the exit was seen; 1 s covers the exit
+        # history's per-second generations.
+        return max(started_wall, time.time() - manager.exited_linger + HISTORY_MARGIN_S)
+
     aggregator = Aggregator(store.submit, manager.resolve,
-                            history=history_lookup(store.db, manager.boot_id))
+                            history=history_lookup(store.db, manager.boot_id),
+                            submit_many=store.submit_many,
+                            settle=getattr(daemon, "settle_events", None),
+                            history_horizon=history_horizon)
     durability = Durability(store, aggregator.hold_seconds)
     started: Dict[str, Any] = {}
     failed: Dict[str, str] = {}
@@ -160,6 +175,7 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
 
             ctx = SourceContext(options=options, procfs=daemon.procfs,
                                 state_dir=cfg.state_dir, emit=aggregator.add,
+                                emit_rows=aggregator.add_rows,
                                 jobs=lambda: manager.running(), flag_incomplete=flag,
                                 when_stored=durability.defer,
                                 extra={"boot_id": manager.boot_id})

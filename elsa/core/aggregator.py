@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from elsa.core.model import CLOCK_TICKS, Job
 from elsa.core.procfs import boot_epoch
-from elsa.core.source import UsageRecord
+from elsa.core.source import ROW_FIELDS, UsageRecord, record_row
 
 #: Source priority for the "best" figure (lower wins); unknown sources come last.
 PRIORITY: Dict[str, int] = {"cgroupstat": 0, "taskstats": 1, "bsdacct": 2}
@@ -52,12 +52,8 @@ SUM_METRICS = ("cpu_user_us", "cpu_system_us", "elapsed_us", "read_bytes", "writ
 MAX_METRICS = ("max_rss_kb", "max_vm_kb")
 METRICS = ("processes",) + SUM_METRICS + MAX_METRICS
 
-#: Process-level columns of proc_usage, in insert order.
-PROC_COLUMNS = ("source", "jid", "pid", "start_ticks", "start_time", "end_time", "ppid", "uid",
-                "gid", "comm", "exit_code", "cpu_user_us", "cpu_system_us", "elapsed_us",
-                "max_rss_kb", "max_vm_kb", "read_bytes", "write_bytes", "read_chars",
-                "write_chars", "minflt", "majflt", "nvcsw", "nivcsw", "coremem_kb_us",
-                "virtmem_kb_us", "extra")
+#: Process-level columns of proc_usage, in insert order (a usage row).
+PROC_COLUMNS = ROW_FIELDS
 INSERT_PROC = (f"INSERT OR IGNORE INTO proc_usage({', '.join(PROC_COLUMNS)}) "
                f"VALUES ({', '.join('?' * len(PROC_COLUMNS))})")
 
@@ -110,23 +106,13 @@ def best(per_source: Mapping[str, Mapping[str, Any]]) -> Tuple[Dict[str, Any], D
     return values, chosen
 
 
-def proc_row(rec: UsageRecord, jid: Optional[int]) -> Tuple[Any, ...]:
-    """The proc_usage row of a per-process record."""
-    end = rec.end_time
-    if end is None:
-        end = time.time()
-    return (rec.source, jid, rec.pid, rec.start_ticks, rec.start_time, end, rec.ppid, rec.uid,
-            rec.gid, rec.comm, rec.exit_code, rec.cpu_user_us, rec.cpu_system_us,
-            rec.elapsed_us, rec.max_rss_kb, rec.max_vm_kb, rec.read_bytes, rec.write_bytes,
-            rec.read_chars, rec.write_chars, rec.minflt, rec.majflt, rec.nvcsw, rec.nivcsw,
-            rec.coremem_kb_us, rec.virtmem_kb_us,
-            json.dumps(dict(rec.extra), separators=(",", ":")) if rec.extra else None)
+#: The proc_usage row of a per-process record.
+proc_row = record_row
 
 
-@dataclass
-class _Held:
-    rec: UsageRecord
-    since: float
+#: Row fields the aggregator reads (PROC_COLUMNS positions).
+_SRC, _JID, _PID, _START_TICKS, _START_TIME, _END = 0, 1, 2, 3, 4, 5
+
 
 
 @dataclass
@@ -137,110 +123,198 @@ class AggregatorCounters:
     held: int = 0
     resolved_late: int = 0
     resolved_from_history: int = 0
+    settled: int = 0
     job_readings: int = 0
     per_source: Dict[str, int] = field(default_factory=dict)
 
 
 Resolver = Callable[[int, Optional[int], int], Optional[int]]
 Submit = Callable[[str, Sequence[Any]], None]
+SubmitMany = Callable[[str, List[Sequence[Any]]], None]
 
 
 class Aggregator:
-    """Attributes records to jobs and submits them to the store."""
+    """Attributes records to jobs and submits them to the store.
+
+    Internally every per-process record is a proc_usage row (a plain tuple in
+    :data:`PROC_COLUMNS` order, ``jid`` still ``None``): sources on the hot
+    path hand rows to :meth:`add_rows` directly (one tuple per process, no
+    dataclass; see plugins/taskstats.py and plugins/bsdacct.py), others hand
+    :class:`UsageRecord` values to :meth:`add`, which converts them with
+    :func:`proc_row`.
+
+    *settle*, when given (the daemon's ``settle_events``), applies every proc
+    connector event queued so far and returns True when that left nothing
+    unknown: the socket was emptied, no loss is pending and no sequence hole
+    is open. A process's fork event is queued before it can exit, so after a
+    settle every record already received whose process was a member resolves
+    in memory; one that does not is final at once ("no job") instead of being
+    held and retried for ``hold_seconds``. *history_horizon* (epoch seconds)
+    bounds what memory covers: records of processes that ended before it
+    still go to the persisted history.
+    """
 
     def __init__(self, submit: Submit, resolve: Resolver, *,
                  history: Optional[Callable[[int, int, int], Optional[int]]] = None,
                  hold_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 boot_epoch_fn: Callable[[], float] = boot_epoch) -> None:
+                 boot_epoch_fn: Callable[[], float] = boot_epoch,
+                 submit_many: Optional[SubmitMany] = None,
+                 settle: Optional[Callable[[], bool]] = None,
+                 history_horizon: Optional[Callable[[], float]] = None) -> None:
         self.submit = submit
+        self.submit_many = submit_many or (lambda sql, rows: [submit(sql, r) for r in rows])
         self.resolve = resolve
         self.history = history
         self.hold_seconds = hold_seconds
         self.clock = clock
         self.boot_epoch_fn = boot_epoch_fn
-        self.held: List[_Held] = []
+        self.settle = settle
+        self.history_horizon = history_horizon
+        self.held: List[Tuple[Tuple[Any, ...], float]] = []  # (row, since)
         self.counters = AggregatorCounters()
 
     # -- intake --------------------------------------------------------------------------
     def add(self, records: Iterable[UsageRecord]) -> None:
-        now = self.clock()
-        boot = None
+        c = self.counters
+        rows: List[Tuple[Any, ...]] = []
         for rec in records:
-            c = self.counters
             c.records += 1
             c.per_source[rec.source] = c.per_source.get(rec.source, 0) + 1
             if rec.pid == 0:
                 self._job_level(rec)
                 continue
-            if boot is None:
-                boot = self.boot_epoch_fn()
-            jid = self._resolve(rec, boot)
+            rows.append(proc_row(rec, rec.jid))
+        if rows:
+            self._attribute(rows)
+
+    def add_rows(self, source: str, rows: List[Tuple[Any, ...]]) -> None:
+        """The hot path: per-process rows of *source* (``proc_row`` layout, jid
+        ``None`` or set)."""
+        c = self.counters
+        c.records += len(rows)
+        c.per_source[source] = c.per_source.get(source, 0) + len(rows)
+        self._attribute(rows)
+
+    def _boot_epoch(self) -> float:
+        # Boot time in epoch seconds (moves with wall-clock steps): once per batch.
+        return self.boot_epoch_fn()
+
+    def _start_of(self, row: Sequence[Any], boot: float) -> Tuple[Optional[int], int]:
+        """Identity of a row: (start ticks, tolerance), as each source knows it."""
+        st = row[_START_TICKS]
+        if st is not None:
+            return st, TASKSTATS_TOLERANCE_TICKS
+        t = row[_START_TIME]
+        if t is not None:
+            return int(round((t - boot) * CLOCK_TICKS)), int(ACCT_TOLERANCE_S * CLOCK_TICKS)
+        return None, 0
+
+    def _resolve_row(self, row: Sequence[Any], boot: float) -> Optional[int]:
+        start, tol = self._start_of(row, boot)
+        if start is not None and start < -tol:
+            return None  # started before this boot: no membership can match
+        return self.resolve(row[_PID], start, tol)
+
+    def _attribute(self, rows: List[Tuple[Any, ...]]) -> None:
+        c = self.counters
+        boot = self._boot_epoch()
+        done: List[Tuple[Any, ...]] = []
+        settled: Optional[bool] = None
+        horizon = 0.0
+        now = self.clock()
+        wall = time.time()
+        attributed = unattributed = 0
+        for row in rows:
+            jid = row[_JID]
             if jid is None:
-                if self.hold_seconds > 0 and not self._stale(rec):
-                    self.held.append(_Held(rec, now))
-                    c.held += 1
+                jid = self._resolve_row(row, boot)
+            if jid is not None:
+                attributed += 1
+                done.append(row if row[_JID] == jid else (row[0], jid) + row[2:])
+                continue
+            if settled is None:  # only when something does not resolve
+                settled = self.settle is not None and self.settle()
+                if settled:
+                    horizon = self._horizon()
+                    # The settle may have applied the very fork events we lacked.
+            if settled:
+                jid = self._resolve_row(row, boot)
+                if jid is not None:
+                    c.resolved_late += 1
+                    attributed += 1
+                    done.append((row[0], jid) + row[2:])
                     continue
-                jid = self._from_history(rec, boot)
-            self._write(rec, jid)
+                if row[_END] >= horizon:
+                    c.settled += 1
+                    unattributed += 1
+                    done.append(row)
+                    continue
+            if self.hold_seconds > 0 and wall - row[_END] <= STALE_SECONDS:
+                # A record of a process that ended long ago (a pacct backlog
+                # read after a restart) cannot be waiting for its fork event.
+                self.held.append((row, now))
+                c.held += 1
+                continue
+            jid = self._from_history(row, boot)
+            if jid is None:
+                unattributed += 1
+                done.append(row)
+            else:
+                attributed += 1
+                done.append((row[0], jid) + row[2:])
+        c.attributed += attributed
+        c.unattributed += unattributed
+        if done:
+            self.submit_many(INSERT_PROC, done)
 
-    def _stale(self, rec: UsageRecord) -> bool:
-        # A record of a process that ended long ago (a pacct backlog read after
-        # a restart) cannot be waiting for its fork event: skip the hold.
-        return rec.end_time is not None and time.time() - rec.end_time > STALE_SECONDS
+    def _horizon(self) -> float:
+        return 0.0 if self.history_horizon is None else self.history_horizon()
 
-    def _from_history(self, rec: UsageRecord, boot: float) -> Optional[int]:
+    def _from_history(self, row: Sequence[Any], boot: float) -> Optional[int]:
         if self.history is None:
             return None
-        start, tol = self._identity(rec, boot)
+        start, tol = self._start_of(row, boot)
         if start is None or start < -tol:
             return None
-        jid = self.history(rec.pid, start, tol)
+        jid = self.history(row[_PID], start, tol)
         if jid is not None:
             self.counters.resolved_from_history += 1
         return jid
 
-    def _identity(self, rec: UsageRecord, boot: float) -> Tuple[Optional[int], int]:
-        if rec.start_ticks is not None:
-            return rec.start_ticks, TASKSTATS_TOLERANCE_TICKS
-        if rec.start_time is not None:
-            start = int(round((rec.start_time - boot) * CLOCK_TICKS))
-            return start, int(ACCT_TOLERANCE_S * CLOCK_TICKS)
-        return None, 0
-
-    def _resolve(self, rec: UsageRecord, boot: float) -> Optional[int]:
-        if rec.jid is not None:
-            return rec.jid
-        start, tol = self._identity(rec, boot)
-        if start is not None and start < -tol:
-            return None  # started before this boot: no membership can match
-        return self.resolve(rec.pid, start, tol)
-
     def retry(self, force: bool = False) -> None:
         """Retry held records (timer; runs after the event callbacks of a loop
-        iteration). Records held longer than ``hold_seconds`` are looked up in
-        the persisted history, then stored without a job."""
+        iteration). Records held longer than ``hold_seconds`` (or, after a
+        settle, records memory covers) are looked up in the persisted history
+        when memory does not cover them, then stored without a job."""
         if not self.held:
             return
         now = self.clock()
-        boot = self.boot_epoch_fn()
-        keep: List[_Held] = []
-        for h in self.held:
-            jid = self._resolve(h.rec, boot)
+        boot = self._boot_epoch()
+        settled = self.settle is not None and self.settle()
+        horizon = self._horizon() if settled else 0.0
+        keep: List[Tuple[Tuple[Any, ...], float]] = []
+        done: List[Tuple[Any, ...]] = []
+        c = self.counters
+        for row, since in self.held:
+            jid = self._resolve_row(row, boot)
             if jid is not None:
-                self.counters.resolved_late += 1
-                self._write(h.rec, jid)
-            elif force or now - h.since >= self.hold_seconds:
-                self._write(h.rec, self._from_history(h.rec, boot))
+                c.resolved_late += 1
+            elif settled and row[_END] >= horizon:
+                c.settled += 1
+            elif force or now - since >= self.hold_seconds:
+                jid = self._from_history(row, boot)
             else:
-                keep.append(h)
+                keep.append((row, since))
+                continue
+            if jid is None:
+                c.unattributed += 1
+                done.append(row)
+            else:
+                c.attributed += 1
+                done.append((row[0], jid) + row[2:])
         self.held = keep
-
-    def _write(self, rec: UsageRecord, jid: Optional[int]) -> None:
-        if jid is None:
-            self.counters.unattributed += 1
-        else:
-            self.counters.attributed += 1
-        self.submit(INSERT_PROC, proc_row(rec, jid))
+        if done:
+            self.submit_many(INSERT_PROC, done)
 
     def _job_level(self, rec: UsageRecord) -> None:
         if rec.jid is None:
@@ -271,7 +345,8 @@ class Aggregator:
                 "unattributed": c.unattributed, "held_now": len(self.held),
                 "held_total": c.held, "resolved_late": c.resolved_late,
                 "resolved_from_history": c.resolved_from_history,
-                "job_readings": c.job_readings, "per_source": dict(c.per_source)}
+                "settled": c.settled, "job_readings": c.job_readings,
+                "per_source": dict(c.per_source)}
 
 
 # -- bulk import (elsa import-acct, benchmarks) ----------------------------------------------

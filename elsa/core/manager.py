@@ -224,6 +224,12 @@ class JobManager:
         self._slot_jid: Dict[int, int] = {}
         self._next_slot = 1
         self.detached: Set[Tuple[int, int]] = set()  # (pid, start_ticks) kept out of jobs
+        # Processes that left a job alive (detached, moved out, job ended):
+        # pid -> (jid, start_ticks). Their accounting records still resolve to
+        # that job, as the persisted history would resolve them; the entry
+        # moves to the exit history when the process exits. Lets the
+        # aggregator settle a record without the store (see resolve()).
+        self.left_alive: Dict[int, Tuple[int, int]] = {}
         self.exited = ExitHistory(exited_linger, clock)
         self.counters = Counters()
         self._boot_offset_ns = boottime_offset_ns()
@@ -277,7 +283,12 @@ class JobManager:
         entry = self._entry(pid)
         if entry is not None and (start_ticks is None or abs(entry[1] - start_ticks) <= tol):
             return entry[0]
-        return self.exited.find(pid, start_ticks, tol)
+        jid = self.exited.find(pid, start_ticks, tol)
+        if jid is None and self.left_alive:
+            left = self.left_alive.get(pid)
+            if left is not None and (start_ticks is None or abs(left[1] - start_ticks) <= tol):
+                return left[0]
+        return jid
 
     # -- job lifecycle --------------------------------------------------------------
     def create(self, *, name: str, owner_uid: int, tags: Mapping[str, str] = {},
@@ -441,6 +452,8 @@ class JobManager:
     # -- membership primitives --------------------------------------------------------
     def _join(self, state: _JobState, ident: ProcessId, how: str) -> None:
         state.members[ident.pid] = ident.start_ticks
+        if self.left_alive:
+            self.left_alive.pop(ident.pid, None)
         if not state.had_members:
             state.had_members = True
             self.store.mark_had_members(state.jid)
@@ -459,7 +472,9 @@ class JobManager:
             self.index.pop(ident.pid, None)
         self.store.close_member(self.boot_id, jid, ident.pid, ident.start_ticks, now,
                                 exit_code, detached)
-        if not detached:
+        if detached:
+            self.left_alive[ident.pid] = (jid, ident.start_ticks)
+        else:
             self.exited.add(ident.pid, jid, ident.start_ticks)
             if self._hook_exited:
                 self.hooks.process_exited(jid, ident, -1 if exit_code is None else exit_code)
@@ -517,19 +532,36 @@ class JobManager:
                                       ProcessId(child_tgid, start), "fork")
 
     def on_exit(self, pid: int, tgid: int, exit_code: int, ts_ns: int) -> None:
-        self.counters.exits += 1
+        counters = self.counters
+        counters.exits += 1
         if pid != tgid:
             return  # a thread exited; the process lives on
-        entry = self._entry(tgid)
-        if entry is None:
+        v = self.index.get(tgid)
+        if v is None:
+            if self.left_alive:
+                left = self.left_alive.pop(tgid, None)
+                if left is not None:  # resolvable for exited_linger more, like a member
+                    self.exited.add(tgid, left[0], left[1])
             return
+        start = v & START_MASK
         # An exit queued before a resync snapshot may name a pid that resync
         # already gave to a newer process: an exit cannot precede its start.
         if ((ts_ns + self._boot_offset_ns) * CLOCK_TICKS // 1_000_000_000
-                < entry[1] - START_TOLERANCE_TICKS):
+                < start - START_TOLERANCE_TICKS):
             return
-        self.counters.member_exits += 1
-        self._leave(entry[0], ProcessId(tgid, entry[1]), exit_code)
+        counters.member_exits += 1
+        jid = self._slot_jid[v >> SLOT_SHIFT]
+        state = self.jobs.get(jid)
+        if state is None or self._hook_exited or state.members.count <= 1:
+            self._leave(jid, ProcessId(tgid, start), exit_code)
+            return
+        # _leave() inlined for the common case (once per member exit in a
+        # storm): the job keeps other members, no hook wants the exit.
+        del self.index[tgid]
+        state.members.count -= 1
+        now = self.clock()
+        self.store.close_member(self.boot_id, jid, tgid, start, now, exit_code, False)
+        self.exited.add(tgid, jid, start)
 
     # -- resync and recovery ------------------------------------------------------------
     def resync(self, reason: str, snapshot: Optional[Dict[int, ProcessInfo]] = None,
@@ -621,6 +653,10 @@ class JobManager:
             if jid is not None and jid in self.jobs:
                 self._join(self.jobs[jid], info.ident, how)
                 adopted += 1
+        for pid, (_jid, start) in list(self.left_alive.items()):
+            info = procs.get(pid)
+            if info is None or abs(info.start_ticks - start) > START_TOLERANCE_TICKS:
+                del self.left_alive[pid]  # exited unseen: the stored history has it
         self.counters.resync_adopted += adopted
         self.counters.resync_exited += exited
         log.info("resync done", reason=reason, adopted=adopted, exited=exited,
@@ -646,6 +682,10 @@ class JobManager:
                 log.warning("job was created by another backend", jid=f"{job.jid:#x}",
                             job_backend=job.backend, backend=self.backend.name)
         self.detached = {(p, s) for p, s in self.store.detached_members(self.boot_id)}
+        for pid, start, jid in self.store.left_alive(self.boot_id):
+            info = procs.get(pid)
+            if info is not None and abs(info.start_ticks - start) <= START_TOLERANCE_TICKS:
+                self.left_alive[pid] = (jid, start)
         revalidated = 0
         now = self.clock()
         for boot, jid, pid, start, _how in stored_members:

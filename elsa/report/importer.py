@@ -46,32 +46,7 @@ def open_for_import(db_path: str) -> sqlite3.Connection:
 def rows_of(dec: pacct.Decoded, source: str = SOURCE) -> List[tuple]:
     """proc_usage rows for decoded records; identical to what the daemon's
     bsdacct source writes for the same records (so the unique key matches)."""
-    c = dec.columns
-    if pacct.np is not None and isinstance(c["pid"], pacct.np.ndarray):
-        np = pacct.np
-        btime = c["btime"].astype(np.float64)
-        end = (btime + c["etime"] / pacct.AHZ).tolist()
-        elapsed = np.rint(c["etime"] * pacct.US_PER_TICK).astype(np.int64).tolist()
-        comm = [x.split(b"\0", 1)[0].decode("utf-8", "replace") for x in c["comm"].tolist()]
-        cols = {k: c[k].tolist() for k in ("pid", "ppid", "uid", "gid", "exitcode", "utime",
-                                           "stime", "mem", "minflt", "majflt", "flag", "tty",
-                                           "io")}
-        start = btime.tolist()
-    else:
-        end = [b + e / pacct.AHZ for b, e in zip(c["btime"], c["etime"])]
-        elapsed = [int(round(e * pacct.US_PER_TICK)) for e in c["etime"]]
-        comm = list(c["comm"])
-        cols = {k: list(c[k]) for k in ("pid", "ppid", "uid", "gid", "exitcode", "utime",
-                                        "stime", "mem", "minflt", "majflt", "flag", "tty", "io")}
-        start = [float(b) for b in c["btime"]]
-    t = pacct.US_PER_TICK
-    return [(source, None, pid, None, st, en, ppid, uid, gid, cm, ex, ut * t, stt * t, el, None,
-             mem, None, None, None, None, mi, ma, None, None, None, None,
-             f'{{"acct_flag":{fl},"acct_tty":{tty},"acct_io":{io}}}')
-            for pid, st, en, ppid, uid, gid, cm, ex, ut, stt, el, mem, mi, ma, fl, tty, io in zip(
-                cols["pid"], start, end, cols["ppid"], cols["uid"], cols["gid"], comm,
-                cols["exitcode"], cols["utime"], cols["stime"], elapsed, cols["mem"],
-                cols["minflt"], cols["majflt"], cols["flag"], cols["tty"], cols["io"])]
+    return pacct.usage_rows(dec, source)
 
 
 def import_files(db_path: str, files: Sequence[str], attribute: bool = True
