@@ -11,6 +11,7 @@ import pytest
 from elsa.core.aggregator import INSERT_PROC, Aggregator, best, proc_row
 from elsa.core.source import UsageRecord
 from elsa.core.store import MIGRATIONS, _split_sql
+from tests.support import FakeManager
 
 
 @pytest.fixture
@@ -20,19 +21,6 @@ def db():
         for stmt in _split_sql(m):
             db.execute(stmt)
     return db
-
-
-class FakeManager:
-    """Membership: pid -> [(start_ticks, jid)], like JobManager.resolve."""
-
-    def __init__(self):
-        self.members = {}
-
-    def resolve(self, pid, start, tol):
-        for s, jid in self.members.get(pid, ()):
-            if start is None or abs(s - start) <= tol:
-                return jid
-        return None
 
 
 def _agg(db, mgr, **kw):

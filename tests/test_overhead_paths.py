@@ -21,22 +21,13 @@ from elsa.core import taskstats as T
 from elsa.core.aggregator import Aggregator
 from elsa.core.source import UsageRecord, record_row, row_record
 from elsa.testing import wait_for
+from tests.support import FakeManager, taskstats_golden_messages
 
 DATA = Path(__file__).parent / "data"
 
 
-def _golden_taskstats():
-    raw = (DATA / "taskstats_v16_exit_thread_group.bin").read_bytes()
-    out, pos = [], 0
-    while pos < len(raw):
-        (n,) = struct.unpack_from("<I", raw, pos)
-        out.append(raw[pos + 4:pos + 4 + n])
-        pos += 4 + n
-    return out
-
-
 def test_taskstats_fast_tuple_and_row_match_the_dataclass_path():
-    for data in _golden_taskstats():
+    for data in taskstats_golden_messages():
         ((msg,), _) = T.decode_messages(data, 10**13)
         fast = T.fast_exit_tuple(data, 10**13)
         assert fast == msg.task.as_tuple() and T.TaskRecord(*fast) == msg.task
@@ -69,17 +60,6 @@ def test_pacct_struct_decoder_handles_mixed_byte_orders_like_before():
         (100, 900, False), (101, 901, False), (102, 902, True), (103, 903, False)]
 
 
-class _Members:
-    def __init__(self):
-        self.members = {}
-
-    def resolve(self, pid, start, tol):
-        for s, jid in self.members.get(pid, ()):
-            if start is None or abs(s - start) <= tol:
-                return jid
-        return None
-
-
 def _agg(mgr, settle, horizon=0.0):
     rows = []
     agg = Aggregator(lambda sql, p: rows.append(p), mgr.resolve, settle=settle,
@@ -94,7 +74,7 @@ def _rec(pid, start_ticks, end=None):
 
 
 def test_settled_record_without_job_is_final_at_once():
-    mgr = _Members()
+    mgr = FakeManager()
     agg, rows = _agg(mgr, settle=lambda: True)
     agg.add([_rec(10, 100)])
     assert [(r[2], r[1]) for r in rows] == [(10, None)]
@@ -102,7 +82,7 @@ def test_settled_record_without_job_is_final_at_once():
 
 
 def test_settle_applies_the_fork_event_the_record_was_waiting_for():
-    mgr = _Members()
+    mgr = FakeManager()
 
     def settle():
         mgr.members[11] = [(100, 7)]  # the queued fork event, applied by the drain
@@ -115,7 +95,7 @@ def test_settle_applies_the_fork_event_the_record_was_waiting_for():
 
 
 def test_unsettled_or_old_records_are_held_as_before():
-    mgr = _Members()
+    mgr = FakeManager()
     agg, rows = _agg(mgr, settle=lambda: False)
     agg.add([_rec(12, 100)])
     assert not rows and agg.counters.held == 1

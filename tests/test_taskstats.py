@@ -11,25 +11,13 @@ from pathlib import Path
 import pytest
 
 from elsa.core import taskstats as T
+from tests.support import taskstats_golden_messages
 
 DATA = Path(__file__).parent / "data"
 
 
-def _golden_messages():
-    """tests/data/taskstats_v16_exit_thread_group.bin: three exit datagrams this
-    kernel (6.18, struct v16) sent for a python3 process with two extra
-    threads, each prefixed by its length (u32 LE)."""
-    raw = (DATA / "taskstats_v16_exit_thread_group.bin").read_bytes()
-    out, pos = [], 0
-    while pos < len(raw):
-        (n,) = struct.unpack_from("<I", raw, pos)
-        out.append(raw[pos + 4:pos + 4 + n])
-        pos += 4 + n
-    return out
-
-
 def test_golden_v16_messages_decode_to_expected_values():
-    msgs = [T.decode_messages(d, 0)[0] for d in _golden_messages()]
+    msgs = [T.decode_messages(d, 0)[0] for d in taskstats_golden_messages()]
     assert [len(m) for m in msgs] == [1, 1, 1]
     tasks = [m[0].task for m in msgs]
     assert [t.pid for t in tasks] == [12430, 12431, 12429]
@@ -46,7 +34,7 @@ def test_golden_v16_messages_decode_to_expected_values():
 
 def test_threads_fold_into_their_process():
     folder = T.ThreadFolder()
-    tasks = [T.decode_messages(d, 10**12)[0][0].task for d in _golden_messages()]
+    tasks = [T.decode_messages(d, 10**12)[0][0].task for d in taskstats_golden_messages()]
     assert folder.add(tasks[0]) is None and folder.add(tasks[1]) is None
     proc = folder.add(tasks[2])
     assert proc is not None and folder.pending == {}
@@ -62,7 +50,7 @@ def test_threads_fold_into_their_process():
 
 def test_lost_last_thread_expires_as_partial():
     folder = T.ThreadFolder()
-    tasks = [T.decode_messages(d, 0)[0][0].task for d in _golden_messages()]
+    tasks = [T.decode_messages(d, 0)[0][0].task for d in taskstats_golden_messages()]
     folder.add(tasks[0], now=100.0)
     assert folder.expire(30.0, now=110.0) == []
     (p,) = folder.expire(30.0, now=131.0)

@@ -532,23 +532,31 @@ class TaskstatsSocket:
                 pass  # closing the socket deregisters too (kernel/taskstats.c)
             self.cpumask = None
 
-    def receive(self) -> List[ExitMessage]:
-        """Every message ready now (non-blocking). ENOBUFS is counted, not raised:
-        the kernel dropped records; the caller flags affected jobs."""
-        out: List[ExitMessage] = []
+    def _datagrams(self) -> Iterator[Tuple[bytes, int]]:
+        """Every datagram ready now (non-blocking), with its CLOCK_BOOTTIME
+        receive time. ENOBUFS is counted, not raised: the kernel dropped
+        records; the caller flags affected jobs."""
+        recv = self.sock.recv
+        clock = time.clock_gettime_ns
+        boottime = time.CLOCK_BOOTTIME
         while True:
             try:
-                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                data = recv(65536, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return out
+                return
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     self.enobufs += 1
                     continue
                 raise from_oserror(exc, "read taskstats", "TASKSTATS") from None
-            now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            msgs, _errs = decode_messages(data, now)
-            out.extend(msgs)
+            yield data, clock(boottime)
+
+    def receive(self) -> List[ExitMessage]:
+        """Every message ready now (non-blocking); see :meth:`_datagrams`."""
+        out: List[ExitMessage] = []
+        for data, now in self._datagrams():
+            out.extend(decode_messages(data, now)[0])
+        return out
 
     def receive_tuples(self) -> List[Tuple]:
         """Like :meth:`receive`, for the hot path: each exit's task record as a
@@ -557,28 +565,16 @@ class TaskstatsSocket:
         unpack at fixed offsets (:func:`fast_exit_tuple`); anything else goes
         through :func:`decode_messages`."""
         out: List[Tuple] = []
-        recv = self.sock.recv
-        clock = time.clock_gettime_ns
-        boottime = time.CLOCK_BOOTTIME
         fast = fast_exit_tuple
         append = out.append
-        while True:
-            try:
-                data = recv(65536, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return out
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.enobufs += 1
-                    continue
-                raise from_oserror(exc, "read taskstats", "TASKSTATS") from None
-            now = clock(boottime)
+        for data, now in self._datagrams():
             t = fast(data, now)
             if t is not None:
                 append(t)
                 continue
             msgs, _errs = decode_messages(data, now)
             out.extend(m.task.as_tuple() for m in msgs if m.task is not None)
+        return out
 
     def query_pid(self, pid: int, timeout: float = 1.0) -> TaskRecord:
         """Statistics of one live task (TASKSTATS_CMD_ATTR_PID), so far."""
