@@ -60,10 +60,11 @@ def test_pacct_struct_decoder_handles_mixed_byte_orders_like_before():
         (100, 900, False), (101, 901, False), (102, 902, True), (103, 903, False)]
 
 
-def _agg(mgr, settle, horizon=0.0):
+def _agg(mgr, settle, horizon=0.0, history=None):
     rows = []
     agg = Aggregator(lambda sql, p: rows.append(p), mgr.resolve, settle=settle,
-                     history_horizon=lambda: horizon, boot_epoch_fn=lambda: 1_700_000_000.0)
+                     history_horizon=lambda: horizon, boot_epoch_fn=lambda: 1_700_000_000.0,
+                     history=history)
     return agg, rows
 
 
@@ -94,17 +95,21 @@ def test_settle_applies_the_fork_event_the_record_was_waiting_for():
     assert agg.counters.resolved_late == 1 and agg.counters.attributed == 1
 
 
-def test_unsettled_or_old_records_are_held_as_before():
+def test_unsettled_records_are_held_and_old_settled_ones_go_to_the_history():
     mgr = FakeManager()
     agg, rows = _agg(mgr, settle=lambda: False)
     agg.add([_rec(12, 100)])
     assert not rows and agg.counters.held == 1
     # Settled, but the process ended before memory's horizon (before the
-    # daemon started): only the stored history may know its job.
+    # daemon started): only the stored history may know its job. Every event
+    # is in after the settle, so holding it would wait for nothing.
     now = time.time()
-    agg2, rows2 = _agg(mgr, settle=lambda: True, horizon=now)
+    asked = []
+    agg2, rows2 = _agg(mgr, settle=lambda: True, horizon=now,
+                       history=lambda pid, start, tol: asked.append(pid) or 77)
     agg2.add([_rec(13, 100, end=now - 5)])
-    assert not rows2 and agg2.counters.held == 1
+    assert agg2.counters.held == 0 and asked == [13]
+    assert len(rows2) == 1 and rows2[0][1] == 77
 
 
 def test_store_submit_many_counts_every_row(tmp_path):

@@ -139,12 +139,13 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
 
     def history_horizon() -> float:
         # Memory (index, exit history, left-alive map) knows every membership
-        # of processes that exited after this; older ones need the store. A
-        # record's end time is never late (taskstats' and acct's btime are
-        # truncated to the second, so end = btime + elapsed <= the exit), so
-        # end >= horizon implies the exit was seen; 1 s covers the exit
-        # history's per-second generations.
-        return max(started_wall, time.time() - manager.exited_linger + HISTORY_MARGIN_S)
+        # of processes that exited after max(start, now - linger); older ones
+        # need the store. A record's end time (btime + elapsed) can be up to
+        # 1 s late: the kernel computes btime as the current second minus the
+        # *whole* seconds elapsed (kernel/tsacct.c bacct_add_tsk, kernel/acct.c
+        # fill_ac), so end = floor(exit) + frac(elapsed). HISTORY_MARGIN_S
+        # covers that, so end >= horizon implies memory saw the exit.
+        return max(started_wall, time.time() - manager.exited_linger) + HISTORY_MARGIN_S
 
     aggregator = Aggregator(store.submit, manager.resolve,
                             history=history_lookup(store.db, manager.boot_id),

@@ -249,9 +249,10 @@ class Aggregator:
                     unattributed += 1
                     done.append(row)
                     continue
-            if self.hold_seconds > 0 and wall - row[_END] <= STALE_SECONDS:
-                # A record of a process that ended long ago (a pacct backlog
-                # read after a restart) cannot be waiting for its fork event.
+            if not settled and self.hold_seconds > 0 and wall - row[_END] <= STALE_SECONDS:
+                # Hold only what may still be waiting for its fork event: not
+                # after a settle (every event is in), not a record of a process
+                # that ended long ago (a pacct backlog read after a restart).
                 self.held.append((row, now))
                 c.held += 1
                 continue
