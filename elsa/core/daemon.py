@@ -51,9 +51,11 @@ RESYNC_MAX_DELAY = 0.5
 #: a process's events). After each drain the proc connector's descriptor is
 #: left out of the selector for EVENT_WINDOW seconds, so the next wake-up
 #: takes everything that arrived meanwhile (the kernel buffer, netlink_rcvbuf
-#: = 32 MiB, holds far more than a window's worth). Nothing waits on it: any
-#: other readable descriptor (a client request) is served after a drain, so a
-#: request always sees every event queued before it. Replaces the 2 ms pause
+#: = 32 MiB, holds far more than a window's worth). Nothing waits on it: a
+#: client request is served after a drain (add_reader's events_first), so a
+#: reply always sees every event queued before the request; a backend's
+#: job-emptied notice and the aggregator's settle drain by themselves.
+#: Replaces the 2 ms pause
 #: after busy drains (bench_forkstorm: 1.07 -> ~0.8 then).
 EVENT_WINDOW = 0.01
 
