@@ -681,8 +681,9 @@ class JobManager:
             if job.backend != self.backend.name:
                 log.warning("job was created by another backend", jid=f"{job.jid:#x}",
                             job_backend=job.backend, backend=self.backend.name)
-        self.detached = {(p, s) for p, s in self.store.detached_members(self.boot_id)}
-        for pid, start, jid in self.store.left_alive(self.boot_id):
+        left = self.store.left_alive(self.boot_id)
+        self.detached = {(pid, start) for pid, start, _jid in left}
+        for pid, start, jid in left:
             info = procs.get(pid)
             if info is not None and abs(info.start_ticks - start) <= START_TOLERANCE_TICKS:
                 self.left_alive[pid] = (jid, start)

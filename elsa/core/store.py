@@ -497,12 +497,6 @@ class Store:
             "SELECT boot_id, jid, pid, start_ticks, how FROM members WHERE left IS NULL"
         ).fetchall()
 
-    def detached_members(self, boot_id: str) -> List[Tuple[int, int]]:
-        self._read_own_writes()
-        return self.db.execute(
-            "SELECT pid, start_ticks FROM members WHERE boot_id = ? AND detached = 1",
-            (boot_id,)).fetchall()
-
     def left_alive(self, boot_id: str) -> List[Tuple[int, int, int]]:
         """(pid, start_ticks, jid) of every process of boot *boot_id* that left a
         job without exiting (detached, moved out, job ended), latest stay last."""
