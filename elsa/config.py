@@ -48,11 +48,12 @@ def _type_name(t: Any) -> str:
     return names.get(t, getattr(t, "__name__", str(t)))
 
 
-def _positive(v: Any) -> Optional[str]:
+# Checks for Option(check=...), for the core and for plugins' option tables.
+def positive(v: Any) -> Optional[str]:
     return None if v > 0 else "must be greater than 0"
 
 
-def _non_negative(v: Any) -> Optional[str]:
+def non_negative(v: Any) -> Optional[str]:
     return None if v >= 0 else "must be 0 or more"
 
 
@@ -73,7 +74,7 @@ CORE_OPTIONS: Dict[str, Option] = {
     "netlink_rcvbuf": Option(int, 32 * 1024 * 1024,
                              "Receive buffer (bytes) for the proc connector socket; set with"
                              " SO_RCVBUFFORCE so it may exceed net.core.rmem_max.",
-                             check=_positive),
+                             check=positive),
     "admin_group": Option(str, "", "Group whose members may manage every job (besides root)."
                           " Empty: root only."),
     "disabled_plugins": Option(list, [], "Plugins (entry-point names) never to load.",
@@ -83,7 +84,7 @@ CORE_OPTIONS: Dict[str, Option] = {
     "exited_linger": Option(float, 15.0, "Seconds an exited process stays resolvable to its job"
                             " in memory, so late accounting records are still attributed"
                             " (later ones are resolved from the stored history).",
-                            check=_non_negative),
+                            check=non_negative),
     "nice": Option(int, 0, "Nice value elsad runs at (0..19). Above 0 a busy machine's"
                    " workload goes first and elsad catches up from the kernel's buffers"
                    " (netlink_rcvbuf, the taskstats rcvbuf, the pacct file); when the proc"
@@ -94,11 +95,11 @@ CORE_OPTIONS: Dict[str, Option] = {
 
 LIMIT_OPTIONS: Dict[str, Option] = {
     "max_request_bytes": Option(int, 65536, "Largest accepted control request line, in bytes.",
-                                check=_positive),
+                                check=positive),
     "idle_timeout": Option((int, float), 30.0, "Seconds a client connection may stay idle.",
-                           check=_positive),
+                           check=positive),
     "max_connections": Option(int, 256, "Concurrent control connections accepted.",
-                              check=_positive),
+                              check=positive),
 }
 
 PLUGIN_TABLES = ("backends", "sources")

@@ -31,7 +31,7 @@ import subprocess
 from typing import Dict, List, Optional
 
 from elsa import hookimpl
-from elsa.config import Option
+from elsa.config import Option, non_negative, positive
 from elsa.core import pacct
 from elsa.core.source import Source, SourceContext, SourceSpec, UsageRow
 from elsa.errors import AccountingFormatError, from_oserror
@@ -43,12 +43,6 @@ NAME = "bsdacct"
 DEFAULT_EXTERNAL = "/var/log/account/pacct"
 
 
-def _nonneg(v: object) -> Optional[str]:
-    return None if v >= 0 else "must be 0 or more"  # type: ignore[operator]
-
-
-def _positive(v: object) -> Optional[str]:
-    return None if v > 0 else "must be greater than 0"  # type: ignore[operator]
 
 
 def _abs_or_empty(v: object) -> Optional[str]:
@@ -63,11 +57,11 @@ OPTIONS: Dict[str, Option] = {
                    f"{DEFAULT_EXTERNAL}). Managed mode: the directory for elsad's files"
                    " (empty: <state_dir>/pacct).", check=_abs_or_empty),
     "rotate_size": Option(int, 64 * 1024 * 1024, "Managed mode: switch to a new file when the"
-                          " current one reaches this many bytes (0: never).", check=_nonneg),
+                          " current one reaches this many bytes (0: never).", check=non_negative),
     "keep_files": Option(int, 1, "Managed mode: fully read files kept after rotation.",
-                         check=_nonneg),
+                         check=non_negative),
     "interval": Option(float, 1.0, "Seconds between reads of the accounting file.",
-                       check=_positive),
+                       check=positive),
     "probe_files": Option(list, [DEFAULT_EXTERNAL, "/var/account/pacct"],
                           "Managed mode: files checked at start for an accounting file"
                           " already in use (restored on stop).", item_type=str),

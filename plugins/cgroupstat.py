@@ -16,7 +16,7 @@ import os
 from typing import Dict, List, Optional, Set
 
 from elsa import hookimpl
-from elsa.config import Option
+from elsa.config import Option, positive
 from elsa.core import cgroupstats
 from elsa.core.cgroupfs import CgroupFS
 from elsa.core.model import Job
@@ -30,13 +30,10 @@ NAME = "cgroupstat"
 PARAM = "cgroup_path"
 
 
-def _positive(v: object) -> Optional[str]:
-    return None if v > 0 else "must be greater than 0"  # type: ignore[operator]
-
 
 OPTIONS: Dict[str, Option] = {
     "interval": Option(float, 10.0, "Seconds between readings of running jobs' cgroups.",
-                       check=_positive),
+                       check=positive),
     "mount": Option(str, "", "cgroup2 mount for relative cgroup paths (empty: found in"
                     " /proc/self/mountinfo)."),
 }

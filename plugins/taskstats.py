@@ -14,7 +14,7 @@ import time
 from typing import Dict, List, Optional
 
 from elsa import hookimpl
-from elsa.config import Option
+from elsa.config import Option, non_negative, positive
 from elsa.core import taskstats
 from elsa.core.source import Source, SourceContext, SourceSpec, UsageRecord
 from elsa.logsetup import structlog
@@ -24,28 +24,22 @@ log = structlog.get_logger("elsa.source.taskstats")
 NAME = "taskstats"
 
 
-def _positive(v: object) -> Optional[str]:
-    return None if v > 0 else "must be greater than 0"  # type: ignore[operator]
-
-
-def _nonneg(v: object) -> Optional[str]:
-    return None if v >= 0 else "must be 0 or more"  # type: ignore[operator]
 
 
 OPTIONS: Dict[str, Option] = {
     "cpumask": Option(str, "", "CPUs whose exits to listen to, in cpulist syntax (\"0-3\");"
                       " empty: every possible CPU."),
     "rcvbuf": Option(int, 64 * 1024 * 1024, "Receive buffer in bytes (SO_RCVBUFFORCE); exits"
-                     " come in bursts and overflow drops records.", check=_positive),
+                     " come in bursts and overflow drops records.", check=positive),
     "read_interval": Option(float, 0.25, "Seconds between reads of the exit records queued"
                             " on the socket; 0: read as soon as one arrives. Reading in"
                             " batches saves a loop wake-up per exit (elsad's CPU per process,"
                             " issue 6); the receive buffer holds the records meanwhile"
-                            " (64 MiB: tens of thousands).", check=_nonneg),
+                            " (64 MiB: tens of thousands).", check=non_negative),
     "fold_timeout": Option(float, 30.0, "Seconds to wait for the last thread of a"
                            " multi-threaded process before giving up on it (its record was"
                            " lost) and storing what arrived, flagged incomplete.",
-                           check=_positive),
+                           check=positive),
 }
 
 

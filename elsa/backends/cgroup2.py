@@ -26,7 +26,7 @@ import signal as signal_mod
 from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from elsa import hookimpl
-from elsa.config import Option
+from elsa.config import Option, positive
 from elsa.core.backend import Backend, BackendContext, BackendSpec, signal_each
 from elsa.core.cgroupfs import CgroupFS, EventsWatcher
 from elsa.core.model import Job, ProcessId, ProcessInfo, format_jid, parse_jid
@@ -46,9 +46,6 @@ def _check_base(v: object) -> Optional[str]:
         "must be empty (automatic) or an absolute path under the cgroup2 mount"
 
 
-def _positive(v: float) -> Optional[str]:
-    return None if v > 0 else "must be greater than 0"
-
 
 CGROUP2_OPTIONS: Dict[str, Option] = {
     "base": Option(str, "", "Parent cgroup of the job cgroups (absolute path under the cgroup2 "
@@ -61,7 +58,7 @@ CGROUP2_OPTIONS: Dict[str, Option] = {
                           "cgroups where available; the missing ones are listed by 'status'.",
                           item_type=str),
     "kill_timeout": Option(float, 10.0, "Seconds 'kill' with SIGKILL (and 'freeze') wait for "
-                           "the job to be empty (frozen) before failing.", check=_positive),
+                           "the job to be empty (frozen) before failing.", check=positive),
 }
 
 
