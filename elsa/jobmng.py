@@ -118,11 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def cmd(name: str, help_text: str, json_out: bool = True) -> argparse.ArgumentParser:
+    def cmd(name: str, help_text: str, json_out: bool = True,
+            jid: bool = False) -> argparse.ArgumentParser:
+        """A subcommand; *jid*: it takes a job id as its first positional."""
         sp = sub.add_parser(name, help=help_text, description=help_text)
         if json_out:
             sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                             help="print the result as JSON")
+        if jid:
+            sp.add_argument("jid", type=_jid_arg, metavar="JID")
         return sp
 
     def job_options(sp: argparse.ArgumentParser) -> None:
@@ -147,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                     help="the command to run")
 
-    sp = cmd("attach", "attach running processes (and their future children) to a job")
-    sp.add_argument("jid", type=_jid_arg, metavar="JID")
+    sp = cmd("attach", "attach running processes (and their future children) to a job", jid=True)
     sp.add_argument("pids", type=_pid_arg, nargs="+", metavar="PID")
 
     sp = cmd("detach", "take processes out of their job")
@@ -161,29 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="include ended jobs")
     sp.add_argument("--user", metavar="USER", help="only jobs of this user (name or uid)")
 
-    sp = cmd("show", "show one job with its member pids")
-    sp.add_argument("jid", type=_jid_arg, metavar="JID")
+    cmd("show", "show one job with its member pids", jid=True)
 
-    sp = cmd("pids", "print a job's member pids, one per line")
-    sp.add_argument("jid", type=_jid_arg, metavar="JID")
+    cmd("pids", "print a job's member pids, one per line", jid=True)
 
-    sp = cmd("wait", "wait until a job ends (exit 5 when --timeout passes first)")
-    sp.add_argument("jid", type=_jid_arg, metavar="JID")
+    sp = cmd("wait", "wait until a job ends (exit 5 when --timeout passes first)", jid=True)
     sp.add_argument("--timeout", dest="wait_timeout", type=_timeout_arg, metavar="S",
                     help="give up after S seconds (default: wait forever)")
 
-    sp = cmd("kill", "send a signal to every member of a job")
-    sp.add_argument("jid", type=_jid_arg, metavar="JID")
+    sp = cmd("kill", "send a signal to every member of a job", jid=True)
     sp.add_argument("-s", "--signal", type=_signal_arg, default=15, metavar="SIG",
                     help="signal name or number (default TERM)")
 
-    sp = cmd("end", "end a job (members are detached, not killed)")
-    sp.add_argument("jid", type=_jid_arg, metavar="JID")
+    cmd("end", "end a job (members are detached, not killed)", jid=True)
 
-    sp = cmd("freeze", "freeze every member of a job (cgroup2 backend)")
-    sp.add_argument("jid", type=_jid_arg, metavar="JID")
-    sp = cmd("thaw", "thaw a frozen job (cgroup2 backend)")
-    sp.add_argument("jid", type=_jid_arg, metavar="JID")
+    cmd("freeze", "freeze every member of a job (cgroup2 backend)", jid=True)
+    cmd("thaw", "thaw a frozen job (cgroup2 backend)", jid=True)
 
     cmd("status", "show elsad's version, backend and counters")
     return p
