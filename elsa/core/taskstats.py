@@ -532,24 +532,33 @@ class TaskstatsSocket:
                 pass  # closing the socket deregisters too (kernel/taskstats.c)
             self.cpumask = None
 
+    def _recv(self, flags: int = 0) -> Optional[bytes]:
+        """One datagram, or None when the kernel dropped records (ENOBUFS:
+        counted, not raised; the caller flags affected jobs). BlockingIOError
+        and socket.timeout pass through; other errors become ElsaErrors."""
+        try:
+            return self.sock.recv(65536, flags)
+        except (BlockingIOError, socket.timeout):
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                self.enobufs += 1
+                return None
+            raise from_oserror(exc, "read taskstats", "TASKSTATS") from None
+
     def _datagrams(self) -> Iterator[Tuple[bytes, int]]:
         """Every datagram ready now (non-blocking), with its CLOCK_BOOTTIME
-        receive time. ENOBUFS is counted, not raised: the kernel dropped
-        records; the caller flags affected jobs."""
-        recv = self.sock.recv
+        receive time."""
+        recv = self._recv
         clock = time.clock_gettime_ns
         boottime = time.CLOCK_BOOTTIME
         while True:
             try:
-                data = recv(65536, socket.MSG_DONTWAIT)
+                data = recv(socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.enobufs += 1
-                    continue
-                raise from_oserror(exc, "read taskstats", "TASKSTATS") from None
-            yield data, clock(boottime)
+            if data is not None:
+                yield data, clock(boottime)
 
     def receive(self) -> List[ExitMessage]:
         """Every message ready now (non-blocking); see :meth:`_datagrams`."""
@@ -586,16 +595,13 @@ class TaskstatsSocket:
                 raise KernelInterfaceError(f"taskstats: no reply for pid {pid} in {timeout} s")
             self.sock.settimeout(left)
             try:
-                data = self.sock.recv(65536)
+                data = self._recv()
             except socket.timeout:
                 continue
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.enobufs += 1
-                    continue
-                raise from_oserror(exc, "read taskstats", "TASKSTATS") from None
             finally:
                 self.sock.settimeout(None)
+            if data is None:
+                continue
             (rseq,) = struct.unpack_from("=I", data, 8)
             msgs, errs = decode_messages(data, time.clock_gettime_ns(time.CLOCK_BOOTTIME))
             if rseq != seq:
