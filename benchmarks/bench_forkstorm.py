@@ -44,12 +44,13 @@ def build_forker(workdir: str) -> str:
 
 
 def wait_quiet(client: Client, timeout: float = 60.0) -> Dict:
-    """Until elsad's event counter stops moving (it drained its socket)."""
+    """Until elsad's event counter stops moving (it drained its socket) and
+    no burst hold is on (docs/daemon.md)."""
     deadline = time.monotonic() + timeout
     last = -1
     while time.monotonic() < deadline:
         st = client.status()
-        if st["events"] == last:
+        if st["events"] == last and not st.get("hold", {}).get("active"):
             return st
         last = st["events"]
         time.sleep(0.3)

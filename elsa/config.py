@@ -85,6 +85,11 @@ CORE_OPTIONS: Dict[str, Option] = {
                             " in memory, so late accounting records are still attributed"
                             " (later ones are resolved from the stored history).",
                             check=non_negative),
+    "burst_hold": Option(float, 5.0, "Longest time (seconds) elsad leaves the kernel's queues"
+                         " unread while processes start and end faster than ~250 a second,"
+                         " catching up when the burst is over, so that its work does not slow"
+                         " the workload (docs/daemon.md, 'Burst hold'). 0: never hold.",
+                         check=non_negative),
     "nice": Option(int, 0, "Nice value elsad runs at (0..19). Above 0 a busy machine's"
                    " workload goes first and elsad catches up from the kernel's buffers"
                    " (netlink_rcvbuf, the taskstats rcvbuf, the pacct file); when the proc"
@@ -173,6 +178,7 @@ class Config:
     disabled_plugins: Tuple[str, ...] = ()
     plugins: Tuple[str, ...] = ()
     exited_linger: float = 15.0
+    burst_hold: float = 5.0
     nice: int = 0
     limits: Mapping[str, Any] = field(default_factory=lambda: {
         k: o.default for k, o in LIMIT_OPTIONS.items()})
@@ -256,7 +262,8 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         netlink_rcvbuf=core["netlink_rcvbuf"], admin_group=core["admin_group"],
         sources=tuple(enabled), disabled_plugins=tuple(core["disabled_plugins"]),
         plugins=tuple(core["plugins"]),
-        exited_linger=core["exited_linger"], nice=core["nice"], limits=limits,
+        exited_linger=core["exited_linger"], burst_hold=core["burst_hold"], nice=core["nice"],
+        limits=limits,
         backends=tables["backends"], source_tables=tables["sources"], path=path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -99,7 +100,9 @@ def test_live_listener_folds_a_multithreaded_process():
                 "def f():\n    sum(range(1_500_000))\n"
                 "ts = [threading.Thread(target=f) for _ in range(3)]\n"
                 "[t.start() for t in ts]\n[t.join() for t in ts]\n")
-        p = subprocess.Popen(["python3", "-c", code])
+        # sys.executable: a "python3" found on PATH may be a wrapper (pyenv's shim
+        # runs helper processes whose CPU wait4 adds to the child's).
+        p = subprocess.Popen([sys.executable, "-c", code])
         _, _, ru = os.wait4(p.pid, 0)
         got = None
         deadline = time.monotonic() + 5
@@ -117,3 +120,54 @@ def test_live_listener_folds_a_multithreaded_process():
     ru_cpu = (ru.ru_utime + ru.ru_stime) * 1e6
     assert cpu == pytest.approx(ru_cpu, rel=0.02, abs=20_000)
     assert s.enobufs == 0
+
+
+# -- the exit time of a record read late (exit_time_ns) ------------------------------------
+
+S = 1_000_000_000
+
+
+def test_exit_time_is_the_receive_time_when_nothing_else_is_known():
+    assert T.exit_time_ns(123 * S, 0, 5, 0) == 123 * S
+    assert T.exit_time_ns(123 * S, 1_700_000_000, 5, 0) == 123 * S  # no clock offset
+
+
+def test_exit_time_of_a_late_record_is_bounded_by_btime():
+    # Boot 1,000 s after the epoch: CLOCK_REALTIME - CLOCK_BOOTTIME = 1,000 s.
+    offset = 1000 * S
+    # Started at boot time 50.3 s, exited at 52.6 s (etime 2.3 s): the kernel
+    # wrote btime = floor(1052.6) - floor(2.3) = 1050.
+    btime, etime_us = 1050, 2_300_000
+    exit_true = int(52.6 * S)
+    # Read 0.1 s later, right after the previous read: close to the truth.
+    got = T.exit_time_ns(exit_true + S // 10, btime, etime_us, offset, exit_true - S // 10)
+    assert abs(got - exit_true) <= S // 10
+    # Read 4 s later (a burst hold), the previous read 3 s before the exit:
+    # the receive time is 4 s off, the estimate within half a second.
+    got = T.exit_time_ns(exit_true + 4 * S, btime, etime_us, offset, exit_true - 3 * S)
+    assert abs(got - exit_true) <= S // 2
+    assert 52 * S <= got < 53 * S
+    # A clock step that makes the bounds disagree: the receive time.
+    assert T.exit_time_ns(10 * S, btime, etime_us, offset) == 10 * S
+
+
+@pytest.mark.root
+def test_a_record_read_late_still_gives_the_start_time():
+    from elsa.core.model import CLOCK_TICKS
+    from elsa.testing import start_ticks
+
+    sock = T.TaskstatsSocket(rcvbuf=1 << 20)
+    sock.register()
+    try:
+        child = subprocess.Popen(["sh", "-c", "read x"], stdin=subprocess.PIPE)
+        start = start_ticks(child.pid)
+        child.communicate(b"\n")
+        # The point of the test is a record that waits in the socket (as in a
+        # burst hold): longer than the 0.5 s start-time tolerance.
+        time.sleep(1.5)
+        recs = [t for t in sock.receive_tuples() if t[1] == child.pid]
+    finally:
+        sock.close()
+    assert len(recs) == 1
+    row = T.usage_row(recs[0])
+    assert start is not None and abs(row[3] - start) <= CLOCK_TICKS // 2, (row[3], start)

@@ -14,6 +14,9 @@ into the event loop:
 * a 0.25 s timer retries held records (``Aggregator.retry``) and runs the
   "stored" callbacks (:class:`Durability`).
 
+All of them are *deferrable*: during a burst hold (elsa/core/burst.py) the
+sources' descriptors stay unread and their timers wait for the hold to end.
+
 A source that raises is logged with its name and isolated (GUIDE §3.6); one
 that fails to start is reported in ``status`` and the daemon runs without it.
 """
@@ -198,11 +201,11 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
             g = _Guard(name, "on_readable", src.on_readable,
                        on_give_up=lambda fd=fd: daemon.remove_reader(fd))
             guards[name].append(g)
-            daemon.add_reader(fd, g)
+            daemon.add_reader(fd, g, deferrable=True)
         if src.interval:
             g = _Guard(name, "poll", src.poll)
             guards[name].append(g)
-            daemon.add_timer(float(src.interval), g, f"source-{name}")
+            daemon.add_timer(float(src.interval), g, f"source-{name}", deferrable=True)
         log.info("accounting source started", source=name)
 
     def job_ending(job: Job) -> None:
@@ -216,7 +219,7 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
         aggregator.retry()
         durability.tick()
 
-    daemon.add_timer(RETRY_INTERVAL, tick, "accounting-retry")
+    daemon.add_timer(RETRY_INTERVAL, tick, "accounting-retry", deferrable=True)
     sources: Dict[str, Any] = dict(started)
     sources["accounting"] = AccountingStop(aggregator, durability)
 

@@ -40,6 +40,11 @@ PROC_CN_MCAST_LISTEN = 1
 PROC_CN_MCAST_IGNORE = 2
 NLMSG_DONE = 3
 SO_RCVBUFFORCE = 33  # socket(7); not exported by Python's socket module
+#: getsockopt(SOL_SOCKET, SO_MEMINFO) fills u32[SK_MEMINFO_VARS]; index 0 is
+#: SK_MEMINFO_RMEM_ALLOC (bytes queued), 1 SK_MEMINFO_RCVBUF (capacity).
+#: include/uapi/asm-generic/socket.h, include/uapi/linux/sock_diag.h; Linux 4.12.
+SO_MEMINFO = 55
+_MEMINFO = struct.Struct("=II")
 
 # proc_event.what
 PROC_EVENT_NONE = 0x00000000
@@ -303,6 +308,14 @@ class ProcConnector:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def queued(self) -> Tuple[int, int]:
+        """(bytes queued unread, capacity in bytes): the kernel's charge for the
+        messages waiting in the socket (skb truesize, ~832 bytes a message on
+        x86-64) against the doubled receive buffer."""
+        # The kernel copies the first *buflen* bytes of its array (sock_getsockopt).
+        return _MEMINFO.unpack(self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO,
+                                                    _MEMINFO.size))
 
     def close(self) -> None:
         try:

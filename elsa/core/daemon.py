@@ -24,6 +24,7 @@ from elsa import __version__
 from elsa.config import Config, validate_table
 from elsa.core import sdnotify
 from elsa.core.backend import Backend, BackendContext
+from elsa.core.burst import BurstHold
 from elsa.core.cnproc import (
     ExitEvent,
     ForkEvent,
@@ -69,12 +70,14 @@ DRAIN_BATCHES = 4
 
 
 class _Timer:
-    __slots__ = ("interval", "callback", "name")
+    __slots__ = ("interval", "callback", "name", "deferrable")
 
-    def __init__(self, interval: float, callback: Callable[[], None], name: str) -> None:
+    def __init__(self, interval: float, callback: Callable[[], None], name: str,
+                 deferrable: bool) -> None:
         self.interval = interval
         self.callback = callback
         self.name = name
+        self.deferrable = deferrable
 
 
 class Daemon:
@@ -85,6 +88,10 @@ class Daemon:
     _draining = False
     #: The configured nice value (config ``nice``); a class default for the same reason.
     _nice_cfg = 0
+    #: The burst hold (None: off), and what the latest _on_netlink drained.
+    hold: Optional[BurstHold] = None
+    _drained = 0
+    _drain_emptied = False
 
     def __init__(self, config: Config, host: PluginHost, *, procfs: Optional[ProcFS] = None,
                  self_test: bool = True) -> None:
@@ -97,6 +104,9 @@ class Daemon:
         self._seq = itertools.count()
         self._readers: Dict[int, Callable[[], None]] = {}
         self._events_first: Set[int] = set()  # client descriptors (add_reader)
+        self._deferrable: Set[int] = set()  # source descriptors, left unread in a hold
+        self._paused: Set[int] = set()  # descriptors left out of the selector now
+        self._held_timers: List[_Timer] = []  # deferrable timers due during a hold
         self._writers: Dict[int, Callable[[], None]] = {}
         self._stop_reason: Optional[str] = None
         self._reload = False
@@ -118,7 +128,7 @@ class Daemon:
     # -- selector plumbing -------------------------------------------------------------
     def _register(self, fd: int) -> None:
         mask = 0
-        if fd in self._readers:
+        if fd in self._readers and fd not in self._paused:
             mask |= selectors.EVENT_READ
         if fd in self._writers:
             mask |= selectors.EVENT_WRITE
@@ -134,20 +144,24 @@ class Daemon:
             self.selector.unregister(fd)
 
     def add_reader(self, fd: int, callback: Callable[[], None],
-                   events_first: bool = False) -> None:
+                   events_first: bool = False, deferrable: bool = False) -> None:
         """Call *callback* when *fd* is readable. *events_first*: apply the proc
         connector events queued so far before (client requests: a reply must
-        see every fork that happened before the request was sent)."""
+        see every fork that happened before the request was sent).
+        *deferrable*: left unread during a burst hold (accounting sources)."""
         self._readers[fd] = callback
-        if events_first:
-            self._events_first.add(fd)
-        else:
-            self._events_first.discard(fd)
+        for flag, fds in ((events_first, self._events_first), (deferrable, self._deferrable)):
+            if flag:
+                fds.add(fd)
+            else:
+                fds.discard(fd)
         self._register(fd)
 
     def remove_reader(self, fd: int) -> None:
         self._readers.pop(fd, None)
         self._events_first.discard(fd)
+        self._deferrable.discard(fd)
+        self._paused.discard(fd)
         self._writers.pop(fd, None)
         self._register(fd)
 
@@ -159,9 +173,28 @@ class Daemon:
             self._writers[fd] = callback
         self._register(fd)
 
-    def add_timer(self, interval: float, callback: Callable[[], None], name: str) -> None:
-        timer = _Timer(interval, callback, name)
+    def add_timer(self, interval: float, callback: Callable[[], None], name: str,
+                  deferrable: bool = False) -> None:
+        """Call *callback* every *interval* seconds. *deferrable*: not during a
+        burst hold (the work it does waits for the held events); it runs when
+        the hold ends."""
+        timer = _Timer(interval, callback, name, deferrable)
         heapq.heappush(self._timers, (time.monotonic() + interval, next(self._seq), timer))
+
+    # -- burst hold (elsa/core/burst.py) -------------------------------------------------
+    def _hold_sources(self) -> None:
+        self._paused = set(self._deferrable)
+        for fd in self._paused:
+            self._register(fd)
+
+    def _release_sources(self) -> None:
+        paused, self._paused = self._paused, set()
+        for fd in paused:
+            self._register(fd)
+        now = time.monotonic()
+        for timer in self._held_timers:
+            heapq.heappush(self._timers, (now, next(self._seq), timer))
+        self._held_timers.clear()
 
     # -- start-up ---------------------------------------------------------------------------
     def _make_backend(self) -> Backend:
@@ -194,6 +227,7 @@ class Daemon:
                                   exited_linger=cfg.exited_linger, hooks=self.host)
         # Subscribe first, then read /proc (see module docstring).
         self.connector = ProcConnector(cfg.netlink_rcvbuf)
+        self.hold = self._make_hold(cfg.burst_hold)
         recovered = self.manager.recover()
         if self.self_test:
             self._self_test()
@@ -210,16 +244,28 @@ class Daemon:
         self._start_sources()
         # 0.1 s: the resolution of 'wait' timeouts and of the idle limits.
         self.add_timer(0.1, self.control.sweep, "control-sweep")
-        self.add_timer(5.0, self.manager.expire_exited, "expire-exited")
+        # Deferrable: exits are recorded when their events are read, and a
+        # sequence hole cannot close while the events stay unread.
+        self.add_timer(5.0, self.manager.expire_exited, "expire-exited", deferrable=True)
         # Always: a SIGHUP may set a nice value later (_unboost returns at
         # once while none is configured).
         self.add_timer(1.0, self._unboost, "unboost")
-        self.add_timer(0.25, self._expire_seq_holes, "seq-holes")
+        self.add_timer(0.25, self._expire_seq_holes, "seq-holes", deferrable=True)
         log.info("elsad ready", version=__version__, backend=self.backend.name,
                  socket=cfg.socket, state_dir=cfg.state_dir, rcvbuf=self.connector.rcvbuf,
                  **recovered)
         self.host.daemon_ready(self.status())
         sdnotify.notify("READY=1", f"STATUS=tracking {len(self.manager.jobs)} jobs")
+
+    def _make_hold(self, max_hold: float) -> Optional[BurstHold]:
+        assert self.connector is not None
+        try:
+            self.connector.queued()
+        except OSError as exc:  # SO_MEMINFO: Linux 4.12
+            log.warning("burst hold off: the kernel does not report socket queues "
+                        "(SO_MEMINFO)", error=exc.strerror)
+            return None
+        return BurstHold(self.connector.queued, max_hold)
 
     def _start_sources(self) -> None:
         """Start the accounting sources named in ``sources`` (see elsa/core/source.py)."""
@@ -299,23 +345,31 @@ class Daemon:
         assert conn is not None and manager is not None
         sink = self._sink()
         self._draining = True
+        self._drained = 0
         try:
             # At most DRAIN_BATCHES full batches per loop pass: under a sustained
             # storm the socket never empties, and clients and timers must still
             # get their turn (the socket stays readable, so we are back at once).
             for _ in range(DRAIN_BATCHES):
                 n = conn.drain(sink, DRAIN_BATCH)
+                self._drained += n
                 if self._loss_since is not None:
                     if n < DRAIN_BATCH or time.monotonic() - self._loss_since > RESYNC_MAX_DELAY:
                         self._loss_since = None
                         manager.resync("event loss")
                 if n < DRAIN_BATCH:
+                    self._drain_emptied = True
                     return True
+            self._drain_emptied = False
             if self._nice_cfg:
                 self._boost()
             return False
         finally:
             self._draining = False
+            if self.hold is not None and self.hold.active:
+                # Drained during a hold (a request, a job-emptied notice):
+                # the queue shrank, which is not the burst ending.
+                self.hold.rebase(time.monotonic())
 
     # -- priority (config ``nice``) ----------------------------------------------------
     def _set_nice(self, value: int) -> None:
@@ -406,6 +460,7 @@ class Daemon:
             "rcvbuf": conn.rcvbuf,
             "priority": {"nice": self._nice_now, "configured": self._nice_cfg,
                          "boosts": self.boosts},
+            "hold": self.hold.status() if self.hold else {"active": False, "max_hold": 0},
             "plugins": self.host.plugin_names(),
             "plugin_failures": dict(self.host.failures),
             "sources": self.source_status(),
@@ -450,7 +505,12 @@ class Daemon:
         events_first = self._events_first
         nl_fd = self.connector.fileno() if self.connector else -1
         resume: Optional[float] = None  # proc connector left out until then (EVENT_WINDOW)
+        hold = self.hold
+        hold_check: Optional[float] = None  # holding: when to call hold.check
+        release_bytes: Optional[int] = None  # a hold ended with this backlog
+        control = self.control
         monotonic = time.monotonic
+        last_drain = 0.0  # the events queued at start-up are no burst
         # Switching the descriptor off and on: the selector's register and
         # unregister cost ~10 µs of Python per window; the epoll object under
         # EpollSelector (CPython's selectors keeps it in ``_selector``) does it
@@ -483,6 +543,23 @@ class Daemon:
                         nl_on()
                 elif timeout is None or wait < timeout:
                     timeout = wait
+            if hold_check is not None:
+                assert hold is not None and self.connector is not None
+                now = monotonic()
+                if now >= hold_check:
+                    if control is not None and control.waiters:
+                        hold_check = hold.end(now, "waiter")  # job ends must not wait
+                    else:
+                        hold_check = hold.check(now)
+                    if hold_check is None:
+                        release_bytes = self.connector.queued()[0]
+                        self._release_sources()
+                        if nl_fd in readers:
+                            nl_on()
+                if hold_check is not None:
+                    wait = hold_check - now
+                    if timeout is None or wait < timeout:
+                        timeout = wait
             ready = select(timeout)
             if len(ready) > 1:
                 # The proc connector first: epoll does not report in readiness
@@ -492,11 +569,24 @@ class Daemon:
                 fd = key.fd
                 if fd == nl_fd:
                     readers[fd]()
+                    now = monotonic()
                     if nl_fd in readers:
                         nl_off()
-                        resume = monotonic() + EVENT_WINDOW
+                        if release_bytes is not None:  # the backlog of a hold
+                            assert hold is not None
+                            if self._drain_emptied:
+                                hold.calibrate(release_bytes, self._drained)
+                            release_bytes = None
+                            resume = now + EVENT_WINDOW
+                        elif (hold is not None and hold.wants(self._drained, now - last_drain)
+                              and not (control is not None and control.waiters)):
+                            hold_check = hold.begin(now)
+                            self._hold_sources()
+                        else:
+                            resume = now + EVENT_WINDOW
+                    last_drain = now
                     continue
-                if resume is not None and fd in events_first:
+                if (resume is not None or hold_check is not None) and fd in events_first:
                     # Events queued before this request come first. (Not for
                     # the others: the commit pipe and timers need no events,
                     # a backend's job-emptied notice and the aggregator's
@@ -514,13 +604,20 @@ class Daemon:
             now = monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _, _, timer = heapq.heappop(self._timers)
+                if hold_check is not None and timer.deferrable:
+                    self._held_timers.append(timer)  # _release_sources runs it
+                    continue
                 try:
                     timer.callback()
                 except Exception as exc:
                     log.exception("timer failed", timer=timer.name, error=str(exc))
                 heapq.heappush(self._timers, (now + timer.interval, next(self._seq), timer))
-        if resume is not None and nl_fd in readers:
+        if (resume is not None or hold_check is not None) and nl_fd in readers:
             nl_on()
+        if hold_check is not None:
+            assert hold is not None
+            hold.end(monotonic(), "stop")
+            self._release_sources()  # the sources' stop() reads what is left
         return self._stop_reason
 
     def _do_reload(self) -> None:
@@ -542,6 +639,8 @@ class Daemon:
         assert self.manager is not None
         self.manager.job_end = new.job_end
         self.manager.exited_linger = new.exited_linger
+        if self.hold is not None:
+            self.hold.max_hold = new.burst_hold
         if new.nice != self._nice_cfg:
             self._nice_cfg = new.nice
             self._boosted_until = 0.0

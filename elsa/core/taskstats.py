@@ -164,9 +164,9 @@ class TaskRecord:
     #: cpu_run_virtual_total with it even when delay accounting is off).
     cpu_run_ns: int = 0
     threads: int = 1
-    #: CLOCK_BOOTTIME (ns) when the record was received; with etime it gives the
-    #: start time to ±delivery latency, far finer than btime's 1 s.
-    received_boot_ns: int = 0
+    #: CLOCK_BOOTTIME (ns) of the exit as well as it is known (:func:`exit_time_ns`);
+    #: with etime it gives the start time, far finer than btime's 1 s.
+    exit_boot_ns: int = 0
 
     @property
     def last_of_group(self) -> bool:
@@ -174,14 +174,12 @@ class TaskRecord:
 
     @property
     def start_ticks(self) -> Optional[int]:
-        """Estimated /proc/PID/stat start time (ticks since boot), from etime.
-
-        etime is "now - start" at exit in µs (kernel/tsacct.c bacct_add_tsk);
-        the receive time stands in for the exit time.
-        """
-        if not self.received_boot_ns:
+        """Estimated /proc/PID/stat start time (ticks since boot): the exit
+        time (:func:`exit_time_ns`) less etime, "exit - start" in µs
+        (kernel/tsacct.c bacct_add_tsk)."""
+        if not self.exit_boot_ns:
             return None
-        start_ns = self.received_boot_ns - self.etime_us * 1000
+        start_ns = self.exit_boot_ns - self.etime_us * 1000
         return max(0, start_ns * CLOCK_TICKS // 1_000_000_000)
 
     def cpu_adjusted_us(self) -> Tuple[int, int]:
@@ -248,7 +246,7 @@ def usage_row(t: Tuple, source: str = "taskstats") -> UsageRow:
     precise runtime, RSS integrals in KiB·µs, start ticks from etime."""
     (version, _pid, tgid, ppid, uid, gid, comm, exitcode, _flag, btime, etime, utime, stime,
      minflt, majflt, coremem, virtmem, rss, vm, rchar, wchar, _rsys, _wsys, rbytes, wbytes,
-     cancelled, nvcsw, nivcsw, cpu_delay, blkio_delay, run_ns, threads, received) = t
+     cancelled, nvcsw, nivcsw, cpu_delay, blkio_delay, run_ns, threads, exit_ns) = t
     if run_ns:
         rtime = run_ns // 1000
         total = utime + stime
@@ -257,18 +255,49 @@ def usage_row(t: Tuple, source: str = "taskstats") -> UsageRow:
     else:
         cu, cs = utime, stime
     start = None
-    if received:
-        start = max(0, (received - etime * 1000) * CLOCK_TICKS // 1_000_000_000)
+    if exit_ns:
+        start = max(0, (exit_ns - etime * 1000) * CLOCK_TICKS // 1_000_000_000)
     return (source, None, tgid, start, float(btime), btime + etime / 1e6, ppid, uid, gid, comm,
             exitcode, cu, cs, etime, rss, vm, rbytes, wbytes, rchar, wchar, minflt, majflt,
             nvcsw, nivcsw, coremem * 1024, virtmem * 1024,
             _EXTRA % (threads, version, utime, stime, cancelled, cpu_delay, blkio_delay))
 
 
-def fast_exit_tuple(data: bytes, received_boot_ns: int) -> Optional[Tuple]:
+def exit_time_ns(received_boot_ns: int, btime: int, etime_us: int, real_offset_ns: int,
+                 after_ns: int = 0) -> int:
+    """When a task exited (CLOCK_BOOTTIME ns), from its record and when it was read.
+
+    The record holds no exit time, and the receive time is late for a record
+    that waited in the socket (read every read_interval, or after a burst
+    hold, elsa/core/burst.py). The start time derived from it was then off
+    by the wait, and with pids reused within seconds in a storm (pid_max
+    32,768) a start off by more than TASKSTATS_TOLERANCE_TICKS matched no
+    membership (issue 6: 872 of 1,500 records of a held burst). Three bounds
+    narrow it down: the exit was queued before it was received, after the
+    previous read emptied the socket (*after_ns*), and within one real-time
+    second: the kernel sets btime to the current CLOCK_REALTIME second less
+    etime's whole seconds (kernel/tsacct.c bacct_add_tsk), so the exit lies
+    in [btime + etime_s, btime + etime_s + 1). The middle of what is left is
+    off by 0.5 s at most, whatever the wait, and by half the read interval
+    for a record read on time. *real_offset_ns* is CLOCK_REALTIME -
+    CLOCK_BOOTTIME at the read; 0 (unknown) keeps the receive time.
+    """
+    if not (real_offset_ns and btime and received_boot_ns):
+        return received_boot_ns
+    lo = (btime + etime_us // 1_000_000) * 1_000_000_000 - real_offset_ns
+    hi = min(lo + 1_000_000_000, received_boot_ns)
+    lo = max(lo, after_ns)
+    if hi < lo:  # a clock stepped between exit and read: the receive time it is
+        return received_boot_ns
+    return (lo + hi) // 2
+
+
+def fast_exit_tuple(data: bytes, received_boot_ns: int, real_offset_ns: int = 0,
+                    after_ns: int = 0) -> Optional[Tuple]:
     """The task record of a datagram holding exactly one exit message in the
     usual layout, as a tuple of :class:`TaskRecord`'s fields; None when the
-    datagram is anything else (the caller then uses :func:`decode_messages`)."""
+    datagram is anything else (the caller then uses :func:`decode_messages`).
+    The last three arguments: see :func:`exit_time_ns`."""
     if len(data) < _FAST_MIN_LEN:
         return None
     (mlen, mtype, _alen, atype, plen, ptype, _pid, slen, stype) = _FAST_HEAD.unpack_from(data)
@@ -282,10 +311,12 @@ def fast_exit_tuple(data: bytes, received_boot_ns: int) -> Optional[Tuple]:
     if version < 12 or version == 15:
         return None
     pid = v[_I_PID]
+    btime = v[_FAST_BTIME64] or v[_I_BTIME]
+    etime = v[_I_ETIME]
     return (version, pid, v[_FAST_TGID] or pid, v[_I_PPID], v[_I_UID], v[_I_GID],
             v[_I_COMM].split(b"\0", 1)[0].decode("utf-8", "replace"), v[_I_EXIT], v[_I_FLAG],
-            v[_FAST_BTIME64] or v[_I_BTIME], *v[_I_ETIME:_I_NIVCSW + 1], v[_I_CPUD],
-            v[_I_BLKD], v[_I_RUN], 1, received_boot_ns)
+            btime, *v[_I_ETIME:_I_NIVCSW + 1], v[_I_CPUD], v[_I_BLKD], v[_I_RUN], 1,
+            exit_time_ns(received_boot_ns, btime, etime, real_offset_ns, after_ns))
 
 
 class UnsupportedVersion(KernelInterfaceError):
@@ -293,9 +324,10 @@ class UnsupportedVersion(KernelInterfaceError):
 
 
 def decode_stats(buf: bytes, received_boot_ns: int = 0, offset: int = 0,
-                 end: Optional[int] = None) -> TaskRecord:
+                 end: Optional[int] = None, real_offset_ns: int = 0,
+                 after_ns: int = 0) -> TaskRecord:
     """Decode one ``struct taskstats`` (the payload of TASKSTATS_TYPE_STATS) at
-    buf[offset:end]."""
+    buf[offset:end]; the times: see :func:`exit_time_ns`."""
     end = len(buf) if end is None else end
     size = end - offset
     if size < 2:
@@ -322,7 +354,7 @@ def decode_stats(buf: bytes, received_boot_ns: int = 0, offset: int = 0,
         v[ix["comm"]].split(b"\0", 1)[0].decode("utf-8", "replace"),
         v[ix["exitcode"]], v[ix["flag"]], btime, *v[ix["etime"]:ix["nivcsw"] + 1],
         v[ix["cpu_delay_total"]], v[ix["blkio_delay_total"]], v[ix["cpu_run_virtual_total"]],
-        1, received_boot_ns)
+        1, exit_time_ns(received_boot_ns, btime, v[ix["etime"]], real_offset_ns, after_ns))
 
 
 def _attrs(buf: bytes, start: int, end: int) -> Iterator[Tuple[int, int, int]]:
@@ -345,8 +377,8 @@ class ExitMessage:
     tgid_stats: Optional[TaskRecord] = None
 
 
-def decode_messages(data: bytes, received_boot_ns: int = 0) -> Tuple[List[ExitMessage],
-                                                                     List[int]]:
+def decode_messages(data: bytes, received_boot_ns: int = 0, real_offset_ns: int = 0,
+                    after_ns: int = 0) -> Tuple[List[ExitMessage], List[int]]:
     """Decode every netlink message in one datagram: (exit messages, errnos)."""
     out: List[ExitMessage] = []
     errors: List[int] = []
@@ -368,7 +400,8 @@ def decode_messages(data: bytes, received_boot_ns: int = 0) -> Tuple[List[ExitMe
                     continue  # TASKSTATS_TYPE_NULL padding and future attributes
                 for itype, s2, e2 in _attrs(data, s, e):
                     if itype == TASKSTATS_TYPE_STATS:
-                        rec = decode_stats(data, received_boot_ns, s2, e2)
+                        rec = decode_stats(data, received_boot_ns, s2, e2, real_offset_ns,
+                                           after_ns)
                         if atype == TASKSTATS_TYPE_AGGR_PID:
                             task = rec
                         else:
@@ -434,7 +467,7 @@ def _fold(a: TaskRecord, b: TaskRecord) -> TaskRecord:
     if b.pid != b.tgid and a.pid != a.tgid:
         # Leader not seen yet: the longest-lived thread is the best elapsed estimate.
         if b.etime_us > a.etime_us:
-            kw.update(etime_us=b.etime_us, received_boot_ns=b.received_boot_ns)
+            kw.update(etime_us=b.etime_us, exit_boot_ns=b.exit_boot_ns)
     if b.last_of_group and b.pid != b.tgid:
         kw["exitcode"] = b.exitcode  # the group's exit code is the last thread's
     return TaskRecord(**kw)
@@ -500,6 +533,7 @@ class TaskstatsSocket:
         self.seq = 0
         self.cpumask: Optional[str] = None
         self.enobufs = 0
+        self._emptied_at = 0  # CLOCK_BOOTTIME ns: see _datagrams
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -522,6 +556,8 @@ class TaskstatsSocket:
     def register(self, cpumask: Optional[str] = None) -> None:
         """Ask for exit records of tasks on *cpumask* (default: every possible CPU)."""
         self.cpumask = cpumask or _cpulist()
+        # No exit before this can be sent to us (exit_time_ns's lower bound).
+        self._emptied_at = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         self._send(TASKSTATS_CMD_ATTR_REGISTER_CPUMASK, self.cpumask.encode() + b"\0")
 
     def deregister(self) -> None:
@@ -546,25 +582,34 @@ class TaskstatsSocket:
                 return None
             raise from_oserror(exc, "read taskstats", "TASKSTATS") from None
 
-    def _datagrams(self) -> Iterator[Tuple[bytes, int]]:
+    def _datagrams(self) -> Iterator[Tuple[bytes, int, int, int]]:
         """Every datagram ready now (non-blocking), with its CLOCK_BOOTTIME
-        receive time."""
+        receive time, CLOCK_REALTIME - CLOCK_BOOTTIME and when the previous
+        call emptied the socket (the arguments of :func:`exit_time_ns`)."""
         recv = self._recv
         clock = time.clock_gettime_ns
         boottime = time.CLOCK_BOOTTIME
+        after = self._emptied_at
+        before = clock(boottime)  # taken before each recv
+        real_offset = time.time_ns() - before
         while True:
             try:
                 data = recv(socket.MSG_DONTWAIT)
             except BlockingIOError:
+                # Whatever was queued before *before* has been read: what the
+                # next call reads was queued after it.
+                self._emptied_at = before
                 return
+            now = clock(boottime)
             if data is not None:
-                yield data, clock(boottime)
+                yield data, now, real_offset, after
+            before = now
 
     def receive(self) -> List[ExitMessage]:
         """Every message ready now (non-blocking); see :meth:`_datagrams`."""
         out: List[ExitMessage] = []
-        for data, now in self._datagrams():
-            out.extend(decode_messages(data, now)[0])
+        for data, now, real_offset, after in self._datagrams():
+            out.extend(decode_messages(data, now, real_offset, after)[0])
         return out
 
     def receive_tuples(self) -> List[Tuple]:
@@ -576,12 +621,12 @@ class TaskstatsSocket:
         out: List[Tuple] = []
         fast = fast_exit_tuple
         append = out.append
-        for data, now in self._datagrams():
-            t = fast(data, now)
+        for data, now, real_offset, after in self._datagrams():
+            t = fast(data, now, real_offset, after)
             if t is not None:
                 append(t)
                 continue
-            msgs, _errs = decode_messages(data, now)
+            msgs, _errs = decode_messages(data, now, real_offset, after)
             out.extend(m.task.as_tuple() for m in msgs if m.task is not None)
         return out
 
