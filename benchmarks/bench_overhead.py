@@ -14,16 +14,17 @@ every source on (taskstats, cgroupstat, bsdacct in managed mode, i.e. kernel
 BSD accounting writing a record at every exit) and the cgroup2 backend where
 a cgroup2 mount exists (else cnproc); the launcher is put in a job before it
 is released, so every process of the workload is a job member the daemon
-indexes and stores. Conditions alternate (ABBA...) over ``--reps`` rounds, and
-the median wall time of each is compared, after one unmeasured warm-up run
-of each workload. Between runs with elsad, the benchmark waits until the
-daemon has caught up (no burst hold on, its events drained, its CPU idle),
-so one run's backlog does not slow the next. elsad runs with its defaults,
-burst hold included (docs/daemon.md): the CPU it used catching up after each
-run is in the last row.
+indexes and stores. Each workload runs in pairs, one run per condition and
+elsad started afresh for its run; the order alternates (ABBA...) over
+``--reps`` rounds, after one unmeasured warm-up run of each workload, and the
+median wall time of each condition is compared. After its run, the benchmark
+waits until elsad has caught up (no burst hold on, its events drained, its
+CPU idle) before stopping it. elsad runs with its defaults, burst hold
+included (docs/daemon.md): the CPU it used, catching up included, is in the
+last row.
 
 Target: wall time with elsad / without <= 1.05 (each workload and overall).
-Reproduce: ``sudo python3 benchmarks/bench_overhead.py [--reps 6]`` (needs root
+Reproduce: ``sudo python3 benchmarks/bench_overhead.py [--reps 10]`` (needs root
 and Debian's stress-ng). The machine must be otherwise idle: on a shared
 2-core VM, other load shows up as noise in both conditions.
 """
@@ -166,6 +167,9 @@ def _ts_lost(st: Dict[str, Any]) -> int:
 
 def run_once(cmd: List[str], daemon: Optional[Elsad]) -> float:
     """Wall seconds of *cmd* (as nobody), in a job when *daemon* is given."""
+    # Dirty pages of the previous run (elsad's store and pacct file) would be
+    # written back during this one, whichever condition it is.
+    os.sync()
     launcher = subprocess.Popen(["sh", "-c", 'read go; exec "$@"', "sh", *NOBODY, *cmd],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, cwd="/tmp")
@@ -189,7 +193,7 @@ def run_once(cmd: List[str], daemon: Optional[Elsad]) -> float:
     return wall
 
 
-def run(reps: int = 6, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 2000,
+def run(reps: int = 10, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 2000,
         backend: Optional[str] = None,
         sources: Sequence[str] = ALL_SOURCES, nice: int = 0) -> List[Dict[str, Any]]:
     if os.geteuid() != 0:
@@ -219,21 +223,19 @@ def run(reps: int = 6, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 2
         for _, cmd in loads:
             run_once(cmd, None)
         for rep in range(reps):
-            # ABBA ordering: drifting background load hits both conditions alike.
-            order = ("peer", "elsa") if rep % 2 == 0 else ("elsa", "peer")
-            for cond in order:
-                on = cond == "elsa"
-                if on:
+            for name, cmd in loads:
+                # Pairs, in ABBA order: the two runs of a pair are seconds
+                # apart, so the VM's drifting speed hits both conditions alike.
+                order = ("peer", "elsa") if rep % 2 == 0 else ("elsa", "peer")
+                for cond in order:
+                    if cond == "peer":
+                        walls[name]["peer"].append(run_once(cmd, None))
+                        continue
                     daemon.start()
                     assert daemon.proc is not None
                     st0 = wait_quiet(daemon)
                     cpu0 = cpu_seconds(daemon.proc.pid)
-                for name, cmd in loads:
-                    walls[name][cond].append(run_once(cmd, daemon if on else None))
-                    if on:
-                        wait_quiet(daemon)
-                if on:
-                    assert daemon.proc is not None
+                    walls[name]["elsa"].append(run_once(cmd, daemon))
                     st1 = wait_quiet(daemon)
                     elsa_cpu += cpu_seconds(daemon.proc.pid) - cpu0
                     lost += sum(st1["lost_events"].values()) - sum(st0["lost_events"].values())
@@ -283,7 +285,7 @@ def run(reps: int = 6, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 2
 
 def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=6, help="rounds of each condition (median)")
+    ap.add_argument("--reps", type=int, default=10, help="rounds of each condition (median)")
     ap.add_argument("--fork-ops", type=int, default=5000)
     ap.add_argument("--exec-ops", type=int, default=300)
     ap.add_argument("--loops", type=int, default=2000, help="iterations of the shell loop")
