@@ -161,6 +161,18 @@ def _burst(p):
     return [int(x) for x in p.stdout.readline().split()]
 
 
+def _finish(p):
+    """Let the forker exit (it waits for a line after its burst)."""
+    p.stdin.write("done\n")
+    p.stdin.flush()
+
+
+def _job_with_forker(elsad, spawned, extra, n):
+    d = elsad(extra=extra)
+    forker = _forker(spawned, n)
+    return d, forker, d.call("create", name="burst", pids=[forker.pid])
+
+
 def _taskstats_rows(d):
     db = sqlite3.connect(f"file:{os.path.join(d.state_dir, 'elsa.db')}?mode=ro", uri=True)
     try:
@@ -179,9 +191,8 @@ def _caught_up(d):
 
 @pytest.mark.root
 def test_elsad_holds_through_a_burst_and_accounts_every_process(elsad, spawned):
-    d = elsad(extra="burst_hold = 30.0\n[sources.taskstats]\n")
-    forker = _forker(spawned, 1500)
-    job = d.call("create", name="burst", pids=[forker.pid])
+    d, forker, job = _job_with_forker(elsad, spawned,
+                                      "burst_hold = 30.0\n[sources.taskstats]\n", 1500)
     before = wait_for(lambda: _caught_up(d), 30, interval=0.05, what="no hold before")
     pids = _burst(forker)
     st = wait_for(lambda: _caught_up(d), 30, interval=0.05, what="the hold to end")
@@ -199,50 +210,41 @@ def test_elsad_holds_through_a_burst_and_accounts_every_process(elsad, spawned):
         return wanted <= got
 
     wait_for(stored, 30, interval=0.2, what="every child's taskstats row, in the job")
-    forker.stdin.write("done\n")
-    forker.stdin.flush()
+    _finish(forker)
 
 
 @pytest.mark.root
 def test_a_request_during_a_hold_sees_the_burst(elsad, spawned):
-    d = elsad(extra="burst_hold = 30.0\n")
-    forker = _forker(spawned, 1500)
-    job = d.call("create", name="burst", pids=[forker.pid])
+    d, forker, job = _job_with_forker(elsad, spawned, "burst_hold = 30.0\n", 1500)
     pids = _burst(forker)  # the forker lives on (waits on stdin): the job too
     st = d.call("status")
     # Either still holding or caught up already; both must count every fork.
     assert st["counters"]["member_forks"] >= len(pids)
     assert d.call("jobof", pid=forker.pid)["jid"] == job["jid"]
     assert st["hold"]["holds"] >= 1, st["hold"]
-    forker.stdin.write("done\n")
-    forker.stdin.flush()
+    _finish(forker)
 
 
 @pytest.mark.root
 def test_a_storm_longer_than_the_buffer_ends_the_hold_at_the_watermark(elsad, spawned):
     # 1 MiB: the kernel reports 2 MiB of capacity, the watermark is at 1 MiB,
     # ~1,300 messages; 4,000 forks queue ~8,000 (6.7 MB) if nobody reads.
-    d = elsad(extra=f"burst_hold = 30.0\nnetlink_rcvbuf = {1 << 20}\n")
-    forker = _forker(spawned, 4000)
-    d.call("create", name="storm", pids=[forker.pid])
+    d, forker, _ = _job_with_forker(elsad, spawned,
+                                    f"burst_hold = 30.0\nnetlink_rcvbuf = {1 << 20}\n", 4000)
     pids = _burst(forker)
     st = wait_for(lambda: _caught_up(d), 30, interval=0.05, what="the hold to end")
     assert st["hold"]["ended"]["watermark"] >= 1, st["hold"]
     assert st["lost_events"] == {"enobufs": 0, "seq_gap": 0}
     assert st["counters"]["member_forks"] >= len(pids)
-    forker.stdin.write("done\n")
-    forker.stdin.flush()
+    _finish(forker)
 
 
 @pytest.mark.root
 def test_a_waiting_client_is_answered_without_waiting_out_the_hold(elsad, spawned):
-    d = elsad(extra="burst_hold = 60.0\n")
-    forker = _forker(spawned, 2000)
-    job = d.call("create", name="w", pids=[forker.pid])
+    d, forker, job = _job_with_forker(elsad, spawned, "burst_hold = 60.0\n", 2000)
     with d.client() as waiter:
         _burst(forker)
-        forker.stdin.write("done\n")
-        forker.stdin.flush()
+        _finish(forker)
         forker.wait(10)
         t0 = time.monotonic()
         reply = waiter.call("wait", jid=job["jid"], timeout=30)
