@@ -411,6 +411,11 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v}" for k, v in sorted(lost.items())),
         f"resyncs    {st.get('resyncs')}",
     ]
+    hold = st.get("hold") or {}
+    if hold.get("max_hold"):
+        lines.append(f"hold       {'on' if hold.get('active') else 'off'}, "
+                     f"{hold.get('holds', 0)} bursts held {hold.get('held_seconds', 0)} s "
+                     f"(at most {hold.get('max_hold')} s each)")
     if control:
         lines.append(f"control    {control.get('connections')} connections, "
                      f"{control.get('requests')} requests, {control.get('errors')} errors, "
