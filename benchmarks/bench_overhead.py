@@ -24,7 +24,7 @@ included (docs/daemon.md): the CPU it used, catching up included, is in the
 last row.
 
 Target: wall time with elsad / without <= 1.05 (each workload and overall).
-Reproduce: ``sudo python3 benchmarks/bench_overhead.py [--reps 10]`` (needs root
+Reproduce: ``sudo python3 benchmarks/bench_overhead.py [--reps 20]`` (needs root
 and Debian's stress-ng). The machine must be otherwise idle: on a shared
 2-core VM, other load shows up as noise in both conditions.
 """
@@ -193,7 +193,7 @@ def run_once(cmd: List[str], daemon: Optional[Elsad]) -> float:
     return wall
 
 
-def run(reps: int = 10, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 2000,
+def run(reps: int = 20, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 2000,
         backend: Optional[str] = None,
         sources: Sequence[str] = ALL_SOURCES, nice: int = 0) -> List[Dict[str, Any]]:
     if os.geteuid() != 0:
@@ -285,7 +285,7 @@ def run(reps: int = 10, fork_ops: int = 5000, exec_ops: int = 300, loops: int = 
 
 def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=10, help="rounds of each condition (median)")
+    ap.add_argument("--reps", type=int, default=20, help="rounds of each condition (median)")
     ap.add_argument("--fork-ops", type=int, default=5000)
     ap.add_argument("--exec-ops", type=int, default=300)
     ap.add_argument("--loops", type=int, default=2000, help="iterations of the shell loop")
