@@ -21,8 +21,11 @@ leaves the proc connector and the accounting sources unread and only calls
 :meth:`BurstHold.check` now and then, which reads the proc connector's queued
 bytes (one ``getsockopt``) and ends the hold when
 
-* ``quiet``: the queue grew by less than half the entry rate since the last
-  check (the burst is over);
+* ``quiet``: the queue grew by less than half the entry rate over
+  QUIET_CHECKS checks in a row (the burst is over; a pause of a check or
+  two, as between the steps of a build or at a workload's start-up, is not
+  its end, and work resumed at once would compete with the workload's own
+  wind-down);
 * ``watermark``: the queue reached half the socket's capacity (a storm longer
   than the buffers; the next check is scheduled early enough, at the observed
   growth rate, to get there before the buffer overflows);
@@ -42,6 +45,8 @@ from typing import Callable, Dict, Optional, Tuple
 ENTER_RATE = 1000.0
 #: Seconds between checks during a hold.
 CHECK_INTERVAL = 0.05
+#: Consecutive checks with the queue (nearly) still that end a hold.
+QUIET_CHECKS = 3
 #: Fraction of the socket's capacity that ends a hold.
 WATERMARK = 0.5
 #: The kernel's charge per queued proc-connector message before any is
@@ -69,6 +74,7 @@ class BurstHold:
         self.since = 0.0
         self._last_bytes = 0
         self._last_t = 0.0
+        self._quiet = 0  # consecutive quiet checks
         self.holds = 0
         self.held_seconds = 0.0
         self.ended: Dict[str, int] = dict.fromkeys(REASONS, 0)
@@ -81,6 +87,7 @@ class BurstHold:
         """Start a hold; returns when to call :meth:`check`."""
         self.active = True
         self.since = now
+        self._quiet = 0
         self.rebase(now)
         self.holds += 1
         return now + self.interval
@@ -99,9 +106,13 @@ class BurstHold:
             return self.end(now, "max")
         dt = max(now - self._last_t, 1e-3)
         growth = (queued - self._last_bytes) / dt  # bytes per second
-        if growth < self.rate * self.bytes_per_event / 2:
-            return self.end(now, "quiet")
         self._last_bytes, self._last_t = queued, now
+        if growth < self.rate * self.bytes_per_event / 2:
+            self._quiet += 1
+            if self._quiet >= QUIET_CHECKS:
+                return self.end(now, "quiet")
+            return now + self.interval
+        self._quiet = 0
         # Early enough to reach the watermark before the buffer does at this rate.
         until_high = (high - queued) / growth / 2
         return now + max(0.001, min(self.interval, until_high, self.since + self.max_hold - now))
