@@ -43,6 +43,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clone_into_cgroup.h"
+
 static char base[4096];
 static char home[4096]; /* the caller's own cgroup directory, to return to */
 
@@ -80,15 +82,6 @@ static void write_pid(const char *dir, pid_t pid) {
     if (write(fd, buf, len) != len)
         die("write cgroup.procs");
     close(fd);
-}
-
-static pid_t clone_into(int dirfd) {
-    struct clone_args a;
-    memset(&a, 0, sizeof a);
-    a.flags = CLONE_INTO_CGROUP;
-    a.exit_signal = SIGCHLD;
-    a.cgroup = (uint64_t)dirfd;
-    return (pid_t)syscall(SYS_clone3, &a, sizeof a);
 }
 
 static void reap(pid_t p) {
@@ -150,7 +143,7 @@ static void run(const char *name, long n, int variant) {
             int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
             if (fd < 0)
                 die(path);
-            pid_t p = clone_into(fd);
+            pid_t p = clone_into_cgroup(fd);
             if (p == 0) {
                 if (variant == 7)
                     execve("/bin/true", argv, envp);

@@ -42,6 +42,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clone_into_cgroup.h"
+
 extern char **environ;
 
 static int sock = -1;
@@ -138,12 +140,7 @@ static pid_t spawn_true(void) {
 }
 
 static pid_t clone_true_into(int dirfd) {
-    struct clone_args a;
-    memset(&a, 0, sizeof a);
-    a.flags = CLONE_INTO_CGROUP;
-    a.exit_signal = SIGCHLD;
-    a.cgroup = (uint64_t)dirfd;
-    pid_t pid = (pid_t)syscall(SYS_clone3, &a, sizeof a);
+    pid_t pid = clone_into_cgroup(dirfd);
     if (pid == 0) {
         char *argv[] = {"true", NULL};
         execve("/bin/true", argv, environ);
