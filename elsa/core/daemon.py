@@ -88,10 +88,9 @@ class Daemon:
     _draining = False
     #: The configured nice value (config ``nice``); a class default for the same reason.
     _nice_cfg = 0
-    #: The burst hold (None: off), and what the latest _on_netlink drained.
+    #: The burst hold (None: off), and how many messages the latest _on_netlink read.
     hold: Optional[BurstHold] = None
     _drained = 0
-    _drain_emptied = False
 
     def __init__(self, config: Config, host: PluginHost, *, procfs: Optional[ProcFS] = None,
                  self_test: bool = True) -> None:
@@ -358,9 +357,7 @@ class Daemon:
                         self._loss_since = None
                         manager.resync("event loss")
                 if n < DRAIN_BATCH:
-                    self._drain_emptied = True
                     return True
-            self._drain_emptied = False
             if self._nice_cfg:
                 self._boost()
             return False
@@ -568,13 +565,13 @@ class Daemon:
             for key, mask in ready:
                 fd = key.fd
                 if fd == nl_fd:
-                    readers[fd]()
+                    emptied = self._on_netlink()  # the proc connector's reader
                     now = monotonic()
                     if nl_fd in readers:
                         nl_off()
                         if release_bytes is not None:  # the backlog of a hold
                             assert hold is not None
-                            if self._drain_emptied:
+                            if emptied:
                                 hold.calibrate(release_bytes, self._drained)
                             release_bytes = None
                             resume = now + EVENT_WINDOW
