@@ -123,6 +123,7 @@ class Daemon:
         self.manager: Optional[JobManager] = None
         self.sources: Dict[str, Any] = {}
         self.source_status: Callable[[], Dict[str, Any]] = lambda: {}
+        self.shipper: Any = None  # elsa.central.shipper.Shipper when [central] url is set
 
     # -- selector plumbing -------------------------------------------------------------
     def _register(self, fd: int) -> None:
@@ -241,6 +242,9 @@ class Daemon:
         self.manager.after_end.append(self.control.job_ended)
         self.add_reader(self.store.commit_notifications(), self.control.on_commit)
         self._start_sources()
+        from elsa.central.shipper import start_shipper
+
+        self.shipper = start_shipper(cfg, self.store)
         # 0.1 s: the resolution of 'wait' timeouts and of the idle limits.
         self.add_timer(0.1, self.control.sweep, "control-sweep")
         # Deferrable: exits are recorded when their events are read, and a
@@ -463,6 +467,7 @@ class Daemon:
             "sources": self.source_status(),
             "store": {"path": self.store.path if self.store else None,
                       "schema": self.store.schema_version if self.store else None},
+            "central": self.shipper.status() if self.shipper else {"enabled": False},
         }
         if self.control is not None:
             out["control"] = self.control.stats()
@@ -665,6 +670,8 @@ class Daemon:
                 self.backend.stop()
             except Exception as exc:
                 log.error("backend failed to stop", error=str(exc))
+        if self.shipper is not None:
+            self.shipper.stop()
         if self.store is not None:
             self.store.close()
         log.info("elsad stopped", reason=reason)

@@ -61,6 +61,21 @@ def _db_path(args: argparse.Namespace) -> str:
     return os.path.join(cfg.state_dir, "elsa.db")
 
 
+def _site_filters(args: argparse.Namespace, db: Any) -> Dict[str, Any]:
+    """--host and --tag K=V (the host filter needs the central store)."""
+    hosts = getattr(args, "host", None)
+    if hosts and not db.central:
+        raise ElsaError("--host selects nodes of the central store: use it with "
+                        "--db postgresql://...")
+    tags: Dict[str, str] = {}
+    for t in getattr(args, "tag", None) or []:
+        k, sep, v = t.partition("=")
+        if not sep or not k:
+            raise ElsaError(f"--tag {t!r}: expected KEY=VALUE")
+        tags[k] = v
+    return {"hosts": hosts, "tags": tags}
+
+
 # -- formatting --------------------------------------------------------------------------------
 
 def _fmt_us(us: Optional[int]) -> str:
@@ -132,8 +147,9 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
     else:
         from elsa.report import query
 
-        db = query.open_store(_db_path(args))
-        rows = query.summary(db, args.by, args.since, args.until, args.source)
+        db = query.open_db(_db_path(args))
+        rows = query.summary(db, args.by, args.since, args.until, args.source,
+                             **_site_filters(args, db))
 
     def table() -> None:
         if args.by == "job":
@@ -163,8 +179,8 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
 def cmd_jobs(args: argparse.Namespace, out) -> int:
     from elsa.report import query
 
-    db = query.open_store(_db_path(args))
-    rows = query.jobs(db, args.since, args.until, args.state)
+    db = query.open_db(_db_path(args))
+    rows = query.jobs(db, args.since, args.until, args.state, **_site_filters(args, db))
 
     def table() -> None:
         header = ["JID", "NAME", "OWNER", "STATE", "CREATED", "ENDED", "PROCS", "CPU", "MAXRSS"]
@@ -195,7 +211,7 @@ def cmd_job(args: argparse.Namespace, out) -> int:
         jid = parse_jid(args.jid)
     except ValueError as exc:
         raise ElsaError(str(exc)) from None
-    db = query.open_store(_db_path(args))
+    db = query.open_db(_db_path(args))
     detail = query.job_detail(db, jid, args.source)
     if detail is None:
         raise ElsaError(f"no job {jid:#x} in the store; list jobs with 'elsa jobs'")
@@ -262,13 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="config file (default: $ELSA_CONFIG or "
                         "/etc/elsa/elsa.toml)")
     common.add_argument("--state-dir", help="elsad's state_dir (overrides the config)")
-    common.add_argument("--db", help="the store file itself (overrides --state-dir)")
+    common.add_argument("--db", help="the store file itself (overrides --state-dir), or the "
+                        "central store's postgresql:// URL")
     fmt = common.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output (raw units)")
     fmt.add_argument("--csv", action="store_true", help="CSV output (raw units)")
     window = argparse.ArgumentParser(add_help=False)
     window.add_argument("--since", type=parse_time, help="from this time (ISO, epoch, or age)")
     window.add_argument("--until", type=parse_time, help="up to this time (exclusive)")
+    window.add_argument("--host", action="append", metavar="HOST",
+                        help="only these nodes of the central store (repeatable)")
+    window.add_argument("--tag", action="append", metavar="KEY=VALUE",
+                        help="only jobs with this tag (repeatable; jobs, summary --by job)")
 
     p = argparse.ArgumentParser(prog="elsa", description="Per-job accounting reports.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -291,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-attribute", action="store_true",
                    help="do not attribute records to jobs from the membership history")
     s.set_defaults(func=cmd_import_acct)
+    from elsa.central.cli import add_commands
+
+    add_commands(sub)
     return p
 
 

@@ -1,0 +1,393 @@
+"""Ships the node's store to the central PostgreSQL, from a thread of its own.
+
+The node's SQLite store is the spool. Each round reads the next process rows
+(by rowid, after a persisted mark) and the ended jobs whose snapshot changed,
+sends them in ONE PostgreSQL transaction, and only after that transaction
+committed advances the local marks (through the store's writer). A round that
+is cut off (crash, timeout, server stop) is sent again; every central key
+starts with this node's host, so a re-sent record meets its own key and is
+skipped (``ON CONFLICT DO NOTHING``), and a job snapshot is an upsert of the
+same values.
+
+The event path never waits on any of this: elsad's loop only asks
+:meth:`Shipper.status`, which returns figures the thread already computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import socket
+import sqlite3
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+from elsa.central import schema
+from elsa.central.conn import connect, read_password_file, redact
+from elsa.config import Option, non_negative, positive
+from elsa.errors import ElsaError, StoreError
+from elsa.logsetup import structlog
+
+log = structlog.get_logger("elsa.central")
+
+OPTIONS: Dict[str, Option] = {
+    "url": Option(str, "", "Central PostgreSQL (libpq URL or 'service=NAME'). Empty: do not "
+                  "ship. Put no password here: use password_file or libpq's password file."),
+    "password_file": Option(str, "", "File holding the node role's password (root-only, mode "
+                            "600). Empty: libpq's own (~/.pgpass, PGPASSFILE, service file)."),
+    "host": Option(str, "", "This node's name in the central store (must match its role's "
+                   "'elsa central add-node'). Empty: the host name."),
+    "batch_rows": Option(int, 20000, "Process rows per shipping transaction.", check=positive),
+    "interval": Option(float, 5.0, "Seconds between rounds when nothing is waiting.",
+                       check=positive),
+    "retry_max": Option(float, 300.0, "Longest wait (seconds) between retries while the "
+                        "server fails; the wait doubles from 1 s.", check=positive),
+    "keep_local_days": Option(float, 0.0, "Prune SHIPPED records older than this many days "
+                              "from the local store (unshipped ones never). 0: keep all.",
+                              check=non_negative),
+}
+
+MARK_KEY = "central.proc_id"
+#: Ended jobs are compared with their shipped snapshot this long after they
+#: end: a source's final figures or an incomplete flag may come after the end.
+RECHECK_S = 600.0
+PRUNE_EVERY_S = 3600.0
+_BOOKKEEPING = ("CREATE TABLE IF NOT EXISTS central_jobs "
+                "(jid INTEGER PRIMARY KEY, sig TEXT NOT NULL, shipped REAL NOT NULL)")
+
+
+class Shipper:
+    """The shipping thread of one elsad. ``store`` is the daemon's :class:`Store`."""
+
+    def __init__(self, section: Dict[str, Any], store: Any) -> None:
+        self.url: str = section["url"]
+        self.password_file: str = section["password_file"]
+        self.host: str = section["host"] or socket.gethostname()
+        self.batch_rows: int = section["batch_rows"]
+        self.interval: float = section["interval"]
+        self.retry_max: float = section["retry_max"]
+        self.keep_days: float = section["keep_local_days"]
+        self.store = store
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="elsa-central", daemon=True)
+        self._conn: Any = None
+        self._local: Optional[sqlite3.Connection] = None
+        self._mark = 0
+        self._sigs: Dict[int, str] = {}
+        self._last_prune = 0.0
+        self._users: Dict[int, str] = {}
+        self._sent_users: Set[int] = set()
+        self._st: Dict[str, Any] = {
+            "enabled": True, "url": redact(self.url), "host": self.host, "connected": False,
+            "backlog_records": None, "backlog_jobs": None, "oldest_age_s": None,
+            "last_error": None, "last_error_at": None, "last_shipped_at": None,
+            "shipped_records": 0, "shipped_jobs": 0, "rounds": 0, "retry_in_s": None,
+            "pruned_records": 0,
+        }
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> Shipper:
+        self._thread.start()
+        log.info("central shipping on", url=redact(self.url), host=self.host)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        for c in (self._conn, self._local):
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:
+                    pass
+
+    def status(self) -> Dict[str, Any]:
+        return dict(self._st)
+
+    # -- the thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 1.0
+        try:
+            self._open_local()
+        except Exception as exc:
+            self._error(exc)
+            return
+        while not self._stop.is_set():
+            try:
+                self._backlog()
+                if self._conn is None:
+                    self._connect()
+                more = self._round()
+                self._prune()
+                self._backlog()
+                backoff = 1.0
+                self._st["retry_in_s"] = None
+                if not more:
+                    self._wake.wait(self.interval)
+                    self._wake.clear()
+            except Exception as exc:
+                self._error(exc)
+                self._drop_conn()
+                self._st["retry_in_s"] = backoff
+                self._wake.wait(backoff)
+                self._wake.clear()
+                backoff = min(backoff * 2, self.retry_max)
+
+    def _error(self, exc: BaseException) -> None:
+        msg = exc.message if isinstance(exc, ElsaError) else f"{type(exc).__name__}: {exc}"
+        msg = redact(msg.strip())
+        if msg != self._st["last_error"]:
+            log.warning("central shipping failed; records stay in the local store",
+                        error=msg, url=redact(self.url))
+        self._st["last_error"] = msg
+        self._st["last_error_at"] = time.time()
+
+    def _drop_conn(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+        self._conn = None
+        self._st["connected"] = False
+
+    def _open_local(self) -> None:
+        self.store.submit(_BOOKKEEPING)
+        self.store.flush()
+        self._local = sqlite3.connect(f"file:{self.store.path}?mode=ro", uri=True,
+                                      timeout=30.0, isolation_level=None)
+        row = self._local.execute("SELECT value FROM meta WHERE key = ?", (MARK_KEY,)).fetchone()
+        self._mark = int(row[0]) if row else 0
+        self._sigs = dict(self._local.execute("SELECT jid, sig FROM central_jobs"))
+
+    def _connect(self) -> None:
+        password = read_password_file(self.password_file) if self.password_file else None
+        conn = connect(self.url, what="ship to the central store", password=password,
+                       autocommit=False)
+        try:
+            version = schema.schema_version(conn)
+            conn.rollback()
+            if version != schema.VERSION:
+                raise StoreError(
+                    f"central store {redact(self.url)} is at schema {version}; this node ships "
+                    f"schema {schema.VERSION}: run 'elsa central migrate' there (nodes never "
+                    "migrate it)")
+            mine = conn.execute("SELECT elsa_my_host()").fetchone()[0]
+            conn.rollback()
+            if mine != self.host:
+                user = conn.info.user
+                raise StoreError(
+                    f"central store: role {user!r} may write as host {mine!r}, but this node "
+                    f"is {self.host!r}; run 'elsa central add-node {self.host} --role {user}' "
+                    "or set [central] host")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._st["connected"] = True
+        self._sent_users.clear()
+        log.info("central store connected", url=redact(self.url), host=self.host)
+
+    # -- one round -----------------------------------------------------------------------------------
+    def _round(self) -> bool:
+        """Ship one batch; True when more is waiting."""
+        local = self._local
+        assert local is not None and self._conn is not None
+        cols = schema.PROC_COLUMNS
+        local.execute("BEGIN")
+        try:
+            rows = local.execute(
+                f"SELECT id, {', '.join(cols)} FROM proc_usage WHERE id > ? ORDER BY id "
+                "LIMIT ?", (self._mark, self.batch_rows)).fetchall()
+            batch_jids = {r[2] for r in rows if r[2] is not None}
+            jobs, usage, sigs = self._changed_jobs(local, batch_jids)
+        finally:
+            local.execute("COMMIT")
+        if not rows and not jobs:
+            return False
+        uids = {r[8] for r in rows if r[8] is not None} | {j[2] for j in jobs}
+        self._send(rows, jobs, usage, uids - self._sent_users)
+        # PostgreSQL committed: now, and only now, the records count as shipped.
+        self._sent_users |= uids
+        if rows:
+            self._mark = rows[-1][0]
+            self.store.submit("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                              (MARK_KEY, str(self._mark)))
+        now = time.time()
+        if sigs:
+            self.store.submit_many("INSERT OR REPLACE INTO central_jobs(jid, sig, shipped) "
+                                   "VALUES (?, ?, ?)", [(j, s, now) for j, s in sigs.items()])
+            self._sigs.update(sigs)
+        self._st["shipped_records"] += len(rows)
+        self._st["shipped_jobs"] += len(jobs)
+        self._st["rounds"] += 1
+        self._st["last_shipped_at"] = now
+        return len(rows) >= self.batch_rows
+
+    def _changed_jobs(self, local: sqlite3.Connection, batch_jids: Set[int]
+                      ) -> Tuple[List[Sequence[Any]], List[Sequence[Any]], Dict[int, str]]:
+        """Ended jobs never shipped, recently ended, or touched by this batch, whose
+        snapshot (job row and usage rows) differs from what was shipped."""
+        jcols = ", ".join(schema.JOB_COLUMNS)
+        cand = [r[0] for r in local.execute(
+            "SELECT jid FROM jobs WHERE ended IS NOT NULL AND (ended > ? OR jid NOT IN "
+            "(SELECT jid FROM central_jobs))", (time.time() - RECHECK_S,))]
+        cand_set = set(cand)
+        extra = [j for j in batch_jids if j not in cand_set]
+        for i in range(0, len(extra), 500):
+            part = extra[i:i + 500]
+            cand.extend(r[0] for r in local.execute(
+                f"SELECT jid FROM jobs WHERE ended IS NOT NULL AND jid IN "
+                f"({', '.join('?' * len(part))})", part))
+        jobs: List[Sequence[Any]] = []
+        usage: List[Sequence[Any]] = []
+        sigs: Dict[int, str] = {}
+        ucols = ", ".join(schema.JOB_USAGE_COLUMNS)
+        for i in range(0, len(cand), 500):
+            part = cand[i:i + 500]
+            marks = ", ".join("?" * len(part))
+            jrows = {r[0]: r for r in local.execute(
+                f"SELECT {jcols} FROM jobs WHERE jid IN ({marks})", part)}
+            urows: Dict[int, List[Sequence[Any]]] = {}
+            for r in local.execute(f"SELECT {ucols} FROM job_usage WHERE jid IN ({marks}) "
+                                   "ORDER BY jid, source", part):
+                urows.setdefault(r[0], []).append(r)
+            for jid, jr in jrows.items():
+                ur = urows.get(jid, [])
+                sig = hashlib.sha1(json.dumps([jr, ur], default=str).encode()).hexdigest()
+                if self._sigs.get(jid) == sig:
+                    continue
+                sigs[jid] = sig
+                jobs.append(jr)
+                usage.extend(ur)
+        return jobs, usage, sigs
+
+    def _send(self, rows: List[Sequence[Any]], jobs: List[Sequence[Any]],
+              usage: List[Sequence[Any]], new_uids: Set[int]) -> None:
+        conn = self._conn
+        host = self.host
+        cols = schema.PROC_COLUMNS
+        try:
+            with conn.transaction():
+                if rows:
+                    # COPY cannot write a table under row security: stage the batch
+                    # in a temporary table (no WAL, no index), then one INSERT.
+                    conn.execute("CREATE TEMP TABLE IF NOT EXISTS elsa_stage "
+                                 "(LIKE proc_usage) ON COMMIT DELETE ROWS")
+                    with conn.cursor().copy(
+                            f"COPY elsa_stage (host, {', '.join(cols)}) FROM STDIN") as cp:
+                        for r in rows:
+                            cp.write_row((host, *r[1:]))
+                    conn.execute(f"INSERT INTO proc_usage (host, {', '.join(cols)}) "
+                                 f"SELECT host, {', '.join(cols)} FROM elsa_stage "
+                                 "ON CONFLICT DO NOTHING")
+                if jobs:
+                    jc = schema.JOB_COLUMNS
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            f"INSERT INTO jobs (host, {', '.join(jc)}) VALUES "
+                            f"(%s, {', '.join(['%s'] * len(jc))}) ON CONFLICT (host, jid) "
+                            "DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in jc[1:]),
+                            [(host, *j) for j in jobs])
+                if usage:
+                    uc = schema.JOB_USAGE_COLUMNS
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            f"INSERT INTO job_usage (host, {', '.join(uc)}) VALUES "
+                            f"(%s, {', '.join(['%s'] * len(uc))}) "
+                            "ON CONFLICT (host, jid, source) DO UPDATE SET "
+                            + ", ".join(f"{c} = excluded.{c}" for c in uc[2:]),
+                            [(host, *u) for u in usage])
+                if new_uids:
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO host_users (host, uid, name) VALUES (%s, %s, %s) "
+                            "ON CONFLICT (host, uid) DO UPDATE SET name = excluded.name",
+                            [(host, u, self._user(u)) for u in sorted(new_uids)])
+        except Exception as exc:
+            import psycopg
+
+            if isinstance(exc, psycopg.errors.DiskFull):
+                raise StoreError(f"central store {redact(self.url)}: the server's disk is "
+                                 f"full ({str(exc).strip()}); records wait locally") from exc
+            if isinstance(exc, psycopg.Error):
+                raise StoreError(f"central store {redact(self.url)}: {str(exc).strip()}; "
+                                 "records wait locally") from exc
+            raise
+
+    def _user(self, uid: int) -> str:
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            self._users[uid] = name
+        return name
+
+    # -- figures and pruning -----------------------------------------------------------------------
+    def _backlog(self) -> None:
+        local = self._local
+        if local is None:
+            return
+        local.execute("BEGIN")
+        try:
+            n, first = local.execute("SELECT COUNT(*), MIN(id) FROM proc_usage WHERE id > ?",
+                                     (self._mark,)).fetchone()
+            oldest = None
+            if first is not None:
+                oldest = local.execute("SELECT end_time FROM proc_usage WHERE id = ?",
+                                       (first,)).fetchone()[0]
+            (jobs,) = local.execute(
+                "SELECT COUNT(*) FROM jobs WHERE ended IS NOT NULL AND jid NOT IN "
+                "(SELECT jid FROM central_jobs)").fetchone()
+            (jold,) = local.execute(
+                "SELECT MIN(ended) FROM jobs WHERE ended IS NOT NULL AND jid NOT IN "
+                "(SELECT jid FROM central_jobs)").fetchone()
+        finally:
+            local.execute("COMMIT")
+        olds = [t for t in (oldest, jold) if t is not None]
+        self._st["backlog_records"] = n
+        self._st["backlog_jobs"] = jobs
+        self._st["oldest_age_s"] = round(time.time() - min(olds), 1) if olds else None
+
+    def _prune(self) -> None:
+        if self.keep_days <= 0 or time.time() - self._last_prune < PRUNE_EVERY_S:
+            return
+        self._last_prune = time.time()
+        cutoff = time.time() - self.keep_days * 86400
+        local = self._local
+        assert local is not None
+        # Never the newest row: SQLite would hand its rowid out again, below the mark.
+        (n,) = local.execute(
+            "SELECT COUNT(*) FROM proc_usage WHERE id <= ? AND end_time < ? AND id < "
+            "(SELECT MAX(id) FROM proc_usage)", (self._mark, cutoff)).fetchone()
+        self.store.submit("DELETE FROM proc_usage WHERE id <= ? AND end_time < ? AND id < "
+                          "(SELECT MAX(id) FROM proc_usage)", (self._mark, cutoff))
+        # Jobs whose last snapshot was shipped and no unshipped row refers to.
+        done = ("SELECT c.jid FROM central_jobs c JOIN jobs j ON j.jid = c.jid "
+                "WHERE j.ended < ? AND c.shipped > j.ended AND NOT EXISTS "
+                "(SELECT 1 FROM proc_usage p WHERE p.jid = c.jid AND p.id > ?)")
+        for table in ("job_usage", "members", "jobs"):
+            self.store.submit(f"DELETE FROM {table} WHERE jid IN ({done})", (cutoff, self._mark))
+        self._st["pruned_records"] += n
+        log.info("pruned shipped records", records=n, older_than_days=self.keep_days)
+
+
+def start_shipper(config: Any, store: Any) -> Optional[Shipper]:
+    """The composition root's hook: a running shipper when ``[central] url`` is set."""
+    from elsa.config import SECTIONS
+
+    if "central" not in SECTIONS:
+        return None
+    section = dict(config.section("central"))
+    if not section["url"]:
+        return None
+    if os.environ.get("PGPASSWORD"):
+        log.warning("PGPASSWORD is set in elsad's environment; prefer [central] password_file")
+    return Shipper(section, store).start()
