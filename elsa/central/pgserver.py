@@ -41,7 +41,7 @@ class PgServer:
 
     SUPERUSER = "elsa_admin"
 
-    def __init__(self, base: Optional[str] = None, *, data_dir: Optional[str] = None) -> None:
+    def __init__(self, base: Optional[str] = None) -> None:
         bindir = pg_bindir()
         if bindir is None:
             raise ElsaError("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin; "
@@ -49,7 +49,7 @@ class PgServer:
         self.bindir = bindir
         self.root = tempfile.mkdtemp(prefix="elsa-pg-", dir=base)
         os.chmod(self.root, 0o755)
-        self.data = data_dir or os.path.join(self.root, "data")
+        self.data = os.path.join(self.root, "data")
         self.sockdir = os.path.join(self.root, "sock")
         self.log = os.path.join(self.root, "server.log")
         self.port = _free_port()

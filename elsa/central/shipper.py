@@ -84,12 +84,12 @@ class Shipper:
         self._st: Dict[str, Any] = {
             "enabled": True, "url": redact(self.url), "host": self.host, "connected": False,
             "backlog_records": None, "backlog_jobs": None, "oldest_age_s": None,
-            "last_error": None, "last_error_at": None, "last_shipped_at": None,
+            "failing": False, "last_error": None, "last_error_at": None, "last_shipped_at": None,
             "shipped_records": 0, "shipped_jobs": 0, "rounds": 0, "retry_in_s": None,
             "pruned_records": 0,
         }
 
-    # -- life cycle ------------------------------------------------------------------------------
+    # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> Shipper:
         self._thread.start()
         log.info("central shipping on", url=redact(self.url), host=self.host)
@@ -98,7 +98,8 @@ class Shipper:
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         for c in (self._conn, self._local):
             if c is not None:
                 try:
@@ -109,7 +110,7 @@ class Shipper:
     def status(self) -> Dict[str, Any]:
         return dict(self._st)
 
-    # -- the thread --------------------------------------------------------------------------------
+    # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         backoff = 1.0
         try:
@@ -127,6 +128,7 @@ class Shipper:
                 self._backlog()
                 backoff = 1.0
                 self._st["retry_in_s"] = None
+                self._st["failing"] = False
                 if not more:
                     self._wake.wait(self.interval)
                     self._wake.clear()
@@ -141,11 +143,12 @@ class Shipper:
     def _error(self, exc: BaseException) -> None:
         msg = exc.message if isinstance(exc, ElsaError) else f"{type(exc).__name__}: {exc}"
         msg = redact(msg.strip())
-        if msg != self._st["last_error"]:
+        if msg != self._st["last_error"] or not self._st["failing"]:
             log.warning("central shipping failed; records stay in the local store",
                         error=msg, url=redact(self.url))
         self._st["last_error"] = msg
         self._st["last_error_at"] = time.time()
+        self._st["failing"] = True
 
     def _drop_conn(self) -> None:
         if self._conn is not None:
@@ -193,7 +196,7 @@ class Shipper:
         self._sent_users.clear()
         log.info("central store connected", url=redact(self.url), host=self.host)
 
-    # -- one round -----------------------------------------------------------------------------------
+    # -- one round -----------------------------------------------------------------------------
     def _round(self) -> bool:
         """Ship one batch; True when more is waiting."""
         local = self._local
@@ -330,7 +333,7 @@ class Shipper:
             self._users[uid] = name
         return name
 
-    # -- figures and pruning -----------------------------------------------------------------------
+    # -- figures and pruning -------------------------------------------------------------------
     def _backlog(self) -> None:
         local = self._local
         if local is None:
