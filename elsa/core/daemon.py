@@ -22,20 +22,20 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from elsa import __version__
 from elsa.config import Config, validate_table
-from elsa.core import sdnotify
 from elsa.core.backend import Backend, BackendContext
 from elsa.core.burst import BurstHold
-from elsa.core.cnproc import (
+from elsa.core.control import ControlServer, Operations
+from elsa.core.manager import JobManager
+from elsa.core.store import Store
+from elsa.errors import ConfigError, ElsaError, KernelInterfaceError
+from elsa.kernel import sdnotify
+from elsa.kernel.cnproc import (
     ExitEvent,
     ForkEvent,
     LossEvent,
     ProcConnector,
 )
-from elsa.core.control import ControlServer, Operations
-from elsa.core.manager import JobManager
-from elsa.core.procfs import ProcFS
-from elsa.core.store import Store
-from elsa.errors import ConfigError, ElsaError, KernelInterfaceError
+from elsa.kernel.procfs import ProcFS
 from elsa.logsetup import structlog
 from elsa.plugins import PluginHost
 

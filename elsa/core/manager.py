@@ -41,9 +41,9 @@ from elsa.core.model import (
     ProcessInfo,
 )
 from elsa.core.pidindex import PidIndex
-from elsa.core.procfs import ProcFS, boottime_offset_ns
 from elsa.core.store import Store
 from elsa.errors import JobNotFound, JobStateError, ProcessGone
+from elsa.kernel.procfs import ProcFS, boottime_offset_ns
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.manager")
