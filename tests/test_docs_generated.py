@@ -9,6 +9,7 @@ leave nothing out and produce output the real tools (groff, bash) accept.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -157,8 +158,12 @@ def test_default_config_parses_to_the_defaults():
     enabled = _uncommented(text)
     assert enabled != text
     data = config.tomllib.loads(enabled)
-    assert config.parse(data, "x") == config.parse(
-        {k: v for k, v in data.items() if k in ("backends", "sources")}, "x")
+    full = config.parse(data, "x")
+    bare = config.parse({k: v for k, v in data.items() if k in ("backends", "sources")}, "x")
+    # A feature section shown with its defaults reads as the absent section.
+    assert dataclasses.replace(full, sections={}) == bare
+    for name in config.SECTIONS:
+        assert full.section(name) == bare.section(name), name
     # Every key shown is a real key with its real default.
     for key, opt in config.CORE_OPTIONS.items():
         assert data[key] == opt.default, key
