@@ -88,7 +88,9 @@ class PgServer:
         with open(os.path.join(self.data, "postgresql.conf"), "a") as fh:
             fh.write(f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                      f"unix_socket_directories = '{self.sockdir}'\n"
-                     # A test server: small, and no fsync wait on this shared machine.
+                     # Small, no fsync wait on this shared machine (a process crash
+                     # loses nothing). synchronous_commit = off as a site may set it:
+                     # the shipper's own commits must not depend on it.
                      "shared_buffers = 64MB\nfsync = off\nsynchronous_commit = off\n"
                      "full_page_writes = off\nmax_connections = 50\n")
         return self

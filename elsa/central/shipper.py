@@ -173,6 +173,10 @@ class Shipper:
         conn = connect(self.url, what="ship to the central store", password=password,
                        autocommit=False)
         try:
+            # "Shipped" must survive a server crash: a site's synchronous_commit =
+            # off would acknowledge commits that a crash then loses.
+            conn.execute("SET synchronous_commit = on")
+            conn.commit()
             version = schema.schema_version(conn)
             conn.rollback()
             if version != schema.VERSION:

@@ -1,0 +1,159 @@
+"""Four elsad nodes ship real workloads to one PostgreSQL concurrently, through a
+server crash (pg_ctl stop -m immediate) and a node killed with SIGKILL while
+shipping; afterwards the central store holds exactly what the nodes hold."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from elsa.testing import DaemonProc, wait_for
+from tests.central_support import add_node, admin, fresh_db, pg
+
+__all__ = ["pg"]  # the fixture
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+NODES = 4
+# Each job: a shell that runs a few hundred short programs (real exits, real records).
+WORK = "for i in $(seq 150); do /bin/true; done; cat /etc/os-release > /dev/null"
+
+
+def _central(pg: Any, n: int) -> Tuple[str, str]:
+    url = add_node(pg, f"node{n}", "site")
+    return url, (f'[sources.taskstats]\n[central]\nurl = "{url}"\nhost = "node{n}"\n'
+                 "interval = 0.2\nretry_max = 1.0\nbatch_rows = 500\n")
+
+
+def _run_jobs(d: DaemonProc, count: int, errors: List[str]) -> None:
+    for _ in range(count):
+        r = subprocess.run([sys.executable, "-m", "elsa.jobmng", "--socket", d.socket, "run",
+                            "--", "sh", "-c", WORK], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            errors.append(r.stderr)
+
+
+def _workload(nodes: List[DaemonProc], count: int) -> List[threading.Thread]:
+    errors: List[str] = []
+    threads = [threading.Thread(target=_run_jobs, args=(d, count, errors)) for d in nodes]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _central_status(d: DaemonProc) -> Dict[str, Any]:
+    return d.call("status")["central"]
+
+
+def _local(d: DaemonProc) -> Tuple[Dict[int, Tuple], Dict[Tuple[int, str], Tuple], int, int]:
+    db = sqlite3.connect(f"file:{d.state_dir}/elsa.db?mode=ro", uri=True)
+    (mark,) = db.execute("SELECT value FROM meta WHERE key = 'central.proc_id'").fetchone()
+    per_job = {j: (n, cu, cs) for j, n, cu, cs in db.execute(
+        "SELECT jid, count(*), sum(cpu_user_us), sum(cpu_system_us) FROM proc_usage "
+        "WHERE jid IS NOT NULL GROUP BY jid")}
+    usage = {(j, s): (n, cu, cs) for j, s, n, cu, cs in db.execute(
+        "SELECT u.jid, u.source, u.processes, u.cpu_user_us, u.cpu_system_us FROM job_usage u "
+        "JOIN jobs USING (jid) WHERE jobs.ended IS NOT NULL")}
+    (upto,) = db.execute("SELECT count(*) FROM proc_usage WHERE id <= ?", (int(mark),)
+                         ).fetchone()
+    db.close()
+    return per_job, usage, upto, int(mark)
+
+
+def _job_rows_shipped(d: DaemonProc) -> bool:
+    st = _central_status(d)
+    if st["failing"] or st["backlog_jobs"] != 0:
+        return False
+    db = sqlite3.connect(f"file:{d.state_dir}/elsa.db?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'central.proc_id'").fetchone()
+        (last,) = db.execute("SELECT max(id) FROM proc_usage WHERE jid IS NOT NULL").fetchone()
+    finally:
+        db.close()
+    return row is not None and last is not None and int(row[0]) >= last
+
+
+def test_four_nodes_through_outages(pg: Any, tmp_path: Path) -> None:
+    fresh_db(pg, "site")
+    nodes = []
+    for n in range(NODES):
+        _url, extra = _central(pg, n)
+        nodes.append(DaemonProc(tmp_path / f"node{n}", backend="cnproc", extra=extra).start())
+    try:
+        threads = _workload(nodes, 6)
+        wait_for(lambda: all(_central_status(d)["shipped_records"] > 0 for d in nodes), 60,
+                 what="every node to ship")
+        # The server crashes mid-stream; the nodes keep accounting and spool.
+        pg.stop("immediate")
+        wait_for(lambda: all(_central_status(d)["failing"] for d in nodes), 60,
+                 what="every node to see the server gone")
+        err = _central_status(nodes[0])["last_error"]
+        assert "connect" in err or "terminat" in err or "closed" in err, err
+        for t in threads:
+            t.join()
+        threads = _workload(nodes, 3)
+        wait_for(lambda: (_central_status(nodes[2])["backlog_records"] or 0) > 500, 60,
+                 what="a backlog to build up while the server is down")
+        assert _central_status(nodes[2])["oldest_age_s"] > 0
+        pg.start()
+        # A node killed with SIGKILL while it ships its backlog, then started again.
+        wait_for(lambda: not _central_status(nodes[2])["failing"], 60,
+                 what="node2 to reconnect")
+        nodes[2].kill9()
+        for t in threads:
+            t.join()
+        nodes[2].start()
+        threads = _workload(nodes, 2)
+        for t in threads:
+            t.join()
+        for d in nodes:
+            wait_for(lambda d=d: _job_rows_shipped(d), 120,
+                     what=f"{d.state_dir} to ship its jobs and their rows")
+        with admin(pg, "site") as c:
+            for n, d in enumerate(nodes):
+                host = f"node{n}"
+                # Shipping goes on (taskstats records every process on the machine):
+                # compare what the node counts as shipped, and every job's rows.
+                per_job, usage, upto, _mark = _local(d)
+                got = c.execute("SELECT count(*) FROM proc_usage WHERE host = %s",
+                                (host,)).fetchone()[0]
+                assert got >= upto
+                # The hourly rollup (what summaries read) counted each row once.
+                assert c.execute("SELECT sum(processes) FROM usage_rollup WHERE host = %s",
+                                 (host,)).fetchone()[0] == got
+                central_jobs = {j: (n_, cu, cs) for j, n_, cu, cs in c.execute(
+                    "SELECT jid, count(*), sum(cpu_user_us), sum(cpu_system_us) "
+                    "FROM proc_usage WHERE host = %s AND jid IS NOT NULL GROUP BY jid",
+                    (host,))}
+                assert central_jobs == per_job, host
+                central_usage = {(j, s): (n_, cu, cs) for j, s, n_, cu, cs in c.execute(
+                    "SELECT jid, source, processes, cpu_user_us, cpu_system_us FROM job_usage "
+                    "WHERE host = %s", (host,))}
+                assert central_usage == usage, host
+                njobs = c.execute("SELECT count(*) FROM jobs WHERE host = %s",
+                                  (host,)).fetchone()[0]
+                ended = sqlite3.connect(f"file:{d.state_dir}/elsa.db?mode=ro", uri=True
+                                        ).execute("SELECT count(*) FROM jobs WHERE ended IS "
+                                                  "NOT NULL").fetchone()[0]
+                assert njobs == ended and ended >= 5, host
+                # No record twice: the central key is (host, record key), so count
+                # per key equals one; and what the node marked shipped is there.
+                assert c.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM proc_usage WHERE host = %s "
+                    "GROUP BY source, pid, start_time, end_time HAVING count(*) > 1) x",
+                    (host,)).fetchone()[0] == 0
+    finally:
+        for d in nodes:
+            try:
+                d.stop()
+            except Exception:
+                if d.proc is not None and d.proc.poll() is None:
+                    d.proc.kill()
+        if not pg.running():
+            pg.start()
