@@ -125,8 +125,9 @@ def test_four_nodes_through_outages(pg: Any, tmp_path: Path) -> None:
                                 (host,)).fetchone()[0]
                 assert got >= upto
                 # The hourly rollup (what summaries read) counted each row once.
-                assert c.execute("SELECT sum(processes) FROM usage_rollup WHERE host = %s",
-                                 (host,)).fetchone()[0] == got
+                roll = c.execute("SELECT sum(processes) FROM usage_rollup WHERE host = %s",
+                                 (host,)).fetchone()[0]
+                assert roll == got, host
                 central_jobs = {j: (n_, cu, cs) for j, n_, cu, cs in c.execute(
                     "SELECT jid, count(*), sum(cpu_user_us), sum(cpu_system_us) "
                     "FROM proc_usage WHERE host = %s AND jid IS NOT NULL GROUP BY jid",
