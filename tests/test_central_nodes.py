@@ -67,11 +67,14 @@ def _local(d: DaemonProc) -> Tuple[Dict[int, Tuple], Dict[Tuple[int, str], Tuple
 
 
 def _job_rows_shipped(d: DaemonProc) -> bool:
-    st = _central_status(d)
-    if st["failing"] or st["backlog_jobs"] != 0:
+    if _central_status(d)["failing"]:
         return False
     db = sqlite3.connect(f"file:{d.state_dir}/elsa.db?mode=ro", uri=True)
     try:
+        (waiting,) = db.execute("SELECT count(*) FROM jobs WHERE ended IS NOT NULL AND jid NOT "
+                                "IN (SELECT jid FROM central_jobs)").fetchone()
+        if waiting or db.execute("SELECT count(*) FROM jobs WHERE ended IS NULL").fetchone()[0]:
+            return False
         row = db.execute("SELECT value FROM meta WHERE key = 'central.proc_id'").fetchone()
         (last,) = db.execute("SELECT max(id) FROM proc_usage WHERE jid IS NOT NULL").fetchone()
     finally:
@@ -93,6 +96,11 @@ def test_four_nodes_through_outages(pg: Any, tmp_path: Path) -> None:
         pg.stop("immediate")
         wait_for(lambda: all(_central_status(d)["failing"] for d in nodes), 60,
                  what="every node to see the server gone")
+        shown = subprocess.run([sys.executable, "-m", "elsa.jobmng", "--socket",
+                                nodes[0].socket, "status"], capture_output=True, text=True,
+                               check=True).stdout
+        assert "FAILING, backlog" in shown and "last error:" in shown, shown
+        assert "pw-node0" not in shown and "pw-node0" not in nodes[0].log()
         err = _central_status(nodes[0])["last_error"]
         assert "connect" in err or "terminat" in err or "closed" in err, err
         for t in threads:
@@ -121,12 +129,13 @@ def test_four_nodes_through_outages(pg: Any, tmp_path: Path) -> None:
                 # Shipping goes on (taskstats records every process on the machine):
                 # compare what the node counts as shipped, and every job's rows.
                 per_job, usage, upto, _mark = _local(d)
-                got = c.execute("SELECT count(*) FROM proc_usage WHERE host = %s",
-                                (host,)).fetchone()[0]
+                # One statement, one snapshot: the node keeps shipping meanwhile.
+                got, roll = c.execute(
+                    "SELECT (SELECT count(*) FROM proc_usage WHERE host = %s), "
+                    "(SELECT sum(processes) FROM usage_rollup WHERE host = %s)",
+                    (host, host)).fetchone()
                 assert got >= upto
                 # The hourly rollup (what summaries read) counted each row once.
-                roll = c.execute("SELECT sum(processes) FROM usage_rollup WHERE host = %s",
-                                 (host,)).fetchone()[0]
                 assert roll == got, host
                 central_jobs = {j: (n_, cu, cs) for j, n_, cu, cs in c.execute(
                     "SELECT jid, count(*), sum(cpu_user_us), sum(cpu_system_us) "
