@@ -106,7 +106,7 @@ def test_job_json_has_the_issue_keys(store, capsys, tmp_path):
     assert main(["import-acct", "--db", db_path, str(g)]) == 0
     capsys.readouterr()
     job = _json(capsys, ["job", "0x2a", "--json", "--db", db_path])
-    assert job["jid"] == 42
+    assert job["jid"] == "0x000000000000002a"
     for k in ("processes", "cpu_user_us", "cpu_system_us", "max_rss_kb", "read_bytes",
               "write_bytes", "sources"):
         assert k in job["usage"]
@@ -115,11 +115,11 @@ def test_job_json_has_the_issue_keys(store, capsys, tmp_path):
     assert "bsdacct" in job["usage"]["sources"]
     assert {p["pid"] for p in job["processes"]} == {r.pid for r in recs}
     rows = _json(capsys, ["summary", "--by", "job", "--json", "--db", db_path])
-    assert rows[0]["jid"] == 42 and rows[0]["processes"] == 10
+    assert rows[0]["jid"] == "0x000000000000002a" and rows[0]["processes"] == 10
     for k in ("cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss_kb"):
         assert k in rows[0]
     jobs = _json(capsys, ["jobs", "--json", "--db", db_path])
-    assert jobs[0]["jid"] == 42 and jobs[0]["usage"]["processes"] == 10
+    assert jobs[0]["jid"] == "0x000000000000002a" and jobs[0]["usage"]["processes"] == 10
 
 
 def test_table_and_csv_output(store, capsys):

@@ -49,7 +49,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tu
 from elsa import __version__
 from elsa.client import parse_signal
 from elsa.core.backend import signal_each
-from elsa.core.model import JOB_RUNNING, Job, ProcessInfo, format_jid
+from elsa.core.model import JOB_RUNNING, Job, ProcessInfo, format_jid, parse_jid
 from elsa.errors import (
     ElsaError,
     JobNotFound,
@@ -671,10 +671,8 @@ def _hung_up(sock: socket.socket) -> bool:
 
 
 def job_json(job: Job, with_pids: bool = True) -> Dict[str, Any]:
-    """The protocol's job object: Job.to_json plus ``jid_hex``."""
-    out = job.to_json(with_pids)
-    out["jid_hex"] = format_jid(job.jid)
-    return out
+    """The protocol's job object (Job.to_json: ``jid`` is the hex string)."""
+    return job.to_json(with_pids)
 
 
 # -- request validation helpers --------------------------------------------------------
@@ -700,9 +698,21 @@ def _int(req: Dict[str, Any], key: str, *, required: bool = True, minimum: int =
 
 
 def _jid(req: Dict[str, Any]) -> int:
-    value = _int(req, "jid", minimum=1)
-    assert value is not None
-    return value
+    """The job id of a request: the hex string (``0x0035969e00000402``) as every
+    reply carries it; an integer is accepted too, for clients of protocol 1."""
+    value = req.get("jid")
+    if value is None:
+        raise ProtocolError("'jid' is required")
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ProtocolError(f"'jid' must be a job id string like 0x0035969e00000402, "
+                            f"got {_kind(value)}")
+    if isinstance(value, str) and (len(value) > 40 or not value.lower().startswith("0x")):
+        raise ProtocolError("'jid' must be a hex job id like 0x0035969e00000402, "
+                            f"got {value[:40]!r}")
+    try:
+        return parse_jid(value)
+    except ValueError as exc:
+        raise ProtocolError(f"'jid': {exc}") from exc
 
 
 def _printable(text: str) -> bool:
@@ -910,7 +920,7 @@ class Operations:
         for pid, info in zip(pids, infos):
             ident = self.manager.attach(jid, pid, durable=False, info=info)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
-        return {"jid": jid, "jid_hex": format_jid(jid), "attached": attached}
+        return {"jid": format_jid(jid), "attached": attached}
 
     def op_detach(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
         pids = _pids(req)
@@ -924,7 +934,7 @@ class Operations:
             plan.append((pid, jid))
         for pid, _jid_of_pid in plan:
             self.manager.detach(pid)
-        return {"detached": [{"pid": p, "jid": j, "jid_hex": format_jid(j)} for p, j in plan]}
+        return {"detached": [{"pid": p, "jid": format_jid(j)} for p, j in plan]}
 
     def op_jobof(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
         pid = _int(req, "pid", minimum=1, maximum=2 ** 31 - 1)
@@ -932,7 +942,7 @@ class Operations:
         jid = self.manager.job_of(pid)
         if jid is None:
             raise NotInJob(f"pid {pid} is not in any job")
-        return {"pid": pid, "jid": jid, "jid_hex": format_jid(jid)}
+        return {"pid": pid, "jid": format_jid(jid)}
 
     def op_list(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> List[Dict[str, Any]]:
         include_ended = req.get("all", False)
@@ -950,7 +960,7 @@ class Operations:
         if include_ended:
             running = {j["jid"] for j in out}
             for job in manager.store.jobs(include_ended=True, limit=limit):
-                if job.jid not in running:
+                if format_jid(job.jid) not in running:
                     item = job_json(job, with_pids=False)
                     item["nprocs"] = 0
                     out.append(item)
@@ -966,7 +976,7 @@ class Operations:
         jid = _jid(req)
         job = self.manager.job(jid)
         pids = self.manager.member_pids(jid) if job.state == JOB_RUNNING else []
-        return {"jid": jid, "jid_hex": format_jid(jid), "state": job.state, "pids": pids}
+        return {"jid": format_jid(jid), "state": job.state, "pids": pids}
 
     def op_wait(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Any:
         jid = _jid(req)
@@ -1002,7 +1012,7 @@ class Operations:
             # Some members changed uid (su, sudo): a backend signals the whole
             # cgroup, so signal the allowed ones one by one instead.
             sent = signal_each(allowed, sig)
-        return {"jid": jid, "jid_hex": format_jid(jid), "signal": sig, "signalled": sent,
+        return {"jid": format_jid(jid), "signal": sig, "signalled": sent,
                 "skipped": len(members) - len(allowed)}
 
     def op_end(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
@@ -1025,7 +1035,7 @@ class Operations:
             self.manager.backend.freeze(job)
         else:
             self.manager.backend.thaw(job)
-        return {"jid": jid, "jid_hex": format_jid(jid), "frozen": freeze}
+        return {"jid": format_jid(jid), "frozen": freeze}
 
     def op_status(self, conn: Connection, req: Dict[str, Any], req_id: Any) -> Dict[str, Any]:
         out = self.status_fn()

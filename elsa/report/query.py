@@ -21,9 +21,11 @@ import json
 import math
 import os
 import sqlite3
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from elsa.core.aggregator import METRICS, best, priority
+from elsa.core.model import format_jid, split_exit
 from elsa.errors import StoreError
 
 USAGE_SCHEMA = 2
@@ -240,11 +242,21 @@ def jobs(db: sqlite3.Connection, since: Optional[float] = None, until: Optional[
     out = []
     for r in rows:
         u = usage.get(r[0], {})
-        out.append({"jid": r[0], "name": r[1], "owner_uid": r[2], "owner": user_name(r[2]),
+        out.append({"jid": format_jid(r[0]), "name": r[1], "owner_uid": r[2],
+                    "owner": user_name(r[2]),
                     "tags": json.loads(r[3]), "created": r[4], "ended": r[5], "state": r[6],
                     "backend": r[7], "params": json.loads(r[8]),
-                    "usage": _usage_json(u)})
+                    "wall_us": wall_us(r[4], r[5]), "usage": _usage_json(u)})
     return out
+
+
+def wall_us(created: Optional[float], ended: Optional[float],
+            now: Optional[float] = None) -> Optional[int]:
+    """A job's wall time (end − start, µs; so far, for a running job)."""
+    if created is None:
+        return None
+    end = ended if ended is not None else (time.time() if now is None else now)
+    return max(0, round((end - created) * 1e6))
 
 
 def _usage_json(u: Dict[str, Any]) -> Dict[str, Any]:
@@ -261,16 +273,18 @@ def job_summary(db: sqlite3.Connection, since: Optional[float] = None,
     out = []
     for j in jobs(db, since, until):
         u = j["usage"]
+        # Unknown stays None (null in JSON, "-" in tables), never 0.
         out.append({"jid": j["jid"], "name": j["name"], "owner": j["owner"],
-                    "processes": u.get("processes") or 0,
-                    "cpu_user_us": u.get("cpu_user_us") or 0,
-                    "cpu_system_us": u.get("cpu_system_us") or 0,
-                    "elapsed_us": u.get("elapsed_us") or 0,
+                    "state": j["state"], "wall_us": j["wall_us"],
+                    "processes": u.get("processes"),
+                    "cpu_user_us": u.get("cpu_user_us"),
+                    "cpu_system_us": u.get("cpu_system_us"),
+                    "elapsed_us": u.get("elapsed_us"),
                     "max_rss_kb": u.get("max_rss_kb"),
                     "read_bytes": u.get("read_bytes"), "write_bytes": u.get("write_bytes"),
                     "sources": sorted(u.get("sources", {})),
                     "incomplete": bool(u.get("incomplete"))})
-    out.sort(key=lambda r: -(r["cpu_user_us"] + r["cpu_system_us"]))
+    out.sort(key=lambda r: -((r["cpu_user_us"] or 0) + (r["cpu_system_us"] or 0)))
     return out
 
 
@@ -291,14 +305,20 @@ def job_detail(db: sqlite3.Connection, jid: int, source: Optional[str] = None
                             "WHERE jid = ? AND source = ? ORDER BY start_time, pid",
                             (jid, pick)):
             p = dict(zip(PROCESS_KEYS, r))
+            # The store keeps the raw wait status; reports show code and signal apart.
+            p["exit_code"], p["exit_signal"] = split_exit(p["exit_code"])
             p["user"] = user_name(p["uid"])
             procs.append(p)
-    out: Dict[str, Any] = {"jid": jid}
+    out: Dict[str, Any] = {"jid": format_jid(jid)}
     if row is not None:
         out.update({"name": row[1], "owner_uid": row[2], "owner": user_name(row[2]),
                     "tags": json.loads(row[3]), "created": row[4], "ended": row[5],
-                    "state": row[6], "backend": row[7], "params": json.loads(row[8])})
+                    "state": row[6], "backend": row[7], "params": json.loads(row[8]),
+                    "wall_us": wall_us(row[4], row[5])})
     out["usage"] = _usage_json(usage)
+    # Why the figures are null, when they are: reports say it instead of printing 0.
+    out["usage_note"] = (None if out["usage"]["sources"] else
+                         "no accounting source measured this job")
     out["process_source"] = pick
     out["processes"] = procs
     return out
