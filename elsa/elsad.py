@@ -101,11 +101,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _check(cfg: config.Config, host) -> None:
     """Validate what the core cannot: the chosen backend's and sources' tables."""
+    from elsa.core.defaults import AUTO
     from elsa.errors import ConfigError
 
     backends = host.backends()
-    if cfg.backend not in backends:
-        known = ", ".join(sorted(backends)) or "(none installed)"
+    if cfg.backend not in backends and cfg.backend != AUTO:
+        known = ", ".join([AUTO] + sorted(backends))
         raise ConfigError(f"{cfg.path}: key 'backend': no backend named {cfg.backend!r}; "
                           f"available: {known}")
     for name in cfg.backends:

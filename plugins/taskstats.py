@@ -152,4 +152,5 @@ class TaskstatsSource(Source):
 def elsa_sources() -> List[SourceSpec]:
     return [SourceSpec(name=NAME, factory=TaskstatsSource, options=OPTIONS,
                        description="Per-process exit statistics from the kernel's taskstats"
-                                   " netlink family (µs CPU, peak RSS, I/O bytes).")]
+                                   " netlink family (µs CPU, peak RSS, I/O bytes).",
+                       priority=20, default_enabled=True)]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from elsa.config import validate_table
 from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
@@ -131,9 +131,10 @@ class AccountingStop:
         return self.aggregator.status()
 
 
-def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
+def start_sources(daemon: Any, specs: Mapping[str, SourceSpec], names: Sequence[str]
                   ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]]]:
-    """Start every enabled source; return (sources by name, status function)."""
+    """Start the sources *names* (elsa.core.defaults.enabled_sources); return
+    (sources by name, status function)."""
     cfg = daemon.config
     manager = daemon.manager
     store = daemon.store
@@ -166,7 +167,7 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
             jids.update(r.jid for r in recs)
         return jids
 
-    for name in cfg.sources:
+    for name in names:
         spec = specs[name]
         try:
             options = validate_table(cfg.source_table(name), spec.options,

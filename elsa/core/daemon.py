@@ -32,6 +32,7 @@ from elsa.core.cnproc import (
     ProcConnector,
 )
 from elsa.core.control import ControlServer, Operations
+from elsa.core.defaults import choose_backend, enabled_sources
 from elsa.core.manager import JobManager
 from elsa.core.procfs import ProcFS
 from elsa.core.store import Store
@@ -120,6 +121,7 @@ class Daemon:
         self.connector: Optional[ProcConnector] = None
         self.control: Optional[ControlServer] = None
         self.backend: Optional[Backend] = None
+        self.backend_reason = ""  # why this backend (config or the 'auto' choice)
         self.manager: Optional[JobManager] = None
         self.sources: Dict[str, Any] = {}
         self.source_status: Callable[[], Dict[str, Any]] = lambda: {}
@@ -198,19 +200,26 @@ class Daemon:
     # -- start-up ---------------------------------------------------------------------------
     def _make_backend(self) -> Backend:
         specs = self.host.backends()
-        spec = specs.get(self.config.backend)
-        if spec is None:
-            known = ", ".join(sorted(specs)) or "(none: are the elsa entry points installed?)"
-            raise ConfigError(f"{self.config.path}: key 'backend': no backend named "
-                              f"{self.config.backend!r}; available: {known}")
-        options = validate_table(self.config.backend_table(spec.name), spec.options,
-                                 where=f"backends.{spec.name}", path=self.config.path)
-        backend = spec.factory()
-        backend.start(BackendContext(options=options, procfs=self.procfs,
-                                     state_dir=self.config.state_dir,
-                                     job_emptied=self._job_emptied,
-                                     add_reader=self.add_reader,
-                                     remove_reader=self.remove_reader))
+
+        def start(name: str) -> Backend:
+            spec = specs.get(name)
+            if spec is None:
+                known = ", ".join(sorted(specs)) or "(none: are the elsa entry points installed?)"
+                raise ConfigError(f"{self.config.path}: key 'backend': no backend named "
+                                  f"{name!r}; available: auto, {known}")
+            options = validate_table(self.config.backend_table(spec.name), spec.options,
+                                     where=f"backends.{spec.name}", path=self.config.path)
+            backend = spec.factory()
+            backend.start(BackendContext(options=options, procfs=self.procfs,
+                                         state_dir=self.config.state_dir,
+                                         job_emptied=self._job_emptied,
+                                         add_reader=self.add_reader,
+                                         remove_reader=self.remove_reader))
+            return backend
+
+        backend, self.backend_reason = choose_backend(self.config.backend, list(specs), start)
+        log.info("backend chosen", backend=backend.name, configured=self.config.backend,
+                 reason=self.backend_reason)
         return backend
 
     def start(self) -> None:
@@ -268,9 +277,10 @@ class Daemon:
 
     def _start_sources(self) -> None:
         """Start the accounting sources named in ``sources`` (see elsa/core/source.py)."""
-        if not self.config.sources:
-            return
         specs = self.host.sources()
+        names = enabled_sources(self.config.sources, self.config.disabled_sources, specs)
+        if not names:
+            return
         for name in self.config.sources:
             if name not in specs:
                 known = ", ".join(sorted(specs)) or "(none installed)"
@@ -278,7 +288,7 @@ class Daemon:
                                   f"{name!r}; available: {known}")
         from elsa.core.accounting import start_sources  # sources are optional
 
-        self.sources, self.source_status = start_sources(self, specs)
+        self.sources, self.source_status = start_sources(self, specs, names)
 
     def _self_test(self) -> None:
         """Fork a child and wait for proof that events reach us.
@@ -445,6 +455,7 @@ class Daemon:
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 3),
             "backend": self.backend.name,
+            "backend_reason": self.backend_reason,
             "backend_status": self.backend.status(),
             "jobs_running": len(m.jobs),
             "members": len(m.index),

@@ -158,3 +158,9 @@ class SourceSpec:
     factory: Callable[[], Source]
     options: Mapping[str, Option] = field(default_factory=dict)
     description: str = ""
+    #: Rank of this source's figures where sources overlap (lower wins): the
+    #: reports' and the aggregator's "best" figure per metric, and the source
+    #: whose per-process records summaries count (elsa.core.usage).
+    priority: int = 50
+    #: Started without a [sources.<name>] table (``enabled = false`` turns it off).
+    default_enabled: bool = False
