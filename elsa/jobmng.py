@@ -410,7 +410,8 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
     lines = [
         f"elsad      {st.get('version')} (protocol {st.get('protocol')}), pid {st.get('pid')}, "
         f"up {st.get('uptime', 0):.0f} s",
-        f"backend    {st.get('backend')}",
+        f"backend    {st.get('backend')}"
+        + (f" ({st['backend_reason']})" if st.get("backend_reason") else ""),
         f"jobs       {st.get('jobs_running')} running, {st.get('members')} member processes",
         f"events     {st.get('events')} received, lost: "
         + ", ".join(f"{k} {v}" for k, v in sorted(lost.items())),
@@ -425,8 +426,10 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
         lines.append(f"control    {control.get('connections')} connections, "
                      f"{control.get('requests')} requests, {control.get('errors')} errors, "
                      f"{control.get('denied')} denied")
-    if st.get("sources"):
-        lines.append(f"sources    {', '.join(sorted(st['sources']))}")
+    srcs = {k: v for k, v in (st.get("sources") or {}).items() if k != "aggregator"}
+    lines.append("sources    " + (", ".join(
+        f"{k} (failed: {v['error']})" if isinstance(v, dict) and v.get("error") else k
+        for k, v in sorted(srcs.items())) or "none: no accounting source runs, jobs get no usage"))
     print("\n".join(lines))
     return EXIT_OK
 
