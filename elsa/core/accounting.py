@@ -163,8 +163,7 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec], names: Sequence[
 
     def affected_jobs() -> Set[int]:
         jids = {j.jid for j in manager.running()}
-        for recs in getattr(manager, "exited", {}).values():
-            jids.update(r.jid for r in recs)
+        jids.update(manager.exited.jids())
         return jids
 
     for name in names:

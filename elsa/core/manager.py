@@ -177,6 +177,17 @@ class ExitHistory:
                     return jid
         return None
 
+    def jids(self) -> Set[int]:
+        """Jobs with a member that exited within the linger (records may still come)."""
+        out: Set[int] = set()
+        for _, gen in self.generations:
+            for entry in gen.values():
+                if isinstance(entry, list):
+                    out.update(jid for jid, _ in entry)
+                else:
+                    out.add(entry[0])
+        return out
+
     def expire(self) -> None:
         horizon = self.clock() - self.linger
         gens = self.generations
