@@ -12,6 +12,7 @@ from elsa.core import pacct
 from elsa.report.cli import main, parse_time
 
 T0 = 1_700_000_000  # an hour boundary minus 800 s: windows cut through hours
+BOOT = T0 - 5000  # when the members' boot began
 
 
 def _records():
@@ -35,9 +36,12 @@ def store(tmp_path):
     db = sqlite3.connect(db_path)
     db.execute("INSERT INTO jobs VALUES (42, 'build', 1000, '{}', ?, ?, 'ended', 'cnproc', "
                "'{}', 1)", (T0, T0 + 700))
+    # Identity as elsad stores it: start ticks since the boot, whose start it records.
+    db.execute("INSERT INTO meta VALUES ('boot_epoch:boot', ?)", (str(BOOT),))
     for i in range(10):
         db.execute("INSERT INTO members VALUES ('boot', ?, ?, 42, ?, ?, 0, 'fork', 0)",
-                   (20_000 + i, 100 + i, T0 + i * 60 + 0.3, T0 + i * 60 + 2))
+                   (20_000 + i, (T0 + i * 60 - BOOT) * 100 + 30, T0 + i * 60 + 0.3,
+                    T0 + i * 60 + 2))
     db.commit()
     db.close()
     return db_path, f

@@ -30,7 +30,9 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 from elsa.config import validate_table
 from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
 from elsa.core.model import Job
+from elsa.core.procfs import boot_epoch
 from elsa.core.source import Source, SourceContext, SourceSpec
+from elsa.core.usage import priorities_of, save_boot_epoch, save_priorities
 from elsa.errors import ElsaError
 from elsa.logsetup import structlog
 
@@ -139,6 +141,9 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec], names: Sequence[
     manager = daemon.manager
     store = daemon.store
     store.register_batch_runner(INSERT_PROC, live_bulk)
+    # For the reports and elsa import-acct: how the sources rank, when this boot began.
+    save_priorities(store.db, store.submit, priorities_of(specs))
+    save_boot_epoch(store.submit, manager.boot_id, boot_epoch())
     started_wall = time.time()
 
     def history_horizon() -> float:

@@ -9,10 +9,10 @@ needs only sqlite3 and the aggregator's "best" rule.
   edges: exact, and independent of how many process records the store holds.
 * A process may be reported by more than one source (taskstats and bsdacct
   both enabled). Per hour, only the best process-level source present is
-  counted (taskstats > bsdacct > others), so nothing is counted twice; pick
-  one explicitly with ``source``.
+  counted (the source specs' priorities, elsa.core.usage), so nothing is
+  counted twice; pick one explicitly with ``source``.
 * Per-job figures come from ``job_usage`` (one row per job and source) with
-  the best figure per metric (cgroup > taskstats > acct).
+  the best figure per metric, by the same priorities.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import sqlite3
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from elsa.core.aggregator import METRICS, best, priority
 from elsa.core.model import format_jid, split_exit
+from elsa.core.usage import METRICS, best, load_priorities, priority, priority_sql
 from elsa.errors import StoreError
 
 USAGE_SCHEMA = 2
@@ -37,7 +37,6 @@ PROCESS_KEYS = ("pid", "ppid", "uid", "comm", "start_time", "end_time", "exit_co
                 "cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss_kb", "max_vm_kb",
                 "read_bytes", "write_bytes", "read_chars", "write_chars", "minflt", "majflt",
                 "nvcsw", "nivcsw", "source")
-_PRIO_SQL = "CASE source WHEN 'taskstats' THEN 1 WHEN 'bsdacct' THEN 2 ELSE 9 END"
 
 
 def open_store(path: str, readonly: bool = True) -> sqlite3.Connection:
@@ -98,6 +97,7 @@ def summary(db: sqlite3.Connection, by: str, since: Optional[float] = None,
         if until is not None and bhi is not None and bhi * BUCKET < until:
             edges.append((bhi * BUCKET, until))
     src_sql = " AND source = ?" if source else ""
+    rank, rank_params = priority_sql("source", load_priorities(db))
     totals: Dict[Any, Dict[str, Any]] = {}
 
     def merge(rows: Sequence[Sequence[Any]]) -> None:
@@ -124,14 +124,14 @@ def summary(db: sqlite3.Connection, by: str, since: Optional[float] = None,
         if source:
             pick_params.append(source)
             params.append(source)
-        sql = (f"WITH pick AS (SELECT bucket AS b, MIN(prio) AS p FROM usage_rollup "
+        sql = (f"WITH pick AS (SELECT bucket AS b, MIN({rank}) AS p FROM usage_rollup "
                f"WHERE {where}{src_sql} GROUP BY bucket) "
                f"SELECT {key}, SUM(processes), SUM(cpu_user_us), SUM(cpu_system_us), "
                f"SUM(elapsed_us), MAX(max_rss_kb), SUM(mem_kb_sum), SUM(read_bytes), "
                f"SUM(write_bytes), SUM(minflt), SUM(majflt) "
-               f"FROM usage_rollup JOIN pick ON bucket = pick.b AND prio = pick.p "
+               f"FROM usage_rollup JOIN pick ON bucket = pick.b AND {rank} = pick.p "
                f"WHERE {where}{src_sql} GROUP BY {key}")
-        merge(db.execute(sql, pick_params + params).fetchall())
+        merge(db.execute(sql, rank_params + pick_params + rank_params + params).fetchall())
     for lo, hi in edges:
         params = []
         where = _range_sql("end_time", lo, hi, params)
@@ -141,15 +141,15 @@ def summary(db: sqlite3.Connection, by: str, since: Optional[float] = None,
             pick_params.append(source)
         ukey = "COALESCE(uid, -1)" if key == "uid" else "comm"
         sql = (f"WITH pick AS (SELECT CAST(end_time / {BUCKET} AS INTEGER) AS b, "
-               f"MIN({_PRIO_SQL}) AS p FROM proc_usage WHERE {where}{src_sql} GROUP BY b) "
+               f"MIN({rank}) AS p FROM proc_usage WHERE {where}{src_sql} GROUP BY b) "
                f"SELECT {ukey}, COUNT(*), SUM(COALESCE(cpu_user_us, 0)), "
                f"SUM(COALESCE(cpu_system_us, 0)), SUM(COALESCE(elapsed_us, 0)), "
                f"MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb, 0)), "
                f"SUM(COALESCE(read_bytes, 0)), SUM(COALESCE(write_bytes, 0)), "
                f"SUM(COALESCE(minflt, 0)), SUM(COALESCE(majflt, 0)) "
                f"FROM proc_usage JOIN pick ON CAST(end_time / {BUCKET} AS INTEGER) = pick.b "
-               f"AND {_PRIO_SQL} = pick.p WHERE {where}{src_sql} GROUP BY 1")
-        merge(db.execute(sql, pick_params + params).fetchall())
+               f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY 1")
+        merge(db.execute(sql, rank_params + pick_params + rank_params + params).fetchall())
     out = []
     for k, t in totals.items():
         row: Dict[str, Any] = {by: k}
@@ -213,8 +213,9 @@ def job_usage(db: sqlite3.Connection, jids: Optional[Sequence[int]] = None
         if row[-2]:
             incomplete.setdefault(jid, {})[src] = row[-2]
     out: Dict[int, Dict[str, Any]] = {}
+    prios = load_priorities(db)
     for jid, sources in per.items():
-        values, chosen = best(sources)
+        values, chosen = best(sources, prios)
         out[jid] = {"usage": values, "chosen": chosen, "sources": sources,
                     "incomplete": incomplete.get(jid, {})}
     return out
@@ -298,7 +299,8 @@ def job_detail(db: sqlite3.Connection, jid: int, source: Optional[str] = None
         "SELECT DISTINCT source FROM proc_usage WHERE jid = ?", (jid,))]
     if row is None and not srcs and not usage:
         return None
-    pick = source or (min(srcs, key=lambda s: (priority(s), s)) if srcs else None)
+    prios = load_priorities(db)
+    pick = source or (min(srcs, key=lambda s: (priority(s, prios), s)) if srcs else None)
     procs = []
     if pick:
         for r in db.execute(f"SELECT {', '.join(PROCESS_KEYS)} FROM proc_usage "
