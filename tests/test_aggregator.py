@@ -9,9 +9,9 @@ import time
 import pytest
 
 from elsa.core.aggregator import INSERT_PROC, Aggregator, proc_row
-from elsa.core.usage import best
 from elsa.core.source import UsageRecord
 from elsa.core.store import MIGRATIONS, _split_sql
+from elsa.core.usage import best
 from tests.support import FakeManager
 
 
