@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from elsa.client import RequestFailed
-from elsa.core.cgroupfs import CgroupFS
 from elsa.core.model import parse_jid
+from elsa.kernel.cgroupfs import CgroupFS
 from elsa.testing import BackendUnderTest, Harness, pid_alive, wait_for
 
 pytestmark = pytest.mark.root
@@ -182,7 +182,7 @@ def _backend_job_with_sleepers(area, tmp_path: Path, jid: int, n: int = 3):
     from elsa.config import validate_table
     from elsa.core.backend import BackendContext
     from elsa.core.model import Job
-    from elsa.core.procfs import ProcFS
+    from elsa.kernel.procfs import ProcFS
 
     base, _ = area
     b = Cgroup2Backend()

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from elsa.core import pacct
 from elsa.core.model import format_exit, split_exit
+from elsa.kernel import pacct
 from elsa.report.cli import main
 
 T0 = 1_700_000_000

@@ -8,7 +8,6 @@ import re
 import sqlite3
 from pathlib import Path
 
-from elsa.core import pacct
 from elsa.core.aggregator import history_lookup
 from elsa.core.usage import (
     ATTRIBUTE_SQL,
@@ -19,6 +18,7 @@ from elsa.core.usage import (
     save_boot_epoch,
     save_priorities,
 )
+from elsa.kernel import pacct
 from elsa.report.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,10 +30,10 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 from elsa.config import validate_table
 from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
 from elsa.core.model import Job
-from elsa.core.procfs import boot_epoch
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.core.usage import priorities_of, save_boot_epoch, save_priorities
 from elsa.errors import ElsaError
+from elsa.kernel.procfs import boot_epoch
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.accounting")

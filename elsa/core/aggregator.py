@@ -31,24 +31,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from elsa.core import usage
 from elsa.core.model import Job
-from elsa.core.procfs import boot_epoch
-from elsa.core.usage import (
-    END as _END,
-)
-from elsa.core.usage import (
-    HISTORY_SQL,
-    ROW_FIELDS,
-    UsageRecord,
-    identity,
-    record_row,
-)
-from elsa.core.usage import (
-    JID as _JID,
-)
-from elsa.core.usage import (
-    PID as _PID,
-)
+from elsa.core.usage import HISTORY_SQL, ROW_FIELDS, UsageRecord, identity, record_row
+from elsa.kernel.procfs import boot_epoch
+
+#: Row fields the aggregator reads (ROW_FIELDS positions).
+_JID, _PID, _END = usage.JID, usage.PID, usage.END
 
 #: Process-level columns of proc_usage, in insert order (a usage row).
 PROC_COLUMNS = ROW_FIELDS

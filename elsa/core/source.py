@@ -14,8 +14,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 from elsa.config import Option
 from elsa.core.model import Job
-from elsa.core.procfs import ProcFS
 from elsa.core.usage import ROW_FIELDS, UsageRecord, UsageRow, record_row, row_record
+from elsa.kernel.procfs import ProcFS
 
 __all__ = ["ROW_FIELDS", "UsageRecord", "UsageRow", "record_row", "row_record", "Source",
            "SourceContext", "SourceSpec"]

@@ -16,9 +16,9 @@ import os
 import sqlite3
 from typing import Any, Dict, List, Sequence
 
-from elsa.core import pacct
 from elsa.core.aggregator import INSERT_PROC, bulk_insert
 from elsa.core.usage import ATTRIBUTE_SQL, priorities_of, save_priorities
+from elsa.kernel import pacct
 
 SOURCE = "bsdacct"
 
