@@ -89,3 +89,22 @@ def test_live_history_and_import_attribute_alike(tmp_path):
     imported = dict(db.execute("SELECT id, jid FROM proc_usage"))
     assert imported == live
     assert sorted(v for v in live.values() if v) == [1, 2] and list(live.values()).count(None) == 1
+
+
+def test_job_cpu_is_never_below_its_own_process_records():
+    from elsa.core.usage import not_below_records
+
+    prios = {"cg": 10, "ts": 20}
+    # The root row of `run`: 62 ms of start-up before joining, which the cgroup lacks.
+    per = {"cg": {"cpu_user_us": 1000, "cpu_system_us": 0},
+           "ts": {"processes": 1, "cpu_user_us": 62_000, "cpu_system_us": 300}}
+    values, chosen = best(per, prios)
+    note = not_below_records(values, chosen, per, prios)
+    assert values["cpu_user_us"] == 62_000 and chosen["cpu_user_us"] == "ts"
+    assert note and "before they joined" in note
+    # A fork storm: the cgroup reads above the records; its figure stays.
+    per = {"cg": {"cpu_user_us": 900_000, "cpu_system_us": 500_000},
+           "ts": {"processes": 3002, "cpu_user_us": 300_000, "cpu_system_us": 535_000}}
+    values, chosen = best(per, prios)
+    assert not_below_records(values, chosen, per, prios) is None
+    assert chosen["cpu_user_us"] == "cg" and values["cpu_system_us"] == 500_000

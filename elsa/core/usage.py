@@ -194,6 +194,39 @@ def best(per_source: Mapping[str, Mapping[str, Any]], prios: Priorities
     return values, chosen
 
 
+def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
+                      per_source: Mapping[str, Mapping[str, Any]], prios: Priorities
+                      ) -> Optional[str]:
+    """The CPU rule for a job: never below its own process records.
+
+    A process counts whole in the job it ended in: its record holds the CPU it
+    used before it joined (the root row of ``elsa-jobmng run`` is elsa-jobmng
+    itself, whose start-up runs before it joins). A cgroup counts only from the
+    join, so for a job of few, attached processes the cgroup can read below the
+    records. Then the records' figures are the job's, and the returned note says
+    why; otherwise None. (The cgroup reads above the records for jobs of many
+    short processes: the records miss each exit's teardown.)"""
+    cpu = ("cpu_user_us", "cpu_system_us")
+    if any(values.get(m) is None for m in cpu):
+        return None
+    counted = [s for s, v in per_source.items() if v.get("processes")]
+    if not counted:
+        return None
+    src = min(counted, key=lambda x: (priority(x, prios), x))
+    rec = per_source[src]
+    if any(rec.get(m) is None for m in cpu):
+        return None
+    short = sum(rec[m] for m in cpu) - sum(values[m] for m in cpu)
+    if short <= 0 or all(chosen.get(m) == src for m in cpu):
+        return None
+    for m in cpu:
+        values[m] = rec[m]
+        chosen[m] = src
+    return (f"CPU from the {src} process records: {short} µs above the "
+            f"{', '.join(sorted(set(per_source) - {src})) or 'job'} counter, used by "
+            "members before they joined the job")
+
+
 # -- attribution ------------------------------------------------------------------------
 
 #: taskstats gives the start to the delivery latency (start ticks from etime).

@@ -231,6 +231,8 @@ def cmd_job(args: argparse.Namespace, out) -> int:
                 by_src.setdefault(s, []).append(m)
             out.write("figures from: " + "; ".join(
                 f"{s}: {', '.join(ms)}" for s, ms in sorted(by_src.items())) + "\n")
+        if u.get("note"):
+            out.write(f"note: {u['note']}\n")
         for s, why in (u.get("incomplete") or {}).items():
             out.write(f"INCOMPLETE ({s}): {why}\n")
         out.write(f"\nprocesses (source {detail['process_source'] or '-'}):\n")
