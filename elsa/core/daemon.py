@@ -26,6 +26,7 @@ from elsa.core.authorization import Authorizer
 from elsa.core.backend import Backend, BackendContext
 from elsa.core.burst import BurstHold
 from elsa.core.defaults import choose_backend, enabled_sources
+from elsa.core.guard import Guard
 from elsa.core.manager import JobManager
 from elsa.core.operations import Operations
 from elsa.core.server import ControlServer
@@ -215,7 +216,7 @@ class Daemon:
             backend.start(BackendContext(options=options, procfs=self.procfs,
                                          state_dir=self.config.state_dir,
                                          job_emptied=self._job_emptied,
-                                         add_reader=self.add_reader,
+                                         add_reader=self._guarded_reader(name),
                                          remove_reader=self.remove_reader))
             return backend
 
@@ -223,6 +224,14 @@ class Daemon:
         log.info("backend chosen", backend=backend.name, configured=self.config.backend,
                  reason=self.backend_reason)
         return backend
+
+    def _guarded_reader(self, plugin: str) -> Callable[..., None]:
+        """add_reader for a backend: its callbacks are isolated like a source's."""
+        def add(fd: int, callback: Callable[[], None], **kw: Any) -> None:
+            guard = Guard(plugin, "reader", callback,
+                          on_give_up=lambda: self.remove_reader(fd))
+            self.add_reader(fd, guard, **kw)
+        return add
 
     def start(self) -> None:
         cfg = self.config
@@ -670,7 +679,7 @@ class Daemon:
             try:
                 src.stop()
             except Exception as exc:
-                log.error("source failed to stop", source=name, error=str(exc))
+                log.exception("source failed to stop", source=name, error=str(exc))
         if self.control is not None:
             self.control.close()
         if self.connector is not None:
@@ -679,7 +688,7 @@ class Daemon:
             try:
                 self.backend.stop()
             except Exception as exc:
-                log.error("backend failed to stop", error=str(exc))
+                log.exception("backend failed to stop", error=str(exc))
         if self.store is not None:
             self.store.close()
         log.info("elsad stopped", reason=reason)
