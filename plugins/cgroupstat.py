@@ -19,7 +19,7 @@ from elsa import hookimpl
 from elsa.config import Option, positive
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
-from elsa.errors import ElsaError, ProcessGone
+from elsa.errors import CgroupGone, ElsaError
 from elsa.kernel import cgroupstats
 from elsa.kernel.cgroupfs import CgroupFS
 from elsa.logsetup import structlog
@@ -68,7 +68,7 @@ class CgroupStatSource(Source):
             return
         try:
             st = cgroupstats.read_stats(d)
-        except ProcessGone:
+        except CgroupGone:
             return  # removed already: the last reading stands
         except ElsaError as exc:
             self.errors += 1

@@ -67,3 +67,22 @@ def test_backend_reader_callbacks_are_guarded(tmp_path):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_process_gone_only_for_process_reads_and_chained(tmp_path):
+    import pytest
+
+    from elsa.errors import CgroupGone, KernelInterfaceError, ProcessGone
+    from elsa.kernel.cgroupstats import read_stats
+    from elsa.kernel.procfs import ProcFS
+
+    fs = ProcFS(str(tmp_path))  # an empty /proc: no boot_id file, no processes
+    with pytest.raises(KernelInterfaceError) as boot:
+        fs.boot_id()
+    assert not isinstance(boot.value, ProcessGone)
+    assert isinstance(boot.value.__cause__, FileNotFoundError)  # chained: the cause survives
+    with pytest.raises(ProcessGone) as gone:
+        fs.info(4242)
+    assert isinstance(gone.value.__cause__, FileNotFoundError)
+    with pytest.raises(CgroupGone):
+        read_stats(str(tmp_path / "no-such-cgroup"))
