@@ -17,7 +17,7 @@ into the event loop:
 All of them are *deferrable*: during a burst hold (elsa/core/burst.py) the
 sources' descriptors stay unread and their timers wait for the hold to end.
 
-A source that raises is logged with its name and isolated (GUIDE §3.6); one
+A source that raises is logged with its name and isolated; one
 that fails to start is reported in ``status`` and the daemon runs without it.
 """
 
@@ -165,8 +165,8 @@ def start_sources(specs: Mapping[str, SourceSpec], *, config: Config, manager: J
         # of processes that exited after max(start, now - linger); older ones
         # need the store. A record's end time (btime + elapsed) can be up to
         # 1 s late: the kernel computes btime as the current second minus the
-        # *whole* seconds elapsed (kernel/tsacct.c bacct_add_tsk, kernel/acct.c
-        # fill_ac), so end = floor(exit) + frac(elapsed). HISTORY_MARGIN_S
+        # *whole* seconds elapsed (docs/kernel.md, "taskstats" and "BSD
+        # accounting"), so end = floor(exit) + frac(elapsed). HISTORY_MARGIN_S
         # covers that, so end >= horizon implies memory saw the exit.
         return max(started_wall, time.time() - manager.exited_linger) + HISTORY_MARGIN_S
 

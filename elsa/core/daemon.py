@@ -252,7 +252,7 @@ class Daemon:
 
 def check_privileges(proc_root: str = "/proc") -> None:
     """Refuse to start without CAP_NET_ADMIN (needed to subscribe to cn_proc)."""
-    cap_net_admin = 12  # include/uapi/linux/capability.h
+    cap_net_admin = 12  # docs/kernel.md, "cn_proc"
     try:
         with open(f"{proc_root}/self/status") as fh:
             for line in fh:

@@ -156,8 +156,8 @@ class ProcEvents:
         """Fork a child and wait for proof that events reach us.
 
         The kernel silently ignores a subscription from outside the initial
-        pid/user namespace (drivers/connector/cn_proc.c cn_proc_mcast_ctl);
-        without this check elsad would run and track nothing.
+        pid/user namespace (docs/kernel.md, "cn_proc"); without this check
+        elsad would run and track nothing.
         """
         child = subprocess.Popen(["true"], close_fds=True)
         child.wait()
