@@ -58,12 +58,12 @@ def test_backend_reader_callbacks_are_guarded(tmp_path):
     r, w = os.pipe()
     try:
         d._guarded_reader("somebackend")(r, broken)
-        guard = d._readers[r]
+        guard = d.loop._readers[r]
         assert isinstance(guard, Guard)
         for _ in range(MAX_CONSECUTIVE_ERRORS):
             guard()  # logged and counted, never raised into the loop
         assert len(calls) == MAX_CONSECUTIVE_ERRORS and guard.errors == MAX_CONSECUTIVE_ERRORS
-        assert r not in d._readers  # a descriptor that keeps failing is given up
+        assert r not in d.loop._readers  # a descriptor that keeps failing is given up
     finally:
         os.close(r)
         os.close(w)

@@ -32,7 +32,8 @@ def test_no_source_name_is_written_into_the_core_or_the_reports():
     assert {"taskstats", "bsdacct", "cgroupstat"} <= names
     for rel in ("elsa/core/usage.py", "elsa/core/aggregator.py", "elsa/report/query.py",
                 "elsa/core/accounting.py", "elsa/core/defaults.py"):
-        text = (ROOT / rel).read_text()
+        # Code only: comments may cite documentation sections by name.
+        text = "\n".join(line.split("#", 1)[0] for line in (ROOT / rel).read_text().splitlines())
         for name in names:
             assert not re.search(rf"""['"]{name}['"]""", text), (rel, name)
 

@@ -100,7 +100,7 @@ class Aggregator:
     :class:`UsageRecord` values to :meth:`add`, which converts them with
     :func:`proc_row`.
 
-    *settle*, when given (the daemon's ``settle_events``), applies every proc
+    *settle*, when given (:meth:`elsa.core.events.ProcEvents.settle`), applies every proc
     connector event queued so far and returns True when that left nothing
     unknown: the socket was emptied, no loss is pending and no sequence hole
     is open. A process's fork event is queued before it can exit, so after a
