@@ -18,6 +18,7 @@ psycopg = pytest.importorskip("psycopg")
 from elsa.central import schema  # noqa: E402
 from elsa.central.pgserver import PgServer, pg_bindir  # noqa: E402
 from elsa.central.shipper import MARK_KEY  # noqa: E402
+from elsa.core.model import parse_jid  # noqa: E402
 from elsa.errors import StoreError  # noqa: E402
 from elsa.report import query  # noqa: E402
 from elsa.report.cli import main as elsa_main  # noqa: E402
@@ -136,7 +137,7 @@ def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> 
         [{k: v for k, v in r.items() if k != "owner"} for r in ja]
     assert jb[0]["owner"].endswith("@n1")
     assert {r["host"] for r in jb} == {"n1"}
-    one = ja[0]["jid"]
+    one = parse_jid(ja[0]["jid"])
     da, db_ = query.job_detail(local, one), query.job_detail(central, one)
     assert da["usage"] == db_["usage"] and len(da["processes"]) == len(db_["processes"])
     # CLI: --db URL, --host and --tag.

@@ -124,6 +124,9 @@ def test_four_nodes_through_outages(pg: Any, tmp_path: Path) -> None:
             wait_for(lambda d=d: _job_rows_shipped(d), 120,
                      what=f"{d.state_dir} to ship its jobs and their rows")
         with admin(pg, "site") as c:
+            # The sources' priorities the reports rank by came from the nodes.
+            prios = c.execute("SELECT value FROM meta WHERE key = 'usage.priority'").fetchone()
+            assert prios is not None and "taskstats" in prios[0]
             for n, d in enumerate(nodes):
                 host = f"node{n}"
                 # Shipping goes on (taskstats records every process on the machine):

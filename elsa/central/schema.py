@@ -41,10 +41,18 @@ MIGRATIONS: List[str] = [
         role NAME NOT NULL UNIQUE,
         added TIMESTAMPTZ NOT NULL DEFAULT now()
     );
+    -- Site-wide settings the reports read, as a node's store has them: the
+    -- sources' priorities ('usage.priority', JSON), merged from the nodes.
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     -- The host the connected node role may write as (NULL for anyone else).
     CREATE FUNCTION elsa_my_host() RETURNS TEXT LANGUAGE sql STABLE SECURITY DEFINER
         SET search_path = public
         AS $$ SELECT host FROM elsa_nodes WHERE role = session_user $$;
+    CREATE FUNCTION elsa_merge_priorities(p TEXT) RETURNS void LANGUAGE sql
+        SECURITY DEFINER SET search_path = public AS $$
+        INSERT INTO meta VALUES ('usage.priority', p) ON CONFLICT (key) DO UPDATE
+        SET value = (meta.value::jsonb || excluded.value::jsonb)::text
+        WHERE meta.value::jsonb <> (meta.value::jsonb || excluded.value::jsonb) $$;
     CREATE TABLE jobs (
         host TEXT NOT NULL,
         jid BIGINT NOT NULL,
@@ -192,6 +200,9 @@ MIGRATIONS: List[str] = [
     GRANT SELECT, INSERT ON proc_usage TO elsa_node;
     GRANT SELECT ON jobs, job_usage, proc_usage, usage_rollup, host_users TO elsa_reader;
     GRANT EXECUTE ON FUNCTION elsa_my_host() TO elsa_node;
+    REVOKE EXECUTE ON FUNCTION elsa_merge_priorities(TEXT) FROM PUBLIC;
+    GRANT EXECUTE ON FUNCTION elsa_merge_priorities(TEXT) TO elsa_node;
+    GRANT SELECT ON meta TO elsa_reader;
     """,
 ]
 

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from elsa.central import schema
 from elsa.central.conn import connect, read_password_file, redact
 from elsa.config import Option, non_negative, positive
+from elsa.core.usage import PRIORITY_KEY
 from elsa.errors import ElsaError, StoreError
 from elsa.logsetup import structlog
 
@@ -91,6 +92,7 @@ class Shipper:
         self._last_prune = 0.0
         self._users: Dict[int, str] = {}
         self._sent_users: Set[int] = set()
+        self._sent_prios: Optional[str] = None
         self._st: Dict[str, Any] = {
             "enabled": True, "url": redact(self.url), "host": self.host, "connected": False,
             "backlog_records": None, "backlog_jobs": None, "oldest_age_s": None,
@@ -212,6 +214,7 @@ class Shipper:
         self._conn = conn
         self._st["connected"] = True
         self._sent_users.clear()
+        self._sent_prios = None
         log.info("central store connected", url=redact(self.url), host=self.host)
 
     # -- one round -----------------------------------------------------------------------------
@@ -234,7 +237,8 @@ class Shipper:
             jobs, usage, sigs = self._changed_jobs(local, batch_jids)
         finally:
             local.execute("COMMIT")
-        if not rows and not jobs:
+        prios = self._priorities(local)
+        if not rows and not jobs and prios is None:
             return False
         if len(rows) >= self.batch_rows:
             # Read the next batch while the server works on this one.
@@ -242,9 +246,11 @@ class Shipper:
             self._ahead = (rows[-1][0], self._pool.submit(self._read_rows, self._reader,
                                                            rows[-1][0]))
         uids = {r[8] for r in rows if r[8] is not None} | {j[2] for j in jobs}
-        self._send(rows, jobs, usage, uids - self._sent_users)
+        self._send(rows, jobs, usage, uids - self._sent_users, prios)
         # PostgreSQL committed: now, and only now, the records count as shipped.
         self._sent_users |= uids
+        if prios is not None:
+            self._sent_prios = prios
         if rows:
             self._mark = rows[-1][0]
             self.store.submit("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
@@ -304,8 +310,16 @@ class Shipper:
                 usage.extend(ur)
         return jobs, usage, sigs
 
+    def _priorities(self, local: sqlite3.Connection) -> Optional[str]:
+        """The node's source priorities (store meta) when not yet sent on this connection."""
+        row = local.execute("SELECT value FROM meta WHERE key = ?", (PRIORITY_KEY,)).fetchone()
+        if row is None or row[0] == self._sent_prios:
+            return None
+        return row[0]
+
     def _send(self, rows: List[Sequence[Any]], jobs: List[Sequence[Any]],
-              usage: List[Sequence[Any]], new_uids: Set[int]) -> None:
+              usage: List[Sequence[Any]], new_uids: Set[int],
+              prios: Optional[str] = None) -> None:
         conn = self._conn
         host = self.host
         cols = schema.PROC_COLUMNS
@@ -343,6 +357,8 @@ class Shipper:
                             "ON CONFLICT (host, jid, source) DO UPDATE SET "
                             + ", ".join(f"{c} = excluded.{c}" for c in uc[2:]),
                             [(host, *u) for u in usage])
+                if prios is not None:
+                    conn.execute("SELECT elsa_merge_priorities(%s)", (prios,))
                 if new_uids:
                     with conn.cursor() as cur:
                         cur.executemany(
@@ -355,7 +371,7 @@ class Shipper:
             if isinstance(exc, psycopg.errors.UniqueViolation) and not self._careful:
                 # Rows sent before whose commit this node did not see: skip them.
                 self._careful = True
-                return self._send(rows, jobs, usage, new_uids)
+                return self._send(rows, jobs, usage, new_uids, prios)
             if isinstance(exc, psycopg.errors.DiskFull):
                 raise StoreError(f"central store {redact(self.url)}: the server's disk is "
                                  f"full ({str(exc).strip()}); records wait locally") from exc
