@@ -93,6 +93,7 @@ class Shipper:
         self._users: Dict[int, str] = {}
         self._sent_users: Set[int] = set()
         self._sent_prios: Optional[str] = None
+        self._backlog_at = -1e9
         self._st: Dict[str, Any] = {
             "enabled": True, "url": redact(self.url), "host": self.host, "connected": False,
             "backlog_records": None, "backlog_jobs": None, "oldest_age_s": None,
@@ -138,7 +139,7 @@ class Shipper:
                     self._connect()
                 more = self._round()
                 self._prune()
-                self._backlog()
+                self._backlog(every=0.0 if not more else 2.0)
                 backoff = 1.0
                 self._st["retry_in_s"] = None
                 self._st["failing"] = False
@@ -147,6 +148,10 @@ class Shipper:
                     self._wake.clear()
             except Exception as exc:
                 self._error(exc)
+                try:
+                    self._backlog(every=0.0)
+                except sqlite3.Error:
+                    pass  # the figures stay as they were; the next round retries
                 self._drop_conn()
                 self._careful = True
                 self._st["retry_in_s"] = backoff
@@ -391,10 +396,13 @@ class Shipper:
         return name
 
     # -- figures and pruning -------------------------------------------------------------------
-    def _backlog(self) -> None:
+    def _backlog(self, every: float = 2.0) -> None:
+        # Counting a large backlog takes a while: not on every round while draining.
+        now = time.monotonic()
         local = self._local
-        if local is None:
+        if local is None or now - self._backlog_at < every:
             return
+        self._backlog_at = now
         local.execute("BEGIN")
         try:
             n, first = local.execute("SELECT COUNT(*), MIN(id) FROM proc_usage WHERE id > ?",
