@@ -184,12 +184,15 @@ def test_bad_input_errors_nothing_lost(pg: PgServer, tmp_path: Path) -> None:
     with admin(pg) as c:
         c.execute("DROP DATABASE IF EXISTS old")
         c.execute("CREATE DATABASE old")
+        c.execute("DROP ROLE IF EXISTS stranger")
+        c.execute("CREATE ROLE stranger LOGIN PASSWORD 's'")
     url = add_node(pg, "bad")
     cases = [
         ("postgresql://nobody@127.0.0.1:1/x", "connecting to"),
         (pg.tcp_url("elsa_node_bad", "wrong"), "password authentication failed"),
         (pg.tcp_url("elsa_node_bad", "pw-bad", "old"), "schema 0"),
         (url.replace("elsa_node_bad:pw-bad", "elsa_admin"), "password"),
+        (pg.tcp_url("stranger", "s"), "is it a node role?"),
     ]
     for bad_url, why in cases:
         bad = shipper(st, bad_url, "bad").start()

@@ -127,13 +127,10 @@ class Shipper:
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         backoff = 1.0
-        try:
-            self._open_local()
-        except Exception as exc:
-            self._error(exc)
-            return
         while not self._stop.is_set():
             try:
+                if self._local is None:
+                    self._open_local()
                 self._backlog()
                 if self._conn is None:
                     self._connect()
@@ -198,8 +195,15 @@ class Shipper:
             # off would acknowledge commits that a crash then loses.
             conn.execute("SET synchronous_commit = on")
             conn.commit()
-            version = schema.schema_version(conn)
-            conn.rollback()
+            try:
+                version = schema.schema_version(conn)
+            except Exception as exc:
+                raise StoreError(
+                    f"central store {redact(self.url)}: role {conn.info.user!r} cannot read the "
+                    f"schema version ({str(exc).strip()}); is it a node role? ('elsa central "
+                    f"add-node {self.host} --role {conn.info.user}')") from exc
+            finally:
+                conn.rollback()
             if version != schema.VERSION:
                 raise StoreError(
                     f"central store {redact(self.url)} is at schema {version}; this node ships "
@@ -207,8 +211,12 @@ class Shipper:
                     "migrate it)")
             mine = conn.execute("SELECT elsa_my_host()").fetchone()[0]
             conn.rollback()
+            user = conn.info.user
+            if mine is None:
+                raise StoreError(
+                    f"central store: role {user!r} is not a node role; run 'elsa central "
+                    f"add-node {self.host} --role {user}' with an administrator's URL")
             if mine != self.host:
-                user = conn.info.user
                 raise StoreError(
                     f"central store: role {user!r} may write as host {mine!r}, but this node "
                     f"is {self.host!r}; run 'elsa central add-node {self.host} --role {user}' "
