@@ -122,6 +122,7 @@ class Daemon:
         self.backend: Optional[Backend] = None
         self.manager: Optional[JobManager] = None
         self.sources: Dict[str, Any] = {}
+        self.listeners: List[Any] = []  # elsa_event_listeners (elsa/core/listener.py)
         self.source_status: Callable[[], Dict[str, Any]] = lambda: {}
 
     # -- selector plumbing -------------------------------------------------------------
@@ -228,6 +229,7 @@ class Daemon:
         self.connector = ProcConnector(cfg.netlink_rcvbuf)
         self.hold = self._make_hold(cfg.burst_hold)
         recovered = self.manager.recover()
+        self._start_listeners(boot_id)
         if self.self_test:
             self._self_test()
         self.add_reader(self.connector.fileno(), self._on_netlink)
@@ -280,6 +282,15 @@ class Daemon:
 
         self.sources, self.source_status = start_sources(self, specs)
 
+    def _start_listeners(self, boot_id: str) -> None:
+        from elsa.core.listener import ListenerContext
+
+        assert self.store is not None and self.manager is not None
+        self.listeners = self.host.event_listeners(ListenerContext(
+            config=self.config, procfs=self.procfs, store=self.store, boot_id=boot_id,
+            host_id=self.manager.allocator.host, job_of=self.manager.job_of,
+            add_timer=self.add_timer))
+
     def _self_test(self) -> None:
         """Fork a child and wait for proof that events reach us.
 
@@ -322,7 +333,7 @@ class Daemon:
             self.on_loss(ev)
 
     # -- event path ----------------------------------------------------------------------------
-    def on_exec(self, pid: int, tgid: int) -> None:
+    def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None:
         return None
 
     def on_loss(self, event: LossEvent) -> None:
@@ -414,7 +425,9 @@ class Daemon:
     def _sink(self) -> _Sink:
         m = self.manager
         assert m is not None
-        return _Sink(m.on_fork, m.on_exit, self.on_exec, self.on_loss)
+        if not self.listeners:
+            return _Sink(m.on_fork, m.on_exit, self.on_exec, self.on_loss)
+        return _Sink(m.on_fork, *_with_listeners(m.on_exit, self.listeners), self.on_loss)
 
     def _expire_seq_holes(self) -> None:
         assert self.connector is not None
@@ -461,6 +474,7 @@ class Daemon:
             "plugins": self.host.plugin_names(),
             "plugin_failures": dict(self.host.failures),
             "sources": self.source_status(),
+            "listeners": {lst.name: lst.status() for lst in self.listeners},
             "store": {"path": self.store.path if self.store else None,
                       "schema": self.store.schema_version if self.store else None},
         }
@@ -651,6 +665,11 @@ class Daemon:
     def stop(self, reason: str) -> None:
         sdnotify.notify("STOPPING=1")
         self.host.daemon_stopping(reason)
+        for lst in self.listeners:
+            try:
+                lst.stop()
+            except Exception as exc:
+                log.exception("listener failed to stop", listener=lst.name, error=str(exc))
         for name, src in self.sources.items():
             try:
                 src.stop()
@@ -680,6 +699,44 @@ class _Sink:
         self.on_exit = on_exit
         self.on_exec = on_exec
         self.on_loss = on_loss
+
+
+def _with_listeners(manager_exit: Callable[[int, int, int, int], None],
+                    listeners: List[Any]) -> Tuple[Callable[..., None], Callable[..., None]]:
+    """The sink's (on_exit, on_exec) with the listeners called after the manager.
+
+    A raising listener is logged and isolated here (the hot path's one guard),
+    so it can neither stop the daemon nor the manager's bookkeeping."""
+    def guarded(method: Callable[..., None], name: str) -> Callable[..., None]:
+        def call(*args: int) -> None:
+            try:
+                method(*args)
+            except Exception as exc:
+                log.exception("event listener raised; isolated", listener=name,
+                              error=f"{type(exc).__name__}: {exc}")
+        return call
+
+    execs = [guarded(lst.on_exec, lst.name) for lst in listeners]
+    exits = [guarded(lst.on_exit, lst.name) for lst in listeners]
+    if len(listeners) == 1:
+        (one_exec,), (one_exit,) = execs, exits
+
+        def on_exit(pid: int, tgid: int, code: int, ts: int) -> None:
+            manager_exit(pid, tgid, code, ts)
+            one_exit(pid, tgid, code, ts)
+
+        return on_exit, one_exec
+
+    def on_exit_all(pid: int, tgid: int, code: int, ts: int) -> None:
+        manager_exit(pid, tgid, code, ts)
+        for f in exits:
+            f(pid, tgid, code, ts)
+
+    def on_exec_all(pid: int, tgid: int, ts: int) -> None:
+        for f in execs:
+            f(pid, tgid, ts)
+
+    return on_exit_all, on_exec_all
 
 
 def check_privileges(proc_root: str = "/proc") -> None:

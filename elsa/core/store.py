@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from elsa.apps.record import MIGRATION as APPS_MIGRATION
 from elsa.core.model import Job
 from elsa.errors import StoreError
 from elsa.logsetup import structlog
@@ -204,6 +205,8 @@ MIGRATIONS: List[str] = [
     END;
     """,
     # -- end of migration 2 (issue 5) ---------------------------------------------------
+    # 3: application records (app_runs; owned by elsa/apps/record.py).
+    APPS_MIGRATION,
 ]
 
 
