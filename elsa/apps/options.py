@@ -36,7 +36,7 @@ OPTIONS: Dict[str, Option] = {
 }
 
 
-def glob_regex(patterns: Sequence[str]) -> Optional["re.Pattern[str]"]:
+def glob_regex(patterns: Sequence[str]) -> Optional[re.Pattern[str]]:
     """One compiled regex matching any of the glob *patterns* (None: no patterns).
 
     fnmatch semantics: ``*`` also matches ``/``, so ``/home/*`` covers every

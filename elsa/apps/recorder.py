@@ -113,6 +113,7 @@ class AppRecorder(EventListener):
     """Keeps one open image per process; writes a record when an image ends."""
 
     name = "apps"
+    prompt = True
 
     def __init__(self, ctx: ListenerContext, options: Dict[str, Any],
                  packages: Optional[PackageIndex] = None) -> None:
@@ -285,12 +286,17 @@ class AppRecorder(EventListener):
 
     def _end_by_exec(self, img: _Image, f: Tuple[Any, ...], ts_ns: int) -> None:
         row = img.row
-        if ts_ns <= img.read_ns + REPLACED_MARGIN_NS and row[_I["path_status"]] == "resolved":
-            row[11:15] = [None, None, None, None]
-            row[_I["path_status"]] = "replaced"
-            row[29] = row[30] = row[31] = None
         row[_I["end_time"]] = ts_ns / 1e9 + self.mono_to_wall
         row[_I["end_reason"]] = "exec"
+        if ts_ns <= img.read_ns + REPLACED_MARGIN_NS:
+            # /proc may have shown the next image: keep nothing read from it.
+            row[11:15] = [None, None, None, None]
+            row[_I["path_status"]] = "replaced"
+            row[16] = row[18] = row[20] = None  # comm, euid, egid change at an exec
+            row[29] = row[30] = row[31] = None
+            self._count(row)
+            self.done.append(row)
+            return
         b = img.base
         now = (f[F_UTIME], f[F_STIME], f[F_RBYTES], f[F_WBYTES])
         if now[0] is not None and b[0] is not None:

@@ -290,6 +290,13 @@ class Daemon:
             config=self.config, procfs=self.procfs, store=self.store, boot_id=boot_id,
             host_id=self.manager.allocator.host, job_of=self.manager.job_of,
             add_timer=self.add_timer))
+        prompt = [lst.name for lst in self.listeners if lst.prompt]
+        if prompt and self.hold is not None:
+            # A listener that reads /proc at each event loses what a held
+            # burst's short-lived processes were by the time it is read.
+            log.info("burst hold off: an event listener reads /proc at each event",
+                     listeners=prompt)
+            self.hold = None
 
     def _self_test(self) -> None:
         """Fork a child and wait for proof that events reach us.

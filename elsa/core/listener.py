@@ -38,6 +38,9 @@ class EventListener:
     not block: read what /proc has now, queue store writes, return."""
 
     name = ""
+    #: True: the listener reads /proc at each event, so events must be read
+    #: promptly (the daemon then never holds a burst unread, docs/daemon.md).
+    prompt = False
 
     def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None:
         """Process *tgid* replaced its program image; *ts_ns* is the kernel's
