@@ -40,7 +40,7 @@ from elsa.apps.options import glob_regex
 from elsa.apps.packages import PackageIndex
 from elsa.core.listener import EventListener, ListenerContext
 from elsa.core.model import CLOCK_TICKS
-from elsa.core.procfs import boottime_offset_ns, read_small
+from elsa.kernel.procfs import boottime_offset_ns, read_small
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.apps")

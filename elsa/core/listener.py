@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from elsa.config import Config
-from elsa.core.procfs import ProcFS
+from elsa.kernel.procfs import ProcFS
 from elsa.core.store import Store
 
 
