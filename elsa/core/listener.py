@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from elsa.config import Config
-from elsa.kernel.procfs import ProcFS
 from elsa.core.store import Store
+from elsa.kernel.procfs import ProcFS
 
 
 @dataclass
