@@ -128,6 +128,7 @@ class AppRecorder(EventListener):
         self.exclude = glob_regex(options["exclude"])
         self.argv = glob_regex(options["argv"])
         self.exit_wait = options["exit_wait"]
+        self.prompt = options["prompt"]
         self.packages = packages if packages is not None else PackageIndex(options["packages"])
         self.open: Dict[int, _Image] = {}
         self.done: List[List[Any]] = []          # rows ready to write
