@@ -303,3 +303,11 @@ def test_cli_table_csv_json(tmp_path: Path, capsys) -> None:
     q3 = json.loads(_cli(["apps", "--db", path, "--by", "binary", "--comm", "python3",
                           "--json"], capsys))
     assert sum(r["cpu_user_us"] or 0 for r in q3) == 7_200_000_000
+
+
+def test_docs_describe_every_column_and_option() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "applications.md").read_text()
+    for name in record.NAMES:
+        assert f"| `{name}` |" in text, name
+    for key in config.section_options("apps"):
+        assert f"{key} =" in text, key

@@ -43,7 +43,8 @@ COLUMNS: Tuple[Tuple[str, str, str], ...] = (
     ("exe_path", "TEXT", "resolved path of /proc/PID/exe at the exec; NULL unknown"),
     ("exe_dev", "BIGINT", "device number of the binary"),
     ("exe_ino", "BIGINT", "inode number of the binary"),
-    ("exe_deleted", "INTEGER", "1: the binary was deleted (or replaced) when read"),
+    ("exe_deleted", "INTEGER",
+     "1: the file had been unlinked when read (deleted, or replaced by unlink and a new file)"),
     ("path_status", "TEXT NOT NULL",
      "resolved; gone (process ended before elsad read it); replaced (the process "
      "exec'd again before elsad read it); denied (not readable)"),
