@@ -54,10 +54,11 @@ def _apps_daemon(work: str, sources: Sequence[str] = ("taskstats",),
     return daemon
 
 
-def storm(exec_ops: int, sources: Sequence[str] = ("taskstats",)) -> List[Dict[str, Any]]:
+def storm(exec_ops: int, sources: Sequence[str] = ("taskstats",),
+          prompt: bool = True) -> List[Dict[str, Any]]:
     work = tempfile.mkdtemp(prefix="elsa-bench-apps-")
     os.chmod(work, 0o755)
-    daemon = _apps_daemon(work, sources)
+    daemon = _apps_daemon(work, sources, prompt)
     daemon.start()
     assert daemon.proc is not None
     fstat = subprocess.Popen(["forkstat", "-e", "exec"], stdout=subprocess.DEVNULL,
@@ -102,7 +103,8 @@ def storm(exec_ops: int, sources: Sequence[str] = ("taskstats",)) -> List[Dict[s
     resolved = by_status.get("resolved", 0)
     share = resolved / total if total else 0.0
     return [
-        {"metric": f"apps: elsad CPU vs forkstat -e exec, stress-ng --exec 2 x {exec_ops} "
+        {"metric": f"apps{'' if prompt else ' (prompt = false)'}: elsad CPU vs forkstat -e exec, "
+                   f"stress-ng --exec 2 x {exec_ops} "
                    f"({execs} execs in {wall:.1f} s, every one recorded)",
          "unit": "CPU s", "elsa": round(elsa_cpu, 3), "peer": round(peer_cpu, 3),
          "peer_name": "forkstat", "ratio": round(ratio, 3), "target": "<= 1.0",
@@ -144,7 +146,7 @@ def slowdown(reps: int, exec_ops: int, prompt: bool = True) -> List[Dict[str, An
     e, p = statistics.median(walls["elsa"]), statistics.median(walls["peer"])
     ratio = e / p
     return [{
-        "metric": f"apps: workload slowdown, stress-ng --exec 2 x {exec_ops} with application "
+        "metric": f"apps{'' if prompt else ' (prompt = false)'}: workload slowdown, stress-ng --exec 2 x {exec_ops} with application "
                   f"accounting on (median wall of {reps} pairs, {lost} events lost)",
         "unit": "s", "elsa": round(e, 3), "peer": round(p, 3), "peer_name": "no elsad",
         "ratio": round(ratio, 3), "target": f"<= {TARGET}", "passed": ratio <= TARGET,
@@ -170,7 +172,7 @@ def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
     ap.add_argument("--sources", default="taskstats",
                     help="comma-separated accounting sources beside apps ('' for none)")
     ap.add_argument("--no-prompt", action="store_true",
-                    help="[apps] prompt = false for the paired runs (burst hold applies)")
+                    help="[apps] prompt = false (the burst hold applies)")
     ap.add_argument("--only", choices=("storm", "slowdown"), help="one part only")
     args = ap.parse_args(list(argv))
     if os.geteuid() != 0:
@@ -181,7 +183,7 @@ def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
     sources = tuple(x for x in args.sources.split(",") if x)
     rows: List[Dict[str, Any]] = []
     if args.only in (None, "storm"):
-        rows += storm(args.exec_ops, sources)
+        rows += storm(args.exec_ops, sources, prompt=not args.no_prompt)
     if args.only in (None, "slowdown"):
         rows += slowdown(args.reps, args.pair_ops, prompt=not args.no_prompt)
     print_rows(rows)
