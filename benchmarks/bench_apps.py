@@ -166,9 +166,9 @@ def print_rows(rows: List[Dict[str, Any]]) -> None:
 
 def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    ap.add_argument("--exec-ops", type=int, default=3000, help="execs of the CPU storm")
+    ap.add_argument("--exec-ops", type=int, default=2000, help="execs of the CPU storm")
     ap.add_argument("--pair-ops", type=int, default=300, help="execs of each paired run")
-    ap.add_argument("--reps", type=int, default=6, help="pairs for the slowdown (median)")
+    ap.add_argument("--reps", type=int, default=4, help="pairs for the slowdown (median)")
     ap.add_argument("--sources", default="taskstats",
                     help="comma-separated accounting sources beside apps ('' for none)")
     ap.add_argument("--no-prompt", action="store_true",
