@@ -311,3 +311,19 @@ def test_docs_describe_every_column_and_option() -> None:
         assert f"| `{name}` |" in text, name
     for key in config.section_options("apps"):
         assert f"{key} =" in text, key
+
+
+def test_read_after_gives_finished_records_in_spool_order(store: Store) -> None:
+    rows = []
+    for i, reason in enumerate(("exit", "open", "exec")):
+        row = [None] * len(record.NAMES)
+        row[:5] = [1, "b", 10 + i, 1, i]
+        row[record.INDEX["exec_time"]] = 1.0
+        row[record.INDEX["end_reason"]] = reason
+        row[record.INDEX["path_status"]] = "gone"
+        rows.append(row)
+    store.submit_many(INSERT, rows)
+    store.flush()
+    got = record.read_after(store.db, 0)
+    assert [r.pid for _, r in got] == [10, 12]
+    assert record.read_after(store.db, got[-1][0]) == []

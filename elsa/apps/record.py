@@ -21,7 +21,7 @@ Units: times are epoch seconds (REAL), CPU µs, memory KiB, I/O bytes. NULL is
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 TABLE = "app_runs"
 
@@ -143,3 +143,13 @@ class AppRecord:
 
 
 assert tuple(f.name for f in fields(AppRecord)) == NAMES
+
+
+def read_after(db: Any, after_id: int, limit: int = 10000) -> List[Tuple[int, AppRecord]]:
+    """Finished records stored after local row *after_id*, oldest first, with
+    their row ids: what a shipper sends next (it remembers the last id it
+    shipped; a record replaced later, an ``open`` one completed, comes again
+    with a new id and replaces the shipped one by its natural key)."""
+    sql = (f"SELECT id, {', '.join(NAMES)} FROM {TABLE} WHERE id > ? "
+           "AND end_reason <> 'open' ORDER BY id LIMIT ?")
+    return [(r[0], AppRecord.from_row(r[1:])) for r in db.execute(sql, (after_id, limit))]
