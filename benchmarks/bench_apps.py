@@ -146,8 +146,9 @@ def slowdown(reps: int, exec_ops: int, prompt: bool = True) -> List[Dict[str, An
     e, p = statistics.median(walls["elsa"]), statistics.median(walls["peer"])
     ratio = e / p
     return [{
-        "metric": f"apps{'' if prompt else ' (prompt = false)'}: workload slowdown, stress-ng --exec 2 x {exec_ops} with application "
-                  f"accounting on (median wall of {reps} pairs, {lost} events lost)",
+        "metric": f"apps{'' if prompt else ' (prompt = false)'}: workload slowdown, "
+                  f"stress-ng --exec 2 x {exec_ops} with application accounting on "
+                  f"(median wall of {reps} pairs, {lost} events lost)",
         "unit": "s", "elsa": round(e, 3), "peer": round(p, 3), "peer_name": "no elsad",
         "ratio": round(ratio, 3), "target": f"<= {TARGET}", "passed": ratio <= TARGET,
         "reproduce": REPRODUCE,
