@@ -327,3 +327,31 @@ def test_read_after_gives_finished_records_in_spool_order(store: Store) -> None:
     got = record.read_after(store.db, 0)
     assert [r.pid for _, r in got] == [10, 12]
     assert record.read_after(store.db, got[-1][0]) == []
+
+
+def test_a_raising_listener_is_isolated_and_the_manager_still_sees_exits() -> None:
+    from elsa.core.events import _with_listeners
+    from elsa.core.listener import EventListener
+
+    seen: List[Any] = []
+
+    class Bad(EventListener):
+        name = "bad"
+
+        def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None:
+            raise RuntimeError("boom")
+
+        def on_exit(self, pid: int, tgid: int, exit_status: int, ts_ns: int) -> None:
+            raise RuntimeError("boom")
+
+    class Good(EventListener):
+        name = "good"
+
+        def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None:
+            seen.append(("exec", pid))
+
+    on_exit, on_exec = _with_listeners(lambda *a: seen.append(("manager", a[0])),
+                                       [Bad(), Good()])
+    on_exec(5, 5, 1)
+    on_exit(5, 5, 0, 2)
+    assert seen == [("exec", 5), ("manager", 5)]
