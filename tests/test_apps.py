@@ -46,7 +46,8 @@ def _recorder(store: Store, **kw: Any) -> AppRecorder:
     timers: List[Any] = []
     ctx = ListenerContext(config=config.parse({}, "test"), procfs=ProcFS(), store=store,
                           boot_id="boot-1", host_id=0x35969E, job_of=lambda pid: JID,
-                          add_timer=lambda *a: timers.append(a))
+                          add_timer=lambda *a: timers.append(a),
+                          source_priority={"taskstats": 20, "bsdacct": 30, "cgroupstat": 10})
     return AppRecorder(ctx, _options(**kw))
 
 

@@ -33,7 +33,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from elsa.apps import record
 from elsa.apps.options import glob_regex
@@ -95,7 +95,19 @@ def _exit_insert(priority_sql: str) -> str:
         "AND end_time BETWEEN p.end_time - 5 AND p.end_time + 5 "
         "AND (start_ticks IS NULL OR p.start_ticks IS NULL "
         "OR abs(start_ticks - p.start_ticks) <= 50) "
-        f"AND source <> 'cgroupstat' ORDER BY {priority_sql}, id LIMIT 1)")
+        f"ORDER BY {priority_sql}, id LIMIT 1)")
+
+
+def _priority_case(prios: Mapping[str, int]) -> str:
+    """The sources' ranking as a SQL literal (the same order as
+    elsa.core.usage.priority_sql, inlined: the statement runs with executemany)."""
+    from elsa.core.usage import DEFAULT_PRIORITY
+
+    if not prios:
+        return str(DEFAULT_PRIORITY)
+    cases = " ".join("WHEN '{}' THEN {:d}".format(name.replace("'", "''"), int(value))
+                     for name, value in sorted(prios.items()))
+    return f"(CASE source {cases} ELSE {DEFAULT_PRIORITY} END)"
 
 
 class _Image:
@@ -136,10 +148,7 @@ class AppRecorder(EventListener):
         self.hostname = socket.gethostname()
         self.mono_to_wall = time.time() - time.monotonic()
         self.mono_to_boot_ns = boottime_offset_ns()
-        from elsa.core.aggregator import PRIORITY, UNKNOWN_PRIORITY
-
-        cases = " ".join(f"WHEN '{s}' THEN {p}" for s, p in sorted(PRIORITY.items()))
-        self.insert_exit = _exit_insert(f"CASE source {cases} ELSE {UNKNOWN_PRIORITY} END")
+        self.insert_exit = _exit_insert(_priority_case(ctx.source_priority))
         self.counters = {"execs": 0, "records": 0, "resolved": 0, "gone": 0, "replaced": 0,
                          "denied": 0, "excluded": 0, "lost": 0, "reopened": 0}
 

@@ -152,12 +152,14 @@ class Daemon:
 
     def _start_listeners(self, boot_id: str) -> None:
         from elsa.core.listener import ListenerContext
+        from elsa.core.usage import priorities_of
 
         assert self.store is not None and self.manager is not None and self.events is not None
         self.listeners = self.host.event_listeners(ListenerContext(
             config=self.config, procfs=self.procfs, store=self.store, boot_id=boot_id,
             host_id=self.manager.allocator.host, job_of=self.manager.job_of,
-            add_timer=self.loop.add_timer))
+            add_timer=self.loop.add_timer,
+            source_priority=priorities_of(self.host.sources())))
         self.events.add_listeners(self.listeners)
 
     def _start_sources(self) -> None:

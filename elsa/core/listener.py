@@ -9,8 +9,9 @@ from ``elsa_event_listeners``, so a daemon without listeners pays nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from elsa.config import Config
 from elsa.core.store import Store
@@ -31,6 +32,9 @@ class ListenerContext:
     job_of: Callable[[int], Optional[int]]
     #: add_timer(interval_s, callback, name): a callback on the event thread.
     add_timer: Callable[[float, Callable[[], None], str], None]
+    #: Source name -> priority (lower wins) of every installed accounting
+    #: source (elsa.core.usage.priorities_of).
+    source_priority: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 class EventListener:
