@@ -53,8 +53,15 @@ _TICK_US = 1_000_000 // CLOCK_TICKS
 SWEEP_INTERVAL = 60.0
 FLUSH_INTERVAL = 1.0
 
-_I = record.INDEX
 _N = len(record.NAMES)
+# Row positions (elsa.apps.record.COLUMNS order).
+(R_HOST_ID, R_BOOT_ID, R_PID, R_START_TICKS, R_EXEC_NS, R_HOSTNAME, R_JID, R_PPID, R_EXEC_TIME,
+ R_END_TIME, R_END_REASON, R_EXE_PATH, R_EXE_DEV, R_EXE_INO, R_EXE_DELETED, R_PATH_STATUS, R_COMM,
+ R_UID, R_EUID, R_GID, R_EGID, R_EXIT_CODE, R_EXIT_SIGNAL, R_CPU_USER_US, R_CPU_SYSTEM_US,
+ R_MAX_RSS_KB, R_READ_BYTES, R_WRITE_BYTES, R_FIGURES_SOURCE, R_PACKAGE, R_PACKAGE_VERSION,
+ R_ARGV) = range(len(record.NAMES))
+assert record.NAMES[R_ARGV] == "argv" and record.NAMES[R_CPU_USER_US] == "cpu_user_us"
+
 _COLS = ", ".join(record.NAMES)
 INSERT = (f"INSERT OR REPLACE INTO {record.TABLE}({_COLS}) "
           f"VALUES ({', '.join('?' * _N)})")
@@ -168,9 +175,9 @@ class AppRecorder(EventListener):
         lost = []
         for r in rows:
             row = list(r)
-            pid, start = row[_I["pid"]], row[_I["start_ticks"]]
+            pid, start = row[R_PID], row[R_START_TICKS]
             alive = False
-            if row[_I["boot_id"]] == self.ctx.boot_id:
+            if row[R_BOOT_ID] == self.ctx.boot_id:
                 try:
                     info = self.ctx.procfs.info(pid)
                     alive = not info.exited and abs(info.start_ticks - start) <= 1
@@ -180,7 +187,7 @@ class AppRecorder(EventListener):
                 self.open[pid] = _Image(row, (None, None, None, None), 0)
                 self.counters["reopened"] += 1
             else:
-                row[_I["end_reason"]] = "lost"
+                row[R_END_REASON] = "lost"
                 lost.append(row)
         if lost:
             self.store.submit_many(INSERT, lost)
@@ -254,10 +261,10 @@ class AppRecorder(EventListener):
         start = f[F_START]
         if prev is not None:
             prow = prev.row
-            pstart = prow[_I["start_ticks"]]
+            pstart = prow[R_START_TICKS]
             if start is not None and pstart >= 0 and abs(start - pstart) > 1:
                 # Another process under the same pid: the exit was not seen.
-                prow[_I["end_reason"]] = "lost"
+                prow[R_END_REASON] = "lost"
                 self.counters["lost"] += 1
                 self.done.append(prow)
             else:
@@ -272,51 +279,51 @@ class AppRecorder(EventListener):
             self.counters["excluded"] += 1
             return
         row: List[Any] = [None] * _N
-        row[0] = self.ctx.host_id
-        row[1] = self.ctx.boot_id
-        row[2] = tgid
-        row[3] = -1 if start is None else start
-        row[4] = ts_ns + self.mono_to_boot_ns
-        row[5] = self.hostname
-        row[6] = self.job_of(tgid)
-        row[7] = f[F_PPID]
-        row[8] = ts_ns / 1e9 + self.mono_to_wall
-        row[10] = "open"
-        row[11:16] = f[F_PATH:F_STATUS + 1]
-        row[16] = f[F_COMM]
-        row[17:21] = f[F_UID:F_EGID + 1]
+        row[R_HOST_ID] = self.ctx.host_id
+        row[R_BOOT_ID] = self.ctx.boot_id
+        row[R_PID] = tgid
+        row[R_START_TICKS] = -1 if start is None else start
+        row[R_EXEC_NS] = ts_ns + self.mono_to_boot_ns
+        row[R_HOSTNAME] = self.hostname
+        row[R_JID] = self.job_of(tgid)
+        row[R_PPID] = f[F_PPID]
+        row[R_EXEC_TIME] = ts_ns / 1e9 + self.mono_to_wall
+        row[R_END_REASON] = "open"
+        row[R_EXE_PATH:R_PATH_STATUS + 1] = f[F_PATH:F_STATUS + 1]
+        row[R_COMM] = f[F_COMM]
+        row[R_UID:R_EGID + 1] = f[F_UID:F_EGID + 1]
         if path is not None:
             owner = self.packages.owners.get(path)
             if owner is not None:
-                row[29], row[30] = owner
+                row[R_PACKAGE], row[R_PACKAGE_VERSION] = owner
             if self.argv is not None and self.argv.match(path):
-                row[31] = self._argv(tgid)
+                row[R_ARGV] = self._argv(tgid)
         self.open[tgid] = _Image(row, (f[F_UTIME], f[F_STIME], f[F_RBYTES], f[F_WBYTES]),
                                  read_ns)
 
     def _end_by_exec(self, img: _Image, f: Tuple[Any, ...], ts_ns: int) -> None:
         row = img.row
-        row[_I["end_time"]] = ts_ns / 1e9 + self.mono_to_wall
-        row[_I["end_reason"]] = "exec"
+        row[R_END_TIME] = ts_ns / 1e9 + self.mono_to_wall
+        row[R_END_REASON] = "exec"
         if ts_ns <= img.read_ns + REPLACED_MARGIN_NS:
             # /proc may have shown the next image: keep nothing read from it.
-            row[11:15] = [None, None, None, None]
-            row[_I["path_status"]] = "replaced"
-            row[16] = row[18] = row[20] = None  # comm, euid, egid change at an exec
-            row[29] = row[30] = row[31] = None
+            row[R_EXE_PATH:R_EXE_DELETED + 1] = [None, None, None, None]
+            row[R_PATH_STATUS] = "replaced"
+            row[R_COMM] = row[R_EUID] = row[R_EGID] = None  # they change at an exec
+            row[R_PACKAGE] = row[R_PACKAGE_VERSION] = row[R_ARGV] = None
             self._count(row)
             self.done.append(row)
             return
         b = img.base
         now = (f[F_UTIME], f[F_STIME], f[F_RBYTES], f[F_WBYTES])
         if now[0] is not None and b[0] is not None:
-            row[23] = max(0, now[0] - b[0])
-            row[24] = max(0, now[1] - b[1])
-            row[28] = "procfs"
+            row[R_CPU_USER_US] = max(0, now[0] - b[0])
+            row[R_CPU_SYSTEM_US] = max(0, now[1] - b[1])
+            row[R_FIGURES_SOURCE] = "procfs"
         if now[2] is not None and b[2] is not None:
-            row[26] = max(0, now[2] - b[2])
-            row[27] = max(0, now[3] - b[3])
-            row[28] = "procfs"
+            row[R_READ_BYTES] = max(0, now[2] - b[2])
+            row[R_WRITE_BYTES] = max(0, now[3] - b[3])
+            row[R_FIGURES_SOURCE] = "procfs"
         self._count(row)
         self.done.append(row)
 
@@ -327,18 +334,18 @@ class AppRecorder(EventListener):
         if img is None:
             return
         row = img.row
-        row[_I["end_time"]] = ts_ns / 1e9 + self.mono_to_wall
-        row[_I["end_reason"]] = "exit"
-        row[_I["exit_code"]] = (exit_status >> 8) & 0xFF
-        row[_I["exit_signal"]] = exit_status & 0x7F
+        row[R_END_TIME] = ts_ns / 1e9 + self.mono_to_wall
+        row[R_END_REASON] = "exit"
+        row[R_EXIT_CODE] = (exit_status >> 8) & 0xFF
+        row[R_EXIT_SIGNAL] = exit_status & 0x7F
         self._count(row)
         params = row + list(img.base)
-        if params[3] == -1:
-            params[3] = None  # unknown start: the exit record's, if it has one
+        if params[R_START_TICKS] == -1:
+            params[R_START_TICKS] = None  # unknown start: the exit record's, if it has one
         self.ended.append((time.monotonic() + self.exit_wait, params))
 
     def _count(self, row: List[Any]) -> None:
-        self.counters[row[_I["path_status"]]] += 1
+        self.counters[row[R_PATH_STATUS]] += 1
 
     def _argv(self, pid: int) -> Optional[str]:
         try:
@@ -371,10 +378,11 @@ class AppRecorder(EventListener):
                 start = int(data[data.rfind(b")") + 2:].split()[19])
             except (OSError, ValueError, IndexError):
                 start = None
-            if start is None or (img.row[3] >= 0 and abs(start - img.row[3]) > 1):
+            known = img.row[R_START_TICKS]
+            if start is None or (known >= 0 and abs(start - known) > 1):
                 gone.append(tgid)
         for tgid in gone:
             row = self.open.pop(tgid).row
-            row[_I["end_reason"]] = "lost"
+            row[R_END_REASON] = "lost"
             self.counters["lost"] += 1
             self.done.append(row)
