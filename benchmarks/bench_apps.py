@@ -95,7 +95,8 @@ def storm(exec_ops: int, sources: Sequence[str] = ("taskstats",),
         else:
             print(f"bench_apps: failed; elsad's log and state kept in {work}", file=sys.stderr)
     lost = st1["lost_events"]["enobufs"] - st0["lost_events"]["enobufs"]
-    execs = st1["listeners"]["apps"]["execs"] - st0["listeners"]["apps"]["execs"]
+    execs = (st1["listeners"].get("apps", {}).get("execs", 0)
+             - st0["listeners"].get("apps", {}).get("execs", 0))
     elsa_cpu, peer_cpu = e1 - e0, f1 - f0
     ratio = elsa_cpu / peer_cpu if peer_cpu else float("inf")
     total = sum(by_status.values())
