@@ -117,6 +117,20 @@ def _priority_case(prios: Mapping[str, int]) -> str:
     return f"(CASE source {cases} ELSE {DEFAULT_PRIORITY} END)"
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+
+
+def _read_at(dfd: int, name: str) -> bytes:
+    """One read of a /proc/PID file (each is well under 4 KiB and generated
+    whole by the kernel's seq_file: one read gets it all)."""
+    fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
 class _Image:
     """One open program image: its row so far and the figures read at its exec."""
 
@@ -205,50 +219,58 @@ class AppRecorder(EventListener):
 
     # -- reading /proc -------------------------------------------------------------------------
     def _read(self, pid: int) -> Tuple[Any, ...]:
-        """What /proc says about *pid* now; None for what could not be read."""
-        base = f"{self.proc}/{pid}"
+        """What /proc says about *pid* now; None for what could not be read.
+
+        Every file is opened relative to one descriptor of /proc/PID: all the
+        facts are of the same process even if its pid were reused meanwhile,
+        and the kernel looks the pid up once instead of five times."""
         path = dev = ino = deleted = None
         status = "resolved"
-        try:
-            path = os.readlink(base + "/exe")
-            st = os.stat(base + "/exe")
-            dev, ino = st.st_dev, st.st_ino
-            deleted = 0
-            if path.endswith(" (deleted)"):
-                path, deleted = path[:-10], 1
-        except FileNotFoundError:
-            path = None
-            status = "gone"
-        except PermissionError:
-            path = None
-            status = "denied"
-        except OSError:
-            path = None
-            status = "gone"
         comm = ppid = start = utime = stime = None
         uid = euid = gid = egid = rbytes = wbytes = None
         try:
-            data = read_small(base + "/stat")
-            rpar = data.rfind(b")")
-            comm = data[data.find(b"(") + 1:rpar].decode("utf-8", "replace")
-            rest = data[rpar + 2:].split()
-            ppid = int(rest[1])
-            utime = int(rest[11]) * _TICK_US
-            stime = int(rest[12]) * _TICK_US
-            start = int(rest[19])
-            data = read_small(base + "/status")
-            i = data.find(b"\nUid:")
-            if i >= 0:
-                ids = data[i + 5:data.index(b"\n", i + 1)].split()
-                uid, euid = int(ids[0]), int(ids[1])
-            i = data.find(b"\nGid:")
-            if i >= 0:
-                ids = data[i + 5:data.index(b"\n", i + 1)].split()
-                gid, egid = int(ids[0]), int(ids[1])
-            tok = read_small(base + "/io").split()
-            rbytes, wbytes = int(tok[9]), int(tok[11])
-        except (OSError, ValueError, IndexError):
-            pass  # gone (or a zombie without io): keep what was read
+            dfd = os.open(f"{self.proc}/{pid}", _DIR_FLAGS)
+        except OSError:
+            return (None, None, None, None, "gone", None, None, None, None, None,
+                    None, None, None, None, None, None)
+        try:
+            try:
+                path = os.readlink("exe", dir_fd=dfd)
+                st = os.stat("exe", dir_fd=dfd)
+                dev, ino = st.st_dev, st.st_ino
+                deleted = 0
+                if path.endswith(" (deleted)"):
+                    path, deleted = path[:-10], 1
+            except PermissionError:
+                path = None
+                status = "denied"
+            except OSError:  # ENOENT: a zombie has no address space, no exe
+                path = None
+                status = "gone"
+            try:
+                data = _read_at(dfd, "stat")
+                rpar = data.rfind(b")")
+                comm = data[data.find(b"(") + 1:rpar].decode("utf-8", "replace")
+                rest = data[rpar + 2:].split()
+                ppid = int(rest[1])
+                utime = int(rest[11]) * _TICK_US
+                stime = int(rest[12]) * _TICK_US
+                start = int(rest[19])
+                data = _read_at(dfd, "status")
+                i = data.find(b"\nUid:")
+                if i >= 0:
+                    ids = data[i + 5:data.index(b"\n", i + 1)].split()
+                    uid, euid = int(ids[0]), int(ids[1])
+                i = data.find(b"\nGid:")
+                if i >= 0:
+                    ids = data[i + 5:data.index(b"\n", i + 1)].split()
+                    gid, egid = int(ids[0]), int(ids[1])
+                tok = _read_at(dfd, "io").split()
+                rbytes, wbytes = int(tok[9]), int(tok[11])
+            except (OSError, ValueError, IndexError):
+                pass  # gone (or a zombie without io): keep what was read
+        finally:
+            os.close(dfd)
         return (path, dev, ino, deleted, status, comm, ppid, start, utime, stime,
                 uid, euid, gid, egid, rbytes, wbytes)
 
