@@ -21,7 +21,7 @@ still has comm and ids) and ``path_status`` says why the path is unknown: the
 record is never dropped. Reading /proc is a race with the process: if the
 process exec'd again before elsad read the first image, /proc shows the second
 one. The exec event is stamped after the kernel switched the image
-(fs/exec.c: begin_new_exec, then proc_exec_connector), so an image whose read
+(docs/kernel.md, "cn_proc"), so an image whose read
 ended later than :data:`REPLACED_MARGIN_NS` before the next exec's stamp may
 show the next image: its path is recorded as unknown (``replaced``), never
 as a wrong binary.
