@@ -108,6 +108,8 @@ LIMIT_OPTIONS: Dict[str, Option] = {
 }
 
 PLUGIN_TABLES = ("backends", "sources")
+#: Tables validated by their own module when the config is loaded.
+SECTION_TABLES = ("limits", "billing")
 
 
 def validate_table(table: Mapping[str, Any], options: Mapping[str, Option], *,
@@ -185,6 +187,7 @@ class Config:
     backends: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     path: str = "<defaults>"
+    billing: Any = None  # elsa.billing.rates.BillingConfig (docs/billing.md)
 
     def backend_table(self, name: str) -> Mapping[str, Any]:
         """The raw ``[backends.<name>]`` table (empty when absent)."""
@@ -229,7 +232,7 @@ def load(path: Optional[str]) -> Config:
 
 def parse(data: Mapping[str, Any], path: str) -> Config:
     """Validate an already-parsed TOML document."""
-    top = {k: v for k, v in data.items() if k not in PLUGIN_TABLES and k != "limits"}
+    top = {k: v for k, v in data.items() if k not in PLUGIN_TABLES and k not in SECTION_TABLES}
     core = validate_table(top, CORE_OPTIONS, where="", path=path)
     limits_raw = data.get("limits", {})
     if not isinstance(limits_raw, dict):
@@ -256,6 +259,9 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         if flag:
             enabled.append(name)
         tables["sources"][name] = {k: v for k, v in table.items() if k != "enabled"}
+    from elsa.billing import rates
+
+    billing = rates.parse(data.get("billing", {}), path)
     return Config(
         backend=core["backend"], socket=core["socket"], state_dir=core["state_dir"],
         log_level=core["log_level"], job_end=core["job_end"],
@@ -264,7 +270,8 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         plugins=tuple(core["plugins"]),
         exited_linger=core["exited_linger"], burst_hold=core["burst_hold"], nice=core["nice"],
         limits=limits,
-        backends=tables["backends"], source_tables=tables["sources"], path=path)
+        backends=tables["backends"], source_tables=tables["sources"], path=path,
+        billing=billing)
 
 
 def render_example(plugin_options: Mapping[str, Mapping[str, Option]] = {}) -> str:
