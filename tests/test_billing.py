@@ -47,7 +47,7 @@ mem_peak = 0.001
 job = 1
 [billing.nonprime]
 cpu_user = 0.004
-mem_peak = 0
+cpu_system = 0.02
 job = 0.5
 [billing.multipliers.queue]
 debug = 0.5
@@ -169,7 +169,7 @@ def test_bill_states_rate_table_and_filters(site, capsys):
 
 
 def test_rounding_is_half_even():
-    b = Biller(rates.parse({"decimals": 2}, "x"))
+    b = Biller(rates.BillingConfig(decimals=2))
     assert b.round(Decimal("0.125")) == Decimal("0.12")
     assert b.round(Decimal("0.135")) == Decimal("0.14")
 
@@ -205,10 +205,10 @@ def test_malformed_holidays_name_file_and_line(text, where):
 
 
 @pytest.mark.parametrize("body,msg", [
-    ("[billing.rates]\ngpu = 1\n", "unknown resource 'billing.rates.gpu'"),
-    ("[billing.rates]\ncpu_user = -1\n", "'billing.rates.cpu_user' must be 0 or more"),
+    ("[billing.rates]\ngpu = 1\n", "unknown key 'billing.rates.gpu'"),
+    ("[billing.rates]\ncpu_user = -1\n", "key 'billing.rates.cpu_user' must be 0 or more"),
     ("[billing.nonprime]\njob = \"x\"\n", "must be a decimal number"),
-    ("[billing.multipliers.queue]\ndebug = -0.5\n", "must be 0 or more"),
+    ("[billing.multipliers.queue]\ndebug = -0.5\n", "'queue.debug' must be 0 or more"),
     ("[billing.schedule]\nweekday = \"7:30 17:30\"\n", "billing.schedule.weekday"),
     ("[billing]\nholidays = \"/nonexistent/csa.holidays\"\n", "cannot read holidays file"),
     ("[billing]\nrate = 1\n", "unknown key 'billing.rate'"),

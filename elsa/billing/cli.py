@@ -161,7 +161,7 @@ def cmd_bill(args: argparse.Namespace, out) -> int:
     from elsa.report.cli import _db_path
 
     cfg = config.load(config.resolve_path(args.config))
-    bcfg = cfg.billing or rates.parse({}, cfg.path)
+    bcfg = rates.from_config(cfg)
     if args.period:
         if args.since is not None or args.until is not None:
             raise ElsaError("give --period or --since/--until, not both")

@@ -11,16 +11,16 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from elsa.billing.schedule import (
     ALL_DAY,
     DAY_KINDS,
-    HolidayYear,
     Schedule,
     parse_window,
     read_holidays,
 )
+from elsa.config import Option
 from elsa.errors import ConfigError
 
 #: Billable resources: name -> (base unit, description). Every rate defaults to 0.
@@ -36,36 +36,107 @@ RESOURCES: Dict[str, Tuple[str, str]] = {
     "job": ("job", "basic charge per job"),
 }
 
-_KEYS = ("rates", "nonprime", "schedule", "holidays", "multipliers", "timezone", "decimals",
-         "unit")
 
 
-def _decimal(value: Any, *, name: str, path: str) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{path}: key '{name}' must be a number, got {value!r}")
+def _decimal_problem(value: Any) -> Optional[str]:
     try:
         d = Decimal(str(value))
     except InvalidOperation:
-        raise ConfigError(f"{path}: key '{name}' must be a decimal number, got "
-                          f"{value!r}") from None
+        return "must be a decimal number"
     if not d.is_finite():
-        raise ConfigError(f"{path}: key '{name}' must be a finite number, got {value!r}")
+        return "must be a finite number"
     if d < 0:
-        raise ConfigError(f"{path}: key '{name}' must be 0 or more (a rate or multiplier "
-                          f"cannot be negative); got {value!r}")
-    return d
+        return "must be 0 or more (a rate or multiplier cannot be negative)"
+    return None
 
 
-def _rates(table: Any, *, where: str, path: str) -> Dict[str, Decimal]:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: key '{where}' must be a table of rates, got {table!r}")
-    out = {}
-    for key, value in table.items():
-        if key not in RESOURCES:
-            raise ConfigError(f"{path}: unknown resource '{where}.{key}'; known resources: "
-                              f"{', '.join(RESOURCES)}")
-        out[key] = _decimal(value, name=f"{where}.{key}", path=path)
-    return out
+def _decimal(value: Any) -> Decimal:
+    return Decimal(str(value))
+
+
+def _rate_options(when: str) -> Dict[str, Option]:
+    return {r: Option((int, float, str), 0, f"{when} rate per {unit}: {doc}.",
+                      check=_decimal_problem) for r, (unit, doc) in RESOURCES.items()}
+
+
+def _window_problem(value: Any) -> Optional[str]:
+    try:
+        parse_window(str(value).split())
+    except ValueError as exc:
+        return f"is not a prime-time window: {exc}"
+    return None
+
+
+def _holidays_problem(value: Any) -> Optional[str]:
+    files = [value] if isinstance(value, str) else value
+    if not all(isinstance(f, str) for f in files):
+        return "must be a path or a list of paths of CSA holidays files"
+    years: Dict[int, str] = {}
+    for f in files:
+        try:
+            hy = read_holidays(f)
+        except ConfigError as exc:
+            return f"names a file ELSA cannot use: {exc.message}"
+        if hy.year in years:
+            return f"has two files for {hy.year} ({years[hy.year]}, {f}): keep one per year"
+        years[hy.year] = f
+    return None
+
+
+def _multipliers_problem(value: Any) -> Optional[str]:
+    for tag, vals in value.items():
+        if not isinstance(vals, dict):
+            return (f"must be tables of tag value = multiplier (e.g. "
+                    f"[billing.multipliers.queue] debug = 0.5); '{tag}' is {vals!r}")
+        for v, m in vals.items():
+            if isinstance(m, bool) or not isinstance(m, (int, float, str)):
+                return f"'{tag}.{v}' must be a number, got {m!r}"
+            problem = _decimal_problem(m)
+            if problem:
+                return f"'{tag}.{v}' {problem}"
+    return None
+
+
+def _tz_problem(value: Any) -> Optional[str]:
+    try:
+        _zone(value)
+    except Exception:  # ZoneInfoNotFoundError, ValueError on odd names
+        return "is not a known time zone; use an IANA name such as 'Europe/Paris' or 'local'"
+    return None
+
+
+def _zone(name: str) -> Optional[dt.tzinfo]:
+    if name == "local":
+        return None
+    import zoneinfo
+
+    return zoneinfo.ZoneInfo(name)
+
+
+#: [billing] (docs/billing.md). Sub-tables: [billing.rates], [billing.nonprime],
+#: [billing.schedule], [billing.multipliers.<tag>].
+OPTIONS: Dict[str, Option] = {
+    "unit": Option(str, "units", "Name of the billing unit (e.g. 'SBU', 'EUR')."),
+    "decimals": Option(int, 2, "Decimal places each item's charge is rounded to (half-even);"
+                       " totals are sums of rounded item charges.",
+                       check=lambda v: None if 0 <= v <= 12 else "must be 0..12"),
+    "timezone": Option(str, "local", "Time zone of the prime-time schedule and of --period"
+                       " ('local' or an IANA name).", check=_tz_problem),
+    "holidays": Option((str, list), [], "CSA csa.holidays files (one per year), read as is;"
+                       " a year with a file takes its prime-time lines and holidays from it.",
+                       check=_holidays_problem),
+    "multipliers": Option(dict, {}, "Charge multipliers by job tag, CSA's queue/machine"
+                          " weights: per tag key, tag value to multiplier (docs/billing.md).",
+                          check=_multipliers_problem),
+}
+RATE_OPTIONS = _rate_options("Prime-time (and, without a schedule, every)")
+NONPRIME_OPTIONS = _rate_options("Non-prime")
+SCHEDULE_OPTIONS: Dict[str, Option] = {
+    kind: Option(str, "all", f"Prime time on {kind}s (years without a holidays file):"
+                 " '<prime start> <non-prime start>' as HHMM HHMM (e.g. '0730 1730'),"
+                 " 'all' or 'none'.", check=_window_problem)
+    for kind in DAY_KINDS
+}
 
 
 @dataclass(frozen=True)
@@ -111,84 +182,19 @@ def _window_text(w: Tuple[int, int]) -> str:
     return f"{w[0] // 3600:02d}{w[0] % 3600 // 60:02d} {w[1] // 3600:02d}{w[1] % 3600 // 60:02d}"
 
 
-def parse(table: Any, path: str) -> BillingConfig:
-    """Validate the raw ``[billing]`` table (``{}``: bill nothing, all time prime)."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: key 'billing' must be a table, got {table!r}")
-    for key in table:
-        if key not in _KEYS:
-            raise ConfigError(f"{path}: unknown key 'billing.{key}'; known keys here: "
-                              f"{', '.join(sorted(_KEYS))}")
-    prime = {r: Decimal(0) for r in RESOURCES}
-    prime.update(_rates(table.get("rates", {}), where="billing.rates", path=path))
-    nonprime = dict(prime)
-    nonprime.update(_rates(table.get("nonprime", {}), where="billing.nonprime", path=path))
-    decimals = table.get("decimals", 2)
-    if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 12:
-        raise ConfigError(f"{path}: key 'billing.decimals' must be an integer 0..12, got "
-                          f"{decimals!r}")
-    unit = table.get("unit", "units")
-    if not isinstance(unit, str) or not unit:
-        raise ConfigError(f"{path}: key 'billing.unit' must be a non-empty string, got {unit!r}")
-    tzname = table.get("timezone", "local")
-    tz: Optional[dt.tzinfo] = None
-    if not isinstance(tzname, str):
-        raise ConfigError(f"{path}: key 'billing.timezone' must be a string, got {tzname!r}")
-    if tzname != "local":
-        try:
-            import zoneinfo
-
-            tz = zoneinfo.ZoneInfo(tzname)
-        except Exception as exc:  # ZoneInfoNotFoundError, ValueError on odd names
-            raise ConfigError(f"{path}: key 'billing.timezone': unknown time zone "
-                              f"{tzname!r}; use an IANA name such as 'Europe/Paris' or "
-                              "'local'") from exc
-    sched_raw = table.get("schedule", {})
-    if not isinstance(sched_raw, dict):
-        raise ConfigError(f"{path}: key 'billing.schedule' must be a table, got {sched_raw!r}")
-    weekly: Dict[str, str] = {k: "all" for k in DAY_KINDS}
-    windows = {k: ALL_DAY for k in DAY_KINDS}
-    for key, value in sched_raw.items():
-        if key not in DAY_KINDS:
-            raise ConfigError(f"{path}: unknown key 'billing.schedule.{key}'; known keys here: "
-                              f"{', '.join(DAY_KINDS)}")
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: key 'billing.schedule.{key}' must be a string such as "
-                              f"\"0730 1730\", \"all\" or \"none\"; got {value!r}")
-        try:
-            windows[key] = parse_window(value.split())
-        except ValueError as exc:
-            raise ConfigError(f"{path}: key 'billing.schedule.{key}': {exc}") from exc
-        weekly[key] = value
-    files = table.get("holidays", [])
-    if isinstance(files, str):
-        files = [files]
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        raise ConfigError(f"{path}: key 'billing.holidays' must be a path or a list of paths "
-                          f"of CSA holidays files, got {files!r}")
-    years: List[HolidayYear] = []
-    for f in files:
-        try:
-            hy = read_holidays(f)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: key 'billing.holidays': {exc.message}") from exc
-        for other in years:
-            if other.year == hy.year:
-                raise ConfigError(f"{path}: key 'billing.holidays': {f} and {other.path} "
-                                  f"both describe {hy.year}; keep one file per year")
-        years.append(hy)
-    mult_raw = table.get("multipliers", {})
-    if not isinstance(mult_raw, dict):
-        raise ConfigError(f"{path}: key 'billing.multipliers' must be a table of tag tables "
-                          f"(e.g. [billing.multipliers.queue] debug = 0.5), got {mult_raw!r}")
-    multipliers: Dict[str, Dict[str, Decimal]] = {}
-    for tag, vals in mult_raw.items():
-        if not isinstance(vals, dict):
-            raise ConfigError(f"{path}: key 'billing.multipliers.{tag}' must be a table of "
-                              f"tag value = multiplier, got {vals!r}")
-        multipliers[tag] = {str(v): _decimal(m, name=f"billing.multipliers.{tag}.{v}",
-                                             path=path) for v, m in vals.items()}
+def from_config(cfg: Any) -> BillingConfig:
+    """The BillingConfig of a loaded :class:`elsa.config.Config` (validated at load)."""
+    top = cfg.section("billing")
+    prime = {r: _decimal(v) for r, v in cfg.section("billing.rates").items()}
+    nonprime = {r: _decimal(v) for r, v in cfg.section("billing.nonprime").items()}
+    weekly = dict(cfg.section("billing.schedule"))
+    windows = {k: parse_window(v.split()) for k, v in weekly.items()}
+    files = top["holidays"]
+    files = [files] if isinstance(files, str) else list(files)
+    years = [read_holidays(f) for f in files]
+    multipliers = {str(tag): {str(v): _decimal(m) for v, m in vals.items()}
+                   for tag, vals in top["multipliers"].items()}
     return BillingConfig(prime=prime, nonprime=nonprime,
-                         schedule=Schedule(windows, years, tz), multipliers=multipliers,
-                         decimals=decimals, unit=unit, timezone=tzname,
-                         holiday_files=tuple(files), weekly=weekly)
+                         schedule=Schedule(windows, years, _zone(top["timezone"])),
+                         multipliers=multipliers, decimals=top["decimals"], unit=top["unit"],
+                         timezone=top["timezone"], holiday_files=tuple(files), weekly=weekly)
