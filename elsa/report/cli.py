@@ -161,10 +161,15 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace, out) -> int:
-    from elsa.report import query
+    from elsa.report import query, sacct
 
+    if args.format == "help":
+        sacct.format_help(out)
+        return 0
     db = query.open_store(_db_path(args))
     rows = query.jobs(db, args.since, args.until, args.state)
+    if sacct.print_jobs(args, rows, out):
+        return 0
 
     def table() -> None:
         header = ["JID", "NAME", "OWNER", "STATE", "CREATED", "ENDED", "PROCS", "CPU", "MAXRSS"]
@@ -274,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("jobs", parents=[common, window], help="list jobs with their usage")
     s.add_argument("--state", choices=("running", "ended"))
+    from elsa.report import sacct
+
+    sacct.add_jobs_options(s)
     s.set_defaults(func=cmd_jobs)
     s = sub.add_parser("job", parents=[common], help="one job: usage and every process")
     s.add_argument("jid", help="job id (0x... or decimal)")
@@ -294,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     from elsa.billing.cli import add_parser as add_bill
 
     add_bill(sub, [common, window])
+    sacct.add_eff_parser(sub, [common])
     return p
 
 
