@@ -13,7 +13,7 @@ import os
 import pwd
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from elsa import __version__
 from elsa.client import Client, RequestFailed, default_socket, parse_signal
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPUs for the job, e.g. 0-3,8 (cpuset backends; others refuse)")
         sp.add_argument("--mems", metavar="LIST",
                         help="memory nodes for the job, e.g. 0 (cpuset backends)")
+        sp.add_argument("--wlm", default="none", metavar="auto|slurm|pbs|lsf|htcondor|none",
+                        help="record the batch system's job id, array, user, account, queue "
+                             "and job name (from the environment) as tags (default none)")
 
     sp = cmd("create", "create a job and print its id")
     job_options(sp)
@@ -258,9 +261,17 @@ def _params(args: argparse.Namespace) -> Optional[Dict[str, str]]:
     return params or None
 
 
+def _job_tags(args: argparse.Namespace) -> Tuple[str, Dict[str, str]]:
+    """The job's name and tags: --tag over the batch system's (--wlm)."""
+    from elsa import wlm
+
+    tags = {**wlm.detect(os.environ, args.wlm), **dict(args.tag)}
+    return args.name or tags.get("wlm_job_name", ""), tags
+
+
 def do_create(c: Client, args: argparse.Namespace) -> int:
-    job = c.create(name=args.name, tags=dict(args.tag), params=_params(args),
-                   owner_uid=args.owner)
+    name, tags = _job_tags(args)
+    job = c.create(name=name, tags=tags, params=_params(args), owner_uid=args.owner)
     if args.json:
         _print_json(job_out(job))
     else:
@@ -440,7 +451,8 @@ def do_run(args: argparse.Namespace, socket_path: str) -> int:
                 c.attach(args.job, [me])
                 jid = args.job
             else:
-                jid = c.create(name=args.name, tags=dict(args.tag), params=_params(args),
+                name, tags = _job_tags(args)
+                jid = c.create(name=name, tags=tags, params=_params(args),
                                pids=[me])["jid"]
     except (ElsaError, OSError) as exc:
         _error(f"run: could not join a job, {argv[0]} not started: {_message(exc)}")
