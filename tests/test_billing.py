@@ -132,23 +132,25 @@ def test_bill_by_job_hand_computed(site, capsys):
     assert c["charge"] == "1.02"
     nojob = [r for r in data["rows"] if r["key"] is None]
     assert len(nojob) == 1
-    # P1: 100 s x 0.004 = 0.4 (once, not per source); P2: half prime: 200 x 0.007 = 1.4,
-    # 10 x 0.02 = 0.2, 2 MiB x 1 h x 0.5 x 0.001 = 0.001.
-    assert nojob[0]["charge"] == "2.00" and nojob[0]["processes"] == 2
-    assert data["total"] == "15.04"
+    # Whole hours: from the hourly rollup, each hour split by its prime seconds.
+    # P1: 100 s x 0.004 = 0.4 (once, not per source); P2 ended in Friday's 18:00 hour,
+    # all non-prime: 200 x 0.004 + 10 x 0.02 = 1.0; no memory figure in the rollup.
+    assert nojob[0]["charge"] == "1.40" and nojob[0]["processes"] == 2
+    assert nojob[0]["unpriced"] == ["mem_peak"]
+    assert data["total"] == "14.44"
     assert format_jid(4) not in rows
 
 
 def test_per_job_charges_sum_to_user_totals(site, capsys):
     users = {r["key"]: r for r in _bill(capsys, site, "--by", "user")["rows"]}
     assert users[user_name(1000)]["charge"] == "12.02"
-    assert users[user_name(1001)]["charge"] == "3.02"
+    assert users[user_name(1001)]["charge"] == "2.42"
     jobs = _bill(capsys, site, "--by", "job")
     for name, row in users.items():
         mine = [Decimal(r["charge"]) for r in jobs["rows"] if r["user"] == name]
         assert sum(mine) == Decimal(row["charge"])
     accounts = {r["key"]: r["charge"] for r in _bill(capsys, site, "--by", "account")["rows"]}
-    assert accounts == {"chem": "12.02", "physics": "1.02", None: "2.00"}
+    assert accounts == {"chem": "12.02", "physics": "1.02", None: "1.40"}
     queues = {r["key"]: r["charge"] for r in _bill(capsys, site, "--by", "tag:queue")["rows"]}
     assert queues["debug"] == "1.25" and queues["normal"] == "10.77"
 
@@ -162,10 +164,27 @@ def test_bill_states_rate_table_and_filters(site, capsys):
     assert rt["holiday_files"][0]["holidays"] == ["2026-11-26"]
     assert main(["bill", "--config", site, "--period", "2026-11"]) == 0
     out = capsys.readouterr().out
-    assert "TOTAL 15.04 SBU" in out and "rate table" in out
+    assert "TOTAL 14.44 SBU" in out and "rate table" in out
     assert main(["bill", "--config", site, "--period", "2026-11", "--csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# rate table") and lines[1].startswith("key,")
+
+
+def test_partial_hours_split_each_process_by_its_seconds(site, capsys):
+    # A window not on whole hours: its edges are billed from the records, exactly.
+    # P2 (Fri 17:30-18:30) half prime: 200 x 0.007 = 1.4; 10 x 0.02 = 0.2;
+    # 2 MiB x 1 h x 0.5 x 0.001 = 0.001; 1.601 -> 1.60.
+    assert main(["bill", "--config", site, "--json", "--by", "job",
+                 "--since", "2026-11-27T17:15+00:00", "--until", "2026-11-27T18:45+00:00"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (row,) = data["rows"]
+    assert row["key"] is None and row["charge"] == "1.60" and row["processes"] == 1
+    assert (row["prime_s"], row["nonprime_s"]) == (1800, 1800)
+    # Whole hours in the middle come from the rollup, the edges from the records.
+    assert main(["bill", "--config", site, "--json", "--since",
+                 "2026-11-27T17:59:59+00:00", "--until", "2026-11-28T12:05+00:00"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total"] == "1.00"  # P2 1.0 (its hour), P1 (ends 12:10) not in the window
 
 
 def test_rounding_is_half_even():
