@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bill(sub, [common, window])
     sacct.add_eff_parser(sub, [common])
+    from elsa.report import ja
+
+    ja.add_parser(sub, [common])
     return p
 
 
