@@ -118,6 +118,7 @@ SECTIONS: Dict[str, str] = {
     "billing.rates": "elsa.billing.rates:RATE_OPTIONS",
     "billing.nonprime": "elsa.billing.rates:NONPRIME_OPTIONS",
     "billing.schedule": "elsa.billing.rates:SCHEDULE_OPTIONS",
+    "thresholds": "elsa.core.thresholds:OPTIONS",
 }
 
 

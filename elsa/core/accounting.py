@@ -31,6 +31,7 @@ from elsa.config import validate_table
 from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
+from elsa.core.thresholds import Folder
 from elsa.errors import ElsaError
 from elsa.logsetup import structlog
 
@@ -154,7 +155,8 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
                             history=history_lookup(store.db, manager.boot_id),
                             submit_many=store.submit_many,
                             settle=getattr(daemon, "settle_events", None),
-                            history_horizon=history_horizon)
+                            history_horizon=history_horizon,
+                            folder=Folder.from_section(cfg.section("thresholds")))
     durability = Durability(store, aggregator.hold_seconds)
     started: Dict[str, Any] = {}
     failed: Dict[str, str] = {}

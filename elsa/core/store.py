@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.model import Job
+from elsa.core.thresholds import MIGRATION as THRESHOLDS_MIGRATION
 from elsa.errors import StoreError
 from elsa.logsetup import structlog
 
@@ -204,6 +205,8 @@ MIGRATIONS: List[str] = [
     END;
     """,
     # -- end of migration 2 (issue 5) ---------------------------------------------------
+    # 3: folded small records ([thresholds]; owned by elsa/core/thresholds.py).
+    THRESHOLDS_MIGRATION,
 ]
 
 
