@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("freeze", "freeze every member of a job (cgroup2 backend)", jid=True)
     cmd("thaw", "thaw a frozen job (cgroup2 backend)", jid=True)
 
+    sp = cmd("tag", "set tags of a job, also after it ended (K= removes a tag); root/admin: any "
+                    "job, others: their own", jid=True)
+    sp.add_argument("tags", type=_tag_arg, nargs="+", metavar="K=V")
+
     cmd("status", "show elsad's version, backend and counters")
     return p
 
@@ -397,6 +401,15 @@ def do_end(c: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def do_tag(c: Client, args: argparse.Namespace) -> int:
+    job = job_out(c.tag(args.jid, dict(args.tags)))
+    if args.json:
+        _print_json(job)
+    else:
+        print(f"job {job['jid']} tags {_tags(job['tags'])}")
+    return EXIT_OK
+
+
 def do_freeze(c: Client, args: argparse.Namespace) -> int:
     res = c.freeze(args.jid) if args.command == "freeze" else c.thaw(args.jid)
     if args.json:
@@ -476,6 +489,7 @@ COMMANDS: Dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "create": do_create, "attach": do_attach, "detach": do_detach, "jobof": do_jobof,
     "list": do_list, "show": do_show, "pids": do_pids, "wait": do_wait, "kill": do_kill,
     "end": do_end, "freeze": do_freeze, "thaw": do_freeze, "status": do_status,
+    "tag": do_tag,
 }
 
 

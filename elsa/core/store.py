@@ -438,6 +438,9 @@ class Store:
                     (job.jid, job.name, job.owner_uid, json.dumps(dict(job.tags)), job.created,
                      job.ended, job.state, job.backend, json.dumps(dict(job.params))))
 
+    def set_tags(self, jid: int, tags: Mapping[str, str]) -> None:
+        self.submit("UPDATE jobs SET tags = ? WHERE jid = ?", (json.dumps(dict(tags)), jid))
+
     def mark_had_members(self, jid: int) -> None:
         self.submit("UPDATE jobs SET had_members = 1 WHERE jid = ?", (jid,))
 
