@@ -104,14 +104,17 @@ def _max(a: Optional[int], b: Optional[int]) -> Optional[int]:
     return a if b is None else max(a, b)
 
 
-def _finished(jid: int, db_path: Optional[str]) -> Dict[str, Any]:
-    """The job's stored records, or why there are none."""
+def _finished(jid: int, db_path: Optional[str], processes: bool) -> Dict[str, Any]:
+    """The job's stored totals (and records, when *processes*), or why there are none."""
     from elsa.report import query
 
     if db_path is None:
         return {"processes": [], "usage": None, "why": "no store configured"}
     try:
         db = query.open_store(db_path)
+        if not processes:  # the summary needs the totals only, whatever the job's size
+            usage = query.job_usage(db, [jid]).get(jid)
+            return {"processes": None, "usage": usage and usage["usage"], "why": None}
         detail = query.job_detail(db, jid)
     except ElsaError as exc:
         return {"processes": [], "usage": None, "why": exc.message}
@@ -121,15 +124,19 @@ def _finished(jid: int, db_path: Optional[str]) -> Dict[str, Any]:
 
 
 def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = None,
-          billing: Any = None) -> Dict[str, Any]:
-    """The report from elsad's ``ja`` answer, /proc, the cgroup and the store."""
+          billing: Any = None, processes: bool = True) -> Dict[str, Any]:
+    """The report from elsad's ``ja`` answer, /proc, the cgroup and the store.
+
+    Without *processes* (``ja -s``) the finished part is the store's job totals
+    instead of each record: ``commands`` and ``flow`` then list running
+    processes only."""
     now = time.time() if now is None else now
     job = reply["job"]
     jid = job["jid"] if isinstance(job["jid"], int) else int(job["jid"], 16)
     live = [p for p in (live_process(pid) for pid in job.get("pids", [])) if p is not None]
     live_pids = {p["pid"] for p in live}
-    fin = _finished(jid, db_path)
-    done = [dict(p, running=False) for p in fin["processes"] if p["pid"] not in live_pids]
+    fin = _finished(jid, db_path, processes)
+    done = [dict(p, running=False) for p in fin["processes"] or () if p["pid"] not in live_pids]
     notes: List[str] = []
     if fin["why"]:
         notes.append(f"finished processes not included: {fin['why']}")
@@ -142,7 +149,9 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
         figures = "cgroup"
     else:
         figures = "processes"
-        for p in live + done:
+        # Finished: the stored totals (every record, folded ones too); running: /proc.
+        parts = live + ([fin["usage"]] if fin["usage"] else [])
+        for p in parts:
             for k in ("cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
                 summary[k] = _add(summary[k], p.get(k))
             summary["max_rss_kb"] = _max(summary["max_rss_kb"], p.get("max_rss_kb"))
@@ -150,7 +159,7 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
     summary["coremem_mib_s"] = (None if usage.get("coremem_kb_us") is None
                                 else usage["coremem_kb_us"] / 1024 / 1e6)
     summary["processes_running"] = len(live)
-    summary["processes_finished"] = len(done) if not fin["why"] else None
+    summary["processes_finished"] = None if fin["why"] else (usage.get("processes") or 0)
     created = job.get("created")
     elapsed = None if created is None else (job.get("ended") or now) - created
     charge = None
@@ -284,7 +293,8 @@ def cmd_ja(args: argparse.Namespace, out) -> int:
                             "job (e.g. within 'elsa-jobmng run -- CMD')") from None
         raise ElsaError(str(exc)) from None
     db_path = args.db or os.path.join(args.state_dir or cfg.state_dir, "elsa.db")
-    report = build(reply, db_path, billing=rates.from_config(cfg))
+    detail = args.json or args.c or args.f
+    report = build(reply, db_path, billing=rates.from_config(cfg), processes=bool(detail))
     if args.json:
         json.dump(report, out)
         out.write("\n")
