@@ -56,6 +56,14 @@ def test_parsable2_format_order_and_noheader(db_path, capsys):
     assert sorted(capsys.readouterr().out.split()) == sorted([format_jid(1), format_jid(2)])
 
 
+def test_jobs_filter_by_tag(db_path, capsys):
+    assert main(["jobs", "--db", db_path, "--tag", "account=chem", "-P", "-n",
+                 "--format", "jid,partition"]) == 0
+    assert capsys.readouterr().out == f"{format_jid(1)}|short\n"
+    assert main(["jobs", "--db", db_path, "--tag", "account=none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
 def test_format_help_and_unknown_field(db_path, capsys):
     assert main(["jobs", "--format", "help"]) == 0
     out = capsys.readouterr().out

@@ -140,13 +140,6 @@ def print_csv(data: Dict[str, Any], out) -> None:
                    + [r["charge"], " ".join(r["unpriced"])])
 
 
-def _tag_arg(text: str) -> Tuple[str, str]:
-    k, sep, v = text.partition("=")
-    if not sep or not k:
-        raise argparse.ArgumentTypeError(f"--tag {text!r}: expected KEY=VALUE")
-    return k, v
-
-
 def _by_arg(text: str) -> str:
     if text in ("user", "account", "job") or (text.startswith("tag:") and len(text) > 4):
         return text
@@ -192,6 +185,8 @@ def add_parser(sub: Any, parents: List[argparse.ArgumentParser]) -> None:
                    help="group charges by this (default: user)")
     s.add_argument("--period", metavar="YYYY-MM[-DD]",
                    help="bill this month (or day), in the billing time zone")
+    from elsa.report.sacct import _tag_arg
+
     s.add_argument("--tag", action="append", type=_tag_arg, metavar="KEY=VALUE",
                    help="only jobs with this tag (repeatable; processes outside jobs are "
                         "then left out)")

@@ -167,7 +167,7 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
         sacct.format_help(out)
         return 0
     db = query.open_store(_db_path(args))
-    rows = query.jobs(db, args.since, args.until, args.state)
+    rows = sacct.with_tags(query.jobs(db, args.since, args.until, args.state), args.tag)
     if sacct.print_jobs(args, rows, out):
         return 0
 

@@ -199,7 +199,25 @@ def print_jobs(args: argparse.Namespace, rows: List[Dict[str, Any]], out) -> boo
     return True
 
 
+def with_tags(rows: List[Dict[str, Any]], tags: Optional[List[Tuple[str, str]]]
+              ) -> List[Dict[str, Any]]:
+    """The jobs having every tag K=V given (``--tag``)."""
+    if not tags:
+        return rows
+    return [r for r in rows if all((r.get("tags") or {}).get(k) == v for k, v in tags)]
+
+
+def _tag_arg(text: str) -> Tuple[str, str]:
+    k, sep, v = text.partition("=")
+    if not sep or not k:
+        raise argparse.ArgumentTypeError(f"--tag {text!r}: expected KEY=VALUE")
+    return k, v
+
+
 def add_jobs_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tag", action="append", type=_tag_arg, metavar="KEY=VALUE",
+                   help="only jobs with this tag, e.g. account=chem or wlm_job_id=4242 "
+                        "(repeatable)")
     p.add_argument("--format", metavar="FIELD,...",
                    help="columns, in order (sacct-style); 'help' lists them")
     p.add_argument("--parsable2", "-P", action="store_true",
