@@ -248,3 +248,26 @@ def test_bad_holidays_line_refused_at_config_load(tmp_path):
     with pytest.raises(ConfigError) as err:
         config.load(str(f))
     assert f"{hol}:8: expected a holiday line" in err.value.message
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("[billing.rates]\ncpu_user = -0.5\n", "key 'billing.rates.cpu_user' must be 0 or more"),
+    ("[billing]\nholidays = \"{hol}\"\n", ":8: expected a holiday line"),
+])
+def test_elsad_and_elsa_refuse_a_bad_rate_table(tmp_path, body, msg):
+    import subprocess
+    import sys
+
+    hol = tmp_path / "csa.holidays"
+    hol.write_text(HOLIDAYS.replace("330  Nov 26", "330  Nov"))
+    sock, state = tmp_path / "s.sock", tmp_path / "st"
+    cfg = tmp_path / "elsa.toml"
+    cfg.write_text(f'socket = "{sock}"\nstate_dir = "{state}"\n' + body.format(hol=hol))
+    res = subprocess.run([sys.executable, "-m", "elsa.elsad", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and msg in res.stderr and str(cfg) in res.stderr
+    assert not sock.exists() and not state.exists()
+    res = subprocess.run([sys.executable, "-m", "elsa.report.cli", "bill", "--config",
+                          str(cfg), "--period", "2026-11"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and msg in res.stderr and res.stdout == ""
