@@ -447,6 +447,9 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
                      f"{control.get('denied')} denied")
     if st.get("sources"):
         lines.append(f"sources    {', '.join(sorted(st['sources']))}")
+        agg = st["sources"].get("aggregator") or {}
+        if agg.get("folded"):  # [thresholds]: small records stored folded
+            lines.append(f"folded     {agg['folded']} small process records ([thresholds])")
     print("\n".join(lines))
     return EXIT_OK
 

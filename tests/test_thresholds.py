@@ -96,3 +96,33 @@ def test_thresholds_config_validated(tmp_path):
     f.write_text("[thresholds]\nmin_cpu_ms = 5\nmin_rss_kb = 1000\n")
     assert config.load(str(f)).section("thresholds") == {"min_cpu_ms": 5, "min_rss_kb": 1000}
     assert Folder.from_section(config.load(None).section("thresholds")) is None
+
+
+@pytest.mark.root
+def test_daemon_folds_and_status_counts(elsad):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import wait_for
+
+    d = elsad(extra="[sources.taskstats]\n[thresholds]\nmin_cpu_ms = 50\n")
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "run", "--", "sh", "-c",
+                        "for i in 1 2 3 4 5 6 7 8 9 10; do /bin/true; done"], env=env)
+    assert r.returncode == 0
+    db = sqlite3.connect(f"file:{d.state_dir}/elsa.db?mode=ro", uri=True)
+
+    def job_has_all() -> bool:
+        row = db.execute("SELECT MAX(processes) FROM job_usage").fetchone()
+        return bool(row[0] and row[0] >= 11)
+
+    wait_for(job_has_all, 30, what="the job's 11 processes in job_usage")
+    (jid, n_job_rows) = db.execute("SELECT jid, COUNT(*) FROM proc_usage WHERE jid IS NOT NULL "
+                                   "GROUP BY jid").fetchone() or (None, 0)
+    assert n_job_rows < 11  # the ten /bin/true (and probably sh) were folded
+    assert db.execute("SELECT SUM(folded) FROM proc_folded WHERE jid IS NOT NULL"
+                      ).fetchone()[0] >= 10
+    out = subprocess.run(["elsa-jobmng", "--socket", d.socket, "status"], env=env,
+                         capture_output=True, text=True).stdout
+    assert "small process records ([thresholds])" in out
