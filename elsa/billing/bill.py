@@ -26,7 +26,6 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from elsa.billing.rates import RESOURCES, BillingConfig
 from elsa.core.aggregator import priority
-from elsa.report.query import _PRIO_SQL
 from elsa.report.query import BUCKET as _BUCKET
 
 _US = Decimal(1_000_000)
@@ -291,10 +290,10 @@ def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float) -> None:
 #: Whole hours from the store's hourly rollup (all process records, per uid and
 #: source), less the records of jobs in the same hours (jobs are billed as jobs).
 #: The hour expression is the one the rollup's trigger files records under.
-ROLLUP_SQL = ("SELECT bucket, prio, uid, SUM(processes), SUM(cpu_user_us), "
+ROLLUP_SQL = ("SELECT bucket, source, uid, SUM(processes), SUM(cpu_user_us), "
               "SUM(cpu_system_us), SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us) "
-              "FROM usage_rollup WHERE bucket >= ? AND bucket < ? GROUP BY bucket, prio, uid")
-JOBBED_SQL = (f"SELECT CAST(p.end_time / {_BUCKET} AS INTEGER) AS b, {_PRIO_SQL} AS prio, "
+              "FROM usage_rollup WHERE bucket >= ? AND bucket < ? GROUP BY bucket, source, uid")
+JOBBED_SQL = (f"SELECT CAST(p.end_time / {_BUCKET} AS INTEGER) AS b, p.source AS s, "
               "COALESCE(p.uid, -1) AS u, COUNT(*), SUM(COALESCE(p.cpu_user_us, 0)), "
               "SUM(COALESCE(p.cpu_system_us, 0)), SUM(COALESCE(p.read_bytes, 0)), "
               "SUM(COALESCE(p.write_bytes, 0)), SUM(COALESCE(p.elapsed_us, 0)) "
@@ -308,22 +307,23 @@ JOBBED_SQL = (f"SELECT CAST(p.end_time / {_BUCKET} AS INTEGER) AS b, {_PRIO_SQL}
 def _rollup_into(acc: _OutsideJobs, db: Any, blo: int, bhi: int) -> None:
     """Hours [blo, bhi): each hour's usage split by that hour's prime seconds."""
     roll = db.execute(ROLLUP_SQL, (blo, bhi)).fetchall()
-    jobbed: Dict[Tuple[int, int, int], Tuple[int, ...]] = {}
+    jobbed: Dict[Tuple[int, str, int], Tuple[int, ...]] = {}
     lo, hi = blo * _BUCKET, bhi * _BUCKET
-    for b, prio, uid, *vals in db.execute(JOBBED_SQL, (hi, lo, lo, hi)):
-        jobbed[(b, prio, uid)] = tuple(vals)
-    best: Dict[int, int] = {}
-    for r in roll:
-        if r[0] not in best or r[1] < best[r[0]]:
-            best[r[0]] = r[1]
+    for b, src, uid, *vals in db.execute(JOBBED_SQL, (hi, lo, lo, hi)):
+        jobbed[(b, src, uid)] = tuple(vals)
+    # The best source present in each hour, as `elsa summary` counts it.
+    best: Dict[int, str] = {}
+    for b, src, *_ in roll:
+        if b not in best or (priority(src), src) < (priority(best[b]), best[b]):
+            best[b] = src
     sched = acc.biller.cfg.schedule
     ratio: Dict[int, Decimal] = {}
     # Sum integers per (user, prime fraction) first: one Decimal pricing per pair.
     sums: Dict[Tuple[int, Decimal], List[int]] = {}
-    for b, prio, uid, *vals in roll:
-        if best[b] != prio:
+    for b, src, uid, *vals in roll:
+        if best[b] != src:
             continue
-        minus = jobbed.get((b, prio, uid))
+        minus = jobbed.get((b, src, uid))
         if minus is not None:
             vals = [v - m for v, m in zip(vals, minus)]
         if vals[0] <= 0:
