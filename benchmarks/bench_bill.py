@@ -31,6 +31,7 @@ from bench_pacct_summary import (
     USERS,
     best_time,
     cache_dir,
+    compile_bytecode,
     elsa_cmd,
     make_pacct,
     print_rows,
@@ -71,6 +72,7 @@ def main(records: int = 10_000_000, runs: int = 3) -> List[Dict[str, Any]]:
         build_store(db_path, records)
         with open(marker, "w") as fh:
             fh.write(f"built in {time.perf_counter() - t:.1f} s\n")
+    compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="elsa-bench-bill-") as tmp:
         cfg = os.path.join(tmp, "elsa.toml")
         with open(cfg, "w") as fh:
@@ -115,6 +117,7 @@ def ja_latency(runs: int = 10) -> float:
 
     from elsa.testing import DaemonProc
 
+    compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="elsa-bench-ja-") as tmp:
         d = DaemonProc(Path(tmp), extra="[sources.taskstats]\n").start()
         try:
