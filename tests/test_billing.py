@@ -271,3 +271,22 @@ def test_elsad_and_elsa_refuse_a_bad_rate_table(tmp_path, body, msg):
                           str(cfg), "--period", "2026-11"], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 2 and msg in res.stderr and res.stdout == ""
+
+
+def test_folded_job_records_are_not_billed_twice(site, capsys):
+    # [thresholds] folded small records of job 1 (into proc_folded): they reach the hourly
+    # rollup and job 1's totals, and are not billed again as processes outside jobs.
+    cfg = config.load(site)
+    db = sqlite3.connect(f"{cfg.state_dir}/elsa.db", isolation_level=None)
+    end = ts("2026-11-25T18:30")
+    db.execute("INSERT INTO proc_folded(source, jid, uid, comm, start_time, end_time, folded, "
+               "mem_kb_sum, cpu_user_us, cpu_system_us, elapsed_us) VALUES ('taskstats', 1, "
+               "1000, 'sh', ?, ?, 50, 0, 100000000, 0, 1000000)", (end - 60, end))
+    db.close()
+    data = _bill(capsys, site, "--by", "job")
+    rows = {r["key"]: r for r in data["rows"]}
+    from elsa.core.model import format_jid
+
+    # Job 1 now has 100 s more user CPU: 100 x 0.007 = 0.7 more (10.774 + 0.7 = 11.474).
+    assert rows[format_jid(1)]["charge"] == "11.47"
+    assert rows[None]["charge"] == "1.40"  # outside jobs: as before

@@ -62,7 +62,7 @@ def test_tag_after_the_fact(elsad):
         wait_for(lambda: c.show(jid)["state"] == "ended", 10, what="the job to end")
         job = c.tag(jid, {"account": "chem", "queue": ""})
     assert job["tags"] == {"account": "chem"}
-    r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "--json", "tag", hex(jid),
+    r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "--json", "tag", jid,
                         "project=x"], env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tags"] == {"account": "chem", "project": "x"}
@@ -73,7 +73,7 @@ def test_tag_after_the_fact(elsad):
     # Another user may not tag root's job (run as nobody where this Python allows it).
     try:
         r = subprocess.run([sys.executable, "-m", "elsa.jobmng", "--socket", d.socket, "tag",
-                            hex(jid), "a=b"], user=65534, capture_output=True, text=True)
+                            jid, "a=b"], user=65534, capture_output=True, text=True)
     except PermissionError:
         return
     if "Permission denied" in r.stderr and "python" in r.stderr:

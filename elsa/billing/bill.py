@@ -21,11 +21,12 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import sqlite3
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from elsa.billing.rates import RESOURCES, BillingConfig
-from elsa.core.aggregator import priority
+from elsa.core.usage import load_priorities, priority
 from elsa.report.query import BUCKET as _BUCKET
 
 _US = Decimal(1_000_000)
@@ -262,10 +263,11 @@ def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float) -> None:
             f"WHERE {where} AND ({si}) <> ({ei})", (since, until)).fetchall()
     # One source per period (by end time): the best present, so a process
     # reported by two sources is billed once.
+    prios = load_priorities(db)
     best: Dict[int, str] = {}
     for r in grouped:
         src, e = r[1], r[3]
-        if e not in best or (priority(src), src) < (priority(best[e]), best[e]):
+        if e not in best or (priority(src, prios), src) < (priority(best[e], prios), best[e]):
             best[e] = src
     for uid, src, s_idx, e_idx, n, cu, cs, memk, integ, rd, wr, el in grouped:
         if s_idx != e_idx or best.get(e_idx) != src:
@@ -293,28 +295,40 @@ def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float) -> None:
 ROLLUP_SQL = ("SELECT bucket, source, uid, SUM(processes), SUM(cpu_user_us), "
               "SUM(cpu_system_us), SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us) "
               "FROM usage_rollup WHERE bucket >= ? AND bucket < ? GROUP BY bucket, source, uid")
-JOBBED_SQL = (f"SELECT CAST(p.end_time / {_BUCKET} AS INTEGER) AS b, p.source AS s, "
-              "COALESCE(p.uid, -1) AS u, COUNT(*), SUM(COALESCE(p.cpu_user_us, 0)), "
-              "SUM(COALESCE(p.cpu_system_us, 0)), SUM(COALESCE(p.read_bytes, 0)), "
-              "SUM(COALESCE(p.write_bytes, 0)), SUM(COALESCE(p.elapsed_us, 0)) "
-              # From the jobs alive in the window through the jid index, not a scan of
-              # every record (CROSS JOIN: SQLite keeps this join order; standard SQL).
-              "FROM jobs AS j CROSS JOIN proc_usage AS p "
-              "WHERE p.jid = j.jid AND j.created < ? AND (j.ended IS NULL OR j.ended >= ?) "
-              "AND p.end_time >= ? AND p.end_time < ? GROUP BY 1, 2, 3")
+_JOBBED = ("SELECT CAST(p.end_time / {bucket} AS INTEGER) AS b, p.source AS s, "
+           "COALESCE(p.uid, -1) AS u, {count}, SUM(COALESCE(p.cpu_user_us, 0)), "
+           "SUM(COALESCE(p.cpu_system_us, 0)), SUM(COALESCE(p.read_bytes, 0)), "
+           "SUM(COALESCE(p.write_bytes, 0)), SUM(COALESCE(p.elapsed_us, 0)) "
+           # From the jobs alive in the window through the jid index, not a scan of
+           # every record (CROSS JOIN: SQLite keeps this join order; standard SQL).
+           "FROM jobs AS j CROSS JOIN {table} AS p "
+           "WHERE p.jid = j.jid AND j.created < ? AND (j.ended IS NULL OR j.ended >= ?) "
+           "AND p.end_time >= ? AND p.end_time < ? GROUP BY 1, 2, 3")
+JOBBED_SQL = _JOBBED.format(bucket=_BUCKET, count="COUNT(*)", table="proc_usage")
+#: The jobs' small records folded by [thresholds] (elsa/core/thresholds.py).
+JOBBED_FOLDED_SQL = _JOBBED.format(bucket=_BUCKET, count="SUM(p.folded)", table="proc_folded")
 
 
 def _rollup_into(acc: _OutsideJobs, db: Any, blo: int, bhi: int) -> None:
     """Hours [blo, bhi): each hour's usage split by that hour's prime seconds."""
     roll = db.execute(ROLLUP_SQL, (blo, bhi)).fetchall()
-    jobbed: Dict[Tuple[int, str, int], Tuple[int, ...]] = {}
+    jobbed: Dict[Tuple[int, str, int], List[int]] = {}
     lo, hi = blo * _BUCKET, bhi * _BUCKET
-    for b, src, uid, *vals in db.execute(JOBBED_SQL, (hi, lo, lo, hi)):
-        jobbed[(b, src, uid)] = tuple(vals)
+    params = (hi, lo, lo, hi)
+    got = db.execute(JOBBED_SQL, params).fetchall()
+    try:
+        got += db.execute(JOBBED_FOLDED_SQL, params).fetchall()
+    except sqlite3.OperationalError:
+        pass  # a store elsad has not migrated yet (no proc_folded): nothing folded
+    for b, src, uid, *vals in got:
+        have = jobbed.setdefault((b, src, uid), [0] * len(vals))
+        for i, v in enumerate(vals):
+            have[i] += v
     # The best source present in each hour, as `elsa summary` counts it.
+    prios = load_priorities(db)
     best: Dict[int, str] = {}
     for b, src, *_ in roll:
-        if b not in best or (priority(src), src) < (priority(best[b]), best[b]):
+        if b not in best or (priority(src, prios), src) < (priority(best[b], prios), best[b]):
             best[b] = src
     sched = acc.biller.cfg.schedule
     ratio: Dict[int, Decimal] = {}
