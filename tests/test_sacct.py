@@ -28,6 +28,10 @@ def db_path(tmp_path):
                "cpu_user_us, cpu_system_us, max_rss_kb, read_bytes, write_bytes) VALUES "
                "('taskstats', 1, 10, ?, ?, 0, 'cc', 120000000, 30000000, 262144, 1536, 0)",
                (T0, T0 + 100))
+    # Its first member (the script) exited 2; a later one was killed.
+    db.execute("INSERT INTO members VALUES ('b', 10, 1, 1, ?, ?, 512, 'fork', 0)", (T0, T0 + 99))
+    db.execute("INSERT INTO members VALUES ('b', 11, 2, 1, ?, ?, 9, 'fork', 0)",
+               (T0 + 1, T0 + 50))
     # Job 2: no limits, no usage measured.
     db.execute("INSERT INTO jobs VALUES (2, 'idle', 0, '{}', ?, ?, 'ended', 'cnproc', '{}', 0)",
                (T0 + 200, T0 + 90061))
@@ -62,6 +66,13 @@ def test_jobs_filter_by_tag(db_path, capsys):
     assert capsys.readouterr().out == f"{format_jid(1)}|short\n"
     assert main(["jobs", "--db", db_path, "--tag", "account=none", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_state_and_exit_from_the_first_member(db_path, capsys):
+    assert main(["jobs", "--db", db_path, "-P", "-n", "--format", "jid,state,exit"]) == 0
+    rows = dict(ln.split("|", 1) for ln in capsys.readouterr().out.split())
+    assert rows[format_jid(1)] == "FAILED|2:0"
+    assert rows[format_jid(2)] == "ENDED|-"  # no member: unknown, not 0:0
 
 
 def test_format_help_and_unknown_field(db_path, capsys):

@@ -177,6 +177,8 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
         return 0
     db = query.open_store(_db_path(args))
     rows = sacct.with_tags(query.jobs(db, args.since, args.until, args.state), args.tag)
+    if args.format or args.parsable2 or args.noheader:
+        sacct.add_root_exits(db, rows)
     if sacct.print_jobs(args, rows, out):
         return 0
 

@@ -52,19 +52,31 @@ def fmt_size(n: Optional[float]) -> str:
 
 
 def exit_text(code: Optional[int], signal: Optional[int]) -> str:
-    if code is None and signal is None:
-        return "-"
-    return f"{code or 0}:{signal or 0}"
+    from elsa.core.model import format_exit
+
+    return format_exit(code, signal)
+
+
+#: The exit status of each job's first member (the batch script, the command of
+#: `elsa-jobmng run`): what sacct shows as the job's ExitCode.
+ROOT_EXIT_SQL = ("SELECT m.jid, m.exit_code FROM members AS m WHERE m.jid = ? AND m.joined = "
+                 "(SELECT MIN(f.joined) FROM members AS f WHERE f.jid = m.jid)")
+
+
+def add_root_exits(db: Any, rows: List[Dict[str, Any]]) -> None:
+    """Set ``exit_code``/``exit_signal`` of ended jobs from their first member's exit."""
+    from elsa.core.model import parse_jid, split_exit
+
+    for r in rows:
+        if r.get("state") == "running" or "exit_code" in r:
+            continue
+        got = db.execute(ROOT_EXIT_SQL, (parse_jid(r["jid"]),)).fetchone()
+        r["exit_code"], r["exit_signal"] = split_exit(got[1] if got else None)
 
 
 def job_exit(job: Dict[str, Any]) -> Tuple[Optional[int], Optional[int]]:
-    """(exit code, signal) of a job row: the separate keys, else a wait status."""
-    if "exit_code" in job or "exit_signal" in job:
-        return job.get("exit_code"), job.get("exit_signal")
-    status = job.get("exit_status")
-    if status is None:
-        return None, None
-    return (status >> 8) & 0xFF, status & 0x7F
+    """(exit code, signal) of a job row (:func:`add_root_exits`); unknown: (None, None)."""
+    return job.get("exit_code"), job.get("exit_signal")
 
 
 def job_state(job: Dict[str, Any]) -> str:
@@ -311,6 +323,7 @@ def cmd_eff(args: argparse.Namespace, out) -> int:
     detail = query.job_detail(db, jid)
     if detail is None or "created" not in detail:
         raise ElsaError(f"no job {args.jid} in the store; list jobs with 'elsa jobs'")
+    add_root_exits(db, [detail])
     e = efficiency(detail)
     if args.json:
         json.dump(e, out)
