@@ -72,6 +72,11 @@ def test_totals_unchanged_rows_folded():
     # One row per job (or none), user, command, hour and batch.
     assert n_folded[1] <= 2 * 2 * 8
     assert agg.status()["folded"] == 390
+    # `elsa job` lists the job's folded records per command beside its processes.
+    detail = query.job_detail(folded, 7)
+    assert len(detail["processes"]) + sum(f["processes"] for f in detail["folded"]) == 200
+    assert {f["comm"] for f in detail["folded"]} == {"sh"}
+    assert query.job_detail(plain, 7)["folded"] == []
 
 
 def test_rss_threshold_and_either_rule():

@@ -173,3 +173,23 @@ class Folder:
                     g[k] = r[k]
         self.folded += len(rows) - len(keep)
         return keep, [tuple(g[c] for c in FOLDED_COLUMNS) for g in groups.values()]
+
+
+FOLDED_OF_JOB_SQL = ("SELECT comm, uid, SUM(folded), SUM(cpu_user_us), SUM(cpu_system_us), "
+                     "MAX(max_rss_kb), MIN(start_time), MAX(end_time) FROM proc_folded "
+                     "WHERE jid = ? AND source = ? GROUP BY comm, uid ORDER BY comm, uid")
+FOLDED_KEYS = ("comm", "uid", "processes", "cpu_user_us", "cpu_system_us", "max_rss_kb",
+               "first_start", "last_end")
+
+
+def folded_of_job(db: Any, jid: int, source: Optional[str]) -> List[Dict[str, Any]]:
+    """The job's folded records of *source*, per command and user (``elsa job``)."""
+    import sqlite3
+
+    if source is None:
+        return []
+    try:
+        rows = db.execute(FOLDED_OF_JOB_SQL, (jid, source)).fetchall()
+    except sqlite3.OperationalError:  # a store elsad has not migrated yet
+        return []
+    return [dict(zip(FOLDED_KEYS, r)) for r in rows]

@@ -252,6 +252,9 @@ def cmd_job(args: argparse.Namespace, out) -> int:
                  _fmt_bytes(p["write_bytes"]), format_exit(p["exit_code"], p["exit_signal"])]
                 for p in detail["processes"]]
         _table(body, header, out)
+        for f in detail.get("folded", ()):
+            out.write(f"folded ([thresholds]): {f['processes']} small {f['comm']} records, "
+                      f"user {_fmt_us(f['cpu_user_us'])} sys {_fmt_us(f['cpu_system_us'])}\n")
 
     _emit(args, detail, detail["processes"], table, out)
     return 0
