@@ -1,7 +1,6 @@
 """Prime and non-prime time: a weekly schedule plus CSA ``csa.holidays`` files.
 
 A CSA site brings its holidays file unchanged (LinuxCSA reads the same lines)::
-reads the same lines)::
 
     * comment lines start with '*'
     HOLIDAYFILE_VERSION1
