@@ -70,12 +70,7 @@ def _site_filters(args: argparse.Namespace, db: Any) -> Dict[str, Any]:
     if hosts and not db.central:
         raise ElsaError("--host selects nodes of the central store: use it with "
                         "--db postgresql://...")
-    tags: Dict[str, str] = {}
-    for t in getattr(args, "tag", None) or []:
-        k, sep, v = t.partition("=")
-        if not sep or not k:
-            raise ElsaError(f"--tag {t!r}: expected KEY=VALUE")
-        tags[k] = v
+    tags = dict(getattr(args, "tag", None) or [])  # (key, value) pairs
     return {"hosts": hosts, "tags": tags}
 
 
@@ -186,10 +181,18 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace, out) -> int:
-    from elsa.report import query
+    from elsa.report import query, sacct
 
+    if args.format == "help":
+        sacct.format_help(out)
+        return 0
     db = query.open_db(_db_path(args))
-    rows = query.jobs(db, args.since, args.until, args.state, **_site_filters(args, db))
+    rows = sacct.with_tags(query.jobs(db, args.since, args.until, args.state,
+                                      **_site_filters(args, db)), args.tag)
+    if args.format or args.parsable2 or args.noheader:
+        sacct.add_root_exits(db, rows)
+    if sacct.print_jobs(args, rows, out):
+        return 0
 
     def table() -> None:
         header = ["JID", "NAME", "OWNER", "STATE", "CREATED", "ENDED", "WALL", "PROCS", "CPU",
@@ -261,6 +264,9 @@ def cmd_job(args: argparse.Namespace, out) -> int:
                  _fmt_bytes(p["write_bytes"]), format_exit(p["exit_code"], p["exit_signal"])]
                 for p in detail["processes"]]
         _table(body, header, out)
+        for f in detail.get("folded", ()):
+            out.write(f"folded ([thresholds]): {f['processes']} small {f['comm']} records, "
+                      f"user {_fmt_us(f['cpu_user_us'])} sys {_fmt_us(f['cpu_system_us'])}\n")
 
     _emit(args, detail, detail["processes"], table, out)
     return 0
@@ -303,22 +309,27 @@ def build_parser() -> argparse.ArgumentParser:
     window = argparse.ArgumentParser(add_help=False)
     window.add_argument("--since", type=parse_time, help="from this time (ISO, epoch, or age)")
     window.add_argument("--until", type=parse_time, help="up to this time (exclusive)")
-    window.add_argument("--host", action="append", metavar="HOST",
-                        help="only these nodes of the central store (repeatable)")
-    window.add_argument("--tag", action="append", metavar="KEY=VALUE",
-                        help="only jobs with this tag (repeatable; jobs, summary --by job)")
+    site = argparse.ArgumentParser(add_help=False)
+    site.add_argument("--host", action="append", metavar="HOST",
+                      help="only these nodes of the central store (repeatable)")
 
     p = argparse.ArgumentParser(prog="elsa", description="Per-job accounting reports.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("jobs", parents=[common, window], help="list jobs with their usage")
+    s = sub.add_parser("jobs", parents=[common, window, site],
+                       help="list jobs with their usage")
     s.add_argument("--state", choices=("running", "ended"))
+    from elsa.report import sacct
+
+    sacct.add_jobs_options(s)
     s.set_defaults(func=cmd_jobs)
     s = sub.add_parser("job", parents=[common], help="one job: usage and every process")
     s.add_argument("jid", help="job id (0x... or decimal)")
     s.add_argument("--source", help="process records of this source (default: the best)")
     s.set_defaults(func=cmd_job)
-    s = sub.add_parser("summary", parents=[common, window],
+    s = sub.add_parser("summary", parents=[common, window, site],
                        help="totals by job, user or command")
+    s.add_argument("--tag", action="append", type=sacct._tag_arg, metavar="KEY=VALUE",
+                   help="only jobs with this tag (repeatable; with --by job)")
     s.add_argument("--by", choices=("job", "user", "command"), default="user")
     s.add_argument("--source", help="count only this source's process records")
     s.add_argument("--acct-file", action="append", metavar="PACCT",
@@ -329,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-attribute", action="store_true",
                    help="do not attribute records to jobs from the membership history")
     s.set_defaults(func=cmd_import_acct)
+    from elsa.billing.cli import add_parser as add_bill
+
+    add_bill(sub, [common, window])
+    sacct.add_eff_parser(sub, [common])
+    from elsa.report import ja
+
+    ja.add_parser(sub, [common])
+    from elsa.apps.report import add_parser as add_apps
+
+    add_apps(sub, [common, window])
     from elsa.central.cli import add_commands
 
     add_commands(sub)
