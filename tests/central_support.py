@@ -16,6 +16,7 @@ from elsa.config import validate_table
 from elsa.core.aggregator import INSERT_PROC
 from elsa.core.model import Job
 from elsa.core.store import Store
+from elsa.core.thresholds import INSERT_FOLDED
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -71,6 +72,11 @@ def fill_store(state: Path, seed: int, jobs: int = 5, procs: int = 300) -> Store
                          rnd.randrange(10**6), rnd.randrange(10**6), 0, 0, 5, 0, 1, 1, None,
                          None, None))
         st.submit_many(INSERT_PROC, rows)
+        # Small records folded by [thresholds]: one row per job, source, user, command, hour.
+        st.submit_many(INSERT_FOLDED, [
+            ("taskstats", jid, 1000 + k, 100, "tiny", created + 60 * k, created + 60 * k + 1,
+             10 + k, 500, 1000 * k, 200, 3000, 1, 2, 0, 0, 5, 0, 1, 1, None, None, 300, None)
+            for k in range(3)])
         st.end_job(jid, created + 7100, "ended")
     st.flush()
     return st

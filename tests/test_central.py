@@ -140,6 +140,7 @@ def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> 
     one = parse_jid(ja[0]["jid"])
     da, db_ = query.job_detail(local, one), query.job_detail(central, one)
     assert da["usage"] == db_["usage"] and len(da["processes"]) == len(db_["processes"])
+    assert da["folded"] and da["folded"] == db_["folded"]  # [thresholds]' folded records
     # CLI: --db URL, --host and --tag.
     dburl = pg.admin_url.replace("/postgres?", "/ship?")
     capsys.readouterr()  # the shipper's log lines

@@ -125,6 +125,27 @@ MIGRATIONS: List[str] = [
         majflt BIGINT NOT NULL,
         PRIMARY KEY (bucket, host, prio, source, uid, comm)
     );
+    -- Small process records a node folded ([thresholds]): one row per job,
+    -- source, user, command and hour, keyed by the node's own row id.
+    CREATE TABLE proc_folded (
+        host TEXT NOT NULL,
+        id BIGINT NOT NULL,
+        source TEXT NOT NULL,
+        jid BIGINT, uid INTEGER, gid INTEGER,
+        comm TEXT NOT NULL DEFAULT '',
+        start_time DOUBLE PRECISION,
+        end_time DOUBLE PRECISION NOT NULL,
+        folded BIGINT NOT NULL,
+        mem_kb_sum BIGINT NOT NULL,
+        cpu_user_us BIGINT, cpu_system_us BIGINT, elapsed_us BIGINT,
+        read_bytes BIGINT, write_bytes BIGINT, read_chars BIGINT, write_chars BIGINT,
+        minflt BIGINT, majflt BIGINT, nvcsw BIGINT, nivcsw BIGINT,
+        coremem_kb_us BIGINT, virtmem_kb_us BIGINT,
+        max_rss_kb BIGINT, max_vm_kb BIGINT,
+        PRIMARY KEY (host, id)
+    );
+    CREATE INDEX proc_folded_jid ON proc_folded (jid);
+    CREATE INDEX proc_folded_end ON proc_folded (end_time);
     -- uid -> name as each node's passwd had it when it shipped.
     CREATE TABLE host_users (
         host TEXT NOT NULL,
@@ -174,11 +195,45 @@ MIGRATIONS: List[str] = [
     END $$;
     CREATE TRIGGER proc_usage_rollup AFTER INSERT ON proc_usage
         REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION elsa_rollup();
+    CREATE FUNCTION elsa_rollup_folded() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+        SET search_path = public AS $$
+    BEGIN
+        INSERT INTO usage_rollup
+        SELECT host, floor(end_time / 3600)::bigint,
+               CASE source WHEN 'taskstats' THEN 1 WHEN 'bsdacct' THEN 2 ELSE 9 END,
+               source, COALESCE(uid, -1), comm, sum(folded),
+               sum(COALESCE(cpu_user_us, 0)), sum(COALESCE(cpu_system_us, 0)),
+               sum(COALESCE(elapsed_us, 0)), max(max_rss_kb), sum(mem_kb_sum),
+               sum(COALESCE(read_bytes, 0)), sum(COALESCE(write_bytes, 0)),
+               sum(COALESCE(minflt, 0)), sum(COALESCE(majflt, 0))
+        FROM new_rows GROUP BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT (bucket, host, prio, source, uid, comm) DO UPDATE SET
+            processes = usage_rollup.processes + excluded.processes,
+            cpu_user_us = usage_rollup.cpu_user_us + excluded.cpu_user_us,
+            cpu_system_us = usage_rollup.cpu_system_us + excluded.cpu_system_us,
+            elapsed_us = usage_rollup.elapsed_us + excluded.elapsed_us,
+            max_rss_kb = GREATEST(usage_rollup.max_rss_kb, excluded.max_rss_kb),
+            mem_kb_sum = usage_rollup.mem_kb_sum + excluded.mem_kb_sum,
+            read_bytes = usage_rollup.read_bytes + excluded.read_bytes,
+            write_bytes = usage_rollup.write_bytes + excluded.write_bytes,
+            minflt = usage_rollup.minflt + excluded.minflt,
+            majflt = usage_rollup.majflt + excluded.majflt;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER proc_folded_rollup AFTER INSERT ON proc_folded
+        REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+        EXECUTE FUNCTION elsa_rollup_folded();
 
     ALTER TABLE jobs ENABLE ROW LEVEL SECURITY;
     ALTER TABLE job_usage ENABLE ROW LEVEL SECURITY;
     ALTER TABLE proc_usage ENABLE ROW LEVEL SECURITY;
     ALTER TABLE host_users ENABLE ROW LEVEL SECURITY;
+    ALTER TABLE proc_folded ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY node_own ON proc_folded FOR ALL TO elsa_node
+        USING (host = (SELECT elsa_my_host())) WITH CHECK (host = (SELECT elsa_my_host()));
+    CREATE POLICY reader_all ON proc_folded FOR SELECT TO elsa_reader USING (true);
+    GRANT SELECT, INSERT ON proc_folded TO elsa_node;
+    GRANT SELECT ON proc_folded TO elsa_reader;
     ALTER TABLE usage_rollup ENABLE ROW LEVEL SECURITY;
     CREATE POLICY node_own ON jobs FOR ALL TO elsa_node
         USING (host = (SELECT elsa_my_host())) WITH CHECK (host = (SELECT elsa_my_host()));
@@ -299,6 +354,10 @@ PROC_COLUMNS = ("source", "jid", "pid", "start_ticks", "start_time", "end_time",
                 "max_rss_kb", "max_vm_kb", "read_bytes", "write_bytes", "read_chars",
                 "write_chars", "minflt", "majflt", "nvcsw", "nivcsw", "coremem_kb_us",
                 "virtmem_kb_us", "extra")
+FOLDED_COLUMNS = ("source", "jid", "uid", "gid", "comm", "start_time", "end_time", "folded",
+                  "mem_kb_sum", "cpu_user_us", "cpu_system_us", "elapsed_us", "read_bytes",
+                  "write_bytes", "read_chars", "write_chars", "minflt", "majflt", "nvcsw",
+                  "nivcsw", "coremem_kb_us", "virtmem_kb_us", "max_rss_kb", "max_vm_kb")
 JOB_COLUMNS = ("jid", "name", "owner_uid", "tags", "created", "ended", "state", "backend",
                "params")
 JOB_USAGE_COLUMNS = ("jid", "source", "processes", "cpu_user_us", "cpu_system_us",

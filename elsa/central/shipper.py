@@ -53,6 +53,7 @@ OPTIONS: Dict[str, Option] = {
 }
 
 MARK_KEY = "central.proc_id"
+FOLDED_MARK_KEY = "central.folded_id"
 #: Ended jobs are compared with their shipped snapshot this long after they
 #: end: a source's final figures or an incomplete flag may come after the end.
 RECHECK_S = 600.0
@@ -83,6 +84,7 @@ class Shipper:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "elsa-central-read")
         self._ahead: Optional[Tuple[int, concurrent.futures.Future]] = None
         self._mark = 0
+        self._folded_mark = 0
         self._sigs: Dict[int, str] = {}
         # After a start or an error, a round may re-send rows whose commit this
         # node did not see: then (and on a unique violation) rows go in with
@@ -184,6 +186,9 @@ class Shipper:
                                        timeout=30.0, check_same_thread=False)
         row = self._local.execute("SELECT value FROM meta WHERE key = ?", (MARK_KEY,)).fetchone()
         self._mark = int(row[0]) if row else 0
+        row = self._local.execute("SELECT value FROM meta WHERE key = ?",
+                                  (FOLDED_MARK_KEY,)).fetchone()
+        self._folded_mark = int(row[0]) if row else 0
         self._sigs = dict(self._local.execute("SELECT jid, sig FROM central_jobs"))
 
     def _connect(self) -> None:
@@ -246,24 +251,31 @@ class Shipper:
         try:
             if rows is None:
                 rows = self._read_rows(local, self._mark)
+            folded = self._read_folded(local)
             batch_jids = {r[2] for r in rows if r[2] is not None}
+            batch_jids |= {r[2] for r in folded if r[2] is not None}
             jobs, usage, sigs = self._changed_jobs(local, batch_jids)
         finally:
             local.execute("COMMIT")
         prios = self._priorities(local)
-        if not rows and not jobs and prios is None:
+        if not rows and not folded and not jobs and prios is None:
             return False
         if len(rows) >= self.batch_rows:
             # Read the next batch while the server works on this one.
             assert self._reader is not None
             self._ahead = (rows[-1][0], self._pool.submit(self._read_rows, self._reader,
                                                            rows[-1][0]))
-        uids = {r[8] for r in rows if r[8] is not None} | {j[2] for j in jobs}
-        self._send(rows, jobs, usage, uids - self._sent_users, prios)
+        uids = ({r[8] for r in rows if r[8] is not None} | {j[2] for j in jobs}
+                | {r[3] for r in folded if r[3] is not None})
+        self._send(rows, jobs, usage, uids - self._sent_users, prios, folded)
         # PostgreSQL committed: now, and only now, the records count as shipped.
         self._sent_users |= uids
         if prios is not None:
             self._sent_prios = prios
+        if folded:
+            self._folded_mark = folded[-1][0]
+            self.store.submit("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                              (FOLDED_MARK_KEY, str(self._folded_mark)))
         if rows:
             self._mark = rows[-1][0]
             self.store.submit("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
@@ -278,12 +290,21 @@ class Shipper:
         self._st["shipped_jobs"] += len(jobs)
         self._st["rounds"] += 1
         self._st["last_shipped_at"] = now
-        return len(rows) >= self.batch_rows
+        return len(rows) >= self.batch_rows or len(folded) >= self.batch_rows
 
     def _read_rows(self, conn: sqlite3.Connection, after: int) -> List[Sequence[Any]]:
         return conn.execute(f"SELECT id, {', '.join(schema.PROC_COLUMNS)} FROM proc_usage "
                             "WHERE id > ? ORDER BY id LIMIT ?", (after, self.batch_rows)
                             ).fetchall()
+
+    def _read_folded(self, conn: sqlite3.Connection) -> List[Sequence[Any]]:
+        """Folded small records ([thresholds]) after their mark."""
+        try:
+            return conn.execute(f"SELECT id, {', '.join(schema.FOLDED_COLUMNS)} FROM "
+                                "proc_folded WHERE id > ? ORDER BY id LIMIT ?",
+                                (self._folded_mark, self.batch_rows)).fetchall()
+        except sqlite3.OperationalError:  # a store without [thresholds]' table
+            return []
 
     def _changed_jobs(self, local: sqlite3.Connection, batch_jids: Set[int]
                       ) -> Tuple[List[Sequence[Any]], List[Sequence[Any]], Dict[int, str]]:
@@ -332,7 +353,7 @@ class Shipper:
 
     def _send(self, rows: List[Sequence[Any]], jobs: List[Sequence[Any]],
               usage: List[Sequence[Any]], new_uids: Set[int],
-              prios: Optional[str] = None) -> None:
+              prios: Optional[str] = None, folded: Sequence[Sequence[Any]] = ()) -> None:
         conn = self._conn
         host = self.host
         cols = schema.PROC_COLUMNS
@@ -353,6 +374,13 @@ class Shipper:
                     conn.execute(f"INSERT INTO proc_usage (host, {', '.join(cols)}) "
                                  f"SELECT host, {', '.join(cols)} FROM elsa_stage"
                                  + (" ON CONFLICT DO NOTHING" if self._careful else ""))
+                if folded:
+                    fc = schema.FOLDED_COLUMNS
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            f"INSERT INTO proc_folded (host, id, {', '.join(fc)}) VALUES "
+                            f"(%s, {', '.join(['%s'] * (len(fc) + 1))}) "
+                            "ON CONFLICT (host, id) DO NOTHING", [(host, *f) for f in folded])
                 if jobs:
                     jc = schema.JOB_COLUMNS
                     with conn.cursor() as cur:
@@ -384,7 +412,7 @@ class Shipper:
             if isinstance(exc, psycopg.errors.UniqueViolation) and not self._careful:
                 # Rows sent before whose commit this node did not see: skip them.
                 self._careful = True
-                return self._send(rows, jobs, usage, new_uids, prios)
+                return self._send(rows, jobs, usage, new_uids, prios, folded)
             if isinstance(exc, psycopg.errors.DiskFull):
                 raise StoreError(f"central store {redact(self.url)}: the server's disk is "
                                  f"full ({str(exc).strip()}); records wait locally") from exc
@@ -445,6 +473,8 @@ class Shipper:
             "(SELECT MAX(id) FROM proc_usage)", (self._mark, cutoff)).fetchone()
         self.store.submit("DELETE FROM proc_usage WHERE id <= ? AND end_time < ? AND id < "
                           "(SELECT MAX(id) FROM proc_usage)", (self._mark, cutoff))
+        self.store.submit("DELETE FROM proc_folded WHERE id <= ? AND end_time < ? AND id < "
+                          "(SELECT MAX(id) FROM proc_folded)", (self._folded_mark, cutoff))
         # Jobs whose last snapshot was shipped and no unshipped row refers to.
         done = ("SELECT c.jid FROM central_jobs c JOIN jobs j ON j.jid = c.jid "
                 "WHERE j.ended < ? AND c.shipped > j.ended AND NOT EXISTS "
