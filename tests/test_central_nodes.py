@@ -82,6 +82,40 @@ def _job_rows_shipped(d: DaemonProc) -> bool:
     return row is not None and last is not None and int(row[0]) >= last
 
 
+def _differences(c: Any, d: DaemonProc, host: str) -> List[str]:
+    """What differs between node *d*'s store and its rows in the central store."""
+    out = []
+    # Shipping goes on (taskstats records every process on the machine): compare
+    # what the node counts as shipped, and every job's rows and totals.
+    per_job, usage, upto, _mark = _local(d)
+    # One statement, one snapshot: the node keeps shipping meanwhile.
+    got, roll = c.execute(
+        "SELECT (SELECT count(*) FROM proc_usage WHERE host = %s), "
+        "(SELECT sum(processes) FROM usage_rollup WHERE host = %s)", (host, host)).fetchone()
+    if got < upto:
+        out.append(f"central holds {got} rows, the node marked {upto} shipped")
+    # The hourly rollup (what summaries read) counted each row once.
+    if roll != got:
+        out.append(f"rollup counts {roll} processes for {got} rows")
+    central_jobs = {j: (n, cu, cs) for j, n, cu, cs in c.execute(
+        "SELECT jid, count(*), sum(cpu_user_us), sum(cpu_system_us) FROM proc_usage "
+        "WHERE host = %s AND jid IS NOT NULL GROUP BY jid", (host,))}
+    if central_jobs != per_job:
+        out.append(f"per-job rows differ: {central_jobs} != {per_job}")
+    central_usage = {(j, s): (n, cu, cs) for j, s, n, cu, cs in c.execute(
+        "SELECT jid, source, processes, cpu_user_us, cpu_system_us FROM job_usage "
+        "WHERE host = %s", (host,))}
+    if central_usage != usage:
+        out.append(f"job usage differs: {central_usage} != {usage}")
+    njobs = c.execute("SELECT count(*) FROM jobs WHERE host = %s", (host,)).fetchone()[0]
+    db = sqlite3.connect(f"file:{d.state_dir}/elsa.db?mode=ro", uri=True)
+    ended = db.execute("SELECT count(*) FROM jobs WHERE ended IS NOT NULL").fetchone()[0]
+    db.close()
+    if njobs != ended or ended < 5:
+        out.append(f"{njobs} jobs central, {ended} ended locally")
+    return out
+
+
 def test_four_nodes_through_outages(pg: Any, tmp_path: Path) -> None:
     fresh_db(pg, "site")
     nodes = []
@@ -129,34 +163,21 @@ def test_four_nodes_through_outages(pg: Any, tmp_path: Path) -> None:
             assert prios is not None and "taskstats" in prios[0]
             for n, d in enumerate(nodes):
                 host = f"node{n}"
-                # Shipping goes on (taskstats records every process on the machine):
-                # compare what the node counts as shipped, and every job's rows.
-                per_job, usage, upto, _mark = _local(d)
-                # One statement, one snapshot: the node keeps shipping meanwhile.
-                got, roll = c.execute(
-                    "SELECT (SELECT count(*) FROM proc_usage WHERE host = %s), "
-                    "(SELECT sum(processes) FROM usage_rollup WHERE host = %s)",
-                    (host, host)).fetchone()
-                assert got >= upto
-                # The hourly rollup (what summaries read) counted each row once.
-                assert roll == got, host
-                central_jobs = {j: (n_, cu, cs) for j, n_, cu, cs in c.execute(
-                    "SELECT jid, count(*), sum(cpu_user_us), sum(cpu_system_us) "
-                    "FROM proc_usage WHERE host = %s AND jid IS NOT NULL GROUP BY jid",
-                    (host,))}
-                assert central_jobs == per_job, host
-                central_usage = {(j, s): (n_, cu, cs) for j, s, n_, cu, cs in c.execute(
-                    "SELECT jid, source, processes, cpu_user_us, cpu_system_us FROM job_usage "
-                    "WHERE host = %s", (host,))}
-                assert central_usage == usage, host
-                njobs = c.execute("SELECT count(*) FROM jobs WHERE host = %s",
-                                  (host,)).fetchone()[0]
-                ended = sqlite3.connect(f"file:{d.state_dir}/elsa.db?mode=ro", uri=True
-                                        ).execute("SELECT count(*) FROM jobs WHERE ended IS "
-                                                  "NOT NULL").fetchone()[0]
-                assert njobs == ended and ended >= 5, host
-                # No record twice: the central key is (host, record key), so count
-                # per key equals one; and what the node marked shipped is there.
+                # Late records (a job's last exits, the cgroup's final figures) change a
+                # job's local totals after it ended; the node re-ships its snapshot on
+                # the next round: wait for agreement, with a deadline.
+                last: List[str] = []
+
+                def agree(c: Any = c, d: DaemonProc = d, host: str = host,
+                          last: List[str] = last) -> bool:
+                    last[:] = _differences(c, d, host)
+                    return not last
+
+                try:
+                    wait_for(agree, 60, what=f"{host}'s central totals to equal its store")
+                except AssertionError:
+                    raise AssertionError(f"{host}: {last}") from None
+                # No record twice: the central key is (host, record key).
                 assert c.execute(
                     "SELECT count(*) FROM (SELECT 1 FROM proc_usage WHERE host = %s "
                     "GROUP BY source, pid, start_time, end_time HAVING count(*) > 1) x",
