@@ -82,7 +82,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         daemon = Daemon(cfg, host)
         daemon.install_signal_handlers()
         daemon.start()
-        reason = daemon.run()
+        from elsa.export import prometheus
+
+        exporter = prometheus.start(daemon)
+        try:
+            reason = daemon.run()
+        finally:
+            if exporter is not None:
+                exporter.stop()
         daemon.stop(reason)
         return EXIT_OK
     except ConfigError as exc:

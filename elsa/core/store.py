@@ -240,6 +240,7 @@ class Store:
         self._error: Optional[BaseException] = None
         self.batch_interval = batch_interval
         self.batches = 0
+        self.write_errors = 0
         self._writer = threading.Thread(target=self._write_loop, name="elsa-store-writer",
                                         daemon=True)
         self._writer.start()
@@ -284,6 +285,11 @@ class Store:
 
     # -- durability marks (issue 5: a pacct follower persists its offset only
     # after the records it read are committed; see elsa/core/accounting.py) --
+    def stats(self) -> Dict[str, int]:
+        """Write operations committed, batches, failed batches (for status and metrics)."""
+        return {"committed": self._committed, "batches": self.batches,
+                "errors": self.write_errors}
+
     def mark(self) -> int:
         """A mark for every write submitted so far (see :meth:`is_committed`)."""
         return self._submitted
@@ -384,6 +390,7 @@ class Store:
                     log.error("store write failed", path=self.path, error=str(exc),
                               ops=len(batch))
                     self._error = exc
+                    self.write_errors += 1
                 with self._cond:
                     self._committed += done
                     self._cond.notify_all()

@@ -4,6 +4,7 @@
     elsa job JID [--source NAME]                    each process with its usage
     elsa summary --by job|user|command [--since T] [--until T] [--source NAME]
     elsa import-acct FILE...                        bring old pacct files in
+    elsa export apel|ur|jsonl [--since T] [--until T]   finished jobs for APEL, OGF UR, pipelines
 
 Every report prints a table, or ``--json`` / ``--csv`` (raw units: µs, KiB,
 bytes). Times (``--since/--until``) accept ISO dates ("2026-11-21",
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-attribute", action="store_true",
                    help="do not attribute records to jobs from the membership history")
     s.set_defaults(func=cmd_import_acct)
+    from elsa.export.cli import add_parser as add_export
+
+    add_export(sub, common, window)
     return p
 
 
