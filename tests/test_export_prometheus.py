@@ -22,8 +22,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from elsa.core.cgroupfs import CgroupFS
 from elsa.export.prometheus import ElsaCollector, PrometheusExporter, Snapshot
+from elsa.kernel.cgroupfs import CgroupFS
 from elsa.testing import DaemonProc, wait_for
 
 PROMETHEUS = shutil.which("prometheus")

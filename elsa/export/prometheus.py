@@ -265,8 +265,6 @@ class PrometheusExporter:
         """The daemon's status (a fresh dict the event thread built); swapped in whole."""
         st = dict(status)
         st["_store"] = store
-        with self._lock:
-            st["_jobs"] = dict(self._jobs_counts)
         self._status = st
 
     # -- sampler thread ----------------------------------------------------------------
@@ -335,8 +333,8 @@ class PrometheusExporter:
 
     def sample(self) -> Snapshot:
         """Read every exported job's figures; publish and return the snapshot."""
-        from elsa.core import cgroupstats
         from elsa.errors import ElsaError
+        from elsa.kernel import cgroupstats
 
         t0 = time.perf_counter()
         now = time.monotonic()
@@ -393,7 +391,11 @@ class PrometheusExporter:
     def snapshot(self) -> Snapshot:
         """The latest sample with the latest daemon status (what collect() formats)."""
         snap = self._snapshot
-        return Snapshot(snap.jobs, self._status)
+        with self._lock:  # counted when the job list changes: consistent with it
+            jobs = dict(self._jobs_counts)
+        status = dict(self._status)
+        status["_jobs"] = jobs
+        return Snapshot(snap.jobs, status)
 
     def _sampler(self) -> None:
         while not self._stop.is_set():
@@ -463,8 +465,8 @@ class _Hooks:
 def start(daemon: Any) -> Optional[PrometheusExporter]:
     """Start the exporter for a started :class:`~elsa.core.daemon.Daemon` when
     ``[export.prometheus] listen`` is set (the composition root calls this)."""
-    from elsa.core.cgroupfs import CgroupFS
     from elsa.errors import ElsaError
+    from elsa.kernel.cgroupfs import CgroupFS
 
     options = daemon.config.section("export.prometheus")
     if not options["listen"]:
