@@ -269,3 +269,23 @@ def test_prometheus_scrapes_job_cpu_within_2_percent(area, tmp_path):
             prom.stop()
         d.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_body_is_the_job_rendering_plus_live_daemon_metrics():
+    from elsa.core.model import Job
+
+    ex = PrometheusExporter({"listen": "", "labels": ["account"], "ended_grace": 5.0,
+                             "interval": 1.0}, db_path=None, cgroup_mount=None)
+    job = Job(jid=9, name="n", owner_uid=os.getuid(), tags=(("account", "a"),), created=0.0,
+              ended=None, state="running", backend="x", params={})
+    ex.job_created(job)
+    ex.publish_status({"events": 5}, {"committed": 1, "errors": 0})
+    ex.sample()
+    body = ex.body()
+    assert promtool_check(body) == ""
+    text = body.decode()
+    assert 'elsa_job_running{account="a",jid="0x0000000000000009"' in text
+    assert "elsa_job_cpu_user_seconds_total{" not in text       # no reading yet: no sample
+    assert "elsa_jobs_created_total 1.0" in text
+    ex.job_ended(job)                                          # counters are live
+    assert "elsa_jobs_ended_total 1.0" in ex.body().decode()

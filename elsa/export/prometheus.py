@@ -1,21 +1,25 @@
 """Prometheus exporter served by elsad (``[export.prometheus] listen = "127.0.0.1:9466"``).
 
-Built on ``prometheus_client``: a custom :class:`ElsaCollector` yields metric
-families, the library writes the exposition and serves HTTP in its own
-threads. Nothing here runs on elsad's event thread except three cheap
+Built on ``prometheus_client``: custom collectors (:class:`JobCollector`,
+:class:`DaemonCollector`) yield metric families and the library writes the
+exposition. Nothing here runs on elsad's event thread except two cheap
 publications:
 
 * job created / ended (plugin hooks): one dict assignment under a lock that
-  the scrape side holds only to copy the dicts;
+  the other threads hold only to copy the dicts or counters;
 * once a second, the daemon's status counters (a dict the event thread
-  builds anyway for ``status``), published by replacing one reference.
+  builds as for ``status``), published by replacing one reference.
 
-The figures of running jobs are read by the exporter's *sampler* thread every
+The exporter's *sampler* thread reads the figures of every exported job each
 ``interval`` seconds: cgroup-backed jobs from their cgroup's statistics files
-(the same parser the ``cgroupstat`` source uses), others and ended jobs from
-the store's per-job usage through the report query layer. ``collect()`` only
-formats the latest sample, so a scrape costs formatting time, whatever the
-number of jobs, and never waits for the kernel or the store.
+(the parser the ``cgroupstat`` source uses), others and ended jobs from the
+store's per-job usage through the report query layer. It then has the library
+render the per-job families once; a scrape serves that rendering plus the
+daemon's families rendered at the scrape. prometheus_client formats ~20 µs a
+sample on a small VM, so 10,000 jobs (80,000 samples) take seconds to render:
+rendering per sample instead of per scrape keeps a scrape to milliseconds
+whoever scrapes how often, and the sampler spaces its passes (SAMPLER_DUTY)
+so it never takes more than a fifth of a core (docs/export.md).
 
 An ended job keeps its final figures for ``ended_grace`` seconds, then its
 series stop (Prometheus marks them stale at the next scrape).
@@ -25,10 +29,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import socket
 import sqlite3
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.config import Option, non_negative, positive
 from elsa.hookspecs import hookimpl
@@ -37,6 +42,8 @@ from elsa.logsetup import structlog
 log = structlog.get_logger("elsa.export.prometheus")
 
 PREFIX = "elsa_"
+#: The sampler waits at least this many times its own pass between passes.
+SAMPLER_DUTY = 5.0
 
 
 def _listen(v: Any) -> Optional[str]:
@@ -101,10 +108,10 @@ class Snapshot:
         self.status = status
 
 
-class ElsaCollector:
-    """A ``prometheus_client`` custom collector over the latest :class:`Snapshot`."""
+class JobCollector:
+    """Per-job metric families of the rows ``get()`` returns."""
 
-    def __init__(self, get: Any, tag_labels: Sequence[str]) -> None:
+    def __init__(self, get: Callable[[], Sequence[JobRow]], tag_labels: Sequence[str]) -> None:
         self.get = get
         self.label_names = ["jid", "name", "user"] + [_label_name(t) for t in tag_labels]
 
@@ -114,7 +121,6 @@ class ElsaCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        snap: Snapshot = self.get()
         labels = self.label_names
         fams = [(CounterMetricFamily if counter else GaugeMetricFamily)(
                     PREFIX + name, help_text, labels=labels)
@@ -124,13 +130,41 @@ class ElsaCollector:
                                     labels=labels)
         adders = [f.add_metric for f in fams]
         add_running = running.add_metric
-        for lv, figs, is_running in snap.jobs:
+        for lv, figs, is_running in self.get():
             add_running(lv, 1 if is_running else 0)
             for add, v in zip(adders, figs):
                 if v is not None:
                     add(lv, v)
         yield running
         yield from fams
+
+
+class DaemonCollector:
+    """elsad's own metrics, from the status mapping ``get()`` returns."""
+
+    def __init__(self, get: Callable[[], Mapping[str, Any]]) -> None:
+        self.get = get
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        return _daemon_metrics(self.get())
+
+
+class ElsaCollector:
+    """Everything of one :class:`Snapshot` (job and daemon metrics) in one collector."""
+
+    def __init__(self, get: Callable[[], Snapshot], tag_labels: Sequence[str]) -> None:
+        self.get = get
+        self.tag_labels = tag_labels
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.get()
+        yield from JobCollector(lambda: snap.jobs, self.tag_labels).collect()
         yield from _daemon_metrics(snap.status)
 
 
@@ -212,6 +246,7 @@ def _daemon_metrics(st: Mapping[str, Any]) -> Iterator[Any]:
 #: cgroup files read for a running job (a subset of cgroupstats.STAT_FILES).
 LIVE_FILES = ("cpu.stat", "memory.current", "memory.peak", "io.stat", "pids.current")
 _SQLITE_MAX_VARS = 900
+_UNKNOWN: Tuple[Optional[float], ...] = (None,) * len(JOB_FIGURES)
 
 
 class PrometheusExporter:
@@ -240,7 +275,13 @@ class PrometheusExporter:
         self._server: Any = None
         self.samples = 0
         self.sample_seconds = 0.0
-        self.registry: Any = None
+        from prometheus_client import CollectorRegistry
+
+        self._job_registry = CollectorRegistry(auto_describe=False)
+        self._job_registry.register(JobCollector(lambda: self._snapshot.jobs, self.tags))
+        self._daemon_registry = CollectorRegistry(auto_describe=False)
+        self._daemon_registry.register(DaemonCollector(self.daemon_status))
+        self._job_body = b""
 
     # -- event thread: O(1) per call ---------------------------------------------------
     def job_created(self, job: Any) -> None:
@@ -364,8 +405,9 @@ class PrometheusExporter:
                 u = usage.get(job.jid)
                 figs = self._from_usage(u) if u else last.get(job.jid)
             if figs is None:
-                continue
-            last[job.jid] = figs
+                figs = _UNKNOWN  # no reading yet: the job is there, its figures are not
+            else:
+                last[job.jid] = figs
             rows.append((self._labels(job), figs, True))
         for job, _ in ended:
             u = usage.get(job.jid)
@@ -384,48 +426,61 @@ class PrometheusExporter:
             del last[jid]
         snap = Snapshot(tuple(rows), self._status)
         self._snapshot = snap
+        from prometheus_client import generate_latest
+
+        self._job_body = generate_latest(self._job_registry)
         self.samples += 1
         self.sample_seconds += time.perf_counter() - t0
         return snap
 
-    def snapshot(self) -> Snapshot:
-        """The latest sample with the latest daemon status (what collect() formats)."""
-        snap = self._snapshot
+    def daemon_status(self) -> Mapping[str, Any]:
+        """The latest daemon status, with the job counts of this moment."""
         with self._lock:  # counted when the job list changes: consistent with it
             jobs = dict(self._jobs_counts)
         status = dict(self._status)
         status["_jobs"] = jobs
-        return Snapshot(snap.jobs, status)
+        return status
+
+    def snapshot(self) -> Snapshot:
+        """The latest sample with the latest daemon status."""
+        return Snapshot(self._snapshot.jobs, self.daemon_status())
+
+    def body(self) -> bytes:
+        """What a scrape gets: the per-job exposition rendered after the latest
+        sample, then the daemon's metrics rendered now (both by prometheus_client)."""
+        from prometheus_client import generate_latest
+
+        return self._job_body + generate_latest(self._daemon_registry)
 
     def _sampler(self) -> None:
         while not self._stop.is_set():
+            t0 = time.monotonic()
             try:
                 self.sample()
             except Exception as exc:  # the exporter must never take elsad down
                 log.exception("prometheus sampler failed", error=f"{type(exc).__name__}: {exc}")
-            self._wake.wait(self.interval)
+            # Thousands of jobs make a pass cost seconds of (GIL-holding) Python:
+            # space passes so the sampler stays under 1/SAMPLER_DUTY of a core.
+            work = time.monotonic() - t0
+            self._wake.wait(max(self.interval, SAMPLER_DUTY * work) - work)
             self._wake.clear()
 
     # -- lifecycle ---------------------------------------------------------------------
     def make_registry(self) -> Any:
+        """One registry with everything (tests, tools); elsad serves :meth:`body`."""
         from prometheus_client import CollectorRegistry
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ElsaCollector(self.snapshot, self.tags))
-        self.registry = registry
         return registry
 
     def start(self) -> None:
-        from prometheus_client import start_http_server
-
         from elsa.errors import ConfigError
 
         host, _, port = str(self.options["listen"]).rpartition(":")
-        host = host.strip("[]")
-        registry = self.make_registry()
         self.sample()
         try:
-            self._server, _ = start_http_server(int(port), addr=host, registry=registry)
+            self._server = _serve(host.strip("[]"), int(port), self.body)
         except OSError as exc:
             raise ConfigError(f"[export.prometheus] listen = {self.options['listen']!r}: cannot "
                               f"listen there ({exc.strerror}); pick a free address or leave "
@@ -445,6 +500,36 @@ class PrometheusExporter:
             self._thread.join(timeout=5)
         if self._db is not None:
             self._db.close()
+
+
+def _serve(host: str, port: int, body: Callable[[], bytes]) -> Any:
+    """An HTTP server thread answering GET /metrics with ``body()``."""
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per scrape would flood the journal
+
+    def app(environ: Mapping[str, Any], start_response: Callable[..., Any]) -> List[bytes]:
+        if environ.get("PATH_INFO") not in ("/metrics", "/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"only /metrics here\n"]
+        data = body()
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST),
+                                  ("Content-Length", str(len(data)))])
+        return [data]
+
+    server = make_server(host, port, app, server_class=Server, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name="elsa-prometheus-http",
+                     daemon=True).start()
+    return server
 
 
 class _Hooks:
