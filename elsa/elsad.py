@@ -81,11 +81,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         _check(cfg, host)
         daemon = Daemon(cfg, host)
         daemon.install_signal_handlers()
-        daemon.start()
         from elsa.export import prometheus
 
-        exporter = prometheus.start(daemon)
+        exporter = prometheus.bind(cfg)  # before start: a taken port fails early
         try:
+            daemon.start()
+            if exporter is not None:
+                prometheus.attach(exporter, daemon)
             reason = daemon.run()
         finally:
             if exporter is not None:

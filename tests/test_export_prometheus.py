@@ -214,7 +214,7 @@ def test_prometheus_scrapes_job_cpu_within_2_percent(area, tmp_path):
             job = c.create(name="burn", tags={"account": "physics"}, pids=[child.pid])
             jid = job if isinstance(job, int) else job["jid"]
             shown = c.show(jid)
-        jid_text = shown.get("jid_hex") or f"{jid:#018x}"
+        jid_text = jid if isinstance(jid, str) else shown.get("jid_hex") or f"{jid:#018x}"
         cg = shown["params"]["cgroup_path"]
         cg = cg if os.path.isabs(cg) else os.path.join(MOUNT, cg)
         child.stdin.write("go\n")

@@ -59,6 +59,7 @@ def _skipped(skipped: Any, err: TextIO) -> None:
 
 
 def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
+    from elsa.core.model import format_jid
     from elsa.export import apel
     from elsa.report import query
 
@@ -73,7 +74,8 @@ def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
         db.close()
     if args.json:
         json.dump({"messages": res.messages, "records": res.records,
-                   "skipped": [{"jid": f"{s.jid:#018x}", "why": s.why} for s in res.skipped]},
+                   "skipped": [{"jid": format_jid(s.jid), "why": s.why}
+                               for s in res.skipped]},
                   out, indent=2)
         out.write("\n")
     else:

@@ -474,21 +474,24 @@ class PrometheusExporter:
         registry.register(ElsaCollector(self.snapshot, self.tags))
         return registry
 
-    def start(self) -> None:
+    def listen(self) -> None:
+        """Bind and serve /metrics (before elsad starts: a taken port fails early)."""
         from elsa.errors import ConfigError
 
         host, _, port = str(self.options["listen"]).rpartition(":")
-        self.sample()
         try:
             self._server = _serve(host.strip("[]"), int(port), self.body)
         except OSError as exc:
             raise ConfigError(f"[export.prometheus] listen = {self.options['listen']!r}: cannot "
                               f"listen there ({exc.strerror}); pick a free address or leave "
                               "listen empty") from exc
+        log.info("prometheus exporter listening", listen=self.options["listen"])
+
+    def start_sampler(self) -> None:
+        self.sample()
         self._thread = threading.Thread(target=self._sampler, name="elsa-prometheus-sampler",
                                         daemon=True)
         self._thread.start()
-        log.info("prometheus exporter listening", listen=self.options["listen"])
 
     def stop(self) -> None:
         self._stop.set()
@@ -547,24 +550,40 @@ class _Hooks:
         self.exporter.job_ended(job)
 
 
-def start(daemon: Any) -> Optional[PrometheusExporter]:
-    """Start the exporter for a started :class:`~elsa.core.daemon.Daemon` when
-    ``[export.prometheus] listen`` is set (the composition root calls this)."""
-    from elsa.errors import ElsaError
-    from elsa.kernel.cgroupfs import CgroupFS
+def bind(config: Any) -> Optional[PrometheusExporter]:
+    """The exporter serving /metrics when ``[export.prometheus] listen`` is set,
+    else None. The composition root calls this before the daemon starts, then
+    :func:`attach` once it has."""
+    import os
 
-    options = daemon.config.section("export.prometheus")
+    options = config.section("export.prometheus")
     if not options["listen"]:
         return None
     try:
-        mount = CgroupFS().cgroup2_mount()
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        from elsa.errors import ConfigError
+
+        raise ConfigError("[export.prometheus] listen is set but the Python package "
+                          "prometheus_client is missing: pip install 'elsa[export]' (or "
+                          "Debian's python3-prometheus-client), or leave listen empty") from exc
+    exporter = PrometheusExporter(options, db_path=os.path.join(config.state_dir, "elsa.db"))
+    exporter.listen()
+    return exporter
+
+
+def attach(exporter: PrometheusExporter, daemon: Any) -> None:
+    """Feed *exporter* from a started :class:`~elsa.core.daemon.Daemon`: its
+    jobs (plugin hooks), its status (a 1 s timer), then start the sampler."""
+    from elsa.errors import ElsaError
+    from elsa.kernel.cgroupfs import CgroupFS
+
+    try:
+        exporter.mount = CgroupFS().cgroup2_mount()
     except ElsaError:
-        mount = None  # no cgroup2: every job's figures come from the store
-    exporter = PrometheusExporter(options, db_path=daemon.store.path if daemon.store else None,
-                                  cgroup_mount=mount)
+        exporter.mount = None  # no cgroup2: every job's figures come from the store
     exporter.seed(daemon.manager.running())
-    hooks = _Hooks(exporter)
-    daemon.host.pm.register(hooks, name="elsa.export.prometheus")
+    daemon.host.pm.register(_Hooks(exporter), name="elsa.export.prometheus")
     store = daemon.store
 
     def publish() -> None:
@@ -572,5 +591,4 @@ def start(daemon: Any) -> Optional[PrometheusExporter]:
 
     publish()
     daemon.add_timer(1.0, publish, "prometheus-status")
-    exporter.start()
-    return exporter
+    exporter.start_sampler()
