@@ -590,5 +590,5 @@ def attach(exporter: PrometheusExporter, daemon: Any) -> None:
         exporter.publish_status(daemon.status(), store.stats() if store else {})
 
     publish()
-    daemon.add_timer(1.0, publish, "prometheus-status")
+    daemon.loop.add_timer(1.0, publish, "prometheus-status")
     exporter.start_sampler()
