@@ -59,8 +59,8 @@ def _skipped(skipped: Any, err: TextIO) -> None:
 
 
 def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
-    from elsa.core.model import format_jid
     from elsa.export import apel
+    from elsa.export.records import jid_text
     from elsa.report import query
 
     _no_csv(args)
@@ -74,7 +74,7 @@ def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
         db.close()
     if args.json:
         json.dump({"messages": res.messages, "records": res.records,
-                   "skipped": [{"jid": format_jid(s.jid), "why": s.why}
+                   "skipped": [{"jid": jid_text(s.jid), "why": s.why}
                                for s in res.skipped]},
                   out, indent=2)
         out.write("\n")

@@ -320,10 +320,10 @@ class PrometheusExporter:
         return name
 
     def _labels(self, job: Any) -> Tuple[str, ...]:
-        from elsa.core.model import format_jid
+        from elsa.export.records import jid_text
 
         tags = dict(job.tags)
-        return (format_jid(job.jid), job.name, self._user(job.owner_uid),
+        return (jid_text(job.jid), job.name, self._user(job.owner_uid),
                 *(str(tags.get(t, "")) for t in self.tags))
 
     def _dir(self, job: Any) -> Optional[str]:

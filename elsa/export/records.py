@@ -54,7 +54,7 @@ class FinishedJob:
 
     @property
     def jid_text(self) -> str:
-        return format_jid(self.jid)
+        return jid_text(self.jid)
 
     @property
     def wall_seconds(self) -> float:
@@ -89,7 +89,12 @@ class Skipped:
     why: str
 
     def line(self) -> str:
-        return f"job {format_jid(self.jid)} not exported: {self.why}"
+        return f"job {jid_text(self.jid)} not exported: {self.why}"
+
+
+def jid_text(jid: Any) -> str:
+    """The JID's one spelling (the zero-padded hex string)."""
+    return jid if isinstance(jid, str) else format_jid(jid)
 
 
 _USERS: Dict[int, Optional[str]] = {}
@@ -158,7 +163,7 @@ class ExportState:
         if not rows:
             return
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("BEGIN")
             self.db.executemany(MARK_EXPORTED, rows)
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
