@@ -289,3 +289,18 @@ def test_body_is_the_job_rendering_plus_live_daemon_metrics():
     assert "elsa_jobs_created_total 1.0" in text
     ex.job_ended(job)                                          # counters are live
     assert "elsa_jobs_ended_total 1.0" in ex.body().decode()
+
+
+def test_config_refuses_colliding_labels_and_bad_listen(tmp_path):
+    from elsa import config
+    from elsa.errors import ConfigError
+
+    f = tmp_path / "elsa.toml"
+    for body, why in (('labels = ["user"]', "user twice"),
+                      ('labels = ["a-b", "a_b"]', "a_b twice"),
+                      ('listen = "9466"', "HOST:PORT")):
+        f.write_text(f"[export.prometheus]\n{body}\n")
+        with pytest.raises(ConfigError, match=why):
+            config.load(str(f))
+    f.write_text('[export.prometheus]\nlisten = "127.0.0.1:9466"\nlabels = ["account"]\n')
+    assert config.load(str(f)).section("export.prometheus")["labels"] == ["account"]

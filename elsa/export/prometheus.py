@@ -55,12 +55,21 @@ def _listen(v: Any) -> Optional[str]:
     return None
 
 
+def _labels_check(tags: Sequence[str]) -> Optional[str]:
+    names = [_label_name(t) for t in tags]
+    clash = sorted({n for n in names if names.count(n) > 1 or n in ("jid", "name", "user")})
+    if clash:
+        return (f"gives the label(s) {', '.join(clash)} twice (jid, name and user are always"
+                " there; tags differing only in characters outside [A-Za-z0-9_] collide)")
+    return None
+
+
 OPTIONS: Dict[str, Option] = {
     "listen": Option(str, "", "Address (HOST:PORT) the metrics endpoint listens on, e.g."
                      " \"127.0.0.1:9466\". Empty: no exporter.", check=_listen),
     "labels": Option(list, [], "Job tags exported as labels of every per-job metric (e.g."
                      " [\"account\", \"partition\"]); a job without the tag gets \"\".",
-                     item_type=str),
+                     item_type=str, check=lambda v: _labels_check(v)),
     "ended_grace": Option(float, 60.0, "Seconds an ended job stays exported (its final"
                           " figures) before its series disappear.", check=non_negative),
     "interval": Option(float, 5.0, "Seconds between readings of running jobs' figures"
@@ -92,7 +101,7 @@ _FAMILIES = (
 
 
 def _label_name(tag: str) -> str:
-    out = "".join(c if c.isalnum() or c == "_" else "_" for c in tag)
+    out = "".join(c if (c.isascii() and c.isalnum()) or c == "_" else "_" for c in tag)
     if not out or out[0].isdigit() or out.startswith("__"):
         out = "tag_" + out
     return out
