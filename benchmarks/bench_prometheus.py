@@ -9,7 +9,8 @@ Rows:
   instrumentation API serves). The sampler pass (read + render, done once per
   interval in the exporter's thread) is in the row's detail.
 * Fork-to-member latency (p99) of ``bench_socket.py``'s measurement while a
-  client scrapes elsad's /metrics every second, with 10,000 running jobs
+  Prometheus server (Debian's; a urllib loop where none is installed) scrapes
+  elsad's /metrics every second, with 10,000 running jobs
   exported (so the sampler renders them meanwhile). Peer: the same daemon,
   same jobs, not scraped. Target: the p99 stays under bench_socket's 100 ms
   and every scrape succeeds.
@@ -117,6 +118,71 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Prometheus:
+    """Debian's prometheus scraping elsad every second (own port and data dir)."""
+
+    def __init__(self, work: str, target_port: int) -> None:
+        self.port = _free_port()
+        d = os.path.join(work, "prometheus")
+        os.makedirs(d)
+        cfg = os.path.join(d, "prometheus.yml")
+        with open(cfg, "w") as fh:
+            fh.write("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: elsad\n"
+                     "    scrape_interval: 1s\n    scrape_timeout: 1s\n    static_configs:\n"
+                     f"      - targets: ['127.0.0.1:{target_port}']\n")
+        self.log = open(os.path.join(d, "log"), "wb")
+        self.proc = subprocess.Popen(
+            [shutil.which("prometheus") or "prometheus", f"--config.file={cfg}",
+             f"--storage.tsdb.path={d}/data", f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def query(self, promql: str) -> list:
+        import json
+        import urllib.parse
+
+        url = (f"http://127.0.0.1:{self.port}/api/v1/query?"
+               + urllib.parse.urlencode({"query": promql}))
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())["data"]["result"]
+
+    def scrapes(self, window_s: int) -> tuple:
+        """(scrape durations in ms, failures) of the last *window_s* seconds."""
+        got = self.query(f'scrape_duration_seconds{{job="elsad"}}[{window_s}s]')
+        durations = [float(v) * 1000 for _, v in got[0]["values"]] if got else []
+        ups = self.query(f'up{{job="elsad"}}[{window_s}s]')
+        failed = [f"scrape at {t} failed" for t, v in (ups[0]["values"] if ups else [])
+                  if v != "1"]
+        return durations, failed
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _start_prometheus(work: str, port: int) -> Optional[_Prometheus]:
+    if not shutil.which("prometheus"):
+        return None
+    from elsa.testing import wait_for
+
+    prom = _Prometheus(work, port)
+
+    def scraped() -> bool:
+        if prom.proc.poll() is not None:
+            raise SystemExit("prometheus exited; see its log")
+        try:
+            return bool(prom.query('up{job="elsad"} == 1'))
+        except OSError:
+            return False
+
+    wait_for(scraped, 60, what="prometheus to scrape elsad")
+    return prom
+
+
 def lag_while_scraped(jobs: int = LIVE_JOBS) -> tuple:
     import bench_socket
 
@@ -170,26 +236,37 @@ def lag_while_scraped(jobs: int = LIVE_JOBS) -> tuple:
         db.close()
         quiet = bench_socket.fork_to_member_ms(sock, jid, samples=300)
 
-        def scraper() -> None:
-            url = f"http://127.0.0.1:{port}/metrics"
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    with urllib.request.urlopen(url, timeout=10) as r:
-                        r.read()
-                    scrapes.append((time.perf_counter() - t0) * 1000)
-                except OSError as exc:
-                    failures.append(str(exc))
-                stop.wait(max(0.0, 1.0 - (time.perf_counter() - t0)))
+        prom = _start_prometheus(work, port)
+        t = None
+        if prom is None:  # no Prometheus installed: scrape with urllib instead
+            def scraper() -> None:
+                url = f"http://127.0.0.1:{port}/metrics"
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        with urllib.request.urlopen(url, timeout=10) as r:
+                            r.read()
+                        scrapes.append((time.perf_counter() - t0) * 1000)
+                    except OSError as exc:
+                        failures.append(str(exc))
+                    stop.wait(max(0.0, 1.0 - (time.perf_counter() - t0)))
 
-        t = threading.Thread(target=scraper, daemon=True)
-        t.start()
+            t = threading.Thread(target=scraper, daemon=True)
+            t.start()
         busy: List[float] = []
-        t_end = time.monotonic() + 12  # a few sampler passes, ~12 scrapes
-        while time.monotonic() < t_end:
-            busy += bench_socket.fork_to_member_ms(sock, jid, samples=100)
-        stop.set()
-        t.join(15)
+        try:
+            t_end = time.monotonic() + 12  # a few sampler passes, ~12 scrapes
+            while time.monotonic() < t_end:
+                busy += bench_socket.fork_to_member_ms(sock, jid, samples=100)
+        finally:
+            stop.set()
+            if t is not None:
+                t.join(15)
+            if prom is not None:
+                got = prom.scrapes(15)
+                scrapes.extend(got[0])
+                failures.extend(got[1])
+                prom.stop()
         return quiet, busy, scrapes, failures
     finally:
         stop.set()
@@ -230,6 +307,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                    "scrape_ms_median": round(statistics.median(scrapes), 1) if scrapes
                    else None,
                    "scrape_ms_max": round(max(scrapes), 1) if scrapes else None,
+                   "scraper": "prometheus" if shutil.which("prometheus") else "urllib",
                    "p50_busy": round(bench_socket.pct(busy, 0.5), 2),
                    "p50_quiet": round(bench_socket.pct(quiet, 0.5), 2)}})
     return rows
