@@ -121,7 +121,8 @@ def finished_jobs(db: sqlite3.Connection, since: Optional[float] = None,
     host = host_name()
     out: List[FinishedJob] = []
     skipped: List[Skipped] = []
-    for j in query.jobs(db, since=since, until=until):
+    # Every job of the window: an export must not stop at the report's default limit.
+    for j in query.jobs(db, since=since, until=until, limit=2 ** 62):
         if j["ended"] is None:
             skipped.append(Skipped(j["jid"], "it has not ended yet (state "
                                    f"{j['state']}); it is exported once it ends"))
