@@ -76,45 +76,55 @@ def main(argv: Optional[List[str]] = None) -> int:
     from elsa.errors import ConfigError, PrivilegeError
 
     daemon = None
+    exporter = None
+    # Whatever ends the run, stop() runs: it switches kernel accounting back and
+    # lets the store writer finish its batch.
+    reason = "error: internal"
     try:
         check_privileges()
         _check(cfg, host)
-        daemon = Daemon(cfg, host)
-        daemon.install_signal_handlers()
         from elsa.export import prometheus
 
-        exporter = prometheus.bind(cfg)  # before start: a taken port fails early
-        try:
-            daemon.start()
-            if exporter is not None:
-                prometheus.attach(exporter, daemon)
-            reason = daemon.run()
-        finally:
-            if exporter is not None:
-                exporter.stop()
-        daemon.stop(reason)
+        exporter = prometheus.bind(cfg)  # before the daemon: a taken port fails early
+        daemon = Daemon(cfg, host)
+        daemon.install_signal_handlers()
+        daemon.start()
+        if exporter is not None:
+            prometheus.attach(exporter, daemon)
+        reason = daemon.run()
         return EXIT_OK
     except ConfigError as exc:
+        reason = f"error: {exc.code}"
         print(f"elsad: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     except PrivilegeError as exc:
+        reason = f"error: {exc.code}"
         print(f"elsad: {exc.message}", file=sys.stderr)
         return EXIT_PRIVILEGE
     except ElsaError as exc:
+        reason = f"error: {exc.code}"
         log.error("elsad failed", error=exc.message, code=exc.code)
         print(f"elsad: {exc.message}", file=sys.stderr)
-        if daemon is not None:
-            daemon.stop(f"error: {exc.code}")
         return EXIT_FAILURE
+    except Exception as exc:
+        log.exception("elsad failed unexpectedly", error=f"{type(exc).__name__}: {exc}")
+        print(f"elsad: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        if exporter is not None:
+            exporter.stop()
+        if daemon is not None:
+            daemon.stop(reason)
 
 
 def _check(cfg: config.Config, host) -> None:
     """Validate what the core cannot: the chosen backend's and sources' tables."""
+    from elsa.core.defaults import AUTO
     from elsa.errors import ConfigError
 
     backends = host.backends()
-    if cfg.backend not in backends:
-        known = ", ".join(sorted(backends)) or "(none installed)"
+    if cfg.backend not in backends and cfg.backend != AUTO:
+        known = ", ".join([AUTO] + sorted(backends))
         raise ConfigError(f"{cfg.path}: key 'backend': no backend named {cfg.backend!r}; "
                           f"available: {known}")
     for name in cfg.backends:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from elsa.core.aggregator import METRICS
+from elsa.core.usage import METRICS
 from elsa.export.jsonl import KEYS
 from elsa.report.cli import main
 from tests.test_export_apel import NOW, _job, make_store

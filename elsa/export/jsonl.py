@@ -7,7 +7,9 @@ Keys (docs/export.md lists them with units): ``jid`` (the JID string),
 ``wall_seconds``, ``usage`` (every metric of ``elsa jobs --json`` in its raw
 unit: µs, KiB, bytes; null when no source measured it), ``usage_sources``
 (metric -> the source its figure came from), ``incomplete`` (source -> why
-its figures miss something). A key is never dropped: unknown is null.
+its figures miss something), ``usage_note`` (why the job's CPU differs from
+the sum of its process records, else null). A key is never dropped: unknown
+is null.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Iterable, Iterator
 
-from elsa.core.aggregator import METRICS
+from elsa.core.usage import METRICS
 from elsa.export.records import FinishedJob
 
 KEYS = ("jid", "name", "user", "uid", "host", "tags", "backend", "params", "start", "end",
-        "wall_seconds", "usage", "usage_sources", "incomplete")
+        "wall_seconds", "usage", "usage_sources", "incomplete", "usage_note")
 
 
 def job_object(job: FinishedJob) -> Dict[str, Any]:
@@ -30,6 +32,7 @@ def job_object(job: FinishedJob) -> Dict[str, Any]:
         "wall_seconds": round(job.wall_seconds, 6),
         "usage": {m: job.usage.get(m) for m in METRICS},
         "usage_sources": dict(job.chosen), "incomplete": dict(job.incomplete),
+        "usage_note": job.note,
     }
 
 

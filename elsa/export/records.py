@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from elsa.core.model import format_jid
+from elsa.core.model import format_jid, parse_jid
 from elsa.errors import StoreError
 from elsa.report import query
 
@@ -51,6 +51,7 @@ class FinishedJob:
     sources: Dict[str, Any] = field(default_factory=dict)
     chosen: Dict[str, str] = field(default_factory=dict)
     incomplete: Dict[str, str] = field(default_factory=dict)
+    note: Optional[str] = None   # why the best CPU differs from the process records
 
     @property
     def jid_text(self) -> str:
@@ -123,8 +124,9 @@ def finished_jobs(db: sqlite3.Connection, since: Optional[float] = None,
     skipped: List[Skipped] = []
     # Every job of the window: an export must not stop at the report's default limit.
     for j in query.jobs(db, since=since, until=until, limit=2 ** 62):
+        jid = parse_jid(j["jid"])
         if j["ended"] is None:
-            skipped.append(Skipped(j["jid"], "it has not ended yet (state "
+            skipped.append(Skipped(jid, "it has not ended yet (state "
                                    f"{j['state']}); it is exported once it ends"))
             continue
         if (since is not None and j["ended"] < since) or (until is not None
@@ -132,13 +134,13 @@ def finished_jobs(db: sqlite3.Connection, since: Optional[float] = None,
             continue
         usage = dict(j["usage"])
         out.append(FinishedJob(
-            jid=j["jid"], name=j["name"], owner_uid=j["owner_uid"],
+            jid=jid, name=j["name"], owner_uid=j["owner_uid"],
             user=user_of(j["owner_uid"]), tags=dict(j["tags"]), created=j["created"],
             ended=j["ended"], backend=j["backend"], params=dict(j["params"]),
             usage={k: v for k, v in usage.items()
-                   if k not in ("sources", "chosen", "incomplete")},
+                   if k not in ("sources", "chosen", "incomplete", "note")},
             host=host, sources=usage.get("sources", {}), chosen=usage.get("chosen", {}),
-            incomplete=usage.get("incomplete", {})))
+            incomplete=usage.get("incomplete", {}), note=usage.get("note")))
     out.sort(key=lambda f: (f.ended, f.jid))
     return out, skipped
 
