@@ -304,3 +304,25 @@ def test_config_refuses_colliding_labels_and_bad_listen(tmp_path):
             config.load(str(f))
     f.write_text('[export.prometheus]\nlisten = "127.0.0.1:9466"\nlabels = ["account"]\n')
     assert config.load(str(f)).section("export.prometheus")["labels"] == ["account"]
+
+
+@pytest.mark.root
+def test_a_taken_port_fails_before_elsad_touches_the_kernel(tmp_path):
+    from elsa.elsad import EXIT_CONFIG
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        sockdir = tempfile.mkdtemp(prefix="elsa-export-")
+        try:
+            d = DaemonProc(Path(sockdir),
+                           extra=f'[export.prometheus]\nlisten = "127.0.0.1:{port}"\n')
+            r = subprocess.run([sys.executable, "-m", "elsa.elsad", "--config",
+                                str(d.config_path)], capture_output=True, text=True, timeout=60)
+            created_store = os.path.exists(d.state_dir)
+        finally:
+            shutil.rmtree(sockdir, ignore_errors=True)
+    assert r.returncode == EXIT_CONFIG, r.stderr
+    assert f"listen = '127.0.0.1:{port}': cannot listen there" in r.stderr
+    assert not created_store  # failed before the daemon opened its store
