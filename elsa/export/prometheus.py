@@ -382,7 +382,10 @@ class PrometheusExporter:
                 st.memory_peak, st.io_total("rbytes"), st.io_total("wbytes"), st.pids_current)
 
     def sample(self) -> Snapshot:
-        """Read every exported job's figures; publish and return the snapshot."""
+        """Read every exported job's figures, publish the snapshot and render
+        its per-job families (the part of the body a scrape does not redo)."""
+        from prometheus_client import generate_latest
+
         from elsa.errors import ElsaError
         from elsa.kernel import cgroupstats
 
@@ -427,16 +430,16 @@ class PrometheusExporter:
                 # The final reading is not stored yet: the last live one stands.
                 figs = prev
             if figs is None:
-                continue
-            last[job.jid] = figs
+                figs = _UNKNOWN
+            else:
+                last[job.jid] = figs
+            # memory.current means nothing once the cgroup is gone
             rows.append((self._labels(job), figs[:2] + (None,) + figs[3:], False))
         keep = {job.jid for job in running} | {job.jid for job, _ in ended}
         for jid in [j for j in last if j not in keep]:
             del last[jid]
         snap = Snapshot(tuple(rows), self._status)
         self._snapshot = snap
-        from prometheus_client import generate_latest
-
         self._job_body = generate_latest(self._job_registry)
         self.samples += 1
         self.sample_seconds += time.perf_counter() - t0
