@@ -79,3 +79,21 @@ def test_schema_rejects_what_gfd98_rejects():
     assert not schema.is_valid(good.replace("PT1S", "1"))
     assert not schema.is_valid(good.replace("</urf:WallDuration>",
                                             "</urf:WallDuration><urf:Bogus>1</urf:Bogus>"))
+
+
+def test_charge_from_the_billing_rates(tmp_path, capsys):
+    db = make_store(tmp_path, [_job(1, NOW - 7200, 60), _job(2, NOW - 3600, 60)])
+    cfg = tmp_path / "elsa.toml"
+    out = tmp_path / "ur.xml"
+    # Without rates: no Charge.
+    assert main(["export", "ur", "--db", db, "-o", str(out)]) == 0
+    assert ET.parse(out).getroot().find("urf:JobUsageRecord/urf:Charge", NS) is None
+    cfg.write_text('[billing]\nunit = "EUR"\ndecimals = 4\n'
+                   '[billing.rates]\ncpu_user = "0.01"\ncpu_system = "0.02"\n')
+    assert main(["export", "ur", "--config", str(cfg), "--db", db, "-o", str(out)]) == 0
+    xmlschema.XMLSchema(str(SCHEMA)).validate(str(out))
+    charges = [c for c in ET.parse(out).getroot().iterfind("urf:JobUsageRecord/urf:Charge", NS)]
+    assert len(charges) == 2
+    # 1.5 s user x 0.01 + 0.499999 s system x 0.02 = 0.025 (4 decimals), as `elsa bill` says
+    assert [float(c.text) for c in charges] == [0.025, 0.025]
+    assert {c.get(f"{{{ur.NS}}}unit") for c in charges} == {"EUR"}

@@ -86,7 +86,8 @@ def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _finished(args: argparse.Namespace) -> Any:
+def _finished(args: argparse.Namespace, charges: bool = False) -> Any:
+    """(config, finished jobs of the window, their charges or None)."""
     from elsa.export.records import finished_jobs
     from elsa.report import query
 
@@ -95,34 +96,49 @@ def _finished(args: argparse.Namespace) -> Any:
     db = query.open_store(_db_path(args, cfg))
     try:
         jobs, skipped = finished_jobs(db, args.since, args.until)
+        charge = billing_charge(cfg, db, args.since, args.until) if charges else None
     finally:
         db.close()
     _skipped(skipped, sys.stderr)
-    return cfg, jobs
+    return cfg, jobs, charge
 
 
-def billing_charge(cfg: Any) -> Optional[Any]:
-    """The Charge of a job, from the billing module when it is installed and has
-    rates: ``elsa.billing.export_charge(cfg)`` returns a function of a
-    :class:`~elsa.export.records.FinishedJob` giving ``(amount, unit, formula)``
-    or None, or returns None itself when no rates are set. Without the module:
-    None (the records carry no Charge)."""
-    try:
-        from elsa.billing import export_charge  # type: ignore[import-not-found,attr-defined]
-    except ImportError:
+#: What a UR Charge of ELSA's billing is (its formula attribute).
+CHARGE_FORMULA = ("ELSA billing (docs/billing.md): sum over resources of quantity x (prime share"
+                  " x prime rate + non-prime share x non-prime rate) x tag multipliers")
+
+
+def billing_charge(cfg: Any, db: Any, since: Optional[float], until: Optional[float]
+                   ) -> Optional[Any]:
+    """The UR Charge of each job from the billing module's bill of the same
+    window, when ``[billing.rates]``/``[billing.nonprime]`` set a rate; None
+    otherwise (the records then carry no Charge)."""
+    from elsa.billing import bill, rates
+
+    bcfg = rates.from_config(cfg)
+    if not any(bcfg.prime.values()) and not any(bcfg.nonprime.values()):
         return None
-    return export_charge(cfg)
+    items = {it["jid"]: it for it in bill.job_items(
+        db, bill.Biller(bcfg), since if since is not None else 0.0,
+        until if until is not None else float(2 ** 62))}
+
+    def charge(job: Any) -> Optional[Any]:
+        it = items.get(job.jid)
+        if it is None:
+            return None
+        return float(it["charge"]), bcfg.unit, CHARGE_FORMULA
+
+    return charge
 
 
 def cmd_ur(args: argparse.Namespace, out: TextIO) -> int:
     from elsa.export import ur
 
-    cfg, jobs = _finished(args)
+    cfg, jobs, charge = _finished(args, charges=True)
     opts = cfg.section("export.apel")  # the batch tags are named once, in [export.apel]
     data = ur.document(jobs, job_id_tag=opts["job_id_tag"], queue_tag=opts["queue_tag"],
                        project_tag=opts["vo_tag"],
-                       global_user_names=opts["global_user_names"],
-                       charge=billing_charge(cfg))
+                       global_user_names=opts["global_user_names"], charge=charge)
     if args.output:
         with open(args.output, "wb") as fh:
             fh.write(data)
@@ -134,7 +150,7 @@ def cmd_ur(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_jsonl(args: argparse.Namespace, out: TextIO) -> int:
     from elsa.export import jsonl
 
-    _, jobs = _finished(args)
+    _, jobs, _ = _finished(args)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.writelines(jsonl.lines(jobs))

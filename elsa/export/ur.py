@@ -4,8 +4,8 @@ One ``urf:JobUsageRecord`` per finished job inside a ``urf:UsageRecords``
 document, in the namespace ``http://schema.ogf.org/urf/2003/09/urf``; the
 attributes are namespace-qualified (``urf:recordId``), as in GFD.98's
 examples. Durations are xsd:duration (``PT3723.5S``), times xsd:dateTime in
-UTC. ``Charge`` is written only when a charge function is given (the billing
-module's rates); without one the element is left out.
+UTC. ``Charge`` is written only when a charge function is given (from the
+billing rates, ``elsa.export.cli.billing_charge``); without one it is left out.
 """
 
 from __future__ import annotations
