@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     from elsa.report import ja
 
     ja.add_parser(sub, [common])
+    from elsa.apps.report import add_parser as add_apps
+
+    add_apps(sub, [common, window])
     from elsa.export.cli import add_parser as add_export
 
     add_export(sub, common, window)
