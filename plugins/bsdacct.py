@@ -243,4 +243,4 @@ def elsa_sources() -> List[SourceSpec]:
     return [SourceSpec(name=NAME, factory=BsdAcctSource, options=OPTIONS,
                        description="BSD process accounting (acct v3 pacct files): managed or"
                                    " external file, followed with persisted offsets.",
-                       priority=30)]
+                       priority=30, covers_downtime=True)]
