@@ -461,8 +461,8 @@ class Daemon:
             "plugins": self.host.plugin_names(),
             "plugin_failures": dict(self.host.failures),
             "sources": self.source_status(),
-            "store": {"path": self.store.path if self.store else None,
-                      "schema": self.store.schema_version if self.store else None},
+            "store": ({"path": self.store.path, "schema": self.store.schema_version,
+                       **self.store.health()} if self.store else {"path": None}),
         }
         if self.control is not None:
             out["control"] = self.control.stats()

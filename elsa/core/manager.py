@@ -294,6 +294,9 @@ class JobManager:
     def create(self, *, name: str, owner_uid: int, tags: Mapping[str, str] = {},
                params: Mapping[str, str] = {}, durable: bool = True) -> Job:
         params = self.backend.validate_params(dict(params))
+        # A job the store cannot make durable would be acknowledged and then
+        # lost: refuse it while the store cannot write (disk full).
+        self.store.check_accepting()
         jid = self.allocator.next()
         state = self._new_state(jid=jid, name=name, owner_uid=owner_uid,
                                 tags=tuple(sorted(tags.items())), created=self.clock(),
