@@ -4,6 +4,7 @@
     elsa job JID [--source NAME]                    each process with its usage
     elsa summary --by job|user|command [--since T] [--until T] [--source NAME]
     elsa import-acct FILE...                        bring old pacct files in
+    elsa store-salvage                              rebuild a damaged store from what is readable
 
 Every report prints a table, or ``--json`` / ``--csv`` (raw units: µs, KiB,
 bytes). Times (``--since/--until``) accept ISO dates ("2026-11-21",
@@ -257,6 +258,20 @@ def cmd_import_acct(args: argparse.Namespace, out) -> int:
     return 1 if bad else 0
 
 
+def cmd_store_salvage(args: argparse.Namespace, out) -> int:
+    from elsa.logsetup import configure
+    from elsa.report.salvage import format_result, salvage
+
+    configure("warning", stream=sys.stderr)  # the store's own log lines are not the report
+    result = salvage(_db_path(args))
+    if args.json:
+        json.dump(result, out)
+        out.write("\n")
+    else:
+        out.write("\n".join(format_result(result)) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="config file (default: $ELSA_CONFIG or "
@@ -291,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-attribute", action="store_true",
                    help="do not attribute records to jobs from the membership history")
     s.set_defaults(func=cmd_import_acct)
+    s = sub.add_parser("store-salvage", parents=[common],
+                       help="copy what is readable of a damaged store into a new one "
+                       "(stop elsad first)")
+    s.set_defaults(func=cmd_store_salvage)
     return p
 
 
