@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from elsa.core import pacct
+from elsa.kernel import pacct
 
 BOTH = [False, True] if pacct.np is not None else [False]
 T0 = 1_700_000_000
