@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from elsa import __version__
 from elsa.config import Config, validate_table
+from elsa.core import reloading
 from elsa.core.authorization import Authorizer
 from elsa.core.backend import Backend, BackendContext
 from elsa.core.burst import BurstHold
@@ -111,6 +112,7 @@ class Daemon:
         self._writers: Dict[int, Callable[[], None]] = {}
         self._stop_reason: Optional[str] = None
         self._reload = False
+        self.restart_needed: List[str] = []  # changed keys a reload could not apply
         self._loss_since: Optional[float] = None
         self.loss_events = 0
         self._nice_cfg = config.nice
@@ -465,6 +467,7 @@ class Daemon:
             "plugins": self.host.plugin_names(),
             "plugin_failures": dict(self.host.failures),
             "sources": self.source_status(),
+            "config": {"path": self.config.path, "restart_needed": self.restart_needed},
             "store": ({"path": self.store.path, "schema": self.store.schema_version,
                        **self.store.health()} if self.store else {"path": None}),
         }
@@ -631,11 +634,10 @@ class Daemon:
         except ElsaError as exc:
             log.error("reload refused; keeping the running config", error=exc.message)
             return
-        needs_restart = [k for k in ("backend", "socket", "state_dir", "sources")
-                         if getattr(new, k) != getattr(self.config, k)]
-        if needs_restart:
+        new, self.restart_needed = reloading.plan(self.config, new)
+        if self.restart_needed:
             log.warning("config changes that need a restart were not applied",
-                        keys=needs_restart)
+                        keys=self.restart_needed)
         logsetup.configure(new.log_level)
         assert self.manager is not None
         self.manager.job_end = new.job_end
@@ -648,6 +650,7 @@ class Daemon:
             self._set_nice(new.nice)
         if self.control is not None:
             self.control.limits.update(new.limits)
+            self.control.authz.set_admin_group(new.admin_group)
         self.config = new
         log.info("config reloaded", path=new.path)
         sdnotify.notify("READY=1")
