@@ -105,6 +105,32 @@ class Waiter:
     req_id: Any
 
 
+def check_socket_directory(directory: str) -> None:
+    """Refuse a socket directory (or any directory above it) that a user other
+    than root or elsad's own could write to: they could replace the socket and
+    receive every client's requests. A sticky world-writable directory (/tmp)
+    is safe: others cannot remove or rename what they do not own."""
+    me = os.geteuid()
+    d = os.path.abspath(directory)
+    while True:
+        try:
+            st = os.stat(d)
+        except OSError as exc:
+            raise ElsaError(f"cannot check socket directory {d}: {exc.strerror}") from None
+        if st.st_uid not in (0, me):
+            raise ElsaError(f"socket directory {d} is owned by uid {st.st_uid}, who could "
+                            "replace the socket; put 'socket' in a directory only root "
+                            "(or elsad's user) can write, e.g. /run/elsa")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise ElsaError(f"socket directory {d} is writable by group or others "
+                            f"(mode {stat.S_IMODE(st.st_mode):o}), who could replace the "
+                            "socket; remove that permission or move 'socket'")
+        parent = os.path.dirname(d)
+        if parent == d:
+            return
+        d = parent
+
+
 class ControlServer:
     """Accepts connections and dispatches requests to :class:`Operations`."""
 
@@ -142,6 +168,7 @@ class ControlServer:
         except OSError as exc:
             raise ElsaError(f"cannot create socket directory {directory}: {exc.strerror}; "
                             "set 'socket' in the config to a writable place") from None
+        check_socket_directory(directory)
         try:
             st = os.lstat(path)
             if not stat.S_ISSOCK(st.st_mode):
@@ -160,13 +187,18 @@ class ControlServer:
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Everyone may connect; every request is authorized from SO_PEERCRED.
+        # bind() creates the file with 0777 & ~umask: set the mode there rather
+        # than chmod the path afterwards, which would follow a symlink put in
+        # its place (and Linux has no lchmod).
+        old_umask = os.umask(0o111)
         try:
             sock.bind(path)
         except OSError as exc:
             sock.close()
             raise ElsaError(f"cannot bind control socket {path}: {exc.strerror}") from None
-        # Everyone may connect; every request is authorized from SO_PEERCRED.
-        os.chmod(path, 0o666)
+        finally:
+            os.umask(old_umask)
         # A deep backlog absorbs bursts of clients between two accept turns (the
         # kernel caps it at net.core.somaxconn).
         sock.listen(LISTEN_BACKLOG)
