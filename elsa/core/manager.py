@@ -300,8 +300,11 @@ class JobManager:
 
     # -- job lifecycle --------------------------------------------------------------
     def create(self, *, name: str, owner_uid: int, tags: Mapping[str, str] = {},
-               params: Mapping[str, str] = {}, durable: bool = True) -> Job:
+               params: Mapping[str, str] = {}, durable: bool = True,
+               nest_under: Optional[str] = None) -> Job:
         params = self.backend.validate_params(dict(params))
+        if nest_under:  # set after validation: never a client's parameter
+            params["nest_under"] = nest_under
         # A job the store cannot make durable would be acknowledged and then
         # lost: refuse it while the store cannot write (disk full).
         self.store.check_accepting()

@@ -108,11 +108,17 @@ class Operations:
         for pid in pids:
             infos.append(authz.check_pid(caller, pid))
             authz.check_current_job(caller, pid)
+        # A non-admin's process keeps the limits of its cgroup: the job is
+        # created below that cgroup when the usual place would lift them.
+        nest = (self.manager.backend.nest_parent(pids[0])
+                if pids and not caller.admin else None)
         # Not durable here: the server holds the reply until the store commits
         # (DURABLE_OPS), without blocking the event loop.
         job = self.manager.create(name=name, owner_uid=owner, tags=tags, params=params,
-                                  durable=False)
+                                  durable=False, nest_under=nest)
         try:
+            for pid in pids:
+                self._check_limits_kept(caller, job, pid)
             for pid, info in zip(pids, infos):
                 self.manager.attach(job.jid, pid, durable=False, info=info)
         except ElsaError:
@@ -133,11 +139,25 @@ class Operations:
         for pid in pids:
             infos.append(authz.check_pid(caller, pid))
             authz.check_current_job(caller, pid)
+            self._check_limits_kept(caller, job, pid)
         attached = []
         for pid, info in zip(pids, infos):
             ident = self.manager.attach(jid, pid, durable=False, info=info)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
         return {"jid": jid, "jid_hex": format_jid(jid), "attached": attached}
+
+    def _check_limits_kept(self, caller: Caller, job: Job, pid: int) -> None:
+        """A non-admin may not move a process out of the limits that confine it
+        (a Slurm step's memory.max, a systemd slice's TasksMax)."""
+        if caller.admin:
+            return
+        left = self.manager.backend.limits_left(job, pid)
+        if left:
+            raise self.authz.deny(
+                f"process {pid} would leave the limits that confine it ({'; '.join(left[:3])})"
+                f" by joining job {format_jid(job.jid)}, whose cgroup is elsewhere; start the "
+                "job from that process instead ('elsa-jobmng run' or 'create --pid' nests the "
+                "job's cgroup below its own), or ask root or the admin group")
 
     def op_detach(self, caller: Caller, req: Request) -> Dict[str, Any]:
         pids = get_pids(req)

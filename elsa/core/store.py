@@ -27,6 +27,7 @@ import collections
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -687,15 +688,16 @@ def secure_store_files(state_dir: str) -> None:
     except OSError:
         return
     for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):
+        # By path, never open()+close(): closing any descriptor of a file drops
+        # every POSIX lock this process holds on it, SQLite's included (its
+        # WAL index would then be rebuilt under a live writer).
+        path = os.path.join(state_dir, name)
         try:
-            fd = os.open(os.path.join(state_dir, name), os.O_RDONLY | os.O_NOFOLLOW)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(path, STORE_MODE)
         except OSError:
             continue
-        try:
-            if os.fstat(fd).st_mode & 0o077 != STORE_MODE & 0o077:
-                os.fchmod(fd, STORE_MODE)
-        finally:
-            os.close(fd)
 
 
 def migrate(db: sqlite3.Connection, path: str) -> None:
