@@ -401,11 +401,49 @@ class Cgroup2Backend(Backend):
             raise ProcessGone(f"process {proc.pid} has exited (zombie) outside job "
                               f"{format_jid(job.jid)}; nothing to attach")
         origin = self._origin_of(proc.pid, cur)
-        self.fs.move(path, proc.pid)
+        self._move_checked(path, proc, cur)
         if not origin:
             origin = self.origins.get(proc.ident) or {}
         self.origins.record(job.jid, proc.ident, origin)
         return None
+
+    def _move_checked(self, path: str, proc: ProcessInfo, cur: str) -> None:
+        """Write *proc*'s pid to *path*'s cgroup.procs without moving another
+        process that got its pid. cgroup.procs takes a pid number, which is
+        reused once a process is reaped: a pidfd pins the process that was
+        checked (its start time is verified through it), and if that process
+        is gone after the write, the pid may have named a newcomer, which is
+        moved back to where the checked process was."""
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except ProcessLookupError:
+            raise ProcessGone(f"process {proc.pid} is gone; nothing to attach") from None
+        except (AttributeError, OSError):  # kernel < 5.3 / Python < 3.9: no pidfd
+            self.fs.move(path, proc.pid)
+            return
+        try:
+            if self.ctx.procfs.info(proc.pid).start_ticks != proc.start_ticks:
+                raise ProcessGone(f"process {proc.pid} exited and its pid was reused; "
+                                  "nothing attached")
+            self.fs.move(path, proc.pid)
+            try:
+                signal_mod.pidfd_send_signal(pidfd, 0)
+                return  # alive after the write: the pid was its own throughout
+            except ProcessLookupError:
+                pass
+            # The checked process was reaped: whatever has its pid now (even
+            # with the same start tick) is another process.
+            try:
+                moved = self._cgroup_of(proc.pid) == os.path.normpath(path)
+            except ProcessGone:
+                moved = False
+            if moved:
+                log.warning("pid reused during attach; moved the newcomer back",
+                            pid=proc.pid, to=cur)
+                self.fs.move(cur, proc.pid)
+            raise ProcessGone(f"process {proc.pid} exited during the attach; nothing attached")
+        finally:
+            os.close(pidfd)
 
     def _return_to(self, pid: int, origin: Optional[Dict[str, str]]) -> str:
         """Move *pid* back to its origin, else into the ``released`` leaf."""

@@ -126,6 +126,8 @@ class Daemon:
         # once while none is configured).
         loop.add_timer(1.0, self.priority.unboost, "unboost")
         loop.add_timer(0.25, events.expire_seq_holes, "seq-holes", deferrable=True)
+        loop.add_timer(5.0, lambda: manager.end_never_joined(limits["empty_job_timeout"]),
+                       "empty-jobs", deferrable=True)
         log.info("elsad ready", version=__version__, backend=backend.name,
                  socket=cfg.socket, state_dir=cfg.state_dir, rcvbuf=connector.rcvbuf,
                  **recovered)

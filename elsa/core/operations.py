@@ -99,6 +99,11 @@ class Operations:
             owner = caller.uid
         elif owner != caller.uid and not caller.admin:
             raise authz.deny("only root or the admin group may create jobs for another user")
+        cap = int(self.limits.get("max_jobs_per_user", 0) or 0)
+        if cap and not caller.admin and self.manager.running_count(owner) >= cap:
+            raise authz.deny(f"uid {owner} already has {cap} running jobs "
+                             "(limits.max_jobs_per_user); end some ('elsa-jobmng list') or "
+                             "ask an administrator to raise the limit")
         name = get_str(req, "name")
         tags = get_str_map(req, "tags")
         params = get_str_map(req, "params", max_entries=16)
@@ -259,6 +264,16 @@ class Operations:
     def _freeze(self, caller: Caller, req: Request, freeze: bool) -> Dict[str, Any]:
         jid = get_jid(req)
         self.authz.check_job(caller, self.manager.job(jid))
+        # The rule of kill: a freezer stops every member, so every member must
+        # be one the caller may signal (members of other users, e.g. root's
+        # process attached by root, are not theirs to stop).
+        others = [p for p in self.manager.member_pids(jid)
+                  if not self.authz.may_signal(caller, p)]
+        if others:
+            raise self.authz.deny(
+                f"job {format_jid(jid)} has members uid {caller.uid} may not signal "
+                f"(pids {', '.join(map(str, others[:5]))}); only root or the admin group "
+                f"may {'freeze' if freeze else 'thaw'} it")
         self.manager.set_frozen(jid, freeze)
         return {"jid": jid, "jid_hex": format_jid(jid), "frozen": freeze}
 
