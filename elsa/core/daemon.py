@@ -107,7 +107,8 @@ class Daemon:
         limits = dict(cfg.limits)  # one dict: a reload updates server and hello alike
         authz = Authorizer(cfg.admin_group, self.procfs, manager)
         ops = Operations(manager, authz, backend_name=backend.name, limits=limits,
-                         status=self.status)
+                         status=self.status, store_path=store.path,
+                         private_data=bool(cfg.section("reports")["private_data"]))
         control = self.control = ControlServer(
             cfg.socket, ops, authz, store, limits=limits,
             add_reader=functools.partial(loop.add_reader, events_first=True),

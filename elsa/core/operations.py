@@ -47,6 +47,14 @@ class WaitFor:
     timeout: Optional[float]
 
 
+@dataclass(frozen=True)
+class InThread:
+    """A handler's answer "reply with *fn()*, run off the event thread" (a
+    report over the store can take seconds)."""
+
+    fn: Callable[[], Any]
+
+
 def job_json(job: Job, with_pids: bool = True) -> Dict[str, Any]:
     """The protocol's job object: Job.to_json plus ``jid_hex``."""
     out = job.to_json(with_pids)
@@ -61,12 +69,15 @@ class Operations:
     """Dispatches a parsed request to its handler."""
 
     def __init__(self, manager: JobManager, authz: Authorizer, *, backend_name: str,
-                 limits: Mapping[str, Any], status: Callable[[], Dict[str, Any]]) -> None:
+                 limits: Mapping[str, Any], status: Callable[[], Dict[str, Any]],
+                 store_path: str = "", private_data: bool = True) -> None:
         self.manager = manager
         self.authz = authz
         self.backend_name = backend_name
         self.limits = limits  # the server's (a reload updates it in place)
         self.status_fn = status
+        self.store_path = store_path  # reports read it with their own connection
+        self.private_data = private_data
 
     def dispatch(self, caller: Caller, req: Request) -> Any:
         op = req.get("op")
@@ -277,6 +288,19 @@ class Operations:
         self.manager.set_frozen(jid, freeze)
         return {"jid": jid, "jid_hex": format_jid(jid), "frozen": freeze}
 
+    def op_report(self, caller: Caller, req: Request) -> InThread:
+        """``elsa`` reports for a user who cannot read the store file
+        (elsa/report/remote.py applies the private_data policy)."""
+        from elsa.report import remote
+
+        report = get_str(req, "report")
+        args = req.get("args") or {}
+        if not isinstance(args, dict):
+            raise ProtocolError("'args' must be an object")
+        path, private = self.store_path, self.private_data
+        return InThread(lambda: remote.serve(path, report, args, caller.uid, caller.admin,
+                                             private))
+
     def op_status(self, caller: Caller, req: Request) -> Dict[str, Any]:
         out = self.status_fn()
         out["version"] = __version__
@@ -291,6 +315,7 @@ HANDLERS: Dict[str, Callable[[Operations, Caller, Request], Any]] = {
     "pids": Operations.op_pids, "wait": Operations.op_wait, "kill": Operations.op_kill,
     "end": Operations.op_end, "status": Operations.op_status,
     "freeze": Operations.op_freeze, "thaw": Operations.op_thaw,
+    "report": Operations.op_report,
 }
 #: The operation names, sorted (``hello`` lists them; docs/protocol.md documents each).
 OP_NAMES = tuple(sorted(HANDLERS))

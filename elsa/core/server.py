@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from elsa.core.authorization import Authorizer, Caller
+from elsa.core.background import Background
 from elsa.core.model import Job
-from elsa.core.operations import DURABLE_OPS, Operations, WaitFor
+from elsa.core.operations import DURABLE_OPS, InThread, Operations, WaitFor
 from elsa.core.store import Store
 from elsa.errors import ElsaError, PermissionDenied
 from elsa.logsetup import structlog
@@ -153,6 +154,7 @@ class ControlServer:
         self.per_uid: Dict[int, int] = {}
         self.waiters: List[Waiter] = []
         self._holding: Set[Connection] = set()  # connections with held replies
+        self.background: Optional[Background] = None  # started by the first report
         self.counters = {"accepted": 0, "requests": 0, "errors": 0, "too_large": 0,
                          "refused_connections": 0, "dropped_slow_clients": 0,
                          "idle_closed": 0, "deferred_turns": 0}
@@ -208,6 +210,9 @@ class ControlServer:
     def close(self) -> None:
         for conn in list(self.conns.values()):
             self._close(conn)
+        if self.background is not None:
+            self.background.close(self._remove_reader)
+            self.background = None
         self._remove_reader(self.sock.fileno())
         self.sock.close()
         try:
@@ -398,6 +403,9 @@ class ControlServer:
             if isinstance(result, WaitFor):
                 self.add_waiter(conn, result.jid, result.timeout, req_id)
                 return
+            if isinstance(result, InThread):
+                self._in_thread(conn, result.fn, req_id)
+                return
         except ElsaError as exc:
             self.counters["errors"] += 1
             code = exc.code if exc.code in ERROR_CODES else "internal"
@@ -557,6 +565,36 @@ class ControlServer:
         self._reply(conn, ok_reply(w.req_id, self.ops.wait_result(job, ended)))
         if not conn.closed:
             self._process(conn)
+
+    def _in_thread(self, conn: Connection, fn: Callable[[], Any], req_id: Any) -> None:
+        """Run *fn* on the background worker; reply when it is done. Counted as
+        an outstanding wait, so the connection is neither idle-closed nor
+        answered out of order meanwhile."""
+        if conn.waiting >= MAX_WAITS_PER_CONNECTION:
+            raise LimitReached(f"this connection already has {conn.waiting} outstanding "
+                               "requests; send fewer at once")
+        if self.background is None:
+            self.background = Background(self._add_reader)
+        conn.waiting += 1
+
+        def done(result: Any, error: Optional[BaseException]) -> None:
+            conn.waiting -= 1
+            conn.last_active = self.clock()
+            if error is None:
+                self._reply(conn, ok_reply(req_id, result))
+            elif isinstance(error, ElsaError):
+                self.counters["errors"] += 1
+                code = error.code if error.code in ERROR_CODES else "internal"
+                self._reply(conn, error_reply(req_id, code, error.message))
+            else:
+                self.counters["errors"] += 1
+                log.error("request failed", error=f"{type(error).__name__}: {error}")
+                self._reply(conn, error_reply(req_id, "internal", f"internal error: "
+                                              f"{type(error).__name__}: {error}"))
+            if not conn.closed:
+                self._process(conn)
+
+        self.background.submit(fn, done)
 
     def add_waiter(self, conn: Connection, jid: int, timeout: Optional[float],
                    req_id: Any) -> None:

@@ -62,6 +62,24 @@ def _db_path(args: argparse.Namespace) -> str:
     return os.path.join(cfg.state_dir, "elsa.db")
 
 
+def _report(args: argparse.Namespace, name: str, wire: Dict[str, Any], local) -> Any:
+    """The report from the store when this user can read it, else from elsad
+    (the ``report`` operation, under the private_data policy)."""
+    from elsa.report import remote
+
+    return remote.run(_db_path(args), _socket_path(args), name, wire, local)
+
+
+def _socket_path(args: argparse.Namespace) -> Optional[str]:
+    if getattr(args, "socket", None):
+        return args.socket
+    if args.db or args.state_dir:
+        return None  # a store named explicitly: read it, or say why not
+    from elsa import config
+
+    return config.load(config.resolve_path(args.config)).socket
+
+
 # -- formatting --------------------------------------------------------------------------------
 
 def _fmt_us(us: Optional[int]) -> str:
@@ -133,8 +151,10 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
     else:
         from elsa.report import query
 
-        db = query.open_store(_db_path(args))
-        rows = query.summary(db, args.by, args.since, args.until, args.source)
+        rows = _report(args, "summary", {"by": args.by, "since": args.since,
+                                         "until": args.until, "source": args.source},
+                       lambda db: query.summary(db, args.by, args.since, args.until,
+                                                args.source))
 
     def table() -> None:
         if args.by == "job":
@@ -164,8 +184,9 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
 def cmd_jobs(args: argparse.Namespace, out) -> int:
     from elsa.report import query
 
-    db = query.open_store(_db_path(args))
-    rows = query.jobs(db, args.since, args.until, args.state)
+    rows = _report(args, "jobs", {"since": args.since, "until": args.until,
+                                  "state": args.state},
+                   lambda db: query.jobs(db, args.since, args.until, args.state))
 
     def table() -> None:
         header = ["JID", "NAME", "OWNER", "STATE", "CREATED", "ENDED", "PROCS", "CPU", "MAXRSS"]
@@ -196,8 +217,8 @@ def cmd_job(args: argparse.Namespace, out) -> int:
         jid = parse_jid(args.jid)
     except ValueError as exc:
         raise ElsaError(str(exc)) from None
-    db = query.open_store(_db_path(args))
-    detail = query.job_detail(db, jid, args.source)
+    detail = _report(args, "job", {"jid": jid, "source": args.source},
+                     lambda db: query.job_detail(db, jid, args.source))
     if detail is None:
         raise ElsaError(f"no job {jid:#x} in the store; list jobs with 'elsa jobs'")
 
@@ -278,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "/etc/elsa/elsa.toml)")
     common.add_argument("--state-dir", help="elsad's state_dir (overrides the config)")
     common.add_argument("--db", help="the store file itself (overrides --state-dir)")
+    common.add_argument("--socket", help="elsad's socket, asked for reports when the store "
+                        "file is not readable (default: from the config)")
     fmt = common.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output (raw units)")
     fmt.add_argument("--csv", action="store_true", help="CSV output (raw units)")
