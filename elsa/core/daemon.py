@@ -32,7 +32,7 @@ from elsa.core.priority import Priority
 from elsa.core.server import ControlServer
 from elsa.core.store import Store
 from elsa.errors import ConfigError, ElsaError
-from elsa.kernel import sdnotify
+from elsa.kernel import caps, sdnotify
 from elsa.kernel.cnproc import ProcConnector
 from elsa.kernel.procfs import ProcFS
 from elsa.logsetup import structlog
@@ -85,6 +85,13 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         loop = self.loop
+        # Before any thread exists: capabilities are per thread (capabilities(7)).
+        try:
+            dropped = caps.keep_only(caps.needed(cfg.backend, cfg.sources))
+            if dropped:
+                log.info("capabilities dropped", dropped=dropped, backend=cfg.backend)
+        except ElsaError as exc:
+            log.warning("capabilities not dropped", error=exc.message)
         boot_id = self.procfs.boot_id()
         # Before the store: its writer thread inherits the nice value.
         if cfg.nice:
