@@ -87,7 +87,7 @@ class Daemon:
         loop = self.loop
         # Before any thread exists: capabilities are per thread (capabilities(7)).
         try:
-            dropped = caps.keep_only(caps.needed(cfg.backend, cfg.sources))
+            dropped = caps.drop_unneeded(caps.needed(cfg.backend, cfg.sources))
             if dropped:
                 log.info("capabilities dropped", dropped=dropped, backend=cfg.backend)
         except ElsaError as exc:

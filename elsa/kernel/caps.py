@@ -1,9 +1,9 @@
 """Dropping capabilities elsad does not need for its configuration (capset(2)).
 
 The packaged unit's CapabilityBoundingSet= allows what any backend needs
-(packaging/elsad.service); once started, elsad keeps only what its backend and
-sources use at run time and drops the rest from its effective and permitted
-sets, for good (it never execs). Numbers: include/uapi/linux/capability.h.
+(packaging/elsad.service); at start elsad drops those of them its backend and
+sources do not use from its effective and permitted sets, for good.
+Numbers: include/uapi/linux/capability.h.
 """
 
 from __future__ import annotations
@@ -55,16 +55,21 @@ def effective(status_path: str = "/proc/self/status") -> int:
     return 0
 
 
-def keep_only(names: Iterable[str]) -> List[str]:
-    """Drop every capability but *names* from the effective, permitted and
-    inheritable sets of this thread group's main thread; returns the dropped
-    ones that were held. A no-op for a process without capabilities."""
-    keep = 0
-    for n in names:
-        keep |= 1 << CAPS[n]
+def drop_unneeded(needed_caps: Iterable[str]) -> List[str]:
+    """Drop the capabilities of :data:`CAPS` (the unit's bounding set) that are
+    not in *needed_caps* from the effective, permitted and inheritable sets of
+    the calling thread; returns the dropped ones that were held. Others are left
+    as they are (outside the unit, root keeps e.g. CAP_SYS_PTRACE, without
+    which /proc hides the exit code of a process holding more capabilities)."""
+    want = set(needed_caps)
+    drop = 0
+    for n, bit in CAPS.items():
+        if n not in want:
+            drop |= 1 << bit
     have = effective()
-    if not have:
+    if not have & drop:
         return []
+    keep = have & ~drop
     low, high = keep & 0xFFFFFFFF, keep >> 32
     data = (_Data * 2)((low, low, 0), (high, high, 0))
     hdr = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
@@ -73,8 +78,4 @@ def keep_only(names: Iterable[str]) -> List[str]:
         err = ctypes.get_errno()
         raise KernelInterfaceError(f"capset: {os.strerror(err)}; elsad keeps its "
                                    "capabilities")
-    dropped = [n for n, bit in CAPS.items() if have >> bit & 1 and not keep >> bit & 1]
-    others = have & ~sum(1 << b for b in CAPS.values())
-    if others:
-        dropped.append(f"{bin(others).count('1')} others")
-    return dropped
+    return [n for n, bit in CAPS.items() if (have & drop) >> bit & 1]
