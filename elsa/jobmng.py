@@ -13,7 +13,7 @@ import os
 import pwd
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from elsa import __version__
 from elsa.client import Client, RequestFailed, default_socket
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPUs for the job, e.g. 0-3,8 (cpuset backends; others refuse)")
         sp.add_argument("--mems", metavar="LIST",
                         help="memory nodes for the job, e.g. 0 (cpuset backends)")
+        sp.add_argument("--wlm", default="none", metavar="auto|slurm|pbs|lsf|htcondor|none",
+                        help="record the batch system's job id, array, user, account, queue "
+                             "and job name (from the environment) as tags (default none)")
 
     sp = cmd("create", "create a job and print its id")
     job_options(sp)
@@ -182,17 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("freeze", "freeze every member of a job (cgroup2 backend)", jid=True)
     cmd("thaw", "thaw a frozen job (cgroup2 backend)", jid=True)
 
+    sp = cmd("tag", "set tags of a job, also after it ended (K= removes a tag); root/admin: any "
+                    "job, others: their own", jid=True)
+    sp.add_argument("tags", type=_tag_arg, nargs="+", metavar="K=V")
+
     cmd("status", "show elsad's version, backend and counters")
     return p
 
 
 # -- output helpers --------------------------------------------------------------------------
 
+def _jid_text(value: Union[str, int]) -> str:
+    """A job id from a reply in the one spelling (docs/jobid.md)."""
+    return format_jid(parse_jid(value))
+
+
 def job_out(job: Dict[str, Any], with_pids: bool = True) -> Dict[str, Any]:
     """The CLI's JSON job object (docs/jobmng.md): ``jid`` is the hex string, because
     64-bit ids lose precision in tools that read JSON numbers as doubles (jq < 1.7)."""
     out: Dict[str, Any] = {
-        "jid": format_jid(int(job["jid"])), "name": job.get("name", ""),
+        "jid": _jid_text(job["jid"]), "name": job.get("name", ""),
         "owner_uid": job.get("owner_uid"), "owner": _user_name(job.get("owner_uid")),
         "state": job.get("state"), "created": job.get("created"), "ended": job.get("ended"),
         "tags": job.get("tags", {}), "backend": job.get("backend"),
@@ -259,29 +271,37 @@ def _params(args: argparse.Namespace) -> Optional[Dict[str, str]]:
     return params or None
 
 
+def _job_tags(args: argparse.Namespace) -> Tuple[str, Dict[str, str]]:
+    """The job's name and tags: --tag over the batch system's (--wlm)."""
+    from elsa import wlm
+
+    tags = {**wlm.detect(os.environ, args.wlm), **dict(args.tag)}
+    return args.name or tags.get("wlm_job_name", ""), tags
+
+
 def do_create(c: Client, args: argparse.Namespace) -> int:
-    job = c.create(name=args.name, tags=dict(args.tag), params=_params(args),
-                   owner_uid=args.owner)
+    name, tags = _job_tags(args)
+    job = c.create(name=name, tags=tags, params=_params(args), owner_uid=args.owner)
     if args.json:
         _print_json(job_out(job))
     else:
-        print(format_jid(job["jid"]))
+        print(_jid_text(job["jid"]))
     return EXIT_OK
 
 
 def do_attach(c: Client, args: argparse.Namespace) -> int:
     res = c.attach(args.jid, args.pids)
     if args.json:
-        _print_json({"jid": format_jid(res["jid"]), "attached": res["attached"]})
+        _print_json({"jid": _jid_text(res["jid"]), "attached": res["attached"]})
     else:
         for a in res["attached"]:
-            print(f"attached {a['pid']} to {format_jid(res['jid'])}")
+            print(f"attached {a['pid']} to {_jid_text(res['jid'])}")
     return EXIT_OK
 
 
 def do_detach(c: Client, args: argparse.Namespace) -> int:
     res = c.detach(args.pids)
-    items = [{"pid": d["pid"], "jid": format_jid(d["jid"])} for d in res["detached"]]
+    items = [{"pid": d["pid"], "jid": _jid_text(d["jid"])} for d in res["detached"]]
     if args.json:
         _print_json({"detached": items})
     else:
@@ -293,9 +313,9 @@ def do_detach(c: Client, args: argparse.Namespace) -> int:
 def do_jobof(c: Client, args: argparse.Namespace) -> int:
     jid = c.jobof(args.pid)
     if args.json:
-        _print_json({"pid": args.pid, "jid": format_jid(jid)})
+        _print_json({"pid": args.pid, "jid": _jid_text(jid)})
     else:
-        print(format_jid(jid))
+        print(_jid_text(jid))
     return EXIT_OK
 
 
@@ -357,9 +377,9 @@ def do_wait(c: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"ended": res["ended"], "job": job_out(res["job"])})
     elif res["ended"]:
-        print(f"job {format_jid(args.jid)} ended")
+        print(f"job {_jid_text(args.jid)} ended")
     else:
-        print(f"job {format_jid(args.jid)} still running after {args.wait_timeout:g} s",
+        print(f"job {_jid_text(args.jid)} still running after {args.wait_timeout:g} s",
               file=sys.stderr)
     return EXIT_OK if res["ended"] else EXIT_TIMEOUT
 
@@ -367,11 +387,11 @@ def do_wait(c: Client, args: argparse.Namespace) -> int:
 def do_kill(c: Client, args: argparse.Namespace) -> int:
     res = c.kill(args.jid, args.signal)
     if args.json:
-        _print_json({"jid": format_jid(res["jid"]), "signal": res["signal"],
+        _print_json({"jid": _jid_text(res["jid"]), "signal": res["signal"],
                      "signalled": res["signalled"], "skipped": res.get("skipped", 0)})
     else:
         line = f"signal {res['signal']} sent to {res['signalled']} process(es) of " \
-               f"{format_jid(res['jid'])}"
+               f"{_jid_text(res['jid'])}"
         if res.get("skipped"):
             line += f"; {res['skipped']} member(s) of other users skipped"
         print(line)
@@ -387,12 +407,21 @@ def do_end(c: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def do_tag(c: Client, args: argparse.Namespace) -> int:
+    job = job_out(c.tag(args.jid, dict(args.tags)))
+    if args.json:
+        _print_json(job)
+    else:
+        print(f"job {job['jid']} tags {_tags(job['tags'])}")
+    return EXIT_OK
+
+
 def do_freeze(c: Client, args: argparse.Namespace) -> int:
     res = c.freeze(args.jid) if args.command == "freeze" else c.thaw(args.jid)
     if args.json:
-        _print_json({"jid": format_jid(res["jid"]), "frozen": res["frozen"]})
+        _print_json({"jid": _jid_text(res["jid"]), "frozen": res["frozen"]})
     else:
-        print(f"job {format_jid(res['jid'])} {'frozen' if res['frozen'] else 'thawed'}")
+        print(f"job {_jid_text(res['jid'])} {'frozen' if res['frozen'] else 'thawed'}")
     return EXIT_OK
 
 
@@ -406,7 +435,8 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
     lines = [
         f"elsad      {st.get('version')} (protocol {st.get('protocol')}), pid {st.get('pid')}, "
         f"up {st.get('uptime', 0):.0f} s",
-        f"backend    {st.get('backend')}",
+        f"backend    {st.get('backend')}"
+        + (f" ({st['backend_reason']})" if st.get("backend_reason") else ""),
         f"jobs       {st.get('jobs_running')} running, {st.get('members')} member processes",
         f"events     {st.get('events')} received, lost: "
         + ", ".join(f"{k} {v}" for k, v in sorted(lost.items())),
@@ -421,8 +451,13 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
         lines.append(f"control    {control.get('connections')} connections, "
                      f"{control.get('requests')} requests, {control.get('errors')} errors, "
                      f"{control.get('denied')} denied")
-    if st.get("sources"):
-        lines.append(f"sources    {', '.join(sorted(st['sources']))}")
+    srcs = {k: v for k, v in (st.get("sources") or {}).items() if k != "aggregator"}
+    lines.append("sources    " + (", ".join(
+        f"{k} (failed: {v['error']})" if isinstance(v, dict) and v.get("error") else k
+        for k, v in sorted(srcs.items())) or "none: no accounting source runs, jobs get no usage"))
+    agg = (st.get("sources") or {}).get("aggregator") or {}
+    if agg.get("folded"):  # [thresholds]: small records stored folded
+        lines.append(f"folded     {agg['folded']} small process records ([thresholds])")
     print("\n".join(lines))
     return EXIT_OK
 
@@ -441,13 +476,14 @@ def do_run(args: argparse.Namespace, socket_path: str) -> int:
                 c.attach(args.job, [me])
                 jid = args.job
             else:
-                jid = c.create(name=args.name, tags=dict(args.tag), params=_params(args),
+                name, tags = _job_tags(args)
+                jid = c.create(name=name, tags=tags, params=_params(args),
                                pids=[me])["jid"]
     except (ElsaError, OSError) as exc:
         _error(f"run: could not join a job, {argv[0]} not started: {_message(exc)}")
         return EXIT_RUN_FAILED
     # The connection is closed (and close-on-exec anyway): CMD inherits nothing of ours.
-    os.environ["ELSA_JID"] = format_jid(jid)
+    os.environ["ELSA_JID"] = _jid_text(jid)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -465,6 +501,7 @@ COMMANDS: Dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "create": do_create, "attach": do_attach, "detach": do_detach, "jobof": do_jobof,
     "list": do_list, "show": do_show, "pids": do_pids, "wait": do_wait, "kill": do_kill,
     "end": do_end, "freeze": do_freeze, "thaw": do_freeze, "status": do_status,
+    "tag": do_tag,
 }
 
 

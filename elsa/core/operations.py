@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 #: Operations whose reply promises a change that must survive a crash: the
 #: server sends their reply once the store has committed it.
-DURABLE_OPS = frozenset({"create", "attach", "detach", "end"})
+DURABLE_OPS = frozenset({"create", "attach", "detach", "end", "tag"})
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,8 @@ class InThread:
 
 
 def job_json(job: Job, with_pids: bool = True) -> Dict[str, Any]:
-    """The protocol's job object: Job.to_json plus ``jid_hex``."""
-    out = job.to_json(with_pids)
-    out["jid_hex"] = format_jid(job.jid)
-    return out
+    """The protocol's job object (Job.to_json: ``jid`` is the hex string)."""
+    return job.to_json(with_pids)
 
 
 Request = Dict[str, Any]
@@ -160,7 +158,7 @@ class Operations:
         for pid, info in zip(pids, infos):
             ident = self.manager.attach(jid, pid, durable=False, info=info)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
-        return {"jid": jid, "jid_hex": format_jid(jid), "attached": attached}
+        return {"jid": format_jid(jid), "attached": attached}
 
     def _check_limits_kept(self, caller: Caller, job: Job, pid: int) -> None:
         """A non-admin may not move a process out of the limits that confine it
@@ -187,7 +185,7 @@ class Operations:
             plan.append((pid, jid))
         for pid, _jid_of_pid in plan:
             self.manager.detach(pid)
-        return {"detached": [{"pid": p, "jid": j, "jid_hex": format_jid(j)} for p, j in plan]}
+        return {"detached": [{"pid": p, "jid": format_jid(j)} for p, j in plan]}
 
     def op_jobof(self, caller: Caller, req: Request) -> Dict[str, Any]:
         pid = get_int(req, "pid", minimum=1, maximum=2 ** 31 - 1)
@@ -195,7 +193,7 @@ class Operations:
         jid = self.manager.job_of(pid)
         if jid is None:
             raise NotInJob(f"pid {pid} is not in any job")
-        return {"pid": pid, "jid": jid, "jid_hex": format_jid(jid)}
+        return {"pid": pid, "jid": format_jid(jid)}
 
     def op_list(self, caller: Caller, req: Request) -> List[Dict[str, Any]]:
         include_ended = req.get("all", False)
@@ -211,7 +209,7 @@ class Operations:
         if include_ended:
             running = {j["jid"] for j in out}
             for job in self.manager.stored_jobs(limit):
-                if job.jid not in running:
+                if format_jid(job.jid) not in running:
                     item = job_json(job, with_pids=False)
                     item["nprocs"] = 0
                     out.append(item)
@@ -227,7 +225,7 @@ class Operations:
         jid = get_jid(req)
         job = self.manager.job(jid)
         pids = self.manager.member_pids(jid) if job.state == JOB_RUNNING else []
-        return {"jid": jid, "jid_hex": format_jid(jid), "state": job.state, "pids": pids}
+        return {"jid": format_jid(jid), "state": job.state, "pids": pids}
 
     def op_wait(self, caller: Caller, req: Request) -> Any:
         jid = get_jid(req)
@@ -258,7 +256,7 @@ class Operations:
             # Some members changed uid (su, sudo): a backend signals the whole
             # cgroup, so signal the allowed ones one by one instead.
             sent = signal_each(allowed, sig)
-        return {"jid": jid, "jid_hex": format_jid(jid), "signal": sig, "signalled": sent,
+        return {"jid": format_jid(jid), "signal": sig, "signalled": sent,
                 "skipped": len(members) - len(allowed)}
 
     def op_end(self, caller: Caller, req: Request) -> Dict[str, Any]:
@@ -286,7 +284,24 @@ class Operations:
                 f"(pids {', '.join(map(str, others[:5]))}); only root or the admin group "
                 f"may {'freeze' if freeze else 'thaw'} it")
         self.manager.set_frozen(jid, freeze)
-        return {"jid": jid, "jid_hex": format_jid(jid), "frozen": freeze}
+        return {"jid": format_jid(jid), "frozen": freeze}
+
+    def op_tag(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        jid = get_jid(req)
+        tags = get_str_map(req, "tags")
+        if not tags:
+            raise ProtocolError("'tags' must name at least one tag to set (or, with an "
+                                "empty value, to remove)")
+        self.authz.check_job(caller, self.manager.job(jid))
+        return job_json(self.manager.set_tags(jid, tags, durable=False))
+
+    def op_ja(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        """The caller's own job, found from its pid (peer credentials): a process
+        may always see the job it runs in, whoever owns it."""
+        jid = self.manager.job_of(caller.pid)
+        if jid is None:
+            raise NotInJob(f"pid {caller.pid} (the caller) is not in any job")
+        return {"pid": caller.pid, "job": job_json(self.manager.job(jid))}
 
     def op_report(self, caller: Caller, req: Request) -> InThread:
         """``elsa`` reports for a user who cannot read the store file
@@ -315,6 +330,7 @@ HANDLERS: Dict[str, Callable[[Operations, Caller, Request], Any]] = {
     "pids": Operations.op_pids, "wait": Operations.op_wait, "kill": Operations.op_kill,
     "end": Operations.op_end, "status": Operations.op_status,
     "freeze": Operations.op_freeze, "thaw": Operations.op_thaw,
+    "tag": Operations.op_tag, "ja": Operations.op_ja,
     "report": Operations.op_report,
 }
 #: The operation names, sorted (``hello`` lists them; docs/protocol.md documents each).

@@ -20,6 +20,7 @@ import sqlite3
 from typing import Any, Dict, Mapping, Optional
 
 from elsa.config import Option
+from elsa.core.model import format_jid, parse_jid
 from elsa.errors import ElsaError, PermissionDenied, ProtocolError
 
 #: The [reports] section of elsa.toml.
@@ -67,14 +68,21 @@ def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: b
         if report == "jobs":
             rows = query.jobs(db, _opt_float(args, "since"), _opt_float(args, "until"),
                               _opt_str(args, "state", ("running", "ended")))
-            return [r for r in rows if r["owner_uid"] == uid] if restrict else rows
+            if restrict:
+                rows = [r for r in rows if r["owner_uid"] == uid]
+            if args.get("root_exits") is True:
+                from elsa.report import sacct
+
+                sacct.add_root_exits(db, rows)
+            return rows
         if report == "job":
-            jid = args.get("jid")
-            if isinstance(jid, bool) or not isinstance(jid, int) or jid < 0:
-                raise ProtocolError("report argument 'jid' must be a job id")
+            try:
+                jid = parse_jid(args.get("jid"))
+            except (TypeError, ValueError) as exc:
+                raise ProtocolError(f"report argument 'jid': {exc}") from None
             if restrict and _owner(db, jid) != uid:
-                raise PermissionDenied(f"job {jid:#x} is not yours; with private_data only "
-                                       "root and the admin group read other users' jobs")
+                raise PermissionDenied(f"job {format_jid(jid)} is not yours; with private_data "
+                                       "only root and the admin group read other users' jobs")
             return query.job_detail(db, jid, _opt_str(args, "source"))
         by = _opt_str(args, "by", ("job", "user", "command")) or "user"
         if restrict and by == "command":
@@ -88,7 +96,7 @@ def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: b
         if by == "user":
             return [r for r in rows if r.get("uid") == uid]
         own = _own_jobs(db, uid)
-        return [r for r in rows if r["jid"] in own]
+        return [r for r in rows if parse_jid(r["jid"]) in own]
     except sqlite3.DatabaseError as exc:
         raise ElsaError(f"report failed on the store: {exc}") from exc
     finally:
