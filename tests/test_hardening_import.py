@@ -24,7 +24,7 @@ def _raw(pid=4242, ppid=1, btime=T0, etime=250.0, version=3, comm=b"good") -> by
 
 
 def _v2(i: int) -> bytes:
-    """A struct acct (v2) record (include/uapi/linux/acct.h, 64 bytes): comp_t
+    """A struct acct (v2) record (docs/kernel.md, "BSD accounting"; 64 bytes): comp_t
     times and 16-bit ids up front, the 32-bit ids at the end."""
     return struct.pack("<BBHHHIHHHHHHHHHI17sBII", 0, 2, 1000, 100, 0, T0 + i, 0x0303, 3,
                        0x2303, 0x0303, 0, 0, 0x0303, 3, 0, 0x0300, b"v2cmd\3\3\3",

@@ -28,7 +28,7 @@ def test_every_config_key_is_classified_once():
 
 
 def test_plan_keeps_running_values_of_restart_keys():
-    running = Config()
+    running = dataclasses.replace(Config(), backend="cnproc")
     new = dataclasses.replace(running, backend="cgroup2", admin_group="wheel", nice=5)
     cfg, restart = reloading.plan(running, new)
     assert restart == ["backend"]

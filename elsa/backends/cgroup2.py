@@ -44,7 +44,7 @@ DAEMON_LEAF = "daemon"
 NESTED_PREFIX = "elsa-"
 
 #: Interface files that limit what the processes of a cgroup and its
-#: descendants may use (cgroup-v2.rst), with the value meaning "no limit".
+#: descendants may use (docs/kernel.md, "cgroup v2"), with the value meaning "no limit".
 #: hugetlb.<size>.max files are found by name.
 LIMIT_FILES = {
     "pids.max": "max", "memory.max": "max", "memory.high": "max",

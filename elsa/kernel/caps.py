@@ -3,7 +3,7 @@
 The packaged unit's CapabilityBoundingSet= allows what any backend needs
 (packaging/elsad.service); at start elsad drops those of them its backend and
 sources do not use from its effective and permitted sets, for good.
-Numbers: include/uapi/linux/capability.h.
+Numbers and rules: docs/kernel.md, "Sockets and credentials".
 """
 
 from __future__ import annotations

@@ -98,8 +98,8 @@ COLUMNS = ("offset", "flag", "tty", "exitcode", "uid", "gid", "pid", "ppid", "bt
 
 
 #: Plausible values: a record outside them is garbage (a misaligned read, a
-#: foreign file) and is reported and skipped instead of stored. PID_MAX_LIMIT
-#: is 4M on 64-bit kernels (include/linux/threads.h).
+#: foreign file) and is reported and skipped instead of stored (docs/kernel.md,
+#: "BSD accounting": PID_MAX_LIMIT is 4M on 64-bit kernels).
 PID_MAX = 4 * 1024 * 1024
 MAX_ELAPSED_S = 20 * 365 * 86400
 #: A record may end at most this far after the reader's clock (clock skew

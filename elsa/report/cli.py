@@ -78,9 +78,9 @@ def _socket_path(args: argparse.Namespace) -> Optional[str]:
         return args.socket
     if args.db or args.state_dir:
         return None  # a store named explicitly: read it, or say why not
-    from elsa import config
+    from elsa.client import default_socket
 
-    return config.load(config.resolve_path(args.config)).socket
+    return default_socket(args.config)
 
 
 # -- formatting --------------------------------------------------------------------------------
