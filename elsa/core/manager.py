@@ -346,10 +346,32 @@ class JobManager:
                 return left[0]
         return jid
 
+    def running_count(self, owner_uid: int) -> int:
+        """Running jobs of *owner_uid* (the per-user cap, limits.max_jobs_per_user)."""
+        return sum(1 for s in self.jobs.values() if s.owner_uid == owner_uid)
+
+    def end_never_joined(self, timeout: float) -> int:
+        """End the jobs that never had a member within *timeout* seconds of their
+        creation (each is a kernel object with a cgroup backend). 0: never."""
+        if timeout <= 0:
+            return 0
+        cutoff = self.clock() - timeout
+        idle = [s.jid for s in self.jobs.values()
+                if not s.had_members and not s.members and s.created < cutoff]
+        for jid in idle:
+            self.end(jid, reason=f"no process joined within {timeout:g} s")
+        return len(idle)
+
     # -- job lifecycle --------------------------------------------------------------
     def create(self, *, name: str, owner_uid: int, tags: Mapping[str, str] = {},
-               params: Mapping[str, str] = {}, durable: bool = True) -> Job:
+               params: Mapping[str, str] = {}, durable: bool = True,
+               nest_under: Optional[str] = None) -> Job:
         params = self.backend.validate_params(dict(params))
+        if nest_under:  # set after validation: never a client's parameter
+            params["nest_under"] = nest_under
+        # A job the store cannot make durable would be acknowledged and then
+        # lost: refuse it while the store cannot write (disk full).
+        self.store.check_accepting()
         jid = self.allocator.next()
         state = self._new_state(jid=jid, name=name, owner_uid=owner_uid,
                                 tags=tuple(sorted(tags.items())), created=self.clock(),

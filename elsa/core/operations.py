@@ -68,6 +68,14 @@ class WaitFor:
     timeout: Optional[float]
 
 
+@dataclass(frozen=True)
+class InThread:
+    """A handler's answer "reply with *fn()*, run off the event thread" (a
+    report over the store can take seconds)."""
+
+    fn: Callable[[], Any]
+
+
 def job_json(job: Job, with_pids: bool = True) -> Dict[str, Any]:
     """The protocol's job object (Job.to_json: ``jid`` is the hex string)."""
     return job.to_json(with_pids)
@@ -80,12 +88,15 @@ class Operations:
     """Dispatches a parsed request to its handler."""
 
     def __init__(self, manager: JobManager, authz: Authorizer, *, backend_name: str,
-                 limits: Mapping[str, Any], status: Callable[[], Dict[str, Any]]) -> None:
+                 limits: Mapping[str, Any], status: Callable[[], Dict[str, Any]],
+                 store_path: str = "", private_data: bool = True) -> None:
         self.manager = manager
         self.authz = authz
         self.backend_name = backend_name
         self.limits = limits  # the server's (a reload updates it in place)
         self.status_fn = status
+        self.store_path = store_path  # reports read it with their own connection
+        self.private_data = private_data
 
     def dispatch(self, caller: Caller, req: Request) -> Any:
         op = req.get("op")
@@ -118,6 +129,11 @@ class Operations:
             owner = caller.uid
         elif owner != caller.uid and not caller.admin:
             raise authz.deny("only root or the admin group may create jobs for another user")
+        cap = int(self.limits.get("max_jobs_per_user", 0) or 0)
+        if cap and not caller.admin and self.manager.running_count(owner) >= cap:
+            raise authz.deny(f"uid {owner} already has {cap} running jobs "
+                             "(limits.max_jobs_per_user); end some ('elsa-jobmng list') or "
+                             "ask an administrator to raise the limit")
         name = get_str(req, "name")
         tags = get_str_map(req, "tags")
         params = get_str_map(req, "params", max_entries=16)
@@ -127,11 +143,17 @@ class Operations:
         for pid in pids:
             infos.append(authz.check_pid(caller, pid))
             authz.check_current_job(caller, pid)
+        # A non-admin's process keeps the limits of its cgroup: the job is
+        # created below that cgroup when the usual place would lift them.
+        nest = (self.manager.backend.nest_parent(pids[0])
+                if pids and not caller.admin else None)
         # Not durable here: the server holds the reply until the store commits
         # (DURABLE_OPS), without blocking the event loop.
         job = self.manager.create(name=name, owner_uid=owner, tags=tags, params=params,
-                                  durable=False)
+                                  durable=False, nest_under=nest)
         try:
+            for pid in pids:
+                self._check_limits_kept(caller, job, pid)
             for pid, info in zip(pids, infos):
                 self.manager.attach(job.jid, pid, durable=False, info=info)
         except ElsaError:
@@ -152,11 +174,25 @@ class Operations:
         for pid in pids:
             infos.append(authz.check_pid(caller, pid))
             authz.check_current_job(caller, pid)
+            self._check_limits_kept(caller, job, pid)
         attached = []
         for pid, info in zip(pids, infos):
             ident = self.manager.attach(jid, pid, durable=False, info=info)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
         return {"jid": format_jid(jid), "attached": attached}
+
+    def _check_limits_kept(self, caller: Caller, job: Job, pid: int) -> None:
+        """A non-admin may not move a process out of the limits that confine it
+        (a Slurm step's memory.max, a systemd slice's TasksMax)."""
+        if caller.admin:
+            return
+        left = self.manager.backend.limits_left(job, pid)
+        if left:
+            raise self.authz.deny(
+                f"process {pid} would leave the limits that confine it ({'; '.join(left[:3])})"
+                f" by joining job {format_jid(job.jid)}, whose cgroup is elsewhere; start the "
+                "job from that process instead ('elsa-jobmng run' or 'create --pid' nests the "
+                "job's cgroup below its own), or ask root or the admin group")
 
     def op_detach(self, caller: Caller, req: Request) -> Dict[str, Any]:
         pids = get_pids(req)
@@ -281,6 +317,16 @@ class Operations:
     def _freeze(self, caller: Caller, req: Request, freeze: bool) -> Any:
         jid = get_jid(req)
         self.authz.check_job(caller, self.manager.job(jid))
+        # The rule of kill: a freezer stops every member, so every member must
+        # be one the caller may signal (members of other users, e.g. root's
+        # process attached by root, are not theirs to stop).
+        others = [p for p in self.manager.member_pids(jid)
+                  if not self.authz.may_signal(caller, p)]
+        if others:
+            raise self.authz.deny(
+                f"job {format_jid(jid)} has members uid {caller.uid} may not signal "
+                f"(pids {', '.join(map(str, others[:5]))}); only root or the admin group "
+                f"may {'freeze' if freeze else 'thaw'} it")
         self.manager.set_frozen(jid, freeze)
         result = {"jid": format_jid(jid), "frozen": freeze}
         if not freeze:
@@ -309,6 +355,19 @@ class Operations:
             raise NotInJob(f"pid {caller.pid} (the caller) is not in any job")
         return {"pid": caller.pid, "job": job_json(self.manager.job(jid))}
 
+    def op_report(self, caller: Caller, req: Request) -> InThread:
+        """``elsa`` reports for a user who cannot read the store file
+        (elsa/report/remote.py applies the private_data policy)."""
+        from elsa.report import remote
+
+        report = get_str(req, "report")
+        args = req.get("args") or {}
+        if not isinstance(args, dict):
+            raise ProtocolError("'args' must be an object")
+        path, private = self.store_path, self.private_data
+        return InThread(lambda: remote.serve(path, report, args, caller.uid, caller.admin,
+                                             private))
+
     def op_status(self, caller: Caller, req: Request) -> Dict[str, Any]:
         out = self.status_fn()
         out["version"] = __version__
@@ -324,6 +383,7 @@ HANDLERS: Dict[str, Callable[[Operations, Caller, Request], Any]] = {
     "end": Operations.op_end, "status": Operations.op_status,
     "freeze": Operations.op_freeze, "thaw": Operations.op_thaw,
     "tag": Operations.op_tag, "ja": Operations.op_ja,
+    "report": Operations.op_report,
 }
 #: The operation names, sorted (``hello`` lists them; docs/protocol.md documents each).
 OP_NAMES = tuple(sorted(HANDLERS))
