@@ -58,8 +58,7 @@ def _exporter(n: int) -> Any:
         ex.job_created(job)
         # A reading as the sampler keeps it (cgroup figures of a running job).
         ex._last[job.jid] = (120.5 + i, 3.25, 512 << 20, 600 << 20, 1 << 30, 1 << 28, 4)
-    ex.publish_status({"events": 1, "lost_events": {"enobufs": 0, "seq_gap": 0}},
-                      {"committed": 1, "errors": 0})
+    ex.publish_status({"events": 1, "lost_events": {"enobufs": 0, "seq_gap": 0}})
     ex.sample()
     return ex
 

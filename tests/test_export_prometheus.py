@@ -116,7 +116,9 @@ def _snapshot(n: int) -> Snapshot:
               "sources": {"cgroupstat": {"callback_errors": 0}, "taskstats": {"error": "x"},
                           "aggregator": {"records": 7}},
               "hold": {"holds": 2, "held_seconds": 0.5, "active": False},
-              "_store": {"committed": 9, "errors": 0}, "_jobs": {"created": n, "ended": 0}}
+              "store": {"ok": True, "pending_writes": 0, "write_failures": 0,
+                        "dropped_records": 0},
+              "_jobs": {"created": n, "ended": 0}}
     return Snapshot(rows, status)
 
 
@@ -133,7 +135,8 @@ def test_exposition_is_clean_and_named_by_convention():
                  "# TYPE elsa_events_lost_total counter",
                  'elsa_events_lost_total{reason="seq_gap"} 2.0',
                  'elsa_source_up{source="taskstats"} 0.0',
-                 'elsa_source_up{source="cgroupstat"} 1.0'):
+                 'elsa_source_up{source="cgroupstat"} 1.0',
+                 "elsa_store_ok 1.0"):
         assert line in text, line
     assert ('elsa_job_cpu_user_seconds_total{account="proj-a",jid="0x0000000000001000",'
             'name="job 0 \\"q\\"\\n",user="alice"} 12.5') in text
@@ -283,7 +286,7 @@ def test_body_is_the_job_rendering_plus_live_daemon_metrics():
     job = Job(jid=9, name="n", owner_uid=os.getuid(), tags=(("account", "a"),), created=0.0,
               ended=None, state="running", backend="x", params={})
     ex.job_created(job)
-    ex.publish_status({"events": 5}, {"committed": 1, "errors": 0})
+    ex.publish_status({"events": 5})
     ex.sample()
     body = ex.body()
     assert promtool_check(body) == ""

@@ -207,20 +207,30 @@ def _daemon_metrics(st: Mapping[str, Any]) -> Iterator[Any]:
     g = GaugeMetricFamily(PREFIX + "members", "Processes that are members of a job now.")
     g.add_metric([], st.get("members", 0))
     yield g
-    store = st.get("_store", {})
-    c = CounterMetricFamily(PREFIX + "store_writes",
-                            "Write operations (usage records, job and membership rows)"
-                            " committed to the store.")
-    c.add_metric([], store.get("committed", 0))
-    yield c
-    c = CounterMetricFamily(PREFIX + "store_errors", "Store write batches that failed.")
-    c.add_metric([], store.get("errors", 0))
-    yield c
+    store = st.get("store") or {}
     agg = (st.get("sources") or {}).get("aggregator") or {}
     c = CounterMetricFamily(PREFIX + "usage_records",
                             "Usage records received from the accounting sources.")
     c.add_metric([], agg.get("records", 0))
     yield c
+    c = CounterMetricFamily(PREFIX + "records_stored",
+                            "Usage records handed to the store (attributed to a job or not).")
+    c.add_metric([], agg.get("attributed", 0) + agg.get("unattributed", 0))
+    yield c
+    g = GaugeMetricFamily(PREFIX + "store_pending_writes",
+                          "Store writes submitted and not committed yet.")
+    g.add_metric([], store.get("pending_writes", 0))
+    yield g
+    c = CounterMetricFamily(PREFIX + "store_errors", "Store write batches that failed.")
+    c.add_metric([], store.get("write_failures", 0))
+    yield c
+    c = CounterMetricFamily(PREFIX + "store_dropped_records",
+                            "Records dropped because the store could not write them.")
+    c.add_metric([], store.get("dropped_records", 0))
+    yield c
+    g = GaugeMetricFamily(PREFIX + "store_ok", "1 while the store writes, 0 while it fails.")
+    g.add_metric([], 0 if store.get("ok") is False else 1)
+    yield g
     up = GaugeMetricFamily(PREFIX + "source_up",
                            "1 when the accounting source runs, 0 when it failed to start.",
                            labels=["source"])
@@ -311,11 +321,9 @@ class PrometheusExporter:
             for job in jobs:
                 self._running[job.jid] = job
 
-    def publish_status(self, status: Mapping[str, Any], store: Mapping[str, int]) -> None:
+    def publish_status(self, status: Mapping[str, Any]) -> None:
         """The daemon's status (a fresh dict the event thread built); swapped in whole."""
-        st = dict(status)
-        st["_store"] = store
-        self._status = st
+        self._status = status
 
     # -- sampler thread ----------------------------------------------------------------
     def _user(self, uid: int) -> str:
@@ -596,10 +604,9 @@ def attach(exporter: PrometheusExporter, daemon: Any) -> None:
         exporter.mount = None  # no cgroup2: every job's figures come from the store
     exporter.seed(daemon.manager.running())
     daemon.host.pm.register(_Hooks(exporter), name="elsa.export.prometheus")
-    store = daemon.store
 
     def publish() -> None:
-        exporter.publish_status(daemon.status(), store.stats() if store else {})
+        exporter.publish_status(daemon.status())
 
     publish()
     daemon.loop.add_timer(1.0, publish, "prometheus-status")
