@@ -129,6 +129,8 @@ SECTIONS: Dict[str, str] = {
     "billing.schedule": "elsa.billing.rates:SCHEDULE_OPTIONS",
     "reports": "elsa.report.remote:OPTIONS",
     "thresholds": "elsa.core.thresholds:OPTIONS",
+    "export.prometheus": "elsa.export.prometheus:OPTIONS",
+    "export.apel": "elsa.export.apel:OPTIONS",
 }
 
 

@@ -4,6 +4,7 @@
     elsa job JID [--source NAME]                    each process with its usage
     elsa summary --by job|user|command [--since T] [--until T] [--source NAME]
     elsa import-acct FILE...                        bring old pacct files in
+    elsa export apel|ur|jsonl [--since T] [--until T]   finished jobs for APEL, OGF UR, pipelines
     elsa store-salvage                              rebuild a damaged store from what is readable
 
 Every report prints a table, or ``--json`` / ``--csv`` (raw units: µs, KiB,
@@ -380,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     from elsa.apps.report import add_parser as add_apps
 
     add_apps(sub, [common, window])
+    from elsa.export.cli import add_parser as add_export
+
+    add_export(sub, common, window)
     return p
 
 
