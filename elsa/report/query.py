@@ -90,10 +90,14 @@ def adapt(db: Any) -> Db:
     return db if isinstance(db, Db) else SqliteDb(db)
 
 
+def is_central(where: str) -> bool:
+    return where.startswith(("postgresql://", "postgres://", "service="))
+
+
 def open_db(where: str) -> Db:
     """A node's store file, or the central store when *where* is a postgresql:// URL
     (or a libpq ``service=NAME``)."""
-    if where.startswith(("postgresql://", "postgres://", "service=")):
+    if is_central(where):
         from elsa.central.pgreport import open_central
 
         return open_central(where)
