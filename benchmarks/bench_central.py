@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,7 @@ def ingest(srv: Any, n: int) -> List[Dict[str, Any]]:
     ours = time.perf_counter() - t
     sh.stop()
     store.close()
+    shutil.rmtree(work, ignore_errors=True)
     dump = os.path.join(srv.root, "rows.copy")
     with _admin(srv, "ingest") as c:
         got = c.execute("SELECT count(*) FROM proc_usage").fetchone()[0]
