@@ -257,11 +257,12 @@ def test_server_disk_full_then_recovers(pg: PgServer, tmp_path: Path) -> None:
         assert central_job_totals(pg, "diskfull") == local_job_totals(st, "full")
         st.close()
     finally:
-        with admin(pg) as c:
-            c.execute("DROP DATABASE IF EXISTS diskfull")
-        with admin(pg) as c:
-            c.execute("DROP TABLESPACE IF EXISTS small")
-        subprocess.run(["umount", "-l", ts], check=False)
+        try:
+            with admin(pg) as c:
+                c.execute("DROP DATABASE IF EXISTS diskfull WITH (FORCE)")
+                c.execute("DROP TABLESPACE IF EXISTS small")
+        finally:
+            subprocess.run(["umount", "-l", ts], check=False)
 
 
 def test_prune_keeps_unshipped(pg: PgServer, tmp_path: Path) -> None:
