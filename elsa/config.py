@@ -127,6 +127,7 @@ SECTIONS: Dict[str, str] = {
     "billing.rates": "elsa.billing.rates:RATE_OPTIONS",
     "billing.nonprime": "elsa.billing.rates:NONPRIME_OPTIONS",
     "billing.schedule": "elsa.billing.rates:SCHEDULE_OPTIONS",
+    "central": "elsa.central.shipper:OPTIONS",
     "reports": "elsa.report.remote:OPTIONS",
     "thresholds": "elsa.core.thresholds:OPTIONS",
     "export.prometheus": "elsa.export.prometheus:OPTIONS",

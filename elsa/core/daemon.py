@@ -67,6 +67,7 @@ class Daemon:
         self.sources: Dict[str, Any] = {}
         self.listeners: List[Any] = []  # elsa_event_listeners (elsa/core/listener.py)
         self.source_status: Callable[[], Dict[str, Any]] = lambda: {}
+        self.shipper: Any = None  # elsa.central.shipper.Shipper when [central] url is set
 
     # -- start-up ---------------------------------------------------------------------------
     def _make_backend(self) -> Backend:
@@ -145,6 +146,9 @@ class Daemon:
         loop.add_reader(store.commit_notifications(), control.on_commit)
 
         self._start_sources()
+        from elsa.central.shipper import start_shipper
+
+        self.shipper = start_shipper(cfg, self.store)
         # 0.1 s: the resolution of 'wait' timeouts and of the idle limits.
         loop.add_timer(0.1, control.sweep, "control-sweep")
         # Deferrable: exits are recorded when their events are read, and a
@@ -232,6 +236,7 @@ class Daemon:
             "config": {"path": self.config.path, "restart_needed": self.restart_needed},
             "store": ({"path": self.store.path, "schema": self.store.schema_version,
                        **self.store.health()} if self.store else {"path": None}),
+            "central": self.shipper.status() if self.shipper else {"enabled": False},
         }
         if self.control is not None:
             out["control"] = self.control.stats()
@@ -298,6 +303,8 @@ class Daemon:
                 self.backend.stop()
             except Exception as exc:
                 log.exception("backend failed to stop", error=str(exc))
+        if self.shipper is not None:
+            self.shipper.stop()
         if self.store is not None:
             self.store.close()
         log.info("elsad stopped", reason=reason)
