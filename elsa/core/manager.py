@@ -624,7 +624,7 @@ class JobManager:
             # Kernel truth: no ancestry walk (step 3), so only the processes
             # named by the index, the backend and left_alive are read, not
             # all of /proc (a resync follows every lost event under load).
-            wanted = set(self.index.keys()).union(self.left_alive)
+            wanted = set(self.index).union(self.left_alive)
             for truth in truths.values():
                 if truth:
                     wanted.update(truth)
