@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.source import UsageRecord
 from elsa.errors import CgroupGone, from_oserror
@@ -122,8 +122,8 @@ _PARSERS = {
 }
 
 
-def read_stats(directory: str) -> CgroupStats:
-    """Read every statistics file present in the cgroup *directory*.
+def read_stats(directory: str, files: Sequence[str] = STAT_FILES) -> CgroupStats:
+    """Read the statistics *files* (default: all) present in the cgroup *directory*.
 
     Raises :class:`~elsa.errors.CgroupGone` when the directory itself is gone
     (the cgroup was removed), another ElsaError for other failures.
@@ -132,7 +132,7 @@ def read_stats(directory: str) -> CgroupStats:
         raise CgroupGone(f"read cgroup stats: {directory} is gone")
     values: Dict[str, object] = {}
     missing = []
-    for name in STAT_FILES:
+    for name in files:
         attr, parse = _PARSERS[name]
         path = os.path.join(directory, name)
         try:
