@@ -15,6 +15,7 @@ the jobs; the store (:mod:`elsa.core.store`) persists them.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -41,6 +42,24 @@ from elsa.logsetup import structlog
 from elsa.plugins import PluginHost
 
 log = structlog.get_logger("elsa.daemon")
+
+
+#: Allocations (net, of container objects) between young-generation
+#: collections. The hot path allocates a few tuples per event and frees them
+#: at once; only queued rows (held records, the writer's batches) stay. With
+#: the interpreter's default (700) a storm runs a collection every few hundred
+#: rows, ~7 % of elsad's CPU; the event data holds no reference cycles.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Exclude what start-up built (modules, config, recovered jobs) from
+    future collections (gc.freeze) and collect the young generation less
+    often. Cycles are still collected, only in larger batches."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 class Daemon:
@@ -251,6 +270,7 @@ class Daemon:
 
     def run(self) -> str:
         """Serve until a stop is requested; returns the reason."""
+        tune_gc()
         return self.loop.run()
 
     def _do_reload(self) -> None:
