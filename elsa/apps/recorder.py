@@ -258,7 +258,11 @@ class AppRecorder(EventListener):
                 stime = int(rest[12]) * _TICK_US
                 start = int(rest[19])
                 owner = os.fstat(dfd)
-                if owner.st_uid != 0 and owner.st_gid != 0:
+                if status == "gone":
+                    # A zombie's /proc/PID belongs to its effective ids; the
+                    # real ones come with its exit record.
+                    euid, egid = owner.st_uid, owner.st_gid
+                elif owner.st_uid != 0 and owner.st_gid != 0:
                     # /proc/PID belongs to the effective uid and gid of a
                     # dumpable process, else to root; an exec leaves the
                     # process dumpable only if its real and effective ids
@@ -302,8 +306,8 @@ class AppRecorder(EventListener):
                 self.done.append(prow)
             else:
                 self._end_by_exec(prev, f, ts_ns)
-        if (f[F_UID] is not None and ((self.uids and f[F_UID] not in self.uids)
-                                      or f[F_UID] < self.min_uid)):
+        uid = f[F_UID] if f[F_UID] is not None else f[F_EUID]
+        if uid is not None and ((self.uids and uid not in self.uids) or uid < self.min_uid):
             self.counters["excluded"] += 1
             return
         path = f[F_PATH]
