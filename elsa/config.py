@@ -114,6 +114,7 @@ PLUGIN_TABLES = ("backends", "sources")
 # when the config has the section (or to render the example), so that a command
 # that needs none of them does not pay for their imports. A feature adds one line.
 SECTIONS: Dict[str, str] = {
+    "web": "elsa.web:OPTIONS",
 }
 
 

@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-attribute", action="store_true",
                    help="do not attribute records to jobs from the membership history")
     s.set_defaults(func=cmd_import_acct)
+    from elsa.web.serve import add_parser as add_web
+
+    add_web(sub, common)
     return p
 
 
