@@ -44,10 +44,7 @@ def _run(*cmd: str, input: Optional[str] = None) -> None:
 
 
 def _mount() -> str:
-    try:
-        from elsa.kernel.cgroupfs import CgroupFS
-    except ImportError:
-        from elsa.core.cgroupfs import CgroupFS
+    from elsa.kernel.cgroupfs import CgroupFS
 
     return CgroupFS().cgroup2_mount()
 
