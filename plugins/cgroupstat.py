@@ -5,9 +5,8 @@ job's params (key ``cgroup_path``: absolute, or relative to the cgroup2
 mount), reads ``cpu.stat`` and, where the controllers are enabled,
 ``memory.peak``, ``memory.stat``, ``memory.events``, ``io.stat`` and
 ``pids.peak`` every ``interval`` seconds, and once more in ``job_ending``,
-before the backend removes the cgroup (read final counters first: the
-kernel frees them with the cgroup — GUIDE, systemd's lost-final-counters
-complaints).
+before the backend removes the cgroup (the kernel frees the counters with the
+cgroup: docs/kernel.md, "cgroup v2").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ``taskstats`` source: per-task exit records over generic netlink.
 
-Registers a cpumask listener (Documentation/accounting/taskstats.rst) on a
+Registers a cpumask listener (docs/kernel.md, "taskstats") on a
 socket with a large receive buffer, folds each process's threads into one
 record (by tgid; see elsa/kernel/taskstats.py) and hands it to the aggregator.
 Records the kernel drops when the buffer overflows (ENOBUFS on the next

@@ -262,12 +262,12 @@ def test_fork_born_member_detaches_to_job_origin(harness: Harness, area) -> None
 
 # -- born inside: clone3(CLONE_INTO_CGROUP) then attach ------------------------------------
 
-_CLONE_INTO_CGROUP = 0x200000000  # include/uapi/linux/sched.h
+_CLONE_INTO_CGROUP = 0x200000000  # docs/kernel.md, "cgroup v2"
 _SYS_CLONE3 = 435  # x86_64 and the generic table alike
 
 
 class _CloneArgs(ctypes.Structure):
-    # struct clone_args (include/uapi/linux/sched.h), the first 11 u64 fields (VER2).
+    # struct clone_args, the first 11 u64 fields (CLONE_ARGS_SIZE_VER2).
     _fields_ = [(n, ctypes.c_uint64) for n in (
         "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
         "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]

@@ -5,9 +5,9 @@ which builds the :class:`~elsa.core.aggregator.Aggregator`, validates each
 enabled source's ``[sources.<name>]`` table, starts the source and wires it
 into the event loop:
 
-* ``daemon.add_reader(source.fileno(), source.on_readable)`` when the source
+* ``loop.add_reader(source.fileno(), source.on_readable)`` when the source
   has a descriptor (taskstats' netlink socket);
-* ``daemon.add_timer(source.interval, source.poll)`` when it polls (pacct
+* ``loop.add_timer(source.interval, source.poll)`` when it polls (pacct
   follower, cgroup readings);
 * ``manager.before_end`` gets ``source.job_ending(job)`` (final readings before
   the backend removes the job's cgroup);
@@ -17,7 +17,7 @@ into the event loop:
 All of them are *deferrable*: during a burst hold (elsa/core/burst.py) the
 sources' descriptors stay unread and their timers wait for the hold to end.
 
-A source that raises is logged with its name and isolated (GUIDE §3.6); one
+A source that raises is logged with its name and isolated; one
 that fails to start is reported in ``status`` and the daemon runs without it.
 """
 
@@ -25,14 +25,31 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+)
 
-from elsa.config import validate_table
+from elsa.config import Config, validate_table
 from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.errors import ElsaError
+from elsa.kernel.procfs import ProcFS
 from elsa.logsetup import structlog
+
+if TYPE_CHECKING:
+    from elsa.core.loop import EventLoop
+    from elsa.core.manager import JobManager
+    from elsa.core.store import Store
 
 log = structlog.get_logger("elsa.accounting")
 
@@ -114,7 +131,7 @@ class _Guard:
 
 
 class AccountingStop:
-    """Listed last among ``daemon.sources`` so that the daemon's stop loop,
+    """Listed last among the daemon's sources so that the daemon's stop loop,
     which stops every source before closing the store, flushes the aggregator
     (held records) and runs the pending "stored" callbacks after the real
     sources emitted their final records."""
@@ -131,12 +148,15 @@ class AccountingStop:
         return self.aggregator.status()
 
 
-def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
+def start_sources(specs: Mapping[str, SourceSpec], *, config: Config, manager: JobManager,
+                  store: Store, procfs: ProcFS, loop: EventLoop,
+                  settle: Callable[[], bool]
                   ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]]]:
-    """Start every enabled source; return (sources by name, status function)."""
-    cfg = daemon.config
-    manager = daemon.manager
-    store = daemon.store
+    """Start every enabled source; return (sources by name, status function).
+
+    *settle* applies the proc-connector events queued so far (the aggregator
+    calls it before it gives up on a record's job)."""
+    cfg = config
     store.register_batch_runner(INSERT_PROC, live_bulk)
     started_wall = time.time()
 
@@ -145,15 +165,15 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
         # of processes that exited after max(start, now - linger); older ones
         # need the store. A record's end time (btime + elapsed) can be up to
         # 1 s late: the kernel computes btime as the current second minus the
-        # *whole* seconds elapsed (kernel/tsacct.c bacct_add_tsk, kernel/acct.c
-        # fill_ac), so end = floor(exit) + frac(elapsed). HISTORY_MARGIN_S
+        # *whole* seconds elapsed (docs/kernel.md, "taskstats" and "BSD
+        # accounting"), so end = floor(exit) + frac(elapsed). HISTORY_MARGIN_S
         # covers that, so end >= horizon implies memory saw the exit.
         return max(started_wall, time.time() - manager.exited_linger) + HISTORY_MARGIN_S
 
     aggregator = Aggregator(store.submit, manager.resolve,
                             history=history_lookup(store.db, manager.boot_id),
                             submit_many=store.submit_many,
-                            settle=getattr(daemon, "settle_events", None),
+                            settle=settle,
                             history_horizon=history_horizon)
     durability = Durability(store, aggregator.hold_seconds)
     started: Dict[str, Any] = {}
@@ -177,7 +197,7 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
                 jids = affected_jobs() if jid is None else {jid}
                 aggregator.flag_incomplete(sorted(jids), _name, why)
 
-            ctx = SourceContext(options=options, procfs=daemon.procfs,
+            ctx = SourceContext(options=options, procfs=procfs,
                                 state_dir=cfg.state_dir, emit=aggregator.add,
                                 emit_rows=aggregator.add_rows,
                                 jobs=lambda: manager.running(), flag_incomplete=flag,
@@ -199,13 +219,13 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
         fd = src.fileno()
         if fd is not None:
             g = _Guard(name, "on_readable", src.on_readable,
-                       on_give_up=lambda fd=fd: daemon.remove_reader(fd))
+                       on_give_up=lambda fd=fd: loop.remove_reader(fd))
             guards[name].append(g)
-            daemon.add_reader(fd, g, deferrable=True)
+            loop.add_reader(fd, g, deferrable=True)
         if src.interval:
             g = _Guard(name, "poll", src.poll)
             guards[name].append(g)
-            daemon.add_timer(float(src.interval), g, f"source-{name}", deferrable=True)
+            loop.add_timer(float(src.interval), g, f"source-{name}", deferrable=True)
         log.info("accounting source started", source=name)
 
     def job_ending(job: Job) -> None:
@@ -219,7 +239,7 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
         aggregator.retry()
         durability.tick()
 
-    daemon.add_timer(RETRY_INTERVAL, tick, "accounting-retry", deferrable=True)
+    loop.add_timer(RETRY_INTERVAL, tick, "accounting-retry", deferrable=True)
     sources: Dict[str, Any] = dict(started)
     sources["accounting"] = AccountingStop(aggregator, durability)
 

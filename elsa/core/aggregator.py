@@ -14,7 +14,7 @@ and only then is it stored as "no job" (most processes on a host are in none).
 Start-time tolerance: taskstats gives the start to the delivery latency
 (``start_ticks`` from etime), matched within ``TASKSTATS_TOLERANCE_TICKS``;
 pacct's ``ac_btime`` is whole seconds computed as exit time minus elapsed
-(kernel/acct.c fill_ac), so it is off by up to 1 s either way, matched within
+(docs/kernel.md, "BSD accounting"), so it is off by up to 1 s either way, matched within
 ``ACCT_TOLERANCE_S``. A pid cannot come back within 2 s without the kernel
 cycling through pid_max other pids first.
 
@@ -143,7 +143,7 @@ class Aggregator:
     :class:`UsageRecord` values to :meth:`add`, which converts them with
     :func:`proc_row`.
 
-    *settle*, when given (the daemon's ``settle_events``), applies every proc
+    *settle*, when given (:meth:`elsa.core.events.ProcEvents.settle`), applies every proc
     connector event queued so far and returns True when that left nothing
     unknown: the socket was emptied, no loss is pending and no sequence hole
     is open. A process's fork event is queued before it can exit, so after a

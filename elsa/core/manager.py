@@ -378,7 +378,7 @@ class JobManager:
         """*info* was already in the job's kernel object when attached.
 
         The kernel marks an exiting task a zombie (exit_notify) before it sends
-        the exit event (proc_exit_connector; kernel/exit.c do_exit), so a
+        the exit event (docs/kernel.md, "cn_proc"), so a
         process /proc shows alive has not sent its exit event yet and the event
         path will close it. A zombie's event may have been sent already
         (ignored then: the pid was no member) or may still come (it then finds

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Tuple
 
 #: USER_HZ: the unit of /proc/PID/stat start times (clock ticks). It is 100 on
-#: every Linux architecture userspace sees (include/asm-generic/param.h).
+#: every Linux architecture userspace sees (docs/kernel.md, "procfs").
 CLOCK_TICKS = 100
 
 #: Start times taken from a cn_proc fork timestamp are estimates: the kernel

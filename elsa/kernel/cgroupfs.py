@@ -1,7 +1,7 @@
 """cgroupfs adapter: the only module that knows cgroup file names and mount layouts.
 
-Covers cgroup v2 (Documentation/admin-guide/cgroup-v2.rst) and the v1 cpuset
-hierarchy (Documentation/admin-guide/cgroup-v1/cpusets.rst). Every path it
+Covers cgroup v2 and the v1 cpuset hierarchy (docs/kernel.md, "cgroup v2" and
+"cpuset"). Every path it
 hands out is absolute in the *real* namespace of the caller; the injectable
 roots exist so tests can point it at a fake tree for layouts this machine
 cannot produce (pure v2, the v2 cpuset controller):
@@ -11,9 +11,9 @@ cannot produce (pure v2, the v2 cpuset controller):
 * ``fs_root``: prefixed to every mount point read from mountinfo (a chroot view).
 
 ``OSError`` is translated here into :class:`~elsa.errors.ElsaError` with what,
-where and what to do (cgroup-v2.rst lists the errnos: EBUSY for rmdir of a
-populated cgroup or "no internal processes", EOPNOTSUPP for a domain cgroup
-rule violation, ENOSPC for a v1 cpuset without cpus/mems).
+where and what to do (the errnos: EBUSY for rmdir of a populated cgroup or
+"no internal processes", EOPNOTSUPP for a domain cgroup rule violation,
+ENOSPC for a v1 cpuset without cpus/mems).
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from elsa.errors import (
 )
 from elsa.kernel.procfs import read_small
 
-# cgroup v2 core files (cgroup-v2.rst "Core Interface Files").
+# cgroup v2 core files.
 PROCS = "cgroup.procs"
 #: A cgroup file that is gone, or whose cgroup is being removed: kernfs
 #: answers ENODEV for a node deactivated while the file was open or the
-#: directory still listed (fs/kernfs/file.c), ENOENT once it is unlinked.
+#: directory still listed, ENOENT once it is unlinked.
 _REMOVED = (errno.ENOENT, errno.ENODEV)
 
 EVENTS = "cgroup.events"
@@ -378,8 +378,8 @@ class CgroupFS:
     def wait_events(self, path: str, key: str, value: int, timeout: float) -> bool:
         """Wait until ``cgroup.events`` says ``key value`` or *timeout* passes.
 
-        cgroup-v2.rst: a change of a value in cgroup.events generates a file
-        modified event and POLLPRI, so poll() wakes without busy-waiting; a
+        A change of a value in cgroup.events generates a file modified event
+        and POLLPRI (docs/kernel.md, "cgroup v2"), so poll() wakes without busy-waiting; a
         short poll interval also covers kernels that miss a notification.
         """
         target = os.path.join(path, EVENTS)
@@ -440,8 +440,8 @@ class CgroupFS:
     @staticmethod
     def cpuset_effective_files(path: str, v2: bool) -> Tuple[str, str]:
         """The files naming the CPUs and memory nodes *path* may hand to children:
-        v2 ``cpuset.cpus.effective`` (cgroup-v2.rst), v1 ``cpuset.effective_cpus``
-        (cgroup-v1/cpusets.rst)."""
+        v2 ``cpuset.cpus.effective``, v1 ``cpuset.effective_cpus`` (docs/kernel.md,
+        "cpuset")."""
         if v2:
             return (os.path.join(path, "cpuset.cpus.effective"),
                     os.path.join(path, "cpuset.mems.effective"))
@@ -479,7 +479,7 @@ IN_CLOEXEC = os.O_CLOEXEC
 class EventsWatcher:
     """One inotify descriptor watching many ``cgroup.events`` files.
 
-    cgroup-v2.rst: "populated" changes "generate file modified events" — one fd
+    "populated" changes generate file modified events — one fd
     for all jobs scales better than an open file (and POLLPRI) per job.
     """
 
@@ -518,7 +518,7 @@ class EventsWatcher:
     def forget(self, key: object) -> None:
         """Drop *key* after its cgroup was removed: the kernel already dropped the
         watch (and queues IN_IGNORED), so no inotify_rm_watch, which waits for an
-        SRCU grace period (fs/notify/mark.c) — milliseconds under load."""
+        SRCU grace period — milliseconds under load."""
         wd = self._key_wd.pop(key, None)
         if wd is not None:
             self._wd_key.pop(wd, None)

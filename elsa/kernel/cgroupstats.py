@@ -1,7 +1,6 @@
 """cgroup v2 statistics files: the only module that knows their formats.
 
-Formats: Documentation/admin-guide/cgroup-v2.rst ("Format" and each
-controller's "Interface Files"). ``cpu.stat`` is a core file, present even
+Formats: docs/kernel.md, "cgroup v2". ``cpu.stat`` is a core file, present even
 without the cpu controller; ``memory.*``, ``io.stat`` and ``pids.peak`` exist
 only where the controller is enabled for the cgroup (in the parent's
 ``cgroup.subtree_control``). We read what exists and report what is missing,

@@ -2,7 +2,7 @@
 
 The root is injectable (tests, containers). Files vanish mid-read when a
 process exits; that is reported as :class:`~elsa.errors.ProcessGone`, never as
-a crash (psutil's ``_pslinux.py`` does the same).
+a crash.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def read_small(path: str, size: int = 4096) -> bytes:
     ``open()`` would add an fstat, an isatty ioctl and a second read to every
     file (strace shows them), and elsad reads a /proc or cgroupfs file or two
     per job. seq_file and kernfs fill the buffer as far as the file goes, so a
-    short read is the end (fs/seq_file.c seq_read_iter); a full one reads on.
+    short read is the end; a full one reads on.
     Raises OSError.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -57,7 +57,7 @@ class ProcFS:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 # The files of /proc/PID have the owner of /proc/PID itself
-                # (task_dump_owner() in fs/proc/base.c sets both): no second lookup.
+                # (docs/kernel.md, "procfs"): no second lookup.
                 uid = os.fstat(fd).st_uid
                 data = os.read(fd, 4096)  # one seq_file read: the line is < 1 KiB
             finally:
@@ -168,8 +168,8 @@ def boottime_offset_ns() -> int:
     """CLOCK_BOOTTIME minus CLOCK_MONOTONIC, in ns.
 
     cn_proc stamps events with ktime_get_ns() (monotonic) while /proc/PID/stat
-    start times count from boot including suspend (task->start_boottime,
-    fs/proc/array.c); the offset converts one into the other.
+    start times count from boot including suspend; the offset converts one
+    into the other.
     """
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
