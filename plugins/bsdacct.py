@@ -242,4 +242,5 @@ def _unlink(path: str) -> None:
 def elsa_sources() -> List[SourceSpec]:
     return [SourceSpec(name=NAME, factory=BsdAcctSource, options=OPTIONS,
                        description="BSD process accounting (acct v3 pacct files): managed or"
-                                   " external file, followed with persisted offsets.")]
+                                   " external file, followed with persisted offsets.",
+                       priority=30)]

@@ -18,7 +18,7 @@ from elsa import hookimpl
 from elsa.config import Option, positive
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
-from elsa.errors import ElsaError, ProcessGone
+from elsa.errors import CgroupGone, ElsaError
 from elsa.kernel import cgroupstats
 from elsa.kernel.cgroupfs import CgroupFS
 from elsa.logsetup import structlog
@@ -67,7 +67,7 @@ class CgroupStatSource(Source):
             return
         try:
             st = cgroupstats.read_stats(d)
-        except ProcessGone:
+        except CgroupGone:
             return  # removed already: the last reading stands
         except ElsaError as exc:
             self.errors += 1
@@ -93,4 +93,5 @@ class CgroupStatSource(Source):
 def elsa_sources() -> List[SourceSpec]:
     return [SourceSpec(name=NAME, factory=CgroupStatSource, options=OPTIONS,
                        description="Job-level cgroup v2 counters (cpu.stat, memory.peak,"
-                                   " io.stat, ...) of cgroup-backed jobs.")]
+                                   " io.stat, ...) of cgroup-backed jobs.",
+                       priority=10, default_enabled=True)]

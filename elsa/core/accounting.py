@@ -34,16 +34,19 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Sequence,
     Set,
     Tuple,
 )
 
 from elsa.config import Config, validate_table
 from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
+from elsa.core.guard import Guard, run_isolated
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
+from elsa.core.usage import priorities_of, save_boot_epoch, save_priorities
 from elsa.errors import ElsaError
-from elsa.kernel.procfs import ProcFS
+from elsa.kernel.procfs import ProcFS, boot_epoch
 from elsa.logsetup import structlog
 
 if TYPE_CHECKING:
@@ -53,9 +56,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("elsa.accounting")
 
-#: A reader callback that raised this many times in a row is unregistered
-#: (a broken descriptor stays readable and would spin the loop).
-MAX_CONSECUTIVE_ERRORS = 100
 RETRY_INTERVAL = 0.25
 HISTORY_MARGIN_S = 1.0
 
@@ -86,48 +86,15 @@ class Durability:
             self.marked.append((self.store.mark(), cb))
         while self.marked and self.store.is_committed(self.marked[0][0]):
             _, cb = self.marked.popleft()
-            _run(cb, "stored-callback")
+            run_isolated(cb, "stored-callback")
 
     def drain(self) -> None:
         """At stop, after the aggregator forced out its held records."""
         self.store.flush()
         for _, cb in list(self.waiting) + list(self.marked):
-            _run(cb, "stored-callback")
+            run_isolated(cb, "stored-callback")
         self.waiting.clear()
         self.marked.clear()
-
-
-def _run(cb: Callable[[], None], what: str, source: str = "") -> bool:
-    try:
-        cb()
-        return True
-    except Exception as exc:
-        log.exception("accounting callback raised; isolated", source=source, what=what,
-                      error=f"{type(exc).__name__}: {exc}")
-        return False
-
-
-class _Guard:
-    """Wraps a source callback: logs and counts failures instead of raising."""
-
-    def __init__(self, name: str, what: str, fn: Callable[[], None],
-                 on_give_up: Optional[Callable[[], None]] = None) -> None:
-        self.name, self.what, self.fn = name, what, fn
-        self.errors = 0
-        self.consecutive = 0
-        self.on_give_up = on_give_up
-
-    def __call__(self) -> None:
-        if _run(self.fn, self.what, self.name):
-            self.consecutive = 0
-            return
-        self.errors += 1
-        self.consecutive += 1
-        if self.consecutive >= MAX_CONSECUTIVE_ERRORS and self.on_give_up is not None:
-            log.error("source keeps failing; its descriptor is no longer watched",
-                      source=self.name, what=self.what)
-            self.on_give_up()
-            self.on_give_up = None
 
 
 class AccountingStop:
@@ -148,16 +115,20 @@ class AccountingStop:
         return self.aggregator.status()
 
 
-def start_sources(specs: Mapping[str, SourceSpec], *, config: Config, manager: JobManager,
-                  store: Store, procfs: ProcFS, loop: EventLoop,
+def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, config: Config,
+                  manager: JobManager, store: Store, procfs: ProcFS, loop: EventLoop,
                   settle: Callable[[], bool]
                   ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]]]:
-    """Start every enabled source; return (sources by name, status function).
+    """Start the sources *names* (elsa.core.defaults.enabled_sources); return
+    (sources by name, status function).
 
     *settle* applies the proc-connector events queued so far (the aggregator
     calls it before it gives up on a record's job)."""
     cfg = config
     store.register_batch_runner(INSERT_PROC, live_bulk)
+    # For the reports and elsa import-acct: how the sources rank, when this boot began.
+    save_priorities(store.db, store.submit, priorities_of(specs))
+    save_boot_epoch(store.submit, manager.boot_id, boot_epoch())
     started_wall = time.time()
 
     def history_horizon() -> float:
@@ -178,15 +149,14 @@ def start_sources(specs: Mapping[str, SourceSpec], *, config: Config, manager: J
     durability = Durability(store, aggregator.hold_seconds)
     started: Dict[str, Any] = {}
     failed: Dict[str, str] = {}
-    guards: Dict[str, List[_Guard]] = {}
+    guards: Dict[str, List[Guard]] = {}
 
     def affected_jobs() -> Set[int]:
         jids = {j.jid for j in manager.running()}
-        for recs in getattr(manager, "exited", {}).values():
-            jids.update(r.jid for r in recs)
+        jids.update(manager.exited.jids())
         return jids
 
-    for name in cfg.sources:
+    for name in names:
         spec = specs[name]
         try:
             options = validate_table(cfg.source_table(name), spec.options,
@@ -218,19 +188,19 @@ def start_sources(specs: Mapping[str, SourceSpec], *, config: Config, manager: J
         guards[name] = []
         fd = src.fileno()
         if fd is not None:
-            g = _Guard(name, "on_readable", src.on_readable,
-                       on_give_up=lambda fd=fd: loop.remove_reader(fd))
+            g = Guard(name, "on_readable", src.on_readable,
+                      on_give_up=lambda fd=fd: loop.remove_reader(fd))
             guards[name].append(g)
             loop.add_reader(fd, g, deferrable=True)
         if src.interval:
-            g = _Guard(name, "poll", src.poll)
+            g = Guard(name, "poll", src.poll)
             guards[name].append(g)
             loop.add_timer(float(src.interval), g, f"source-{name}", deferrable=True)
         log.info("accounting source started", source=name)
 
     def job_ending(job: Job) -> None:
         for name, src in started.items():
-            _run(lambda src=src: src.job_ending(job), "job_ending", name)
+            run_isolated(lambda src=src: src.job_ending(job), "job_ending", name)
         aggregator.job_ending(job)
 
     manager.before_end.append(job_ending)

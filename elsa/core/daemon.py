@@ -23,7 +23,9 @@ from elsa import __version__
 from elsa.config import Config, validate_table
 from elsa.core.authorization import Authorizer
 from elsa.core.backend import Backend, BackendContext
+from elsa.core.defaults import choose_backend, enabled_sources
 from elsa.core.events import ProcEvents, make_hold
+from elsa.core.guard import Guard
 from elsa.core.loop import EventLoop
 from elsa.core.manager import JobManager
 from elsa.core.operations import Operations
@@ -58,6 +60,7 @@ class Daemon:
         self.events: Optional[ProcEvents] = None
         self.control: Optional[ControlServer] = None
         self.backend: Optional[Backend] = None
+        self.backend_reason = ""  # why this backend (config or the 'auto' choice)
         self.manager: Optional[JobManager] = None
         self.sources: Dict[str, Any] = {}
         self.source_status: Callable[[], Dict[str, Any]] = lambda: {}
@@ -65,20 +68,35 @@ class Daemon:
     # -- start-up ---------------------------------------------------------------------------
     def _make_backend(self) -> Backend:
         specs = self.host.backends()
-        spec = specs.get(self.config.backend)
-        if spec is None:
-            known = ", ".join(sorted(specs)) or "(none: are the elsa entry points installed?)"
-            raise ConfigError(f"{self.config.path}: key 'backend': no backend named "
-                              f"{self.config.backend!r}; available: {known}")
-        options = validate_table(self.config.backend_table(spec.name), spec.options,
-                                 where=f"backends.{spec.name}", path=self.config.path)
-        backend = spec.factory()
-        backend.start(BackendContext(options=options, procfs=self.procfs,
-                                     state_dir=self.config.state_dir,
-                                     job_emptied=self._job_emptied,
-                                     add_reader=self.loop.add_reader,
-                                     remove_reader=self.loop.remove_reader))
+
+        def start(name: str) -> Backend:
+            spec = specs.get(name)
+            if spec is None:
+                known = ", ".join(sorted(specs)) or "(none: are the elsa entry points installed?)"
+                raise ConfigError(f"{self.config.path}: key 'backend': no backend named "
+                                  f"{name!r}; available: auto, {known}")
+            options = validate_table(self.config.backend_table(spec.name), spec.options,
+                                     where=f"backends.{spec.name}", path=self.config.path)
+            backend = spec.factory()
+            backend.start(BackendContext(options=options, procfs=self.procfs,
+                                         state_dir=self.config.state_dir,
+                                         job_emptied=self._job_emptied,
+                                         add_reader=self._guarded_reader(name),
+                                         remove_reader=self.loop.remove_reader))
+            return backend
+
+        backend, self.backend_reason = choose_backend(self.config.backend, list(specs), start)
+        log.info("backend chosen", backend=backend.name, configured=self.config.backend,
+                 reason=self.backend_reason)
         return backend
+
+    def _guarded_reader(self, plugin: str) -> Callable[..., None]:
+        """add_reader for a backend: its callbacks are isolated like a source's."""
+        def add(fd: int, callback: Callable[[], None], **kw: Any) -> None:
+            guard = Guard(plugin, "reader", callback,
+                          on_give_up=lambda: self.loop.remove_reader(fd))
+            self.loop.add_reader(fd, guard, **kw)
+        return add
 
     def start(self) -> None:
         cfg = self.config
@@ -132,9 +150,10 @@ class Daemon:
 
     def _start_sources(self) -> None:
         """Start the accounting sources named in ``sources`` (see elsa/core/source.py)."""
-        if not self.config.sources:
-            return
         specs = self.host.sources()
+        names = enabled_sources(self.config.sources, self.config.disabled_sources, specs)
+        if not names:
+            return
         for name in self.config.sources:
             if name not in specs:
                 known = ", ".join(sorted(specs)) or "(none installed)"
@@ -144,7 +163,7 @@ class Daemon:
 
         assert self.manager is not None and self.store is not None and self.events is not None
         self.sources, self.source_status = start_sources(
-            specs, config=self.config, manager=self.manager, store=self.store,
+            specs, names, config=self.config, manager=self.manager, store=self.store,
             procfs=self.procfs, loop=self.loop, settle=self.events.settle)
 
     def _job_emptied(self, jid: int) -> None:
@@ -167,6 +186,7 @@ class Daemon:
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 3),
             "backend": self.backend.name,
+            "backend_reason": self.backend_reason,
             "backend_status": self.backend.status(),
             "jobs_running": len(m.jobs),
             "members": len(m.index),
@@ -235,7 +255,7 @@ class Daemon:
             try:
                 src.stop()
             except Exception as exc:
-                log.error("source failed to stop", source=name, error=str(exc))
+                log.exception("source failed to stop", source=name, error=str(exc))
         if self.control is not None:
             self.control.close()
         if self.connector is not None:
@@ -244,7 +264,7 @@ class Daemon:
             try:
                 self.backend.stop()
             except Exception as exc:
-                log.error("backend failed to stop", error=str(exc))
+                log.exception("backend failed to stop", error=str(exc))
         if self.store is not None:
             self.store.close()
         log.info("elsad stopped", reason=reason)

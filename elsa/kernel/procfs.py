@@ -63,7 +63,7 @@ class ProcFS:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise from_oserror(exc, "read process", path) from None
+            raise from_oserror(exc, "read process", path, process=True) from exc
         return parse_stat(pid, data, uid)
 
     def ident(self, pid: int) -> ProcessId:
@@ -84,7 +84,7 @@ class ProcFS:
         try:
             return sorted(int(t) for t in os.listdir(path))
         except OSError as exc:
-            raise from_oserror(exc, "list threads", path) from None
+            raise from_oserror(exc, "list threads", path, process=True) from exc
 
     def tgid(self, tid: int) -> int:
         """The thread-group id (process id) of thread *tid*."""
@@ -95,7 +95,7 @@ class ProcFS:
                     if line.startswith(b"Tgid:"):
                         return int(line.split()[1])
         except OSError as exc:
-            raise from_oserror(exc, "read process status", path) from None
+            raise from_oserror(exc, "read process status", path, process=True) from exc
         raise ProcessGone(f"read process status: {path} has no Tgid line")
 
     def status_field(self, pid: int, name: str) -> Optional[str]:
@@ -108,7 +108,7 @@ class ProcFS:
                     if line.startswith(key):
                         return line[len(key):].strip().decode()
         except OSError as exc:
-            raise from_oserror(exc, "read process status", path) from None
+            raise from_oserror(exc, "read process status", path, process=True) from exc
         return None
 
     # -- whole system -----------------------------------------------------
@@ -117,7 +117,7 @@ class ProcFS:
         try:
             names = os.listdir(self.root)
         except OSError as exc:
-            raise from_oserror(exc, "list processes", self.root) from None
+            raise from_oserror(exc, "list processes", self.root) from exc
         return [int(n) for n in names if n.isdigit()]
 
     def snapshot(self) -> Dict[int, ProcessInfo]:
@@ -140,7 +140,7 @@ class ProcFS:
             with open(path) as fh:
                 return fh.read().strip()
         except OSError as exc:
-            raise from_oserror(exc, "read boot id", path) from None
+            raise from_oserror(exc, "read boot id", path) from exc
 
 
 def parse_stat(pid: int, data: bytes, uid: int = -1) -> ProcessInfo:

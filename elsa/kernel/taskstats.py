@@ -514,7 +514,7 @@ class TaskstatsSocket:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
         except OSError as exc:
-            raise from_oserror(exc, "open taskstats socket", "NETLINK_GENERIC") from None
+            raise from_oserror(exc, "open taskstats socket", "NETLINK_GENERIC") from exc
         try:
             # SO_RCVBUFFORCE may exceed net.core.rmem_max (needs CAP_NET_ADMIN);
             # exits come in bursts and the kernel drops what does not fit (ENOBUFS).
@@ -542,7 +542,7 @@ class TaskstatsSocket:
             self.sock.send(msg)
         except OSError as exc:
             raise from_oserror(exc, "taskstats request", "TASKSTATS",
-                               hint="taskstats needs root (CAP_NET_ADMIN)") from None
+                               hint="taskstats needs root (CAP_NET_ADMIN)") from exc
         return self.seq
 
     def register(self, cpumask: Optional[str] = None) -> None:
@@ -572,7 +572,7 @@ class TaskstatsSocket:
             if exc.errno == errno.ENOBUFS:
                 self.enobufs += 1
                 return None
-            raise from_oserror(exc, "read taskstats", "TASKSTATS") from None
+            raise from_oserror(exc, "read taskstats", "TASKSTATS") from exc
 
     def _datagrams(self) -> Iterator[Tuple[bytes, int, int, int]]:
         """Every datagram ready now (non-blocking), with its CLOCK_BOOTTIME
