@@ -204,6 +204,17 @@ MIGRATIONS: List[str] = [
     END;
     """,
     # -- end of migration 2 (issue 5) ---------------------------------------------------
+    # Each job-level reading (a cgroup's counters every cgroupstat interval) is also kept
+    # as one point of the job's time series: the web job page draws it.
+    """
+    CREATE TABLE job_samples (
+        jid INTEGER NOT NULL,
+        t REAL NOT NULL,
+        cpu_us INTEGER,                -- CPU used so far (user + system)
+        mem_bytes INTEGER,             -- memory in use at t
+        PRIMARY KEY (jid, t)
+    );
+    """,
 ]
 
 

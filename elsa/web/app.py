@@ -364,8 +364,6 @@ def _page_url(**change: Any) -> str:
 def _job_json(r: Dict[str, Any]) -> Dict[str, Any]:
     out = {k: v for k, v in r.items() if k not in ("processes", "process_source")}
     out["jid"] = hexjid(r["jid"])
-    ended = r.get("ended")
-    out["wall_s"] = (ended - r["created"]) if ended and r.get("created") else None
     return out
 
 
