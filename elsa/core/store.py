@@ -22,7 +22,9 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from elsa.apps.record import MIGRATION as APPS_MIGRATION
 from elsa.core.model import Job
+from elsa.core.thresholds import MIGRATION as THRESHOLDS_MIGRATION
 from elsa.errors import StoreError
 from elsa.logsetup import structlog
 
@@ -204,7 +206,11 @@ MIGRATIONS: List[str] = [
     END;
     """,
     # -- end of migration 2 (issue 5) ---------------------------------------------------
-    # Each job-level reading (a cgroup's counters every cgroupstat interval) is also kept
+    # 3: folded small records ([thresholds]; owned by elsa/core/thresholds.py).
+    THRESHOLDS_MIGRATION,
+    # 4: application records (app_runs; owned by elsa/apps/record.py).
+    APPS_MIGRATION,
+    # 5: each job-level reading (a cgroup's counters every cgroupstat interval) is also kept
     # as one point of the job's time series: the web job page draws it.
     """
     CREATE TABLE job_samples (
@@ -445,6 +451,9 @@ class Store:
                     "backend, params) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.jid, job.name, job.owner_uid, json.dumps(dict(job.tags)), job.created,
                      job.ended, job.state, job.backend, json.dumps(dict(job.params))))
+
+    def set_tags(self, jid: int, tags: Mapping[str, str]) -> None:
+        self.submit("UPDATE jobs SET tags = ? WHERE jid = ?", (json.dumps(dict(tags)), jid))
 
     def mark_had_members(self, jid: int) -> None:
         self.submit("UPDATE jobs SET had_members = 1 WHERE jid = ?", (jid,))
