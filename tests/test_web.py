@@ -82,7 +82,8 @@ class Site:
         self.daemon = DaemonProc(self.tmp / "d", backend="cgroup2", extra=(
             f'admin_group = "{self.group}"\n'
             f'[backends.cgroup2]\nbase = "{self.base}"\n'
-            "[sources.taskstats]\n[sources.cgroupstat]\ninterval = 0.2\n")).start()
+            "[sources.taskstats]\n[sources.cgroupstat]\ninterval = 0.2\n"
+            "[apps]\nenabled = true\nmin_uid = 0\n")).start()
         os.chmod(self.tmp / "d", 0o755)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -139,6 +140,15 @@ class Site:
                 return not [j for j in c.call("list") if j["name"] in ("burn", "mine")]
 
         wait_for(ended, 30, what="both jobs to end")
+
+        def programs() -> bool:  # sh and two python3: written once their exit records are in
+            out = subprocess.run([sys.executable, "-m", "elsa.report.cli", "apps", "--job",
+                                  self.jobs["burn"], "--json", "--state-dir",
+                                  self.daemon.state_dir],  # type: ignore[union-attr]
+                                 capture_output=True, text=True)
+            return out.returncode == 0 and len(json.loads(out.stdout)) >= 3
+
+        wait_for(programs, 30, what="the burn job's application records")
 
     def stop(self) -> None:
         if self.web is not None:
@@ -278,6 +288,9 @@ def test_job_page_chart_and_tree(site: Site, browser: Any) -> None:
     assert top.get_attribute("open") is None
     top.find_element(By.TAG_NAME, "summary").click()
     assert top.get_attribute("open") is not None
+    # Its programs, from the exec events: sh and the two python3 burners.
+    progs = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#apps td:nth-child(2)")]
+    assert sum("python3" in p for p in progs) == 2 and any(p.endswith("sh") for p in progs)
     eff = browser.find_element(By.ID, "efficiency").text
     assert "%" in eff, eff
     shot(browser, "job")
@@ -308,6 +321,9 @@ def test_other_pages(site: Site, browser: Any) -> None:
         shot(browser, page)
     browser.get(f"{site.url}/users")
     assert browser.find_elements(By.ID, "daily-chart")
+    browser.get(f"{site.url}/apps?by=binary")
+    cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#apps td:first-child")]
+    assert any("python3" in c for c in cells), cells
     assert console_errors(browser) == []
 
 

@@ -154,6 +154,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         data["tree"] = process_tree(detail["processes"])
         data["efficiency"] = efficiency(detail)
         data["samples"] = _samples(store(), job_id)
+        data["applications"] = _applications(store(), job_id)
         return _respond("job.html", data)
 
     @app.route("/users")
@@ -184,9 +185,32 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
     @app.route("/apps")
     @app.route("/apps.json", endpoint="apps_json")
     def apps_page() -> Any:
-        data = {"columns": [], "rows": [],
-                "error": "application accounting is not in this store"}
-        return _respond("apps.html", data)
+        from elsa.apps import report as apps
+
+        since, until, problems = _window(request.args)
+        by = request.args.get("by", "binary")
+        if by not in apps.GROUPS:
+            problems.append(f"cannot group applications by {by!r}")
+            by = "binary"
+        uid = None if g.visitor.admin else g.visitor.uid
+        try:
+            rows = apps.usage(store(), by, since=since, until=until, uid=uid)
+            error = None
+        except Exception as exc:  # a store without app_runs (older schema)
+            rows, error = [], f"no application records in this store ({exc})"
+        if by == "user":
+            from elsa.report.query import user_name
+
+            for r in rows:
+                r["user"] = user_name(r["uid"])
+        if by == "job":
+            for r in rows:
+                r["jid"] = hexjid(r["jid"]) if r["jid"] is not None else None
+        cols = list(apps.GROUP_KEYS[by]) + (["user"] if by == "user" else []) + [
+            "runs", "users", "wall_us", "cpu_user_us", "cpu_system_us", "max_rss_kb"]
+        data = {"by": by, "since": since, "until": until, "rows": rows, "columns": cols,
+                "error": error}
+        return _respond("apps.html", data, problems=problems, groups=list(apps.GROUPS))
 
     @app.route("/daemon")
     @app.route("/daemon.json", endpoint="daemon_json")
@@ -419,6 +443,15 @@ def _samples(db: Any, jid: int) -> List[Dict[str, Any]]:
     except Exception:  # a store without samples (older schema): no chart
         return []
     return [{"t": t, "cpu_us": c, "mem_bytes": m} for t, c, m in rows]
+
+
+def _applications(db: Any, jid: int) -> List[Dict[str, Any]]:
+    from elsa.apps import report as apps
+
+    try:
+        return [r.to_json() for r in apps.job_programs(db, jid)]
+    except Exception:  # a store without app_runs (older schema)
+        return []
 
 
 def _per_day(db: Any, since: Optional[float], until: Optional[float],
