@@ -130,6 +130,7 @@ SECTIONS: Dict[str, str] = {
     "central": "elsa.central.shipper:OPTIONS",
     "reports": "elsa.report.remote:OPTIONS",
     "thresholds": "elsa.core.thresholds:OPTIONS",
+    "web": "elsa.web:OPTIONS",
     "export.prometheus": "elsa.export.prometheus:OPTIONS",
     "export.apel": "elsa.export.apel:OPTIONS",
 }

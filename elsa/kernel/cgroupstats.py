@@ -72,6 +72,8 @@ class CgroupStats:
                 extra[f"cpu_{k}"] = self.cpu[k]
         if self.pids_peak is not None:
             extra["pids_peak"] = self.pids_peak
+        if self.memory_current is not None:
+            extra["memory_current"] = self.memory_current
         for k in ("pgfault", "pgmajfault"):
             if k in self.memory_stat:
                 extra[f"memory_{k}"] = self.memory_stat[k]

@@ -402,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     from elsa.apps.report import add_parser as add_apps
 
     add_apps(sub, [common, window])
+    from elsa.web.serve import add_parser as add_web
+
+    add_web(sub, common)
     from elsa.export.cli import add_parser as add_export
 
     add_export(sub, common, window)

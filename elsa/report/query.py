@@ -540,3 +540,134 @@ def job_detail(db: Any, jid: int, source: Optional[str] = None
 
     out["folded"] = folded_of_job(db, jid, pick)  # [thresholds]: small records, per command
     return out
+
+
+# -- one page of jobs (elsa web) -----------------------------------------------------------------
+
+#: Sort keys of :func:`jobs_page` (usage columns sort by the figure of the best source that
+#: measured the job, the rule of :func:`best`).
+JOB_SORTS = ("jid", "name", "owner", "state", "created", "ended", "wall", "cpu", "maxrss",
+             "processes")
+
+
+def _best_sql(col: str, rank: str) -> str:
+    return (f"(SELECT {col} FROM job_usage u WHERE u.jid = jobs.jid AND {col} IS NOT NULL "
+            f"ORDER BY {rank} LIMIT 1)")
+
+
+def _sort_sql(key: str, db: sqlite3.Connection, now: float) -> Tuple[str, List[Any]]:
+    rank, rank_params = priority_sql("u.source", load_priorities(db))
+    if key == "wall":
+        return "(COALESCE(ended, ?) - created)", [now]
+    if key == "cpu":
+        return (f"({_best_sql('cpu_user_us', rank)} + {_best_sql('cpu_system_us', rank)})",
+                rank_params * 2)
+    if key in ("maxrss", "processes"):
+        return _best_sql({"maxrss": "max_rss_kb"}.get(key, key), rank), list(rank_params)
+    return {"owner": "owner_uid"}.get(key, key), []
+
+
+def jobs_page(db: sqlite3.Connection, *, owner_uid: Optional[int] = None,
+              name: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
+              state: Optional[str] = None, since: Optional[float] = None,
+              until: Optional[float] = None, sort: str = "created", descending: bool = True,
+              offset: int = 0, limit: int = 50, now: Optional[float] = None,
+              ) -> Tuple[int, List[Dict[str, Any]]]:
+    """(matching count, one page of jobs as :func:`jobs` gives them), filtered and sorted in SQL.
+
+    *name* matches a prefix; *tags* each ``key: value`` exactly; the window as :func:`jobs`.
+    """
+    where: List[str] = ["1 = 1"]
+    params: List[Any] = []
+    if owner_uid is not None:
+        where.append("owner_uid = ?")
+        params.append(owner_uid)
+    if name:
+        where.append("name LIKE ? ESCAPE '\\'")
+        params.append(name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    for k, v in (tags or {}).items():
+        # Tags are a JSON object in one column; match the serialised pair (json.dumps's
+        # separators, as the store writes it), then confirm in Python below.
+        where.append("tags LIKE ?")
+        params.append("%" + json.dumps({k: v})[1:-1] + "%")
+    if state:
+        where.append("state = ?")
+        params.append(state)
+    if since is not None:
+        where.append("(ended IS NULL OR ended >= ?)")
+        params.append(since)
+    if until is not None:
+        where.append("created < ?")
+        params.append(until)
+    if sort not in JOB_SORTS:
+        raise StoreError(f"cannot sort jobs by {sort!r}; one of {', '.join(JOB_SORTS)}")
+    cond = " AND ".join(where)
+    (total,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {cond}", params).fetchone()
+    order, sort_params = _sort_sql(sort, db, now if now is not None else time.time())
+    direction = "DESC" if descending else "ASC"
+    rows = db.execute(
+        "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params FROM jobs "
+        f"WHERE {cond} ORDER BY {order} {direction}, jid {direction} LIMIT ? OFFSET ?",
+        params + sort_params + [limit, offset]).fetchall()
+    usage = job_usage(db, [r[0] for r in rows])
+    out = []
+    for r in rows:
+        t = json.loads(r[3])
+        if tags and any(t.get(k) != v for k, v in tags.items()):
+            total -= 1
+            continue
+        u = usage.get(r[0], {})
+        out.append({"jid": format_jid(r[0]), "name": r[1], "owner_uid": r[2],
+                    "owner": user_name(r[2]), "tags": t, "created": r[4], "ended": r[5],
+                    "state": r[6], "backend": r[7], "params": json.loads(r[8]),
+                    "wall_us": wall_us(r[4], r[5]), "usage": _usage_json(u)})
+    return total, out
+
+
+def usage_per_day(db: sqlite3.Connection, since: Optional[float] = None,
+                  until: Optional[float] = None, uid: Optional[int] = None,
+                  ) -> List[Dict[str, Any]]:
+    """CPU seconds and processes per UTC day and user, from the hourly rollup (whole hours
+    overlapping the window; the best process-level source of each hour, as :func:`summary`)."""
+    params: List[Any] = []
+    lo = None if since is None else math.floor(since / BUCKET)
+    hi = None if until is None else math.ceil(until / BUCKET)
+    where = _range_sql("bucket", lo, hi, params)
+    if uid is not None:
+        where += " AND uid = ?"
+        params.append(uid)
+    sql = (f"WITH pick AS (SELECT bucket AS b, MIN(prio) AS p FROM usage_rollup "
+           f"WHERE {where} GROUP BY bucket) "
+           f"SELECT CAST(bucket / 24 AS INTEGER) AS day, uid, SUM(processes), "
+           f"SUM(cpu_user_us) + SUM(cpu_system_us) FROM usage_rollup "
+           f"JOIN pick ON bucket = pick.b AND prio = pick.p WHERE {where} "
+           f"GROUP BY CAST(bucket / 24 AS INTEGER), uid ORDER BY 1, 2")
+    return [{"day": day * 86400, "uid": u, "user": user_name(u), "processes": n,
+             "cpu_us": cpu} for day, u, n, cpu in db.execute(sql, params + params)]
+
+
+def usage_by_tag(db: sqlite3.Connection, key: str, since: Optional[float] = None,
+                 until: Optional[float] = None, owner_uid: Optional[int] = None,
+                 ) -> List[Dict[str, Any]]:
+    """Per value of job tag *key* (e.g. ``account``): jobs and the sum of their best figures."""
+    totals: Dict[str, Dict[str, Any]] = {}
+    for j in jobs(db, since, until):
+        if owner_uid is not None and j["owner_uid"] != owner_uid:
+            continue
+        val = (j["tags"] or {}).get(key)
+        if val is None:
+            continue
+        t = totals.setdefault(val, {key: val, "jobs": 0, "processes": None,
+                                    "cpu_user_us": None, "cpu_system_us": None,
+                                    "max_rss_kb": None, "read_bytes": None,
+                                    "write_bytes": None})
+        t["jobs"] += 1
+        for m in ("processes", "cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
+            v = j["usage"].get(m)
+            if v is not None:
+                t[m] = (t[m] or 0) + v
+        rss = j["usage"].get("max_rss_kb")
+        if rss is not None and (t["max_rss_kb"] is None or rss > t["max_rss_kb"]):
+            t["max_rss_kb"] = rss
+    return sorted(totals.values(), key=lambda r: -((r["cpu_user_us"] or 0)
+                                                   + (r["cpu_system_us"] or 0)))
