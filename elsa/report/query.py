@@ -417,12 +417,11 @@ def _job_filters(db: Db, hosts: Optional[Sequence[str]], tags: Optional[Dict[str
         params.extend((k, v))
 
 
-def jobs(db: Any, since: Optional[float] = None, until: Optional[float] = None,
-         state: Optional[str] = None, limit: int = 100000,
-         hosts: Optional[Sequence[str]] = None,
-         tags: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
-    """Jobs that overlap [since, until) (created before until, ended after since)."""
-    db = adapt(db)
+def _jobs_where(db: Db, since: Optional[float], until: Optional[float], state: Optional[str],
+                hosts: Optional[Sequence[str]], tags: Optional[Dict[str, str]],
+                owner_uid: Optional[int] = None, name: Optional[str] = None,
+                ) -> Tuple[str, List[Any]]:
+    """The WHERE clause of a jobs query: jobs overlapping [since, until) and the filters."""
     params: List[Any] = []
     where = ["TRUE"]
     if since is not None:
@@ -434,11 +433,22 @@ def jobs(db: Any, since: Optional[float] = None, until: Optional[float] = None,
     if state:
         where.append("state = ?")
         params.append(state)
+    if owner_uid is not None:
+        where.append("owner_uid = ?")
+        params.append(owner_uid)
+    if name:
+        where.append("name LIKE ? ESCAPE '\\'")
+        params.append(name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                      + "%")
     _job_filters(db, hosts, tags, where, params)
-    rows = db.execute(
-        "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params, "
-        f"{db.host()} FROM jobs WHERE {' AND '.join(where)} ORDER BY created DESC LIMIT ?",
-        params + [limit]).fetchall()
+    return " AND ".join(where), params
+
+
+_JOB_COLUMNS = "jid, name, owner_uid, tags, created, ended, state, backend, params"
+
+
+def _job_rows(db: Db, rows: Sequence[Sequence[Any]]) -> List[Dict[str, Any]]:
+    """Job dicts (the keys of ``elsa jobs --json``) of rows of _JOB_COLUMNS + host."""
     usage = (host_job_usage(db, [r[0] for r in rows]) if len(rows) <= 900
              else host_job_usage(db))
     out = []
@@ -453,6 +463,19 @@ def jobs(db: Any, since: Optional[float] = None, until: Optional[float] = None,
             j["host"] = r[9]
         out.append(j)
     return out
+
+
+def jobs(db: Any, since: Optional[float] = None, until: Optional[float] = None,
+         state: Optional[str] = None, limit: int = 100000,
+         hosts: Optional[Sequence[str]] = None,
+         tags: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
+    """Jobs that overlap [since, until) (created before until, ended after since)."""
+    db = adapt(db)
+    where, params = _jobs_where(db, since, until, state, hosts, tags)
+    rows = db.execute(
+        f"SELECT {_JOB_COLUMNS}, {db.host()} FROM jobs WHERE {where} ORDER BY created DESC "
+        "LIMIT ?", params + [limit]).fetchall()
+    return _job_rows(db, rows)
 
 
 def wall_us(created: Optional[float], ended: Optional[float],
@@ -550,85 +573,55 @@ JOB_SORTS = ("jid", "name", "owner", "state", "created", "ended", "wall", "cpu",
              "processes")
 
 
-def _best_sql(col: str, rank: str) -> str:
-    return (f"(SELECT {col} FROM job_usage u WHERE u.jid = jobs.jid AND {col} IS NOT NULL "
-            f"ORDER BY {rank} LIMIT 1)")
+def _best_sql(col: str, rank: str, db: Db) -> str:
+    same_host = " AND u.host = jobs.host" if db.central else ""
+    return (f"(SELECT {col} FROM job_usage u WHERE u.jid = jobs.jid{same_host} "
+            f"AND {col} IS NOT NULL ORDER BY {rank} LIMIT 1)")
 
 
-def _sort_sql(key: str, db: sqlite3.Connection, now: float) -> Tuple[str, List[Any]]:
+def _sort_sql(key: str, db: Db, now: float) -> Tuple[str, List[Any]]:
     rank, rank_params = priority_sql("u.source", load_priorities(db))
     if key == "wall":
         return "(COALESCE(ended, ?) - created)", [now]
     if key == "cpu":
-        return (f"({_best_sql('cpu_user_us', rank)} + {_best_sql('cpu_system_us', rank)})",
+        return (f"({_best_sql('cpu_user_us', rank, db)} + "
+                f"{_best_sql('cpu_system_us', rank, db)})",
                 rank_params * 2)
     if key in ("maxrss", "processes"):
-        return _best_sql({"maxrss": "max_rss_kb"}.get(key, key), rank), list(rank_params)
+        return _best_sql({"maxrss": "max_rss_kb"}.get(key, key), rank, db), list(rank_params)
     return {"owner": "owner_uid"}.get(key, key), []
 
 
-def jobs_page(db: sqlite3.Connection, *, owner_uid: Optional[int] = None,
-              name: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
+def jobs_page(db: Any, *, owner_uid: Optional[int] = None, name: Optional[str] = None,
+              tags: Optional[Dict[str, str]] = None, hosts: Optional[Sequence[str]] = None,
               state: Optional[str] = None, since: Optional[float] = None,
               until: Optional[float] = None, sort: str = "created", descending: bool = True,
               offset: int = 0, limit: int = 50, now: Optional[float] = None,
               ) -> Tuple[int, List[Dict[str, Any]]]:
-    """(matching count, one page of jobs as :func:`jobs` gives them), filtered and sorted in SQL.
-
-    *name* matches a prefix; *tags* each ``key: value`` exactly; the window as :func:`jobs`.
-    """
-    where: List[str] = ["1 = 1"]
-    params: List[Any] = []
-    if owner_uid is not None:
-        where.append("owner_uid = ?")
-        params.append(owner_uid)
-    if name:
-        where.append("name LIKE ? ESCAPE '\\'")
-        params.append(name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-    for k, v in (tags or {}).items():
-        # Tags are a JSON object in one column; match the serialised pair (json.dumps's
-        # separators, as the store writes it), then confirm in Python below.
-        where.append("tags LIKE ?")
-        params.append("%" + json.dumps({k: v})[1:-1] + "%")
-    if state:
-        where.append("state = ?")
-        params.append(state)
-    if since is not None:
-        where.append("(ended IS NULL OR ended >= ?)")
-        params.append(since)
-    if until is not None:
-        where.append("created < ?")
-        params.append(until)
+    """(matching count, one page of jobs as :func:`jobs` gives them), filtered, sorted and
+    cut in SQL (the web's jobs page). *name* matches a prefix."""
+    db = adapt(db)
     if sort not in JOB_SORTS:
         raise StoreError(f"cannot sort jobs by {sort!r}; one of {', '.join(JOB_SORTS)}")
-    cond = " AND ".join(where)
-    (total,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {cond}", params).fetchone()
+    where, params = _jobs_where(db, since, until, state, hosts, tags, owner_uid, name)
+    (total,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", params).fetchone()
     order, sort_params = _sort_sql(sort, db, now if now is not None else time.time())
     direction = "DESC" if descending else "ASC"
     rows = db.execute(
-        "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params FROM jobs "
-        f"WHERE {cond} ORDER BY {order} {direction}, jid {direction} LIMIT ? OFFSET ?",
+        f"SELECT {_JOB_COLUMNS}, {db.host()} FROM jobs WHERE {where} "
+        f"ORDER BY {order} {direction}, jid {direction} LIMIT ? OFFSET ?",
         params + sort_params + [limit, offset]).fetchall()
-    usage = job_usage(db, [r[0] for r in rows])
-    out = []
-    for r in rows:
-        t = json.loads(r[3])
-        if tags and any(t.get(k) != v for k, v in tags.items()):
-            total -= 1
-            continue
-        u = usage.get(r[0], {})
-        out.append({"jid": format_jid(r[0]), "name": r[1], "owner_uid": r[2],
-                    "owner": user_name(r[2]), "tags": t, "created": r[4], "ended": r[5],
-                    "state": r[6], "backend": r[7], "params": json.loads(r[8]),
-                    "wall_us": wall_us(r[4], r[5]), "usage": _usage_json(u)})
-    return total, out
+    return total, _job_rows(db, rows)
 
 
-def usage_per_day(db: sqlite3.Connection, since: Optional[float] = None,
-                  until: Optional[float] = None, uid: Optional[int] = None,
-                  ) -> List[Dict[str, Any]]:
-    """CPU seconds and processes per UTC day and user, from the hourly rollup (whole hours
-    overlapping the window; the best process-level source of each hour, as :func:`summary`)."""
+def usage_per_day(db: Any, since: Optional[float] = None, until: Optional[float] = None,
+                  uid: Optional[int] = None) -> List[Dict[str, Any]]:
+    """CPU µs and processes per UTC day and user, from the hourly rollup (whole hours
+    overlapping the window; per host and hour the best process-level source, as
+    :func:`summary` counts)."""
+    db = adapt(db)
+    rank, rank_params = priority_sql("source", load_priorities(db))
+    host = db.host()
     params: List[Any] = []
     lo = None if since is None else math.floor(since / BUCKET)
     hi = None if until is None else math.ceil(until / BUCKET)
@@ -636,17 +629,20 @@ def usage_per_day(db: sqlite3.Connection, since: Optional[float] = None,
     if uid is not None:
         where += " AND uid = ?"
         params.append(uid)
-    sql = (f"WITH pick AS (SELECT bucket AS b, MIN(prio) AS p FROM usage_rollup "
-           f"WHERE {where} GROUP BY bucket) "
-           f"SELECT CAST(bucket / 24 AS INTEGER) AS day, uid, SUM(processes), "
+    sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
+           f"FROM usage_rollup WHERE {where} GROUP BY {host}, bucket) "
+           f"SELECT bucket / 24, {host}, uid, SUM(processes), "
            f"SUM(cpu_user_us) + SUM(cpu_system_us) FROM usage_rollup "
-           f"JOIN pick ON bucket = pick.b AND prio = pick.p WHERE {where} "
-           f"GROUP BY CAST(bucket / 24 AS INTEGER), uid ORDER BY 1, 2")
-    return [{"day": day * 86400, "uid": u, "user": user_name(u), "processes": n,
-             "cpu_us": cpu} for day, u, n, cpu in db.execute(sql, params + params)]
+           f"JOIN pick ON {host} = pick.h AND bucket = pick.b AND {rank} = pick.p "
+           f"WHERE {where} GROUP BY bucket / 24, {host}, uid ORDER BY 1, 2, 3")
+    out = []
+    for day, h, u, n, cpu in db.execute(sql, rank_params + params + rank_params + params):
+        out.append({"day": int(day) * 86400, "uid": u, "user": db.user_label(h, u)[0],
+                    "processes": int(n), "cpu_us": int(cpu)})
+    return out
 
 
-def usage_by_tag(db: sqlite3.Connection, key: str, since: Optional[float] = None,
+def usage_by_tag(db: Any, key: str, since: Optional[float] = None,
                  until: Optional[float] = None, owner_uid: Optional[int] = None,
                  ) -> List[Dict[str, Any]]:
     """Per value of job tag *key* (e.g. ``account``): jobs and the sum of their best figures."""

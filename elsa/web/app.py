@@ -71,14 +71,14 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
 
         db = g.get("db")
         if db is None:
-            db = g.db = query.open_store(db_path)
+            db = g.db = query.open_db(db_path)
         return db
 
     @app.teardown_appcontext
     def _close(_exc: Optional[BaseException]) -> None:
         db = g.pop("db", None)
         if db is not None:
-            db.close()
+            db.conn.close()
 
     @app.before_request
     def _who() -> Optional[Response]:
