@@ -114,6 +114,47 @@ def restart(log: Log) -> None:
     log.expect(props.get("ActiveState") == "active", f"{UNIT} active after restart: {props}")
 
 
+def reconfigure(log: Log) -> None:
+    """Restart elsad on a new config with no job running: stop, hand the emptied
+    subtree's controllers back, start. systemd 252 (Debian 12) ignores
+    DelegateSubgroup= and starts elsad in the unit's own cgroup, which the kernel
+    refuses (EBUSY, 219/CGROUP) while that cgroup enables controllers for its
+    children (cgroup v2 "no internal processes" rule)."""
+    log.sh(f"systemctl stop {UNIT}", timeout=120)
+    release_subtree(log)
+    log.sh(f"systemctl reset-failed {UNIT}", ok=False)
+    log.sh(f"systemctl start {UNIT}", timeout=120)
+    props = unit_prop(log, "ActiveState", "SubState")
+    log.expect(props.get("ActiveState") == "active", f"{UNIT} active after start: {props}")
+
+
+def release_subtree(log: Log) -> None:
+    """Kill what is left in the unit's child cgroups, remove them, disable the
+    controllers of the unit's subtree_control."""
+    for child in sorted(d for d in UNIT_CGROUP.iterdir() if d.is_dir()):
+        procs = (child / "cgroup.procs").read_text().split()
+        if procs:
+            log.note(f"killing {procs} left in {child}")
+            (child / "cgroup.kill").write_text("1")
+            events = child / "cgroup.events"
+            wait_until(lambda e=events: "populated 0" in e.read_text(), 30, f"{child} to empty")
+        try:
+            child.rmdir()
+        except OSError as exc:
+            log.note(f"rmdir {child}: {exc}")
+    enabled = (UNIT_CGROUP / "cgroup.subtree_control").read_text().split()
+    if enabled:
+        log.note(f"disabling {enabled} in {UNIT_CGROUP}/cgroup.subtree_control")
+        (UNIT_CGROUP / "cgroup.subtree_control").write_text(" ".join("-" + c for c in enabled))
+
+
+def recover(log: Log) -> None:
+    """After a failed check: make sure the next check finds elsad running."""
+    if unit_prop(log, "ActiveState").get("ActiveState") != "active":
+        log.note("recovering: elsad is not active")
+        reconfigure(log)
+
+
 def status(log: Log) -> dict:
     return json.loads(log.sh("elsa-jobmng status --json").stdout)
 
@@ -216,7 +257,7 @@ def unit_starts_ready(log: Log) -> None:
 @check
 def cgroup2_jobs_in_delegated_subtree(log: Log) -> None:
     write_config(log, "cgroup2")
-    restart(log)
+    reconfigure(log)
     st = status(log)
     log.expect(st.get("backend") == "cgroup2", f"backend cgroup2 (status: {st.get('backend')})")
     main_pid = int(unit_prop(log, "MainPID")["MainPID"])
@@ -253,17 +294,25 @@ def controllers_enabled(log: Log) -> None:
 def reload_applies_changed_key(log: Log) -> None:
     """limits.max_request_bytes is applied on reload: a 2 KiB request passes before,
     is refused after ``systemctl reload``."""
-    long_name = "n" * 2000
-    jid = log.sh(f"elsa-jobmng create --name {long_name}").stdout.strip()
+    big = "--tag a=" + "x" * 1000 + " --tag b=" + "y" * 1000
+    jid = log.sh(f"elsa-jobmng create {big}").stdout.strip()
     log.sh(f"elsa-jobmng end {jid}")
     write_config(log, "cgroup2", "[limits]\nmax_request_bytes = 1024\n")
     pid_before = unit_prop(log, "MainPID")["MainPID"]
     log.sh(f"systemctl reload {UNIT}", timeout=60)
-    wait_until(lambda: subprocess.run(["elsa-jobmng", "create", "--name", long_name],
-                                      capture_output=True).returncode != 0,
-               30, "the new max_request_bytes to refuse a 2 KiB request")
-    p = log.sh(f"elsa-jobmng create --name {long_name}", ok=False)
+
+    def refused() -> bool:
+        p = subprocess.run(["elsa-jobmng", "create"] + big.split(), capture_output=True,
+                           text=True)
+        if p.returncode == 0:  # not reloaded yet
+            subprocess.run(["elsa-jobmng", "end", p.stdout.strip()], capture_output=True)
+        return p.returncode != 0
+
+    wait_until(refused, 30, "the new max_request_bytes to refuse a 2 KiB request")
+    p = log.sh(f"elsa-jobmng create {big}", ok=False)
     log.expect(p.returncode != 0, "a 2 KiB request is refused after reload")
+    jid = log.sh("elsa-jobmng create --name small").stdout.strip()
+    log.sh(f"elsa-jobmng end {jid}")
     log.expect(unit_prop(log, "MainPID")["MainPID"] == pid_before,
                "same elsad process (reload, not restart)")
     log.sh(f"journalctl -u {UNIT} --no-pager -n 5 -g reload", ok=False)
@@ -271,28 +320,52 @@ def reload_applies_changed_key(log: Log) -> None:
     log.sh(f"systemctl reload {UNIT}", timeout=60)
 
 
-@check
-def restart_keeps_jobs(log: Log) -> None:
+def _restart_keeps_job(log: Log) -> None:
     runner = start_job(log, "(sleep 600 &); sleep 600")
     jid = job_of(log, runner.pid)
-    wait_until(lambda: len(job_pids(jid)) >= 2, 30, "two members")
-    before = sorted(job_pids(jid))
-    log.note(f"members before: {before}")
     cg = cgroup_of(runner.pid)
-    restart(log)
-    after: List[int] = []
+    try:
+        wait_until(lambda: len(job_pids(jid)) >= 2, 30, "two members")
+        before = sorted(job_pids(jid))
+        log.note(f"members before: {before}, job cgroup {cg}")
+        restart(log)
+        after: List[int] = []
 
-    def recovered() -> bool:
-        after[:] = sorted(job_pids(jid))
-        return bool(after)
+        def recovered() -> bool:
+            after[:] = sorted(job_pids(jid))
+            return bool(after)
 
-    wait_until(recovered, 30, f"job {jid} after restart")
-    log.note(f"members after: {after}")
-    log.expect(after == before, "the same members after 'systemctl restart'")
-    log.expect(all(Path(f"/proc/{p}").exists() and cgroup_of(p) == cg for p in before),
-               f"every member alive and still in {cg}")
-    log.sh(f"elsa-jobmng kill -s KILL {jid}")
-    runner.wait(30)
+        wait_until(recovered, 30, f"job {jid} after restart")
+        log.note(f"members after: {after}")
+        log.expect(after == before, "the same members after 'systemctl restart'")
+        log.expect(all(Path(f"/proc/{p}").exists() and cgroup_of(p) == cg for p in before),
+                   f"every member alive and still in {cg}")
+        log.sh(f"elsa-jobmng kill -s KILL {jid}")
+    finally:
+        if cg.exists() and (cg / "cgroup.procs").read_text().split():
+            (cg / "cgroup.kill").write_text("1")
+        runner.wait(30)
+
+
+@check
+def restart_keeps_jobs(log: Log) -> None:
+    """``systemctl restart`` with a job running, job cgroups in the delegated
+    subtree (the packaged default)."""
+    _restart_keeps_job(log)
+
+
+@check
+def restart_keeps_jobs_base_outside_unit(log: Log) -> None:
+    """The same with ``[backends.cgroup2] base`` outside the unit's cgroup (the
+    configuration docs/packaging.md gives for systemd < 254)."""
+    base = CGROOT / "elsa"
+    try:
+        write_config(log, "cgroup2", f'[backends.cgroup2]\nbase = "{base}"\n')
+        reconfigure(log)
+        _restart_keeps_job(log)
+    finally:
+        write_config(log, "cgroup2")
+        reconfigure(log)
 
 
 @check
@@ -354,14 +427,14 @@ def pids_peak_counts_processes(log: Log) -> None:
 @check
 def cpuset_v2_pins(log: Log) -> None:
     write_config(log, "cpuset", '[backends.cpuset]\nmode = "v2"\n')
-    restart(log)
+    reconfigure(log)
     log.expect(status(log).get("backend") == "cpuset", "backend cpuset")
     p = log.sh("elsa-jobmng run --cpus 1 -- grep Cpus_allowed_list /proc/self/status")
     log.expect(p.stdout.split()[-1] == "1", "the job's Cpus_allowed_list is 1")
     p = log.sh("elsa-jobmng run --cpus 0 -- grep Cpus_allowed_list /proc/self/status")
     log.expect(p.stdout.split()[-1] == "0", "the job's Cpus_allowed_list is 0")
     write_config(log, "cgroup2")
-    restart(log)
+    reconfigure(log)
 
 
 @check
@@ -507,6 +580,7 @@ def main(argv: List[str]) -> int:
                 log.note(traceback.format_exc())
                 try:
                     dump_state(log)
+                    recover(log)
                 except Exception:
                     log.note(traceback.format_exc())
             emit({"check": fn.__name__, "outcome": outcome, "output": "\n".join(log.lines)[-20000:],
