@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from elsa.client import Client
-from elsa.core.cgroupfs import CgroupFS
+from elsa.kernel.cgroupfs import CgroupFS
 
 TARGET = 2000.0
 REPRODUCE = "sudo python3 benchmarks/bench_cgroup_jobs.py"

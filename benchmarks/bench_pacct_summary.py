@@ -32,7 +32,7 @@ def make_pacct(path: str, n: int, seconds_per_record: float = 0.3) -> None:
     bench_store_summary builds its store with the same formulas in SQL."""
     import numpy as np
 
-    from elsa.core.pacct import _dtype
+    from elsa.kernel.pacct import _dtype
 
     dt = _dtype("<")
     chunk = 1_000_000

@@ -19,16 +19,14 @@ connection and is not thread-safe: use one per thread.
 from __future__ import annotations
 
 import itertools
-import json
-import signal as signal_mod
 import socket
 import time
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from elsa.errors import DaemonUnavailable, ElsaError, ProtocolError
+from elsa.protocol import PROTOCOL_VERSION, encode, parse_reply
 
 DEFAULT_SOCKET = "/run/elsa/elsad.sock"
-PROTOCOL_VERSION = 1
 #: Longest reply line accepted (a ``list --all`` of 10,000 jobs fits easily).
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
@@ -57,23 +55,6 @@ def default_socket(config_path: Optional[str] = None) -> str:
     if path is None:
         return DEFAULT_SOCKET
     return config.load(path).socket
-
-
-def parse_signal(text: str) -> int:
-    """``"TERM"``, ``"SIGTERM"``, ``"sigkill"`` or ``"9"`` to a signal number."""
-    name = text.strip().upper()
-    if name.isdigit():
-        number = int(name)
-        if 1 <= number <= signal_mod.SIGRTMAX:
-            return number
-        raise ProtocolError(f"signal number out of range: {text[:32]!r}")
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    try:
-        return int(signal_mod.Signals[name])
-    except KeyError:
-        raise ProtocolError(f"unknown signal {text[:32]!r} (use a name like TERM or KILL, "
-                            "or a number)") from None
 
 
 class Client:
@@ -143,9 +124,13 @@ class Client:
         req_id = next(self._ids)
         req: Dict[str, Any] = {"v": PROTOCOL_VERSION, "id": req_id, "op": op}
         req.update({k: v for k, v in fields.items() if v is not None})
+        try:
+            line = encode(req)
+        except ValueError as exc:  # NaN or Infinity: no JSON for them (RFC 8259)
+            raise ProtocolError(f"cannot send '{op}': {exc}") from exc
         self.sock.settimeout(self.timeout if io_timeout is None else io_timeout)
         try:
-            self.sock.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
+            self.sock.sendall(line)
         except socket.timeout:
             raise DaemonUnavailable(f"elsad did not take '{op}' in time") from None
         except OSError as exc:
@@ -174,13 +159,7 @@ class Client:
             if quiet:
                 return None
             raise DaemonUnavailable(CLOSED)
-        try:
-            reply = json.loads(line)
-        except ValueError:
-            raise ProtocolError(f"elsad sent a malformed reply: {line[:200]!r}") from None
-        if not isinstance(reply, dict):
-            raise ProtocolError(f"elsad sent a reply that is not an object: {line[:200]!r}")
-        return reply
+        return parse_reply(line)
 
     @staticmethod
     def _result(reply: Dict[str, Any], req_id: Optional[int]) -> Any:

@@ -109,6 +109,13 @@ LIMIT_OPTIONS: Dict[str, Option] = {
 
 PLUGIN_TABLES = ("backends", "sources")
 
+# Feature sections beside the core ([billing], [web], [export.prometheus], ...): the
+# section's (dotted) name -> "module:ATTRIBUTE" of its option table. Imported only
+# when the config has the section (or to render the example), so that a command
+# that needs none of them does not pay for their imports. A feature adds one line.
+SECTIONS: Dict[str, str] = {
+}
+
 
 def validate_table(table: Mapping[str, Any], options: Mapping[str, Option], *,
                    where: str, path: str) -> Dict[str, Any]:
@@ -184,7 +191,16 @@ class Config:
         k: o.default for k, o in LIMIT_OPTIONS.items()})
     backends: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Validated feature sections (see SECTIONS), defaults filled in, keyed by dotted name.
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     path: str = "<defaults>"
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        """The validated feature section *name* (e.g. ``"web"``), defaults filled in."""
+        got = self.sections.get(name)
+        if got is not None:
+            return got
+        return validate_table({}, section_options(name), where=name, path=self.path)
 
     def backend_table(self, name: str) -> Mapping[str, Any]:
         """The raw ``[backends.<name>]`` table (empty when absent)."""
@@ -227,9 +243,52 @@ def load(path: Optional[str]) -> Config:
     return parse(data, path)
 
 
+def section_options(name: str) -> Mapping[str, Option]:
+    """The option table of feature section *name* (a key of :data:`SECTIONS`)."""
+    import importlib
+
+    module, _, attr = SECTIONS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _parse_sections(data: Mapping[str, Any], path: str) -> Dict[str, Dict[str, Any]]:
+    """Validate every feature section present in *data*; return them by dotted name."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for root in _section_roots() - set(SECTIONS):
+        node = data.get(root)
+        if node is None:
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: key '{root}' must be a table, got {node!r}")
+        for key in node:
+            if f"{root}.{key}" not in SECTIONS:
+                known = ", ".join(sorted(n for n in SECTIONS if n.startswith(root + ".")))
+                raise ConfigError(f"{path}: unknown table '{root}.{key}'; known here: {known}")
+    for name in SECTIONS:
+        node: Any = data
+        for part in name.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if node is None:
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: key '{name}' must be a table, got {node!r}")
+        # A nested section's parent ([export]) also holds its children's tables.
+        own = {k: v for k, v in node.items() if f"{name}.{k}" not in SECTIONS}
+        out[name] = validate_table(own, section_options(name), where=name, path=path)
+    return out
+
+
+def _section_roots() -> set:
+    return {name.split(".")[0] for name in SECTIONS}
+
+
 def parse(data: Mapping[str, Any], path: str) -> Config:
     """Validate an already-parsed TOML document."""
-    top = {k: v for k, v in data.items() if k not in PLUGIN_TABLES and k != "limits"}
+    roots = _section_roots()
+    top = {k: v for k, v in data.items()
+           if k not in PLUGIN_TABLES and k != "limits" and k not in roots}
     core = validate_table(top, CORE_OPTIONS, where="", path=path)
     limits_raw = data.get("limits", {})
     if not isinstance(limits_raw, dict):
@@ -264,7 +323,8 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
         plugins=tuple(core["plugins"]),
         exited_linger=core["exited_linger"], burst_hold=core["burst_hold"], nice=core["nice"],
         limits=limits,
-        backends=tables["backends"], source_tables=tables["sources"], path=path)
+        backends=tables["backends"], source_tables=tables["sources"],
+        sections=_parse_sections(data, path), path=path)
 
 
 def render_example(plugin_options: Mapping[str, Mapping[str, Option]] = {}) -> str:
@@ -283,6 +343,9 @@ def render_example(plugin_options: Mapping[str, Mapping[str, Option]] = {}) -> s
     emit(CORE_OPTIONS)
     lines.append("[limits]")
     emit(LIMIT_OPTIONS)
+    for name in SECTIONS:
+        lines.append(f"[{name}]")
+        emit(section_options(name))
     for table, options in plugin_options.items():
         if table.startswith("sources."):
             # A [sources.<name>] table enables its source: keep it commented.

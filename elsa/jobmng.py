@@ -16,9 +16,10 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from elsa import __version__
-from elsa.client import Client, RequestFailed, default_socket, parse_signal
+from elsa.client import Client, RequestFailed, default_socket
 from elsa.core.model import format_jid, parse_jid
 from elsa.errors import DaemonUnavailable, ElsaError
+from elsa.protocol import parse_signal
 
 PROG = "elsa-jobmng"
 

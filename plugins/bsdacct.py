@@ -32,9 +32,9 @@ from typing import Dict, List, Optional
 
 from elsa import hookimpl
 from elsa.config import Option, non_negative, positive
-from elsa.core import pacct
 from elsa.core.source import Source, SourceContext, SourceSpec, UsageRow
 from elsa.errors import AccountingFormatError, from_oserror
+from elsa.kernel import pacct
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.source.bsdacct")

@@ -17,11 +17,11 @@ from typing import Dict, List, Optional, Set
 
 from elsa import hookimpl
 from elsa.config import Option, positive
-from elsa.core import cgroupstats
-from elsa.core.cgroupfs import CgroupFS
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.errors import ElsaError, ProcessGone
+from elsa.kernel import cgroupstats
+from elsa.kernel.cgroupfs import CgroupFS
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.source.cgroupstat")

@@ -2,7 +2,7 @@
 
 Registers a cpumask listener (Documentation/accounting/taskstats.rst) on a
 socket with a large receive buffer, folds each process's threads into one
-record (by tgid; see elsa/core/taskstats.py) and hands it to the aggregator.
+record (by tgid; see elsa/kernel/taskstats.py) and hands it to the aggregator.
 Records the kernel drops when the buffer overflows (ENOBUFS on the next
 recv) are counted, and every job that may have lost one (running, or with
 members that exited recently) is flagged incomplete rather than silently short.
@@ -15,8 +15,8 @@ from typing import Dict, List, Optional
 
 from elsa import hookimpl
 from elsa.config import Option, non_negative, positive
-from elsa.core import taskstats
 from elsa.core.source import Source, SourceContext, SourceSpec, UsageRecord
+from elsa.kernel import taskstats
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.source.taskstats")

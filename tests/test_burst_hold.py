@@ -111,7 +111,7 @@ def test_calibration_is_bounded_and_needs_a_real_sample():
 
 @pytest.mark.root
 def test_proc_connector_reports_its_queue():
-    from elsa.core.cnproc import ProcConnector
+    from elsa.kernel.cnproc import ProcConnector
 
     conn = ProcConnector(1 << 20)
     try:

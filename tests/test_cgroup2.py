@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from elsa.client import RequestFailed
-from elsa.core.cgroupfs import CgroupFS
+from elsa.kernel.cgroupfs import CgroupFS
 from elsa.testing import BackendUnderTest, Harness, pid_alive, wait_for
 
 pytestmark = pytest.mark.root
@@ -181,7 +181,7 @@ def _backend_job_with_sleepers(area, tmp_path: Path, jid: int, n: int = 3):
     from elsa.config import validate_table
     from elsa.core.backend import BackendContext
     from elsa.core.model import Job
-    from elsa.core.procfs import ProcFS
+    from elsa.kernel.procfs import ProcFS
 
     base, _ = area
     b = Cgroup2Backend()

@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 from elsa.backends.cgroup2 import Cgroup2Backend
 from elsa.backends.cpuset import CpusetBackend
 from elsa.core.backend import BackendContext
-from elsa.core.cgroupfs import (
+from elsa.core.model import Job
+from elsa.errors import BackendError, PrivilegeError, ProcessGone
+from elsa.kernel.cgroupfs import (
     CgroupFS,
     format_cpulist,
     parse_cpulist,
@@ -30,9 +32,7 @@ from elsa.core.cgroupfs import (
     parse_proc_cgroup,
     translate,
 )
-from elsa.core.model import Job
-from elsa.core.procfs import ProcFS
-from elsa.errors import BackendError, PrivilegeError, ProcessGone
+from elsa.kernel.procfs import ProcFS
 
 # This machine's mount table (hybrid: v1 controllers + cgroup2 at .../unified).
 HYBRID = """\
@@ -287,7 +287,7 @@ def test_delegate_subgroup_daemon_leaf_fake_tree(tmp_path: Path) -> None:
 def test_reading_a_removed_cgroup_means_empty_not_an_error(tmp_path):
     """elsad may remove a job's cgroup (last member gone) while someone reads it:
     kernfs answers ENODEV for an open file of a removed cgroup, ENOENT after."""
-    from elsa.core.cgroupfs import CgroupFS
+    from elsa.kernel.cgroupfs import CgroupFS
 
     fs = CgroupFS()
     mount = fs.cgroup2_mount()

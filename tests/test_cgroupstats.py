@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
-from elsa.core import cgroupstats as C
-from elsa.core.cgroupfs import CgroupFS
 from elsa.errors import ProcessGone
+from elsa.kernel import cgroupstats as C
+from elsa.kernel.cgroupfs import CgroupFS
 
 GOLDEN = {
     "cpu.stat": "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n"

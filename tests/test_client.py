@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from elsa.client import Client, RequestFailed, default_socket, parse_signal
+from elsa.client import Client, RequestFailed, default_socket
 from elsa.errors import DaemonUnavailable, ProtocolError
+from elsa.protocol import parse_signal
 from tests.conftest import wait_for
 
 

@@ -1,12 +1,12 @@
 """cn_proc decoding against golden datagrams captured from this kernel (6.18).
 
-Captured with elsa.core.cnproc.ProcConnector while running
+Captured with elsa.kernel.cnproc.ProcConnector while running
 ``sh -c "exec sh -c 'exit 3'"`` (see the commit that added this file).
 """
 
 import struct
 
-from elsa.core.cnproc import (
+from elsa.kernel.cnproc import (
     REORDER_WINDOW_NS,
     ExecEvent,
     ExitEvent,
@@ -96,7 +96,7 @@ def test_reordered_events_within_the_window_are_not_loss():
 
 
 def test_huge_gap_reports_beyond_the_hole_cap_at_once():
-    from elsa.core.cnproc import MAX_HOLES
+    from elsa.kernel.cnproc import MAX_HOLES
     seqs = SeqTracker()
     decode(_with_seq(FORK, 0, 0), seqs)
     evs = decode(_with_seq(FORK, MAX_HOLES + 101, 0), seqs)
@@ -144,7 +144,7 @@ def test_fast_path_agrees_with_decode():
     """drain() (the hot path) must dispatch exactly what decode() describes."""
     import socket
 
-    from elsa.core import cnproc
+    from elsa.kernel import cnproc
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     conn = cnproc.ProcConnector.__new__(cnproc.ProcConnector)

@@ -110,3 +110,40 @@ def test_env_var_is_used(tmp_path):
     res = subprocess.run([sys.executable, "-m", "elsa.elsad", "--check-config"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "unknown key 'bogus'" in res.stderr
+
+
+# -- feature sections ([billing], [export.prometheus], ...) -------------------------------------
+
+FAKE_OPTIONS = {
+    "listen": config.Option(str, "", "Address to listen on."),
+    "rate": config.Option(float, 1.0, "A rate.", check=config.non_negative),
+}
+
+
+@pytest.fixture
+def fake_sections(monkeypatch):
+    monkeypatch.setattr(config, "SECTIONS", {"feat": f"{__name__}:FAKE_OPTIONS",
+                                             "exp.prom": f"{__name__}:FAKE_OPTIONS"})
+
+
+def test_section_defaults_when_absent(fake_sections):
+    cfg = config.parse({}, "x.toml")
+    assert cfg.section("feat") == {"listen": "", "rate": 1.0}
+
+
+def test_section_validated(fake_sections):
+    cfg = config.parse({"feat": {"rate": 2}, "exp": {"prom": {"listen": "127.0.0.1:1"}}},
+                       "x.toml")
+    assert cfg.section("feat")["rate"] == 2.0
+    assert cfg.section("exp.prom")["listen"] == "127.0.0.1:1"
+    with pytest.raises(ConfigError, match=r"x.toml: unknown key 'feat.nope'"):
+        config.parse({"feat": {"nope": 1}}, "x.toml")
+    with pytest.raises(ConfigError, match=r"'feat.rate' must be 0 or more"):
+        config.parse({"feat": {"rate": -1}}, "x.toml")
+    with pytest.raises(ConfigError, match=r"unknown table 'exp.other'"):
+        config.parse({"exp": {"other": {}}}, "x.toml")
+
+
+def test_section_in_example(fake_sections):
+    text = config.render_example()
+    assert "[feat]" in text and "[exp.prom]" in text

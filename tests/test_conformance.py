@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from elsa.core.cgroupfs import CgroupFS
+from elsa.kernel.cgroupfs import CgroupFS
 from elsa.testing import BackendConformance, BackendUnderTest, elsa_harness  # noqa: F401
 
 pytestmark = pytest.mark.root

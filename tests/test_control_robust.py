@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from elsa.core.control import ERROR_CODES
+from elsa.protocol import ERROR_CODES
 from tests.conftest import wait_for
 from tests.test_control_protocol import RawConn
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from elsa.client import RequestFailed
-from elsa.core.cgroupfs import CgroupFS, format_cpulist, parse_cpulist
+from elsa.kernel.cgroupfs import CgroupFS, format_cpulist, parse_cpulist
 from elsa.testing import BackendUnderTest, Harness, wait_for
 
 pytestmark = pytest.mark.root

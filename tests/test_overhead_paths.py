@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from elsa.core import pacct
-from elsa.core import taskstats as T
 from elsa.core.aggregator import Aggregator
 from elsa.core.source import UsageRecord, record_row, row_record
+from elsa.kernel import pacct
+from elsa.kernel import taskstats as T
 from elsa.testing import wait_for
 from tests.support import FakeManager, taskstats_golden_messages
 
@@ -176,8 +176,8 @@ def test_member_detached_and_outsider_records_attributed_at_once(elsad, spawned)
 
 @pytest.mark.root
 def test_taskstats_read_on_a_timer_loses_nothing(tmp_path):
-    from elsa.core.procfs import ProcFS
     from elsa.core.source import SourceContext
+    from elsa.kernel.procfs import ProcFS
     from elsa_plugins.taskstats import TaskstatsSource
 
     got = []

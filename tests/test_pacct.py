@@ -13,8 +13,8 @@ from typing import List
 
 import pytest
 
-from elsa.core import pacct
-from elsa.core.pacct import AcctRecord, PacctFollower, decode, decode_comp_t, encode_comp_t
+from elsa.kernel import pacct
+from elsa.kernel.pacct import AcctRecord, PacctFollower, decode, decode_comp_t, encode_comp_t
 
 DATA = Path(__file__).parent / "data"
 HAVE_NUMPY = pacct.np is not None

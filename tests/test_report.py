@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from elsa.core import pacct
+from elsa.kernel import pacct
 from elsa.report.cli import main, parse_time
 
 T0 = 1_700_000_000  # an hour boundary minus 800 s: windows cut through hours

@@ -15,12 +15,12 @@ from typing import List
 
 import pytest
 
-from elsa.core import cgroupstats, pacct
-from elsa.core import taskstats as T
-from elsa.core.cgroupfs import CgroupFS
 from elsa.core.model import Job
-from elsa.core.procfs import ProcFS
 from elsa.core.source import SourceContext, UsageRecord
+from elsa.kernel import cgroupstats, pacct
+from elsa.kernel import taskstats as T
+from elsa.kernel.cgroupfs import CgroupFS
+from elsa.kernel.procfs import ProcFS
 
 WORKERS = 4
 ROOT_CODE = f"""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from elsa.core import taskstats as T
+from elsa.kernel import taskstats as T
 from tests.support import taskstats_golden_messages
 
 DATA = Path(__file__).parent / "data"

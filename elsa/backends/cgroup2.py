@@ -28,9 +28,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 from elsa import hookimpl
 from elsa.config import Option, positive
 from elsa.core.backend import Backend, BackendContext, BackendSpec, signal_each
-from elsa.core.cgroupfs import CgroupFS, EventsWatcher
 from elsa.core.model import Job, ProcessId, ProcessInfo, format_jid, parse_jid
 from elsa.errors import BackendError, ElsaError, ProcessGone
+from elsa.kernel.cgroupfs import CgroupFS, EventsWatcher
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.backends.cgroup2")

@@ -26,9 +26,9 @@ from elsa import hookimpl
 from elsa.backends.cgroup2 import CGROUP2_OPTIONS, Cgroup2Backend
 from elsa.config import Option
 from elsa.core.backend import BackendContext, BackendSpec
-from elsa.core.cgroupfs import format_cpulist, parse_cpulist
 from elsa.core.model import Job, ProcessInfo, format_jid, parse_jid
 from elsa.errors import BackendError, ElsaError, ProcessGone
+from elsa.kernel.cgroupfs import format_cpulist, parse_cpulist
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.backends.cpuset")

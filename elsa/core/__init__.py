@@ -1,1 +1,1 @@
-"""The daemon's core: kernel adapters, job manager, store, event loop."""
+"""The daemon's core: job manager, aggregator, store, event loop and control server."""

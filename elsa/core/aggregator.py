@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.model import CLOCK_TICKS, Job
-from elsa.core.procfs import boot_epoch
 from elsa.core.source import ROW_FIELDS, UsageRecord, record_row
+from elsa.kernel.procfs import boot_epoch
 
 #: Source priority for the "best" figure (lower wins); unknown sources come last.
 PRIORITY: Dict[str, int] = {"cgroupstat": 0, "taskstats": 1, "bsdacct": 2}

@@ -18,8 +18,8 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Set
 
 from elsa.config import Option
 from elsa.core.model import Job, ProcessId, ProcessInfo
-from elsa.core.procfs import ProcFS
 from elsa.errors import BackendError
+from elsa.kernel.procfs import ProcFS
 
 
 @dataclass

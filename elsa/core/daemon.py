@@ -22,20 +22,22 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from elsa import __version__
 from elsa.config import Config, validate_table
-from elsa.core import sdnotify
+from elsa.core.authorization import Authorizer
 from elsa.core.backend import Backend, BackendContext
 from elsa.core.burst import BurstHold
-from elsa.core.cnproc import (
+from elsa.core.manager import JobManager
+from elsa.core.operations import Operations
+from elsa.core.server import ControlServer
+from elsa.core.store import Store
+from elsa.errors import ConfigError, ElsaError, KernelInterfaceError
+from elsa.kernel import sdnotify
+from elsa.kernel.cnproc import (
     ExitEvent,
     ForkEvent,
     LossEvent,
     ProcConnector,
 )
-from elsa.core.control import ControlServer, Operations
-from elsa.core.manager import JobManager
-from elsa.core.procfs import ProcFS
-from elsa.core.store import Store
-from elsa.errors import ConfigError, ElsaError, KernelInterfaceError
+from elsa.kernel.procfs import ProcFS
 from elsa.logsetup import structlog
 from elsa.plugins import PluginHost
 
@@ -231,9 +233,11 @@ class Daemon:
         if self.self_test:
             self._self_test()
         self.add_reader(self.connector.fileno(), self._on_netlink)
-        ops = Operations(self.manager, backend_name=self.backend.name,
-                         admin_group=cfg.admin_group, status=self.status)
-        self.control = ControlServer(cfg.socket, ops, limits=dict(cfg.limits),
+        limits = dict(cfg.limits)
+        authz = Authorizer(cfg.admin_group, self.procfs, self.manager)
+        ops = Operations(self.manager, authz, backend_name=self.backend.name, limits=limits,
+                         status=self.status)
+        self.control = ControlServer(cfg.socket, ops, authz, self.store, limits=limits,
                                      add_reader=functools.partial(self.add_reader,
                                                                   events_first=True),
                                      remove_reader=self.remove_reader,

@@ -41,9 +41,9 @@ from elsa.core.model import (
     ProcessInfo,
 )
 from elsa.core.pidindex import PidIndex
-from elsa.core.procfs import ProcFS, boottime_offset_ns
 from elsa.core.store import Store
 from elsa.errors import JobNotFound, JobStateError, ProcessGone
+from elsa.kernel.procfs import ProcFS, boottime_offset_ns
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.manager")
@@ -252,6 +252,14 @@ class JobManager:
 
     def running(self, with_pids: bool = False) -> List[Job]:
         return [s.snapshot(with_pids) for s in self.jobs.values()]
+
+    def running_with_counts(self) -> List[Tuple[Job, int]]:
+        """Each running job (without its pids) and its number of live members."""
+        return [(s.snapshot(with_pids=False), len(s.members)) for s in list(self.jobs.values())]
+
+    def stored_jobs(self, limit: int) -> List[Job]:
+        """The newest *limit* jobs of the store, ended ones included."""
+        return self.store.jobs(include_ended=True, limit=limit)
 
     def _entry(self, pid: int) -> Optional[Tuple[int, int]]:
         """(jid, start_ticks) of member *pid*, or None."""
@@ -757,3 +765,11 @@ class JobManager:
 
     def member_pids(self, jid: int) -> List[int]:
         return sorted(self._running(jid).members)
+
+    def set_frozen(self, jid: int, frozen: bool) -> None:
+        """Freeze or thaw running job *jid* (the backend may refuse: cnproc cannot)."""
+        state = self._running(jid)
+        if frozen:
+            self.backend.freeze(state.snapshot())
+        else:
+            self.backend.thaw(state.snapshot())

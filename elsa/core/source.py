@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from elsa.config import Option
 from elsa.core.model import Job
-from elsa.core.procfs import ProcFS
+from elsa.kernel.procfs import ProcFS
 
 
 @dataclass(frozen=True)

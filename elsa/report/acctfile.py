@@ -13,7 +13,7 @@ import mmap
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from elsa.core import pacct
+from elsa.kernel import pacct
 
 
 def summarize(files: Sequence[str], by: str) -> List[Dict[str, Any]]:

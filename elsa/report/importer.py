@@ -17,8 +17,8 @@ import os
 import sqlite3
 from typing import Any, Dict, List, Sequence
 
-from elsa.core import pacct
 from elsa.core.aggregator import INSERT_PROC, bulk_insert
+from elsa.kernel import pacct
 
 SOURCE = "bsdacct"
 

@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from elsa.core.procfs import read_small
 from elsa.errors import (
     BackendError,
     ElsaError,
@@ -36,6 +35,7 @@ from elsa.errors import (
     PrivilegeError,
     ProcessGone,
 )
+from elsa.kernel.procfs import read_small
 
 # cgroup v2 core files (cgroup-v2.rst "Core Interface Files").
 PROCS = "cgroup.procs"

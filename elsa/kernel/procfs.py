@@ -51,7 +51,7 @@ class ProcFS:
 
         The owner is the process's *effective* uid (root for a non-dumpable
         process, proc(5)): good for reports, not for authorization, which
-        reads the real uid from /proc/PID/status (elsa/core/control.py)."""
+        reads the real uid from /proc/PID/status (elsa/core/authorization.py)."""
         path = f"{self.root}/{pid}/stat"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

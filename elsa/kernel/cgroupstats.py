@@ -17,10 +17,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
-# The flat-keyed format is the cgroupfs adapter's (cgroup.events uses it too).
-from elsa.core.cgroupfs import parse_flat_keyed
 from elsa.core.source import UsageRecord
 from elsa.errors import ProcessGone, from_oserror
+
+# The flat-keyed format is the cgroupfs adapter's (cgroup.events uses it too).
+from elsa.kernel.cgroupfs import parse_flat_keyed
 
 #: Files read, in order. Missing ones are listed in :attr:`CgroupStats.missing`.
 STAT_FILES = ("cpu.stat", "memory.peak", "memory.current", "memory.stat", "memory.events",

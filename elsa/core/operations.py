@@ -1,0 +1,261 @@
+"""The control protocol's operations (CSA jobd's request set, derived from ELSA's).
+
+Each handler validates its request's fields (:mod:`elsa.protocol`), asks the
+:class:`~elsa.core.authorization.Authorizer` whether the caller may, and acts
+through the job manager's public methods. Handlers run on the event thread; an
+answer that has to wait (``wait``) is returned as :class:`WaitFor` and the
+server replies later. The operations are documented in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
+
+from elsa import __version__
+from elsa.core.authorization import Authorizer, Caller
+from elsa.core.backend import signal_each
+from elsa.core.model import JOB_RUNNING, Job, format_jid
+from elsa.errors import ElsaError, ProtocolError
+from elsa.protocol import (
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    NotInJob,
+    UnknownOperation,
+    get_int,
+    get_jid,
+    get_pids,
+    get_signal,
+    get_str,
+    get_str_map,
+    kind,
+)
+
+if TYPE_CHECKING:
+    from elsa.core.manager import JobManager
+
+#: Operations whose reply promises a change that must survive a crash: the
+#: server sends their reply once the store has committed it.
+DURABLE_OPS = frozenset({"create", "attach", "detach", "end"})
+
+
+@dataclass(frozen=True)
+class WaitFor:
+    """A handler's answer "reply when job *jid* ends, or after *timeout* s"."""
+
+    jid: int
+    timeout: Optional[float]
+
+
+def job_json(job: Job, with_pids: bool = True) -> Dict[str, Any]:
+    """The protocol's job object: Job.to_json plus ``jid_hex``."""
+    out = job.to_json(with_pids)
+    out["jid_hex"] = format_jid(job.jid)
+    return out
+
+
+Request = Dict[str, Any]
+
+
+class Operations:
+    """Dispatches a parsed request to its handler."""
+
+    def __init__(self, manager: JobManager, authz: Authorizer, *, backend_name: str,
+                 limits: Mapping[str, Any], status: Callable[[], Dict[str, Any]]) -> None:
+        self.manager = manager
+        self.authz = authz
+        self.backend_name = backend_name
+        self.limits = limits  # the server's (a reload updates it in place)
+        self.status_fn = status
+
+    def dispatch(self, caller: Caller, req: Request) -> Any:
+        op = req.get("op")
+        if not isinstance(op, str):
+            raise ProtocolError(f"'op' is required and must be a string, got {kind(op)}")
+        handler = HANDLERS.get(op)
+        if handler is None:
+            raise UnknownOperation(f"unknown op {op[:64]!r}; known: {', '.join(OP_NAMES)}")
+        return handler(self, caller, req)
+
+    def job(self, jid: int) -> Job:
+        return self.manager.job(jid)
+
+    def wait_result(self, job: Job, ended: bool) -> Dict[str, Any]:
+        """The answer to a ``wait`` on *job*."""
+        return {"ended": ended, "job": job_json(job)}
+
+    # -- operations -------------------------------------------------------------------
+    def op_hello(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        c = caller
+        return {"protocol": PROTOCOL_VERSION, "versions": list(SUPPORTED_VERSIONS),
+                "daemon": __version__, "backend": self.backend_name, "ops": list(OP_NAMES),
+                "caller": {"pid": c.pid, "uid": c.uid, "gid": c.gid, "admin": c.admin},
+                "limits": dict(self.limits)}
+
+    def op_create(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        authz = self.authz
+        owner = get_int(req, "owner_uid", required=False, maximum=2 ** 32 - 2)
+        if owner is None:
+            owner = caller.uid
+        elif owner != caller.uid and not caller.admin:
+            raise authz.deny("only root or the admin group may create jobs for another user")
+        name = get_str(req, "name")
+        tags = get_str_map(req, "tags")
+        params = get_str_map(req, "params", max_entries=16)
+        pids = get_pids(req) if req.get("pids") is not None else []
+        # Check every pid before the job exists: a refused create leaves nothing behind.
+        infos = []
+        for pid in pids:
+            infos.append(authz.check_pid(caller, pid))
+            authz.check_current_job(caller, pid)
+        # Not durable here: the server holds the reply until the store commits
+        # (DURABLE_OPS), without blocking the event loop.
+        job = self.manager.create(name=name, owner_uid=owner, tags=tags, params=params,
+                                  durable=False)
+        try:
+            for pid, info in zip(pids, infos):
+                self.manager.attach(job.jid, pid, durable=False, info=info)
+        except ElsaError:
+            # A pid exited between the check and the attach: do not leave an empty job.
+            self.manager.end(job.jid, reason="create failed")
+            raise
+        return job_json(self.manager.job(job.jid))
+
+    def op_attach(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        authz = self.authz
+        jid = get_jid(req)
+        pids = get_pids(req)
+        job = self.manager.job(jid)
+        authz.check_job(caller, job)
+        if job.state != JOB_RUNNING:
+            self.manager.member_pids(jid)  # raises bad-job-state with the usual message
+        infos = []
+        for pid in pids:
+            infos.append(authz.check_pid(caller, pid))
+            authz.check_current_job(caller, pid)
+        attached = []
+        for pid, info in zip(pids, infos):
+            ident = self.manager.attach(jid, pid, durable=False, info=info)
+            attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
+        return {"jid": jid, "jid_hex": format_jid(jid), "attached": attached}
+
+    def op_detach(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        pids = get_pids(req)
+        plan = []
+        for pid in pids:
+            jid = self.manager.job_of(pid)
+            if jid is None:
+                raise NotInJob(f"pid {pid} is not in any job")
+            self.authz.check_job(caller, self.manager.job(jid))
+            self.authz.check_pid(caller, pid)
+            plan.append((pid, jid))
+        for pid, _jid_of_pid in plan:
+            self.manager.detach(pid)
+        return {"detached": [{"pid": p, "jid": j, "jid_hex": format_jid(j)} for p, j in plan]}
+
+    def op_jobof(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        pid = get_int(req, "pid", minimum=1, maximum=2 ** 31 - 1)
+        assert pid is not None
+        jid = self.manager.job_of(pid)
+        if jid is None:
+            raise NotInJob(f"pid {pid} is not in any job")
+        return {"pid": pid, "jid": jid, "jid_hex": format_jid(jid)}
+
+    def op_list(self, caller: Caller, req: Request) -> List[Dict[str, Any]]:
+        include_ended = req.get("all", False)
+        if not isinstance(include_ended, bool):
+            raise ProtocolError(f"'all' must be a boolean, got {kind(include_ended)}")
+        owner = get_int(req, "owner_uid", required=False, maximum=2 ** 32 - 2)
+        limit = get_int(req, "limit", required=False, minimum=1, maximum=10000) or 10000
+        out = []
+        for job, nprocs in self.manager.running_with_counts():
+            item = job_json(job, with_pids=False)
+            item["nprocs"] = nprocs
+            out.append(item)
+        if include_ended:
+            running = {j["jid"] for j in out}
+            for job in self.manager.stored_jobs(limit):
+                if job.jid not in running:
+                    item = job_json(job, with_pids=False)
+                    item["nprocs"] = 0
+                    out.append(item)
+        if owner is not None:
+            out = [j for j in out if j["owner_uid"] == owner]
+        out.sort(key=lambda j: j["jid"])
+        return out[-limit:]
+
+    def op_show(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        return job_json(self.manager.job(get_jid(req)))
+
+    def op_pids(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        jid = get_jid(req)
+        job = self.manager.job(jid)
+        pids = self.manager.member_pids(jid) if job.state == JOB_RUNNING else []
+        return {"jid": jid, "jid_hex": format_jid(jid), "state": job.state, "pids": pids}
+
+    def op_wait(self, caller: Caller, req: Request) -> Any:
+        jid = get_jid(req)
+        timeout = req.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float))
+                                    or not 0 <= timeout <= 10 ** 7):
+            raise ProtocolError("'timeout' must be a number of seconds (0 to 1e7) or null")
+        job = self.manager.job(jid)
+        if job.state != JOB_RUNNING:
+            return self.wait_result(job, True)
+        if timeout == 0:
+            return self.wait_result(job, False)
+        return WaitFor(jid, timeout)
+
+    def op_kill(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        jid = get_jid(req)
+        sig = get_signal(req)
+        job = self.manager.job(jid)
+        self.authz.check_job(caller, job)
+        members = self.manager.member_pids(jid)
+        allowed = [p for p in members if self.authz.may_signal(caller, p)]
+        if len(allowed) == len(members):
+            # The backend signals the whole job (cgroup2: freeze-signal-thaw or
+            # cgroup.kill, which also reaches children forked meanwhile).
+            sent = self.manager.signal(jid, sig)
+        else:
+            # Some members changed uid (su, sudo): a backend signals the whole
+            # cgroup, so signal the allowed ones one by one instead.
+            sent = signal_each(allowed, sig)
+        return {"jid": jid, "jid_hex": format_jid(jid), "signal": sig, "signalled": sent,
+                "skipped": len(members) - len(allowed)}
+
+    def op_end(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        jid = get_jid(req)
+        self.authz.check_job(caller, self.manager.job(jid))
+        return job_json(self.manager.end(jid))
+
+    def op_freeze(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        return self._freeze(caller, req, True)
+
+    def op_thaw(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        return self._freeze(caller, req, False)
+
+    def _freeze(self, caller: Caller, req: Request, freeze: bool) -> Dict[str, Any]:
+        jid = get_jid(req)
+        self.authz.check_job(caller, self.manager.job(jid))
+        self.manager.set_frozen(jid, freeze)
+        return {"jid": jid, "jid_hex": format_jid(jid), "frozen": freeze}
+
+    def op_status(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        out = self.status_fn()
+        out["version"] = __version__
+        out["protocol"] = PROTOCOL_VERSION
+        return out
+
+
+HANDLERS: Dict[str, Callable[[Operations, Caller, Request], Any]] = {
+    "hello": Operations.op_hello, "create": Operations.op_create,
+    "attach": Operations.op_attach, "detach": Operations.op_detach,
+    "jobof": Operations.op_jobof, "list": Operations.op_list, "show": Operations.op_show,
+    "pids": Operations.op_pids, "wait": Operations.op_wait, "kill": Operations.op_kill,
+    "end": Operations.op_end, "status": Operations.op_status,
+    "freeze": Operations.op_freeze, "thaw": Operations.op_thaw,
+}
+#: The operation names, sorted (``hello`` lists them; docs/protocol.md documents each).
+OP_NAMES = tuple(sorted(HANDLERS))
