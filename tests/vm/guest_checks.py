@@ -130,7 +130,10 @@ def reconfigure(log: Log) -> None:
 
 def release_subtree(log: Log) -> None:
     """Kill what is left in the unit's child cgroups, remove them, disable the
-    controllers of the unit's subtree_control."""
+    controllers of the unit's subtree_control. (systemd removes the unit's
+    cgroup itself when the stopped unit left no process in it.)"""
+    if not UNIT_CGROUP.exists():
+        return
     for child in sorted(d for d in UNIT_CGROUP.iterdir() if d.is_dir()):
         procs = (child / "cgroup.procs").read_text().split()
         if procs:
