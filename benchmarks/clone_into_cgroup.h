@@ -1,6 +1,6 @@
 /* clone3(CLONE_INTO_CGROUP): a child born inside the cgroup whose directory
- * is open at dirfd, with no migration afterwards (Linux 5.7; struct
- * clone_args in include/uapi/linux/sched.h). Shared by launcher.c and
+ * is open at dirfd, with no migration afterwards (Linux 5.7; docs/kernel.md,
+ * "cgroup v2"). Shared by launcher.c and
  * cgroup_floor.c. */
 #ifndef ELSA_CLONE_INTO_CGROUP_H
 #define ELSA_CLONE_INTO_CGROUP_H

@@ -13,7 +13,7 @@
  *          of the previous one, which then ends (`elsa-jobmng run` does this).
  *   clone  {"op":"create"} an empty job; clone3(CLONE_INTO_CGROUP) true
  *          straight into its cgroup (the reply's params.cgroup_path; no
- *          migration, cgroup-v2.rst), then {"op":"attach"} it before reaping
+ *          migration), then {"op":"attach"} it before reaping
  *          it (so the pid cannot be reused meanwhile; elsad takes a zombie
  *          born inside). The job ends by itself when true exits. The attach
  *          of job k and the create of job k+1 go in one write (the protocol

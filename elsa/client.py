@@ -7,7 +7,7 @@ Example::
 
     with Client() as c:                      # socket from the config, see default_socket()
         job = c.create(name="build", tags={"queue": "short"}, pids=[os.getpid()])
-        print(job["jid_hex"], c.pids(job["jid"]))
+        print(job["jid"], c.pids(job["jid"]))  # jid: "0x0035969e00000402"
 
 Every method sends one request (docs/protocol.md) and returns its ``result``.
 A refusal raises :class:`RequestFailed` whose ``code`` is the protocol's stable
@@ -27,6 +27,19 @@ from elsa.errors import DaemonUnavailable, ElsaError, ProtocolError
 from elsa.protocol import PROTOCOL_VERSION, encode, parse_reply
 
 DEFAULT_SOCKET = "/run/elsa/elsad.sock"
+
+# A job id as callers hold it: the hex string every reply carries
+# ("0x0035969e00000402", docs/jobid.md), or the number it stands for.
+JidLike = Union[str, int]
+
+
+def _wire_jid(jid: JidLike) -> str:
+    """The request's spelling of a job id: the zero-padded hex string."""
+    if isinstance(jid, int) and not isinstance(jid, bool):
+        return f"{jid:#018x}"
+    return jid
+
+
 #: Longest reply line accepted (a ``list --all`` of 10,000 jobs fits easily).
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
@@ -185,43 +198,43 @@ class Client:
         return self.call("create", name=name, tags=tags or None, params=params or None,
                          pids=list(pids) if pids is not None else None, owner_uid=owner_uid)
 
-    def attach(self, jid: int, pids: Iterable[int]) -> Dict[str, Any]:
-        return self.call("attach", jid=jid, pids=list(pids))
+    def attach(self, jid: JidLike, pids: Iterable[int]) -> Dict[str, Any]:
+        return self.call("attach", jid=_wire_jid(jid), pids=list(pids))
 
     def detach(self, pids: Iterable[int]) -> Dict[str, Any]:
         return self.call("detach", pids=list(pids))
 
-    def jobof(self, pid: int) -> int:
-        """The job id of *pid*; raises RequestFailed('not-in-job') when it has none."""
+    def jobof(self, pid: int) -> str:
+        """The job id (hex string) of *pid*; raises RequestFailed('not-in-job') when it has none."""
         return self.call("jobof", pid=pid)["jid"]
 
     def list(self, all: bool = False, owner_uid: Optional[int] = None,
              limit: Optional[int] = None) -> List[Dict[str, Any]]:
         return self.call("list", all=all, owner_uid=owner_uid, limit=limit)
 
-    def show(self, jid: int) -> Dict[str, Any]:
-        return self.call("show", jid=jid)
+    def show(self, jid: JidLike) -> Dict[str, Any]:
+        return self.call("show", jid=_wire_jid(jid))
 
-    def pids(self, jid: int) -> List[int]:
-        return self.call("pids", jid=jid)["pids"]
+    def pids(self, jid: JidLike) -> List[int]:
+        return self.call("pids", jid=_wire_jid(jid))["pids"]
 
-    def wait(self, jid: int, timeout: Optional[float] = None) -> Dict[str, Any]:
+    def wait(self, jid: JidLike, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Block until *jid* ends or *timeout* s pass: ``{"ended": bool, "job": {...}}``."""
         # The socket must outlast the daemon-side timeout; None waits forever.
         io_timeout = None if timeout is None else timeout + 10.0
-        return self.call("wait", io_timeout=io_timeout, jid=jid, timeout=timeout)
+        return self.call("wait", io_timeout=io_timeout, jid=_wire_jid(jid), timeout=timeout)
 
-    def kill(self, jid: int, signal: Union[int, str] = 15) -> Dict[str, Any]:
-        return self.call("kill", jid=jid, signal=signal)
+    def kill(self, jid: JidLike, signal: Union[int, str] = 15) -> Dict[str, Any]:
+        return self.call("kill", jid=_wire_jid(jid), signal=signal)
 
-    def end(self, jid: int) -> Dict[str, Any]:
-        return self.call("end", jid=jid)
+    def end(self, jid: JidLike) -> Dict[str, Any]:
+        return self.call("end", jid=_wire_jid(jid))
 
-    def freeze(self, jid: int) -> Dict[str, Any]:
-        return self.call("freeze", jid=jid)
+    def freeze(self, jid: JidLike) -> Dict[str, Any]:
+        return self.call("freeze", jid=_wire_jid(jid))
 
-    def thaw(self, jid: int) -> Dict[str, Any]:
-        return self.call("thaw", jid=jid)
+    def thaw(self, jid: JidLike) -> Dict[str, Any]:
+        return self.call("thaw", jid=_wire_jid(jid))
 
     def status(self) -> Dict[str, Any]:
         return self.call("status")

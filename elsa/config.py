@@ -62,7 +62,9 @@ def _absolute(v: Any) -> Optional[str]:
 
 
 CORE_OPTIONS: Dict[str, Option] = {
-    "backend": Option(str, "cnproc", "Grouping backend: cnproc, cgroup2, cpuset, or a plugin's."),
+    "backend": Option(str, "auto", "Grouping backend: auto (cgroup2 where a writable cgroup v2"
+                      " hierarchy is mounted, else cnproc), cnproc, cgroup2, cpuset, or a"
+                      " plugin's."),
     "socket": Option(str, "/run/elsa/elsad.sock", "Path of the control socket (AF_UNIX).",
                      check=_absolute),
     "state_dir": Option(str, "/var/lib/elsa", "Directory of the persistent store (SQLite).",
@@ -174,7 +176,7 @@ def check_value(value: Any, opt: Option, *, name: str, path: str) -> Any:
 class Config:
     """The validated configuration. Plugin tables stay raw until the plugin validates them."""
 
-    backend: str = "cnproc"
+    backend: str = "auto"
     socket: str = "/run/elsa/elsad.sock"
     state_dir: str = "/var/lib/elsa"
     log_level: str = "info"
@@ -182,6 +184,8 @@ class Config:
     netlink_rcvbuf: int = 32 * 1024 * 1024
     admin_group: str = ""
     sources: Tuple[str, ...] = ()  # enabled sources: [sources.<name>] tables
+    # [sources.<name>] tables with enabled = false: off even where on by default.
+    disabled_sources: Tuple[str, ...] = ()
     disabled_plugins: Tuple[str, ...] = ()
     plugins: Tuple[str, ...] = ()
     exited_linger: float = 15.0
@@ -303,23 +307,24 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: key '{kind}.{name}' must be a table, got {table!r}")
         tables[kind] = dict(raw)
-    # A source is enabled by its [sources.<name>] table; `enabled = false` keeps
-    # the table but switches the source off. The key is the core's, so it is
-    # taken out before the plugin validates its own table.
+    # A source is enabled by its [sources.<name>] table (or, for a source whose
+    # spec is default_enabled, without one); `enabled = false` switches it off.
+    # The key is the core's, so it is taken out before the plugin validates the table.
     enabled: List[str] = []
+    disabled: List[str] = []
     for name, table in list(tables["sources"].items()):
         flag = table.get("enabled", True)
         if not isinstance(flag, bool):
             raise ConfigError(f"{path}: key 'sources.{name}.enabled' must be a boolean, "
                               f"got {flag!r}")
-        if flag:
-            enabled.append(name)
+        (enabled if flag else disabled).append(name)
         tables["sources"][name] = {k: v for k, v in table.items() if k != "enabled"}
     return Config(
         backend=core["backend"], socket=core["socket"], state_dir=core["state_dir"],
         log_level=core["log_level"], job_end=core["job_end"],
         netlink_rcvbuf=core["netlink_rcvbuf"], admin_group=core["admin_group"],
-        sources=tuple(enabled), disabled_plugins=tuple(core["disabled_plugins"]),
+        sources=tuple(enabled), disabled_sources=tuple(disabled),
+        disabled_plugins=tuple(core["disabled_plugins"]),
         plugins=tuple(core["plugins"]),
         exited_linger=core["exited_linger"], burst_hold=core["burst_hold"], nice=core["nice"],
         limits=limits,
@@ -349,7 +354,9 @@ def render_example(plugin_options: Mapping[str, Mapping[str, Option]] = {}) -> s
     for table, options in plugin_options.items():
         if table.startswith("sources."):
             # A [sources.<name>] table enables its source: keep it commented.
-            lines.append(f"# Uncomment the table to enable this source.\n#[{table}]")
+            lines.append("# Uncomment the table to enable this source (sources on by default"
+                         " run without it;\n# add 'enabled = false' to switch one off)."
+                         f"\n#[{table}]")
         else:
             lines.append(f"[{table}]")
         emit(options)

@@ -76,6 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from elsa.errors import ConfigError, PrivilegeError
 
     daemon = None
+    # Whatever ends the run, stop() runs: it switches kernel accounting back and
+    # lets the store writer finish its batch.
+    reason = "error: internal"
     try:
         check_privileges()
         _check(cfg, host)
@@ -83,29 +86,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         daemon.install_signal_handlers()
         daemon.start()
         reason = daemon.run()
-        daemon.stop(reason)
         return EXIT_OK
     except ConfigError as exc:
+        reason = f"error: {exc.code}"
         print(f"elsad: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     except PrivilegeError as exc:
+        reason = f"error: {exc.code}"
         print(f"elsad: {exc.message}", file=sys.stderr)
         return EXIT_PRIVILEGE
     except ElsaError as exc:
+        reason = f"error: {exc.code}"
         log.error("elsad failed", error=exc.message, code=exc.code)
         print(f"elsad: {exc.message}", file=sys.stderr)
-        if daemon is not None:
-            daemon.stop(f"error: {exc.code}")
         return EXIT_FAILURE
+    except Exception as exc:
+        log.exception("elsad failed unexpectedly", error=f"{type(exc).__name__}: {exc}")
+        print(f"elsad: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        if daemon is not None:
+            daemon.stop(reason)
 
 
 def _check(cfg: config.Config, host) -> None:
     """Validate what the core cannot: the chosen backend's and sources' tables."""
+    from elsa.core.defaults import AUTO
     from elsa.errors import ConfigError
 
     backends = host.backends()
-    if cfg.backend not in backends:
-        known = ", ".join(sorted(backends)) or "(none installed)"
+    if cfg.backend not in backends and cfg.backend != AUTO:
+        known = ", ".join([AUTO] + sorted(backends))
         raise ConfigError(f"{cfg.path}: key 'backend': no backend named {cfg.backend!r}; "
                           f"available: {known}")
     for name in cfg.backends:

@@ -96,21 +96,33 @@ class DaemonUnavailable(ElsaError):
     code = "unavailable"
 
 
+class CgroupGone(ElsaError):
+    """A job's cgroup directory was removed (its last readings stand)."""
+
+    code = "gone"
+
+
 class AccountingFormatError(ElsaError):
     """An accounting record or file is corrupt or of an unsupported version."""
 
     code = "bad-format"
 
 
-def from_oserror(exc: OSError, what: str, where: str, hint: str = "") -> ElsaError:
+def from_oserror(exc: OSError, what: str, where: str, hint: str = "",
+                 process: bool = False) -> ElsaError:
     """Translate an ``OSError`` raised while doing *what* on *where*.
 
-    ENOENT/ESRCH on a process file mean the process is gone (psutil does the
-    same: a /proc file vanishing mid-read is normal, not an error).
+    *process*: *where* is a process's own file (/proc/PID/...). Only there do
+    ENOENT/ESRCH mean the process is gone (psutil does the same: a /proc file
+    vanishing mid-read is normal, not an error); a missing boot_id file or
+    cgroup directory is a fault of the system, reported as such.
     """
     reason = exc.strerror or str(exc)
-    if exc.errno in (errno.ENOENT, errno.ESRCH):
+    if process and exc.errno in (errno.ENOENT, errno.ESRCH):
         return ProcessGone(f"{what}: {where} is gone ({reason})")
+    if exc.errno == errno.ENOENT:
+        msg = f"{what}: {where} does not exist ({reason})"
+        return KernelInterfaceError(msg + (f"; {hint}" if hint else ""))
     if exc.errno in (errno.EPERM, errno.EACCES):
         msg = f"{what}: {where}: permission denied ({reason})"
         return PrivilegeError(msg + (f"; {hint}" if hint else "; run as root"))

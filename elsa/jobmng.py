@@ -13,7 +13,7 @@ import os
 import pwd
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from elsa import __version__
 from elsa.client import Client, RequestFailed, default_socket
@@ -188,11 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- output helpers --------------------------------------------------------------------------
 
+def _jid_text(value: Union[str, int]) -> str:
+    """A job id from a reply in the one spelling (docs/jobid.md)."""
+    return format_jid(parse_jid(value))
+
+
 def job_out(job: Dict[str, Any], with_pids: bool = True) -> Dict[str, Any]:
     """The CLI's JSON job object (docs/jobmng.md): ``jid`` is the hex string, because
     64-bit ids lose precision in tools that read JSON numbers as doubles (jq < 1.7)."""
     out: Dict[str, Any] = {
-        "jid": format_jid(int(job["jid"])), "name": job.get("name", ""),
+        "jid": _jid_text(job["jid"]), "name": job.get("name", ""),
         "owner_uid": job.get("owner_uid"), "owner": _user_name(job.get("owner_uid")),
         "state": job.get("state"), "created": job.get("created"), "ended": job.get("ended"),
         "tags": job.get("tags", {}), "backend": job.get("backend"),
@@ -265,23 +270,23 @@ def do_create(c: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(job_out(job))
     else:
-        print(format_jid(job["jid"]))
+        print(_jid_text(job["jid"]))
     return EXIT_OK
 
 
 def do_attach(c: Client, args: argparse.Namespace) -> int:
     res = c.attach(args.jid, args.pids)
     if args.json:
-        _print_json({"jid": format_jid(res["jid"]), "attached": res["attached"]})
+        _print_json({"jid": _jid_text(res["jid"]), "attached": res["attached"]})
     else:
         for a in res["attached"]:
-            print(f"attached {a['pid']} to {format_jid(res['jid'])}")
+            print(f"attached {a['pid']} to {_jid_text(res['jid'])}")
     return EXIT_OK
 
 
 def do_detach(c: Client, args: argparse.Namespace) -> int:
     res = c.detach(args.pids)
-    items = [{"pid": d["pid"], "jid": format_jid(d["jid"])} for d in res["detached"]]
+    items = [{"pid": d["pid"], "jid": _jid_text(d["jid"])} for d in res["detached"]]
     if args.json:
         _print_json({"detached": items})
     else:
@@ -293,9 +298,9 @@ def do_detach(c: Client, args: argparse.Namespace) -> int:
 def do_jobof(c: Client, args: argparse.Namespace) -> int:
     jid = c.jobof(args.pid)
     if args.json:
-        _print_json({"pid": args.pid, "jid": format_jid(jid)})
+        _print_json({"pid": args.pid, "jid": _jid_text(jid)})
     else:
-        print(format_jid(jid))
+        print(_jid_text(jid))
     return EXIT_OK
 
 
@@ -357,9 +362,9 @@ def do_wait(c: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"ended": res["ended"], "job": job_out(res["job"])})
     elif res["ended"]:
-        print(f"job {format_jid(args.jid)} ended")
+        print(f"job {_jid_text(args.jid)} ended")
     else:
-        print(f"job {format_jid(args.jid)} still running after {args.wait_timeout:g} s",
+        print(f"job {_jid_text(args.jid)} still running after {args.wait_timeout:g} s",
               file=sys.stderr)
     return EXIT_OK if res["ended"] else EXIT_TIMEOUT
 
@@ -367,11 +372,11 @@ def do_wait(c: Client, args: argparse.Namespace) -> int:
 def do_kill(c: Client, args: argparse.Namespace) -> int:
     res = c.kill(args.jid, args.signal)
     if args.json:
-        _print_json({"jid": format_jid(res["jid"]), "signal": res["signal"],
+        _print_json({"jid": _jid_text(res["jid"]), "signal": res["signal"],
                      "signalled": res["signalled"], "skipped": res.get("skipped", 0)})
     else:
         line = f"signal {res['signal']} sent to {res['signalled']} process(es) of " \
-               f"{format_jid(res['jid'])}"
+               f"{_jid_text(res['jid'])}"
         if res.get("skipped"):
             line += f"; {res['skipped']} member(s) of other users skipped"
         print(line)
@@ -390,9 +395,9 @@ def do_end(c: Client, args: argparse.Namespace) -> int:
 def do_freeze(c: Client, args: argparse.Namespace) -> int:
     res = c.freeze(args.jid) if args.command == "freeze" else c.thaw(args.jid)
     if args.json:
-        _print_json({"jid": format_jid(res["jid"]), "frozen": res["frozen"]})
+        _print_json({"jid": _jid_text(res["jid"]), "frozen": res["frozen"]})
     else:
-        print(f"job {format_jid(res['jid'])} {'frozen' if res['frozen'] else 'thawed'}")
+        print(f"job {_jid_text(res['jid'])} {'frozen' if res['frozen'] else 'thawed'}")
     return EXIT_OK
 
 
@@ -406,7 +411,8 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
     lines = [
         f"elsad      {st.get('version')} (protocol {st.get('protocol')}), pid {st.get('pid')}, "
         f"up {st.get('uptime', 0):.0f} s",
-        f"backend    {st.get('backend')}",
+        f"backend    {st.get('backend')}"
+        + (f" ({st['backend_reason']})" if st.get("backend_reason") else ""),
         f"jobs       {st.get('jobs_running')} running, {st.get('members')} member processes",
         f"events     {st.get('events')} received, lost: "
         + ", ".join(f"{k} {v}" for k, v in sorted(lost.items())),
@@ -421,8 +427,10 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
         lines.append(f"control    {control.get('connections')} connections, "
                      f"{control.get('requests')} requests, {control.get('errors')} errors, "
                      f"{control.get('denied')} denied")
-    if st.get("sources"):
-        lines.append(f"sources    {', '.join(sorted(st['sources']))}")
+    srcs = {k: v for k, v in (st.get("sources") or {}).items() if k != "aggregator"}
+    lines.append("sources    " + (", ".join(
+        f"{k} (failed: {v['error']})" if isinstance(v, dict) and v.get("error") else k
+        for k, v in sorted(srcs.items())) or "none: no accounting source runs, jobs get no usage"))
     print("\n".join(lines))
     return EXIT_OK
 
@@ -447,7 +455,7 @@ def do_run(args: argparse.Namespace, socket_path: str) -> int:
         _error(f"run: could not join a job, {argv[0]} not started: {_message(exc)}")
         return EXIT_RUN_FAILED
     # The connection is closed (and close-on-exec anyway): CMD inherits nothing of ours.
-    os.environ["ELSA_JID"] = format_jid(jid)
+    os.environ["ELSA_JID"] = _jid_text(jid)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -1,4 +1,4 @@
-"""structlog configured once per entry point (GUIDE §3.12).
+"""structlog configured once per entry point.
 
 JSON lines when stdout is not a terminal (journald, files, pipes), the console
 renderer when it is. No self-daemonizing and no PID file: systemd runs us.

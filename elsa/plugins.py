@@ -98,7 +98,7 @@ class PluginHost:
                 res = impl.function(*(kwargs[a] for a in impl.argnames))
             except Exception as exc:
                 self.failures[impl.plugin_name] = self.failures.get(impl.plugin_name, 0) + 1
-                log.error("plugin hook raised; isolated", plugin=impl.plugin_name,
+                log.exception("plugin hook raised; isolated", plugin=impl.plugin_name,
                           hook=hook_name, error=f"{type(exc).__name__}: {exc}")
                 continue
             if res is not None:

@@ -155,9 +155,23 @@ def get_int(req: Dict[str, Any], key: str, *, required: bool = True, minimum: in
 
 
 def get_jid(req: Dict[str, Any]) -> int:
-    value = get_int(req, "jid", minimum=1)
-    assert value is not None
-    return value
+    """The job id of a request: the hex string (``0x0035969e00000402``) as every
+    reply carries it (docs/jobid.md); a JSON integer is accepted too."""
+    from elsa.core.model import parse_jid
+
+    value = req.get("jid")
+    if value is None:
+        raise ProtocolError("'jid' is required")
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ProtocolError("'jid' must be a job id string like 0x0035969e00000402, "
+                            f"got {kind(value)}")
+    if isinstance(value, str) and (len(value) > 40 or not value.lower().startswith("0x")):
+        raise ProtocolError("'jid' must be a hex job id like 0x0035969e00000402, "
+                            f"got {value[:40]!r}")
+    try:
+        return parse_jid(value)
+    except ValueError as exc:
+        raise ProtocolError(f"'jid': {exc}") from exc
 
 
 def get_str(req: Dict[str, Any], key: str, default: str = "", max_len: int = 256) -> str:

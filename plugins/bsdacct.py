@@ -6,7 +6,7 @@ Two modes (``[sources.bsdacct] mode``):
   ``<state_dir>/pacct/`` with acct(2), follows it, and rotates it when it
   reaches ``rotate_size`` bytes: a new file is created, acct(2) switches to it
   (the kernel writes each record under the accounting lock, so after acct()
-  returns nothing more goes to the old file — kernel/acct.c), and the old
+  returns nothing more goes to the old file — docs/kernel.md), and the old
   file is read to its end before it is deleted. On stop, accounting is
   switched back to the file that was active before (if one of
   ``probe_files`` was growing) or off — but only if elsad switched it on.
@@ -242,4 +242,5 @@ def _unlink(path: str) -> None:
 def elsa_sources() -> List[SourceSpec]:
     return [SourceSpec(name=NAME, factory=BsdAcctSource, options=OPTIONS,
                        description="BSD process accounting (acct v3 pacct files): managed or"
-                                   " external file, followed with persisted offsets.")]
+                                   " external file, followed with persisted offsets.",
+                       priority=30)]

@@ -5,9 +5,8 @@ job's params (key ``cgroup_path``: absolute, or relative to the cgroup2
 mount), reads ``cpu.stat`` and, where the controllers are enabled,
 ``memory.peak``, ``memory.stat``, ``memory.events``, ``io.stat`` and
 ``pids.peak`` every ``interval`` seconds, and once more in ``job_ending``,
-before the backend removes the cgroup (read final counters first: the
-kernel frees them with the cgroup — GUIDE, systemd's lost-final-counters
-complaints).
+before the backend removes the cgroup (the kernel frees the counters with the
+cgroup: docs/kernel.md, "cgroup v2").
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from elsa import hookimpl
 from elsa.config import Option, positive
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
-from elsa.errors import ElsaError, ProcessGone
+from elsa.errors import CgroupGone, ElsaError
 from elsa.kernel import cgroupstats
 from elsa.kernel.cgroupfs import CgroupFS
 from elsa.logsetup import structlog
@@ -68,7 +67,7 @@ class CgroupStatSource(Source):
             return
         try:
             st = cgroupstats.read_stats(d)
-        except ProcessGone:
+        except CgroupGone:
             return  # removed already: the last reading stands
         except ElsaError as exc:
             self.errors += 1
@@ -94,4 +93,5 @@ class CgroupStatSource(Source):
 def elsa_sources() -> List[SourceSpec]:
     return [SourceSpec(name=NAME, factory=CgroupStatSource, options=OPTIONS,
                        description="Job-level cgroup v2 counters (cpu.stat, memory.peak,"
-                                   " io.stat, ...) of cgroup-backed jobs.")]
+                                   " io.stat, ...) of cgroup-backed jobs.",
+                       priority=10, default_enabled=True)]

@@ -1,6 +1,6 @@
 """The ``taskstats`` source: per-task exit records over generic netlink.
 
-Registers a cpumask listener (Documentation/accounting/taskstats.rst) on a
+Registers a cpumask listener (docs/kernel.md, "taskstats") on a
 socket with a large receive buffer, folds each process's threads into one
 record (by tgid; see elsa/kernel/taskstats.py) and hands it to the aggregator.
 Records the kernel drops when the buffer overflows (ENOBUFS on the next
@@ -101,10 +101,12 @@ class TaskstatsSource(Source):
             proc = self.folder.add(taskstats.TaskRecord(*t))
             if proc is not None:
                 rows.append(proc.usage_row(NAME))
-        self._check_loss()
+        # Store what was read before flagging the loss: a failure there must
+        # not cost the records that did arrive.
         if rows:
             self.records += len(rows)
             self.ctx.emit_rows(NAME, rows)
+        self._check_loss()
 
     def _check_loss(self) -> None:
         assert self.sock is not None
@@ -152,4 +154,5 @@ class TaskstatsSource(Source):
 def elsa_sources() -> List[SourceSpec]:
     return [SourceSpec(name=NAME, factory=TaskstatsSource, options=OPTIONS,
                        description="Per-process exit statistics from the kernel's taskstats"
-                                   " netlink family (µs CPU, peak RSS, I/O bytes).")]
+                                   " netlink family (µs CPU, peak RSS, I/O bytes).",
+                       priority=20, default_enabled=True)]

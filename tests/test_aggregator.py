@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from elsa.core.aggregator import INSERT_PROC, Aggregator, best, proc_row
+from elsa.core.aggregator import INSERT_PROC, Aggregator, proc_row
 from elsa.core.source import UsageRecord
 from elsa.core.store import MIGRATIONS, _split_sql
+from elsa.core.usage import best
 from tests.support import FakeManager
 
 
@@ -114,7 +115,8 @@ def test_job_level_readings_replace_and_best_rule(db):
            for r in db.execute("SELECT source, processes, cpu_user_us, max_rss_kb, max_vm_kb "
                                "FROM job_usage WHERE jid = 4")}
     assert per["cgroupstat"]["cpu_user_us"] == 1500
-    values, chosen = best(per)
+    # The priorities are the source specs' (cgroupstat 10, taskstats 20, bsdacct 30).
+    values, chosen = best(per, {"cgroupstat": 10, "taskstats": 20, "bsdacct": 30})
     assert chosen["cpu_user_us"] == "cgroupstat" and values["cpu_user_us"] == 1500
     assert chosen["processes"] == "taskstats" and values["processes"] == 1
     assert chosen["max_rss_kb"] == "taskstats" and values["max_rss_kb"] == 500

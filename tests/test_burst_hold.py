@@ -13,6 +13,7 @@ import time
 import pytest
 
 from elsa.core.burst import CHECK_INTERVAL, ENTER_RATE, QUIET_CHECKS, WATERMARK, BurstHold
+from elsa.core.model import parse_jid
 from tests.conftest import wait_for
 
 CAP = 64 << 20
@@ -214,7 +215,7 @@ def test_elsad_holds_through_a_burst_and_accounts_every_process(elsad, spawned):
     wanted = set(pids)
 
     def stored():
-        got = {pid for pid, jid in _taskstats_rows(d) if jid == job["jid"]}
+        got = {pid for pid, jid in _taskstats_rows(d) if jid == parse_jid(job["jid"])}
         return wanted <= got
 
     wait_for(stored, 30, interval=0.2, what="every child's taskstats row, in the job")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from elsa.client import RequestFailed
+from elsa.core.model import parse_jid
 from elsa.kernel.cgroupfs import CgroupFS
 from elsa.testing import BackendUnderTest, Harness, pid_alive, wait_for
 
@@ -81,7 +82,7 @@ def test_placement_origin_and_released_leaf(harness: Harness, area) -> None:
     with d.client() as c:
         job = c.create(name="p", pids=[h1.pid, h2.pid])
         path = job["params"]["cgroup_path"]
-        assert path == os.path.join(base, job["jid_hex"])
+        assert path == os.path.join(base, job["jid"])
         assert v2_of(h1.pid) == path == v2_of(h2.pid)
         assert set(FS.procs(path)) == {h1.pid, h2.pid}
         # Detach puts a process back where it came from...
@@ -262,12 +263,12 @@ def test_fork_born_member_detaches_to_job_origin(harness: Harness, area) -> None
 
 # -- born inside: clone3(CLONE_INTO_CGROUP) then attach ------------------------------------
 
-_CLONE_INTO_CGROUP = 0x200000000  # include/uapi/linux/sched.h
+_CLONE_INTO_CGROUP = 0x200000000  # docs/kernel.md, "cgroup v2"
 _SYS_CLONE3 = 435  # x86_64 and the generic table alike
 
 
 class _CloneArgs(ctypes.Structure):
-    # struct clone_args (include/uapi/linux/sched.h), the first 11 u64 fields (VER2).
+    # struct clone_args, the first 11 u64 fields (CLONE_ARGS_SIZE_VER2).
     _fields_ = [(n, ctypes.c_uint64) for n in (
         "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
         "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]
@@ -312,7 +313,7 @@ def _stored_member(state_dir: str, jid: int, pid: int):
         db = sqlite3.connect(os.path.join(state_dir, "elsa.db"))
         try:
             row = db.execute("SELECT left, exit_code, detached, how FROM members "
-                             "WHERE jid = ? AND pid = ?", (jid, pid)).fetchone()
+                             "WHERE jid = ? AND pid = ?", (parse_jid(jid), pid)).fetchone()
         finally:
             db.close()
         return row if row is not None and row[0] is not None else None

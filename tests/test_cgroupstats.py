@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from elsa.errors import ProcessGone
+from elsa.errors import CgroupGone
 from elsa.kernel import cgroupstats as C
 from elsa.kernel.cgroupfs import CgroupFS
 
@@ -53,7 +53,7 @@ def test_missing_controller_files_are_reported_not_fatal(tmp_path):
 
 
 def test_removed_cgroup_is_gone(tmp_path):
-    with pytest.raises(ProcessGone):
+    with pytest.raises(CgroupGone):
         C.read_stats(str(tmp_path / "nope"))
 
 

@@ -18,7 +18,7 @@ def write(tmp_path, text):
 
 def test_defaults_without_file():
     cfg = config.load(None)
-    assert cfg.backend == "cnproc"
+    assert cfg.backend == "auto"
     assert cfg.socket == "/run/elsa/elsad.sock"
     assert cfg.state_dir == "/var/lib/elsa"
     assert cfg.limits["max_request_bytes"] == 65536
@@ -76,7 +76,7 @@ def test_example_config_parses_back():
     lines = [ln[1:] if ln.startswith("#") and " = " in ln else ln for ln in text.splitlines()]
     data = config.tomllib.loads("\n".join(lines))
     cfg = config.parse(data, "<example>")
-    assert cfg.backend == "cnproc"
+    assert cfg.backend == "auto"
 
 
 @pytest.mark.parametrize("text, expected", [

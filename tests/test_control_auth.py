@@ -200,7 +200,7 @@ def test_users_manage_only_their_own(shared_dir, elsad, spawned, accounts):
         else:
             assert out["code"] == "permission-denied", (what, out)
     # The same through the CLI: exit code 4, one line on stderr.
-    cli_forbidden = [("kill", f"{job_b:#x}", "--signal", "KILL"), ("end", f"{job_r:#x}"),
+    cli_forbidden = [("kill", job_b, "--signal", "KILL"), ("end", job_r),
                      ("attach", str(job_b), str(pa2.pid)), ("detach", str(pb1.pid))]
     for argv in cli_forbidden:
         out = as_user(a, cli_as(sock, *argv))
@@ -228,7 +228,7 @@ def test_users_manage_only_their_own(shared_dir, elsad, spawned, accounts):
     # What A may do with its own processes and jobs.
     assert as_user(a, attempt(sock, "attach", jid=job_a, pids=[pa2.pid]))["ok"]
     assert as_user(a, attempt(sock, "detach", pids=[pa2.pid]))["ok"]
-    assert as_user(a, cli_as(sock, "attach", f"{job_a:#x}", str(pa3.pid)))["rc"] == 0
+    assert as_user(a, cli_as(sock, "attach", job_a, str(pa3.pid)))["rc"] == 0
     own = as_user(a, attempt(sock, "kill", jid=job_a, signal="KILL"))["ok"]
     assert own["signalled"] == 2 and own["skipped"] == 0
     wait_for(lambda: not pid_alive(pa1.pid) and not pid_alive(pa3.pid), what="A's members")

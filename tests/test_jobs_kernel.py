@@ -16,6 +16,7 @@ import time
 import pytest
 
 from elsa.client import RequestFailed
+from elsa.core.model import parse_jid
 from tests.conftest import pid_alive, wait_for
 from tests.tree import Tree, live_descendants
 
@@ -40,7 +41,7 @@ def member_rows(d, jid):
     db = sqlite3.connect(os.path.join(d.state_dir, "elsa.db"))
     try:
         return db.execute("SELECT pid, left, exit_code, how FROM members WHERE jid = ?",
-                          (jid,)).fetchall()
+                          (parse_jid(jid),)).fetchall()
     finally:
         db.close()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from elsa.core.aggregator import Aggregator
+from elsa.core.model import parse_jid
 from elsa.core.source import UsageRecord, record_row, row_record
 from elsa.kernel import pacct
 from elsa.kernel import taskstats as T
@@ -166,9 +167,9 @@ def test_member_detached_and_outsider_records_attributed_at_once(elsad, spawned)
         p.wait()
     for p in (member, detached, outsider):
         wait_for(lambda p=p: _rows(db_path, p.pid), 10, what=f"taskstats row of {p.pid}")
-    assert _rows(db_path, member.pid) == [("taskstats", job["jid"])]
+    assert _rows(db_path, member.pid) == [("taskstats", parse_jid(job["jid"]))]
     # Left the job alive: still that job's usage (as the stored history has it).
-    assert _rows(db_path, detached.pid) == [("taskstats", job["jid"])]
+    assert _rows(db_path, detached.pid) == [("taskstats", parse_jid(job["jid"]))]
     assert _rows(db_path, outsider.pid) == [("taskstats", None)]
     agg = d.call("status")["sources"]["aggregator"]
     assert agg["settled"] >= 1, agg  # the outsider was not held for 2 s

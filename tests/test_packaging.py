@@ -164,7 +164,7 @@ def test_packaged_elsad_version_and_jobmng_help(deb_root):
 
 # -- the unit's sandbox, emulated ----------------------------------------------------------
 
-# PR_SET_MDWE (kernel >= 6.3, include/uapi/linux/prctl.h) refuses writable+executable
+# PR_SET_MDWE (prctl 65, kernel >= 6.3) refuses writable+executable
 # mappings like systemd's MemoryDenyWriteExecute= seccomp filter; it survives execve.
 _MDWE_EXEC = ("import ctypes, os, sys\n"
               "libc = ctypes.CDLL(None, use_errno=True)\n"
@@ -172,7 +172,7 @@ _MDWE_EXEC = ("import ctypes, os, sys\n"
               "    sys.exit('PR_SET_MDWE failed: errno %d' % ctypes.get_errno())\n"
               "os.execv(sys.argv[1], sys.argv[1:])\n")
 
-# include/uapi/linux/capability.h
+# Capability numbers (docs/kernel.md, "Sockets and credentials").
 _CAP_BITS = {"CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_NET_ADMIN": 12, "CAP_SYS_PACCT": 20,
              "CAP_SYS_NICE": 23}
 

@@ -105,3 +105,26 @@ def test_a_benchmark_that_overruns_is_stopped_and_cleans_up(run_all, tmp_path, c
     assert marker.exists()
     assert "[1] hang: timed out after 0.5 s" in out
     assert "good one" in out  # the next benchmark still ran
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test",
+                                                  ROOT / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_default_run_fits_run_alls_per_benchmark_limit():
+    """The overhead benchmark starts no round after its budget: with the longest
+    round seen on a busy 2-core machine (15 s for three pairs with elsad restarts,
+    plus the warm-up and the last round's catch-up) it ends before run_all's
+    per-benchmark limit kills it."""
+    overhead = _module("bench_overhead")
+    run_all = _module("run_all")
+    longest_round_s = 15.0
+    worst = overhead.BUDGET_S + 2 * longest_round_s  # the round running at the budget + warm-up
+    assert worst < run_all.DEFAULT_TIMEOUT_S
+    import inspect
+
+    assert inspect.signature(overhead.run).parameters["budget"].default == overhead.BUDGET_S

@@ -12,6 +12,7 @@ from elsa.kernel import pacct
 from elsa.report.cli import main, parse_time
 
 T0 = 1_700_000_000  # an hour boundary minus 800 s: windows cut through hours
+BOOT = T0 - 5000  # when the members' boot began
 
 
 def _records():
@@ -35,9 +36,12 @@ def store(tmp_path):
     db = sqlite3.connect(db_path)
     db.execute("INSERT INTO jobs VALUES (42, 'build', 1000, '{}', ?, ?, 'ended', 'cnproc', "
                "'{}', 1)", (T0, T0 + 700))
+    # Identity as elsad stores it: start ticks since the boot, whose start it records.
+    db.execute("INSERT INTO meta VALUES ('boot_epoch:boot', ?)", (str(BOOT),))
     for i in range(10):
         db.execute("INSERT INTO members VALUES ('boot', ?, ?, 42, ?, ?, 0, 'fork', 0)",
-                   (20_000 + i, 100 + i, T0 + i * 60 + 0.3, T0 + i * 60 + 2))
+                   (20_000 + i, (T0 + i * 60 - BOOT) * 100 + 30, T0 + i * 60 + 0.3,
+                    T0 + i * 60 + 2))
     db.commit()
     db.close()
     return db_path, f
@@ -106,7 +110,7 @@ def test_job_json_has_the_issue_keys(store, capsys, tmp_path):
     assert main(["import-acct", "--db", db_path, str(g)]) == 0
     capsys.readouterr()
     job = _json(capsys, ["job", "0x2a", "--json", "--db", db_path])
-    assert job["jid"] == 42
+    assert job["jid"] == "0x000000000000002a"
     for k in ("processes", "cpu_user_us", "cpu_system_us", "max_rss_kb", "read_bytes",
               "write_bytes", "sources"):
         assert k in job["usage"]
@@ -115,11 +119,11 @@ def test_job_json_has_the_issue_keys(store, capsys, tmp_path):
     assert "bsdacct" in job["usage"]["sources"]
     assert {p["pid"] for p in job["processes"]} == {r.pid for r in recs}
     rows = _json(capsys, ["summary", "--by", "job", "--json", "--db", db_path])
-    assert rows[0]["jid"] == 42 and rows[0]["processes"] == 10
+    assert rows[0]["jid"] == "0x000000000000002a" and rows[0]["processes"] == 10
     for k in ("cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss_kb"):
         assert k in rows[0]
     jobs = _json(capsys, ["jobs", "--json", "--db", db_path])
-    assert jobs[0]["jid"] == 42 and jobs[0]["usage"]["processes"] == 10
+    assert jobs[0]["jid"] == "0x000000000000002a" and jobs[0]["usage"]["processes"] == 10
 
 
 def test_table_and_csv_output(store, capsys):

@@ -28,7 +28,8 @@ def test_daemon_tracks_child_of_member(elsad, spawned):
 def test_event_storm_cannot_starve_the_loop(monkeypatch):
     """A drain that always finds a full batch (a storm that never lets the
     socket empty) still returns to the loop after a bounded number of batches."""
-    from elsa.core import daemon as daemon_mod
+    from elsa.core import events as events_mod
+    from elsa.core.priority import Priority
 
     class Conn:
         calls = 0
@@ -37,10 +38,13 @@ def test_event_storm_cannot_starve_the_loop(monkeypatch):
             Conn.calls += 1
             return limit  # always full
 
-    d = daemon_mod.Daemon.__new__(daemon_mod.Daemon)
-    d.connector = Conn()
-    d.manager = object()
-    d._loss_since = None
-    d._sink = lambda: None
-    d._on_netlink()  # returns instead of looping forever
-    assert Conn.calls == daemon_mod.DRAIN_BATCHES
+    class Manager:
+        def on_fork(self, *args):
+            pass
+
+        def on_exit(self, *args):
+            pass
+
+    ev = events_mod.ProcEvents(Conn(), Manager(), hold=None, priority=Priority(0))
+    assert ev.drain() is False  # returns instead of looping forever
+    assert Conn.calls == events_mod.DRAIN_BATCHES

@@ -1,6 +1,6 @@
 """The ``cgroup2`` backend: one cgroup v2 per job; the kernel keeps children in.
 
-Layout (Documentation/admin-guide/cgroup-v2.rst)::
+Layout (the kernel's rules: docs/kernel.md, "cgroup v2")::
 
     <base>/                 controllers that exist enabled in subtree_control
     <base>/<jid>/           one leaf per job (jid as 0x%016x), params["cgroup_path"]
@@ -35,7 +35,7 @@ from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.backends.cgroup2")
 
-#: Controllers enabled for job cgroups when they exist (cgroup-v2.rst "Controllers").
+#: Controllers enabled for job cgroups when they exist.
 DEFAULT_CONTROLLERS = ["cpu", "memory", "io", "pids"]
 RELEASED = "released"
 DAEMON_LEAF = "daemon"
@@ -194,7 +194,7 @@ class Cgroup2Backend(Backend):
         self.base, self.delegated = self._choose_base(str(opts.get("base", "")),
                                                       str(opts.get("delegation", "auto")))
         if self.delegated:
-            # "No internal processes" (cgroup-v2.rst): the daemon leaves its cgroup for a
+            # "No internal processes" (docs/kernel.md): the daemon leaves its cgroup for a
             # leaf before controllers are enabled for the job cgroups beside it.
             leaf = os.path.join(self.base, DAEMON_LEAF)
             fs.mkdir(leaf)
@@ -314,7 +314,7 @@ class Cgroup2Backend(Backend):
         assert self.origins is not None
         cur = self._cgroup_of(proc.pid)
         if cur == os.path.normpath(path):
-            # Born inside (clone3 CLONE_INTO_CGROUP, cgroup-v2.rst) or already
+            # Born inside (clone3 CLONE_INTO_CGROUP) or already
             # moved: a write to cgroup.procs would only take the threadgroup
             # rwsem for writing to move nothing. Its origin is the job's.
             self.origins.record(job.jid, proc.ident, self.origins.get(proc.ident) or {})
@@ -376,7 +376,7 @@ class Cgroup2Backend(Backend):
             return signal_each(wanted & members, sig)
         if sig == signal_mod.SIGKILL and self.fs.has_kill(path):
             # cgroup.kill (Linux 5.14) kills the whole subtree atomically, even
-            # processes forked while it runs (cgroup-v2.rst).
+            # processes forked while it runs.
             self.fs.kill(path)
         else:
             self._signal_frozen(job, path, sig)
@@ -447,7 +447,7 @@ class Cgroup2Backend(Backend):
         except ElsaError:
             return False
         # rmdir dropped the inotify watch (IN_IGNORED follows); inotify_rm_watch
-        # would only wait for an SRCU grace period (fs/notify/mark.c) for nothing.
+        # would only wait for an SRCU grace period for nothing.
         if self.watcher is not None:
             self.watcher.forget(jid)
         self.pending.pop(jid, None)
@@ -460,9 +460,8 @@ class Cgroup2Backend(Backend):
             self._remove_tree(path)
         except ElsaError as exc:
             # The last member's exit event does not prove the cgroup empty: the
-            # event is sent when the group leader exits (kernel/exit.c do_exit,
-            # cgroup_exit then exit_notify then proc_exit_connector), while other
-            # threads of the process may still be in the cgroup. rmdir then sees
+            # event is sent when the group leader exits, while other threads of
+            # the process may still be in the cgroup (docs/kernel.md). rmdir then sees
             # EBUSY; retried when cgroup.events says populated 0.
             log.debug("job cgroup busy; removal deferred", path=path, error=exc.message)
             if jid not in self.pending:

@@ -5,12 +5,12 @@ Grouping, membership, kill, freeze and recovery are the ``cgroup2`` backend's
 
 * the **v2 cpuset controller** when it is available to the base cgroup
   (``cpuset`` in its ``cgroup.controllers``): ``cpuset.cpus``/``cpuset.mems``
-  in the job's own cgroup (cgroup-v2.rst "Cpuset");
+  in the job's own cgroup;
 * else the **v1 cpuset hierarchy** (hybrid hosts, like this one: the
   controller is bound to ``/sys/fs/cgroup/cpuset``): a twin directory
   ``<v1 base>/<jid>`` whose ``cpuset.cpus`` and ``cpuset.mems`` are written
-  before any task joins (cgroup-v1/cpusets.rst: a cpuset without them refuses
-  tasks with ENOSPC); attach moves the process into both.
+  before any task joins (a cpuset without them refuses tasks with ENOSPC:
+  docs/kernel.md, "cpuset"); attach moves the process into both.
 
 Job parameters ``cpus`` and ``mems`` (``elsa-jobmng create --cpus 0-1 --mems 0``)
 default to the ``[backends.cpuset]`` options; lists outside the parent's

@@ -5,9 +5,9 @@ which builds the :class:`~elsa.core.aggregator.Aggregator`, validates each
 enabled source's ``[sources.<name>]`` table, starts the source and wires it
 into the event loop:
 
-* ``daemon.add_reader(source.fileno(), source.on_readable)`` when the source
+* ``loop.add_reader(source.fileno(), source.on_readable)`` when the source
   has a descriptor (taskstats' netlink socket);
-* ``daemon.add_timer(source.interval, source.poll)`` when it polls (pacct
+* ``loop.add_timer(source.interval, source.poll)`` when it polls (pacct
   follower, cgroup readings);
 * ``manager.before_end`` gets ``source.job_ending(job)`` (final readings before
   the backend removes the job's cgroup);
@@ -17,7 +17,7 @@ into the event loop:
 All of them are *deferrable*: during a burst hold (elsa/core/burst.py) the
 sources' descriptors stay unread and their timers wait for the hold to end.
 
-A source that raises is logged with its name and isolated (GUIDE §3.6); one
+A source that raises is logged with its name and isolated; one
 that fails to start is reported in ``status`` and the daemon runs without it.
 """
 
@@ -25,20 +25,37 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
-from elsa.config import validate_table
+from elsa.config import Config, validate_table
 from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
+from elsa.core.guard import Guard, run_isolated
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
+from elsa.core.usage import priorities_of, save_boot_epoch, save_priorities
 from elsa.errors import ElsaError
+from elsa.kernel.procfs import ProcFS, boot_epoch
 from elsa.logsetup import structlog
+
+if TYPE_CHECKING:
+    from elsa.core.loop import EventLoop
+    from elsa.core.manager import JobManager
+    from elsa.core.store import Store
 
 log = structlog.get_logger("elsa.accounting")
 
-#: A reader callback that raised this many times in a row is unregistered
-#: (a broken descriptor stays readable and would spin the loop).
-MAX_CONSECUTIVE_ERRORS = 100
 RETRY_INTERVAL = 0.25
 HISTORY_MARGIN_S = 1.0
 
@@ -69,52 +86,19 @@ class Durability:
             self.marked.append((self.store.mark(), cb))
         while self.marked and self.store.is_committed(self.marked[0][0]):
             _, cb = self.marked.popleft()
-            _run(cb, "stored-callback")
+            run_isolated(cb, "stored-callback")
 
     def drain(self) -> None:
         """At stop, after the aggregator forced out its held records."""
         self.store.flush()
         for _, cb in list(self.waiting) + list(self.marked):
-            _run(cb, "stored-callback")
+            run_isolated(cb, "stored-callback")
         self.waiting.clear()
         self.marked.clear()
 
 
-def _run(cb: Callable[[], None], what: str, source: str = "") -> bool:
-    try:
-        cb()
-        return True
-    except Exception as exc:
-        log.exception("accounting callback raised; isolated", source=source, what=what,
-                      error=f"{type(exc).__name__}: {exc}")
-        return False
-
-
-class _Guard:
-    """Wraps a source callback: logs and counts failures instead of raising."""
-
-    def __init__(self, name: str, what: str, fn: Callable[[], None],
-                 on_give_up: Optional[Callable[[], None]] = None) -> None:
-        self.name, self.what, self.fn = name, what, fn
-        self.errors = 0
-        self.consecutive = 0
-        self.on_give_up = on_give_up
-
-    def __call__(self) -> None:
-        if _run(self.fn, self.what, self.name):
-            self.consecutive = 0
-            return
-        self.errors += 1
-        self.consecutive += 1
-        if self.consecutive >= MAX_CONSECUTIVE_ERRORS and self.on_give_up is not None:
-            log.error("source keeps failing; its descriptor is no longer watched",
-                      source=self.name, what=self.what)
-            self.on_give_up()
-            self.on_give_up = None
-
-
 class AccountingStop:
-    """Listed last among ``daemon.sources`` so that the daemon's stop loop,
+    """Listed last among the daemon's sources so that the daemon's stop loop,
     which stops every source before closing the store, flushes the aggregator
     (held records) and runs the pending "stored" callbacks after the real
     sources emitted their final records."""
@@ -131,13 +115,20 @@ class AccountingStop:
         return self.aggregator.status()
 
 
-def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
+def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, config: Config,
+                  manager: JobManager, store: Store, procfs: ProcFS, loop: EventLoop,
+                  settle: Callable[[], bool]
                   ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]]]:
-    """Start every enabled source; return (sources by name, status function)."""
-    cfg = daemon.config
-    manager = daemon.manager
-    store = daemon.store
+    """Start the sources *names* (elsa.core.defaults.enabled_sources); return
+    (sources by name, status function).
+
+    *settle* applies the proc-connector events queued so far (the aggregator
+    calls it before it gives up on a record's job)."""
+    cfg = config
     store.register_batch_runner(INSERT_PROC, live_bulk)
+    # For the reports and elsa import-acct: how the sources rank, when this boot began.
+    save_priorities(store.db, store.submit, priorities_of(specs))
+    save_boot_epoch(store.submit, manager.boot_id, boot_epoch())
     started_wall = time.time()
 
     def history_horizon() -> float:
@@ -145,28 +136,27 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
         # of processes that exited after max(start, now - linger); older ones
         # need the store. A record's end time (btime + elapsed) can be up to
         # 1 s late: the kernel computes btime as the current second minus the
-        # *whole* seconds elapsed (kernel/tsacct.c bacct_add_tsk, kernel/acct.c
-        # fill_ac), so end = floor(exit) + frac(elapsed). HISTORY_MARGIN_S
+        # *whole* seconds elapsed (docs/kernel.md, "taskstats" and "BSD
+        # accounting"), so end = floor(exit) + frac(elapsed). HISTORY_MARGIN_S
         # covers that, so end >= horizon implies memory saw the exit.
         return max(started_wall, time.time() - manager.exited_linger) + HISTORY_MARGIN_S
 
     aggregator = Aggregator(store.submit, manager.resolve,
                             history=history_lookup(store.db, manager.boot_id),
                             submit_many=store.submit_many,
-                            settle=getattr(daemon, "settle_events", None),
+                            settle=settle,
                             history_horizon=history_horizon)
     durability = Durability(store, aggregator.hold_seconds)
     started: Dict[str, Any] = {}
     failed: Dict[str, str] = {}
-    guards: Dict[str, List[_Guard]] = {}
+    guards: Dict[str, List[Guard]] = {}
 
     def affected_jobs() -> Set[int]:
         jids = {j.jid for j in manager.running()}
-        for recs in getattr(manager, "exited", {}).values():
-            jids.update(r.jid for r in recs)
+        jids.update(manager.exited.jids())
         return jids
 
-    for name in cfg.sources:
+    for name in names:
         spec = specs[name]
         try:
             options = validate_table(cfg.source_table(name), spec.options,
@@ -177,7 +167,7 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
                 jids = affected_jobs() if jid is None else {jid}
                 aggregator.flag_incomplete(sorted(jids), _name, why)
 
-            ctx = SourceContext(options=options, procfs=daemon.procfs,
+            ctx = SourceContext(options=options, procfs=procfs,
                                 state_dir=cfg.state_dir, emit=aggregator.add,
                                 emit_rows=aggregator.add_rows,
                                 jobs=lambda: manager.running(), flag_incomplete=flag,
@@ -198,19 +188,19 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
         guards[name] = []
         fd = src.fileno()
         if fd is not None:
-            g = _Guard(name, "on_readable", src.on_readable,
-                       on_give_up=lambda fd=fd: daemon.remove_reader(fd))
+            g = Guard(name, "on_readable", src.on_readable,
+                      on_give_up=lambda fd=fd: loop.remove_reader(fd))
             guards[name].append(g)
-            daemon.add_reader(fd, g, deferrable=True)
+            loop.add_reader(fd, g, deferrable=True)
         if src.interval:
-            g = _Guard(name, "poll", src.poll)
+            g = Guard(name, "poll", src.poll)
             guards[name].append(g)
-            daemon.add_timer(float(src.interval), g, f"source-{name}", deferrable=True)
+            loop.add_timer(float(src.interval), g, f"source-{name}", deferrable=True)
         log.info("accounting source started", source=name)
 
     def job_ending(job: Job) -> None:
         for name, src in started.items():
-            _run(lambda src=src: src.job_ending(job), "job_ending", name)
+            run_isolated(lambda src=src: src.job_ending(job), "job_ending", name)
         aggregator.job_ending(job)
 
     manager.before_end.append(job_ending)
@@ -219,7 +209,7 @@ def start_sources(daemon: Any, specs: Mapping[str, SourceSpec]
         aggregator.retry()
         durability.tick()
 
-    daemon.add_timer(RETRY_INTERVAL, tick, "accounting-retry", deferrable=True)
+    loop.add_timer(RETRY_INTERVAL, tick, "accounting-retry", deferrable=True)
     sources: Dict[str, Any] = dict(started)
     sources["accounting"] = AccountingStop(aggregator, durability)
 

@@ -11,22 +11,16 @@ retried after later events were processed (its fork event may still be queued
 on the netlink socket); then the persisted membership history is consulted,
 and only then is it stored as "no job" (most processes on a host are in none).
 
-Start-time tolerance: taskstats gives the start to the delivery latency
-(``start_ticks`` from etime), matched within ``TASKSTATS_TOLERANCE_TICKS``;
-pacct's ``ac_btime`` is whole seconds computed as exit time minus elapsed
-(kernel/acct.c fill_ac), so it is off by up to 1 s either way, matched within
-``ACCT_TOLERANCE_S``. A pid cannot come back within 2 s without the kernel
-cycling through pid_max other pids first.
+Attribution follows the one rule of :mod:`elsa.core.usage` (same boot, pid
+and start time within the source's tolerance, :func:`~elsa.core.usage.identity`).
 
 Writes go through :meth:`elsa.core.store.Store.submit` (the batching writer
 thread), so the event path never waits on disk. Per-job and per-hour
 aggregates are maintained by triggers in the store (migration 2) for rows
 really inserted, so a record read twice after a crash is never counted twice.
 
-The "best" figure per metric (:func:`best`): where sources overlap, cgroup >
-taskstats > acct. cgroup counters are kept by the kernel for the whole job,
-including processes whose records were lost; taskstats is exact per task and
-measured in µs; acct rounds to 10 ms ticks and comp_t's 13-bit mantissa.
+Which source's figure is "best" where sources overlap is the usage model's
+rule too (:func:`elsa.core.usage.best`, by each source spec's priority).
 """
 
 from __future__ import annotations
@@ -35,22 +29,15 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from elsa.core.model import CLOCK_TICKS, Job
-from elsa.core.source import ROW_FIELDS, UsageRecord, record_row
+from elsa.core import usage
+from elsa.core.model import Job
+from elsa.core.usage import HISTORY_SQL, ROW_FIELDS, UsageRecord, identity, record_row
 from elsa.kernel.procfs import boot_epoch
 
-#: Source priority for the "best" figure (lower wins); unknown sources come last.
-PRIORITY: Dict[str, int] = {"cgroupstat": 0, "taskstats": 1, "bsdacct": 2}
-UNKNOWN_PRIORITY = 9
-
-#: Job metrics, with how per-process values combine into the job's.
-SUM_METRICS = ("cpu_user_us", "cpu_system_us", "elapsed_us", "read_bytes", "write_bytes",
-               "read_chars", "write_chars", "minflt", "majflt", "nvcsw", "nivcsw",
-               "coremem_kb_us", "virtmem_kb_us")
-MAX_METRICS = ("max_rss_kb", "max_vm_kb")
-METRICS = ("processes",) + SUM_METRICS + MAX_METRICS
+#: Row fields the aggregator reads (ROW_FIELDS positions).
+_JID, _PID, _END = usage.JID, usage.PID, usage.END
 
 #: Process-level columns of proc_usage, in insert order (a usage row).
 PROC_COLUMNS = ROW_FIELDS
@@ -74,44 +61,14 @@ FLAG_INCOMPLETE = (
     "WHEN instr(job_usage.incomplete, excluded.incomplete) > 0 THEN job_usage.incomplete "
     "ELSE job_usage.incomplete || '; ' || excluded.incomplete END")
 
-TASKSTATS_TOLERANCE_TICKS = 50   # 0.5 s of delivery latency
-ACCT_TOLERANCE_S = 2.0
 #: Records of processes that ended longer ago than this are not held.
 STALE_SECONDS = 30.0
-
-
-def priority(source: str) -> int:
-    return PRIORITY.get(source, UNKNOWN_PRIORITY)
-
-
-def best(per_source: Mapping[str, Mapping[str, Any]]) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """The best figure of each metric and the source it came from.
-
-    *per_source* maps a source name to its job totals (metric -> value, ``None``
-    when the source does not measure it). The highest-priority source with a
-    value wins, per metric: cgroup > taskstats > acct.
-    """
-    values: Dict[str, Any] = {}
-    chosen: Dict[str, str] = {}
-    order = sorted(per_source, key=lambda s: (priority(s), s))
-    for metric in METRICS:
-        for src in order:
-            v = per_source[src].get(metric)
-            if v is not None:
-                values[metric] = v
-                chosen[metric] = src
-                break
-        else:
-            values[metric] = None
-    return values, chosen
 
 
 #: The proc_usage row of a per-process record.
 proc_row = record_row
 
 
-#: Row fields the aggregator reads (PROC_COLUMNS positions).
-_SRC, _JID, _PID, _START_TICKS, _START_TIME, _END = 0, 1, 2, 3, 4, 5
 
 
 
@@ -143,7 +100,7 @@ class Aggregator:
     :class:`UsageRecord` values to :meth:`add`, which converts them with
     :func:`proc_row`.
 
-    *settle*, when given (the daemon's ``settle_events``), applies every proc
+    *settle*, when given (:meth:`elsa.core.events.ProcEvents.settle`), applies every proc
     connector event queued so far and returns True when that left nothing
     unknown: the socket was emptied, no loss is pending and no sequence hole
     is open. A process's fork event is queued before it can exit, so after a
@@ -201,13 +158,7 @@ class Aggregator:
 
     def _start_of(self, row: Sequence[Any], boot: float) -> Tuple[Optional[int], int]:
         """Identity of a row: (start ticks, tolerance), as each source knows it."""
-        st = row[_START_TICKS]
-        if st is not None:
-            return st, TASKSTATS_TOLERANCE_TICKS
-        t = row[_START_TIME]
-        if t is not None:
-            return int(round((t - boot) * CLOCK_TICKS)), int(ACCT_TOLERANCE_S * CLOCK_TICKS)
-        return None, 0
+        return identity(row, boot)
 
     def _resolve_row(self, row: Sequence[Any], boot: float) -> Optional[int]:
         start, tol = self._start_of(row, boot)
@@ -355,8 +306,8 @@ class Aggregator:
 _ROLLUP_FROM = """
     INSERT INTO usage_rollup
     SELECT CAST(end_time / 3600 AS INTEGER),
-           CASE source WHEN 'taskstats' THEN 1 WHEN 'bsdacct' THEN 2 ELSE 9 END,
-           source, COALESCE(uid, -1), comm, COUNT(*),
+           -- prio: not read; reports rank sources by their specs' priority (elsa.core.usage)
+           0, source, COALESCE(uid, -1), comm, COUNT(*),
            SUM(COALESCE(cpu_user_us, 0)), SUM(COALESCE(cpu_system_us, 0)),
            SUM(COALESCE(elapsed_us, 0)), MAX(max_rss_kb),
            SUM(COALESCE(max_rss_kb, max_vm_kb, 0)),
@@ -470,9 +421,7 @@ def history_lookup(db: sqlite3.Connection, boot_id: str) -> Callable[[int, int, 
                                                                      Optional[int]]:
     """A resolver over the persisted membership history of boot *boot_id*."""
     def lookup(pid: int, start_ticks: int, tol: int) -> Optional[int]:
-        row = db.execute(
-            "SELECT jid FROM members WHERE boot_id = ? AND pid = ? AND start_ticks BETWEEN ? AND ? "
-            "ORDER BY abs(start_ticks - ?) LIMIT 1",
-            (boot_id, pid, start_ticks - tol, start_ticks + tol, start_ticks)).fetchone()
+        row = db.execute(HISTORY_SQL, (boot_id, pid, start_ticks - tol, start_ticks + tol,
+                                       start_ticks)).fetchone()
         return row[0] if row else None
     return lookup

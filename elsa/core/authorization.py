@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("elsa.control")
 
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid (socket(7) SO_PEERCRED)
-# SO_PEERGROUPS (Linux 4.13, include/uapi/asm-generic/socket.h); Python has no
-# constant for it. The peer's supplementary groups as of connect(), race-free,
+# SO_PEERGROUPS (Linux 4.13; docs/kernel.md, "Sockets and credentials"); Python
+# has no constant for it. The peer's supplementary groups as of connect(), race-free,
 # and without an NSS lookup on the event thread.
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _GID = struct.Struct("=I")

@@ -12,8 +12,7 @@ afterwards, the same run was 3 % slower than without elsad: the kernel's own
 cost of the three interfaces. The kernel buffers what elsad has not read yet
 (the proc connector's ``netlink_rcvbuf``, the taskstats socket's ``rcvbuf``,
 the pacct file), so a burst can wait there: 10,000 forks and exits queue
-17 MB of socket buffer (832 bytes per proc-connector message, measured with
-SO_MEMINFO on kernel 6.18).
+17 MB of socket buffer (docs/kernel.md, "cn_proc").
 
 What. After a drain of the proc connector the daemon asks :meth:`BurstHold.wants`
 whether events arrive faster than ``rate`` per second. If so it *holds*: it
@@ -50,7 +49,7 @@ QUIET_CHECKS = 3
 #: Fraction of the socket's capacity that ends a hold.
 WATERMARK = 0.5
 #: The kernel's charge per queued proc-connector message before any is
-#: measured (skb truesize: 832 bytes on x86-64, kernel 6.18).
+#: measured (docs/kernel.md, "cn_proc").
 BYTES_PER_EVENT = 832
 
 REASONS = ("quiet", "watermark", "max", "waiter", "stop")

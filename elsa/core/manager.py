@@ -39,6 +39,7 @@ from elsa.core.model import (
     Job,
     ProcessId,
     ProcessInfo,
+    format_jid,
 )
 from elsa.core.pidindex import PidIndex
 from elsa.core.store import Store
@@ -176,6 +177,17 @@ class ExitHistory:
                     return jid
         return None
 
+    def jids(self) -> Set[int]:
+        """Jobs with a member that exited within the linger (records may still come)."""
+        out: Set[int] = set()
+        for _, gen in self.generations:
+            for entry in gen.values():
+                if isinstance(entry, list):
+                    out.update(jid for jid, _ in entry)
+                else:
+                    out.add(entry[0])
+        return out
+
     def expire(self) -> None:
         horizon = self.clock() - self.linger
         gens = self.generations
@@ -247,7 +259,7 @@ class JobManager:
             return state.snapshot()
         stored = self.store.job(jid)
         if stored is None:
-            raise JobNotFound(f"no job {jid:#x}; list jobs with 'elsa-jobmng list --all'")
+            raise JobNotFound(f"no job {format_jid(jid)}; list jobs with 'elsa-jobmng list --all'")
         return stored
 
     def running(self, with_pids: bool = False) -> List[Job]:
@@ -315,7 +327,7 @@ class JobManager:
             # (the control server passes durable=False: it holds its reply
             # until the store reports the commit, without blocking the loop)
             self.store.flush()
-        log.info("job created", jid=f"{jid:#x}", name=name, owner_uid=owner_uid)
+        log.info("job created", jid=format_jid(jid), name=name, owner_uid=owner_uid)
         if self.hooks:
             self.hooks.job_created(job)
         return job
@@ -324,8 +336,8 @@ class JobManager:
         state = self.jobs.get(jid)
         if state is None:
             if self.store.job(jid) is not None:
-                raise JobStateError(f"job {jid:#x} has ended; create a new job")
-            raise JobNotFound(f"no job {jid:#x}; list jobs with 'elsa-jobmng list'")
+                raise JobStateError(f"job {format_jid(jid)} has ended; create a new job")
+            raise JobNotFound(f"no job {format_jid(jid)}; list jobs with 'elsa-jobmng list'")
         return state
 
     def attach(self, jid: int, pid: int, how: str = "attach", durable: bool = True,
@@ -378,7 +390,7 @@ class JobManager:
         """*info* was already in the job's kernel object when attached.
 
         The kernel marks an exiting task a zombie (exit_notify) before it sends
-        the exit event (proc_exit_connector; kernel/exit.c do_exit), so a
+        the exit event (docs/kernel.md, "cn_proc"), so a
         process /proc shows alive has not sent its exit event yet and the event
         path will close it. A zombie's event may have been sent already
         (ignored then: the pid was no member) or may still come (it then finds
@@ -433,11 +445,11 @@ class JobManager:
             try:
                 cb(snap)
             except Exception as exc:
-                log.error("before-end callback failed", jid=f"{state.jid:#x}", error=str(exc))
+                log.error("before-end callback failed", jid=format_jid(state.jid), error=str(exc))
         try:
             self.backend.end_job(snap)
         except Exception as exc:
-            log.error("backend could not remove job", jid=f"{state.jid:#x}", error=str(exc))
+            log.error("backend could not remove job", jid=format_jid(state.jid), error=str(exc))
         state.state = JOB_ENDED
         state.ended = self.clock()
         del self.jobs[state.jid]
@@ -447,12 +459,12 @@ class JobManager:
         self._slot_jid.pop(state.members.tag >> SLOT_SHIFT, None)
         self.store.end_job(state.jid, state.ended, JOB_ENDED)
         job = state.snapshot()
-        log.info("job ended", jid=f"{state.jid:#x}", reason=reason)
+        log.info("job ended", jid=format_jid(state.jid), reason=reason)
         for cb in self.after_end:
             try:
                 cb(job)
             except Exception as exc:
-                log.error("after-end callback failed", jid=f"{state.jid:#x}", error=str(exc))
+                log.error("after-end callback failed", jid=format_jid(state.jid), error=str(exc))
         if self.hooks:
             self.hooks.job_ended(job)
         return job
@@ -687,7 +699,7 @@ class JobManager:
                 created=job.created, backend=job.backend, params=dict(job.params),
                 had_members=had)
             if job.backend != self.backend.name:
-                log.warning("job was created by another backend", jid=f"{job.jid:#x}",
+                log.warning("job was created by another backend", jid=format_jid(job.jid),
                             job_backend=job.backend, backend=self.backend.name)
         left = self.store.left_alive(self.boot_id)
         self.detached = {(pid, start) for pid, start, _jid in left}
@@ -743,7 +755,7 @@ class JobManager:
             return
         truth = self.backend.members(state.snapshot(with_pids=False))
         if truth is None:
-            self.resync(f"job {jid:#x} emptied")
+            self.resync(f"job {format_jid(jid)} emptied")
             return
         for pid, start in list(state.members.items()):
             if pid in truth:

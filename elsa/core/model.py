@@ -7,10 +7,10 @@ taskstats, pacct, cgroupfs) convert to these types at the edge.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple, Union
 
 #: USER_HZ: the unit of /proc/PID/stat start times (clock ticks). It is 100 on
-#: every Linux architecture userspace sees (include/asm-generic/param.h).
+#: every Linux architecture userspace sees (docs/kernel.md, "procfs").
 CLOCK_TICKS = 100
 
 #: Start times taken from a cn_proc fork timestamp are estimates: the kernel
@@ -86,7 +86,7 @@ class Job:
     def to_json(self, with_pids: bool = True) -> dict:
         """The stable JSON form used by the protocol and ``--json`` output."""
         out = {
-            "jid": self.jid, "name": self.name, "owner_uid": self.owner_uid,
+            "jid": format_jid(self.jid), "name": self.name, "owner_uid": self.owner_uid,
             "state": self.state, "created": self.created, "ended": self.ended,
             "tags": dict(self.tags), "backend": self.backend, "params": dict(self.params),
         }
@@ -96,17 +96,52 @@ class Job:
 
 
 def format_jid(jid: int) -> str:
-    """Job ids are shown in hex, as CSA showed them (host id in the high half)."""
+    """The one spelling of a job id: zero-padded hex, ``0x0035969e00000402``
+    (docs/jobid.md). Commands, logs, tables, CSV, JSON and the wire protocol all
+    carry this string; JSON never carries the 64-bit integer, which JavaScript
+    and jq would round above 2^53."""
     return f"{jid:#018x}"
 
 
-def parse_jid(text: str) -> int:
-    """Accept a job id in hex (0x…) or decimal."""
-    text = text.strip()
-    try:
-        value = int(text, 16) if text.lower().startswith("0x") else int(text)
-    except ValueError:
-        raise ValueError(f"not a job id: {text!r} (expected 0x… hex or a decimal number)") from None
+def parse_jid(text: Union[str, int]) -> int:
+    """A job id from its hex string (``0x…``, padded or not) or decimal text.
+
+    An ``int`` passes through (range-checked), for callers holding a number."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a job id: {text!r}")
+    if isinstance(text, int):
+        value = text
+    else:
+        if not isinstance(text, str):
+            raise ValueError(f"not a job id: {text!r} (expected a string like 0x0035969e00000402)")
+        stripped = text.strip()
+        try:
+            value = (int(stripped, 16) if stripped.lower().startswith("0x")
+                     else int(stripped, 10))
+        except ValueError:
+            raise ValueError(f"not a job id: {text!r} (expected 0x… hex or a decimal number)"
+                             ) from None
     if not 0 < value < 2 ** 63:
         raise ValueError(f"job id out of range: {text!r}")
     return value
+
+
+def split_exit(status: Optional[int]) -> Tuple[Optional[int], Optional[int]]:
+    """(exit code, signal) of a raw wait(2) status, as sacct shows ``code:signal``.
+
+    taskstats and pacct both carry the kernel's ``task->exit_code``, which is a
+    wait status: the low 7 bits are the terminating signal, bits 8–15 the code
+    passed to exit(2). ``None`` (unknown) stays unknown."""
+    if status is None:
+        return None, None
+    sig = status & 0x7F
+    if sig:
+        return 0, sig
+    return (status >> 8) & 0xFF, 0
+
+
+def format_exit(code: Optional[int], sig: Optional[int]) -> str:
+    """``code:signal`` (``2:0`` exited 2, ``0:9`` killed by SIGKILL); ``-`` unknown."""
+    if code is None and sig is None:
+        return "-"
+    return f"{code if code is not None else 0}:{sig if sig is not None else 0}"

@@ -48,10 +48,8 @@ class WaitFor:
 
 
 def job_json(job: Job, with_pids: bool = True) -> Dict[str, Any]:
-    """The protocol's job object: Job.to_json plus ``jid_hex``."""
-    out = job.to_json(with_pids)
-    out["jid_hex"] = format_jid(job.jid)
-    return out
+    """The protocol's job object (Job.to_json: ``jid`` is the hex string)."""
+    return job.to_json(with_pids)
 
 
 Request = Dict[str, Any]
@@ -137,7 +135,7 @@ class Operations:
         for pid, info in zip(pids, infos):
             ident = self.manager.attach(jid, pid, durable=False, info=info)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
-        return {"jid": jid, "jid_hex": format_jid(jid), "attached": attached}
+        return {"jid": format_jid(jid), "attached": attached}
 
     def op_detach(self, caller: Caller, req: Request) -> Dict[str, Any]:
         pids = get_pids(req)
@@ -151,7 +149,7 @@ class Operations:
             plan.append((pid, jid))
         for pid, _jid_of_pid in plan:
             self.manager.detach(pid)
-        return {"detached": [{"pid": p, "jid": j, "jid_hex": format_jid(j)} for p, j in plan]}
+        return {"detached": [{"pid": p, "jid": format_jid(j)} for p, j in plan]}
 
     def op_jobof(self, caller: Caller, req: Request) -> Dict[str, Any]:
         pid = get_int(req, "pid", minimum=1, maximum=2 ** 31 - 1)
@@ -159,7 +157,7 @@ class Operations:
         jid = self.manager.job_of(pid)
         if jid is None:
             raise NotInJob(f"pid {pid} is not in any job")
-        return {"pid": pid, "jid": jid, "jid_hex": format_jid(jid)}
+        return {"pid": pid, "jid": format_jid(jid)}
 
     def op_list(self, caller: Caller, req: Request) -> List[Dict[str, Any]]:
         include_ended = req.get("all", False)
@@ -175,7 +173,7 @@ class Operations:
         if include_ended:
             running = {j["jid"] for j in out}
             for job in self.manager.stored_jobs(limit):
-                if job.jid not in running:
+                if format_jid(job.jid) not in running:
                     item = job_json(job, with_pids=False)
                     item["nprocs"] = 0
                     out.append(item)
@@ -191,7 +189,7 @@ class Operations:
         jid = get_jid(req)
         job = self.manager.job(jid)
         pids = self.manager.member_pids(jid) if job.state == JOB_RUNNING else []
-        return {"jid": jid, "jid_hex": format_jid(jid), "state": job.state, "pids": pids}
+        return {"jid": format_jid(jid), "state": job.state, "pids": pids}
 
     def op_wait(self, caller: Caller, req: Request) -> Any:
         jid = get_jid(req)
@@ -222,7 +220,7 @@ class Operations:
             # Some members changed uid (su, sudo): a backend signals the whole
             # cgroup, so signal the allowed ones one by one instead.
             sent = signal_each(allowed, sig)
-        return {"jid": jid, "jid_hex": format_jid(jid), "signal": sig, "signalled": sent,
+        return {"jid": format_jid(jid), "signal": sig, "signalled": sent,
                 "skipped": len(members) - len(allowed)}
 
     def op_end(self, caller: Caller, req: Request) -> Dict[str, Any]:
@@ -240,7 +238,7 @@ class Operations:
         jid = get_jid(req)
         self.authz.check_job(caller, self.manager.job(jid))
         self.manager.set_frozen(jid, freeze)
-        return {"jid": jid, "jid_hex": format_jid(jid), "frozen": freeze}
+        return {"jid": format_jid(jid), "frozen": freeze}
 
     def op_status(self, caller: Caller, req: Request) -> Dict[str, Any]:
         out = self.status_fn()

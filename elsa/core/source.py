@@ -9,86 +9,16 @@ block for long: read what is ready, return.
 from __future__ import annotations
 
 import abc
-import json
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 from elsa.config import Option
 from elsa.core.model import Job
+from elsa.core.usage import ROW_FIELDS, UsageRecord, UsageRow, record_row, row_record
 from elsa.kernel.procfs import ProcFS
 
-
-@dataclass(frozen=True)
-class UsageRecord:
-    """Usage of one process (or, with ``jid`` set and ``pid == 0``, one whole job)
-    as one source saw it. Units are fixed: µs, KiB, bytes, counts. ``None``
-    means the source does not measure that metric."""
-
-    source: str
-    pid: int
-    start_ticks: Optional[int] = None  # identity; None when the source cannot tell
-    jid: Optional[int] = None          # set by job-level sources (cgroupstat)
-    ppid: Optional[int] = None
-    uid: Optional[int] = None
-    gid: Optional[int] = None
-    comm: str = ""
-    start_time: Optional[float] = None  # epoch seconds
-    end_time: Optional[float] = None    # epoch seconds
-    exit_code: Optional[int] = None
-    cpu_user_us: Optional[int] = None
-    cpu_system_us: Optional[int] = None
-    elapsed_us: Optional[int] = None
-    max_rss_kb: Optional[int] = None
-    max_vm_kb: Optional[int] = None
-    read_bytes: Optional[int] = None
-    write_bytes: Optional[int] = None
-    read_chars: Optional[int] = None
-    write_chars: Optional[int] = None
-    minflt: Optional[int] = None
-    majflt: Optional[int] = None
-    nvcsw: Optional[int] = None
-    nivcsw: Optional[int] = None
-    coremem_kb_us: Optional[int] = None  # RSS integral, KiB·µs
-    virtmem_kb_us: Optional[int] = None
-    extra: Mapping[str, int] = field(default_factory=dict)
-    final: bool = True  # False for interim job-level readings that later ones supersede
-
-
-#: The per-process *usage row*: a plain tuple in this order, exactly the
-#: columns of the store's ``proc_usage`` table (``extra`` is compact JSON or
-#: None). Sources on the hot path (taskstats, bsdacct: one record per process
-#: on the machine) build rows straight from kernel bytes and hand them to
-#: :attr:`SourceContext.emit_rows`, skipping a frozen dataclass per process
-#: (issue 6: elsad's CPU per process). :class:`UsageRecord` stays the
-#: interface for everything else; :func:`record_row` and :func:`row_record`
-#: convert, and both forms give identical rows.
-ROW_FIELDS = ("source", "jid", "pid", "start_ticks", "start_time", "end_time", "ppid", "uid",
-              "gid", "comm", "exit_code", "cpu_user_us", "cpu_system_us", "elapsed_us",
-              "max_rss_kb", "max_vm_kb", "read_bytes", "write_bytes", "read_chars",
-              "write_chars", "minflt", "majflt", "nvcsw", "nivcsw", "coremem_kb_us",
-              "virtmem_kb_us", "extra")
-UsageRow = Tuple[Any, ...]
-
-
-def record_row(rec: UsageRecord, jid: Optional[int]) -> UsageRow:
-    """The usage row of a per-process record (end time now when unknown)."""
-    end = rec.end_time
-    if end is None:
-        end = time.time()
-    return (rec.source, jid, rec.pid, rec.start_ticks, rec.start_time, end, rec.ppid, rec.uid,
-            rec.gid, rec.comm, rec.exit_code, rec.cpu_user_us, rec.cpu_system_us,
-            rec.elapsed_us, rec.max_rss_kb, rec.max_vm_kb, rec.read_bytes, rec.write_bytes,
-            rec.read_chars, rec.write_chars, rec.minflt, rec.majflt, rec.nvcsw, rec.nivcsw,
-            rec.coremem_kb_us, rec.virtmem_kb_us,
-            json.dumps(dict(rec.extra), separators=(",", ":")) if rec.extra else None)
-
-
-def row_record(row: Sequence[Any]) -> UsageRecord:
-    """The :class:`UsageRecord` of a usage row (the inverse of :func:`record_row`)."""
-    kw = dict(zip(ROW_FIELDS, row))
-    extra = kw.pop("extra")
-    return UsageRecord(**kw, extra=json.loads(extra) if extra else {})
+__all__ = ["ROW_FIELDS", "UsageRecord", "UsageRow", "record_row", "row_record", "Source",
+           "SourceContext", "SourceSpec"]
 
 
 @dataclass
@@ -158,3 +88,9 @@ class SourceSpec:
     factory: Callable[[], Source]
     options: Mapping[str, Option] = field(default_factory=dict)
     description: str = ""
+    #: Rank of this source's figures where sources overlap (lower wins): the
+    #: reports' and the aggregator's "best" figure per metric, and the source
+    #: whose per-process records summaries count (elsa.core.usage).
+    priority: int = 50
+    #: Started without a [sources.<name>] table (``enabled = false`` turns it off).
+    default_enabled: bool = False

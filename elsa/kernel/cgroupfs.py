@@ -1,7 +1,7 @@
 """cgroupfs adapter: the only module that knows cgroup file names and mount layouts.
 
-Covers cgroup v2 (Documentation/admin-guide/cgroup-v2.rst) and the v1 cpuset
-hierarchy (Documentation/admin-guide/cgroup-v1/cpusets.rst). Every path it
+Covers cgroup v2 and the v1 cpuset hierarchy (docs/kernel.md, "cgroup v2" and
+"cpuset"). Every path it
 hands out is absolute in the *real* namespace of the caller; the injectable
 roots exist so tests can point it at a fake tree for layouts this machine
 cannot produce (pure v2, the v2 cpuset controller):
@@ -11,9 +11,9 @@ cannot produce (pure v2, the v2 cpuset controller):
 * ``fs_root``: prefixed to every mount point read from mountinfo (a chroot view).
 
 ``OSError`` is translated here into :class:`~elsa.errors.ElsaError` with what,
-where and what to do (cgroup-v2.rst lists the errnos: EBUSY for rmdir of a
-populated cgroup or "no internal processes", EOPNOTSUPP for a domain cgroup
-rule violation, ENOSPC for a v1 cpuset without cpus/mems).
+where and what to do (the errnos: EBUSY for rmdir of a populated cgroup or
+"no internal processes", EOPNOTSUPP for a domain cgroup rule violation,
+ENOSPC for a v1 cpuset without cpus/mems).
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from elsa.errors import (
 )
 from elsa.kernel.procfs import read_small
 
-# cgroup v2 core files (cgroup-v2.rst "Core Interface Files").
+# cgroup v2 core files.
 PROCS = "cgroup.procs"
 #: A cgroup file that is gone, or whose cgroup is being removed: kernfs
 #: answers ENODEV for a node deactivated while the file was open or the
-#: directory still listed (fs/kernfs/file.c), ENOENT once it is unlinked.
+#: directory still listed, ENOENT once it is unlinked.
 _REMOVED = (errno.ENOENT, errno.ENODEV)
 
 EVENTS = "cgroup.events"
@@ -220,7 +220,7 @@ class CgroupFS:
             with open(self.mountinfo_path) as fh:
                 return parse_mountinfo(fh.read())
         except OSError as exc:
-            raise translate(exc, "read mount table", self.mountinfo_path) from None
+            raise translate(exc, "read mount table", self.mountinfo_path) from exc
 
     def cgroup2_mount(self) -> Optional[str]:
         """Where cgroup2 is mounted (hybrid hosts: /sys/fs/cgroup/unified; pure v2:
@@ -243,8 +243,8 @@ class CgroupFS:
             return parse_proc_cgroup(read_small(path).decode("utf-8", "surrogateescape"))
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ESRCH):
-                raise ProcessGone(f"read {path}: process {pid} is gone") from None
-            raise translate(exc, "read process cgroups", path) from None
+                raise ProcessGone(f"read {path}: process {pid} is gone") from exc
+            raise translate(exc, "read process cgroups", path) from exc
 
     def own_cgroup(self, pid: object = "self") -> Optional[str]:
         """The v2 cgroup of *pid* relative to the cgroup2 mount ("/" = root), or None."""
@@ -260,7 +260,7 @@ class CgroupFS:
             with open(path) as fh:
                 return fh.read()
         except OSError as exc:
-            raise translate(exc, what, path) from None
+            raise translate(exc, what, path) from exc
 
     @staticmethod
     def write(path: str, value: str, what: str = "write cgroup file") -> None:
@@ -268,11 +268,11 @@ class CgroupFS:
         try:
             fd = os.open(path, os.O_WRONLY)
         except OSError as exc:
-            raise translate(exc, what, path) from None
+            raise translate(exc, what, path) from exc
         try:
             os.write(fd, value.encode())
         except OSError as exc:
-            raise translate(exc, what, path) from None
+            raise translate(exc, what, path) from exc
         finally:
             os.close(fd)
 
@@ -291,7 +291,7 @@ class CgroupFS:
                 return False
             raise BackendError(f"create cgroup: {path} already exists") from None
         except OSError as exc:
-            raise translate(exc, "create cgroup", path) from None
+            raise translate(exc, "create cgroup", path) from exc
 
     def makedirs(self, path: str) -> None:
         parent = os.path.dirname(path)
@@ -309,7 +309,7 @@ class CgroupFS:
                 return False
             raise BackendError(f"remove cgroup: {path} does not exist") from None
         except OSError as exc:
-            raise translate(exc, "remove cgroup", path) from None
+            raise translate(exc, "remove cgroup", path) from exc
 
     def children(self, path: str) -> List[str]:
         """Names of child cgroups (directories) of *path*."""
@@ -318,7 +318,7 @@ class CgroupFS:
         except FileNotFoundError:
             return []
         except OSError as exc:
-            raise translate(exc, "list cgroup", path) from None
+            raise translate(exc, "list cgroup", path) from exc
 
     # -- membership --------------------------------------------------------------------
     def procs(self, path: str) -> List[int]:
@@ -328,7 +328,7 @@ class CgroupFS:
         except OSError as exc:
             if exc.errno in _REMOVED:
                 return []
-            raise translate(exc, "read members", os.path.join(path, PROCS)) from None
+            raise translate(exc, "read members", os.path.join(path, PROCS)) from exc
 
     def move(self, path: str, pid: int) -> None:
         """Move process *pid* (all its threads) into cgroup *path*."""
@@ -336,13 +336,13 @@ class CgroupFS:
         try:
             fd = os.open(target, os.O_WRONLY)
         except OSError as exc:
-            raise translate(exc, "move process", target) from None
+            raise translate(exc, "move process", target) from exc
         try:
             os.write(fd, b"%d" % pid)
         except OSError as exc:
             if exc.errno == errno.ESRCH:
-                raise ProcessGone(f"move process {pid} to {target}: process is gone") from None
-            raise translate(exc, f"move process {pid}", target) from None
+                raise ProcessGone(f"move process {pid} to {target}: process is gone") from exc
+            raise translate(exc, f"move process {pid}", target) from exc
         finally:
             os.close(fd)
 
@@ -356,7 +356,7 @@ class CgroupFS:
         except OSError as exc:
             if exc.errno in _REMOVED:
                 return False
-            raise translate(exc, "read cgroup events", os.path.join(path, EVENTS)) from None
+            raise translate(exc, "read cgroup events", os.path.join(path, EVENTS)) from exc
         return b"populated 1" in data
 
     def has_kill(self, path: str) -> bool:
@@ -378,8 +378,8 @@ class CgroupFS:
     def wait_events(self, path: str, key: str, value: int, timeout: float) -> bool:
         """Wait until ``cgroup.events`` says ``key value`` or *timeout* passes.
 
-        cgroup-v2.rst: a change of a value in cgroup.events generates a file
-        modified event and POLLPRI, so poll() wakes without busy-waiting; a
+        A change of a value in cgroup.events generates a file modified event
+        and POLLPRI (docs/kernel.md, "cgroup v2"), so poll() wakes without busy-waiting; a
         short poll interval also covers kernels that miss a notification.
         """
         target = os.path.join(path, EVENTS)
@@ -389,7 +389,7 @@ class CgroupFS:
         except FileNotFoundError:
             return key == "populated" and value == 0
         except OSError as exc:
-            raise translate(exc, "watch cgroup events", target) from None
+            raise translate(exc, "watch cgroup events", target) from exc
         try:
             poller = select.poll()
             poller.register(fd, select.POLLPRI | select.POLLERR)
@@ -399,7 +399,7 @@ class CgroupFS:
                 except OSError as exc:
                     if exc.errno == errno.ENODEV:  # removed while we waited
                         return key == "populated" and value == 0
-                    raise translate(exc, "read cgroup events", target) from None
+                    raise translate(exc, "read cgroup events", target) from exc
                 if parse_flat_keyed(data.decode()).get(key) == value:
                     return True
                 left = deadline - time.monotonic()
@@ -418,7 +418,7 @@ class CgroupFS:
         except FileNotFoundError:
             return set()
         except OSError as exc:
-            raise translate(exc, "read controllers", path) from None
+            raise translate(exc, "read controllers", path) from exc
 
     def subtree_control(self, path: str) -> Set[str]:
         try:
@@ -427,7 +427,7 @@ class CgroupFS:
         except FileNotFoundError:
             return set()
         except OSError as exc:
-            raise translate(exc, "read subtree_control", path) from None
+            raise translate(exc, "read subtree_control", path) from exc
 
     def enable_controllers(self, path: str, names: Iterable[str]) -> None:
         """Enable controllers for *path*'s children ("+cpu +memory"), one at a time so a
@@ -440,8 +440,8 @@ class CgroupFS:
     @staticmethod
     def cpuset_effective_files(path: str, v2: bool) -> Tuple[str, str]:
         """The files naming the CPUs and memory nodes *path* may hand to children:
-        v2 ``cpuset.cpus.effective`` (cgroup-v2.rst), v1 ``cpuset.effective_cpus``
-        (cgroup-v1/cpusets.rst)."""
+        v2 ``cpuset.cpus.effective``, v1 ``cpuset.effective_cpus`` (docs/kernel.md,
+        "cpuset")."""
         if v2:
             return (os.path.join(path, "cpuset.cpus.effective"),
                     os.path.join(path, "cpuset.mems.effective"))
@@ -479,7 +479,7 @@ IN_CLOEXEC = os.O_CLOEXEC
 class EventsWatcher:
     """One inotify descriptor watching many ``cgroup.events`` files.
 
-    cgroup-v2.rst: "populated" changes "generate file modified events" — one fd
+    "populated" changes generate file modified events — one fd
     for all jobs scales better than an open file (and POLLPRI) per job.
     """
 
@@ -518,7 +518,7 @@ class EventsWatcher:
     def forget(self, key: object) -> None:
         """Drop *key* after its cgroup was removed: the kernel already dropped the
         watch (and queues IN_IGNORED), so no inotify_rm_watch, which waits for an
-        SRCU grace period (fs/notify/mark.c) — milliseconds under load."""
+        SRCU grace period — milliseconds under load."""
         wd = self._key_wd.pop(key, None)
         if wd is not None:
             self._wd_key.pop(wd, None)

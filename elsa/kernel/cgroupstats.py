@@ -1,7 +1,6 @@
 """cgroup v2 statistics files: the only module that knows their formats.
 
-Formats: Documentation/admin-guide/cgroup-v2.rst ("Format" and each
-controller's "Interface Files"). ``cpu.stat`` is a core file, present even
+Formats: docs/kernel.md, "cgroup v2". ``cpu.stat`` is a core file, present even
 without the cpu controller; ``memory.*``, ``io.stat`` and ``pids.peak`` exist
 only where the controller is enabled for the cgroup (in the parent's
 ``cgroup.subtree_control``). We read what exists and report what is missing,
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
 from elsa.core.source import UsageRecord
-from elsa.errors import ProcessGone, from_oserror
+from elsa.errors import CgroupGone, from_oserror
 
 # The flat-keyed format is the cgroupfs adapter's (cgroup.events uses it too).
 from elsa.kernel.cgroupfs import parse_flat_keyed
@@ -126,11 +125,11 @@ _PARSERS = {
 def read_stats(directory: str) -> CgroupStats:
     """Read every statistics file present in the cgroup *directory*.
 
-    Raises :class:`~elsa.errors.ProcessGone` when the directory itself is gone
+    Raises :class:`~elsa.errors.CgroupGone` when the directory itself is gone
     (the cgroup was removed), another ElsaError for other failures.
     """
     if not os.path.isdir(directory):
-        raise ProcessGone(f"read cgroup stats: {directory} is gone")
+        raise CgroupGone(f"read cgroup stats: {directory} is gone")
     values: Dict[str, object] = {}
     missing = []
     for name in STAT_FILES:
@@ -143,6 +142,6 @@ def read_stats(directory: str) -> CgroupStats:
             missing.append(name)
             continue
         except OSError as exc:
-            raise from_oserror(exc, "read cgroup stats", path) from None
+            raise from_oserror(exc, "read cgroup stats", path) from exc
         values[attr] = parse(text)
     return CgroupStats(path=directory, missing=tuple(missing), **values)  # type: ignore[arg-type]

@@ -1,24 +1,23 @@
 """Proc connector (cn_proc) adapter: the only module that knows its byte layout.
 
-Layout (include/uapi/linux/netlink.h, connector.h, cn_proc.h)::
+Layout (docs/kernel.md, "cn_proc")::
 
     nlmsghdr   16 bytes  len u32, type u16, flags u16, seq u32, pid u32
     cn_msg     20 bytes  idx u32, val u32, seq u32, ack u32, len u16, flags u16
     proc_event           what u32, cpu u32, timestamp_ns u64, then event_data
 
-Why not pyroute2 here: its ``ProcEventSocket.get()`` costs ~100 µs per event
-on this machine (GUIDE §1: 4.1 s for 40k events vs 0.46 s for a struct loop)
-and its reader stops on ENOBUFS. A fork storm produces tens of thousands of
-events a second, so the socket is plain ``socket`` and the decode one
-precompiled ``struct.Struct`` per event type. For the same reason the hot path
-(:meth:`ProcConnector.drain`) hands a sink plain integers instead of building
-a frozen dataclass per event (1.2 µs each, measured); :func:`decode` gives the
-dataclasses for everything that is not the hot path (tests, tools).
+Why not pyroute2 here: its ``ProcEventSocket.get()`` costs about nine times a
+plain ``struct`` loop per event, and its reader stops on ENOBUFS. A fork storm
+produces tens of thousands of events a second, so the socket is plain
+``socket`` and the decode one precompiled ``struct.Struct`` per event type.
+For the same reason the hot path (:meth:`ProcConnector.drain`) hands a sink
+plain integers instead of building a frozen dataclass per event;
+:func:`decode` gives the dataclasses for everything else (tests, tools).
 
 Loss: the kernel sends with GFP_NOWAIT and drops when our buffer is full; the
 next recv fails with ENOBUFS (netlink(7)). ``cn_msg.seq`` counts events per
 CPU (``proc_event.cpu``), so a gap in one CPU's sequence reveals loss too
-(drivers/connector/cn_proc.c get_seq()). Both are reported to the sink's
+(docs/kernel.md, "cn_proc"). Both are reported to the sink's
 ``on_loss`` so it can resync from /proc.
 """
 
@@ -42,7 +41,7 @@ NLMSG_DONE = 3
 SO_RCVBUFFORCE = 33  # socket(7); not exported by Python's socket module
 #: getsockopt(SOL_SOCKET, SO_MEMINFO) fills u32[SK_MEMINFO_VARS]; index 0 is
 #: SK_MEMINFO_RMEM_ALLOC (bytes queued), 1 SK_MEMINFO_RCVBUF (capacity).
-#: include/uapi/asm-generic/socket.h, include/uapi/linux/sock_diag.h; Linux 4.12.
+#: Linux 4.12 (docs/kernel.md, "cn_proc").
 SO_MEMINFO = 55
 _MEMINFO = struct.Struct("=II")
 
@@ -162,14 +161,10 @@ class EventSink(Protocol):
 
 
 #: How long a hole in one CPU's sequence may stay open before it counts as
-#: loss. Kernels before the local_lock in send_msg() (v5.10-rt, mainline 5.x)
-#: re-enabled preemption between get_seq() and the send, so a preempted sender
-#: could deliver after a later event from the same CPU: a gap that fills within
-#: the window was reordering, not loss. On this 6.18 kernel we measured no
-#: reordering in 160k events, but ~1 in 40k sequence numbers never arrives
-#: with no ENOBUFS: cn_netlink_send_mult() drops the event for every listener
-#: when nlmsg_new(GFP_NOWAIT) fails (drivers/connector/connector.c). Only the
-#: gap reveals that loss. Judged by the events' own timestamps: no clock read.
+#: loss: some kernels deliver one CPU's events out of order, and a gap that
+#: fills within the window was reordering, not loss. Some events are dropped
+#: for every listener without ENOBUFS; only the gap reveals that loss
+#: (docs/kernel.md, "cn_proc"). Judged by the events' own timestamps: no clock read.
 REORDER_WINDOW_NS = 200_000_000
 MAX_HOLES = 4096
 _NEVER = 1 << 64

@@ -1,12 +1,12 @@
 """BSD process accounting (acct v3) adapter: the only module that knows the pacct layout.
 
-Record layout: ``struct acct_v3`` in the kernel's include/uapi/linux/acct.h,
-64 bytes, written in the writer's native byte order; the version byte carries
+Record layout (docs/kernel.md, "BSD accounting"): ``struct acct_v3``, 64
+bytes, written in the writer's native byte order; the version byte carries
 ``ACCT_BYTEORDER`` (0x80) when the writer was big-endian. Times are in AHZ
 (100) ticks encoded as ``comp_t`` (13-bit mantissa, 3-bit base-8 exponent);
 ``ac_etime`` is an IEEE float of AHZ ticks; ``ac_btime`` is epoch seconds
-(kernel/acct.c fill_ac: *exit time minus elapsed*, truncated to seconds).
-``ac_mem`` is the process's virtual size at exit in KiB (fill_ac: ``vsize / 1024``);
+(*exit time minus elapsed*, truncated to seconds).
+``ac_mem`` is the process's virtual size at exit in KiB;
 GNU ``sa`` treats it as pages and reports memory 4x too low — we do not.
 ``ac_io`` is documented as "chars transferred" and was long written as 0, but
 this kernel (6.18) fills it with non-zero values whose unit we could not tie
@@ -64,10 +64,10 @@ def __getattr__(name: str) -> Any:
 RECORD_SIZE = 64
 ACCT_VERSION = 3
 ACCT_BYTEORDER = 0x80
-AHZ = 100  # include/uapi/linux/acct.h: AHZ for v3 records
+AHZ = 100  # ticks per second of v3 records
 US_PER_TICK = 1_000_000 // AHZ
 
-# ac_flag bits (include/uapi/linux/acct.h).
+# ac_flag bits.
 AFORK = 0x01   # forked but did not exec
 ASU = 0x02     # used super-user privileges
 ACOMPAT = 0x04
@@ -96,12 +96,12 @@ COLUMNS = ("offset", "flag", "tty", "exitcode", "uid", "gid", "pid", "ppid", "bt
 
 
 def decode_comp_t(c: int) -> int:
-    """Expand a comp_t: 13-bit mantissa, 3-bit base-8 exponent (kernel/acct.c encode_comp_t)."""
+    """Expand a comp_t: 13-bit mantissa, 3-bit base-8 exponent."""
     return (c & 0x1FFF) << (3 * (c >> 13))
 
 
 def encode_comp_t(value: int) -> int:
-    """The kernel's encode_comp_t (kernel/acct.c), for building test samples:
+    """The kernel's encode_comp_t, for building test samples:
     shift right 3 bits at a time until 13 bits fit, rounding on the last bit lost."""
     exp = 0
     rnd = 0

@@ -2,7 +2,7 @@
 
 The root is injectable (tests, containers). Files vanish mid-read when a
 process exits; that is reported as :class:`~elsa.errors.ProcessGone`, never as
-a crash (psutil's ``_pslinux.py`` does the same).
+a crash.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def read_small(path: str, size: int = 4096) -> bytes:
     ``open()`` would add an fstat, an isatty ioctl and a second read to every
     file (strace shows them), and elsad reads a /proc or cgroupfs file or two
     per job. seq_file and kernfs fill the buffer as far as the file goes, so a
-    short read is the end (fs/seq_file.c seq_read_iter); a full one reads on.
+    short read is the end; a full one reads on.
     Raises OSError.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -57,13 +57,13 @@ class ProcFS:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 # The files of /proc/PID have the owner of /proc/PID itself
-                # (task_dump_owner() in fs/proc/base.c sets both): no second lookup.
+                # (docs/kernel.md, "procfs"): no second lookup.
                 uid = os.fstat(fd).st_uid
                 data = os.read(fd, 4096)  # one seq_file read: the line is < 1 KiB
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise from_oserror(exc, "read process", path) from None
+            raise from_oserror(exc, "read process", path, process=True) from exc
         return parse_stat(pid, data, uid)
 
     def ident(self, pid: int) -> ProcessId:
@@ -84,7 +84,7 @@ class ProcFS:
         try:
             return sorted(int(t) for t in os.listdir(path))
         except OSError as exc:
-            raise from_oserror(exc, "list threads", path) from None
+            raise from_oserror(exc, "list threads", path, process=True) from exc
 
     def tgid(self, tid: int) -> int:
         """The thread-group id (process id) of thread *tid*."""
@@ -95,7 +95,7 @@ class ProcFS:
                     if line.startswith(b"Tgid:"):
                         return int(line.split()[1])
         except OSError as exc:
-            raise from_oserror(exc, "read process status", path) from None
+            raise from_oserror(exc, "read process status", path, process=True) from exc
         raise ProcessGone(f"read process status: {path} has no Tgid line")
 
     def status_field(self, pid: int, name: str) -> Optional[str]:
@@ -108,7 +108,7 @@ class ProcFS:
                     if line.startswith(key):
                         return line[len(key):].strip().decode()
         except OSError as exc:
-            raise from_oserror(exc, "read process status", path) from None
+            raise from_oserror(exc, "read process status", path, process=True) from exc
         return None
 
     # -- whole system -----------------------------------------------------
@@ -117,7 +117,7 @@ class ProcFS:
         try:
             names = os.listdir(self.root)
         except OSError as exc:
-            raise from_oserror(exc, "list processes", self.root) from None
+            raise from_oserror(exc, "list processes", self.root) from exc
         return [int(n) for n in names if n.isdigit()]
 
     def snapshot(self) -> Dict[int, ProcessInfo]:
@@ -140,7 +140,7 @@ class ProcFS:
             with open(path) as fh:
                 return fh.read().strip()
         except OSError as exc:
-            raise from_oserror(exc, "read boot id", path) from None
+            raise from_oserror(exc, "read boot id", path) from exc
 
 
 def parse_stat(pid: int, data: bytes, uid: int = -1) -> ProcessInfo:
@@ -168,8 +168,8 @@ def boottime_offset_ns() -> int:
     """CLOCK_BOOTTIME minus CLOCK_MONOTONIC, in ns.
 
     cn_proc stamps events with ktime_get_ns() (monotonic) while /proc/PID/stat
-    start times count from boot including suspend (task->start_boottime,
-    fs/proc/array.c); the offset converts one into the other.
+    start times count from boot including suspend; the offset converts one
+    into the other.
     """
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 

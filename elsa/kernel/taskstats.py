@@ -1,28 +1,23 @@
 """taskstats adapter (generic netlink family "TASKSTATS"): the only module that
 knows ``struct taskstats`` and the family's attributes.
 
-Kernel references: Documentation/accounting/taskstats.rst and
-taskstats-struct.rst, include/uapi/linux/taskstats.h, kernel/taskstats.c.
+The kernel facts used here are in docs/kernel.md, "taskstats".
 
 * Exit records: a socket that sent ``TASKSTATS_CMD_GET`` with
   ``TASKSTATS_CMD_ATTR_REGISTER_CPUMASK`` receives one message per exiting
   *task* (thread) on those CPUs: ``AGGR_PID{PID, STATS}``; when the last thread
   of a multi-threaded process exits the same message also carries
   ``AGGR_TGID{TGID, STATS}`` — but that per-tgid struct holds only delay
-  accounting (kernel/taskstats.c fill_tgid_exit), not CPU or memory. So
+  accounting, not CPU or memory. So
   :class:`ThreadFolder` folds the per-thread records into one per process
   itself, by ``ac_tgid`` (v12+), and completes the process on the record whose
   ``ac_flag`` has ``AGROUP`` (the last task of the group).
 * Struct versions: fields are only appended, except v15 which inserted the
-  delay max/min fields in the middle (fixed in v16 by moving them to the end;
-  kernel commit "taskstats: fix struct taskstats breaks backward compatibility
-  since version 15"). We decode v8 and later, including v15's layout.
+  delay max/min fields in the middle (v16 moved them to the end). We decode v8
+  and later, including v15's layout.
 
-Decoding: measured on this VM (kernel 6.18, v16 struct, 596-byte message,
-20 000 decodes): pyroute2 0.9.7 ``taskstatsmsg(data).decode()`` plus reading
-three fields of the nested stats took 45 µs per message; the ``struct`` path
-below 11 µs. pyroute2 also decodes v16 with its pre-v15 class only because
-v16 restored that prefix. A fork storm produces thousands of exits per
+Decoding: pyroute2's ``taskstatsmsg`` costs about four times the ``struct``
+path below per message, and a fork storm produces thousands of exits per
 second on the daemon's one thread, so exit messages are decoded with
 ``struct``; pyroute2 is used for the family lookup.
 """
@@ -59,7 +54,7 @@ TASKSTATS_CMD_ATTR_TGID = 2
 TASKSTATS_CMD_ATTR_REGISTER_CPUMASK = 3
 TASKSTATS_CMD_ATTR_DEREGISTER_CPUMASK = 4
 
-AGROUP = 0x20  # include/uapi/linux/acct.h: last task of the thread group
+AGROUP = 0x20  # ac_flag: last task of the thread group
 MIN_VERSION = 8
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -145,7 +140,7 @@ class TaskRecord:
     stime_us: int
     minflt: int
     majflt: int
-    coremem_mb_us: int  # RSS integral, MB·µs (taskstats-struct.rst)
+    coremem_mb_us: int  # RSS integral, MB·µs
     virtmem_mb_us: int
     hiwater_rss_kb: int
     hiwater_vm_kb: int
@@ -160,8 +155,8 @@ class TaskRecord:
     nivcsw: int
     cpu_delay_total_ns: int = 0
     blkio_delay_total_ns: int = 0
-    #: se.sum_exec_runtime in ns (kernel/delayacct.c delayacct_add_tsk fills
-    #: cpu_run_virtual_total with it even when delay accounting is off).
+    #: se.sum_exec_runtime in ns (the kernel fills cpu_run_virtual_total with
+    #: it even when delay accounting is off).
     cpu_run_ns: int = 0
     threads: int = 1
     #: CLOCK_BOOTTIME (ns) of the exit as well as it is known (:func:`exit_time_ns`);
@@ -175,8 +170,7 @@ class TaskRecord:
     @property
     def start_ticks(self) -> Optional[int]:
         """Estimated /proc/PID/stat start time (ticks since boot): the exit
-        time (:func:`exit_time_ns`) less etime, "exit - start" in µs
-        (kernel/tsacct.c bacct_add_tsk)."""
+        time (:func:`exit_time_ns`) less etime, "exit - start" in µs."""
         if not self.exit_boot_ns:
             return None
         start_ns = self.exit_boot_ns - self.etime_us * 1000
@@ -185,11 +179,10 @@ class TaskRecord:
     def cpu_adjusted_us(self) -> Tuple[int, int]:
         """(user, system) µs as getrusage(2) and cgroup cpu.stat count them.
 
-        ac_utime/ac_stime come from task_cputime(): tick samples, off by up to
-        a tick per process (we measured 2.3 % short on 4 x 0.3 s workers).
+        ac_utime/ac_stime are tick samples, off by up to a tick per process.
         getrusage scales the precise runtime (sum_exec_runtime) by the
-        sampled user:system ratio (kernel/sched/cputime.c cputime_adjust);
-        we do the same with cpu_run_virtual_total, which is that runtime.
+        sampled user:system ratio; we do the same with cpu_run_virtual_total,
+        which is that runtime (docs/kernel.md, "taskstats").
         """
         if not self.cpu_run_ns:
             return self.utime_us, self.stime_us
@@ -210,8 +203,7 @@ class TaskRecord:
         return usage_row(self.as_tuple(), source)
 
     def to_usage(self, source: str = "taskstats") -> UsageRecord:
-        # coremem/virtmem are MB·µs with MB = 1024 KiB (xacct_add_tsk divides
-        # page-KB products by 1024): convert to KiB·µs.
+        # coremem/virtmem are MB·µs with MB = 1024 KiB: convert to KiB·µs.
         cpu_user, cpu_system = self.cpu_adjusted_us()
         return UsageRecord(
             source=source, pid=self.tgid, start_ticks=self.start_ticks, ppid=self.ppid,
@@ -272,11 +264,11 @@ def exit_time_ns(received_boot_ns: int, btime: int, etime_us: int, real_offset_n
     hold, elsa/core/burst.py). The start time derived from it was then off
     by the wait, and with pids reused within seconds in a storm (pid_max
     32,768) a start off by more than TASKSTATS_TOLERANCE_TICKS matched no
-    membership (issue 6: 872 of 1,500 records of a held burst). Three bounds
+    membership (issue 6). Three bounds
     narrow it down: the exit was queued before it was received, after the
     previous read emptied the socket (*after_ns*), and within one real-time
     second: the kernel sets btime to the current CLOCK_REALTIME second less
-    etime's whole seconds (kernel/tsacct.c bacct_add_tsk), so the exit lies
+    etime's whole seconds (docs/kernel.md, "taskstats"), so the exit lies
     in [btime + etime_s, btime + etime_s + 1). The middle of what is left is
     off by 0.5 s at most, whatever the wait, and by half the read interval
     for a record read on time. *real_offset_ns* is CLOCK_REALTIME -
@@ -425,7 +417,7 @@ _SUMMED = _sum_fields()
 class ThreadFolder:
     """Folds per-thread exit records into one record per process (tgid).
 
-    Counters of each task are its own (kernel/tsacct.c), so they are summed;
+    Counters of each task are its own, so they are summed;
     hiwater_rss/vm are the shared mm's, so the maximum is kept; identity (ppid,
     comm, btime, start) comes from the group leader's record (pid == tgid) when
     seen. A process is complete when its record with ``AGROUP`` arrives.
@@ -522,7 +514,7 @@ class TaskstatsSocket:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
         except OSError as exc:
-            raise from_oserror(exc, "open taskstats socket", "NETLINK_GENERIC") from None
+            raise from_oserror(exc, "open taskstats socket", "NETLINK_GENERIC") from exc
         try:
             # SO_RCVBUFFORCE may exceed net.core.rmem_max (needs CAP_NET_ADMIN);
             # exits come in bursts and the kernel drops what does not fit (ENOBUFS).
@@ -550,7 +542,7 @@ class TaskstatsSocket:
             self.sock.send(msg)
         except OSError as exc:
             raise from_oserror(exc, "taskstats request", "TASKSTATS",
-                               hint="taskstats needs root (CAP_NET_ADMIN)") from None
+                               hint="taskstats needs root (CAP_NET_ADMIN)") from exc
         return self.seq
 
     def register(self, cpumask: Optional[str] = None) -> None:
@@ -565,7 +557,7 @@ class TaskstatsSocket:
             try:
                 self._send(TASKSTATS_CMD_ATTR_DEREGISTER_CPUMASK, self.cpumask.encode() + b"\0")
             except Exception:
-                pass  # closing the socket deregisters too (kernel/taskstats.c)
+                pass  # closing the socket deregisters too
             self.cpumask = None
 
     def _recv(self, flags: int = 0) -> Optional[bytes]:
@@ -580,7 +572,7 @@ class TaskstatsSocket:
             if exc.errno == errno.ENOBUFS:
                 self.enobufs += 1
                 return None
-            raise from_oserror(exc, "read taskstats", "TASKSTATS") from None
+            raise from_oserror(exc, "read taskstats", "TASKSTATS") from exc
 
     def _datagrams(self) -> Iterator[Tuple[bytes, int, int, int]]:
         """Every datagram ready now (non-blocking), with its CLOCK_BOOTTIME

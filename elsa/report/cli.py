@@ -26,6 +26,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from elsa.errors import ElsaError
 
+NO_SOURCE = ("no accounting source measured this job (is a source enabled? see "
+             "'elsa-jobmng status'; taskstats and cgroupstat are on by default)")
+
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -72,6 +75,10 @@ def _fmt_us(us: Optional[int]) -> str:
     if s < 3600:
         return f"{s / 60:.1f}m"
     return f"{s / 3600:.2f}h"
+
+
+def _fmt_n(n: Optional[int]) -> str:
+    return "-" if n is None else str(n)
 
 
 def _fmt_kb(kb: Optional[int]) -> str:
@@ -137,11 +144,13 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
 
     def table() -> None:
         if args.by == "job":
-            header = ["JID", "NAME", "OWNER", "PROCS", "USER", "SYS", "ELAPSED", "MAXRSS",
+            # WALL is the job's end − start; the sum of its processes' elapsed
+            # times is in the JSON (elapsed_us), not a column called ELAPSED.
+            header = ["JID", "NAME", "OWNER", "PROCS", "WALL", "USER", "SYS", "MAXRSS",
                       "READ", "WRITE"]
-            body = [[f"{r['jid']:#x}", r["name"], r["owner"], str(r["processes"]),
-                     _fmt_us(r["cpu_user_us"]), _fmt_us(r["cpu_system_us"]),
-                     _fmt_us(r["elapsed_us"]), _fmt_kb(r["max_rss_kb"]),
+            body = [[r['jid'], r["name"], r["owner"], _fmt_n(r["processes"]),
+                     _fmt_us(r["wall_us"]), _fmt_us(r["cpu_user_us"]),
+                     _fmt_us(r["cpu_system_us"]), _fmt_kb(r["max_rss_kb"]),
                      _fmt_bytes(r["read_bytes"]), _fmt_bytes(r["write_bytes"])
                      + (" (incomplete)" if r["incomplete"] else "")] for r in rows]
         else:
@@ -149,7 +158,7 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
             header = [label, "PROCS", "USER", "SYS", "ELAPSED", "MAXRSS", "AVGMEM", "READ",
                       "WRITE"]
             body = [[str(r["user"] if args.by == "user" else r["command"]),
-                     str(r["processes"]), _fmt_us(r["cpu_user_us"]),
+                     _fmt_n(r["processes"]), _fmt_us(r["cpu_user_us"]),
                      _fmt_us(r["cpu_system_us"]), _fmt_us(r["elapsed_us"]),
                      _fmt_kb(r["max_rss_kb"]), _fmt_kb(r["avg_mem_kb"]),
                      _fmt_bytes(r.get("read_bytes")), _fmt_bytes(r.get("write_bytes"))]
@@ -167,16 +176,17 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
     rows = query.jobs(db, args.since, args.until, args.state)
 
     def table() -> None:
-        header = ["JID", "NAME", "OWNER", "STATE", "CREATED", "ENDED", "PROCS", "CPU", "MAXRSS"]
+        header = ["JID", "NAME", "OWNER", "STATE", "CREATED", "ENDED", "WALL", "PROCS", "CPU",
+                  "MAXRSS"]
         body = []
         for r in rows:
             u = r["usage"]
             cpu = None
             if u.get("cpu_user_us") is not None or u.get("cpu_system_us") is not None:
                 cpu = (u.get("cpu_user_us") or 0) + (u.get("cpu_system_us") or 0)
-            body.append([f"{r['jid']:#x}", r["name"], r["owner"], r["state"],
-                         _fmt_time(r["created"]), _fmt_time(r["ended"]),
-                         "-" if u.get("processes") is None else str(u["processes"]),
+            body.append([r['jid'], r["name"], r["owner"], r["state"],
+                         _fmt_time(r["created"]), _fmt_time(r["ended"]), _fmt_us(r["wall_us"]),
+                         _fmt_n(u.get("processes")),
                          _fmt_us(cpu), _fmt_kb(u.get("max_rss_kb"))])
         _table(body, header, out)
 
@@ -188,7 +198,7 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
 
 
 def cmd_job(args: argparse.Namespace, out) -> int:
-    from elsa.core.model import parse_jid
+    from elsa.core.model import format_exit, format_jid, parse_jid
     from elsa.report import query
 
     try:
@@ -198,23 +208,31 @@ def cmd_job(args: argparse.Namespace, out) -> int:
     db = query.open_store(_db_path(args))
     detail = query.job_detail(db, jid, args.source)
     if detail is None:
-        raise ElsaError(f"no job {jid:#x} in the store; list jobs with 'elsa jobs'")
+        raise ElsaError(f"no job {format_jid(jid)} in the store; list jobs with 'elsa jobs'")
 
     def table() -> None:
         u = detail["usage"]
-        out.write(f"job {jid:#x}  {detail.get('name', '')}  owner {detail.get('owner', '?')}  "
+        out.write(f"job {format_jid(jid)}  {detail.get('name', '')}  "
+                  f"owner {detail.get('owner', '?')}  "
                   f"{detail.get('state', '?')}  created {_fmt_time(detail.get('created'))}  "
                   f"ended {_fmt_time(detail.get('ended'))}\n")
-        out.write(f"usage: processes {u.get('processes')}  user {_fmt_us(u.get('cpu_user_us'))}"
-                  f"  sys {_fmt_us(u.get('cpu_system_us'))}  maxrss "
-                  f"{_fmt_kb(u.get('max_rss_kb'))}  read {_fmt_bytes(u.get('read_bytes'))}"
-                  f"  write {_fmt_bytes(u.get('write_bytes'))}\n")
+        out.write(f"wall {_fmt_us(detail.get('wall_us'))}\n")
+        if not u.get("sources"):
+            out.write(f"usage: unknown: {NO_SOURCE}\n")
+        else:
+            out.write(f"usage: processes {_fmt_n(u.get('processes'))}  user "
+                      f"{_fmt_us(u.get('cpu_user_us'))}  sys {_fmt_us(u.get('cpu_system_us'))}"
+                      f"  maxrss {_fmt_kb(u.get('max_rss_kb'))}  read "
+                      f"{_fmt_bytes(u.get('read_bytes'))}  write "
+                      f"{_fmt_bytes(u.get('write_bytes'))}\n")
         if u.get("chosen"):
             by_src: Dict[str, List[str]] = {}
             for m, s in u["chosen"].items():
                 by_src.setdefault(s, []).append(m)
             out.write("figures from: " + "; ".join(
                 f"{s}: {', '.join(ms)}" for s, ms in sorted(by_src.items())) + "\n")
+        if u.get("note"):
+            out.write(f"note: {u['note']}\n")
         for s, why in (u.get("incomplete") or {}).items():
             out.write(f"INCOMPLETE ({s}): {why}\n")
         out.write(f"\nprocesses (source {detail['process_source'] or '-'}):\n")
@@ -224,8 +242,7 @@ def cmd_job(args: argparse.Namespace, out) -> int:
                  p["comm"], _fmt_time(p["start_time"]), _fmt_us(p["elapsed_us"]),
                  _fmt_us(p["cpu_user_us"]), _fmt_us(p["cpu_system_us"]),
                  _fmt_kb(p["max_rss_kb"]), _fmt_bytes(p["read_bytes"]),
-                 _fmt_bytes(p["write_bytes"]),
-                 "-" if p["exit_code"] is None else str(p["exit_code"])]
+                 _fmt_bytes(p["write_bytes"]), format_exit(p["exit_code"], p["exit_signal"])]
                 for p in detail["processes"]]
         _table(body, header, out)
 

@@ -3,10 +3,9 @@
 
 Records are decoded with the vectorized pacct decoder, inserted in one
 transaction per file with the per-row triggers off (aggregator.bulk_insert),
-and attributed to jobs from the persisted membership history: a record
-belongs to the job a process with its pid joined during its lifetime
-(``members.joined`` between its start and end, ±2 s for btime's 1 s
-resolution; a pid cannot be reused while its process lives). Importing a file
+and attributed to jobs from the persisted membership history by the usage
+model's one rule (elsa.core.usage: the same boot, pid and start time within
+pacct's 2 s tolerance). Importing a file
 twice, or a file elsad already read, adds nothing: the store's unique key
 ignores records it holds.
 """
@@ -18,16 +17,11 @@ import sqlite3
 from typing import Any, Dict, List, Sequence
 
 from elsa.core.aggregator import INSERT_PROC, bulk_insert
+from elsa.core.usage import ATTRIBUTE_SQL, priorities_of, save_priorities
 from elsa.kernel import pacct
 
 SOURCE = "bsdacct"
 
-_ATTRIBUTE = """
-    UPDATE proc_usage SET jid = m.jid FROM members AS m
-    WHERE proc_usage.id > ? AND proc_usage.id <= ? AND proc_usage.jid IS NULL
-      AND m.pid = proc_usage.pid
-      AND m.joined BETWEEN proc_usage.start_time - 2 AND proc_usage.end_time + 2
-"""
 
 
 def open_for_import(db_path: str) -> sqlite3.Connection:
@@ -40,7 +34,17 @@ def open_for_import(db_path: str) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     store_mod.migrate(db, db_path)
+    _save_source_priority(db)
     return db
+
+
+def _save_source_priority(db: sqlite3.Connection) -> None:
+    """The imported records' source ranks as its spec says (the reports read it)."""
+    from elsa.plugins import PluginHost, build_plugin_manager
+
+    specs = PluginHost(build_plugin_manager()).sources()
+    if SOURCE in specs:
+        save_priorities(db, db.execute, priorities_of({SOURCE: specs[SOURCE]}))
 
 
 def rows_of(dec: pacct.Decoded, source: str = SOURCE) -> List[tuple]:
@@ -76,7 +80,7 @@ def _import_one(db: sqlite3.Connection, rows: List[tuple], attribute: bool) -> t
     def after(db: sqlite3.Connection, lo: int, hi: int) -> None:
         nonlocal attributed
         if attribute:
-            db.execute(_ATTRIBUTE, (lo, hi))
+            db.execute(ATTRIBUTE_SQL, (lo, hi))
             attributed = db.execute("SELECT COUNT(*) FROM proc_usage WHERE id > ? AND id <= ? "
                                     "AND jid IS NOT NULL", (lo, hi)).fetchone()[0]
 

@@ -1,0 +1,281 @@
+"""The usage model: one row type, its schema, source priority and the attribution rule.
+
+Everything that produces, stores or reports usage goes through this module:
+
+* **One row type.** A per-process usage row is a plain tuple in
+  :data:`ROW_FIELDS` order, exactly the columns of the store's ``proc_usage``
+  table. Sources on the hot path (taskstats, bsdacct: one record per process on
+  the machine) build rows straight from kernel bytes; others describe a process
+  or a whole job with :class:`UsageRecord`, which is only a convenient way to
+  write one row (:func:`record_row`, and back with :func:`row_record`).
+* **Metrics.** :data:`METRICS` and how per-process values combine into a job's
+  (:data:`SUM_METRICS`, :data:`MAX_METRICS`).
+* **Source priority.** Where sources overlap, the figure of the source with the
+  lowest ``priority`` wins, per metric (:func:`best`); summaries count the
+  per-process records of the best process-level source only, so nothing is
+  counted twice. The priority is a field of each source's spec
+  (:class:`elsa.core.source.SourceSpec`): elsad saves the installed sources'
+  priorities in the store (:func:`save_priorities`), and reports read them from
+  there (:func:`load_priorities`), so no source name is written into the core
+  or the reports. A source without one ranks :data:`DEFAULT_PRIORITY`.
+* **Attribution.** A usage record belongs to the job in which its process was a
+  member: the same boot, the same pid and the same start time, within the
+  tolerance of what the source knows of the start (:func:`identity`). Live
+  aggregation looks this up in memory (the manager's pid index and exit
+  history), records read after the in-memory history expired look it up in the
+  stored membership history (:data:`HISTORY_SQL`), and ``elsa import-acct``
+  applies the same match to whole files (:data:`ATTRIBUTE_SQL`), converting a
+  record's start time to clock ticks of the boot it ran in through the boot
+  times elsad records (:func:`save_boot_epoch`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from elsa.core.model import CLOCK_TICKS
+
+# -- the row -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """Usage of one process (or, with ``jid`` set and ``pid == 0``, one whole job)
+    as one source saw it. Units are fixed: µs, KiB, bytes, counts. ``None``
+    means the source does not measure that metric."""
+
+    source: str
+    pid: int
+    start_ticks: Optional[int] = None  # identity; None when the source cannot tell
+    jid: Optional[int] = None          # set by job-level sources (cgroupstat)
+    ppid: Optional[int] = None
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    comm: str = ""
+    start_time: Optional[float] = None  # epoch seconds
+    end_time: Optional[float] = None    # epoch seconds
+    exit_code: Optional[int] = None     # raw wait status (code << 8 | signal)
+    cpu_user_us: Optional[int] = None
+    cpu_system_us: Optional[int] = None
+    elapsed_us: Optional[int] = None
+    max_rss_kb: Optional[int] = None
+    max_vm_kb: Optional[int] = None
+    read_bytes: Optional[int] = None
+    write_bytes: Optional[int] = None
+    read_chars: Optional[int] = None
+    write_chars: Optional[int] = None
+    minflt: Optional[int] = None
+    majflt: Optional[int] = None
+    nvcsw: Optional[int] = None
+    nivcsw: Optional[int] = None
+    coremem_kb_us: Optional[int] = None  # RSS integral, KiB·µs
+    virtmem_kb_us: Optional[int] = None
+    extra: Mapping[str, int] = field(default_factory=dict)
+    final: bool = True  # False for interim job-level readings that later ones supersede
+
+
+#: The per-process usage row: a plain tuple in this order, the columns of the
+#: store's ``proc_usage`` table (``extra`` is compact JSON or None).
+ROW_FIELDS = ("source", "jid", "pid", "start_ticks", "start_time", "end_time", "ppid", "uid",
+              "gid", "comm", "exit_code", "cpu_user_us", "cpu_system_us", "elapsed_us",
+              "max_rss_kb", "max_vm_kb", "read_bytes", "write_bytes", "read_chars",
+              "write_chars", "minflt", "majflt", "nvcsw", "nivcsw", "coremem_kb_us",
+              "virtmem_kb_us", "extra")
+UsageRow = Tuple[Any, ...]
+
+#: Row positions the aggregator reads.
+SRC, JID, PID, START_TICKS, START_TIME, END = 0, 1, 2, 3, 4, 5
+
+
+def record_row(rec: UsageRecord, jid: Optional[int]) -> UsageRow:
+    """The usage row of a per-process record (end time now when unknown)."""
+    end = rec.end_time
+    if end is None:
+        end = time.time()
+    return (rec.source, jid, rec.pid, rec.start_ticks, rec.start_time, end, rec.ppid, rec.uid,
+            rec.gid, rec.comm, rec.exit_code, rec.cpu_user_us, rec.cpu_system_us,
+            rec.elapsed_us, rec.max_rss_kb, rec.max_vm_kb, rec.read_bytes, rec.write_bytes,
+            rec.read_chars, rec.write_chars, rec.minflt, rec.majflt, rec.nvcsw, rec.nivcsw,
+            rec.coremem_kb_us, rec.virtmem_kb_us,
+            json.dumps(dict(rec.extra), separators=(",", ":")) if rec.extra else None)
+
+
+def row_record(row: Sequence[Any]) -> UsageRecord:
+    """The :class:`UsageRecord` of a usage row (the inverse of :func:`record_row`)."""
+    kw = dict(zip(ROW_FIELDS, row))
+    extra = kw.pop("extra")
+    return UsageRecord(**kw, extra=json.loads(extra) if extra else {})
+
+
+# -- metrics and priority ------------------------------------------------------------------
+
+SUM_METRICS = ("cpu_user_us", "cpu_system_us", "elapsed_us", "read_bytes", "write_bytes",
+               "read_chars", "write_chars", "minflt", "majflt", "nvcsw", "nivcsw",
+               "coremem_kb_us", "virtmem_kb_us")
+MAX_METRICS = ("max_rss_kb", "max_vm_kb")
+METRICS = ("processes",) + SUM_METRICS + MAX_METRICS
+
+DEFAULT_PRIORITY = 50
+PRIORITY_KEY = "usage.priority"
+
+Priorities = Mapping[str, int]
+
+
+def priorities_of(specs: Mapping[str, Any]) -> Dict[str, int]:
+    """Source name -> priority, from source specs (``SourceSpec.priority``)."""
+    return {name: int(getattr(spec, "priority", DEFAULT_PRIORITY))
+            for name, spec in specs.items()}
+
+
+_SET_META = ("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+             "SET value = excluded.value")
+Execute = Callable[[str, Sequence[Any]], Any]
+
+
+def save_priorities(db: sqlite3.Connection, execute: Execute, prios: Priorities) -> None:
+    """Record the installed sources' priorities in the store for the reports
+    (read through *db*, written through *execute*: the daemon's store writer)."""
+    old = load_priorities(db)
+    merged = {**old, **prios}
+    if merged != old:
+        execute(_SET_META, (PRIORITY_KEY, json.dumps(merged, sort_keys=True)))
+
+
+def load_priorities(db: sqlite3.Connection) -> Dict[str, int]:
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (PRIORITY_KEY,)).fetchone()
+    except sqlite3.Error:
+        return {}
+    try:
+        return {str(k): int(v) for k, v in json.loads(row[0]).items()} if row else {}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def priority(source: str, prios: Priorities) -> int:
+    return prios.get(source, DEFAULT_PRIORITY)
+
+
+def priority_sql(column: str, prios: Priorities) -> Tuple[str, list]:
+    """A SQL expression ranking *column* (a source name) by *prios*, with its parameters."""
+    if not prios:
+        return str(DEFAULT_PRIORITY), []
+    params: list = []
+    parts = []
+    for name, value in sorted(prios.items()):
+        parts.append("WHEN ? THEN ?")
+        params += [name, int(value)]
+    return f"(CASE {column} {' '.join(parts)} ELSE {DEFAULT_PRIORITY} END)", params
+
+
+def best(per_source: Mapping[str, Mapping[str, Any]], prios: Priorities
+         ) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """The best figure of each metric and the source it came from.
+
+    *per_source* maps a source name to its job totals (metric -> value, ``None``
+    when the source does not measure it). Per metric, the source with the lowest
+    priority that has a value wins."""
+    values: Dict[str, Any] = {}
+    chosen: Dict[str, str] = {}
+    order = sorted(per_source, key=lambda s: (priority(s, prios), s))
+    for metric in METRICS:
+        for src in order:
+            v = per_source[src].get(metric)
+            if v is not None:
+                values[metric] = v
+                chosen[metric] = src
+                break
+        else:
+            values[metric] = None
+    return values, chosen
+
+
+def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
+                      per_source: Mapping[str, Mapping[str, Any]], prios: Priorities
+                      ) -> Optional[str]:
+    """The CPU rule for a job: never below its own process records.
+
+    A process counts whole in the job it ended in: its record holds the CPU it
+    used before it joined (the root row of ``elsa-jobmng run`` is elsa-jobmng
+    itself, whose start-up runs before it joins). A cgroup counts only from the
+    join, so for a job of few, attached processes the cgroup can read below the
+    records. Then the records' figures are the job's, and the returned note says
+    why; otherwise None. (The cgroup reads above the records for jobs of many
+    short processes: the records miss each exit's teardown.)"""
+    cpu = ("cpu_user_us", "cpu_system_us")
+    if any(values.get(m) is None for m in cpu):
+        return None
+    counted = [s for s, v in per_source.items() if v.get("processes")]
+    if not counted:
+        return None
+    src = min(counted, key=lambda x: (priority(x, prios), x))
+    rec = per_source[src]
+    if any(rec.get(m) is None for m in cpu):
+        return None
+    short = sum(rec[m] for m in cpu) - sum(values[m] for m in cpu)
+    if short <= 0 or all(chosen.get(m) == src for m in cpu):
+        return None
+    for m in cpu:
+        values[m] = rec[m]
+        chosen[m] = src
+    return (f"CPU from the {src} process records: {short} µs above the "
+            f"{', '.join(sorted(set(per_source) - {src})) or 'job'} counter, used by "
+            "members before they joined the job")
+
+
+# -- attribution ------------------------------------------------------------------------
+
+#: taskstats gives the start to the delivery latency (start ticks from etime).
+TASKSTATS_TOLERANCE_TICKS = 50   # 0.5 s
+#: pacct's ac_btime is whole seconds computed as exit time minus elapsed
+#: (kernel/acct.c fill_ac): off by up to 1 s either way. A pid cannot come back
+#: within 2 s without the kernel cycling through pid_max other pids first.
+ACCT_TOLERANCE_S = 2.0
+ACCT_TOLERANCE_TICKS = int(ACCT_TOLERANCE_S * CLOCK_TICKS)
+
+
+def identity(row: Sequence[Any], boot_epoch: float) -> Tuple[Optional[int], int]:
+    """(start ticks since boot, tolerance) of a row: its process's identity, as
+    precisely as its source knows it. ``None``: the source cannot tell."""
+    st = row[START_TICKS]
+    if st is not None:
+        return st, TASKSTATS_TOLERANCE_TICKS
+    t = row[START_TIME]
+    if t is not None:
+        return int(round((t - boot_epoch) * CLOCK_TICKS)), ACCT_TOLERANCE_TICKS
+    return None, 0
+
+
+#: The stored membership history, for one boot: (boot_id, pid, lo, hi, start).
+HISTORY_SQL = ("SELECT jid FROM members WHERE boot_id = ? AND pid = ? "
+               "AND start_ticks BETWEEN ? AND ? ORDER BY abs(start_ticks - ?) LIMIT 1")
+
+BOOT_PREFIX = "boot_epoch:"
+
+#: The same match for imported rows with ids in (lo, hi]: start time converted to
+#: ticks of each boot whose boot time elsad recorded.
+ATTRIBUTE_SQL = f"""
+    WITH boots AS (SELECT substr(key, {len(BOOT_PREFIX) + 1}) AS boot_id,
+                          CAST(value AS REAL) AS epoch
+                   FROM meta WHERE key LIKE '{BOOT_PREFIX}%')
+    UPDATE proc_usage SET jid = (
+        -- the closest start wins (a bare column beside MIN() is taken from its row)
+        SELECT jid FROM (
+            SELECT m.jid AS jid,
+                   MIN(abs(m.start_ticks - (proc_usage.start_time - b.epoch) * {CLOCK_TICKS}))
+            FROM members AS m JOIN boots AS b ON b.boot_id = m.boot_id
+            WHERE m.pid = proc_usage.pid
+              AND abs(m.start_ticks - (proc_usage.start_time - b.epoch) * {CLOCK_TICKS})
+                  <= {ACCT_TOLERANCE_TICKS}))
+    WHERE proc_usage.id > ? AND proc_usage.id <= ? AND proc_usage.jid IS NULL
+      AND proc_usage.start_time IS NOT NULL
+"""
+
+
+def save_boot_epoch(execute: Execute, boot_id: str, epoch: float) -> None:
+    """Record when boot *boot_id* started (epoch s), for :data:`ATTRIBUTE_SQL`."""
+    execute(_SET_META, (BOOT_PREFIX + boot_id, repr(round(epoch, 3))))
