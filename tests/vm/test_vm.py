@@ -48,3 +48,10 @@ def test_in_guest(guest_run: guest.GuestRun, name: str) -> None:
         pytest.fail(f"in-guest check {name} failed ({res['seconds']} s):\n{res['output']}"
                     "\n--- guest console (end) ---\n" + guest_run.console_tail(30),
                     pytrace=False)
+
+
+def test_guest_finished_and_powered_off(guest_run: guest.GuestRun) -> None:
+    """Every check reported, and the guest powered itself off (qemu was not killed)."""
+    assert guest_run.done and not guest_run.error, (
+        f"{guest_run.error or 'the guest did not report all checks'}\n"
+        "--- guest console (end) ---\n" + guest_run.console_tail())
