@@ -66,6 +66,15 @@ def best_time(cmd: Sequence[str], runs: int = 3, env: Optional[Dict[str, str]] =
     return best
 
 
+def compile_bytecode() -> None:
+    """Bytecode as an installed package has it (pip and dh-python compile at
+    install time). An editable install under PYTHONDONTWRITEBYTECODE=1 (this
+    machine's environment) would otherwise compile ELSA's source on every run."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(repo, "elsa"),
+                    os.path.join(repo, "plugins")], check=False, stdout=subprocess.DEVNULL)
+
+
 def elsa_cmd() -> List[str]:
     """ELSA's own console script beside this interpreter. Not the first `elsa`
     on PATH: under pyenv that is a bash shim that resolves the Python version
@@ -110,12 +119,7 @@ def main(records: int = 1_000_000, runs: int = 3) -> List[Dict[str, Any]]:
 
     rows = []
     elsa = elsa_cmd()
-    # Bytecode as an installed package has it (pip and dh-python compile at
-    # install time). An editable install under PYTHONDONTWRITEBYTECODE=1 (this
-    # machine's environment) would otherwise compile ELSA's source on every run.
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(repo, "elsa"),
-                    os.path.join(repo, "plugins")], check=False, stdout=subprocess.DEVNULL)
+    compile_bytecode()
     # What any Python command pays before its first line runs, on this machine
     # (site hooks included), measured in the same run: the part of the
     # end-to-end figure that is the interpreter's, not ELSA's.

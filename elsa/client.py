@@ -238,3 +238,11 @@ class Client:
 
     def status(self) -> Dict[str, Any]:
         return self.call("status")
+
+    def tag(self, jid: int, tags: Dict[str, str]) -> Dict[str, Any]:
+        """Set tags of a running or ended job (an empty value removes one)."""
+        return self.call("tag", jid=jid, tags=tags)
+
+    def ja(self) -> Dict[str, Any]:
+        """The job the calling process is in, with its members (``elsa ja``)."""
+        return self.call("ja")

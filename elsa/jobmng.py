@@ -13,7 +13,7 @@ import os
 import pwd
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from elsa import __version__
 from elsa.client import Client, RequestFailed, default_socket
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPUs for the job, e.g. 0-3,8 (cpuset backends; others refuse)")
         sp.add_argument("--mems", metavar="LIST",
                         help="memory nodes for the job, e.g. 0 (cpuset backends)")
+        sp.add_argument("--wlm", default="none", metavar="auto|slurm|pbs|lsf|htcondor|none",
+                        help="record the batch system's job id, array, user, account, queue "
+                             "and job name (from the environment) as tags (default none)")
 
     sp = cmd("create", "create a job and print its id")
     job_options(sp)
@@ -181,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd("freeze", "freeze every member of a job (cgroup2 backend)", jid=True)
     cmd("thaw", "thaw a frozen job (cgroup2 backend)", jid=True)
+
+    sp = cmd("tag", "set tags of a job, also after it ended (K= removes a tag); root/admin: any "
+                    "job, others: their own", jid=True)
+    sp.add_argument("tags", type=_tag_arg, nargs="+", metavar="K=V")
 
     cmd("status", "show elsad's version, backend and counters")
     return p
@@ -264,9 +271,17 @@ def _params(args: argparse.Namespace) -> Optional[Dict[str, str]]:
     return params or None
 
 
+def _job_tags(args: argparse.Namespace) -> Tuple[str, Dict[str, str]]:
+    """The job's name and tags: --tag over the batch system's (--wlm)."""
+    from elsa import wlm
+
+    tags = {**wlm.detect(os.environ, args.wlm), **dict(args.tag)}
+    return args.name or tags.get("wlm_job_name", ""), tags
+
+
 def do_create(c: Client, args: argparse.Namespace) -> int:
-    job = c.create(name=args.name, tags=dict(args.tag), params=_params(args),
-                   owner_uid=args.owner)
+    name, tags = _job_tags(args)
+    job = c.create(name=name, tags=tags, params=_params(args), owner_uid=args.owner)
     if args.json:
         _print_json(job_out(job))
     else:
@@ -392,6 +407,15 @@ def do_end(c: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def do_tag(c: Client, args: argparse.Namespace) -> int:
+    job = job_out(c.tag(args.jid, dict(args.tags)))
+    if args.json:
+        _print_json(job)
+    else:
+        print(f"job {job['jid']} tags {_tags(job['tags'])}")
+    return EXIT_OK
+
+
 def do_freeze(c: Client, args: argparse.Namespace) -> int:
     res = c.freeze(args.jid) if args.command == "freeze" else c.thaw(args.jid)
     if args.json:
@@ -431,6 +455,9 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
     lines.append("sources    " + (", ".join(
         f"{k} (failed: {v['error']})" if isinstance(v, dict) and v.get("error") else k
         for k, v in sorted(srcs.items())) or "none: no accounting source runs, jobs get no usage"))
+    agg = (st.get("sources") or {}).get("aggregator") or {}
+    if agg.get("folded"):  # [thresholds]: small records stored folded
+        lines.append(f"folded     {agg['folded']} small process records ([thresholds])")
     print("\n".join(lines))
     return EXIT_OK
 
@@ -449,7 +476,8 @@ def do_run(args: argparse.Namespace, socket_path: str) -> int:
                 c.attach(args.job, [me])
                 jid = args.job
             else:
-                jid = c.create(name=args.name, tags=dict(args.tag), params=_params(args),
+                name, tags = _job_tags(args)
+                jid = c.create(name=name, tags=tags, params=_params(args),
                                pids=[me])["jid"]
     except (ElsaError, OSError) as exc:
         _error(f"run: could not join a job, {argv[0]} not started: {_message(exc)}")
@@ -473,6 +501,7 @@ COMMANDS: Dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "create": do_create, "attach": do_attach, "detach": do_detach, "jobof": do_jobof,
     "list": do_list, "show": do_show, "pids": do_pids, "wait": do_wait, "kill": do_kill,
     "end": do_end, "freeze": do_freeze, "thaw": do_freeze, "status": do_status,
+    "tag": do_tag,
 }
 
 

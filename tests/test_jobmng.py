@@ -231,10 +231,11 @@ def test_parser_is_complete():
     parser = jobmng.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {"create", "run", "attach", "detach", "jobof", "list", "show",
-                                "pids", "wait", "kill", "end", "status", "freeze", "thaw"}
+                                "pids", "wait", "kill", "end", "status", "freeze", "thaw",
+                                "tag"}
     for name in ("create", "run"):
         opts = {o for a in sub.choices[name]._actions for o in a.option_strings}
-        assert {"--name", "--tag", "--cpus", "--mems"} <= opts
+        assert {"--name", "--tag", "--cpus", "--mems", "--wlm"} <= opts
     assert "exit codes" in parser.format_help()
 
 

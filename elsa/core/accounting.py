@@ -44,6 +44,7 @@ from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_b
 from elsa.core.guard import Guard, run_isolated
 from elsa.core.model import Job
 from elsa.core.source import Source, SourceContext, SourceSpec
+from elsa.core.thresholds import Folder
 from elsa.core.usage import priorities_of, save_boot_epoch, save_priorities
 from elsa.errors import ElsaError
 from elsa.kernel.procfs import ProcFS, boot_epoch
@@ -145,7 +146,8 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                             history=history_lookup(store.db, manager.boot_id),
                             submit_many=store.submit_many,
                             settle=settle,
-                            history_horizon=history_horizon)
+                            history_horizon=history_horizon,
+                            folder=Folder.from_section(cfg.section("thresholds")))
     durability = Durability(store, aggregator.hold_seconds)
     started: Dict[str, Any] = {}
     failed: Dict[str, str] = {}

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from elsa.core import usage
 from elsa.core.model import Job
+from elsa.core.thresholds import INSERT_FOLDED, Folder
 from elsa.core.usage import HISTORY_SQL, ROW_FIELDS, UsageRecord, identity, record_row
 from elsa.kernel.procfs import boot_epoch
 
@@ -117,8 +118,10 @@ class Aggregator:
                  boot_epoch_fn: Callable[[], float] = boot_epoch,
                  submit_many: Optional[SubmitMany] = None,
                  settle: Optional[Callable[[], bool]] = None,
-                 history_horizon: Optional[Callable[[], float]] = None) -> None:
+                 history_horizon: Optional[Callable[[], float]] = None,
+                 folder: Optional[Folder] = None) -> None:
         self.submit = submit
+        self.folder = folder
         self.submit_many = submit_many or (lambda sql, rows: [submit(sql, r) for r in rows])
         self.resolve = resolve
         self.history = history
@@ -217,7 +220,7 @@ class Aggregator:
         c.attributed += attributed
         c.unattributed += unattributed
         if done:
-            self.submit_many(INSERT_PROC, done)
+            self._store(done)
 
     def _horizon(self) -> float:
         return 0.0 if self.history_horizon is None else self.history_horizon()
@@ -266,7 +269,16 @@ class Aggregator:
                 done.append((row[0], jid) + row[2:])
         self.held = keep
         if done:
-            self.submit_many(INSERT_PROC, done)
+            self._store(done)
+
+    def _store(self, rows: List[Tuple[Any, ...]]) -> None:
+        if self.folder is not None:
+            rows, folded = self.folder.split(rows)
+            if folded:
+                self.submit_many(INSERT_FOLDED, folded)
+            if not rows:
+                return
+        self.submit_many(INSERT_PROC, rows)
 
     def _job_level(self, rec: UsageRecord) -> None:
         if rec.jid is None:
@@ -298,6 +310,7 @@ class Aggregator:
                 "held_total": c.held, "resolved_late": c.resolved_late,
                 "resolved_from_history": c.resolved_from_history,
                 "settled": c.settled, "job_readings": c.job_readings,
+                "folded": 0 if self.folder is None else self.folder.folded,
                 "per_source": dict(c.per_source)}
 
 

@@ -265,6 +265,26 @@ class JobManager:
     def running(self, with_pids: bool = False) -> List[Job]:
         return [s.snapshot(with_pids) for s in self.jobs.values()]
 
+    def set_tags(self, jid: int, changes: Mapping[str, str], durable: bool = True) -> Job:
+        """Set tags of a job, running or ended (an empty value removes the tag): batch
+        ids and accounts are often known, or corrected, after the job started."""
+        job = self.job(jid)
+        tags = dict(job.tags)
+        for k, v in changes.items():
+            if v:
+                tags[k] = v
+            else:
+                tags.pop(k, None)
+        new = tuple(sorted(tags.items()))
+        state = self.jobs.get(jid)
+        if state is not None:
+            state.tags = new
+        self.store.set_tags(jid, tags)
+        if durable:
+            self.store.flush()
+        log.info("job tags set", jid=f"{jid:#x}", tags=tags)
+        return state.snapshot() if state is not None else self.job(jid)
+
     def running_with_counts(self) -> List[Tuple[Job, int]]:
         """Each running job (without its pids) and its number of live members."""
         return [(s.snapshot(with_pids=False), len(s.members)) for s in list(self.jobs.values())]

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 #: Operations whose reply promises a change that must survive a crash: the
 #: server sends their reply once the store has committed it.
-DURABLE_OPS = frozenset({"create", "attach", "detach", "end"})
+DURABLE_OPS = frozenset({"create", "attach", "detach", "end", "tag"})
 
 
 @dataclass(frozen=True)
@@ -240,6 +240,23 @@ class Operations:
         self.manager.set_frozen(jid, freeze)
         return {"jid": format_jid(jid), "frozen": freeze}
 
+    def op_tag(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        jid = get_jid(req)
+        tags = get_str_map(req, "tags")
+        if not tags:
+            raise ProtocolError("'tags' must name at least one tag to set (or, with an "
+                                "empty value, to remove)")
+        self.authz.check_job(caller, self.manager.job(jid))
+        return job_json(self.manager.set_tags(jid, tags, durable=False))
+
+    def op_ja(self, caller: Caller, req: Request) -> Dict[str, Any]:
+        """The caller's own job, found from its pid (peer credentials): a process
+        may always see the job it runs in, whoever owns it."""
+        jid = self.manager.job_of(caller.pid)
+        if jid is None:
+            raise NotInJob(f"pid {caller.pid} (the caller) is not in any job")
+        return {"pid": caller.pid, "job": job_json(self.manager.job(jid))}
+
     def op_status(self, caller: Caller, req: Request) -> Dict[str, Any]:
         out = self.status_fn()
         out["version"] = __version__
@@ -254,6 +271,7 @@ HANDLERS: Dict[str, Callable[[Operations, Caller, Request], Any]] = {
     "pids": Operations.op_pids, "wait": Operations.op_wait, "kill": Operations.op_kill,
     "end": Operations.op_end, "status": Operations.op_status,
     "freeze": Operations.op_freeze, "thaw": Operations.op_thaw,
+    "tag": Operations.op_tag, "ja": Operations.op_ja,
 }
 #: The operation names, sorted (``hello`` lists them; docs/protocol.md documents each).
 OP_NAMES = tuple(sorted(HANDLERS))

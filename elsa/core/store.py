@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.model import Job
+from elsa.core.thresholds import MIGRATION as THRESHOLDS_MIGRATION
 from elsa.errors import StoreError
 from elsa.logsetup import structlog
 
@@ -204,6 +205,8 @@ MIGRATIONS: List[str] = [
     END;
     """,
     # -- end of migration 2 (issue 5) ---------------------------------------------------
+    # 3: folded small records ([thresholds]; owned by elsa/core/thresholds.py).
+    THRESHOLDS_MIGRATION,
 ]
 
 
@@ -434,6 +437,9 @@ class Store:
                     "backend, params) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.jid, job.name, job.owner_uid, json.dumps(dict(job.tags)), job.created,
                      job.ended, job.state, job.backend, json.dumps(dict(job.params))))
+
+    def set_tags(self, jid: int, tags: Mapping[str, str]) -> None:
+        self.submit("UPDATE jobs SET tags = ? WHERE jid = ?", (json.dumps(dict(tags)), jid))
 
     def mark_had_members(self, jid: int) -> None:
         self.submit("UPDATE jobs SET had_members = 1 WHERE jid = ?", (jid,))

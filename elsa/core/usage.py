@@ -232,7 +232,7 @@ def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
 #: taskstats gives the start to the delivery latency (start ticks from etime).
 TASKSTATS_TOLERANCE_TICKS = 50   # 0.5 s
 #: pacct's ac_btime is whole seconds computed as exit time minus elapsed
-#: (kernel/acct.c fill_ac): off by up to 1 s either way. A pid cannot come back
+#: (docs/kernel.md, "BSD accounting"): off by up to 1 s either way. A pid cannot come back
 #: within 2 s without the kernel cycling through pid_max other pids first.
 ACCT_TOLERANCE_S = 2.0
 ACCT_TOLERANCE_TICKS = int(ACCT_TOLERANCE_S * CLOCK_TICKS)

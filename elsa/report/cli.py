@@ -170,10 +170,17 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace, out) -> int:
-    from elsa.report import query
+    from elsa.report import query, sacct
 
+    if args.format == "help":
+        sacct.format_help(out)
+        return 0
     db = query.open_store(_db_path(args))
-    rows = query.jobs(db, args.since, args.until, args.state)
+    rows = sacct.with_tags(query.jobs(db, args.since, args.until, args.state), args.tag)
+    if args.format or args.parsable2 or args.noheader:
+        sacct.add_root_exits(db, rows)
+    if sacct.print_jobs(args, rows, out):
+        return 0
 
     def table() -> None:
         header = ["JID", "NAME", "OWNER", "STATE", "CREATED", "ENDED", "WALL", "PROCS", "CPU",
@@ -245,6 +252,9 @@ def cmd_job(args: argparse.Namespace, out) -> int:
                  _fmt_bytes(p["write_bytes"]), format_exit(p["exit_code"], p["exit_signal"])]
                 for p in detail["processes"]]
         _table(body, header, out)
+        for f in detail.get("folded", ()):
+            out.write(f"folded ([thresholds]): {f['processes']} small {f['comm']} records, "
+                      f"user {_fmt_us(f['cpu_user_us'])} sys {_fmt_us(f['cpu_system_us'])}\n")
 
     _emit(args, detail, detail["processes"], table, out)
     return 0
@@ -291,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("jobs", parents=[common, window], help="list jobs with their usage")
     s.add_argument("--state", choices=("running", "ended"))
+    from elsa.report import sacct
+
+    sacct.add_jobs_options(s)
     s.set_defaults(func=cmd_jobs)
     s = sub.add_parser("job", parents=[common], help="one job: usage and every process")
     s.add_argument("jid", help="job id (0x... or decimal)")
@@ -308,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-attribute", action="store_true",
                    help="do not attribute records to jobs from the membership history")
     s.set_defaults(func=cmd_import_acct)
+    from elsa.billing.cli import add_parser as add_bill
+
+    add_bill(sub, [common, window])
+    sacct.add_eff_parser(sub, [common])
+    from elsa.report import ja
+
+    ja.add_parser(sub, [common])
     return p
 
 

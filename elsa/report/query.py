@@ -393,4 +393,7 @@ def job_detail(db: sqlite3.Connection, jid: int, source: Optional[str] = None
                          "no accounting source measured this job")
     out["process_source"] = pick
     out["processes"] = procs
+    from elsa.core.thresholds import folded_of_job
+
+    out["folded"] = folded_of_job(db, jid, pick)  # [thresholds]: small records, per command
     return out

@@ -1,0 +1,1 @@
+"""Charge-back: rates, prime-time schedule and bills (docs/billing.md)."""

@@ -1,0 +1,423 @@
+"""Bills computed at report time from the stored raw usage (docs/billing.md).
+
+What is billed in a window [since, until):
+
+* every job that ended in the window, as one item: its best figures
+  (``job_usage``), its wall time split into prime and non-prime seconds;
+* process records outside any job that ended in the window, per user: each
+  process's usage split by its own seconds (CSA's per-process ``p_ratio``).
+
+Each item's charge is computed in :class:`decimal.Decimal` and rounded once,
+half-even, to ``[billing] decimals`` places; every total is the sum of the
+rounded item charges, so per-job charges add up to per-user totals exactly.
+
+SQL here is portable (SQLite and PostgreSQL): no SQLite-only functions, time
+classification by a generated CASE tree instead of date functions, integer
+arithmetic only where both engines truncate alike.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import sqlite3
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from elsa.billing.rates import RESOURCES, BillingConfig
+from elsa.core.usage import load_priorities, priority
+from elsa.report.query import BUCKET as _BUCKET
+
+_US = Decimal(1_000_000)
+_HOUR = Decimal(3600)
+_MIB = Decimal(1024)
+_GIB = Decimal(1024 ** 3)
+ZERO = Decimal(0)
+
+#: Ended jobs in a window (the bill's items). One statement, used by every store.
+JOBS_SQL = ("SELECT jid, name, owner_uid, tags, created, ended, params FROM jobs "
+            "WHERE ended IS NOT NULL AND ended >= ? AND ended < ? ORDER BY ended, jid")
+_PROC_SUMS = ("COUNT(*), SUM(cpu_user_us), SUM(cpu_system_us), "
+              "SUM(max_rss_kb * (elapsed_us / 1000)), SUM(coremem_kb_us), "
+              "SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us)")
+_PROC_COLS = "cpu_user_us, cpu_system_us, max_rss_kb, elapsed_us, coremem_kb_us, " \
+             "read_bytes, write_bytes"
+
+
+def cores_allowed(params: Dict[str, Any]) -> Optional[Decimal]:
+    """Cores a job may use: its cpuset's CPU count, or cgroup ``cpu.max`` quota/period."""
+    cpus = params.get("cpus")
+    if isinstance(cpus, str) and cpus.strip():
+        n = 0
+        for part in cpus.split(","):
+            lo, _, hi = part.strip().partition("-")
+            try:
+                n += (int(hi) - int(lo) + 1) if hi else 1
+            except ValueError:
+                return None
+        return Decimal(n)
+    cpu_max = params.get("cpu_max") or params.get("cpu.max")
+    if isinstance(cpu_max, str):
+        quota, _, period = cpu_max.partition(" ")
+        if quota != "max" and quota.isdigit() and period.isdigit() and int(period):
+            return Decimal(quota) / Decimal(period)
+    return None
+
+
+def _dec(v: Any) -> Optional[Decimal]:
+    return None if v is None else Decimal(v)
+
+
+def quantities(usage: Dict[str, Any], wall_s: Decimal, cores: Optional[Decimal],
+               is_job: bool) -> Dict[str, Optional[Decimal]]:
+    """Billable quantities in each resource's base unit; None = not measured, absent =
+    does not apply."""
+    cu, cs = _dec(usage.get("cpu_user_us")), _dec(usage.get("cpu_system_us"))
+    rss = _dec(usage.get("max_rss_kb"))
+    mem_peak = _dec(usage.get("mem_peak_kb_ms"))
+    if mem_peak is not None:
+        mem_peak = mem_peak / _MIB / 1000 / _HOUR
+    elif rss is not None:
+        mem_peak = rss / _MIB * wall_s / _HOUR
+    integ = _dec(usage.get("coremem_kb_us"))
+    rd, wr = _dec(usage.get("read_bytes")), _dec(usage.get("write_bytes"))
+    calls = _dec(usage.get("io_calls"))
+    q = {
+        "cpu_user": None if cu is None else cu / _US,
+        "cpu_system": None if cs is None else cs / _US,
+        "mem_peak": mem_peak,
+        "mem_integral": None if integ is None else integ / _MIB / _US / _HOUR,
+        "read": None if rd is None else rd / _GIB,
+        "write": None if wr is None else wr / _GIB,
+        "io_calls": calls,
+        "core_hours": None if cores is None else cores * wall_s / _HOUR,
+        "job": Decimal(1),
+    }
+    if not is_job:  # per-job resources do not apply to processes outside jobs
+        del q["core_hours"], q["job"]
+    return q
+
+
+class Biller:
+    """Prices items with one validated rate table."""
+
+    def __init__(self, cfg: BillingConfig) -> None:
+        self.cfg = cfg
+        self.quantum = Decimal(1).scaleb(-cfg.decimals)
+
+    def round(self, d: Decimal) -> Decimal:
+        return d.quantize(self.quantum, rounding=ROUND_HALF_EVEN)
+
+    def multiplier(self, tags: Dict[str, str]) -> Decimal:
+        m = Decimal(1)
+        for key, values in self.cfg.multipliers.items():
+            v = tags.get(key)
+            if v is not None and v in values:
+                m *= values[v]
+        return m
+
+    def price(self, q: Dict[str, Optional[Decimal]], p_ratio: Decimal
+              ) -> Tuple[Dict[str, Decimal], List[str]]:
+        """Exact charge per resource, and the resources with a rate but no figure."""
+        out: Dict[str, Decimal] = {}
+        unpriced = []
+        np_ratio = 1 - p_ratio
+        for r in RESOURCES:
+            pr, npr = self.cfg.prime[r], self.cfg.nonprime[r]
+            if (pr == 0 and npr == 0) or r not in q:
+                continue
+            v = q.get(r)
+            if v is None:
+                unpriced.append(r)
+                continue
+            out[r] = v * (p_ratio * pr + np_ratio * npr)
+        return out, unpriced
+
+
+def _lit(b: float) -> str:
+    return str(int(b)) if float(b).is_integer() else repr(float(b))
+
+
+def _tree(col: str, bounds: Sequence[float], lo: int, hi: int) -> str:
+    """A CASE expression: (number of bounds <= col) - 1, by binary search."""
+    if lo == hi:
+        return str(lo - 1)
+    mid = (lo + hi) // 2
+    return (f"CASE WHEN {col} < {_lit(bounds[mid])} THEN {_tree(col, bounds, lo, mid)} "
+            f"ELSE {_tree(col, bounds, mid + 1, hi)} END")
+
+
+def _ratio(prime_s: float, wall_s: float) -> Decimal:
+    return Decimal(prime_s) / Decimal(wall_s) if wall_s > 0 else Decimal(0)
+
+
+def _json_loads(text: Optional[str]) -> Dict[str, Any]:
+    try:
+        v = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return v if isinstance(v, dict) else {}
+
+
+def job_items(db: Any, biller: Biller, since: float, until: float) -> List[Dict[str, Any]]:
+    """One priced item per job that ended in [since, until)."""
+    from elsa.report.query import job_usage, user_name
+
+    rows = db.execute(JOBS_SQL, (since, until)).fetchall()
+    usage: Dict[int, Dict[str, Any]] = {}
+    for i in range(0, len(rows), 500):
+        usage.update(job_usage(db, [r[0] for r in rows[i:i + 500]]))
+    sched = biller.cfg.schedule
+    out = []
+    for jid, name, owner_uid, tags_text, created, ended, params_text in rows:
+        tags = {str(k): str(v) for k, v in _json_loads(tags_text).items()}
+        params = _json_loads(params_text)
+        u = dict((usage.get(jid) or {}).get("usage") or {})
+        extra = u.get("extra") or {}
+        if isinstance(extra, dict) and "read_syscalls" in extra and "write_syscalls" in extra:
+            u["io_calls"] = extra["read_syscalls"] + extra["write_syscalls"]
+        wall = max(0.0, ended - created)
+        if wall > 0:
+            prime_s = sched.prime_seconds(created, ended)
+            p_ratio = _ratio(prime_s, wall)
+        else:  # an instant: wholly in the class of its moment
+            prime_s = 0.0
+            p_ratio = Decimal(1 if sched.is_prime(created) else 0)
+        wall_d = Decimal(wall)
+        q = quantities(u, wall_d, cores_allowed(params), is_job=True)
+        parts, unpriced = biller.price(q, p_ratio)
+        mult = biller.multiplier(tags)
+        exact = sum(parts.values(), ZERO) * mult
+        out.append({
+            "jid": jid, "name": name, "uid": owner_uid, "user": user_name(owner_uid),
+            "account": tags.get("account"), "tags": tags, "start": created, "end": ended,
+            "wall_s": wall, "prime_s": prime_s, "nonprime_s": wall - prime_s,
+            "processes": u.get("processes"), "multiplier": mult,
+            "quantities": q, "parts": {r: v * mult for r, v in parts.items()},
+            "unpriced": unpriced, "exact": exact, "charge": biller.round(exact),
+        })
+    return out
+
+
+class _OutsideJobs:
+    """Per-user items of process records outside any job."""
+
+    def __init__(self, biller: Biller) -> None:
+        self.biller = biller
+        self.per_user: Dict[Any, Dict[str, Any]] = {}
+
+    def add(self, uid: Any, usage: Dict[str, Any], n: int, p_ratio: Decimal,
+            wall_s: Decimal) -> None:
+        from elsa.report.query import user_name
+
+        q = quantities(usage, wall_s, None, is_job=False)
+        parts, unpriced = self.biller.price(q, p_ratio)
+        item = self.per_user.get(uid)
+        if item is None:
+            item = self.per_user[uid] = {
+                "jid": None, "name": "(no job)", "uid": uid, "user": user_name(uid),
+                "account": None, "tags": {}, "start": None, "end": None,
+                "wall_s": ZERO, "prime_s": ZERO, "nonprime_s": ZERO, "processes": 0,
+                "multiplier": Decimal(1), "quantities": {}, "parts": {}, "unpriced": [],
+                "exact": ZERO}
+        item["processes"] += n
+        item["prime_s"] += wall_s * p_ratio
+        item["nonprime_s"] += wall_s * (1 - p_ratio)
+        item["wall_s"] += wall_s
+        for r, v in q.items():
+            if v is not None:
+                item["quantities"][r] = item["quantities"].get(r, ZERO) + v
+        for r, v in parts.items():
+            item["parts"][r] = item["parts"].get(r, ZERO) + v
+            item["exact"] += v
+        for r in unpriced:
+            if r not in item["unpriced"]:
+                item["unpriced"].append(r)
+
+    def items(self) -> List[Dict[str, Any]]:
+        out = []
+        for item in self.per_user.values():
+            item["charge"] = self.biller.round(item["exact"])
+            out.append(item)
+        return out
+
+
+def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float) -> None:
+    """Exact: each record split by its own seconds (CSA's per-process p_ratio)."""
+    periods = acc.biller.cfg.schedule.periods(since, until)
+    bounds = [a for a, _, _ in periods]
+    start = "COALESCE(start_time, end_time)"
+    si = _tree(start, bounds, 0, len(bounds)) if len(bounds) > 1 else \
+        f"CASE WHEN {start} < {_lit(bounds[0])} THEN -1 ELSE 0 END"
+    ei = _tree("end_time", bounds, 0, len(bounds)) if len(bounds) > 1 else "0"
+    where = "jid IS NULL AND end_time >= ? AND end_time < ?"
+    grouped = db.execute(
+        f"SELECT uid, source, si, ei, {_PROC_SUMS} FROM (SELECT uid, source, {si} AS si, "
+        f"{ei} AS ei, {_PROC_COLS} FROM proc_usage WHERE {where}) AS t "
+        f"GROUP BY uid, source, si, ei", (since, until)).fetchall()
+    crossing: List[Tuple[Any, ...]] = []
+    if any(r[2] != r[3] for r in grouped):
+        crossing = db.execute(
+            f"SELECT uid, source, start_time, end_time, {_PROC_COLS} FROM proc_usage "
+            f"WHERE {where} AND ({si}) <> ({ei})", (since, until)).fetchall()
+    # One source per period (by end time): the best present, so a process
+    # reported by two sources is billed once.
+    prios = load_priorities(db)
+    best: Dict[int, str] = {}
+    for r in grouped:
+        src, e = r[1], r[3]
+        if e not in best or (priority(src, prios), src) < (priority(best[e], prios), best[e]):
+            best[e] = src
+    for uid, src, s_idx, e_idx, n, cu, cs, memk, integ, rd, wr, el in grouped:
+        if s_idx != e_idx or best.get(e_idx) != src:
+            continue
+        usage = {"cpu_user_us": cu, "cpu_system_us": cs, "mem_peak_kb_ms": memk,
+                 "coremem_kb_us": integ, "read_bytes": rd, "write_bytes": wr}
+        acc.add(uid, usage, n, Decimal(1 if periods[e_idx][2] else 0),
+                Decimal(el or 0) / _US)
+    for uid, src, st, en, cu, cs, rss, el, integ, rd, wr in crossing:
+        e_idx = bisect.bisect_right(bounds, en) - 1
+        if best.get(e_idx) != src:
+            continue
+        st = en if st is None else st
+        wall = max(en - st, 1.0)  # CSA: elapsed at least 1 s
+        prime_s = acc.biller.cfg.schedule.prime_seconds(en - wall, en)
+        usage = {"cpu_user_us": cu, "cpu_system_us": cs,
+                 "mem_peak_kb_ms": None if rss is None or el is None else rss * (el // 1000),
+                 "coremem_kb_us": integ, "read_bytes": rd, "write_bytes": wr}
+        acc.add(uid, usage, 1, _ratio(prime_s, wall), Decimal(wall))
+
+
+#: Whole hours from the store's hourly rollup (all process records, per uid and
+#: source), less the records of jobs in the same hours (jobs are billed as jobs).
+#: The hour expression is the one the rollup's trigger files records under.
+ROLLUP_SQL = ("SELECT bucket, source, uid, SUM(processes), SUM(cpu_user_us), "
+              "SUM(cpu_system_us), SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us) "
+              "FROM usage_rollup WHERE bucket >= ? AND bucket < ? GROUP BY bucket, source, uid")
+_JOBBED = ("SELECT CAST(p.end_time / {bucket} AS INTEGER) AS b, p.source AS s, "
+           "COALESCE(p.uid, -1) AS u, {count}, SUM(COALESCE(p.cpu_user_us, 0)), "
+           "SUM(COALESCE(p.cpu_system_us, 0)), SUM(COALESCE(p.read_bytes, 0)), "
+           "SUM(COALESCE(p.write_bytes, 0)), SUM(COALESCE(p.elapsed_us, 0)) "
+           # From the jobs alive in the window through the jid index, not a scan of
+           # every record (CROSS JOIN: SQLite keeps this join order; standard SQL).
+           "FROM jobs AS j CROSS JOIN {table} AS p "
+           "WHERE p.jid = j.jid AND j.created < ? AND (j.ended IS NULL OR j.ended >= ?) "
+           "AND p.end_time >= ? AND p.end_time < ? GROUP BY 1, 2, 3")
+JOBBED_SQL = _JOBBED.format(bucket=_BUCKET, count="COUNT(*)", table="proc_usage")
+#: The jobs' small records folded by [thresholds] (elsa/core/thresholds.py).
+JOBBED_FOLDED_SQL = _JOBBED.format(bucket=_BUCKET, count="SUM(p.folded)", table="proc_folded")
+
+
+def _rollup_into(acc: _OutsideJobs, db: Any, blo: int, bhi: int) -> None:
+    """Hours [blo, bhi): each hour's usage split by that hour's prime seconds."""
+    roll = db.execute(ROLLUP_SQL, (blo, bhi)).fetchall()
+    jobbed: Dict[Tuple[int, str, int], List[int]] = {}
+    lo, hi = blo * _BUCKET, bhi * _BUCKET
+    params = (hi, lo, lo, hi)
+    got = db.execute(JOBBED_SQL, params).fetchall()
+    try:
+        got += db.execute(JOBBED_FOLDED_SQL, params).fetchall()
+    except sqlite3.OperationalError:
+        pass  # a store elsad has not migrated yet (no proc_folded): nothing folded
+    for b, src, uid, *vals in got:
+        have = jobbed.setdefault((b, src, uid), [0] * len(vals))
+        for i, v in enumerate(vals):
+            have[i] += v
+    # The best source present in each hour, as `elsa summary` counts it.
+    prios = load_priorities(db)
+    best: Dict[int, str] = {}
+    for b, src, *_ in roll:
+        if b not in best or (priority(src, prios), src) < (priority(best[b], prios), best[b]):
+            best[b] = src
+    sched = acc.biller.cfg.schedule
+    ratio: Dict[int, Decimal] = {}
+    # Sum integers per (user, prime fraction) first: one Decimal pricing per pair.
+    sums: Dict[Tuple[int, Decimal], List[int]] = {}
+    for b, src, uid, *vals in roll:
+        if best[b] != src:
+            continue
+        minus = jobbed.get((b, src, uid))
+        if minus is not None:
+            vals = [v - m for v, m in zip(vals, minus)]
+        if vals[0] <= 0:
+            continue
+        p = ratio.get(b)
+        if p is None:
+            p = ratio[b] = _ratio(sched.prime_seconds(b * _BUCKET, (b + 1) * _BUCKET),
+                                  _BUCKET)
+        acc_vals = sums.setdefault((uid, p), [0] * len(vals))
+        for i, v in enumerate(vals):
+            acc_vals[i] += v
+    for (uid, p), (n, cu, cs, rd, wr, el) in sorted(sums.items()):
+        usage = {"cpu_user_us": cu, "cpu_system_us": cs, "read_bytes": rd, "write_bytes": wr}
+        acc.add(uid, usage, n, p, Decimal(el) / _US)
+
+
+def process_items(db: Any, biller: Biller, since: float, until: float
+                  ) -> List[Dict[str, Any]]:
+    """Process records outside any job that ended in [since, until): one item per user.
+
+    Whole hours come from the hourly rollup (fast at any store size), the
+    partial hours at the window's edges from the records themselves (exact).
+    """
+    acc = _OutsideJobs(biller)
+    blo, bhi = math.ceil(since / _BUCKET), math.floor(until / _BUCKET)
+    if bhi > blo:
+        if since < blo * _BUCKET:
+            _raw_into(acc, db, since, blo * _BUCKET)
+        _rollup_into(acc, db, blo, bhi)
+        if bhi * _BUCKET < until:
+            _raw_into(acc, db, bhi * _BUCKET, until)
+    else:
+        _raw_into(acc, db, since, until)
+    return acc.items()
+
+
+def group_key(item: Dict[str, Any], by: str) -> Any:
+    if by == "user":
+        return item["user"]
+    if by == "account":
+        return item["account"]
+    if by == "job":
+        return item["jid"]
+    if by.startswith("tag:"):
+        return item["tags"].get(by[4:])
+    raise ValueError(by)
+
+
+def compute(db: Any, cfg: BillingConfig, since: float, until: float, by: str,
+            tag_filter: Iterable[Tuple[str, str]] = ()) -> Dict[str, Any]:
+    """The bill of [since, until) grouped *by* user|account|job|tag:KEY."""
+    biller = Biller(cfg)
+    filters = list(tag_filter)
+    items = job_items(db, biller, since, until)
+    if not filters:
+        items += process_items(db, biller, since, until)
+    else:
+        items = [i for i in items if all(i["tags"].get(k) == v for k, v in filters)]
+    rows: Dict[Any, Dict[str, Any]] = {}
+    for it in items:
+        key = group_key(it, by)
+        if by == "job" and key is None:
+            key = ("no-job", it["uid"])
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = {"key": key, "items": [], "charge": ZERO, "parts": {},
+                               "prime_s": ZERO, "nonprime_s": ZERO, "processes": 0,
+                               "jobs": 0, "unpriced": []}
+        row["items"].append(it)
+        row["charge"] += it["charge"]
+        row["jobs"] += 1 if it["jid"] is not None else 0
+        row["processes"] += it["processes"] or 0
+        row["prime_s"] += Decimal(it["prime_s"])
+        row["nonprime_s"] += Decimal(it["nonprime_s"])
+        for r, v in it["parts"].items():
+            row["parts"][r] = row["parts"].get(r, ZERO) + v
+        for r in it["unpriced"]:
+            if r not in row["unpriced"]:
+                row["unpriced"].append(r)
+    ordered = sorted(rows.values(), key=lambda r: (-r["charge"], str(r["key"])))
+    total = sum((r["charge"] for r in ordered), ZERO)
+    return {"by": by, "since": since, "until": until, "rows": ordered, "total": total,
+            "biller": biller}

@@ -1,0 +1,314 @@
+"""``elsa ja``: the report of the job the caller runs in, while it runs (CSA's ja).
+
+elsad finds the job from the caller's own pid (its socket peer credentials,
+op ``ja``) and lists the members. Running processes count with their live
+figures: the job's cgroup counters where the job has a cgroup (the kernel's
+totals for the whole job, finished processes included), else ``/proc`` per
+member; finished processes count with their stored records, where the store is
+readable by the caller. What cannot be known is said, not guessed.
+
+    elsa ja [-s] [-c] [-f] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+from elsa.errors import ElsaError
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def live_process(pid: int, proc: str = "/proc") -> Optional[Dict[str, Any]]:
+    """A running process's figures from /proc (None when it is gone)."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    f = stat[stat.rindex(")") + 2:].split()
+    out: Dict[str, Any] = {
+        "pid": pid, "ppid": int(f[1]), "comm": comm, "running": True,
+        "cpu_user_us": int(f[11]) * 1_000_000 // _TICK,
+        "cpu_system_us": int(f[12]) * 1_000_000 // _TICK,
+        "max_rss_kb": None, "read_bytes": None, "write_bytes": None,
+    }
+    try:
+        with open(f"{proc}/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    out["max_rss_kb"] = int(line.split()[1])
+    except OSError:
+        pass
+    try:  # another user's process: not readable, and said so by null
+        with open(f"{proc}/{pid}/io", "rb") as fh:
+            for line in fh:
+                k, _, v = line.partition(b":")
+                if k == b"read_bytes":
+                    out["read_bytes"] = int(v)
+                elif k == b"write_bytes":
+                    out["write_bytes"] = int(v)
+    except OSError:
+        pass
+    return out
+
+
+def cgroup_counters(path: str) -> Optional[Dict[str, Any]]:
+    """The job cgroup's cumulative figures (cgroup v2 cpu.stat, memory.peak, io.stat)."""
+    out: Dict[str, Any] = {}
+    try:
+        with open(os.path.join(path, "cpu.stat")) as fh:
+            for line in fh:
+                k, _, v = line.partition(" ")
+                if k == "user_usec":
+                    out["cpu_user_us"] = int(v)
+                elif k == "system_usec":
+                    out["cpu_system_us"] = int(v)
+    except OSError:
+        return None
+    try:
+        with open(os.path.join(path, "memory.peak")) as fh:
+            out["max_rss_kb"] = int(fh.read()) // 1024
+    except (OSError, ValueError):
+        out["max_rss_kb"] = None
+    rb = wb = 0
+    try:
+        with open(os.path.join(path, "io.stat")) as fh:
+            for line in fh:
+                for item in line.split()[1:]:
+                    k, _, v = item.partition("=")
+                    if k == "rbytes":
+                        rb += int(v)
+                    elif k == "wbytes":
+                        wb += int(v)
+        out["read_bytes"], out["write_bytes"] = rb, wb
+    except OSError:
+        out["read_bytes"] = out["write_bytes"] = None
+    return out
+
+
+def _add(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _max(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    if a is None:
+        return b
+    return a if b is None else max(a, b)
+
+
+def _finished(jid: int, db_path: Optional[str], processes: bool) -> Dict[str, Any]:
+    """The job's stored totals (and records, when *processes*), or why there are none."""
+    from elsa.report import query
+
+    if db_path is None:
+        return {"processes": [], "usage": None, "why": "no store configured"}
+    try:
+        db = query.open_store(db_path)
+        if not processes:  # the summary needs the totals only, whatever the job's size
+            usage = query.job_usage(db, [jid]).get(jid)
+            return {"processes": None, "usage": usage and usage["usage"], "why": None}
+        detail = query.job_detail(db, jid)
+    except ElsaError as exc:
+        return {"processes": [], "usage": None, "why": exc.message}
+    if detail is None:
+        return {"processes": [], "usage": None, "why": None}
+    return {"processes": detail["processes"], "usage": detail["usage"], "why": None}
+
+
+def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = None,
+          billing: Any = None, processes: bool = True) -> Dict[str, Any]:
+    """The report from elsad's ``ja`` answer, /proc, the cgroup and the store.
+
+    Without *processes* (``ja -s``) the finished part is the store's job totals
+    instead of each record: ``commands`` and ``flow`` then list running
+    processes only."""
+    now = time.time() if now is None else now
+    job = reply["job"]
+    jid = job["jid"] if isinstance(job["jid"], int) else int(job["jid"], 16)
+    live = [p for p in (live_process(pid) for pid in job.get("pids", [])) if p is not None]
+    live_pids = {p["pid"] for p in live}
+    fin = _finished(jid, db_path, processes)
+    done = [dict(p, running=False) for p in fin["processes"] or () if p["pid"] not in live_pids]
+    notes: List[str] = []
+    if fin["why"]:
+        notes.append(f"finished processes not included: {fin['why']}")
+    cg_path = (job.get("params") or {}).get("cgroup_path")
+    cg = cgroup_counters(cg_path) if cg_path else None
+    summary: Dict[str, Any] = {"cpu_user_us": None, "cpu_system_us": None,
+                               "max_rss_kb": None, "read_bytes": None, "write_bytes": None}
+    if cg is not None:
+        summary.update(cg)
+        figures = "cgroup"
+    else:
+        figures = "processes"
+        # Finished: the stored totals (every record, folded ones too); running: /proc.
+        parts = live + ([fin["usage"]] if fin["usage"] else [])
+        for p in parts:
+            for k in ("cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
+                summary[k] = _add(summary[k], p.get(k))
+            summary["max_rss_kb"] = _max(summary["max_rss_kb"], p.get("max_rss_kb"))
+    usage = fin["usage"] or {}
+    summary["coremem_mib_s"] = (None if usage.get("coremem_kb_us") is None
+                                else usage["coremem_kb_us"] / 1024 / 1e6)
+    summary["processes_running"] = len(live)
+    summary["processes_finished"] = None if fin["why"] else (usage.get("processes") or 0)
+    created = job.get("created")
+    elapsed = None if created is None else (job.get("ended") or now) - created
+    charge = None
+    if billing is not None and elapsed is not None:
+        charge = _charge(billing, job, summary, created, now)
+    commands: Dict[str, Dict[str, Any]] = {}
+    for p in live + done:
+        c = commands.setdefault(p["comm"], {"command": p["comm"], "count": 0, "running": 0,
+                                            "cpu_user_us": None, "cpu_system_us": None,
+                                            "max_rss_kb": None, "read_bytes": None,
+                                            "write_bytes": None})
+        c["count"] += 1
+        c["running"] += 1 if p["running"] else 0
+        for k in ("cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
+            c[k] = _add(c[k], p.get(k))
+        c["max_rss_kb"] = _max(c["max_rss_kb"], p.get("max_rss_kb"))
+    return {
+        "jid": job.get("jid_hex") or job["jid"], "name": job.get("name"),
+        "owner_uid": job.get("owner_uid"), "tags": job.get("tags", {}),
+        "state": job.get("state"), "start": created, "elapsed_s": elapsed,
+        "figures_from": figures, "summary": summary, "charge": charge,
+        "commands": sorted(commands.values(), key=lambda c: -((c["cpu_user_us"] or 0)
+                                                              + (c["cpu_system_us"] or 0))),
+        "flow": flow(live + done), "notes": notes,
+    }
+
+
+def _charge(billing: Any, job: Dict[str, Any], summary: Dict[str, Any], created: float,
+            now: float) -> Optional[str]:
+    from decimal import Decimal
+
+    from elsa.billing.bill import Biller, cores_allowed, quantities
+
+    b = Biller(billing)
+    end = job.get("ended") or now
+    wall = max(0.0, end - created)
+    p = (Decimal(billing.schedule.prime_seconds(created, end)) / Decimal(wall)) if wall else \
+        Decimal(1 if billing.schedule.is_prime(created) else 0)
+    q = quantities(summary, Decimal(wall), cores_allowed(job.get("params") or {}), True)
+    parts, _ = b.price(q, p)
+    tags = {str(k): str(v) for k, v in (job.get("tags") or {}).items()}
+    return str(b.round(sum(parts.values(), Decimal(0)) * b.multiplier(tags)))
+
+
+def flow(procs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The process tree (roots: processes whose parent is not in the job)."""
+    nodes = {}
+    for p in sorted(procs, key=lambda p: (p.get("start_time") or 0, p["pid"])):
+        nodes[p["pid"]] = {"pid": p["pid"], "ppid": p.get("ppid"), "command": p["comm"],
+                           "running": p["running"],
+                           "cpu_us": _add(p.get("cpu_user_us"), p.get("cpu_system_us")),
+                           "children": []}
+    roots = []
+    for n in nodes.values():
+        parent = nodes.get(n["ppid"]) if n["ppid"] != n["pid"] else None
+        (parent["children"] if parent is not None else roots).append(n)
+    return roots
+
+
+def _us(v: Optional[int]) -> str:
+    return "-" if v is None else f"{v / 1e6:.2f}s"
+
+
+def _kb(v: Optional[int]) -> str:
+    from elsa.report.sacct import fmt_size
+
+    return "-" if v is None else fmt_size(v * 1024)
+
+
+def _b(v: Optional[int]) -> str:
+    from elsa.report.sacct import fmt_size
+
+    return fmt_size(v)
+
+
+def print_report(r: Dict[str, Any], show: str, out) -> None:
+    from elsa.report.sacct import fmt_duration, fmt_time
+
+    if "s" in show:
+        s = r["summary"]
+        out.write(f"Job ID        {r['jid']}\nName          {r['name'] or '-'}\n"
+                  f"State         {r['state']}\nStart         {fmt_time(r['start'])}\n"
+                  f"Elapsed       {fmt_duration(r['elapsed_s'])}\n"
+                  f"User CPU      {_us(s['cpu_user_us'])}\n"
+                  f"System CPU    {_us(s['cpu_system_us'])}\n"
+                  f"Peak memory   {_kb(s['max_rss_kb'])}\n"
+                  f"Memory integ. {'-' if s['coremem_mib_s'] is None else format(s['coremem_mib_s'], '.1f') + ' MiB-s'}\n"  # noqa: E501
+                  f"Read          {_b(s['read_bytes'])}\nWritten       {_b(s['write_bytes'])}\n"
+                  f"Processes     {s['processes_running']} running, "
+                  f"{'-' if s['processes_finished'] is None else s['processes_finished']} "
+                  f"finished\nCharge so far {r['charge'] if r['charge'] is not None else '-'}\n"
+                  f"(figures from the job's {r['figures_from']})\n")
+    if "c" in show:
+        from elsa.report.cli import _table
+
+        out.write("\n" if "s" in show else "")
+        _table([[c["command"], str(c["count"]), str(c["running"]), _us(c["cpu_user_us"]),
+                 _us(c["cpu_system_us"]), _kb(c["max_rss_kb"]), _b(c["read_bytes"]),
+                 _b(c["write_bytes"])] for c in r["commands"]],
+               ["COMMAND", "COUNT", "RUNNING", "USER", "SYS", "MAXRSS", "READ", "WRITE"], out)
+    if "f" in show:
+        out.write("\n" if show != "f" else "")
+
+        def walk(n: Dict[str, Any], depth: int) -> None:
+            out.write(f"{'  ' * depth}{n['command']} [{n['pid']}] {_us(n['cpu_us'])}"
+                      f"{' (running)' if n['running'] else ''}\n")
+            for ch in n["children"]:
+                walk(ch, depth + 1)
+
+        for root in r["flow"]:
+            walk(root, 0)
+    for note in r["notes"]:
+        out.write(f"note: {note}\n")
+
+
+def cmd_ja(args: argparse.Namespace, out) -> int:
+    from elsa import config
+    from elsa.billing import rates
+    from elsa.client import Client, RequestFailed, default_socket
+
+    if args.csv:
+        raise ElsaError("elsa ja prints a table or --json, not --csv")
+    cfg = config.load(config.resolve_path(args.config))
+    sock = args.socket or default_socket(args.config)
+    try:
+        with Client(sock, timeout=10.0) as c:
+            reply = c.call("ja")
+    except RequestFailed as exc:
+        if exc.code == "not-in-job":
+            raise ElsaError("not inside an ELSA job: run 'elsa ja' from a process of the "
+                            "job (e.g. within 'elsa-jobmng run -- CMD')") from None
+        raise ElsaError(str(exc)) from None
+    db_path = args.db or os.path.join(args.state_dir or cfg.state_dir, "elsa.db")
+    detail = args.json or args.c or args.f
+    report = build(reply, db_path, billing=rates.from_config(cfg), processes=bool(detail))
+    if args.json:
+        json.dump(report, out)
+        out.write("\n")
+        return 0
+    show = "".join(k for k in "scf" if getattr(args, k)) or "s"
+    print_report(report, show, out)
+    return 0
+
+
+def add_parser(sub: Any, parents: List[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("ja", parents=parents,
+                       help="report the job this command runs in, while it runs (CSA ja)")
+    s.add_argument("-s", action="store_true", help="summary (the default)")
+    s.add_argument("-c", action="store_true", help="per-command report")
+    s.add_argument("-f", action="store_true", help="command flow: the process tree")
+    s.add_argument("--socket", metavar="PATH", help="elsad's control socket")
+    s.set_defaults(func=cmd_ja)

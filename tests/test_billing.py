@@ -1,0 +1,292 @@
+"""`elsa bill` against figures computed by hand (docs/billing.md has the same example).
+
+Schedule (UTC): weekdays 08:00-18:00 prime, weekends non-prime; the CSA
+holidays file makes Thu 2026-11-26 a holiday. Rates: cpu_user 0.01 prime /
+0.004 non-prime per s; cpu_system 0.02; mem_peak 0.001 prime / 0 non-prime
+per MiB-hour; job 1 prime / 0.5 non-prime; queue=debug multiplier 0.5.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import pytest
+
+from elsa import config
+from elsa.billing import rates
+from elsa.billing.bill import Biller
+from elsa.billing.schedule import parse_holidays
+from elsa.core.store import migrate
+from elsa.errors import ConfigError
+from elsa.report.cli import main
+from elsa.report.query import user_name
+
+HOLIDAYS = """HOLIDAYFILE_VERSION1
+*  Prime/non-prime table, CSA format
+YEAR 2026
+weekday   0800  1800
+saturday  none  all
+sunday    none  all
+*  day-of-year  month day  name
+330  Nov 26  Thanksgiving
+"""
+
+CONFIG = """
+state_dir = "{state}"
+[billing]
+unit = "SBU"
+timezone = "UTC"
+holidays = "{holidays}"
+[billing.rates]
+cpu_user = 0.01
+cpu_system = 0.02
+mem_peak = 0.001
+job = 1
+[billing.nonprime]
+cpu_user = 0.004
+cpu_system = 0.02
+job = 0.5
+[billing.multipliers.queue]
+debug = 0.5
+"""
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+
+def _proc(db, jid, source, pid, start, end, cu, cs, rss, uid=1000):
+    db.execute("INSERT INTO proc_usage(source, jid, pid, start_time, end_time, uid, comm, "
+               "cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb) "
+               "VALUES (?, ?, ?, ?, ?, ?, 'x', ?, ?, ?, ?)",
+               (source, jid, pid, start, end, uid, cu, cs, int((end - start) * 1e6), rss))
+
+
+def _job(db, jid, uid, tags, start, end):
+    db.execute("INSERT INTO jobs VALUES (?, 'j', ?, ?, ?, ?, 'ended', 'cnproc', '{}', 1)",
+               (jid, uid, json.dumps(tags), start, end))
+
+
+@pytest.fixture
+def site(tmp_path):
+    hol = tmp_path / "csa.holidays"
+    hol.write_text(HOLIDAYS)
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = tmp_path / "elsa.toml"
+    cfg.write_text(CONFIG.format(state=state, holidays=hol))
+    db = sqlite3.connect(str(state / "elsa.db"), isolation_level=None)
+    migrate(db, str(state / "elsa.db"))
+    # A: Wed 17:00-19:00, one hour prime and one non-prime.
+    a0, a1 = ts("2026-11-25T17:00"), ts("2026-11-25T19:00")
+    _job(db, 1, 1000, {"queue": "normal", "account": "chem"}, a0, a1)
+    _proc(db, 1, "taskstats", 100, a0, a1, 1000_000_000, 100_000_000, 1024 * 1024)
+    # B: on the holiday, queue debug (x0.5), no memory figure.
+    b0, b1 = ts("2026-11-26T10:00"), ts("2026-11-26T11:00")
+    _job(db, 2, 1000, {"queue": "debug", "account": "chem"}, b0, b1)
+    _proc(db, 2, "taskstats", 101, b0, b1, 500_000_000, 0, None)
+    # C: Fri 09:00-09:30, all prime.
+    c0, c1 = ts("2026-11-27T09:00"), ts("2026-11-27T09:30")
+    _job(db, 3, 1001, {"account": "physics"}, c0, c1)
+    _proc(db, 3, "taskstats", 102, c0, c1, 1_000_000, 333_333, 1024, uid=1001)
+    # Outside jobs, uid 1001: P1 Saturday noon (also reported by bsdacct: billed once),
+    # P2 across Friday's 18:00 boundary.
+    p0, p1 = ts("2026-11-28T12:00"), ts("2026-11-28T12:10")
+    _proc(db, None, "taskstats", 200, p0, p1, 100_000_000, 0, None, uid=1001)
+    _proc(db, None, "bsdacct", 200, p0, p1, 100_000_000, 0, None, uid=1001)
+    q0, q1 = ts("2026-11-27T17:30"), ts("2026-11-27T18:30")
+    _proc(db, None, "taskstats", 201, q0, q1, 200_000_000, 10_000_000, 2048, uid=1001)
+    # Outside the month: not billed.
+    _job(db, 4, 1000, {}, ts("2026-11-30T23:00"), ts("2026-12-01T01:00"))
+    _proc(db, 4, "taskstats", 103, ts("2026-11-30T23:00"), ts("2026-12-01T01:00"),
+          9_000_000_000, 0, 1)
+    db.close()
+    return str(cfg)
+
+
+def _bill(capsys, cfg, *extra):
+    assert main(["bill", "--config", cfg, "--period", "2026-11", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bill_by_job_hand_computed(site, capsys):
+    data = _bill(capsys, site, "--by", "job")
+    rows = {r["key"]: r for r in data["rows"]}
+    from elsa.core.model import format_jid
+
+    a, b, c = rows[format_jid(1)], rows[format_jid(2)], rows[format_jid(3)]
+    # A: cpu_user 1000 s x (0.5 x 0.01 + 0.5 x 0.004) = 7; cpu_system 100 x 0.02 = 2;
+    # mem 1024 MiB x 2 h x 0.5 x 0.001 = 1.024; job 0.5 x 1 + 0.5 x 0.5 = 0.75.
+    assert (a["prime_s"], a["nonprime_s"]) == (3600, 3600)
+    assert a["charges"] == {"cpu_user": "7.00", "cpu_system": "2.00", "mem_peak": "1.02",
+                            "job": "0.75"}
+    assert a["charge"] == "10.77"  # 10.774
+    # B: holiday, all non-prime: (500 x 0.004 + 0.5) x 0.5; memory unknown, not charged.
+    assert (b["prime_s"], b["nonprime_s"]) == (0, 3600)
+    assert b["charge"] == "1.25" and b["unpriced"] == ["mem_peak"]
+    assert b["multiplier"] == "0.5"
+    # C: 0.01 + 0.333333 x 0.02 + 0.5 h x 1 MiB x 0.001 + 1 = 1.01716666 -> 1.02
+    assert c["charge"] == "1.02"
+    nojob = [r for r in data["rows"] if r["key"] is None]
+    assert len(nojob) == 1
+    # Whole hours: from the hourly rollup, each hour split by its prime seconds.
+    # P1: 100 s x 0.004 = 0.4 (once, not per source); P2 ended in Friday's 18:00 hour,
+    # all non-prime: 200 x 0.004 + 10 x 0.02 = 1.0; no memory figure in the rollup.
+    assert nojob[0]["charge"] == "1.40" and nojob[0]["processes"] == 2
+    assert nojob[0]["unpriced"] == ["mem_peak"]
+    assert data["total"] == "14.44"
+    assert format_jid(4) not in rows
+
+
+def test_per_job_charges_sum_to_user_totals(site, capsys):
+    users = {r["key"]: r for r in _bill(capsys, site, "--by", "user")["rows"]}
+    assert users[user_name(1000)]["charge"] == "12.02"
+    assert users[user_name(1001)]["charge"] == "2.42"
+    jobs = _bill(capsys, site, "--by", "job")
+    for name, row in users.items():
+        mine = [Decimal(r["charge"]) for r in jobs["rows"] if r["user"] == name]
+        assert sum(mine) == Decimal(row["charge"])
+    accounts = {r["key"]: r["charge"] for r in _bill(capsys, site, "--by", "account")["rows"]}
+    assert accounts == {"chem": "12.02", "physics": "1.02", None: "1.40"}
+    queues = {r["key"]: r["charge"] for r in _bill(capsys, site, "--by", "tag:queue")["rows"]}
+    assert queues["debug"] == "1.25" and queues["normal"] == "10.77"
+
+
+def test_bill_states_rate_table_and_filters(site, capsys):
+    data = _bill(capsys, site, "--tag", "queue=debug")
+    assert data["total"] == "1.25"
+    rt = data["rate_table"]
+    assert rt["resources"]["cpu_user"] == {"base_unit": "CPU second", "prime": "0.01",
+                                           "nonprime": "0.004"}
+    assert rt["holiday_files"][0]["holidays"] == ["2026-11-26"]
+    assert main(["bill", "--config", site, "--period", "2026-11"]) == 0
+    out = capsys.readouterr().out
+    assert "TOTAL 14.44 SBU" in out and "rate table" in out
+    assert main(["bill", "--config", site, "--period", "2026-11", "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# rate table") and lines[1].startswith("key,")
+
+
+def test_partial_hours_split_each_process_by_its_seconds(site, capsys):
+    # A window not on whole hours: its edges are billed from the records, exactly.
+    # P2 (Fri 17:30-18:30) half prime: 200 x 0.007 = 1.4; 10 x 0.02 = 0.2;
+    # 2 MiB x 1 h x 0.5 x 0.001 = 0.001; 1.601 -> 1.60.
+    assert main(["bill", "--config", site, "--json", "--by", "job",
+                 "--since", "2026-11-27T17:15+00:00", "--until", "2026-11-27T18:45+00:00"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (row,) = data["rows"]
+    assert row["key"] is None and row["charge"] == "1.60" and row["processes"] == 1
+    assert (row["prime_s"], row["nonprime_s"]) == (1800, 1800)
+    # Whole hours in the middle come from the rollup, the edges from the records.
+    assert main(["bill", "--config", site, "--json", "--since",
+                 "2026-11-27T17:59:59+00:00", "--until", "2026-11-28T12:05+00:00"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total"] == "1.00"  # P2 1.0 (its hour), P1 (ends 12:10) not in the window
+
+
+def test_rounding_is_half_even():
+    b = Biller(rates.BillingConfig(decimals=2))
+    assert b.round(Decimal("0.125")) == Decimal("0.12")
+    assert b.round(Decimal("0.135")) == Decimal("0.14")
+
+
+def test_holidays_file_schedule():
+    hy = parse_holidays(HOLIDAYS, "h")
+    assert hy.year == 2026 and hy.windows["weekday"] == (8 * 3600, 18 * 3600)
+    import zoneinfo
+
+    from elsa.billing.schedule import Schedule
+
+    s = Schedule({"weekday": (0, 86400), "saturday": (0, 86400), "sunday": (0, 86400)}, [hy],
+                 zoneinfo.ZoneInfo("UTC"))
+    assert s.prime_seconds(ts("2026-11-25T07:00"), ts("2026-11-25T19:00")) == 10 * 3600
+    assert s.prime_seconds(ts("2026-11-26T07:00"), ts("2026-11-26T19:00")) == 0
+    # A Monday 2027 has no file: the [billing.schedule] table (here: all prime) applies.
+    assert s.prime_seconds(ts("2027-01-04T00:00"), ts("2027-01-04T01:00")) == 3600
+
+
+@pytest.mark.parametrize("text,where", [
+    ("HOLIDAYFILE_VERSION1\nYEAR 2026\nweekday 0800\n", "h:3: weekday"),
+    ("HOLIDAYFILE_VERSION1\nYEAR 2026\nweekday 1800 0800\n", "h:3"),
+    ("HOLIDAYFILE_VERSION1\nYEAR 26\n", "h:2: expected 'YEAR yyyy'"),
+    ("HOLIDAYFILE_VERSION1\nYEAR 2026\nweekday 0800 1800\nsaturday none all\n"
+     "sunday none all\n331 Nov 26 Thanksgiving\n", "h:6: day-of-year 331 is not Nov 26"),
+    ("HOLIDAYFILE_VERSION1\nYEAR 2026\nmonday 0800 1800\n", "h:3: unknown line"),
+    ("YEAR 2026\n", "HOLIDAYFILE_VERSION1 is missing"),
+])
+def test_malformed_holidays_name_file_and_line(text, where):
+    with pytest.raises(ConfigError) as err:
+        parse_holidays(text, "h")
+    assert where in err.value.message
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("[billing.rates]\ngpu = 1\n", "unknown key 'billing.rates.gpu'"),
+    ("[billing.rates]\ncpu_user = -1\n", "key 'billing.rates.cpu_user' must be 0 or more"),
+    ("[billing.nonprime]\njob = \"x\"\n", "must be a decimal number"),
+    ("[billing.multipliers.queue]\ndebug = -0.5\n", "'queue.debug' must be 0 or more"),
+    ("[billing.schedule]\nweekday = \"7:30 17:30\"\n", "billing.schedule.weekday"),
+    ("[billing]\nholidays = \"/nonexistent/csa.holidays\"\n", "cannot read holidays file"),
+    ("[billing]\nrate = 1\n", "unknown key 'billing.rate'"),
+])
+def test_bad_billing_config_refused_at_load(tmp_path, body, msg):
+    f = tmp_path / "elsa.toml"
+    f.write_text(body)
+    with pytest.raises(ConfigError) as err:
+        config.load(str(f))
+    assert str(f) in err.value.message and msg in err.value.message
+
+
+def test_bad_holidays_line_refused_at_config_load(tmp_path):
+    hol = tmp_path / "csa.holidays"
+    hol.write_text(HOLIDAYS.replace("330  Nov 26", "330  Nov"))
+    f = tmp_path / "elsa.toml"
+    f.write_text(f'[billing]\nholidays = "{hol}"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(str(f))
+    assert f"{hol}:8: expected a holiday line" in err.value.message
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("[billing.rates]\ncpu_user = -0.5\n", "key 'billing.rates.cpu_user' must be 0 or more"),
+    ("[billing]\nholidays = \"{hol}\"\n", ":8: expected a holiday line"),
+])
+def test_elsad_and_elsa_refuse_a_bad_rate_table(tmp_path, body, msg):
+    import subprocess
+    import sys
+
+    hol = tmp_path / "csa.holidays"
+    hol.write_text(HOLIDAYS.replace("330  Nov 26", "330  Nov"))
+    sock, state = tmp_path / "s.sock", tmp_path / "st"
+    cfg = tmp_path / "elsa.toml"
+    cfg.write_text(f'socket = "{sock}"\nstate_dir = "{state}"\n' + body.format(hol=hol))
+    res = subprocess.run([sys.executable, "-m", "elsa.elsad", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and msg in res.stderr and str(cfg) in res.stderr
+    assert not sock.exists() and not state.exists()
+    res = subprocess.run([sys.executable, "-m", "elsa.report.cli", "bill", "--config",
+                          str(cfg), "--period", "2026-11"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and msg in res.stderr and res.stdout == ""
+
+
+def test_folded_job_records_are_not_billed_twice(site, capsys):
+    # [thresholds] folded small records of job 1 (into proc_folded): they reach the hourly
+    # rollup and job 1's totals, and are not billed again as processes outside jobs.
+    cfg = config.load(site)
+    db = sqlite3.connect(f"{cfg.state_dir}/elsa.db", isolation_level=None)
+    end = ts("2026-11-25T18:30")
+    db.execute("INSERT INTO proc_folded(source, jid, uid, comm, start_time, end_time, folded, "
+               "mem_kb_sum, cpu_user_us, cpu_system_us, elapsed_us) VALUES ('taskstats', 1, "
+               "1000, 'sh', ?, ?, 50, 0, 100000000, 0, 1000000)", (end - 60, end))
+    db.close()
+    data = _bill(capsys, site, "--by", "job")
+    rows = {r["key"]: r for r in data["rows"]}
+    from elsa.core.model import format_jid
+
+    # Job 1 now has 100 s more user CPU: 100 x 0.007 = 0.7 more (10.774 + 0.7 = 11.474).
+    assert rows[format_jid(1)]["charge"] == "11.47"
+    assert rows[None]["charge"] == "1.40"  # outside jobs: as before

@@ -1,0 +1,81 @@
+"""`elsa ja` from inside a job (real elsad, real processes) and outside one; `tag`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.root
+BIN = Path(sys.executable).parent
+
+
+def _env():
+    return dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+
+
+def test_ja_inside_and_outside_a_job(elsad, tmp_path):
+    d = elsad(extra="[sources.taskstats]\n")
+    cfg = str(d.config_path)
+    r = subprocess.run(["elsa", "ja", "--config", cfg], env=_env(), capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and "not inside an ELSA job" in r.stderr
+    out = tmp_path / "ja.json"
+    # In the job: a finished child (true), a running one (sleep), then ja itself.
+    script = (f"/bin/true; sleep 30 & elsa ja --config {cfg} --json > {out}; "
+              f"elsa ja --config {cfg} -s -c -f > {out}.txt; kill $!")
+    r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "run", "--name", "jajob", "--tag",
+                        "account=chem", "--", "sh", "-c", script], env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["name"] == "jajob" and rep["tags"]["account"] == "chem"
+    assert rep["state"] == "running" and rep["elapsed_s"] >= 0
+    s = rep["summary"]
+    assert s["processes_running"] >= 3  # sh, sleep, elsa ja
+    for key in ("cpu_user_us", "cpu_system_us", "max_rss_kb", "read_bytes", "write_bytes",
+                "coremem_mib_s", "processes_finished"):
+        assert key in s
+    assert s["cpu_user_us"] is not None and s["cpu_user_us"] > 0  # ja's own CPU at least
+    cmds = {c["command"] for c in rep["commands"]}
+    assert {"sh", "sleep"} <= cmds
+    (root,) = rep["flow"]
+    assert root["command"] == "sh"
+    assert {c["command"] for c in root["children"]} >= {"sleep"}
+    text = Path(f"{out}.txt").read_text()
+    assert "Job ID" in text and "COMMAND" in text and "sleep [" in text
+
+
+def test_tag_after_the_fact(elsad):
+    d = elsad()
+    r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "run", "--tag", "queue=a", "--",
+                        "echo"], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0
+    with d.client() as c:
+        jid = c.list(all=True)[-1]["jid"]
+        wait_for(lambda: c.show(jid)["state"] == "ended", 10, what="the job to end")
+        job = c.tag(jid, {"account": "chem", "queue": ""})
+    assert job["tags"] == {"account": "chem"}
+    r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "--json", "tag", jid,
+                        "project=x"], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tags"] == {"account": "chem", "project": "x"}
+    # Stored: the report side sees it too.
+    r = subprocess.run(["elsa", "jobs", "--state-dir", d.state_dir, "--format",
+                        "jid,account", "-P", "-n"], env=_env(), capture_output=True, text=True)
+    assert r.stdout.strip().endswith("|chem")
+    # Another user may not tag root's job (run as nobody where this Python allows it).
+    try:
+        r = subprocess.run([sys.executable, "-m", "elsa.jobmng", "--socket", d.socket, "tag",
+                            jid, "a=b"], user=65534, capture_output=True, text=True)
+    except PermissionError:
+        return
+    if "Permission denied" in r.stderr and "python" in r.stderr:
+        return
+    assert r.returncode != 0 and "may only manage its own jobs" in r.stderr
