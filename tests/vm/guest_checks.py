@@ -487,8 +487,9 @@ def _limit_in_force(log: Log, pid: int, limit: int) -> None:
 @check
 def limit_escape_run_and_attach(log: Log) -> None:
     """A user's process in a systemd scope with MemoryMax=64M must stay under that
-    limit when the user runs or attaches it to an ELSA job (Hardening, 'A user
-    escapes the limits of their own cgroup')."""
+    limit when the user runs or attaches it to an ELSA job: elsad acts as root, and a
+    non-root caller must never leave the limits that apply to its process (a job
+    nested where the limits hold, or a refusal that says why)."""
     limit = 64 << 20
     log.sh(f"id {USER} || useradd --no-create-home {USER}")
     scope = f"systemd-run --scope --quiet --slice=elsavm.slice -p MemoryMax={limit} --uid={USER}"
