@@ -116,6 +116,7 @@ PLUGIN_TABLES = ("backends", "sources")
 # when the config has the section (or to render the example), so that a command
 # that needs none of them does not pay for their imports. A feature adds one line.
 SECTIONS: Dict[str, str] = {
+    "apps": "elsa.apps.options:OPTIONS",
     "billing": "elsa.billing.rates:OPTIONS",
     "billing.rates": "elsa.billing.rates:RATE_OPTIONS",
     "billing.nonprime": "elsa.billing.rates:NONPRIME_OPTIONS",

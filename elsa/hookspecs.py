@@ -19,6 +19,7 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from elsa.core.backend import BackendSpec
+    from elsa.core.listener import EventListener, ListenerContext
     from elsa.core.model import Job, ProcessId
     from elsa.core.source import SourceSpec
 
@@ -52,6 +53,24 @@ def elsa_sources() -> List[SourceSpec]:
 
     :return: a list of :class:`elsa.core.source.SourceSpec`; the config's
         ``sources`` list enables them by name.
+    """
+
+
+@hookspec
+def elsa_event_listeners(ctx: ListenerContext) -> List[EventListener]:
+    """Return listeners for the exec and exit events of every process.
+
+    Called once when elsad starts, from the main thread, after the store and
+    the job manager exist and before events are read. Each listener's
+    ``on_exec``/``on_exit`` then run on the event thread for every exec and
+    exit on the machine (a fork or exec storm: keep them cheap, never block);
+    ``stop`` runs when the daemon stops, before the store closes. Return an
+    empty list when the feature is switched off in the config.
+
+    :param ctx: :class:`elsa.core.listener.ListenerContext` (config, procfs,
+        store, boot id, host id, ``job_of(pid)``, ``add_timer``).
+    :return: a list of :class:`elsa.core.listener.EventListener`; the lists of
+        all plugins are concatenated.
     """
 
 

@@ -115,6 +115,9 @@ class PluginHost:
     def sources(self) -> Mapping[str, Any]:
         return self._specs("elsa_sources", "source")
 
+    def event_listeners(self, ctx: Any) -> List[Any]:
+        return [lst for lists in self._call("elsa_event_listeners", ctx=ctx) for lst in lists]
+
     def _specs(self, hook_name: str, kind: str) -> Mapping[str, Any]:
         out: Dict[str, Any] = {}
         for specs in self._call(hook_name):

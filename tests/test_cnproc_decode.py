@@ -162,7 +162,7 @@ def test_fast_path_agrees_with_decode():
     f, e, x = described
     assert sink.calls == [
         ("fork", (f.parent_tgid, f.child_pid, f.child_tgid, f.timestamp_ns)),
-        ("exec", (e.pid, e.tgid)),
+        ("exec", (e.pid, e.tgid, e.timestamp_ns)),
         ("exit", (x.pid, x.tgid, x.exit_code, x.timestamp_ns)),
     ]
     # The captured EXIT has seq 0xfaa after EXEC's 0xfa8: 0xfa9 was not

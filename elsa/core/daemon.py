@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from elsa import __version__
 from elsa.config import Config, validate_table
@@ -63,6 +63,7 @@ class Daemon:
         self.backend_reason = ""  # why this backend (config or the 'auto' choice)
         self.manager: Optional[JobManager] = None
         self.sources: Dict[str, Any] = {}
+        self.listeners: List[Any] = []  # elsa_event_listeners (elsa/core/listener.py)
         self.source_status: Callable[[], Dict[str, Any]] = lambda: {}
 
     # -- start-up ---------------------------------------------------------------------------
@@ -116,6 +117,7 @@ class Daemon:
                                           hold=make_hold(connector, cfg.burst_hold),
                                           priority=self.priority)
         recovered = manager.recover()
+        self._start_listeners(boot_id)
         if self.self_test:
             events.self_test()
         loop.attach_events(events)
@@ -147,6 +149,18 @@ class Daemon:
                  **recovered)
         self.host.daemon_ready(self.status())
         sdnotify.notify("READY=1", f"STATUS=tracking {len(manager.jobs)} jobs")
+
+    def _start_listeners(self, boot_id: str) -> None:
+        from elsa.core.listener import ListenerContext
+        from elsa.core.usage import priorities_of
+
+        assert self.store is not None and self.manager is not None and self.events is not None
+        self.listeners = self.host.event_listeners(ListenerContext(
+            config=self.config, procfs=self.procfs, store=self.store, boot_id=boot_id,
+            host_id=self.manager.allocator.host, job_of=self.manager.job_of,
+            add_timer=self.loop.add_timer,
+            source_priority=priorities_of(self.host.sources())))
+        self.events.add_listeners(self.listeners)
 
     def _start_sources(self) -> None:
         """Start the accounting sources named in ``sources`` (see elsa/core/source.py)."""
@@ -202,6 +216,7 @@ class Daemon:
             "plugins": self.host.plugin_names(),
             "plugin_failures": dict(self.host.failures),
             "sources": self.source_status(),
+            "listeners": {lst.name: lst.status() for lst in self.listeners},
             "store": {"path": self.store.path if self.store else None,
                       "schema": self.store.schema_version if self.store else None},
         }
@@ -251,6 +266,11 @@ class Daemon:
     def stop(self, reason: str) -> None:
         sdnotify.notify("STOPPING=1")
         self.host.daemon_stopping(reason)
+        for lst in self.listeners:
+            try:
+                lst.stop()
+            except Exception as exc:
+                log.exception("listener failed to stop", listener=lst.name, error=str(exc))
         for name, src in self.sources.items():
             try:
                 src.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import selectors
 import subprocess
 import time
-from typing import Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from elsa.core.burst import BurstHold
 from elsa.core.manager import JobManager
@@ -75,8 +75,24 @@ class ProcEvents:
         return self.connector.queued()[0]
 
     # -- event path ----------------------------------------------------------------------------
-    def on_exec(self, pid: int, tgid: int) -> None:
+    def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None:
         return None
+
+    def add_listeners(self, listeners: List[Any]) -> None:
+        """Call *listeners* (elsa/core/listener.py) for every exec and exit,
+        after the manager. Without listeners the sink stays as it is."""
+        if not listeners:
+            return
+        manager = self.manager
+        on_exit, on_exec = _with_listeners(manager.on_exit, listeners)
+        self._sink = _Sink(manager.on_fork, on_exit, on_exec, self.on_loss)
+        prompt = [lst.name for lst in listeners if lst.prompt]
+        if prompt and self.hold is not None:
+            # A listener that reads /proc at each event would find a held
+            # burst's short-lived processes gone by the time it is read.
+            log.info("burst hold off: an event listener reads /proc at each event",
+                     listeners=prompt)
+            self.hold = None
 
     def on_loss(self, event: LossEvent) -> None:
         self.loss_events += 1
@@ -190,3 +206,41 @@ class ProcEvents:
             m.on_exit(ev.pid, ev.tgid, ev.exit_code, ev.timestamp_ns)
         elif isinstance(ev, LossEvent):
             self.on_loss(ev)
+
+
+def _with_listeners(manager_exit: Callable[[int, int, int, int], None],
+                    listeners: List[Any]) -> Tuple[Callable[..., None], Callable[..., None]]:
+    """The sink's (on_exit, on_exec) with the listeners called after the manager.
+
+    A raising listener is logged and isolated here (the hot path's one guard),
+    so it can stop neither the daemon nor the manager's bookkeeping."""
+    def guarded(method: Callable[..., None], name: str) -> Callable[..., None]:
+        def call(*args: int) -> None:
+            try:
+                method(*args)
+            except Exception as exc:
+                log.exception("event listener raised; isolated", listener=name,
+                              error=f"{type(exc).__name__}: {exc}")
+        return call
+
+    execs = [guarded(lst.on_exec, lst.name) for lst in listeners]
+    exits = [guarded(lst.on_exit, lst.name) for lst in listeners]
+    if len(listeners) == 1:
+        (one_exec,), (one_exit,) = execs, exits
+
+        def on_exit(pid: int, tgid: int, code: int, ts: int) -> None:
+            manager_exit(pid, tgid, code, ts)
+            one_exit(pid, tgid, code, ts)
+
+        return on_exit, one_exec
+
+    def on_exit_all(pid: int, tgid: int, code: int, ts: int) -> None:
+        manager_exit(pid, tgid, code, ts)
+        for f in exits:
+            f(pid, tgid, code, ts)
+
+    def on_exec_all(pid: int, tgid: int, ts: int) -> None:
+        for f in execs:
+            f(pid, tgid, ts)
+
+    return on_exit_all, on_exec_all

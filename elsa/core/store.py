@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from elsa.apps.record import MIGRATION as APPS_MIGRATION
 from elsa.core.model import Job
 from elsa.core.thresholds import MIGRATION as THRESHOLDS_MIGRATION
 from elsa.errors import StoreError
@@ -207,6 +208,8 @@ MIGRATIONS: List[str] = [
     # -- end of migration 2 (issue 5) ---------------------------------------------------
     # 3: folded small records ([thresholds]; owned by elsa/core/thresholds.py).
     THRESHOLDS_MIGRATION,
+    # 4: application records (app_runs; owned by elsa/apps/record.py).
+    APPS_MIGRATION,
 ]
 
 

@@ -156,7 +156,7 @@ class EventSink(Protocol):
 
     def on_fork(self, parent_tgid: int, child_pid: int, child_tgid: int, ts_ns: int) -> None: ...
     def on_exit(self, pid: int, tgid: int, exit_code: int, ts_ns: int) -> None: ...
-    def on_exec(self, pid: int, tgid: int) -> None: ...
+    def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None: ...
     def on_loss(self, event: LossEvent) -> None: ...
 
 
@@ -401,7 +401,7 @@ class ProcConnector:
                 on_exit(pid, tgid, code, ts)
             elif what == PROC_EVENT_EXEC:
                 pid, tgid = exec_(buf, _EVENT_OFFSET)
-                on_exec(pid, tgid)
+                on_exec(pid, tgid, ts)
         self.events += n
         return n
 

@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     from elsa.report import ja
 
     ja.add_parser(sub, [common])
+    from elsa.apps.report import add_parser as add_apps
+
+    add_apps(sub, [common, window])
     return p
 
 

@@ -1,0 +1,410 @@
+"""The daemon side of application accounting: exec events in, app_runs rows out.
+
+At each exec event elsad reads, at once and on the event thread, what /proc
+says about the new image: the resolved ``/proc/PID/exe`` and the device and
+inode of the file it points to (a replaced or deleted binary is told apart),
+``stat`` (comm, ppid, start time, CPU so far), ``status`` (real and effective
+uid/gid) and ``io`` (bytes so far). These are small kernel-generated files:
+reading them never waits on a disk. The CPU and I/O read at an exec are both
+the end figures of the image it replaced and the base of the new one.
+
+An image ends at the process's next exec (figures: /proc then minus /proc at
+its own exec; its peak RSS is gone with its address space, so NULL) or at its
+exit. The last image's figures come from the process's exit record (taskstats,
+else bsdacct) minus the base: the record arrives on another socket, in either
+order with the exit event, so the row waits ``exit_wait`` seconds and is then
+written with one INSERT ... SELECT that joins the stored exit record, on the
+store's writer thread.
+
+A process gone before elsad read /proc keeps what could be read (a zombie
+still has comm and ids) and ``path_status`` says why the path is unknown: the
+record is never dropped. Reading /proc is a race with the process: if the
+process exec'd again before elsad read the first image, /proc shows the second
+one. The exec event is stamped after the kernel switched the image
+(docs/kernel.md, "cn_proc"), so an image whose read
+ended later than :data:`REPLACED_MARGIN_NS` before the next exec's stamp may
+show the next image: its path is recorded as unknown (``replaced``), never
+as a wrong binary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from elsa.apps import record
+from elsa.apps.options import glob_regex
+from elsa.apps.packages import PackageIndex
+from elsa.core.listener import EventListener, ListenerContext
+from elsa.core.model import CLOCK_TICKS
+from elsa.kernel.procfs import boottime_offset_ns, read_small
+from elsa.logsetup import structlog
+
+log = structlog.get_logger("elsa.apps")
+
+#: An image whose /proc read ended less than this before the next exec's
+#: kernel stamp may have been read after the switch (the kernel loads the new
+#: binary between the switch and the stamp: tens of µs; 2 ms is generous).
+REPLACED_MARGIN_NS = 2_000_000
+_TICK_US = 1_000_000 // CLOCK_TICKS
+SWEEP_INTERVAL = 60.0
+FLUSH_INTERVAL = 1.0
+
+_N = len(record.NAMES)
+# Row positions (elsa.apps.record.COLUMNS order).
+(R_HOST_ID, R_BOOT_ID, R_PID, R_START_TICKS, R_EXEC_NS, R_HOSTNAME, R_JID, R_PPID, R_EXEC_TIME,
+ R_END_TIME, R_END_REASON, R_EXE_PATH, R_EXE_DEV, R_EXE_INO, R_EXE_DELETED, R_PATH_STATUS, R_COMM,
+ R_UID, R_EUID, R_GID, R_EGID, R_EXIT_CODE, R_EXIT_SIGNAL, R_CPU_USER_US, R_CPU_SYSTEM_US,
+ R_MAX_RSS_KB, R_READ_BYTES, R_WRITE_BYTES, R_FIGURES_SOURCE, R_PACKAGE, R_PACKAGE_VERSION,
+ R_ARGV) = range(len(record.NAMES))
+assert record.NAMES[R_ARGV] == "argv" and record.NAMES[R_CPU_USER_US] == "cpu_user_us"
+
+_COLS = ", ".join(record.NAMES)
+INSERT = (f"INSERT OR REPLACE INTO {record.TABLE}({_COLS}) "
+          f"VALUES ({', '.join('?' * _N)})")
+
+# Facts read at an exec (tuple positions).
+(F_PATH, F_DEV, F_INO, F_DELETED, F_STATUS, F_COMM, F_PPID, F_START, F_UTIME, F_STIME,
+ F_UID, F_EUID, F_GID, F_EGID, F_RBYTES, F_WBYTES) = range(16)
+
+
+def _exit_insert(priority_sql: str) -> str:
+    """The last image's INSERT: figures from the best stored exit record of the
+    process (ended within a few seconds of the image, same start time) minus
+    the base read at the exec. Runs on the store's writer thread."""
+    figures = {"cpu_user_us": "b_utime", "cpu_system_us": "b_stime",
+               "read_bytes": "b_rbytes", "write_bytes": "b_wbytes"}
+    select = []
+    for name in record.NAMES:
+        if name in figures:
+            base = figures[name]
+            select.append(f"CASE WHEN u.{name} - p.{base} < 0 THEN 0 "
+                          f"ELSE u.{name} - p.{base} END")
+        elif name == "max_rss_kb":
+            select.append("u.max_rss_kb")
+        elif name == "figures_source":
+            select.append("u.source")
+        elif name in ("comm", "uid", "gid", "jid"):
+            select.append(f"COALESCE(p.{name}, u.{name})")
+        elif name == "start_ticks":
+            select.append("COALESCE(p.start_ticks, u.start_ticks, -1)")
+        else:
+            select.append(f"p.{name}")
+    params = ", ".join(f"? AS {n}" for n in (*record.NAMES, "b_utime", "b_stime", "b_rbytes",
+                                              "b_wbytes"))
+    return (
+        f"INSERT OR REPLACE INTO {record.TABLE}({_COLS}) SELECT {', '.join(select)} "
+        f"FROM (SELECT {params}) AS p LEFT JOIN proc_usage AS u ON u.id = ("
+        "SELECT id FROM proc_usage WHERE pid = p.pid "
+        "AND end_time BETWEEN p.end_time - 5 AND p.end_time + 5 "
+        "AND (start_ticks IS NULL OR p.start_ticks IS NULL "
+        "OR abs(start_ticks - p.start_ticks) <= 50) "
+        f"ORDER BY {priority_sql}, id LIMIT 1)")
+
+
+def _priority_case(prios: Mapping[str, int]) -> str:
+    """The sources' ranking as a SQL literal (the same order as
+    elsa.core.usage.priority_sql, inlined: the statement runs with executemany)."""
+    from elsa.core.usage import DEFAULT_PRIORITY
+
+    if not prios:
+        return str(DEFAULT_PRIORITY)
+    cases = " ".join("WHEN '{}' THEN {:d}".format(name.replace("'", "''"), int(value))
+                     for name, value in sorted(prios.items()))
+    return f"(CASE source {cases} ELSE {DEFAULT_PRIORITY} END)"
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+
+
+def _read_at(dfd: int, name: str) -> bytes:
+    """One read of a /proc/PID file (each is well under 4 KiB and generated
+    whole by the kernel's seq_file: one read gets it all)."""
+    fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+class _Image:
+    """One open program image: its row so far and the figures read at its exec."""
+
+    __slots__ = ("row", "base", "read_ns")
+
+    def __init__(self, row: List[Any], base: Tuple[Optional[int], ...], read_ns: int) -> None:
+        self.row = row
+        self.base = base  # utime_us, stime_us, read_bytes, write_bytes at the exec
+        self.read_ns = read_ns
+
+
+class AppRecorder(EventListener):
+    """Keeps one open image per process; writes a record when an image ends."""
+
+    name = "apps"
+    prompt = True
+
+    def __init__(self, ctx: ListenerContext, options: Dict[str, Any],
+                 packages: Optional[PackageIndex] = None) -> None:
+        self.ctx = ctx
+        self.options = options
+        self.proc = ctx.procfs.root
+        self.job_of = ctx.job_of
+        self.store = ctx.store
+        self.uids = frozenset(options["uids"])
+        self.min_uid = options["min_uid"]
+        self.include = glob_regex(options["include"])
+        self.exclude = glob_regex(options["exclude"])
+        self.argv = glob_regex(options["argv"])
+        self.exit_wait = options["exit_wait"]
+        self.prompt = options["prompt"]
+        self.packages = packages if packages is not None else PackageIndex(options["packages"])
+        self.open: Dict[int, _Image] = {}
+        self.done: List[List[Any]] = []          # rows ready to write
+        self.ended: List[Tuple[float, List[Any]]] = []  # (due, exit-insert params)
+        self.hostname = socket.gethostname()
+        self.mono_to_wall = time.time() - time.monotonic()
+        self.mono_to_boot_ns = boottime_offset_ns()
+        self.insert_exit = _exit_insert(_priority_case(ctx.source_priority))
+        self.counters = {"execs": 0, "records": 0, "resolved": 0, "gone": 0, "replaced": 0,
+                         "denied": 0, "excluded": 0, "lost": 0, "reopened": 0}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self.packages.start()
+        self._reopen()
+        self.ctx.add_timer(FLUSH_INTERVAL, self.flush, "apps-flush")
+        self.ctx.add_timer(SWEEP_INTERVAL, self.sweep, "apps-sweep")
+
+    def _reopen(self) -> None:
+        """Images left open by the previous elsad: carry on with those whose
+        process still runs; the others ended unseen ('lost')."""
+        db = self.store.db
+        rows = db.execute(f"SELECT {_COLS} FROM {record.TABLE} WHERE end_reason = 'open' "
+                          "AND host_id = ?", (self.ctx.host_id,)).fetchall()
+        lost = []
+        for r in rows:
+            row = list(r)
+            pid, start = row[R_PID], row[R_START_TICKS]
+            alive = False
+            if row[R_BOOT_ID] == self.ctx.boot_id:
+                try:
+                    info = self.ctx.procfs.info(pid)
+                    alive = not info.exited and abs(info.start_ticks - start) <= 1
+                except Exception:
+                    alive = False
+            if alive and pid not in self.open:
+                self.open[pid] = _Image(row, (None, None, None, None), 0)
+                self.counters["reopened"] += 1
+            else:
+                row[R_END_REASON] = "lost"
+                lost.append(row)
+        if lost:
+            self.store.submit_many(INSERT, lost)
+            self.counters["lost"] += len(lost)
+
+    def stop(self) -> None:
+        for img in self.open.values():
+            self.done.append(img.row)  # end_reason 'open', end_time NULL
+        self.open.clear()
+        self.flush(force=True)
+
+    def status(self) -> Dict[str, Any]:
+        return {**self.counters, "open_images": len(self.open),
+                "waiting_exit_records": len(self.ended), "packages": self.packages.status()}
+
+    # -- reading /proc -------------------------------------------------------------------------
+    def _read(self, pid: int) -> Tuple[Any, ...]:
+        """What /proc says about *pid* now; None for what could not be read.
+
+        Every file is opened relative to one descriptor of /proc/PID: all the
+        facts are of the same process even if its pid were reused meanwhile,
+        and the kernel looks the pid up once instead of five times."""
+        path = dev = ino = deleted = None
+        status = "resolved"
+        comm = ppid = start = utime = stime = None
+        uid = euid = gid = egid = rbytes = wbytes = None
+        try:
+            dfd = os.open(f"{self.proc}/{pid}", _DIR_FLAGS)
+        except OSError:
+            return (None, None, None, None, "gone", None, None, None, None, None,
+                    None, None, None, None, None, None)
+        try:
+            try:
+                path = os.readlink("exe", dir_fd=dfd)
+                st = os.stat("exe", dir_fd=dfd)
+                dev, ino = st.st_dev, st.st_ino
+                deleted = 0
+                if path.endswith(" (deleted)"):
+                    path, deleted = path[:-10], 1
+            except PermissionError:
+                path = None
+                status = "denied"
+            except OSError:  # ENOENT: a zombie has no address space, no exe
+                path = None
+                status = "gone"
+            try:
+                data = _read_at(dfd, "stat")
+                rpar = data.rfind(b")")
+                comm = data[data.find(b"(") + 1:rpar].decode("utf-8", "replace")
+                rest = data[rpar + 2:].split()
+                ppid = int(rest[1])
+                utime = int(rest[11]) * _TICK_US
+                stime = int(rest[12]) * _TICK_US
+                start = int(rest[19])
+                data = _read_at(dfd, "status")
+                i = data.find(b"\nUid:")
+                if i >= 0:
+                    ids = data[i + 5:data.index(b"\n", i + 1)].split()
+                    uid, euid = int(ids[0]), int(ids[1])
+                i = data.find(b"\nGid:")
+                if i >= 0:
+                    ids = data[i + 5:data.index(b"\n", i + 1)].split()
+                    gid, egid = int(ids[0]), int(ids[1])
+                tok = _read_at(dfd, "io").split()
+                rbytes, wbytes = int(tok[9]), int(tok[11])
+            except (OSError, ValueError, IndexError):
+                pass  # gone (or a zombie without io): keep what was read
+        finally:
+            os.close(dfd)
+        return (path, dev, ino, deleted, status, comm, ppid, start, utime, stime,
+                uid, euid, gid, egid, rbytes, wbytes)
+
+    # -- events (event thread) ----------------------------------------------------------------
+    def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None:
+        self.counters["execs"] += 1
+        prev = self.open.pop(tgid, None)
+        f = self._read(tgid)
+        read_ns = time.monotonic_ns()
+        start = f[F_START]
+        if prev is not None:
+            prow = prev.row
+            pstart = prow[R_START_TICKS]
+            if start is not None and pstart >= 0 and abs(start - pstart) > 1:
+                # Another process under the same pid: the exit was not seen.
+                prow[R_END_REASON] = "lost"
+                self.counters["lost"] += 1
+                self.done.append(prow)
+            else:
+                self._end_by_exec(prev, f, ts_ns)
+        if (f[F_UID] is not None and ((self.uids and f[F_UID] not in self.uids)
+                                      or f[F_UID] < self.min_uid)):
+            self.counters["excluded"] += 1
+            return
+        path = f[F_PATH]
+        if path is not None and ((self.include is not None and not self.include.match(path))
+                                 or (self.exclude is not None and self.exclude.match(path))):
+            self.counters["excluded"] += 1
+            return
+        row: List[Any] = [None] * _N
+        row[R_HOST_ID] = self.ctx.host_id
+        row[R_BOOT_ID] = self.ctx.boot_id
+        row[R_PID] = tgid
+        row[R_START_TICKS] = -1 if start is None else start
+        row[R_EXEC_NS] = ts_ns + self.mono_to_boot_ns
+        row[R_HOSTNAME] = self.hostname
+        row[R_JID] = self.job_of(tgid)
+        row[R_PPID] = f[F_PPID]
+        row[R_EXEC_TIME] = ts_ns / 1e9 + self.mono_to_wall
+        row[R_END_REASON] = "open"
+        row[R_EXE_PATH:R_PATH_STATUS + 1] = f[F_PATH:F_STATUS + 1]
+        row[R_COMM] = f[F_COMM]
+        row[R_UID:R_EGID + 1] = f[F_UID:F_EGID + 1]
+        if path is not None:
+            owner = self.packages.owners.get(path)
+            if owner is not None:
+                row[R_PACKAGE], row[R_PACKAGE_VERSION] = owner
+            if self.argv is not None and self.argv.match(path):
+                row[R_ARGV] = self._argv(tgid)
+        self.open[tgid] = _Image(row, (f[F_UTIME], f[F_STIME], f[F_RBYTES], f[F_WBYTES]),
+                                 read_ns)
+
+    def _end_by_exec(self, img: _Image, f: Tuple[Any, ...], ts_ns: int) -> None:
+        row = img.row
+        row[R_END_TIME] = ts_ns / 1e9 + self.mono_to_wall
+        row[R_END_REASON] = "exec"
+        if ts_ns <= img.read_ns + REPLACED_MARGIN_NS:
+            # /proc may have shown the next image: keep nothing read from it.
+            row[R_EXE_PATH:R_EXE_DELETED + 1] = [None, None, None, None]
+            row[R_PATH_STATUS] = "replaced"
+            row[R_COMM] = row[R_EUID] = row[R_EGID] = None  # they change at an exec
+            row[R_PACKAGE] = row[R_PACKAGE_VERSION] = row[R_ARGV] = None
+            self._count(row)
+            self.done.append(row)
+            return
+        b = img.base
+        now = (f[F_UTIME], f[F_STIME], f[F_RBYTES], f[F_WBYTES])
+        if now[0] is not None and b[0] is not None:
+            row[R_CPU_USER_US] = max(0, now[0] - b[0])
+            row[R_CPU_SYSTEM_US] = max(0, now[1] - b[1])
+            row[R_FIGURES_SOURCE] = "procfs"
+        if now[2] is not None and b[2] is not None:
+            row[R_READ_BYTES] = max(0, now[2] - b[2])
+            row[R_WRITE_BYTES] = max(0, now[3] - b[3])
+            row[R_FIGURES_SOURCE] = "procfs"
+        self._count(row)
+        self.done.append(row)
+
+    def on_exit(self, pid: int, tgid: int, exit_status: int, ts_ns: int) -> None:
+        if pid != tgid:
+            return  # a thread; the process ends with its leader
+        img = self.open.pop(tgid, None)
+        if img is None:
+            return
+        row = img.row
+        row[R_END_TIME] = ts_ns / 1e9 + self.mono_to_wall
+        row[R_END_REASON] = "exit"
+        row[R_EXIT_CODE] = (exit_status >> 8) & 0xFF
+        row[R_EXIT_SIGNAL] = exit_status & 0x7F
+        self._count(row)
+        params = row + list(img.base)
+        if params[R_START_TICKS] == -1:
+            params[R_START_TICKS] = None  # unknown start: the exit record's, if it has one
+        self.ended.append((time.monotonic() + self.exit_wait, params))
+
+    def _count(self, row: List[Any]) -> None:
+        self.counters[row[R_PATH_STATUS]] += 1
+
+    def _argv(self, pid: int) -> Optional[str]:
+        try:
+            raw = read_small(f"{self.proc}/{pid}/cmdline")
+        except OSError:
+            return None
+        return json.dumps([a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]])
+
+    # -- writing (event thread queues; the store's writer thread commits) --------------------
+    def flush(self, force: bool = False) -> None:
+        if self.done:
+            rows, self.done = self.done, []
+            self.store.submit_many(INSERT, rows)
+            self.counters["records"] += len(rows)
+        if self.ended and (force or self.ended[0][0] <= time.monotonic()):
+            now = time.monotonic()
+            n = len(self.ended) if force else next(
+                (i for i, (due, _) in enumerate(self.ended) if due > now), len(self.ended))
+            due_rows = [params for _, params in self.ended[:n]]
+            del self.ended[:n]
+            self.store.submit_many(self.insert_exit, due_rows)
+            self.counters["records"] += len(due_rows)
+
+    def sweep(self) -> None:
+        """Images whose exit event was lost (ENOBUFS): their process is gone."""
+        gone = []
+        for tgid, img in self.open.items():
+            try:
+                data = read_small(f"{self.proc}/{tgid}/stat")
+                start = int(data[data.rfind(b")") + 2:].split()[19])
+            except (OSError, ValueError, IndexError):
+                start = None
+            known = img.row[R_START_TICKS]
+            if start is None or (known >= 0 and abs(start - known) > 1):
+                gone.append(tgid)
+        for tgid in gone:
+            row = self.open.pop(tgid).row
+            row[R_END_REASON] = "lost"
+            self.counters["lost"] += 1
+            self.done.append(row)

@@ -1,0 +1,358 @@
+"""Application accounting (issue 14): the record, the recorder against real
+processes in /proc, the package index, and the portable report queries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+from elsa import config
+from elsa.apps import record, report
+from elsa.apps.packages import PackageIndex, parse_dpkg_status
+from elsa.apps.recorder import INSERT, AppRecorder
+from elsa.core.listener import ListenerContext
+from elsa.core.model import format_jid
+from elsa.core.store import Store
+from elsa.kernel.procfs import ProcFS
+from elsa.report import cli
+
+JID = 0x35969E00000007
+
+
+def _options(**kw: Any) -> Dict[str, Any]:
+    opts = dict(config.validate_table({"enabled": True}, config.section_options("apps"),
+                                      where="apps", path="test"))
+    opts["packages"] = "off"
+    opts.update(kw)
+    return opts
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store(str(tmp_path / "state"))
+    yield s
+    s.close()
+
+
+def _recorder(store: Store, **kw: Any) -> AppRecorder:
+    timers: List[Any] = []
+    ctx = ListenerContext(config=config.parse({}, "test"), procfs=ProcFS(), store=store,
+                          boot_id="boot-1", host_id=0x35969E, job_of=lambda pid: JID,
+                          add_timer=lambda *a: timers.append(a),
+                          source_priority={"taskstats": 20, "bsdacct": 30, "cgroupstat": 10})
+    return AppRecorder(ctx, _options(**kw))
+
+
+def _rows(store: Store) -> List[record.AppRecord]:
+    store.flush()
+    return [record.AppRecord.from_row(r) for r in store.db.execute(
+        f"SELECT {', '.join(record.NAMES)} FROM app_runs ORDER BY exec_ns")]
+
+
+# -- the record -------------------------------------------------------------------------------
+
+def test_migration_creates_every_column_with_the_natural_key(store: Store) -> None:
+    cols = [r[1] for r in store.db.execute("PRAGMA table_info(app_runs)")]
+    assert cols == ["id", *record.NAMES]
+    row = [0] * len(record.NAMES)
+    row[record.INDEX["boot_id"]] = "b"
+    row[record.INDEX["end_reason"]] = "exit"
+    row[record.INDEX["path_status"]] = "resolved"
+    store.submit_many(INSERT, [row, list(row)])  # the same record twice: stored once
+    store.flush()
+    assert store.db.execute("SELECT COUNT(*) FROM app_runs").fetchone() == (1,)
+
+
+def test_record_json_has_every_column_and_the_hex_jid() -> None:
+    values = {n: None for n in record.NAMES}
+    values.update(host_id=1, boot_id="b", pid=5, start_ticks=7, exec_ns=9, exec_time=10.0,
+                  end_time=12.5, end_reason="exit", path_status="gone", jid=JID)
+    out = record.AppRecord(**values).to_json()
+    assert set(record.NAMES) <= set(out)
+    assert out["jid"] == format_jid(JID) and out["wall_s"] == 2.5
+    assert out["exe_path"] is None
+    json.dumps(out)
+
+
+# -- the recorder, against real processes -------------------------------------------------------
+
+def test_exec_then_exit_takes_figures_from_the_exit_record(store: Store) -> None:
+    rec = _recorder(store, exit_wait=0.01)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        from elsa.testing import wait_for
+
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe").endswith("sleep"))
+        rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+        img = rec.open[child.pid]
+        assert img.row[record.INDEX["exe_path"]].endswith("/sleep")
+        start = img.row[record.INDEX["start_ticks"]]
+        child.send_signal(signal.SIGTERM)
+        child.wait()
+        rec.on_exit(child.pid, child.pid, signal.SIGTERM, time.monotonic_ns())
+    finally:
+        if child.poll() is None:
+            child.kill()
+    # The process's exit record as the taskstats source stores it (its own
+    # tests cover the kernel side): totals since fork.
+    end = time.time()
+    store.submit("INSERT INTO proc_usage(source, pid, start_ticks, end_time, comm, uid, "
+                 "cpu_user_us, cpu_system_us, max_rss_kb, read_bytes, write_bytes) "
+                 "VALUES ('taskstats', ?, ?, ?, 'sleep', 0, 9000000, 4000000, 1234, 10, 20)",
+                 (child.pid, start, end))
+    store.submit("INSERT INTO proc_usage(source, pid, start_ticks, end_time, comm, uid, "
+                 "cpu_user_us) VALUES ('bsdacct', ?, ?, ?, 'sleep', 0, 1)",
+                 (child.pid, start, end))
+    time.sleep(0.02)
+    rec.flush()
+    (r,) = _rows(store)
+    assert (r.end_reason, r.exit_code, r.exit_signal) == ("exit", 0, signal.SIGTERM)
+    assert r.figures_source == "taskstats"  # the better source of the two
+    assert r.max_rss_kb == 1234
+    assert 8_900_000 <= r.cpu_user_us <= 9_000_000  # minus what /proc had at the exec
+    assert r.jid == JID and r.uid == os.getuid() and r.comm == "sleep"
+    assert r.end_time >= r.exec_time
+
+
+def test_exec_chain_and_a_late_read_is_never_a_wrong_path(store: Store) -> None:
+    rec = _recorder(store)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        from elsa.testing import wait_for
+
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe").endswith("sleep"))
+        t = time.monotonic_ns()
+        rec.on_exec(child.pid, child.pid, t)
+        # A second exec stamped after the first read: the first image keeps its path.
+        rec.on_exec(child.pid, child.pid, rec.open[child.pid].read_ns + 10_000_000)
+        # A third stamped before the second read ended: that read may show
+        # the third image, so the second keeps no path.
+        rec.on_exec(child.pid, child.pid, rec.open[child.pid].read_ns - 1)
+        rec.flush()
+    finally:
+        child.kill()
+        child.wait()
+    first, second = _rows(store)
+    assert first.path_status == "resolved" and first.exe_path.endswith("/sleep")
+    assert first.end_reason == "exec" and first.figures_source == "procfs"
+    assert second.path_status == "replaced" and second.exe_path is None
+    assert second.comm is None and second.uid == os.getuid()
+
+
+def test_filters_skip_uids_and_paths_but_never_an_unknown_path(store: Store) -> None:
+    rec = _recorder(store, exclude=["*/sleep"])
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        from elsa.testing import wait_for
+
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe").endswith("sleep"))
+        rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+        assert child.pid not in rec.open and rec.counters["excluded"] == 1
+        rec2 = _recorder(store, min_uid=os.getuid() + 1)
+        rec2.on_exec(child.pid, child.pid, time.monotonic_ns())
+        assert child.pid not in rec2.open
+    finally:
+        child.kill()
+        child.wait()
+    # Gone before the read: nothing is known, the record is kept.
+    rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+    assert rec.open[child.pid].row[record.INDEX["path_status"]] == "gone"
+
+
+def test_stop_writes_open_images_and_a_restart_carries_on(store: Store) -> None:
+    rec = _recorder(store)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        from elsa.testing import wait_for
+
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe").endswith("sleep"))
+        rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+        rec.on_exec(os.getpid() + 10**6, os.getpid() + 10**6, time.monotonic_ns())  # no such pid
+        rec.stop()
+        assert {r.end_reason for r in _rows(store)} == {"open"}
+        again = _recorder(store)
+        again.start()
+        assert list(again.open) == [child.pid] and again.counters["lost"] == 1
+        again.on_exit(child.pid, child.pid, 0, time.monotonic_ns())
+        again.flush(force=True)
+    finally:
+        child.kill()
+        child.wait()
+    reasons = sorted(r.end_reason for r in _rows(store))
+    assert reasons == ["exit", "lost"]
+
+
+# -- packages ---------------------------------------------------------------------------------
+
+def test_dpkg_index(tmp_path: Path) -> None:
+    dpkg = tmp_path / "dpkg"
+    (dpkg / "info").mkdir(parents=True)
+    (dpkg / "status").write_text(
+        "Package: tool\nStatus: install ok installed\nVersion: 1.2-3\n\n"
+        "Package: gone\nStatus: deinstall ok config-files\nVersion: 9\n")
+    root = tmp_path / "root"
+    (root / "usr" / "bin").mkdir(parents=True)
+    os.symlink("usr/bin", root / "bin")
+    exe = root / "usr" / "bin" / "tool"
+    exe.write_text("")
+    exe.chmod(0o755)
+    doc = root / "usr" / "bin" / "README"
+    doc.write_text("")
+    (dpkg / "info" / "tool:amd64.list").write_text(f"{exe}\n{doc}\n{root}/usr/bin\n")
+    assert parse_dpkg_status(str(dpkg / "status")) == {"tool": "1.2-3"}
+    idx = PackageIndex("dpkg", dpkg_dir=str(dpkg), root=str(root))
+    idx.start()
+    assert idx.ready.wait(10)
+    assert idx.lookup(str(exe)) == ("tool", "1.2-3")
+    assert idx.lookup(str(doc)) is None  # not executable
+    assert idx.status()["binaries"] == 1 and idx.status()["error"] is None
+
+
+# -- reports (portable SQL) -----------------------------------------------------------------------
+
+def _db(tmp_path: Path) -> str:
+    path = tmp_path / "elsa.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 3")
+    db.execute("CREATE TABLE proc_usage (id INTEGER PRIMARY KEY, pid INTEGER, end_time REAL)")
+    from elsa.core.store import _split_sql
+
+    for stmt in _split_sql(record.MIGRATION):
+        db.execute(stmt)
+
+    def add(pid, exec_ns, path, comm, uid, cpu, pkg=None, ver=None, jid=JID, end=1.0,
+            status="resolved"):
+        row = {n: None for n in record.NAMES}
+        row.update(host_id=1, boot_id="b", pid=pid, start_ticks=1, exec_ns=exec_ns,
+                   exec_time=1000.0 + exec_ns, end_time=None if end is None
+                   else 1000.0 + exec_ns + end, end_reason="exit" if end else "open",
+                   exe_path=path, path_status=status, comm=comm, uid=uid, cpu_user_us=cpu,
+                   cpu_system_us=None if cpu is None else 0, package=pkg,
+                   package_version=ver, jid=jid)
+        db.execute(f"INSERT INTO app_runs({', '.join(row)}) VALUES "
+                   f"({', '.join('?' * len(row))})", list(row.values()))
+
+    add(1, 1, "/usr/bin/gcc-12", "gcc", 1000, 2_000_000, "gcc-12", "12.2", end=2.0)
+    add(2, 2, "/usr/bin/gcc-12", "gcc", 1001, 1_000_000, "gcc-12", "12.2")
+    add(3, 3, "/home/ann/bin/sim", "sim", 1000, 3_600_000_000, jid=None)
+    add(4, 4, None, "python3", 1001, None, status="gone", end=None)
+    add(5, 5, "/usr/bin/python3.11", "python3", 1001, 7_200_000_000, "python3.11", "3.11.2")
+    db.commit()
+    db.close()
+    return str(path)
+
+
+def _cli(argv: List[str], capsys) -> str:
+    assert cli.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_usage_by_binary_package_user_job(tmp_path: Path) -> None:
+    db = report.open_db(_db(tmp_path))
+    by_bin = {(r["exe_path"], r["comm"]): r for r in report.usage(db, "binary")}
+    gcc = by_bin[("/usr/bin/gcc-12", None)]
+    assert (gcc["runs"], gcc["users"], gcc["wall_us"], gcc["cpu_user_us"]) == (
+        2, 2, 3_000_000, 3_000_000)
+    unknown = by_bin[(None, "python3")]  # kept with its comm
+    assert unknown["unresolved"] == 1 and unknown["wall_us"] is None
+    assert unknown["cpu_user_us"] is None
+    pk = {(r["package"], r["package_version"]): r["runs"] for r in report.usage(db, "package")}
+    assert pk[("gcc-12", "12.2")] == 2 and pk[(None, None)] == 2
+    users = {r["uid"]: r["runs"] for r in report.usage(db, "user")}
+    assert users == {1000: 2, 1001: 3}
+    jobs = {r["jid"]: r["runs"] for r in report.usage(db, "job")}
+    assert jobs == {JID: 4, None: 1}
+    # Filters: glob on the path (LIKE, '_' is literal), package, comm, uid, period.
+    assert [r["exe_path"] for r in report.usage(db, "binary", path="/home/*")] == [
+        "/home/ann/bin/sim"]
+    assert report.usage(db, "binary", path="/usr/bin/gcc_12") == []
+    assert report.usage(db, "user", package="gcc*")[0]["runs"] == 1
+    assert sum(r["runs"] for r in report.usage(db, "binary", comm="python3")) == 2
+    assert report.usage(db, "binary", since=1002.5, until=1004.5)[0]["runs"] == 1
+    assert report.glob_like("a_b%*?") == "a\\_b\\%%_"
+
+
+def test_cli_table_csv_json(tmp_path: Path, capsys) -> None:
+    path = _db(tmp_path)
+    text = _cli(["apps", "--db", path, "--by", "binary"], capsys)
+    assert "(path unknown) python3" in text and "/usr/bin/gcc-12" in text
+    line = next(x for x in text.splitlines() if x.startswith("(path unknown)"))
+    assert " - " in line  # unknown CPU is '-', never 0
+    rows = json.loads(_cli(["apps", "--db", path, "--by", "job", "--json"], capsys))
+    assert {r["jid"] for r in rows} == {format_jid(JID), None}
+    csv_text = _cli(["apps", "--db", path, "--by", "user", "--csv"], capsys)
+    assert csv_text.splitlines()[0].startswith("uid,runs,users")
+    listed = json.loads(_cli(["apps", "--db", path, "--job", format_jid(JID), "--json"], capsys))
+    assert [r["pid"] for r in listed] == [1, 2, 4, 5]
+    table = _cli(["apps", "--db", path, "--job", format_jid(JID)], capsys)
+    assert "(gone)" in table
+    # The site questions of docs/applications.md.
+    q1 = json.loads(_cli(["apps", "--db", path, "--by", "package", "--package", "gcc*",
+                          "--json"], capsys))
+    assert q1[0]["package_version"] == "12.2" and q1[0]["wall_us"] == 3_000_000
+    q2 = json.loads(_cli(["apps", "--db", path, "--by", "user", "--path", "/home/*",
+                          "--json"], capsys))
+    assert [r["uid"] for r in q2] == [1000]
+    q3 = json.loads(_cli(["apps", "--db", path, "--by", "binary", "--comm", "python3",
+                          "--json"], capsys))
+    assert sum(r["cpu_user_us"] or 0 for r in q3) == 7_200_000_000
+
+
+def test_docs_describe_every_column_and_option() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "applications.md").read_text()
+    for name in record.NAMES:
+        assert f"| `{name}` |" in text, name
+    for key in config.section_options("apps"):
+        assert f"{key} =" in text, key
+
+
+def test_read_after_gives_finished_records_in_spool_order(store: Store) -> None:
+    rows = []
+    for i, reason in enumerate(("exit", "open", "exec")):
+        row = [None] * len(record.NAMES)
+        row[:5] = [1, "b", 10 + i, 1, i]
+        row[record.INDEX["exec_time"]] = 1.0
+        row[record.INDEX["end_reason"]] = reason
+        row[record.INDEX["path_status"]] = "gone"
+        rows.append(row)
+    store.submit_many(INSERT, rows)
+    store.flush()
+    got = record.read_after(store.db, 0)
+    assert [r.pid for _, r in got] == [10, 12]
+    assert record.read_after(store.db, got[-1][0]) == []
+
+
+def test_a_raising_listener_is_isolated_and_the_manager_still_sees_exits() -> None:
+    from elsa.core.events import _with_listeners
+    from elsa.core.listener import EventListener
+
+    seen: List[Any] = []
+
+    class Bad(EventListener):
+        name = "bad"
+
+        def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None:
+            raise RuntimeError("boom")
+
+        def on_exit(self, pid: int, tgid: int, exit_status: int, ts_ns: int) -> None:
+            raise RuntimeError("boom")
+
+    class Good(EventListener):
+        name = "good"
+
+        def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None:
+            seen.append(("exec", pid))
+
+    on_exit, on_exec = _with_listeners(lambda *a: seen.append(("manager", a[0])),
+                                       [Bad(), Good()])
+    on_exec(5, 5, 1)
+    on_exit(5, 5, 0, 2)
+    assert seen == [("exec", 5), ("manager", 5)]
