@@ -107,6 +107,12 @@ LIMIT_OPTIONS: Dict[str, Option] = {
                            check=positive),
     "max_connections": Option(int, 256, "Concurrent control connections accepted.",
                               check=positive),
+    "max_jobs_per_user": Option(int, 1000, "Running jobs one user (not root or the admin "
+                                "group) may have; further creates are refused.",
+                                check=positive),
+    "empty_job_timeout": Option((int, float), 3600.0, "Seconds after which a job that "
+                                "never had a process is ended (0: never).",
+                                check=lambda v: None if v >= 0 else "must be 0 or more"),
 }
 
 PLUGIN_TABLES = ("backends", "sources")
@@ -121,6 +127,7 @@ SECTIONS: Dict[str, str] = {
     "billing.rates": "elsa.billing.rates:RATE_OPTIONS",
     "billing.nonprime": "elsa.billing.rates:NONPRIME_OPTIONS",
     "billing.schedule": "elsa.billing.rates:SCHEDULE_OPTIONS",
+    "reports": "elsa.report.remote:OPTIONS",
     "thresholds": "elsa.core.thresholds:OPTIONS",
 }
 

@@ -275,7 +275,11 @@ def test_packaged_elsad_runs_with_only_the_units_privileges(deb_root, backend, t
     # The sandbox really applied (else this test proves nothing).
     status = Path(f"/proc/{daemon.pid}/status").read_text()
     cap_eff = int(re.search(r"^CapEff:\s*(\w+)", status, re.M).group(1), 16)
-    assert cap_eff == sum(1 << _CAP_BITS[c] for c in caps), hex(cap_eff)
+    # elsad keeps only what its backend and sources use (elsa/kernel/caps.py).
+    from elsa.kernel import caps as caps_mod
+    kept = caps_mod.needed(backend, ["taskstats"] + (["bsdacct"] if backend == "cnproc" else []))
+    assert set(kept) <= set(caps)
+    assert cap_eff == sum(1 << _CAP_BITS[c] for c in kept), hex(cap_eff)
     assert re.search(r"^NoNewPrivs:\s*1", status, re.M)
     child = subprocess.Popen(["sh", "-c", "read x; sleep 30 & wait"], stdin=subprocess.PIPE,
                              start_new_session=True)
@@ -326,6 +330,9 @@ def test_unit_options_fit_elsa():
     assert one.get("ProtectProc", "default") in ("default", "noaccess", "ptraceable") \
         and one.get("ProtectProc", "default") != "invisible"
     assert one.get("ProcSubset", "all") == "all"
+    # Accounting data is private (docs/security.md).
+    assert one["UMask"] == "0077" and one["ProtectHome"] == "yes"
+    assert one["StateDirectoryMode"] == "0700"
     # The directories systemd creates are the ones the default config uses.
     assert f"/run/{one['RuntimeDirectory']}" == os.path.dirname(
         config.CORE_OPTIONS["socket"].default)
@@ -333,6 +340,7 @@ def test_unit_options_fit_elsa():
     tmpfiles = (ROOT / "packaging/elsa.tmpfiles").read_text()
     for d in ("/run/elsa", "/var/lib/elsa"):
         assert re.search(rf"^d {d}\s", tmpfiles, re.M), d
+    assert re.search(r"^d /var/lib/elsa\s+0700 root root", tmpfiles, re.M)
 
 
 def test_unit_verifies_and_exposure_is_low(deb_root, tmp_path):

@@ -6,6 +6,8 @@ Layout (the kernel's rules: docs/kernel.md, "cgroup v2")::
     <base>/<jid>/           one leaf per job (jid as 0x%016x), params["cgroup_path"]
     <base>/released/        where a detached process goes when its origin is gone
     <base>/daemon/          elsad itself, only when <base> is its delegated cgroup
+    <cgroup>/elsa-<jid>/    a job nested under the cgroup of a non-admin's process
+                            whose limits (pids.max, memory.max, ...) it must keep
 
 ``<base>`` is the ``base`` option, else the daemon's own cgroup when systemd
 delegated it (``Delegate=yes``; elsad then moves itself into ``daemon/`` to obey
@@ -39,6 +41,17 @@ log = structlog.get_logger("elsa.backends.cgroup2")
 DEFAULT_CONTROLLERS = ["cpu", "memory", "io", "pids"]
 RELEASED = "released"
 DAEMON_LEAF = "daemon"
+NESTED_PREFIX = "elsa-"
+
+#: Interface files that limit what the processes of a cgroup and its
+#: descendants may use (docs/kernel.md, "cgroup v2"), with the value meaning "no limit".
+#: hugetlb.<size>.max files are found by name.
+LIMIT_FILES = {
+    "pids.max": "max", "memory.max": "max", "memory.high": "max",
+    "memory.swap.max": "max", "memory.zswap.max": "max", "cpu.max": "max",
+    "io.max": "", "rdma.max": "", "misc.max": "", "cpuset.cpus": "", "cpuset.mems": "",
+    "cgroup.max.descendants": "max", "cgroup.max.depth": "max",
+}
 
 
 def _check_base(v: object) -> Optional[str]:
@@ -300,8 +313,22 @@ class Cgroup2Backend(Backend):
 
     # -- jobs ---------------------------------------------------------------------------
     def create_job(self, job: Job) -> Dict[str, str]:
-        path = os.path.join(self.base, format_jid(job.jid))
-        self.fs.mkdir(path)
+        parent = job.params.get("nest_under")
+        if parent:
+            # Below the cgroup whose limits the first process must keep. The
+            # parent holds processes, so it has no controllers for children
+            # ("no internal processes"): the job gets only the core files.
+            path = os.path.join(parent, NESTED_PREFIX + format_jid(job.jid))
+            try:
+                self.fs.mkdir(path)
+            except ElsaError as exc:
+                raise BackendError(
+                    f"cannot create the job's cgroup below {parent}, where the process "
+                    f"keeps its limits ({exc.message}); ask an administrator to attach "
+                    "it, or run it outside that limited cgroup") from exc
+        else:
+            path = os.path.join(self.base, format_jid(job.jid))
+            self.fs.mkdir(path)
         try:
             self._prepare_job(job, path)
             if self.watcher is not None:
@@ -325,9 +352,59 @@ class Cgroup2Backend(Backend):
         of our job cgroups (a move between jobs keeps the first origin)."""
         if path is None:
             path = self._cgroup_of(pid)
-        if path == self.base or path.startswith(self.base + "/"):
+        if self._in_own_tree(path):
             return {}
         return {self.origin_key: path}
+
+    # -- limits a move must keep (docs/security.md) ------------------------------------------
+    def _limits_in(self, path: str) -> List[str]:
+        out = []
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return out
+        for name in sorted(names):
+            unlimited = LIMIT_FILES.get(name)
+            if unlimited is None:
+                if not (name.startswith("hugetlb.") and name.endswith(".max")):
+                    continue
+                unlimited = "max"
+            try:
+                with open(os.path.join(path, name)) as fh:
+                    value = fh.read().strip()
+            except OSError:
+                continue
+            first = value.split()[0] if value else ""
+            if first != unlimited:
+                out.append(f"{path}: {name}={' '.join(value.split())}")
+        return out
+
+    def _limits_between(self, cur: str, target: str) -> List[str]:
+        """Limits set on *cur* and its ancestors that are not ancestors of *target*."""
+        cur, target = os.path.normpath(cur), os.path.normpath(target)
+        common = os.path.commonpath([cur, target])
+        out: List[str] = []
+        d = cur
+        while d != common and d.startswith(self.mount + "/"):
+            out.extend(self._limits_in(d))
+            d = os.path.dirname(d)
+        return out
+
+    def limits_left(self, job: Job, pid: int) -> List[str]:
+        return self._limits_between(self._cgroup_of(pid), self.job_path(job))
+
+    def nest_parent(self, pid: int) -> Optional[str]:
+        cur = self._cgroup_of(pid)
+        if self._in_own_tree(cur):
+            return None  # already in one of our jobs: its limits were kept then
+        if not self._limits_between(cur, os.path.join(self.base, "job")):
+            return None
+        return cur
+
+    def _in_own_tree(self, path: str) -> bool:
+        if path == self.base or path.startswith(self.base + "/"):
+            return True
+        return any(path == p or path.startswith(p + "/") for p in self.live.values())
 
     def holds(self, job: Job, proc: ProcessInfo) -> bool:
         try:
@@ -350,11 +427,49 @@ class Cgroup2Backend(Backend):
             raise ProcessGone(f"process {proc.pid} has exited (zombie) outside job "
                               f"{format_jid(job.jid)}; nothing to attach")
         origin = self._origin_of(proc.pid, cur)
-        self.fs.move(path, proc.pid)
+        self._move_checked(path, proc, cur)
         if not origin:
             origin = self.origins.get(proc.ident) or {}
         self.origins.record(job.jid, proc.ident, origin)
         return None
+
+    def _move_checked(self, path: str, proc: ProcessInfo, cur: str) -> None:
+        """Write *proc*'s pid to *path*'s cgroup.procs without moving another
+        process that got its pid. cgroup.procs takes a pid number, which is
+        reused once a process is reaped: a pidfd pins the process that was
+        checked (its start time is verified through it), and if that process
+        is gone after the write, the pid may have named a newcomer, which is
+        moved back to where the checked process was."""
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except ProcessLookupError:
+            raise ProcessGone(f"process {proc.pid} is gone; nothing to attach") from None
+        except (AttributeError, OSError):  # kernel < 5.3 / Python < 3.9: no pidfd
+            self.fs.move(path, proc.pid)
+            return
+        try:
+            if self.ctx.procfs.info(proc.pid).start_ticks != proc.start_ticks:
+                raise ProcessGone(f"process {proc.pid} exited and its pid was reused; "
+                                  "nothing attached")
+            self.fs.move(path, proc.pid)
+            try:
+                signal_mod.pidfd_send_signal(pidfd, 0)
+                return  # alive after the write: the pid was its own throughout
+            except ProcessLookupError:
+                pass
+            # The checked process was reaped: whatever has its pid now (even
+            # with the same start tick) is another process.
+            try:
+                moved = self._cgroup_of(proc.pid) == os.path.normpath(path)
+            except ProcessGone:
+                moved = False
+            if moved:
+                log.warning("pid reused during attach; moved the newcomer back",
+                            pid=proc.pid, to=cur)
+                self.fs.move(cur, proc.pid)
+            raise ProcessGone(f"process {proc.pid} exited during the attach; nothing attached")
+        finally:
+            os.close(pidfd)
 
     def _return_to(self, pid: int, origin: Optional[Dict[str, str]]) -> str:
         """Move *pid* back to its origin, else into the ``released`` leaf."""
@@ -406,8 +521,8 @@ class Cgroup2Backend(Backend):
             self.fs.kill(path)
         else:
             self._signal_frozen(job, path, sig)
-        if sig == signal_mod.SIGKILL:
-            self._wait_empty(job, path)
+        # For SIGKILL the caller learns when the cgroup is empty from settled():
+        # the event thread does not wait for it.
         return len(members)
 
     def _signal_frozen(self, job: Job, path: str, sig: int) -> None:
@@ -427,21 +542,23 @@ class Cgroup2Backend(Backend):
             if freeze:
                 self.fs.set_frozen(path, False)
 
-    def _wait_empty(self, job: Job, path: str) -> None:
-        if not self.fs.wait_events(path, "populated", 0, self.kill_timeout):
-            left = sorted(self.members_of_path(path))
-            raise BackendError(
-                f"job {format_jid(job.jid)}: {len(left)} process(es) still in {path} "
-                f"{self.kill_timeout} s after SIGKILL (pids {left[:10]}); they are probably "
-                "in uninterruptible sleep (D state); retry the kill later")
-
     def freeze(self, job: Job) -> None:
         path = self.job_path(job)
         self.fs.set_frozen(path, True)
         self.frozen.add(job.jid)
-        if not self.fs.wait_events(path, "frozen", 1, self.kill_timeout):
-            raise BackendError(f"job {format_jid(job.jid)}: {path} did not report frozen "
-                               f"within {self.kill_timeout} s")
+
+    def settled(self, job: Job, what: str) -> bool:
+        """"killed": the job's cgroup is empty; "frozen": the kernel reports it
+        frozen (cgroup.events). A removed cgroup has nothing left to settle."""
+        path = self.job_path(job)
+        try:
+            if what == "killed":
+                return not self.fs.populated(path)
+            if what == "frozen":
+                return self.fs.events(path).get("frozen") == 1
+        except ElsaError:
+            return not os.path.isdir(path)
+        return True
 
     def thaw(self, job: Job) -> None:
         path = self.job_path(job)

@@ -54,6 +54,11 @@ class Authorizer:
         self.manager = manager
         self.denied = 0  # refusals, for ``status``
 
+    def set_admin_group(self, name: str) -> None:
+        """Apply a reloaded ``admin_group`` (connections already open keep the
+        admin flag they were given at connect time)."""
+        self.admin_gid = group_id(name)
+
     def is_admin(self, uid: int, gid: int, groups: Iterable[int] = ()) -> bool:
         if uid == 0:
             return True

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Mapping, Optional, Set
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Set
 
 from elsa.config import Option
 from elsa.core.model import Job, ProcessId, ProcessInfo
@@ -62,6 +62,20 @@ class Backend(abc.ABC):
             raise BackendError(f"backend {self.name!r} takes no job parameters; "
                                f"got {', '.join(sorted(params))}")
         return {}
+
+    def limits_left(self, job: Job, pid: int) -> List[str]:
+        """The resource limits confining *pid* that it would no longer be under
+        as a member of *job* (``"<cgroup>: pids.max=50"``). A non-admin caller may
+        not move a process out of its limits (docs/security.md). Backends that
+        move nothing leave none."""
+        return []
+
+    def nest_parent(self, pid: int) -> Optional[str]:
+        """Where a new job for *pid* should be created so that *pid* keeps its
+        limits (the kernel object of *pid*'s group), or None when a job in the
+        usual place keeps them. Asked for the first process of a job a non-admin
+        creates; the answer reaches :meth:`create_job` as ``params["nest_under"]``."""
+        return None
 
     @abc.abstractmethod
     def create_job(self, job: Job) -> Dict[str, str]:
@@ -112,6 +126,13 @@ class Backend(abc.ABC):
 
     def thaw(self, job: Job) -> None:
         raise BackendError(f"backend {self.name!r} cannot thaw jobs; use cgroup2")
+
+    def settled(self, job: Job, what: str) -> bool:
+        """Whether the kernel finished what :meth:`signal` (SIGKILL: *what* is
+        "killed") or :meth:`freeze` ("frozen") started. Called from the event
+        loop's timer until True or the backend's ``kill_timeout``: never wait here.
+        A backend that finishes within the call returns True."""
+        return True
 
     @abc.abstractmethod
     def end_job(self, job: Job) -> None:

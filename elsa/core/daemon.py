@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from elsa import __version__
 from elsa.config import Config, validate_table
+from elsa.core import reloading
 from elsa.core.authorization import Authorizer
 from elsa.core.backend import Backend, BackendContext
 from elsa.core.defaults import choose_backend, enabled_sources
@@ -33,7 +34,7 @@ from elsa.core.priority import Priority
 from elsa.core.server import ControlServer
 from elsa.core.store import Store
 from elsa.errors import ConfigError, ElsaError
-from elsa.kernel import sdnotify
+from elsa.kernel import caps, sdnotify
 from elsa.kernel.cnproc import ProcConnector
 from elsa.kernel.procfs import ProcFS
 from elsa.logsetup import structlog
@@ -54,6 +55,7 @@ class Daemon:
         self.loop = EventLoop()
         self.loop.on_reload = self._do_reload
         self.priority = Priority(config.nice)
+        self.restart_needed: List[str] = []  # changed keys a reload could not apply
         self.started = time.time()
         self.store: Optional[Store] = None
         self.connector: Optional[ProcConnector] = None
@@ -102,6 +104,13 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         loop = self.loop
+        # Before any thread exists: capabilities are per thread (capabilities(7)).
+        try:
+            dropped = caps.drop_unneeded(caps.needed(cfg.backend, cfg.sources))
+            if dropped:
+                log.info("capabilities dropped", dropped=dropped, backend=cfg.backend)
+        except ElsaError as exc:
+            log.warning("capabilities not dropped", error=exc.message)
         boot_id = self.procfs.boot_id()
         # Before the store: its writer thread inherits the nice value.
         if cfg.nice:
@@ -125,7 +134,8 @@ class Daemon:
         limits = dict(cfg.limits)  # one dict: a reload updates server and hello alike
         authz = Authorizer(cfg.admin_group, self.procfs, manager)
         ops = Operations(manager, authz, backend_name=backend.name, limits=limits,
-                         status=self.status)
+                         status=self.status, store_path=store.path,
+                         private_data=bool(cfg.section("reports")["private_data"]))
         control = self.control = ControlServer(
             cfg.socket, ops, authz, store, limits=limits,
             add_reader=functools.partial(loop.add_reader, events_first=True),
@@ -144,6 +154,8 @@ class Daemon:
         # once while none is configured).
         loop.add_timer(1.0, self.priority.unboost, "unboost")
         loop.add_timer(0.25, events.expire_seq_holes, "seq-holes", deferrable=True)
+        loop.add_timer(5.0, lambda: manager.end_never_joined(limits["empty_job_timeout"]),
+                       "empty-jobs", deferrable=True)
         log.info("elsad ready", version=__version__, backend=backend.name,
                  socket=cfg.socket, state_dir=cfg.state_dir, rcvbuf=connector.rcvbuf,
                  **recovered)
@@ -217,8 +229,9 @@ class Daemon:
             "plugin_failures": dict(self.host.failures),
             "sources": self.source_status(),
             "listeners": {lst.name: lst.status() for lst in self.listeners},
-            "store": {"path": self.store.path if self.store else None,
-                      "schema": self.store.schema_version if self.store else None},
+            "config": {"path": self.config.path, "restart_needed": self.restart_needed},
+            "store": ({"path": self.store.path, "schema": self.store.schema_version,
+                       **self.store.health()} if self.store else {"path": None}),
         }
         if self.control is not None:
             out["control"] = self.control.stats()
@@ -245,11 +258,10 @@ class Daemon:
         except ElsaError as exc:
             log.error("reload refused; keeping the running config", error=exc.message)
             return
-        needs_restart = [k for k in ("backend", "socket", "state_dir", "sources")
-                         if getattr(new, k) != getattr(self.config, k)]
-        if needs_restart:
+        new, self.restart_needed = reloading.plan(self.config, new)
+        if self.restart_needed:
             log.warning("config changes that need a restart were not applied",
-                        keys=needs_restart)
+                        keys=self.restart_needed)
         logsetup.configure(new.log_level)
         assert self.manager is not None
         self.manager.job_end = new.job_end
@@ -259,6 +271,7 @@ class Daemon:
         self.priority.reconfigure(new.nice)
         if self.control is not None:
             self.control.limits.update(new.limits)
+            self.control.authz.set_admin_group(new.admin_group)
         self.config = new
         log.info("config reloaded", path=new.path)
         sdnotify.notify("READY=1")

@@ -9,6 +9,7 @@ server replies later. The operations are documented in docs/protocol.md.
 
 from __future__ import annotations
 
+import signal as signal_mod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
 
@@ -16,7 +17,7 @@ from elsa import __version__
 from elsa.core.authorization import Authorizer, Caller
 from elsa.core.backend import signal_each
 from elsa.core.model import JOB_RUNNING, Job, format_jid
-from elsa.errors import ElsaError, ProtocolError
+from elsa.errors import BackendError, ElsaError, ProtocolError
 from elsa.protocol import (
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
@@ -40,11 +41,39 @@ DURABLE_OPS = frozenset({"create", "attach", "detach", "end", "tag"})
 
 
 @dataclass(frozen=True)
+class AfterCommit:
+    """A handler's answer "reply with compute() once the store committed every
+    write submitted so far": a read that must see earlier writes, without
+    waiting for the store writer on the event thread."""
+
+    compute: Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class PollUntil:
+    """A handler's answer "reply with poll()'s result once it has one (None: not
+    yet), or with timeout()'s error after *timeout* s": something the kernel
+    finishes asynchronously (a cgroup emptying after cgroup.kill, freezing)."""
+
+    poll: Callable[[], Optional[Dict[str, Any]]]
+    timeout: float
+    on_timeout: Callable[[], ElsaError]
+
+
+@dataclass(frozen=True)
 class WaitFor:
     """A handler's answer "reply when job *jid* ends, or after *timeout* s"."""
 
     jid: int
     timeout: Optional[float]
+
+
+@dataclass(frozen=True)
+class InThread:
+    """A handler's answer "reply with *fn()*, run off the event thread" (a
+    report over the store can take seconds)."""
+
+    fn: Callable[[], Any]
 
 
 def job_json(job: Job, with_pids: bool = True) -> Dict[str, Any]:
@@ -59,12 +88,15 @@ class Operations:
     """Dispatches a parsed request to its handler."""
 
     def __init__(self, manager: JobManager, authz: Authorizer, *, backend_name: str,
-                 limits: Mapping[str, Any], status: Callable[[], Dict[str, Any]]) -> None:
+                 limits: Mapping[str, Any], status: Callable[[], Dict[str, Any]],
+                 store_path: str = "", private_data: bool = True) -> None:
         self.manager = manager
         self.authz = authz
         self.backend_name = backend_name
         self.limits = limits  # the server's (a reload updates it in place)
         self.status_fn = status
+        self.store_path = store_path  # reports read it with their own connection
+        self.private_data = private_data
 
     def dispatch(self, caller: Caller, req: Request) -> Any:
         op = req.get("op")
@@ -97,6 +129,11 @@ class Operations:
             owner = caller.uid
         elif owner != caller.uid and not caller.admin:
             raise authz.deny("only root or the admin group may create jobs for another user")
+        cap = int(self.limits.get("max_jobs_per_user", 0) or 0)
+        if cap and not caller.admin and self.manager.running_count(owner) >= cap:
+            raise authz.deny(f"uid {owner} already has {cap} running jobs "
+                             "(limits.max_jobs_per_user); end some ('elsa-jobmng list') or "
+                             "ask an administrator to raise the limit")
         name = get_str(req, "name")
         tags = get_str_map(req, "tags")
         params = get_str_map(req, "params", max_entries=16)
@@ -106,11 +143,17 @@ class Operations:
         for pid in pids:
             infos.append(authz.check_pid(caller, pid))
             authz.check_current_job(caller, pid)
+        # A non-admin's process keeps the limits of its cgroup: the job is
+        # created below that cgroup when the usual place would lift them.
+        nest = (self.manager.backend.nest_parent(pids[0])
+                if pids and not caller.admin else None)
         # Not durable here: the server holds the reply until the store commits
         # (DURABLE_OPS), without blocking the event loop.
         job = self.manager.create(name=name, owner_uid=owner, tags=tags, params=params,
-                                  durable=False)
+                                  durable=False, nest_under=nest)
         try:
+            for pid in pids:
+                self._check_limits_kept(caller, job, pid)
             for pid, info in zip(pids, infos):
                 self.manager.attach(job.jid, pid, durable=False, info=info)
         except ElsaError:
@@ -131,11 +174,25 @@ class Operations:
         for pid in pids:
             infos.append(authz.check_pid(caller, pid))
             authz.check_current_job(caller, pid)
+            self._check_limits_kept(caller, job, pid)
         attached = []
         for pid, info in zip(pids, infos):
             ident = self.manager.attach(jid, pid, durable=False, info=info)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
         return {"jid": format_jid(jid), "attached": attached}
+
+    def _check_limits_kept(self, caller: Caller, job: Job, pid: int) -> None:
+        """A non-admin may not move a process out of the limits that confine it
+        (a Slurm step's memory.max, a systemd slice's TasksMax)."""
+        if caller.admin:
+            return
+        left = self.manager.backend.limits_left(job, pid)
+        if left:
+            raise self.authz.deny(
+                f"process {pid} would leave the limits that confine it ({'; '.join(left[:3])})"
+                f" by joining job {format_jid(job.jid)}, whose cgroup is elsewhere; start the "
+                "job from that process instead ('elsa-jobmng run' or 'create --pid' nests the "
+                "job's cgroup below its own), or ask root or the admin group")
 
     def op_detach(self, caller: Caller, req: Request) -> Dict[str, Any]:
         pids = get_pids(req)
@@ -159,12 +216,20 @@ class Operations:
             raise NotInJob(f"pid {pid} is not in any job")
         return {"pid": pid, "jid": format_jid(jid)}
 
-    def op_list(self, caller: Caller, req: Request) -> List[Dict[str, Any]]:
+    def op_list(self, caller: Caller, req: Request) -> Any:
         include_ended = req.get("all", False)
         if not isinstance(include_ended, bool):
             raise ProtocolError(f"'all' must be a boolean, got {kind(include_ended)}")
         owner = get_int(req, "owner_uid", required=False, maximum=2 ** 32 - 2)
         limit = get_int(req, "limit", required=False, minimum=1, maximum=10000) or 10000
+        if include_ended:
+            # The stored jobs once the store committed what is queued: the
+            # event thread does not wait for the writer.
+            return AfterCommit(lambda: self._list(include_ended, owner, limit))
+        return self._list(include_ended, owner, limit)
+
+    def _list(self, include_ended: bool, owner: Optional[int], limit: int
+              ) -> List[Dict[str, Any]]:
         out = []
         for job, nprocs in self.manager.running_with_counts():
             item = job_json(job, with_pids=False)
@@ -172,7 +237,7 @@ class Operations:
             out.append(item)
         if include_ended:
             running = {j["jid"] for j in out}
-            for job in self.manager.stored_jobs(limit):
+            for job in self.manager.stored_jobs(limit, committed=True):
                 if format_jid(job.jid) not in running:
                     item = job_json(job, with_pids=False)
                     item["nprocs"] = 0
@@ -182,8 +247,11 @@ class Operations:
         out.sort(key=lambda j: j["jid"])
         return out[-limit:]
 
-    def op_show(self, caller: Caller, req: Request) -> Dict[str, Any]:
-        return job_json(self.manager.job(get_jid(req)))
+    def op_show(self, caller: Caller, req: Request) -> Any:
+        jid = get_jid(req)
+        if self.manager.is_running(jid):
+            return job_json(self.manager.job(jid))
+        return AfterCommit(lambda: job_json(self.manager.job(jid, committed=True)))
 
     def op_pids(self, caller: Caller, req: Request) -> Dict[str, Any]:
         jid = get_jid(req)
@@ -205,7 +273,7 @@ class Operations:
             return self.wait_result(job, False)
         return WaitFor(jid, timeout)
 
-    def op_kill(self, caller: Caller, req: Request) -> Dict[str, Any]:
+    def op_kill(self, caller: Caller, req: Request) -> Any:
         jid = get_jid(req)
         sig = get_signal(req)
         job = self.manager.job(jid)
@@ -220,8 +288,20 @@ class Operations:
             # Some members changed uid (su, sudo): a backend signals the whole
             # cgroup, so signal the allowed ones one by one instead.
             sent = signal_each(allowed, sig)
-        return {"jid": format_jid(jid), "signal": sig, "signalled": sent,
-                "skipped": len(members) - len(allowed)}
+        result = {"jid": format_jid(jid), "signal": sig, "signalled": sent,
+                  "skipped": len(members) - len(allowed)}
+        if sig != signal_mod.SIGKILL or len(allowed) != len(members):
+            return result
+        # The reply says the job's processes are gone: the backend reports when
+        # (cgroup2: cgroup.events "populated 0"), polled off the request path.
+        limit = self.manager.settle_timeout()
+        return PollUntil(
+            poll=lambda: result if self.manager.settled(jid, "killed") else None,
+            timeout=limit,
+            on_timeout=lambda: BackendError(
+                f"job {format_jid(jid)}: processes still in the job {limit:g} s after "
+                "SIGKILL; they are probably in uninterruptible sleep (D state); retry the "
+                "kill later"))
 
     def op_end(self, caller: Caller, req: Request) -> Dict[str, Any]:
         jid = get_jid(req)
@@ -234,11 +314,29 @@ class Operations:
     def op_thaw(self, caller: Caller, req: Request) -> Dict[str, Any]:
         return self._freeze(caller, req, False)
 
-    def _freeze(self, caller: Caller, req: Request, freeze: bool) -> Dict[str, Any]:
+    def _freeze(self, caller: Caller, req: Request, freeze: bool) -> Any:
         jid = get_jid(req)
         self.authz.check_job(caller, self.manager.job(jid))
+        # The rule of kill: a freezer stops every member, so every member must
+        # be one the caller may signal (members of other users, e.g. root's
+        # process attached by root, are not theirs to stop).
+        others = [p for p in self.manager.member_pids(jid)
+                  if not self.authz.may_signal(caller, p)]
+        if others:
+            raise self.authz.deny(
+                f"job {format_jid(jid)} has members uid {caller.uid} may not signal "
+                f"(pids {', '.join(map(str, others[:5]))}); only root or the admin group "
+                f"may {'freeze' if freeze else 'thaw'} it")
         self.manager.set_frozen(jid, freeze)
-        return {"jid": format_jid(jid), "frozen": freeze}
+        result = {"jid": format_jid(jid), "frozen": freeze}
+        if not freeze:
+            return result
+        limit = self.manager.settle_timeout()
+        return PollUntil(
+            poll=lambda: result if self.manager.settled(jid, "frozen") else None,
+            timeout=limit,
+            on_timeout=lambda: BackendError(f"job {format_jid(jid)} did not report frozen "
+                                            f"within {limit:g} s"))
 
     def op_tag(self, caller: Caller, req: Request) -> Dict[str, Any]:
         jid = get_jid(req)
@@ -257,6 +355,19 @@ class Operations:
             raise NotInJob(f"pid {caller.pid} (the caller) is not in any job")
         return {"pid": caller.pid, "job": job_json(self.manager.job(jid))}
 
+    def op_report(self, caller: Caller, req: Request) -> InThread:
+        """``elsa`` reports for a user who cannot read the store file
+        (elsa/report/remote.py applies the private_data policy)."""
+        from elsa.report import remote
+
+        report = get_str(req, "report")
+        args = req.get("args") or {}
+        if not isinstance(args, dict):
+            raise ProtocolError("'args' must be an object")
+        path, private = self.store_path, self.private_data
+        return InThread(lambda: remote.serve(path, report, args, caller.uid, caller.admin,
+                                             private))
+
     def op_status(self, caller: Caller, req: Request) -> Dict[str, Any]:
         out = self.status_fn()
         out["version"] = __version__
@@ -272,6 +383,7 @@ HANDLERS: Dict[str, Callable[[Operations, Caller, Request], Any]] = {
     "end": Operations.op_end, "status": Operations.op_status,
     "freeze": Operations.op_freeze, "thaw": Operations.op_thaw,
     "tag": Operations.op_tag, "ja": Operations.op_ja,
+    "report": Operations.op_report,
 }
 #: The operation names, sorted (``hello`` lists them; docs/protocol.md documents each).
 OP_NAMES = tuple(sorted(HANDLERS))

@@ -39,8 +39,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from elsa.core.authorization import Authorizer, Caller
+from elsa.core.background import Background
 from elsa.core.model import Job
-from elsa.core.operations import DURABLE_OPS, Operations, WaitFor
+from elsa.core.operations import (
+    DURABLE_OPS,
+    AfterCommit,
+    InThread,
+    Operations,
+    PollUntil,
+    WaitFor,
+)
 from elsa.core.store import Store
 from elsa.errors import ElsaError, PermissionDenied
 from elsa.logsetup import structlog
@@ -105,6 +113,32 @@ class Waiter:
     req_id: Any
 
 
+def check_socket_directory(directory: str) -> None:
+    """Refuse a socket directory (or any directory above it) that a user other
+    than root or elsad's own could write to: they could replace the socket and
+    receive every client's requests. A sticky world-writable directory (/tmp)
+    is safe: others cannot remove or rename what they do not own."""
+    me = os.geteuid()
+    d = os.path.abspath(directory)
+    while True:
+        try:
+            st = os.stat(d)
+        except OSError as exc:
+            raise ElsaError(f"cannot check socket directory {d}: {exc.strerror}") from None
+        if st.st_uid not in (0, me):
+            raise ElsaError(f"socket directory {d} is owned by uid {st.st_uid}, who could "
+                            "replace the socket; put 'socket' in a directory only root "
+                            "(or elsad's user) can write, e.g. /run/elsa")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise ElsaError(f"socket directory {d} is writable by group or others "
+                            f"(mode {stat.S_IMODE(st.st_mode):o}), who could replace the "
+                            "socket; remove that permission or move 'socket'")
+        parent = os.path.dirname(d)
+        if parent == d:
+            return
+        d = parent
+
+
 class ControlServer:
     """Accepts connections and dispatches requests to :class:`Operations`."""
 
@@ -126,7 +160,11 @@ class ControlServer:
         self.conns: Dict[int, Connection] = {}
         self.per_uid: Dict[int, int] = {}
         self.waiters: List[Waiter] = []
+        # Requests answered when the kernel finished (PollUntil): (conn, poll,
+        # deadline, request id), checked by sweep() every 0.1 s.
+        self.pollers: List[Tuple[Connection, PollUntil, float, Any]] = []
         self._holding: Set[Connection] = set()  # connections with held replies
+        self.background: Optional[Background] = None  # started by the first report
         self.counters = {"accepted": 0, "requests": 0, "errors": 0, "too_large": 0,
                          "refused_connections": 0, "dropped_slow_clients": 0,
                          "idle_closed": 0, "deferred_turns": 0}
@@ -142,6 +180,7 @@ class ControlServer:
         except OSError as exc:
             raise ElsaError(f"cannot create socket directory {directory}: {exc.strerror}; "
                             "set 'socket' in the config to a writable place") from None
+        check_socket_directory(directory)
         try:
             st = os.lstat(path)
             if not stat.S_ISSOCK(st.st_mode):
@@ -160,13 +199,18 @@ class ControlServer:
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Everyone may connect; every request is authorized from SO_PEERCRED.
+        # bind() creates the file with 0777 & ~umask: set the mode there rather
+        # than chmod the path afterwards, which would follow a symlink put in
+        # its place (and Linux has no lchmod).
+        old_umask = os.umask(0o111)
         try:
             sock.bind(path)
         except OSError as exc:
             sock.close()
             raise ElsaError(f"cannot bind control socket {path}: {exc.strerror}") from None
-        # Everyone may connect; every request is authorized from SO_PEERCRED.
-        os.chmod(path, 0o666)
+        finally:
+            os.umask(old_umask)
         # A deep backlog absorbs bursts of clients between two accept turns (the
         # kernel caps it at net.core.somaxconn).
         sock.listen(LISTEN_BACKLOG)
@@ -176,6 +220,9 @@ class ControlServer:
     def close(self) -> None:
         for conn in list(self.conns.values()):
             self._close(conn)
+        if self.background is not None:
+            self.background.close(self._remove_reader)
+            self.background = None
         self._remove_reader(self.sock.fileno())
         self.sock.close()
         try:
@@ -366,6 +413,19 @@ class ControlServer:
             if isinstance(result, WaitFor):
                 self.add_waiter(conn, result.jid, result.timeout, req_id)
                 return
+            if isinstance(result, PollUntil):
+                self._add_poller(conn, result, req_id)
+                return
+            if isinstance(result, AfterCommit):
+                mark = self.store.mark()
+                if not self.store.is_committed(mark):
+                    self.store.kick(mark)
+                    self._reply(conn, _Later(req_id, result.compute), mark)  # type: ignore[arg-type]
+                    return
+                result = result.compute()
+            if isinstance(result, InThread):
+                self._in_thread(conn, result.fn, req_id)
+                return
         except ElsaError as exc:
             self.counters["errors"] += 1
             code = exc.code if exc.code in ERROR_CODES else "internal"
@@ -394,6 +454,50 @@ class ControlServer:
                 store.kick(mark)
         self._reply(conn, ok_reply(req_id, result), mark)
 
+    def _materialize(self, later: _Later) -> Dict[str, Any]:
+        """The reply of a request answered after a commit (or a poll)."""
+        try:
+            return ok_reply(later.req_id, later.compute())
+        except ElsaError as exc:
+            self.counters["errors"] += 1
+            code = exc.code if exc.code in ERROR_CODES else "internal"
+            return error_reply(later.req_id, code, exc.message)
+        except Exception as exc:  # a bug must not take the daemon down
+            self.counters["errors"] += 1
+            log.exception("request failed", error=str(exc))
+            return error_reply(later.req_id, "internal",
+                               f"internal error: {type(exc).__name__}: {exc}")
+
+    def _add_poller(self, conn: Connection, p: PollUntil, req_id: Any) -> None:
+        if conn.waiting >= MAX_WAITS_PER_CONNECTION:
+            raise LimitReached(f"this connection already has {conn.waiting} outstanding "
+                               "requests; send fewer at once")
+        conn.waiting += 1
+        self.pollers.append((conn, p, self.clock() + p.timeout, req_id))
+        self._poll(conn, p, self.clock() + p.timeout, req_id)
+
+    def _poll(self, conn: Connection, p: PollUntil, deadline: float, req_id: Any) -> bool:
+        """Answer *p* if it is done or timed out; True when answered."""
+        def answer() -> Any:
+            res = p.poll()
+            if res is None:
+                raise p.on_timeout()
+            return res
+
+        try:
+            done = p.poll() is not None
+        except ElsaError:
+            done = True  # answer() raises it again: the error is the reply
+        if not done and self.clock() < deadline:
+            return False
+        self.pollers = [x for x in self.pollers if x[1] is not p]
+        conn.waiting -= 1
+        conn.last_active = self.clock()
+        self._reply(conn, self._materialize(_Later(req_id, answer)))
+        if not conn.closed:
+            self._process(conn)
+        return True
+
     def on_commit(self) -> None:
         """The store committed: send the held replies whose writes are durable."""
         store = self.store
@@ -401,7 +505,10 @@ class ControlServer:
         for conn in list(self._holding):
             held = conn.held
             while held and (held[0][0] == 0 or store.is_committed(held[0][0])):
-                self._send_reply(conn, held.popleft()[1])
+                obj = held.popleft()[1]
+                if isinstance(obj, _Later):
+                    obj = self._materialize(obj)
+                self._send_reply(conn, obj)
             if not held:
                 self._holding.discard(conn)
                 if not conn.closed and not conn.in_turn:
@@ -463,6 +570,7 @@ class ControlServer:
         self._holding.discard(conn)
         if conn.waiting:
             self.waiters = [w for w in self.waiters if w.conn is not conn]
+            self.pollers = [x for x in self.pollers if x[0] is not conn]
             conn.waiting = 0
 
     def stats(self) -> Dict[str, Any]:
@@ -491,6 +599,8 @@ class ControlServer:
                 self._close(conn)
             elif conn.eof and conn.waiting and _hung_up(conn.sock):
                 self._close(conn)  # nobody left to read the wait's answer
+        for conn, p, deadline, req_id in list(self.pollers):
+            self._poll(conn, p, deadline, req_id)
         expired = [w for w in self.waiters if w.deadline is not None and now >= w.deadline]
         if expired:
             self.waiters = [w for w in self.waiters if not (w.deadline is not None
@@ -526,6 +636,36 @@ class ControlServer:
         if not conn.closed:
             self._process(conn)
 
+    def _in_thread(self, conn: Connection, fn: Callable[[], Any], req_id: Any) -> None:
+        """Run *fn* on the background worker; reply when it is done. Counted as
+        an outstanding wait, so the connection is neither idle-closed nor
+        answered out of order meanwhile."""
+        if conn.waiting >= MAX_WAITS_PER_CONNECTION:
+            raise LimitReached(f"this connection already has {conn.waiting} outstanding "
+                               "requests; send fewer at once")
+        if self.background is None:
+            self.background = Background(self._add_reader)
+        conn.waiting += 1
+
+        def done(result: Any, error: Optional[BaseException]) -> None:
+            conn.waiting -= 1
+            conn.last_active = self.clock()
+            if error is None:
+                self._reply(conn, ok_reply(req_id, result))
+            elif isinstance(error, ElsaError):
+                self.counters["errors"] += 1
+                code = error.code if error.code in ERROR_CODES else "internal"
+                self._reply(conn, error_reply(req_id, code, error.message))
+            else:
+                self.counters["errors"] += 1
+                log.error("request failed", error=f"{type(error).__name__}: {error}")
+                self._reply(conn, error_reply(req_id, "internal", f"internal error: "
+                                              f"{type(error).__name__}: {error}"))
+            if not conn.closed:
+                self._process(conn)
+
+        self.background.submit(fn, done)
+
     def add_waiter(self, conn: Connection, jid: int, timeout: Optional[float],
                    req_id: Any) -> None:
         """Answer the request later: when job *jid* ends or *timeout* s pass."""
@@ -545,3 +685,11 @@ def _hung_up(sock: socket.socket) -> bool:
         return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
     except (OSError, ValueError):
         return True
+
+
+@dataclass(frozen=True)
+class _Later:
+    """A reply computed when it is sent (after a store commit or a poll)."""
+
+    req_id: Any
+    compute: Callable[[], Any]

@@ -10,6 +10,15 @@ matters here (ELSA's original jobd lost every job on restart).
 
 Migrations are a list of SQL scripts; ``PRAGMA user_version`` says how many
 ran. A store newer than this code is refused instead of being misread.
+
+A commit that fails (disk full, I/O error) is rolled back and its writes go
+back to the front of the queue: nothing is counted as committed, so a held
+``create`` reply is not sent and a pacct read position is not saved. The
+writer retries every :data:`RETRY_INTERVAL` seconds; while it fails, or once
+more than ``spool_limit`` writes wait, :meth:`Store.check_accepting` refuses
+new jobs, and :meth:`Store.health` (in ``status``) says why. A corrupt
+database (SQLITE_CORRUPT, SQLITE_NOTADB) is reported with the recovery
+command (``elsa store-salvage``, docs/security.md).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import collections
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -31,6 +41,26 @@ from elsa.logsetup import structlog
 log = structlog.get_logger("elsa.store")
 
 DB_NAME = "elsa.db"
+
+#: Seconds between attempts to commit while the store cannot write.
+RETRY_INTERVAL = 1.0
+#: Writes held in memory while the store cannot commit before new jobs are
+#: refused (an accounting record or a membership change is one write; 200,000
+#: are roughly 60 MB).
+SPOOL_LIMIT = 200_000
+#: Beyond this many held writes, accounting records are dropped (and counted in
+#: ``health()``) rather than letting elsad grow without bound.
+SPOOL_HARD_LIMIT = 4 * SPOOL_LIMIT
+#: Permissions of the store files: the accounting data is private (command
+#: names, usage and exit codes of every user; see docs/security.md).
+STORE_MODE = 0o600
+STATE_DIR_MODE = 0o711
+
+SALVAGE_HINT = ("stop elsad, then run 'elsa store-salvage --state-dir {dir}' to copy what is "
+                "readable into a new store (the damaged file is kept beside it)")
+
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
 
 #: Schema migrations; index i upgrades user_version i -> i+1. Append only.
 MIGRATIONS: List[str] = [
@@ -216,15 +246,20 @@ MIGRATIONS: List[str] = [
 class Store:
     """Job table and membership history, persisted in ``<state_dir>/elsa.db``."""
 
-    def __init__(self, state_dir: str, *, batch_interval: float = 0.25) -> None:
+    def __init__(self, state_dir: str, *, batch_interval: float = 0.25,
+                 spool_limit: int = SPOOL_LIMIT, check_seconds: float = 10.0) -> None:
+        self.state_dir = state_dir
         self.path = os.path.join(state_dir, DB_NAME)
         try:
-            os.makedirs(state_dir, mode=0o755, exist_ok=True)
+            os.makedirs(state_dir, mode=STATE_DIR_MODE, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create state_dir {state_dir}: {exc.strerror}; "
                              "set state_dir in the config to a writable directory") from None
+        secure_store_files(state_dir)
         self.db = self._connect()
+        check_integrity(self.db, self.path, check_seconds)
         migrate(self.db, self.path)
+        secure_store_files(state_dir)
         self._queue: Deque[Tuple[str, Sequence[Any]]] = collections.deque()
         # Membership rows not yet written, keyed by identity: a process that
         # joins and exits within one batch (most of a fork storm) becomes one
@@ -243,7 +278,14 @@ class Store:
         self._notify_at = 0
         self._notify_r: Optional[int] = None
         self._notify_w: Optional[int] = None
-        self._error: Optional[BaseException] = None
+        # The last commit failed with this error (None: the store writes).
+        self._failure: Optional[str] = None
+        self._failed_since: Optional[float] = None
+        self._retry_at = 0.0
+        self.corrupt = False
+        self.write_failures = 0
+        self.dropped = 0
+        self.spool_limit = spool_limit
         self.batch_interval = batch_interval
         self.batches = 0
         self._writer = threading.Thread(target=self._write_loop, name="elsa-store-writer",
@@ -263,8 +305,9 @@ class Store:
             db.execute("PRAGMA cache_size=-1024")
             db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {self.path}: {exc}; check state_dir and "
-                             "free disk space") from None
+            hint = (SALVAGE_HINT.format(dir=os.path.dirname(self.path)) if is_corruption(exc)
+                    else "check state_dir and free disk space")
+            raise StoreError(f"cannot open store {self.path}: {exc}; {hint}") from exc
         return db
 
     @property
@@ -273,20 +316,52 @@ class Store:
 
     # -- the writer thread -------------------------------------------------------
     def submit(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """Queue one write; returns at once (deque.append is atomic under the GIL)."""
-        if self._error is not None:
-            raise StoreError(f"store {self.path}: writer failed: {self._error}")
+        """Queue one write; returns at once (deque.append is atomic under the GIL).
+        While the store cannot commit, writes wait in the queue (see health())."""
         self._queue.append((sql, params))
         self._submitted += 1
 
     def submit_many(self, sql: str, rows: List[Sequence[Any]]) -> None:
         """Queue one statement for each of *rows* with one queue entry (the
         accounting hot path: one append per batch of records, not per record)."""
-        if self._error is not None:
-            raise StoreError(f"store {self.path}: writer failed: {self._error}")
-        if rows:
-            self._queue.append((sql, _Many(rows)))
-            self._submitted += len(rows)
+        if not rows:
+            return
+        if self._failure is not None and self.pending() > SPOOL_HARD_LIMIT:
+            # Memory is the last line: elsad growing until the OOM killer
+            # takes it would lose every held write, not just these.
+            if not self.dropped:
+                log.error("store spool full; dropping accounting records until the store "
+                          "writes again", path=self.path, pending=self.pending())
+            self.dropped += len(rows)
+            return
+        self._queue.append((sql, _Many(rows)))
+        self._submitted += len(rows)
+
+    # -- health ------------------------------------------------------------------------
+    def pending(self) -> int:
+        """Writes submitted but not committed yet."""
+        return self._submitted - self._committed
+
+    def health(self) -> Dict[str, Any]:
+        """The store's state for ``status``: whether it writes, and if not why."""
+        return {"ok": self._failure is None, "error": self._failure,
+                "failing_since": self._failed_since, "corrupt": self.corrupt,
+                "pending_writes": self.pending(), "spool_limit": self.spool_limit,
+                "write_failures": self.write_failures, "dropped_records": self.dropped}
+
+    def check_accepting(self) -> None:
+        """Raise StoreError when a new job could not be made durable soon: the
+        store cannot commit, or too many writes wait for it."""
+        if self._failure is not None:
+            hint = (SALVAGE_HINT.format(dir=self.state_dir) if self.corrupt else
+                    f"free space on the file system of {self.state_dir}; held writes are "
+                    "committed as soon as it can, without a restart")
+            raise StoreError(f"store {self.path} cannot write ({self._failure}); new jobs "
+                             f"are refused until it can; {self.pending()} writes are held "
+                             f"in memory; {hint}")
+        if self.pending() > self.spool_limit:
+            raise StoreError(f"store {self.path} is {self.pending()} writes behind (limit "
+                             f"{self.spool_limit}); new jobs are refused until it catches up")
 
     # -- durability marks (issue 5: a pacct follower persists its offset only
     # after the records it read are committed; see elsa/core/accounting.py) --
@@ -335,10 +410,11 @@ class Store:
         with self._cond:
             self._urgent = True
             self._cond.notify_all()
-            ok = self._cond.wait_for(lambda: self._committed >= target or self._error is not None,
-                                     timeout)
-        if self._error is not None:
-            raise StoreError(f"store {self.path}: writer failed: {self._error}")
+            ok = self._cond.wait_for(
+                lambda: self._committed >= target or self._failure is not None, timeout)
+        if self._committed < target and self._failure is not None:
+            raise StoreError(f"store {self.path} cannot write ({self._failure}); the change "
+                             "is held and written when the store can write again")
         if not ok:
             raise StoreError(f"store {self.path}: commit did not finish in {timeout} s; "
                              "is the disk stalled?")
@@ -352,59 +428,110 @@ class Store:
                 # (kick, flush) or we stop: a batch of 0.25 s rewrites each hot
                 # B-tree page (the random-pid indexes) once instead of at every
                 # commit, which cut the writer's CPU per process by ~15 %.
-                while not (self._stopping or self._notify_at or self._urgent):
-                    pending = bool(self._queue or self._members)
-                    wait = next_commit - time.monotonic() if pending else self.batch_interval
+                # While commits fail, retry every RETRY_INTERVAL whoever asks.
+                while not self._stopping:
+                    if self._failure is not None:
+                        wait = self._retry_at - time.monotonic()
+                    elif self._notify_at or self._urgent:
+                        break
+                    else:
+                        pending = bool(self._queue or self._members)
+                        wait = (next_commit - time.monotonic() if pending
+                                else self.batch_interval)
                     if wait <= 0:
                         break
                     self._cond.wait(wait)
                 self._urgent = False
                 stopping = self._stopping
-            # Take the member rows first: a close that misses them from now on
-            # is queued as an UPDATE and drained below, so it runs after them.
-            with self._members_lock:
-                members, self._members = self._members, {}
-            batch: List[Tuple[str, Sequence[Any]]] = []
-            q = self._queue
-            while q:
-                batch.append(q.popleft())
-            done = (sum(len(p) if type(p) is _Many else 1 for _, p in batch)
-                    + sum(row[-1] for row in members.values()))
-            if done:
-                try:
-                    db.execute("BEGIN")
-                    if members:
-                        db.executemany(
-                            "INSERT OR REPLACE INTO members(boot_id, pid, start_ticks, jid, "
-                            "joined, how, left, exit_code, detached) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            [(*key, *row[:-1]) for key, row in members.items()])
-                    _execute_grouped(db, batch, self._runners)
-                    db.execute("COMMIT")
-                    self.batches += 1
-                except sqlite3.Error as exc:
-                    try:
-                        db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    log.error("store write failed", path=self.path, error=str(exc),
-                              ops=len(batch))
-                    self._error = exc
-                with self._cond:
-                    self._committed += done
-                    self._cond.notify_all()
-                    wake = bool(self._notify_at) and self._committed >= self._notify_at
-                    if wake:
-                        self._notify_at = 0
-                if wake and self._notify_w is not None:
-                    try:
-                        os.write(self._notify_w, b"c")
-                    except BlockingIOError:
-                        pass  # the pipe already holds a wake-up
+            ok = self._commit_batch(db)
             next_commit = time.monotonic() + self.batch_interval
             if stopping and not self._queue and not self._members:
                 break
+            if stopping and not ok:
+                log.error("store cannot write at stop; held writes are lost", path=self.path,
+                          pending=self.pending(), error=self._failure)
+                break
         db.close()
+
+    def _commit_batch(self, db: sqlite3.Connection) -> bool:
+        """Commit what is queued in one transaction; on failure put it back."""
+        # Take the member rows first: a close that misses them from now on
+        # is queued as an UPDATE and drained below, so it runs after them.
+        with self._members_lock:
+            members, self._members = self._members, {}
+        batch: List[Tuple[str, Sequence[Any]]] = []
+        q = self._queue
+        while q:
+            batch.append(q.popleft())
+        done = (sum(len(p) if type(p) is _Many else 1 for _, p in batch)
+                + sum(row[-1] for row in members.values()))
+        if not done:
+            return True
+        try:
+            db.execute("BEGIN")
+            if members:
+                db.executemany(
+                    "INSERT OR REPLACE INTO members(boot_id, pid, start_ticks, jid, "
+                    "joined, how, left, exit_code, detached) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*key, *row[:-1]) for key, row in members.items()])
+            _execute_grouped(db, batch, self._runners)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite already rolled back (SQLITE_FULL does)
+            self._requeue(batch, members)
+            self._failed(exc)
+            return False
+        self.batches += 1
+        if self._failure is not None:
+            log.warning("store writes again", path=self.path, after=self._failure,
+                        failures=self.write_failures)
+        with self._cond:
+            self._failure = self._failed_since = None
+            self._committed += done
+            self._cond.notify_all()
+            wake = bool(self._notify_at) and self._committed >= self._notify_at
+            if wake:
+                self._notify_at = 0
+        if wake and self._notify_w is not None:
+            try:
+                os.write(self._notify_w, b"c")
+            except BlockingIOError:
+                pass  # the pipe already holds a wake-up
+        return True
+
+    def _requeue(self, batch: List[Tuple[str, Sequence[Any]]],
+                 members: Dict[Tuple[str, int, int, int], List[Any]]) -> None:
+        """Put a rolled-back batch back, ahead of what was queued since."""
+        self._queue.extendleft(reversed(batch))
+        with self._members_lock:
+            for key, row in members.items():
+                newer = self._members.get(key)
+                if newer is None:
+                    self._members[key] = row
+                else:  # changed since: the newer state wins, its merge count adds up
+                    newer[5] += row[5]
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        self.write_failures += 1
+        first = self._failure is None
+        if is_corruption(exc):
+            self.corrupt = True
+            msg = f"store is corrupt: {exc}; {SALVAGE_HINT.format(dir=self.state_dir)}"
+        else:
+            msg = str(exc)
+        if first:
+            log.error("store write failed; writes are held and retried", path=self.path,
+                      error=msg, pending=self.pending())
+        with self._cond:
+            self._failure = msg
+            if first:
+                self._failed_since = time.time()
+            self._retry_at = time.monotonic() + RETRY_INTERVAL
+            self._cond.notify_all()  # flush() waiters learn of the failure
 
     def close(self) -> None:
         with self._cond:
@@ -420,7 +547,7 @@ class Store:
     def _read_own_writes(self) -> None:
         """Reads use their own connection and see only committed data; wait for
         queued writes first so a reply never contradicts an earlier one."""
-        if self._submitted != self._committed:
+        if self._submitted != self._committed and self._failure is None:
             self.flush()
 
     # -- metadata -----------------------------------------------------------------
@@ -458,15 +585,20 @@ class Store:
             "had_members FROM jobs WHERE state = 'running' ORDER BY jid").fetchall()
         return [(_job_from_row(r), bool(r[9])) for r in rows]
 
-    def job(self, jid: int) -> Optional[Job]:
-        self._read_own_writes()
+    def job(self, jid: int, committed: bool = False) -> Optional[Job]:
+        """*committed*: read what is committed now, without waiting for queued
+        writes (the control server waited for its commit mark already)."""
+        if not committed:
+            self._read_own_writes()
         row = self.db.execute(
             "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params "
             "FROM jobs WHERE jid = ?", (jid,)).fetchone()
         return _job_from_row(row) if row else None
 
-    def jobs(self, *, include_ended: bool = True, limit: int = 10000) -> List[Job]:
-        self._read_own_writes()
+    def jobs(self, *, include_ended: bool = True, limit: int = 10000,
+             committed: bool = False) -> List[Job]:
+        if not committed:
+            self._read_own_writes()
         where = "" if include_ended else "WHERE state = 'running'"
         rows = self.db.execute(
             f"SELECT jid, name, owner_uid, tags, created, ended, state, backend, params "
@@ -521,6 +653,65 @@ class Store:
         return self.db.execute(
             "SELECT pid, start_ticks, joined, left, exit_code, how FROM members "
             "WHERE jid = ? ORDER BY joined", (jid,)).fetchall()
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """True for SQLITE_CORRUPT / SQLITE_NOTADB (any extended code)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+def check_integrity(db: sqlite3.Connection, path: str, seconds: float) -> None:
+    """``PRAGMA quick_check`` within *seconds*: raise StoreError naming the
+    recovery command on corruption. A check that runs out of time is logged
+    and the start goes on (a store too big to check fully is not evidence of
+    damage; run-time SQLITE_CORRUPT is still caught by the writer)."""
+    deadline = time.monotonic() + seconds
+    db.set_progress_handler(lambda: int(time.monotonic() > deadline), 10000)
+    try:
+        rows = db.execute("PRAGMA quick_check(20)").fetchall()
+    except sqlite3.OperationalError as exc:
+        if "interrupted" in str(exc):
+            log.warning("store integrity check stopped at its time limit", path=path,
+                        seconds=seconds)
+            return
+        raise StoreError(f"store {path} cannot be checked: {exc}; "
+                         + SALVAGE_HINT.format(dir=os.path.dirname(path))) from exc
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"store {path} is corrupt: {exc}; "
+                         + SALVAGE_HINT.format(dir=os.path.dirname(path))) from exc
+    finally:
+        db.set_progress_handler(None, 0)
+    problems = [r[0] for r in rows if r[0] != "ok"]
+    if problems:
+        raise StoreError(f"store {path} is corrupt ({problems[0]}; {len(problems)} problems "
+                         "found); " + SALVAGE_HINT.format(dir=os.path.dirname(path)))
+
+
+def secure_store_files(state_dir: str) -> None:
+    """Make the store private: the database and its -wal/-shm files 0600, the
+    state directory not listable by others. Files created later inherit the
+    database's mode (SQLite copies it to -wal and -shm)."""
+    try:
+        st = os.stat(state_dir)
+        if st.st_mode & 0o022:
+            os.chmod(state_dir, STATE_DIR_MODE)
+    except OSError:
+        return
+    for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):
+        # By path, never open()+close(): closing any descriptor of a file drops
+        # every POSIX lock this process holds on it, SQLite's included (its
+        # WAL index would then be rebuilt under a live writer).
+        path = os.path.join(state_dir, name)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(path, STORE_MODE)
+        except OSError:
+            continue
 
 
 def migrate(db: sqlite3.Connection, path: str) -> None:

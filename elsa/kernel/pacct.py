@@ -26,8 +26,10 @@ resynchronises by scanning for the next offset where a plausible record starts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -93,6 +95,18 @@ assert _LE.size == RECORD_SIZE
 #: Columns a decode returns (comp_t fields already expanded to integers).
 COLUMNS = ("offset", "flag", "tty", "exitcode", "uid", "gid", "pid", "ppid", "btime", "etime",
            "utime", "stime", "mem", "io", "rw", "minflt", "majflt", "comm", "big_endian")
+
+
+#: Plausible values: a record outside them is garbage (a misaligned read, a
+#: foreign file) and is reported and skipped instead of stored (docs/kernel.md,
+#: "BSD accounting": PID_MAX_LIMIT is 4M on 64-bit kernels).
+PID_MAX = 4 * 1024 * 1024
+MAX_ELAPSED_S = 20 * 365 * 86400
+#: A record may end at most this far after the reader's clock (clock skew
+#: between hosts of a site); beyond it (e.g. 2106, the u32 btime's end) it is garbage.
+FUTURE_SLACK_S = 86400
+#: Problems listed one by one per decode; the rest are counted.
+MAX_LISTED = 10
 
 
 def decode_comp_t(c: int) -> int:
@@ -256,14 +270,16 @@ def _describe_bad(data: bytes, off: int) -> str:
 # -- decoding ----------------------------------------------------------------------
 
 def decode(data: bytes, *, path: str = "<memory>", base_offset: int = 0, final: bool = True,
-           use_numpy: Optional[bool] = None) -> Decoded:
+           use_numpy: Optional[bool] = None, now: Optional[float] = None) -> Decoded:
     """Decode acct v3 records from *data* (file bytes starting at *base_offset*).
 
     The file's byte order is the first good record's; a record of the other
     order is still decoded (its version byte says how) but reported, since one
     kernel never writes both. With ``final`` false a trailing partial record is
     left for later (a growing file); with ``final`` true it is reported as
-    truncated.
+    truncated. A record whose values cannot be real (see :data:`PID_MAX`,
+    :data:`MAX_ELAPSED_S`, :data:`FUTURE_SLACK_S`; *now* is the reader's
+    clock) is reported and left out.
     """
     if use_numpy is None:
         use_numpy = (len(data) >= NUMPY_MIN_BYTES or bool(_numpy)) and _np() is not None
@@ -305,6 +321,7 @@ def decode(data: bytes, *, path: str = "<memory>", base_offset: int = 0, final: 
                                      "the end of the file; dropped"))
             consumed = n
     cols = (_decode_numpy if use_numpy else _decode_struct)(data, segments, base_offset)
+    cols = _drop_implausible(cols, path, problems, now if now is not None else time.time())
     if file_big is not None and cols["pid"] is not None:
         foreign = _foreign_offsets(cols, file_big)
         for off in foreign[:10]:
@@ -315,6 +332,54 @@ def decode(data: bytes, *, path: str = "<memory>", base_offset: int = 0, final: 
             problems.append(_problem(path, foreign[10], f"{len(foreign) - 10} more records "
                                      "in the foreign byte order"))
     return Decoded(columns=cols, problems=problems, consumed=consumed)
+
+
+def _implausible(pid: int, ppid: int, btime: int, etime: float, latest: float) -> str:
+    """Why a record's values cannot be real ("" when they can)."""
+    if not math.isfinite(etime) or etime < 0 or etime / AHZ > MAX_ELAPSED_S:
+        return f"elapsed time {etime!r} ticks is not plausible"
+    if not 0 < pid <= PID_MAX or ppid > PID_MAX:
+        return f"pid {pid} / ppid {ppid} beyond the kernel's limit {PID_MAX}"
+    if btime + etime / AHZ > latest:
+        return (f"ends at {btime + etime / AHZ:.0f} (epoch s), in the future of this "
+                "host's clock")
+    return ""
+
+
+def _drop_implausible(cols: Dict[str, Any], path: str, problems: List[AccountingFormatError],
+                      now: float) -> Dict[str, Any]:
+    """*cols* without the records whose values cannot be real; each is reported
+    (the first MAX_LISTED by offset, the rest counted)."""
+    latest = now + FUTURE_SLACK_S
+    np = _numpy or None
+    if np is not None and isinstance(cols["pid"], np.ndarray):
+        et = cols["etime"]
+        with np.errstate(invalid="ignore", over="ignore"):
+            bad = (~np.isfinite(et) | (et < 0) | (et / AHZ > MAX_ELAPSED_S)
+                   | (cols["pid"] <= 0) | (cols["pid"] > PID_MAX) | (cols["ppid"] > PID_MAX)
+                   | (cols["btime"] + et / AHZ > latest))
+        if not bad.any():
+            return cols
+        idx = np.flatnonzero(bad).tolist()
+        keep = ~bad
+        out = {k: v[keep] for k, v in cols.items()}
+    else:
+        idx = [i for i, (pid, ppid, bt, et) in enumerate(zip(
+            cols["pid"], cols["ppid"], cols["btime"], cols["etime"]))
+            if _implausible(pid, ppid, bt, et, latest)]
+        if not idx:
+            return cols
+        gone = set(idx)
+        out = {k: [x for i, x in enumerate(v) if i not in gone] for k, v in cols.items()}
+    for i in idx[:MAX_LISTED]:
+        why = _implausible(int(cols["pid"][i]), int(cols["ppid"][i]), int(cols["btime"][i]),
+                           float(cols["etime"][i]), latest)
+        problems.append(_problem(path, int(cols["offset"][i]), f"{why}; record skipped"))
+    if len(idx) > MAX_LISTED:
+        problems.append(_problem(path, int(cols["offset"][idx[MAX_LISTED]]),
+                                 f"{len(idx) - MAX_LISTED} more records with implausible "
+                                 "values skipped"))
+    return out
 
 
 def _good_run_end(data: bytes, pos: int, use_numpy: bool) -> int:

@@ -4,6 +4,7 @@
     elsa job JID [--source NAME]                    each process with its usage
     elsa summary --by job|user|command [--since T] [--until T] [--source NAME]
     elsa import-acct FILE...                        bring old pacct files in
+    elsa store-salvage                              rebuild a damaged store from what is readable
 
 Every report prints a table, or ``--json`` / ``--csv`` (raw units: µs, KiB,
 bytes). Times (``--since/--until``) accept ISO dates ("2026-11-21",
@@ -62,6 +63,24 @@ def _db_path(args: argparse.Namespace) -> str:
 
     cfg = config.load(config.resolve_path(args.config))
     return os.path.join(cfg.state_dir, "elsa.db")
+
+
+def _report(args: argparse.Namespace, name: str, wire: Dict[str, Any], local) -> Any:
+    """The report from the store when this user can read it, else from elsad
+    (the ``report`` operation, under the private_data policy)."""
+    from elsa.report import remote
+
+    return remote.run(_db_path(args), _socket_path(args), name, wire, local)
+
+
+def _socket_path(args: argparse.Namespace) -> Optional[str]:
+    if getattr(args, "socket", None):
+        return args.socket
+    if args.db or args.state_dir:
+        return None  # a store named explicitly: read it, or say why not
+    from elsa.client import default_socket
+
+    return default_socket(args.config)
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -139,8 +158,10 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
     else:
         from elsa.report import query
 
-        db = query.open_store(_db_path(args))
-        rows = query.summary(db, args.by, args.since, args.until, args.source)
+        rows = _report(args, "summary", {"by": args.by, "since": args.since,
+                                         "until": args.until, "source": args.source},
+                       lambda db: query.summary(db, args.by, args.since, args.until,
+                                                args.source))
 
     def table() -> None:
         if args.by == "job":
@@ -175,10 +196,18 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
     if args.format == "help":
         sacct.format_help(out)
         return 0
-    db = query.open_store(_db_path(args))
-    rows = sacct.with_tags(query.jobs(db, args.since, args.until, args.state), args.tag)
-    if args.format or args.parsable2 or args.noheader:
-        sacct.add_root_exits(db, rows)
+    root_exits = bool(args.format or args.parsable2 or args.noheader)
+
+    def local(db):
+        rows = query.jobs(db, args.since, args.until, args.state)
+        if root_exits:
+            sacct.add_root_exits(db, rows)
+        return rows
+
+    rows = sacct.with_tags(_report(args, "jobs", {"since": args.since, "until": args.until,
+                                                  "state": args.state,
+                                                  "root_exits": root_exits}, local),
+                           args.tag)
     if sacct.print_jobs(args, rows, out):
         return 0
 
@@ -212,8 +241,8 @@ def cmd_job(args: argparse.Namespace, out) -> int:
         jid = parse_jid(args.jid)
     except ValueError as exc:
         raise ElsaError(str(exc)) from None
-    db = query.open_store(_db_path(args))
-    detail = query.job_detail(db, jid, args.source)
+    detail = _report(args, "job", {"jid": format_jid(jid), "source": args.source},
+                     lambda db: query.job_detail(db, jid, args.source))
     if detail is None:
         raise ElsaError(f"no job {format_jid(jid)} in the store; list jobs with 'elsa jobs'")
 
@@ -284,12 +313,28 @@ def cmd_import_acct(args: argparse.Namespace, out) -> int:
     return 1 if bad else 0
 
 
+def cmd_store_salvage(args: argparse.Namespace, out) -> int:
+    from elsa.logsetup import configure
+    from elsa.report.salvage import format_result, salvage
+
+    configure("warning", stream=sys.stderr)  # the store's own log lines are not the report
+    result = salvage(_db_path(args))
+    if args.json:
+        json.dump(result, out)
+        out.write("\n")
+    else:
+        out.write("\n".join(format_result(result)) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="config file (default: $ELSA_CONFIG or "
                         "/etc/elsa/elsa.toml)")
     common.add_argument("--state-dir", help="elsad's state_dir (overrides the config)")
     common.add_argument("--db", help="the store file itself (overrides --state-dir)")
+    common.add_argument("--socket", help="elsad's socket, asked for reports when the store "
+                        "file is not readable (default: from the config)")
     fmt = common.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output (raw units)")
     fmt.add_argument("--csv", action="store_true", help="CSV output (raw units)")
@@ -321,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-attribute", action="store_true",
                    help="do not attribute records to jobs from the membership history")
     s.set_defaults(func=cmd_import_acct)
+    s = sub.add_parser("store-salvage", parents=[common],
+                       help="copy what is readable of a damaged store into a new one "
+                       "(stop elsad first)")
+    s.set_defaults(func=cmd_store_salvage)
     from elsa.billing.cli import add_parser as add_bill
 
     add_bill(sub, [common, window])

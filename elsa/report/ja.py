@@ -310,5 +310,4 @@ def add_parser(sub: Any, parents: List[argparse.ArgumentParser]) -> None:
     s.add_argument("-s", action="store_true", help="summary (the default)")
     s.add_argument("-c", action="store_true", help="per-command report")
     s.add_argument("-f", action="store_true", help="command flow: the process tree")
-    s.add_argument("--socket", metavar="PATH", help="elsad's control socket")
     s.set_defaults(func=cmd_ja)

@@ -1,0 +1,182 @@
+"""``elsa store-salvage``: copy what is readable of a damaged store into a new one.
+
+SQLite reports a damaged page (SQLITE_CORRUPT, "database disk image is
+malformed") only when a query touches it, so the copy walks each table in
+rowid order and, where a read fails, searches for the first rowid past the
+damaged range (doubling the step, then bisecting back), so the rows after it
+are kept. Per-process usage rows are inserted through the store's triggers,
+which rebuild the rollups (``usage_rollup``, ``job_usage``); rollup rows that
+are still readable then replace the rebuilt ones, since a rollup may hold
+records whose ``proc_usage`` rows were on a damaged page. The damaged file is
+kept beside the new one (``elsa.db.damaged-<time>``).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from elsa.core import jobid
+from elsa.core import store as store_mod
+from elsa.errors import StoreError
+
+#: Tables copied row by row in this order (rowid tables), then the rollups.
+ROWID_TABLES = ("meta", "jobs", "members", "proc_usage")
+ROLLUP_TABLES = ("usage_rollup", "job_usage")
+_BATCH = 1000
+
+
+def _rows_from(db: sqlite3.Connection, table: str, cols: str, after: int
+               ) -> Tuple[List[Tuple[Any, ...]], bool]:
+    """Rows with rowid > *after* (up to _BATCH); the flag is False when the
+    read hit damage (the rows before it are returned)."""
+    out: List[Tuple[Any, ...]] = []
+    try:
+        for row in db.execute(f"SELECT rowid, {cols} FROM {table} WHERE rowid > ? "
+                              "ORDER BY rowid LIMIT ?", (after, _BATCH)):
+            out.append(row)
+    except sqlite3.DatabaseError:
+        return out, False
+    return out, True
+
+
+def _readable_from(db: sqlite3.Connection, table: str, after: int) -> bool:
+    try:
+        db.execute(f"SELECT rowid FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT 1",
+                   (after,)).fetchall()
+        return True
+    except sqlite3.DatabaseError:
+        return False
+
+
+def _skip_damage(db: sqlite3.Connection, table: str, last: int) -> Optional[int]:
+    """The smallest rowid bound past *last* from which reading works again,
+    or None when none does."""
+    step = 1
+    while not _readable_from(db, table, last + step):
+        step *= 2
+        if last + step > 2 ** 63 - 1:
+            return None
+    lo, hi = last + step // 2, last + step  # lo fails (or is last), hi works
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _readable_from(db, table, mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _walk(db: sqlite3.Connection, table: str, cols: str, lost: List[str]
+          ) -> Iterator[Tuple[Any, ...]]:
+    last = -(2 ** 63)
+    while True:
+        rows, ok = _rows_from(db, table, cols, last)
+        for row in rows:
+            yield row[1:]
+        if rows:
+            last = rows[-1][0]
+        if ok:
+            if len(rows) < _BATCH:
+                return
+            continue
+        nxt = _skip_damage(db, table, last)
+        lost.append(f"{table}: rows after rowid {last}"
+                    + (f" up to {nxt}" if nxt is not None else " to the end") + " unreadable")
+        if nxt is None:
+            return
+        last = nxt
+
+
+def _columns(db: sqlite3.Connection, table: str) -> List[str]:
+    return [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+
+
+def salvage(path: str) -> Dict[str, Any]:
+    """Rebuild the store at *path* from what is readable; returns counts and
+    the damaged ranges. The store must not be in use (stop elsad first)."""
+    if not os.path.exists(path):
+        raise StoreError(f"no store at {path}; pass --state-dir or --db")
+    new = path + ".salvage"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(new + suffix):
+            os.unlink(new + suffix)
+    try:
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"store {path}: its schema is unreadable ({exc}); nothing can be "
+                         "salvaged from it: move it away and start with an empty store") from exc
+    old = os.umask(0o077)
+    try:
+        dst = sqlite3.connect(new, isolation_level=None)
+    finally:
+        os.umask(old)
+    dst.execute("PRAGMA journal_mode=WAL")
+    store_mod.migrate(dst, new)
+    counts: Dict[str, int] = {}
+    lost: List[str] = []
+    dst.execute("BEGIN")
+    for table in ROWID_TABLES + ROLLUP_TABLES:
+        try:
+            have = _columns(src, table)
+        except sqlite3.DatabaseError:
+            lost.append(f"{table}: table unreadable")
+            continue
+        cols = [c for c in _columns(dst, table) if c in have]
+        if not cols:
+            continue
+        # Rollups: what is readable wins over what the triggers rebuilt.
+        verb = "INSERT OR REPLACE" if table in ROLLUP_TABLES else "INSERT OR IGNORE"
+        sql = (f"{verb} INTO {table}({', '.join(cols)}) "
+               f"VALUES ({', '.join('?' * len(cols))})")
+        n = 0
+        if table in ROLLUP_TABLES:  # WITHOUT ROWID: read in key order until damage
+            try:
+                for row in src.execute(f"SELECT {', '.join(cols)} FROM {table}"):
+                    dst.execute(sql, row)
+                    n += 1
+            except sqlite3.DatabaseError:
+                lost.append(f"{table}: rows after the first {n} unreadable (rebuilt from "
+                            "proc_usage where its rows survived)")
+        else:
+            for row in _walk(src, table, ", ".join(cols), lost):
+                dst.execute(sql, row)
+                n += 1
+        counts[table] = n
+    _keep_jid_counter_ahead(dst)
+    dst.execute("COMMIT")
+    problems = [r[0] for r in dst.execute("PRAGMA quick_check").fetchall() if r[0] != "ok"]
+    dst.close()
+    src.close()
+    if problems:
+        raise StoreError(f"the salvaged store {new} failed its check ({problems[0]}); "
+                         f"{path} was left as it was")
+    damaged = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+    for suffix in ("-wal", "-shm", ""):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, damaged + suffix)
+    os.replace(new, path)
+    store_mod.secure_store_files(os.path.dirname(os.path.abspath(path)))
+    return {"store": path, "damaged_copy": damaged, "rows": counts, "unreadable": lost}
+
+
+def _keep_jid_counter_ahead(db: sqlite3.Connection) -> None:
+    """Job ids must never be handed out twice: when the counter's meta row was
+    lost, reserve past the highest job id that survived."""
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (jobid.META_KEY,)).fetchone()
+    reserved = int(row[0]) if row else 0
+    (top,) = db.execute("SELECT max(jid & ?) FROM jobs",
+                        ((1 << jobid.COUNTER_BITS) - 1,)).fetchone()
+    if top is not None and top + jobid.BLOCK > reserved:
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                   (jobid.META_KEY, str(top + jobid.BLOCK)))
+
+
+def format_result(result: Dict[str, Any]) -> Sequence[str]:
+    lines = [f"{result['store']}: rebuilt; the damaged file is {result['damaged_copy']}"]
+    lines += [f"  {t}: {n} rows kept" for t, n in result["rows"].items()]
+    lines += [f"  lost: {x}" for x in result["unreadable"]]
+    return lines

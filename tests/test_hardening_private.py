@@ -1,0 +1,83 @@
+"""Accounting data is private: the store is not readable by other users, and a
+user's ``elsa`` reports go through elsad, which shows them their own jobs
+only (private_data), with the same output as the local report."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+
+from elsa.report import cli as report_cli
+from elsa.report import query, remote  # noqa: F401  (loaded before the children drop root)
+from tests.test_control_auth import (  # noqa: F401  (fixtures)
+    accounts,
+    as_user,
+    shared_dir,
+)
+
+pytestmark = pytest.mark.root
+
+report_cli.build_parser().format_help()  # argparse's lazy parts, before the children run
+
+
+def elsa_as_main(*argv: str):
+    def run():
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = report_cli.main(list(argv))
+        return {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}
+    return run
+
+
+def test_store_is_private_and_reports_go_through_elsad(shared_dir, elsad, accounts):  # noqa: F811
+    a, b, _gid, _group = accounts
+    d = elsad(workdir=shared_dir)
+    with d.client() as c:
+        ja = [c.create(name=f"a{i}", owner_uid=a.uid)["jid"] for i in range(2)]
+        jb = c.create(name="b0", owner_uid=b.uid)["jid"]
+        c.call("end", jid=ja[0])
+    db = os.path.join(d.state_dir, "elsa.db")
+    assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
+    assert not stat.S_IMODE(os.stat(d.state_dir).st_mode) & 0o044  # not listable
+    assert as_user(a, lambda: os.access(db, os.R_OK)) is False
+    common = ("--state-dir", d.state_dir, "--socket", d.socket)
+    # Root reads the store itself; A gets the same rows for A's jobs, via elsad.
+    query._USERS.clear()  # uids of users other tests created and removed
+    mine = json.loads(elsa_as_main("jobs", "--json", *common)()["stdout"])
+    r = as_user(a, elsa_as_main("jobs", "--json", *common))
+    assert r["rc"] == 0, r["stderr"]
+    def steady(rows):  # a running job's wall time grows between the two reads
+        return [{k: v for k, v in j.items() if k != "wall_us"} for j in rows]
+
+    assert steady(json.loads(r["stdout"])) == steady(
+        [j for j in mine if j["owner_uid"] == a.uid])
+    assert {j["jid"] for j in json.loads(r["stdout"])} == set(ja)
+    # The table is the same as root's for the same rows.
+    table = as_user(a, elsa_as_main("jobs", *common))["stdout"]
+    assert "a0" in table and "a1" in table and "b0" not in table
+    # Another user's job: refused, with the reason.
+    r = as_user(a, elsa_as_main("job", jb, *common))
+    assert r["rc"] != 0 and "not yours" in r["stderr"]
+    r = as_user(a, elsa_as_main("job", ja[1], "--json", *common))
+    assert r["rc"] == 0 and json.loads(r["stdout"])["jid"] == ja[1]
+    # Totals over every user's commands are not for a normal user.
+    r = as_user(a, elsa_as_main("summary", "--by", "command", *common))
+    assert r["rc"] != 0 and "private_data" in r["stderr"]
+    r = as_user(a, elsa_as_main("summary", "--by", "job", "--json", *common))
+    assert {j["jid"] for j in json.loads(r["stdout"])} == set(ja)
+
+
+def test_private_data_false_opens_reports(shared_dir, elsad, accounts):  # noqa: F811
+    a, b, _gid, _group = accounts
+    d = elsad(workdir=shared_dir, extra="[reports]\nprivate_data = false\n")
+    with d.client() as c:
+        jb = c.create(name="b0", owner_uid=b.uid)["jid"]
+    r = as_user(a, elsa_as_main("job", jb, "--json", "--state-dir", d.state_dir,
+                                "--socket", d.socket))
+    assert r["rc"] == 0, r["stderr"]
+    assert json.loads(r["stdout"])["owner_uid"] == b.uid
