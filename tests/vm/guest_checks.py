@@ -115,11 +115,8 @@ def restart(log: Log) -> None:
 
 
 def reconfigure(log: Log) -> None:
-    """Restart elsad on a new config with no job running: stop, hand the emptied
-    subtree's controllers back, start. systemd 252 (Debian 12) ignores
-    DelegateSubgroup= and starts elsad in the unit's own cgroup, which the kernel
-    refuses (EBUSY, 219/CGROUP) while that cgroup enables controllers for its
-    children (cgroup v2 "no internal processes" rule)."""
+    """Restart elsad on a new config with no job running, from a clean subtree:
+    stop, remove what earlier checks left in the unit's cgroup, start."""
     log.sh(f"systemctl stop {UNIT}", timeout=120)
     release_subtree(log)
     log.sh(f"systemctl reset-failed {UNIT}", ok=False)
@@ -322,7 +319,7 @@ def reload_applies_changed_key(log: Log) -> None:
     log.sh(f"systemctl reload {UNIT}", timeout=60)
 
 
-def _restart_keeps_job(log: Log) -> None:
+def _restart_keeps_job(log: Log, delegated: bool) -> None:
     runner = start_job(log, "(sleep 600 &); sleep 600")
     jid = job_of(log, runner.pid)
     cg = cgroup_of(runner.pid)
@@ -342,6 +339,14 @@ def _restart_keeps_job(log: Log) -> None:
         log.expect(after == before, "the same members after 'systemctl restart'")
         log.expect(all(Path(f"/proc/{p}").exists() and cgroup_of(p) == cg for p in before),
                    f"every member alive and still in {cg}")
+        if delegated:
+            # systemd 252 starts the new elsad in the unit's cgroup: the old one turned
+            # the controllers off at stop, the new one turns them on again.
+            enabled = (UNIT_CGROUP / "cgroup.subtree_control").read_text().split()
+            log.note(f"{UNIT_CGROUP}/cgroup.subtree_control after restart: {enabled}")
+            log.expect(all(c in enabled for c in ("cpu", "memory", "io", "pids")),
+                       "controllers enabled again for job cgroups")
+            log.expect((cg / "memory.current").exists(), f"{cg}/memory.current exists")
         log.sh(f"elsa-jobmng kill -s KILL {jid}")
     finally:
         if cg.exists() and (cg / "cgroup.procs").read_text().split():
@@ -353,7 +358,7 @@ def _restart_keeps_job(log: Log) -> None:
 def restart_keeps_jobs(log: Log) -> None:
     """``systemctl restart`` with a job running, job cgroups in the delegated
     subtree (the packaged default)."""
-    _restart_keeps_job(log)
+    _restart_keeps_job(log, delegated=True)
 
 
 @check
@@ -364,7 +369,7 @@ def restart_keeps_jobs_base_outside_unit(log: Log) -> None:
     try:
         write_config(log, "cgroup2", f'[backends.cgroup2]\nbase = "{base}"\n')
         reconfigure(log)
-        _restart_keeps_job(log)
+        _restart_keeps_job(log, delegated=False)
     finally:
         write_config(log, "cgroup2")
         reconfigure(log)
