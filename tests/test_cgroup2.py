@@ -207,12 +207,14 @@ def _backend_job_with_sleepers(area, tmp_path: Path, jid: int, n: int = 3):
 
 
 def test_kill_fallback_freeze_signal_thaw(area, tmp_path: Path, monkeypatch) -> None:
-    """Kernels before 5.14 have no cgroup.kill: freeze, SIGKILL each pid, thaw, wait.
+    """Kernels before 5.14 have no cgroup.kill: freeze, SIGKILL each pid, thaw.
     MOCK of one fact only: has_kill() answers False (this kernel has cgroup.kill);
     the freeze, the signals and the wait are real."""
     with _backend_job_with_sleepers(area, tmp_path, 0x77) as (b, job, procs):
         monkeypatch.setattr(b.fs, "has_kill", lambda path: False)
         assert b.signal(job, signal.SIGKILL, [p.pid for p in procs]) == 3
+        # signal() does not wait on the event thread; settled() reports the end.
+        wait_for(lambda: b.settled(job, "killed"), 5, what="the cgroup empty")
         assert not FS.populated(job.params["cgroup_path"])
         assert all(p.wait(5) == -signal.SIGKILL for p in procs)
         assert FS.events(job.params["cgroup_path"])["frozen"] == 0  # thawed again

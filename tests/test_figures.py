@@ -102,7 +102,8 @@ def test_first_job_shows_per_job_usage_on_embedded_defaults(tmp_path):
     assert re.search(r"^backend +\S+ \(auto: ", text, re.M), text
     m = re.search(r"^usage: processes (\d+)  user (\S+)", text, re.M)
     assert m, text
-    assert int(m.group(1)) == 5  # sh, three gzip, ls
+    # sh, three gzip, ls; fewer only when a loss was flagged on the job.
+    assert int(m.group(1)) == 5 or "INCOMPLETE" in text, text[-3000:]
     assert m.group(2) != "-" and float(m.group(2).rstrip("s")) > 0
 
 
