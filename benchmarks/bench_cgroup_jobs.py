@@ -97,6 +97,45 @@ def kernel_mkdir_rmdir(mount: str, n: int = 5000) -> float:
     return n / (time.perf_counter() - t0)
 
 
+CGTOOLS_CONTROLLERS = "cpu,memory"
+
+
+def cgroup_tools_rate(jobs: int, clients: int) -> Optional[float]:
+    """Jobs/s of the tools a user would pick today for the same work, from
+    cgroup-tools (libcgroup): ``cgcreate`` a cgroup, ``cgexec`` true in it,
+    ``cgdelete`` it, K shell loops in parallel. None without cgroup-tools."""
+    if not all(shutil.which(t) for t in ("cgcreate", "cgexec", "cgdelete")):
+        return None
+    base = f"elsa-bench-cgt-{uuid.uuid4().hex[:8]}"
+    ctl = CGTOOLS_CONTROLLERS
+    subprocess.run(["cgcreate", "-g", f"{ctl}:{base}"], check=True)
+    per = max(1, jobs // clients)
+    script = ('i=0; while [ $i -lt "$2" ]; do g="$1:$3/j$4_$i"; '
+              'cgcreate -g "$g" && cgexec -g "$g" true && cgdelete -g "$g" || exit 1; '
+              'i=$((i+1)); done')
+    try:
+        t0 = time.perf_counter()
+        kids = [subprocess.Popen(["sh", "-c", script, "sh", ctl, str(per), base, str(k)])
+                for k in range(clients)]
+        failed = [k.wait() for k in kids]
+        elapsed = time.perf_counter() - t0
+        if any(failed):
+            raise SystemExit("cgroup-tools peer: cgcreate/cgexec/cgdelete failed")
+    finally:
+        subprocess.run(["cgdelete", "-r", "-g", f"{ctl}:{base}"], check=False,
+                       stderr=subprocess.DEVNULL)
+        # cgdelete leaves a v1 memory cgroup behind when its rmdir races the
+        # charges draining: remove what is left, leaves first.
+        for c in ctl.split(","):
+            top = f"/sys/fs/cgroup/{c}/{base}"
+            for root, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                try:
+                    os.rmdir(root)
+                except OSError:
+                    pass
+    return per * clients / elapsed
+
+
 def _client_loop(sock: str, n: int, ready_w: int, go_r: int, mode: str) -> None:
     """One launcher.
 
@@ -313,6 +352,9 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                          "(clone3 CLONE_INTO_CGROUP), then attached; join (the default for "
                          "python): the launcher joins, then spawns true (like elsa-jobmng "
                          "run); fork (python only): a waiting child is attached, then execs")
+    ap.add_argument("--cgtools-jobs", type=int, default=600,
+                    help="jobs of the cgroup-tools peer (cgcreate + cgexec + cgdelete; "
+                         "0: skip)")
     ap.add_argument("--profile", default="", help="write py-spy folded stacks of elsad here")
     ap.add_argument("--cprofile", default="", help="run elsad under cProfile, stats to here")
     args = ap.parse_args(argv if argv is not None else [])
@@ -327,6 +369,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     try:
         exe = build_launcher(build_dir) if args.launcher == "c" else ""
         peer = kernel_mkdir_rmdir(mount)
+        cgtools = (cgroup_tools_rate(args.cgtools_jobs, args.clients)
+                   if args.cgtools_jobs else None)
         ceiling = launch_ceiling(min(args.jobs, 2000), args.clients, mode, args.launcher, exe)
         res = run(args.jobs, args.clients, args.profile, args.cprofile, mode, args.launcher,
                   exe)
@@ -352,6 +396,15 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
          "peer": None, "ratio": None, "target": None, "passed": True,
          "reproduce": f"{REPRODUCE} {how}", "unit": "µs"},
     ]
+    rows.insert(1, {
+        "metric": f"cgroup2 jobs/s vs cgroup-tools (cgcreate + cgexec true + cgdelete, "
+                  f"{args.clients} shell loops, controllers {CGTOOLS_CONTROLLERS})",
+        "elsa": round(res["rate"], 1), "peer": cgtools and round(cgtools, 1),
+        "peer_name": "cgroup-tools",
+        "ratio": cgtools and round(res["rate"] / cgtools, 3), "target": None,
+        "passed": cgtools is not None,
+        "reproduce": f"{REPRODUCE} {how} --cgtools-jobs {args.cgtools_jobs}",
+        "unit": "jobs/s"})
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))
     print(json.dumps({"detail": res}))

@@ -117,6 +117,7 @@ class Elsad:
         with open(self.cfg, "w") as fh:
             fh.write(text)
         self.proc: Optional[subprocess.Popen] = None
+        self.cprofile = ""  # cProfile output file of elsad's event thread, if set
 
     def client(self) -> Client:
         """A fresh connection: elsad closes connections idle for idle_timeout (30 s),
@@ -125,7 +126,8 @@ class Elsad:
 
     def start(self) -> None:
         log = open(os.path.join(self.work, "elsad.log"), "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "elsa.elsad", "-c", self.cfg],
+        prof = ["-m", "cProfile", "-o", self.cprofile] if self.cprofile else []
+        self.proc = subprocess.Popen([sys.executable, *prof, "-m", "elsa.elsad", "-c", self.cfg],
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 30

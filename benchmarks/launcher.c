@@ -115,7 +115,10 @@ static uint64_t parse_job(const char *line, char *path, size_t cap) {
         fprintf(stderr, "create reply without jid or cgroup_path: %s\n", line);
         exit(1);
     }
-    uint64_t jid = strtoull(j + 6, NULL, 10);
+    j += 6;
+    if (*j == '"')
+        j++; /* a zero-padded hex string, "0x0035969e00000402" (docs/jobid.md) */
+    uint64_t jid = strtoull(j, NULL, 0);
     p += strlen("\"cgroup_path\":\"");
     const char *e = strchr(p, '"');
     size_t n = e ? (size_t)(e - p) : 0;
@@ -208,7 +211,7 @@ int main(int argc, char **argv) {
             pid_t pid = clone_true_into(dirfd);
             close(dirfd);
             int len = snprintf(req, sizeof req,
-                               "{\"op\":\"attach\",\"jid\":%llu,\"pids\":[%d]}\n%s",
+                               "{\"op\":\"attach\",\"jid\":\"0x%016llx\",\"pids\":[%d]}\n%s",
                                (unsigned long long)jid, (int)pid, i + 1 < n ? CREATE : "");
             send_all(req, (size_t)len);
             read_line(line, sizeof line);

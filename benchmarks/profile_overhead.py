@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=0)
     ap.add_argument("--pyspy", default="", help="py-spy raw output file")
     ap.add_argument("--perf", default="", help="perf record output file")
+    ap.add_argument("--cprofile", default="",
+                    help="cProfile output file of elsad's event thread (inflates its CPU)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("profile_overhead: needs root")
@@ -68,6 +70,7 @@ def main() -> None:
     base: Optional[str] = (f"{mount}/elsa-prof-{os.getpid()}"
                            if mount and a.backend == "cgroup2" else None)
     d = bo.Elsad(work, a.backend, base, sources, a.nice)
+    d.cprofile = os.path.abspath(a.cprofile) if a.cprofile else ""
     d.start()
     rec = None
     try:

@@ -22,8 +22,10 @@ before the peer figure) and ``detail`` (kept in --json output). A row that
 lacks a key gets a note; one that lacks ``passed`` counts as failed.
 
 Exit status: 0 when every row passed, 1 otherwise. The whole run is meant to
-take under 10 minutes on the 2-core benchmark machine; each benchmark's time
-is shown, and the total is checked against that budget.
+take under BUDGET_S (20 minutes) on the 2-core benchmark machine; each
+benchmark has a time limit (TIMEOUTS, else DEFAULT_TIMEOUT_S; ``--timeout``
+sets one for all), its time is shown, and the total is checked against the
+budget.
 """
 
 from __future__ import annotations
@@ -44,8 +46,15 @@ from typing import Any, Dict, List, Optional, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-BUDGET_S = 600.0
+#: The whole default run on a quiet 2-core machine, with margin: each
+#: benchmark's default size is chosen to take well under its own limit, and
+#: the limits catch one that hangs or runs on a busy machine.
+BUDGET_S = 1200.0
 DEFAULT_TIMEOUT_S = 240.0
+#: Limits of benchmarks whose default run needs more than DEFAULT_TIMEOUT_S
+#: (the two overhead benchmarks run paired rounds; the 10M-record rows
+#: generate their cached input file on a first run).
+TIMEOUTS: Dict[str, float] = {"sustained": 300.0, "pacct_summary": 300.0, "bill": 300.0}
 FIELDS = ("metric", "elsa", "peer", "ratio", "target", "passed", "reproduce", "unit")
 
 
@@ -219,9 +228,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+    ap.add_argument("--timeout", type=float, default=None, metavar="S",
                     help="stop a benchmark that runs longer than this and report it as "
-                         "failed (default %(default)g s; 0: no limit)")
+                         f"failed (default {DEFAULT_TIMEOUT_S:g} s, more for the benchmarks "
+                         "in TIMEOUTS; 0: no limit)")
     args = ap.parse_args(argv)
     if args.list:
         print("\n".join(available))
@@ -239,7 +249,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Dict[str, Any]] = []
     for name in names:
         print(f"run_all: running {name} ...", file=sys.stderr, flush=True)
-        got = run_one(name, args.timeout)
+        got = run_one(name, TIMEOUTS.get(name, DEFAULT_TIMEOUT_S)
+                      if args.timeout is None else args.timeout)
         print(f"run_all: {name} took {got[0]['seconds']} s", file=sys.stderr, flush=True)
         rows.extend(got)
     total = time.monotonic() - t0

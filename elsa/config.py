@@ -127,8 +127,12 @@ SECTIONS: Dict[str, str] = {
     "billing.rates": "elsa.billing.rates:RATE_OPTIONS",
     "billing.nonprime": "elsa.billing.rates:NONPRIME_OPTIONS",
     "billing.schedule": "elsa.billing.rates:SCHEDULE_OPTIONS",
+    "central": "elsa.central.shipper:OPTIONS",
     "reports": "elsa.report.remote:OPTIONS",
     "thresholds": "elsa.core.thresholds:OPTIONS",
+    "web": "elsa.web:OPTIONS",
+    "export.prometheus": "elsa.export.prometheus:OPTIONS",
+    "export.apel": "elsa.export.apel:OPTIONS",
 }
 
 

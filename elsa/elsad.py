@@ -76,15 +76,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     from elsa.errors import ConfigError, PrivilegeError
 
     daemon = None
+    exporter = None
     # Whatever ends the run, stop() runs: it switches kernel accounting back and
     # lets the store writer finish its batch.
     reason = "error: internal"
     try:
         check_privileges()
         _check(cfg, host)
+        from elsa.export import prometheus
+
+        exporter = prometheus.bind(cfg)  # before the daemon: a taken port fails early
         daemon = Daemon(cfg, host)
         daemon.install_signal_handlers()
         daemon.start()
+        if exporter is not None:
+            prometheus.attach(exporter, daemon)
         reason = daemon.run()
         return EXIT_OK
     except ConfigError as exc:
@@ -105,6 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"elsad: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
+        if exporter is not None:
+            exporter.stop()
         if daemon is not None:
             daemon.stop(reason)
 

@@ -425,6 +425,10 @@ def do_freeze(c: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _or_dash(v: object) -> str:
+    return "-" if v is None else str(v)
+
+
 def do_status(c: Client, args: argparse.Namespace) -> int:
     st = c.status()
     if args.json:
@@ -463,6 +467,16 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
     agg = (st.get("sources") or {}).get("aggregator") or {}
     if agg.get("folded"):  # [thresholds]: small records stored folded
         lines.append(f"folded     {agg['folded']} small process records ([thresholds])")
+    central = st.get("central") or {}
+    if central.get("enabled"):
+        age = central.get("oldest_age_s")
+        lines.append(f"central    {central.get('url')} as {central.get('host')}: "
+                     f"{'FAILING' if central.get('failing') else 'ok'}, backlog "
+                     f"{_or_dash(central.get('backlog_records'))} records, "
+                     f"{_or_dash(central.get('backlog_jobs'))} jobs, oldest "
+                     f"{'-' if age is None else f'{age:.0f} s'}")
+        if central.get("last_error"):
+            lines.append(f"           last error: {central['last_error']}")
     print("\n".join(lines))
     return EXIT_OK
 

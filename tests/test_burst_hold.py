@@ -59,6 +59,31 @@ def test_hold_ends_when_the_queue_stops_growing():
     assert hold.held_seconds == pytest.approx((1 + QUIET_CHECKS) * CHECK_INTERVAL)
 
 
+def test_sources_only_hold_counts_the_events_read_as_if_they_were_queued():
+    # With a prompt event listener the proc connector is read during the hold
+    # (its queue stays near empty): the events read since the hold began
+    # stand for the queue, and a drain is no rebase.
+    q = Queue()
+    read = [1_000]
+    hold = BurstHold(q, max_hold=60.0)
+    hold.arrived = lambda: read[0]
+    assert hold.sources_only
+    t = hold.begin(0.0)
+    assert hold.queued() == (0, CAP)
+    read[0] += 500  # 10,000 events a second for 50 ms, all read at once
+    hold.rebase(t - 0.001)
+    t = hold.check(t)
+    assert t is not None and hold.active and hold._quiet == 0
+    for _ in range(QUIET_CHECKS):
+        read[0] += 1  # 20 events a second: the burst is over
+        t = hold.check(t) if t is not None else None
+    assert t is None and hold.ended["quiet"] == 1
+    hold.begin(10.0)
+    read[0] += int(CAP * WATERMARK / hold.bytes_per_event) + 1
+    assert hold.check(10.05) is None and hold.ended["watermark"] == 1
+    assert hold.status()["sources_only"] is True
+
+
 def test_hold_ends_at_the_watermark_and_checks_early_enough_to_see_it():
     q = Queue()
     hold = BurstHold(q, max_hold=60.0)

@@ -353,3 +353,60 @@ def test_attach_refuses_dead_pid_and_ended_job(elsad):
         with pytest.raises(RequestFailed) as exc:
             c.attach(jid, [os.getpid()])
         assert exc.value.code == "bad-job-state"
+
+
+@pytest.fixture
+def c2base():
+    """A private cgroup2 base for elsad, removed afterwards (set up before the
+    daemon and the tree, so torn down after them)."""
+    from elsa.kernel.cgroupfs import CgroupFS
+
+    mount = CgroupFS().cgroup2_mount()
+    if not mount:
+        pytest.skip("no cgroup2 mount")
+    base = os.path.join(mount, f"elsa-test-resync-{os.getpid()}-{time.monotonic_ns()}")
+    yield base
+
+    def gone() -> bool:
+        for root, dirs, _ in os.walk(base, topdown=False):
+            for d in dirs:
+                path = os.path.join(root, d)
+                try:
+                    with open(os.path.join(path, "cgroup.kill"), "w") as fh:
+                        fh.write("1")
+                    os.rmdir(path)
+                except OSError:
+                    pass
+        try:
+            os.rmdir(base)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+
+    if os.path.isdir(base):
+        wait_for(gone, timeout=10, what="the test's cgroups removed")
+
+
+def test_forced_event_loss_resynced_from_cgroups(c2base, elsad, tree):
+    """With the cgroup2 backend a resync reads only the processes the index and
+    the job cgroups name (not all of /proc): after a lost storm the job holds
+    exactly the tree's live processes."""
+    d = elsad(backend="cgroup2",
+              extra=f'netlink_rcvbuf = 1\n[backends.cgroup2]\nbase = "{c2base}"\n')
+    with d.client() as c:
+        jid = c.create(name="storm", pids=[tree.pid])["jid"]
+    for _ in range(15):
+        tree.cmd("storm 400")
+        tree.cmd("child")
+        tree.cmd("grandchild")
+    live = set(live_descendants(tree.pid)) | {tree.pid}
+    with d.client() as c:
+        st = wait_for(lambda: (lambda s: s["resyncs"] >= 2 and s)(c.status()),
+                      what="a resync after the loss")
+    lost = st["lost_events"]
+    assert lost["enobufs"] + lost["seq_gap"] > 0, "the storm did not overflow the buffer"
+    wait_for(lambda: job_pids(d, jid) == live, timeout=15,
+             what="resync to hold exactly the live tree")
+    assert d.proc is not None and d.proc.poll() is None

@@ -30,11 +30,12 @@ OPTIONS: Dict[str, Option] = {
     "packages": Option(str, "auto", "Owning package of each binary from the package database,"
                        " read once at start: 'auto' (dpkg, else rpm), 'dpkg', 'rpm' or 'off'.",
                        choices=("auto", "dpkg", "rpm", "off")),
-    "prompt": Option(bool, True, "Read /proc at each exec as soon as its event arrives: elsad"
-                     " then never holds a burst of events unread (config burst_hold), so"
-                     " short-lived programs keep their path, at the cost of competing with"
-                     " the burst for CPU. false: bursts are held, and programs that ended"
-                     " during one keep what their exit record says (comm, uid, figures)."),
+    "prompt": Option(bool, True, "Read /proc at each exec as soon as its event arrives: during a"
+                     " burst (config burst_hold) elsad then holds only the accounting"
+                     " sources, not the exec events, so short-lived programs keep their"
+                     " path, at the cost of competing with the burst for CPU. false: bursts"
+                     " are held whole, and programs that ended during one keep what their"
+                     " exit record says (comm, uid, figures)."),
     "exit_wait": Option(float, 5.0, "Seconds a program's last image waits for its process's"
                         " exit record (taskstats, bsdacct) before it is stored, so its CPU,"
                         " peak RSS and I/O come from that record.", check=positive),

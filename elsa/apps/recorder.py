@@ -3,8 +3,9 @@
 At each exec event elsad reads, at once and on the event thread, what /proc
 says about the new image: the resolved ``/proc/PID/exe`` and the device and
 inode of the file it points to (a replaced or deleted binary is told apart),
-``stat`` (comm, ppid, start time, CPU so far), ``status`` (real and effective
-uid/gid) and ``io`` (bytes so far). These are small kernel-generated files:
+``stat`` (comm, ppid, start time, CPU so far), the owner of ``/proc/PID``
+(real and effective uid/gid where they are equal; ``status`` otherwise) and
+``io`` (bytes so far). These are small kernel-generated files:
 reading them never waits on a disk. The CPU and I/O read at an exec are both
 the end figures of the image it replaced and the base of the new one.
 
@@ -256,15 +257,29 @@ class AppRecorder(EventListener):
                 utime = int(rest[11]) * _TICK_US
                 stime = int(rest[12]) * _TICK_US
                 start = int(rest[19])
-                data = _read_at(dfd, "status")
-                i = data.find(b"\nUid:")
-                if i >= 0:
-                    ids = data[i + 5:data.index(b"\n", i + 1)].split()
-                    uid, euid = int(ids[0]), int(ids[1])
-                i = data.find(b"\nGid:")
-                if i >= 0:
-                    ids = data[i + 5:data.index(b"\n", i + 1)].split()
-                    gid, egid = int(ids[0]), int(ids[1])
+                owner = os.fstat(dfd)
+                if status == "gone":
+                    # A zombie's /proc/PID belongs to its effective ids; the
+                    # real ones come with its exit record.
+                    euid, egid = owner.st_uid, owner.st_gid
+                elif owner.st_uid != 0 and owner.st_gid != 0:
+                    # /proc/PID belongs to the effective uid and gid of a
+                    # dumpable process, else to root; an exec leaves the
+                    # process dumpable only if its real and effective ids
+                    # are equal (docs/applications.md, "Resolution"). One
+                    # fstat instead of reading and parsing status.
+                    uid = euid = owner.st_uid
+                    gid = egid = owner.st_gid
+                else:
+                    data = _read_at(dfd, "status")
+                    i = data.find(b"\nUid:")
+                    if i >= 0:
+                        ids = data[i + 5:data.index(b"\n", i + 1)].split()
+                        uid, euid = int(ids[0]), int(ids[1])
+                    i = data.find(b"\nGid:")
+                    if i >= 0:
+                        ids = data[i + 5:data.index(b"\n", i + 1)].split()
+                        gid, egid = int(ids[0]), int(ids[1])
                 tok = _read_at(dfd, "io").split()
                 rbytes, wbytes = int(tok[9]), int(tok[11])
             except (OSError, ValueError, IndexError):
@@ -291,8 +306,8 @@ class AppRecorder(EventListener):
                 self.done.append(prow)
             else:
                 self._end_by_exec(prev, f, ts_ns)
-        if (f[F_UID] is not None and ((self.uids and f[F_UID] not in self.uids)
-                                      or f[F_UID] < self.min_uid)):
+        uid = f[F_UID] if f[F_UID] is not None else f[F_EUID]
+        if uid is not None and ((self.uids and uid not in self.uids) or uid < self.min_uid):
             self.counters["excluded"] += 1
             return
         path = f[F_PATH]

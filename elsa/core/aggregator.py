@@ -49,6 +49,8 @@ _JOB_LEVEL_COLUMNS = ("cpu_user_us", "cpu_system_us", "max_rss_kb", "read_bytes"
                       "write_bytes", "minflt", "majflt")
 # A job-level reading (cgroupstat) replaces the previous one: the kernel's
 # counters are cumulative for the cgroup.
+INSERT_SAMPLE = ("INSERT OR REPLACE INTO job_samples(jid, t, cpu_us, mem_bytes) "
+                 "VALUES (?, ?, ?, ?)")
 UPSERT_JOB_LEVEL = (
     "INSERT INTO job_usage(jid, source, " + ", ".join(_JOB_LEVEL_COLUMNS) + ", updated, extra) "
     "VALUES (?, ?, " + ", ".join("?" * len(_JOB_LEVEL_COLUMNS)) + ", ?, ?) "
@@ -284,10 +286,15 @@ class Aggregator:
         if rec.jid is None:
             return
         self.counters.job_readings += 1
+        now = time.time()
         self.submit(UPSERT_JOB_LEVEL, (
             rec.jid, rec.source, rec.cpu_user_us, rec.cpu_system_us, rec.max_rss_kb,
-            rec.read_bytes, rec.write_bytes, rec.minflt, rec.majflt, time.time(),
+            rec.read_bytes, rec.write_bytes, rec.minflt, rec.majflt, now,
             json.dumps(dict(rec.extra), separators=(",", ":")) if rec.extra else None))
+        cpu = None
+        if rec.cpu_user_us is not None or rec.cpu_system_us is not None:
+            cpu = (rec.cpu_user_us or 0) + (rec.cpu_system_us or 0)
+        self.submit(INSERT_SAMPLE, (rec.jid, now, cpu, rec.extra.get("memory_current")))
 
     # -- flags and lifecycle ----------------------------------------------------------------
     def flag_incomplete(self, jids: Iterable[int], source: str, why: str) -> None:

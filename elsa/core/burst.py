@@ -30,6 +30,16 @@ bytes (one ``getsockopt``) and ends the hold when
   growth rate, to get there before the buffer overflows);
 * ``max``: the hold lasted ``max_hold`` seconds (how stale accounting may get).
 
+With an event listener that must see each exec at once (``prompt``, e.g.
+application accounting reading /proc/PID/exe before a short-lived program
+exits), the hold is *sources only*: the proc connector is read as always and
+only the accounting sources wait. Their work (decoding and aggregating exit
+records, the store) is then still done in one batch after the burst. The
+queue measured is then the events that would have queued: those read since
+the hold began (``arrived``) plus those queued now, at the learnt bytes per
+event; the accounting sources' own buffers (the taskstats socket) fill at
+about that pace.
+
 The daemon ends it by itself for reasons of its own (``waiter``: a client
 waits for a job to end; ``stop``). Requests are answered during a hold as always: the
 daemon applies the queued events before it reads a request.
@@ -60,11 +70,15 @@ class BurstHold:
 
     *queued* returns ``(bytes queued, capacity in bytes)`` of the proc
     connector (``ProcConnector.queued``); *max_hold* of 0 disables holding.
+    :attr:`arrived`, when set, returns the events read so far and makes the
+    hold sources only (module docstring).
     """
 
     def __init__(self, queued: Callable[[], Tuple[int, int]], max_hold: float,
                  rate: float = ENTER_RATE, interval: float = CHECK_INTERVAL) -> None:
-        self.queued = queued
+        self._kernel_queued = queued
+        self.arrived: Optional[Callable[[], int]] = None
+        self._arrived_base = 0
         self.max_hold = max_hold
         self.rate = rate
         self.interval = interval
@@ -82,18 +96,33 @@ class BurstHold:
         """Whether *events* that arrived over *seconds* make a burst."""
         return self.max_hold > 0 and events >= self.rate * max(seconds, 1e-3)
 
+    @property
+    def sources_only(self) -> bool:
+        return self.arrived is not None
+
+    def queued(self) -> Tuple[int, int]:
+        """(bytes queued, capacity); sources only: as if no event had been read."""
+        queued, capacity = self._kernel_queued()
+        if self.arrived is not None:
+            queued += int((self.arrived() - self._arrived_base) * self.bytes_per_event)
+        return queued, capacity
+
     def begin(self, now: float) -> float:
         """Start a hold; returns when to call :meth:`check`."""
         self.active = True
         self.since = now
         self._quiet = 0
-        self.rebase(now)
+        if self.arrived is not None:
+            self._arrived_base = self.arrived()
+        self._last_bytes, self._last_t = self.queued()[0], now
         self.holds += 1
         return now + self.interval
 
     def rebase(self, now: float) -> None:
-        """The daemon drained the queue during the hold: measure growth from here."""
-        self._last_bytes, self._last_t = self.queued()[0], now
+        """The daemon drained the queue during the hold: measure growth from here
+        (sources only: the measured queue counts the drained events, no rebase)."""
+        if self.arrived is None:
+            self._last_bytes, self._last_t = self.queued()[0], now
 
     def check(self, now: float) -> Optional[float]:
         """When to check next, or None when the hold is over (see module docstring)."""
@@ -130,6 +159,7 @@ class BurstHold:
             self.bytes_per_event = min(4096.0, max(256.0, queued_bytes / events))
 
     def status(self) -> Dict[str, object]:
-        return {"active": self.active, "max_hold": self.max_hold, "holds": self.holds,
+        return {"active": self.active, "sources_only": self.sources_only,
+                "max_hold": self.max_hold, "holds": self.holds,
                 "held_seconds": round(self.held_seconds, 3), "ended": dict(self.ended),
                 "bytes_per_event": round(self.bytes_per_event)}

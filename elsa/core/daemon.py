@@ -15,6 +15,7 @@ the jobs; the store (:mod:`elsa.core.store`) persists them.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -43,6 +44,24 @@ from elsa.plugins import PluginHost
 log = structlog.get_logger("elsa.daemon")
 
 
+#: Allocations (net, of container objects) between young-generation
+#: collections. The hot path allocates a few tuples per event and frees them
+#: at once; only queued rows (held records, the writer's batches) stay. With
+#: the interpreter's default (700) a storm runs a collection every few hundred
+#: rows, ~7 % of elsad's CPU; the event data holds no reference cycles.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Exclude what start-up built (modules, config, recovered jobs) from
+    future collections (gc.freeze) and collect the young generation less
+    often. Cycles are still collected, only in larger batches."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 class Daemon:
     """The job daemon. ``start()`` then ``run()``; ``request_stop()`` from a signal."""
 
@@ -67,6 +86,7 @@ class Daemon:
         self.sources: Dict[str, Any] = {}
         self.listeners: List[Any] = []  # elsa_event_listeners (elsa/core/listener.py)
         self.source_status: Callable[[], Dict[str, Any]] = lambda: {}
+        self.shipper: Any = None  # elsa.central.shipper.Shipper when [central] url is set
 
     # -- start-up ---------------------------------------------------------------------------
     def _make_backend(self) -> Backend:
@@ -145,6 +165,9 @@ class Daemon:
         loop.add_reader(store.commit_notifications(), control.on_commit)
 
         self._start_sources()
+        from elsa.central.shipper import start_shipper
+
+        self.shipper = start_shipper(cfg, self.store)
         # 0.1 s: the resolution of 'wait' timeouts and of the idle limits.
         loop.add_timer(0.1, control.sweep, "control-sweep")
         # Deferrable: exits are recorded when their events are read, and a
@@ -232,6 +255,7 @@ class Daemon:
             "config": {"path": self.config.path, "restart_needed": self.restart_needed},
             "store": ({"path": self.store.path, "schema": self.store.schema_version,
                        **self.store.health()} if self.store else {"path": None}),
+            "central": self.shipper.status() if self.shipper else {"enabled": False},
         }
         if self.control is not None:
             out["control"] = self.control.stats()
@@ -246,6 +270,7 @@ class Daemon:
 
     def run(self) -> str:
         """Serve until a stop is requested; returns the reason."""
+        tune_gc()
         return self.loop.run()
 
     def _do_reload(self) -> None:
@@ -298,6 +323,8 @@ class Daemon:
                 self.backend.stop()
             except Exception as exc:
                 log.exception("backend failed to stop", error=str(exc))
+        if self.shipper is not None:
+            self.shipper.stop()
         if self.store is not None:
             self.store.close()
         log.info("elsad stopped", reason=reason)

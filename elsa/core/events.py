@@ -64,12 +64,17 @@ class ProcEvents:
         self.priority = priority
         self.loss_events = 0
         self.drained = 0  # messages the latest drain() read
+        self.total = 0  # messages read since start
         self._draining = False
         self._loss_since: Optional[float] = None
         self._sink = _Sink(manager.on_fork, manager.on_exit, self.on_exec, self.on_loss)
 
     def fileno(self) -> int:
         return self.connector.fileno()
+
+    def arrived(self) -> int:
+        """Messages read so far (the sources-only burst hold's measure)."""
+        return self.total
 
     def queued_bytes(self) -> int:
         return self.connector.queued()[0]
@@ -89,10 +94,11 @@ class ProcEvents:
         prompt = [lst.name for lst in listeners if lst.prompt]
         if prompt and self.hold is not None:
             # A listener that reads /proc at each event would find a held
-            # burst's short-lived processes gone by the time it is read.
-            log.info("burst hold off: an event listener reads /proc at each event",
+            # burst's short-lived processes gone by the time it is read:
+            # events are read at once, only the accounting sources wait.
+            log.info("burst hold: sources only, an event listener reads /proc at each event",
                      listeners=prompt)
-            self.hold = None
+            self.hold.arrived = self.arrived
 
     def on_loss(self, event: LossEvent) -> None:
         self.loss_events += 1
@@ -130,6 +136,7 @@ class ProcEvents:
             return False
         finally:
             self._draining = False
+            self.total += self.drained
             if self.hold is not None and self.hold.active:
                 # Drained during a hold (a request, a job-emptied notice):
                 # the queue shrank, which is not the burst ending.

@@ -43,7 +43,8 @@ class EventListener:
 
     name = ""
     #: True: the listener reads /proc at each event, so events must be read
-    #: promptly (the daemon then never holds a burst unread, docs/daemon.md).
+    #: promptly (the daemon's burst hold then holds only the accounting
+    #: sources, docs/daemon.md).
     prompt = False
 
     def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None:

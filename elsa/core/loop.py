@@ -231,10 +231,11 @@ class EventLoop:
                     else:
                         hold_check = hold.check(now)
                     if hold_check is None:
-                        release_bytes = events.queued_bytes()
                         self._release_sources()
-                        if nl_fd in readers:
-                            nl_on()
+                        if not hold.sources_only:  # the proc connector was held too
+                            release_bytes = events.queued_bytes()
+                            if nl_fd in readers:
+                                nl_on()
                 if hold_check is not None:
                     wait = hold_check - now
                     if timeout is None or wait < timeout:
@@ -258,10 +259,12 @@ class EventLoop:
                                 hold.calibrate(release_bytes, events.drained)
                             release_bytes = None
                             resume = now + EVENT_WINDOW
-                        elif (hold is not None and hold.wants(events.drained, now - last_drain)
-                              and not urgent()):
+                        elif (hold_check is None and hold is not None
+                              and hold.wants(events.drained, now - last_drain) and not urgent()):
                             hold_check = hold.begin(now)
                             self._hold_sources()
+                            if hold.sources_only:  # events still read (elsa/core/burst.py)
+                                resume = now + EVENT_WINDOW
                         else:
                             resume = now + EVENT_WINDOW
                     last_drain = now

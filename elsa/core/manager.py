@@ -653,7 +653,22 @@ class JobManager:
            joins that member's job (children born while events were lost).
         """
         self.counters.resyncs += 1
-        procs = snapshot if snapshot is not None else self.procfs.snapshot()
+        truths: Dict[int, Optional[Set[int]]] = {
+            state.jid: self.backend.members(state.snapshot(with_pids=False))
+            for state in list(self.jobs.values())}
+        if snapshot is not None:
+            procs = snapshot
+        elif self.backend.inherits_in_kernel:
+            # Kernel truth: no ancestry walk (step 3), so only the processes
+            # named by the index, the backend and left_alive are read, not
+            # all of /proc (a resync follows every lost event under load).
+            wanted = set(self.index).union(self.left_alive)
+            for truth in truths.values():
+                if truth:
+                    wanted.update(truth)
+            procs = self.procfs.snapshot_of(wanted)
+        else:
+            procs = self.procfs.snapshot()
         adopted = exited = 0
         # (2) members that are gone
         for pid, v in list(self.index.items()):
@@ -667,7 +682,7 @@ class JobManager:
                 self.jobs[jid].members[pid] = info.start_ticks
         # (1) kernel truth
         for state in list(self.jobs.values()):
-            truth = self.backend.members(state.snapshot(with_pids=False))
+            truth = truths.get(state.jid)
             if truth is None:
                 continue
             for pid in truth:
@@ -683,7 +698,7 @@ class JobManager:
         # out behind our back: it left the job.
         if self.backend.inherits_in_kernel:
             for state in list(self.jobs.values()):
-                truth = self.backend.members(state.snapshot(with_pids=False))
+                truth = truths.get(state.jid)
                 if truth is None:
                     continue
                 for pid, start in list(state.members.items()):

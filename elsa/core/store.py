@@ -240,6 +240,17 @@ MIGRATIONS: List[str] = [
     THRESHOLDS_MIGRATION,
     # 4: application records (app_runs; owned by elsa/apps/record.py).
     APPS_MIGRATION,
+    # 5: each job-level reading (a cgroup's counters every cgroupstat interval) is also kept
+    # as one point of the job's time series: the web job page draws it.
+    """
+    CREATE TABLE job_samples (
+        jid INTEGER NOT NULL,
+        t REAL NOT NULL,
+        cpu_us INTEGER,                -- CPU used so far (user + system)
+        mem_bytes INTEGER,             -- memory in use at t
+        PRIMARY KEY (jid, t)
+    );
+    """,
 ]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.source import UsageRecord
 from elsa.errors import CgroupGone, from_oserror
@@ -72,6 +72,8 @@ class CgroupStats:
                 extra[f"cpu_{k}"] = self.cpu[k]
         if self.pids_peak is not None:
             extra["pids_peak"] = self.pids_peak
+        if self.memory_current is not None:
+            extra["memory_current"] = self.memory_current
         for k in ("pgfault", "pgmajfault"):
             if k in self.memory_stat:
                 extra[f"memory_{k}"] = self.memory_stat[k]
@@ -122,8 +124,8 @@ _PARSERS = {
 }
 
 
-def read_stats(directory: str) -> CgroupStats:
-    """Read every statistics file present in the cgroup *directory*.
+def read_stats(directory: str, files: Sequence[str] = STAT_FILES) -> CgroupStats:
+    """Read the statistics *files* (default: all) present in the cgroup *directory*.
 
     Raises :class:`~elsa.errors.CgroupGone` when the directory itself is gone
     (the cgroup was removed), another ElsaError for other failures.
@@ -132,7 +134,7 @@ def read_stats(directory: str) -> CgroupStats:
         raise CgroupGone(f"read cgroup stats: {directory} is gone")
     values: Dict[str, object] = {}
     missing = []
-    for name in STAT_FILES:
+    for name in files:
         attr, parse = _PARSERS[name]
         path = os.path.join(directory, name)
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 from elsa.core.model import ProcessId, ProcessInfo
 from elsa.errors import ProcessGone, from_oserror
@@ -125,6 +125,18 @@ class ProcFS:
         zombies (exited, waiting to be reaped), are left out."""
         out: Dict[int, ProcessInfo] = {}
         for pid in self.pids():
+            try:
+                info = self.info(pid)
+            except ProcessGone:
+                continue
+            if not info.exited:
+                out[pid] = info
+        return out
+
+    def snapshot_of(self, pids: Iterable[int]) -> Dict[int, ProcessInfo]:
+        """Like :meth:`snapshot`, for the given pids only."""
+        out: Dict[int, ProcessInfo] = {}
+        for pid in pids:
             try:
                 info = self.info(pid)
             except ProcessGone:

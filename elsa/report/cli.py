@@ -4,6 +4,7 @@
     elsa job JID [--source NAME]                    each process with its usage
     elsa summary --by job|user|command [--since T] [--until T] [--source NAME]
     elsa import-acct FILE...                        bring old pacct files in
+    elsa export apel|ur|jsonl [--since T] [--until T]   finished jobs for APEL, OGF UR, pipelines
     elsa store-salvage                              rebuild a damaged store from what is readable
 
 Every report prints a table, or ``--json`` / ``--csv`` (raw units: µs, KiB,
@@ -65,11 +66,25 @@ def _db_path(args: argparse.Namespace) -> str:
     return os.path.join(cfg.state_dir, "elsa.db")
 
 
+def _site_filters(args: argparse.Namespace, db: Any) -> Dict[str, Any]:
+    """--host and --tag K=V (the host filter needs the central store)."""
+    from elsa.report import query
+
+    hosts = getattr(args, "host", None)
+    if hosts and not query.adapt(db).central:
+        raise ElsaError("--host selects nodes of the central store: use it with "
+                        "--db postgresql://...")
+    tags = dict(getattr(args, "tag", None) or [])  # (key, value) pairs
+    return {"hosts": hosts, "tags": tags}
+
+
 def _report(args: argparse.Namespace, name: str, wire: Dict[str, Any], local) -> Any:
     """The report from the store when this user can read it, else from elsad
     (the ``report`` operation, under the private_data policy)."""
-    from elsa.report import remote
+    from elsa.report import query, remote
 
+    if args.db and query.is_central(args.db):
+        return local(query.open_db(args.db))
     return remote.run(_db_path(args), _socket_path(args), name, wire, local)
 
 
@@ -161,7 +176,7 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
         rows = _report(args, "summary", {"by": args.by, "since": args.since,
                                          "until": args.until, "source": args.source},
                        lambda db: query.summary(db, args.by, args.since, args.until,
-                                                args.source))
+                                                args.source, **_site_filters(args, db)))
 
     def table() -> None:
         if args.by == "job":
@@ -199,7 +214,7 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
     root_exits = bool(args.format or args.parsable2 or args.noheader)
 
     def local(db):
-        rows = query.jobs(db, args.since, args.until, args.state)
+        rows = query.jobs(db, args.since, args.until, args.state, **_site_filters(args, db))
         if root_exits:
             sacct.add_root_exits(db, rows)
         return rows
@@ -332,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="config file (default: $ELSA_CONFIG or "
                         "/etc/elsa/elsa.toml)")
     common.add_argument("--state-dir", help="elsad's state_dir (overrides the config)")
-    common.add_argument("--db", help="the store file itself (overrides --state-dir)")
+    common.add_argument("--db", help="the store file itself (overrides --state-dir), or the "
+                        "central store's postgresql:// URL")
     common.add_argument("--socket", help="elsad's socket, asked for reports when the store "
                         "file is not readable (default: from the config)")
     fmt = common.add_mutually_exclusive_group()
@@ -341,10 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     window = argparse.ArgumentParser(add_help=False)
     window.add_argument("--since", type=parse_time, help="from this time (ISO, epoch, or age)")
     window.add_argument("--until", type=parse_time, help="up to this time (exclusive)")
+    site = argparse.ArgumentParser(add_help=False)
+    site.add_argument("--host", action="append", metavar="HOST",
+                      help="only these nodes of the central store (repeatable)")
 
     p = argparse.ArgumentParser(prog="elsa", description="Per-job accounting reports.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("jobs", parents=[common, window], help="list jobs with their usage")
+    s = sub.add_parser("jobs", parents=[common, window, site],
+                       help="list jobs with their usage")
     s.add_argument("--state", choices=("running", "ended"))
     from elsa.report import sacct
 
@@ -354,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("jid", help="job id (0x... or decimal)")
     s.add_argument("--source", help="process records of this source (default: the best)")
     s.set_defaults(func=cmd_job)
-    s = sub.add_parser("summary", parents=[common, window],
+    s = sub.add_parser("summary", parents=[common, window, site],
                        help="totals by job, user or command")
+    s.add_argument("--tag", action="append", type=sacct._tag_arg, metavar="KEY=VALUE",
+                   help="only jobs with this tag (repeatable; with --by job)")
     s.add_argument("--by", choices=("job", "user", "command"), default="user")
     s.add_argument("--source", help="count only this source's process records")
     s.add_argument("--acct-file", action="append", metavar="PACCT",
@@ -380,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     from elsa.apps.report import add_parser as add_apps
 
     add_apps(sub, [common, window])
+    from elsa.web.serve import add_parser as add_web
+
+    add_web(sub, common)
+    from elsa.export.cli import add_parser as add_export
+
+    add_export(sub, common, window)
+    from elsa.central.cli import add_commands
+
+    add_commands(sub)
     return p
 
 

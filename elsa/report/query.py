@@ -13,6 +13,12 @@ needs only sqlite3 and the aggregator's "best" rule.
   counted twice; pick one explicitly with ``source``.
 * Per-job figures come from ``job_usage`` (one row per job and source) with
   the best figure per metric, by the same priorities.
+* One copy of each query serves a node's SQLite store and the site's central
+  PostgreSQL (docs/central.md): queries are written with ``?`` placeholders and
+  run through a :class:`Db` adapter, which also supplies the few expressions
+  the dialects spell differently (hour buckets, tag lookup, the host column).
+  Rows are keyed by (host, ...) where a key may repeat across nodes; on a node
+  the host is ''.
 """
 
 from __future__ import annotations
@@ -44,6 +50,58 @@ PROCESS_KEYS = ("pid", "ppid", "uid", "comm", "start_time", "end_time", "exit_co
                 "cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss_kb", "max_vm_kb",
                 "read_bytes", "write_bytes", "read_chars", "write_chars", "minflt", "majflt",
                 "nvcsw", "nivcsw", "source")
+
+
+class Db:
+    """A report connection: ``execute(sql, params)`` with ``?`` placeholders, and the
+    expressions in which SQLite and PostgreSQL differ."""
+
+    #: True when rows carry a host (the central store): reports show and filter it.
+    central = False
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(sql, params)
+
+    def host(self) -> str:
+        """The host column of the usage tables ('' where there is one host)."""
+        return "''"
+
+    def hour(self, col: str) -> str:
+        """The hour bucket (epoch hours, floor) of epoch-seconds column *col*."""
+        return f"CAST({col} / {BUCKET} AS INTEGER)"
+
+    def tag(self, key_param: str = "?") -> str:
+        """The value of the job tag named by *key_param* in jobs.tags (JSON text)."""
+        return f"json_extract(tags, '$.' || {key_param})"
+
+    def user_label(self, host: str, uid: Optional[int]) -> Tuple[str, Optional[str]]:
+        """(user, account) for *uid* on *host*."""
+        return user_name(uid), None
+
+
+class SqliteDb(Db):
+    pass
+
+
+def adapt(db: Any) -> Db:
+    return db if isinstance(db, Db) else SqliteDb(db)
+
+
+def is_central(where: str) -> bool:
+    return where.startswith(("postgresql://", "postgres://", "service="))
+
+
+def open_db(where: str) -> Db:
+    """A node's store file, or the central store when *where* is a postgresql:// URL
+    (or a libpq ``service=NAME``)."""
+    if is_central(where):
+        from elsa.central.pgreport import open_central
+
+        return open_central(where)
+    return SqliteDb(open_store(where))
 
 
 def open_store(path: str, readonly: bool = True) -> sqlite3.Connection:
@@ -82,14 +140,26 @@ def _range_sql(col: str, lo: Optional[float], hi: Optional[float],
     if hi is not None:
         parts.append(f"{col} < ?")
         params.append(hi)
-    return " AND ".join(parts) or "1"
+    return " AND ".join(parts) or "TRUE"
 
 
-def summary(db: sqlite3.Connection, by: str, since: Optional[float] = None,
-            until: Optional[float] = None, source: Optional[str] = None) -> List[Dict[str, Any]]:
+def _host_sql(db: Db, hosts: Optional[Sequence[str]], params: List[Any]) -> str:
+    if not hosts:
+        return ""
+    params.extend(hosts)
+    return f" AND {db.host()} IN ({', '.join('?' * len(hosts))})"
+
+
+def summary(db: Any, by: str, since: Optional[float] = None,
+            until: Optional[float] = None, source: Optional[str] = None,
+            hosts: Optional[Sequence[str]] = None,
+            tags: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
     """Per-user or per-command totals of process records ending in [since, until)."""
+    db = adapt(db)
     if by == "job":
-        return job_summary(db, since, until)
+        return job_summary(db, since, until, hosts=hosts, tags=tags)
+    if tags:
+        raise StoreError("tag filters select jobs: use them with 'summary --by job' or 'jobs'")
     key = {"user": "uid", "command": "comm"}[by]
     blo, bhi = _bucket_range(since, until)
     if blo is not None and bhi is not None and bhi < blo:
@@ -105,87 +175,122 @@ def summary(db: sqlite3.Connection, by: str, since: Optional[float] = None,
             edges.append((bhi * BUCKET, until))
     src_sql = " AND source = ?" if source else ""
     rank, rank_params = priority_sql("source", load_priorities(db))
+    host = db.host()
+    # Keyed by (host, uid|comm): the central store maps uid@host to site users below.
     totals: Dict[Any, Dict[str, Any]] = {}
 
     def merge(rows: Sequence[Sequence[Any]]) -> None:
-        for k, n, cu, cs, el, rss, mem, rb, wb, mi, ma in rows:
-            t = totals.get(k)
+        for h, k, n, cu, cs, el, rss, mem, rb, wb, mi, ma in rows:
+            t = totals.get((h, k))
             if t is None:
-                totals[k] = {"processes": n, "cpu_user_us": cu, "cpu_system_us": cs,
-                             "elapsed_us": el, "max_rss_kb": rss, "mem_kb_sum": mem,
-                             "read_bytes": rb, "write_bytes": wb, "minflt": mi,
-                             "majflt": ma}
+                totals[(h, k)] = {"processes": n, "cpu_user_us": cu, "cpu_system_us": cs,
+                                  "elapsed_us": el, "max_rss_kb": rss, "mem_kb_sum": mem,
+                                  "read_bytes": rb, "write_bytes": wb, "minflt": mi,
+                                  "majflt": ma}
                 continue
-            t["processes"] += n
-            for name, v in (("cpu_user_us", cu), ("cpu_system_us", cs), ("elapsed_us", el),
-                            ("mem_kb_sum", mem), ("read_bytes", rb), ("write_bytes", wb),
-                            ("minflt", mi), ("majflt", ma)):
-                t[name] += v
-            if rss is not None and (t["max_rss_kb"] is None or rss > t["max_rss_kb"]):
-                t["max_rss_kb"] = rss
+            _add(t, n, cu, cs, el, rss, mem, rb, wb, mi, ma)
 
     if full:
         params: List[Any] = []
-        where = _range_sql("bucket", blo, bhi, params)
-        pick_params = list(params)
+        where = _range_sql("bucket", blo, bhi, params) + _host_sql(db, hosts, params)
         if source:
-            pick_params.append(source)
             params.append(source)
-        sql = (f"WITH pick AS (SELECT bucket AS b, MIN({rank}) AS p FROM usage_rollup "
-               f"WHERE {where}{src_sql} GROUP BY bucket) "
-               f"SELECT {key}, SUM(processes), SUM(cpu_user_us), SUM(cpu_system_us), "
+        # Per host and hour, only the best process-level source present counts.
+        sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
+               f"FROM usage_rollup WHERE {where}{src_sql} GROUP BY {host}, bucket) "
+               f"SELECT {host}, {key}, SUM(processes), SUM(cpu_user_us), SUM(cpu_system_us), "
                f"SUM(elapsed_us), MAX(max_rss_kb), SUM(mem_kb_sum), SUM(read_bytes), "
                f"SUM(write_bytes), SUM(minflt), SUM(majflt) "
-               f"FROM usage_rollup JOIN pick ON bucket = pick.b AND {rank} = pick.p "
-               f"WHERE {where}{src_sql} GROUP BY {key}")
-        merge(db.execute(sql, rank_params + pick_params + rank_params + params).fetchall())
+               f"FROM usage_rollup JOIN pick ON {host} = pick.h AND bucket = pick.b "
+               f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY {host}, {key}")
+        merge(db.execute(sql, rank_params + params + rank_params + params).fetchall())
     for lo, hi in edges:
         params = []
-        where = _range_sql("end_time", lo, hi, params)
-        pick_params = list(params)
+        where = _range_sql("end_time", lo, hi, params) + _host_sql(db, hosts, params)
         if source:
             params.append(source)
-            pick_params.append(source)
         ukey = "COALESCE(uid, -1)" if key == "uid" else "comm"
-        sql = (f"WITH pick AS (SELECT CAST(end_time / {BUCKET} AS INTEGER) AS b, "
-               f"MIN({rank}) AS p FROM proc_usage WHERE {where}{src_sql} GROUP BY b) "
-               f"SELECT {ukey}, COUNT(*), SUM(COALESCE(cpu_user_us, 0)), "
+        hour = db.hour("end_time")
+        sql = (f"WITH pick AS (SELECT {host} AS h, {hour} AS b, "
+               f"MIN({rank}) AS p FROM proc_usage WHERE {where}{src_sql} "
+               f"GROUP BY {host}, {hour}) "
+               f"SELECT {host}, {ukey}, COUNT(*), SUM(COALESCE(cpu_user_us, 0)), "
                f"SUM(COALESCE(cpu_system_us, 0)), SUM(COALESCE(elapsed_us, 0)), "
                f"MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb, 0)), "
                f"SUM(COALESCE(read_bytes, 0)), SUM(COALESCE(write_bytes, 0)), "
                f"SUM(COALESCE(minflt, 0)), SUM(COALESCE(majflt, 0)) "
-               f"FROM proc_usage JOIN pick ON CAST(end_time / {BUCKET} AS INTEGER) = pick.b "
-               f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY 1")
-        merge(db.execute(sql, rank_params + pick_params + rank_params + params).fetchall())
+               f"FROM proc_usage JOIN pick ON {host} = pick.h AND {hour} = pick.b "
+               f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY {host}, {ukey}")
+        merge(db.execute(sql, rank_params + params + rank_params + params).fetchall())
     residual: Dict[Any, Tuple[int, int]] = {}
     if by == "user" and not source:
-        residual = job_residuals(db, since, until)
-        for uid, (ru, rs) in residual.items():
-            t = totals.setdefault(uid, {"processes": 0, "cpu_user_us": 0, "cpu_system_us": 0,
-                                        "elapsed_us": 0, "max_rss_kb": None,
-                                        "mem_kb_sum": 0, "read_bytes": 0, "write_bytes": 0,
-                                        "minflt": 0, "majflt": 0})
+        residual = job_residuals(db, since, until, hosts)
+        for hk, (ru, rs) in residual.items():
+            t = totals.setdefault(hk, {"processes": 0, "cpu_user_us": 0, "cpu_system_us": 0,
+                                       "elapsed_us": 0, "max_rss_kb": None,
+                                       "mem_kb_sum": 0, "read_bytes": 0, "write_bytes": 0,
+                                       "minflt": 0, "majflt": 0})
             t["cpu_user_us"] += ru
             t["cpu_system_us"] += rs
-    out = []
-    for k, t in totals.items():
-        row: Dict[str, Any] = {by: k}
+    rows: Dict[Any, Dict[str, Any]] = {}
+    for (h, k), t in totals.items():
         if by == "user":
-            row["uid"] = k
-            row["user"] = user_name(k)
-            ru, rs = residual.get(k, (0, 0))
-            row["job_residual_cpu_us"] = ru + rs
-        n = t["processes"]
-        row.update({m: t[m] for m in SUMMARY_KEYS if m != "avg_mem_kb"})
-        row["avg_mem_kb"] = round(t["mem_kb_sum"] / n) if n else 0
+            user, account = db.user_label(h, k)
+            label: Any = user if db.central else k
+        else:
+            label, account = k, None
+        got = rows.get(label)
+        if got is None:
+            row: Dict[str, Any] = {by: label}
+            if by == "user":
+                # A site user spans several uids on several hosts: uid only where one.
+                row["uid"] = k
+                row["user"] = user
+                if db.central:
+                    row["account"] = account
+                row["job_residual_cpu_us"] = 0
+            row.update(t)
+            rows[label] = row
+        else:
+            if by == "user" and got["uid"] != k:
+                got["uid"] = None
+            _add(got, t["processes"], t["cpu_user_us"], t["cpu_system_us"], t["elapsed_us"],
+                 t["max_rss_kb"], t["mem_kb_sum"], t["read_bytes"], t["write_bytes"],
+                 t["minflt"], t["majflt"])
+        if by == "user":
+            ru, rs = residual.get((h, k), (0, 0))
+            rows[label]["job_residual_cpu_us"] += ru + rs
+    out = []
+    for row in rows.values():
+        n = row["processes"]
+        mem = row.pop("mem_kb_sum")
+        if by == "user":
+            # The key order of the node's report: job_residual_cpu_us before the figures.
+            resid = row.pop("job_residual_cpu_us")
+            figures = {m: row.pop(m) for m in SUMMARY_KEYS if m != "avg_mem_kb"}
+            row["job_residual_cpu_us"] = resid
+            row.update(figures)
+        row["avg_mem_kb"] = round(mem / n) if n else 0
         out.append(row)
     out.sort(key=lambda r: -(r["cpu_user_us"] + r["cpu_system_us"]))
     return out
 
 
-def job_residuals(db: sqlite3.Connection, since: Optional[float] = None,
-                  until: Optional[float] = None) -> Dict[int, Tuple[int, int]]:
-    """Per job owner: (user, system) CPU µs that jobs ended in [since, until) used
+def _add(t: Dict[str, Any], n: int, cu: int, cs: int, el: int, rss: Optional[int], mem: int,
+         rb: int, wb: int, mi: int, ma: int) -> None:
+    t["processes"] += n
+    for name, v in (("cpu_user_us", cu), ("cpu_system_us", cs), ("elapsed_us", el),
+                    ("mem_kb_sum", mem), ("read_bytes", rb), ("write_bytes", wb),
+                    ("minflt", mi), ("majflt", ma)):
+        t[name] += v
+    if rss is not None and (t["max_rss_kb"] is None or rss > t["max_rss_kb"]):
+        t["max_rss_kb"] = rss
+
+
+def job_residuals(db: Any, since: Optional[float] = None, until: Optional[float] = None,
+                  hosts: Optional[Sequence[str]] = None
+                  ) -> Dict[Tuple[str, int], Tuple[int, int]]:
+    """Per job owner (host, uid): (user, system) CPU µs that jobs ended in [since, until) used
     beyond their counted process records.
 
     The kernel's per-process records (taskstats, pacct) are taken at exit, before
@@ -195,6 +300,7 @@ def job_residuals(db: sqlite3.Connection, since: Optional[float] = None,
     the cgroup (docs/accounting.md, "Per-source differences"). Summaries by user
     charge that difference to the job's owner, so that they agree with the sum
     of the jobs' best figures."""
+    db = adapt(db)
     params: List[Any] = []
     where = ["ended IS NOT NULL"]
     if since is not None:
@@ -203,13 +309,16 @@ def job_residuals(db: sqlite3.Connection, since: Optional[float] = None,
     if until is not None:
         where.append("ended < ?")
         params.append(until)
-    owners = dict(db.execute(f"SELECT jid, owner_uid FROM jobs WHERE {' AND '.join(where)}",
-                             params).fetchall())
+    _job_filters(db, hosts, None, where, params)
+    owners = {(h, j): (h, u) for h, j, u in db.execute(
+        f"SELECT {db.host()}, jid, owner_uid FROM jobs WHERE {' AND '.join(where)}",
+        params).fetchall()}
     if not owners:
         return {}
     prios = load_priorities(db)
-    out: Dict[int, Tuple[int, int]] = {}
-    usage = job_usage(db, list(owners)) if len(owners) <= 900 else job_usage(db)
+    out: Dict[Tuple[str, int], Tuple[int, int]] = {}
+    jids = list({j for _h, j in owners})
+    usage = host_job_usage(db, jids) if len(jids) <= 900 else host_job_usage(db)
     for jid, u in usage.items():
         if jid not in owners:
             continue
@@ -257,21 +366,29 @@ _JOB_COLS = ("processes", "cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss
              "majflt", "nvcsw", "nivcsw", "coremem_kb_us", "virtmem_kb_us")
 
 
-def job_usage(db: sqlite3.Connection, jids: Optional[Sequence[int]] = None
+def job_usage(db: Any, jids: Optional[Sequence[int]] = None
               ) -> Dict[int, Dict[str, Any]]:
     """Per job: {"usage": best figures, "chosen": metric->source, "sources": per source}."""
-    sql = f"SELECT jid, source, {', '.join(_JOB_COLS)}, incomplete, extra FROM job_usage"
+    return {jid: u for (_h, jid), u in host_job_usage(db, jids).items()}
+
+
+def host_job_usage(db: Any, jids: Optional[Sequence[int]] = None
+                   ) -> Dict[Tuple[str, int], Dict[str, Any]]:
+    """:func:`job_usage` keyed by (host, jid): the central store holds every node's."""
+    db = adapt(db)
+    sql = (f"SELECT {db.host()}, jid, source, {', '.join(_JOB_COLS)}, incomplete, extra "
+           "FROM job_usage")
     params: List[Any] = []
     if jids is not None:
         if not jids:
             return {}
         sql += f" WHERE jid IN ({', '.join('?' * len(jids))})"
         params = list(jids)
-    per: Dict[int, Dict[str, Dict[str, Any]]] = {}
-    incomplete: Dict[int, Dict[str, str]] = {}
+    per: Dict[Tuple[str, int], Dict[str, Dict[str, Any]]] = {}
+    incomplete: Dict[Tuple[str, int], Dict[str, str]] = {}
     for row in db.execute(sql, params):
-        jid, src = row[0], row[1]
-        vals = dict(zip(_JOB_COLS, row[2:2 + len(_JOB_COLS)]))
+        jid, src = (row[0], row[1]), row[2]
+        vals = dict(zip(_JOB_COLS, row[3:3 + len(_JOB_COLS)]))
         if row[-1]:
             try:
                 vals["extra"] = json.loads(row[-1])
@@ -280,7 +397,7 @@ def job_usage(db: sqlite3.Connection, jids: Optional[Sequence[int]] = None
         per.setdefault(jid, {})[src] = vals
         if row[-2]:
             incomplete.setdefault(jid, {})[src] = row[-2]
-    out: Dict[int, Dict[str, Any]] = {}
+    out: Dict[Tuple[str, int], Dict[str, Any]] = {}
     prios = load_priorities(db)
     for jid, sources in per.items():
         values, chosen = best(sources, prios)
@@ -290,11 +407,24 @@ def job_usage(db: sqlite3.Connection, jids: Optional[Sequence[int]] = None
     return out
 
 
-def jobs(db: sqlite3.Connection, since: Optional[float] = None, until: Optional[float] = None,
-         state: Optional[str] = None, limit: int = 100000) -> List[Dict[str, Any]]:
+def _job_filters(db: Db, hosts: Optional[Sequence[str]], tags: Optional[Dict[str, str]],
+                 where: List[str], params: List[Any]) -> None:
+    if hosts:
+        where.append(f"{db.host()} IN ({', '.join('?' * len(hosts))})")
+        params.extend(hosts)
+    for k, v in sorted((tags or {}).items()):
+        where.append(f"{db.tag()} = ?")
+        params.extend((k, v))
+
+
+def jobs(db: Any, since: Optional[float] = None, until: Optional[float] = None,
+         state: Optional[str] = None, limit: int = 100000,
+         hosts: Optional[Sequence[str]] = None,
+         tags: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
     """Jobs that overlap [since, until) (created before until, ended after since)."""
+    db = adapt(db)
     params: List[Any] = []
-    where = ["1"]
+    where = ["TRUE"]
     if since is not None:
         where.append("(ended IS NULL OR ended >= ?)")
         params.append(since)
@@ -304,19 +434,24 @@ def jobs(db: sqlite3.Connection, since: Optional[float] = None, until: Optional[
     if state:
         where.append("state = ?")
         params.append(state)
+    _job_filters(db, hosts, tags, where, params)
     rows = db.execute(
-        "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params FROM jobs "
-        f"WHERE {' AND '.join(where)} ORDER BY created DESC LIMIT ?",
+        "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params, "
+        f"{db.host()} FROM jobs WHERE {' AND '.join(where)} ORDER BY created DESC LIMIT ?",
         params + [limit]).fetchall()
-    usage = job_usage(db, [r[0] for r in rows]) if len(rows) <= 900 else job_usage(db)
+    usage = (host_job_usage(db, [r[0] for r in rows]) if len(rows) <= 900
+             else host_job_usage(db))
     out = []
     for r in rows:
-        u = usage.get(r[0], {})
-        out.append({"jid": format_jid(r[0]), "name": r[1], "owner_uid": r[2],
-                    "owner": user_name(r[2]),
-                    "tags": json.loads(r[3]), "created": r[4], "ended": r[5], "state": r[6],
-                    "backend": r[7], "params": json.loads(r[8]),
-                    "wall_us": wall_us(r[4], r[5]), "usage": _usage_json(u)})
+        u = usage.get((r[9], r[0]), {})
+        j = {"jid": format_jid(r[0]), "name": r[1], "owner_uid": r[2],
+             "owner": db.user_label(r[9], r[2])[0],
+             "tags": json.loads(r[3]), "created": r[4], "ended": r[5], "state": r[6],
+             "backend": r[7], "params": json.loads(r[8]),
+             "wall_us": wall_us(r[4], r[5]), "usage": _usage_json(u)}
+        if db.central:
+            j["host"] = r[9]
+        out.append(j)
     return out
 
 
@@ -339,10 +474,12 @@ def _usage_json(u: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def job_summary(db: sqlite3.Connection, since: Optional[float] = None,
-                until: Optional[float] = None) -> List[Dict[str, Any]]:
+def job_summary(db: Any, since: Optional[float] = None,
+                until: Optional[float] = None, hosts: Optional[Sequence[str]] = None,
+                tags: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
+    db = adapt(db)
     out = []
-    for j in jobs(db, since, until):
+    for j in jobs(db, since, until, hosts=hosts, tags=tags):
         u = j["usage"]
         # Unknown stays None (null in JSON, "-" in tables), never 0.
         out.append({"jid": j["jid"], "name": j["name"], "owner": j["owner"],
@@ -355,16 +492,19 @@ def job_summary(db: sqlite3.Connection, since: Optional[float] = None,
                     "read_bytes": u.get("read_bytes"), "write_bytes": u.get("write_bytes"),
                     "sources": sorted(u.get("sources", {})),
                     "incomplete": bool(u.get("incomplete"))})
+        if db.central:
+            out[-1]["host"] = j["host"]
     out.sort(key=lambda r: -((r["cpu_user_us"] or 0) + (r["cpu_system_us"] or 0)))
     return out
 
 
-def job_detail(db: sqlite3.Connection, jid: int, source: Optional[str] = None
+def job_detail(db: Any, jid: int, source: Optional[str] = None
                ) -> Optional[Dict[str, Any]]:
     """One job with its usage and each process (like ELSA's ``elsa -d``)."""
-    row = db.execute("SELECT jid, name, owner_uid, tags, created, ended, state, backend, params "
-                     "FROM jobs WHERE jid = ?", (jid,)).fetchone()
-    usage = job_usage(db, [jid]).get(jid, {})
+    db = adapt(db)
+    row = db.execute("SELECT jid, name, owner_uid, tags, created, ended, state, backend, params, "
+                     f"{db.host()} FROM jobs WHERE jid = ?", (jid,)).fetchone()
+    usage = host_job_usage(db, [jid]).get((row[9] if row else "", jid), {})
     srcs = [r[0] for r in db.execute(
         "SELECT DISTINCT source FROM proc_usage WHERE jid = ?", (jid,))]
     if row is None and not srcs and not usage:
@@ -373,20 +513,23 @@ def job_detail(db: sqlite3.Connection, jid: int, source: Optional[str] = None
     pick = source or (min(srcs, key=lambda s: (priority(s, prios), s)) if srcs else None)
     procs = []
     if pick:
-        for r in db.execute(f"SELECT {', '.join(PROCESS_KEYS)} FROM proc_usage "
+        for r in db.execute(f"SELECT {', '.join(PROCESS_KEYS)}, {db.host()} FROM proc_usage "
                             "WHERE jid = ? AND source = ? ORDER BY start_time, pid",
                             (jid, pick)):
             p = dict(zip(PROCESS_KEYS, r))
             # The store keeps the raw wait status; reports show code and signal apart.
             p["exit_code"], p["exit_signal"] = split_exit(p["exit_code"])
-            p["user"] = user_name(p["uid"])
+            p["user"] = db.user_label(r[-1], p["uid"])[0]
             procs.append(p)
     out: Dict[str, Any] = {"jid": format_jid(jid)}
     if row is not None:
-        out.update({"name": row[1], "owner_uid": row[2], "owner": user_name(row[2]),
+        out.update({"name": row[1], "owner_uid": row[2],
+                    "owner": db.user_label(row[9], row[2])[0],
                     "tags": json.loads(row[3]), "created": row[4], "ended": row[5],
                     "state": row[6], "backend": row[7], "params": json.loads(row[8]),
                     "wall_us": wall_us(row[4], row[5])})
+        if db.central:
+            out["host"] = row[9]
     out["usage"] = _usage_json(usage)
     # Why the figures are null, when they are: reports say it instead of printing 0.
     out["usage_note"] = (None if out["usage"]["sources"] else
@@ -397,3 +540,134 @@ def job_detail(db: sqlite3.Connection, jid: int, source: Optional[str] = None
 
     out["folded"] = folded_of_job(db, jid, pick)  # [thresholds]: small records, per command
     return out
+
+
+# -- one page of jobs (elsa web) -----------------------------------------------------------------
+
+#: Sort keys of :func:`jobs_page` (usage columns sort by the figure of the best source that
+#: measured the job, the rule of :func:`best`).
+JOB_SORTS = ("jid", "name", "owner", "state", "created", "ended", "wall", "cpu", "maxrss",
+             "processes")
+
+
+def _best_sql(col: str, rank: str) -> str:
+    return (f"(SELECT {col} FROM job_usage u WHERE u.jid = jobs.jid AND {col} IS NOT NULL "
+            f"ORDER BY {rank} LIMIT 1)")
+
+
+def _sort_sql(key: str, db: sqlite3.Connection, now: float) -> Tuple[str, List[Any]]:
+    rank, rank_params = priority_sql("u.source", load_priorities(db))
+    if key == "wall":
+        return "(COALESCE(ended, ?) - created)", [now]
+    if key == "cpu":
+        return (f"({_best_sql('cpu_user_us', rank)} + {_best_sql('cpu_system_us', rank)})",
+                rank_params * 2)
+    if key in ("maxrss", "processes"):
+        return _best_sql({"maxrss": "max_rss_kb"}.get(key, key), rank), list(rank_params)
+    return {"owner": "owner_uid"}.get(key, key), []
+
+
+def jobs_page(db: sqlite3.Connection, *, owner_uid: Optional[int] = None,
+              name: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
+              state: Optional[str] = None, since: Optional[float] = None,
+              until: Optional[float] = None, sort: str = "created", descending: bool = True,
+              offset: int = 0, limit: int = 50, now: Optional[float] = None,
+              ) -> Tuple[int, List[Dict[str, Any]]]:
+    """(matching count, one page of jobs as :func:`jobs` gives them), filtered and sorted in SQL.
+
+    *name* matches a prefix; *tags* each ``key: value`` exactly; the window as :func:`jobs`.
+    """
+    where: List[str] = ["1 = 1"]
+    params: List[Any] = []
+    if owner_uid is not None:
+        where.append("owner_uid = ?")
+        params.append(owner_uid)
+    if name:
+        where.append("name LIKE ? ESCAPE '\\'")
+        params.append(name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    for k, v in (tags or {}).items():
+        # Tags are a JSON object in one column; match the serialised pair (json.dumps's
+        # separators, as the store writes it), then confirm in Python below.
+        where.append("tags LIKE ?")
+        params.append("%" + json.dumps({k: v})[1:-1] + "%")
+    if state:
+        where.append("state = ?")
+        params.append(state)
+    if since is not None:
+        where.append("(ended IS NULL OR ended >= ?)")
+        params.append(since)
+    if until is not None:
+        where.append("created < ?")
+        params.append(until)
+    if sort not in JOB_SORTS:
+        raise StoreError(f"cannot sort jobs by {sort!r}; one of {', '.join(JOB_SORTS)}")
+    cond = " AND ".join(where)
+    (total,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {cond}", params).fetchone()
+    order, sort_params = _sort_sql(sort, db, now if now is not None else time.time())
+    direction = "DESC" if descending else "ASC"
+    rows = db.execute(
+        "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params FROM jobs "
+        f"WHERE {cond} ORDER BY {order} {direction}, jid {direction} LIMIT ? OFFSET ?",
+        params + sort_params + [limit, offset]).fetchall()
+    usage = job_usage(db, [r[0] for r in rows])
+    out = []
+    for r in rows:
+        t = json.loads(r[3])
+        if tags and any(t.get(k) != v for k, v in tags.items()):
+            total -= 1
+            continue
+        u = usage.get(r[0], {})
+        out.append({"jid": format_jid(r[0]), "name": r[1], "owner_uid": r[2],
+                    "owner": user_name(r[2]), "tags": t, "created": r[4], "ended": r[5],
+                    "state": r[6], "backend": r[7], "params": json.loads(r[8]),
+                    "wall_us": wall_us(r[4], r[5]), "usage": _usage_json(u)})
+    return total, out
+
+
+def usage_per_day(db: sqlite3.Connection, since: Optional[float] = None,
+                  until: Optional[float] = None, uid: Optional[int] = None,
+                  ) -> List[Dict[str, Any]]:
+    """CPU seconds and processes per UTC day and user, from the hourly rollup (whole hours
+    overlapping the window; the best process-level source of each hour, as :func:`summary`)."""
+    params: List[Any] = []
+    lo = None if since is None else math.floor(since / BUCKET)
+    hi = None if until is None else math.ceil(until / BUCKET)
+    where = _range_sql("bucket", lo, hi, params)
+    if uid is not None:
+        where += " AND uid = ?"
+        params.append(uid)
+    sql = (f"WITH pick AS (SELECT bucket AS b, MIN(prio) AS p FROM usage_rollup "
+           f"WHERE {where} GROUP BY bucket) "
+           f"SELECT CAST(bucket / 24 AS INTEGER) AS day, uid, SUM(processes), "
+           f"SUM(cpu_user_us) + SUM(cpu_system_us) FROM usage_rollup "
+           f"JOIN pick ON bucket = pick.b AND prio = pick.p WHERE {where} "
+           f"GROUP BY CAST(bucket / 24 AS INTEGER), uid ORDER BY 1, 2")
+    return [{"day": day * 86400, "uid": u, "user": user_name(u), "processes": n,
+             "cpu_us": cpu} for day, u, n, cpu in db.execute(sql, params + params)]
+
+
+def usage_by_tag(db: sqlite3.Connection, key: str, since: Optional[float] = None,
+                 until: Optional[float] = None, owner_uid: Optional[int] = None,
+                 ) -> List[Dict[str, Any]]:
+    """Per value of job tag *key* (e.g. ``account``): jobs and the sum of their best figures."""
+    totals: Dict[str, Dict[str, Any]] = {}
+    for j in jobs(db, since, until):
+        if owner_uid is not None and j["owner_uid"] != owner_uid:
+            continue
+        val = (j["tags"] or {}).get(key)
+        if val is None:
+            continue
+        t = totals.setdefault(val, {key: val, "jobs": 0, "processes": None,
+                                    "cpu_user_us": None, "cpu_system_us": None,
+                                    "max_rss_kb": None, "read_bytes": None,
+                                    "write_bytes": None})
+        t["jobs"] += 1
+        for m in ("processes", "cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
+            v = j["usage"].get(m)
+            if v is not None:
+                t[m] = (t[m] or 0) + v
+        rss = j["usage"].get("max_rss_kb")
+        if rss is not None and (t["max_rss_kb"] is None or rss > t["max_rss_kb"]):
+            t["max_rss_kb"] = rss
+    return sorted(totals.values(), key=lambda r: -((r["cpu_user_us"] or 0)
+                                                   + (r["cpu_system_us"] or 0)))

@@ -1,0 +1,173 @@
+"""Central store (PostgreSQL) speed, same run, against PostgreSQL itself and SQLite.
+
+1. Ingest: one node's shipper sends N process rows from its SQLite store into
+   the central store (as its node role: staging COPY, INSERT under row
+   security, hourly rollup trigger), against the ceiling: the superuser's
+   server-side ``COPY proc_usage FROM 'file'`` of the very same rows into an
+   identical empty database. Targets: time ratio <= 2.0 (rate >= 0.5 of COPY)
+   and >= 50,000 rows/s.
+2. ``elsa summary --by user`` over M process records in PostgreSQL against the
+   same report over the same records in a node's SQLite store (both through
+   the console script, best of 3). Target: ratio <= 2.0.
+
+A private server (initdb/pg_ctl, Debian's postgresql) is started and removed.
+The SQLite store of M records is bench_store_summary's (cached); the central
+copy is generated inside PostgreSQL with the same formulas and checked equal.
+
+    sudo python3 benchmarks/bench_central.py [--ingest-rows N] [--records M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_pacct_summary import COMMANDS, T0, USERS, best_time, cache_dir, elsa_cmd, row
+from bench_store_summary import SECONDS_PER_RECORD, build_store
+
+REPRO = "sudo python3 benchmarks/bench_central.py"
+
+
+def _admin(srv: Any, db: str) -> Any:
+    import psycopg
+
+    return psycopg.connect(srv.admin_url.replace("/postgres?", f"/{db}?"), autocommit=True)
+
+
+def _fresh(srv: Any, db: str) -> None:
+    from elsa.central import schema
+
+    with _admin(srv, "postgres") as c:
+        c.execute(f"DROP DATABASE IF EXISTS {db}")
+        c.execute(f"CREATE DATABASE {db}")
+    with _admin(srv, db) as c:
+        schema.migrate(c)
+
+
+def ingest(srv: Any, n: int) -> List[Dict[str, Any]]:
+    from elsa.central import schema
+    from elsa.central.shipper import OPTIONS, Shipper
+    from elsa.config import validate_table
+    from elsa.core.store import Store
+
+    work = tempfile.mkdtemp(prefix="elsa-bench-central-")
+    build_store(os.path.join(work, "elsa.db"), n)
+    _fresh(srv, "ingest")
+    with _admin(srv, "ingest") as c:
+        schema.add_node(c, "bench", "elsa_node_bench", "bench-pw")
+    store = Store(work)
+    sec = validate_table({"url": srv.tcp_url("elsa_node_bench", "bench-pw", "ingest"),
+                          "host": "bench"}, OPTIONS, where="central", path="<bench>")
+    sh = Shipper(sec, store)
+    sh._open_local()
+    sh._connect()
+    t = time.perf_counter()
+    while sh._round():
+        pass
+    ours = time.perf_counter() - t
+    sh.stop()
+    store.close()
+    shutil.rmtree(work, ignore_errors=True)
+    dump = os.path.join(srv.root, "rows.copy")
+    with _admin(srv, "ingest") as c:
+        got = c.execute("SELECT count(*) FROM proc_usage").fetchone()[0]
+        assert got == n, (got, n)
+        c.execute(f"COPY (SELECT * FROM proc_usage) TO '{dump}'")
+    _fresh(srv, "ceiling")
+    with _admin(srv, "ceiling") as c:
+        t = time.perf_counter()
+        c.execute(f"COPY proc_usage FROM '{dump}'")
+        ceiling = time.perf_counter() - t
+    rate = n / ours
+    r1 = row(f"central ingest {n:,} rows vs server COPY (time)", ours, ceiling, 2.0, REPRO)
+    r1["detail"] = {"rows_per_s": round(rate), "copy_rows_per_s": round(n / ceiling),
+                    "rate_ratio": round(ceiling / ours, 3)}
+    r2 = {"metric": "central ingest rows/s (one node)", "elsa": round(rate), "peer": None,
+          "ratio": None, "target": 50000, "passed": rate >= 50000, "reproduce": REPRO,
+          "unit": "rows/s"}
+    return [r1, r2]
+
+
+def summary(srv: Any, records: int, runs: int) -> List[Dict[str, Any]]:
+    d = cache_dir()
+    db_path = os.path.join(d, f"store-{records}", "elsa.db")
+    marker = db_path + ".complete"
+    if not os.path.exists(marker):
+        os.makedirs(os.path.dirname(db_path), exist_ok=True)
+        build_store(db_path, records)
+        with open(marker, "w") as fh:
+            fh.write("built\n")
+    _fresh(srv, "summary")
+    ms = int(SECONDS_PER_RECORD * 1000)
+    chunk = 1_000_000
+    with _admin(srv, "summary") as c:
+        for lo in range(0, records, chunk):
+            hi = min(records, lo + chunk) - 1
+            c.execute(f"""
+                INSERT INTO proc_usage(host, source, pid, start_time, end_time, ppid, uid, gid,
+                                       comm, exit_code, cpu_user_us, cpu_system_us,
+                                       elapsed_us, max_vm_kb, minflt, majflt)
+                SELECT 'bench', 'bsdacct', 1000 + i % 4000000, {T0} + (i * {ms}) / 1000,
+                       {T0} + (i * {ms}) / 1000 + (i % 1000) / 100.0, 1,
+                       1000 + (i * 7) % {USERS}, 100, 'cmd' || ((i * 13) % {COMMANDS}), 0,
+                       (i % 200) * 10000, (i % 50) * 10000, (i % 1000) * 10000,
+                       1000 + i % 5000, i % 300, 0
+                FROM generate_series({lo}::bigint, {hi}::bigint) AS i""")
+        c.execute("VACUUM ANALYZE")
+    url = srv.admin_url.replace("/postgres?", "/summary?")
+    # Same figures from both stores (users as uid@host centrally: compare by uid).
+    outs = []
+    for db in (db_path, url):
+        out = subprocess.run(elsa_cmd() + ["summary", "--by", "user", "--json", "--db", db],
+                             capture_output=True, text=True, check=True).stdout
+        outs.append(sorted((r["processes"], r["cpu_user_us"], r["cpu_system_us"])
+                           for r in json.loads(out)))
+    assert outs[0] == outs[1], "central and SQLite summaries differ"
+    sqlite_t = best_time(elsa_cmd() + ["summary", "--by", "user", "--db", db_path], runs)
+    pg_t = best_time(elsa_cmd() + ["summary", "--by", "user", "--db", url], runs)
+    since, until = T0 + 1800, T0 + int(records * SECONDS_PER_RECORD) // 2 + 1800
+    window = ["--since", str(since), "--until", str(until)]
+    sqlite_w = best_time(elsa_cmd() + ["summary", "--by", "user", "--db", db_path] + window,
+                         runs)
+    pg_w = best_time(elsa_cmd() + ["summary", "--by", "user", "--db", url] + window, runs)
+    size = f"{records / 1e6:g}M"
+    return [row(f"central summary --by user, {size} records vs SQLite", pg_t, sqlite_t, 2.0,
+                REPRO),
+            row(f"central summary {size}, --since/--until vs SQLite", pg_w, sqlite_w, 2.0,
+                REPRO)]
+
+
+def main(ingest_rows: int = 200_000, records: int = 1_000_000,
+         runs: int = 3) -> List[Dict[str, Any]]:
+    from elsa.central.pgserver import PgServer
+
+    srv = PgServer().init().start()
+    try:
+        return ingest(srv, ingest_rows) + summary(srv, records, runs)
+    finally:
+        srv.destroy()
+
+
+if __name__ == "__main__":
+    from bench_pacct_summary import print_rows
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ingest-rows", type=int, default=200_000)
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    rows = main(a.ingest_rows, a.records, a.runs)
+    print_rows(rows)
+    for r in rows:
+        if r.get("detail"):
+            print(r["metric"], r["detail"])

@@ -1,0 +1,498 @@
+"""The Flask application of ``elsa web``: routes, content negotiation, access rules.
+
+Every page reads the store through :mod:`elsa.report.query` — the code behind
+``elsa jobs``/``job``/``summary`` — so the browser and the CLI never disagree.
+The store is opened read-only per request (an SQLite open costs well under a
+millisecond; a per-thread handle would outlive a store replaced by recovery).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import urlencode
+
+from flask import (
+    Flask,
+    Response,
+    abort,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+
+from elsa.web import identity
+from elsa.web.identity import Visitor
+
+ACTIONS = ("kill", "freeze", "thaw", "end")
+
+
+def _secret_key(state_dir: str) -> bytes:
+    """The session-signing key, kept in the state dir (0600) so logins survive a restart."""
+    path = os.path.join(state_dir, "web-secret")
+    try:
+        with open(path, "rb") as fh:
+            key = fh.read()
+        if len(key) >= 32:
+            return key
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        return secrets.token_bytes(32)  # not ours to read: sessions last until restart
+    key = secrets.token_bytes(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+    except OSError:
+        pass  # read-only state dir: sessions last until restart
+    return key
+
+
+def create_app(*, db_path: str, state_dir: str, socket_path: str,
+               web: Dict[str, Any], admin_group: str = "") -> Flask:
+    """The app over the store *db_path*; *web* is the validated ``[web]`` section."""
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY=_secret_key(state_dir), SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Strict", JSON_SORT_KEYS=False)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.jinja_env.filters.update(dur=fmt_us, kb=fmt_kb, nbytes=fmt_bytes, when=fmt_time,
+                                 hexjid=hexjid)
+    app.jinja_env.globals.update(page_url=_page_url)
+
+    def store():
+        from elsa.report import query
+
+        db = g.get("db")
+        if db is None:
+            db = g.db = query.open_store(db_path)
+        return db
+
+    @app.teardown_appcontext
+    def _close(_exc: Optional[BaseException]) -> None:
+        db = g.pop("db", None)
+        if db is not None:
+            db.close()
+
+    @app.before_request
+    def _who() -> Optional[Response]:
+        g.visitor = identity.from_request(request.remote_addr, request.headers, session, web,
+                                          admin_group)
+        if request.endpoint in ("login", "static", "favicon") or g.visitor is not None:
+            return None
+        if _wants_json():
+            return _json_error(401, "not signed in: sign in at /login or come through the "
+                                    "site's authenticating proxy")
+        return redirect(url_for("login", next=request.full_path))
+
+    @app.context_processor
+    def _ctx() -> Dict[str, Any]:
+        return {"visitor": g.get("visitor"), "csrf_token": _csrf_token,
+                "actions": bool(web["actions"])}
+
+    # -- pages ------------------------------------------------------------------------------
+
+    @app.route("/favicon.ico")
+    def favicon() -> Response:
+        return redirect(url_for("static", filename="favicon.svg"))
+
+    @app.route("/")
+    def index() -> Response:
+        return redirect(url_for("jobs_page"))
+
+    @app.route("/jobs")
+    @app.route("/jobs.json", endpoint="jobs_json")
+    def jobs_page() -> Any:
+        from elsa.report import query
+
+        v: Visitor = g.visitor
+        args = request.args
+        flt, problems = _job_filters(args)
+        if not v.admin:
+            flt["owner_uid"] = v.uid
+        elif args.get("user"):
+            who = identity.lookup(args["user"], admin_group)
+            if who is None:
+                problems.append(f"no user {args['user']!r} on this host")
+            flt["owner_uid"] = who.uid if who else -1
+        sort = args.get("sort", "created")
+        if sort not in query.JOB_SORTS:
+            problems.append(f"cannot sort by {sort!r}")
+            sort = "created"
+        descending = args.get("order", "desc") != "asc"
+        size = int(web["page_size"])
+        page = max(1, _int(args.get("page"), 1))
+        total, rows = query.jobs_page(store(), sort=sort, descending=descending,
+                                      offset=(page - 1) * size, limit=size, **flt)
+        data = {"total": total, "page": page, "page_size": size, "sort": sort,
+                "order": "desc" if descending else "asc", "filters": dict(args),
+                "jobs": [_job_json(r) for r in rows]}
+        if problems and _wants_json():
+            return _json_error(400, "; ".join(problems))
+        return _respond("jobs.html", data, problems=problems, sorts=query.JOB_SORTS,
+                        pages=max(1, -(-total // size)))
+
+    @app.route("/jobs/<jid>")
+    @app.route("/jobs/<jid>.json", endpoint="job_json")
+    def job_page(jid: str) -> Any:
+        from elsa.report import query
+
+        job_id = _parse_jid(jid)
+        detail = query.job_detail(store(), job_id)
+        if detail is None or not g.visitor.may_see(detail.get("owner_uid")):
+            # The same answer for "no such job" and "not yours": no probing of ids.
+            return _not_found(f"no job {hexjid(job_id)} that you may see")
+        data = _job_json(detail)
+        data["processes"] = detail["processes"]
+        data["process_source"] = detail.get("process_source")
+        data["tree"] = process_tree(detail["processes"])
+        data["efficiency"] = efficiency(detail)
+        data["samples"] = _samples(store(), job_id)
+        data["applications"] = _applications(store(), job_id)
+        return _respond("job.html", data)
+
+    @app.route("/users")
+    @app.route("/users.json", endpoint="users_json")
+    def users_page() -> Any:
+        from elsa.report import query
+
+        since, until, problems = _window(request.args)
+        rows = query.summary(store(), "user", since, until)
+        if not g.visitor.admin:
+            rows = [r for r in rows if r.get("uid") == g.visitor.uid]
+        data = {"since": since, "until": until, "by": "user", "rows": rows,
+                "per_day": _per_day(store(), since, until, g.visitor)}
+        return _respond("users.html", data, problems=problems)
+
+    @app.route("/accounts")
+    @app.route("/accounts.json", endpoint="accounts_json")
+    def accounts_page() -> Any:
+        from elsa.report import query
+
+        since, until, problems = _window(request.args)
+        rows = query.usage_by_tag(store(), "account", since, until,
+                                  None if g.visitor.admin else g.visitor.uid)
+        data = {"since": since, "until": until, "by": "account", "rows": rows,
+                "per_day": _per_day(store(), since, until, g.visitor)}
+        return _respond("users.html", data, problems=problems)
+
+    @app.route("/apps")
+    @app.route("/apps.json", endpoint="apps_json")
+    def apps_page() -> Any:
+        from elsa.apps import report as apps
+
+        since, until, problems = _window(request.args)
+        by = request.args.get("by", "binary")
+        if by not in apps.GROUPS:
+            problems.append(f"cannot group applications by {by!r}")
+            by = "binary"
+        uid = None if g.visitor.admin else g.visitor.uid
+        try:
+            rows = apps.usage(store(), by, since=since, until=until, uid=uid)
+            error = None
+        except Exception as exc:  # a store without app_runs (older schema)
+            rows, error = [], f"no application records in this store ({exc})"
+        if by == "user":
+            from elsa.report.query import user_name
+
+            for r in rows:
+                r["user"] = user_name(r["uid"])
+        if by == "job":
+            for r in rows:
+                r["jid"] = hexjid(r["jid"]) if r["jid"] is not None else None
+        cols = list(apps.GROUP_KEYS[by]) + (["user"] if by == "user" else []) + [
+            "runs", "users", "wall_us", "cpu_user_us", "cpu_system_us", "max_rss_kb"]
+        data = {"by": by, "since": since, "until": until, "rows": rows, "columns": cols,
+                "error": error}
+        return _respond("apps.html", data, problems=problems, groups=list(apps.GROUPS))
+
+    @app.route("/daemon")
+    @app.route("/daemon.json", endpoint="daemon_json")
+    def daemon_page() -> Any:
+        from elsa.client import Client
+        from elsa.errors import ElsaError
+
+        try:
+            with Client(socket_path, timeout=5.0) as c:
+                status = c.status()
+            error = None
+        except ElsaError as exc:
+            status, error = None, exc.message
+        data = {"status": status, "error": error}
+        return _respond("daemon.html", data)
+
+    @app.route("/jobs/<jid>/action", methods=["POST"])
+    def job_action(jid: str) -> Any:
+        from elsa.client import Client
+        from elsa.errors import ElsaError
+
+        if not web["actions"] or not g.visitor.admin:
+            abort(403)
+        if not secrets.compare_digest(request.form.get("csrf", ""), session.get("csrf", "-")):
+            abort(400, "missing or wrong CSRF token: reload the page and try again")
+        op = request.form.get("op", "")
+        if op not in ACTIONS or request.form.get("confirm") != "yes":
+            abort(400, f"unknown action {op!r} or not confirmed")
+        job_id = _parse_jid(jid)
+        try:
+            with Client(socket_path, timeout=30.0) as c:
+                getattr(c, op)(job_id)
+            session["flash"] = f"{op}: done"
+        except ElsaError as exc:
+            session["flash"] = f"{op} failed: {exc.message}"
+        return redirect(url_for("job_page", jid=hexjid(job_id)))
+
+    # -- login -----------------------------------------------------------------------------
+
+    @app.route("/login", methods=["GET", "POST"])
+    def login() -> Any:
+        error = None
+        if request.method == "POST":
+            if not web["login"]:
+                abort(403)
+            name = request.form.get("user", "")
+            ok = bool(name) and identity.check_password(name, request.form.get("password", ""),
+                                                        web["pam_service"])
+            if ok and identity.lookup(name, admin_group) is not None:
+                session.clear()
+                session.update(user=name, expires=time.time() + 3600 * web["session_hours"])
+                nxt = request.args.get("next", "")
+                # Only a local path: never an open redirect to another site.
+                return redirect(nxt if nxt.startswith("/") and not nxt.startswith("//")
+                                else url_for("jobs_page"))
+            error = "wrong user name or password"
+        return render_template("login.html", error=error, enabled=web["login"]), (
+            401 if error else 200)
+
+    @app.route("/logout", methods=["POST"])
+    def logout() -> Any:
+        session.clear()
+        return redirect(url_for("login"))
+
+    @app.errorhandler(400)
+    @app.errorhandler(403)
+    @app.errorhandler(404)
+    def _http_error(exc: Any) -> Any:
+        msg = getattr(exc, "description", str(exc))
+        if _wants_json():
+            return _json_error(exc.code, msg)
+        return render_template("error.html", code=exc.code, message=msg), exc.code
+
+    return app
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def _wants_json() -> bool:
+    if request.path.endswith(".json"):
+        return True
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json" and request.accept_mimetypes[best] > \
+        request.accept_mimetypes["text/html"]
+
+
+def _respond(template: str, data: Dict[str, Any], **extra: Any) -> Any:
+    if _wants_json():
+        return jsonify(data)
+    flash = session.pop("flash", None)
+    return render_template(template, d=data, flash=flash, **extra)
+
+
+def _json_error(code: int, message: str) -> Tuple[Response, int]:
+    return jsonify({"error": message}), code
+
+
+def _not_found(message: str) -> Any:
+    if _wants_json():
+        return _json_error(404, message)
+    return render_template("error.html", code=404, message=message), 404
+
+
+def _csrf_token() -> str:
+    tok = session.get("csrf")
+    if not tok:
+        tok = session["csrf"] = secrets.token_urlsafe(32)
+    return tok
+
+
+def _int(text: Optional[str], default: int) -> int:
+    try:
+        return int(text) if text else default
+    except ValueError:
+        return default
+
+
+def _parse_jid(text: str) -> int:
+    from elsa.core.model import parse_jid
+
+    try:
+        return parse_jid(text)
+    except ValueError:
+        abort(404, f"not a job id: {text!r}")
+        raise  # unreachable: abort raises
+
+
+def _window(args: Any) -> Tuple[Optional[float], Optional[float], List[str]]:
+    import argparse
+
+    from elsa.report.cli import parse_time
+
+    out: List[Optional[float]] = []
+    problems: List[str] = []
+    for key in ("since", "until"):
+        text = args.get(key)
+        if not text:
+            out.append(None)
+            continue
+        try:
+            out.append(parse_time(text))
+        except argparse.ArgumentTypeError as exc:
+            problems.append(f"{key}: {exc}")
+            out.append(None)
+    return out[0], out[1], problems
+
+
+def _job_filters(args: Any) -> Tuple[Dict[str, Any], List[str]]:
+    since, until, problems = _window(args)
+    flt: Dict[str, Any] = {"since": since, "until": until}
+    if args.get("name"):
+        flt["name"] = args["name"]
+    if args.get("state") in ("running", "ended"):
+        flt["state"] = args["state"]
+    tags = {}
+    for item in args.getlist("tag"):
+        k, sep, val = item.partition("=")
+        if not sep or not k:
+            problems.append(f"tag filter {item!r} is not KEY=VALUE")
+            continue
+        tags[k] = val
+    if tags:
+        flt["tags"] = tags
+    return flt, problems
+
+
+def _page_url(**change: Any) -> str:
+    """The current URL with some query arguments changed (filters stay bookmarkable)."""
+    args = request.args.to_dict(flat=False)
+    for k, v in change.items():
+        args[k] = [str(v)]
+    return request.path + "?" + urlencode(args, doseq=True)
+
+
+def _job_json(r: Dict[str, Any]) -> Dict[str, Any]:
+    out = {k: v for k, v in r.items() if k not in ("processes", "process_source")}
+    out["jid"] = hexjid(r["jid"])
+    return out
+
+
+def hexjid(jid: Any) -> str:
+    return jid if isinstance(jid, str) else f"{int(jid):#018x}"
+
+
+def process_tree(procs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Processes as a forest (parent -> children, start order): the command flow of ``ja -f``."""
+    nodes = [dict(p, children=[]) for p in procs]
+    by_pid: Dict[int, Dict[str, Any]] = {}
+    for n in nodes:  # the latest process of a reused pid that started before the child wins
+        by_pid.setdefault(n["pid"], n)
+    roots = []
+    for n in nodes:
+        parent = by_pid.get(n.get("ppid"))  # type: ignore[arg-type]
+        if parent is not None and parent is not n:
+            parent["children"].append(n)
+        else:
+            roots.append(n)
+    return roots
+
+
+def efficiency(detail: Dict[str, Any]) -> Dict[str, Any]:
+    """CPU and memory efficiency of a job like ``seff``; None where it cannot be known."""
+    u = detail.get("usage") or {}
+    created, ended = detail.get("created"), detail.get("ended")
+    wall = (ended or time.time()) - created if created else None
+    cpu = None
+    if u.get("cpu_user_us") is not None or u.get("cpu_system_us") is not None:
+        cpu = ((u.get("cpu_user_us") or 0) + (u.get("cpu_system_us") or 0)) / 1e6
+    cores = _cores(detail.get("params") or {})
+    cpu_eff = (cpu / (wall * cores)) if cpu is not None and wall and cores else None
+    return {"cpu_s": cpu, "wall_s": wall, "cores": cores, "cpu_efficiency": cpu_eff,
+            "max_rss_kb": u.get("max_rss_kb")}
+
+
+def _cores(params: Dict[str, Any]) -> Optional[int]:
+    cpus = params.get("cpus")
+    if isinstance(cpus, str) and cpus:
+        n = 0
+        for part in cpus.split(","):
+            lo, _, hi = part.partition("-")
+            n += (int(hi) - int(lo) + 1) if hi else 1
+        return n
+    return os.cpu_count()
+
+
+def _samples(db: Any, jid: int) -> List[Dict[str, Any]]:
+    try:
+        rows = db.execute("SELECT t, cpu_us, mem_bytes FROM job_samples WHERE jid = ? "
+                          "ORDER BY t", (jid,)).fetchall()
+    except Exception:  # a store without samples (older schema): no chart
+        return []
+    return [{"t": t, "cpu_us": c, "mem_bytes": m} for t, c, m in rows]
+
+
+def _applications(db: Any, jid: int) -> List[Dict[str, Any]]:
+    from elsa.apps import report as apps
+
+    try:
+        return [r.to_json() for r in apps.job_programs(db, jid)]
+    except Exception:  # a store without app_runs (older schema)
+        return []
+
+
+def _per_day(db: Any, since: Optional[float], until: Optional[float],
+             v: Visitor) -> List[Dict[str, Any]]:
+    from elsa.report import query
+
+    rows = query.usage_per_day(db, since, until, None if v.admin else v.uid)
+    return rows
+
+
+# -- formatting (the CLI's units) --------------------------------------------------------------
+
+def fmt_us(us: Optional[float]) -> str:
+    if us is None:
+        return "-"
+    s = us / 1e6
+    if s < 60:
+        return f"{s:.2f}s"
+    m, s = divmod(int(s), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def fmt_kb(kb: Optional[float]) -> str:
+    if kb is None:
+        return "-"
+    return fmt_bytes(kb * 1024)
+
+
+def fmt_bytes(b: Optional[float]) -> str:
+    if b is None:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(b) < 1024 or unit == "T":
+            return f"{b:.0f}{unit}" if unit == "B" else f"{b:.1f}{unit}"
+        b /= 1024
+    return "-"
+
+
+def fmt_time(t: Optional[float]) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+

@@ -1,0 +1,165 @@
+"""A strict reader of APEL messages applying the rules of APEL's own loader
+(apel/db/records/record.py, job.py, summary.py), so the tests check what the
+server side would accept, not what ELSA thinks it wrote:
+
+* the header line names the message type and version;
+* records are ``Key: value`` lines, each record closed by a ``%%`` line;
+* keys are case-sensitive; a key outside the record type's fields rejects the
+  record (as ``Record.set_field`` does), so does a line without ``:``;
+* null is an empty value, ``none`` or ``null`` (any case); a mandatory field
+  null or missing rejects the record;
+* int fields must parse as int (``int("1.5")`` fails: whole seconds), float
+  fields as float, time fields as integer epoch seconds (ELSA writes no ISO);
+* ServiceLevelType and ServiceLevel: both or neither, the type one of si2k,
+  hepspec, hepscore23;
+* EndTime not before StartTime, not more than 2 days in the future;
+* summaries: Month 1..12, Earliest/LatestEndTime inside that month.
+
+Stricter than APEL where ELSA promises more: a key twice rejects the record,
+and EGI's documented set (SubmitHost) must be present.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+JOB = {
+    "header": "APEL-individual-job-message: v0.3",
+    "fields": ["Site", "SubmitHost", "MachineName", "Queue", "LocalJobId", "LocalUserId",
+               "GlobalUserName", "FQAN", "VO", "VOGroup", "VORole", "WallDuration",
+               "CpuDuration", "Processors", "NodeCount", "StartTime", "EndTime",
+               "InfrastructureDescription", "InfrastructureType", "MemoryReal",
+               "MemoryVirtual", "ServiceLevelType", "ServiceLevel"],
+    "mandatory": ["Site", "LocalJobId", "WallDuration", "CpuDuration", "StartTime", "EndTime",
+                  "SubmitHost"],
+    "int": ["WallDuration", "CpuDuration", "Processors", "NodeCount", "MemoryReal",
+            "MemoryVirtual"],
+    "float": ["ServiceLevel"],
+    "time": ["StartTime", "EndTime"],
+}
+SUMMARY = {
+    "header": "APEL-summary-job-message: v0.2",
+    "fields": ["Site", "Month", "Year", "GlobalUserName", "VO", "VOGroup", "VORole",
+               "SubmitHost", "InfrastructureType", "InfrastructureDescription",
+               "ServiceLevelType", "ServiceLevel", "NodeCount", "Processors",
+               "EarliestEndTime", "LatestEndTime", "WallDuration", "CpuDuration",
+               "NumberOfJobs"],
+    "mandatory": ["Site", "Month", "Year", "WallDuration", "CpuDuration", "NumberOfJobs"],
+    "int": ["Month", "Year", "NodeCount", "Processors", "WallDuration", "CpuDuration",
+            "NumberOfJobs"],
+    "float": ["ServiceLevel"],
+    "time": ["EarliestEndTime", "LatestEndTime"],
+}
+SLTS = ("si2k", "hepspec", "hepscore23")
+
+
+class Invalid(Exception):
+    pass
+
+
+def _null(v: str) -> bool:
+    return v.strip().lower() in ("", "none", "null")
+
+
+def parse_record(lines: List[str], kind: Dict[str, Any]) -> Dict[str, Any]:
+    rec: Dict[str, Any] = {}
+    for line in lines:
+        if ":" not in line:
+            raise Invalid(f"line without a key-value pair: {line!r}")
+        key, value = (x.strip() for x in line.split(":", 1))
+        if key not in kind["fields"]:
+            raise Invalid(f"unknown field: {key}")
+        if key in rec:
+            raise Invalid(f"field twice: {key}")
+        if _null(value):
+            rec[key] = None
+            continue
+        try:
+            if key in kind["int"]:
+                rec[key] = int(value)
+            elif key in kind["float"]:
+                rec[key] = float(value)
+            elif key in kind["time"]:
+                rec[key] = int(value)
+            else:
+                rec[key] = value
+        except ValueError:
+            raise Invalid(f"invalid value {value!r} in field {key}") from None
+    for key in kind["mandatory"]:
+        if rec.get(key) is None:
+            raise Invalid(f"missing mandatory field: {key}")
+    slt, sl = rec.get("ServiceLevelType"), rec.get("ServiceLevel")
+    if (slt is None) != (sl is None):
+        raise Invalid("ServiceLevelType and ServiceLevel: one without the other")
+    if slt is not None and slt.lower() not in SLTS:
+        raise Invalid(f"unknown ServiceLevelType {slt}")
+    if kind is JOB:
+        if rec["EndTime"] < rec["StartTime"]:
+            raise Invalid("EndTime is before StartTime")
+        if rec["EndTime"] > time.time() + 2 * 86400:
+            raise Invalid("EndTime in the future")
+        if rec["StartTime"] <= 0 or rec["EndTime"] <= 0:
+            raise Invalid("zero time")
+    else:
+        if not 1 <= rec["Month"] <= 12:
+            raise Invalid("Month out of range")
+        lo = calendar.timegm((rec["Year"], rec["Month"], 1, 0, 0, 0))
+        days = calendar.monthrange(rec["Year"], rec["Month"])[1]
+        hi = lo + days * 86400
+        for key in ("EarliestEndTime", "LatestEndTime"):
+            v = rec.get(key)
+            if v is not None and not lo <= v < hi:
+                raise Invalid(f"{key} outside {rec['Year']}-{rec['Month']:02d}")
+    for key in ("WallDuration", "CpuDuration", "MemoryReal", "MemoryVirtual", "NumberOfJobs"):
+        v = rec.get(key)
+        if v is not None and v < 0:
+            raise Invalid(f"negative {key}")
+    return rec
+
+
+def parse_message(text: str) -> Tuple[str, List[Dict[str, Any]], List[str]]:
+    """(kind: 'job'|'summary', accepted records, rejections)."""
+    lines = text.split("\n")
+    header = lines[0].strip()
+    if header == JOB["header"]:
+        kind, name = JOB, "job"
+    elif header == SUMMARY["header"]:
+        kind, name = SUMMARY, "summary"
+    else:
+        raise Invalid(f"unknown message header {header!r}")
+    body = lines[1:]
+    if body and body[-1] == "":
+        body = body[:-1]
+    if not body or body[-1] != "%%":
+        raise Invalid("the last record is not closed by %%")
+    recs: List[Dict[str, Any]] = []
+    rejects: List[str] = []
+    current: List[str] = []
+    for line in body:
+        if line == "%%":
+            try:
+                recs.append(parse_record(current, kind))
+            except Invalid as exc:
+                rejects.append(str(exc))
+            current = []
+        else:
+            current.append(line)
+    return name, recs, rejects
+
+
+def read_dirq(path: str) -> List[str]:
+    """Every message of a dirq QueueSimple, as ssmsend reads them."""
+    from dirq.QueueSimple import QueueSimple
+
+    q = QueueSimple(path)
+    out = []
+    name: Optional[str] = q.first()
+    while name:
+        if q.lock(name):
+            got = q.get(name)
+            out.append(got.decode("utf-8") if isinstance(got, bytes) else got)
+            q.unlock(name)
+        name = q.next()
+    return out

@@ -1,0 +1,106 @@
+"""PostgreSQL fixture and helpers shared by the central store tests."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Tuple
+
+import pytest
+
+from elsa.central import schema
+from elsa.central.pgserver import PgServer
+from elsa.central.shipper import OPTIONS, Shipper
+from elsa.config import validate_table
+from elsa.core.aggregator import INSERT_PROC
+from elsa.core.model import Job
+from elsa.core.store import Store
+from elsa.core.thresholds import INSERT_FOLDED
+
+psycopg = pytest.importorskip("psycopg")
+
+NOW = time.time()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    srv = PgServer().init().start()
+    try:
+        with psycopg.connect(srv.admin_url, autocommit=True) as c:
+            schema.migrate(c)
+        yield srv
+    finally:
+        srv.destroy()
+
+
+def admin(pg: PgServer, db: str = "postgres") -> Any:
+    return psycopg.connect(pg.admin_url.replace("/postgres?", f"/{db}?"), autocommit=True)
+
+
+def add_node(pg: PgServer, host: str, db: str = "postgres") -> str:
+    role = f"elsa_node_{host}"
+    with admin(pg, db) as c:
+        schema.add_node(c, host, role, f"pw-{host}")
+    return pg.tcp_url(role, f"pw-{host}", db)
+
+
+def fresh_db(pg: PgServer, name: str) -> None:
+    with admin(pg) as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name}")
+        c.execute(f"CREATE DATABASE {name}")
+    with admin(pg, name) as c:
+        schema.migrate(c)
+
+
+def fill_store(state: Path, seed: int, jobs: int = 5, procs: int = 300) -> Store:
+    rnd = random.Random(seed)
+    st = Store(str(state))
+    base = NOW - 3 * 86400
+    for j in range(jobs):
+        jid = (seed << 32) | (j + 1)
+        created = base + j * 7200
+        st.insert_job(Job(jid=jid, name=f"job{j}", owner_uid=1000 + j % 2,
+                          tags=(("queue", "q" + str(j % 2)),), created=created, ended=None,
+                          state="running", backend="cnproc"))
+        rows = []
+        for p in range(procs):
+            end = created + rnd.uniform(1, 7000)
+            rows.append(("taskstats", jid, 1000 + p, p, end - 1.5, end, 1, 1000 + p % 3, 100,
+                         rnd.choice(["cc1", "make", "sh"]), 0, rnd.randrange(10**6),
+                         rnd.randrange(10**5), 1_500_000, rnd.randrange(1, 10**5), 20000,
+                         rnd.randrange(10**6), rnd.randrange(10**6), 0, 0, 5, 0, 1, 1, None,
+                         None, None))
+        st.submit_many(INSERT_PROC, rows)
+        # Small records folded by [thresholds]: one row per job, source, user, command, hour.
+        st.submit_many(INSERT_FOLDED, [
+            ("taskstats", jid, 1000 + k, 100, "tiny", created + 60 * k, created + 60 * k + 1,
+             10 + k, 500, 1000 * k, 200, 3000, 1, 2, 0, 0, 5, 0, 1, 1, None, None, 300, None)
+            for k in range(3)])
+        st.end_job(jid, created + 7100, "ended")
+    st.flush()
+    return st
+
+
+def shipper(store: Store, url: str, host: str, **kw: Any) -> Shipper:
+    sec = validate_table({"url": url, "host": host, "interval": 0.2, "retry_max": 1.0, **kw},
+                         OPTIONS, where="central", path="<test>")
+    return Shipper(sec, store)
+
+
+def drained(sh: Shipper) -> bool:
+    s = sh.status()
+    return s["backlog_records"] == 0 and s["backlog_jobs"] == 0 and not s["failing"]
+
+
+def central_job_totals(pg: PgServer, db: str = "postgres") -> Dict[Tuple[str, int], Tuple]:
+    with admin(pg, db) as c:
+        return {(h, j): (n, cu, cs) for h, j, n, cu, cs in c.execute(
+            "SELECT host, jid, count(*), sum(cpu_user_us), sum(cpu_system_us) "
+            "FROM proc_usage GROUP BY host, jid")}
+
+
+def local_job_totals(store: Store, host: str) -> Dict[Tuple[str, int], Tuple]:
+    return {(host, j): (n, cu, cs) for j, n, cu, cs in store.db.execute(
+        "SELECT jid, count(*), sum(cpu_user_us), sum(cpu_system_us) FROM proc_usage "
+        "GROUP BY jid")}

@@ -1,0 +1,286 @@
+"""Central store against a real PostgreSQL (initdb/pg_ctl in a temp dir, as nobody).
+
+Node stores here are real SQLite stores filled through the store's own writer
+with synthetic usage rows (the kernel is exercised by test_central_nodes.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+psycopg = pytest.importorskip("psycopg")
+
+from elsa.central import schema  # noqa: E402
+from elsa.central.pgserver import PgServer, pg_bindir  # noqa: E402
+from elsa.central.shipper import MARK_KEY  # noqa: E402
+from elsa.core.model import parse_jid  # noqa: E402
+from elsa.errors import StoreError  # noqa: E402
+from elsa.report import query  # noqa: E402
+from elsa.report.cli import main as elsa_main  # noqa: E402
+from elsa.testing import wait_for  # noqa: E402
+from tests.central_support import (  # noqa: E402
+    NOW,
+    add_node,
+    admin,
+    central_job_totals,
+    drained,
+    fill_store,
+    fresh_db,
+    local_job_totals,
+    pg,
+    shipper,
+)
+
+__all__ = ["pg"]  # the fixture
+
+pytestmark = pytest.mark.skipif(pg_bindir() is None, reason="Debian's postgresql not installed")
+
+
+
+def test_migrate_is_versioned_and_idempotent(pg: PgServer) -> None:
+    with admin(pg) as c:
+        before, after, parts = schema.migrate(c)
+        assert (before, after, parts) == (schema.VERSION, schema.VERSION, [])
+        assert schema.schema_version(c) == schema.VERSION
+        names = {r[0] for r in c.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'proc_usage'")}
+    month = time.strftime("proc_usage_%Y_%m", time.gmtime())
+    assert month in names and "proc_usage_default" in names
+
+
+def test_node_writes_own_rows_only(pg: PgServer) -> None:
+    url_a = add_node(pg, "rls_a")
+    add_node(pg, "rls_b")
+    row = "(%s, 'taskstats', 1, 7, 1.0, %s, 'sh')"
+    ins = ("INSERT INTO proc_usage (host, source, jid, pid, start_time, end_time, comm) "
+           f"VALUES {row}")
+    with admin(pg) as c:
+        c.execute(ins, ("rls_b", NOW))
+        c.execute("INSERT INTO jobs VALUES ('rls_b', 99, 'b', 0, '{}', 1, 2, 'ended', 'x', '{}')")
+    with psycopg.connect(url_a, autocommit=True) as a:
+        a.execute(ins, ("rls_a", NOW))  # its own row: fine
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            a.execute(ins, ("rls_b", NOW + 1))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            a.execute("DELETE FROM proc_usage WHERE host = 'rls_b'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            a.execute("DELETE FROM jobs")
+        # Another host's rows are invisible, so an UPDATE finds nothing to change...
+        assert a.execute("UPDATE jobs SET name = 'x' WHERE host = 'rls_b'").rowcount == 0
+        assert a.execute("SELECT count(*) FROM proc_usage WHERE host = 'rls_b'"
+                         ).fetchone()[0] == 0
+        # ... and its own rows cannot be handed to another host.
+        a.execute("INSERT INTO jobs VALUES ('rls_a', 98, 'a', 0, '{}', 1, 2, 'ended', 'x', '{}')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            a.execute("UPDATE jobs SET host = 'rls_b' WHERE jid = 98")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            a.execute("UPDATE usage_rollup SET processes = 0")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            a.execute("INSERT INTO user_map VALUES ('*', 0, NULL, 'x', NULL)")
+    with admin(pg) as c:
+        assert c.execute("SELECT name FROM jobs WHERE host = 'rls_b' AND jid = 99"
+                         ).fetchone()[0] == "b"
+        # The reader role reads everything and writes nothing.
+        c.execute("CREATE ROLE rls_reader LOGIN PASSWORD 'r' IN ROLE elsa_reader")
+    with psycopg.connect(pg.tcp_url("rls_reader", "r"), autocommit=True) as r:
+        assert r.execute("SELECT count(*) FROM proc_usage WHERE host LIKE 'rls_%'"
+                         ).fetchone()[0] == 2
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            r.execute("DELETE FROM jobs")
+
+
+def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> None:
+    fresh_db(pg, "ship")
+    url = add_node(pg, "n1", "ship")
+    st = fill_store(tmp_path / "n1", 1)
+    sh = shipper(st, url, "n1", batch_rows=250).start()
+    try:
+        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
+    finally:
+        sh.stop()
+    assert central_job_totals(pg, "ship") == local_job_totals(st, "n1")
+    # A crash before the local mark was written: everything is sent again.
+    st.submit("DELETE FROM meta WHERE key = ?", (MARK_KEY,))
+    st.submit("DELETE FROM central_jobs")
+    st.flush()
+    sh = shipper(st, url, "n1", batch_rows=700).start()
+    try:
+        wait_for(lambda: drained(sh) and sh.status()["rounds"] >= 3, 30,
+                 what="the re-send to finish")
+    finally:
+        sh.stop()
+    assert central_job_totals(pg, "ship") == local_job_totals(st, "n1")
+    # The same report code over both stores gives the same figures.
+    central = query.open_db(pg.admin_url.replace("/postgres?", "/ship?"))
+    local = query.open_db(st.path)
+    for by in ("user", "command"):
+        for window in ((None, None), (NOW - 2.5 * 86400 + 123, NOW - 86400 - 77)):
+            a = query.summary(local, by, *window)
+            b = query.summary(central, by, *window)
+            key = "command" if by == "command" else "uid"
+            strip = ("user", "account")
+            assert sorted(({k: v for k, v in r.items() if k not in strip} for r in a),
+                          key=lambda r: r[key]) == \
+                sorted(({k: v for k, v in r.items() if k not in strip} for r in b),
+                       key=lambda r: r[key])
+    ja = query.job_summary(local)
+    jb = query.job_summary(central)
+    # Owners differ on purpose: the central store names them user@host (or the site
+    # user they map to).
+    assert [{k: v for k, v in r.items() if k not in ("host", "owner")} for r in jb] == \
+        [{k: v for k, v in r.items() if k != "owner"} for r in ja]
+    assert jb[0]["owner"].endswith("@n1")
+    assert {r["host"] for r in jb} == {"n1"}
+    one = parse_jid(ja[0]["jid"])
+    da, db_ = query.job_detail(local, one), query.job_detail(central, one)
+    assert da["usage"] == db_["usage"] and len(da["processes"]) == len(db_["processes"])
+    assert da["folded"] and da["folded"] == db_["folded"]  # [thresholds]' folded records
+    # CLI: --db URL, --host and --tag.
+    dburl = pg.admin_url.replace("/postgres?", "/ship?")
+    capsys.readouterr()  # the shipper's log lines
+    assert elsa_main(["jobs", "--db", dburl, "--json", "--host", "n1", "--tag", "queue=q1"]) == 0
+    out = capsys.readouterr().out
+    import json
+
+    got = json.loads(out)
+    assert got and all(j["tags"]["queue"] == "q1" and j["host"] == "n1" for j in got)
+    assert elsa_main(["jobs", "--db", dburl, "--json", "--host", "nope"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert elsa_main(["summary", "--by", "user", "--db", dburl]) == 0
+    assert "@n1" in capsys.readouterr().out
+    st.close()
+
+
+def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path) -> None:
+    fresh_db(pg, "umap")
+    url = add_node(pg, "m1", "umap")
+    st = fill_store(tmp_path / "m1", 2, jobs=2, procs=50)
+    sh = shipper(st, url, "m1").start()
+    try:
+        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
+    finally:
+        sh.stop()
+    with admin(pg, "umap") as c:
+        schema.map_user(c, "m1", "1000", "alice", "physics")
+        schema.map_user(c, "*", "1001", "alice", "physics")
+    rows = query.summary(query.open_db(pg.admin_url.replace("/postgres?", "/umap?")), "user")
+    users = {r["user"]: r for r in rows}
+    assert users["alice"]["account"] == "physics"
+    assert users["alice"]["uid"] is None  # two uids folded into one site user
+    local = {r["uid"]: r["processes"] for r in query.summary(query.open_db(st.path), "user")}
+    assert users["alice"]["processes"] == local[1000] + local[1001]
+    assert users["1002@m1"]["processes"] == local[1002]
+    st.close()
+
+
+def test_bad_input_errors_nothing_lost(pg: PgServer, tmp_path: Path) -> None:
+    st = fill_store(tmp_path / "bad", 3, jobs=2, procs=40)
+    # A wrong URL, a wrong password, a database never migrated ("older schema").
+    with admin(pg) as c:
+        c.execute("DROP DATABASE IF EXISTS old")
+        c.execute("CREATE DATABASE old")
+        c.execute("DROP ROLE IF EXISTS stranger")
+        c.execute("CREATE ROLE stranger LOGIN PASSWORD 's'")
+    url = add_node(pg, "bad")
+    cases = [
+        ("postgresql://nobody@127.0.0.1:1/x", "connecting to"),
+        (pg.tcp_url("elsa_node_bad", "wrong"), "password authentication failed"),
+        (pg.tcp_url("elsa_node_bad", "pw-bad", "old"), "schema 0"),
+        (url.replace("elsa_node_bad:pw-bad", "elsa_admin"), "password"),
+        (pg.tcp_url("stranger", "s"), "is it a node role?"),
+    ]
+    for bad_url, why in cases:
+        bad = shipper(st, bad_url, "bad").start()
+        try:
+            wait_for(lambda b=bad: b.status()["last_error"] is not None, 30, what="an error")
+            s = bad.status()
+        finally:
+            bad.stop()
+        assert why in s["last_error"], s
+        assert "pw-bad" not in s["last_error"] and "pw-bad" not in s["url"]
+        assert s["backlog_records"] == 80 and s["shipped_records"] == 0
+    # The host a role may write as is checked before anything is sent.
+    sh = shipper(st, url, "someone-else").start()
+    try:
+        wait_for(lambda: sh.status()["last_error"] is not None, 30, what="an error")
+        assert "may write as host 'bad'" in sh.status()["last_error"]
+    finally:
+        sh.stop()
+    with pytest.raises(StoreError, match="schema 0"):
+        query.open_db(pg.admin_url.replace("/postgres?", "/old?"))
+    st.close()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_server_disk_full_then_recovers(pg: PgServer, tmp_path: Path) -> None:
+    """The usage tables in a tablespace on a 16 MiB tmpfs, filled up: the server
+    refuses the rows; the node keeps every record and ships them once space is back.
+    (A full disk under the WAL makes PostgreSQL stop instead: a server outage.)"""
+    ts = os.path.join(pg.root, "small")
+    os.mkdir(ts)
+    uid, gid = (pg.user.pw_uid, pg.user.pw_gid) if pg.user else (0, 0)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=16m,mode=0700,uid={uid},gid={gid}",
+                    "tmpfs", ts], check=True)
+    try:
+        fresh_db(pg, "diskfull")
+        url = add_node(pg, "full", "diskfull")
+        with admin(pg, "diskfull") as c:
+            c.execute(f"CREATE TABLESPACE small LOCATION '{ts}'")
+            for (t,) in c.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON "
+                                  "c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent "
+                                  "WHERE p.relname = 'proc_usage'").fetchall():
+                c.execute(f"ALTER TABLE {t} SET TABLESPACE small")
+            c.execute("CREATE TABLE ballast (b TEXT) TABLESPACE small")
+            with pytest.raises(psycopg.errors.DiskFull):
+                for _ in range(100):
+                    c.execute("INSERT INTO ballast SELECT repeat(md5(random()::text), 30) "
+                              "FROM generate_series(1, 2000)")
+        st = fill_store(tmp_path / "full", 4, jobs=3, procs=2000)
+        sh = shipper(st, url, "full").start()
+        try:
+            wait_for(lambda: "disk is full" in (sh.status()["last_error"] or ""), 60,
+                     what="a disk-full error")
+            s = sh.status()
+            assert s["backlog_records"] == 6000 and s["shipped_records"] == 0, s
+            with admin(pg, "diskfull") as c:
+                c.execute("DROP TABLE ballast")
+            wait_for(lambda: drained(sh), 60, what="the backlog to drain after space is back")
+        finally:
+            sh.stop()
+        assert central_job_totals(pg, "diskfull") == local_job_totals(st, "full")
+        st.close()
+    finally:
+        try:
+            with admin(pg) as c:
+                c.execute("DROP DATABASE IF EXISTS diskfull WITH (FORCE)")
+                c.execute("DROP TABLESPACE IF EXISTS small")
+        finally:
+            subprocess.run(["umount", "-l", ts], check=False)
+
+
+def test_prune_keeps_unshipped(pg: PgServer, tmp_path: Path) -> None:
+    fresh_db(pg, "prune")
+    url = add_node(pg, "p1", "prune")
+    st = fill_store(tmp_path / "p1", 5, jobs=3, procs=100)
+    total = st.db.execute("SELECT count(*) FROM proc_usage").fetchone()[0]
+    # Ship only the first 150 rows (one round), then prune with keep_local_days 1.
+    sh = shipper(st, url, "p1", batch_rows=150)
+    sh._open_local()
+    sh._connect()
+    sh._round()
+    sh.keep_days = 1.0
+    sh._prune()
+    st.flush()
+    left = st.db.execute("SELECT count(*) FROM proc_usage").fetchone()[0]
+    assert left == total - 150
+    (unshipped,) = st.db.execute("SELECT count(*) FROM proc_usage WHERE id > 150").fetchone()
+    assert unshipped == total - 150
+    sh.stop()
+    st.close()
