@@ -178,6 +178,9 @@ class Cgroup2Backend(Backend):
         self.mount = ""
         self.base = ""
         self.delegated = False
+        # systemd started elsad in the delegated root, not in daemon/: it does the same on
+        # the next start, which the kernel refuses while controllers are enabled there.
+        self.started_in_root = False
         self.enabled: List[str] = []
         self.missing: List[str] = []
         self.kill_timeout = 10.0
@@ -210,6 +213,8 @@ class Cgroup2Backend(Backend):
             # "No internal processes" (docs/kernel.md): the daemon leaves its cgroup for a
             # leaf before controllers are enabled for the job cgroups beside it.
             leaf = os.path.join(self.base, DAEMON_LEAF)
+            self.started_in_root = os.path.normpath(
+                self.mount + (fs.own_cgroup() or "/")) == self.base
             fs.mkdir(leaf)
             fs.move(leaf, os.getpid())
         else:
@@ -264,6 +269,8 @@ class Cgroup2Backend(Backend):
 
     def stop(self) -> None:
         self._retry_pending()
+        if self.started_in_root:
+            self._release_controllers()
         if self.base:
             try:  # EBUSY while someone is still in it: then it stays
                 self.fs.rmdir(os.path.join(self.base, RELEASED))
@@ -275,6 +282,25 @@ class Cgroup2Backend(Backend):
             self.watcher = None
         if self.origins is not None:
             self.origins.close()
+
+    def _release_controllers(self) -> None:
+        """Let systemd < 254 (no DelegateSubgroup=) start the next elsad in the delegated
+        root: the kernel puts no process into a cgroup with controllers enabled for its
+        children ("no internal processes"). Jobs keep running; the next start enables
+        the controllers again, with counters that start from zero for running jobs."""
+        active = [c for c in self.enabled if c in self.fs.subtree_control(self.base)]
+        for c in reversed(active):
+            try:
+                self.fs.write(os.path.join(self.base, "cgroup.subtree_control"), f"-{c}",
+                              f"disable controller {c}")
+            except ElsaError as exc:
+                log.warning("controller left enabled: systemd < 254 cannot start elsad "
+                            "again in this cgroup", controller=c, base=self.base,
+                            error=exc.message)
+        if self.live and active:
+            log.warning("controllers disabled for restart by systemd < 254: the running "
+                        "jobs' memory, io and pids counters start from zero with the next "
+                        "elsad", controllers=active, jobs=len(self.live))
 
     # -- paths ------------------------------------------------------------------------
     def job_path(self, job: Job) -> str:
