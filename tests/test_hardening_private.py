@@ -38,8 +38,9 @@ def test_store_is_private_and_reports_go_through_elsad(shared_dir, elsad, accoun
     a, b, _gid, _group = accounts
     d = elsad(workdir=shared_dir)
     with d.client() as c:
-        ja = [c.create(name=f"a{i}", owner_uid=a.uid)["jid"] for i in range(2)]
-        jb = c.create(name="b0", owner_uid=b.uid)["jid"]
+        # Names that no hex JID can contain, so the table check below means what it says.
+        ja = [c.create(name=f"alpha-{i}", owner_uid=a.uid)["jid"] for i in range(2)]
+        jb = c.create(name="bravo-0", owner_uid=b.uid)["jid"]
         c.call("end", jid=ja[0])
     db = os.path.join(d.state_dir, "elsa.db")
     assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
@@ -59,7 +60,7 @@ def test_store_is_private_and_reports_go_through_elsad(shared_dir, elsad, accoun
     assert {j["jid"] for j in json.loads(r["stdout"])} == set(ja)
     # The table is the same as root's for the same rows.
     table = as_user(a, elsa_as_main("jobs", *common))["stdout"]
-    assert "a0" in table and "a1" in table and "b0" not in table
+    assert "alpha-0" in table and "alpha-1" in table and "bravo-0" not in table
     # Another user's job: refused, with the reason.
     r = as_user(a, elsa_as_main("job", jb, *common))
     assert r["rc"] != 0 and "not yours" in r["stderr"]
