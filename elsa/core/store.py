@@ -35,6 +35,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional
 from elsa.apps.record import MIGRATION as APPS_MIGRATION
 from elsa.core.model import Job
 from elsa.core.thresholds import MIGRATION as THRESHOLDS_MIGRATION
+from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE
 from elsa.errors import StoreError
 from elsa.logsetup import structlog
 
@@ -192,18 +193,7 @@ MIGRATIONS: List[str] = [
             COALESCE(NEW.max_rss_kb, NEW.max_vm_kb, 0),
             COALESCE(NEW.read_bytes, 0), COALESCE(NEW.write_bytes, 0),
             COALESCE(NEW.minflt, 0), COALESCE(NEW.majflt, 0))
-        ON CONFLICT DO UPDATE SET
-            processes = processes + 1,
-            cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-            cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-            elapsed_us = elapsed_us + excluded.elapsed_us,
-            max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                             COALESCE(excluded.max_rss_kb, max_rss_kb)),
-            mem_kb_sum = mem_kb_sum + excluded.mem_kb_sum,
-            read_bytes = read_bytes + excluded.read_bytes,
-            write_bytes = write_bytes + excluded.write_bytes,
-            minflt = minflt + excluded.minflt,
-            majflt = majflt + excluded.majflt;
+        """ + ROLLUP_ACCUMULATE + """;
     END;
     CREATE TRIGGER proc_usage_job AFTER INSERT ON proc_usage
     WHEN NEW.jid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'usage.bulk')
@@ -213,26 +203,7 @@ MIGRATIONS: List[str] = [
             NEW.max_rss_kb, NEW.max_vm_kb, NEW.read_bytes, NEW.write_bytes, NEW.read_chars,
             NEW.write_chars, NEW.minflt, NEW.majflt, NEW.nvcsw, NEW.nivcsw,
             NEW.coremem_kb_us, NEW.virtmem_kb_us, NULL, NEW.end_time, NULL)
-        ON CONFLICT DO UPDATE SET
-            processes = processes + 1,
-            cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-            cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-            elapsed_us = elapsed_us + excluded.elapsed_us,
-            max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                             COALESCE(excluded.max_rss_kb, max_rss_kb)),
-            max_vm_kb = MAX(COALESCE(max_vm_kb, excluded.max_vm_kb),
-                            COALESCE(excluded.max_vm_kb, max_vm_kb)),
-            read_bytes = read_bytes + excluded.read_bytes,
-            write_bytes = write_bytes + excluded.write_bytes,
-            read_chars = read_chars + excluded.read_chars,
-            write_chars = write_chars + excluded.write_chars,
-            minflt = minflt + excluded.minflt,
-            majflt = majflt + excluded.majflt,
-            nvcsw = nvcsw + excluded.nvcsw,
-            nivcsw = nivcsw + excluded.nivcsw,
-            coremem_kb_us = coremem_kb_us + excluded.coremem_kb_us,
-            virtmem_kb_us = virtmem_kb_us + excluded.virtmem_kb_us,
-            updated = MAX(COALESCE(updated, 0), excluded.updated);
+        """ + JOB_USAGE_ACCUMULATE + """;
     END;
     """,
     # -- end of migration 2 (issue 5) ---------------------------------------------------
