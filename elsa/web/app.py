@@ -62,8 +62,10 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
     app.config.update(SECRET_KEY=_secret_key(state_dir), SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict", JSON_SORT_KEYS=False)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.jinja_env.filters.update(dur=fmt_us, kb=fmt_kb, nbytes=fmt_bytes, when=fmt_time,
-                                 hexjid=hexjid)
+    from elsa.report import cli  # the CLI's units, so a page reads like the report
+
+    app.jinja_env.filters.update(dur=cli._fmt_us, kb=cli._fmt_kb, nbytes=cli._fmt_bytes,
+                                 when=cli._fmt_time, hexjid=hexjid)
     app.jinja_env.globals.update(page_url=_page_url)
 
     def store():
@@ -460,39 +462,3 @@ def _per_day(db: Any, since: Optional[float], until: Optional[float],
 
     rows = query.usage_per_day(db, since, until, None if v.admin else v.uid)
     return rows
-
-
-# -- formatting (the CLI's units) --------------------------------------------------------------
-
-def fmt_us(us: Optional[float]) -> str:
-    if us is None:
-        return "-"
-    s = us / 1e6
-    if s < 60:
-        return f"{s:.2f}s"
-    m, s = divmod(int(s), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def fmt_kb(kb: Optional[float]) -> str:
-    if kb is None:
-        return "-"
-    return fmt_bytes(kb * 1024)
-
-
-def fmt_bytes(b: Optional[float]) -> str:
-    if b is None:
-        return "-"
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(b) < 1024 or unit == "T":
-            return f"{b:.0f}{unit}" if unit == "B" else f"{b:.1f}{unit}"
-        b /= 1024
-    return "-"
-
-
-def fmt_time(t: Optional[float]) -> str:
-    if t is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
