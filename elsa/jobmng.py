@@ -451,10 +451,15 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
         lines.append(f"control    {control.get('connections')} connections, "
                      f"{control.get('requests')} requests, {control.get('errors')} errors, "
                      f"{control.get('denied')} denied")
-    srcs = {k: v for k, v in (st.get("sources") or {}).items() if k != "aggregator"}
+    srcs = {k: v for k, v in (st.get("sources") or {}).items()
+            if k not in ("aggregator", "gaps")}
     lines.append("sources    " + (", ".join(
         f"{k} (failed: {v['error']})" if isinstance(v, dict) and v.get("error") else k
         for k, v in sorted(srcs.items())) or "none: no accounting source runs, jobs get no usage"))
+    for gap in (st.get("sources") or {}).get("gaps", []):
+        lines.append(f"gap        {gap['why']}; jobs flagged incomplete: "
+                     f"{', '.join(gap['jobs'][:5])}"
+                     + (f" (+{len(gap['jobs']) - 5} more)" if len(gap["jobs"]) > 5 else ""))
     agg = (st.get("sources") or {}).get("aggregator") or {}
     if agg.get("folded"):  # [thresholds]: small records stored folded
         lines.append(f"folded     {agg['folded']} small process records ([thresholds])")

@@ -9,7 +9,20 @@ Two modes (``[sources.bsdacct] mode``):
   returns nothing more goes to the old file — docs/kernel.md), and the old
   file is read to its end before it is deleted. On stop, accounting is
   switched back to the file that was active before (if one of
-  ``probe_files`` was growing) or off — but only if elsad switched it on.
+  ``probe_files`` was growing) or off — but only if elsad switched it on and
+  still owns it.
+
+  The kernel's accounting file is shared state: another ``accton FILE``
+  (psacct's service, atop, a second elsad) takes it over without telling
+  anyone. elsad notices: when its file stopped growing for ``ownership_check``
+  seconds it forks one short child, whose exit the kernel must account
+  (do_exit writes the record before the parent's wait returns); if that
+  record does not land in elsad's file, accounting was displaced. elsad then
+  says so in ``status`` (``displaced``), flags the running jobs incomplete for
+  bsdacct, and never switches off or redirects accounting it no longer owns.
+  The file that was active before elsad took over is kept in
+  ``<dir>/previous.json`` with its size at that moment, so a stop after a
+  crash (``kill -9``) still restores it.
 * ``external``: another tool (psacct/acct's service, atop) owns accounting;
   elsad follows ``file`` (default ``/var/log/account/pacct``) through its
   rotations and never calls acct(2).
@@ -26,8 +39,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import subprocess
+import time
 from typing import Dict, List, Optional
 
 from elsa import hookimpl
@@ -62,6 +77,9 @@ OPTIONS: Dict[str, Option] = {
                          check=non_negative),
     "interval": Option(float, 1.0, "Seconds between reads of the accounting file.",
                        check=positive),
+    "ownership_check": Option(float, 10.0, "Managed mode: seconds without a new record in"
+                              " elsad's file after which it checks (one short child) that"
+                              " kernel accounting still writes there.", check=positive),
     "probe_files": Option(list, [DEFAULT_EXTERNAL, "/var/account/pacct"],
                           "Managed mode: files checked at start for an accounting file"
                           " already in use (restored on stop).", item_type=str),
@@ -92,6 +110,9 @@ class BsdAcctSource(Source):
         self.last_problem = ""
         self.dir = ""
         self.seq = 0
+        self.displaced: Optional[Dict[str, object]] = None
+        self._last_size = -1
+        self._last_growth = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, ctx: SourceContext) -> None:
@@ -117,11 +138,73 @@ class BsdAcctSource(Source):
         current = self._path(self.seq)
         if not os.path.exists(current):
             self._create(current)
-        self.previous = self._probe(list(opts["probe_files"]))  # type: ignore[arg-type]
+        self.ownership_check = float(opts["ownership_check"])  # type: ignore[arg-type]
+        saved = self._load_previous()
+        if saved is not None:
+            # A previous run switched accounting and did not restore it (crash):
+            # what was active before is what it found, not what is active now.
+            self.previous = saved.get("file")  # type: ignore[assignment]
+        else:
+            self.previous = self._probe(list(opts["probe_files"]))  # type: ignore[arg-type]
+            self._save_previous()
         self.acct(current)
         self.switched_on = True
+        self._last_growth = time.monotonic()
         log.info("kernel accounting switched to our file", file=current,
                  previous=self.previous or "(off)")
+
+    def _previous_path(self) -> str:
+        return os.path.join(self.dir, "previous.json")
+
+    def _load_previous(self) -> Optional[Dict[str, object]]:
+        try:
+            with open(self._previous_path()) as fh:
+                data = json.load(fh)
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _save_previous(self) -> None:
+        """Persist the file active before elsad took over, with its size then."""
+        size = None
+        if self.previous:
+            try:
+                size = os.stat(self.previous).st_size
+            except OSError:
+                pass
+        tmp = self._previous_path() + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"file": self.previous, "size": size, "taken": time.time()}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._previous_path())
+
+    def owns_accounting(self) -> bool:
+        """Whether the kernel writes to elsad's current file (one short child tells)."""
+        current = self._path(self.seq)
+        return self._probe([current]) == current
+
+    def _check_ownership(self) -> None:
+        size = self._current_size()
+        now = time.monotonic()
+        if size != self._last_size:
+            self._last_size = size
+            self._last_growth = now
+            return
+        if now - self._last_growth < self.ownership_check:
+            return
+        self._last_growth = now  # at most one probe per ownership_check
+        if self.owns_accounting():
+            self._last_size = self._current_size()
+            return
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.displaced = {"since": time.time(), "file": self._path(self.seq)}
+        self.switched_on = False  # not ours any more: never switch it off or back
+        _unlink(self._previous_path())  # nothing of ours to restore any more
+        log.warning("kernel accounting was taken over by another acct(2) caller; elsad "
+                    "leaves it alone", file=self._path(self.seq))
+        self.ctx.flag_incomplete(None, f"bsdacct: kernel accounting taken over by another "
+                                       f"program at {when} (accton); records missing")
 
     def _path(self, seq: int) -> str:
         return os.path.join(self.dir, f"pacct.{seq}")
@@ -165,8 +248,10 @@ class BsdAcctSource(Source):
     def poll(self) -> None:
         if self.follower is None:
             return
-        if self.mode == "managed" and self.rotate_size and self._current_size() >= self.rotate_size:
-            self._rotate()
+        if self.mode == "managed" and self.switched_on:
+            if self.rotate_size and self._current_size() >= self.rotate_size:
+                self._rotate()
+            self._check_ownership()
         self._emit(self.follower.read(rows=NAME))
 
     def _current_size(self) -> int:
@@ -210,12 +295,17 @@ class BsdAcctSource(Source):
     def stop(self) -> None:
         if self.follower is None:
             return
+        if self.switched_on and not self.owns_accounting():
+            self.switched_on = False
+            log.warning("kernel accounting is not elsad's any more; left as it is")
+            _unlink(self._previous_path())
         if self.switched_on:
             try:
                 self.acct(self.previous)
                 log.info("kernel accounting restored", file=self.previous or "(off)")
+                _unlink(self._previous_path())
             except Exception as exc:
-                log.error("could not restore kernel accounting", error=str(exc))
+                log.exception("could not restore kernel accounting", error=str(exc))
             self.switched_on = False
         try:
             self._emit(self.follower.read(final=False, rows=NAME))
@@ -228,7 +318,8 @@ class BsdAcctSource(Source):
         return {"mode": self.mode, "file": pos.get("path"), "offset": pos.get("offset"),
                 "records": self.records, "corrupt": self.problems,
                 "last_problem": self.last_problem, "rotations": self.rotations,
-                "switched_on": self.switched_on, "previous": self.previous}
+                "switched_on": self.switched_on, "previous": self.previous,
+                "displaced": self.displaced}
 
 
 def _unlink(path: str) -> None:
@@ -243,4 +334,4 @@ def elsa_sources() -> List[SourceSpec]:
     return [SourceSpec(name=NAME, factory=BsdAcctSource, options=OPTIONS,
                        description="BSD process accounting (acct v3 pacct files): managed or"
                                    " external file, followed with persisted offsets.",
-                       priority=30)]
+                       priority=30, covers_downtime=True)]

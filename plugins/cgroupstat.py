@@ -94,4 +94,5 @@ def elsa_sources() -> List[SourceSpec]:
     return [SourceSpec(name=NAME, factory=CgroupStatSource, options=OPTIONS,
                        description="Job-level cgroup v2 counters (cpu.stat, memory.peak,"
                                    " io.stat, ...) of cgroup-backed jobs.",
-                       priority=10, default_enabled=True)]
+                       priority=10, default_enabled=True,
+                       covers_downtime=True)]

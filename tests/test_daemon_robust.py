@@ -86,3 +86,47 @@ def test_process_gone_only_for_process_reads_and_chained(tmp_path):
     assert isinstance(gone.value.__cause__, FileNotFoundError)
     with pytest.raises(CgroupGone):
         read_stats(str(tmp_path / "no-such-cgroup"))
+
+
+def test_a_slow_kill_is_answered_later_and_does_not_stall_others(elsad, spawned):
+    """The event thread does not wait for a kill to finish: another client is
+    answered at once meanwhile, and the kill's reply comes when the backend says
+    the job's processes are gone."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (elsad)")
+    from elsa.testing import wait_for
+
+    d = elsad(backend="slowkill",
+              extra='job_end = "explicit"\nplugins = ["tests.slowkill_backend"]\n')
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                         start_new_session=True)
+    spawned.append(p)
+    with d.client() as c:
+        jid = c.create(name="slow", pids=[p.pid])["jid"]
+    killer = d.client()
+    t0 = time.monotonic()
+    import threading
+
+    result = {}
+
+    def kill():
+        result["reply"] = killer.kill(jid, signal=9)
+        result["at"] = time.monotonic() - t0
+
+    th = threading.Thread(target=kill)
+    th.start()
+    wait_for(lambda: p.poll() is not None, 5, what="the member killed")
+    with d.client() as other:
+        t1 = time.monotonic()
+        other.status()
+        assert time.monotonic() - t1 < 1.0  # not behind the 1.5 s kill
+    th.join(10)
+    killer.close()
+    assert result["reply"]["signalled"] == 1
+    assert result["at"] >= 1.4  # answered when the backend settled, not before

@@ -107,7 +107,8 @@ def test_bsdacct_managed_mode_switches_rotates_without_loss_and_restores(tmp_pat
     emitted: List[UsageRecord] = []
     src = bsdacct.BsdAcctSource()
     opts = {"mode": "managed", "file": "", "rotate_size": 1, "keep_files": 0,
-            "interval": 1.0, "probe_files": ["/var/log/account/pacct"]}
+            "interval": 1.0, "ownership_check": 10.0,
+            "probe_files": ["/var/log/account/pacct"]}
     src.start(_ctx(tmp_path, opts, emitted))
     try:
         assert src.switched_on and src.previous == previous

@@ -495,8 +495,8 @@ class Cgroup2Backend(Backend):
             self.fs.kill(path)
         else:
             self._signal_frozen(job, path, sig)
-        if sig == signal_mod.SIGKILL:
-            self._wait_empty(job, path)
+        # For SIGKILL the caller learns when the cgroup is empty from settled():
+        # the event thread does not wait for it.
         return len(members)
 
     def _signal_frozen(self, job: Job, path: str, sig: int) -> None:
@@ -516,21 +516,23 @@ class Cgroup2Backend(Backend):
             if freeze:
                 self.fs.set_frozen(path, False)
 
-    def _wait_empty(self, job: Job, path: str) -> None:
-        if not self.fs.wait_events(path, "populated", 0, self.kill_timeout):
-            left = sorted(self.members_of_path(path))
-            raise BackendError(
-                f"job {format_jid(job.jid)}: {len(left)} process(es) still in {path} "
-                f"{self.kill_timeout} s after SIGKILL (pids {left[:10]}); they are probably "
-                "in uninterruptible sleep (D state); retry the kill later")
-
     def freeze(self, job: Job) -> None:
         path = self.job_path(job)
         self.fs.set_frozen(path, True)
         self.frozen.add(job.jid)
-        if not self.fs.wait_events(path, "frozen", 1, self.kill_timeout):
-            raise BackendError(f"job {format_jid(job.jid)}: {path} did not report frozen "
-                               f"within {self.kill_timeout} s")
+
+    def settled(self, job: Job, what: str) -> bool:
+        """"killed": the job's cgroup is empty; "frozen": the kernel reports it
+        frozen (cgroup.events). A removed cgroup has nothing left to settle."""
+        path = self.job_path(job)
+        try:
+            if what == "killed":
+                return not self.fs.populated(path)
+            if what == "frozen":
+                return self.fs.events(path).get("frozen") == 1
+        except ElsaError:
+            return not os.path.isdir(path)
+        return True
 
     def thaw(self, job: Job) -> None:
         path = self.job_path(job)

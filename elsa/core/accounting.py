@@ -42,7 +42,7 @@ from typing import (
 from elsa.config import Config, validate_table
 from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
 from elsa.core.guard import Guard, run_isolated
-from elsa.core.model import Job
+from elsa.core.model import Job, format_jid, parse_jid
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.core.thresholds import Folder
 from elsa.core.usage import priorities_of, save_boot_epoch, save_priorities
@@ -131,6 +131,7 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
     save_priorities(store.db, store.submit, priorities_of(specs))
     save_boot_epoch(store.submit, manager.boot_id, boot_epoch())
     started_wall = time.time()
+    gaps = downtime_gaps(store, manager, specs, names, started_wall)
 
     def history_horizon() -> float:
         # Memory (index, exit history, left-alive map) knows every membership
@@ -227,6 +228,53 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
         for name, why in failed.items():
             out[name] = {"error": why}
         out["aggregator"] = aggregator.status()
+        if gaps:
+            out["gaps"] = gaps
         return out
 
+    for gap in gaps:
+        aggregator.flag_incomplete([parse_jid(j) for j in gap["jobs"]], gap["source"],
+                                   gap["why"])
+    loop.add_timer(ALIVE_INTERVAL, lambda: store.submit(*alive_stmt(time.time())), "alive")
     return sources, status
+
+
+#: Seconds between elsad's "alive" marks in the store: after a kill -9 the
+#: last mark bounds the time it was not running.
+ALIVE_INTERVAL = 2.0
+ALIVE_KEY = "daemon.alive"
+
+
+def alive_stmt(now: float) -> Tuple[str, Tuple[Any, ...]]:
+    return ("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+            "SET value = excluded.value", (ALIVE_KEY, repr(round(now, 3))))
+
+
+def downtime_gaps(store: Store, manager: JobManager, specs: Mapping[str, SourceSpec],
+                  names: Sequence[str], now: float) -> List[Dict[str, Any]]:
+    """What the sources that cannot cover elsad's downtime missed: per source,
+    the interval since elsad was last alive and the jobs that ran across it."""
+    try:
+        last = float(store.get_meta(ALIVE_KEY, "") or 0)
+    except ValueError:
+        last = 0.0
+    store.submit(*alive_stmt(now))
+    if not last or last >= now:
+        return []
+    # Every job recovered as running ran across the downtime (or the part of
+    # it after its creation).
+    jobs = [format_jid(j.jid) for j in manager.running()]
+    if not jobs:
+        return []
+    start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
+    end = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    out = []
+    for name in names:
+        if getattr(specs.get(name), "covers_downtime", False):
+            continue
+        out.append({"source": name, "from": round(last, 3), "to": round(now, 3), "jobs": jobs,
+                    "why": f"no {name} records from {start} to {end} (elsad was not "
+                           f"running for {now - last:.1f} s)"})
+        log.warning("accounting gap while elsad was not running", source=name, since=start,
+                    jobs=len(jobs), seconds=round(now - last, 1))
+    return out

@@ -127,6 +127,13 @@ class Backend(abc.ABC):
     def thaw(self, job: Job) -> None:
         raise BackendError(f"backend {self.name!r} cannot thaw jobs; use cgroup2")
 
+    def settled(self, job: Job, what: str) -> bool:
+        """Whether the kernel finished what :meth:`signal` (SIGKILL: *what* is
+        "killed") or :meth:`freeze` ("frozen") started. Called from the event
+        loop's timer until True or the backend's ``kill_timeout``: never wait here.
+        A backend that finishes within the call returns True."""
+        return True
+
     @abc.abstractmethod
     def end_job(self, job: Job) -> None:
         """Remove the job's kernel-side object (sources took final readings already)."""

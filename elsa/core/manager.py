@@ -253,14 +253,18 @@ class JobManager:
         self._hook_exited = bool(hooks and hooks.has_impls("elsa_process_exited"))
 
     # -- queries ------------------------------------------------------------------
-    def job(self, jid: int) -> Job:
+    def job(self, jid: int, committed: bool = False) -> Job:
+        """Job *jid*, running or stored (*committed*: see Store.job)."""
         state = self.jobs.get(jid)
         if state is not None:
             return state.snapshot()
-        stored = self.store.job(jid)
+        stored = self.store.job(jid, committed=committed)
         if stored is None:
             raise JobNotFound(f"no job {format_jid(jid)}; list jobs with 'elsa-jobmng list --all'")
         return stored
+
+    def is_running(self, jid: int) -> bool:
+        return jid in self.jobs
 
     def running(self, with_pids: bool = False) -> List[Job]:
         return [s.snapshot(with_pids) for s in self.jobs.values()]
@@ -289,9 +293,21 @@ class JobManager:
         """Each running job (without its pids) and its number of live members."""
         return [(s.snapshot(with_pids=False), len(s.members)) for s in list(self.jobs.values())]
 
-    def stored_jobs(self, limit: int) -> List[Job]:
+    def stored_jobs(self, limit: int, committed: bool = False) -> List[Job]:
         """The newest *limit* jobs of the store, ended ones included."""
-        return self.store.jobs(include_ended=True, limit=limit)
+        return self.store.jobs(include_ended=True, limit=limit, committed=committed)
+
+    def settled(self, jid: int, what: str) -> bool:
+        """Whether the backend finished *what* ("killed", "frozen") for *jid*; an
+        ended job has nothing left to finish."""
+        state = self.jobs.get(jid)
+        if state is None:
+            return True
+        return self.backend.settled(state.snapshot(with_pids=False), what)
+
+    def settle_timeout(self) -> float:
+        """How long a kill or freeze may take to finish (the backend's limit)."""
+        return float(getattr(self.backend, "kill_timeout", 10.0))
 
     def _entry(self, pid: int) -> Optional[Tuple[int, int]]:
         """(jid, start_ticks) of member *pid*, or None."""

@@ -9,6 +9,7 @@ server replies later. The operations are documented in docs/protocol.md.
 
 from __future__ import annotations
 
+import signal as signal_mod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional
 
@@ -16,7 +17,7 @@ from elsa import __version__
 from elsa.core.authorization import Authorizer, Caller
 from elsa.core.backend import signal_each
 from elsa.core.model import JOB_RUNNING, Job, format_jid
-from elsa.errors import ElsaError, ProtocolError
+from elsa.errors import BackendError, ElsaError, ProtocolError
 from elsa.protocol import (
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
@@ -37,6 +38,26 @@ if TYPE_CHECKING:
 #: Operations whose reply promises a change that must survive a crash: the
 #: server sends their reply once the store has committed it.
 DURABLE_OPS = frozenset({"create", "attach", "detach", "end", "tag"})
+
+
+@dataclass(frozen=True)
+class AfterCommit:
+    """A handler's answer "reply with compute() once the store committed every
+    write submitted so far": a read that must see earlier writes, without
+    waiting for the store writer on the event thread."""
+
+    compute: Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class PollUntil:
+    """A handler's answer "reply with poll()'s result once it has one (None: not
+    yet), or with timeout()'s error after *timeout* s": something the kernel
+    finishes asynchronously (a cgroup emptying after cgroup.kill, freezing)."""
+
+    poll: Callable[[], Optional[Dict[str, Any]]]
+    timeout: float
+    on_timeout: Callable[[], ElsaError]
 
 
 @dataclass(frozen=True)
@@ -195,12 +216,20 @@ class Operations:
             raise NotInJob(f"pid {pid} is not in any job")
         return {"pid": pid, "jid": format_jid(jid)}
 
-    def op_list(self, caller: Caller, req: Request) -> List[Dict[str, Any]]:
+    def op_list(self, caller: Caller, req: Request) -> Any:
         include_ended = req.get("all", False)
         if not isinstance(include_ended, bool):
             raise ProtocolError(f"'all' must be a boolean, got {kind(include_ended)}")
         owner = get_int(req, "owner_uid", required=False, maximum=2 ** 32 - 2)
         limit = get_int(req, "limit", required=False, minimum=1, maximum=10000) or 10000
+        if include_ended:
+            # The stored jobs once the store committed what is queued: the
+            # event thread does not wait for the writer.
+            return AfterCommit(lambda: self._list(include_ended, owner, limit))
+        return self._list(include_ended, owner, limit)
+
+    def _list(self, include_ended: bool, owner: Optional[int], limit: int
+              ) -> List[Dict[str, Any]]:
         out = []
         for job, nprocs in self.manager.running_with_counts():
             item = job_json(job, with_pids=False)
@@ -208,7 +237,7 @@ class Operations:
             out.append(item)
         if include_ended:
             running = {j["jid"] for j in out}
-            for job in self.manager.stored_jobs(limit):
+            for job in self.manager.stored_jobs(limit, committed=True):
                 if format_jid(job.jid) not in running:
                     item = job_json(job, with_pids=False)
                     item["nprocs"] = 0
@@ -218,8 +247,11 @@ class Operations:
         out.sort(key=lambda j: j["jid"])
         return out[-limit:]
 
-    def op_show(self, caller: Caller, req: Request) -> Dict[str, Any]:
-        return job_json(self.manager.job(get_jid(req)))
+    def op_show(self, caller: Caller, req: Request) -> Any:
+        jid = get_jid(req)
+        if self.manager.is_running(jid):
+            return job_json(self.manager.job(jid))
+        return AfterCommit(lambda: job_json(self.manager.job(jid, committed=True)))
 
     def op_pids(self, caller: Caller, req: Request) -> Dict[str, Any]:
         jid = get_jid(req)
@@ -241,7 +273,7 @@ class Operations:
             return self.wait_result(job, False)
         return WaitFor(jid, timeout)
 
-    def op_kill(self, caller: Caller, req: Request) -> Dict[str, Any]:
+    def op_kill(self, caller: Caller, req: Request) -> Any:
         jid = get_jid(req)
         sig = get_signal(req)
         job = self.manager.job(jid)
@@ -256,8 +288,20 @@ class Operations:
             # Some members changed uid (su, sudo): a backend signals the whole
             # cgroup, so signal the allowed ones one by one instead.
             sent = signal_each(allowed, sig)
-        return {"jid": format_jid(jid), "signal": sig, "signalled": sent,
-                "skipped": len(members) - len(allowed)}
+        result = {"jid": format_jid(jid), "signal": sig, "signalled": sent,
+                  "skipped": len(members) - len(allowed)}
+        if sig != signal_mod.SIGKILL or len(allowed) != len(members):
+            return result
+        # The reply says the job's processes are gone: the backend reports when
+        # (cgroup2: cgroup.events "populated 0"), polled off the request path.
+        limit = self.manager.settle_timeout()
+        return PollUntil(
+            poll=lambda: result if self.manager.settled(jid, "killed") else None,
+            timeout=limit,
+            on_timeout=lambda: BackendError(
+                f"job {format_jid(jid)}: processes still in the job {limit:g} s after "
+                "SIGKILL; they are probably in uninterruptible sleep (D state); retry the "
+                "kill later"))
 
     def op_end(self, caller: Caller, req: Request) -> Dict[str, Any]:
         jid = get_jid(req)
@@ -270,7 +314,7 @@ class Operations:
     def op_thaw(self, caller: Caller, req: Request) -> Dict[str, Any]:
         return self._freeze(caller, req, False)
 
-    def _freeze(self, caller: Caller, req: Request, freeze: bool) -> Dict[str, Any]:
+    def _freeze(self, caller: Caller, req: Request, freeze: bool) -> Any:
         jid = get_jid(req)
         self.authz.check_job(caller, self.manager.job(jid))
         # The rule of kill: a freezer stops every member, so every member must
@@ -284,7 +328,15 @@ class Operations:
                 f"(pids {', '.join(map(str, others[:5]))}); only root or the admin group "
                 f"may {'freeze' if freeze else 'thaw'} it")
         self.manager.set_frozen(jid, freeze)
-        return {"jid": format_jid(jid), "frozen": freeze}
+        result = {"jid": format_jid(jid), "frozen": freeze}
+        if not freeze:
+            return result
+        limit = self.manager.settle_timeout()
+        return PollUntil(
+            poll=lambda: result if self.manager.settled(jid, "frozen") else None,
+            timeout=limit,
+            on_timeout=lambda: BackendError(f"job {format_jid(jid)} did not report frozen "
+                                            f"within {limit:g} s"))
 
     def op_tag(self, caller: Caller, req: Request) -> Dict[str, Any]:
         jid = get_jid(req)

@@ -41,7 +41,14 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 from elsa.core.authorization import Authorizer, Caller
 from elsa.core.background import Background
 from elsa.core.model import Job
-from elsa.core.operations import DURABLE_OPS, InThread, Operations, WaitFor
+from elsa.core.operations import (
+    DURABLE_OPS,
+    AfterCommit,
+    InThread,
+    Operations,
+    PollUntil,
+    WaitFor,
+)
 from elsa.core.store import Store
 from elsa.errors import ElsaError, PermissionDenied
 from elsa.logsetup import structlog
@@ -153,6 +160,9 @@ class ControlServer:
         self.conns: Dict[int, Connection] = {}
         self.per_uid: Dict[int, int] = {}
         self.waiters: List[Waiter] = []
+        # Requests answered when the kernel finished (PollUntil): (conn, poll,
+        # deadline, request id), checked by sweep() every 0.1 s.
+        self.pollers: List[Tuple[Connection, PollUntil, float, Any]] = []
         self._holding: Set[Connection] = set()  # connections with held replies
         self.background: Optional[Background] = None  # started by the first report
         self.counters = {"accepted": 0, "requests": 0, "errors": 0, "too_large": 0,
@@ -403,6 +413,16 @@ class ControlServer:
             if isinstance(result, WaitFor):
                 self.add_waiter(conn, result.jid, result.timeout, req_id)
                 return
+            if isinstance(result, PollUntil):
+                self._add_poller(conn, result, req_id)
+                return
+            if isinstance(result, AfterCommit):
+                mark = self.store.mark()
+                if not self.store.is_committed(mark):
+                    self.store.kick(mark)
+                    self._reply(conn, _Later(req_id, result.compute), mark)  # type: ignore[arg-type]
+                    return
+                result = result.compute()
             if isinstance(result, InThread):
                 self._in_thread(conn, result.fn, req_id)
                 return
@@ -434,6 +454,50 @@ class ControlServer:
                 store.kick(mark)
         self._reply(conn, ok_reply(req_id, result), mark)
 
+    def _materialize(self, later: _Later) -> Dict[str, Any]:
+        """The reply of a request answered after a commit (or a poll)."""
+        try:
+            return ok_reply(later.req_id, later.compute())
+        except ElsaError as exc:
+            self.counters["errors"] += 1
+            code = exc.code if exc.code in ERROR_CODES else "internal"
+            return error_reply(later.req_id, code, exc.message)
+        except Exception as exc:  # a bug must not take the daemon down
+            self.counters["errors"] += 1
+            log.exception("request failed", error=str(exc))
+            return error_reply(later.req_id, "internal",
+                               f"internal error: {type(exc).__name__}: {exc}")
+
+    def _add_poller(self, conn: Connection, p: PollUntil, req_id: Any) -> None:
+        if conn.waiting >= MAX_WAITS_PER_CONNECTION:
+            raise LimitReached(f"this connection already has {conn.waiting} outstanding "
+                               "requests; send fewer at once")
+        conn.waiting += 1
+        self.pollers.append((conn, p, self.clock() + p.timeout, req_id))
+        self._poll(conn, p, self.clock() + p.timeout, req_id)
+
+    def _poll(self, conn: Connection, p: PollUntil, deadline: float, req_id: Any) -> bool:
+        """Answer *p* if it is done or timed out; True when answered."""
+        def answer() -> Any:
+            res = p.poll()
+            if res is None:
+                raise p.on_timeout()
+            return res
+
+        try:
+            done = p.poll() is not None
+        except ElsaError:
+            done = True  # answer() raises it again: the error is the reply
+        if not done and self.clock() < deadline:
+            return False
+        self.pollers = [x for x in self.pollers if x[1] is not p]
+        conn.waiting -= 1
+        conn.last_active = self.clock()
+        self._reply(conn, self._materialize(_Later(req_id, answer)))
+        if not conn.closed:
+            self._process(conn)
+        return True
+
     def on_commit(self) -> None:
         """The store committed: send the held replies whose writes are durable."""
         store = self.store
@@ -441,7 +505,10 @@ class ControlServer:
         for conn in list(self._holding):
             held = conn.held
             while held and (held[0][0] == 0 or store.is_committed(held[0][0])):
-                self._send_reply(conn, held.popleft()[1])
+                obj = held.popleft()[1]
+                if isinstance(obj, _Later):
+                    obj = self._materialize(obj)
+                self._send_reply(conn, obj)
             if not held:
                 self._holding.discard(conn)
                 if not conn.closed and not conn.in_turn:
@@ -503,6 +570,7 @@ class ControlServer:
         self._holding.discard(conn)
         if conn.waiting:
             self.waiters = [w for w in self.waiters if w.conn is not conn]
+            self.pollers = [x for x in self.pollers if x[0] is not conn]
             conn.waiting = 0
 
     def stats(self) -> Dict[str, Any]:
@@ -531,6 +599,8 @@ class ControlServer:
                 self._close(conn)
             elif conn.eof and conn.waiting and _hung_up(conn.sock):
                 self._close(conn)  # nobody left to read the wait's answer
+        for conn, p, deadline, req_id in list(self.pollers):
+            self._poll(conn, p, deadline, req_id)
         expired = [w for w in self.waiters if w.deadline is not None and now >= w.deadline]
         if expired:
             self.waiters = [w for w in self.waiters if not (w.deadline is not None
@@ -615,3 +685,11 @@ def _hung_up(sock: socket.socket) -> bool:
         return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
     except (OSError, ValueError):
         return True
+
+
+@dataclass(frozen=True)
+class _Later:
+    """A reply computed when it is sent (after a store commit or a poll)."""
+
+    req_id: Any
+    compute: Callable[[], Any]

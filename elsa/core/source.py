@@ -94,3 +94,8 @@ class SourceSpec:
     priority: int = 50
     #: Started without a [sources.<name>] table (``enabled = false`` turns it off).
     default_enabled: bool = False
+    #: Whether the source still delivers, after a restart, what happened while
+    #: elsad was not running (a pacct file with a saved offset, cumulative cgroup
+    #: counters). A source that cannot (taskstats: nobody listened, nothing was
+    #: queued) gets the jobs that ran meanwhile flagged incomplete with the gap.
+    covers_downtime: bool = False

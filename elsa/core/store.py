@@ -585,15 +585,20 @@ class Store:
             "had_members FROM jobs WHERE state = 'running' ORDER BY jid").fetchall()
         return [(_job_from_row(r), bool(r[9])) for r in rows]
 
-    def job(self, jid: int) -> Optional[Job]:
-        self._read_own_writes()
+    def job(self, jid: int, committed: bool = False) -> Optional[Job]:
+        """*committed*: read what is committed now, without waiting for queued
+        writes (the control server waited for its commit mark already)."""
+        if not committed:
+            self._read_own_writes()
         row = self.db.execute(
             "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params "
             "FROM jobs WHERE jid = ?", (jid,)).fetchone()
         return _job_from_row(row) if row else None
 
-    def jobs(self, *, include_ended: bool = True, limit: int = 10000) -> List[Job]:
-        self._read_own_writes()
+    def jobs(self, *, include_ended: bool = True, limit: int = 10000,
+             committed: bool = False) -> List[Job]:
+        if not committed:
+            self._read_own_writes()
         where = "" if include_ended else "WHERE state = 'running'"
         rows = self.db.execute(
             f"SELECT jid, name, owner_uid, tags, created, ended, state, backend, params "

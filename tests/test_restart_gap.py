@@ -1,0 +1,55 @@
+"""Nothing silent across a restart: a source that cannot cover elsad's downtime
+(taskstats: records are not queued while nobody listens) gets the jobs that ran
+across it flagged incomplete with the interval; `elsa job` and `elsa-jobmng
+status` show the gap. Sources that do cover it (cgroup counters) are not flagged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from elsa.testing import wait_for
+
+pytestmark = pytest.mark.root
+
+
+def test_kill9_flags_the_gap_per_source_with_its_interval(elsad, spawned):
+    d = elsad(backend="auto")
+    member = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                              stdin=subprocess.PIPE, start_new_session=True)
+    spawned.append(member)
+    with d.client() as c:
+        jid = c.create(name="across", pids=[member.pid])["jid"]
+        running_sources = set(c.status()["sources"])
+    assert "taskstats" in running_sources
+    # The job and an "alive" mark are committed before the crash.
+    wait_for(lambda: subprocess.run(["elsa", "jobs", "--json", "--state-dir", d.state_dir],
+                                    capture_output=True, text=True).stdout.count(jid) >= 1,
+             10, what="the job in the store")
+    d.kill9()
+    d.start()
+    with d.client() as c:
+        st = c.status()
+    gaps = {g["source"]: g for g in st["sources"].get("gaps", [])}
+    assert "taskstats" in gaps and jid in gaps["taskstats"]["jobs"], st["sources"]
+    assert gaps["taskstats"]["from"] < gaps["taskstats"]["to"]
+    assert "cgroupstat" not in gaps  # cumulative counters cover the downtime
+    text = subprocess.run(["elsa-jobmng", "--socket", d.socket, "status"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "gap        no taskstats records from" in text and jid in text
+    member.communicate(b"")
+
+    def flagged():
+        out = subprocess.run(["elsa", "job", jid, "--json", "--state-dir", d.state_dir],
+                             capture_output=True, text=True)
+        return out.returncode == 0 and json.loads(out.stdout)["usage"]["incomplete"]
+
+    incomplete = wait_for(flagged, 10, interval=0.2, what="the job flagged incomplete")
+    assert "elsad was not running" in incomplete["taskstats"]
+    assert "cgroupstat" not in incomplete
+    table = subprocess.run(["elsa", "job", jid, "--state-dir", d.state_dir],
+                           capture_output=True, text=True, check=True).stdout
+    assert "INCOMPLETE (taskstats): no taskstats records from" in table
