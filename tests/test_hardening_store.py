@@ -255,3 +255,23 @@ def test_corruption_met_at_run_time_is_reported_with_the_recovery_command(tmp_pa
             store.check_accepting()
     finally:
         store.close()
+
+
+def test_corruption_met_by_a_read_marks_the_store(tmp_path):
+    """A request's read (show, list) that meets the damage answers with the
+    recovery command instead of an internal error, and status shows it."""
+    _filled_store(tmp_path, jobs=3, rows=10)
+    (root,) = _pages(tmp_path / "elsa.db", "jobs")[:1]
+    store = Store(str(tmp_path))
+    try:
+        _damage(tmp_path / "elsa.db", root)
+        reader = sqlite3.connect(str(tmp_path / "elsa.db"))  # nothing cached
+        with pytest.raises(sqlite3.DatabaseError) as exc:
+            reader.execute("SELECT * FROM jobs").fetchall()
+        reader.close()
+        msg = store.read_failed(exc.value)
+        assert msg is not None and "elsa store-salvage" in msg
+        assert store.health()["corrupt"] and not store.health()["ok"]
+        assert store.read_failed(ValueError("x")) is None
+    finally:
+        store.close()
