@@ -326,20 +326,37 @@ class Store:
 
     def health(self) -> Dict[str, Any]:
         """The store's state for ``status``: whether it writes, and if not why."""
-        return {"ok": self._failure is None, "error": self._failure,
+        return {"ok": self._failure is None and not self.corrupt, "error": self._failure,
                 "failing_since": self._failed_since, "corrupt": self.corrupt,
                 "pending_writes": self.pending(), "spool_limit": self.spool_limit,
                 "write_failures": self.write_failures, "dropped_records": self.dropped}
 
+    def read_failed(self, exc: BaseException) -> Optional[str]:
+        """A read met *exc*: if it is corruption, mark the store corrupt (status,
+        new jobs refused) and return the message for the client, else None."""
+        if not isinstance(exc, sqlite3.DatabaseError) or not is_corruption(exc):
+            return None
+        msg = f"store is corrupt: {exc}; {SALVAGE_HINT.format(dir=self.state_dir)}"
+        if not self.corrupt:
+            log.error("store read failed", path=self.path, error=msg)
+        self.corrupt = True
+        with self._cond:
+            if self._failure is None:
+                self._failure = msg
+                self._failed_since = time.time()
+                self._retry_at = time.monotonic() + RETRY_INTERVAL
+        return msg
+
     def check_accepting(self) -> None:
         """Raise StoreError when a new job could not be made durable soon: the
         store cannot commit, or too many writes wait for it."""
-        if self._failure is not None:
+        if self._failure is not None or self.corrupt:
             hint = (SALVAGE_HINT.format(dir=self.state_dir) if self.corrupt else
                     f"free space on the file system of {self.state_dir}; held writes are "
                     "committed as soon as it can, without a restart")
-            raise StoreError(f"store {self.path} cannot write ({self._failure}); new jobs "
-                             f"are refused until it can; {self.pending()} writes are held "
+            why = self._failure or "corrupt"
+            raise StoreError(f"store {self.path} cannot be used ({why}); new jobs are "
+                             f"refused until it can; {self.pending()} writes are held "
                              f"in memory; {hint}")
         if self.pending() > self.spool_limit:
             raise StoreError(f"store {self.path} is {self.pending()} writes behind (limit "
