@@ -56,8 +56,13 @@ def _secret_key(state_dir: str) -> bytes:
 
 
 def create_app(*, db_path: str, state_dir: str, socket_path: str,
-               web: Dict[str, Any], admin_group: str = "") -> Flask:
-    """The app over the store *db_path*; *web* is the validated ``[web]`` section."""
+               web: Dict[str, Any], admin_group: str = "", billing: Any = None) -> Flask:
+    """The app over the store *db_path*; *web* is the validated ``[web]`` section;
+    *billing* the :class:`elsa.billing.rates.BillingConfig` whose charges the pages show
+    (None, or no rate set: no charges)."""
+    if billing is not None and not (any(billing.prime.values())
+                                    or any(billing.nonprime.values())):
+        billing = None
     app = Flask(__name__)
     app.config.update(SECRET_KEY=_secret_key(state_dir), SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict", JSON_SORT_KEYS=False)
@@ -157,6 +162,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         data["efficiency"] = efficiency(detail)
         data["samples"] = _samples(store(), job_id)
         data["applications"] = _applications(store(), job_id)
+        data["charge"] = _job_charge(detail, job_id)
         return _respond("job.html", data)
 
     @app.route("/users")
@@ -168,6 +174,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         rows = query.summary(store(), "user", since, until)
         if not g.visitor.admin:
             rows = [r for r in rows if r.get("uid") == g.visitor.uid]
+        _add_charges(rows, "user", since, until)
         data = {"since": since, "until": until, "by": "user", "rows": rows,
                 "per_day": _per_day(store(), since, until, g.visitor)}
         return _respond("users.html", data, problems=problems)
@@ -180,6 +187,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         since, until, problems = _window(request.args)
         rows = query.usage_by_tag(store(), "account", since, until,
                                   None if g.visitor.admin else g.visitor.uid)
+        _add_charges(rows, "account", since, until)
         data = {"since": since, "until": until, "by": "account", "rows": rows,
                 "per_day": _per_day(store(), since, until, g.visitor)}
         return _respond("users.html", data, problems=problems)
@@ -213,6 +221,37 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         data = {"by": by, "since": since, "until": until, "rows": rows, "columns": cols,
                 "error": error}
         return _respond("apps.html", data, problems=problems, groups=list(apps.GROUPS))
+
+    def _bill(by: str, since: Optional[float], until: Optional[float]) -> Dict[str, Any]:
+        """The charges of ``elsa bill --by BY`` for the window (all time when open)."""
+        from elsa.billing import bill
+
+        lo = 0.0 if since is None else since
+        hi = time.time() if until is None else until
+        return bill.compute(store(), billing, lo, hi, by)
+
+    def _add_charges(rows: List[Dict[str, Any]], by: str, since: Optional[float],
+                     until: Optional[float]) -> None:
+        if billing is None:
+            return
+        data = _bill(by, since, until)
+        charges = {r["key"]: r["charge"] for r in data["rows"]}
+        for r in rows:
+            key = r.get("user") if by == "user" else r.get(by)
+            c = charges.get(key)
+            r["charge"] = None if c is None else str(c)
+
+    def _job_charge(detail: Dict[str, Any], jid: int) -> Optional[Dict[str, Any]]:
+        if billing is None or not detail.get("created"):
+            return None
+        from elsa.billing import bill
+
+        end = detail.get("ended") or time.time()
+        for it in bill.job_items(store(), bill.Biller(billing), detail["created"] - 1,
+                                 end + 1):
+            if it["jid"] == jid:
+                return {"charge": str(it["charge"]), "unit": billing.unit}
+        return None
 
     @app.route("/daemon")
     @app.route("/daemon.json", endpoint="daemon_json")
