@@ -18,8 +18,8 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
