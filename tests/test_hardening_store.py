@@ -182,6 +182,8 @@ def _filled_store(path: Path, jobs: int = 3, rows: int = 6000) -> None:
             "cpu_user_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [("taskstats", 1 + i % jobs, 10 + i, 1.0 * i, 2.0 * i + 5, "c", 1000)
              for i in range(rows)])
+        store.submit("INSERT INTO proc_folded(source, jid, end_time, folded, mem_kb_sum, "
+                     "cpu_user_us) VALUES ('bsdacct', 1, 10.0, 7, 0, 70)")
         store.flush()
     finally:
         store.close()
@@ -230,8 +232,10 @@ def test_corrupt_store_is_refused_at_start_and_salvaged(tmp_path):
         assert 6000 - 2 * 6000 // len(leaves) - 50 < n < 6000  # one page of rows lost
         # Rollups that were readable are kept whole.
         (cpu,) = store.db.execute("SELECT sum(cpu_user_us) FROM job_usage").fetchone()
-        assert cpu == 6000 * 1000
+        assert cpu == 6000 * 1000 + 70  # and the folded row
         assert int(store.get_meta("jid_counter_reserved", "0")) >= 3
+        # Tables of later migrations are copied too.
+        assert store.db.execute("SELECT folded FROM proc_folded").fetchall() == [(7,)]
         assert oct(os.stat(tmp_path / "elsa.db").st_mode & 0o777) == oct(0o600)
     finally:
         store.close()
@@ -249,5 +253,25 @@ def test_corruption_met_at_run_time_is_reported_with_the_recovery_command(tmp_pa
         assert "store-salvage" in store.health()["error"]
         with pytest.raises(StoreError, match="store-salvage"):
             store.check_accepting()
+    finally:
+        store.close()
+
+
+def test_corruption_met_by_a_read_marks_the_store(tmp_path):
+    """A request's read (show, list) that meets the damage answers with the
+    recovery command instead of an internal error, and status shows it."""
+    _filled_store(tmp_path, jobs=3, rows=10)
+    (root,) = _pages(tmp_path / "elsa.db", "jobs")[:1]
+    store = Store(str(tmp_path))
+    try:
+        _damage(tmp_path / "elsa.db", root)
+        reader = sqlite3.connect(str(tmp_path / "elsa.db"))  # nothing cached
+        with pytest.raises(sqlite3.DatabaseError) as exc:
+            reader.execute("SELECT * FROM jobs").fetchall()
+        reader.close()
+        msg = store.read_failed(exc.value)
+        assert msg is not None and "elsa store-salvage" in msg
+        assert store.health()["corrupt"] and not store.health()["ok"]
+        assert store.read_failed(ValueError("x")) is None
     finally:
         store.close()

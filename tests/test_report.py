@@ -145,3 +145,25 @@ def test_parse_time_forms():
     assert parse_time("90m", now=10_000) == 10_000 - 5400
     assert parse_time("1700000000") == 1_700_000_000
     assert parse_time("2023-11-14T22:13:20+00:00") == 1_700_000_000
+
+
+def test_jobs_page_sorts_by_usage_without_stored_priorities(tmp_path):
+    """A store elsad never ran on (import-acct, benchmarks) has no source priorities: the
+    ranking is then a bare number, which SQL's ORDER BY would read as a column position."""
+    import sqlite3
+
+    from elsa.core.store import Store
+    from elsa.report import query
+
+    st = Store(str(tmp_path))
+    st.close()
+    db = sqlite3.connect(str(tmp_path / "elsa.db"))
+    for jid, cpu in ((1, 5), (2, 9), (3, 7)):
+        db.execute("INSERT INTO jobs(jid, name, owner_uid, tags, created, state, backend, "
+                   "params) VALUES (?, 'j', 0, '{}', ?, 'ended', 'cnproc', '{}')", (jid, jid))
+        db.execute("INSERT INTO job_usage(jid, source, cpu_user_us, cpu_system_us) "
+                   "VALUES (?, 'x', ?, 0)", (jid, cpu))
+    db.execute("DELETE FROM meta WHERE key = 'usage.priority'")
+    db.commit()
+    total, rows = query.jobs_page(db, sort="cpu")
+    assert total == 3 and [r["usage"]["cpu_user_us"] for r in rows] == [9, 7, 5]

@@ -76,6 +76,28 @@ def test_v15_layout_is_decoded_from_its_own_offsets():
 
 
 @pytest.mark.root
+def test_family_id_is_the_one_pyroute2_finds():
+    """Our one-request lookup against pyroute2's generic netlink client, on this kernel."""
+    from pyroute2.netlink.generic import GenericNetlinkSocket
+    from pyroute2.netlink.taskstats import taskstatsmsg
+
+    gs = GenericNetlinkSocket()
+    try:
+        gs.bind("TASKSTATS", taskstatsmsg)
+        assert T.family_id() == gs.prid
+    finally:
+        gs.close()
+
+
+def test_family_lookup_keeps_pyroute2_out_of_the_daemon():
+    """Its import costs elsad 20 MB of RSS: the lookup must not bring it in."""
+    code = ("import sys\nfrom elsa.kernel import taskstats\ntaskstats.family_id()\n"
+            "print(any(m.startswith('pyroute2') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_live_query_of_this_process():
     s = T.TaskstatsSocket()
     try:

@@ -91,7 +91,8 @@ class Site:
         cfg.write_text(f'state_dir = "{self.daemon.state_dir}"\nsocket = "{self.daemon.socket}"\n'
                        f'admin_group = "{self.group}"\n'
                        f'[web]\nlisten = "127.0.0.1:{self.port}"\nactions = true\n'
-                       'trusted_proxies = ["127.0.0.2"]\n')
+                       'trusted_proxies = ["127.0.0.2"]\n'
+                       '[billing]\nunit = "SBU"\n[billing.rates]\ncpu_user = 2\n')
         self.web_log = open(self.tmp / "web.log", "wb")
         self.web = subprocess.Popen([sys.executable, "-m", "elsa.report.cli", "web", "--config",
                                      str(cfg)], stdout=self.web_log, stderr=subprocess.STDOUT)
@@ -291,6 +292,7 @@ def test_job_page_chart_and_tree(site: Site, browser: Any) -> None:
     # Its programs, from the exec events: sh and the two python3 burners.
     progs = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#apps td:nth-child(2)")]
     assert sum("python3" in p for p in progs) == 2 and any(p.endswith("sh") for p in progs)
+    assert browser.find_element(By.ID, "charge").text.endswith(" SBU")  # 2 SBU per user CPU s
     eff = browser.find_element(By.ID, "efficiency").text
     assert "%" in eff, eff
     shot(browser, "job")
@@ -380,6 +382,10 @@ def test_json_keys_match_cli(site: Site) -> None:
     # The page and the report are the same code: the same figures.
     assert body["usage"]["cpu_user_us"] == cli["usage"]["cpu_user_us"] > 0
     assert body["wall_us"] == cli["wall_us"]
+    # The charge is elsa bill's: 2 SBU per user CPU second of the job.
+    assert body["charge"]["unit"] == "SBU" and float(body["charge"]["charge"]) > 0
+    status, users = _get(site, "/users.json", {"Remote-User": site.admin}, source="127.0.0.2")
+    assert status == 200 and any(r.get("charge") for r in users["rows"])
 
 
 def daemon_job(site: Site, jid: str) -> Dict[str, Any]:

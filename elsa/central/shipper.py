@@ -16,7 +16,6 @@ The event path never waits on any of this: elsad's loop only asks
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import pwd
@@ -310,6 +309,8 @@ class Shipper:
                       ) -> Tuple[List[Sequence[Any]], List[Sequence[Any]], Dict[int, str]]:
         """Ended jobs never shipped, recently ended, or touched by this batch, whose
         snapshot (job row and usage rows) differs from what was shipped."""
+        import hashlib  # here, not at the top: OpenSSL's 3.5 MB only in a shipping elsad
+
         jcols = ", ".join(schema.JOB_COLUMNS)
         cand = [r[0] for r in local.execute(
             "SELECT jid FROM jobs WHERE ended IS NOT NULL AND (ended > ? OR jid NOT IN "

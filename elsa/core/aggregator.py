@@ -34,7 +34,15 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from elsa.core import usage
 from elsa.core.model import Job
 from elsa.core.thresholds import INSERT_FOLDED, Folder
-from elsa.core.usage import HISTORY_SQL, ROW_FIELDS, UsageRecord, identity, record_row
+from elsa.core.usage import (
+    HISTORY_SQL,
+    JOB_USAGE_ACCUMULATE,
+    ROLLUP_ACCUMULATE,
+    ROW_FIELDS,
+    UsageRecord,
+    identity,
+    record_row,
+)
 from elsa.kernel.procfs import boot_epoch
 
 #: Row fields the aggregator reads (ROW_FIELDS positions).
@@ -335,19 +343,7 @@ _ROLLUP_FROM = """
            SUM(COALESCE(minflt, 0)), SUM(COALESCE(majflt, 0))
     FROM proc_usage WHERE id > ? AND id <= ?
     GROUP BY 1, 2, 3, 4, 5
-    ON CONFLICT DO UPDATE SET
-        processes = processes + excluded.processes,
-        cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-        cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-        elapsed_us = elapsed_us + excluded.elapsed_us,
-        max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                         COALESCE(excluded.max_rss_kb, max_rss_kb)),
-        mem_kb_sum = mem_kb_sum + excluded.mem_kb_sum,
-        read_bytes = read_bytes + excluded.read_bytes,
-        write_bytes = write_bytes + excluded.write_bytes,
-        minflt = minflt + excluded.minflt,
-        majflt = majflt + excluded.majflt
-"""
+    """ + ROLLUP_ACCUMULATE
 
 _JOBS_FROM = """
     INSERT INTO job_usage(jid, source, processes, cpu_user_us, cpu_system_us, elapsed_us,
@@ -360,27 +356,7 @@ _JOBS_FROM = """
            SUM(nivcsw), SUM(coremem_kb_us), SUM(virtmem_kb_us), MAX(end_time)
     FROM proc_usage WHERE id > ? AND id <= ? AND jid IS NOT NULL
     GROUP BY jid, source
-    ON CONFLICT DO UPDATE SET
-        processes = processes + excluded.processes,
-        cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-        cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-        elapsed_us = elapsed_us + excluded.elapsed_us,
-        max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                         COALESCE(excluded.max_rss_kb, max_rss_kb)),
-        max_vm_kb = MAX(COALESCE(max_vm_kb, excluded.max_vm_kb),
-                        COALESCE(excluded.max_vm_kb, max_vm_kb)),
-        read_bytes = read_bytes + excluded.read_bytes,
-        write_bytes = write_bytes + excluded.write_bytes,
-        read_chars = read_chars + excluded.read_chars,
-        write_chars = write_chars + excluded.write_chars,
-        minflt = minflt + excluded.minflt,
-        majflt = majflt + excluded.majflt,
-        nvcsw = nvcsw + excluded.nvcsw,
-        nivcsw = nivcsw + excluded.nivcsw,
-        coremem_kb_us = coremem_kb_us + excluded.coremem_kb_us,
-        virtmem_kb_us = virtmem_kb_us + excluded.virtmem_kb_us,
-        updated = MAX(COALESCE(updated, 0), excluded.updated)
-"""
+    """ + JOB_USAGE_ACCUMULATE
 
 
 #: A writer batch with at least this many usage rows aggregates them with one

@@ -437,6 +437,10 @@ class ControlServer:
             return
         except Exception as exc:  # a bug must not take the daemon down
             self.counters["errors"] += 1
+            corrupt = self.store.read_failed(exc)
+            if corrupt is not None:
+                self._reply(conn, error_reply(req_id, "store", corrupt))
+                return
             log.exception("request failed", error=str(exc))
             self._reply(conn, error_reply(req_id, "internal",
                                            f"internal error: {type(exc).__name__}: {exc}"))

@@ -35,6 +35,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional
 from elsa.apps.record import MIGRATION as APPS_MIGRATION
 from elsa.core.model import Job
 from elsa.core.thresholds import MIGRATION as THRESHOLDS_MIGRATION
+from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE
 from elsa.errors import StoreError
 from elsa.logsetup import structlog
 
@@ -192,18 +193,7 @@ MIGRATIONS: List[str] = [
             COALESCE(NEW.max_rss_kb, NEW.max_vm_kb, 0),
             COALESCE(NEW.read_bytes, 0), COALESCE(NEW.write_bytes, 0),
             COALESCE(NEW.minflt, 0), COALESCE(NEW.majflt, 0))
-        ON CONFLICT DO UPDATE SET
-            processes = processes + 1,
-            cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-            cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-            elapsed_us = elapsed_us + excluded.elapsed_us,
-            max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                             COALESCE(excluded.max_rss_kb, max_rss_kb)),
-            mem_kb_sum = mem_kb_sum + excluded.mem_kb_sum,
-            read_bytes = read_bytes + excluded.read_bytes,
-            write_bytes = write_bytes + excluded.write_bytes,
-            minflt = minflt + excluded.minflt,
-            majflt = majflt + excluded.majflt;
+        """ + ROLLUP_ACCUMULATE + """;
     END;
     CREATE TRIGGER proc_usage_job AFTER INSERT ON proc_usage
     WHEN NEW.jid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'usage.bulk')
@@ -213,26 +203,7 @@ MIGRATIONS: List[str] = [
             NEW.max_rss_kb, NEW.max_vm_kb, NEW.read_bytes, NEW.write_bytes, NEW.read_chars,
             NEW.write_chars, NEW.minflt, NEW.majflt, NEW.nvcsw, NEW.nivcsw,
             NEW.coremem_kb_us, NEW.virtmem_kb_us, NULL, NEW.end_time, NULL)
-        ON CONFLICT DO UPDATE SET
-            processes = processes + 1,
-            cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-            cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-            elapsed_us = elapsed_us + excluded.elapsed_us,
-            max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                             COALESCE(excluded.max_rss_kb, max_rss_kb)),
-            max_vm_kb = MAX(COALESCE(max_vm_kb, excluded.max_vm_kb),
-                            COALESCE(excluded.max_vm_kb, max_vm_kb)),
-            read_bytes = read_bytes + excluded.read_bytes,
-            write_bytes = write_bytes + excluded.write_bytes,
-            read_chars = read_chars + excluded.read_chars,
-            write_chars = write_chars + excluded.write_chars,
-            minflt = minflt + excluded.minflt,
-            majflt = majflt + excluded.majflt,
-            nvcsw = nvcsw + excluded.nvcsw,
-            nivcsw = nivcsw + excluded.nivcsw,
-            coremem_kb_us = coremem_kb_us + excluded.coremem_kb_us,
-            virtmem_kb_us = virtmem_kb_us + excluded.virtmem_kb_us,
-            updated = MAX(COALESCE(updated, 0), excluded.updated);
+        """ + JOB_USAGE_ACCUMULATE + """;
     END;
     """,
     # -- end of migration 2 (issue 5) ---------------------------------------------------
@@ -355,20 +326,37 @@ class Store:
 
     def health(self) -> Dict[str, Any]:
         """The store's state for ``status``: whether it writes, and if not why."""
-        return {"ok": self._failure is None, "error": self._failure,
+        return {"ok": self._failure is None and not self.corrupt, "error": self._failure,
                 "failing_since": self._failed_since, "corrupt": self.corrupt,
                 "pending_writes": self.pending(), "spool_limit": self.spool_limit,
                 "write_failures": self.write_failures, "dropped_records": self.dropped}
 
+    def read_failed(self, exc: BaseException) -> Optional[str]:
+        """A read met *exc*: if it is corruption, mark the store corrupt (status,
+        new jobs refused) and return the message for the client, else None."""
+        if not isinstance(exc, sqlite3.DatabaseError) or not is_corruption(exc):
+            return None
+        msg = f"store is corrupt: {exc}; {SALVAGE_HINT.format(dir=self.state_dir)}"
+        if not self.corrupt:
+            log.error("store read failed", path=self.path, error=msg)
+        self.corrupt = True
+        with self._cond:
+            if self._failure is None:
+                self._failure = msg
+                self._failed_since = time.time()
+                self._retry_at = time.monotonic() + RETRY_INTERVAL
+        return msg
+
     def check_accepting(self) -> None:
         """Raise StoreError when a new job could not be made durable soon: the
         store cannot commit, or too many writes wait for it."""
-        if self._failure is not None:
+        if self._failure is not None or self.corrupt:
             hint = (SALVAGE_HINT.format(dir=self.state_dir) if self.corrupt else
                     f"free space on the file system of {self.state_dir}; held writes are "
                     "committed as soon as it can, without a restart")
-            raise StoreError(f"store {self.path} cannot write ({self._failure}); new jobs "
-                             f"are refused until it can; {self.pending()} writes are held "
+            why = self._failure or "corrupt"
+            raise StoreError(f"store {self.path} cannot be used ({why}); new jobs are "
+                             f"refused until it can; {self.pending()} writes are held "
                              f"in memory; {hint}")
         if self.pending() > self.spool_limit:
             raise StoreError(f"store {self.path} is {self.pending()} writes behind (limit "

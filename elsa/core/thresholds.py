@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from elsa.config import Option, non_negative
 from elsa.core.source import ROW_FIELDS
+from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE
 
 OPTIONS: Dict[str, Option] = {
     "min_cpu_ms": Option(int, 0, "Process records with less CPU time (user + system, ms) are"
@@ -70,18 +71,7 @@ MIGRATION = """
             COALESCE(NEW.elapsed_us, 0), NEW.max_rss_kb, NEW.mem_kb_sum,
             COALESCE(NEW.read_bytes, 0), COALESCE(NEW.write_bytes, 0),
             COALESCE(NEW.minflt, 0), COALESCE(NEW.majflt, 0))
-        ON CONFLICT DO UPDATE SET
-            processes = processes + excluded.processes,
-            cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-            cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-            elapsed_us = elapsed_us + excluded.elapsed_us,
-            max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                             COALESCE(excluded.max_rss_kb, max_rss_kb)),
-            mem_kb_sum = mem_kb_sum + excluded.mem_kb_sum,
-            read_bytes = read_bytes + excluded.read_bytes,
-            write_bytes = write_bytes + excluded.write_bytes,
-            minflt = minflt + excluded.minflt,
-            majflt = majflt + excluded.majflt;
+        """ + ROLLUP_ACCUMULATE + """;
     END;
     CREATE TRIGGER proc_folded_job AFTER INSERT ON proc_folded WHEN NEW.jid IS NOT NULL
     BEGIN
@@ -90,26 +80,7 @@ MIGRATION = """
             NEW.elapsed_us, NEW.max_rss_kb, NEW.max_vm_kb, NEW.read_bytes, NEW.write_bytes,
             NEW.read_chars, NEW.write_chars, NEW.minflt, NEW.majflt, NEW.nvcsw, NEW.nivcsw,
             NEW.coremem_kb_us, NEW.virtmem_kb_us, NULL, NEW.end_time, NULL)
-        ON CONFLICT DO UPDATE SET
-            processes = processes + excluded.processes,
-            cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-            cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-            elapsed_us = elapsed_us + excluded.elapsed_us,
-            max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                             COALESCE(excluded.max_rss_kb, max_rss_kb)),
-            max_vm_kb = MAX(COALESCE(max_vm_kb, excluded.max_vm_kb),
-                            COALESCE(excluded.max_vm_kb, max_vm_kb)),
-            read_bytes = read_bytes + excluded.read_bytes,
-            write_bytes = write_bytes + excluded.write_bytes,
-            read_chars = read_chars + excluded.read_chars,
-            write_chars = write_chars + excluded.write_chars,
-            minflt = minflt + excluded.minflt,
-            majflt = majflt + excluded.majflt,
-            nvcsw = nvcsw + excluded.nvcsw,
-            nivcsw = nivcsw + excluded.nivcsw,
-            coremem_kb_us = coremem_kb_us + excluded.coremem_kb_us,
-            virtmem_kb_us = virtmem_kb_us + excluded.virtmem_kb_us,
-            updated = MAX(COALESCE(updated, 0), excluded.updated);
+        """ + JOB_USAGE_ACCUMULATE + """;
     END;
 """
 

@@ -279,3 +279,44 @@ ATTRIBUTE_SQL = f"""
 def save_boot_epoch(execute: Execute, boot_id: str, epoch: float) -> None:
     """Record when boot *boot_id* started (epoch s), for :data:`ATTRIBUTE_SQL`."""
     execute(_SET_META, (BOOT_PREFIX + boot_id, repr(round(epoch, 3))))
+
+
+# -- accumulating into the per-hour and per-job tables -------------------------------------
+# The one ON CONFLICT clause of each table: every writer (the store's triggers, bulk import,
+# folded records) adds a row's figures to what the table holds the same way.
+
+ROLLUP_ACCUMULATE = """
+    ON CONFLICT DO UPDATE SET
+        processes = processes + excluded.processes,
+        cpu_user_us = cpu_user_us + excluded.cpu_user_us,
+        cpu_system_us = cpu_system_us + excluded.cpu_system_us,
+        elapsed_us = elapsed_us + excluded.elapsed_us,
+        max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
+                         COALESCE(excluded.max_rss_kb, max_rss_kb)),
+        mem_kb_sum = mem_kb_sum + excluded.mem_kb_sum,
+        read_bytes = read_bytes + excluded.read_bytes,
+        write_bytes = write_bytes + excluded.write_bytes,
+        minflt = minflt + excluded.minflt,
+        majflt = majflt + excluded.majflt"""
+
+JOB_USAGE_ACCUMULATE = """
+    ON CONFLICT DO UPDATE SET
+        processes = processes + excluded.processes,
+        cpu_user_us = cpu_user_us + excluded.cpu_user_us,
+        cpu_system_us = cpu_system_us + excluded.cpu_system_us,
+        elapsed_us = elapsed_us + excluded.elapsed_us,
+        max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
+                         COALESCE(excluded.max_rss_kb, max_rss_kb)),
+        max_vm_kb = MAX(COALESCE(max_vm_kb, excluded.max_vm_kb),
+                        COALESCE(excluded.max_vm_kb, max_vm_kb)),
+        read_bytes = read_bytes + excluded.read_bytes,
+        write_bytes = write_bytes + excluded.write_bytes,
+        read_chars = read_chars + excluded.read_chars,
+        write_chars = write_chars + excluded.write_chars,
+        minflt = minflt + excluded.minflt,
+        majflt = majflt + excluded.majflt,
+        nvcsw = nvcsw + excluded.nvcsw,
+        nivcsw = nivcsw + excluded.nivcsw,
+        coremem_kb_us = coremem_kb_us + excluded.coremem_kb_us,
+        virtmem_kb_us = virtmem_kb_us + excluded.virtmem_kb_us,
+        updated = MAX(COALESCE(updated, 0), excluded.updated)"""

@@ -19,7 +19,8 @@ The kernel facts used here are in docs/kernel.md, "taskstats".
 Decoding: pyroute2's ``taskstatsmsg`` costs about four times the ``struct``
 path below per message, and a fork storm produces thousands of exits per
 second on the daemon's one thread, so exit messages are decoded with
-``struct``; pyroute2 is used for the family lookup.
+``struct``; the family id is looked up with one controller request
+(:func:`family_id`).
 """
 
 from __future__ import annotations
@@ -473,23 +474,48 @@ def _as_process(rec: TaskRecord) -> TaskRecord:
     return TaskRecord(**kw)
 
 
+# Generic netlink controller (include/uapi/linux/genetlink.h): the family id lookup.
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID = 1
+CTRL_ATTR_FAMILY_NAME = 2
+
+
 def family_id() -> int:
-    """The TASKSTATS generic netlink family id, looked up through pyroute2."""
+    """The TASKSTATS generic netlink family id: one CTRL_CMD_GETFAMILY request.
+
+    Written here rather than through pyroute2's GenericNetlinkSocket: importing
+    pyroute2's netlink package costs elsad 20 MB of RSS (measured, half of the
+    memory target of bench_memory.py) for a lookup of a few dozen bytes."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
     try:
-        from pyroute2.netlink.generic import GenericNetlinkSocket
-        from pyroute2.netlink.taskstats import taskstatsmsg
-    except ImportError as exc:  # pragma: no cover - pyroute2 is a dependency
-        raise KernelInterfaceError(f"taskstats: pyroute2 is not importable: {exc}") from None
-    gs = GenericNetlinkSocket()
-    try:
-        gs.bind("TASKSTATS", taskstatsmsg)
-        return int(gs.prid)
-    except Exception as exc:
+        sock.bind((0, 0))
+        body = _GENLHDR.pack(CTRL_CMD_GETFAMILY, 1, 0) + _nla(CTRL_ATTR_FAMILY_NAME,
+                                                              b"TASKSTATS\0")
+        sock.send(_NLMSGHDR.pack(16 + len(body), GENL_ID_CTRL, NLM_F_REQUEST, 1, 0) + body)
+        sock.settimeout(5.0)
+        data = sock.recv(65536)
+    except OSError as exc:
         raise KernelInterfaceError(
-            f"taskstats: generic netlink family TASKSTATS not found ({exc}); the kernel needs "
-            "CONFIG_TASKSTATS") from None
+            f"taskstats: generic netlink family lookup failed: {exc}") from exc
     finally:
-        gs.close()
+        sock.close()
+    mlen, mtype = _NLMSGHDR.unpack_from(data, 0)[:2]
+    if mtype == NLMSG_ERROR:
+        err = -struct.unpack_from("=i", data, 16)[0]
+        raise KernelInterfaceError(
+            f"taskstats: generic netlink family TASKSTATS not found ({os.strerror(err)}); the "
+            "kernel needs CONFIG_TASKSTATS")
+    pos = 16 + _GENLHDR.size  # the attributes follow nlmsghdr and genlmsghdr
+    while pos + 4 <= min(mlen, len(data)):
+        alen, atype = _NLATTR.unpack_from(data, pos)
+        if alen < 4:
+            break
+        if atype & 0x3FFF == CTRL_ATTR_FAMILY_ID:
+            return _U16.unpack_from(data, pos + 4)[0]
+        pos += (alen + 3) & ~3
+    raise KernelInterfaceError("taskstats: the generic netlink controller's answer has no "
+                               "family id (unexpected kernel reply)")
 
 
 def _cpulist() -> str:

@@ -574,9 +574,10 @@ JOB_SORTS = ("jid", "name", "owner", "state", "created", "ended", "wall", "cpu",
 
 
 def _best_sql(col: str, rank: str, db: Db) -> str:
+    # "0 +": a rank without priorities is a bare number, which ORDER BY reads as a column.
     same_host = " AND u.host = jobs.host" if db.central else ""
     return (f"(SELECT {col} FROM job_usage u WHERE u.jid = jobs.jid{same_host} "
-            f"AND {col} IS NOT NULL ORDER BY {rank} LIMIT 1)")
+            f"AND {col} IS NOT NULL ORDER BY 0 + {rank}, u.source LIMIT 1)")
 
 
 def _sort_sql(key: str, db: Db, now: float) -> Tuple[str, List[Any]]:

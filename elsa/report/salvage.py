@@ -22,8 +22,9 @@ from elsa.core import jobid
 from elsa.core import store as store_mod
 from elsa.errors import StoreError
 
-#: Tables copied row by row in this order (rowid tables), then the rollups.
-ROWID_TABLES = ("meta", "jobs", "members", "proc_usage")
+#: Copied first, in this order; then every other table of the schema; then
+#: the rollups, which the inserts' triggers rebuilt and readable rows replace.
+FIRST_TABLES = ("meta", "jobs", "members", "proc_usage", "proc_folded")
 ROLLUP_TABLES = ("usage_rollup", "job_usage")
 _BATCH = 1000
 
@@ -90,6 +91,16 @@ def _walk(db: sqlite3.Connection, table: str, cols: str, lost: List[str]
         last = nxt
 
 
+def _has_rowid(db: sqlite3.Connection, table: str) -> bool:
+    try:
+        db.execute(f"SELECT rowid FROM {table} LIMIT 0")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    except sqlite3.DatabaseError:
+        return True  # damaged, but a rowid table: walk it
+
+
 def _columns(db: sqlite3.Connection, table: str) -> List[str]:
     return [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
 
@@ -119,7 +130,13 @@ def salvage(path: str) -> Dict[str, Any]:
     counts: Dict[str, int] = {}
     lost: List[str] = []
     dst.execute("BEGIN")
-    for table in ROWID_TABLES + ROLLUP_TABLES:
+    schema = [r[0] for r in dst.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "ORDER BY rootpage")]
+    order = ([t for t in FIRST_TABLES if t in schema]
+             + [t for t in schema if t not in FIRST_TABLES and t not in ROLLUP_TABLES]
+             + [t for t in ROLLUP_TABLES if t in schema])
+    for table in order:
         try:
             have = _columns(src, table)
         except sqlite3.DatabaseError:
@@ -133,14 +150,16 @@ def salvage(path: str) -> Dict[str, Any]:
         sql = (f"{verb} INTO {table}({', '.join(cols)}) "
                f"VALUES ({', '.join('?' * len(cols))})")
         n = 0
-        if table in ROLLUP_TABLES:  # WITHOUT ROWID: read in key order until damage
+        if table in ROLLUP_TABLES or not _has_rowid(src, table):
+            # WITHOUT ROWID: read in key order until the damage
             try:
                 for row in src.execute(f"SELECT {', '.join(cols)} FROM {table}"):
                     dst.execute(sql, row)
                     n += 1
             except sqlite3.DatabaseError:
-                lost.append(f"{table}: rows after the first {n} unreadable (rebuilt from "
-                            "proc_usage where its rows survived)")
+                lost.append(f"{table}: rows after the first {n} unreadable"
+                            + (" (rebuilt from the process rows that survived)"
+                               if table in ROLLUP_TABLES else ""))
         else:
             for row in _walk(src, table, ", ".join(cols), lost):
                 dst.execute(sql, row)

@@ -56,14 +56,21 @@ def _secret_key(state_dir: str) -> bytes:
 
 
 def create_app(*, db_path: str, state_dir: str, socket_path: str,
-               web: Dict[str, Any], admin_group: str = "") -> Flask:
-    """The app over the store *db_path*; *web* is the validated ``[web]`` section."""
+               web: Dict[str, Any], admin_group: str = "", billing: Any = None) -> Flask:
+    """The app over the store *db_path*; *web* is the validated ``[web]`` section;
+    *billing* the :class:`elsa.billing.rates.BillingConfig` whose charges the pages show
+    (None, or no rate set: no charges)."""
+    if billing is not None and not (any(billing.prime.values())
+                                    or any(billing.nonprime.values())):
+        billing = None
     app = Flask(__name__)
     app.config.update(SECRET_KEY=_secret_key(state_dir), SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict", JSON_SORT_KEYS=False)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.jinja_env.filters.update(dur=fmt_us, kb=fmt_kb, nbytes=fmt_bytes, when=fmt_time,
-                                 hexjid=hexjid)
+    from elsa.report import cli  # the CLI's units, so a page reads like the report
+
+    app.jinja_env.filters.update(dur=cli._fmt_us, kb=cli._fmt_kb, nbytes=cli._fmt_bytes,
+                                 when=cli._fmt_time, hexjid=hexjid)
     app.jinja_env.globals.update(page_url=_page_url)
 
     def store():
@@ -155,6 +162,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         data["efficiency"] = efficiency(detail)
         data["samples"] = _samples(store(), job_id)
         data["applications"] = _applications(store(), job_id)
+        data["charge"] = _job_charge(detail, job_id)
         return _respond("job.html", data)
 
     @app.route("/users")
@@ -166,6 +174,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         rows = query.summary(store(), "user", since, until)
         if not g.visitor.admin:
             rows = [r for r in rows if r.get("uid") == g.visitor.uid]
+        _add_charges(rows, "user", since, until)
         data = {"since": since, "until": until, "by": "user", "rows": rows,
                 "per_day": _per_day(store(), since, until, g.visitor)}
         return _respond("users.html", data, problems=problems)
@@ -178,6 +187,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         since, until, problems = _window(request.args)
         rows = query.usage_by_tag(store(), "account", since, until,
                                   None if g.visitor.admin else g.visitor.uid)
+        _add_charges(rows, "account", since, until)
         data = {"since": since, "until": until, "by": "account", "rows": rows,
                 "per_day": _per_day(store(), since, until, g.visitor)}
         return _respond("users.html", data, problems=problems)
@@ -211,6 +221,37 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         data = {"by": by, "since": since, "until": until, "rows": rows, "columns": cols,
                 "error": error}
         return _respond("apps.html", data, problems=problems, groups=list(apps.GROUPS))
+
+    def _bill(by: str, since: Optional[float], until: Optional[float]) -> Dict[str, Any]:
+        """The charges of ``elsa bill --by BY`` for the window (all time when open)."""
+        from elsa.billing import bill
+
+        lo = 0.0 if since is None else since
+        hi = time.time() if until is None else until
+        return bill.compute(store(), billing, lo, hi, by)
+
+    def _add_charges(rows: List[Dict[str, Any]], by: str, since: Optional[float],
+                     until: Optional[float]) -> None:
+        if billing is None:
+            return
+        data = _bill(by, since, until)
+        charges = {r["key"]: r["charge"] for r in data["rows"]}
+        for r in rows:
+            key = r.get("user") if by == "user" else r.get(by)
+            c = charges.get(key)
+            r["charge"] = None if c is None else str(c)
+
+    def _job_charge(detail: Dict[str, Any], jid: int) -> Optional[Dict[str, Any]]:
+        if billing is None or not detail.get("created"):
+            return None
+        from elsa.billing import bill
+
+        end = detail.get("ended") or time.time()
+        for it in bill.job_items(store(), bill.Biller(billing), detail["created"] - 1,
+                                 end + 1):
+            if it["jid"] == jid:
+                return {"charge": str(it["charge"]), "unit": billing.unit}
+        return None
 
     @app.route("/daemon")
     @app.route("/daemon.json", endpoint="daemon_json")
@@ -460,39 +501,3 @@ def _per_day(db: Any, since: Optional[float], until: Optional[float],
 
     rows = query.usage_per_day(db, since, until, None if v.admin else v.uid)
     return rows
-
-
-# -- formatting (the CLI's units) --------------------------------------------------------------
-
-def fmt_us(us: Optional[float]) -> str:
-    if us is None:
-        return "-"
-    s = us / 1e6
-    if s < 60:
-        return f"{s:.2f}s"
-    m, s = divmod(int(s), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def fmt_kb(kb: Optional[float]) -> str:
-    if kb is None:
-        return "-"
-    return fmt_bytes(kb * 1024)
-
-
-def fmt_bytes(b: Optional[float]) -> str:
-    if b is None:
-        return "-"
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(b) < 1024 or unit == "T":
-            return f"{b:.0f}{unit}" if unit == "B" else f"{b:.1f}{unit}"
-        b /= 1024
-    return "-"
-
-
-def fmt_time(t: Optional[float]) -> str:
-    if t is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-

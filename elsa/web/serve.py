@@ -28,8 +28,10 @@ def cmd_web(args: argparse.Namespace, out: Any) -> int:
     if args.actions:
         web["actions"] = True
     state_dir = args.state_dir or cfg.state_dir
+    from elsa.billing import rates
+
     app = create_app(db_path=_db_path(args), state_dir=state_dir, socket_path=cfg.socket,
-                     web=web, admin_group=cfg.admin_group)
+                     web=web, admin_group=cfg.admin_group, billing=rates.from_config(cfg))
     host, _, port = web["listen"].rpartition(":")
     out.write(f"elsa web: http://{host}:{port}/ (store {_db_path(args)}, pid {os.getpid()})\n")
     out.flush()
