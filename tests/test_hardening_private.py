@@ -71,6 +71,15 @@ def test_store_is_private_and_reports_go_through_elsad(shared_dir, elsad, accoun
     assert r["rc"] != 0 and "private_data" in r["stderr"]
     r = as_user(a, elsa_as_main("summary", "--by", "job", "--json", *common))
     assert {j["jid"] for j in json.loads(r["stdout"])} == set(ja)
+    # elsa eff and elsa apps take the same path, under the same rule.
+    r = as_user(a, elsa_as_main("eff", ja[1], "--json", *common))
+    assert r["rc"] == 0, r["stderr"]
+    r = as_user(a, elsa_as_main("eff", jb, *common))
+    assert r["rc"] != 0 and "not yours" in r["stderr"]
+    r = as_user(a, elsa_as_main("apps", "--by", "binary", "--json", *common))
+    assert r["rc"] == 0 and json.loads(r["stdout"]) == [], r["stderr"]
+    r = as_user(a, elsa_as_main("apps", "--job", jb, *common))
+    assert r["rc"] != 0 and "not yours" in r["stderr"]
 
 
 def test_private_data_false_opens_reports(shared_dir, elsad, accounts):  # noqa: F811

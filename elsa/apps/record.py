@@ -131,6 +131,15 @@ class AppRecord:
     def key(self) -> Tuple[Any, ...]:
         return tuple(getattr(self, k) for k in KEY)
 
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> AppRecord:
+        """The record of :meth:`to_json`'s form (as a report from elsad carries it)."""
+        from elsa.core.model import parse_jid
+
+        kw = {f.name: data.get(f.name) for f in fields(cls)}
+        kw["jid"] = None if data.get("jid") is None else parse_jid(data["jid"])
+        return cls(**kw)
+
     def to_json(self) -> Dict[str, Any]:
         """The stable JSON form: every column by name; the job id as its hex string."""
         from elsa.core.model import format_jid

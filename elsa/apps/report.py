@@ -153,14 +153,15 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
     from elsa.core.model import format_jid, parse_jid
     from elsa.report import cli, query
 
-    db = open_db(cli._db_path(args))
     if args.job:
         try:
             jid = parse_jid(args.job)
         except ValueError as exc:
             raise ElsaError(str(exc)) from None
-        recs = job_programs(db, jid)
-        data = [r.to_json() for r in recs]
+        # From the store, or from elsad when this user cannot read it (private_data).
+        data = cli._report(args, "apps", {"job": format_jid(jid)},
+                           lambda db: [r.to_json() for r in job_programs(db, jid)])
+        recs = [record.AppRecord.from_json(j) for j in data]
 
         def table() -> None:
             header = ["EXEC", "PID", "USER", "COMMAND", "PATH", "WALL", "USER", "SYS",
@@ -184,8 +185,11 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
         cli._emit(args, data, data, table, out)
         return 0
 
-    rows = usage(db, args.by, since=args.since, until=args.until, path=args.path,
-                 package=args.package, comm=args.comm, uid=_uid(args.user))
+    wire = {"by": args.by, "since": args.since, "until": args.until, "path": args.path,
+            "package": args.package, "comm": args.comm, "uid": _uid(args.user)}
+    rows = cli._report(args, "apps", wire, lambda db: usage(
+        db, args.by, since=args.since, until=args.until, path=args.path,
+        package=args.package, comm=args.comm, uid=_uid(args.user)))
     for r in rows:
         if "uid" in r:
             r["user"] = None if r["uid"] is None else query.user_name(r["uid"])

@@ -474,7 +474,7 @@ def _as_process(rec: TaskRecord) -> TaskRecord:
     return TaskRecord(**kw)
 
 
-# Generic netlink controller (include/uapi/linux/genetlink.h): the family id lookup.
+# Generic netlink controller: the family id lookup (docs/kernel.md, "taskstats").
 GENL_ID_CTRL = 0x10
 CTRL_CMD_GETFAMILY = 3
 CTRL_ATTR_FAMILY_ID = 1

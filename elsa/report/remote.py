@@ -30,7 +30,7 @@ OPTIONS: Dict[str, Option] = {
                            "user's data to everyone."),
 }
 
-REPORTS = ("jobs", "job", "summary")
+REPORTS = ("jobs", "job", "summary", "eff", "apps")
 
 
 def _opt_float(args: Mapping[str, Any], key: str) -> Optional[float]:
@@ -75,15 +75,35 @@ def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: b
 
                 sacct.add_root_exits(db, rows)
             return rows
-        if report == "job":
+        if report in ("job", "eff") or (report == "apps" and args.get("job") is not None):
             try:
-                jid = parse_jid(args.get("jid"))
+                jid = parse_jid(args.get("job" if report == "apps" else "jid"))
             except (TypeError, ValueError) as exc:
                 raise ProtocolError(f"report argument 'jid': {exc}") from None
             if restrict and _owner(db, jid) != uid:
                 raise PermissionDenied(f"job {format_jid(jid)} is not yours; with private_data "
                                        "only root and the admin group read other users' jobs")
-            return query.job_detail(db, jid, _opt_str(args, "source"))
+            if report == "apps":
+                from elsa.apps import report as apps
+
+                return [r.to_json() for r in apps.job_programs(db, jid)]
+            detail = query.job_detail(db, jid, _opt_str(args, "source"))
+            if report == "eff" and detail is not None:
+                from elsa.report import sacct
+
+                sacct.add_root_exits(db, [detail])
+            return detail
+        if report == "apps":
+            from elsa.apps import report as apps
+
+            who = args.get("uid")
+            if restrict:
+                who = uid  # a user's own programs only
+            return apps.usage(db, _opt_str(args, "by", tuple(apps.GROUPS)) or "binary",
+                              since=_opt_float(args, "since"), until=_opt_float(args, "until"),
+                              path=_opt_str(args, "path"), package=_opt_str(args, "package"),
+                              comm=_opt_str(args, "comm"),
+                              uid=who if isinstance(who, int) else None)
         by = _opt_str(args, "by", ("job", "user", "command")) or "user"
         if restrict and by == "command":
             raise PermissionDenied("summary --by command totals every user's processes; with "

@@ -311,19 +311,24 @@ def print_eff(e: Dict[str, Any], out) -> None:
 
 
 def cmd_eff(args: argparse.Namespace, out) -> int:
-    from elsa.core.model import parse_jid
+    from elsa.core.model import format_jid, parse_jid
     from elsa.report import query
-    from elsa.report.cli import _db_path
 
     try:
         jid = parse_jid(args.jid)
     except ValueError as exc:
         raise ElsaError(str(exc)) from None
-    db = query.open_store(_db_path(args))
-    detail = query.job_detail(db, jid)
+    from elsa.report.cli import _report
+
+    def local(db: Any) -> Any:
+        detail = query.job_detail(db, jid)
+        if detail is not None:
+            add_root_exits(db, [detail])
+        return detail
+
+    detail = _report(args, "eff", {"jid": format_jid(jid)}, local)
     if detail is None or "created" not in detail:
         raise ElsaError(f"no job {args.jid} in the store; list jobs with 'elsa jobs'")
-    add_root_exits(db, [detail])
     e = efficiency(detail)
     if args.json:
         json.dump(e, out)
