@@ -284,3 +284,46 @@ def test_prune_keeps_unshipped(pg: PgServer, tmp_path: Path) -> None:
     assert unshipped == total - 150
     sh.stop()
     st.close()
+
+
+def test_web_pages_over_the_central_store(pg: PgServer, tmp_path: Path) -> None:
+    """elsa web on the site's PostgreSQL: the same pages and JSON as on a node's store."""
+    pytest.importorskip("flask")
+    from elsa.web.app import create_app
+
+    fresh_db(pg, "web")
+    url = add_node(pg, "n1", "web")
+    st = fill_store(tmp_path / "n1", 1)
+    sh = shipper(st, url, "n1", batch_rows=500).start()
+    try:
+        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
+    finally:
+        sh.stop()
+    dburl = pg.admin_url.replace("/postgres?", "/web?")
+    web = {"trusted_proxies": ["127.0.0.1"], "user_header": "Remote-User", "login": False,
+           "pam_service": "login", "actions": False, "page_size": 50, "session_hours": 1.0}
+    pages = {}
+    for where in (st.path, dburl):
+        app = create_app(db_path=where, state_dir=str(tmp_path), socket_path="/nonexistent",
+                         web=web)
+        client = app.test_client()
+        hdr = {"Remote-User": "root"}
+        got = {}
+        for path in ("/jobs.json?sort=cpu", "/jobs.json?sort=maxrss&order=asc",
+                     "/users.json"):
+            r = client.get(path, headers=hdr)
+            assert r.status_code == 200, (where, path, r.get_data(as_text=True)[:500])
+            got[path] = r.get_json()
+        first = got["/jobs.json?sort=cpu"]["jobs"][0]["jid"]
+        r = client.get(f"/jobs/{first}.json", headers=hdr)
+        assert r.status_code == 200, r.get_data(as_text=True)[:500]
+        got["job"] = r.get_json()
+        pages[where] = got
+    node, site = pages[st.path], pages[dburl]
+    for path in ("/jobs.json?sort=cpu", "/jobs.json?sort=maxrss&order=asc"):
+        assert [j["jid"] for j in node[path]["jobs"]] == [j["jid"] for j in site[path]["jobs"]]
+        assert node[path]["total"] == site[path]["total"]
+    assert node["job"]["usage"] == site["job"]["usage"]
+    assert sum(r["cpu_user_us"] for r in node["/users.json"]["rows"]) == \
+        sum(r["cpu_user_us"] for r in site["/users.json"]["rows"])
+    st.close()
