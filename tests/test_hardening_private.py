@@ -8,6 +8,7 @@ import io
 import json
 import os
 import stat
+import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
@@ -80,6 +81,12 @@ def test_store_is_private_and_reports_go_through_elsad(shared_dir, elsad, accoun
     assert r["rc"] == 0 and json.loads(r["stdout"]) == [], r["stderr"]
     r = as_user(a, elsa_as_main("apps", "--job", jb, *common))
     assert r["rc"] != 0 and "not yours" in r["stderr"]
+    # elsa bill: elsad's rate table, the caller's own items only.
+    soon = str(int(time.time()) + 3600)
+    r = as_user(a, elsa_as_main("bill", "--by", "user", "--since", "1d", "--until", soon,
+                                "--json", *common))
+    assert r["rc"] == 0, r["stderr"]
+    assert [row["key"] for row in json.loads(r["stdout"])["rows"]] == [a.name]
 
 
 def test_private_data_false_opens_reports(shared_dir, elsad, accounts):  # noqa: F811

@@ -387,8 +387,10 @@ def group_key(item: Dict[str, Any], by: str) -> Any:
 
 
 def compute(db: Any, cfg: BillingConfig, since: float, until: float, by: str,
-            tag_filter: Iterable[Tuple[str, str]] = ()) -> Dict[str, Any]:
-    """The bill of [since, until) grouped *by* user|account|job|tag:KEY."""
+            tag_filter: Iterable[Tuple[str, str]] = (), uid: Optional[int] = None
+            ) -> Dict[str, Any]:
+    """The bill of [since, until) grouped *by* user|account|job|tag:KEY; with *uid*, only
+    that user's items (a user's own bill under private_data)."""
     biller = Biller(cfg)
     filters = list(tag_filter)
     items = job_items(db, biller, since, until)
@@ -396,6 +398,8 @@ def compute(db: Any, cfg: BillingConfig, since: float, until: float, by: str,
         items += process_items(db, biller, since, until)
     else:
         items = [i for i in items if all(i["tags"].get(k) == v for k, v in filters)]
+    if uid is not None:
+        items = [i for i in items if i["uid"] == uid]
     rows: Dict[Any, Dict[str, Any]] = {}
     for it in items:
         key = group_key(it, by)

@@ -150,8 +150,6 @@ def cmd_bill(args: argparse.Namespace, out) -> int:
     from elsa import config
     from elsa.billing import bill as engine
     from elsa.billing import rates
-    from elsa.report import query
-    from elsa.report.cli import _db_path
 
     cfg = config.load(config.resolve_path(args.config))
     bcfg = rates.from_config(cfg)
@@ -165,9 +163,13 @@ def cmd_bill(args: argparse.Namespace, out) -> int:
         since, until = args.since, args.until
     if until <= since:
         raise ElsaError("the billing window is empty: --until must be after --since")
-    db = query.open_store(_db_path(args))
-    data = to_json(engine.compute(db, bcfg, since, until, args.by, args.tag or ()),
-                   args.period)
+    from elsa.report.cli import _report
+
+    # From the store, or from elsad (its rate table) when this user cannot read it.
+    wire = {"by": args.by, "since": since, "until": until, "period": args.period,
+            "tags": [list(t) for t in (args.tag or ())]}
+    data = _report(args, "bill", wire, lambda db: to_json(
+        engine.compute(db, bcfg, since, until, args.by, args.tag or ()), args.period))
     if args.json:
         json.dump(data, out)
         out.write("\n")

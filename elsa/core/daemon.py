@@ -155,7 +155,8 @@ class Daemon:
         authz = Authorizer(cfg.admin_group, self.procfs, manager)
         ops = Operations(manager, authz, backend_name=backend.name, limits=limits,
                          status=self.status, store_path=store.path,
-                         private_data=bool(cfg.section("reports")["private_data"]))
+                         private_data=bool(cfg.section("reports")["private_data"]),
+                         billing=_billing(cfg))
         control = self.control = ControlServer(
             cfg.socket, ops, authz, store, limits=limits,
             add_reader=functools.partial(loop.add_reader, events_first=True),
@@ -350,3 +351,10 @@ def check_privileges(proc_root: str = "/proc") -> None:
             "elsad needs CAP_NET_ADMIN to subscribe to the kernel's proc connector "
             f"(uid {os.geteuid()} lacks it); run it as root, e.g. via the systemd unit "
             "in packaging/elsad.service")
+
+
+def _billing(cfg: Config) -> Any:
+    """The rate table 'bill' reports use (validated with the config at load)."""
+    from elsa.billing import rates
+
+    return rates.from_config(cfg)

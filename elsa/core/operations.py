@@ -89,7 +89,8 @@ class Operations:
 
     def __init__(self, manager: JobManager, authz: Authorizer, *, backend_name: str,
                  limits: Mapping[str, Any], status: Callable[[], Dict[str, Any]],
-                 store_path: str = "", private_data: bool = True) -> None:
+                 store_path: str = "", private_data: bool = True,
+                 billing: Any = None) -> None:
         self.manager = manager
         self.authz = authz
         self.backend_name = backend_name
@@ -97,6 +98,7 @@ class Operations:
         self.status_fn = status
         self.store_path = store_path  # reports read it with their own connection
         self.private_data = private_data
+        self.billing = billing  # the site's rate table, for 'bill' reports
 
     def dispatch(self, caller: Caller, req: Request) -> Any:
         op = req.get("op")
@@ -364,9 +366,9 @@ class Operations:
         args = req.get("args") or {}
         if not isinstance(args, dict):
             raise ProtocolError("'args' must be an object")
-        path, private = self.store_path, self.private_data
+        path, private, billing = self.store_path, self.private_data, self.billing
         return InThread(lambda: remote.serve(path, report, args, caller.uid, caller.admin,
-                                             private))
+                                             private, billing))
 
     def op_status(self, caller: Caller, req: Request) -> Dict[str, Any]:
         out = self.status_fn()

@@ -30,7 +30,7 @@ OPTIONS: Dict[str, Option] = {
                            "user's data to everyone."),
 }
 
-REPORTS = ("jobs", "job", "summary", "eff", "apps")
+REPORTS = ("jobs", "job", "summary", "eff", "apps", "bill")
 
 
 def _opt_float(args: Mapping[str, Any], key: str) -> Optional[float]:
@@ -54,7 +54,7 @@ def _opt_str(args: Mapping[str, Any], key: str, choices: Optional[tuple] = None
 
 
 def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: bool,
-          private: bool) -> Any:
+          private: bool, billing: Any = None) -> Any:
     """Run *report* for a caller (worker thread: opens its own connection)."""
     from elsa.report import query
 
@@ -93,6 +93,8 @@ def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: b
 
                 sacct.add_root_exits(db, [detail])
             return detail
+        if report == "bill":
+            return _bill(db, args, billing, uid if restrict else None)
         if report == "apps":
             from elsa.apps import report as apps
 
@@ -121,6 +123,26 @@ def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: b
         raise ElsaError(f"report failed on the store: {exc}") from exc
     finally:
         db.close()
+
+
+def _bill(db: Any, args: Mapping[str, Any], billing: Any, uid: Optional[int]) -> Any:
+    """``elsa bill`` with elsad's rate table; a normal caller's own items only."""
+    from elsa.billing import bill
+    from elsa.billing.cli import to_json
+
+    since, until = _opt_float(args, "since"), _opt_float(args, "until")
+    if since is None or until is None or billing is None:
+        raise ProtocolError("report 'bill' needs 'since' and 'until' (epoch seconds)")
+    by = _opt_str(args, "by") or "user"
+    if by not in ("user", "account", "job") and not by.startswith("tag:"):
+        raise ProtocolError(f"report 'bill': cannot group by {by!r}")
+    tags = args.get("tags") or []
+    if not isinstance(tags, list) or not all(
+            isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
+            for t in tags):
+        raise ProtocolError("report 'bill': 'tags' must be a list of [key, value] pairs")
+    return to_json(bill.compute(db, billing, since, until, by, [tuple(t) for t in tags],
+                                uid=uid), _opt_str(args, "period"))
 
 
 def _owner(db: sqlite3.Connection, jid: int) -> Optional[int]:
