@@ -25,3 +25,17 @@ def test_find_expire_and_pid_reuse_within_a_second():
     h.linger = 0.0                       # SIGHUP may shorten it
     h.expire()
     assert len(h) == 0
+
+
+def test_expiry_keeps_a_pid_that_exited_again_later():
+    now = [1000.0]
+    h = ExitHistory(linger=5.0, clock=lambda: now[0])
+    h.add(42, jid=7, start_ticks=500)
+    now[0] = 1003.0
+    h.add(42, jid=8, start_ticks=800)    # the pid reused, in a newer generation
+    now[0] = 1006.5                      # second 1000 expires, 1003 stays
+    h.expire()
+    assert h.find(42, 500, 1) is None and h.find(42, 800, 1) == 8
+    now[0] = 1010.0
+    h.expire()
+    assert h.find(42, 800, 1) is None and not h._newest

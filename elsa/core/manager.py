@@ -150,6 +150,11 @@ class ExitHistory:
         self.clock = clock
         # (second, {pid: (jid, start) or [(jid, start), ...] if the pid repeats})
         self.generations: Deque[Tuple[int, Dict[int, Any]]] = collections.deque()
+        # pid -> the newest generation holding it. Most lookups are
+        # misses (every process on the machine has an accounting record, few
+        # are members): one dict lookup answers them instead of one per
+        # generation (a linger's worth), a measured part of elsad's CPU per process.
+        self._newest: Dict[int, Dict[int, Any]] = {}
 
     def add(self, pid: int, jid: int, start_ticks: int) -> None:
         second = int(self.clock())
@@ -157,6 +162,7 @@ class ExitHistory:
         if not gens or gens[-1][0] != second:
             gens.append((second, {}))
         gen = gens[-1][1]
+        self._newest[pid] = gen
         entry = (jid, start_ticks)
         prev = gen.get(pid)
         if prev is None:
@@ -168,6 +174,8 @@ class ExitHistory:
 
     def find(self, pid: int, start_ticks: Optional[int], tolerance: int) -> Optional[int]:
         """The job of the latest exit of *pid* matching *start_ticks*."""
+        if pid not in self._newest:
+            return None
         for _, gen in reversed(self.generations):
             entry = gen.get(pid)
             if entry is None:
@@ -191,8 +199,12 @@ class ExitHistory:
     def expire(self) -> None:
         horizon = self.clock() - self.linger
         gens = self.generations
+        newest = self._newest
         while gens and gens[0][0] + 1 <= horizon:
-            gens.popleft()
+            gen = gens.popleft()[1]
+            for pid in gen:
+                if newest.get(pid) is gen:  # no newer generation holds it
+                    del newest[pid]
 
     def __len__(self) -> int:
         return sum(len(gen) for _, gen in self.generations)
