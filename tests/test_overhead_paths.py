@@ -96,6 +96,28 @@ def test_settle_applies_the_fork_event_the_record_was_waiting_for():
     assert agg.counters.resolved_late == 1 and agg.counters.attributed == 1
 
 
+def test_records_after_the_settle_are_looked_up_once():
+    mgr = FakeManager()
+    looked = []
+
+    def resolve(pid, start, tol):
+        looked.append(pid)
+        return mgr.resolve(pid, start, tol)
+
+    def settle():
+        mgr.members[12] = [(100, 7)]  # a fork event applied by the drain
+        return True
+
+    rows = []
+    agg = Aggregator(lambda sql, p: rows.append(p), resolve, settle=settle,
+                     history_horizon=lambda: 0.0, boot_epoch_fn=lambda: 1_700_000_000.0)
+    agg.add_rows("taskstats", [record_row(_rec(pid, 100), None) for pid in (10, 11, 12)])
+    # 10 misses, settles and is looked up again; 11 and 12 come after the settle.
+    assert looked == [10, 10, 11, 12]
+    assert [(r[2], r[1]) for r in rows] == [(10, None), (11, None), (12, 7)]
+    assert agg.counters.settled == 2 and agg.counters.attributed == 1
+
+
 def test_unsettled_records_are_held_and_old_settled_ones_go_to_the_history():
     mgr = FakeManager()
     agg, rows = _agg(mgr, settle=lambda: False)

@@ -190,6 +190,10 @@ class Aggregator:
         attributed = unattributed = 0
         for row in rows:
             jid = row[_JID]
+            # After the batch's settle a lookup already sees its events: a
+            # record that misses then is not looked up twice (most records
+            # are of processes in no job: elsad's CPU per process).
+            fresh = settled is not None
             if jid is None:
                 jid = self._resolve_row(row, boot)
             if jid is not None:
@@ -202,7 +206,8 @@ class Aggregator:
                     horizon = self._horizon()
                     # The settle may have applied the very fork events we lacked.
             if settled:
-                jid = self._resolve_row(row, boot)
+                if not fresh:
+                    jid = self._resolve_row(row, boot)
                 if jid is not None:
                     c.resolved_late += 1
                     attributed += 1
