@@ -89,11 +89,15 @@ def pacct_and_store(records: int) -> Tuple[str, str]:
     (pacct path, store path). GNU sa is the peer of every benchmark that uses them."""
     if shutil.which("sa") is None:
         raise SystemExit("GNU sa (Debian/Ubuntu package 'acct') is needed as the peer")
-    d = cache_dir()
-    pacct_path = os.path.join(d, f"pacct-{records}.bin")
+    pacct_path = os.path.join(cache_dir(), f"pacct-{records}.bin")
     if not os.path.exists(pacct_path) or os.path.getsize(pacct_path) != records * 64:
         make_pacct(pacct_path, records, SECONDS_PER_RECORD)
-    db_path = os.path.join(d, f"store-{records}", "elsa.db")
+    return pacct_path, cached_store(records)
+
+
+def cached_store(records: int) -> str:
+    """The path of the store of *records* generated process rows, built on first use."""
+    db_path = os.path.join(cache_dir(), f"store-{records}", "elsa.db")
     marker = db_path + ".complete"
     if not os.path.exists(marker):
         os.makedirs(os.path.dirname(db_path), exist_ok=True)
@@ -101,7 +105,7 @@ def pacct_and_store(records: int) -> Tuple[str, str]:
         build_store(db_path, records)
         with open(marker, "w") as fh:
             fh.write(f"built in {time.perf_counter() - t:.1f} s\n")
-    return pacct_path, db_path
+    return db_path
 
 
 def main(records: int = 10_000_000, runs: int = 3) -> List[Dict[str, Any]]:
