@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""Where the per-source CPU totals of a job differ, measured on this kernel.
+
+Runs each workload alone in a fresh cgroup and compares, for the same
+processes: the cgroup's ``cpu.stat`` usage (the scheduler's precise run time,
+charged until the last instruction of every member), the sum of the taskstats
+exit records (tick-sampled ``ac_utime + ac_stime``, ``cpu_run_virtual_total``
+= the run time the scheduler had booked when the record was taken, and ELSA's
+figure from both, elsa/kernel/taskstats.py ``cpu_adjusted_us``), and with
+``--pacct`` the BSD accounting records of a private acct(2) file.
+
+With ``--trace`` a tracefs instance records sched_switch and
+sched_process_exit (emitted right after taskstats_exit() in do_exit()), which
+splits each process's precise run time at the moment its record was taken:
+"before" is what a perfect record could hold, "after" is the exit teardown
+(exit_mm, exit_files, exit_notify, ... the final schedule) no record can.
+
+Needs root. ``--pacct`` switches the kernel's one accounting file: run it
+under ``flock /tmp/elsa-kacct.lock``; the file active before is restored.
+
+    python3 benchmarks/cpu_sources_gap.py [--runs 3] [--pacct] [--trace] [--json]
+
+The table and what it shows are in docs/accounting.md, "CPU of a job by source".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from elsa.kernel import pacct, taskstats  # noqa: E402
+from elsa.kernel.cgroupfs import CgroupFS  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRACEFS = "/sys/kernel/tracing"
+
+#: name -> (description, argv with {spinfork} for the compiled helper)
+WORKLOADS: Dict[str, Tuple[str, List[str]]] = {
+    "fork-storm": ("stress-ng --fork 1 --fork-ops 3000",
+                   ["stress-ng", "--fork", "1", "--fork-ops", "3000", "-q"]),
+    "fork-exit": ("spinfork: 3000 children that exit at once",
+                  ["{spinfork}", "3000", "0", "0"]),
+    "fork-10ms": ("spinfork: 200 children computing 10 ms each",
+                  ["{spinfork}", "200", "10000", "0"]),
+    "loop-2s": ("spinfork: one process computing 2 s", ["{spinfork}", "0", "0", "2000000"]),
+}
+
+
+def build_spinfork(tmp: str) -> str:
+    out = os.path.join(tmp, "spinfork")
+    subprocess.run(["cc", "-O2", "-o", out, os.path.join(HERE, "spinfork.c")], check=True)
+    return out
+
+
+def read_cpu_stat(cg: str) -> Dict[str, int]:
+    with open(os.path.join(cg, "cpu.stat")) as fh:
+        return {k: int(v) for k, v in (line.split() for line in fh)}
+
+
+def settled_usage(cg: str, timeout: float = 5.0) -> Dict[str, int]:
+    """cpu.stat once the last member's final slice is charged: the parent's
+    wait() returns at exit_notify(), before the child's last schedule."""
+    deadline = time.monotonic() + timeout
+    prev = read_cpu_stat(cg)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        cur = read_cpu_stat(cg)
+        if cur["usage_usec"] == prev["usage_usec"]:
+            return cur
+        prev = cur
+    return prev
+
+
+def descendants(top: int, parent_of: Dict[int, int]) -> Set[int]:
+    """top and every pid whose ppid chain leads to it (records arrive child first)."""
+    tree = {top}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parent_of.items():
+            if pid not in tree and ppid in tree:
+                tree.add(pid)
+                grew = True
+    return tree
+
+
+def acct_on(path: Optional[str]) -> None:
+    from elsa_plugins.bsdacct import _libc_acct
+    _libc_acct(path)
+
+
+def active_acct_file() -> Optional[str]:
+    from elsa_plugins.bsdacct import BsdAcctSource
+    return BsdAcctSource()._probe(["/var/log/account/pacct", "/var/account/pacct"])
+
+
+class Trace:
+    """A private tracefs instance with sched_switch and sched_process_exit."""
+
+    EVENTS = ("sched/sched_switch", "sched/sched_process_exit")
+    LINE = re.compile(r"\s(\d+\.\d+): (sched_switch|sched_process_exit): (.*)$")
+
+    def __init__(self) -> None:
+        if not os.path.isdir(os.path.join(TRACEFS, "instances")):
+            raise SystemExit(f"--trace needs tracefs at {TRACEFS} (mount -t tracefs nodev "
+                             f"{TRACEFS})")
+        self.dir = os.path.join(TRACEFS, "instances", f"elsa-cpugap-{os.getpid()}")
+        os.mkdir(self.dir)
+        self._w("trace_clock", "mono")
+        self._w("buffer_size_kb", "16384")
+        for ev in self.EVENTS:
+            self._w(f"events/{ev}/enable", "1")
+
+    def _w(self, name: str, value: str) -> None:
+        with open(os.path.join(self.dir, name), "w") as fh:
+            fh.write(value)
+
+    def start(self) -> None:
+        self._w("trace", "")
+        self._w("tracing_on", "1")
+
+    def stop(self) -> List[Tuple[float, str, str]]:
+        self._w("tracing_on", "0")
+        out = []
+        with open(os.path.join(self.dir, "trace")) as fh:
+            for line in fh:
+                m = self.LINE.search(line)
+                if m:
+                    out.append((float(m.group(1)), m.group(2), m.group(3)))
+        return out
+
+    def close(self) -> None:
+        self._w("tracing_on", "0")
+        os.rmdir(self.dir)
+
+
+_SW = re.compile(r"prev_pid=(\d+) .*==> next_comm=.* next_pid=(\d+) ")
+_EXIT = re.compile(r"pid=(\d+) ")
+
+
+def split_runtime(events: List[Tuple[float, str, str]], pids: Set[int]) -> Dict[str, float]:
+    """Precise on-CPU seconds of *pids* before and after each one's record
+    (sched_process_exit), from the sched_switch intervals."""
+    on_since: Dict[int, float] = {}
+    record_at: Dict[int, float] = {}
+    before = after = 0.0
+    cut = 0  # intervals split by a record
+    for ts, kind, rest in events:
+        if kind == "sched_process_exit":
+            m = _EXIT.search(rest)
+            pid = int(m.group(1)) if m else -1
+            if pid in pids and pid in on_since:
+                # The record is taken while the task runs: close the slice there.
+                before += ts - on_since[pid]
+                on_since[pid] = ts
+                record_at[pid] = ts
+                cut += 1
+            continue
+        m = _SW.search(rest)
+        if not m:
+            continue
+        prev, nxt = int(m.group(1)), int(m.group(2))
+        if prev in pids and prev in on_since:
+            span = ts - on_since.pop(prev)
+            if prev in record_at:
+                after += span
+            else:
+                before += span
+        if nxt in pids:
+            on_since[nxt] = ts
+    return {"traced_before_s": before, "traced_after_s": after, "traced_records": cut}
+
+
+def run_once(name: str, argv: List[str], sock: taskstats.TaskstatsSocket, cg_root: str,
+             pacct_file: Optional[str], trace: Optional[Trace]) -> Dict[str, object]:
+    cg = os.path.join(cg_root, f"elsa-cpugap-{os.getpid()}-{name}")
+    os.mkdir(cg)
+    try:
+        sock.receive_tuples()  # drop what other processes left queued
+        pacct_start = os.path.getsize(pacct_file) if pacct_file else 0
+        if trace:
+            trace.start()
+
+        def join() -> None:
+            with open(os.path.join(cg, "cgroup.procs"), "w") as fh:
+                fh.write("0")
+
+        proc = subprocess.Popen(argv, preexec_fn=join, stdout=subprocess.DEVNULL)
+        proc.wait()
+        usage = settled_usage(cg)
+        events = trace.stop() if trace else []
+        tuples = sock.receive_tuples()
+    finally:
+        os.rmdir(cg)
+    recs = [taskstats.TaskRecord(*t) for t in tuples]
+    by_pid = {r.tgid: r for r in recs if r.last_of_group}
+    tree = descendants(proc.pid, {r.tgid: r.ppid for r in by_pid.values()})
+    mine = [by_pid[p] for p in tree if p in by_pid]
+    row: Dict[str, object] = {
+        "workload": name, "processes": len(mine), "cgroup_us": usage["usage_usec"],
+        "tick_us": sum(r.utime_us + r.stime_us for r in mine),
+        "run_us": sum(r.cpu_run_ns for r in mine) // 1000,
+        "elsa_us": sum(sum(r.cpu_adjusted_us()) for r in mine),
+        "zero_run": sum(1 for r in mine if r.cpu_run_ns == 0),
+        "zero_tick": sum(1 for r in mine if r.utime_us + r.stime_us == 0),
+    }
+    if pacct_file:
+        with open(pacct_file, "rb") as fh:
+            fh.seek(pacct_start)
+            acct = pacct.decode(fh.read(), path=pacct_file).records()
+        a_by_pid = {a.pid: a for a in acct}
+        a_tree = descendants(proc.pid, {a.pid: a.ppid for a in acct})
+        arecs = [a_by_pid[p] for p in a_tree if p in a_by_pid]
+        row["pacct_processes"] = len(arecs)
+        row["pacct_us"] = sum(a.utime_us + a.stime_us for a in arecs)
+    if trace:
+        row.update(split_runtime(events, tree))
+    return row
+
+
+def fmt_table(rows: Sequence[Dict[str, object]]) -> str:
+    cols = [("workload", "workload", "{}"), ("processes", "procs", "{}"),
+            ("cgroup_us", "cgroup s", "{:.3f}"), ("tick_us", "ticks s", "{:.3f}"),
+            ("run_us", "run s", "{:.3f}"), ("elsa_us", "ELSA s", "{:.3f}"),
+            ("pacct_us", "pacct s", "{:.3f}"), ("traced_before_s", "before s", "{:.3f}"),
+            ("traced_after_s", "after s", "{:.3f}"), ("gap_us_per_exit", "gap µs/exit", "{:.0f}")]
+    present = [c for c in cols if any(c[0] in r for r in rows)]
+    lines = [" | ".join(h for _, h, _ in present)]
+    for r in rows:
+        cells = []
+        for key, _h, f in present:
+            v = r.get(key)
+            if v is None:
+                cells.append("-")
+            elif key.endswith("_us") and key != "gap_us_per_exit":
+                cells.append(f.format(v / 1e6))  # type: ignore[operator]
+            else:
+                cells.append(f.format(v))
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
+                    help="default: all")
+    ap.add_argument("--pacct", action="store_true",
+                    help="also a private acct(2) file (run under flock /tmp/elsa-kacct.lock)")
+    ap.add_argument("--trace", action="store_true",
+                    help="split each process's run time at its record (tracefs)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (cgroups, taskstats listener, acct(2))")
+    cg_root = CgroupFS().cgroup2_mount()
+    if cg_root is None:
+        raise SystemExit("no cgroup v2 hierarchy mounted")
+    tmp = tempfile.mkdtemp(prefix="elsa-cpugap-")
+    spinfork = build_spinfork(tmp)
+    sock = taskstats.TaskstatsSocket()
+    sock.register()
+    trace = Trace() if args.trace else None
+    previous: Optional[str] = None
+    pacct_file = None
+    if args.pacct:
+        previous = active_acct_file()
+        pacct_file = os.path.join(tmp, "pacct")
+        open(pacct_file, "wb").close()
+        acct_on(pacct_file)
+    rows = []
+    try:
+        for name in args.workload or list(WORKLOADS):
+            if WORKLOADS[name][1][0] == "stress-ng" and not shutil.which("stress-ng"):
+                print(f"skip {name}: stress-ng not installed", file=sys.stderr)
+                continue
+            cmd = [a.replace("{spinfork}", spinfork) for a in WORKLOADS[name][1]]
+            for _ in range(args.runs):
+                row = run_once(name, cmd, sock, cg_root, pacct_file, trace)
+                procs = int(row["processes"])  # type: ignore[call-overload]
+                row["gap_us_per_exit"] = ((row["cgroup_us"] - row["elsa_us"])  # type: ignore[operator]
+                                          / max(procs, 1))
+                rows.append(row)
+    finally:
+        if args.pacct:
+            acct_on(previous)
+        if trace:
+            trace.close()
+        sock.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    ctx = {"kernel": os.uname().release,
+           "task_delayacct": open("/proc/sys/kernel/task_delayacct").read().strip()}
+    if args.json:
+        print(json.dumps({"context": ctx, "rows": rows}, indent=1))
+    else:
+        print(f"kernel {ctx['kernel']}, kernel.task_delayacct={ctx['task_delayacct']}")
+        print(fmt_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
