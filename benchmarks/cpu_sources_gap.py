@@ -38,8 +38,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from elsa.kernel import pacct, taskstats  # noqa: E402
-from elsa.kernel.cgroupfs import CgroupFS  # noqa: E402
+from elsa.kernel import pacct, taskstats
+from elsa.kernel.cgroupfs import CgroupFS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRACEFS = "/sys/kernel/tracing"
@@ -118,6 +118,10 @@ class Trace:
         os.mkdir(self.dir)
         self._w("trace_clock", "mono")
         self._w("buffer_size_kb", "16384")
+        # Only this process and its descendants (the workload): a busy machine's
+        # every context switch would overflow the buffer and lose intervals.
+        self._w("options/event-fork", "1")
+        self._w("set_event_pid", str(os.getpid()))
         for ev in self.EVENTS:
             self._w(f"events/{ev}/enable", "1")
 
@@ -131,6 +135,11 @@ class Trace:
 
     def stop(self) -> List[Tuple[float, str, str]]:
         self._w("tracing_on", "0")
+        for cpu in os.listdir(os.path.join(self.dir, "per_cpu")):
+            with open(os.path.join(self.dir, "per_cpu", cpu, "stats")) as fh:
+                lost = dict(line.split(":", 1) for line in fh if ":" in line)
+            if int(lost.get("overrun", "0")) or int(lost.get("dropped events", "0")):
+                raise SystemExit(f"trace buffer of {cpu} overran: {lost}")
         out = []
         with open(os.path.join(self.dir, "trace")) as fh:
             for line in fh:
@@ -148,37 +157,33 @@ _SW = re.compile(r"prev_pid=(\d+) .*==> next_comm=.* next_pid=(\d+) ")
 _EXIT = re.compile(r"pid=(\d+) ")
 
 
-def split_runtime(events: List[Tuple[float, str, str]], pids: Set[int]) -> Dict[str, float]:
-    """Precise on-CPU seconds of *pids* before and after each one's record
+def split_runtime(events: List[Tuple[float, str, str]],
+                  pids: Set[int]) -> Tuple[Dict[int, float], Dict[int, float]]:
+    """Precise on-CPU seconds of each of *pids* before and after its record
     (sched_process_exit), from the sched_switch intervals."""
     on_since: Dict[int, float] = {}
-    record_at: Dict[int, float] = {}
-    before = after = 0.0
-    cut = 0  # intervals split by a record
+    before: Dict[int, float] = {}
+    after: Dict[int, float] = {}
     for ts, kind, rest in events:
         if kind == "sched_process_exit":
             m = _EXIT.search(rest)
             pid = int(m.group(1)) if m else -1
             if pid in pids and pid in on_since:
-                # The record is taken while the task runs: close the slice there.
-                before += ts - on_since[pid]
+                # The record is taken while the task runs: split its slice there.
+                before[pid] = before.get(pid, 0.0) + ts - on_since[pid]
                 on_since[pid] = ts
-                record_at[pid] = ts
-                cut += 1
+                after[pid] = 0.0
             continue
         m = _SW.search(rest)
         if not m:
             continue
         prev, nxt = int(m.group(1)), int(m.group(2))
         if prev in pids and prev in on_since:
-            span = ts - on_since.pop(prev)
-            if prev in record_at:
-                after += span
-            else:
-                before += span
+            side = after if prev in after else before
+            side[prev] = side.get(prev, 0.0) + ts - on_since.pop(prev)
         if nxt in pids:
             on_since[nxt] = ts
-    return {"traced_before_s": before, "traced_after_s": after, "traced_records": cut}
+    return before, after
 
 
 def run_once(name: str, argv: List[str], sock: taskstats.TaskstatsSocket, cg_root: str,
@@ -206,14 +211,21 @@ def run_once(name: str, argv: List[str], sock: taskstats.TaskstatsSocket, cg_roo
     by_pid = {r.tgid: r for r in recs if r.last_of_group}
     tree = descendants(proc.pid, {r.tgid: r.ppid for r in by_pid.values()})
     mine = [by_pid[p] for p in tree if p in by_pid]
+    n = len(mine)
     row: Dict[str, object] = {
-        "workload": name, "processes": len(mine), "cgroup_us": usage["usage_usec"],
+        "workload": name, "processes": n, "cgroup_us": usage["usage_usec"],
+        "elsa_us": sum(sum(r.cpu_adjusted_us()) for r in mine),
         "tick_us": sum(r.utime_us + r.stime_us for r in mine),
         "run_us": sum(r.cpu_run_ns for r in mine) // 1000,
-        "elsa_us": sum(sum(r.cpu_adjusted_us()) for r in mine),
-        "zero_run": sum(1 for r in mine if r.cpu_run_ns == 0),
-        "zero_tick": sum(1 for r in mine if r.utime_us + r.stime_us == 0),
     }
+    # The forking parent's run time per child: fork() and the reaping wait()
+    # are charged to it, before its own record, so every source has them.
+    children: Dict[int, int] = {}
+    for r in mine:
+        children[r.ppid] = children.get(r.ppid, 0) + 1
+    forker = max(children, key=lambda k: children[k]) if children else 0
+    if children.get(forker, 0) > 1 and forker in by_pid:
+        row["fork_us_per_child"] = by_pid[forker].cpu_run_ns / 1000 / children[forker]
     if pacct_file:
         with open(pacct_file, "rb") as fh:
             fh.seek(pacct_start)
@@ -224,29 +236,48 @@ def run_once(name: str, argv: List[str], sock: taskstats.TaskstatsSocket, cg_roo
         row["pacct_processes"] = len(arecs)
         row["pacct_us"] = sum(a.utime_us + a.stime_us for a in arecs)
     if trace:
-        row.update(split_runtime(events, tree))
+        before, after = split_runtime(events, tree)
+        row["traced_before_us"] = int(sum(before.values()) * 1e6)
+        row["traced_after_us"] = int(sum(after.values()) * 1e6)
+        row["after_us_per_exit"] = sum(after.values()) * 1e6 / max(len(after), 1)
+        # Booked late: run time before the record that its cpu_run_virtual_total
+        # lacks; from the short-lived children, whose whole life the trace saw.
+        kids = [r for r in mine if r.ppid == forker and r.tgid in after
+                and children[forker] > 1]
+        if kids:
+            row["late_us_per_exit"] = sum(before.get(r.tgid, 0.0) * 1e6 - r.cpu_run_ns / 1000
+                                          for r in kids) / len(kids)
     return row
 
 
+COLUMNS = [("workload", "workload"), ("processes", "procs"), ("cgroup_us", "cgroup s"),
+           ("elsa_us", "taskstats s"), ("tick_us", "ticks s"), ("pacct_us", "pacct s"),
+           ("traced_before_us", "before s"), ("traced_after_us", "after s"),
+           ("late_us_per_exit", "late µs/child"), ("after_us_per_exit", "after µs/exit"),
+           ("fork_us_per_child", "fork µs/child")]
+
+
 def fmt_table(rows: Sequence[Dict[str, object]]) -> str:
-    cols = [("workload", "workload", "{}"), ("processes", "procs", "{}"),
-            ("cgroup_us", "cgroup s", "{:.3f}"), ("tick_us", "ticks s", "{:.3f}"),
-            ("run_us", "run s", "{:.3f}"), ("elsa_us", "ELSA s", "{:.3f}"),
-            ("pacct_us", "pacct s", "{:.3f}"), ("traced_before_s", "before s", "{:.3f}"),
-            ("traced_after_s", "after s", "{:.3f}"), ("gap_us_per_exit", "gap µs/exit", "{:.0f}")]
-    present = [c for c in cols if any(c[0] in r for r in rows)]
-    lines = [" | ".join(h for _, h, _ in present)]
+    """Markdown table; seconds with the difference to cpu.stat, µs per exit."""
+    present = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in present) + " |",
+             "|" + "---|" * len(present)]
     for r in rows:
         cells = []
-        for key, _h, f in present:
+        for key, _h in present:
             v = r.get(key)
             if v is None:
                 cells.append("-")
-            elif key.endswith("_us") and key != "gap_us_per_exit":
-                cells.append(f.format(v / 1e6))  # type: ignore[operator]
+            elif key in ("workload", "processes"):
+                cells.append(str(v))
+            elif key.endswith("per_exit") or key.endswith("per_child"):
+                cells.append(f"{v:.0f}")
             else:
-                cells.append(f.format(v))
-        lines.append(" | ".join(cells))
+                sec = f"{v / 1e6:.3f}"  # type: ignore[operator]
+                if key in ("elsa_us", "tick_us", "pacct_us"):
+                    sec += f" ({(v - r['cgroup_us']) / r['cgroup_us'] * 100:+.0f} %)"  # type: ignore[operator]
+                cells.append(sec)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -286,11 +317,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             cmd = [a.replace("{spinfork}", spinfork) for a in WORKLOADS[name][1]]
             for _ in range(args.runs):
-                row = run_once(name, cmd, sock, cg_root, pacct_file, trace)
-                procs = int(row["processes"])  # type: ignore[call-overload]
-                row["gap_us_per_exit"] = ((row["cgroup_us"] - row["elsa_us"])  # type: ignore[operator]
-                                          / max(procs, 1))
-                rows.append(row)
+                rows.append(run_once(name, cmd, sock, cg_root, pacct_file, trace))
     finally:
         if args.pacct:
             acct_on(previous)
