@@ -99,9 +99,11 @@ def acct_on(path: Optional[str]) -> None:
     _libc_acct(path)
 
 
-def active_acct_file() -> Optional[str]:
+def active_acct_file(candidates: Sequence[str] = ("/var/log/account/pacct",
+                                                   "/var/account/pacct")) -> Optional[str]:
+    """Which of *candidates* the kernel writes now (one short child tells)."""
     from elsa_plugins.bsdacct import BsdAcctSource
-    return BsdAcctSource()._probe(["/var/log/account/pacct", "/var/account/pacct"])
+    return BsdAcctSource()._probe(list(candidates))
 
 
 class Trace:
@@ -234,7 +236,8 @@ def run_once(name: str, argv: List[str], sock: taskstats.TaskstatsSocket, cg_roo
         a_tree = descendants(proc.pid, {a.pid: a.ppid for a in acct})
         arecs = [a_by_pid[p] for p in a_tree if p in a_by_pid]
         row["pacct_processes"] = len(arecs)
-        row["pacct_us"] = sum(a.utime_us + a.stime_us for a in arecs)
+        # None when accounting was taken away from our file (another tool).
+        row["pacct_us"] = sum(a.utime_us + a.stime_us for a in arecs) if arecs else None
     if trace:
         before, after = split_runtime(events, tree)
         row["traced_before_us"] = int(sum(before.values()) * 1e6)
@@ -319,8 +322,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             for _ in range(args.runs):
                 rows.append(run_once(name, cmd, sock, cg_root, pacct_file, trace))
     finally:
-        if args.pacct:
+        # Restore only what we still own: another tool that took accounting
+        # over meanwhile keeps it (and our rows after that have no pacct figure).
+        if pacct_file and active_acct_file([pacct_file]) == pacct_file:
             acct_on(previous)
+        elif pacct_file:
+            print("kernel accounting was taken over during the run; left as it is",
+                  file=sys.stderr)
         if trace:
             trace.close()
         sock.close()
