@@ -20,7 +20,8 @@ under ``flock /tmp/elsa-kacct.lock``; the file active before is restored.
 
     python3 benchmarks/cpu_sources_gap.py [--runs 3] [--pacct] [--trace] [--json]
 
-The table and what it shows are in docs/accounting.md, "CPU of a job by source".
+The table and what it shows are in docs/accounting.md, "CPU of a job: the rules,
+and why sources differ".
 """
 
 from __future__ import annotations
