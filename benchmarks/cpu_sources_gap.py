@@ -53,6 +53,8 @@ WORKLOADS: Dict[str, Tuple[str, List[str]]] = {
                   ["{spinfork}", "3000", "0", "0"]),
     "fork-10ms": ("spinfork: 200 children computing 10 ms each",
                   ["{spinfork}", "200", "10000", "0"]),
+    "exec-true": ("sh: 300 runs of /bin/true",
+                  ["sh", "-c", "for i in $(seq 300); do /bin/true; done"]),
     "loop-2s": ("spinfork: one process computing 2 s", ["{spinfork}", "0", "0", "2000000"]),
 }
 
