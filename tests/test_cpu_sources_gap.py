@@ -31,25 +31,31 @@ MAX_GAP_PER_EXIT_US = 10_000 + 1_000
 def test_per_source_gap_is_a_cost_per_exit_not_a_share():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/cpu_sources_gap.py"), "--runs", "1",
-         "--workload", "fork-exit", "--workload", "fork-10ms", "--workload", "loop-2s",
+         "--workload", "fork-exit", "--workload", "fork-10ms", "--workload", "exec-true",
+         "--workload", "loop-2s",
          "--json"], capture_output=True, text=True, timeout=300, check=True)
     rows = {r["workload"]: r for r in json.loads(out.stdout)["rows"]}
 
-    fork = rows["fork-exit"]
-    assert fork["processes"] == 3001  # the parent and its 3,000 children
-    gap = fork["cgroup_us"] - fork["elsa_us"]
-    assert 0 < gap < MAX_GAP_PER_EXIT_US * fork["processes"]
-    assert gap / fork["processes"] < 1_000, fork  # measured 70-90 µs per exit
-
-    ten = rows["fork-10ms"]
-    assert ten["processes"] == 201
-    # Filled by the kernel whatever kernel.task_delayacct is (this host's value).
-    assert ten["run_us"] > 0.5 * ten["cgroup_us"], ten
-    assert 0 < ten["cgroup_us"] - ten["elsa_us"] < MAX_GAP_PER_EXIT_US * ten["processes"]
+    for name, procs in (("fork-exit", 3001), ("fork-10ms", 201), ("exec-true", 302),
+                        ("loop-2s", 1)):
+        row = rows[name]
+        assert row["processes"] == procs, row  # every process's record is there
+        # Never above the cgroup but for the few ms before the first joined it.
+        assert row["elsa_us"] - row["cgroup_us"] < 20_000, row
+        assert row["cgroup_us"] - row["elsa_us"] < MAX_GAP_PER_EXIT_US * procs, row
 
     loop = rows["loop-2s"]
-    assert loop["processes"] == 1
     # One exit: the record agrees with cpu.stat (the record also holds the few
     # ms the child ran before it joined the cgroup).
     assert abs(loop["elsa_us"] - loop["cgroup_us"]) <= max(0.02 * loop["cgroup_us"],
                                                           20_000), loop
+
+    if rows["fork-10ms"]["run_us"] == 0:
+        pytest.skip("this kernel fills taskstats' scheduler fields only with"
+                    " kernel.task_delayacct = 1: ELSA uses the tick samples")
+    # Completed to the record (run_before_record_ns): what a process lacks is
+    # its teardown. Measured per exit: fork-exit 29-32 µs, fork-10ms 40-46 µs,
+    # exec-true 46-50 µs; with the booked figure alone 75, 700-1,900 and 390 µs.
+    for name, most in (("fork-exit", 300), ("fork-10ms", 500), ("exec-true", 150)):
+        row = rows[name]
+        assert (row["cgroup_us"] - row["elsa_us"]) / row["processes"] < most, row
