@@ -4,10 +4,11 @@
 Runs each workload alone in a fresh cgroup and compares, for the same
 processes: the cgroup's ``cpu.stat`` usage (the scheduler's precise run time,
 charged until the last instruction of every member), the sum of the taskstats
-exit records (tick-sampled ``ac_utime + ac_stime``, ``cpu_run_virtual_total``
-= the run time the scheduler had booked when the record was taken, and ELSA's
-figure from both, elsa/kernel/taskstats.py ``cpu_adjusted_us``), and with
-``--pacct`` the BSD accounting records of a private acct(2) file.
+exit records (tick-sampled ``ac_utime + ac_stime``, and ELSA's figure:
+``cpu_run_virtual_total``, the run time the scheduler had booked when the
+record was taken, completed for tasks that never slept; elsa/kernel/taskstats.py
+``run_before_record_ns``), and with ``--pacct`` the BSD accounting records of
+a private acct(2) file.
 
 With ``--trace`` a tracefs instance records sched_switch and
 sched_process_exit (emitted right after taskstats_exit() in do_exit()), which
@@ -246,8 +247,8 @@ def run_once(name: str, argv: List[str], sock: taskstats.TaskstatsSocket, cg_roo
         row["traced_before_us"] = int(sum(before.values()) * 1e6)
         row["traced_after_us"] = int(sum(after.values()) * 1e6)
         row["after_us_per_exit"] = sum(after.values()) * 1e6 / max(len(after), 1)
-        # Booked late: run time before the record that its cpu_run_virtual_total
-        # lacks; from the short-lived children, whose whole life the trace saw.
+        # Run time before the record that ELSA's figure lacks (booked late);
+        # from the short-lived children, whose whole life the trace saw.
         kids = [r for r in mine if r.ppid == forker and r.tgid in after
                 and children[forker] > 1]
         if kids:
