@@ -19,7 +19,8 @@ splits each process's precise run time at the moment its record was taken:
 Needs root. ``--pacct`` switches the kernel's one accounting file: run it
 under ``flock /tmp/elsa-kacct.lock``; the file active before is restored.
 
-    python3 benchmarks/cpu_sources_gap.py [--runs 3] [--pacct] [--trace] [--json]
+    python3 benchmarks/cpu_sources_gap.py [--runs 3] [--pacct] [--trace]
+        [--cpu-quota US] [--workload NAME ...] [--json]
 
 The table and what it shows are in docs/accounting.md, "CPU of a job: the rules,
 and why sources differ".
@@ -45,6 +46,7 @@ from elsa.kernel.cgroupfs import CgroupFS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRACEFS = "/sys/kernel/tracing"
+V1_CPU = "/sys/fs/cgroup/cpu"
 
 #: name -> (description, argv with {spinfork} for the compiled helper)
 WORKLOADS: Dict[str, Tuple[str, List[str]]] = {
@@ -192,19 +194,42 @@ def split_runtime(events: List[Tuple[float, str, str]],
     return before, after
 
 
+def limit_cpu(cg: str, quota_us: int) -> Optional[str]:
+    """Hold the members of cgroup2 *cg* to *quota_us* of CPU per 100 ms: its
+    cpu.max where its parent enables the cpu controller; else (hybrid hosts) a
+    cgroup of the v1 cpu hierarchy, whose path is returned for them to join."""
+    with open(os.path.join(os.path.dirname(cg), "cgroup.subtree_control")) as fh:
+        if "cpu" in fh.read().split():
+            with open(os.path.join(cg, "cpu.max"), "w") as fh2:
+                fh2.write(f"{quota_us} 100000")
+            return None
+    v1 = os.path.join(V1_CPU, os.path.basename(cg))
+    os.mkdir(v1)
+    for knob, value in (("cpu.cfs_period_us", 100000), ("cpu.cfs_quota_us", quota_us)):
+        with open(os.path.join(v1, knob), "w") as fh:
+            fh.write(str(value))
+    return v1
+
+
 def run_once(name: str, argv: List[str], sock: taskstats.TaskstatsSocket, cg_root: str,
-             pacct_file: Optional[str], trace: Optional[Trace]) -> Dict[str, object]:
+             pacct_file: Optional[str], trace: Optional[Trace],
+             cpu_quota_us: int = 0) -> Dict[str, object]:
     cg = os.path.join(cg_root, f"elsa-cpugap-{os.getpid()}-{name}")
     os.mkdir(cg)
+    v1 = None
     try:
+        if cpu_quota_us:
+            v1 = limit_cpu(cg, cpu_quota_us)
+        joins = [d for d in (cg, v1) if d]
         sock.receive_tuples()  # drop what other processes left queued
         pacct_start = os.path.getsize(pacct_file) if pacct_file else 0
         if trace:
             trace.start()
 
         def join() -> None:
-            with open(os.path.join(cg, "cgroup.procs"), "w") as fh:
-                fh.write("0")
+            for d in joins:
+                with open(os.path.join(d, "cgroup.procs"), "w") as fh:
+                    fh.write("0")
 
         proc = subprocess.Popen(argv, preexec_fn=join, stdout=subprocess.DEVNULL)
         proc.wait()
@@ -213,6 +238,8 @@ def run_once(name: str, argv: List[str], sock: taskstats.TaskstatsSocket, cg_roo
         tuples = sock.receive_tuples()
     finally:
         os.rmdir(cg)
+        if v1:
+            os.rmdir(v1)
     recs = [taskstats.TaskRecord(*t) for t in tuples]
     by_pid = {r.tgid: r for r in recs if r.last_of_group}
     tree = descendants(proc.pid, {r.tgid: r.ppid for r in by_pid.values()})
@@ -297,6 +324,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also a private acct(2) file (run under flock /tmp/elsa-kacct.lock)")
     ap.add_argument("--trace", action="store_true",
                     help="split each process's run time at its record (tracefs)")
+    ap.add_argument("--cpu-quota", type=int, default=0, metavar="US",
+                    help="hold each workload to US µs of CPU per 100 ms (CFS bandwidth)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -324,7 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             cmd = [a.replace("{spinfork}", spinfork) for a in WORKLOADS[name][1]]
             for _ in range(args.runs):
-                rows.append(run_once(name, cmd, sock, cg_root, pacct_file, trace))
+                rows.append(run_once(name, cmd, sock, cg_root, pacct_file, trace,
+                                     args.cpu_quota))
     finally:
         # Restore only what we still own: another tool that took accounting
         # over meanwhile keeps it (and our rows after that have no pacct figure).
@@ -337,12 +367,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             trace.close()
         sock.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    ctx = {"kernel": os.uname().release,
+    ctx = {"kernel": os.uname().release, "cpu_quota_us": args.cpu_quota,
            "task_delayacct": open("/proc/sys/kernel/task_delayacct").read().strip()}
     if args.json:
         print(json.dumps({"context": ctx, "rows": rows}, indent=1))
     else:
-        print(f"kernel {ctx['kernel']}, kernel.task_delayacct={ctx['task_delayacct']}")
+        quota = f", CPU quota {args.cpu_quota} µs per 100 ms" if args.cpu_quota else ""
+        print(f"kernel {ctx['kernel']}, kernel.task_delayacct={ctx['task_delayacct']}{quota}")
         print(fmt_table(rows))
     return 0
 
