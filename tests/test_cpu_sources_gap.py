@@ -1,12 +1,12 @@
 """benchmarks/cpu_sources_gap.py on the real kernel: where taskstats' per-process
 CPU and the cgroup's cpu.stat differ (docs/accounting.md, "CPU of a job").
 
-The documented facts this pins: no process record is missing; the
-taskstats figure (cpu_run_virtual_total, split by the tick ratio) is filled
-whatever kernel.task_delayacct says; it is never above the cgroup's, and the
-difference is a per-exit cost (teardown after the record, run time booked
-late: less than a tick each), not a share of the CPU: a long computing process
-agrees with cpu.stat.
+The documented facts this pins: no process record is missing; the kernel
+fills taskstats' scheduler fields whatever kernel.task_delayacct says (this
+kernel; others are skipped); ELSA's figure (the booked run time, completed
+for tasks that never slept: elsa/kernel/taskstats.py run_before_record_ns) is
+never above the cgroup's, a long computing process agrees with cpu.stat, and
+what a short process lacks is its exit teardown, a cost per exit.
 """
 
 from __future__ import annotations
@@ -38,11 +38,15 @@ def test_per_source_gap_is_a_cost_per_exit_not_a_share():
 
     for name, procs in (("fork-exit", 3001), ("fork-10ms", 201), ("exec-true", 302),
                         ("loop-2s", 1)):
-        row = rows[name]
-        assert row["processes"] == procs, row  # every process's record is there
-        # Never above the cgroup but for the few ms before the first joined it.
+        assert rows[name]["processes"] == procs, rows[name]  # every record is there
+
+    if rows["fork-10ms"]["run_us"] == 0:
+        pytest.skip("this kernel fills taskstats' scheduler fields only with"
+                    " kernel.task_delayacct = 1: ELSA uses the tick samples")
+    for row in rows.values():
+        # Never above the cgroup but for the few ms before the first one joined.
         assert row["elsa_us"] - row["cgroup_us"] < 20_000, row
-        assert row["cgroup_us"] - row["elsa_us"] < MAX_GAP_PER_EXIT_US * procs, row
+        assert row["cgroup_us"] - row["elsa_us"] < MAX_GAP_PER_EXIT_US * row["processes"], row
 
     loop = rows["loop-2s"]
     # One exit: the record agrees with cpu.stat (the record also holds the few
@@ -50,12 +54,9 @@ def test_per_source_gap_is_a_cost_per_exit_not_a_share():
     assert abs(loop["elsa_us"] - loop["cgroup_us"]) <= max(0.02 * loop["cgroup_us"],
                                                           20_000), loop
 
-    if rows["fork-10ms"]["run_us"] == 0:
-        pytest.skip("this kernel fills taskstats' scheduler fields only with"
-                    " kernel.task_delayacct = 1: ELSA uses the tick samples")
     # Completed to the record (run_before_record_ns): what a process lacks is
     # its teardown. Measured per exit: fork-exit 29-32 µs, fork-10ms 40-46 µs,
-    # exec-true 46-50 µs; with the booked figure alone 75, 700-1,900 and 390 µs.
-    for name, most in (("fork-exit", 300), ("fork-10ms", 500), ("exec-true", 150)):
+    # exec-true 46-60 µs; with the booked figure alone 75, 660-1,900 and 390 µs.
+    for name, most in (("fork-exit", 300), ("fork-10ms", 500), ("exec-true", 200)):
         row = rows[name]
         assert (row["cgroup_us"] - row["elsa_us"]) / row["processes"] < most, row
