@@ -83,12 +83,13 @@ class TaskstatsSource(Source):
         """Hot path (one call per batch of exits on the whole machine): plain
         tuples from the adapter, a usage row per process. A single-threaded
         process (its only task's record carries AGROUP) needs no folding;
-        other tasks go through the ThreadFolder as TaskRecords."""
+        other tasks go through the ThreadFolder, as tuples too."""
         assert self.sock is not None
         rows = []
         pending = self.folder.pending
         versions = self.versions
         usage_row = taskstats.usage_row
+        fold = self.folder.add_tuple
         tuples = self.sock.receive_tuples()
         self.tasks += len(tuples)
         for t in tuples:
@@ -98,9 +99,9 @@ class TaskstatsSource(Source):
             if t[8] & taskstats.AGROUP and pid == tgid and tgid not in pending:
                 rows.append(usage_row(t, NAME))
                 continue
-            proc = self.folder.add(taskstats.TaskRecord(*t))
+            proc = fold(t)
             if proc is not None:
-                rows.append(proc.usage_row(NAME))
+                rows.append(usage_row(proc, NAME))
         # Store what was read before flagging the loss: a failure there must
         # not cost the records that did arrive.
         if rows:

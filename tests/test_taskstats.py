@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import subprocess
@@ -48,6 +49,27 @@ def test_threads_fold_into_their_process():
     # booked cpu_run_virtual_total, completed for thread 12431, which never slept.
     assert proc.cpu_run_ns == 6564902 + (9213 * 1000 - 2904530) + 55417947
     assert u.cpu_user_us + u.cpu_system_us == proc.cpu_run_ns // 1000
+
+
+def test_fold_keeps_the_leaders_identity_and_the_last_threads_exit_code():
+    tasks = [T.decode_messages(d, 10**12)[0][0].task for d in taskstats_golden_messages()]
+    leader, a, b = tasks[2], tasks[0], tasks[1]
+    # The leader exits first (no AGROUP), the last thread carries AGROUP and exit code 3.
+    leader = dataclasses.replace(leader, flag=leader.flag & ~T.AGROUP, exitcode=0)
+    b = dataclasses.replace(b, flag=b.flag | T.AGROUP, exitcode=3, etime_us=10**9)
+    folder = T.ThreadFolder()
+    assert folder.add(leader) is None and folder.add(a) is None
+    proc = folder.add(b)
+    assert proc is not None and proc.last_of_group and proc.exitcode == 3
+    assert (proc.pid, proc.comm, proc.btime, proc.etime_us) == (
+        12429, leader.comm, leader.btime, leader.etime_us)
+    assert proc.threads == 3 and proc.utime_us == leader.utime_us + a.utime_us + b.utime_us
+    # Leader never seen: the longest-lived thread gives the elapsed time, pid becomes tgid.
+    folder = T.ThreadFolder()
+    assert folder.add_tuple(a.as_tuple()) is None
+    t = folder.add_tuple(b.as_tuple())
+    assert t is not None and T.TaskRecord(*t).etime_us == 10**9 and t[1] == 12429
+    assert T.usage_row(t) == T.TaskRecord(*t).usage_row()
 
 
 def test_run_time_of_a_task_that_never_slept_is_completed_to_its_record():
