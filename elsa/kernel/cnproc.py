@@ -269,8 +269,8 @@ MMSG_SLOT = 512
 
 
 class _OneAtATime:
-    """The :class:`~elsa.kernel.mmsg.BatchReader` interface over recv_into, for
-    a libc without recvmmsg (and sockets tests hand in): one datagram per call."""
+    """The :class:`~elsa.kernel.mmsg.BatchReader` interface over recv_into
+    (a libc without recvmmsg): one datagram per call."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.buf = bytearray(MMSG_SLOT)
