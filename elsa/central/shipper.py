@@ -263,7 +263,7 @@ class Shipper:
             if rows is None:
                 rows = self._read_rows(local, self._mark)
             folded = self._read_folded(local)
-            apps = self._read_apps(local)
+            apps = self._read_apps(local, self._app_mark)
             batch_jids = {r[2] for r in rows if r[2] is not None}
             batch_jids |= {r[2] for r in folded if r[2] is not None}
             jobs, usage, sigs = self._changed_jobs(local, batch_jids)
@@ -324,12 +324,12 @@ class Shipper:
         except sqlite3.OperationalError:  # a store without [thresholds]' table
             return []
 
-    def _read_apps(self, conn: sqlite3.Connection) -> List[Tuple[Any, ...]]:
+    def _read_apps(self, conn: sqlite3.Connection, after: int) -> List[Tuple[Any, ...]]:
         """Application records after their mark, as (id, *record columns). ``open``
         ones too: the node's reports count them, so the site's do; the closed
         record replaces them later."""
         return [(i, *r.row()) for i, r in record.read_after(
-            conn, self._app_mark, self.batch_rows, finished_only=False)]
+            conn, after, self.batch_rows, finished_only=False)]
 
     def _changed_jobs(self, local: sqlite3.Connection, batch_jids: Set[int]
                       ) -> Tuple[List[Sequence[Any]], List[Sequence[Any]], Dict[int, str]]:
