@@ -299,6 +299,7 @@ def test_web_pages_over_the_central_store(pg: PgServer, tmp_path: Path) -> None:
     fresh_db(pg, "web")
     url = add_node(pg, "n1", "web")
     st = fill_store(tmp_path / "n1", 1)
+    fill_apps(st, 1, 200, [r[0] for r in st.db.execute("SELECT jid FROM jobs")])
     sh = shipper(st, url, "n1", batch_rows=500).start()
     try:
         wait_for(lambda: drained(sh), 30, what="the backlog to drain")
@@ -315,7 +316,7 @@ def test_web_pages_over_the_central_store(pg: PgServer, tmp_path: Path) -> None:
         hdr = {"Remote-User": "root"}
         got = {}
         for path in ("/jobs.json?sort=cpu", "/jobs.json?sort=maxrss&order=asc",
-                     "/users.json"):
+                     "/users.json", "/apps.json?by=package", "/apps.json?by=job"):
             r = client.get(path, headers=hdr)
             assert r.status_code == 200, (where, path, r.get_data(as_text=True)[:500])
             got[path] = r.get_json()
@@ -329,6 +330,10 @@ def test_web_pages_over_the_central_store(pg: PgServer, tmp_path: Path) -> None:
         assert [j["jid"] for j in node[path]["jobs"]] == [j["jid"] for j in site[path]["jobs"]]
         assert node[path]["total"] == site[path]["total"]
     assert node["job"]["usage"] == site["job"]["usage"]
+    assert node["job"]["applications"] and \
+        node["job"]["applications"] == site["job"]["applications"]
+    for path in ("/apps.json?by=package", "/apps.json?by=job"):
+        assert node[path]["rows"] and node[path] == site[path], path
     assert sum(r["cpu_user_us"] for r in node["/users.json"]["rows"]) == \
         sum(r["cpu_user_us"] for r in site["/users.json"]["rows"])
     st.close()
@@ -510,4 +515,32 @@ def test_prune_keeps_unshipped_app_records(pg: PgServer, tmp_path: Path) -> None
     assert left == {i for i in range(1, 251) if i > 100 or (i - 1) % 25 == 0}
     assert sh.status()["pruned_records"] == 96
     sh.stop()
+    st.close()
+
+
+def test_schema_1_database_upgraded_then_app_records_ship(pg: PgServer, tmp_path: Path) -> None:
+    """A site's database at schema 1 (before application records): the node refuses
+    to ship and keeps everything; after 'elsa central migrate' it ships it all."""
+    with admin(pg) as c:
+        c.execute("DROP DATABASE IF EXISTS up1")
+        c.execute("CREATE DATABASE up1")
+    with admin(pg, "up1") as c:
+        with c.transaction():
+            c.execute(schema.MIGRATIONS[0])
+            c.execute("UPDATE elsa_schema SET version = 1")
+    url = add_node(pg, "u1", "up1")
+    st = fill_store(tmp_path / "u1", 13, jobs=2, procs=30)
+    fill_apps(st, 13, 40)
+    sh = shipper(st, url, "u1").start()
+    try:
+        wait_for(lambda: "schema 1" in (sh.status()["last_error"] or ""), 30,
+                 what="the schema error")
+        assert sh.status()["backlog_apps"] == 40
+    finally:
+        sh.stop()
+    with admin(pg, "up1") as c:
+        assert schema.migrate(c)[:2] == (1, schema.VERSION)
+    s = _ship(st, url, "u1")
+    assert s["shipped_apps"] == 40 and s["shipped_records"] == 60, s
+    assert _central_apps(pg, "up1", "u1") == _local_apps(st)
     st.close()
