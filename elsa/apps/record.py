@@ -128,10 +128,6 @@ class AppRecord:
     def from_row(cls, row: Sequence[Any]) -> AppRecord:
         return cls(*row)
 
-    def row(self) -> Tuple[Any, ...]:
-        """The values in :data:`NAMES` order (the table's row)."""
-        return tuple(getattr(self, n) for n in NAMES)
-
     def key(self) -> Tuple[Any, ...]:
         return tuple(getattr(self, k) for k in KEY)
 
@@ -158,14 +154,21 @@ class AppRecord:
 assert tuple(f.name for f in fields(AppRecord)) == NAMES
 
 
-def read_after(db: Any, after_id: int, limit: int = 10000, finished_only: bool = True
-               ) -> List[Tuple[int, AppRecord]]:
-    """Records stored after local row *after_id*, oldest first, with their row ids:
-    what a shipper sends next (it remembers the last id it shipped; a record
-    replaced later, an ``open`` one completed, comes again with a new id and
-    replaces the shipped one by its natural key). *finished_only* leaves out
-    ``open`` records (images still running when elsad stopped)."""
+def rows_after(db: Any, after_id: int, limit: int = 10000, finished_only: bool = True
+               ) -> List[Tuple[Any, ...]]:
+    """Records stored after local row *after_id*, oldest first, as ``(id, *NAMES)``
+    rows: what a shipper sends next (it remembers the last id it shipped; a
+    record replaced later, an ``open`` one completed, comes again with a new id
+    and replaces the shipped one by its natural key). *finished_only* leaves
+    out ``open`` records (images still running when elsad stopped)."""
     cond = " AND end_reason <> 'open'" if finished_only else ""
     sql = (f"SELECT id, {', '.join(NAMES)} FROM {TABLE} WHERE id > ?{cond} "
            "ORDER BY id LIMIT ?")
-    return [(r[0], AppRecord.from_row(r[1:])) for r in db.execute(sql, (after_id, limit))]
+    return db.execute(sql, (after_id, limit)).fetchall()
+
+
+def read_after(db: Any, after_id: int, limit: int = 10000, finished_only: bool = True
+               ) -> List[Tuple[int, AppRecord]]:
+    """:func:`rows_after` as (row id, record) pairs."""
+    return [(r[0], AppRecord.from_row(r[1:]))
+            for r in rows_after(db, after_id, limit, finished_only)]

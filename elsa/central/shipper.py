@@ -328,8 +328,7 @@ class Shipper:
         """Application records after their mark, as (id, *record columns). ``open``
         ones too: the node's reports count them, so the site's do; the closed
         record replaces them later."""
-        return [(i, *r.row()) for i, r in record.read_after(
-            conn, after, self.batch_rows, finished_only=False)]
+        return record.rows_after(conn, after, self.batch_rows, finished_only=False)
 
     def _changed_jobs(self, local: sqlite3.Connection, batch_jids: Set[int]
                       ) -> Tuple[List[Sequence[Any]], List[Sequence[Any]], Dict[int, str]]:
