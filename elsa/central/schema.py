@@ -9,8 +9,8 @@ Roles (created here, NOLOGIN groups; members are made by ``add-node`` and by
 the site for readers):
 
 * ``elsa_node``: INSERT (and UPDATE of its own job snapshots and application
-  records) on rows whose host is the caller's, by row-level security keyed by ``elsa_nodes`` (login
-  role -> host). No DELETE, no access to other hosts' rows.
+  records) on rows whose host is the caller's, by row-level security keyed by
+  ``elsa_nodes`` (login role -> host). No DELETE, no access to other hosts' rows.
 * ``elsa_reader``: SELECT on everything.
 """
 

@@ -2,8 +2,9 @@
 
 The node's SQLite store is the spool. Each round reads the next process rows
 and application records (by rowid, after persisted marks) and the ended jobs
-whose snapshot changed, sends them in ONE PostgreSQL transaction, and only after that transaction
-committed advances the local marks (through the store's writer). A round that
+whose snapshot changed, sends them in ONE PostgreSQL transaction, and only
+after that transaction committed advances the local marks (through the
+store's writer). A round that
 is cut off (crash, timeout, server stop) is sent again; every central key
 starts with this node's host, so a re-sent record meets its own key and is
 skipped (``ON CONFLICT DO NOTHING``), and a job snapshot or an application
