@@ -206,7 +206,7 @@ def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "
         spy = None
         if profile:  # py-spy (pip install py-spy) samples the daemon; "raw" = folded stacks
             spy = subprocess.Popen(["py-spy", "record", "-p", str(daemon.pid), "-o", profile,
-                                    "-f", "raw", "-r", "250"], stdout=subprocess.DEVNULL,
+                                    "-f", "raw", "-r", "250", "--nonblocking"], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # let it attach before the clock starts
         per = jobs // clients

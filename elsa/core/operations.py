@@ -171,6 +171,9 @@ class Operations:
         job = self.manager.job(jid)
         authz.check_job(caller, job)
         if job.state != JOB_RUNNING:
+            done = self._attached_before_end(caller, jid, pids)
+            if done is not None:
+                return done
             self.manager.member_pids(jid)  # raises bad-job-state with the usual message
         infos = []
         for pid in pids:
@@ -181,6 +184,25 @@ class Operations:
         for pid, info in zip(pids, infos):
             ident = self.manager.attach(jid, pid, durable=False, info=info)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
+        return {"jid": format_jid(jid), "attached": attached}
+
+    def _attached_before_end(self, caller: Caller, jid: int, pids: List[int]
+                             ) -> Optional[Dict[str, Any]]:
+        """The answer to an attach to ended job *jid* when each of *pids* has
+        exited (a zombie its launcher has not reaped) and its accounting
+        already resolves to *jid*, else None. A process born inside the job's
+        cgroup (clone3 CLONE_INTO_CGROUP) joins before its attach when a resync
+        reads the cgroup first; if it exits then, the job ends before the
+        attach arrives, which asks for what already happened."""
+        attached = []
+        for pid in pids:
+            try:
+                info = self.authz.check_pid(caller, pid) or self.manager.procfs.info(pid)
+            except ElsaError:
+                return None
+            if not info.exited or self.manager.resolve(pid, info.start_ticks) != jid:
+                return None
+            attached.append({"pid": pid, "start_ticks": info.start_ticks})
         return {"jid": format_jid(jid), "attached": attached}
 
     def _check_limits_kept(self, caller: Caller, job: Job, pid: int) -> None:
