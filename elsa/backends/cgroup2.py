@@ -137,6 +137,10 @@ class _Origins:
             os.write(self._fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
 
     def record(self, jid: int, proc: ProcessId, origin: Dict[str, str]) -> None:
+        if not origin and (proc.pid, proc.start_ticks) not in self.by_proc:
+            # Born inside a job: no origin of its own, and detach falls back on
+            # the job's default origin either way (two journal writes per job saved).
+            return
         self._set(jid, proc.pid, proc.start_ticks, origin)
         self._append({"j": jid, "p": proc.pid, "s": proc.start_ticks, "o": origin})
 
