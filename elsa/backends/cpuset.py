@@ -200,6 +200,10 @@ class CpusetBackend(Cgroup2Backend):
                 origin["v1"] = path
         return origin
 
+    def holds(self, job: Job, proc: ProcessInfo) -> bool:
+        # v1 mode: a process born in the v2 job cgroup is still outside the v1 cpuset.
+        return self.mode != "v1" and super().holds(job, proc)
+
     def attach(self, job: Job, proc: ProcessInfo) -> Optional[bool]:
         if self.mode != "v1":
             return super().attach(job, proc)

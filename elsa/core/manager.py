@@ -413,6 +413,7 @@ class JobManager:
             info = self.procfs.info(pid)
         if info.exited and not self.backend.holds(state.snapshot(with_pids=False), info):
             raise ProcessGone(f"process {pid} has exited (zombie); nothing to attach")
+        # (A zombie the backend holds is where it will stay: nothing to place.)
         old = self._entry(pid)
         if (old is not None and old[0] == jid
                 and abs(old[1] - info.start_ticks) <= START_TOLERANCE_TICKS):
@@ -425,7 +426,8 @@ class JobManager:
         # cgroup backend would then find the process still in the old job's cgroup
         # (and move it out to remove the cgroup). A failed placement leaves the
         # process where it was.
-        placed = self.backend.attach(state.snapshot(with_pids=False), info) is True
+        placed = info.exited or self.backend.attach(state.snapshot(with_pids=False),
+                                                    info) is True
         if old is not None and old[0] != jid:
             self._leave(old[0], ProcessId(pid, old[1]), exit_code=None, detached=True)
         self.detached.discard((pid, info.start_ticks))
@@ -826,11 +828,13 @@ class JobManager:
         state = self.jobs.get(jid)
         if state is None:
             return
-        truth = self.backend.members(state.snapshot(with_pids=False))
+        # No member to check (a process born inside exited before its attach,
+        # which takes the zombie): neither the kernel's list nor a scan of the index.
+        truth = self.backend.members(state.snapshot(with_pids=False)) if state.members else set()
         if truth is None:
             self.resync(f"job {format_jid(jid)} emptied")
             return
-        for pid, start in list(state.members.items()):
+        for pid, start in list(state.members.items()) if state.members else ():
             if pid in truth:
                 continue
             ident = ProcessId(pid, start)
