@@ -253,11 +253,13 @@ class JobManager:
         self._hook_exited = bool(hooks and hooks.has_impls("elsa_process_exited"))
 
     # -- queries ------------------------------------------------------------------
-    def job(self, jid: int, committed: bool = False) -> Job:
-        """Job *jid*, running or stored (*committed*: see Store.job)."""
+    def job(self, jid: int, committed: bool = False, with_pids: bool = True) -> Job:
+        """Job *jid*, running or stored (*committed*: see Store.job). Listing a
+        running job's pids scans the whole index: *with_pids* False when only
+        its owner or state is wanted (authorization)."""
         state = self.jobs.get(jid)
         if state is not None:
-            return state.snapshot()
+            return state.snapshot(with_pids)
         stored = self.store.job(jid, committed=committed)
         if stored is None:
             raise JobNotFound(f"no job {format_jid(jid)}; list jobs with 'elsa-jobmng list --all'")

@@ -162,13 +162,14 @@ class Operations:
             # A pid exited between the check and the attach: do not leave an empty job.
             self.manager.end(job.jid, reason="create failed")
             raise
-        return job_json(self.manager.job(job.jid))
+        # (An empty job's reply is the job as created: no second snapshot.)
+        return job_json(self.manager.job(job.jid) if pids else job)
 
     def op_attach(self, caller: Caller, req: Request) -> Dict[str, Any]:
         authz = self.authz
         jid = get_jid(req)
         pids = get_pids(req)
-        job = self.manager.job(jid)
+        job = self.manager.job(jid, with_pids=False)
         authz.check_job(caller, job)
         if job.state != JOB_RUNNING:
             done = self._attached_before_end(caller, jid, pids)
@@ -225,7 +226,7 @@ class Operations:
             jid = self.manager.job_of(pid)
             if jid is None:
                 raise NotInJob(f"pid {pid} is not in any job")
-            self.authz.check_job(caller, self.manager.job(jid))
+            self.authz.check_job(caller, self.manager.job(jid, with_pids=False))
             self.authz.check_pid(caller, pid)
             plan.append((pid, jid))
         for pid, _jid_of_pid in plan:
@@ -279,7 +280,7 @@ class Operations:
 
     def op_pids(self, caller: Caller, req: Request) -> Dict[str, Any]:
         jid = get_jid(req)
-        job = self.manager.job(jid)
+        job = self.manager.job(jid, with_pids=False)
         pids = self.manager.member_pids(jid) if job.state == JOB_RUNNING else []
         return {"jid": format_jid(jid), "state": job.state, "pids": pids}
 
@@ -300,7 +301,7 @@ class Operations:
     def op_kill(self, caller: Caller, req: Request) -> Any:
         jid = get_jid(req)
         sig = get_signal(req)
-        job = self.manager.job(jid)
+        job = self.manager.job(jid, with_pids=False)
         self.authz.check_job(caller, job)
         members = self.manager.member_pids(jid)
         allowed = [p for p in members if self.authz.may_signal(caller, p)]
@@ -329,7 +330,7 @@ class Operations:
 
     def op_end(self, caller: Caller, req: Request) -> Dict[str, Any]:
         jid = get_jid(req)
-        self.authz.check_job(caller, self.manager.job(jid))
+        self.authz.check_job(caller, self.manager.job(jid, with_pids=False))
         return job_json(self.manager.end(jid))
 
     def op_freeze(self, caller: Caller, req: Request) -> Dict[str, Any]:
@@ -340,7 +341,7 @@ class Operations:
 
     def _freeze(self, caller: Caller, req: Request, freeze: bool) -> Any:
         jid = get_jid(req)
-        self.authz.check_job(caller, self.manager.job(jid))
+        self.authz.check_job(caller, self.manager.job(jid, with_pids=False))
         # The rule of kill: a freezer stops every member, so every member must
         # be one the caller may signal (members of other users, e.g. root's
         # process attached by root, are not theirs to stop).
@@ -368,7 +369,7 @@ class Operations:
         if not tags:
             raise ProtocolError("'tags' must name at least one tag to set (or, with an "
                                 "empty value, to remove)")
-        self.authz.check_job(caller, self.manager.job(jid))
+        self.authz.check_job(caller, self.manager.job(jid, with_pids=False))
         return job_json(self.manager.set_tags(jid, tags, durable=False))
 
     def op_ja(self, caller: Caller, req: Request) -> Dict[str, Any]:
