@@ -854,8 +854,15 @@ class JobManager:
             p for p in pids if p in state.members]
         return self.backend.signal(state.snapshot(with_pids=False), sig, targets)
 
-    def member_pids(self, jid: int) -> List[int]:
-        return sorted(self._running(jid).members)
+    def member_pids(self, jid: int, among: Iterable[int] = ()) -> List[int]:
+        """The sorted member pids of running job *jid*. *among*: pids that may be
+        all of them (those just attached): when they are, the index is not
+        scanned (listing members scans all of it, 100,000+ slots on a busy node)."""
+        members = self._running(jid).members
+        found = [p for p in among if p in members]
+        if len(found) == len(members):
+            return sorted(found)
+        return sorted(members)
 
     def set_frozen(self, jid: int, frozen: bool) -> None:
         """Freeze or thaw running job *jid* (the backend may refuse: cnproc cannot)."""

@@ -162,8 +162,11 @@ class Operations:
             # A pid exited between the check and the attach: do not leave an empty job.
             self.manager.end(job.jid, reason="create failed")
             raise
-        # (An empty job's reply is the job as created: no second snapshot.)
-        return job_json(self.manager.job(job.jid) if pids else job)
+        if not pids:
+            return job_json(job)  # as created: no second snapshot
+        out = job_json(self.manager.job(job.jid, with_pids=False), with_pids=False)
+        out["pids"] = self.manager.member_pids(job.jid, among=pids)
+        return out
 
     def op_attach(self, caller: Caller, req: Request) -> Dict[str, Any]:
         authz = self.authz
