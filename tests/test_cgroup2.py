@@ -365,6 +365,8 @@ def test_born_inside_zombie_is_attached_and_closed(harness: Harness, area) -> No
             c.attach(job["jid"], [pid])
             done = c.wait(job["jid"], timeout=5)
             assert done["ended"] is True
+            # Watched from the first attach of a live process on: this job never was.
+            assert c.status()["backend_status"]["emptied_notices"] == 0
         finally:
             os.waitpid(pid, 0)
         wait_for(lambda: not os.path.exists(path), 5, what="job cgroup removed")
