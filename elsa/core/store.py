@@ -401,18 +401,16 @@ class Store:
         share the next one (group commit)."""
         with self._cond:
             done = self._committed >= mark
-            if done:
-                pass  # committed already (a timed batch took it): notify at once
-            elif self._notify_at:
-                # The writer was woken for an earlier mark and keeps committing
-                # until it has this one: waking it again would only hand the
-                # GIL back and forth.
+            if not done:
+                # (Already set: the writer was woken for an earlier mark and
+                # commits again until it has this one.)
+                if not self._notify_at:
+                    self._cond.notify_all()
                 self._notify_at = max(self._notify_at, mark)
-                return
-            else:
-                self._notify_at = mark
-                self._cond.notify_all()
         if done:
+            # A timed batch took it already: notify now. Setting _notify_at
+            # instead would make the writer commit empty batches until the
+            # next write arrives.
             self._notify()
 
     def _notify(self) -> None:
