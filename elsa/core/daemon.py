@@ -160,7 +160,8 @@ class Daemon:
         control = self.control = ControlServer(
             cfg.socket, ops, authz, store, limits=limits,
             add_reader=functools.partial(loop.add_reader, events_first=True),
-            remove_reader=loop.remove_reader, set_writer=loop.set_writer)
+            remove_reader=loop.remove_reader, set_writer=loop.set_writer,
+            after_pass=loop.add_after_pass)
         loop.urgent = lambda: bool(control.waiters)
         manager.after_end.append(control.job_ended)
         loop.add_reader(store.commit_notifications(), control.on_commit)
