@@ -7,8 +7,8 @@ The `run` tests use the installed console script (a real exec); the others call
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import time
