@@ -168,9 +168,20 @@ class ProcEvents:
         manager = self.manager
         if jid not in manager.jobs:
             return
-        # Exit events still queued on the proc connector carry exit codes (and
-        # often end the job by themselves): take them first.
-        self.drain()
+        # Every event queued before the notice first: exit events carry exit
+        # codes (and often end the job by themselves), and fork events make
+        # the job's later processes members. After a burst hold the backlog
+        # is more than one drain's worth; ending the job after the first
+        # drain left the forks behind it outside the job (their records
+        # without a job). Bounded by what was queued at the notice (256 bytes:
+        # the smallest charge per message BurstHold.calibrate accepts), as
+        # other processes' events keep arriving in a storm.
+        backlog = self.connector.queued()[0]
+        read = 0
+        while not self.drain() and not self._draining:
+            read += self.drained
+            if read * 256 >= backlog:
+                break
         if jid in manager.jobs:
             manager.job_emptied(jid)
 
