@@ -27,6 +27,19 @@ Everything that produces, stores or reports usage goes through this module:
   applies the same match to whole files (:data:`ATTRIBUTE_SQL`), converting a
   record's start time to clock ticks of the boot it ran in through the boot
   times elsad records (:func:`save_boot_epoch`).
+
+  A process that forked and exited while elsad was down is in no membership:
+  the proc connector's events of that time are gone. Its record still names
+  its parent (``ppid``), and a child is a member of the job its parent was a
+  member of when it forked (that is how membership spreads). So a record whose
+  own identity matches nothing, among records memory does not cover, follows
+  its ppid chain (:func:`attribute_by_parent`): first to a parent record among
+  the records read with it (the parent exits later, so its record follows the
+  child's in the file; recursively, for parents that also lived only in the
+  downtime), then to a membership of the parent pid that began before the
+  child started and had not ended (:data:`PARENT_SQL`, and the live members
+  in memory). Start times guard every step against pid reuse. A cgroup job's
+  counters need none of this: the kernel counted the downtime in the cgroup.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.model import CLOCK_TICKS
 
@@ -88,7 +101,7 @@ ROW_FIELDS = ("source", "jid", "pid", "start_ticks", "start_time", "end_time", "
 UsageRow = Tuple[Any, ...]
 
 #: Row positions the aggregator reads.
-SRC, JID, PID, START_TICKS, START_TIME, END = 0, 1, 2, 3, 4, 5
+SRC, JID, PID, START_TICKS, START_TIME, END, PPID = 0, 1, 2, 3, 4, 5, 6
 
 
 def record_row(rec: UsageRecord, jid: Optional[int]) -> UsageRow:
@@ -253,6 +266,99 @@ def identity(row: Sequence[Any], boot_epoch: float) -> Tuple[Optional[int], int]
 #: The stored membership history, for one boot: (boot_id, pid, lo, hi, start).
 HISTORY_SQL = ("SELECT jid FROM members WHERE boot_id = ? AND pid = ? "
                "AND start_ticks BETWEEN ? AND ? ORDER BY abs(start_ticks - ?) LIMIT 1")
+
+#: A parent in the stored membership history of one boot: a member with pid ppid
+#: that started no later than the child and was a member when the child started
+#: (born into the job, or attached before; not yet left). Parameters: (boot_id,
+#: ppid, child start ticks + tolerance, child start epoch - tolerance, child start
+#: epoch + tolerance). A member closed when elsad found it gone after a restart
+#: has ``left`` at that moment, after its real exit: the child's own start bounds
+#: the match, and a parent record read with the child wins over the membership.
+PARENT_SQL = ("SELECT jid FROM members WHERE boot_id = ? AND pid = ? AND start_ticks <= ? "
+              "AND (left IS NULL OR left >= ?) AND (how <> 'attach' OR joined <= ?) "
+              "ORDER BY start_ticks DESC LIMIT 1")
+
+#: (ppid, child start ticks, tolerance ticks, child start epoch) -> jid: a
+#: membership of the parent when the child started (memory or the store).
+ParentLookup = Callable[[int, int, int, float], Optional[int]]
+
+
+def attribute_by_parent(rows: Sequence[Sequence[Any]], jids: List[Optional[int]],
+                        todo: Sequence[int], boot_epoch: float,
+                        parent_member: ParentLookup) -> int:
+    """The ppid rule: fill ``jids[i]`` for each index *i* in *todo* (rows whose
+    own identity matched no membership, beyond what memory covers) through
+    the record's parent. Returns how many got a job.
+
+    *rows* is everything read together, *jids* their jobs so far (by
+    identity; ``None`` for a row no job holds). The parent of row *i* is,
+    first, a row *j* of the batch with ``pid == ppid`` that started no later
+    than *i* and ended no earlier (both within the sources' start tolerance;
+    the latest such start, should the pid have been reused): *i* gets *j*'s
+    job, by identity or, when *j* is in *todo* too, through *j*'s own parent.
+    A parent row in the batch that no job holds means *i* is in none either.
+    Without a parent row, the parent was alive at the end of the batch or
+    died before it: ``parent_member(ppid, start, tolerance, start_epoch)``
+    gives its membership at the child's start. ppid 0 (the parent had exited
+    before the kernel wrote a taskstats record) and 1 (orphans reparented to
+    init) lead nowhere."""
+    if not todo:
+        return 0
+    ident = [identity(r, boot_epoch) for r in rows]
+    by_pid: Dict[int, List[int]] = {}
+    for i, r in enumerate(rows):
+        by_pid.setdefault(r[PID], []).append(i)
+    pending = set(todo)
+    memo: Dict[int, Optional[int]] = {}
+
+    def parent_row(i: int, start: int, tol: int) -> Optional[int]:
+        best_j, best_start = None, None
+        for j in by_pid.get(rows[i][PPID], ()):
+            s, t = ident[j]
+            if s is None or j == i:
+                continue
+            slack = max(tol, t)
+            end = (rows[j][END] - boot_epoch) * CLOCK_TICKS
+            if s <= start + slack and end >= start - slack and (
+                    best_start is None or s > best_start):
+                best_j, best_start = j, s
+        return best_j
+
+    found = 0
+    for i in todo:
+        path: List[int] = []
+        on_path = set()
+        cur = i
+        jid: Optional[int] = None
+        while True:
+            if cur in memo:
+                jid = memo[cur]
+                break
+            if cur not in pending:
+                jid = jids[cur]
+                break
+            if cur in on_path:  # a ppid loop cannot happen; stay bounded anyway
+                break
+            path.append(cur)
+            on_path.add(cur)
+            start, tol = ident[cur]
+            ppid = rows[cur][PPID]
+            if start is None or ppid is None or ppid <= 1:
+                break
+            j = parent_row(cur, start, tol)
+            if j is None:
+                jid = parent_member(ppid, start, tol, boot_epoch + start / CLOCK_TICKS)
+                break
+            cur = j
+        for p in path:
+            memo[p] = jid
+    for i in todo:
+        jid = memo.get(i)
+        if jid is not None:
+            jids[i] = jid
+            found += 1
+    return found
+
 
 BOOT_PREFIX = "boot_epoch:"
 
