@@ -11,7 +11,9 @@ Everything that produces, stores or reports usage goes through this module:
 * **Metrics.** :data:`METRICS` and how per-process values combine into a job's
   (:data:`SUM_METRICS`, :data:`MAX_METRICS`).
 * **Source priority.** Where sources overlap, the figure of the source with the
-  lowest ``priority`` wins, per metric (:func:`best`); summaries count the
+  lowest ``priority`` wins, per metric (:func:`best`), unless it is flagged
+  incomplete for the job (records lost, elsad down) and a complete source has
+  the metric (:func:`fallbacks` says why); summaries count the
   per-process records of the best process-level source only, so nothing is
   counted twice. The priority is a field of each source's spec
   (:class:`elsa.core.source.SourceSpec`): elsad saves the installed sources'
@@ -185,16 +187,26 @@ def priority_sql(column: str, prios: Priorities) -> Tuple[str, list]:
     return f"(CASE {column} {' '.join(parts)} ELSE {DEFAULT_PRIORITY} END)", params
 
 
-def best(per_source: Mapping[str, Mapping[str, Any]], prios: Priorities
+def _rank(per_source: Mapping[str, Any], prios: Priorities,
+          incomplete: Optional[Mapping[str, str]]) -> List[str]:
+    """Sources in the order :func:`best` tries them: complete before incomplete,
+    then by priority."""
+    bad = incomplete or {}
+    return sorted(per_source, key=lambda s: (s in bad, priority(s, prios), s))
+
+
+def best(per_source: Mapping[str, Mapping[str, Any]], prios: Priorities,
+         incomplete: Optional[Mapping[str, str]] = None
          ) -> Tuple[Dict[str, Any], Dict[str, str]]:
     """The best figure of each metric and the source it came from.
 
     *per_source* maps a source name to its job totals (metric -> value, ``None``
-    when the source does not measure it). Per metric, the source with the lowest
-    priority that has a value wins."""
+    when the source does not measure it); *incomplete* maps the sources flagged
+    incomplete for the job to why. Per metric, the source with the lowest
+    priority that has a value wins, among the complete ones when any has it."""
     values: Dict[str, Any] = {}
     chosen: Dict[str, str] = {}
-    order = sorted(per_source, key=lambda s: (priority(s, prios), s))
+    order = _rank(per_source, prios, incomplete)
     for metric in METRICS:
         for src in order:
             v = per_source[src].get(metric)
@@ -207,9 +219,26 @@ def best(per_source: Mapping[str, Mapping[str, Any]], prios: Priorities
     return values, chosen
 
 
+def fallbacks(chosen: Mapping[str, str], per_source: Mapping[str, Mapping[str, Any]],
+              prios: Priorities, incomplete: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    """Metric -> why its figure is not from the source that ranks first for it:
+    that source is flagged incomplete for the job (see :func:`best`)."""
+    out: Dict[str, str] = {}
+    if not incomplete:
+        return out
+    for metric, src in chosen.items():
+        skipped = [s for s in sorted(per_source, key=lambda s: (priority(s, prios), s))
+                   if s in incomplete and s != src
+                   and per_source[s].get(metric) is not None
+                   and priority(s, prios) <= priority(src, prios)]
+        if skipped:
+            out[metric] = (f"from {src}: {', '.join(skipped)} incomplete for this job")
+    return out
+
+
 def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
-                      per_source: Mapping[str, Mapping[str, Any]], prios: Priorities
-                      ) -> Optional[str]:
+                      per_source: Mapping[str, Mapping[str, Any]], prios: Priorities,
+                      incomplete: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The CPU rule for a job: never below its own process records.
 
     A process counts whole in the job it ended in: its record holds the CPU it
@@ -225,7 +254,7 @@ def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
     counted = [s for s, v in per_source.items() if v.get("processes")]
     if not counted:
         return None
-    src = min(counted, key=lambda x: (priority(x, prios), x))
+    src = _rank(counted, prios, incomplete)[0]
     rec = per_source[src]
     if any(rec.get(m) is None for m in cpu):
         return None
