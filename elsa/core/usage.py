@@ -418,7 +418,9 @@ def save_boot_epoch(execute: Execute, boot_id: str, epoch: float) -> None:
 
 # -- accumulating into the per-hour and per-job tables -------------------------------------
 # The one ON CONFLICT clause of each table: every writer (the store's triggers, bulk import,
-# folded records) adds a row's figures to what the table holds the same way.
+# folded records) adds a row's figures to what the table holds the same way. A job's sums
+# skip unknowns as SQL's SUM() does: the row may exist with no figures yet (a source
+# flagged incomplete before its first record, e.g. right after a restart).
 
 ROLLUP_ACCUMULATE = """
     ON CONFLICT DO UPDATE SET
@@ -434,24 +436,10 @@ ROLLUP_ACCUMULATE = """
         minflt = minflt + excluded.minflt,
         majflt = majflt + excluded.majflt"""
 
-JOB_USAGE_ACCUMULATE = """
-    ON CONFLICT DO UPDATE SET
-        processes = processes + excluded.processes,
-        cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-        cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-        elapsed_us = elapsed_us + excluded.elapsed_us,
-        max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                         COALESCE(excluded.max_rss_kb, max_rss_kb)),
-        max_vm_kb = MAX(COALESCE(max_vm_kb, excluded.max_vm_kb),
-                        COALESCE(excluded.max_vm_kb, max_vm_kb)),
-        read_bytes = read_bytes + excluded.read_bytes,
-        write_bytes = write_bytes + excluded.write_bytes,
-        read_chars = read_chars + excluded.read_chars,
-        write_chars = write_chars + excluded.write_chars,
-        minflt = minflt + excluded.minflt,
-        majflt = majflt + excluded.majflt,
-        nvcsw = nvcsw + excluded.nvcsw,
-        nivcsw = nivcsw + excluded.nivcsw,
-        coremem_kb_us = coremem_kb_us + excluded.coremem_kb_us,
-        virtmem_kb_us = virtmem_kb_us + excluded.virtmem_kb_us,
-        updated = MAX(COALESCE(updated, 0), excluded.updated)"""
+JOB_USAGE_ACCUMULATE = (
+    "\n    ON CONFLICT DO UPDATE SET\n"
+    + "".join(f"        {c} = COALESCE({c} + excluded.{c}, {c}, excluded.{c}),\n"
+              for c in ("processes",) + SUM_METRICS)
+    + "".join(f"        {c} = MAX(COALESCE({c}, excluded.{c}), COALESCE(excluded.{c}, {c})),\n"
+              for c in MAX_METRICS)
+    + "        updated = MAX(COALESCE(updated, 0), excluded.updated)")
