@@ -61,7 +61,8 @@ def _held_by_ancestor(path: str) -> bool:
     under `flock /tmp/elsa-kacct.lock pytest ...`): taking it again would wait
     for ourselves."""
     try:
-        inode = os.stat(path).st_ino
+        st = os.stat(path)
+        ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         with open("/proc/locks") as fh:
             lines = fh.read().splitlines()
     except OSError:
@@ -69,7 +70,7 @@ def _held_by_ancestor(path: str) -> bool:
     mine = set(_ancestors())
     for line in lines:
         f = line.split()
-        if len(f) >= 6 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(inode):
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5] == ident:
             if f[4].isdigit() and int(f[4]) in mine:
                 return True
     return False
