@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -30,14 +28,12 @@ from bench_pacct_summary import (
     T0,
     USERS,
     best_time,
-    cache_dir,
     compile_bytecode,
     elsa_cmd,
-    make_pacct,
     print_rows,
     row,
 )
-from bench_store_summary import SECONDS_PER_RECORD, build_store
+from bench_store_summary import SECONDS_PER_RECORD, pacct_and_store
 
 REPRO = "python3 benchmarks/bench_bill.py"
 CONFIG = """
@@ -58,20 +54,7 @@ sunday = "none"
 
 
 def main(records: int = 10_000_000, runs: int = 3) -> List[Dict[str, Any]]:
-    if shutil.which("sa") is None:
-        raise SystemExit("GNU sa (Debian/Ubuntu package 'acct') is needed as the peer")
-    d = cache_dir()
-    pacct_path = os.path.join(d, f"pacct-{records}.bin")
-    if not os.path.exists(pacct_path) or os.path.getsize(pacct_path) != records * 64:
-        make_pacct(pacct_path, records, SECONDS_PER_RECORD)
-    db_path = os.path.join(d, f"store-{records}", "elsa.db")
-    marker = db_path + ".complete"
-    if not os.path.exists(marker):
-        os.makedirs(os.path.dirname(db_path), exist_ok=True)
-        t = time.perf_counter()
-        build_store(db_path, records)
-        with open(marker, "w") as fh:
-            fh.write(f"built in {time.perf_counter() - t:.1f} s\n")
+    pacct_path, db_path = pacct_and_store(records)
     compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="elsa-bench-bill-") as tmp:
         cfg = os.path.join(tmp, "elsa.toml")

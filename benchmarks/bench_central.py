@@ -32,8 +32,8 @@ from typing import Any, Dict, List
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_pacct_summary import COMMANDS, T0, USERS, best_time, cache_dir, elsa_cmd, row
-from bench_store_summary import SECONDS_PER_RECORD, build_store
+from bench_pacct_summary import COMMANDS, T0, USERS, best_time, elsa_cmd, row
+from bench_store_summary import SECONDS_PER_RECORD, build_store, cached_store
 
 REPRO = "sudo python3 benchmarks/bench_central.py"
 
@@ -99,14 +99,7 @@ def ingest(srv: Any, n: int) -> List[Dict[str, Any]]:
 
 
 def summary(srv: Any, records: int, runs: int) -> List[Dict[str, Any]]:
-    d = cache_dir()
-    db_path = os.path.join(d, f"store-{records}", "elsa.db")
-    marker = db_path + ".complete"
-    if not os.path.exists(marker):
-        os.makedirs(os.path.dirname(db_path), exist_ok=True)
-        build_store(db_path, records)
-        with open(marker, "w") as fh:
-            fh.write("built\n")
+    db_path = cached_store(records)
     _fresh(srv, "summary")
     ms = int(SECONDS_PER_RECORD * 1000)
     chunk = 1_000_000
@@ -147,7 +140,7 @@ def summary(srv: Any, records: int, runs: int) -> List[Dict[str, Any]]:
                 REPRO)]
 
 
-def main(ingest_rows: int = 200_000, records: int = 1_000_000,
+def main(ingest_rows: int = 200_000, records: int = 10_000_000,
          runs: int = 3) -> List[Dict[str, Any]]:
     from elsa.central.pgserver import PgServer
 
@@ -163,7 +156,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ingest-rows", type=int, default=200_000)
-    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--records", type=int, default=10_000_000)
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()
     rows = main(a.ingest_rows, a.records, a.runs)

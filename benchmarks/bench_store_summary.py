@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,14 +84,20 @@ def check_equivalent(db_path: str, n: int) -> None:
         assert r["cpu_user_us"] == int(want_cpu[u]), (u, r["cpu_user_us"], want_cpu[u])
 
 
-def main(records: int = 10_000_000, runs: int = 3) -> List[Dict[str, Any]]:
+def pacct_and_store(records: int) -> Tuple[str, str]:
+    """The cached pacct file and the store of the same *records* (built on first use):
+    (pacct path, store path). GNU sa is the peer of every benchmark that uses them."""
     if shutil.which("sa") is None:
         raise SystemExit("GNU sa (Debian/Ubuntu package 'acct') is needed as the peer")
-    d = cache_dir()
-    pacct_path = os.path.join(d, f"pacct-{records}.bin")
+    pacct_path = os.path.join(cache_dir(), f"pacct-{records}.bin")
     if not os.path.exists(pacct_path) or os.path.getsize(pacct_path) != records * 64:
         make_pacct(pacct_path, records, SECONDS_PER_RECORD)
-    db_path = os.path.join(d, f"store-{records}", "elsa.db")
+    return pacct_path, cached_store(records)
+
+
+def cached_store(records: int) -> str:
+    """The path of the store of *records* generated process rows, built on first use."""
+    db_path = os.path.join(cache_dir(), f"store-{records}", "elsa.db")
     marker = db_path + ".complete"
     if not os.path.exists(marker):
         os.makedirs(os.path.dirname(db_path), exist_ok=True)
@@ -99,6 +105,11 @@ def main(records: int = 10_000_000, runs: int = 3) -> List[Dict[str, Any]]:
         build_store(db_path, records)
         with open(marker, "w") as fh:
             fh.write(f"built in {time.perf_counter() - t:.1f} s\n")
+    return db_path
+
+
+def main(records: int = 10_000_000, runs: int = 3) -> List[Dict[str, Any]]:
+    pacct_path, db_path = pacct_and_store(records)
     check_equivalent(db_path, records)
     peer = best_time(["sa", "-m", pacct_path], runs)
     elsa = best_time(elsa_cmd() + ["summary", "--by", "user", "--db", db_path], runs)

@@ -20,6 +20,7 @@ from elsa.client import Client, RequestFailed, default_socket
 from elsa.core.model import format_jid, parse_jid
 from elsa.errors import DaemonUnavailable, ElsaError
 from elsa.protocol import parse_signal
+from elsa.users import passwd_name
 
 PROG = "elsa-jobmng"
 
@@ -217,18 +218,8 @@ def job_out(job: Dict[str, Any], with_pids: bool = True) -> Dict[str, Any]:
     return out
 
 
-_user_cache: Dict[int, Optional[str]] = {}
-
-
 def _user_name(uid: Optional[int]) -> Optional[str]:
-    if uid is None:
-        return None
-    if uid not in _user_cache:
-        try:
-            _user_cache[uid] = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            _user_cache[uid] = None
-    return _user_cache[uid]
+    return None if uid is None else passwd_name(uid)
 
 
 def _uid_of(user: str) -> int:

@@ -13,6 +13,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
+from elsa import users
 from elsa.report import cli as report_cli
 from elsa.report import query, remote  # noqa: F401  (loaded before the children drop root)
 from tests.test_control_auth import (  # noqa: F401  (fixtures)
@@ -49,7 +50,7 @@ def test_store_is_private_and_reports_go_through_elsad(shared_dir, elsad, accoun
     assert as_user(a, lambda: os.access(db, os.R_OK)) is False
     common = ("--state-dir", d.state_dir, "--socket", d.socket)
     # Root reads the store itself; A gets the same rows for A's jobs, via elsad.
-    query._USERS.clear()  # uids of users other tests created and removed
+    users._NAMES.clear()  # uids of users other tests created and removed
     mine = json.loads(elsa_as_main("jobs", "--json", *common)()["stdout"])
     r = as_user(a, elsa_as_main("jobs", "--json", *common))
     assert r["rc"] == 0, r["stderr"]

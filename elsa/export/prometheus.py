@@ -28,7 +28,6 @@ series stop (Prometheus marks them stale at the next scrape).
 from __future__ import annotations
 
 import os
-import pwd
 import socket
 import sqlite3
 import threading
@@ -38,6 +37,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 from elsa.config import Option, non_negative, positive
 from elsa.hookspecs import hookimpl
 from elsa.logsetup import structlog
+from elsa.users import user_name
 
 log = structlog.get_logger("elsa.export.prometheus")
 
@@ -286,7 +286,6 @@ class PrometheusExporter:
         self._status: Mapping[str, Any] = {}
         self._snapshot = Snapshot((), {})
         self._last: Dict[int, Tuple[Optional[float], ...]] = {}  # sampler thread only
-        self._users: Dict[int, str] = {}
         self._db: Optional[sqlite3.Connection] = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -326,21 +325,11 @@ class PrometheusExporter:
         self._status = status
 
     # -- sampler thread ----------------------------------------------------------------
-    def _user(self, uid: int) -> str:
-        name = self._users.get(uid)
-        if name is None:
-            try:
-                name = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                name = str(uid)
-            self._users[uid] = name
-        return name
-
     def _labels(self, job: Any) -> Tuple[str, ...]:
         from elsa.export.records import jid_text
 
         tags = dict(job.tags)
-        return (jid_text(job.jid), job.name, self._user(job.owner_uid),
+        return (jid_text(job.jid), job.name, user_name(job.owner_uid),
                 *(str(tags.get(t, "")) for t in self.tags))
 
     def _dir(self, job: Any) -> Optional[str]:

@@ -15,7 +15,6 @@ again.
 
 from __future__ import annotations
 
-import pwd
 import socket
 import sqlite3
 import time
@@ -25,6 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 from elsa.core.model import format_jid, parse_jid
 from elsa.errors import StoreError
 from elsa.report import query
+from elsa.users import passwd_name
 
 CREATE_EXPORTED = ("CREATE TABLE IF NOT EXISTS exported (target TEXT NOT NULL, "
                    "jid INTEGER NOT NULL, exported REAL NOT NULL, PRIMARY KEY (target, jid))")
@@ -98,17 +98,7 @@ def jid_text(jid: Any) -> str:
     return jid if isinstance(jid, str) else format_jid(jid)
 
 
-_USERS: Dict[int, Optional[str]] = {}
-
-
-def user_of(uid: int) -> Optional[str]:
-    """The passwd name of *uid*, None when it has none."""
-    if uid not in _USERS:
-        try:
-            _USERS[uid] = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            _USERS[uid] = None
-    return _USERS[uid]
+user_of = passwd_name
 
 
 def host_name() -> str:

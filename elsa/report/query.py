@@ -41,6 +41,7 @@ from elsa.core.usage import (
     priority_sql,
 )
 from elsa.errors import StoreError
+from elsa.users import user_name
 
 USAGE_SCHEMA = 2
 BUCKET = 3600
@@ -340,24 +341,6 @@ def job_residuals(db: Any, since: Optional[float] = None, until: Optional[float]
         ru, rs = out.get(owners[jid], (0, 0))
         out[owners[jid]] = (ru + user, rs + total - user)
     return out
-
-
-_USERS: Dict[int, str] = {}
-
-
-def user_name(uid: Optional[int]) -> str:
-    if uid is None or uid < 0:
-        return "?"
-    name = _USERS.get(uid)
-    if name is None:
-        import pwd
-
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = str(uid)
-        _USERS[uid] = name
-    return name
 
 
 # -- jobs ------------------------------------------------------------------------------------
