@@ -183,3 +183,36 @@ def test_migration_recounts_rows_that_lost_their_sums(tmp_path):
     db.execute(INSERT_PROC, record_row(UsageRecord(
         "taskstats", 12, start_ticks=12, cpu_user_us=100, start_time=1.0, end_time=2.0), 5))
     assert db.execute("SELECT processes, cpu_user_us FROM job_usage").fetchone() == (3, 300)
+
+
+def test_import_acct_follows_the_ppid_chain(tmp_path):
+    """elsa import-acct: the records of a subtree forked and exited while elsad was
+    down (300 -> 400) join the job of their parent's membership (200)."""
+    from elsa.core.usage import save_boot_epoch
+    from elsa.kernel import pacct
+    from elsa.report.importer import import_files, open_for_import
+
+    db_path = str(tmp_path / "elsa.db")
+    epoch = 1_700_000_000.0
+    db = open_for_import(db_path)
+    save_boot_epoch(db.execute, "b1", epoch)
+    db.execute("INSERT INTO members(boot_id, pid, start_ticks, jid, joined, how) "
+               "VALUES ('b1', 200, ?, 1, ?, 'fork')", (ticks(100), epoch + 100))
+    db.close()
+
+    def rec(pid, ppid, start, elapsed):
+        return pacct.AcctRecord(offset=0, flag=0, tty=0, exitcode=0, uid=0, gid=0, pid=pid,
+                                ppid=ppid, btime=int(epoch) + start, etime=elapsed * 100,
+                                utime=5, stime=1, mem=0, io=0, rw=0, minflt=0, majflt=0,
+                                comm=f"p{pid}")
+    f = tmp_path / "pacct"
+    f.write_bytes(pacct.encode([
+        rec(400, 300, 150, 1), rec(300, 200, 140, 20),  # the subtree, children first
+        rec(500, 499, 150, 1),                           # nobody's
+        rec(600, 200, 50, 1)]))                          # started before 200: not its child
+    res = import_files(db_path, [str(f)])
+    assert res[0]["inserted"] == 4
+    db = sqlite3.connect(db_path)
+    got = dict(db.execute("SELECT pid, jid FROM proc_usage").fetchall())
+    assert got == {400: 1, 300: 1, 500: None, 600: None}
+    assert db.execute("SELECT processes FROM job_usage WHERE jid = 1").fetchone() == (2,)

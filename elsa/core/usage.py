@@ -416,6 +416,101 @@ def save_boot_epoch(execute: Execute, boot_id: str, epoch: float) -> None:
     execute(_SET_META, (BOOT_PREFIX + boot_id, repr(round(epoch, 3))))
 
 
+#: Chains longer than this are not followed by :func:`attribute_imported_by_parent`.
+MAX_CHAIN = 64
+
+
+def attribute_imported_by_parent(db: sqlite3.Connection, lo: int, hi: int) -> int:
+    """The ppid rule for imported rows (ids in (lo, hi]) that :data:`ATTRIBUTE_SQL`
+    left without a job. Returns how many got one.
+
+    Only rows that can lead to a job are read: those whose ppid is the pid of
+    a member alive during the imported records' time or of a row just
+    attributed, then (until nothing is added) those whose ppid is a pid of
+    such a row; with the rows that can be their parents. Each row is matched
+    in the boot it ran in (the last boot elsad recorded that began before
+    it)."""
+    boots = sorted((float(v), k[len(BOOT_PREFIX):]) for k, v in db.execute(
+        "SELECT key, value FROM meta WHERE key LIKE ?", (BOOT_PREFIX + "%",)))
+    if not boots:
+        return 0
+    span = db.execute("SELECT MIN(start_time), MAX(end_time) FROM proc_usage "
+                      "WHERE id > ? AND id <= ? AND jid IS NULL", (lo, hi)).fetchone()
+    if span[0] is None:
+        return 0
+    epochs = dict((b, e) for e, b in boots)
+    leads = {pid for (pid,) in db.execute(
+        "SELECT DISTINCT pid FROM members WHERE left IS NULL OR left >= ?", (span[0],))}
+    leads.update(pid for (pid,) in db.execute(
+        "SELECT DISTINCT pid FROM proc_usage WHERE id > ? AND id <= ? AND jid IS NOT NULL",
+        (lo, hi)))
+    cols = "id, source, jid, pid, start_ticks, start_time, end_time, ppid"
+    todo: Dict[int, Tuple[Any, ...]] = {}
+    for _ in range(MAX_CHAIN):
+        new = [r for r in _rows_with_ppid(db, cols, lo, hi, leads, "jid IS NULL")
+               if r[0] not in todo]
+        if not new:
+            break
+        for r in new:
+            todo[r[0]] = r
+        leads = {r[3] for r in new}
+    if not todo:
+        return 0
+    parents = {r[0]: r for r in _rows_with_pid(db, cols, lo, hi, {r[7] for r in todo.values()})}
+    found = 0
+    by_boot: Dict[str, List[Tuple[Any, ...]]] = {}
+    for r in {**parents, **todo}.values():
+        t = r[5]
+        boot = None
+        for epoch, boot_id in boots:
+            if t is not None and epoch <= t + ACCT_TOLERANCE_S:
+                boot = boot_id
+        if boot is not None:
+            by_boot.setdefault(boot, []).append(r)
+    for boot_id, group in by_boot.items():
+        epoch = epochs[boot_id]
+        # attribute_by_parent reads rows in ROW_FIELDS order: source, jid, pid,
+        # start_ticks, start_time, end, ppid.
+        rows = [r[1:] for r in group]
+        jids: List[Optional[int]] = [r[2] for r in group]
+        idx = [i for i, r in enumerate(group) if r[0] in todo]
+
+        def member(ppid: int, start: int, tol: int, start_epoch: float,
+                   _boot: str = boot_id) -> Optional[int]:
+            tol_s = tol / CLOCK_TICKS
+            row = db.execute(PARENT_SQL, (_boot, ppid, start + tol, start_epoch - tol_s,
+                                          start_epoch + tol_s)).fetchone()
+            return row[0] if row else None
+        found += attribute_by_parent(rows, jids, idx, epoch, member)
+        db.executemany("UPDATE proc_usage SET jid = ? WHERE id = ?",
+                       [(jids[i], group[i][0]) for i in idx if jids[i] is not None])
+    return found
+
+
+def _rows_with_ppid(db: sqlite3.Connection, cols: str, lo: int, hi: int, ppids: set,
+                    where: str) -> List[Tuple[Any, ...]]:
+    out: List[Tuple[Any, ...]] = []
+    pids = sorted(ppids)
+    for i in range(0, len(pids), 500):  # SQLite's bound-parameter limit
+        chunk = pids[i:i + 500]
+        out += db.execute(f"SELECT {cols} FROM proc_usage WHERE id > ? AND id <= ? AND {where} "
+                          f"AND ppid IN ({', '.join('?' * len(chunk))})",
+                          [lo, hi, *chunk]).fetchall()
+    return out
+
+
+def _rows_with_pid(db: sqlite3.Connection, cols: str, lo: int, hi: int, pids: set
+                   ) -> List[Tuple[Any, ...]]:
+    out: List[Tuple[Any, ...]] = []
+    ordered = sorted(pids)
+    for i in range(0, len(ordered), 500):
+        chunk = ordered[i:i + 500]
+        out += db.execute(f"SELECT {cols} FROM proc_usage WHERE id > ? AND id <= ? "
+                          f"AND pid IN ({', '.join('?' * len(chunk))})",
+                          [lo, hi, *chunk]).fetchall()
+    return out
+
+
 # -- accumulating into the per-hour and per-job tables -------------------------------------
 # The one ON CONFLICT clause of each table: every writer (the store's triggers, bulk import,
 # folded records) adds a row's figures to what the table holds the same way. A job's sums
