@@ -183,16 +183,16 @@ def _run(workdir: Path, d: DaemonProc, spawned: list, base: str, kill: bool
         have = j["usage"]["sources"]
         return all(s in have for s in srcs) and j
     result = wait_for(settled, 30, interval=0.2, what="every source's figures")
-    # The store commits in batches: the bsdacct count stops moving once the backlog is in.
+    # The store commits in batches: the counts stop moving once the backlog is in.
     prev: List[Any] = [None]
 
     def stable():
         j = _job(d, jid)
-        n = j["usage"]["sources"]["bsdacct"]["processes"]
+        n = tuple(j["usage"]["sources"][s]["processes"] for s in ("taskstats", "bsdacct"))
         same = n == prev[0]
         prev[0] = n
         return same and j
-    result = wait_for(stable, 30, interval=0.5, what="the bsdacct figures to settle")
+    result = wait_for(stable, 30, interval=0.5, what="the process counts to settle")
     result["_ended"] = ended["ended"]
     result["_truth_us"] = truth_us
     with d.client() as c:
@@ -226,6 +226,14 @@ def test_kill9_during_a_fork_phase_loses_nothing(tmp_path, spawned, c2bases):
                     rows = dict(db.execute("SELECT source, COUNT(*) FROM proc_usage "
                                            "WHERE jid = ? GROUP BY source", (jid,)).fetchall())
                     figures[name]["_rows"] = rows
+                    # For the failure message: processes one source has and the other not.
+                    seen = {src: {r[0]: r[1:] for r in db.execute(
+                        "SELECT pid, comm, start_time, end_time, ppid FROM proc_usage "
+                        "WHERE jid = ? AND source = ?", (jid, src))}
+                        for src in ("taskstats", "bsdacct")}
+                    figures[name]["_only_bsdacct"] = [
+                        (pid, *seen["bsdacct"][pid]) for pid in
+                        sorted(set(seen["bsdacct"]) - set(seen["taskstats"]))][:10]
                 d.stop()
         finally:
             for d in daemons:
@@ -239,7 +247,8 @@ def test_kill9_during_a_fork_phase_loses_nothing(tmp_path, spawned, c2bases):
                       "resolved_by_parent": f["_aggregator"]["resolved_by_parent"],
                       "per_source": {s: (v.get("processes"), _cpu(v))
                                      for s, v in f["usage"]["sources"].items()},
-                      "incomplete": f["usage"]["incomplete"]}
+                      "incomplete": f["usage"]["incomplete"],
+                      "only_bsdacct": f["_only_bsdacct"]}
                for name, f in figures.items()}
     print(json.dumps(summary, indent=1))
     expected = FORKS + OTHERS
