@@ -113,8 +113,10 @@ def print_rows(rows: List[Dict[str, Any]]) -> None:
         if r["peer"] is None:
             print(f"{r['metric']:44} {r['elsa']:8.3f}")
             continue
+        t = r["target"]
+        target = f"{t:6.2f}" if isinstance(t, (int, float)) else f"{t:>6}"  # "reported"
         print(f"{r['metric']:44} {r['elsa']:8.3f} {r['peer']:8.3f} {r['ratio']:6.2f} "
-              f"{r['target']:6.2f}  {'PASS' if r['passed'] else 'FAIL'}")
+              f"{target}  {'PASS' if r['passed'] else 'FAIL'}")
 
 
 def cache_dir() -> str:

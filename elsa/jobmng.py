@@ -464,7 +464,8 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
         lines.append(f"central    {central.get('url')} as {central.get('host')}: "
                      f"{'FAILING' if central.get('failing') else 'ok'}, backlog "
                      f"{_or_dash(central.get('backlog_records'))} records, "
-                     f"{_or_dash(central.get('backlog_jobs'))} jobs, oldest "
+                     f"{_or_dash(central.get('backlog_jobs'))} jobs, "
+                     f"{_or_dash(central.get('backlog_apps'))} application records, oldest "
                      f"{'-' if age is None else f'{age:.0f} s'}")
         if central.get("last_error"):
             lines.append(f"           last error: {central['last_error']}")

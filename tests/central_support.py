@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
+from elsa.apps import record
+from elsa.apps.recorder import INSERT as INSERT_APP
 from elsa.central import schema
 from elsa.central.pgserver import PgServer
 from elsa.central.shipper import OPTIONS, Shipper
@@ -82,6 +84,44 @@ def fill_store(state: Path, seed: int, jobs: int = 5, procs: int = 300) -> Store
     return st
 
 
+def app_row(seed: int, i: int, jids: Sequence[Optional[int]] = (None,), open_: bool = False,
+            **over: Any) -> Tuple[Any, ...]:
+    """One application record (elsa/apps/record.py columns) of node *seed*. Times
+    are multiples of 1/4 s so sums are exact in both stores."""
+    rnd = random.Random(seed * 100003 + i)
+    path, pkg = rnd.choice([("/usr/bin/gcc-12", ("gcc-12", "12.2.0-14")),
+                            ("/usr/bin/python3.11", ("python3.11", "3.11.2-6")),
+                            ("/home/ann/bin/sim", (None, None)), (None, (None, None))])
+    exec_time = round(NOW - 3 * 86400 + rnd.randrange(4 * 86400)) + rnd.randrange(4) / 4
+    row = {n: None for n in record.NAMES}
+    row.update(host_id=seed, boot_id=f"boot-{seed}", pid=1000 + i, start_ticks=5000 + i,
+               exec_ns=10**9 * i + 7, hostname=f"h{seed}", jid=rnd.choice(list(jids)),
+               ppid=1, exec_time=exec_time, exe_path=path,
+               path_status="resolved" if path else "gone",
+               comm=(path or "/x/mystery").rsplit("/", 1)[1][:15], uid=1000 + rnd.randrange(3),
+               euid=1000, gid=100, egid=100, package=pkg[0], package_version=pkg[1])
+    if open_:
+        row.update(end_reason="open")
+    else:
+        row.update(end_time=exec_time + rnd.randrange(1, 4000) / 4, end_reason="exit",
+                   exit_code=0, exit_signal=0, cpu_user_us=rnd.randrange(10**7),
+                   cpu_system_us=rnd.randrange(10**6), max_rss_kb=rnd.randrange(1, 10**6),
+                   read_bytes=rnd.randrange(10**8), write_bytes=rnd.randrange(10**8),
+                   figures_source="taskstats")
+    row.update(over)
+    return tuple(row.values())
+
+
+def fill_apps(store: Store, seed: int, n: int, jids: Sequence[Optional[int]] = (None,),
+              open_every: int = 10) -> List[Tuple[Any, ...]]:
+    """*n* application records through the recorder's own statement; every
+    *open_every*-th one still open (an image running when elsad stopped)."""
+    rows = [app_row(seed, i, jids, open_=i % open_every == 0) for i in range(n)]
+    store.submit_many(INSERT_APP, rows)
+    store.flush()
+    return rows
+
+
 def shipper(store: Store, url: str, host: str, **kw: Any) -> Shipper:
     sec = validate_table({"url": url, "host": host, "interval": 0.2, "retry_max": 1.0, **kw},
                          OPTIONS, where="central", path="<test>")
@@ -90,7 +130,8 @@ def shipper(store: Store, url: str, host: str, **kw: Any) -> Shipper:
 
 def drained(sh: Shipper) -> bool:
     s = sh.status()
-    return s["backlog_records"] == 0 and s["backlog_jobs"] == 0 and not s["failing"]
+    return (s["backlog_records"] == 0 and s["backlog_jobs"] == 0 and s["backlog_apps"] == 0
+            and not s["failing"])
 
 
 def central_job_totals(pg: PgServer, db: str = "postgres") -> Dict[Tuple[str, int], Tuple]:

@@ -328,6 +328,9 @@ def test_read_after_gives_finished_records_in_spool_order(store: Store) -> None:
     got = record.read_after(store.db, 0)
     assert [r.pid for _, r in got] == [10, 12]
     assert record.read_after(store.db, got[-1][0]) == []
+    # A shipper takes open records too (their closed record replaces them later).
+    every = record.rows_after(store.db, 0, finished_only=False)
+    assert [r[1:] for r in every] == [tuple(r) for r in rows]
 
 
 def test_a_raising_listener_is_isolated_and_the_manager_still_sees_exits() -> None:

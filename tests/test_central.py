@@ -10,14 +10,17 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any, Dict
 
 import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
+from elsa.apps import record  # noqa: E402
+from elsa.apps.recorder import INSERT as INSERT_APP  # noqa: E402
 from elsa.central import schema  # noqa: E402
 from elsa.central.pgserver import PgServer, pg_bindir  # noqa: E402
-from elsa.central.shipper import MARK_KEY  # noqa: E402
+from elsa.central.shipper import APP_MARK_KEY, MARK_KEY  # noqa: E402
 from elsa.core.model import parse_jid  # noqa: E402
 from elsa.errors import StoreError  # noqa: E402
 from elsa.report import query  # noqa: E402
@@ -27,8 +30,10 @@ from tests.central_support import (  # noqa: E402
     NOW,
     add_node,
     admin,
+    app_row,
     central_job_totals,
     drained,
+    fill_apps,
     fill_store,
     fresh_db,
     local_job_totals,
@@ -175,7 +180,11 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path) -> No
     assert users["alice"]["uid"] is None  # two uids folded into one site user
     local = {r["uid"]: r["processes"] for r in query.summary(query.open_db(st.path), "user")}
     assert users["alice"]["processes"] == local[1000] + local[1001]
-    assert users["1002@m1"]["processes"] == local[1002]
+    with admin(pg, "umap") as c:
+        # Unmapped: the name the node had for the uid (its bare number when none).
+        (name,) = c.execute("SELECT name FROM host_users WHERE host = 'm1' AND uid = 1002"
+                            ).fetchone()
+    assert users[f"{name}@m1"]["processes"] == local[1002]
     st.close()
 
 
@@ -294,6 +303,7 @@ def test_web_pages_over_the_central_store(pg: PgServer, tmp_path: Path) -> None:
     fresh_db(pg, "web")
     url = add_node(pg, "n1", "web")
     st = fill_store(tmp_path / "n1", 1)
+    fill_apps(st, 1, 200, [r[0] for r in st.db.execute("SELECT jid FROM jobs")])
     sh = shipper(st, url, "n1", batch_rows=500).start()
     try:
         wait_for(lambda: drained(sh), 30, what="the backlog to drain")
@@ -310,7 +320,7 @@ def test_web_pages_over_the_central_store(pg: PgServer, tmp_path: Path) -> None:
         hdr = {"Remote-User": "root"}
         got = {}
         for path in ("/jobs.json?sort=cpu", "/jobs.json?sort=maxrss&order=asc",
-                     "/users.json"):
+                     "/users.json", "/apps.json?by=package", "/apps.json?by=job"):
             r = client.get(path, headers=hdr)
             assert r.status_code == 200, (where, path, r.get_data(as_text=True)[:500])
             got[path] = r.get_json()
@@ -324,6 +334,217 @@ def test_web_pages_over_the_central_store(pg: PgServer, tmp_path: Path) -> None:
         assert [j["jid"] for j in node[path]["jobs"]] == [j["jid"] for j in site[path]["jobs"]]
         assert node[path]["total"] == site[path]["total"]
     assert node["job"]["usage"] == site["job"]["usage"]
+    assert node["job"]["applications"] and \
+        node["job"]["applications"] == site["job"]["applications"]
+    for path in ("/apps.json?by=package", "/apps.json?by=job"):
+        assert node[path]["rows"] and node[path] == site[path], path
     assert sum(r["cpu_user_us"] for r in node["/users.json"]["rows"]) == \
         sum(r["cpu_user_us"] for r in site["/users.json"]["rows"])
+    st.close()
+
+
+def _central_apps(pg: PgServer, db: str, host: str) -> list:
+    with admin(pg, db) as c:
+        return c.execute(f"SELECT {', '.join(record.NAMES)} FROM app_runs WHERE host = %s "
+                         f"ORDER BY {', '.join(record.KEY)}", (host,)).fetchall()
+
+
+def _local_apps(st: Any) -> list:
+    return st.db.execute(f"SELECT {', '.join(record.NAMES)} FROM app_runs "
+                         f"ORDER BY {', '.join(record.KEY)}").fetchall()
+
+
+def _ship(st: Any, url: str, host: str, **kw: Any) -> Dict[str, Any]:
+    sh = shipper(st, url, host, **kw).start()
+    try:
+        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
+    finally:
+        sh.stop()
+    return sh.status()
+
+
+def test_app_records_shipped_updated_once_and_resent_idempotently(
+        pg: PgServer, tmp_path: Path) -> None:
+    fresh_db(pg, "apps")
+    url = add_node(pg, "a1", "apps")
+    st = fill_store(tmp_path / "a1", 11, jobs=3, procs=20)
+    jids = [r[0] for r in st.db.execute("SELECT jid FROM jobs")] + [None]
+    rows = fill_apps(st, 11, 450, jids)
+    s = _ship(st, url, "a1", batch_rows=200)
+    assert s["shipped_apps"] == 450 and s["backlog_apps"] == 0, s
+    # Open records (images running when elsad stopped) are shipped too: the
+    # node's reports count them.
+    assert _central_apps(pg, "apps", "a1") == _local_apps(st)
+    assert sum(1 for r in _central_apps(pg, "apps", "a1") if r[record.INDEX["end_reason"]]
+               == "open") == 45
+    # The open images end: the recorder writes them again (same key, new row id)
+    # with their end and figures. Central: updated in place, never doubled.
+    closed = [app_row(11, i, jids, cpu_user_us=123456, end_time=rows[i][8] + 2.5,
+                      end_reason="exit", exit_code=3, exit_signal=0,
+                      figures_source="bsdacct") for i in range(0, 450, 10)]
+    st.submit_many(INSERT_APP, closed)
+    st.flush()
+    sh = shipper(st, url, "a1", batch_rows=200)
+    sh._open_local()
+    sh._connect()
+    sh._backlog(every=0.0)
+    assert sh.status()["backlog_apps"] == 45
+    assert sh._round() is False
+    got = _central_apps(pg, "apps", "a1")
+    assert len(got) == 450 and got == _local_apps(st)
+    done = {r[record.INDEX["pid"]]: r for r in got}
+    assert all(done[c[2]][record.INDEX["exit_code"]] == 3 for c in closed)
+    # The same batch committed again (its local mark lost in a crash): replaces
+    # itself, counts nothing twice.
+    batch = sh._read_apps(sh._local, 0)
+    assert len(batch) == 200
+    for _ in range(2):
+        sh._send([], [], [], set(), None, (), batch)
+    assert _central_apps(pg, "apps", "a1") == got
+    sh.stop()
+    # A lost mark: everything is sent again, nothing doubled.
+    st.submit("DELETE FROM meta WHERE key = ?", (APP_MARK_KEY,))
+    st.flush()
+    s = _ship(st, url, "a1", batch_rows=100)
+    assert s["shipped_apps"] == 450, s
+    assert _central_apps(pg, "apps", "a1") == got
+    with admin(pg, "apps") as c:
+        # The uids of application records are named for the reports (host_users).
+        names = {u for (u,) in c.execute("SELECT uid FROM host_users WHERE host = 'a1'")}
+    assert {r[record.INDEX["uid"]] for r in got} <= names
+    st.close()
+
+
+def test_node_cannot_touch_another_nodes_app_records(pg: PgServer, tmp_path: Path) -> None:
+    fresh_db(pg, "apprls")
+    url_a = add_node(pg, "ra", "apprls")
+    add_node(pg, "rb", "apprls")
+    cols = ", ".join(record.NAMES)
+    ins = (f"INSERT INTO app_runs (host, {cols}) VALUES "
+           f"(%s, {', '.join(['%s'] * len(record.NAMES))})")
+    with admin(pg, "apprls") as c:
+        c.execute(ins, ("rb", *app_row(2, 1)))
+    with psycopg.connect(url_a, autocommit=True) as a:
+        a.execute(ins, ("ra", *app_row(1, 1)))  # its own record
+        a.execute("UPDATE app_runs SET end_time = end_time + 1 WHERE host = 'ra'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            a.execute(ins, ("rb", *app_row(1, 2)))
+        # Another node's record is invisible: an UPDATE or upsert finds nothing.
+        assert a.execute("UPDATE app_runs SET cpu_user_us = 0 WHERE host = 'rb'"
+                         ).rowcount == 0
+        assert a.execute("SELECT count(*) FROM app_runs").fetchone()[0] == 1
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            a.execute("UPDATE app_runs SET host = 'rb' WHERE host = 'ra'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            a.execute("DELETE FROM app_runs WHERE host = 'rb'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            a.execute("DELETE FROM app_runs WHERE host = 'ra'")  # not even its own
+    with admin(pg, "apprls") as c:
+        assert c.execute("SELECT cpu_user_us, end_time FROM app_runs WHERE host = 'rb'"
+                         ).fetchone() == (app_row(2, 1)[record.INDEX["cpu_user_us"]],
+                                          app_row(2, 1)[record.INDEX["end_time"]])
+        c.execute("DROP ROLE IF EXISTS app_reader")
+        c.execute("CREATE ROLE app_reader LOGIN PASSWORD 'r' IN ROLE elsa_reader")
+    with psycopg.connect(pg.tcp_url("app_reader", "r", "apprls"), autocommit=True) as r:
+        assert r.execute("SELECT count(*) FROM app_runs").fetchone()[0] == 2
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            r.execute("UPDATE app_runs SET cpu_user_us = 0")
+
+
+def test_apps_report_central_equals_node(pg: PgServer, tmp_path: Path, capsys) -> None:
+    import json
+
+    fresh_db(pg, "appsrep")
+    stores = {}
+    for n, host in enumerate(("r1", "r2")):
+        url = add_node(pg, host, "appsrep")
+        st = fill_store(tmp_path / host, 20 + n, jobs=2, procs=10)
+        jids = [r[0] for r in st.db.execute("SELECT jid FROM jobs")] + [None]
+        fill_apps(st, 20 + n, 300, jids)
+        _ship(st, url, host)
+        stores[host] = st
+    dburl = pg.admin_url.replace("/postgres?", "/appsrep?")
+
+    def run(*argv: str) -> Any:
+        capsys.readouterr()
+        assert elsa_main(["apps", *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    node = stores["r1"].path
+    some_job = stores["r1"].db.execute("SELECT jid FROM jobs").fetchone()[0]
+    for by in ("binary", "package", "user", "job"):
+        for extra in ((), ("--path", "/usr/*"), ("--since", str(NOW - 2 * 86400),
+                                                   "--until", str(NOW)),
+                      ("--user", "1001", "--package", "gcc*")):
+            want = run("--db", node, "--by", by, *extra)
+            assert want, (by, extra)
+            assert run("--db", dburl, "--host", "r1", "--by", by, *extra) == want, (by, extra)
+    assert run("--db", dburl, "--job", hex(some_job)) == run("--db", node, "--job",
+                                                             hex(some_job))
+    # Both nodes together: runs and figures add up.
+    both = run("--db", dburl, "--by", "user")
+    one = [run("--db", stores[h].path, "--by", "user") for h in ("r1", "r2")]
+    assert sum(r["runs"] for r in both) == 600
+    assert sum(r["cpu_user_us"] for r in both) == sum(r["cpu_user_us"] for o in one for r in o)
+    assert run("--db", dburl, "--host", "nope") == []
+    # A table too.
+    capsys.readouterr()
+    assert elsa_main(["apps", "--db", dburl, "--by", "package"]) == 0
+    assert "gcc-12" in capsys.readouterr().out
+    assert elsa_main(["apps", "--db", node, "--host", "r1"]) == 2
+    assert "--host selects nodes of the central store" in capsys.readouterr().err
+    for st in stores.values():
+        st.close()
+
+
+def test_prune_keeps_unshipped_app_records(pg: PgServer, tmp_path: Path) -> None:
+    fresh_db(pg, "appprune")
+    url = add_node(pg, "q1", "appprune")
+    st = fill_store(tmp_path / "q1", 12, jobs=0)
+    # Every record ended more than a day ago.
+    fill_apps(st, 12, 250, open_every=25)
+    st.submit("UPDATE app_runs SET end_time = ? WHERE end_time IS NOT NULL",
+              (NOW - 2 * 86400,))
+    st.flush()
+    sh = shipper(st, url, "q1", batch_rows=100)
+    sh._open_local()
+    sh._connect()
+    sh._round()  # ships the first 100 only
+    sh.keep_days = 1.0
+    sh._prune()
+    st.flush()
+    left = {r[0] for r in st.db.execute("SELECT id FROM app_runs")}
+    # Shipped and ended: pruned; open ones stay (elsad carries them on); the rest
+    # was never shipped and stays.
+    assert left == {i for i in range(1, 251) if i > 100 or (i - 1) % 25 == 0}
+    assert sh.status()["pruned_records"] == 96
+    sh.stop()
+    st.close()
+
+
+def test_schema_1_database_upgraded_then_app_records_ship(pg: PgServer, tmp_path: Path) -> None:
+    """A site's database at schema 1 (before application records): the node refuses
+    to ship and keeps everything; after 'elsa central migrate' it ships it all."""
+    with admin(pg) as c:
+        c.execute("DROP DATABASE IF EXISTS up1")
+        c.execute("CREATE DATABASE up1")
+    with admin(pg, "up1") as c:
+        with c.transaction():
+            c.execute(schema.MIGRATIONS[0])
+            c.execute("UPDATE elsa_schema SET version = 1")
+    url = add_node(pg, "u1", "up1")
+    st = fill_store(tmp_path / "u1", 13, jobs=2, procs=30)
+    fill_apps(st, 13, 40)
+    sh = shipper(st, url, "u1").start()
+    try:
+        wait_for(lambda: "schema 1" in (sh.status()["last_error"] or ""), 30,
+                 what="the schema error")
+        assert sh.status()["backlog_apps"] == 40
+    finally:
+        sh.stop()
+    with admin(pg, "up1") as c:
+        assert schema.migrate(c)[:2] == (1, schema.VERSION)
+    s = _ship(st, url, "u1")
+    assert s["shipped_apps"] == 40 and s["shipped_records"] == 60, s
+    assert _central_apps(pg, "up1", "u1") == _local_apps(st)
     st.close()

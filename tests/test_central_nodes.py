@@ -1,6 +1,7 @@
 """Four elsad nodes ship real workloads to one PostgreSQL concurrently, through a
 server crash (pg_ctl stop -m immediate) and a node killed with SIGKILL while
-shipping; afterwards the central store holds exactly what the nodes hold."""
+shipping; afterwards the central store holds exactly what the nodes hold:
+process rows, jobs, job usage and application records."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
+from elsa.apps import record
 from elsa.testing import DaemonProc, wait_for
 from tests.central_support import add_node, admin, fresh_db, pg
 
@@ -28,7 +30,8 @@ WORK = "for i in $(seq 150); do /bin/true; done; cat /etc/os-release > /dev/null
 def _central(pg: Any, n: int) -> Tuple[str, str]:
     url = add_node(pg, f"node{n}", "site")
     return url, (f'[sources.taskstats]\n[central]\nurl = "{url}"\nhost = "node{n}"\n'
-                 "interval = 0.2\nretry_max = 1.0\nbatch_rows = 500\n")
+                 "interval = 0.2\nretry_max = 1.0\nbatch_rows = 500\n"
+                 '[apps]\nenabled = true\nexit_wait = 1.0\npackages = "off"\n')
 
 
 def _run_jobs(d: DaemonProc, count: int, errors: List[str]) -> None:
@@ -113,6 +116,38 @@ def _differences(c: Any, d: DaemonProc, host: str) -> List[str]:
     db.close()
     if njobs != ended or ended < 5:
         out.append(f"{njobs} jobs central, {ended} ended locally")
+    out.extend(_app_differences(c, d, host))
+    return out
+
+
+def _app_differences(c: Any, d: DaemonProc, host: str) -> List[str]:
+    """Every application record the node counts as shipped (row id up to its mark)
+    is central with the same values; none is central that the node lacks."""
+    cols = ", ".join(record.NAMES)
+    nkey = len(record.KEY)
+    db = sqlite3.connect(f"file:{d.state_dir}/elsa.db?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'central.app_id'").fetchone()
+        mark = int(row[0]) if row else 0
+        local = {r[:nkey]: r for r in db.execute(
+            f"SELECT {', '.join(record.KEY)}, {cols} FROM app_runs WHERE id <= ?", (mark,))}
+        (total,) = db.execute("SELECT count(*) FROM app_runs").fetchone()
+        (in_jobs,) = db.execute("SELECT count(*) FROM app_runs WHERE id <= ? AND jid IN "
+                                "(SELECT jid FROM jobs)", (mark,)).fetchone()
+    finally:
+        db.close()
+    central = {r[:nkey]: r for r in c.execute(
+        f"SELECT {', '.join(record.KEY)}, {cols} FROM app_runs WHERE host = %s", (host,))}
+    out = []
+    missing = [k for k in local if k not in central]
+    changed = [k for k in local if k in central and central[k] != local[k]]
+    if missing or changed:
+        out.append(f"app records: {len(missing)} of {len(local)} shipped missing centrally, "
+                   f"{len(changed)} differ (e.g. {(missing + changed)[:2]})")
+    if len(central) > total:
+        out.append(f"{len(central)} app records central, {total} on the node")
+    if in_jobs < 100:  # the jobs ran ~150 programs each
+        out.append(f"only {in_jobs} shipped app records of jobs")
     return out
 
 

@@ -44,9 +44,30 @@ def test_threads_fold_into_their_process():
     assert proc.hiwater_rss_kb == 13548  # the shared mm's peak, not a sum
     u = proc.to_usage()
     assert u.pid == 12429 and u.extra["threads"] == 3 and u.extra["tick_utime_us"] == 59964
-    # CPU is the precise runtime (cpu_run_virtual_total) split by the tick ratio.
-    assert proc.cpu_run_ns == 6564902 + 6234270 + 55417947
+    # CPU is the run time up to each task's record split by the tick ratio: the
+    # booked cpu_run_virtual_total, completed for thread 12431, which never slept.
+    assert proc.cpu_run_ns == 6564902 + (9213 * 1000 - 2904530) + 55417947
     assert u.cpu_user_us + u.cpu_system_us == proc.cpu_run_ns // 1000
+
+
+def test_run_time_of_a_task_that_never_slept_is_completed_to_its_record():
+    tasks = {t.pid: t for t in (T.decode_messages(d, 0)[0][0].task
+                                for d in taskstats_golden_messages())}
+    # 12431: nvcsw 0, etime 9,213 µs, waited 2,904,530 ns, booked 6,234,270 ns:
+    # the 74.2 µs it ran since its last booking are added.
+    assert tasks[12431].nvcsw == 0
+    assert tasks[12431].cpu_run_ns == 9213 * 1000 - 2904530
+    # Tasks that slept keep the booked figure: their etime holds sleeps too.
+    assert (tasks[12430].nvcsw, tasks[12430].cpu_run_ns) == (1, 6564902)
+    assert tasks[12429].cpu_run_ns == 55417947
+    # The fast path decodes the same figure.
+    fast = [T.fast_exit_tuple(d, 0) for d in taskstats_golden_messages()]
+    assert [T.TaskRecord(*t).cpu_run_ns for t in fast if t is not None] == [
+        tasks[p].cpu_run_ns for p in (12430, 12431, 12429)]
+    # At most a tick is missing: more (a VM's steal time, a wait not yet in
+    # cpu_delay_total) is not added; and nothing when etime leaves no room.
+    assert T.run_before_record_ns(1_000_000, 60_000, 0) == 1_000_000 + T.MAX_UNBOOKED_NS
+    assert T.run_before_record_ns(5_000_000, 4_000, 0) == 5_000_000
 
 
 def test_lost_last_thread_expires_as_partial():

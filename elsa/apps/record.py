@@ -154,11 +154,21 @@ class AppRecord:
 assert tuple(f.name for f in fields(AppRecord)) == NAMES
 
 
-def read_after(db: Any, after_id: int, limit: int = 10000) -> List[Tuple[int, AppRecord]]:
-    """Finished records stored after local row *after_id*, oldest first, with
-    their row ids: what a shipper sends next (it remembers the last id it
-    shipped; a record replaced later, an ``open`` one completed, comes again
-    with a new id and replaces the shipped one by its natural key)."""
-    sql = (f"SELECT id, {', '.join(NAMES)} FROM {TABLE} WHERE id > ? "
-           "AND end_reason <> 'open' ORDER BY id LIMIT ?")
-    return [(r[0], AppRecord.from_row(r[1:])) for r in db.execute(sql, (after_id, limit))]
+def rows_after(db: Any, after_id: int, limit: int = 10000, finished_only: bool = True
+               ) -> List[Tuple[Any, ...]]:
+    """Records stored after local row *after_id*, oldest first, as ``(id, *NAMES)``
+    rows: what a shipper sends next (it remembers the last id it shipped; a
+    record replaced later, an ``open`` one completed, comes again with a new id
+    and replaces the shipped one by its natural key). *finished_only* leaves
+    out ``open`` records (images still running when elsad stopped)."""
+    cond = " AND end_reason <> 'open'" if finished_only else ""
+    sql = (f"SELECT id, {', '.join(NAMES)} FROM {TABLE} WHERE id > ?{cond} "
+           "ORDER BY id LIMIT ?")
+    return db.execute(sql, (after_id, limit)).fetchall()
+
+
+def read_after(db: Any, after_id: int, limit: int = 10000, finished_only: bool = True
+               ) -> List[Tuple[int, AppRecord]]:
+    """:func:`rows_after` as (row id, record) pairs."""
+    return [(r[0], AppRecord.from_row(r[1:]))
+            for r in rows_after(db, after_id, limit, finished_only)]

@@ -9,7 +9,8 @@ the same report code.
     elsa apps --job JID                   a job's programs in exec order
 
 Filters: ``--path GLOB`` (resolved path; ``*`` matches across ``/``),
-``--package GLOB``, ``--comm NAME``, ``--user NAME|UID``. The period selects
+``--package GLOB``, ``--comm NAME``, ``--user NAME|UID``; on the central store
+``--host NAME`` (repeatable) selects nodes. The period selects
 images by their exec time. Wall time counts ended images (end - exec); CPU
 sums the images whose figures a source measured (``cpu_runs`` says how many).
 """
@@ -62,7 +63,8 @@ def glob_like(pattern: str) -> str:
 
 def _where(since: Optional[float], until: Optional[float], path: Optional[str],
            package: Optional[str], comm: Optional[str], uid: Optional[int],
-           jid: Optional[int]) -> Tuple[str, List[Any]]:
+           jid: Optional[int], hosts: Optional[Sequence[str]] = None,
+           host_col: str = "host") -> Tuple[str, List[Any]]:
     conds: List[str] = []
     params: List[Any] = []
     for cond, value in (("exec_time >= ?", since), ("exec_time < ?", until),
@@ -73,18 +75,26 @@ def _where(since: Optional[float], until: Optional[float], path: Optional[str],
         if value is not None:
             conds.append(cond)
             params.append(value)
+    if hosts:
+        conds.append(f"{host_col} IN ({', '.join('?' * len(hosts))})")
+        params.extend(hosts)
     return (" WHERE " + " AND ".join(conds)) if conds else "", params
 
 
 def usage(db: Any, by: str, *, since: Optional[float] = None, until: Optional[float] = None,
           path: Optional[str] = None, package: Optional[str] = None, comm: Optional[str] = None,
-          uid: Optional[int] = None, jid: Optional[int] = None) -> List[Dict[str, Any]]:
+          uid: Optional[int] = None, jid: Optional[int] = None,
+          hosts: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Totals per binary, package, user or job; most runs first. *db*: a DB-API
-    connection whose cursor takes ``?`` placeholders."""
+    connection whose cursor takes ``?`` placeholders, or a :class:`query.Db`
+    (*hosts*: only these nodes of the central store)."""
+    from elsa.report import query
+
     if by not in GROUPS:
         raise ElsaError(f"apps --by {by!r}: choose one of {', '.join(GROUPS)}")
     exprs = GROUPS[by]
-    where, params = _where(since, until, path, package, comm, uid, jid)
+    where, params = _where(since, until, path, package, comm, uid, jid, hosts,
+                           query.adapt(db).host())
     keys = ", ".join(exprs)
     sql = (f"SELECT {keys}, {_TOTALS} FROM {record.TABLE}{where} GROUP BY {keys} "
            f"ORDER BY COUNT(*) DESC, {', '.join(f'{i + 1}' for i in range(len(exprs)))}")
@@ -189,7 +199,8 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
             "package": args.package, "comm": args.comm, "uid": _uid(args.user)}
     rows = cli._report(args, "apps", wire, lambda db: usage(
         db, args.by, since=args.since, until=args.until, path=args.path,
-        package=args.package, comm=args.comm, uid=_uid(args.user)))
+        package=args.package, comm=args.comm, uid=_uid(args.user),
+        hosts=cli._site_filters(args, db)["hosts"]))
     for r in rows:
         if "uid" in r:
             r["user"] = None if r["uid"] is None else query.user_name(r["uid"])

@@ -8,9 +8,9 @@ after a crash or timeout meets its own key and is skipped.
 Roles (created here, NOLOGIN groups; members are made by ``add-node`` and by
 the site for readers):
 
-* ``elsa_node``: INSERT (and UPDATE of its own job snapshots) on rows whose
-  host is the caller's, by row-level security keyed by ``elsa_nodes`` (login
-  role -> host). No DELETE, no access to other hosts' rows.
+* ``elsa_node``: INSERT (and UPDATE of its own job snapshots and application
+  records) on rows whose host is the caller's, by row-level security keyed by
+  ``elsa_nodes`` (login role -> host). No DELETE, no access to other hosts' rows.
 * ``elsa_reader``: SELECT on everything.
 """
 
@@ -20,7 +20,25 @@ import datetime as dt
 import re
 from typing import Any, List, Tuple
 
+from elsa.apps import record
 from elsa.errors import ElsaError
+
+
+def _node_rows(*tables: str, may: str) -> str:
+    """Row security of tables the nodes write: a node role sees and writes (*may*:
+    the statements it needs besides SELECT; never DELETE) only rows whose host
+    ``elsa_nodes`` binds to it; the reader role reads every row."""
+    out = []
+    for t in tables:
+        out.append(f"""
+    ALTER TABLE {t} ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY node_own ON {t} FOR ALL TO elsa_node
+        USING (host = (SELECT elsa_my_host())) WITH CHECK (host = (SELECT elsa_my_host()));
+    CREATE POLICY reader_all ON {t} FOR SELECT TO elsa_reader USING (true);
+    GRANT SELECT, {may} ON {t} TO elsa_node;
+    GRANT SELECT ON {t} TO elsa_reader;""")
+    return "".join(out) + "\n"
+
 
 #: Migration i upgrades schema version i -> i+1. Append only.
 MIGRATIONS: List[str] = [
@@ -224,41 +242,31 @@ MIGRATIONS: List[str] = [
         REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
         EXECUTE FUNCTION elsa_rollup_folded();
 
-    ALTER TABLE jobs ENABLE ROW LEVEL SECURITY;
-    ALTER TABLE job_usage ENABLE ROW LEVEL SECURITY;
-    ALTER TABLE proc_usage ENABLE ROW LEVEL SECURITY;
-    ALTER TABLE host_users ENABLE ROW LEVEL SECURITY;
-    ALTER TABLE proc_folded ENABLE ROW LEVEL SECURITY;
-    CREATE POLICY node_own ON proc_folded FOR ALL TO elsa_node
-        USING (host = (SELECT elsa_my_host())) WITH CHECK (host = (SELECT elsa_my_host()));
-    CREATE POLICY reader_all ON proc_folded FOR SELECT TO elsa_reader USING (true);
-    GRANT SELECT, INSERT ON proc_folded TO elsa_node;
-    GRANT SELECT ON proc_folded TO elsa_reader;
+    """ + _node_rows("proc_usage", "proc_folded", may="INSERT")
+    + _node_rows("jobs", "job_usage", "host_users", may="INSERT, UPDATE") + r"""
     ALTER TABLE usage_rollup ENABLE ROW LEVEL SECURITY;
-    CREATE POLICY node_own ON jobs FOR ALL TO elsa_node
-        USING (host = (SELECT elsa_my_host())) WITH CHECK (host = (SELECT elsa_my_host()));
-    CREATE POLICY node_own ON job_usage FOR ALL TO elsa_node
-        USING (host = (SELECT elsa_my_host())) WITH CHECK (host = (SELECT elsa_my_host()));
-    CREATE POLICY node_own ON proc_usage FOR ALL TO elsa_node
-        USING (host = (SELECT elsa_my_host())) WITH CHECK (host = (SELECT elsa_my_host()));
-    CREATE POLICY node_own ON host_users FOR ALL TO elsa_node
-        USING (host = (SELECT elsa_my_host())) WITH CHECK (host = (SELECT elsa_my_host()));
-    CREATE POLICY reader_all ON jobs FOR SELECT TO elsa_reader USING (true);
-    CREATE POLICY reader_all ON job_usage FOR SELECT TO elsa_reader USING (true);
-    CREATE POLICY reader_all ON proc_usage FOR SELECT TO elsa_reader USING (true);
-    CREATE POLICY reader_all ON host_users FOR SELECT TO elsa_reader USING (true);
     CREATE POLICY reader_all ON usage_rollup FOR SELECT TO elsa_reader USING (true);
+    GRANT SELECT ON usage_rollup TO elsa_reader;
 
     GRANT SELECT ON elsa_schema TO elsa_node, elsa_reader;
     GRANT SELECT ON elsa_nodes, user_map TO elsa_reader;
-    GRANT SELECT, INSERT, UPDATE ON jobs, job_usage, host_users TO elsa_node;
-    GRANT SELECT, INSERT ON proc_usage TO elsa_node;
-    GRANT SELECT ON jobs, job_usage, proc_usage, usage_rollup, host_users TO elsa_reader;
     GRANT EXECUTE ON FUNCTION elsa_my_host() TO elsa_node;
     REVOKE EXECUTE ON FUNCTION elsa_merge_priorities(TEXT) FROM PUBLIC;
     GRANT EXECUTE ON FUNCTION elsa_merge_priorities(TEXT) TO elsa_node;
     GRANT SELECT ON meta TO elsa_reader;
     """,
+    # 2: application records (the node's app_runs, elsa/apps/record.py). A record
+    # changes after it is first shipped (an open image closed at its exit), so a
+    # node may UPDATE its own.
+    f"""
+    CREATE TABLE {record.TABLE} (
+        host TEXT NOT NULL,
+        {(',' + chr(10) + '        ').join(f'{n} {t}' for n, t, _ in record.COLUMNS)},
+        PRIMARY KEY (host, {', '.join(record.KEY)})
+    );
+    CREATE INDEX app_runs_exec_time ON {record.TABLE} (exec_time);
+    CREATE INDEX app_runs_jid ON {record.TABLE} (jid) WHERE jid IS NOT NULL;
+    """ + _node_rows(record.TABLE, may="INSERT, UPDATE"),
 ]
 
 VERSION = len(MIGRATIONS)
@@ -349,6 +357,8 @@ def map_user(conn: Any, host: str, who: str, site_user: str, account: str = None
 
 #: Columns a node ships, per table, at this schema version (the node's own
 #: tables may hold more; what is not listed here stays local).
+#: Application records: every column of the node's record (the key included).
+APP_COLUMNS = record.NAMES
 PROC_COLUMNS = ("source", "jid", "pid", "start_ticks", "start_time", "end_time", "ppid", "uid",
                 "gid", "comm", "exit_code", "cpu_user_us", "cpu_system_us", "elapsed_us",
                 "max_rss_kb", "max_vm_kb", "read_bytes", "write_bytes", "read_chars",

@@ -1,13 +1,17 @@
 """Ships the node's store to the central PostgreSQL, from a thread of its own.
 
 The node's SQLite store is the spool. Each round reads the next process rows
-(by rowid, after a persisted mark) and the ended jobs whose snapshot changed,
-sends them in ONE PostgreSQL transaction, and only after that transaction
-committed advances the local marks (through the store's writer). A round that
+and application records (by rowid, after persisted marks) and the ended jobs
+whose snapshot changed, sends them in ONE PostgreSQL transaction, and only
+after that transaction committed advances the local marks (through the
+store's writer). A round that
 is cut off (crash, timeout, server stop) is sent again; every central key
 starts with this node's host, so a re-sent record meets its own key and is
-skipped (``ON CONFLICT DO NOTHING``), and a job snapshot is an upsert of the
-same values.
+skipped (``ON CONFLICT DO NOTHING``), and a job snapshot or an application
+record is an upsert of the same values. An application record changes after
+it is written (an ``open`` image is closed later); the node's store writes
+every change as a new row (``INSERT OR REPLACE``: a new rowid), so the change
+comes after the mark and replaces the shipped record by its natural key.
 
 The event path never waits on any of this: elsad's loop only asks
 :meth:`Shipper.status`, which returns figures the thread already computed.
@@ -25,6 +29,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
+from elsa.apps import record
 from elsa.central import schema
 from elsa.central.conn import connect, read_password_file, redact
 from elsa.config import Option, non_negative, positive
@@ -53,10 +58,12 @@ OPTIONS: Dict[str, Option] = {
 
 MARK_KEY = "central.proc_id"
 FOLDED_MARK_KEY = "central.folded_id"
+APP_MARK_KEY = "central.app_id"
 #: Ended jobs are compared with their shipped snapshot this long after they
 #: end: a source's final figures or an incomplete flag may come after the end.
 RECHECK_S = 600.0
 PRUNE_EVERY_S = 3600.0
+_APP_UID = 1 + record.INDEX["uid"]  # in a row read by _read_apps
 _BOOKKEEPING = ("CREATE TABLE IF NOT EXISTS central_jobs "
                 "(jid INTEGER PRIMARY KEY, sig TEXT NOT NULL, shipped REAL NOT NULL)")
 
@@ -84,6 +91,7 @@ class Shipper:
         self._ahead: Optional[Tuple[int, concurrent.futures.Future]] = None
         self._mark = 0
         self._folded_mark = 0
+        self._app_mark = 0
         self._sigs: Dict[int, str] = {}
         # After a start or an error, a round may re-send rows whose commit this
         # node did not see: then (and on a unique violation) rows go in with
@@ -97,9 +105,11 @@ class Shipper:
         self._backlog_at = -1e9
         self._st: Dict[str, Any] = {
             "enabled": True, "url": redact(self.url), "host": self.host, "connected": False,
-            "backlog_records": None, "backlog_jobs": None, "oldest_age_s": None,
+            "backlog_records": None, "backlog_jobs": None, "backlog_apps": None,
+            "oldest_age_s": None,
             "failing": False, "last_error": None, "last_error_at": None, "last_shipped_at": None,
-            "shipped_records": 0, "shipped_jobs": 0, "rounds": 0, "retry_in_s": None,
+            "shipped_records": 0, "shipped_jobs": 0, "shipped_apps": 0, "rounds": 0,
+            "retry_in_s": None,
             "pruned_records": 0,
         }
 
@@ -188,6 +198,9 @@ class Shipper:
         row = self._local.execute("SELECT value FROM meta WHERE key = ?",
                                   (FOLDED_MARK_KEY,)).fetchone()
         self._folded_mark = int(row[0]) if row else 0
+        row = self._local.execute("SELECT value FROM meta WHERE key = ?",
+                                  (APP_MARK_KEY,)).fetchone()
+        self._app_mark = int(row[0]) if row else 0
         self._sigs = dict(self._local.execute("SELECT jid, sig FROM central_jobs"))
 
     def _connect(self) -> None:
@@ -251,13 +264,14 @@ class Shipper:
             if rows is None:
                 rows = self._read_rows(local, self._mark)
             folded = self._read_folded(local)
+            apps = self._read_apps(local, self._app_mark)
             batch_jids = {r[2] for r in rows if r[2] is not None}
             batch_jids |= {r[2] for r in folded if r[2] is not None}
             jobs, usage, sigs = self._changed_jobs(local, batch_jids)
         finally:
             local.execute("COMMIT")
         prios = self._priorities(local)
-        if not rows and not folded and not jobs and prios is None:
+        if not rows and not folded and not jobs and not apps and prios is None:
             return False
         if len(rows) >= self.batch_rows:
             # Read the next batch while the server works on this one.
@@ -265,8 +279,9 @@ class Shipper:
             self._ahead = (rows[-1][0], self._pool.submit(self._read_rows, self._reader,
                                                            rows[-1][0]))
         uids = ({r[8] for r in rows if r[8] is not None} | {j[2] for j in jobs}
-                | {r[3] for r in folded if r[3] is not None})
-        self._send(rows, jobs, usage, uids - self._sent_users, prios, folded)
+                | {r[3] for r in folded if r[3] is not None}
+                | {a[_APP_UID] for a in apps if a[_APP_UID] is not None})
+        self._send(rows, jobs, usage, uids - self._sent_users, prios, folded, apps)
         # PostgreSQL committed: now, and only now, the records count as shipped.
         self._sent_users |= uids
         if prios is not None:
@@ -275,6 +290,10 @@ class Shipper:
             self._folded_mark = folded[-1][0]
             self.store.submit("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                               (FOLDED_MARK_KEY, str(self._folded_mark)))
+        if apps:
+            self._app_mark = apps[-1][0]
+            self.store.submit("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                              (APP_MARK_KEY, str(self._app_mark)))
         if rows:
             self._mark = rows[-1][0]
             self.store.submit("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
@@ -287,9 +306,10 @@ class Shipper:
         self._careful = False
         self._st["shipped_records"] += len(rows)
         self._st["shipped_jobs"] += len(jobs)
+        self._st["shipped_apps"] += len(apps)
         self._st["rounds"] += 1
         self._st["last_shipped_at"] = now
-        return len(rows) >= self.batch_rows or len(folded) >= self.batch_rows
+        return self.batch_rows <= max(len(rows), len(folded), len(apps))
 
     def _read_rows(self, conn: sqlite3.Connection, after: int) -> List[Sequence[Any]]:
         return conn.execute(f"SELECT id, {', '.join(schema.PROC_COLUMNS)} FROM proc_usage "
@@ -304,6 +324,12 @@ class Shipper:
                                 (self._folded_mark, self.batch_rows)).fetchall()
         except sqlite3.OperationalError:  # a store without [thresholds]' table
             return []
+
+    def _read_apps(self, conn: sqlite3.Connection, after: int) -> List[Tuple[Any, ...]]:
+        """Application records after their mark, as (id, *record columns). ``open``
+        ones too: the node's reports count them, so the site's do; the closed
+        record replaces them later."""
+        return record.rows_after(conn, after, self.batch_rows, finished_only=False)
 
     def _changed_jobs(self, local: sqlite3.Connection, batch_jids: Set[int]
                       ) -> Tuple[List[Sequence[Any]], List[Sequence[Any]], Dict[int, str]]:
@@ -354,7 +380,8 @@ class Shipper:
 
     def _send(self, rows: List[Sequence[Any]], jobs: List[Sequence[Any]],
               usage: List[Sequence[Any]], new_uids: Set[int],
-              prios: Optional[str] = None, folded: Sequence[Sequence[Any]] = ()) -> None:
+              prios: Optional[str] = None, folded: Sequence[Sequence[Any]] = (),
+              apps: Sequence[Sequence[Any]] = ()) -> None:
         conn = self._conn
         host = self.host
         cols = schema.PROC_COLUMNS
@@ -382,6 +409,8 @@ class Shipper:
                             f"INSERT INTO proc_folded (host, id, {', '.join(fc)}) VALUES "
                             f"(%s, {', '.join(['%s'] * (len(fc) + 1))}) "
                             "ON CONFLICT (host, id) DO NOTHING", [(host, *f) for f in folded])
+                if apps:
+                    self._send_apps(apps)
                 if jobs:
                     jc = schema.JOB_COLUMNS
                     with conn.cursor() as cur:
@@ -413,7 +442,7 @@ class Shipper:
             if isinstance(exc, psycopg.errors.UniqueViolation) and not self._careful:
                 # Rows sent before whose commit this node did not see: skip them.
                 self._careful = True
-                return self._send(rows, jobs, usage, new_uids, prios, folded)
+                return self._send(rows, jobs, usage, new_uids, prios, folded, apps)
             if isinstance(exc, psycopg.errors.DiskFull):
                 raise StoreError(f"central store {redact(self.url)}: the server's disk is "
                                  f"full ({str(exc).strip()}); records wait locally") from exc
@@ -421,6 +450,22 @@ class Shipper:
                 raise StoreError(f"central store {redact(self.url)}: {str(exc).strip()}; "
                                  "records wait locally") from exc
             raise
+
+    def _send_apps(self, apps: Sequence[Sequence[Any]]) -> None:
+        """Upsert application records by (host, record key): a re-sent one
+        replaces itself, a changed one (closed, figures added) its old version."""
+        conn = self._conn
+        cols = ", ".join(schema.APP_COLUMNS)
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS elsa_stage_apps "
+                     f"(LIKE {record.TABLE}) ON COMMIT DELETE ROWS")
+        with conn.cursor().copy(f"COPY elsa_stage_apps (host, {cols}) FROM STDIN") as cp:
+            for a in apps:
+                cp.write_row((self.host, *a[1:]))
+        key = ("host", *record.KEY)
+        conn.execute(f"INSERT INTO {record.TABLE} (host, {cols}) SELECT host, {cols} FROM "
+                     f"elsa_stage_apps ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+                     + ", ".join(f"{c} = excluded.{c}" for c in schema.APP_COLUMNS
+                                 if c not in key))
 
     def _user(self, uid: int) -> str:
         name = self._users.get(uid)
@@ -454,11 +499,18 @@ class Shipper:
             (jold,) = local.execute(
                 "SELECT MIN(ended) FROM jobs WHERE ended IS NOT NULL AND jid NOT IN "
                 "(SELECT jid FROM central_jobs)").fetchone()
+            apps, afirst = local.execute(f"SELECT COUNT(*), MIN(id) FROM {record.TABLE} "
+                                         "WHERE id > ?", (self._app_mark,)).fetchone()
+            aold = None
+            if afirst is not None:
+                aold = local.execute(f"SELECT COALESCE(end_time, exec_time) FROM "
+                                     f"{record.TABLE} WHERE id = ?", (afirst,)).fetchone()[0]
         finally:
             local.execute("COMMIT")
-        olds = [t for t in (oldest, jold) if t is not None]
+        olds = [t for t in (oldest, jold, aold) if t is not None]
         self._st["backlog_records"] = n
         self._st["backlog_jobs"] = jobs
+        self._st["backlog_apps"] = apps
         self._st["oldest_age_s"] = round(time.time() - min(olds), 1) if olds else None
 
     def _prune(self) -> None:
@@ -476,14 +528,21 @@ class Shipper:
                           "(SELECT MAX(id) FROM proc_usage)", (self._mark, cutoff))
         self.store.submit("DELETE FROM proc_folded WHERE id <= ? AND end_time < ? AND id < "
                           "(SELECT MAX(id) FROM proc_folded)", (self._folded_mark, cutoff))
+        # Open application records (end_time NULL) stay: elsad carries them on.
+        (na,) = local.execute(
+            f"SELECT COUNT(*) FROM {record.TABLE} WHERE id <= ? AND end_time < ? AND id < "
+            f"(SELECT MAX(id) FROM {record.TABLE})", (self._app_mark, cutoff)).fetchone()
+        self.store.submit(f"DELETE FROM {record.TABLE} WHERE id <= ? AND end_time < ? AND "
+                          f"id < (SELECT MAX(id) FROM {record.TABLE})", (self._app_mark, cutoff))
         # Jobs whose last snapshot was shipped and no unshipped row refers to.
         done = ("SELECT c.jid FROM central_jobs c JOIN jobs j ON j.jid = c.jid "
                 "WHERE j.ended < ? AND c.shipped > j.ended AND NOT EXISTS "
                 "(SELECT 1 FROM proc_usage p WHERE p.jid = c.jid AND p.id > ?)")
         for table in ("job_usage", "members", "jobs"):
             self.store.submit(f"DELETE FROM {table} WHERE jid IN ({done})", (cutoff, self._mark))
-        self._st["pruned_records"] += n
-        log.info("pruned shipped records", records=n, older_than_days=self.keep_days)
+        self._st["pruned_records"] += n + na
+        log.info("pruned shipped records", records=n, app_records=na,
+                 older_than_days=self.keep_days)
 
 
 def start_shipper(config: Any, store: Any) -> Optional[Shipper]:

@@ -120,6 +120,28 @@ _I_COMM, _I_EXIT, _I_FLAG, _I_BTIME = (_BASE_IX[k] for k in ("comm", "exitcode",
 _I_ETIME, _I_NIVCSW = _BASE_IX["etime"], _BASE_IX["nivcsw"]
 _I_CPUD, _I_BLKD, _I_RUN = (_BASE_IX[k] for k in ("cpu_delay_total", "blkio_delay_total",
                                                   "cpu_run_virtual_total"))
+_I_CPUCOUNT, _I_NVCSW = _BASE_IX["cpu_count"], _BASE_IX["nvcsw"]
+
+#: The most run time a task's record can lack: the scheduler books a running
+#: task's run time at least every tick (HZ >= 100).
+MAX_UNBOOKED_NS = 10_000_000
+
+
+def run_before_record_ns(run_ns: int, etime_us: int, delay_ns: int) -> int:
+    """The run time up to its record of a task that never slept (nvcsw 0).
+
+    cpu_run_virtual_total is se.sum_exec_runtime as the scheduler last booked
+    it (a tick, a context switch, a wake-up on its CPU); the record does not
+    bring it up to date, so the run since, less than a tick, is missing: most
+    of a short process's life (docs/kernel.md, "taskstats"). A task that
+    never slept was, from its start to its record, running or waiting to run
+    (cpu_delay_total, complete then, since the task is running): etime less
+    that wait is its run time.
+    """
+    late = etime_us * 1000 - delay_ns - run_ns
+    if late <= 0:
+        return run_ns
+    return run_ns + min(late, MAX_UNBOOKED_NS)
 
 
 @dataclass(frozen=True)
@@ -156,8 +178,9 @@ class TaskRecord:
     nivcsw: int
     cpu_delay_total_ns: int = 0
     blkio_delay_total_ns: int = 0
-    #: se.sum_exec_runtime in ns (the kernel fills cpu_run_virtual_total with
-    #: it even when delay accounting is off).
+    #: Run time up to the record, ns: cpu_run_virtual_total (se.sum_exec_runtime
+    #: as last booked; filled whatever kernel.task_delayacct says), completed
+    #: for a task that never slept (:func:`run_before_record_ns`).
     cpu_run_ns: int = 0
     threads: int = 1
     #: CLOCK_BOOTTIME (ns) of the exit as well as it is known (:func:`exit_time_ns`);
@@ -182,8 +205,8 @@ class TaskRecord:
 
         ac_utime/ac_stime are tick samples, off by up to a tick per process.
         getrusage scales the precise runtime (sum_exec_runtime) by the
-        sampled user:system ratio; we do the same with cpu_run_virtual_total,
-        which is that runtime (docs/kernel.md, "taskstats").
+        sampled user:system ratio; we do the same with :attr:`cpu_run_ns`,
+        that runtime up to the record (docs/kernel.md, "taskstats").
         """
         if not self.cpu_run_ns:
             return self.utime_us, self.stime_us
@@ -236,7 +259,7 @@ def usage_row(t: Tuple, source: str = "taskstats") -> UsageRow:
     """The usage row of a process record given as a plain tuple of
     :class:`TaskRecord`'s fields (the hot path; see :meth:`TaskstatsSocket.receive_tuples`).
     Same values as ``TaskRecord(*t).to_usage(source)``: CPU adjusted to the
-    precise runtime, RSS integrals in KiB·µs, start ticks from etime."""
+    run time up to the record, RSS integrals in KiB·µs, start ticks from etime."""
     (version, _pid, tgid, ppid, uid, gid, comm, exitcode, _flag, btime, etime, utime, stime,
      minflt, majflt, coremem, virtmem, rss, vm, rchar, wchar, _rsys, _wsys, rbytes, wbytes,
      cancelled, nvcsw, nivcsw, cpu_delay, blkio_delay, run_ns, threads, exit_ns) = t
@@ -306,9 +329,12 @@ def fast_exit_tuple(data: bytes, received_boot_ns: int, real_offset_ns: int = 0,
     pid = v[_I_PID]
     btime = v[_FAST_BTIME64] or v[_I_BTIME]
     etime = v[_I_ETIME]
+    run = v[_I_RUN]
+    if not v[_I_NVCSW] and v[_I_CPUCOUNT]:  # never slept; cpu_count: sched fields filled
+        run = run_before_record_ns(run, etime, v[_I_CPUD])
     return (version, pid, v[_FAST_TGID] or pid, v[_I_PPID], v[_I_UID], v[_I_GID],
             v[_I_COMM].split(b"\0", 1)[0].decode("utf-8", "replace"), v[_I_EXIT], v[_I_FLAG],
-            btime, *v[_I_ETIME:_I_NIVCSW + 1], v[_I_CPUD], v[_I_BLKD], v[_I_RUN], 1,
+            btime, *v[_I_ETIME:_I_NIVCSW + 1], v[_I_CPUD], v[_I_BLKD], run, 1,
             exit_time_ns(received_boot_ns, btime, etime, real_offset_ns, after_ns))
 
 
@@ -342,11 +368,14 @@ def decode_stats(buf: bytes, received_boot_ns: int = 0, offset: int = 0,
     btime = v[ix["btime"]]
     if version >= 10 and size >= _BTIME64_OFF[kind] + 8:
         btime = _U64.unpack_from(buf, offset + _BTIME64_OFF[kind])[0] or btime
+    run = v[ix["cpu_run_virtual_total"]]
+    if not v[ix["nvcsw"]] and v[ix["cpu_count"]]:
+        run = run_before_record_ns(run, v[ix["etime"]], v[ix["cpu_delay_total"]])
     return TaskRecord(
         version, pid, tgid, v[ix["ppid"]], v[ix["uid"]], v[ix["gid"]],
         v[ix["comm"]].split(b"\0", 1)[0].decode("utf-8", "replace"),
         v[ix["exitcode"]], v[ix["flag"]], btime, *v[ix["etime"]:ix["nivcsw"] + 1],
-        v[ix["cpu_delay_total"]], v[ix["blkio_delay_total"]], v[ix["cpu_run_virtual_total"]],
+        v[ix["cpu_delay_total"]], v[ix["blkio_delay_total"]], run,
         1, exit_time_ns(received_boot_ns, btime, v[ix["etime"]], real_offset_ns, after_ns))
 
 

@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     ja.add_parser(sub, [common])
     from elsa.apps.report import add_parser as add_apps
 
-    add_apps(sub, [common, window])
+    add_apps(sub, [common, window, site])
     from elsa.web.serve import add_parser as add_web
 
     add_web(sub, common)
