@@ -205,9 +205,10 @@ def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "
                 time.sleep(0.05)
         spy = None
         if profile:  # py-spy (pip install py-spy) samples the daemon; "raw" = folded stacks
+            # --nonblocking: pausing elsad 250 times a second would change what is measured
             spy = subprocess.Popen(["py-spy", "record", "-p", str(daemon.pid), "-o", profile,
-                                    "-f", "raw", "-r", "250"], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+                                    "-f", "raw", "-r", "250", "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # let it attach before the clock starts
         per = jobs // clients
         c_kids: List[subprocess.Popen] = []

@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 
@@ -42,12 +42,14 @@ def store(tmp_path: Path):
     s.close()
 
 
-def _recorder(store: Store, **kw: Any) -> AppRecorder:
+def _recorder(store: Store, held: Callable[[], bool] = lambda: False,
+              **kw: Any) -> AppRecorder:
     timers: List[Any] = []
     ctx = ListenerContext(config=config.parse({}, "test"), procfs=ProcFS(), store=store,
                           boot_id="boot-1", host_id=0x35969E, job_of=lambda pid: JID,
                           add_timer=lambda *a: timers.append(a),
-                          source_priority={"taskstats": 20, "bsdacct": 30, "cgroupstat": 10})
+                          source_priority={"taskstats": 20, "bsdacct": 30, "cgroupstat": 10},
+                          sources_held=held)
     return AppRecorder(ctx, _options(**kw))
 
 
@@ -120,6 +122,53 @@ def test_exec_then_exit_takes_figures_from_the_exit_record(store: Store) -> None
     assert 8_900_000 <= r.cpu_user_us <= 9_000_000  # minus what /proc had at the exec
     assert r.jid == JID and r.uid == os.getuid() and r.comm == "sleep"
     assert r.end_time >= r.exec_time
+
+
+def test_a_last_image_waits_for_a_burst_hold_to_end(store: Store) -> None:
+    """The exit record waits unread in a burst hold: the image waits for the hold to end
+    (and the held records to be stored), however long its exit_wait, up to its bound."""
+    from elsa.apps import recorder as recorder_mod
+
+    held = [True]
+    rec = _recorder(store, held=lambda: held[0], exit_wait=0.01)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        from elsa.testing import wait_for
+
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe").endswith("sleep"))
+        rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+        start = rec.open[child.pid].row[record.INDEX["start_ticks"]]
+        child.kill()
+        child.wait()
+        rec.on_exit(child.pid, child.pid, signal.SIGKILL, time.monotonic_ns())
+    finally:
+        if child.poll() is None:
+            child.kill()
+    time.sleep(0.02)  # past exit_wait
+    rec.flush()
+    assert len(rec.ended) == 1 and _rows(store) == []  # held: not written without figures
+    held[0] = False
+    rec.flush()
+    assert len(rec.ended) == 1  # the hold just ended: its records are still on their way
+    store.submit("INSERT INTO proc_usage(source, pid, start_ticks, end_time, comm, uid, "
+                 "cpu_user_us, max_rss_kb) VALUES ('taskstats', ?, ?, ?, 'sleep', 0, 5, 77)",
+                 (child.pid, start, time.time()))
+    rec.settled_at = time.monotonic()  # HOLD_SETTLE has passed
+    rec.flush()
+    (r,) = _rows(store)
+    assert r.figures_source == "taskstats" and r.max_rss_kb == 77
+    # Under back-to-back holds a row goes, without figures, once overdue by all its waits.
+    held[0] = True
+    rec.ended.append((time.monotonic() - recorder_mod.MAX_EXIT_WAITS * rec.exit_wait,
+                      _exit_params(r)))
+    rec.flush()
+    assert rec.ended == []
+
+
+def _exit_params(r: record.AppRecord) -> List[Any]:
+    row = [getattr(r, n) for n in record.NAMES]
+    row[record.INDEX["exec_ns"]] += 1  # another image of the process
+    return row + [0, 0, 0, 0]
 
 
 def test_exec_chain_and_a_late_read_is_never_a_wrong_path(store: Store) -> None:

@@ -125,8 +125,18 @@ def test_apps_records_equal_forkstat_execs(elsad, workdir: Path) -> None:
         return db.execute(f"SELECT {', '.join(record.NAMES)} FROM app_runs WHERE {where} "
                           "ORDER BY exec_ns", (jid_int, root.pid, t0)).fetchall()
 
+    prog = str(workdir / "prog")
+
+    def complete() -> bool:
+        # Every exec recorded, and the exit figures of the static program's last image
+        # merged: taskstats records may wait in a burst hold after the exit event.
+        rows = [record.AppRecord.from_row(r) for r in records()]
+        return len(rows) >= len(seen) and any(
+            r.exe_path == prog and r.end_reason == "exit" and r.figures_source == "taskstats"
+            and r.max_rss_kb for r in rows)
+
     deadline = time.monotonic() + 20
-    while len(records()) < len(seen) and time.monotonic() < deadline:
+    while not complete() and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.5)  # nothing more arrives
     recs = [record.AppRecord.from_row(r) for r in records()]
@@ -139,7 +149,6 @@ def test_apps_records_equal_forkstat_execs(elsad, workdir: Path) -> None:
     by_path = {}
     for r in resolved:
         by_path.setdefault(r.exe_path, []).append(r)
-    prog = str(workdir / "prog")
     # The shell script runs under its interpreter.
     assert any(r.exe_path.endswith(("/dash", "/bash", "/sh")) and r.path_status == "resolved"
                for r in resolved)
@@ -168,7 +177,11 @@ def test_apps_records_equal_forkstat_execs(elsad, workdir: Path) -> None:
     assert same[1].exit_code == 7
     # The last image's figures come from the exit record (taskstats).
     long_runs = [r for r in by_path.get(prog, []) if r.end_reason == "exit"]
-    assert any(r.figures_source == "taskstats" and r.max_rss_kb for r in long_runs)
+    assert any(r.figures_source == "taskstats" and r.max_rss_kb for r in long_runs), [
+        (r.pid, r.figures_source, r.max_rss_kb, r.exit_code, r.cpu_user_us, r.end_time,
+         r.start_ticks, db.execute("SELECT source, start_ticks, end_time, max_rss_kb, jid "
+                                   "FROM proc_usage WHERE pid = ?", (r.pid,)).fetchall())
+        for r in long_runs]
     # Images replaced by an exec carry /proc figures, or none when unknown.
     assert all(r.figures_source in (None, "procfs") for r in recs if r.end_reason == "exec")
 

@@ -13,6 +13,7 @@ import ctypes
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from elsa.client import RequestFailed
 from elsa.core.model import parse_jid
 from elsa.kernel.cgroupfs import CgroupFS
-from elsa.testing import BackendUnderTest, Harness, pid_alive, wait_for
+from elsa.testing import BackendUnderTest, DaemonProc, Harness, pid_alive, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -364,11 +365,54 @@ def test_born_inside_zombie_is_attached_and_closed(harness: Harness, area) -> No
             c.attach(job["jid"], [pid])
             done = c.wait(job["jid"], timeout=5)
             assert done["ended"] is True
+            # Watched from the first attach of a live process on: this job never was.
+            assert c.status()["backend_status"]["emptied_notices"] == 0
         finally:
             os.waitpid(pid, 0)
         wait_for(lambda: not os.path.exists(path), 5, what="job cgroup removed")
     left, code, detached, how = _stored_member(d.state_dir, job["jid"], pid)
     assert left is not None and code == 7 << 8 and detached == 0
+
+
+def test_attach_after_a_resync_ended_the_job(area, tmp_path: Path) -> None:
+    """A resync (after lost events) reads the job cgroup before the launcher's
+    attach arrives: the process born inside joins then, and its exit ends the
+    job. The attach that follows, of the unreaped process, asks for what
+    already happened and succeeds (benchmarks/launcher.c does this)."""
+    base, _ = area
+    # A receive buffer of a few events: the fork storm below overflows it.
+    d = DaemonProc(tmp_path / "d", backend="cgroup2",
+                   extra=f'netlink_rcvbuf = 1\n[backends.cgroup2]\nbase = "{base}"\n')
+    d.start()
+    pid = 0
+    try:
+        with d.client() as c:
+            job = c.create(name="early")
+            r, w = os.pipe()
+            pid = clone_into(job["params"]["cgroup_path"], r, 0)
+            os.close(r)
+            before = c.status()["resyncs"]
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            try:
+                storm = subprocess.run(["sh", "-c", "for i in $(seq 200); do /bin/true; done"])
+                assert storm.returncode == 0
+            finally:
+                os.kill(d.proc.pid, signal.SIGCONT)
+            wait_for(lambda: c.status()["resyncs"] > before, 10, what="a resync")
+            assert c.pids(job["jid"]) == [pid]  # adopted from the cgroup, not attached
+            os.write(w, b"g")
+            os.close(w)
+            assert c.wait(job["jid"], timeout=5)["ended"] is True
+            wait_for(lambda: _state(pid) == "Z", 5, what="child to become a zombie")
+            res = c.attach(job["jid"], [pid])
+            assert [a["pid"] for a in res["attached"]] == [pid]
+            with pytest.raises(RequestFailed) as err:
+                c.attach(job["jid"], [os.getpid()])  # never a member: the job has ended
+            assert err.value.code == "bad-job-state"
+    finally:
+        if pid:
+            os.waitpid(pid, 0)
+        d.stop()
 
 
 def test_zombie_outside_the_job_is_refused(harness: Harness, area) -> None:

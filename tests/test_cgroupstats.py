@@ -52,6 +52,19 @@ def test_missing_controller_files_are_reported_not_fatal(tmp_path):
     assert u.cpu_user_us == 2000000 and u.max_rss_kb is None and u.read_bytes is None
 
 
+def test_files_of_controllers_not_enabled_are_not_read(tmp_path):
+    """cgroup.controllers says which controllers' files exist: the others are
+    reported missing without a lookup (a file left there is not read)."""
+    for name, text in GOLDEN.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "cgroup.controllers").write_text("cpu io\n")
+    st = C.read_stats(str(tmp_path))
+    assert set(st.missing) == {"memory.peak", "memory.current", "memory.stat",
+                               "memory.events", "pids.peak", "pids.current"}
+    assert st.memory_peak is None and st.pids_peak is None
+    assert st.cpu_user_us == 2000000 and st.io_total("rbytes") == 1024
+
+
 def test_removed_cgroup_is_gone(tmp_path):
     with pytest.raises(CgroupGone):
         C.read_stats(str(tmp_path / "nope"))
@@ -79,6 +92,8 @@ def test_live_cpu_stat_of_a_test_cgroup():
         p = subprocess.Popen(["python3", "-c", "sum(range(2_000_000))"], preexec_fn=join)
         _, _, ru = os.wait4(p.pid, 0)
         st = C.read_stats(path)
+        enabled = set(open(os.path.join(path, "cgroup.controllers")).read().split())
+        assert ("memory.peak" in st.missing) == ("memory" not in enabled)
         ru_us = (ru.ru_utime + ru.ru_stime) * 1e6
         assert st.cpu_usage_us == pytest.approx(ru_us, rel=0.02, abs=20_000)
     finally:

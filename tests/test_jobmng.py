@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -203,7 +204,8 @@ def test_commands_json_and_exit_codes(elsad, spawned, capsys):
     # status, human and JSON
     rc, out, _ = cli(*s, "status", capsys=capsys)
     assert rc == 0 and "backend    cnproc" in out and "resyncs" in out
-    assert "hold       off, " in out and "(at most 5.0 s each)" in out
+    # on while some other process on the machine forks in a burst (docs/daemon.md)
+    assert re.search(r"^hold       (on|off), ", out, re.M) and "(at most 5.0 s each)" in out
     st = json.loads(cli(*s, "status", "--json", capsys=capsys)[1])
     assert {"version", "backend", "events", "lost_events", "resyncs", "control"} <= set(st)
 

@@ -53,6 +53,12 @@ REPLACED_MARGIN_NS = 2_000_000
 _TICK_US = 1_000_000 // CLOCK_TICKS
 SWEEP_INTERVAL = 60.0
 FLUSH_INTERVAL = 1.0
+#: After a burst hold ends, the exit records it kept waiting are read, attributed and
+#: queued to the store within this; a last image due meanwhile waits for them.
+HOLD_SETTLE = 1.0
+#: ... but at most this many times exit_wait in all, so back-to-back holds under a
+#: sustained storm cannot grow the queue without bound.
+MAX_EXIT_WAITS = 4
 
 _N = len(record.NAMES)
 # Row positions (elsa.apps.record.COLUMNS order).
@@ -167,6 +173,8 @@ class AppRecorder(EventListener):
         self.open: Dict[int, _Image] = {}
         self.done: List[List[Any]] = []          # rows ready to write
         self.ended: List[Tuple[float, List[Any]]] = []  # (due, exit-insert params)
+        self.sources_held = ctx.sources_held
+        self.settled_at = 0.0  # monotonic time by which a hold's held records are stored
         self.hostname = socket.gethostname()
         self.mono_to_wall = time.time() - time.monotonic()
         self.mono_to_boot_ns = boottime_offset_ns()
@@ -397,10 +405,17 @@ class AppRecorder(EventListener):
             rows, self.done = self.done, []
             self.store.submit_many(INSERT, rows)
             self.counters["records"] += len(rows)
-        if self.ended and (force or self.ended[0][0] <= time.monotonic()):
-            now = time.monotonic()
+        if not self.ended:
+            return
+        now = time.monotonic()
+        if self.sources_held():
+            self.settled_at = now + HOLD_SETTLE
+        # The exit INSERT joins the stored exit record: while a hold keeps the records
+        # unread, only rows overdue by all their waits go (without figures).
+        ready = now if now >= self.settled_at else now - (MAX_EXIT_WAITS - 1) * self.exit_wait
+        if force or self.ended[0][0] <= ready:
             n = len(self.ended) if force else next(
-                (i for i, (due, _) in enumerate(self.ended) if due > now), len(self.ended))
+                (i for i, (due, _) in enumerate(self.ended) if due > ready), len(self.ended))
             due_rows = [params for _, params in self.ended[:n]]
             del self.ended[:n]
             self.store.submit_many(self.insert_exit, due_rows)

@@ -137,6 +137,10 @@ class _Origins:
             os.write(self._fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
 
     def record(self, jid: int, proc: ProcessId, origin: Dict[str, str]) -> None:
+        if not origin and (proc.pid, proc.start_ticks) not in self.by_proc:
+            # Born inside a job: no origin of its own, and detach falls back on
+            # the job's default origin either way (two journal writes per job saved).
+            return
         self._set(jid, proc.pid, proc.start_ticks, origin)
         self._append({"j": jid, "p": proc.pid, "s": proc.start_ticks, "o": origin})
 
@@ -331,8 +335,6 @@ class Cgroup2Backend(Backend):
             self.fs.mkdir(path)
         try:
             self._prepare_job(job, path)
-            if self.watcher is not None:
-                self.watcher.watch(job.jid, path)
         except ElsaError:
             self.fs.rmdir(path)
             raise
@@ -412,9 +414,19 @@ class Cgroup2Backend(Backend):
         except ProcessGone:
             return False
 
+    def watch_events(self, jid: int, path: str) -> None:
+        """Watch the job's cgroup.events (populated 0: the job emptied) from the
+        first attach on, not from its creation: a job whose process was born
+        inside and exited before its attach (taken as a zombie, the job ends at
+        once) then costs no watch and no notices (populated 1, then 0). Called
+        before the process is placed, so no change after it goes unnoticed."""
+        if self.watcher is not None and not self.watcher.watches(jid):
+            self.watcher.watch(jid, path)
+
     def attach(self, job: Job, proc: ProcessInfo) -> Optional[bool]:
         path = self.job_path(job)
         assert self.origins is not None
+        self.watch_events(job.jid, path)
         cur = self._cgroup_of(proc.pid)
         if cur == os.path.normpath(path):
             # Born inside (clone3 CLONE_INTO_CGROUP) or already
@@ -497,7 +509,11 @@ class Cgroup2Backend(Backend):
             return
 
     def members(self, job: Job) -> Optional[Set[int]]:
-        return self.members_of_path(self.job_path(job))
+        path = self.job_path(job)
+        pids = self.members_of_path(path)
+        if pids:  # (a resync takes them as members without an attach)
+            self.watch_events(job.jid, path)
+        return pids
 
     def members_of_path(self, path: str) -> Set[int]:
         pids = set(self.fs.procs(path))
@@ -598,7 +614,7 @@ class Cgroup2Backend(Backend):
             self.counters["removed"] += 1
         return True
 
-    def _remove(self, jid: int, path: str) -> bool:
+    def _remove(self, jid: int, path: str, watch: bool = True) -> bool:
         try:
             self._remove_tree(path)
         except ElsaError as exc:
@@ -610,6 +626,15 @@ class Cgroup2Backend(Backend):
             if jid not in self.pending:
                 self.counters["deferred_removals"] += 1
             self.pending[jid] = path
+            if watch and self.watcher is not None and not self.watcher.watches(jid):
+                # Never attached to, so not watched yet: watch it now, and look
+                # once more in case it emptied before the watch.
+                try:
+                    self.watch_events(jid, path)
+                    if not self.fs.populated(path):
+                        return self._remove(jid, path, watch=False)
+                except ElsaError:
+                    pass
             return False
         self.pending.pop(jid, None)
         if self.watcher is not None:
@@ -689,7 +714,7 @@ class Cgroup2Backend(Backend):
                 log.warning("cgroup of an unknown or ended job still holds processes; "
                             "left alone (inspect it, then move or kill them)",
                             path=path, pids=sorted(self.members_of_path(path))[:20])
-            elif not self._remove(jid, path):
+            elif not self._remove(jid, path, watch=False):
                 self.pending.pop(jid, None)
 
     def gone_jobs(self) -> Set[int]:

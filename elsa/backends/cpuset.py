@@ -200,6 +200,10 @@ class CpusetBackend(Cgroup2Backend):
                 origin["v1"] = path
         return origin
 
+    def holds(self, job: Job, proc: ProcessInfo) -> bool:
+        # v1 mode: a process born in the v2 job cgroup is still outside the v1 cpuset.
+        return self.mode != "v1" and super().holds(job, proc)
+
     def attach(self, job: Job, proc: ProcessInfo) -> Optional[bool]:
         if self.mode != "v1":
             return super().attach(job, proc)
@@ -207,6 +211,7 @@ class CpusetBackend(Cgroup2Backend):
         # v1 mode always moves (and so never reports "already placed").
         if proc.exited:
             raise ProcessGone(f"process {proc.pid} has exited (zombie); nothing to attach")
+        self.watch_events(job.jid, self.job_path(job))
         origin = self._origin_of(proc.pid)
         # v1 first: once in the v2 job cgroup the process counts as a member, and it
         # must not run a single instruction of the job unpinned.

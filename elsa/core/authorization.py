@@ -101,7 +101,7 @@ class Authorizer:
         """Moving a process out of a job needs the right to manage that job too."""
         current = self.manager.job_of(pid)
         if current is not None:
-            self.check_job(caller, self.manager.job(current))
+            self.check_job(caller, self.manager.job(current, with_pids=False))
 
     def may_signal(self, caller: Caller, pid: int) -> bool:
         """kill(2): the sender's uid matches the target's real or saved set-user-ID."""

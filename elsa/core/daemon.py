@@ -160,7 +160,8 @@ class Daemon:
         control = self.control = ControlServer(
             cfg.socket, ops, authz, store, limits=limits,
             add_reader=functools.partial(loop.add_reader, events_first=True),
-            remove_reader=loop.remove_reader, set_writer=loop.set_writer)
+            remove_reader=loop.remove_reader, set_writer=loop.set_writer,
+            after_pass=loop.add_after_pass)
         loop.urgent = lambda: bool(control.waiters)
         manager.after_end.append(control.job_ended)
         loop.add_reader(store.commit_notifications(), control.on_commit)
@@ -195,8 +196,13 @@ class Daemon:
             config=self.config, procfs=self.procfs, store=self.store, boot_id=boot_id,
             host_id=self.manager.allocator.host, job_of=self.manager.job_of,
             add_timer=self.loop.add_timer,
-            source_priority=priorities_of(self.host.sources())))
+            source_priority=priorities_of(self.host.sources()),
+            sources_held=self._sources_held))
         self.events.add_listeners(self.listeners)
+
+    def _sources_held(self) -> bool:
+        hold = self.events.hold if self.events is not None else None
+        return hold is not None and hold.active
 
     def _start_sources(self) -> None:
         """Start the accounting sources named in ``sources`` (see elsa/core/source.py)."""

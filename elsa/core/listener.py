@@ -35,6 +35,9 @@ class ListenerContext:
     #: Source name -> priority (lower wins) of every installed accounting
     #: source (elsa.core.usage.priorities_of).
     source_priority: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    #: True while a burst hold leaves the accounting sources unread (docs/daemon.md,
+    #: "Burst hold"): exit records then arrive late.
+    sources_held: Callable[[], bool] = lambda: False
 
 
 class EventListener:

@@ -61,6 +61,7 @@ class EventLoop:
         self._paused: Set[int] = set()  # descriptors left out of the selector now
         self._held_timers: List[_Timer] = []  # deferrable timers due during a hold
         self._writers: Dict[int, Callable[[], None]] = {}
+        self._after_pass: List[Callable[[], None]] = []
         self._stop_reason: Optional[str] = None
         self._reload = False
         self.events: Optional[ProcEvents] = None
@@ -117,6 +118,11 @@ class EventLoop:
         else:
             self._writers[fd] = callback
         self._register(fd)
+
+    def add_after_pass(self, callback: Callable[[], None]) -> None:
+        """Call *callback* after each pass over the ready descriptors and due
+        timers, before the loop waits again: work the callbacks of one pass share."""
+        self._after_pass.append(callback)
 
     def add_timer(self, interval: float, callback: Callable[[], None], name: str,
                   deferrable: bool = False) -> None:
@@ -180,6 +186,7 @@ class EventLoop:
         select = self.selector.select
         readers = self._readers
         writers = self._writers
+        after_pass = self._after_pass
         events_first = self._events_first
         events = self.events
         nl_fd = events.fileno() if events is not None else -1
@@ -296,6 +303,8 @@ class EventLoop:
                 except Exception as exc:
                     log.exception("timer failed", timer=timer.name, error=str(exc))
                 heapq.heappush(self._timers, (now + timer.interval, next(self._seq), timer))
+            for cb in after_pass:
+                cb()
         if (resume is not None or hold_check is not None) and nl_fd in readers:
             nl_on()
         if hold_check is not None:

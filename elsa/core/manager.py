@@ -256,11 +256,13 @@ class JobManager:
         self._hook_exited = bool(hooks and hooks.has_impls("elsa_process_exited"))
 
     # -- queries ------------------------------------------------------------------
-    def job(self, jid: int, committed: bool = False) -> Job:
-        """Job *jid*, running or stored (*committed*: see Store.job)."""
+    def job(self, jid: int, committed: bool = False, with_pids: bool = True) -> Job:
+        """Job *jid*, running or stored (*committed*: see Store.job). Listing a
+        running job's pids scans the whole index: *with_pids* False when only
+        its owner or state is wanted (authorization)."""
         state = self.jobs.get(jid)
         if state is not None:
-            return state.snapshot()
+            return state.snapshot(with_pids)
         stored = self.store.job(jid, committed=committed)
         if stored is None:
             raise JobNotFound(f"no job {format_jid(jid)}; list jobs with 'elsa-jobmng list --all'")
@@ -432,6 +434,7 @@ class JobManager:
             info = self.procfs.info(pid)
         if info.exited and not self.backend.holds(state.snapshot(with_pids=False), info):
             raise ProcessGone(f"process {pid} has exited (zombie); nothing to attach")
+        # (A zombie the backend holds is where it will stay: nothing to place.)
         old = self._entry(pid)
         if (old is not None and old[0] == jid
                 and abs(old[1] - info.start_ticks) <= START_TOLERANCE_TICKS):
@@ -444,7 +447,8 @@ class JobManager:
         # cgroup backend would then find the process still in the old job's cgroup
         # (and move it out to remove the cgroup). A failed placement leaves the
         # process where it was.
-        placed = self.backend.attach(state.snapshot(with_pids=False), info) is True
+        placed = info.exited or self.backend.attach(state.snapshot(with_pids=False),
+                                                    info) is True
         if old is not None and old[0] != jid:
             self._leave(old[0], ProcessId(pid, old[1]), exit_code=None, detached=True)
         self.detached.discard((pid, info.start_ticks))
@@ -851,11 +855,13 @@ class JobManager:
         state = self.jobs.get(jid)
         if state is None:
             return
-        truth = self.backend.members(state.snapshot(with_pids=False))
+        # No member to check (a process born inside exited before its attach,
+        # which takes the zombie): neither the kernel's list nor a scan of the index.
+        truth = self.backend.members(state.snapshot(with_pids=False)) if state.members else set()
         if truth is None:
             self.resync(f"job {format_jid(jid)} emptied")
             return
-        for pid, start in list(state.members.items()):
+        for pid, start in list(state.members.items()) if state.members else ():
             if pid in truth:
                 continue
             ident = ProcessId(pid, start)
@@ -873,8 +879,15 @@ class JobManager:
             p for p in pids if p in state.members]
         return self.backend.signal(state.snapshot(with_pids=False), sig, targets)
 
-    def member_pids(self, jid: int) -> List[int]:
-        return sorted(self._running(jid).members)
+    def member_pids(self, jid: int, among: Iterable[int] = ()) -> List[int]:
+        """The sorted member pids of running job *jid*. *among*: pids that may be
+        all of them (those just attached): when they are, the index is not
+        scanned (listing members scans all of it, 100,000+ slots on a busy node)."""
+        members = self._running(jid).members
+        found = [p for p in among if p in members]
+        if len(found) == len(members):
+            return sorted(found)
+        return sorted(members)
 
     def set_frozen(self, jid: int, frozen: bool) -> None:
         """Freeze or thaw running job *jid* (the backend may refuse: cnproc cannot)."""

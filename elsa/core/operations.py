@@ -162,15 +162,22 @@ class Operations:
             # A pid exited between the check and the attach: do not leave an empty job.
             self.manager.end(job.jid, reason="create failed")
             raise
-        return job_json(self.manager.job(job.jid))
+        if not pids:
+            return job_json(job)  # as created: no second snapshot
+        out = job_json(self.manager.job(job.jid, with_pids=False), with_pids=False)
+        out["pids"] = self.manager.member_pids(job.jid, among=pids)
+        return out
 
     def op_attach(self, caller: Caller, req: Request) -> Dict[str, Any]:
         authz = self.authz
         jid = get_jid(req)
         pids = get_pids(req)
-        job = self.manager.job(jid)
+        job = self.manager.job(jid, with_pids=False)
         authz.check_job(caller, job)
         if job.state != JOB_RUNNING:
+            done = self._attached_before_end(caller, jid, pids)
+            if done is not None:
+                return done
             self.manager.member_pids(jid)  # raises bad-job-state with the usual message
         infos = []
         for pid in pids:
@@ -181,6 +188,25 @@ class Operations:
         for pid, info in zip(pids, infos):
             ident = self.manager.attach(jid, pid, durable=False, info=info)
             attached.append({"pid": ident.pid, "start_ticks": ident.start_ticks})
+        return {"jid": format_jid(jid), "attached": attached}
+
+    def _attached_before_end(self, caller: Caller, jid: int, pids: List[int]
+                             ) -> Optional[Dict[str, Any]]:
+        """The answer to an attach to ended job *jid* when each of *pids* has
+        exited (a zombie its launcher has not reaped) and its accounting
+        already resolves to *jid*, else None. A process born inside the job's
+        cgroup (clone3 CLONE_INTO_CGROUP) joins before its attach when a resync
+        reads the cgroup first; if it exits then, the job ends before the
+        attach arrives, which asks for what already happened."""
+        attached = []
+        for pid in pids:
+            try:
+                info = self.authz.check_pid(caller, pid) or self.manager.procfs.info(pid)
+            except ElsaError:
+                return None
+            if not info.exited or self.manager.resolve(pid, info.start_ticks) != jid:
+                return None
+            attached.append({"pid": pid, "start_ticks": info.start_ticks})
         return {"jid": format_jid(jid), "attached": attached}
 
     def _check_limits_kept(self, caller: Caller, job: Job, pid: int) -> None:
@@ -203,7 +229,7 @@ class Operations:
             jid = self.manager.job_of(pid)
             if jid is None:
                 raise NotInJob(f"pid {pid} is not in any job")
-            self.authz.check_job(caller, self.manager.job(jid))
+            self.authz.check_job(caller, self.manager.job(jid, with_pids=False))
             self.authz.check_pid(caller, pid)
             plan.append((pid, jid))
         for pid, _jid_of_pid in plan:
@@ -257,7 +283,7 @@ class Operations:
 
     def op_pids(self, caller: Caller, req: Request) -> Dict[str, Any]:
         jid = get_jid(req)
-        job = self.manager.job(jid)
+        job = self.manager.job(jid, with_pids=False)
         pids = self.manager.member_pids(jid) if job.state == JOB_RUNNING else []
         return {"jid": format_jid(jid), "state": job.state, "pids": pids}
 
@@ -278,7 +304,7 @@ class Operations:
     def op_kill(self, caller: Caller, req: Request) -> Any:
         jid = get_jid(req)
         sig = get_signal(req)
-        job = self.manager.job(jid)
+        job = self.manager.job(jid, with_pids=False)
         self.authz.check_job(caller, job)
         members = self.manager.member_pids(jid)
         allowed = [p for p in members if self.authz.may_signal(caller, p)]
@@ -307,7 +333,7 @@ class Operations:
 
     def op_end(self, caller: Caller, req: Request) -> Dict[str, Any]:
         jid = get_jid(req)
-        self.authz.check_job(caller, self.manager.job(jid))
+        self.authz.check_job(caller, self.manager.job(jid, with_pids=False))
         return job_json(self.manager.end(jid))
 
     def op_freeze(self, caller: Caller, req: Request) -> Dict[str, Any]:
@@ -318,7 +344,7 @@ class Operations:
 
     def _freeze(self, caller: Caller, req: Request, freeze: bool) -> Any:
         jid = get_jid(req)
-        self.authz.check_job(caller, self.manager.job(jid))
+        self.authz.check_job(caller, self.manager.job(jid, with_pids=False))
         # The rule of kill: a freezer stops every member, so every member must
         # be one the caller may signal (members of other users, e.g. root's
         # process attached by root, are not theirs to stop).
@@ -346,7 +372,7 @@ class Operations:
         if not tags:
             raise ProtocolError("'tags' must name at least one tag to set (or, with an "
                                 "empty value, to remove)")
-        self.authz.check_job(caller, self.manager.job(jid))
+        self.authz.check_job(caller, self.manager.job(jid, with_pids=False))
         return job_json(self.manager.set_tags(jid, tags, durable=False))
 
     def op_ja(self, caller: Caller, req: Request) -> Dict[str, Any]:

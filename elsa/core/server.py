@@ -147,6 +147,7 @@ class ControlServer:
                  add_reader: Callable[[int, Callable[[], None]], None],
                  remove_reader: Callable[[int], None],
                  set_writer: Callable[[int, Optional[Callable[[], None]]], None],
+                 after_pass: Optional[Callable[[Callable[[], None]], None]] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self.ops = ops
@@ -164,6 +165,13 @@ class ControlServer:
         # deadline, request id), checked by sweep() every 0.1 s.
         self.pollers: List[Tuple[Connection, PollUntil, float, Any]] = []
         self._holding: Set[Connection] = set()  # connections with held replies
+        # The store mark to ask a commit for once the loop's pass is over: the
+        # durable requests of one pass share a commit (instead of the writer
+        # taking the first alone, and the GIL, while the pass goes on).
+        self._kick_mark = 0
+        self._defer_kicks = after_pass is not None
+        if after_pass is not None:
+            after_pass(self._kick)
         self.background: Optional[Background] = None  # started by the first report
         self.counters = {"accepted": 0, "requests": 0, "errors": 0, "too_large": 0,
                          "refused_connections": 0, "dropped_slow_clients": 0,
@@ -419,7 +427,7 @@ class ControlServer:
             if isinstance(result, AfterCommit):
                 mark = self.store.mark()
                 if not self.store.is_committed(mark):
-                    self.store.kick(mark)
+                    self._want_commit(mark)
                     self._reply(conn, _Later(req_id, result.compute), mark)  # type: ignore[arg-type]
                     return
                 result = result.compute()
@@ -455,7 +463,7 @@ class ControlServer:
             if store.is_committed(mark):
                 mark = 0
             else:
-                store.kick(mark)
+                self._want_commit(mark)
         self._reply(conn, ok_reply(req_id, result), mark)
 
     def _materialize(self, later: _Later) -> Dict[str, Any]:
@@ -518,7 +526,19 @@ class ControlServer:
                 if not conn.closed and not conn.in_turn:
                     self._flush(conn)
             else:
-                store.kick(held[0][0])
+                self._want_commit(held[0][0])
+
+    def _want_commit(self, mark: int) -> None:
+        if self._defer_kicks:
+            self._kick_mark = max(self._kick_mark, mark)
+        else:
+            self.store.kick(mark)
+
+    def _kick(self) -> None:
+        """End of a loop pass: ask the store to commit what this pass's replies wait for."""
+        if self._kick_mark:
+            self.store.kick(self._kick_mark)
+            self._kick_mark = 0
 
     def _reply(self, conn: Connection, obj: Dict[str, Any], mark: int = 0) -> None:
         if conn.closed:

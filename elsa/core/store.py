@@ -424,8 +424,25 @@ class Store:
         is committed. Returns at once. Requests that arrive while a commit runs
         share the next one (group commit)."""
         with self._cond:
-            self._notify_at = max(self._notify_at, mark)
-            self._cond.notify_all()
+            done = self._committed >= mark
+            if not done:
+                # (Already set: the writer was woken for an earlier mark and
+                # commits again until it has this one.)
+                if not self._notify_at:
+                    self._cond.notify_all()
+                self._notify_at = max(self._notify_at, mark)
+        if done:
+            # A timed batch took it already: notify now. Setting _notify_at
+            # instead would make the writer commit empty batches until the
+            # next write arrives.
+            self._notify()
+
+    def _notify(self) -> None:
+        if self._notify_w is not None:
+            try:
+                os.write(self._notify_w, b"c")
+            except BlockingIOError:
+                pass  # the pipe already holds a wake-up
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every write submitted so far is committed."""
@@ -519,11 +536,8 @@ class Store:
             wake = bool(self._notify_at) and self._committed >= self._notify_at
             if wake:
                 self._notify_at = 0
-        if wake and self._notify_w is not None:
-            try:
-                os.write(self._notify_w, b"c")
-            except BlockingIOError:
-                pass  # the pipe already holds a wake-up
+        if wake:
+            self._notify()
         return True
 
     def _requeue(self, batch: List[Tuple[str, Sequence[Any]]],

@@ -508,6 +508,9 @@ class EventsWatcher:
         self._wd_key[wd] = key
         self._key_wd[key] = wd
 
+    def watches(self, key: object) -> bool:
+        return key in self._key_wd
+
     def unwatch(self, key: object) -> None:
         wd = self._key_wd.pop(key, None)
         if wd is not None:

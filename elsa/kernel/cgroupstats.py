@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Set, Tuple
 
 from elsa.core.source import UsageRecord
 from elsa.errors import CgroupGone, from_oserror
 
 # The flat-keyed format is the cgroupfs adapter's (cgroup.events uses it too).
 from elsa.kernel.cgroupfs import parse_flat_keyed
+from elsa.kernel.procfs import read_small
 
 #: Files read, in order. Missing ones are listed in :attr:`CgroupStats.missing`.
 STAT_FILES = ("cpu.stat", "memory.peak", "memory.current", "memory.stat", "memory.events",
@@ -124,26 +125,51 @@ _PARSERS = {
 }
 
 
+#: The controller whose interface files these are; cpu.stat is a core file.
+_CONTROLLER = {"memory.peak": "memory", "memory.current": "memory", "memory.stat": "memory",
+               "memory.events": "memory", "io.stat": "io", "pids.peak": "pids",
+               "pids.current": "pids"}
+
+
 def read_stats(directory: str, files: Sequence[str] = STAT_FILES) -> CgroupStats:
     """Read the statistics *files* (default: all) present in the cgroup *directory*.
 
     Raises :class:`~elsa.errors.CgroupGone` when the directory itself is gone
     (the cgroup was removed), another ElsaError for other failures.
     """
-    if not os.path.isdir(directory):
-        raise CgroupGone(f"read cgroup stats: {directory} is gone")
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CgroupGone(f"read cgroup stats: {directory} is gone") from None
+    except OSError as exc:
+        raise from_oserror(exc, "read cgroup stats", directory) from exc
     values: Dict[str, object] = {}
     missing = []
-    for name in files:
-        attr, parse = _PARSERS[name]
-        path = os.path.join(directory, name)
+    try:
+        # A controller's files exist only where it is enabled (cgroup.controllers
+        # lists those): not opening the others saves a failed lookup each, most
+        # of the files on a host with few v2 controllers. Without the file this
+        # is no cgroup (a test's directory of samples): try every file.
         try:
-            with open(path) as fh:
-                text = fh.read()
+            enabled: Optional[Set[bytes]] = set(read_small("cgroup.controllers",
+                                                         dir_fd=dfd).split())
         except FileNotFoundError:
-            missing.append(name)
-            continue
-        except OSError as exc:
-            raise from_oserror(exc, "read cgroup stats", path) from exc
-        values[attr] = parse(text)
+            enabled = None
+        for name in files:
+            attr, parse = _PARSERS[name]
+            controller = _CONTROLLER.get(name)
+            if controller and enabled is not None and controller.encode() not in enabled:
+                missing.append(name)
+                continue
+            try:
+                text = read_small(name, dir_fd=dfd).decode()
+            except FileNotFoundError:
+                missing.append(name)
+                continue
+            except OSError as exc:
+                raise from_oserror(exc, "read cgroup stats",
+                                   os.path.join(directory, name)) from exc
+            values[attr] = parse(text)
+    finally:
+        os.close(dfd)
     return CgroupStats(path=directory, missing=tuple(missing), **values)  # type: ignore[arg-type]

@@ -15,16 +15,18 @@ from elsa.core.model import ProcessId, ProcessInfo
 from elsa.errors import ProcessGone, from_oserror
 
 
-def read_small(path: str, size: int = 4096) -> bytes:
+def read_small(path: str, size: int = 4096, dir_fd: Optional[int] = None) -> bytes:
     """Read a small kernel-generated file whole: open, read, close.
 
     ``open()`` would add an fstat, an isatty ioctl and a second read to every
     file (strace shows them), and elsad reads a /proc or cgroupfs file or two
     per job. seq_file and kernfs fill the buffer as far as the file goes, so a
-    short read is the end; a full one reads on.
+    short read is the end; a full one reads on. *path* is relative to the
+    directory *dir_fd* when given (several files of one directory: the kernel
+    walks the directory's path once).
     Raises OSError.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         data = os.read(fd, size)
         if len(data) < size:
