@@ -58,19 +58,16 @@ def _fresh(srv: Any, db: str) -> None:
         schema.migrate(c)
 
 
-def ingest(srv: Any, n: int) -> List[Dict[str, Any]]:
+def _ship_all(srv: Any, db: str, store: Any) -> float:
+    """Seconds one node's shipper takes to send all of *store* into fresh database *db*."""
     from elsa.central import schema
     from elsa.central.shipper import OPTIONS, Shipper
     from elsa.config import validate_table
-    from elsa.core.store import Store
 
-    work = tempfile.mkdtemp(prefix="elsa-bench-central-")
-    build_store(os.path.join(work, "elsa.db"), n)
-    _fresh(srv, "ingest")
-    with _admin(srv, "ingest") as c:
+    _fresh(srv, db)
+    with _admin(srv, db) as c:
         schema.add_node(c, "bench", "elsa_node_bench", "bench-pw")
-    store = Store(work)
-    sec = validate_table({"url": srv.tcp_url("elsa_node_bench", "bench-pw", "ingest"),
+    sec = validate_table({"url": srv.tcp_url("elsa_node_bench", "bench-pw", db),
                           "host": "bench"}, OPTIONS, where="central", path="<bench>")
     sh = Shipper(sec, store)
     sh._open_local()
@@ -78,8 +75,18 @@ def ingest(srv: Any, n: int) -> List[Dict[str, Any]]:
     t = time.perf_counter()
     while sh._round():
         pass
-    ours = time.perf_counter() - t
+    took = time.perf_counter() - t
     sh.stop()
+    return took
+
+
+def ingest(srv: Any, n: int) -> List[Dict[str, Any]]:
+    from elsa.core.store import Store
+
+    work = tempfile.mkdtemp(prefix="elsa-bench-central-")
+    build_store(os.path.join(work, "elsa.db"), n)
+    store = Store(work)
+    ours = _ship_all(srv, "ingest", store)
     store.close()
     shutil.rmtree(work, ignore_errors=True)
     dump = os.path.join(srv.root, "rows.copy")
@@ -124,9 +131,6 @@ def _app_rows(n: int) -> Any:
 
 def ingest_apps(srv: Any, n: int) -> List[Dict[str, Any]]:
     from elsa.apps.recorder import INSERT
-    from elsa.central import schema
-    from elsa.central.shipper import OPTIONS, Shipper
-    from elsa.config import validate_table
     from elsa.core.store import Store
 
     work = tempfile.mkdtemp(prefix="elsa-bench-central-apps-")
@@ -135,19 +139,7 @@ def ingest_apps(srv: Any, n: int) -> List[Dict[str, Any]]:
     for i in range(0, n, 20000):
         store.submit_many(INSERT, rows[i:i + 20000])
     store.flush()
-    _fresh(srv, "apps")
-    with _admin(srv, "apps") as c:
-        schema.add_node(c, "bench", "elsa_node_bench", "bench-pw")
-    sec = validate_table({"url": srv.tcp_url("elsa_node_bench", "bench-pw", "apps"),
-                          "host": "bench"}, OPTIONS, where="central", path="<bench>")
-    sh = Shipper(sec, store)
-    sh._open_local()
-    sh._connect()
-    t = time.perf_counter()
-    while sh._round():
-        pass
-    ours = time.perf_counter() - t
-    sh.stop()
+    ours = _ship_all(srv, "apps", store)
     store.close()
     shutil.rmtree(work, ignore_errors=True)
     dump = os.path.join(srv.root, "apps.copy")

@@ -92,22 +92,57 @@ def usage(db: Any, by: str, *, since: Optional[float] = None, until: Optional[fl
 
     if by not in GROUPS:
         raise ElsaError(f"apps --by {by!r}: choose one of {', '.join(GROUPS)}")
-    exprs = GROUPS[by]
-    where, params = _where(since, until, path, package, comm, uid, jid, hosts,
-                           query.adapt(db).host())
+    adb = query.adapt(db)
+    # On the central store a user is the site user the user mapping names (uid@host
+    # or user@host), applied at report time: group per host and uid, then fold.
+    site_users = adb.central and by == "user"
+    exprs = (adb.host(), "uid") if site_users else GROUPS[by]
+    where, params = _where(since, until, path, package, comm, uid, jid, hosts, adb.host())
     keys = ", ".join(exprs)
     sql = (f"SELECT {keys}, {_TOTALS} FROM {record.TABLE}{where} GROUP BY {keys} "
            f"ORDER BY COUNT(*) DESC, {', '.join(f'{i + 1}' for i in range(len(exprs)))}")
     out = []
     for row in db.execute(sql, params).fetchall():
         n = len(exprs)
-        item: Dict[str, Any] = dict(zip(GROUP_KEYS[by], row[:n]))
+        item: Dict[str, Any] = dict(zip(GROUP_KEYS[by], row[n - 1:n] if site_users else row[:n]))
         totals = dict(zip(TOTAL_KEYS, row[n:]))
         wall = totals.pop("wall_us")
         totals["wall_us"] = None if wall is None else int(round(wall * 1e6))
         item.update(totals)
+        if site_users:
+            item["user"], item["account"] = adb.user_label(row[0], row[1])
         out.append(item)
-    return out
+    return _fold_site_users(out) if site_users else out
+
+
+_FOLD_MIN = ("first_exec",)
+_FOLD_MAX = ("max_rss_kb", "last_exec")
+
+
+def _fold_site_users(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per site user from rows per host and uid: sums add, peaks and the
+    last exec take the greatest, the first exec the least; ``uid`` only where one."""
+    folded: Dict[str, Dict[str, Any]] = {}
+    for r in rows:
+        got = folded.get(r["user"])
+        if got is None:
+            folded[r["user"]] = dict(r)
+            continue
+        if got["uid"] != r["uid"]:
+            got["uid"] = None
+        for k in TOTAL_KEYS:
+            a, b = got[k], r[k]
+            if a is None or b is None:
+                got[k] = b if a is None else a
+            elif k in _FOLD_MIN:
+                got[k] = min(a, b)
+            elif k in _FOLD_MAX:
+                got[k] = max(a, b)
+            else:
+                got[k] = a + b
+    # Most runs first, then by uid as on a node, site users of several uids last.
+    return sorted(folded.values(), key=lambda r: (-r["runs"], r["uid"] is None,
+                                                  r["uid"] or 0, r["user"]))
 
 
 def job_programs(db: Any, jid: int) -> List[record.AppRecord]:
@@ -202,7 +237,7 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
         package=args.package, comm=args.comm, uid=_uid(args.user),
         hosts=cli._site_filters(args, db)["hosts"]))
     for r in rows:
-        if "uid" in r:
+        if "uid" in r and "user" not in r:  # the central store names site users itself
             r["user"] = None if r["uid"] is None else query.user_name(r["uid"])
         if "jid" in r:
             r["jid"] = None if r["jid"] is None else format_jid(r["jid"])

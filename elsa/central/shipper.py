@@ -22,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import pwd
 import socket
 import sqlite3
 import threading
@@ -36,6 +35,7 @@ from elsa.config import Option, non_negative, positive
 from elsa.core.usage import PRIORITY_KEY
 from elsa.errors import ElsaError, StoreError
 from elsa.logsetup import structlog
+from elsa.users import user_name
 
 log = structlog.get_logger("elsa.central")
 
@@ -99,7 +99,6 @@ class Shipper:
         # server ~40 % less per row (no speculative insertion).
         self._careful = True
         self._last_prune = 0.0
-        self._users: Dict[int, str] = {}
         self._sent_users: Set[int] = set()
         self._sent_prios: Optional[str] = None
         self._backlog_at = -1e9
@@ -435,7 +434,7 @@ class Shipper:
                         cur.executemany(
                             "INSERT INTO host_users (host, uid, name) VALUES (%s, %s, %s) "
                             "ON CONFLICT (host, uid) DO UPDATE SET name = excluded.name",
-                            [(host, u, self._user(u)) for u in sorted(new_uids)])
+                            [(host, u, user_name(u)) for u in sorted(new_uids)])
         except Exception as exc:
             import psycopg
 
@@ -466,16 +465,6 @@ class Shipper:
                      f"elsa_stage_apps ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
                      + ", ".join(f"{c} = excluded.{c}" for c in schema.APP_COLUMNS
                                  if c not in key))
-
-    def _user(self, uid: int) -> str:
-        name = self._users.get(uid)
-        if name is None:
-            try:
-                name = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                name = str(uid)
-            self._users[uid] = name
-        return name
 
     # -- figures and pruning -------------------------------------------------------------------
     def _backlog(self, every: float = 2.0) -> None:

@@ -40,7 +40,13 @@ from typing import (
 )
 
 from elsa.config import Config, validate_table
-from elsa.core.aggregator import INSERT_PROC, Aggregator, history_lookup, live_bulk
+from elsa.core.aggregator import (
+    INSERT_PROC,
+    Aggregator,
+    history_lookup,
+    live_bulk,
+    parent_lookup,
+)
 from elsa.core.guard import Guard, run_isolated
 from elsa.core.model import Job, format_jid, parse_jid
 from elsa.core.source import Source, SourceContext, SourceSpec
@@ -145,6 +151,8 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
 
     aggregator = Aggregator(store.submit, manager.resolve,
                             history=history_lookup(store.db, manager.boot_id),
+                            parent=parent_lookup(store.db, manager.boot_id,
+                                                 manager.parent_member),
                             submit_many=store.submit_many,
                             settle=settle,
                             history_horizon=history_horizon,

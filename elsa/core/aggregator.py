@@ -9,7 +9,9 @@ and the accounting record arrive in either order (CSA shipped that race as a
 bug). A record that resolves to nothing yet is held for ``hold_seconds`` and
 retried after later events were processed (its fork event may still be queued
 on the netlink socket); then the persisted membership history is consulted,
-and only then is it stored as "no job" (most processes on a host are in none).
+then, for records memory does not cover (a process that forked and exited
+while elsad was down), the record's ppid chain; only then is it stored as "no
+job" (most processes on a host are in none).
 
 Attribution follows the one rule of :mod:`elsa.core.usage` (same boot, pid
 and start time within the source's tolerance, :func:`~elsa.core.usage.identity`).
@@ -32,11 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from elsa.core import usage
-from elsa.core.model import Job
+from elsa.core.model import CLOCK_TICKS, Job
 from elsa.core.thresholds import INSERT_FOLDED, Folder
 from elsa.core.usage import (
     HISTORY_SQL,
     JOB_USAGE_ACCUMULATE,
+    PARENT_SQL,
     ROLLUP_ACCUMULATE,
     ROW_FIELDS,
     UsageRecord,
@@ -91,6 +94,7 @@ class AggregatorCounters:
     held: int = 0
     resolved_late: int = 0
     resolved_from_history: int = 0
+    resolved_by_parent: int = 0
     settled: int = 0
     job_readings: int = 0
     per_source: Dict[str, int] = field(default_factory=dict)
@@ -129,12 +133,14 @@ class Aggregator:
                  submit_many: Optional[SubmitMany] = None,
                  settle: Optional[Callable[[], bool]] = None,
                  history_horizon: Optional[Callable[[], float]] = None,
-                 folder: Optional[Folder] = None) -> None:
+                 folder: Optional[Folder] = None,
+                 parent: Optional[usage.ParentLookup] = None) -> None:
         self.submit = submit
         self.folder = folder
         self.submit_many = submit_many or (lambda sql, rows: [submit(sql, r) for r in rows])
         self.resolve = resolve
         self.history = history
+        self.parent = parent
         self.hold_seconds = hold_seconds
         self.clock = clock
         self.boot_epoch_fn = boot_epoch_fn
@@ -188,6 +194,7 @@ class Aggregator:
         now = self.clock()
         wall = time.time()
         attributed = unattributed = 0
+        late: List[Tuple[Any, ...]] = []
         for row in rows:
             jid = row[_JID]
             # After the batch's settle a lookup already sees its events: a
@@ -225,20 +232,40 @@ class Aggregator:
                 self.held.append((row, now))
                 c.held += 1
                 continue
-            jid = self._from_history(row, boot)
-            if jid is None:
-                unattributed += 1
-                done.append(row)
-            else:
-                attributed += 1
-                done.append((row[0], jid) + row[2:])
+            late.append(row)
         c.attributed += attributed
         c.unattributed += unattributed
+        if late:
+            done = self._late(late, done, boot)
         if done:
             self._store(done)
 
     def _horizon(self) -> float:
         return 0.0 if self.history_horizon is None else self.history_horizon()
+
+    def _late(self, late: List[Tuple[Any, ...]], done: List[Tuple[Any, ...]], boot: float
+              ) -> List[Tuple[Any, ...]]:
+        """Final attribution of rows memory does not cover: the stored history by
+        identity, then the ppid rule (:func:`elsa.core.usage.attribute_by_parent`)
+        with *done* (the other rows of this pass, attributed) as the records
+        read with them. Returns *done* with the late rows added."""
+        c = self.counters
+        jids = [self._from_history(row, boot) for row in late]
+        todo = [i for i, jid in enumerate(jids) if jid is None]
+        if todo and self.parent is not None:
+            rows: List[Sequence[Any]] = list(late) + done
+            all_jids = jids + [row[_JID] for row in done]
+            c.resolved_by_parent += usage.attribute_by_parent(rows, all_jids, todo, boot,
+                                                              self.parent)
+            jids = all_jids[:len(late)]
+        for row, jid in zip(late, jids):
+            if jid is None:
+                c.unattributed += 1
+                done.append(row)
+            else:
+                c.attributed += 1
+                done.append((row[0], jid) + row[2:])
+        return done
 
     def _from_history(self, row: Sequence[Any], boot: float) -> Optional[int]:
         if self.history is None:
@@ -264,6 +291,7 @@ class Aggregator:
         horizon = self._horizon() if settled else 0.0
         keep: List[Tuple[Tuple[Any, ...], float]] = []
         done: List[Tuple[Any, ...]] = []
+        late: List[Tuple[Any, ...]] = []
         c = self.counters
         for row, since in self.held:
             jid = self._resolve_row(row, boot)
@@ -272,7 +300,8 @@ class Aggregator:
             elif settled and row[_END] >= horizon:
                 c.settled += 1
             elif force or now - since >= self.hold_seconds:
-                jid = self._from_history(row, boot)
+                late.append(row)
+                continue
             else:
                 keep.append((row, since))
                 continue
@@ -283,6 +312,8 @@ class Aggregator:
                 c.attributed += 1
                 done.append((row[0], jid) + row[2:])
         self.held = keep
+        if late:
+            done = self._late(late, done, boot)
         if done:
             self._store(done)
 
@@ -329,6 +360,7 @@ class Aggregator:
                 "unattributed": c.unattributed, "held_now": len(self.held),
                 "held_total": c.held, "resolved_late": c.resolved_late,
                 "resolved_from_history": c.resolved_from_history,
+                "resolved_by_parent": c.resolved_by_parent,
                 "settled": c.settled, "job_readings": c.job_readings,
                 "folded": 0 if self.folder is None else self.folder.folded,
                 "per_source": dict(c.per_source)}
@@ -424,5 +456,22 @@ def history_lookup(db: sqlite3.Connection, boot_id: str) -> Callable[[int, int, 
     def lookup(pid: int, start_ticks: int, tol: int) -> Optional[int]:
         row = db.execute(HISTORY_SQL, (boot_id, pid, start_ticks - tol, start_ticks + tol,
                                        start_ticks)).fetchone()
+        return row[0] if row else None
+    return lookup
+
+
+def parent_lookup(db: sqlite3.Connection, boot_id: str,
+                  memory: Optional[usage.ParentLookup] = None) -> usage.ParentLookup:
+    """The ppid rule's membership lookup (:data:`elsa.core.usage.PARENT_SQL`) over
+    the persisted history of boot *boot_id*, after *memory* (the job manager's
+    live members and recent exits: joins not committed yet)."""
+    def lookup(ppid: int, start_ticks: int, tol: int, start_epoch: float) -> Optional[int]:
+        if memory is not None:
+            jid = memory(ppid, start_ticks, tol, start_epoch)
+            if jid is not None:
+                return jid
+        tol_s = tol / CLOCK_TICKS
+        row = db.execute(PARENT_SQL, (boot_id, ppid, start_ticks + tol, start_epoch - tol_s,
+                                      start_epoch + tol_s)).fetchone()
         return row[0] if row else None
     return lookup

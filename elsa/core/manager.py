@@ -255,6 +255,9 @@ class JobManager:
         # aggregator settle a record without the store (see resolve()).
         self.left_alive: Dict[int, Tuple[int, int]] = {}
         self.exited = ExitHistory(exited_linger, clock)
+        # (pid, start_ticks) -> when, for live members that joined by attach: what
+        # they forked before is not the job's (the ppid rule, parent_member()).
+        self.attached: Dict[Tuple[int, int], float] = {}
         self.counters = Counters()
         self._boot_offset_ns = boottime_offset_ns()
         # Called with the job snapshot just before the backend removes the job
@@ -359,6 +362,22 @@ class JobManager:
             if left is not None and (start_ticks is None or abs(left[1] - start_ticks) <= tol):
                 return left[0]
         return jid
+
+    def parent_member(self, pid: int, start_ticks: int, tolerance: int,
+                      start_epoch: float) -> Optional[int]:
+        """The job live member *pid* was in when a child that started at
+        *start_ticks* (epoch *start_epoch*) forked, or None: the in-memory part
+        of the ppid rule (:func:`elsa.core.usage.attribute_by_parent`), for
+        joins the store may not have committed yet. A member started after the
+        child is a later process with the same pid; one attached after the
+        child's start did not pass the job on to it."""
+        entry = self._entry(pid)
+        if entry is None or entry[1] > start_ticks + tolerance:
+            return None
+        joined = self.attached.get((pid, entry[1])) if self.attached else None
+        if joined is not None and joined > start_epoch + tolerance / CLOCK_TICKS:
+            return None
+        return entry[0]
 
     def running_count(self, owner_uid: int) -> int:
         """Running jobs of *owner_uid* (the per-user cap, limits.max_jobs_per_user)."""
@@ -546,6 +565,8 @@ class JobManager:
     # -- membership primitives --------------------------------------------------------
     def _join(self, state: _JobState, ident: ProcessId, how: str) -> None:
         state.members[ident.pid] = ident.start_ticks
+        if how == "attach":
+            self.attached[(ident.pid, ident.start_ticks)] = self.clock()
         if self.left_alive:
             self.left_alive.pop(ident.pid, None)
         if not state.had_members:
@@ -564,6 +585,8 @@ class JobManager:
             state.members.pop(ident.pid)
         else:
             self.index.pop(ident.pid, None)
+        if self.attached:
+            self.attached.pop((ident.pid, ident.start_ticks), None)
         self.store.close_member(self.boot_id, jid, ident.pid, ident.start_ticks, now,
                                 exit_code, detached)
         if detached:
@@ -653,6 +676,8 @@ class JobManager:
         # storm): the job keeps other members, no hook wants the exit.
         del self.index[tgid]
         state.members.count -= 1
+        if self.attached:
+            self.attached.pop((tgid, start), None)
         now = self.clock()
         self.store.close_member(self.boot_id, jid, tgid, start, now, exit_code, False)
         self.exited.add(tgid, jid, start)

@@ -34,8 +34,9 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional
 
 from elsa.apps.record import MIGRATION as APPS_MIGRATION
 from elsa.core.model import Job
+from elsa.core.thresholds import FOLDED_JOB_TRIGGER
 from elsa.core.thresholds import MIGRATION as THRESHOLDS_MIGRATION
-from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE
+from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE, SUM_METRICS
 from elsa.errors import StoreError
 from elsa.logsetup import structlog
 
@@ -64,6 +65,20 @@ _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 
 #: Schema migrations; index i upgrades user_version i -> i+1. Append only.
+#: A job's totals per source follow each per-process row as it is inserted.
+JOB_TRIGGER = """
+    CREATE TRIGGER proc_usage_job AFTER INSERT ON proc_usage
+    WHEN NEW.jid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'usage.bulk')
+    BEGIN
+        INSERT INTO job_usage VALUES (
+            NEW.jid, NEW.source, 1, NEW.cpu_user_us, NEW.cpu_system_us, NEW.elapsed_us,
+            NEW.max_rss_kb, NEW.max_vm_kb, NEW.read_bytes, NEW.write_bytes, NEW.read_chars,
+            NEW.write_chars, NEW.minflt, NEW.majflt, NEW.nvcsw, NEW.nivcsw,
+            NEW.coremem_kb_us, NEW.virtmem_kb_us, NULL, NEW.end_time, NULL)
+        """ + JOB_USAGE_ACCUMULATE + """;
+    END;
+    """
+
 MIGRATIONS: List[str] = [
     # 1: jobs, membership history, metadata.
     """
@@ -195,17 +210,7 @@ MIGRATIONS: List[str] = [
             COALESCE(NEW.minflt, 0), COALESCE(NEW.majflt, 0))
         """ + ROLLUP_ACCUMULATE + """;
     END;
-    CREATE TRIGGER proc_usage_job AFTER INSERT ON proc_usage
-    WHEN NEW.jid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'usage.bulk')
-    BEGIN
-        INSERT INTO job_usage VALUES (
-            NEW.jid, NEW.source, 1, NEW.cpu_user_us, NEW.cpu_system_us, NEW.elapsed_us,
-            NEW.max_rss_kb, NEW.max_vm_kb, NEW.read_bytes, NEW.write_bytes, NEW.read_chars,
-            NEW.write_chars, NEW.minflt, NEW.majflt, NEW.nvcsw, NEW.nivcsw,
-            NEW.coremem_kb_us, NEW.virtmem_kb_us, NULL, NEW.end_time, NULL)
-        """ + JOB_USAGE_ACCUMULATE + """;
-    END;
-    """,
+    """ + JOB_TRIGGER,
     # -- end of migration 2 (issue 5) ---------------------------------------------------
     # 3: folded small records ([thresholds]; owned by elsa/core/thresholds.py).
     THRESHOLDS_MIGRATION,
@@ -223,6 +228,25 @@ MIGRATIONS: List[str] = [
     );
     """,
 ]
+
+
+#: Sums skip unknowns (usage.JOB_USAGE_ACCUMULATE): a job's row flagged incomplete before
+#: its first record held no figures, and the first records' sums stayed NULL. The job
+#: triggers take the clause again, and the rows that lost their figures so are recounted.
+_RECOUNT = ("processes",) + SUM_METRICS
+JOB_SUMS_MIGRATION = (
+    "DROP TRIGGER proc_usage_job;\n" + JOB_TRIGGER
+    + "DROP TRIGGER proc_folded_job;\n" + FOLDED_JOB_TRIGGER + """
+    UPDATE job_usage SET """ + ", ".join(f"{c} = t.{c}" for c in _RECOUNT) + """
+    FROM (SELECT jid, source, COUNT(*) AS processes, """
+    + ", ".join(f"SUM({c}) AS {c}" for c in SUM_METRICS) + """
+          FROM proc_usage WHERE jid IN (SELECT jid FROM job_usage WHERE processes IS NULL
+                                        AND incomplete IS NOT NULL)
+          GROUP BY jid, source) AS t
+    WHERE job_usage.processes IS NULL AND job_usage.incomplete IS NOT NULL
+      AND t.jid = job_usage.jid AND t.source = job_usage.source;
+    """)
+MIGRATIONS.append(JOB_SUMS_MIGRATION)
 
 
 class Store:

@@ -40,6 +40,19 @@ INSERT_FOLDED = (f"INSERT INTO proc_folded({', '.join(FOLDED_COLUMNS)}) "
 _I = {name: i for i, name in enumerate(ROW_FIELDS)}
 _CPU_U, _CPU_S, _RSS = _I["cpu_user_us"], _I["cpu_system_us"], _I["max_rss_kb"]
 
+#: A job's totals per source follow each folded row as it is inserted.
+FOLDED_JOB_TRIGGER = """
+    CREATE TRIGGER proc_folded_job AFTER INSERT ON proc_folded WHEN NEW.jid IS NOT NULL
+    BEGIN
+        INSERT INTO job_usage VALUES (
+            NEW.jid, NEW.source, NEW.folded, NEW.cpu_user_us, NEW.cpu_system_us,
+            NEW.elapsed_us, NEW.max_rss_kb, NEW.max_vm_kb, NEW.read_bytes, NEW.write_bytes,
+            NEW.read_chars, NEW.write_chars, NEW.minflt, NEW.majflt, NEW.nvcsw, NEW.nivcsw,
+            NEW.coremem_kb_us, NEW.virtmem_kb_us, NULL, NEW.end_time, NULL)
+        """ + JOB_USAGE_ACCUMULATE + """;
+    END;
+"""
+
 #: Store migration: the folded rows and their triggers (same sums as proc_usage's).
 MIGRATION = """
     CREATE TABLE proc_folded (
@@ -73,16 +86,7 @@ MIGRATION = """
             COALESCE(NEW.minflt, 0), COALESCE(NEW.majflt, 0))
         """ + ROLLUP_ACCUMULATE + """;
     END;
-    CREATE TRIGGER proc_folded_job AFTER INSERT ON proc_folded WHEN NEW.jid IS NOT NULL
-    BEGIN
-        INSERT INTO job_usage VALUES (
-            NEW.jid, NEW.source, NEW.folded, NEW.cpu_user_us, NEW.cpu_system_us,
-            NEW.elapsed_us, NEW.max_rss_kb, NEW.max_vm_kb, NEW.read_bytes, NEW.write_bytes,
-            NEW.read_chars, NEW.write_chars, NEW.minflt, NEW.majflt, NEW.nvcsw, NEW.nivcsw,
-            NEW.coremem_kb_us, NEW.virtmem_kb_us, NULL, NEW.end_time, NULL)
-        """ + JOB_USAGE_ACCUMULATE + """;
-    END;
-"""
+""" + FOLDED_JOB_TRIGGER
 
 
 def _add(a: Optional[int], b: Optional[int]) -> Optional[int]:

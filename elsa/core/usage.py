@@ -11,7 +11,9 @@ Everything that produces, stores or reports usage goes through this module:
 * **Metrics.** :data:`METRICS` and how per-process values combine into a job's
   (:data:`SUM_METRICS`, :data:`MAX_METRICS`).
 * **Source priority.** Where sources overlap, the figure of the source with the
-  lowest ``priority`` wins, per metric (:func:`best`); summaries count the
+  lowest ``priority`` wins, per metric (:func:`best`), unless it is flagged
+  incomplete for the job (records lost, elsad down) and a complete source has
+  the metric (:func:`fallbacks` says why); summaries count the
   per-process records of the best process-level source only, so nothing is
   counted twice. The priority is a field of each source's spec
   (:class:`elsa.core.source.SourceSpec`): elsad saves the installed sources'
@@ -27,6 +29,19 @@ Everything that produces, stores or reports usage goes through this module:
   applies the same match to whole files (:data:`ATTRIBUTE_SQL`), converting a
   record's start time to clock ticks of the boot it ran in through the boot
   times elsad records (:func:`save_boot_epoch`).
+
+  A process that forked and exited while elsad was down is in no membership:
+  the proc connector's events of that time are gone. Its record still names
+  its parent (``ppid``), and a child is a member of the job its parent was a
+  member of when it forked (that is how membership spreads). So a record whose
+  own identity matches nothing, among records memory does not cover, follows
+  its ppid chain (:func:`attribute_by_parent`): first to a parent record among
+  the records read with it (the parent exits later, so its record follows the
+  child's in the file; recursively, for parents that also lived only in the
+  downtime), then to a membership of the parent pid that began before the
+  child started and had not ended (:data:`PARENT_SQL`, and the live members
+  in memory). Start times guard every step against pid reuse. A cgroup job's
+  counters need none of this: the kernel counted the downtime in the cgroup.
 """
 
 from __future__ import annotations
@@ -35,7 +50,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.model import CLOCK_TICKS
 
@@ -88,7 +103,7 @@ ROW_FIELDS = ("source", "jid", "pid", "start_ticks", "start_time", "end_time", "
 UsageRow = Tuple[Any, ...]
 
 #: Row positions the aggregator reads.
-SRC, JID, PID, START_TICKS, START_TIME, END = 0, 1, 2, 3, 4, 5
+SRC, JID, PID, START_TICKS, START_TIME, END, PPID = 0, 1, 2, 3, 4, 5, 6
 
 
 def record_row(rec: UsageRecord, jid: Optional[int]) -> UsageRow:
@@ -172,16 +187,26 @@ def priority_sql(column: str, prios: Priorities) -> Tuple[str, list]:
     return f"(CASE {column} {' '.join(parts)} ELSE {DEFAULT_PRIORITY} END)", params
 
 
-def best(per_source: Mapping[str, Mapping[str, Any]], prios: Priorities
+def _rank(per_source: Mapping[str, Any], prios: Priorities,
+          incomplete: Optional[Mapping[str, str]]) -> List[str]:
+    """Sources in the order :func:`best` tries them: complete before incomplete,
+    then by priority."""
+    bad = incomplete or {}
+    return sorted(per_source, key=lambda s: (s in bad, priority(s, prios), s))
+
+
+def best(per_source: Mapping[str, Mapping[str, Any]], prios: Priorities,
+         incomplete: Optional[Mapping[str, str]] = None
          ) -> Tuple[Dict[str, Any], Dict[str, str]]:
     """The best figure of each metric and the source it came from.
 
     *per_source* maps a source name to its job totals (metric -> value, ``None``
-    when the source does not measure it). Per metric, the source with the lowest
-    priority that has a value wins."""
+    when the source does not measure it); *incomplete* maps the sources flagged
+    incomplete for the job to why. Per metric, the source with the lowest
+    priority that has a value wins, among the complete ones when any has it."""
     values: Dict[str, Any] = {}
     chosen: Dict[str, str] = {}
-    order = sorted(per_source, key=lambda s: (priority(s, prios), s))
+    order = _rank(per_source, prios, incomplete)
     for metric in METRICS:
         for src in order:
             v = per_source[src].get(metric)
@@ -194,9 +219,26 @@ def best(per_source: Mapping[str, Mapping[str, Any]], prios: Priorities
     return values, chosen
 
 
+def fallbacks(chosen: Mapping[str, str], per_source: Mapping[str, Mapping[str, Any]],
+              prios: Priorities, incomplete: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    """Metric -> why its figure is not from the source that ranks first for it:
+    that source is flagged incomplete for the job (see :func:`best`)."""
+    out: Dict[str, str] = {}
+    if not incomplete:
+        return out
+    for metric, src in chosen.items():
+        skipped = [s for s in sorted(per_source, key=lambda s: (priority(s, prios), s))
+                   if s in incomplete and s != src
+                   and per_source[s].get(metric) is not None
+                   and priority(s, prios) <= priority(src, prios)]
+        if skipped:
+            out[metric] = (f"from {src}: {', '.join(skipped)} incomplete for this job")
+    return out
+
+
 def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
-                      per_source: Mapping[str, Mapping[str, Any]], prios: Priorities
-                      ) -> Optional[str]:
+                      per_source: Mapping[str, Mapping[str, Any]], prios: Priorities,
+                      incomplete: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The CPU rule for a job: never below its own process records.
 
     A process counts whole in the job it ended in: its record holds the CPU it
@@ -212,7 +254,7 @@ def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
     counted = [s for s, v in per_source.items() if v.get("processes")]
     if not counted:
         return None
-    src = min(counted, key=lambda x: (priority(x, prios), x))
+    src = _rank(counted, prios, incomplete)[0]
     rec = per_source[src]
     if any(rec.get(m) is None for m in cpu):
         return None
@@ -254,6 +296,99 @@ def identity(row: Sequence[Any], boot_epoch: float) -> Tuple[Optional[int], int]
 HISTORY_SQL = ("SELECT jid FROM members WHERE boot_id = ? AND pid = ? "
                "AND start_ticks BETWEEN ? AND ? ORDER BY abs(start_ticks - ?) LIMIT 1")
 
+#: A parent in the stored membership history of one boot: a member with pid ppid
+#: that started no later than the child and was a member when the child started
+#: (born into the job, or attached before; not yet left). Parameters: (boot_id,
+#: ppid, child start ticks + tolerance, child start epoch - tolerance, child start
+#: epoch + tolerance). A member closed when elsad found it gone after a restart
+#: has ``left`` at that moment, after its real exit: the child's own start bounds
+#: the match, and a parent record read with the child wins over the membership.
+PARENT_SQL = ("SELECT jid FROM members WHERE boot_id = ? AND pid = ? AND start_ticks <= ? "
+              "AND (left IS NULL OR left >= ?) AND (how <> 'attach' OR joined <= ?) "
+              "ORDER BY start_ticks DESC LIMIT 1")
+
+#: (ppid, child start ticks, tolerance ticks, child start epoch) -> jid: a
+#: membership of the parent when the child started (memory or the store).
+ParentLookup = Callable[[int, int, int, float], Optional[int]]
+
+
+def attribute_by_parent(rows: Sequence[Sequence[Any]], jids: List[Optional[int]],
+                        todo: Sequence[int], boot_epoch: float,
+                        parent_member: ParentLookup) -> int:
+    """The ppid rule: fill ``jids[i]`` for each index *i* in *todo* (rows whose
+    own identity matched no membership, beyond what memory covers) through
+    the record's parent. Returns how many got a job.
+
+    *rows* is everything read together, *jids* their jobs so far (by
+    identity; ``None`` for a row no job holds). The parent of row *i* is,
+    first, a row *j* of the batch with ``pid == ppid`` that started no later
+    than *i* and ended no earlier (both within the sources' start tolerance;
+    the latest such start, should the pid have been reused): *i* gets *j*'s
+    job, by identity or, when *j* is in *todo* too, through *j*'s own parent.
+    A parent row in the batch that no job holds means *i* is in none either.
+    Without a parent row, the parent was alive at the end of the batch or
+    died before it: ``parent_member(ppid, start, tolerance, start_epoch)``
+    gives its membership at the child's start. ppid 0 (the parent had exited
+    before the kernel wrote a taskstats record) and 1 (orphans reparented to
+    init) lead nowhere."""
+    if not todo:
+        return 0
+    ident = [identity(r, boot_epoch) for r in rows]
+    by_pid: Dict[int, List[int]] = {}
+    for i, r in enumerate(rows):
+        by_pid.setdefault(r[PID], []).append(i)
+    pending = set(todo)
+    memo: Dict[int, Optional[int]] = {}
+
+    def parent_row(i: int, start: int, tol: int) -> Optional[int]:
+        best_j, best_start = None, None
+        for j in by_pid.get(rows[i][PPID], ()):
+            s, t = ident[j]
+            if s is None or j == i:
+                continue
+            slack = max(tol, t)
+            end = (rows[j][END] - boot_epoch) * CLOCK_TICKS
+            if s <= start + slack and end >= start - slack and (
+                    best_start is None or s > best_start):
+                best_j, best_start = j, s
+        return best_j
+
+    found = 0
+    for i in todo:
+        path: List[int] = []
+        on_path = set()
+        cur = i
+        jid: Optional[int] = None
+        while True:
+            if cur in memo:
+                jid = memo[cur]
+                break
+            if cur not in pending:
+                jid = jids[cur]
+                break
+            if cur in on_path:  # a ppid loop cannot happen; stay bounded anyway
+                break
+            path.append(cur)
+            on_path.add(cur)
+            start, tol = ident[cur]
+            ppid = rows[cur][PPID]
+            if start is None or ppid is None or ppid <= 1:
+                break
+            j = parent_row(cur, start, tol)
+            if j is None:
+                jid = parent_member(ppid, start, tol, boot_epoch + start / CLOCK_TICKS)
+                break
+            cur = j
+        for p in path:
+            memo[p] = jid
+    for i in todo:
+        jid = memo.get(i)
+        if jid is not None:
+            jids[i] = jid
+            found += 1
+    return found
+
+
 BOOT_PREFIX = "boot_epoch:"
 
 #: The same match for imported rows with ids in (lo, hi]: start time converted to
@@ -281,9 +416,106 @@ def save_boot_epoch(execute: Execute, boot_id: str, epoch: float) -> None:
     execute(_SET_META, (BOOT_PREFIX + boot_id, repr(round(epoch, 3))))
 
 
+#: Chains longer than this are not followed by :func:`attribute_imported_by_parent`.
+MAX_CHAIN = 64
+
+
+def attribute_imported_by_parent(db: sqlite3.Connection, lo: int, hi: int) -> int:
+    """The ppid rule for imported rows (ids in (lo, hi]) that :data:`ATTRIBUTE_SQL`
+    left without a job. Returns how many got one.
+
+    Only rows that can lead to a job are read: those whose ppid is the pid of
+    a member alive during the imported records' time or of a row just
+    attributed, then (until nothing is added) those whose ppid is a pid of
+    such a row; with the rows that can be their parents. Each row is matched
+    in the boot it ran in (the last boot elsad recorded that began before
+    it)."""
+    boots = sorted((float(v), k[len(BOOT_PREFIX):]) for k, v in db.execute(
+        "SELECT key, value FROM meta WHERE key LIKE ?", (BOOT_PREFIX + "%",)))
+    if not boots:
+        return 0
+    span = db.execute("SELECT MIN(start_time), MAX(end_time) FROM proc_usage "
+                      "WHERE id > ? AND id <= ? AND jid IS NULL", (lo, hi)).fetchone()
+    if span[0] is None:
+        return 0
+    epochs = dict((b, e) for e, b in boots)
+    leads = {pid for (pid,) in db.execute(
+        "SELECT DISTINCT pid FROM members WHERE left IS NULL OR left >= ?", (span[0],))}
+    leads.update(pid for (pid,) in db.execute(
+        "SELECT DISTINCT pid FROM proc_usage WHERE id > ? AND id <= ? AND jid IS NOT NULL",
+        (lo, hi)))
+    cols = "id, source, jid, pid, start_ticks, start_time, end_time, ppid"
+    todo: Dict[int, Tuple[Any, ...]] = {}
+    for _ in range(MAX_CHAIN):
+        new = [r for r in _rows_with_ppid(db, cols, lo, hi, leads, "jid IS NULL")
+               if r[0] not in todo]
+        if not new:
+            break
+        for r in new:
+            todo[r[0]] = r
+        leads = {r[3] for r in new}
+    if not todo:
+        return 0
+    parents = {r[0]: r for r in _rows_with_pid(db, cols, lo, hi, {r[7] for r in todo.values()})}
+    found = 0
+    by_boot: Dict[str, List[Tuple[Any, ...]]] = {}
+    for r in {**parents, **todo}.values():
+        t = r[5]
+        boot = None
+        for epoch, boot_id in boots:
+            if t is not None and epoch <= t + ACCT_TOLERANCE_S:
+                boot = boot_id
+        if boot is not None:
+            by_boot.setdefault(boot, []).append(r)
+    for boot_id, group in by_boot.items():
+        epoch = epochs[boot_id]
+        # attribute_by_parent reads rows in ROW_FIELDS order: source, jid, pid,
+        # start_ticks, start_time, end, ppid.
+        rows = [r[1:] for r in group]
+        jids: List[Optional[int]] = [r[2] for r in group]
+        idx = [i for i, r in enumerate(group) if r[0] in todo]
+
+        def member(ppid: int, start: int, tol: int, start_epoch: float,
+                   _boot: str = boot_id) -> Optional[int]:
+            tol_s = tol / CLOCK_TICKS
+            row = db.execute(PARENT_SQL, (_boot, ppid, start + tol, start_epoch - tol_s,
+                                          start_epoch + tol_s)).fetchone()
+            return row[0] if row else None
+        found += attribute_by_parent(rows, jids, idx, epoch, member)
+        db.executemany("UPDATE proc_usage SET jid = ? WHERE id = ?",
+                       [(jids[i], group[i][0]) for i in idx if jids[i] is not None])
+    return found
+
+
+def _rows_with_ppid(db: sqlite3.Connection, cols: str, lo: int, hi: int, ppids: set,
+                    where: str) -> List[Tuple[Any, ...]]:
+    out: List[Tuple[Any, ...]] = []
+    pids = sorted(ppids)
+    for i in range(0, len(pids), 500):  # SQLite's bound-parameter limit
+        chunk = pids[i:i + 500]
+        out += db.execute(f"SELECT {cols} FROM proc_usage WHERE id > ? AND id <= ? AND {where} "
+                          f"AND ppid IN ({', '.join('?' * len(chunk))})",
+                          [lo, hi, *chunk]).fetchall()
+    return out
+
+
+def _rows_with_pid(db: sqlite3.Connection, cols: str, lo: int, hi: int, pids: set
+                   ) -> List[Tuple[Any, ...]]:
+    out: List[Tuple[Any, ...]] = []
+    ordered = sorted(pids)
+    for i in range(0, len(ordered), 500):
+        chunk = ordered[i:i + 500]
+        out += db.execute(f"SELECT {cols} FROM proc_usage WHERE id > ? AND id <= ? "
+                          f"AND pid IN ({', '.join('?' * len(chunk))})",
+                          [lo, hi, *chunk]).fetchall()
+    return out
+
+
 # -- accumulating into the per-hour and per-job tables -------------------------------------
 # The one ON CONFLICT clause of each table: every writer (the store's triggers, bulk import,
-# folded records) adds a row's figures to what the table holds the same way.
+# folded records) adds a row's figures to what the table holds the same way. A job's sums
+# skip unknowns as SQL's SUM() does: the row may exist with no figures yet (a source
+# flagged incomplete before its first record, e.g. right after a restart).
 
 ROLLUP_ACCUMULATE = """
     ON CONFLICT DO UPDATE SET
@@ -299,24 +531,10 @@ ROLLUP_ACCUMULATE = """
         minflt = minflt + excluded.minflt,
         majflt = majflt + excluded.majflt"""
 
-JOB_USAGE_ACCUMULATE = """
-    ON CONFLICT DO UPDATE SET
-        processes = processes + excluded.processes,
-        cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-        cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-        elapsed_us = elapsed_us + excluded.elapsed_us,
-        max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                         COALESCE(excluded.max_rss_kb, max_rss_kb)),
-        max_vm_kb = MAX(COALESCE(max_vm_kb, excluded.max_vm_kb),
-                        COALESCE(excluded.max_vm_kb, max_vm_kb)),
-        read_bytes = read_bytes + excluded.read_bytes,
-        write_bytes = write_bytes + excluded.write_bytes,
-        read_chars = read_chars + excluded.read_chars,
-        write_chars = write_chars + excluded.write_chars,
-        minflt = minflt + excluded.minflt,
-        majflt = majflt + excluded.majflt,
-        nvcsw = nvcsw + excluded.nvcsw,
-        nivcsw = nivcsw + excluded.nivcsw,
-        coremem_kb_us = coremem_kb_us + excluded.coremem_kb_us,
-        virtmem_kb_us = virtmem_kb_us + excluded.virtmem_kb_us,
-        updated = MAX(COALESCE(updated, 0), excluded.updated)"""
+JOB_USAGE_ACCUMULATE = (
+    "\n    ON CONFLICT DO UPDATE SET\n"
+    + "".join(f"        {c} = COALESCE({c} + excluded.{c}, {c}, excluded.{c}),\n"
+              for c in ("processes",) + SUM_METRICS)
+    + "".join(f"        {c} = MAX(COALESCE({c}, excluded.{c}), COALESCE(excluded.{c}, {c})),\n"
+              for c in MAX_METRICS)
+    + "        updated = MAX(COALESCE(updated, 0), excluded.updated)")

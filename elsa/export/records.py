@@ -128,7 +128,7 @@ def finished_jobs(db: sqlite3.Connection, since: Optional[float] = None,
             user=user_of(j["owner_uid"]), tags=dict(j["tags"]), created=j["created"],
             ended=j["ended"], backend=j["backend"], params=dict(j["params"]),
             usage={k: v for k, v in usage.items()
-                   if k not in ("sources", "chosen", "incomplete", "note")},
+                   if k not in ("sources", "chosen", "incomplete", "note", "fallback")},
             host=host, sources=usage.get("sources", {}), chosen=usage.get("chosen", {}),
             incomplete=usage.get("incomplete", {}), note=usage.get("note")))
     out.sort(key=lambda f: (f.ended, f.jid))

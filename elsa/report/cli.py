@@ -243,7 +243,8 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
 
     csv_rows = [{**{k: v for k, v in r.items() if k != "usage"},
                  **{k: v for k, v in r["usage"].items()
-                    if k not in ("sources", "chosen", "incomplete")}} for r in rows]
+                    if k not in ("sources", "chosen", "incomplete", "fallback")}}
+                for r in rows]
     _emit(args, rows, csv_rows, table, out)
     return 0
 
@@ -284,6 +285,11 @@ def cmd_job(args: argparse.Namespace, out) -> int:
                 f"{s}: {', '.join(ms)}" for s, ms in sorted(by_src.items())) + "\n")
         if u.get("note"):
             out.write(f"note: {u['note']}\n")
+        by_why: Dict[str, List[str]] = {}
+        for m, why in (u.get("fallback") or {}).items():
+            by_why.setdefault(why, []).append(m)
+        for why, ms in sorted(by_why.items()):
+            out.write(f"fallback: {', '.join(ms)} {why}\n")
         for s, why in (u.get("incomplete") or {}).items():
             out.write(f"INCOMPLETE ({s}): {why}\n")
         out.write(f"\nprocesses (source {detail['process_source'] or '-'}):\n")

@@ -5,7 +5,8 @@ Records are decoded with the vectorized pacct decoder, inserted in one
 transaction per file with the per-row triggers off (aggregator.bulk_insert),
 and attributed to jobs from the persisted membership history by the usage
 model's one rule (elsa.core.usage: the same boot, pid and start time within
-pacct's 2 s tolerance). Importing a file
+pacct's 2 s tolerance; then the ppid rule for records of processes no
+membership names). Importing a file
 twice, or a file elsad already read, adds nothing: the store's unique key
 ignores records it holds.
 """
@@ -17,7 +18,12 @@ import sqlite3
 from typing import Any, Dict, List, Sequence
 
 from elsa.core.aggregator import INSERT_PROC, bulk_insert
-from elsa.core.usage import ATTRIBUTE_SQL, priorities_of, save_priorities
+from elsa.core.usage import (
+    ATTRIBUTE_SQL,
+    attribute_imported_by_parent,
+    priorities_of,
+    save_priorities,
+)
 from elsa.kernel import pacct
 
 SOURCE = "bsdacct"
@@ -81,6 +87,7 @@ def _import_one(db: sqlite3.Connection, rows: List[tuple], attribute: bool) -> t
         nonlocal attributed
         if attribute:
             db.execute(ATTRIBUTE_SQL, (lo, hi))
+            attribute_imported_by_parent(db, lo, hi)
             attributed = db.execute("SELECT COUNT(*) FROM proc_usage WHERE id > ? AND id <= ? "
                                     "AND jid IS NOT NULL", (lo, hi)).fetchone()[0]
 

@@ -34,6 +34,7 @@ from elsa.core.model import format_jid, split_exit
 from elsa.core.usage import (
     METRICS,
     best,
+    fallbacks,
     load_priorities,
     not_below_records,
     priority,
@@ -383,10 +384,12 @@ def host_job_usage(db: Any, jids: Optional[Sequence[int]] = None
     out: Dict[Tuple[str, int], Dict[str, Any]] = {}
     prios = load_priorities(db)
     for jid, sources in per.items():
-        values, chosen = best(sources, prios)
-        note = not_below_records(values, chosen, sources, prios)
+        flagged = incomplete.get(jid, {})
+        values, chosen = best(sources, prios, flagged)
+        note = not_below_records(values, chosen, sources, prios, flagged)
         out[jid] = {"usage": values, "chosen": chosen, "sources": sources,
-                    "incomplete": incomplete.get(jid, {}), "note": note}
+                    "incomplete": flagged, "note": note,
+                    "fallback": fallbacks(chosen, sources, prios, flagged)}
     return out
 
 
@@ -476,6 +479,7 @@ def _usage_json(u: Dict[str, Any]) -> Dict[str, Any]:
     out["sources"] = u.get("sources", {})
     out["chosen"] = u.get("chosen", {})
     out["incomplete"] = u.get("incomplete", {})
+    out["fallback"] = u.get("fallback", {})
     out["note"] = u.get("note")
     return out
 
@@ -516,7 +520,10 @@ def job_detail(db: Any, jid: int, source: Optional[str] = None
     if row is None and not srcs and not usage:
         return None
     prios = load_priorities(db)
-    pick = source or (min(srcs, key=lambda s: (priority(s, prios), s)) if srcs else None)
+    # The process list of the source the job's process count comes from (best()).
+    counted = usage.get("chosen", {}).get("processes")
+    pick = source or (counted if counted in srcs else
+                      min(srcs, key=lambda s: (priority(s, prios), s)) if srcs else None)
     procs = []
     if pick:
         for r in db.execute(f"SELECT {', '.join(PROCESS_KEYS)}, {db.host()} FROM proc_usage "
@@ -559,8 +566,10 @@ JOB_SORTS = ("jid", "name", "owner", "state", "created", "ended", "wall", "cpu",
 def _best_sql(col: str, rank: str, db: Db) -> str:
     # "0 +": a rank without priorities is a bare number, which ORDER BY reads as a column.
     same_host = " AND u.host = jobs.host" if db.central else ""
+    # best()'s order: complete sources first, then by priority.
     return (f"(SELECT {col} FROM job_usage u WHERE u.jid = jobs.jid{same_host} "
-            f"AND {col} IS NOT NULL ORDER BY 0 + {rank}, u.source LIMIT 1)")
+            f"AND {col} IS NOT NULL ORDER BY u.incomplete IS NOT NULL, 0 + {rank}, u.source "
+            "LIMIT 1)")
 
 
 def _sort_sql(key: str, db: Db, now: float) -> Tuple[str, List[Any]]:
