@@ -259,13 +259,18 @@ class Aggregator:
                                                               self.parent)
             jids = all_jids[:len(late)]
         for row, jid in zip(late, jids):
-            if jid is None:
-                c.unattributed += 1
-                done.append(row)
-            else:
-                c.attributed += 1
-                done.append((row[0], jid) + row[2:])
+            self._settled(done, row, jid)
         return done
+
+    def _settled(self, done: List[Tuple[Any, ...]], row: Tuple[Any, ...],
+                 jid: Optional[int]) -> None:
+        """Count *row* as attributed to *jid* (or to no job) and queue it for the store."""
+        if jid is None:
+            self.counters.unattributed += 1
+            done.append(row)
+        else:
+            self.counters.attributed += 1
+            done.append((row[0], jid) + row[2:])
 
     def _from_history(self, row: Sequence[Any], boot: float) -> Optional[int]:
         if self.history is None:
@@ -305,12 +310,7 @@ class Aggregator:
             else:
                 keep.append((row, since))
                 continue
-            if jid is None:
-                c.unattributed += 1
-                done.append(row)
-            else:
-                c.attributed += 1
-                done.append((row[0], jid) + row[2:])
+            self._settled(done, row, jid)
         self.held = keep
         if late:
             done = self._late(late, done, boot)
