@@ -23,6 +23,22 @@ from typing import Any, List, Tuple
 from elsa.apps import record
 from elsa.errors import ElsaError
 
+#: The rollup's one ON CONFLICT clause: process rows and folded rows add up alike
+#: (the central twin of elsa.core.usage.ROLLUP_ACCUMULATE).
+_ROLLUP_ACCUMULATE = """
+        ON CONFLICT (bucket, host, prio, source, uid, comm) DO UPDATE SET
+            processes = usage_rollup.processes + excluded.processes,
+            cpu_user_us = usage_rollup.cpu_user_us + excluded.cpu_user_us,
+            cpu_system_us = usage_rollup.cpu_system_us + excluded.cpu_system_us,
+            elapsed_us = usage_rollup.elapsed_us + excluded.elapsed_us,
+            max_rss_kb = GREATEST(usage_rollup.max_rss_kb, excluded.max_rss_kb),
+            mem_kb_sum = usage_rollup.mem_kb_sum + excluded.mem_kb_sum,
+            read_bytes = usage_rollup.read_bytes + excluded.read_bytes,
+            write_bytes = usage_rollup.write_bytes + excluded.write_bytes,
+            minflt = usage_rollup.minflt + excluded.minflt,
+            majflt = usage_rollup.majflt + excluded.majflt;
+"""
+
 
 def _node_rows(*tables: str, may: str) -> str:
     """Row security of tables the nodes write: a node role sees and writes (*may*:
@@ -198,17 +214,7 @@ MIGRATIONS: List[str] = [
                sum(COALESCE(write_bytes, 0)), sum(COALESCE(minflt, 0)),
                sum(COALESCE(majflt, 0))
         FROM new_rows GROUP BY 1, 2, 3, 4, 5, 6
-        ON CONFLICT (bucket, host, prio, source, uid, comm) DO UPDATE SET
-            processes = usage_rollup.processes + excluded.processes,
-            cpu_user_us = usage_rollup.cpu_user_us + excluded.cpu_user_us,
-            cpu_system_us = usage_rollup.cpu_system_us + excluded.cpu_system_us,
-            elapsed_us = usage_rollup.elapsed_us + excluded.elapsed_us,
-            max_rss_kb = GREATEST(usage_rollup.max_rss_kb, excluded.max_rss_kb),
-            mem_kb_sum = usage_rollup.mem_kb_sum + excluded.mem_kb_sum,
-            read_bytes = usage_rollup.read_bytes + excluded.read_bytes,
-            write_bytes = usage_rollup.write_bytes + excluded.write_bytes,
-            minflt = usage_rollup.minflt + excluded.minflt,
-            majflt = usage_rollup.majflt + excluded.majflt;
+    """ + _ROLLUP_ACCUMULATE + r"""
         RETURN NULL;
     END $$;
     CREATE TRIGGER proc_usage_rollup AFTER INSERT ON proc_usage
@@ -225,17 +231,7 @@ MIGRATIONS: List[str] = [
                sum(COALESCE(read_bytes, 0)), sum(COALESCE(write_bytes, 0)),
                sum(COALESCE(minflt, 0)), sum(COALESCE(majflt, 0))
         FROM new_rows GROUP BY 1, 2, 3, 4, 5, 6
-        ON CONFLICT (bucket, host, prio, source, uid, comm) DO UPDATE SET
-            processes = usage_rollup.processes + excluded.processes,
-            cpu_user_us = usage_rollup.cpu_user_us + excluded.cpu_user_us,
-            cpu_system_us = usage_rollup.cpu_system_us + excluded.cpu_system_us,
-            elapsed_us = usage_rollup.elapsed_us + excluded.elapsed_us,
-            max_rss_kb = GREATEST(usage_rollup.max_rss_kb, excluded.max_rss_kb),
-            mem_kb_sum = usage_rollup.mem_kb_sum + excluded.mem_kb_sum,
-            read_bytes = usage_rollup.read_bytes + excluded.read_bytes,
-            write_bytes = usage_rollup.write_bytes + excluded.write_bytes,
-            minflt = usage_rollup.minflt + excluded.minflt,
-            majflt = usage_rollup.majflt + excluded.majflt;
+    """ + _ROLLUP_ACCUMULATE + r"""
         RETURN NULL;
     END $$;
     CREATE TRIGGER proc_folded_rollup AFTER INSERT ON proc_folded
