@@ -182,55 +182,50 @@ def _daemon_metrics(st: Mapping[str, Any]) -> Iterator[Any]:
 
     if not st:
         return
-    c = CounterMetricFamily(PREFIX + "events_received",
-                            "Proc connector events received.")
-    c.add_metric([], st.get("events", 0))
-    yield c
+    jobs = st.get("_jobs", {})
+    store = st.get("store") or {}
+    agg = (st.get("sources") or {}).get("aggregator") or {}
+    hold = st.get("hold") or {}
+    counter, gauge = CounterMetricFamily, GaugeMetricFamily
+    scalars = (
+        (counter, "events_received", "Proc connector events received.", st.get("events", 0)),
+        (counter, "resyncs", "Resyncs from /proc after event loss.", st.get("resyncs", 0)),
+        (counter, "jobs_created", "Jobs created since elsad started.", jobs.get("created", 0)),
+        (counter, "jobs_ended", "Jobs ended since elsad started.", jobs.get("ended", 0)),
+        (gauge, "jobs_running", "Jobs running now.", st.get("jobs_running", 0)),
+        (gauge, "members", "Processes that are members of a job now.", st.get("members", 0)),
+        (counter, "usage_records", "Usage records received from the accounting sources.",
+         agg.get("records", 0)),
+        (counter, "records_stored",
+         "Usage records handed to the store (attributed to a job or not).",
+         agg.get("attributed", 0) + agg.get("unattributed", 0)),
+        (gauge, "store_pending_writes", "Store writes submitted and not committed yet.",
+         store.get("pending_writes", 0)),
+        (counter, "store_errors", "Store write batches that failed.",
+         store.get("write_failures", 0)),
+        (counter, "store_dropped_records",
+         "Records dropped because the store could not write them.",
+         store.get("dropped_records", 0)),
+        (gauge, "store_ok", "1 while the store writes, 0 while it fails.",
+         0 if store.get("ok") is False else 1),
+        (counter, "burst_holds", "Burst holds (kernel queues left unread during a fork burst).",
+         hold.get("holds", 0)),
+        (counter, "burst_held_seconds", "Seconds spent in burst holds.",
+         hold.get("held_seconds", 0)),
+        (gauge, "burst_hold_active", "1 while a burst hold is on.",
+         1 if hold.get("active") else 0),
+        (gauge, "uptime_seconds", "Seconds since elsad started.", st.get("uptime", 0)),
+    )
+    for family, name, help_text, value in scalars:
+        metric = family(PREFIX + name, help_text)
+        metric.add_metric([], value)
+        yield metric
     lost = CounterMetricFamily(PREFIX + "events_lost",
                                "Proc connector events lost, by how the loss was seen.",
                                labels=["reason"])
     for reason, n in sorted((st.get("lost_events") or {}).items()):
         lost.add_metric([reason], n)
     yield lost
-    c = CounterMetricFamily(PREFIX + "resyncs", "Resyncs from /proc after event loss.")
-    c.add_metric([], st.get("resyncs", 0))
-    yield c
-    jobs = st.get("_jobs", {})
-    for key, help_text in (("created", "Jobs created since elsad started."),
-                           ("ended", "Jobs ended since elsad started.")):
-        c = CounterMetricFamily(PREFIX + f"jobs_{key}", help_text)
-        c.add_metric([], jobs.get(key, 0))
-        yield c
-    g = GaugeMetricFamily(PREFIX + "jobs_running", "Jobs running now.")
-    g.add_metric([], st.get("jobs_running", 0))
-    yield g
-    g = GaugeMetricFamily(PREFIX + "members", "Processes that are members of a job now.")
-    g.add_metric([], st.get("members", 0))
-    yield g
-    store = st.get("store") or {}
-    agg = (st.get("sources") or {}).get("aggregator") or {}
-    c = CounterMetricFamily(PREFIX + "usage_records",
-                            "Usage records received from the accounting sources.")
-    c.add_metric([], agg.get("records", 0))
-    yield c
-    c = CounterMetricFamily(PREFIX + "records_stored",
-                            "Usage records handed to the store (attributed to a job or not).")
-    c.add_metric([], agg.get("attributed", 0) + agg.get("unattributed", 0))
-    yield c
-    g = GaugeMetricFamily(PREFIX + "store_pending_writes",
-                          "Store writes submitted and not committed yet.")
-    g.add_metric([], store.get("pending_writes", 0))
-    yield g
-    c = CounterMetricFamily(PREFIX + "store_errors", "Store write batches that failed.")
-    c.add_metric([], store.get("write_failures", 0))
-    yield c
-    c = CounterMetricFamily(PREFIX + "store_dropped_records",
-                            "Records dropped because the store could not write them.")
-    c.add_metric([], store.get("dropped_records", 0))
-    yield c
-    g = GaugeMetricFamily(PREFIX + "store_ok", "1 while the store writes, 0 while it fails.")
-    g.add_metric([], 0 if store.get("ok") is False else 1)
-    yield g
     up = GaugeMetricFamily(PREFIX + "source_up",
                            "1 when the accounting source runs, 0 when it failed to start.",
                            labels=["source"])
@@ -243,21 +238,6 @@ def _daemon_metrics(st: Mapping[str, Any]) -> Iterator[Any]:
         errs.add_metric([name], s.get("callback_errors", 0))
     yield up
     yield errs
-    hold = st.get("hold") or {}
-    c = CounterMetricFamily(PREFIX + "burst_holds",
-                            "Burst holds (kernel queues left unread during a fork burst).")
-    c.add_metric([], hold.get("holds", 0))
-    yield c
-    c = CounterMetricFamily(PREFIX + "burst_held_seconds",
-                            "Seconds spent in burst holds.")
-    c.add_metric([], hold.get("held_seconds", 0))
-    yield c
-    g = GaugeMetricFamily(PREFIX + "burst_hold_active", "1 while a burst hold is on.")
-    g.add_metric([], 1 if hold.get("active") else 0)
-    yield g
-    g = GaugeMetricFamily(PREFIX + "uptime_seconds", "Seconds since elsad started.")
-    g.add_metric([], st.get("uptime", 0))
-    yield g
 
 
 # -- the exporter --------------------------------------------------------------------------
