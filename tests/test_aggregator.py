@@ -9,8 +9,8 @@ import time
 import pytest
 
 from elsa.core.aggregator import INSERT_PROC, Aggregator, proc_row
+from elsa.core.schema import MIGRATIONS, _split_sql
 from elsa.core.source import UsageRecord
-from elsa.core.store import MIGRATIONS, _split_sql
 from elsa.core.usage import best
 from tests.support import FakeManager
 

@@ -272,7 +272,7 @@ def _db(tmp_path: Path) -> str:
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 3")
     db.execute("CREATE TABLE proc_usage (id INTEGER PRIMARY KEY, pid INTEGER, end_time REAL)")
-    from elsa.core.store import _split_sql
+    from elsa.core.schema import _split_sql
 
     for stmt in _split_sql(record.MIGRATION):
         db.execute(stmt)

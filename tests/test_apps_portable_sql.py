@@ -24,7 +24,7 @@ from typing import Any, List, Sequence
 import pytest
 
 from elsa.apps import record, report
-from elsa.core.store import _split_sql
+from elsa.core.schema import _split_sql
 
 pytestmark = pytest.mark.root
 

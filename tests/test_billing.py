@@ -19,7 +19,7 @@ from elsa import config
 from elsa.billing import rates
 from elsa.billing.bill import Biller
 from elsa.billing.schedule import parse_holidays
-from elsa.core.store import migrate
+from elsa.core.schema import migrate
 from elsa.errors import ConfigError
 from elsa.report.cli import main
 from elsa.report.query import user_name

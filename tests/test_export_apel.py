@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from elsa.core.store import migrate
+from elsa.core.schema import migrate
 from elsa.report.cli import main
 from tests import apel_strict
 

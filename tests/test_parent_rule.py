@@ -10,7 +10,8 @@ from typing import Any, List, Optional, Tuple
 from elsa.core import usage
 from elsa.core.aggregator import FLAG_INCOMPLETE, INSERT_PROC, Aggregator, parent_lookup
 from elsa.core.model import CLOCK_TICKS
-from elsa.core.store import MIGRATIONS, Store, _split_sql, migrate
+from elsa.core.schema import MIGRATIONS, _split_sql, migrate
+from elsa.core.store import Store
 from elsa.core.usage import UsageRecord, attribute_by_parent, best, fallbacks, record_row
 from tests.support import FakeManager
 

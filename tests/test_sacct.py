@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from elsa.core.model import format_jid
-from elsa.core.store import migrate
+from elsa.core.schema import migrate
 from elsa.report.cli import main
 from elsa.report.sacct import fmt_duration, fmt_size
 

@@ -40,7 +40,7 @@ def test_import_path_migrates_and_refuses_newer_schema_like_the_daemon(tmp_path)
 
     import pytest
 
-    from elsa.core.store import MIGRATIONS
+    from elsa.core.schema import MIGRATIONS
     from elsa.errors import StoreError
     from elsa.report.importer import open_for_import
 

@@ -8,8 +8,8 @@ import pytest
 
 from elsa import config
 from elsa.core.aggregator import Aggregator
+from elsa.core.schema import MIGRATIONS, _split_sql
 from elsa.core.source import UsageRecord
-from elsa.core.store import MIGRATIONS, _split_sql
 from elsa.core.thresholds import Folder
 from elsa.errors import ConfigError
 from elsa.report import query

@@ -71,7 +71,7 @@ NAMES: Tuple[str, ...] = tuple(c[0] for c in COLUMNS)
 KEY: Tuple[str, ...] = ("host_id", "boot_id", "pid", "start_ticks", "exec_ns")
 INDEX = {name: i for i, name in enumerate(NAMES)}
 
-#: The store migration that creates the table (elsa/core/store.py MIGRATIONS
+#: The store migration that creates the table (elsa/core/schema.py MIGRATIONS
 #: appends it; frozen once shipped, as every migration). ``id`` is the local
 #: insertion order (a spool position for shipping), not part of the record.
 MIGRATION = f"""

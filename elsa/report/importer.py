@@ -32,14 +32,14 @@ SOURCE = "bsdacct"
 
 def open_for_import(db_path: str) -> sqlite3.Connection:
     """Open (creating and migrating if needed) the store at *db_path*."""
-    from elsa.core import store as store_mod
+    from elsa.core.schema import migrate
 
     d = os.path.dirname(os.path.abspath(db_path))
     os.makedirs(d, exist_ok=True)
     db = sqlite3.connect(db_path, timeout=60.0, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
-    store_mod.migrate(db, db_path)
+    migrate(db, db_path)
     _save_source_priority(db)
     return db
 

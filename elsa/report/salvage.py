@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from elsa.core import jobid
 from elsa.core import store as store_mod
+from elsa.core.schema import migrate
 from elsa.errors import StoreError
 
 #: Copied first, in this order; then every other table of the schema; then
@@ -126,7 +127,7 @@ def salvage(path: str) -> Dict[str, Any]:
     finally:
         os.umask(old)
     dst.execute("PRAGMA journal_mode=WAL")
-    store_mod.migrate(dst, new)
+    migrate(dst, new)
     counts: Dict[str, int] = {}
     lost: List[str] = []
     dst.execute("BEGIN")

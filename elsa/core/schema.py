@@ -1,0 +1,242 @@
+"""The store's schema: its migrations, applied in order.
+
+Migrations are a list of SQL scripts; ``PRAGMA user_version`` says how many
+ran. A store newer than this code is refused instead of being misread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import List
+
+from elsa.apps.record import MIGRATION as APPS_MIGRATION
+from elsa.core.thresholds import FOLDED_JOB_TRIGGER
+from elsa.core.thresholds import MIGRATION as THRESHOLDS_MIGRATION
+from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE, SUM_METRICS
+from elsa.errors import StoreError
+from elsa.logsetup import structlog
+
+log = structlog.get_logger("elsa.store")
+
+#: Schema migrations; index i upgrades user_version i -> i+1. Append only.
+#: A job's totals per source follow each per-process row as it is inserted.
+JOB_TRIGGER = """
+    CREATE TRIGGER proc_usage_job AFTER INSERT ON proc_usage
+    WHEN NEW.jid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'usage.bulk')
+    BEGIN
+        INSERT INTO job_usage VALUES (
+            NEW.jid, NEW.source, 1, NEW.cpu_user_us, NEW.cpu_system_us, NEW.elapsed_us,
+            NEW.max_rss_kb, NEW.max_vm_kb, NEW.read_bytes, NEW.write_bytes, NEW.read_chars,
+            NEW.write_chars, NEW.minflt, NEW.majflt, NEW.nvcsw, NEW.nivcsw,
+            NEW.coremem_kb_us, NEW.virtmem_kb_us, NULL, NEW.end_time, NULL)
+        """ + JOB_USAGE_ACCUMULATE + """;
+    END;
+    """
+
+MIGRATIONS: List[str] = [
+    # 1: jobs, membership history, metadata.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE jobs (
+        jid INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        owner_uid INTEGER NOT NULL,
+        tags TEXT NOT NULL,            -- JSON object
+        created REAL NOT NULL,
+        ended REAL,
+        state TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        params TEXT NOT NULL,          -- JSON object (backend parameters)
+        had_members INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX jobs_state ON jobs(state);
+    CREATE TABLE members (
+        boot_id TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        start_ticks INTEGER NOT NULL,
+        jid INTEGER NOT NULL,
+        joined REAL NOT NULL,
+        left REAL,                     -- NULL while the process is a live member
+        exit_code INTEGER,
+        how TEXT NOT NULL,             -- fork | attach | resync | recover
+        detached INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (boot_id, pid, start_ticks, jid)
+    );
+    CREATE INDEX members_jid ON members(jid);
+    CREATE INDEX members_live ON members(left) WHERE left IS NULL;
+    """,
+    # -- 2: accounting usage (issue 5; owned by elsa/core/aggregator.py) --------------
+    # proc_usage: one row per process per source (units: µs, KiB, bytes). The
+    # unique key makes re-reading a record after a crash harmless (INSERT OR
+    # IGNORE), and the triggers fire only for rows really inserted, so the
+    # pre-aggregated usage_rollup (hourly, per uid and command: what
+    # `elsa summary --by user|command` reads) and job_usage (per job and source)
+    # never count a record twice. The WHEN guard lets a bulk import
+    # (aggregator.bulk_insert) aggregate a whole chunk with one GROUP BY instead.
+    """
+    CREATE TABLE proc_usage (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        jid INTEGER,
+        pid INTEGER NOT NULL,
+        start_ticks INTEGER,
+        start_time REAL,
+        end_time REAL NOT NULL,
+        ppid INTEGER,
+        uid INTEGER,
+        gid INTEGER,
+        comm TEXT NOT NULL DEFAULT '',
+        exit_code INTEGER,
+        cpu_user_us INTEGER,
+        cpu_system_us INTEGER,
+        elapsed_us INTEGER,
+        max_rss_kb INTEGER,
+        max_vm_kb INTEGER,
+        read_bytes INTEGER,
+        write_bytes INTEGER,
+        read_chars INTEGER,
+        write_chars INTEGER,
+        minflt INTEGER,
+        majflt INTEGER,
+        nvcsw INTEGER,
+        nivcsw INTEGER,
+        coremem_kb_us INTEGER,
+        virtmem_kb_us INTEGER,
+        extra TEXT
+    );
+    CREATE UNIQUE INDEX proc_usage_key ON proc_usage(source, pid, start_time, end_time);
+    CREATE INDEX proc_usage_jid ON proc_usage(jid) WHERE jid IS NOT NULL;
+    CREATE INDEX proc_usage_end ON proc_usage(end_time);
+    CREATE INDEX members_pid ON members(pid);
+    CREATE TABLE usage_rollup (
+        bucket INTEGER NOT NULL,
+        prio INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        comm TEXT NOT NULL,
+        processes INTEGER NOT NULL,
+        cpu_user_us INTEGER NOT NULL,
+        cpu_system_us INTEGER NOT NULL,
+        elapsed_us INTEGER NOT NULL,
+        max_rss_kb INTEGER,
+        mem_kb_sum INTEGER NOT NULL,
+        read_bytes INTEGER NOT NULL,
+        write_bytes INTEGER NOT NULL,
+        minflt INTEGER NOT NULL,
+        majflt INTEGER NOT NULL,
+        PRIMARY KEY (bucket, prio, source, uid, comm)
+    ) WITHOUT ROWID;
+    CREATE TABLE job_usage (
+        jid INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        processes INTEGER,
+        cpu_user_us INTEGER,
+        cpu_system_us INTEGER,
+        elapsed_us INTEGER,
+        max_rss_kb INTEGER,
+        max_vm_kb INTEGER,
+        read_bytes INTEGER,
+        write_bytes INTEGER,
+        read_chars INTEGER,
+        write_chars INTEGER,
+        minflt INTEGER,
+        majflt INTEGER,
+        nvcsw INTEGER,
+        nivcsw INTEGER,
+        coremem_kb_us INTEGER,
+        virtmem_kb_us INTEGER,
+        incomplete TEXT,
+        updated REAL,
+        extra TEXT,
+        PRIMARY KEY (jid, source)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER proc_usage_rollup AFTER INSERT ON proc_usage
+    WHEN NOT EXISTS (SELECT 1 FROM meta WHERE key = 'usage.bulk')
+    BEGIN
+        INSERT INTO usage_rollup VALUES (
+            CAST(NEW.end_time / 3600 AS INTEGER),
+            CASE NEW.source WHEN 'taskstats' THEN 1 WHEN 'bsdacct' THEN 2 ELSE 9 END,
+            NEW.source, COALESCE(NEW.uid, -1), NEW.comm, 1,
+            COALESCE(NEW.cpu_user_us, 0), COALESCE(NEW.cpu_system_us, 0),
+            COALESCE(NEW.elapsed_us, 0), NEW.max_rss_kb,
+            COALESCE(NEW.max_rss_kb, NEW.max_vm_kb, 0),
+            COALESCE(NEW.read_bytes, 0), COALESCE(NEW.write_bytes, 0),
+            COALESCE(NEW.minflt, 0), COALESCE(NEW.majflt, 0))
+        """ + ROLLUP_ACCUMULATE + """;
+    END;
+    """ + JOB_TRIGGER,
+    # -- end of migration 2 (issue 5) ---------------------------------------------------
+    # 3: folded small records ([thresholds]; owned by elsa/core/thresholds.py).
+    THRESHOLDS_MIGRATION,
+    # 4: application records (app_runs; owned by elsa/apps/record.py).
+    APPS_MIGRATION,
+    # 5: each job-level reading (a cgroup's counters every cgroupstat interval) is also kept
+    # as one point of the job's time series: the web job page draws it.
+    """
+    CREATE TABLE job_samples (
+        jid INTEGER NOT NULL,
+        t REAL NOT NULL,
+        cpu_us INTEGER,                -- CPU used so far (user + system)
+        mem_bytes INTEGER,             -- memory in use at t
+        PRIMARY KEY (jid, t)
+    );
+    """,
+]
+
+
+#: Sums skip unknowns (usage.JOB_USAGE_ACCUMULATE): a job's row flagged incomplete before
+#: its first record held no figures, and the first records' sums stayed NULL. The job
+#: triggers take the clause again, and the rows that lost their figures so are recounted.
+_RECOUNT = ("processes",) + SUM_METRICS
+JOB_SUMS_MIGRATION = (
+    "DROP TRIGGER proc_usage_job;\n" + JOB_TRIGGER
+    + "DROP TRIGGER proc_folded_job;\n" + FOLDED_JOB_TRIGGER + """
+    UPDATE job_usage SET """ + ", ".join(f"{c} = t.{c}" for c in _RECOUNT) + """
+    FROM (SELECT jid, source, COUNT(*) AS processes, """
+    + ", ".join(f"SUM({c}) AS {c}" for c in SUM_METRICS) + """
+          FROM proc_usage WHERE jid IN (SELECT jid FROM job_usage WHERE processes IS NULL
+                                        AND incomplete IS NOT NULL)
+          GROUP BY jid, source) AS t
+    WHERE job_usage.processes IS NULL AND job_usage.incomplete IS NOT NULL
+      AND t.jid = job_usage.jid AND t.source = job_usage.source;
+    """)
+MIGRATIONS.append(JOB_SUMS_MIGRATION)
+
+
+def migrate(db: sqlite3.Connection, path: str) -> None:
+    """Bring the store *db* (at *path*) to the current schema, one transaction
+    per migration. Used by the daemon's :class:`Store` and by ``elsa
+    import-acct``, which opens the store without a writer thread."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > len(MIGRATIONS):
+        raise StoreError(f"store {path} has schema version {version} but this ELSA "
+                         f"knows only up to {len(MIGRATIONS)}; upgrade ELSA or point "
+                         "state_dir elsewhere")
+    for i in range(version, len(MIGRATIONS)):
+        db.execute("BEGIN IMMEDIATE")  # outside the try: nothing to roll back if it fails
+        try:
+            for stmt in _split_sql(MIGRATIONS[i]):
+                db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {i + 1}")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            db.execute("ROLLBACK")
+            raise StoreError(f"store {path}: migration to schema {i + 1} failed: "
+                             f"{exc}") from None
+        log.info("store migrated", path=path, schema=i + 1)
+
+
+def _split_sql(script: str) -> List[str]:
+    # executescript() would COMMIT our transaction; split into statements
+    # ourselves. sqlite3.complete_statement() knows that the ';' inside a
+    # trigger's BEGIN ... END does not end the CREATE TRIGGER (migration 2).
+    out: List[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return [s for s in out if s.rstrip(";").strip()]
