@@ -1,6 +1,6 @@
 """ExitHistory: exited members stay resolvable for the linger, compactly."""
 
-from elsa.core.manager import ExitHistory
+from elsa.core.membership import ExitHistory
 
 
 def test_find_expire_and_pid_reuse_within_a_second():

@@ -12,16 +12,12 @@ either order (CSA shipped that race as a bug, commit 12b6a9d).
 
 from __future__ import annotations
 
-import collections
 import time
 from dataclasses import dataclass, field
 from typing import (
-    Any,
     Callable,
-    Deque,
     Dict,
     Iterable,
-    Iterator,
     List,
     Mapping,
     Optional,
@@ -31,6 +27,7 @@ from typing import (
 
 from elsa.core.backend import Backend
 from elsa.core.jobid import JidAllocator
+from elsa.core.membership import SLOT_SHIFT, START_MASK, ExitHistory, Members
 from elsa.core.model import (
     CLOCK_TICKS,
     JOB_ENDED,
@@ -50,66 +47,6 @@ from elsa.logsetup import structlog
 log = structlog.get_logger("elsa.manager")
 
 
-#: The index packs a job slot and a start time into one int per process:
-#: start ticks fit 40 bits for 348 years of uptime at USER_HZ 100.
-SLOT_SHIFT = 40
-START_MASK = (1 << SLOT_SHIFT) - 1
-
-
-class _Members:
-    """One job's members: a view on the manager's packed index (pid -> slot|start).
-
-    elsad must hold 100,000+ tracked processes in little memory (issue 6: 40 MB).
-    One slot of the flat PidIndex per process (24-48 B) instead of a per-job
-    dict plus a (jid, start) tuple in a dict index (~280 B). Iteration
-    scans the whole index, so it is kept to requests and resyncs, never the
-    per-event path; membership tests and counts are O(1).
-    """
-
-    __slots__ = ("index", "tag", "count")
-
-    def __init__(self, index: PidIndex, slot: int) -> None:
-        self.index = index
-        self.tag = slot << SLOT_SHIFT
-        self.count = 0
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __bool__(self) -> bool:
-        return self.count > 0
-
-    def __contains__(self, pid: object) -> bool:
-        v = self.index.get(pid)
-        return v is not None and v & ~START_MASK == self.tag
-
-    def get(self, pid: int, default: Optional[int] = None) -> Optional[int]:
-        v = self.index.get(pid)
-        return v & START_MASK if v is not None and v & ~START_MASK == self.tag else default
-
-    def __setitem__(self, pid: int, start: int) -> None:
-        if pid not in self:
-            self.count += 1
-        self.index[pid] = self.tag | start
-
-    def pop(self, pid: int, default: Optional[int] = None) -> Optional[int]:
-        v = self.index.get(pid)
-        if v is None or v & ~START_MASK != self.tag:
-            return default
-        del self.index[pid]
-        self.count -= 1
-        return v & START_MASK
-
-    def items(self) -> List[Tuple[int, int]]:
-        """(pid, start_ticks) pairs, as a list: safe to mutate the job while looping."""
-        tag = self.tag
-        return [(pid, v & START_MASK) for pid, v in self.index.items()
-                if v & ~START_MASK == tag]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter([pid for pid, _ in self.items()])
-
-
 @dataclass
 class _JobState:
     jid: int
@@ -119,7 +56,7 @@ class _JobState:
     created: float
     backend: str
     params: Dict[str, str]
-    members: _Members = field(default=None)  # type: ignore[assignment]  # set by the manager
+    members: Members = field(default=None)  # type: ignore[assignment]  # set by the manager
     had_members: bool = False
     ended: Optional[float] = None
     state: str = JOB_RUNNING
@@ -131,83 +68,6 @@ class _JobState:
                    # (skip the index scan for an empty job: create, end)
                    pids=tuple(sorted(self.members)) if with_pids and self.members else (),
                    params=dict(self.params))
-
-
-class ExitHistory:
-    """Members that exited recently, so that accounting records arriving after
-    the exit event still find their job (CSA shipped that race, 12b6a9d).
-
-    Held in one dict per second of exits: expiry drops whole generations, and
-    an exit costs one (jid, start_ticks) tuple in a dict (~170 B). A busy node
-    exiting 5,000 processes a second holds linger x 5,000 of them; the first
-    layout (a list per pid, a record object, a deque entry) took 480 B each,
-    145 MB for 300,000. Beyond the linger the aggregator resolves from the
-    membership history in the store.
-    """
-
-    def __init__(self, linger: float, clock: Callable[[], float]) -> None:
-        self.linger = linger
-        self.clock = clock
-        # (second, {pid: (jid, start) or [(jid, start), ...] if the pid repeats})
-        self.generations: Deque[Tuple[int, Dict[int, Any]]] = collections.deque()
-        # pid -> the newest generation holding it. Most lookups are
-        # misses (every process on the machine has an accounting record, few
-        # are members): one dict lookup answers them instead of one per
-        # generation (a linger's worth), a measured part of elsad's CPU per process.
-        self._newest: Dict[int, Dict[int, Any]] = {}
-
-    def add(self, pid: int, jid: int, start_ticks: int) -> None:
-        second = int(self.clock())
-        gens = self.generations
-        if not gens or gens[-1][0] != second:
-            gens.append((second, {}))
-        gen = gens[-1][1]
-        self._newest[pid] = gen
-        entry = (jid, start_ticks)
-        prev = gen.get(pid)
-        if prev is None:
-            gen[pid] = entry
-        elif isinstance(prev, list):
-            prev.append(entry)
-        else:
-            gen[pid] = [prev, entry]  # the pid was reused within the second
-
-    def find(self, pid: int, start_ticks: Optional[int], tolerance: int) -> Optional[int]:
-        """The job of the latest exit of *pid* matching *start_ticks*."""
-        if pid not in self._newest:
-            return None
-        for _, gen in reversed(self.generations):
-            entry = gen.get(pid)
-            if entry is None:
-                continue
-            for jid, start in (reversed(entry) if isinstance(entry, list) else (entry,)):
-                if start_ticks is None or abs(start - start_ticks) <= tolerance:
-                    return jid
-        return None
-
-    def jids(self) -> Set[int]:
-        """Jobs with a member that exited within the linger (records may still come)."""
-        out: Set[int] = set()
-        for _, gen in self.generations:
-            for entry in gen.values():
-                if isinstance(entry, list):
-                    out.update(jid for jid, _ in entry)
-                else:
-                    out.add(entry[0])
-        return out
-
-    def expire(self) -> None:
-        horizon = self.clock() - self.linger
-        gens = self.generations
-        newest = self._newest
-        while gens and gens[0][0] + 1 <= horizon:
-            gen = gens.popleft()[1]
-            for pid in gen:
-                if newest.get(pid) is gen:  # no newer generation holds it
-                    del newest[pid]
-
-    def __len__(self) -> int:
-        return sum(len(gen) for _, gen in self.generations)
 
 
 class Counters:
@@ -243,7 +103,7 @@ class JobManager:
         self.hooks = hooks
         self.clock = clock
         self.jobs: Dict[int, _JobState] = {}
-        # tgid -> (job slot << SLOT_SHIFT) | start_ticks; see _Members.
+        # tgid -> (job slot << SLOT_SHIFT) | start_ticks; see Members.
         self.index = PidIndex()
         self._slot_jid: Dict[int, int] = {}
         self._next_slot = 1
@@ -337,7 +197,7 @@ class JobManager:
         state = _JobState(**fields)
         slot = self._next_slot
         self._next_slot += 1
-        state.members = _Members(self.index, slot)
+        state.members = Members(self.index, slot)
         self._slot_jid[slot] = state.jid
         return state
 
