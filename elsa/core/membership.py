@@ -75,10 +75,10 @@ class ExitHistory:
 
     Held in one dict per second of exits: expiry drops whole generations, and
     an exit costs one (jid, start_ticks) tuple in a dict (~170 B). A busy node
-    exiting 5,000 processes a second holds linger x 5,000 of them; the first
-    layout (a list per pid, a record object, a deque entry) took 480 B each,
-    145 MB for 300,000. Beyond the linger the aggregator resolves from the
-    membership history in the store.
+    exiting 5,000 processes a second holds linger x 5,000 of them (a list per
+    pid with a record object and a deque entry measured 480 B each, 145 MB for
+    300,000). Beyond the linger the aggregator resolves from the membership
+    history in the store.
     """
 
     def __init__(self, linger: float, clock: Callable[[], float]) -> None:
