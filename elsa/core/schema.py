@@ -202,6 +202,20 @@ JOB_SUMS_MIGRATION = (
     """)
 MIGRATIONS.append(JOB_SUMS_MIGRATION)
 
+#: Every process adds a row to each index of members and proc_usage in the writer's
+#: transaction, and an index ordered by pid takes its new entries all over the tree (pids
+#: cycle through pid_max), so each commit rewrites a page per few rows where an index in
+#: time order rewrites its last pages only. members' primary key (boot_id, pid, ...)
+#: already serves every lookup by pid, and proc_usage's unique key leads with end_time,
+#: so it serves the time ranges of the reports and billing as well: proc_usage_pid_end
+#: (elsa/apps/record.py) stays the one pid-ordered index of proc_usage.
+MIGRATIONS.append("""
+    DROP INDEX members_pid;
+    DROP INDEX proc_usage_end;
+    DROP INDEX proc_usage_key;
+    CREATE UNIQUE INDEX proc_usage_key ON proc_usage(end_time, source, pid, start_time);
+    """)
+
 
 def migrate(db: sqlite3.Connection, path: str) -> None:
     """Bring the store *db* (at *path*) to the current schema, one transaction
