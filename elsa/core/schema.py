@@ -207,11 +207,14 @@ MIGRATIONS.append(JOB_SUMS_MIGRATION)
 #: cycle through pid_max), so each commit rewrites a page per few rows where an index in
 #: time order rewrites its last pages only. members' primary key (boot_id, pid, ...)
 #: already serves every lookup by pid, and proc_usage's unique key leads with end_time,
-#: so it serves the time ranges of the reports and billing as well: proc_usage_pid_end
-#: (elsa/apps/record.py) stays the one pid-ordered index of proc_usage.
+#: so it serves the time ranges of the reports and billing as well. proc_usage_pid_end
+#: serves only the application recorder, which creates it when it starts
+#: (elsa/apps/record.py PID_END_INDEX): a site without [apps] has no pid-ordered index
+#: on proc_usage.
 MIGRATIONS.append("""
     DROP INDEX members_pid;
     DROP INDEX proc_usage_end;
+    DROP INDEX proc_usage_pid_end;
     DROP INDEX proc_usage_key;
     CREATE UNIQUE INDEX proc_usage_key ON proc_usage(end_time, source, pid, start_time);
     """)
