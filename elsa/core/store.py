@@ -60,6 +60,13 @@ SALVAGE_HINT = ("stop elsad, then run 'elsa store-salvage --state-dir {dir}' to 
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 
+#: A membership row; the writer inserts the pending rows of Store._members as they are.
+MEMBER_COLUMNS = ("boot_id", "pid", "start_ticks", "jid", "joined", "how", "left", "exit_code",
+                  "detached")
+INSERT_MEMBER = (f"INSERT OR REPLACE INTO members({', '.join(MEMBER_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' * len(MEMBER_COLUMNS))})")
+
+
 class Store:
     """Job table and membership history, persisted in ``<state_dir>/elsa.db``."""
 
@@ -78,10 +85,14 @@ class Store:
         migrate(self.db, self.path)
         secure_store_files(state_dir)
         self._queue: Deque[Tuple[str, Sequence[Any]]] = collections.deque()
-        # Membership rows not yet written, keyed by identity: a process that
-        # joins and exits within one batch (most of a fork storm) becomes one
-        # INSERT instead of an INSERT and an UPDATE.
+        # Membership rows not yet written (in MEMBER_COLUMNS order, the writer
+        # binds them as they are), keyed by identity: a process that joins and
+        # exits within one batch (most of a fork storm) becomes one INSERT
+        # instead of an INSERT and an UPDATE. _member_calls counts the calls
+        # merged into them: the writer counts every call it commits, or
+        # flush() would wait for calls that were merged away.
         self._members: Dict[Tuple[str, int, int, int], List[Any]] = {}
+        self._member_calls = 0
         self._members_lock = threading.Lock()
         # Statements whose consecutive writes a runner executes instead of one
         # executemany (see register_batch_runner); read by the writer thread.
@@ -310,22 +321,19 @@ class Store:
         # is queued as an UPDATE and drained below, so it runs after them.
         with self._members_lock:
             members, self._members = self._members, {}
+            calls, self._member_calls = self._member_calls, 0
         batch: List[Tuple[str, Sequence[Any]]] = []
         q = self._queue
         while q:
             batch.append(q.popleft())
         done = (sum(len(p) if type(p) is _Many else 1 for _, p in batch)
-                + sum(row[-1] for row in members.values()))
+                + calls)
         if not done:
             return True
         try:
             db.execute("BEGIN")
             if members:
-                db.executemany(
-                    "INSERT OR REPLACE INTO members(boot_id, pid, start_ticks, jid, "
-                    "joined, how, left, exit_code, detached) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(*key, *row[:-1]) for key, row in members.items()])
+                db.executemany(INSERT_MEMBER, members.values())
             _execute_grouped(db, batch, self._runners)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -333,7 +341,7 @@ class Store:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # SQLite already rolled back (SQLITE_FULL does)
-            self._requeue(batch, members)
+            self._requeue(batch, members, calls)
             self._failed(exc)
             return False
         self.batches += 1
@@ -352,16 +360,14 @@ class Store:
         return True
 
     def _requeue(self, batch: List[Tuple[str, Sequence[Any]]],
-                 members: Dict[Tuple[str, int, int, int], List[Any]]) -> None:
+                 members: Dict[Tuple[str, int, int, int], List[Any]], calls: int) -> None:
         """Put a rolled-back batch back, ahead of what was queued since."""
         self._queue.extendleft(reversed(batch))
         with self._members_lock:
             for key, row in members.items():
-                newer = self._members.get(key)
-                if newer is None:
-                    self._members[key] = row
-                else:  # changed since: the newer state wins, its merge count adds up
-                    newer[5] += row[5]
+                # A row changed since is newer: it wins.
+                self._members.setdefault(key, row)
+            self._member_calls += calls
 
     def _failed(self, exc: sqlite3.Error) -> None:
         self.write_failures += 1
@@ -456,15 +462,12 @@ class Store:
     # -- members --------------------------------------------------------------------
     def add_member(self, boot_id: str, jid: int, pid: int, start_ticks: int, joined: float,
                    how: str) -> None:
-        # row: joined, how, left, exit_code, detached, number of calls merged.
         # A pending row for the same stay is replaced (INSERT OR REPLACE would
-        # do the same on disk) but its merge count carries over: the writer
-        # counts every call it commits, or flush() would wait for calls that
-        # were merged away.
-        key = (boot_id, pid, start_ticks, jid)
+        # do the same on disk).
+        row = [boot_id, pid, start_ticks, jid, joined, how, None, None, 0]
         with self._members_lock:
-            old = self._members.get(key)
-            self._members[key] = [joined, how, None, None, 0, 1 + (old[5] if old else 0)]
+            self._members[(boot_id, pid, start_ticks, jid)] = row
+            self._member_calls += 1
         self._submitted += 1
 
     def close_member(self, boot_id: str, jid: int, pid: int, start_ticks: int, left: float,
@@ -472,7 +475,8 @@ class Store:
         with self._members_lock:
             row = self._members.get((boot_id, pid, start_ticks, jid))
             if row is not None:
-                row[2:6] = [left, exit_code, int(detached), row[5] + 1]
+                row[6:] = left, exit_code, int(detached)
+                self._member_calls += 1
                 self._submitted += 1
                 return
         self.submit("UPDATE members SET left = ?, exit_code = ?, detached = ? "
