@@ -18,7 +18,7 @@ from elsa.core.schema import MIGRATIONS, _split_sql, migrate
 from elsa.core.source import UsageRecord
 
 SUMS = ("SELECT jid, source, processes, cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb, "
-        "max_vm_kb, read_bytes, write_bytes, minflt FROM job_usage ORDER BY jid, source",
+        "max_vm_kb, read_bytes, write_bytes, nvcsw, minflt FROM job_usage ORDER BY jid, source",
         "SELECT bucket, source, uid, comm, processes, cpu_user_us, cpu_system_us, elapsed_us, "
         "max_rss_kb, mem_kb_sum, read_bytes FROM usage_rollup ORDER BY 1, 2, 3, 4")
 TRIGGERS = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
@@ -36,12 +36,17 @@ def _store_at(path, version):
 
 
 def _rows(n, base=0, jid=0x42):
+    # Some rows lack a uid, a peak RSS or CPU figures (unknowns are summed apart), and
+    # one job's rows of a source all lack nvcsw.
     return [proc_row(UsageRecord(
-        "taskstats", 300 + (base + i) % 500, start_ticks=1000 + base + i, uid=7 + i % 3,
+        "bsdacct" if i % 11 == 0 else "taskstats", 300 + (base + i) % 500,
+        start_ticks=1000 + base + i, uid=None if i % 5 == 0 else 7 + i % 3,
         comm=f"c{i % 4}", start_time=1_800_000_000.0 + base + i,
-        end_time=1_800_000_000.5 + base + i + (i % 3) * 1800, cpu_user_us=10 + i,
-        cpu_system_us=i, elapsed_us=100, max_rss_kb=50 + i % 7, max_vm_kb=90,
-        read_bytes=i, write_bytes=2 * i, minflt=1), jid if i % 2 else None)
+        end_time=1_800_000_000.5 + base + i + (i % 3) * 1800,
+        cpu_user_us=None if i % 13 == 0 else 10 + i, cpu_system_us=i, elapsed_us=100,
+        max_rss_kb=None if i % 7 == 0 else 50 + i % 7, max_vm_kb=90, read_bytes=i,
+        write_bytes=2 * i, minflt=1, nvcsw=None if i % 11 == 0 else 3),
+        (jid + i % 4 if i % 4 else jid) if i % 2 else None)
         for i in range(n)]
 
 
@@ -148,4 +153,5 @@ def test_bulk_batches_sum_like_the_triggers_and_keep_them(tmp_path, batch):
             other.close()
         db.close()
     assert sums[0] == sums[1]
-    assert sums[0][0][0][2] == batch  # half of the rows are in job 0x42
+    assert sum(r[2] for r in sums[0][0]) == batch  # half of the rows are in a job
+    assert any(r[10] is None for r in sums[0][0])  # and a job's nvcsw stayed unknown
