@@ -11,6 +11,7 @@ import pytest
 from elsa.core.aggregator import INSERT_PROC, Aggregator, proc_row
 from elsa.core.schema import MIGRATIONS, _split_sql
 from elsa.core.source import UsageRecord
+from elsa.core.store import execute_writes
 from elsa.core.usage import best
 from tests.support import FakeManager
 
@@ -26,8 +27,9 @@ def db():
 
 def _agg(db, mgr, **kw):
     clock = [0.0]
-    agg = Aggregator(lambda sql, p: db.execute(sql, p), mgr.resolve, clock=lambda: clock[0],
-                     boot_epoch_fn=lambda: 1_700_000_000.0, **kw)
+    agg = Aggregator(lambda sql, p: execute_writes(db, sql, [p]), mgr.resolve,
+                     clock=lambda: clock[0], boot_epoch_fn=lambda: 1_700_000_000.0,
+                     submit_many=lambda sql, rows: execute_writes(db, sql, rows), **kw)
     return agg, clock
 
 
@@ -137,9 +139,13 @@ def test_proc_row_matches_insert_columns():
 
 
 def test_live_bulk_batches_total_the_same_as_per_row_triggers(tmp_path):
-    """The store writer aggregates large batches of usage rows with one GROUP BY
-    (aggregator.live_bulk) instead of per-row triggers: the totals must match."""
-    from elsa.core.aggregator import INSERT_PROC, LIVE_BULK_MIN, live_bulk, proc_row
+    """The store writer adds each batch of usage rows to the sums with one GROUP BY
+    (aggregator.live_bulk, its runner for INSERT_PROC); the totals must match those
+    of the per-row triggers that schema 6 had (store migration 7 dropped them)."""
+    import sqlite3
+
+    from elsa.core.aggregator import INSERT_PROC, proc_row
+    from elsa.core.schema import MIGRATIONS, _split_sql
     from elsa.core.source import UsageRecord
     from elsa.core.store import Store
 
@@ -151,31 +157,25 @@ def test_live_bulk_batches_total_the_same_as_per_row_triggers(tmp_path):
                             read_bytes=i, write_bytes=2 * i, minflt=1, majflt=0)
                 for i in range(n)]
 
-    totals = []
-    for bulk in (False, True):
-        store = Store(str(tmp_path / str(bulk)))
-        try:
-            seen = []
-            if bulk:
-                def runner(db, rows, seen=seen):
-                    seen.append(len(rows))
-                    live_bulk(db, rows)
-                store.register_batch_runner(INSERT_PROC, runner)
-            rows = [proc_row(r, 0x42 if r.pid % 2 else None)
-                    for r in records(3 * LIVE_BULK_MIN, "taskstats")]
-            for row in rows + rows[:5]:  # duplicates are ignored either way
-                store.submit(INSERT_PROC, row)
-            store.flush()
-            if bulk:
-                assert max(seen) >= LIVE_BULK_MIN  # the GROUP BY path really ran
-            db = store.db
-            totals.append((
-                db.execute("SELECT jid, source, processes, cpu_user_us, cpu_system_us, "
-                           "max_rss_kb, read_bytes, write_bytes FROM job_usage "
-                           "ORDER BY jid, source").fetchall(),
-                db.execute("SELECT bucket, uid, comm, processes, cpu_user_us, max_rss_kb "
-                           "FROM usage_rollup ORDER BY 1, 2, 3").fetchall()))
-        finally:
-            store.close()
+    rows = [proc_row(r, 0x42 if r.pid % 2 else None) for r in records(24, "taskstats")]
+    queries = ("SELECT jid, source, processes, cpu_user_us, cpu_system_us, max_rss_kb, "
+               "read_bytes, write_bytes FROM job_usage ORDER BY jid, source",
+               "SELECT bucket, uid, comm, processes, cpu_user_us, max_rss_kb "
+               "FROM usage_rollup ORDER BY 1, 2, 3")
+    old = sqlite3.connect(str(tmp_path / "schema6.db"), isolation_level=None)
+    for m in MIGRATIONS[:6]:
+        for stmt in _split_sql(m):
+            old.execute(stmt)
+    for row in rows + rows[:5]:  # duplicates are ignored either way
+        old.execute(INSERT_PROC, row)
+    totals = [tuple(old.execute(q).fetchall() for q in queries)]
+    store = Store(str(tmp_path / "store"))
+    try:
+        for row in rows + rows[:5]:
+            store.submit(INSERT_PROC, row)
+        store.flush()
+        totals.append(tuple(store.db.execute(q).fetchall() for q in queries))
+    finally:
+        store.close()
     assert totals[0] == totals[1]
     assert totals[0][0] and totals[0][1]  # something was aggregated at all

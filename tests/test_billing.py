@@ -19,6 +19,7 @@ from elsa import config
 from elsa.billing import rates
 from elsa.billing.bill import Biller
 from elsa.billing.schedule import parse_holidays
+from elsa.core.aggregator import add_to_sums
 from elsa.core.schema import migrate
 from elsa.errors import ConfigError
 from elsa.report.cli import main
@@ -59,10 +60,12 @@ def ts(text: str) -> float:
 
 
 def _proc(db, jid, source, pid, start, end, cu, cs, rss, uid=1000):
+    (lo,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM proc_usage").fetchone()
     db.execute("INSERT INTO proc_usage(source, jid, pid, start_time, end_time, uid, comm, "
                "cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb) "
                "VALUES (?, ?, ?, ?, ?, ?, 'x', ?, ?, ?, ?)",
                (source, jid, pid, start, end, uid, cu, cs, int((end - start) * 1e6), rss))
+    add_to_sums(db, lo)
 
 
 def _job(db, jid, uid, tags, start, end):

@@ -18,7 +18,9 @@ from typing import Iterator
 
 import pytest
 
+from elsa.core.aggregator import INSERT_PROC, proc_row
 from elsa.core.model import Job
+from elsa.core.source import UsageRecord
 from elsa.core.store import Store
 from elsa.errors import StoreError
 from elsa.testing import wait_for
@@ -177,11 +179,10 @@ def _filled_store(path: Path, jobs: int = 3, rows: int = 6000) -> None:
     try:
         for j in range(1, jobs + 1):
             store.insert_job(_job(j))
-        store.submit_many(
-            "INSERT INTO proc_usage(source, jid, pid, start_time, end_time, comm, "
-            "cpu_user_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [("taskstats", 1 + i % jobs, 10 + i, 1.0 * i, 2.0 * i + 5, "c", 1000)
-             for i in range(rows)])
+        store.submit_many(INSERT_PROC, [
+            proc_row(UsageRecord("taskstats", 10 + i, start_time=1.0 * i, end_time=2.0 * i + 5,
+                                 comm="c", cpu_user_us=1000), 1 + i % jobs)
+            for i in range(rows)])
         store.submit("INSERT INTO proc_folded(source, jid, end_time, folded, mem_kb_sum, "
                      "cpu_user_us) VALUES ('bsdacct', 1, 10.0, 7, 0, 70)")
         store.flush()

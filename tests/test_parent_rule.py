@@ -8,7 +8,13 @@ import sqlite3
 from typing import Any, List, Optional, Tuple
 
 from elsa.core import usage
-from elsa.core.aggregator import FLAG_INCOMPLETE, INSERT_PROC, Aggregator, parent_lookup
+from elsa.core.aggregator import (
+    FLAG_INCOMPLETE,
+    INSERT_PROC,
+    Aggregator,
+    live_bulk,
+    parent_lookup,
+)
 from elsa.core.model import CLOCK_TICKS
 from elsa.core.schema import MIGRATIONS, _split_sql, migrate
 from elsa.core.store import Store
@@ -181,8 +187,8 @@ def test_migration_recounts_rows_that_lost_their_sums(tmp_path):
     migrate(db, path)
     assert db.execute("SELECT processes, cpu_user_us, incomplete FROM job_usage"
                       ).fetchone() == (2, 200, "gap")
-    db.execute(INSERT_PROC, record_row(UsageRecord(
-        "taskstats", 12, start_ticks=12, cpu_user_us=100, start_time=1.0, end_time=2.0), 5))
+    live_bulk(db, [record_row(UsageRecord(
+        "taskstats", 12, start_ticks=12, cpu_user_us=100, start_time=1.0, end_time=2.0), 5)])
     assert db.execute("SELECT processes, cpu_user_us FROM job_usage").fetchone() == (3, 300)
 
 

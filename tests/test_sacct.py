@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 
+from elsa.core.aggregator import add_to_sums
 from elsa.core.model import format_jid
 from elsa.core.schema import migrate
 from elsa.report.cli import main
@@ -28,6 +29,7 @@ def db_path(tmp_path):
                "cpu_user_us, cpu_system_us, max_rss_kb, read_bytes, write_bytes) VALUES "
                "('taskstats', 1, 10, ?, ?, 0, 'cc', 120000000, 30000000, 262144, 1536, 0)",
                (T0, T0 + 100))
+    add_to_sums(db)
     # Its first member (the script) exited 2; a later one was killed.
     db.execute("INSERT INTO members VALUES ('b', 10, 1, 1, ?, ?, 512, 'fork', 0)", (T0, T0 + 99))
     db.execute("INSERT INTO members VALUES ('b', 11, 2, 1, ?, ?, 9, 'fork', 0)",

@@ -1,19 +1,14 @@
-"""The store writer's cost per process: migration 7's indexes and the bulk path that
-drops proc_usage's triggers (elsa/core/schema.py, elsa/core/aggregator.py). Every
-lookup keeps an index, an existing store upgrades, and the sums stay the same."""
+"""The store writer's cost per process: migration 7's indexes, and usage rows added
+to the sums per batch instead of by per-row triggers (elsa/core/schema.py,
+elsa/core/aggregator.py). Every lookup keeps an index, an existing store upgrades,
+and the sums stay those of the triggers."""
 
 import sqlite3
 
 import pytest
 
 from elsa.core import usage
-from elsa.core.aggregator import (
-    DROP_TRIGGERS_MIN,
-    INSERT_PROC,
-    _bulk_in_transaction,
-    live_bulk,
-    proc_row,
-)
+from elsa.core.aggregator import INSERT_PROC, add_to_sums, bulk_insert, live_bulk, proc_row
 from elsa.core.schema import MIGRATIONS, _split_sql, migrate
 from elsa.core.source import UsageRecord
 
@@ -118,40 +113,42 @@ def test_the_apps_recorder_creates_its_pid_index_on_the_writer_thread(tmp_path):
         store.close()
 
 
-@pytest.mark.parametrize("batch", [DROP_TRIGGERS_MIN, 20])
-def test_bulk_batches_sum_like_the_triggers_and_keep_them(tmp_path, batch):
-    """A writer batch large enough drops proc_usage's triggers for its insert: the
-    totals equal the per-row triggers', the triggers are back after the commit, and
-    a batch that fails leaves them as they were."""
-    rows = _rows(2 * batch) + _rows(5)  # the last 5 are duplicates: ignored either way
-    sums = []
-    for bulk in (False, True):
-        path = str(tmp_path / f"{bulk}.db")
-        db = sqlite3.connect(path, isolation_level=None)
-        migrate(db, path)
-        triggers = db.execute(TRIGGERS).fetchall()
-        for i in range(0, len(rows), batch):
-            db.execute("BEGIN")
-            if bulk:
-                live_bulk(db, rows[i:i + batch])
-            else:
-                db.executemany(INSERT_PROC, rows[i:i + batch])
-            db.execute("COMMIT")
-        assert db.execute(TRIGGERS).fetchall() == triggers
-        sums.append([db.execute(q).fetchall() for q in SUMS])
-        if bulk:
-            db.execute("BEGIN")
-            with pytest.raises(sqlite3.Error):
-                _bulk_in_transaction(db, lambda d: d.execute("INSERT INTO nowhere VALUES (1)"))
-            db.execute("ROLLBACK")
-            assert db.execute(TRIGGERS).fetchall() == triggers
-            # Another connection's insert is summed by the triggers as before.
-            other = sqlite3.connect(path, isolation_level=None)
-            other.execute(INSERT_PROC, _rows(1, base=10_000)[0])
-            assert other.execute("SELECT SUM(processes) FROM usage_rollup").fetchone() == (
-                2 * batch + 1,)
-            other.close()
-        db.close()
-    assert sums[0] == sums[1]
-    assert sum(r[2] for r in sums[0][0]) == batch  # half of the rows are in a job
-    assert any(r[10] is None for r in sums[0][0])  # and a job's nvcsw stayed unknown
+@pytest.mark.parametrize("batch", [1, 7, 400])
+def test_batches_sum_like_the_triggers_of_schema_6(tmp_path, batch):
+    """Rows inserted in batches of any size (the store writer's runner), with
+    duplicates, sum to what schema 6's per-row triggers made of them; a batch that
+    fails adds nothing; bulk_insert and add_to_sums (ad-hoc writers) agree."""
+    rows = _rows(800) + _rows(5)  # the last 5 are duplicates: ignored either way
+    old = _store_at(str(tmp_path / "old.db"), 6)
+    old.executemany(INSERT_PROC, rows)
+    want = [old.execute(q).fetchall() for q in SUMS]
+    assert sum(r[2] for r in want[0]) == 400  # half of the rows are in a job
+    assert any(r[10] is None for r in want[0])  # and a job's nvcsw stayed unknown
+
+    path = str(tmp_path / "new.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    migrate(db, path)
+    assert db.execute(TRIGGERS).fetchall() == [
+        r for r in old.execute(TRIGGERS).fetchall() if r[0] != "proc_usage_rollup"
+        and r[0] != "proc_usage_job"]  # only proc_folded's are left
+    for i in range(0, len(rows), batch):
+        db.execute("BEGIN")
+        live_bulk(db, rows[i:i + batch])
+        db.execute("COMMIT")
+    assert [db.execute(q).fetchall() for q in SUMS] == want
+    db.execute("BEGIN")
+    new = _rows(1, base=5000)[0]
+    with pytest.raises(sqlite3.Error):
+        live_bulk(db, [new, new[:-1]])  # the second row is one column short
+    db.execute("ROLLBACK")
+    assert [db.execute(q).fetchall() for q in SUMS] == want
+
+    other = str(tmp_path / "other.db")
+    db2 = sqlite3.connect(other, isolation_level=None)
+    migrate(db2, other)
+    bulk_insert(db2, lambda d: d.executemany(INSERT_PROC, rows[:300]))
+    db2.execute("BEGIN")
+    db2.executemany(INSERT_PROC, rows[300:])
+    add_to_sums(db2, 300)
+    db2.execute("COMMIT")
+    assert [db2.execute(q).fetchall() for q in SUMS] == want

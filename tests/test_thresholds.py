@@ -10,6 +10,7 @@ from elsa import config
 from elsa.core.aggregator import Aggregator
 from elsa.core.schema import MIGRATIONS, _split_sql
 from elsa.core.source import UsageRecord
+from elsa.core.store import execute_writes
 from elsa.core.thresholds import Folder
 from elsa.errors import ConfigError
 from elsa.report import query
@@ -44,9 +45,9 @@ def _run(folder):
     mgr = FakeManager()
     for i in range(0, 400, 2):  # even pids are members of job 7
         mgr.members[1000 + i] = [(i, 7)]
-    agg = Aggregator(lambda sql, p: db.execute(sql, p), mgr.resolve, hold_seconds=0,
-                     boot_epoch_fn=lambda: T - 10_000, folder=folder,
-                     submit_many=lambda sql, rows: db.executemany(sql, rows))
+    agg = Aggregator(lambda sql, p: execute_writes(db, sql, [p]), mgr.resolve,
+                     hold_seconds=0, boot_epoch_fn=lambda: T - 10_000, folder=folder,
+                     submit_many=lambda sql, rows: execute_writes(db, sql, rows))
     recs = _records()
     for lo in range(0, len(recs), 50):  # batches as the sources deliver them
         agg.add(recs[lo:lo + 50])

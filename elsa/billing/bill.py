@@ -292,7 +292,8 @@ def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float) -> None:
 
 #: Whole hours from the store's hourly rollup (all process records, per uid and
 #: source), less the records of jobs in the same hours (jobs are billed as jobs).
-#: The hour expression is the one the rollup's trigger files records under.
+#: The hour expression is the one the rollup files records under
+#: (elsa.core.aggregator.add_to_sums).
 ROLLUP_SQL = ("SELECT bucket, source, uid, SUM(processes), SUM(cpu_user_us), "
               "SUM(cpu_system_us), SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us) "
               "FROM usage_rollup WHERE bucket >= ? AND bucket < ? GROUP BY bucket, source, uid")

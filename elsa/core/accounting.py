@@ -41,10 +41,8 @@ from typing import (
 
 from elsa.config import Config, validate_table
 from elsa.core.aggregator import (
-    INSERT_PROC,
     Aggregator,
     history_lookup,
-    live_bulk,
     parent_lookup,
 )
 from elsa.core.guard import Guard, run_isolated
@@ -132,7 +130,6 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
     *settle* applies the proc-connector events queued so far (the aggregator
     calls it before it gives up on a record's job)."""
     cfg = config
-    store.register_batch_runner(INSERT_PROC, live_bulk)
     # For the reports and elsa import-acct: how the sources rank, when this boot began.
     save_priorities(store.db, store.submit, priorities_of(specs))
     save_boot_epoch(store.submit, manager.boot_id, boot_epoch())

@@ -18,8 +18,9 @@ and start time within the source's tolerance, :func:`~elsa.core.usage.identity`)
 
 Writes go through :meth:`elsa.core.store.Store.submit` (the batching writer
 thread), so the event path never waits on disk. Per-job and per-hour
-aggregates are maintained by triggers in the store (migration 2) for rows
-really inserted, so a record read twice after a crash is never counted twice.
+aggregates are summed in the writer's transaction from the rows really
+inserted (:func:`add_to_sums`, the ids past the table's highest before the
+insert), so a record read twice after a crash is never counted twice.
 
 Which source's figure is "best" where sources overlap is the usage model's
 rule too (:func:`elsa.core.usage.best`, by each source spec's priority).
@@ -415,37 +416,20 @@ _JOBS_FROM = f"""
     """ + JOB_USAGE_ACCUMULATE
 
 
-#: A writer batch with at least this many usage rows aggregates them with one
-#: GROUP BY per summary table instead of the per-row triggers. Each row's
-#: triggers upsert the hourly rollup and the job's totals (two more B-tree
-#: writes per process); with every source on that was a third of elsad's CPU
-#: in benchmarks/bench_overhead.py. Small batches keep the triggers: the
-#: aggregation queries cost more than a few trigger runs.
-LIVE_BULK_MIN = 8
-
-
 def live_bulk(db: sqlite3.Connection, rows: Sequence[Sequence[object]]) -> None:
-    """The store writer's runner for a batch of INSERT_PROC rows (inside its
-    transaction): same result as the triggers, one aggregation per table."""
-    if len(rows) < LIVE_BULK_MIN:
-        db.executemany(INSERT_PROC, rows)
-        return
-    _bulk_in_transaction(db, lambda d: d.executemany(INSERT_PROC, rows),
-                         drop_triggers=len(rows) >= DROP_TRIGGERS_MIN)
+    """Insert usage rows (INSERT_PROC, inside the caller's transaction) and add
+    the new ones to usage_rollup and job_usage: the store writer's runner for
+    INSERT_PROC, and the way any code adds proc_usage rows to a store."""
+    _bulk_in_transaction(db, lambda d: d.executemany(INSERT_PROC, rows))
 
 
 def bulk_insert(db: sqlite3.Connection, insert: Callable[[sqlite3.Connection], None],
                 after_insert: Optional[Callable[[sqlite3.Connection, int, int], None]] = None
                 ) -> Tuple[int, int]:
-    """Run *insert(db)* (which adds proc_usage rows) in one transaction with
-    the per-row triggers switched off, then aggregate the new rows with one
-    GROUP BY each. *after_insert(db, lo, hi)* may update the new rows (ids in
-    (lo, hi]) first, e.g. to attribute them to jobs. Returns (lo, hi).
-
-    The switch is a meta row only this transaction sees, and the triggers are
-    dropped and created again inside it (:data:`_TRIGGERS`); other writers (the
-    daemon) wait for our lock and then run with their triggers as usual.
-    """
+    """Run *insert(db)* (which adds proc_usage rows) in one transaction, then
+    aggregate the new rows with one GROUP BY. *after_insert(db, lo, hi)* may
+    update the new rows (ids in (lo, hi]) first, e.g. to attribute them to
+    jobs. Returns (lo, hi)."""
     db.execute("BEGIN IMMEDIATE")
     try:
         lo, hi = _bulk_in_transaction(db, insert, after_insert)
@@ -456,38 +440,31 @@ def bulk_insert(db: sqlite3.Connection, insert: Callable[[sqlite3.Connection], N
     return lo, hi
 
 
-#: proc_usage's per-row triggers, for a bulk insert of at least :data:`DROP_TRIGGERS_MIN`
-#: rows dropped and created again before its transaction ends: no other connection ever
-#: sees the table without them. A trigger costs every row inserted the set-up of its
-#: program even when its WHEN clause (the 'usage.bulk' guard) is false: a quarter of
-#: the writer's insert. Dropping costs a fixed ~0.4 ms (the writer's statements are
-#: prepared again, other connections read the schema again once), so small batches
-#: only set the guard.
-_TRIGGERS = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'proc_usage'"
-DROP_TRIGGERS_MIN = 400
-
-
 def _bulk_in_transaction(db: sqlite3.Connection, insert: Callable[[sqlite3.Connection], None],
                          after_insert: Optional[Callable[[sqlite3.Connection, int, int], None]]
-                         = None, drop_triggers: bool = True) -> Tuple[int, int]:
+                         = None) -> Tuple[int, int]:
     (lo,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM proc_usage").fetchone()
-    triggers = db.execute(_TRIGGERS).fetchall() if drop_triggers else []
-    for name, _ in triggers:
-        db.execute(f'DROP TRIGGER "{name}"')
-    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('usage.bulk', '1')")
     insert(db)
     (hi,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM proc_usage").fetchone()
     if after_insert is not None:
         after_insert(db, lo, hi)
-    db.execute("DELETE FROM meta WHERE key = 'usage.bulk'")
-    for _, sql in triggers:
-        db.execute(sql)
+    add_to_sums(db, lo, hi)
+    return lo, hi
+
+
+def add_to_sums(db: sqlite3.Connection, lo: int = 0, hi: Optional[int] = None) -> None:
+    """Add the proc_usage rows with ids in (*lo*, *hi*] (all from *lo* on when
+    *hi* is None) to usage_rollup and job_usage. Store migration 7 dropped the
+    per-row triggers: every writer of proc_usage rows calls this for the rows
+    it added, in the same transaction (:func:`live_bulk` and :func:`bulk_insert`
+    do)."""
+    if hi is None:
+        (hi,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM proc_usage").fetchone()
     db.execute(_GROUPS_TABLE)
     db.execute(_GROUPS_FROM, (lo, hi))
     db.execute(_ROLLUP_FROM)
     db.execute(_JOBS_FROM)
     db.execute(f"DELETE FROM {_GROUPS}")
-    return lo, hi
 
 
 def history_lookup(db: sqlite3.Connection, boot_id: str) -> Callable[[int, int, int],

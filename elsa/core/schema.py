@@ -211,12 +211,22 @@ MIGRATIONS.append(JOB_SUMS_MIGRATION)
 #: serves only the application recorder, which creates it when it starts
 #: (elsa/apps/record.py PID_END_INDEX): a site without [apps] has no pid-ordered index
 #: on proc_usage.
+#:
+#: The per-row triggers that added each proc_usage row to usage_rollup and job_usage go:
+#: SQLite sets up a trigger's program for every row inserted even when its WHEN clause
+#: is false, which cost the writer's batches a quarter of their insert. Every writer of
+#: proc_usage rows adds them to the sums itself, in the same transaction
+#: (elsa.core.aggregator.add_to_sums: live_bulk, the store writer's runner for
+#: INSERT_PROC; bulk_insert, elsa import-acct's).
 MIGRATIONS.append("""
     DROP INDEX members_pid;
     DROP INDEX proc_usage_end;
     DROP INDEX proc_usage_pid_end;
     DROP INDEX proc_usage_key;
     CREATE UNIQUE INDEX proc_usage_key ON proc_usage(end_time, source, pid, start_time);
+    DROP TRIGGER proc_usage_rollup;
+    DROP TRIGGER proc_usage_job;
+    DELETE FROM meta WHERE key = 'usage.bulk';
     """)
 
 

@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from elsa.core.aggregator import INSERT_PROC, live_bulk
 from elsa.core.model import Job
 from elsa.core.schema import migrate
 from elsa.errors import StoreError
@@ -67,6 +68,18 @@ INSERT_MEMBER = (f"INSERT OR REPLACE INTO members({', '.join(MEMBER_COLUMNS)}) "
                  f"VALUES ({', '.join('?' * len(MEMBER_COLUMNS))})")
 
 
+Runner = Callable[[sqlite3.Connection, List[Sequence[Any]]], None]
+#: Statements every store runs through a runner instead of one executemany: usage rows
+#: are added to the sums as they are inserted (schema.py, migration 7).
+RUNNERS: Dict[str, Runner] = {INSERT_PROC: live_bulk}
+
+
+def execute_writes(db: sqlite3.Connection, sql: str, rows: List[Sequence[Any]]) -> None:
+    """Run *sql* once per row of *rows* on *db* as the store's writer does (through
+    its runner, if it has one): for code that writes a store without a Store."""
+    _execute_grouped(db, [(sql, _Many(rows))], RUNNERS)
+
+
 class Store:
     """Job table and membership history, persisted in ``<state_dir>/elsa.db``."""
 
@@ -96,7 +109,9 @@ class Store:
         self._members_lock = threading.Lock()
         # Statements whose consecutive writes a runner executes instead of one
         # executemany (see register_batch_runner); read by the writer thread.
-        self._runners: Dict[str, Callable[[sqlite3.Connection, List[Sequence[Any]]], None]] = {}
+        # Usage rows are added to the sums as they are inserted (schema.py, migration 7).
+        self._runners: Dict[str, Callable[[sqlite3.Connection, List[Sequence[Any]]], None]] = dict(
+            RUNNERS)
         self._cond = threading.Condition()
         self._submitted = 0   # ops appended
         self._committed = 0   # ops committed

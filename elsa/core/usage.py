@@ -512,10 +512,10 @@ def _rows_with_pid(db: sqlite3.Connection, cols: str, lo: int, hi: int, pids: se
 
 
 # -- accumulating into the per-hour and per-job tables -------------------------------------
-# The one ON CONFLICT clause of each table: every writer (the store's triggers, bulk import,
-# folded records) adds a row's figures to what the table holds the same way. A job's sums
-# skip unknowns as SQL's SUM() does: the row may exist with no figures yet (a source
-# flagged incomplete before its first record, e.g. right after a restart).
+# The one ON CONFLICT clause of each table: every writer (aggregator.add_to_sums for usage
+# rows, the folded records' triggers) adds a row's figures to what the table holds the same
+# way. A job's sums skip unknowns as SQL's SUM() does: the row may exist with no figures yet
+# (a source flagged incomplete before its first record, e.g. right after a restart).
 
 ROLLUP_ACCUMULATE = """
     ON CONFLICT DO UPDATE SET

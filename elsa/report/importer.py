@@ -2,7 +2,7 @@
 "accounting file + job file" path).
 
 Records are decoded with the vectorized pacct decoder, inserted in one
-transaction per file with the per-row triggers off (aggregator.bulk_insert),
+transaction per file and summed with one GROUP BY (aggregator.bulk_insert),
 and attributed to jobs from the persisted membership history by the usage
 model's one rule (elsa.core.usage: the same boot, pid and start time within
 pacct's 2 s tolerance; then the ppid rule for records of processes no

@@ -4,8 +4,9 @@ SQLite reports a damaged page (SQLITE_CORRUPT, "database disk image is
 malformed") only when a query touches it, so the copy walks each table in
 rowid order and, where a read fails, searches for the first rowid past the
 damaged range (doubling the step, then bisecting back), so the rows after it
-are kept. Per-process usage rows are inserted through the store's triggers,
-which rebuild the rollups (``usage_rollup``, ``job_usage``); rollup rows that
+are kept. The per-process usage rows that survived are summed into the
+rollups (``usage_rollup``, ``job_usage``; folded rows through their
+triggers) as the store's writer sums its batches; rollup rows that
 are still readable then replace the rebuilt ones, since a rollup may hold
 records whose ``proc_usage`` rows were on a damaged page. The damaged file is
 kept beside the new one (``elsa.db.damaged-<time>``).
@@ -20,11 +21,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from elsa.core import jobid
 from elsa.core import store as store_mod
+from elsa.core.aggregator import add_to_sums
 from elsa.core.schema import migrate
 from elsa.errors import StoreError
 
 #: Copied first, in this order; then every other table of the schema; then
-#: the rollups, which the inserts' triggers rebuilt and readable rows replace.
+#: the rollups, rebuilt from the rows copied before and replaced by readable rows.
 FIRST_TABLES = ("meta", "jobs", "members", "proc_usage", "proc_folded")
 ROLLUP_TABLES = ("usage_rollup", "job_usage")
 _BATCH = 1000
@@ -146,7 +148,7 @@ def salvage(path: str) -> Dict[str, Any]:
         cols = [c for c in _columns(dst, table) if c in have]
         if not cols:
             continue
-        # Rollups: what is readable wins over what the triggers rebuilt.
+        # Rollups: what is readable wins over what was rebuilt.
         verb = "INSERT OR REPLACE" if table in ROLLUP_TABLES else "INSERT OR IGNORE"
         sql = (f"{verb} INTO {table}({', '.join(cols)}) "
                f"VALUES ({', '.join('?' * len(cols))})")
@@ -166,6 +168,9 @@ def salvage(path: str) -> Dict[str, Any]:
                 dst.execute(sql, row)
                 n += 1
         counts[table] = n
+        if table == "proc_usage":
+            # The sums of the rows that survived; readable rollup rows replace them below.
+            add_to_sums(dst)
     _keep_jid_counter_ahead(dst)
     dst.execute("COMMIT")
     problems = [r[0] for r in dst.execute("PRAGMA quick_check").fetchall() if r[0] != "ok"]
