@@ -240,3 +240,46 @@ def test_a_record_read_late_still_gives_the_start_time(batched):
     assert len(recs) == 1
     row = T.usage_row(recs[0])
     assert start is not None and abs(row[3] - start) <= CLOCK_TICKS // 2, (row[3], start)
+
+
+def test_exit_rows_give_the_tuple_paths_rows_for_real_records():
+    """exit_rows (the source's hot path) builds a single-threaded process's
+    usage row straight from the datagram: the values of
+    usage_row(fast_exit_tuple(...)). A thread group's records (its leader's
+    AGROUP record included, and one already pending) stay tuples, in order,
+    for the ThreadFolder."""
+    from elsa.testing import wait_for
+
+    sock = T.TaskstatsSocket(rcvbuf=1 << 20)
+    sock.register()
+    grams = []
+    try:
+        single = subprocess.Popen(["true"])
+        single.wait()
+        threaded = subprocess.Popen([sys.executable, "-c", "import threading\n"
+                                     "t = threading.Thread(target=len, args=((),))\n"
+                                     "t.start(); t.join()"])
+        threaded.wait()
+
+        def read() -> bool:
+            grams.extend((bytes(d), now, ro, after) for d, now, ro, after in sock._datagrams())
+            tgids = {t[2] for t in (T.fast_exit_tuple(*g) for g in grams) if t}
+            return {single.pid, threaded.pid} <= tgids
+
+        wait_for(read, what="both exit records")
+    finally:
+        sock.close()
+    versions: dict = {}
+    rows, tuples = T.exit_rows(grams, "taskstats", set(), versions)
+    by_pid = {r[2]: r for r in rows}
+    ref = [T.fast_exit_tuple(*g) for g in grams]
+    (own,) = [t for t in ref if t[1] == single.pid]
+    assert by_pid[single.pid] == T.usage_row(own)
+    group = [t for t in ref if t[2] == threaded.pid]
+    assert len(group) == 2 and threaded.pid not in by_pid
+    assert [t for t in tuples if t[2] == threaded.pid] == group
+    assert sum(versions.values()) == len(rows)
+    # A process with a thread record pending from an earlier read: a tuple too.
+    rows, tuples = T.exit_rows([g for g, t in zip(grams, ref) if t[1] == single.pid],
+                               "taskstats", {single.pid}, {})
+    assert rows == [] and tuples == [own]

@@ -212,10 +212,10 @@ class JobManager:
         *tolerance* widens the start-time match for sources with coarse start
         times (pacct's btime has 1 s resolution).
         """
-        tol = max(tolerance, START_TOLERANCE_TICKS)
-        entry = self._entry(pid)
-        if entry is not None and (start_ticks is None or abs(entry[1] - start_ticks) <= tol):
-            return entry[0]
+        tol = tolerance if tolerance > START_TOLERANCE_TICKS else START_TOLERANCE_TICKS
+        v = self.index.get(pid)  # (self._entry, inline: once per record on the machine)
+        if v is not None and (start_ticks is None or abs((v & START_MASK) - start_ticks) <= tol):
+            return self._slot_jid[v >> SLOT_SHIFT]
         jid = self.exited.find(pid, start_ticks, tol)
         if jid is None and self.left_alive:
             left = self.left_alive.get(pid)

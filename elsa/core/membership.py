@@ -110,8 +110,13 @@ class ExitHistory:
 
     def find(self, pid: int, start_ticks: Optional[int], tolerance: int) -> Optional[int]:
         """The job of the latest exit of *pid* matching *start_ticks*."""
-        if pid not in self._newest:
+        newest = self._newest.get(pid)
+        if newest is None:
             return None
+        entry = newest.get(pid)
+        if type(entry) is tuple and (start_ticks is None
+                                     or abs(entry[1] - start_ticks) <= tolerance):
+            return entry[0]  # the latest exit matches: the common case, one lookup
         for _, gen in reversed(self.generations):
             entry = gen.get(pid)
             if entry is None:

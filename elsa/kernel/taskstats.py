@@ -31,7 +31,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Container, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from elsa.core.model import CLOCK_TICKS
 from elsa.core.source import UsageRecord, UsageRow
@@ -254,6 +254,8 @@ _RECORD_FIELDS = tuple(TaskRecord.__dataclass_fields__)
 _EXTRA = ('{"threads":%d,"taskstats_version":%d,"tick_utime_us":%d,"tick_stime_us":%d,'
           '"cancelled_write_bytes":%d,"cpu_delay_total_ns":%d,"blkio_delay_total_ns":%d}')
 _NS_PER_TICK = 1_000_000_000 // CLOCK_TICKS
+#: _EXTRA of a single-threaded process up to tick_utime_us's value (exit_rows).
+_EXTRA_HEAD = '{"threads":1,"taskstats_version":%d,"tick_utime_us":'
 
 
 def usage_row(t: Tuple, source: str = "taskstats") -> UsageRow:
@@ -337,6 +339,115 @@ def fast_exit_tuple(data: bytes, received_boot_ns: int, real_offset_ns: int = 0,
             v[_I_COMM].split(b"\0", 1)[0].decode("utf-8", "replace"), v[_I_EXIT], v[_I_FLAG],
             btime, *v[_I_ETIME:_I_NIVCSW + 1], v[_I_CPUD], v[_I_BLKD], run, 1,
             exit_time_ns(received_boot_ns, btime, etime, real_offset_ns, after_ns))
+
+
+#: The fields :func:`exit_rows` reads, at the offsets of :data:`_FAST` (unused
+#: fields skipped as pad bytes: fewer objects per record).
+_ROW = struct.Struct("=H2xIB7xQQ8xQ24xQ32s8xIIIII4x" + "Q" * 11 + "16x" + "Q" * 5
+                     + "24x32xQ16xI")
+assert _ROW.size == _FAST.size
+#: comm bytes -> str: a storm runs the same few commands (bounded, see exit_rows).
+_COMMS: Dict[bytes, str] = {}
+
+
+def exit_rows(datagrams: Iterable[Tuple[bytes, int, int, int]], source: str,
+              multi: Container[int], versions: Dict[int, int]
+              ) -> Tuple[List[UsageRow], List[Tuple]]:
+    """The hot path of the taskstats source: one pass over exit datagrams
+    (:meth:`TaskstatsSocket._datagrams`' tuples).
+
+    Returns (usage rows of single-threaded processes, task tuples of the
+    rest). A datagram in the usual one-message layout whose task is a whole
+    process (its only task: pid == tgid with AGROUP, and tgid neither in
+    *multi*, the tgids with threads waiting to be folded, nor seen earlier
+    in this pass as another task of a group) becomes its usage row at once,
+    with the values of ``usage_row(fast_exit_tuple(...))`` without building
+    the record tuple; everything else becomes a :class:`TaskRecord` field
+    tuple, in order, for the :class:`ThreadFolder`. *versions* counts the
+    struct versions of the rows built here.
+    """
+    rows: List[UsageRow] = []
+    tuples: List[Tuple] = []
+    groups: Set[int] = set()  # tgids of this pass's tuples
+    head = _FAST_HEAD.unpack_from
+    unpack = _ROW.unpack_from
+    comms = _COMMS
+    heads: Dict[int, str] = {}  # version -> the constant start of the extra JSON
+    ticks = CLOCK_TICKS
+    append = rows.append
+    for data, now, real_offset, after in datagrams:
+        n = len(data)
+        if n >= _FAST_MIN_LEN:
+            (mlen, mtype, _alen, atype, plen, ptype, _p, slen, stype) = head(data)
+            fast = (mlen == n and mtype != NLMSG_ERROR and mtype != NLMSG_DONE
+                    and atype & 0x3FFF == TASKSTATS_TYPE_AGGR_PID and plen == 8
+                    and ptype & 0x3FFF == TASKSTATS_TYPE_PID
+                    and stype & 0x3FFF == TASKSTATS_TYPE_STATS and slen >= 4 + _FAST.size)
+        else:
+            fast = False
+        if fast:
+            (version, exitcode, flag, cpu_count, cpu_delay, blkio_delay, run, comm, uid, gid,
+             pid, ppid, btime, etime, utime, stime, minflt, majflt, coremem, virtmem, rss, vm,
+             rchar, wchar, rbytes, wbytes, cancelled, nvcsw, nivcsw, btime64,
+             tgid) = unpack(data, _FAST_STATS_AT)
+            if (version >= 12 and version != 15 and flag & AGROUP and (tgid or pid) == pid
+                    and pid not in multi and pid not in groups):
+                btime = btime64 or btime
+                if not nvcsw and cpu_count:  # run_before_record_ns, inline
+                    late = etime * 1000 - cpu_delay - run
+                    if late > 0:
+                        run += late if late < MAX_UNBOOKED_NS else MAX_UNBOOKED_NS
+                if run:
+                    rtime = run // 1000
+                    total = utime + stime
+                    cs = rtime * stime // total if total else 0
+                    cu = rtime - cs
+                else:
+                    cu, cs = utime, stime
+                exit_ns = now
+                if real_offset and btime and now:  # exit_time_ns, inline
+                    lo = (btime + etime // 1_000_000) * 1_000_000_000 - real_offset
+                    hi = lo + 1_000_000_000
+                    if hi > now:
+                        hi = now
+                    if lo < after:
+                        lo = after
+                    if hi >= lo:
+                        exit_ns = (lo + hi) // 2
+                start = None
+                if exit_ns:
+                    start = (exit_ns - etime * 1000) * ticks // 1_000_000_000
+                    if start < 0:
+                        start = 0
+                name = comms.get(comm)
+                if name is None:
+                    if len(comms) >= 4096:
+                        comms.clear()
+                    name = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+                versions[version] = versions.get(version, 0) + 1
+                head_ = heads.get(version)
+                if head_ is None:
+                    head_ = heads[version] = _EXTRA_HEAD % version
+                # = _EXTRA % (1, version, utime, ...): an f-string formats faster
+                append((source, None, pid, start, float(btime), btime + etime / 1e6, ppid, uid,
+                        gid, name, exitcode, cu, cs, etime, rss, vm, rbytes, wbytes, rchar,
+                        wchar, minflt, majflt, nvcsw, nivcsw, coremem * 1024, virtmem * 1024,
+                        f'{head_}{utime},"tick_stime_us":{stime},"cancelled_write_bytes":'
+                        f'{cancelled},"cpu_delay_total_ns":{cpu_delay},"blkio_delay_total_ns":'
+                        f'{blkio_delay}}}'))
+                continue
+            t = fast_exit_tuple(data, now, real_offset, after)
+            if t is not None:
+                tuples.append(t)
+                groups.add(t[_F_TGID])
+                continue
+        msgs, _errs = decode_messages(bytes(data), now, real_offset, after)
+        for m in msgs:
+            if m.task is not None:
+                t = m.task.as_tuple()
+                tuples.append(t)
+                groups.add(t[_F_TGID])
+    return rows, tuples
 
 
 class UnsupportedVersion(KernelInterfaceError):
@@ -740,6 +851,12 @@ class TaskstatsSocket:
             msgs, _errs = decode_messages(bytes(data), now, real_offset, after)
             out.extend(m.task.as_tuple() for m in msgs if m.task is not None)
         return out
+
+    def receive_rows(self, source: str, multi: Container[int], versions: Dict[int, int]
+                     ) -> Tuple[List[UsageRow], List[Tuple]]:
+        """Every message ready now, as :func:`exit_rows` returns them: usage
+        rows of single-threaded processes, task tuples for the folder."""
+        return exit_rows(self._datagrams(), source, multi, versions)
 
     def query_pid(self, pid: int, timeout: float = 1.0) -> TaskRecord:
         """Statistics of one live task (TASKSTATS_CMD_ATTR_PID), so far."""
