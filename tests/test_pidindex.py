@@ -1,5 +1,6 @@
 """PidIndex: the manager's compact pid -> value table behaves like a dict."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,3 +61,14 @@ def test_rejects_pid_zero_and_missing_keys():
     else:
         raise AssertionError("deleting a missing pid did not raise KeyError")
     assert 0 not in idx and "5" not in idx
+
+
+def test_insert_adds_only_an_absent_pid_and_returns_the_present_value():
+    ix = PidIndex()
+    assert ix.insert(7, 70) is None and ix[7] == 70
+    assert ix.insert(7, 71) == 70 and ix[7] == 70  # unchanged
+    for pid in range(100, 5000):  # grows like __setitem__
+        assert ix.insert(pid, pid) is None
+    assert len(ix) == 4901 and all(ix[p] == p for p in range(100, 5000))
+    with pytest.raises(ValueError):
+        ix.insert(0, 1)

@@ -92,12 +92,15 @@ class ExitHistory:
         # generation (a linger's worth), a measured part of elsad's CPU per process.
         self._newest: Dict[int, Dict[int, Any]] = {}
 
-    def add(self, pid: int, jid: int, start_ticks: int) -> None:
-        second = int(self.clock())
+    def add(self, pid: int, jid: int, start_ticks: int, now: Optional[float] = None) -> None:
+        """*now*: the clock's time when the caller has just read it."""
+        second = int(self.clock() if now is None else now)
         gens = self.generations
-        if not gens or gens[-1][0] != second:
-            gens.append((second, {}))
-        gen = gens[-1][1]
+        if gens and gens[-1][0] == second:
+            gen = gens[-1][1]
+        else:
+            gen = {}
+            gens.append((second, gen))
         self._newest[pid] = gen
         entry = (jid, start_ticks)
         prev = gen.get(pid)

@@ -92,6 +92,28 @@ class PidIndex:
         if self._used * 2 > mask + 1:
             self._resize((mask + 1) * 2)
 
+    def insert(self, pid: int, value: int) -> Optional[int]:
+        """Map *pid* to *value* unless it is mapped already; returns the value
+        it had (then unchanged), or None. One probe for the event path's
+        "look up, then add" (a fork's child)."""
+        keys, mask = self._keys, self._mask
+        i = pid * _MUL & mask
+        while True:
+            k = keys[i]
+            if k == pid:
+                return self._vals[i]
+            if k == _EMPTY:
+                break
+            i = (i + 1) & mask
+        if pid <= 0:
+            raise ValueError(f"pid must be positive, not {pid}")
+        keys[i] = pid
+        self._vals[i] = value
+        self._used += 1
+        if self._used * 2 > mask + 1:
+            self._resize((mask + 1) * 2)
+        return None
+
     def pop(self, pid: int, default: Optional[int] = None) -> Optional[int]:
         keys, vals, mask = self._keys, self._vals, self._mask
         i = pid * _MUL & mask
