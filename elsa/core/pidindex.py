@@ -96,6 +96,8 @@ class PidIndex:
         """Map *pid* to *value* unless it is mapped already; returns the value
         it had (then unchanged), or None. One probe for the event path's
         "look up, then add" (a fork's child)."""
+        if pid <= 0:
+            raise ValueError(f"pid must be positive, not {pid}")
         keys, mask = self._keys, self._mask
         i = pid * _MUL & mask
         while True:
@@ -105,8 +107,6 @@ class PidIndex:
             if k == _EMPTY:
                 break
             i = (i + 1) & mask
-        if pid <= 0:
-            raise ValueError(f"pid must be positive, not {pid}")
         keys[i] = pid
         self._vals[i] = value
         self._used += 1
