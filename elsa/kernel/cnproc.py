@@ -28,7 +28,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Protocol, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Tuple, Union
 
 from elsa.errors import KernelInterfaceError, PrivilegeError
 from elsa.kernel import mmsg
@@ -69,6 +69,10 @@ _COMM = struct.Struct("=II16s")
 _EXIT = struct.Struct("=IIIIII")     # pid, tgid, exit_code, exit_signal, parent_pid, parent_tgid
 _EVENT_OFFSET = 52
 _MIN_LEN = _EVENT_OFFSET
+#: What :meth:`ProcConnector.drain` reads of each recvmmsg slot: cn seq, what,
+#: cpu, timestamp and the first six u32 of event_data (the slot's rest is padding).
+_SLOT_FORMAT = "=24xI8xIIQIIIIII"
+_SLOT_FIELDS = struct.Struct(_SLOT_FORMAT)
 _CONTROL = struct.Struct("=IHHII" + "IIIIHH" + "I")
 
 
@@ -268,6 +272,18 @@ MMSG_SLOTS = 256
 MMSG_SLOT = 512
 
 
+_UNPACKERS: Dict[int, Callable[[memoryview], Iterator[Tuple[int, ...]]]] = {}
+
+
+def _slot_unpacker(slot: int) -> Callable[[memoryview], Iterator[Tuple[int, ...]]]:
+    """iter_unpack of :data:`_SLOT_FORMAT` over consecutive slots of *slot* bytes."""
+    unpack = _UNPACKERS.get(slot)
+    if unpack is None:
+        unpack = _UNPACKERS[slot] = struct.Struct(
+            _SLOT_FORMAT + f"{slot - _SLOT_FIELDS.size}x").iter_unpack
+    return unpack
+
+
 class _OneAtATime:
     """The :class:`~elsa.kernel.mmsg.BatchReader` interface over recv_into
     (a libc without recvmmsg): one datagram per call."""
@@ -384,13 +400,10 @@ class ProcConnector:
         """
         reader = self._reader
         read = reader.read
-        buf = reader.buf
+        view = memoryview(reader.buf)
         lens = reader.lens
         slot = reader.slot_size
-        hdr = _HDR.unpack_from
-        fork = _FORK.unpack_from
-        exit_ = _EXIT.unpack_from
-        exec_ = _EXEC.unpack_from
+        slots = _slot_unpacker(slot)
         seqs = self.seqs
         last = seqs.last
         deadline = seqs.deadline
@@ -410,15 +423,16 @@ class ProcConnector:
             if not got:
                 break
             n += got
-            # A message longer than its slot lost only its tail: the fields
-            # read here are at fixed offsets well inside MMSG_SLOT.
-            for i in range(got):
-                if lens[i] < _MIN_LEN:
-                    continue
-                off = i * slot
-                _l, seq, what, cpu, ts = hdr(buf, off)
+            if min(lens[:got]) < _MIN_LEN:
+                self._drop_short(got)
+            # One unpack per slot, in C: the header and the event's first six
+            # u32 (fork: parent pid, tgid, child pid, tgid; exit: pid, tgid,
+            # code, signal, parent pid, tgid; exec: pid, tgid). A message
+            # longer than its slot lost only its tail: these fields are at
+            # fixed offsets well inside MMSG_SLOT.
+            for seq, what, cpu, ts, a, b, c, d, _e, _f in slots(view[:got * slot]):
                 if what == PROC_EVENT_NONE:
-                    continue  # the ack of our LISTEN: not from the per-CPU event counter
+                    continue  # the ack of our LISTEN (or a short message, blanked)
                 prev = last.get(cpu)
                 if prev is None or seq == (prev + 1) & 0xFFFFFFFF:
                     last[cpu] = seq
@@ -431,16 +445,22 @@ class ProcConnector:
                         self._lost(sink, loss)
                     deadline = seqs.deadline
                 if what == PROC_EVENT_FORK:
-                    _ppid, ptgid, cpid, ctgid = fork(buf, off + _EVENT_OFFSET)
-                    on_fork(ptgid, cpid, ctgid, ts)
+                    on_fork(b, c, d, ts)
                 elif what == PROC_EVENT_EXIT:
-                    pid, tgid, code, _sig, _pp, _pt = exit_(buf, off + _EVENT_OFFSET)
-                    on_exit(pid, tgid, code, ts)
+                    on_exit(a, b, c, ts)
                 elif what == PROC_EVENT_EXEC:
-                    pid, tgid = exec_(buf, off + _EVENT_OFFSET)
-                    on_exec(pid, tgid, ts)
+                    on_exec(a, b, ts)
         self.events += n
         return n
+
+    def _drop_short(self, got: int) -> None:
+        """Blank the slots of messages too short for a proc_event (never sent
+        by the kernel) so that the drain skips them as PROC_EVENT_NONE."""
+        reader = self._reader
+        for i in range(got):
+            if reader.lens[i] < _MIN_LEN:
+                off = i * reader.slot_size
+                reader.buf[off:off + _EVENT_OFFSET] = bytes(_EVENT_OFFSET)
 
     def _lost(self, sink: EventSink, loss: LossEvent) -> None:
         self.seq_lost += loss.missing
