@@ -31,7 +31,18 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Container, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import (
+    Any,
+    Container,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 from elsa.core.model import CLOCK_TICKS
 from elsa.core.source import UsageRecord, UsageRow
@@ -350,11 +361,23 @@ assert _ROW.size == _FAST.size
 _COMMS: Dict[bytes, str] = {}
 
 
-def exit_rows(datagrams: Iterable[Tuple[bytes, int, int, int]], source: str,
-              multi: Container[int], versions: Dict[int, int]
-              ) -> Tuple[List[UsageRow], List[Tuple]]:
-    """The hot path of the taskstats source: one pass over exit datagrams
-    (:meth:`TaskstatsSocket._datagrams`' tuples).
+#: What :func:`exit_rows` reads: (buffer, lengths, slot size, count, now,
+#: real_offset, after): datagram i of the batch is
+#: ``buffer[i * slot : i * slot + lengths[i]]``; the times: see :func:`exit_time_ns`.
+Batch = Tuple[Any, Sequence[int], int, int, int, int, int]
+
+
+def datagram_batches(datagrams: Iterable[Tuple[bytes, int, int, int]]) -> Iterator[Batch]:
+    """:func:`exit_rows`' batches of datagrams given one by one, as
+    :meth:`TaskstatsSocket._datagrams` yields them (data, now, real_offset, after)."""
+    for data, now, real_offset, after in datagrams:
+        yield data, (len(data),), len(data) + 1, 1, now, real_offset, after
+
+
+def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
+              versions: Dict[int, int]) -> Tuple[List[UsageRow], List[Tuple]]:
+    """The hot path of the taskstats source: one pass over exit datagrams,
+    read in batches (:meth:`TaskstatsSocket._batches`, :func:`datagram_batches`).
 
     Returns (usage rows of single-threaded processes, task tuples of the
     rest). A datagram in the usual one-message layout whose task is a whole
@@ -375,78 +398,82 @@ def exit_rows(datagrams: Iterable[Tuple[bytes, int, int, int]], source: str,
     heads: Dict[int, str] = {}  # version -> the constant start of the extra JSON
     ticks = CLOCK_TICKS
     append = rows.append
-    for data, now, real_offset, after in datagrams:
-        n = len(data)
-        if n >= _FAST_MIN_LEN:
-            (mlen, mtype, _alen, atype, plen, ptype, _p, slen, stype) = head(data)
-            fast = (mlen == n and mtype != NLMSG_ERROR and mtype != NLMSG_DONE
-                    and atype & 0x3FFF == TASKSTATS_TYPE_AGGR_PID and plen == 8
-                    and ptype & 0x3FFF == TASKSTATS_TYPE_PID
-                    and stype & 0x3FFF == TASKSTATS_TYPE_STATS and slen >= 4 + _FAST.size)
-        else:
-            fast = False
-        if fast:
-            (version, exitcode, flag, cpu_count, cpu_delay, blkio_delay, run, comm, uid, gid,
-             pid, ppid, btime, etime, utime, stime, minflt, majflt, coremem, virtmem, rss, vm,
-             rchar, wchar, rbytes, wbytes, cancelled, nvcsw, nivcsw, btime64,
-             tgid) = unpack(data, _FAST_STATS_AT)
-            if (version >= 12 and version != 15 and flag & AGROUP and (tgid or pid) == pid
-                    and pid not in multi and pid not in groups):
-                btime = btime64 or btime
-                if not nvcsw and cpu_count:  # run_before_record_ns, inline
-                    late = etime * 1000 - cpu_delay - run
-                    if late > 0:
-                        run += late if late < MAX_UNBOOKED_NS else MAX_UNBOOKED_NS
-                if run:
-                    rtime = run // 1000
-                    total = utime + stime
-                    cs = rtime * stime // total if total else 0
-                    cu = rtime - cs
-                else:
-                    cu, cs = utime, stime
-                exit_ns = now
-                if real_offset and btime and now:  # exit_time_ns, inline
-                    lo = (btime + etime // 1_000_000) * 1_000_000_000 - real_offset
-                    hi = lo + 1_000_000_000
-                    if hi > now:
-                        hi = now
-                    if lo < after:
-                        lo = after
-                    if hi >= lo:
-                        exit_ns = (lo + hi) // 2
-                start = None
-                if exit_ns:
-                    start = (exit_ns - etime * 1000) * ticks // 1_000_000_000
-                    if start < 0:
-                        start = 0
-                name = comms.get(comm)
-                if name is None:
-                    if len(comms) >= 4096:
-                        comms.clear()
-                    name = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
-                versions[version] = versions.get(version, 0) + 1
-                head_ = heads.get(version)
-                if head_ is None:
-                    head_ = heads[version] = _EXTRA_HEAD % version
-                # = _EXTRA % (1, version, utime, ...): an f-string formats faster
-                append((source, None, pid, start, float(btime), btime + etime / 1e6, ppid, uid,
-                        gid, name, exitcode, cu, cs, etime, rss, vm, rbytes, wbytes, rchar,
-                        wchar, minflt, majflt, nvcsw, nivcsw, coremem * 1024, virtmem * 1024,
-                        f'{head_}{utime},"tick_stime_us":{stime},"cancelled_write_bytes":'
-                        f'{cancelled},"cpu_delay_total_ns":{cpu_delay},"blkio_delay_total_ns":'
-                        f'{blkio_delay}}}'))
-                continue
-            t = fast_exit_tuple(data, now, real_offset, after)
-            if t is not None:
-                tuples.append(t)
-                groups.add(t[_F_TGID])
-                continue
-        msgs, _errs = decode_messages(bytes(data), now, real_offset, after)
-        for m in msgs:
-            if m.task is not None:
-                t = m.task.as_tuple()
-                tuples.append(t)
-                groups.add(t[_F_TGID])
+    for buf, lens, slot, count, now, real_offset, after in batches:
+        for i in range(count):
+            off = i * slot
+            n = lens[i]
+            if n >= _FAST_MIN_LEN:
+                (mlen, mtype, _alen, atype, plen, ptype, _p, slen, stype) = head(buf, off)
+                fast = (mlen == n and mtype != NLMSG_ERROR and mtype != NLMSG_DONE
+                        and atype & 0x3FFF == TASKSTATS_TYPE_AGGR_PID and plen == 8
+                        and ptype & 0x3FFF == TASKSTATS_TYPE_PID
+                        and stype & 0x3FFF == TASKSTATS_TYPE_STATS and slen >= 4 + _FAST.size)
+            else:
+                fast = False
+            if fast:
+                (version, exitcode, flag, cpu_count, cpu_delay, blkio_delay, run, comm, uid, gid,
+                 pid, ppid, btime, etime, utime, stime, minflt, majflt, coremem, virtmem, rss, vm,
+                 rchar, wchar, rbytes, wbytes, cancelled, nvcsw, nivcsw, btime64,
+                 tgid) = unpack(buf, off + _FAST_STATS_AT)
+                if (version >= 12 and version != 15 and flag & AGROUP and (tgid or pid) == pid
+                        and pid not in multi and pid not in groups):
+                    btime = btime64 or btime
+                    if not nvcsw and cpu_count:  # run_before_record_ns, inline
+                        late = etime * 1000 - cpu_delay - run
+                        if late > 0:
+                            run += late if late < MAX_UNBOOKED_NS else MAX_UNBOOKED_NS
+                    if run:
+                        rtime = run // 1000
+                        total = utime + stime
+                        cs = rtime * stime // total if total else 0
+                        cu = rtime - cs
+                    else:
+                        cu, cs = utime, stime
+                    exit_ns = now
+                    if real_offset and btime and now:  # exit_time_ns, inline
+                        lo = (btime + etime // 1_000_000) * 1_000_000_000 - real_offset
+                        hi = lo + 1_000_000_000
+                        if hi > now:
+                            hi = now
+                        if lo < after:
+                            lo = after
+                        if hi >= lo:
+                            exit_ns = (lo + hi) // 2
+                    start = None
+                    if exit_ns:
+                        start = (exit_ns - etime * 1000) * ticks // 1_000_000_000
+                        if start < 0:
+                            start = 0
+                    name = comms.get(comm)
+                    if name is None:
+                        if len(comms) >= 4096:
+                            comms.clear()
+                        name = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+                    versions[version] = versions.get(version, 0) + 1
+                    head_ = heads.get(version)
+                    if head_ is None:
+                        head_ = heads[version] = _EXTRA_HEAD % version
+                    # = _EXTRA % (1, version, utime, ...): an f-string formats faster
+                    append((source, None, pid, start, float(btime), btime + etime / 1e6, ppid, uid,
+                            gid, name, exitcode, cu, cs, etime, rss, vm, rbytes, wbytes, rchar,
+                            wchar, minflt, majflt, nvcsw, nivcsw, coremem * 1024, virtmem * 1024,
+                            f'{head_}{utime},"tick_stime_us":{stime},"cancelled_write_bytes":'
+                            f'{cancelled},"cpu_delay_total_ns":{cpu_delay},"blkio_delay_total_ns":'
+                            f'{blkio_delay}}}'))
+                    continue
+            data = bytes(buf[off:off + n])
+            if fast:
+                t = fast_exit_tuple(data, now, real_offset, after)
+                if t is not None:
+                    tuples.append(t)
+                    groups.add(t[_F_TGID])
+                    continue
+            msgs, _errs = decode_messages(data, now, real_offset, after)
+            for m in msgs:
+                if m.task is not None:
+                    t = m.task.as_tuple()
+                    tuples.append(t)
+                    groups.add(t[_F_TGID])
     return rows, tuples
 
 
@@ -856,7 +883,46 @@ class TaskstatsSocket:
                      ) -> Tuple[List[UsageRow], List[Tuple]]:
         """Every message ready now, as :func:`exit_rows` returns them: usage
         rows of single-threaded processes, task tuples for the folder."""
-        return exit_rows(self._datagrams(), source, multi, versions)
+        if self._batch is None:
+            return exit_rows(datagram_batches(self._datagrams_one_by_one()), source, multi,
+                             versions)
+        return exit_rows(self._batches(), source, multi, versions)
+
+    def _batches(self) -> Iterator[Batch]:
+        """:meth:`_datagrams` one recvmmsg read at a time (:data:`Batch`), for
+        :func:`exit_rows`: no object per datagram. A truncated datagram (longer
+        than MMSG_SLOT) is lost, like one the kernel dropped: it is counted and
+        blanked (length 0) before the batch is handed on."""
+        batch = self._batch
+        assert batch is not None
+        read = batch.read
+        buf = batch.buf
+        lens = batch.lens
+        slot = batch.slot_size
+        clock = time.clock_gettime_ns
+        boottime = time.CLOCK_BOOTTIME
+        after = self._emptied_at
+        before = clock(boottime)  # taken before each read
+        real_offset = time.time_ns() - before
+        while True:
+            try:
+                n = read()
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.enobufs += 1
+                    continue
+                raise from_oserror(exc, "read taskstats", "TASKSTATS") from exc
+            if not n:
+                self._emptied_at = before
+                return
+            now = clock(boottime)
+            if max(lens[:n]) >= slot:  # (a truncated datagram fills its slot)
+                for i in range(n):
+                    if batch.truncated(i):
+                        self.enobufs += 1
+                        lens[i] = 0
+            yield buf, lens, slot, n, now, real_offset, after
+            before = now
 
     def query_pid(self, pid: int, timeout: float = 1.0) -> TaskRecord:
         """Statistics of one live task (TASKSTATS_CMD_ATTR_PID), so far."""
