@@ -22,7 +22,7 @@ from elsa.billing.schedule import parse_holidays
 from elsa.core.schema import migrate
 from elsa.errors import ConfigError
 from elsa.report.cli import main
-from elsa.report.query import user_name
+from elsa.users import user_name
 
 HOLIDAYS = """HOLIDAYFILE_VERSION1
 *  Prime/non-prime table, CSA format

@@ -25,6 +25,7 @@ from elsa.core.model import parse_jid  # noqa: E402
 from elsa.errors import StoreError  # noqa: E402
 from elsa.report import query  # noqa: E402
 from elsa.report.cli import main as elsa_main  # noqa: E402
+from elsa.report.connect import open_db  # noqa: E402
 from elsa.testing import wait_for  # noqa: E402
 from tests.central_support import (  # noqa: E402
     NOW,
@@ -122,8 +123,8 @@ def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> 
         sh.stop()
     assert central_job_totals(pg, "ship") == local_job_totals(st, "n1")
     # The same report code over both stores gives the same figures.
-    central = query.open_db(pg.admin_url.replace("/postgres?", "/ship?"))
-    local = query.open_db(st.path)
+    central = open_db(pg.admin_url.replace("/postgres?", "/ship?"))
+    local = open_db(st.path)
     for by in ("user", "command"):
         for window in ((None, None), (NOW - 2.5 * 86400 + 123, NOW - 86400 - 77)):
             a = query.summary(local, by, *window)
@@ -174,11 +175,11 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path) -> No
     with admin(pg, "umap") as c:
         schema.map_user(c, "m1", "1000", "alice", "physics")
         schema.map_user(c, "*", "1001", "alice", "physics")
-    rows = query.summary(query.open_db(pg.admin_url.replace("/postgres?", "/umap?")), "user")
+    rows = query.summary(open_db(pg.admin_url.replace("/postgres?", "/umap?")), "user")
     users = {r["user"]: r for r in rows}
     assert users["alice"]["account"] == "physics"
     assert users["alice"]["uid"] is None  # two uids folded into one site user
-    local = {r["uid"]: r["processes"] for r in query.summary(query.open_db(st.path), "user")}
+    local = {r["uid"]: r["processes"] for r in query.summary(open_db(st.path), "user")}
     assert users["alice"]["processes"] == local[1000] + local[1001]
     with admin(pg, "umap") as c:
         # Unmapped: the name the node had for the uid (its bare number when none).
@@ -222,7 +223,7 @@ def test_bad_input_errors_nothing_lost(pg: PgServer, tmp_path: Path) -> None:
     finally:
         sh.stop()
     with pytest.raises(StoreError, match="schema 0"):
-        query.open_db(pg.admin_url.replace("/postgres?", "/old?"))
+        open_db(pg.admin_url.replace("/postgres?", "/old?"))
     st.close()
 
 

@@ -86,13 +86,13 @@ def usage(db: Any, by: str, *, since: Optional[float] = None, until: Optional[fl
           uid: Optional[int] = None, jid: Optional[int] = None,
           hosts: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Totals per binary, package, user or job; most runs first. *db*: a DB-API
-    connection whose cursor takes ``?`` placeholders, or a :class:`query.Db`
+    connection whose cursor takes ``?`` placeholders, or a :class:`elsa.report.connect.Db`
     (*hosts*: only these nodes of the central store)."""
-    from elsa.report import query
+    from elsa.report.connect import adapt
 
     if by not in GROUPS:
         raise ElsaError(f"apps --by {by!r}: choose one of {', '.join(GROUPS)}")
-    adb = query.adapt(db)
+    adb = adapt(db)
     # On the central store a user is the site user the user mapping names (uid@host
     # or user@host), applied at report time: group per host and uid, then fold.
     site_users = adb.central and by == "user"
@@ -153,9 +153,9 @@ def job_programs(db: Any, jid: int) -> List[record.AppRecord]:
 
 
 def open_db(path: str) -> Any:
-    from elsa.report import query
+    from elsa.report.connect import open_store
 
-    db = query.open_store(path)
+    db = open_store(path)
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (record.TABLE,)).fetchone() is None:
         raise ElsaError(f"store {path} has no application records table; start this version "
                         "of elsad once (it migrates the store) with [apps] enabled = true")
@@ -196,7 +196,8 @@ def _uid(user: Optional[str]) -> Optional[int]:
 
 def cmd_apps(args: argparse.Namespace, out: Any) -> int:
     from elsa.core.model import format_jid, parse_jid
-    from elsa.report import cli, query
+    from elsa.report import cli
+    from elsa.users import user_name
 
     if args.job:
         try:
@@ -216,7 +217,7 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
                 exit_s = ("-" if r.exit_code is None
                           else f"{r.exit_code}:{r.exit_signal or 0}")
                 body.append([cli._fmt_time(r.exec_time), str(r.pid),
-                             "-" if r.uid is None else query.user_name(r.uid),
+                             "-" if r.uid is None else user_name(r.uid),
                              r.comm or "-", _path_text(r.exe_path, r.path_status, r.exe_deleted),
                              cli._fmt_us(None if j["wall_s"] is None
                                          else int(j["wall_s"] * 1e6)),
@@ -238,7 +239,7 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
         hosts=cli._site_filters(args, db)["hosts"]))
     for r in rows:
         if "uid" in r and "user" not in r:  # the central store names site users itself
-            r["user"] = None if r["uid"] is None else query.user_name(r["uid"])
+            r["user"] = None if r["uid"] is None else user_name(r["uid"])
         if "jid" in r:
             r["jid"] = None if r["jid"] is None else format_jid(r["jid"])
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from elsa.billing.rates import RESOURCES, BillingConfig
 from elsa.core.usage import load_priorities, priority
-from elsa.report.query import BUCKET as _BUCKET
+from elsa.report.connect import BUCKET as _BUCKET
 
 _US = Decimal(1_000_000)
 _HOUR = Decimal(3600)
@@ -162,7 +162,8 @@ def _json_loads(text: Optional[str]) -> Dict[str, Any]:
 
 def job_items(db: Any, biller: Biller, since: float, until: float) -> List[Dict[str, Any]]:
     """One priced item per job that ended in [since, until)."""
-    from elsa.report.query import job_usage, user_name
+    from elsa.report.query import job_usage
+    from elsa.users import user_name
 
     rows = db.execute(JOBS_SQL, (since, until)).fetchall()
     usage: Dict[int, Dict[str, Any]] = {}
@@ -209,7 +210,7 @@ class _OutsideJobs:
 
     def add(self, uid: Any, usage: Dict[str, Any], n: int, p_ratio: Decimal,
             wall_s: Decimal) -> None:
-        from elsa.report.query import user_name
+        from elsa.users import user_name
 
         q = quantities(usage, wall_s, None, is_job=False)
         parts, unpriced = self.biller.price(q, p_ratio)

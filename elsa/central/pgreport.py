@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from elsa.central.conn import connect
 from elsa.errors import StoreError
-from elsa.report.query import BUCKET, Db
+from elsa.report.connect import BUCKET, Db
 
 _PLACEHOLDER = re.compile(r"\?")
 

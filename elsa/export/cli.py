@@ -61,11 +61,11 @@ def _skipped(skipped: Any, err: TextIO) -> None:
 def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
     from elsa.export import apel
     from elsa.export.records import jid_text
-    from elsa.report import query
+    from elsa.report.connect import open_store
 
     _no_csv(args)
     cfg = _config(args)
-    db = query.open_store(_db_path(args, cfg), readonly=args.summary)
+    db = open_store(_db_path(args, cfg), readonly=args.summary)
     try:
         res = apel.export(db, cfg.section("export.apel"), site=args.site, since=args.since,
                           until=args.until, summary=args.summary, again=args.again,
@@ -89,11 +89,11 @@ def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
 def _finished(args: argparse.Namespace, charges: bool = False) -> Any:
     """(config, finished jobs of the window, their charges or None)."""
     from elsa.export.records import finished_jobs
-    from elsa.report import query
+    from elsa.report.connect import open_store
 
     _no_csv(args)
     cfg = _config(args)
-    db = query.open_store(_db_path(args, cfg))
+    db = open_store(_db_path(args, cfg))
     try:
         jobs, skipped = finished_jobs(db, args.since, args.until)
         charge = billing_charge(cfg, db, args.since, args.until) if charges else None

@@ -325,10 +325,11 @@ class PrometheusExporter:
             return {}
         from elsa.errors import ElsaError
         from elsa.report import query
+        from elsa.report.connect import open_store
 
         try:
             if self._db is None:
-                self._db = query.open_store(self.db_path)
+                self._db = open_store(self.db_path)
             out: Dict[int, Dict[str, Any]] = {}
             for i in range(0, len(jids), _SQLITE_MAX_VARS):
                 out.update(query.job_usage(self._db, jids[i:i + _SQLITE_MAX_VARS]))

@@ -262,7 +262,7 @@ def _rows(labels: Sequence[Any], totals: Sequence[Sequence[int]],
         c = int(count[i])
         row: Dict[str, Any] = {by: label}
         if by == "user":
-            from elsa.report.query import user_name
+            from elsa.users import user_name
 
             row["uid"] = label
             row[by] = user_name(label)
@@ -291,7 +291,7 @@ def _loop(decs: List[pacct.Decoded], by: str) -> List[Dict[str, Any]]:
     for k, a in acc.items():
         row: Dict[str, Any] = {by: k}
         if by == "user":
-            from elsa.report.query import user_name
+            from elsa.users import user_name
 
             row["uid"] = k
             row[by] = user_name(k)

@@ -68,10 +68,10 @@ def _db_path(args: argparse.Namespace) -> str:
 
 def _site_filters(args: argparse.Namespace, db: Any) -> Dict[str, Any]:
     """--host and --tag K=V (the host filter needs the central store)."""
-    from elsa.report import query
+    from elsa.report.connect import adapt
 
     hosts = getattr(args, "host", None)
-    if hosts and not query.adapt(db).central:
+    if hosts and not adapt(db).central:
         raise ElsaError("--host selects nodes of the central store: use it with "
                         "--db postgresql://...")
     tags = dict(getattr(args, "tag", None) or [])  # (key, value) pairs
@@ -81,10 +81,11 @@ def _site_filters(args: argparse.Namespace, db: Any) -> Dict[str, Any]:
 def _report(args: argparse.Namespace, name: str, wire: Dict[str, Any], local) -> Any:
     """The report from the store when this user can read it, else from elsad
     (the ``report`` operation, under the private_data policy)."""
-    from elsa.report import query, remote
+    from elsa.report import remote
+    from elsa.report.connect import is_central, open_db
 
-    if args.db and query.is_central(args.db):
-        return local(query.open_db(args.db))
+    if args.db and is_central(args.db):
+        return local(open_db(args.db))
     return remote.run(_db_path(args), _socket_path(args), name, wire, local)
 
 

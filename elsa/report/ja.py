@@ -107,11 +107,12 @@ def _max(a: Optional[int], b: Optional[int]) -> Optional[int]:
 def _finished(jid: int, db_path: Optional[str], processes: bool) -> Dict[str, Any]:
     """The job's stored totals (and records, when *processes*), or why there are none."""
     from elsa.report import query
+    from elsa.report.connect import open_store
 
     if db_path is None:
         return {"processes": [], "usage": None, "why": "no store configured"}
     try:
-        db = query.open_store(db_path)
+        db = open_store(db_path)
         if not processes:  # the summary needs the totals only, whatever the job's size
             usage = query.job_usage(db, [jid]).get(jid)
             return {"processes": None, "usage": usage and usage["usage"], "why": None}

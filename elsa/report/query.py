@@ -15,8 +15,9 @@ needs only sqlite3 and the aggregator's "best" rule.
   the best figure per metric, by the same priorities.
 * One copy of each query serves a node's SQLite store and the site's central
   PostgreSQL (docs/central.md): queries are written with ``?`` placeholders and
-  run through a :class:`Db` adapter, which also supplies the few expressions
-  the dialects spell differently (hour buckets, tag lookup, the host column).
+  run through a :class:`elsa.report.connect.Db` adapter, which also supplies the few
+  expressions the dialects spell differently (hour buckets, tag lookup, the host
+  column).
   Rows are keyed by (host, ...) where a key may repeat across nodes; on a node
   the host is ''.
 """
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sqlite3
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -41,10 +40,7 @@ from elsa.core.usage import (
     priority_sql,
 )
 from elsa.errors import StoreError
-from elsa.users import user_name
-
-USAGE_SCHEMA = 2
-BUCKET = 3600
+from elsa.report.connect import BUCKET, Db, adapt
 
 SUMMARY_KEYS = ("processes", "cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss_kb",
                 "avg_mem_kb", "read_bytes", "write_bytes", "minflt", "majflt")
@@ -52,77 +48,6 @@ PROCESS_KEYS = ("pid", "ppid", "uid", "comm", "start_time", "end_time", "exit_co
                 "cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss_kb", "max_vm_kb",
                 "read_bytes", "write_bytes", "read_chars", "write_chars", "minflt", "majflt",
                 "nvcsw", "nivcsw", "source")
-
-
-class Db:
-    """A report connection: ``execute(sql, params)`` with ``?`` placeholders, and the
-    expressions in which SQLite and PostgreSQL differ."""
-
-    #: True when rows carry a host (the central store): reports show and filter it.
-    central = False
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self.conn.execute(sql, params)
-
-    def host(self) -> str:
-        """The host column of the usage tables ('' where there is one host)."""
-        return "''"
-
-    def hour(self, col: str) -> str:
-        """The hour bucket (epoch hours, floor) of epoch-seconds column *col*."""
-        return f"CAST({col} / {BUCKET} AS INTEGER)"
-
-    def tag(self, key_param: str = "?") -> str:
-        """The value of the job tag named by *key_param* in jobs.tags (JSON text)."""
-        return f"json_extract(tags, '$.' || {key_param})"
-
-    def user_label(self, host: str, uid: Optional[int]) -> Tuple[str, Optional[str]]:
-        """(user, account) for *uid* on *host*."""
-        return user_name(uid), None
-
-
-class SqliteDb(Db):
-    pass
-
-
-def adapt(db: Any) -> Db:
-    return db if isinstance(db, Db) else SqliteDb(db)
-
-
-def is_central(where: str) -> bool:
-    return where.startswith(("postgresql://", "postgres://", "service="))
-
-
-def open_db(where: str) -> Db:
-    """A node's store file, or the central store when *where* is a postgresql:// URL
-    (or a libpq ``service=NAME``)."""
-    if is_central(where):
-        from elsa.central.pgreport import open_central
-
-        return open_central(where)
-    return SqliteDb(open_store(where))
-
-
-def open_store(path: str, readonly: bool = True) -> sqlite3.Connection:
-    """Open the store at *path* (a file) for reading."""
-    if not os.path.exists(path):
-        raise StoreError(f"no store at {path}; is elsad's state_dir right (--state-dir or the "
-                         "config's state_dir), or import pacct files with 'elsa import-acct'?")
-    try:
-        if readonly:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
-        else:
-            db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-        (version,) = db.execute("PRAGMA user_version").fetchone()
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read store {path}: {exc}") from None
-    if version < USAGE_SCHEMA:
-        raise StoreError(f"store {path} has schema {version}, without usage tables; start "
-                         "elsad (it migrates the store) or run 'elsa import-acct'")
-    return db
 
 
 def _bucket_range(since: Optional[float], until: Optional[float]

@@ -57,13 +57,14 @@ def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: b
           private: bool, billing: Any = None) -> Any:
     """Run *report* for a caller (worker thread: opens its own connection)."""
     from elsa.report import query
+    from elsa.report.connect import open_store
 
     if report not in REPORTS:
         raise ProtocolError(f"unknown report {str(report)[:32]!r}; known: {', '.join(REPORTS)}")
     if not isinstance(args, dict):
         raise ProtocolError("'args' must be an object")
     restrict = private and not admin
-    db = query.open_store(db_path)
+    db = open_store(db_path)
     try:
         if report == "jobs":
             rows = query.jobs(db, _opt_float(args, "since"), _opt_float(args, "until"),
@@ -167,12 +168,12 @@ def run(path: str, socket_path: Optional[str], report: str, args: Dict[str, Any]
     """*local(db)* when the store file is readable here, else the report from elsad."""
     import os
 
-    from elsa.report import query
+    from elsa.report.connect import open_store
 
     if socket_path and os.path.exists(path) and not os.access(path, os.R_OK):
         return fetch(socket_path, report, args)
     if socket_path and not os.path.exists(path) and os.path.isdir(os.path.dirname(path)) \
             and not os.access(os.path.dirname(path), os.X_OK):
         return fetch(socket_path, report, args)
-    return local(query.open_store(path))
+    return local(open_store(path))
 

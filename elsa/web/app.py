@@ -74,11 +74,11 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
     app.jinja_env.globals.update(page_url=_page_url)
 
     def store():
-        from elsa.report import query
+        from elsa.report.connect import open_db
 
         db = g.get("db")
         if db is None:
-            db = g.db = query.open_db(db_path)
+            db = g.db = open_db(db_path)
         return db
 
     @app.teardown_appcontext
@@ -209,7 +209,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         except Exception as exc:  # a store without app_runs (older schema)
             rows, error = [], f"no application records in this store ({exc})"
         if by == "user":
-            from elsa.report.query import user_name
+            from elsa.users import user_name
 
             for r in rows:
                 r["user"] = user_name(r["uid"])

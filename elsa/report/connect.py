@@ -1,0 +1,93 @@
+"""The reports' connection to a store: a node's SQLite file or the site's
+central PostgreSQL, behind one :class:`Db` adapter.
+
+Queries (elsa.report.query and the other reports) are written once, with ``?``
+placeholders; the adapter runs them and supplies the few expressions the two
+dialects spell differently (hour buckets, tag lookup, the host column).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Optional, Sequence, Tuple
+
+from elsa.errors import StoreError
+from elsa.users import user_name
+
+#: The store schema that added the usage tables (store migration 2): older stores
+#: have nothing to report.
+USAGE_SCHEMA = 2
+#: Seconds per bucket of the hourly rollup.
+BUCKET = 3600
+
+
+class Db:
+    """A report connection: ``execute(sql, params)`` with ``?`` placeholders, and the
+    expressions in which SQLite and PostgreSQL differ."""
+
+    #: True when rows carry a host (the central store): reports show and filter it.
+    central = False
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(sql, params)
+
+    def host(self) -> str:
+        """The host column of the usage tables ('' where there is one host)."""
+        return "''"
+
+    def hour(self, col: str) -> str:
+        """The hour bucket (epoch hours, floor) of epoch-seconds column *col*."""
+        return f"CAST({col} / {BUCKET} AS INTEGER)"
+
+    def tag(self, key_param: str = "?") -> str:
+        """The value of the job tag named by *key_param* in jobs.tags (JSON text)."""
+        return f"json_extract(tags, '$.' || {key_param})"
+
+    def user_label(self, host: str, uid: Optional[int]) -> Tuple[str, Optional[str]]:
+        """(user, account) for *uid* on *host*."""
+        return user_name(uid), None
+
+
+class SqliteDb(Db):
+    pass
+
+
+def adapt(db: Any) -> Db:
+    return db if isinstance(db, Db) else SqliteDb(db)
+
+
+def is_central(where: str) -> bool:
+    return where.startswith(("postgresql://", "postgres://", "service="))
+
+
+def open_db(where: str) -> Db:
+    """A node's store file, or the central store when *where* is a postgresql:// URL
+    (or a libpq ``service=NAME``)."""
+    if is_central(where):
+        from elsa.central.pgreport import open_central
+
+        return open_central(where)
+    return SqliteDb(open_store(where))
+
+
+def open_store(path: str, readonly: bool = True) -> sqlite3.Connection:
+    """Open the store at *path* (a file) for reading."""
+    if not os.path.exists(path):
+        raise StoreError(f"no store at {path}; is elsad's state_dir right (--state-dir or the "
+                         "config's state_dir), or import pacct files with 'elsa import-acct'?")
+    try:
+        if readonly:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        else:
+            db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read store {path}: {exc}") from None
+    if version < USAGE_SCHEMA:
+        raise StoreError(f"store {path} has schema {version}, without usage tables; start "
+                         "elsad (it migrates the store) or run 'elsa import-acct'")
+    return db
