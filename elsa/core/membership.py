@@ -103,13 +103,12 @@ class ExitHistory:
             gens.append((second, gen))
         self._newest[pid] = gen
         entry = (jid, start_ticks)
-        prev = gen.get(pid)
-        if prev is None:
-            gen[pid] = entry
-        elif isinstance(prev, list):
-            prev.append(entry)
-        else:
-            gen[pid] = [prev, entry]  # the pid was reused within the second
+        prev = gen.setdefault(pid, entry)
+        if prev is not entry:  # the pid was reused within the second
+            if isinstance(prev, list):
+                prev.append(entry)
+            else:
+                gen[pid] = [prev, entry]
 
     def find(self, pid: int, start_ticks: Optional[int], tolerance: int) -> Optional[int]:
         """The job of the latest exit of *pid* matching *start_ticks*."""
