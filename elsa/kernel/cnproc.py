@@ -198,7 +198,8 @@ class SeqTracker:
         return lost + self.expire(ts) if ts >= self.deadline else lost
 
     def slow(self, cpu: int, seq: int, prev: int, ts: int) -> List[LossEvent]:
-        """A gap or a late arrival (the hot path handles the in-order case)."""
+        """A gap, a late arrival or the wrap-around (the hot path handles the
+        in-order case)."""
         ahead = (seq - prev) & _M
         if ahead < 0x80000000:  # seq is ahead of prev: open holes for what is missing
             self.last[cpu] = seq
@@ -433,13 +434,16 @@ class ProcConnector:
             for seq, what, cpu, ts, a, b, c, d, _e, _f in slots(view[:got * slot]):
                 if what == PROC_EVENT_NONE:
                     continue  # the ack of our LISTEN (or a short message, blanked)
-                prev = last.get(cpu)
-                if prev is None or seq == (prev + 1) & 0xFFFFFFFF:
+                if last.get(cpu, -2) + 1 == seq:  # in order (wrap-around: below)
                     last[cpu] = seq
                 else:
-                    for loss in seqs.slow(cpu, seq, prev, ts):
-                        self._lost(sink, loss)
-                    deadline = seqs.deadline
+                    prev = last.get(cpu)
+                    if prev is None:  # this CPU's first event
+                        last[cpu] = seq
+                    else:
+                        for loss in seqs.slow(cpu, seq, prev, ts):
+                            self._lost(sink, loss)
+                        deadline = seqs.deadline
                 if ts >= deadline:
                     for loss in seqs.expire(ts):
                         self._lost(sink, loss)
