@@ -395,7 +395,8 @@ def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
     head = _FAST_HEAD.unpack_from
     unpack = _ROW.unpack_from
     comms = _COMMS
-    heads: Dict[int, str] = {}  # version -> the constant start of the extra JSON
+    # version -> [the constant start of the extra JSON, rows built]
+    heads: Dict[int, List[Any]] = {}
     ticks = CLOCK_TICKS
     append = rows.append
     for buf, lens, slot, count, now, real_offset, after in batches:
@@ -449,10 +450,11 @@ def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
                         if len(comms) >= 4096:
                             comms.clear()
                         name = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
-                    versions[version] = versions.get(version, 0) + 1
-                    head_ = heads.get(version)
-                    if head_ is None:
-                        head_ = heads[version] = _EXTRA_HEAD % version
+                    per_version = heads.get(version)
+                    if per_version is None:
+                        per_version = heads[version] = [_EXTRA_HEAD % version, 0]
+                    per_version[1] += 1
+                    head_ = per_version[0]
                     # = _EXTRA % (1, version, utime, ...): an f-string formats faster
                     append((source, None, pid, start, float(btime), btime + etime / 1e6, ppid, uid,
                             gid, name, exitcode, cu, cs, etime, rss, vm, rbytes, wbytes, rchar,
@@ -474,6 +476,8 @@ def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
                     t = m.task.as_tuple()
                     tuples.append(t)
                     groups.add(t[_F_TGID])
+    for version, (_head, built) in heads.items():
+        versions[version] = versions.get(version, 0) + built
     return rows, tuples
 
 
