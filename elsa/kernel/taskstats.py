@@ -352,11 +352,12 @@ def fast_exit_tuple(data: bytes, received_boot_ns: int, real_offset_ns: int = 0,
             exit_time_ns(received_boot_ns, btime, etime, real_offset_ns, after_ns))
 
 
-#: The fields :func:`exit_rows` reads, at the offsets of :data:`_FAST` (unused
-#: fields skipped as pad bytes: fewer objects per record).
-_ROW = struct.Struct("=H2xIB7xQQ8xQ24xQ32s8xIIIII4x" + "Q" * 11 + "16x" + "Q" * 5
-                     + "24x32xQ16xI")
-assert _ROW.size == _FAST.size
+#: The fields :func:`exit_rows` reads of a one-message exit datagram:
+#: :data:`_FAST_HEAD`'s, then the stats at the offsets of :data:`_FAST` (unused
+#: fields skipped as pad bytes: fewer objects per record). One unpack.
+_ROW = struct.Struct(_FAST_HEAD.format + "H2xIB7xQQ8xQ24xQ32s8xIIIII4x" + "Q" * 11 + "16x"
+                     + "Q" * 5 + "24x32xQ16xI")
+assert _FAST_HEAD.size == _FAST_STATS_AT and _ROW.size == _FAST_MIN_LEN
 #: comm bytes -> str: a storm runs the same few commands (bounded, see exit_rows).
 _COMMS: Dict[bytes, str] = {}
 
@@ -392,7 +393,6 @@ def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
     rows: List[UsageRow] = []
     tuples: List[Tuple] = []
     groups: Set[int] = set()  # tgids of this pass's tuples
-    head = _FAST_HEAD.unpack_from
     unpack = _ROW.unpack_from
     comms = _COMMS
     # version -> [the constant start of the extra JSON, rows built]
@@ -404,7 +404,11 @@ def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
             off = i * slot
             n = lens[i]
             if n >= _FAST_MIN_LEN:
-                (mlen, mtype, _alen, atype, plen, ptype, _p, slen, stype) = head(buf, off)
+                (mlen, mtype, _alen, atype, plen, ptype, _p, slen, stype,
+                 version, exitcode, flag, cpu_count, cpu_delay, blkio_delay, run, comm, uid, gid,
+                 pid, ppid, btime, etime, utime, stime, minflt, majflt, coremem, virtmem, rss, vm,
+                 rchar, wchar, rbytes, wbytes, cancelled, nvcsw, nivcsw, btime64,
+                 tgid) = unpack(buf, off)
                 fast = (mlen == n and mtype != NLMSG_ERROR and mtype != NLMSG_DONE
                         and atype & 0x3FFF == TASKSTATS_TYPE_AGGR_PID and plen == 8
                         and ptype & 0x3FFF == TASKSTATS_TYPE_PID
@@ -412,10 +416,6 @@ def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
             else:
                 fast = False
             if fast:
-                (version, exitcode, flag, cpu_count, cpu_delay, blkio_delay, run, comm, uid, gid,
-                 pid, ppid, btime, etime, utime, stime, minflt, majflt, coremem, virtmem, rss, vm,
-                 rchar, wchar, rbytes, wbytes, cancelled, nvcsw, nivcsw, btime64,
-                 tgid) = unpack(buf, off + _FAST_STATS_AT)
                 if (version >= 12 and version != 15 and flag & AGROUP and (tgid or pid) == pid
                         and pid not in multi and pid not in groups):
                     btime = btime64 or btime
