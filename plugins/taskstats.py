@@ -80,28 +80,22 @@ class TaskstatsSource(Source):
         return self.sock.fileno() if self.sock else None
 
     def on_readable(self) -> None:
-        """Hot path (one call per batch of exits on the whole machine): plain
-        tuples from the adapter, a usage row per process. A single-threaded
-        process (its only task's record carries AGROUP) needs no folding;
-        other tasks go through the ThreadFolder, as tuples too."""
+        """Hot path (one call per batch of exits on the whole machine): the
+        adapter turns a single-threaded process's record straight into its
+        usage row (:func:`elsa.kernel.taskstats.exit_rows`); the records of
+        multi-threaded processes go through the ThreadFolder, as tuples."""
         assert self.sock is not None
-        rows = []
-        pending = self.folder.pending
         versions = self.versions
-        usage_row = taskstats.usage_row
-        fold = self.folder.add_tuple
-        tuples = self.sock.receive_tuples()
-        self.tasks += len(tuples)
-        for t in tuples:
-            # (version, pid, tgid, ..., flag at 8, ...): see TaskRecord
-            version, pid, tgid = t[0], t[1], t[2]
-            versions[version] = versions.get(version, 0) + 1
-            if t[8] & taskstats.AGROUP and pid == tgid and tgid not in pending:
-                rows.append(usage_row(t, NAME))
-                continue
-            proc = fold(t)
-            if proc is not None:
-                rows.append(usage_row(proc, NAME))
+        rows, tuples = self.sock.receive_rows(NAME, self.folder.pending, versions)
+        self.tasks += len(rows) + len(tuples)
+        if tuples:
+            usage_row = taskstats.usage_row
+            fold = self.folder.add_tuple
+            for t in tuples:
+                versions[t[0]] = versions.get(t[0], 0) + 1  # (version, pid, tgid, ...)
+                proc = fold(t)
+                if proc is not None:
+                    rows.append(usage_row(proc, NAME))
         # Store what was read before flagging the loss: a failure there must
         # not cost the records that did arrive.
         if rows:

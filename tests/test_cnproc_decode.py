@@ -177,3 +177,58 @@ def test_fast_path_agrees_with_decode():
     assert sink.calls[-1] == ("loss", gap[0]) and conn.seq_lost == 1
     a.close()
     b.close()
+
+
+def test_drain_skips_a_message_too_short_for_a_proc_event():
+    """The kernel never sends one, but a short datagram must not be read as
+    an event from whatever an earlier message left in its recvmmsg slot."""
+    import socket
+
+    from elsa.kernel import cnproc
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    conn = cnproc.ProcConnector.__new__(cnproc.ProcConnector)
+    conn.sock = a
+    conn.events = conn.enobufs = conn.seq_lost = 0
+    f = decode(FORK)[0]
+    for reader in (cnproc._reader_for(a), cnproc._OneAtATime(a)):
+        conn._reader = reader
+        conn.seqs = SeqTracker()
+        b.send(FORK)
+        assert conn.drain(Sink()) == 1
+        conn.seqs = SeqTracker()
+        b.send(FORK[:40])  # the slot still holds the whole FORK
+        b.send(FORK)
+        sink = Sink()
+        assert conn.drain(sink) == 2
+        assert sink.calls == [("fork", (f.parent_tgid, f.child_pid, f.child_tgid,
+                                        f.timestamp_ns))]
+    a.close()
+    b.close()
+
+
+def test_drain_takes_the_sequence_wrap_around_as_in_order():
+    import socket
+
+    from elsa.kernel import cnproc
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    conn = cnproc.ProcConnector.__new__(cnproc.ProcConnector)
+    conn.sock = a
+    conn.events = conn.enobufs = conn.seq_lost = 0
+    conn._reader = cnproc._reader_for(a)
+    conn.seqs = SeqTracker()
+    for seq in (0xFFFFFFFE, 0xFFFFFFFF, 0, 1):
+        msg = bytearray(FORK)
+        struct.pack_into("=I", msg, 24, seq)  # cn_msg.seq
+        b.send(bytes(msg))
+    sink = Sink()
+    assert conn.drain(sink) == 4
+    ts = decode(FORK)[0].timestamp_ns
+    conn.expire_holes(sink, ts + REORDER_WINDOW_NS)
+    assert [c[0] for c in sink.calls] == ["fork"] * 4 and not conn.seqs.holes
+    assert conn.seq_lost == 0 and conn.seqs.last[decode(FORK)[0].cpu] == 1
+    a.close()
+    b.close()

@@ -240,3 +240,85 @@ def test_a_record_read_late_still_gives_the_start_time(batched):
     assert len(recs) == 1
     row = T.usage_row(recs[0])
     assert start is not None and abs(row[3] - start) <= CLOCK_TICKS // 2, (row[3], start)
+
+
+def test_exit_rows_give_the_tuple_paths_rows_for_real_records():
+    """exit_rows (the source's hot path) builds a single-threaded process's
+    usage row straight from the datagram: the values of
+    usage_row(fast_exit_tuple(...)). A thread group's records (its leader's
+    AGROUP record included, and one already pending) stay tuples, in order,
+    for the ThreadFolder."""
+    from elsa.testing import wait_for
+
+    sock = T.TaskstatsSocket(rcvbuf=1 << 20)
+    sock.register()
+    grams = []
+    try:
+        single = subprocess.Popen(["true"])
+        single.wait()
+        threaded = subprocess.Popen([sys.executable, "-c", "import threading\n"
+                                     "t = threading.Thread(target=len, args=((),))\n"
+                                     "t.start(); t.join()"])
+        threaded.wait()
+
+        def read() -> bool:
+            grams.extend((bytes(d), now, ro, after) for d, now, ro, after in sock._datagrams())
+            tgids = {t[2] for t in (T.fast_exit_tuple(*g) for g in grams) if t}
+            return {single.pid, threaded.pid} <= tgids
+
+        wait_for(read, what="both exit records")
+    finally:
+        sock.close()
+    versions: dict = {}
+    rows, tuples = T.exit_rows(T.datagram_batches(grams), "taskstats", set(), versions)
+    by_pid = {r[2]: r for r in rows}
+    ref = [T.fast_exit_tuple(*g) for g in grams]
+    (own,) = [t for t in ref if t[1] == single.pid]
+    assert by_pid[single.pid] == T.usage_row(own)
+    group = [t for t in ref if t[2] == threaded.pid]
+    assert len(group) == 2 and threaded.pid not in by_pid
+    assert [t for t in tuples if t[2] == threaded.pid] == group
+    assert sum(versions.values()) == len(rows)
+    # A process with a thread record pending from an earlier read: a tuple too.
+    mine = [g for g, t in zip(grams, ref) if t[1] == single.pid]
+    rows, tuples = T.exit_rows(T.datagram_batches(mine), "taskstats", {single.pid}, {})
+    assert rows == [] and tuples == [own]
+
+
+def test_receive_rows_reads_recvmmsg_batches_and_counts_truncated_records():
+    """The socket's batch path: a single process's row, a thread group's
+    tuples; a record longer than its recvmmsg slot is lost and counted."""
+    from elsa.kernel import mmsg
+    from elsa.testing import wait_for
+
+    sock = T.TaskstatsSocket(rcvbuf=1 << 20)
+    assert sock._batch is not None  # glibc has recvmmsg
+    sock.register()
+    rows, tuples, versions = [], [], {}
+    try:
+        single = subprocess.Popen(["true"])
+        single.wait()
+        threaded = subprocess.Popen([sys.executable, "-c", "import threading\n"
+                                     "t = threading.Thread(target=len, args=((),))\n"
+                                     "t.start(); t.join()"])
+        threaded.wait()
+
+        def read() -> bool:
+            r, t = sock.receive_rows("taskstats", set(), versions)
+            rows.extend(r)
+            tuples.extend(t)
+            return (single.pid in {row[2] for row in rows}
+                    and len([t for t in tuples if t[2] == threaded.pid]) == 2)
+
+        wait_for(read, what="both exit records")
+        (row,) = [r for r in rows if r[2] == single.pid]
+        assert row[0] == "taskstats" and row[6] == os.getpid() and row[9] == "true"
+        assert threaded.pid not in {r[2] for r in rows} and sock.enobufs == 0
+        # Slots too small for any exit record: each is lost and counted.
+        sock._batch = mmsg.open_batch(sock.fileno(), 4, 256)
+        lost = subprocess.Popen(["true"])
+        lost.wait()
+        wait_for(lambda: sock.receive_rows("taskstats", set(), {})[0] == [] and sock.enobufs,
+                 what="the truncated record counted")
+    finally:
+        sock.close()

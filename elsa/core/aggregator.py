@@ -50,7 +50,7 @@ from elsa.core.usage import (
 from elsa.kernel.procfs import boot_epoch
 
 #: Row fields the aggregator reads (ROW_FIELDS positions).
-_JID, _PID, _END = usage.JID, usage.PID, usage.END
+_JID, _PID, _END, _START_TICKS = usage.JID, usage.PID, usage.END, usage.START_TICKS
 
 #: Process-level columns of proc_usage, in insert order (a usage row).
 PROC_COLUMNS = ROW_FIELDS
@@ -196,6 +196,8 @@ class Aggregator:
         wall = time.time()
         attributed = unattributed = 0
         late: List[Tuple[Any, ...]] = []
+        resolve = self.resolve
+        tol = usage.TASKSTATS_TOLERANCE_TICKS
         for row in rows:
             jid = row[_JID]
             # After the batch's settle a lookup already sees its events: a
@@ -203,7 +205,12 @@ class Aggregator:
             # are of processes in no job: elsad's CPU per process).
             fresh = settled is not None
             if jid is None:
-                jid = self._resolve_row(row, boot)
+                start = row[_START_TICKS]
+                if start is not None:  # _resolve_row, inline for the common case
+                    if start >= -tol:
+                        jid = resolve(row[_PID], start, tol)
+                else:
+                    jid = self._resolve_row(row, boot)
             if jid is not None:
                 attributed += 1
                 done.append(row if row[_JID] == jid else (row[0], jid) + row[2:])

@@ -212,10 +212,10 @@ class JobManager:
         *tolerance* widens the start-time match for sources with coarse start
         times (pacct's btime has 1 s resolution).
         """
-        tol = max(tolerance, START_TOLERANCE_TICKS)
-        entry = self._entry(pid)
-        if entry is not None and (start_ticks is None or abs(entry[1] - start_ticks) <= tol):
-            return entry[0]
+        tol = tolerance if tolerance > START_TOLERANCE_TICKS else START_TOLERANCE_TICKS
+        v = self.index.get(pid)  # (self._entry, inline: once per record on the machine)
+        if v is not None and (start_ticks is None or abs((v & START_MASK) - start_ticks) <= tol):
+            return self._slot_jid[v >> SLOT_SHIFT]
         jid = self.exited.find(pid, start_ticks, tol)
         if jid is None and self.left_alive:
             left = self.left_alive.get(pid)
@@ -483,37 +483,53 @@ class JobManager:
         if v is None:
             return
         counters.member_forks += 1
-        jid = self._slot_jid[v >> SLOT_SHIFT]
         # The event timestamp is CLOCK_MONOTONIC; /proc start times count
         # CLOCK_BOOTTIME ticks (see procfs.boottime_offset_ns).
         start = (ts_ns + self._boot_offset_ns) * CLOCK_TICKS // 1_000_000_000
-        known = index.get(child_tgid)
-        if known is not None:
-            if abs((known & START_MASK) - start) <= START_TOLERANCE_TICKS:
-                return  # already adopted by a resync that read /proc after this fork
-            # The pid's previous process exited unseen (events lost): close it.
-            old_jid = self._slot_jid[known >> SLOT_SHIFT]
-            self._leave(old_jid, ProcessId(child_tgid, known & START_MASK), None)
-            if jid not in self.jobs:
+        detached = self.detached
+        if detached and (child_tgid, start) in detached:
+            known = index.get(child_tgid)
+            if known is None:
+                return  # kept out of jobs
+        else:
+            # _join() inlined: this runs once per member fork in a storm. The
+            # parent is a member, so the job already had members.
+            known = index.insert(child_tgid, (v & ~START_MASK) | start)
+            if known is None:
+                jid = self._slot_jid[v >> SLOT_SHIFT]
+                self.jobs[jid].members.count += 1
+                self.store.add_member(self.boot_id, jid, child_tgid, start, self.clock(), "fork")
+                if self._hook_joined:
+                    self.hooks.process_joined(self.jobs[jid].snapshot(with_pids=False),
+                                              ProcessId(child_tgid, start), "fork")
                 return
-        if self.detached and (child_tgid, start) in self.detached:
+        self._fork_known(v, child_tgid, start, known)
+
+    def _fork_known(self, parent: int, child: int, start: int, known: int) -> None:
+        """A member's fork whose child pid the index holds already (its value *known*)."""
+        if abs((known & START_MASK) - start) <= START_TOLERANCE_TICKS:
+            return  # already adopted by a resync that read /proc after this fork
+        # The pid's previous process exited unseen (events lost): close it.
+        old_jid = self._slot_jid[known >> SLOT_SHIFT]
+        self._leave(old_jid, ProcessId(child, known & START_MASK), None)
+        jid = self._slot_jid[parent >> SLOT_SHIFT]
+        if jid not in self.jobs or (self.detached and (child, start) in self.detached):
             return
         state = self.jobs[jid]
-        # _join() inlined: this runs once per member fork in a storm. The
-        # parent is a member, so the job already had members.
-        index[child_tgid] = (v & ~START_MASK) | start
+        self.index[child] = (parent & ~START_MASK) | start
         state.members.count += 1
-        self.store.add_member(self.boot_id, jid, child_tgid, start, self.clock(), "fork")
+        self.store.add_member(self.boot_id, jid, child, start, self.clock(), "fork")
         if self._hook_joined:
             self.hooks.process_joined(state.snapshot(with_pids=False),
-                                      ProcessId(child_tgid, start), "fork")
+                                      ProcessId(child, start), "fork")
 
     def on_exit(self, pid: int, tgid: int, exit_code: int, ts_ns: int) -> None:
         counters = self.counters
         counters.exits += 1
         if pid != tgid:
             return  # a thread exited; the process lives on
-        v = self.index.get(tgid)
+        index = self.index
+        v = index.pop(tgid)  # (put back below in the rare cases)
         if v is None:
             if self.left_alive:
                 left = self.left_alive.pop(tgid, None)
@@ -525,22 +541,23 @@ class JobManager:
         # already gave to a newer process: an exit cannot precede its start.
         if ((ts_ns + self._boot_offset_ns) * CLOCK_TICKS // 1_000_000_000
                 < start - START_TOLERANCE_TICKS):
+            index[tgid] = v
             return
         counters.member_exits += 1
         jid = self._slot_jid[v >> SLOT_SHIFT]
         state = self.jobs.get(jid)
         if state is None or self._hook_exited or state.members.count <= 1:
+            index[tgid] = v
             self._leave(jid, ProcessId(tgid, start), exit_code)
             return
         # _leave() inlined for the common case (once per member exit in a
         # storm): the job keeps other members, no hook wants the exit.
-        del self.index[tgid]
         state.members.count -= 1
         if self.attached:
             self.attached.pop((tgid, start), None)
         now = self.clock()
         self.store.close_member(self.boot_id, jid, tgid, start, now, exit_code, False)
-        self.exited.add(tgid, jid, start)
+        self.exited.add(tgid, jid, start, now)
 
     # -- resync and recovery ------------------------------------------------------------
     def resync(self, reason: str, snapshot: Optional[Dict[int, ProcessInfo]] = None,

@@ -92,26 +92,33 @@ class ExitHistory:
         # generation (a linger's worth), a measured part of elsad's CPU per process.
         self._newest: Dict[int, Dict[int, Any]] = {}
 
-    def add(self, pid: int, jid: int, start_ticks: int) -> None:
-        second = int(self.clock())
+    def add(self, pid: int, jid: int, start_ticks: int, now: Optional[float] = None) -> None:
+        """*now*: the clock's time when the caller has just read it."""
+        second = int(self.clock() if now is None else now)
         gens = self.generations
-        if not gens or gens[-1][0] != second:
-            gens.append((second, {}))
-        gen = gens[-1][1]
+        if gens and gens[-1][0] == second:
+            gen = gens[-1][1]
+        else:
+            gen = {}
+            gens.append((second, gen))
         self._newest[pid] = gen
         entry = (jid, start_ticks)
-        prev = gen.get(pid)
-        if prev is None:
-            gen[pid] = entry
-        elif isinstance(prev, list):
-            prev.append(entry)
-        else:
-            gen[pid] = [prev, entry]  # the pid was reused within the second
+        prev = gen.setdefault(pid, entry)
+        if prev is not entry:  # the pid was reused within the second
+            if isinstance(prev, list):
+                prev.append(entry)
+            else:
+                gen[pid] = [prev, entry]
 
     def find(self, pid: int, start_ticks: Optional[int], tolerance: int) -> Optional[int]:
         """The job of the latest exit of *pid* matching *start_ticks*."""
-        if pid not in self._newest:
+        newest = self._newest.get(pid)
+        if newest is None:
             return None
+        entry = newest.get(pid)
+        if type(entry) is tuple and (start_ticks is None
+                                     or abs(entry[1] - start_ticks) <= tolerance):
+            return entry[0]  # the latest exit matches: the common case, one lookup
         for _, gen in reversed(self.generations):
             entry = gen.get(pid)
             if entry is None:

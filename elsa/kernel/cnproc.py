@@ -28,7 +28,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Protocol, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Tuple, Union
 
 from elsa.errors import KernelInterfaceError, PrivilegeError
 from elsa.kernel import mmsg
@@ -69,6 +69,10 @@ _COMM = struct.Struct("=II16s")
 _EXIT = struct.Struct("=IIIIII")     # pid, tgid, exit_code, exit_signal, parent_pid, parent_tgid
 _EVENT_OFFSET = 52
 _MIN_LEN = _EVENT_OFFSET
+#: What :meth:`ProcConnector.drain` reads of each recvmmsg slot: cn seq, what,
+#: cpu, timestamp and the first six u32 of event_data (the slot's rest is padding).
+_SLOT_FORMAT = "=24xI8xIIQIIIIII"
+_SLOT_FIELDS = struct.Struct(_SLOT_FORMAT)
 _CONTROL = struct.Struct("=IHHII" + "IIIIHH" + "I")
 
 
@@ -194,7 +198,8 @@ class SeqTracker:
         return lost + self.expire(ts) if ts >= self.deadline else lost
 
     def slow(self, cpu: int, seq: int, prev: int, ts: int) -> List[LossEvent]:
-        """A gap or a late arrival (the hot path handles the in-order case)."""
+        """A gap, a late arrival or the wrap-around (the hot path handles the
+        in-order case)."""
         ahead = (seq - prev) & _M
         if ahead < 0x80000000:  # seq is ahead of prev: open holes for what is missing
             self.last[cpu] = seq
@@ -266,6 +271,18 @@ def control_message(op: int) -> bytes:
 #: 100 bytes today; the slack is for fields newer kernels append.
 MMSG_SLOTS = 256
 MMSG_SLOT = 512
+
+
+_UNPACKERS: Dict[int, Callable[[memoryview], Iterator[Tuple[int, ...]]]] = {}
+
+
+def _slot_unpacker(slot: int) -> Callable[[memoryview], Iterator[Tuple[int, ...]]]:
+    """iter_unpack of :data:`_SLOT_FORMAT` over consecutive slots of *slot* bytes."""
+    unpack = _UNPACKERS.get(slot)
+    if unpack is None:
+        unpack = _UNPACKERS[slot] = struct.Struct(
+            _SLOT_FORMAT + f"{slot - _SLOT_FIELDS.size}x").iter_unpack
+    return unpack
 
 
 class _OneAtATime:
@@ -384,13 +401,10 @@ class ProcConnector:
         """
         reader = self._reader
         read = reader.read
-        buf = reader.buf
+        view = memoryview(reader.buf)
         lens = reader.lens
         slot = reader.slot_size
-        hdr = _HDR.unpack_from
-        fork = _FORK.unpack_from
-        exit_ = _EXIT.unpack_from
-        exec_ = _EXEC.unpack_from
+        slots = _slot_unpacker(slot)
         seqs = self.seqs
         last = seqs.last
         deadline = seqs.deadline
@@ -410,37 +424,47 @@ class ProcConnector:
             if not got:
                 break
             n += got
-            # A message longer than its slot lost only its tail: the fields
-            # read here are at fixed offsets well inside MMSG_SLOT.
-            for i in range(got):
-                if lens[i] < _MIN_LEN:
-                    continue
-                off = i * slot
-                _l, seq, what, cpu, ts = hdr(buf, off)
+            if min(lens[:got]) < _MIN_LEN:
+                self._drop_short(got)
+            # One unpack per slot, in C: the header and the event's first six
+            # u32 (fork: parent pid, tgid, child pid, tgid; exit: pid, tgid,
+            # code, signal, parent pid, tgid; exec: pid, tgid). A message
+            # longer than its slot lost only its tail: these fields are at
+            # fixed offsets well inside MMSG_SLOT.
+            for seq, what, cpu, ts, a, b, c, d, _e, _f in slots(view[:got * slot]):
                 if what == PROC_EVENT_NONE:
-                    continue  # the ack of our LISTEN: not from the per-CPU event counter
-                prev = last.get(cpu)
-                if prev is None or seq == (prev + 1) & 0xFFFFFFFF:
+                    continue  # the ack of our LISTEN (or a short message, blanked)
+                if last.get(cpu, -2) + 1 == seq:  # in order (wrap-around: below)
                     last[cpu] = seq
                 else:
-                    for loss in seqs.slow(cpu, seq, prev, ts):
-                        self._lost(sink, loss)
-                    deadline = seqs.deadline
+                    prev = last.get(cpu)
+                    if prev is None:  # this CPU's first event
+                        last[cpu] = seq
+                    else:
+                        for loss in seqs.slow(cpu, seq, prev, ts):
+                            self._lost(sink, loss)
+                        deadline = seqs.deadline
                 if ts >= deadline:
                     for loss in seqs.expire(ts):
                         self._lost(sink, loss)
                     deadline = seqs.deadline
                 if what == PROC_EVENT_FORK:
-                    _ppid, ptgid, cpid, ctgid = fork(buf, off + _EVENT_OFFSET)
-                    on_fork(ptgid, cpid, ctgid, ts)
+                    on_fork(b, c, d, ts)
                 elif what == PROC_EVENT_EXIT:
-                    pid, tgid, code, _sig, _pp, _pt = exit_(buf, off + _EVENT_OFFSET)
-                    on_exit(pid, tgid, code, ts)
+                    on_exit(a, b, c, ts)
                 elif what == PROC_EVENT_EXEC:
-                    pid, tgid = exec_(buf, off + _EVENT_OFFSET)
-                    on_exec(pid, tgid, ts)
+                    on_exec(a, b, ts)
         self.events += n
         return n
+
+    def _drop_short(self, got: int) -> None:
+        """Blank the slots of messages too short for a proc_event (never sent
+        by the kernel) so that the drain skips them as PROC_EVENT_NONE."""
+        reader = self._reader
+        for i in range(got):
+            if reader.lens[i] < _MIN_LEN:
+                off = i * reader.slot_size
+                reader.buf[off:off + _EVENT_OFFSET] = bytes(_EVENT_OFFSET)
 
     def _lost(self, sink: EventSink, loss: LossEvent) -> None:
         self.seq_lost += loss.missing

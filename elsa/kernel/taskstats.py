@@ -31,7 +31,18 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import (
+    Any,
+    Container,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 from elsa.core.model import CLOCK_TICKS
 from elsa.core.source import UsageRecord, UsageRow
@@ -254,6 +265,8 @@ _RECORD_FIELDS = tuple(TaskRecord.__dataclass_fields__)
 _EXTRA = ('{"threads":%d,"taskstats_version":%d,"tick_utime_us":%d,"tick_stime_us":%d,'
           '"cancelled_write_bytes":%d,"cpu_delay_total_ns":%d,"blkio_delay_total_ns":%d}')
 _NS_PER_TICK = 1_000_000_000 // CLOCK_TICKS
+#: _EXTRA of a single-threaded process up to tick_utime_us's value (exit_rows).
+_EXTRA_HEAD = '{"threads":1,"taskstats_version":%d,"tick_utime_us":'
 
 
 def usage_row(t: Tuple, source: str = "taskstats") -> UsageRow:
@@ -337,6 +350,135 @@ def fast_exit_tuple(data: bytes, received_boot_ns: int, real_offset_ns: int = 0,
             v[_I_COMM].split(b"\0", 1)[0].decode("utf-8", "replace"), v[_I_EXIT], v[_I_FLAG],
             btime, *v[_I_ETIME:_I_NIVCSW + 1], v[_I_CPUD], v[_I_BLKD], run, 1,
             exit_time_ns(received_boot_ns, btime, etime, real_offset_ns, after_ns))
+
+
+#: The fields :func:`exit_rows` reads of a one-message exit datagram:
+#: :data:`_FAST_HEAD`'s, then the stats at the offsets of :data:`_FAST` (unused
+#: fields skipped as pad bytes: fewer objects per record). One unpack.
+_ROW = struct.Struct(_FAST_HEAD.format + "H2xIB7xQQ8xQ24xQ32s8xIIIII4x" + "Q" * 11 + "16x"
+                     + "Q" * 5 + "24x32xQ16xI")
+assert _FAST_HEAD.size == _FAST_STATS_AT and _ROW.size == _FAST_MIN_LEN
+#: comm bytes -> str: a storm runs the same few commands (bounded, see exit_rows).
+_COMMS: Dict[bytes, str] = {}
+
+
+#: What :func:`exit_rows` reads: (buffer, lengths, slot size, count, now,
+#: real_offset, after): datagram i of the batch is
+#: ``buffer[i * slot : i * slot + lengths[i]]``; the times: see :func:`exit_time_ns`.
+Batch = Tuple[Any, Sequence[int], int, int, int, int, int]
+
+
+def datagram_batches(datagrams: Iterable[Tuple[bytes, int, int, int]]) -> Iterator[Batch]:
+    """:func:`exit_rows`' batches of datagrams given one by one, as
+    :meth:`TaskstatsSocket._datagrams` yields them (data, now, real_offset, after)."""
+    for data, now, real_offset, after in datagrams:
+        yield data, (len(data),), len(data) + 1, 1, now, real_offset, after
+
+
+def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
+              versions: Dict[int, int]) -> Tuple[List[UsageRow], List[Tuple]]:
+    """The hot path of the taskstats source: one pass over exit datagrams,
+    read in batches (:meth:`TaskstatsSocket._batches`, :func:`datagram_batches`).
+
+    Returns (usage rows of single-threaded processes, task tuples of the
+    rest). A datagram in the usual one-message layout whose task is a whole
+    process (its only task: pid == tgid with AGROUP, and tgid neither in
+    *multi*, the tgids with threads waiting to be folded, nor seen earlier
+    in this pass as another task of a group) becomes its usage row at once,
+    with the values of ``usage_row(fast_exit_tuple(...))`` without building
+    the record tuple; everything else becomes a :class:`TaskRecord` field
+    tuple, in order, for the :class:`ThreadFolder`. *versions* counts the
+    struct versions of the rows built here.
+    """
+    rows: List[UsageRow] = []
+    tuples: List[Tuple] = []
+    groups: Set[int] = set()  # tgids of this pass's tuples
+    unpack = _ROW.unpack_from
+    comms = _COMMS
+    # version -> [the constant start of the extra JSON, rows built]
+    heads: Dict[int, List[Any]] = {}
+    ticks = CLOCK_TICKS
+    append = rows.append
+    for buf, lens, slot, count, now, real_offset, after in batches:
+        for i in range(count):
+            off = i * slot
+            n = lens[i]
+            if n >= _FAST_MIN_LEN:
+                (mlen, mtype, _alen, atype, plen, ptype, _p, slen, stype,
+                 version, exitcode, flag, cpu_count, cpu_delay, blkio_delay, run, comm, uid, gid,
+                 pid, ppid, btime, etime, utime, stime, minflt, majflt, coremem, virtmem, rss, vm,
+                 rchar, wchar, rbytes, wbytes, cancelled, nvcsw, nivcsw, btime64,
+                 tgid) = unpack(buf, off)
+                fast = (mlen == n and mtype != NLMSG_ERROR and mtype != NLMSG_DONE
+                        and atype & 0x3FFF == TASKSTATS_TYPE_AGGR_PID and plen == 8
+                        and ptype & 0x3FFF == TASKSTATS_TYPE_PID
+                        and stype & 0x3FFF == TASKSTATS_TYPE_STATS and slen >= 4 + _FAST.size)
+            else:
+                fast = False
+            if fast:
+                if (version >= 12 and version != 15 and flag & AGROUP and (tgid or pid) == pid
+                        and pid not in multi and pid not in groups):
+                    btime = btime64 or btime
+                    if not nvcsw and cpu_count:  # run_before_record_ns, inline
+                        late = etime * 1000 - cpu_delay - run
+                        if late > 0:
+                            run += late if late < MAX_UNBOOKED_NS else MAX_UNBOOKED_NS
+                    if run:
+                        rtime = run // 1000
+                        total = utime + stime
+                        cs = rtime * stime // total if total else 0
+                        cu = rtime - cs
+                    else:
+                        cu, cs = utime, stime
+                    exit_ns = now
+                    if real_offset and btime and now:  # exit_time_ns, inline
+                        lo = (btime + etime // 1_000_000) * 1_000_000_000 - real_offset
+                        hi = lo + 1_000_000_000
+                        if hi > now:
+                            hi = now
+                        if lo < after:
+                            lo = after
+                        if hi >= lo:
+                            exit_ns = (lo + hi) // 2
+                    start = None
+                    if exit_ns:
+                        start = (exit_ns - etime * 1000) * ticks // 1_000_000_000
+                        if start < 0:
+                            start = 0
+                    name = comms.get(comm)
+                    if name is None:
+                        if len(comms) >= 4096:
+                            comms.clear()
+                        name = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+                    per_version = heads.get(version)
+                    if per_version is None:
+                        per_version = heads[version] = [_EXTRA_HEAD % version, 0]
+                    per_version[1] += 1
+                    head_ = per_version[0]
+                    # = _EXTRA % (1, version, utime, ...): an f-string formats faster
+                    append((source, None, pid, start, float(btime), btime + etime / 1e6, ppid, uid,
+                            gid, name, exitcode, cu, cs, etime, rss, vm, rbytes, wbytes, rchar,
+                            wchar, minflt, majflt, nvcsw, nivcsw, coremem * 1024, virtmem * 1024,
+                            f'{head_}{utime},"tick_stime_us":{stime},"cancelled_write_bytes":'
+                            f'{cancelled},"cpu_delay_total_ns":{cpu_delay},"blkio_delay_total_ns":'
+                            f'{blkio_delay}}}'))
+                    continue
+            data = bytes(buf[off:off + n])
+            if fast:
+                t = fast_exit_tuple(data, now, real_offset, after)
+                if t is not None:
+                    tuples.append(t)
+                    groups.add(t[_F_TGID])
+                    continue
+            msgs, _errs = decode_messages(data, now, real_offset, after)
+            for m in msgs:
+                if m.task is not None:
+                    t = m.task.as_tuple()
+                    tuples.append(t)
+                    groups.add(t[_F_TGID])
+    for version, (_head, built) in heads.items():
+        versions[version] = versions.get(version, 0) + built
+    return rows, tuples
 
 
 class UnsupportedVersion(KernelInterfaceError):
@@ -740,6 +882,51 @@ class TaskstatsSocket:
             msgs, _errs = decode_messages(bytes(data), now, real_offset, after)
             out.extend(m.task.as_tuple() for m in msgs if m.task is not None)
         return out
+
+    def receive_rows(self, source: str, multi: Container[int], versions: Dict[int, int]
+                     ) -> Tuple[List[UsageRow], List[Tuple]]:
+        """Every message ready now, as :func:`exit_rows` returns them: usage
+        rows of single-threaded processes, task tuples for the folder."""
+        if self._batch is None:
+            return exit_rows(datagram_batches(self._datagrams_one_by_one()), source, multi,
+                             versions)
+        return exit_rows(self._batches(), source, multi, versions)
+
+    def _batches(self) -> Iterator[Batch]:
+        """:meth:`_datagrams` one recvmmsg read at a time (:data:`Batch`), for
+        :func:`exit_rows`: no object per datagram. A truncated datagram (longer
+        than MMSG_SLOT) is lost, like one the kernel dropped: it is counted and
+        blanked (length 0) before the batch is handed on."""
+        batch = self._batch
+        assert batch is not None
+        read = batch.read
+        buf = batch.buf
+        lens = batch.lens
+        slot = batch.slot_size
+        clock = time.clock_gettime_ns
+        boottime = time.CLOCK_BOOTTIME
+        after = self._emptied_at
+        before = clock(boottime)  # taken before each read
+        real_offset = time.time_ns() - before
+        while True:
+            try:
+                n = read()
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.enobufs += 1
+                    continue
+                raise from_oserror(exc, "read taskstats", "TASKSTATS") from exc
+            if not n:
+                self._emptied_at = before
+                return
+            now = clock(boottime)
+            if max(lens[:n]) >= slot:  # (a truncated datagram fills its slot)
+                for i in range(n):
+                    if batch.truncated(i):
+                        self.enobufs += 1
+                        lens[i] = 0
+            yield buf, lens, slot, n, now, real_offset, after
+            before = now
 
     def query_pid(self, pid: int, timeout: float = 1.0) -> TaskRecord:
         """Statistics of one live task (TASKSTATS_CMD_ATTR_PID), so far."""
