@@ -110,8 +110,7 @@ class Store:
         # Statements whose consecutive writes a runner executes instead of one
         # executemany (see register_batch_runner); read by the writer thread.
         # Usage rows are added to the sums as they are inserted (schema.py, migration 7).
-        self._runners: Dict[str, Callable[[sqlite3.Connection, List[Sequence[Any]]], None]] = dict(
-            RUNNERS)
+        self._runners: Dict[str, Runner] = dict(RUNNERS)
         self._cond = threading.Condition()
         self._submitted = 0   # ops appended
         self._committed = 0   # ops committed
