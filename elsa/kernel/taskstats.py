@@ -805,39 +805,12 @@ class TaskstatsSocket:
         if self._batch is None:
             yield from self._datagrams_one_by_one()
             return
-        batch = self._batch
-        read = batch.read
-        view = memoryview(batch.buf)
-        lens = batch.lens
-        slot = batch.slot_size
-        clock = time.clock_gettime_ns
-        boottime = time.CLOCK_BOOTTIME
-        after = self._emptied_at
-        before = clock(boottime)  # taken before each read
-        real_offset = time.time_ns() - before
-        while True:
-            try:
-                n = read()
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self.enobufs += 1
-                    continue
-                raise from_oserror(exc, "read taskstats", "TASKSTATS") from exc
-            if not n:
-                # Whatever was queued before *before* has been read: what the
-                # next call reads was queued after it.
-                self._emptied_at = before
-                return
-            now = clock(boottime)
+        for buf, lens, slot, n, now, real_offset, after in self._batches():
+            view = memoryview(buf)
             for i in range(n):
-                if batch.truncated(i):
-                    # Longer than MMSG_SLOT (4 times today's largest record):
-                    # the record is lost, like one the kernel dropped.
-                    self.enobufs += 1
-                    continue
-                off = i * slot
-                yield view[off:off + lens[i]], now, real_offset, after
-            before = now
+                if lens[i]:  # (0: a truncated datagram, counted and blanked)
+                    off = i * slot
+                    yield view[off:off + lens[i]], now, real_offset, after
 
     def _datagrams_one_by_one(self) -> Iterator[Tuple[bytes, int, int, int]]:
         """:meth:`_datagrams` with a recv per datagram (libc without recvmmsg)."""
@@ -893,10 +866,11 @@ class TaskstatsSocket:
         return exit_rows(self._batches(), source, multi, versions)
 
     def _batches(self) -> Iterator[Batch]:
-        """:meth:`_datagrams` one recvmmsg read at a time (:data:`Batch`), for
-        :func:`exit_rows`: no object per datagram. A truncated datagram (longer
-        than MMSG_SLOT) is lost, like one the kernel dropped: it is counted and
-        blanked (length 0) before the batch is handed on."""
+        """Every datagram ready now (non-blocking), one recvmmsg read at a time
+        (:data:`Batch`; :func:`exit_rows` takes them so, with no object per
+        datagram). A truncated datagram (longer than MMSG_SLOT) is lost, like
+        one the kernel dropped: it is counted and blanked (length 0) before the
+        batch is handed on. The times are those of :meth:`_datagrams`."""
         batch = self._batch
         assert batch is not None
         read = batch.read
