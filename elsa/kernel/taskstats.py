@@ -115,7 +115,7 @@ assert _BASE.size == 312, _BASE.size  # offsetof(struct taskstats, freepages_cou
 _TGID_OFF = {"base": 368, "v15": 368 + 8 * 2 * 6}  # ac_tgid; v15 has 6 max/min pairs before it
 _BTIME64_OFF = {"base": 344, "v15": 344 + 8 * 2 * 5}
 
-# The hot path (TaskstatsSocket.receive_tuples): one unpack of the v12+
+# The fast decode (fast_exit_tuple, and exit_rows' _ROW): one unpack of the v12+
 # appended layout (every version but 15) up to ac_tgid, at the offset where
 # the kernel puts the stats of a one-message exit datagram:
 # nlmsghdr(16) genlmsghdr(4) AGGR_PID(4) { PID(4+4) STATS(4) struct }.
@@ -271,7 +271,8 @@ _EXTRA_HEAD = '{"threads":1,"taskstats_version":%d,"tick_utime_us":'
 
 def usage_row(t: Tuple, source: str = "taskstats") -> UsageRow:
     """The usage row of a process record given as a plain tuple of
-    :class:`TaskRecord`'s fields (the hot path; see :meth:`TaskstatsSocket.receive_tuples`).
+    :class:`TaskRecord`'s fields (see :meth:`TaskstatsSocket.receive_tuples`; the source's
+    hot path, :func:`exit_rows`, computes the same values inline).
     Same values as ``TaskRecord(*t).to_usage(source)``: CPU adjusted to the
     run time up to the record, RSS integrals in KiB·µs, start ticks from etime."""
     (version, _pid, tgid, ppid, uid, gid, comm, exitcode, _flag, btime, etime, utime, stime,
@@ -839,11 +840,12 @@ class TaskstatsSocket:
         return out
 
     def receive_tuples(self) -> List[Tuple]:
-        """Like :meth:`receive`, for the hot path: each exit's task record as a
-        plain tuple of :class:`TaskRecord`'s fields (``TaskRecord(*t)`` gives
-        the dataclass). The common one-message datagram is decoded with one
-        unpack at fixed offsets (:func:`fast_exit_tuple`); anything else goes
-        through :func:`decode_messages`."""
+        """Like :meth:`receive`, each exit's task record as a plain tuple of
+        :class:`TaskRecord`'s fields (``TaskRecord(*t)`` gives the dataclass;
+        the benchmarks and tests read records so). The common one-message
+        datagram is decoded with one unpack at fixed offsets
+        (:func:`fast_exit_tuple`); anything else goes through
+        :func:`decode_messages`."""
         out: List[Tuple] = []
         fast = fast_exit_tuple
         append = out.append
@@ -891,6 +893,8 @@ class TaskstatsSocket:
                     continue
                 raise from_oserror(exc, "read taskstats", "TASKSTATS") from exc
             if not n:
+                # Whatever was queued before *before* has been read: what the
+                # next call reads was queued after it.
                 self._emptied_at = before
                 return
             now = clock(boottime)
