@@ -176,12 +176,8 @@ class Aggregator:
         # Boot time in epoch seconds (moves with wall-clock steps): once per batch.
         return self.boot_epoch_fn()
 
-    def _start_of(self, row: Sequence[Any], boot: float) -> Tuple[Optional[int], int]:
-        """Identity of a row: (start ticks, tolerance), as each source knows it."""
-        return identity(row, boot)
-
     def _resolve_row(self, row: Sequence[Any], boot: float) -> Optional[int]:
-        start, tol = self._start_of(row, boot)
+        start, tol = identity(row, boot)
         if start is not None and start < -tol:
             return None  # started before this boot: no membership can match
         return self.resolve(row[_PID], start, tol)
@@ -283,7 +279,7 @@ class Aggregator:
     def _from_history(self, row: Sequence[Any], boot: float) -> Optional[int]:
         if self.history is None:
             return None
-        start, tol = self._start_of(row, boot)
+        start, tol = identity(row, boot)
         if start is None or start < -tol:
             return None
         jid = self.history(row[_PID], start, tol)
