@@ -185,8 +185,6 @@ class AppRecorder(EventListener):
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         # On the writer thread: building the index over a large store takes a while.
-        self.store.register_batch_runner(record.PID_END_INDEX,
-                                         lambda db, _rows: db.execute(record.PID_END_INDEX))
         self.store.submit(record.PID_END_INDEX)
         self.packages.start()
         self._reopen()

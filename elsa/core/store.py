@@ -232,9 +232,7 @@ class Store:
         """True once every write submitted before *mark* was taken is committed."""
         return self._committed >= mark
 
-    def register_batch_runner(self, sql: str,
-                              runner: Callable[[sqlite3.Connection, List[Sequence[Any]]], None]
-                              ) -> None:
+    def register_batch_runner(self, sql: str, runner: Runner) -> None:
         """Let *runner(db, rows)* execute each run of consecutive *sql* writes
         in the writer's transaction (e.g. to aggregate them in one query)."""
         self._runners[sql] = runner
@@ -581,10 +579,10 @@ def secure_store_files(state_dir: str) -> None:
 
 
 def _execute_grouped(db: sqlite3.Connection, batch: Iterable[Tuple[str, Sequence[Any]]],
-                     runners: Mapping[str, Callable[[sqlite3.Connection, List[Sequence[Any]]],
-                                                    None]] = {}) -> None:
-    """Run consecutive writes of the same statement with one executemany, or
-    that statement's registered runner (order kept)."""
+                     runners: Mapping[str, Runner] = {}) -> None:
+    """Run consecutive writes of the same statement with one executemany (one
+    execute for a single write: any statement, DDL too), or that statement's
+    registered runner (order kept)."""
     current: Optional[str] = None
     params: List[Sequence[Any]] = []
 
@@ -592,6 +590,8 @@ def _execute_grouped(db: sqlite3.Connection, batch: Iterable[Tuple[str, Sequence
         runner = runners.get(current)  # type: ignore[arg-type]
         if runner is not None:
             runner(db, params)
+        elif len(params) == 1:
+            db.execute(current, params[0])  # type: ignore[arg-type]
         else:
             db.executemany(current, params)  # type: ignore[arg-type]
 
