@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from elsa.kernel import pacct, taskstats
 from elsa.kernel.cgroupfs import CgroupFS
+from elsa.kernel.taskstats_socket import TaskstatsSocket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRACEFS = "/sys/kernel/tracing"
@@ -211,7 +212,7 @@ def limit_cpu(cg: str, quota_us: int) -> Optional[str]:
     return v1
 
 
-def run_once(name: str, argv: List[str], sock: taskstats.TaskstatsSocket, cg_root: str,
+def run_once(name: str, argv: List[str], sock: TaskstatsSocket, cg_root: str,
              pacct_file: Optional[str], trace: Optional[Trace],
              cpu_quota_us: int = 0) -> Dict[str, object]:
     cg = os.path.join(cg_root, f"elsa-cpugap-{os.getpid()}-{name}")
@@ -335,7 +336,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("no cgroup v2 hierarchy mounted")
     tmp = tempfile.mkdtemp(prefix="elsa-cpugap-")
     spinfork = build_spinfork(tmp)
-    sock = taskstats.TaskstatsSocket()
+    sock = TaskstatsSocket()
     sock.register()
     trace = Trace() if args.trace else None
     previous: Optional[str] = None

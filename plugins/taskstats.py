@@ -17,6 +17,7 @@ from elsa import hookimpl
 from elsa.config import Option, non_negative, positive
 from elsa.core.source import Source, SourceContext, SourceSpec, UsageRecord
 from elsa.kernel import taskstats
+from elsa.kernel.taskstats_socket import TaskstatsSocket
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.source.taskstats")
@@ -52,7 +53,7 @@ class TaskstatsSource(Source):
     interval: Optional[float] = EXPIRE_INTERVAL
 
     def __init__(self) -> None:
-        self.sock: Optional[taskstats.TaskstatsSocket] = None
+        self.sock: Optional[TaskstatsSocket] = None
         self.folder = taskstats.ThreadFolder()
         self.records = 0
         self.tasks = 0
@@ -69,7 +70,7 @@ class TaskstatsSource(Source):
         if self.read_interval > 0:
             # Timer-driven reads (poll) instead of the descriptor: see OPTIONS.
             self.interval = min(self.read_interval, EXPIRE_INTERVAL)
-        self.sock = taskstats.TaskstatsSocket(rcvbuf=int(ctx.options["rcvbuf"]))  # type: ignore[arg-type]
+        self.sock = TaskstatsSocket(rcvbuf=int(ctx.options["rcvbuf"]))  # type: ignore[arg-type]
         self.sock.register(str(ctx.options["cpumask"]) or None)
         log.info("taskstats listener registered", cpumask=self.sock.cpumask,
                  rcvbuf=self.sock.rcvbuf, family=self.sock.family)

@@ -21,6 +21,7 @@ from elsa.kernel import cgroupstats, pacct
 from elsa.kernel import taskstats as T
 from elsa.kernel.cgroupfs import CgroupFS
 from elsa.kernel.procfs import ProcFS
+from elsa.kernel.taskstats_socket import TaskstatsSocket
 
 WORKERS = 4
 ROOT_CODE = f"""
@@ -49,7 +50,7 @@ def test_job_cpu_agrees_across_taskstats_cgroup_and_getrusage(tmp_path):
 
     cg = os.path.join(mount, f"elsa-test-{uuid.uuid4().hex[:8]}")
     os.mkdir(cg)
-    sock = T.TaskstatsSocket()
+    sock = TaskstatsSocket()
     sock.register()
     folder = T.ThreadFolder()
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from elsa.kernel import taskstats as T
+from elsa.kernel.taskstats_socket import TaskstatsSocket, family_id
 from tests.support import taskstats_golden_messages
 
 DATA = Path(__file__).parent / "data"
@@ -127,14 +128,14 @@ def test_family_id_is_the_one_pyroute2_finds():
     gs = GenericNetlinkSocket()
     try:
         gs.bind("TASKSTATS", taskstatsmsg)
-        assert T.family_id() == gs.prid
+        assert family_id() == gs.prid
     finally:
         gs.close()
 
 
 def test_family_lookup_keeps_pyroute2_out_of_the_daemon():
     """Its import costs elsad 20 MB of RSS: the lookup must not bring it in."""
-    code = ("import sys\nfrom elsa.kernel import taskstats\ntaskstats.family_id()\n"
+    code = ("import sys\nfrom elsa.kernel import taskstats_socket\ntaskstats_socket.family_id()\n"
             "print(any(m.startswith('pyroute2') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
@@ -142,7 +143,7 @@ def test_family_lookup_keeps_pyroute2_out_of_the_daemon():
 
 
 def test_live_query_of_this_process():
-    s = T.TaskstatsSocket()
+    s = TaskstatsSocket()
     try:
         rec = s.query_pid(os.getpid())
     finally:
@@ -157,7 +158,7 @@ def test_live_query_of_this_process():
 
 @pytest.mark.root
 def test_live_listener_folds_a_multithreaded_process():
-    s = T.TaskstatsSocket()
+    s = TaskstatsSocket()
     s.register()
     folder = T.ThreadFolder()
     try:
@@ -222,7 +223,7 @@ def test_a_record_read_late_still_gives_the_start_time(batched):
     from elsa.core.model import CLOCK_TICKS
     from elsa.testing import start_ticks
 
-    sock = T.TaskstatsSocket(rcvbuf=1 << 20)
+    sock = TaskstatsSocket(rcvbuf=1 << 20)
     assert sock._batch is not None  # glibc has recvmmsg
     if not batched:
         sock._batch = None  # the fallback for a libc without it
@@ -250,7 +251,7 @@ def test_exit_rows_give_the_tuple_paths_rows_for_real_records():
     for the ThreadFolder."""
     from elsa.testing import wait_for
 
-    sock = T.TaskstatsSocket(rcvbuf=1 << 20)
+    sock = TaskstatsSocket(rcvbuf=1 << 20)
     sock.register()
     grams = []
     try:
@@ -291,7 +292,7 @@ def test_receive_rows_reads_recvmmsg_batches_and_counts_truncated_records():
     from elsa.kernel import mmsg
     from elsa.testing import wait_for
 
-    sock = T.TaskstatsSocket(rcvbuf=1 << 20)
+    sock = TaskstatsSocket(rcvbuf=1 << 20)
     assert sock._batch is not None  # glibc has recvmmsg
     sock.register()
     rows, tuples, versions = [], [], {}
