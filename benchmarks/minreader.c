@@ -4,7 +4,7 @@
  * nothing else. What a workload loses with it running is the kernel's cost of sending
  * the messages plus the cheapest possible reading of them.
  *
- *   gcc -O2 -o minreader minreader.c && ./minreader [NAP_MS] [CPUMASK]
+ *   gcc -O2 -o minreader minreader.c && ./minreader [NAP_MS] [CPUMASK] [EVENTS]
  *   (stops on SIGTERM/SIGINT; prints the messages read and its CPU time on stderr) */
 #define _GNU_SOURCE
 #include <linux/connector.h>
@@ -49,10 +49,14 @@ int main(int argc, char **argv) {
   setsockopt(cn, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof rcv);
   struct sockaddr_nl sa = {.nl_family = AF_NETLINK, .nl_groups = CN_IDX_PROC, .nl_pid = 0};
   if (bind(cn, (void *)&sa, sizeof sa) < 0) { perror("bind cn"); return 1; }
-  struct { struct nlmsghdr n; struct cn_msg c; enum proc_cn_mcast_op op; } __attribute__((packed)) m = {0};
-  m.n.nlmsg_len = sizeof m; m.n.nlmsg_type = NLMSG_DONE; m.n.nlmsg_pid = getpid();
-  m.c.id.idx = CN_IDX_PROC; m.c.id.val = CN_VAL_PROC; m.c.len = sizeof(m.op); m.op = PROC_CN_MCAST_LISTEN;
-  send(cn, &m, sizeof m, 0);
+  /* EVENTS (Linux 6.6+): the event mask elsad asks for (struct proc_input); 0: every event. */
+  unsigned events = argc > 3 ? (unsigned)strtoul(argv[3], NULL, 0) : 0;
+  struct { struct nlmsghdr n; struct cn_msg c; unsigned op, events; } __attribute__((packed)) m = {0};
+  m.c.len = events ? 8 : 4;
+  m.n.nlmsg_len = sizeof m.n + sizeof m.c + m.c.len; m.n.nlmsg_type = NLMSG_DONE;
+  m.n.nlmsg_pid = getpid(); m.c.id.idx = CN_IDX_PROC; m.c.id.val = CN_VAL_PROC;
+  m.op = PROC_CN_MCAST_LISTEN; m.events = events;
+  send(cn, &m, m.n.nlmsg_len, 0);
   int ts = socket(AF_NETLINK, SOCK_RAW, NETLINK_GENERIC);
   setsockopt(ts, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof rcv);
   struct sockaddr_nl s2 = {.nl_family = AF_NETLINK}; bind(ts, (void *)&s2, sizeof s2);

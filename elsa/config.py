@@ -77,6 +77,12 @@ CORE_OPTIONS: Dict[str, Option] = {
                              "Receive buffer (bytes) for the proc connector socket; set with"
                              " SO_RCVBUFFORCE so it may exceed net.core.rmem_max.",
                              check=positive),
+    "proc_event_filter": Option(bool, True,
+                                "Ask the kernel for the fork, exec and exit events only (Linux"
+                                " 6.6 and later; older kernels send every event regardless)."
+                                " false: every event is read, so that a gap in the events'"
+                                " sequence numbers also reveals events the kernel could not"
+                                " send at all (docs/daemon.md, 'Event loss and resync')."),
     "admin_group": Option(str, "", "Group whose members may manage every job (besides root)."
                           " Empty: root only."),
     "disabled_plugins": Option(list, [], "Plugins (entry-point names) never to load.",
@@ -199,6 +205,7 @@ class Config:
     log_level: str = "info"
     job_end: str = "last-exit"
     netlink_rcvbuf: int = 32 * 1024 * 1024
+    proc_event_filter: bool = True
     admin_group: str = ""
     sources: Tuple[str, ...] = ()  # enabled sources: [sources.<name>] tables
     # [sources.<name>] tables with enabled = false: off even where on by default.
@@ -339,7 +346,8 @@ def parse(data: Mapping[str, Any], path: str) -> Config:
     return Config(
         backend=core["backend"], socket=core["socket"], state_dir=core["state_dir"],
         log_level=core["log_level"], job_end=core["job_end"],
-        netlink_rcvbuf=core["netlink_rcvbuf"], admin_group=core["admin_group"],
+        netlink_rcvbuf=core["netlink_rcvbuf"], proc_event_filter=core["proc_event_filter"],
+        admin_group=core["admin_group"],
         sources=tuple(enabled), disabled_sources=tuple(disabled),
         disabled_plugins=tuple(core["disabled_plugins"]),
         plugins=tuple(core["plugins"]),

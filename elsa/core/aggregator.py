@@ -125,6 +125,13 @@ class Aggregator:
     held and retried for ``hold_seconds``. *history_horizon* (epoch seconds)
     bounds what memory covers: records of processes that ended before it
     still go to the persisted history.
+
+    *lost_fork*, given when the proc connector is filtered
+    (:meth:`elsa.core.events.ProcEvents.lost_fork`), returns for a row still
+    in no job after a settle the job its parent was a member of when the
+    process started: with no sequence numbers to reveal it, that is how a
+    fork event the kernel failed to send shows (the row then counts as
+    ``resolved_by_parent`` too).
     """
 
     def __init__(self, submit: Submit, resolve: Resolver, *,
@@ -135,13 +142,16 @@ class Aggregator:
                  settle: Optional[Callable[[], bool]] = None,
                  history_horizon: Optional[Callable[[], float]] = None,
                  folder: Optional[Folder] = None,
-                 parent: Optional[usage.ParentLookup] = None) -> None:
+                 parent: Optional[usage.ParentLookup] = None,
+                 lost_fork: Optional[Callable[[Tuple[Any, ...], float], Optional[int]]] = None
+                 ) -> None:
         self.submit = submit
         self.folder = folder
         self.submit_many = submit_many or (lambda sql, rows: [submit(sql, r) for r in rows])
         self.resolve = resolve
         self.history = history
         self.parent = parent
+        self.lost_fork = lost_fork
         self.hold_seconds = hold_seconds
         self.clock = clock
         self.boot_epoch_fn = boot_epoch_fn
@@ -219,6 +229,8 @@ class Aggregator:
             if settled:
                 if not fresh:
                     jid = self._resolve_row(row, boot)
+                if jid is None and self.lost_fork is not None:
+                    jid = self._lost_fork(row, boot)
                 if jid is not None:
                     c.resolved_late += 1
                     attributed += 1
@@ -243,6 +255,15 @@ class Aggregator:
             done = self._late(late, done, boot)
         if done:
             self._store(done)
+
+    def _lost_fork(self, row: Tuple[Any, ...], boot: float) -> Optional[int]:
+        """The job of a settled row whose fork event a filtered proc connector
+        lost (see *lost_fork* in the class docstring), counted by the ppid rule."""
+        assert self.lost_fork is not None
+        jid = self.lost_fork(row, boot)
+        if jid is not None:
+            self.counters.resolved_by_parent += 1
+        return jid
 
     def _horizon(self) -> float:
         return 0.0 if self.history_horizon is None else self.history_horizon()
@@ -304,6 +325,8 @@ class Aggregator:
         c = self.counters
         for row, since in self.held:
             jid = self._resolve_row(row, boot)
+            if jid is None and settled and self.lost_fork is not None:
+                jid = self._lost_fork(row, boot)
             if jid is not None:
                 c.resolved_late += 1
             elif settled and row[_END] >= horizon:

@@ -36,7 +36,7 @@ from elsa.core.server import ControlServer
 from elsa.core.store import Store
 from elsa.errors import ConfigError, ElsaError
 from elsa.kernel import caps, sdnotify
-from elsa.kernel.cnproc import ProcConnector
+from elsa.kernel.cnproc import NEEDED_EVENTS, PROC_EVENT_ALL, ProcConnector
 from elsa.kernel.procfs import ProcFS
 from elsa.logsetup import structlog
 from elsa.plugins import PluginHost
@@ -141,7 +141,8 @@ class Daemon:
             store=store, backend=backend, procfs=self.procfs, boot_id=boot_id,
             job_end=cfg.job_end, exited_linger=cfg.exited_linger, hooks=self.host)
         # Subscribe first, then read /proc (see module docstring).
-        connector = self.connector = ProcConnector(cfg.netlink_rcvbuf)
+        connector = self.connector = ProcConnector(
+            cfg.netlink_rcvbuf, NEEDED_EVENTS if cfg.proc_event_filter else PROC_EVENT_ALL)
         events = self.events = ProcEvents(connector, manager,
                                           hold=make_hold(connector, cfg.burst_hold),
                                           priority=self.priority)
@@ -220,7 +221,8 @@ class Daemon:
         assert self.manager is not None and self.store is not None and self.events is not None
         self.sources, self.source_status = start_sources(
             specs, names, config=self.config, manager=self.manager, store=self.store,
-            procfs=self.procfs, loop=self.loop, settle=self.events.settle)
+            procfs=self.procfs, loop=self.loop, settle=self.events.settle,
+            lost_fork=self.events.lost_fork if self.events.connector.filtered else None)
 
     def _job_emptied(self, jid: int) -> None:
         """A backend saw a job's kernel object empty (e.g. cgroup.events populated 0)."""
@@ -248,6 +250,10 @@ class Daemon:
             "members": len(m.index),
             "events": conn.events,
             "lost_events": {"enobufs": conn.enobufs, "seq_gap": conn.seq_lost},
+            # filtered: fork/exec/exit only, no seq-gap detection (config
+            # proc_event_filter); socket_drops: the kernel's count of messages
+            # that did not fit the buffer, the loss count whether filtered or not.
+            "proc_connector": {"filtered": conn.filtered, "socket_drops": conn.dropped()},
             "reordered_events": conn.seqs.reordered,
             "loss_notices": events.loss_events,
             "resyncs": m.counters.resyncs,

@@ -12,9 +12,11 @@ import subprocess
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
+from elsa.core import usage
 from elsa.core.burst import BurstHold
 from elsa.core.manager import JobManager
 from elsa.core.priority import Priority
+from elsa.core.usage import UsageRow
 from elsa.errors import KernelInterfaceError
 from elsa.kernel.cnproc import ExitEvent, ForkEvent, LossEvent, ProcConnector
 from elsa.logsetup import structlog
@@ -99,6 +101,27 @@ class ProcEvents:
             log.info("burst hold: sources only, an event listener reads /proc at each event",
                      listeners=prompt)
             self.hold.arrived = self.arrived
+
+    def lost_fork(self, row: UsageRow, boot: float) -> Optional[int]:
+        """For a filtered connector (no sequence numbers to reveal loss): a
+        usage *row* in no job after a settle whose parent was a member when
+        the row's process started was born in that job, and its fork event
+        was lost (the kernel drops a message it cannot allocate for every
+        listener: docs/daemon.md, "Event loss and resync"). Returns that job
+        (the ppid rule, elsa.core.usage.attribute_by_parent) and reports the
+        loss, so that a resync adopts the process's descendants; None when
+        the parent was no member then. *boot* is the boot's epoch."""
+        ppid = row[usage.PPID]
+        manager = self.manager
+        if not ppid or manager.index.get(ppid) is None:
+            return None  # the common case: a process in no job, child of one in none
+        start, tol = usage.identity(row, boot)
+        if start is None:
+            return None
+        jid = manager.parent_member(ppid, start, tol, row[usage.START_TIME] or 0.0)
+        if jid is not None:
+            self.on_loss(LossEvent("lost-fork"))
+        return jid
 
     def on_loss(self, event: LossEvent) -> None:
         self.loss_events += 1

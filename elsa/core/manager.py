@@ -82,6 +82,7 @@ class Counters:
         self.resyncs = 0
         self.resync_adopted = 0
         self.resync_exited = 0
+        self.exits_unseen = 0  # a member's pid forked anew: its exit event was lost
 
     def as_dict(self) -> Dict[str, int]:
         return dict(vars(self))
@@ -481,11 +482,12 @@ class JobManager:
         index = self.index
         v = index.get(parent_tgid)
         if v is None:
+            known = index.get(child_tgid)
+            if known is not None:  # a member's pid, reused: see _exited_unseen
+                self._exited_unseen(child_tgid, self._fork_start(ts_ns), known)
             return
         counters.member_forks += 1
-        # The event timestamp is CLOCK_MONOTONIC; /proc start times count
-        # CLOCK_BOOTTIME ticks (see procfs.boottime_offset_ns).
-        start = (ts_ns + self._boot_offset_ns) * CLOCK_TICKS // 1_000_000_000
+        start = (ts_ns + self._boot_offset_ns) * CLOCK_TICKS // 1_000_000_000  # _fork_start
         detached = self.detached
         if detached and (child_tgid, start) in detached:
             known = index.get(child_tgid)
@@ -505,13 +507,29 @@ class JobManager:
                 return
         self._fork_known(v, child_tgid, start, known)
 
+    def _fork_start(self, ts_ns: int) -> int:
+        """A fork event's time as a /proc start time: the event timestamp is
+        CLOCK_MONOTONIC, /proc counts CLOCK_BOOTTIME ticks (procfs.boottime_offset_ns)."""
+        return (ts_ns + self._boot_offset_ns) * CLOCK_TICKS // 1_000_000_000
+
+    def _exited_unseen(self, pid: int, start: int, known: int) -> bool:
+        """A fork made *pid* (started at *start*) while the index holds it for a
+        member (its value *known*). False when that is the same process (a
+        resync read /proc after this fork and adopted it). Otherwise the
+        member exited and its exit event never came: the kernel queues a
+        process's exit before its pid can be reused, so the event was lost
+        (on a filtered proc connector nothing else shows it). The member is
+        closed with its exit status unknown; True."""
+        if abs((known & START_MASK) - start) <= START_TOLERANCE_TICKS:
+            return False
+        self.counters.exits_unseen += 1
+        self._leave(self._slot_jid[known >> SLOT_SHIFT], ProcessId(pid, known & START_MASK), None)
+        return True
+
     def _fork_known(self, parent: int, child: int, start: int, known: int) -> None:
         """A member's fork whose child pid the index holds already (its value *known*)."""
-        if abs((known & START_MASK) - start) <= START_TOLERANCE_TICKS:
+        if not self._exited_unseen(child, start, known):
             return  # already adopted by a resync that read /proc after this fork
-        # The pid's previous process exited unseen (events lost): close it.
-        old_jid = self._slot_jid[known >> SLOT_SHIFT]
-        self._leave(old_jid, ProcessId(child, known & START_MASK), None)
         jid = self._slot_jid[parent >> SLOT_SHIFT]
         if jid not in self.jobs or (self.detached and (child, start) in self.detached):
             return

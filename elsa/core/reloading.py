@@ -21,7 +21,8 @@ APPLIED: FrozenSet[str] = frozenset({
 #: Fixed for the daemon's lifetime: the socket is bound, the store open, the
 #: kernel interfaces subscribed and the plugins loaded at start.
 NEEDS_RESTART: FrozenSet[str] = frozenset({
-    "backend", "socket", "state_dir", "netlink_rcvbuf", "sources", "disabled_sources",
+    "backend", "socket", "state_dir", "netlink_rcvbuf", "proc_event_filter",
+    "sources", "disabled_sources",
     "disabled_plugins",
     "plugins", "backends", "source_tables", "sections",
 })

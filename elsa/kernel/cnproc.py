@@ -19,6 +19,17 @@ next recv fails with ENOBUFS (netlink(7)). ``cn_msg.seq`` counts events per
 CPU (``proc_event.cpu``), so a gap in one CPU's sequence reveals loss too
 (docs/kernel.md, "cn_proc"). Both are reported to the sink's
 ``on_loss`` so it can resync from /proc.
+
+Event filter: since Linux 6.6 (commit 2aa1f7a1f47c, "connector/cn_proc: Add
+filtering") a LISTEN may carry an event mask, and the kernel delivers only
+those events to the socket. elsad needs fork, exec and exit; comm and sid
+events are half the messages of a shell pipeline or a fork storm, and each one
+read costs elsad a recvmmsg slot and a loop turn. The kernel numbers every
+event before it filters (``send_msg``), so a filtered socket sees gaps in
+``cn_msg.seq`` by design: its loss signals are ENOBUFS and the socket's drop
+counter (``SO_MEMINFO``), not the sequence. Older kernels ignore a LISTEN of
+the new size altogether (no events, no ack), so the mask is only sent where
+the kernel release says it is understood.
 """
 
 from __future__ import annotations
@@ -45,6 +56,8 @@ SO_RCVBUFFORCE = 33  # socket(7); not exported by Python's socket module
 #: Linux 4.12 (docs/kernel.md, "cn_proc").
 SO_MEMINFO = 55
 _MEMINFO = struct.Struct("=II")
+#: SK_MEMINFO_DROPS (index 8): messages the kernel dropped for this socket (buffer full).
+_MEMINFO_DROPS = struct.Struct("=32xI")
 
 # proc_event.what
 PROC_EVENT_NONE = 0x00000000
@@ -58,6 +71,14 @@ PROC_EVENT_COMM = 0x00000200
 PROC_EVENT_NONZERO_EXIT = 0x20000000
 PROC_EVENT_COREDUMP = 0x40000000
 PROC_EVENT_EXIT = 0x80000000
+#: The kernel's PROC_EVENT_ALL (include/uapi/linux/cn_proc.h): no filter.
+PROC_EVENT_ALL = (PROC_EVENT_FORK | PROC_EVENT_EXEC | PROC_EVENT_UID | PROC_EVENT_GID
+                  | PROC_EVENT_SID | PROC_EVENT_PTRACE | PROC_EVENT_COMM
+                  | PROC_EVENT_NONZERO_EXIT | PROC_EVENT_COREDUMP | PROC_EVENT_EXIT)
+#: What elsad acts on (membership, applications, exits).
+NEEDED_EVENTS = PROC_EVENT_FORK | PROC_EVENT_EXEC | PROC_EVENT_EXIT
+#: The first release whose LISTEN takes an event mask (see the module docstring).
+FILTER_RELEASE = (6, 6)
 
 _HDR = struct.Struct("=I12x8xI8xIIQ")  # nl len, cn seq, what, cpu, timestamp
 _WHAT = struct.Struct("=I")
@@ -74,6 +95,7 @@ _MIN_LEN = _EVENT_OFFSET
 _SLOT_FORMAT = "=24xI8xIIQIIIIII"
 _SLOT_FIELDS = struct.Struct(_SLOT_FORMAT)
 _CONTROL = struct.Struct("=IHHII" + "IIIIHH" + "I")
+_CONTROL_MASK = struct.Struct("=IHHII" + "IIIIHH" + "II")  # struct proc_input
 
 
 # -- the frozen event types the rest of the code sees -------------------------------
@@ -138,8 +160,9 @@ class ExitEvent:
 
 @dataclass(frozen=True)
 class LossEvent:
-    """Events were lost: ``reason`` is "enobufs" or "seq-gap"; ``missing`` is the
-    gap size when known (0 for ENOBUFS: the kernel does not say how many)."""
+    """Events were lost: ``reason`` is "enobufs", "seq-gap" or, on a filtered
+    socket, "lost-fork" (elsa.core.events.ProcEvents.lost_fork); ``missing`` is
+    the gap size when known (0 otherwise: the kernel does not say how many)."""
 
     reason: str
     cpu: int = -1
@@ -260,11 +283,25 @@ def decode(buf: bytes, seqs: Optional[SeqTracker] = None) -> List[Event]:
     return out
 
 
-def control_message(op: int) -> bytes:
-    """The netlink message that subscribes (LISTEN) or unsubscribes (IGNORE)."""
-    total = _CONTROL.size
-    return _CONTROL.pack(total, NLMSG_DONE, 0, 0, os.getpid(),
-                         CN_IDX_PROC, CN_VAL_PROC, 0, 0, 4, 0, op)
+def control_message(op: int, events: Optional[int] = None) -> bytes:
+    """The netlink message that subscribes (LISTEN) or unsubscribes (IGNORE);
+    with *events*, a ``struct proc_input`` that also sets the event mask."""
+    if events is None:
+        return _CONTROL.pack(_CONTROL.size, NLMSG_DONE, 0, 0, os.getpid(),
+                             CN_IDX_PROC, CN_VAL_PROC, 0, 0, 4, 0, op)
+    return _CONTROL_MASK.pack(_CONTROL_MASK.size, NLMSG_DONE, 0, 0, os.getpid(),
+                              CN_IDX_PROC, CN_VAL_PROC, 0, 0, 8, 0, op, events)
+
+
+def kernel_filters(release: str) -> bool:
+    """Whether a kernel of this ``uname -r`` release takes an event mask in LISTEN.
+    An unparsable release counts as old: the unfiltered LISTEN works everywhere."""
+    parts = release.split(".", 2)
+    try:
+        version = (int(parts[0]), int("".join(c for c in parts[1][:3] if c.isdigit())))
+    except (IndexError, ValueError):
+        return False
+    return version >= FILTER_RELEASE
 
 
 #: recvmmsg slots per call and bytes per slot: a proc_event message is under
@@ -308,9 +345,16 @@ def _reader_for(sock: socket.socket) -> Union[mmsg.BatchReader, _OneAtATime]:
 
 
 class ProcConnector:
-    """A subscribed proc-connector socket."""
+    """A subscribed proc-connector socket.
 
-    def __init__(self, rcvbuf: int = 32 * 1024 * 1024) -> None:
+    *events* is the event mask to ask for; the kernel filters it only where
+    :func:`kernel_filters` says so for *release* (default: the running
+    kernel's), and :attr:`filtered` tells which it is."""
+
+    filtered = False
+
+    def __init__(self, rcvbuf: int = 32 * 1024 * 1024, events: int = PROC_EVENT_ALL,
+                 release: Optional[str] = None) -> None:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
         except OSError as exc:
@@ -318,9 +362,13 @@ class ProcConnector:
                 f"cannot open the proc connector (NETLINK_CONNECTOR): {exc.strerror}; the "
                 "kernel needs CONFIG_CONNECTOR and CONFIG_PROC_EVENTS") from None
         self.rcvbuf = self._set_rcvbuf(rcvbuf)
+        self.filtered = (events != PROC_EVENT_ALL
+                         and kernel_filters(os.uname().release if release is None else release))
+        self.event_mask = events if self.filtered else PROC_EVENT_ALL
         try:
             self.sock.bind((0, CN_IDX_PROC))
-            self.sock.send(control_message(PROC_CN_MCAST_LISTEN))
+            self.sock.send(control_message(PROC_CN_MCAST_LISTEN,
+                                           events if self.filtered else None))
         except PermissionError:
             self.sock.close()
             raise PrivilegeError(
@@ -359,6 +407,13 @@ class ProcConnector:
         return _MEMINFO.unpack(self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO,
                                                     _MEMINFO.size))
 
+    def dropped(self) -> int:
+        """Messages the kernel dropped for this socket since it was opened
+        (SK_MEMINFO_DROPS): the loss count of a filtered socket, whose
+        sequence numbers have gaps by design."""
+        return _MEMINFO_DROPS.unpack(self.sock.getsockopt(
+            socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO_DROPS.size))[0]
+
     def close(self) -> None:
         try:
             # Unsubscribe explicitly: the kernel counts listeners per LISTEN
@@ -383,7 +438,7 @@ class ProcConnector:
                     yield LossEvent("enobufs")
                     continue
                 raise
-            for ev in decode(bytes(self._view[:size]), self.seqs):
+            for ev in decode(bytes(self._view[:size]), None if self.filtered else self.seqs):
                 if isinstance(ev, LossEvent):
                     self.seq_lost += ev.missing
                 else:
@@ -411,6 +466,7 @@ class ProcConnector:
         on_fork = sink.on_fork
         on_exit = sink.on_exit
         on_exec = sink.on_exec
+        check_seq = not self.filtered
         n = 0
         while n < limit:
             try:
@@ -434,7 +490,9 @@ class ProcConnector:
             for seq, what, cpu, ts, a, b, c, d, _e, _f in slots(view[:got * slot]):
                 if what == PROC_EVENT_NONE:
                     continue  # the ack of our LISTEN (or a short message, blanked)
-                if last.get(cpu, -2) + 1 == seq:  # in order (wrap-around: below)
+                if not check_seq:  # filtered: gaps are the events we did not ask for
+                    pass
+                elif last.get(cpu, -2) + 1 == seq:  # in order (wrap-around: below)
                     last[cpu] = seq
                 else:
                     prev = last.get(cpu)
