@@ -32,6 +32,8 @@ messages plus the cheapest reading); elsad's ratio above it is elsad's work.
     sudo python3 benchmarks/bench_sustained.py --seconds 60 --reps 4   # the issue's 60 s runs
     sudo python3 benchmarks/bench_sustained.py --fold-ms 10    # + stress-ng with short
                                                               # processes folded (a site's option)
+    sudo python3 benchmarks/bench_sustained.py --job-totals-only  # + stress-ng with no
+                                                     # per-process records (a site's option)
 """
 
 from __future__ import annotations
@@ -153,7 +155,13 @@ def paired_ratio(runs: List[float], peers: List[float]) -> float:
     return statistics.median(r / p for r, p in zip(runs, peers))
 
 
-def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0) -> List[Dict[str, Any]]:
+#: A site's option for fork-heavy nodes, measured on request: no taskstats source, so
+#: no per-process records; a cgroup job's totals still come from cgroupstat.
+JOB_TOTALS_ONLY = "[sources.taskstats]\nenabled = false\n"
+
+
+def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
+        job_totals_only: bool = False) -> List[Dict[str, Any]]:
     if os.geteuid() != 0:
         raise SystemExit("bench_sustained: needs root (elsad)")
     for tool in ("stress-ng", "setpriv", "make", "gcc"):
@@ -165,11 +173,18 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0) -> List[Di
     mount = bo._cgroup2_mount()
     base = f"{mount}/elsa-bench-sustained-{os.getpid()}" if mount else None
     daemon = DefaultElsad(work, base)
-    # A site's option for fork-heavy nodes, measured on request (not the default).
-    if fold_ms:
-        os.makedirs(os.path.join(work, "fold"), mode=0o755)
-    folding = (DefaultElsad(os.path.join(work, "fold"), base,
-                            f"[thresholds]\nmin_cpu_ms = {fold_ms}\n") if fold_ms else None)
+    # A site's options for fork-heavy nodes, measured on request (not the default):
+    # (elsad, its config as printed, the command that reproduces the row).
+    options: List[Tuple[bo.Elsad, str, str]] = []
+    for flag, name, toml, label in (
+            (fold_ms, "fold", f"[thresholds]\nmin_cpu_ms = {fold_ms}\n",
+             f"--fold-ms {fold_ms}"),
+            (job_totals_only, "totals", JOB_TOTALS_ONLY, "--job-totals-only")):
+        if flag:
+            os.makedirs(os.path.join(work, name), mode=0o755)
+            options.append((DefaultElsad(os.path.join(work, name), base, toml),
+                            "default config + " + toml.strip().replace("\n", " "),
+                            f"sudo python3 benchmarks/bench_sustained.py {label}"))
     proj = os.path.join(work, "proj")
     t_start = time.monotonic()
     ok = False
@@ -193,9 +208,9 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0) -> List[Di
         loads = [(f"make -j2 ({files} C files)", make, clean, daemon, "default config"),
                  (f"stress-ng --fork 2 --fork-ops {fork_ops}", stress, None, daemon,
                   "default config")]
-        if folding is not None:
-            loads.append((f"stress-ng --fork 2 --fork-ops {fork_ops}", stress, None, folding,
-                          f"default config + [thresholds] min_cpu_ms = {fold_ms}"))
+        for option, config, _ in options:
+            loads.append((f"stress-ng --fork 2 --fork-ops {fork_ops}", stress, None, option,
+                          config))
         for name, cmd, prep, elsad, config in loads:
             elsa: List[float] = []
             peer: List[float] = []
@@ -240,7 +255,7 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0) -> List[Di
                 "target": f"<= {TARGET}" if elsad is daemon else "reported",
                 "passed": ratio <= TARGET if elsad is daemon else True,
                 "reproduce": (REPRODUCE if elsad is daemon else
-                              f"sudo python3 benchmarks/bench_sustained.py --fold-ms {fold_ms}"),
+                              next(cmd for d, _, cmd in options if d is elsad)),
                 "detail": {"ratio_of_median_walls": round(e / p_, 3),
                            "elsa_runs": [round(x, 3) for x in elsa],
                            "peer_runs": [round(x, 3) for x in peer],
@@ -270,8 +285,8 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0) -> List[Di
         ok = True
     finally:
         daemon.stop()
-        if folding is not None:
-            folding.stop()
+        for option, _, _ in options:
+            option.stop()
         if base:
             bo._rmtree_cgroup(base)
         if ok:
@@ -293,8 +308,12 @@ def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
     ap.add_argument("--fold-ms", type=int, default=0,
                     help="also run stress-ng with [thresholds] min_cpu_ms = N (a site's "
                          "option for fork-heavy nodes; reported, not the target)")
+    ap.add_argument("--job-totals-only", action="store_true",
+                    help="also run stress-ng with [sources.taskstats] enabled = false: no "
+                         "per-process records, cgroup job totals only (a site's option; "
+                         "reported, not the target)")
     args = ap.parse_args(list(argv))
-    rows = run(args.seconds, args.reps, args.fold_ms)
+    rows = run(args.seconds, args.reps, args.fold_ms, args.job_totals_only)
     for r in rows:
         print(f"{r['metric']}: elsa {r['elsa']} s, no elsad {r['peer']} s, ratio {r['ratio']} "
               f"(target {r['target']}: {'PASS' if r['passed'] else 'FAIL'})")
