@@ -237,3 +237,32 @@ def test_daemon_subscribes_as_configured(elsad, spawned, setting):
                                         "socket_drops": 0}
         assert st["counters"]["member_forks"] >= 1 and st["counters"]["exits_unseen"] == 0
         assert c.wait(job["jid"], timeout=30)["ended"] is True
+
+
+def test_self_test_names_the_filter_when_no_event_comes():
+    """A kernel that ignored the filtered LISTEN sends nothing: the start-up
+    self-test's error says which setting to change. (A silent connector stands
+    in for such a kernel: this one takes the filter.)"""
+    import socket as socket_mod
+
+    from elsa.errors import KernelInterfaceError
+
+    quiet, other = socket_mod.socketpair()
+
+    class Silent(_Filtered):
+        def fileno(self) -> int:
+            return quiet.fileno()
+
+        def read(self):
+            return iter(())
+
+    try:
+        class NoManager:
+            on_fork = on_exit = None
+
+        events = ProcEvents(Silent(), NoManager(), hold=None, priority=Priority(0))
+        with pytest.raises(KernelInterfaceError, match="proc_event_filter = false"):
+            events.self_test()
+    finally:
+        quiet.close()
+        other.close()

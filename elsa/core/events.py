@@ -234,9 +234,13 @@ class ProcEvents:
                     return
         finally:
             sel.close()
+        hint = ("; if this kernel does not take the event filter despite its release "
+                "(a LISTEN with an event mask is ignored before Linux 6.6), set "
+                "proc_event_filter = false" if self.connector.filtered else "")
         raise KernelInterfaceError(
             "subscribed to the proc connector but saw no event for a test child in 3 s; "
-            "elsad must run in the initial pid and user namespace (not in a container)")
+            "elsad must run in the initial pid and user namespace (not in a container)"
+            + hint)
 
     def _dispatch(self, ev: object) -> None:
         """Slow-path dispatch of decoded events (start-up only)."""
