@@ -78,19 +78,36 @@ class PidIndex:
     def __bool__(self) -> bool:
         return len(self) > 0
 
-    def get(self, pid: int, default: Optional[int] = None) -> Optional[int]:
-        d = self._dict
-        if d is not None:
-            return d.get(pid, default)
+    def _slot(self, pid: int) -> int:
+        """The slot holding *pid*, or the empty slot ending its probe run (where
+        it would go). Array mode only; the dict mode, where the event path runs
+        below DICT_MAX members, does not pay for this call."""
         keys, mask = self._keys, self._mask
         i = pid * _MUL & mask
         while True:
             k = keys[i]
-            if k == pid:
-                return self._vals[i]
-            if k == _EMPTY:
-                return default
+            if k == pid or k == _EMPTY:
+                return i
             i = (i + 1) & mask
+
+    def _fill(self, i: int, pid: int, value: int) -> None:
+        """Put *pid* into empty slot *i* (from :meth:`_slot`), growing past half full."""
+        self._keys[i] = pid
+        self._vals[i] = value
+        self._used += 1
+        if self._used * 2 > self._mask + 1:
+            self._resize((self._mask + 1) * 2)
+
+    def _dict_grew(self, d: Dict[int, int]) -> None:
+        if len(d) > DICT_MAX:
+            self._to_arrays()
+
+    def get(self, pid: int, default: Optional[int] = None) -> Optional[int]:
+        d = self._dict
+        if d is not None:
+            return d.get(pid, default)
+        i = self._slot(pid)
+        return self._vals[i] if self._keys[i] == pid else default
 
     def __contains__(self, pid: object) -> bool:
         return isinstance(pid, int) and pid > 0 and self.get(pid) is not None
@@ -107,24 +124,13 @@ class PidIndex:
         d = self._dict
         if d is not None:
             d[pid] = value
-            if len(d) > DICT_MAX:
-                self._to_arrays()
+            self._dict_grew(d)
             return
-        keys, mask = self._keys, self._mask
-        i = pid * _MUL & mask
-        while True:
-            k = keys[i]
-            if k == pid:
-                self._vals[i] = value
-                return
-            if k == _EMPTY:
-                break
-            i = (i + 1) & mask
-        keys[i] = pid
-        self._vals[i] = value
-        self._used += 1
-        if self._used * 2 > mask + 1:
-            self._resize((mask + 1) * 2)
+        i = self._slot(pid)
+        if self._keys[i] == pid:
+            self._vals[i] = value
+        else:
+            self._fill(i, pid, value)
 
     def insert(self, pid: int, value: int) -> Optional[int]:
         """Map *pid* to *value* unless it is mapped already; returns the value
@@ -137,23 +143,12 @@ class PidIndex:
             old = d.get(pid)
             if old is None:
                 d[pid] = value
-                if len(d) > DICT_MAX:
-                    self._to_arrays()
+                self._dict_grew(d)
             return old
-        keys, mask = self._keys, self._mask
-        i = pid * _MUL & mask
-        while True:
-            k = keys[i]
-            if k == pid:
-                return self._vals[i]
-            if k == _EMPTY:
-                break
-            i = (i + 1) & mask
-        keys[i] = pid
-        self._vals[i] = value
-        self._used += 1
-        if self._used * 2 > mask + 1:
-            self._resize((mask + 1) * 2)
+        i = self._slot(pid)
+        if self._keys[i] == pid:
+            return self._vals[i]
+        self._fill(i, pid, value)
         return None
 
     def pop(self, pid: int, default: Optional[int] = None) -> Optional[int]:
@@ -161,14 +156,9 @@ class PidIndex:
         if d is not None:
             return d.pop(pid, default)
         keys, vals, mask = self._keys, self._vals, self._mask
-        i = pid * _MUL & mask
-        while True:
-            k = keys[i]
-            if k == pid:
-                break
-            if k == _EMPTY:
-                return default
-            i = (i + 1) & mask
+        i = self._slot(pid)
+        if keys[i] != pid:
+            return default
         value = vals[i]
         # Backward shift: pull later entries of the probe run into the hole when
         # their home slot does not lie cyclically in (hole, their slot].
