@@ -6,6 +6,7 @@ Captured with elsa.kernel.cnproc.ProcConnector while running
 
 import struct
 
+from elsa.kernel import mmsg
 from elsa.kernel.cnproc import (
     REORDER_WINDOW_NS,
     ExecEvent,
@@ -160,7 +161,8 @@ def test_fast_path_agrees_with_decode():
         ("exec", (e.pid, e.tgid, e.timestamp_ns)),
         ("exit", (x.pid, x.tgid, x.exit_code, x.timestamp_ns)),
     ]
-    for reader in (cnproc._reader_for(a), cnproc._OneAtATime(a)):  # recvmmsg and fallback
+    for reader in (mmsg.open_reader(a, cnproc.MMSG_SLOTS, cnproc.MMSG_SLOT),
+                   mmsg.OneAtATime(a, cnproc.MMSG_SLOT)):  # recvmmsg and fallback
         conn._reader = reader
         conn.seqs = SeqTracker()
         for msg in (ACK, FORK, EXEC, EXIT):
@@ -192,7 +194,8 @@ def test_drain_skips_a_message_too_short_for_a_proc_event():
     conn.sock = a
     conn.events = conn.enobufs = conn.seq_lost = 0
     f = decode(FORK)[0]
-    for reader in (cnproc._reader_for(a), cnproc._OneAtATime(a)):
+    for reader in (mmsg.open_reader(a, cnproc.MMSG_SLOTS, cnproc.MMSG_SLOT),
+                   mmsg.OneAtATime(a, cnproc.MMSG_SLOT)):
         conn._reader = reader
         conn.seqs = SeqTracker()
         b.send(FORK)
@@ -218,7 +221,7 @@ def test_drain_takes_the_sequence_wrap_around_as_in_order():
     conn = cnproc.ProcConnector.__new__(cnproc.ProcConnector)
     conn.sock = a
     conn.events = conn.enobufs = conn.seq_lost = 0
-    conn._reader = cnproc._reader_for(a)
+    conn._reader = mmsg.open_reader(a, cnproc.MMSG_SLOTS, cnproc.MMSG_SLOT)
     conn.seqs = SeqTracker()
     for seq in (0xFFFFFFFE, 0xFFFFFFFF, 0, 1):
         msg = bytearray(FORK)

@@ -12,11 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from elsa.kernel import mmsg, taskstats_socket
 from elsa.kernel import taskstats as T
 from elsa.kernel.taskstats_socket import TaskstatsSocket, family_id
 from tests.support import taskstats_golden_messages
 
 DATA = Path(__file__).parent / "data"
+
+
+def _one_per_batch(datagrams):
+    """exit_rows' batches (taskstats.Batch) of datagrams given one by one as
+    (data, now, real_offset, after)."""
+    for data, now, real_offset, after in datagrams:
+        yield data, (len(data),), len(data) + 1, 1, now, real_offset, after
 
 
 def test_golden_v16_messages_decode_to_expected_values():
@@ -226,7 +234,8 @@ def test_a_record_read_late_still_gives_the_start_time(batched):
     sock = TaskstatsSocket(rcvbuf=1 << 20)
     assert sock._batch is not None  # glibc has recvmmsg
     if not batched:
-        sock._batch = None  # the fallback for a libc without it
+        # the fallback for a libc without it
+        sock._batch = mmsg.OneAtATime(sock.sock, taskstats_socket.MMSG_SLOT)
     sock.register()
     try:
         child = subprocess.Popen(["sh", "-c", "read x"], stdin=subprocess.PIPE)
@@ -271,7 +280,7 @@ def test_exit_rows_give_the_tuple_paths_rows_for_real_records():
     finally:
         sock.close()
     versions: dict = {}
-    rows, tuples = T.exit_rows(T.datagram_batches(grams), "taskstats", set(), versions)
+    rows, tuples = T.exit_rows(_one_per_batch(grams), "taskstats", set(), versions)
     by_pid = {r[2]: r for r in rows}
     ref = [T.fast_exit_tuple(*g) for g in grams]
     (own,) = [t for t in ref if t[1] == single.pid]
@@ -282,7 +291,7 @@ def test_exit_rows_give_the_tuple_paths_rows_for_real_records():
     assert sum(versions.values()) == len(rows)
     # A process with a thread record pending from an earlier read: a tuple too.
     mine = [g for g, t in zip(grams, ref) if t[1] == single.pid]
-    rows, tuples = T.exit_rows(T.datagram_batches(mine), "taskstats", {single.pid}, {})
+    rows, tuples = T.exit_rows(_one_per_batch(mine), "taskstats", {single.pid}, {})
     assert rows == [] and tuples == [own]
 
 

@@ -322,28 +322,6 @@ def _slot_unpacker(slot: int) -> Callable[[memoryview], Iterator[Tuple[int, ...]
     return unpack
 
 
-class _OneAtATime:
-    """The :class:`~elsa.kernel.mmsg.BatchReader` interface over recv_into
-    (a libc without recvmmsg): one datagram per call."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.buf = bytearray(MMSG_SLOT)
-        self.slot_size = MMSG_SLOT
-        self.lens = [0]
-        self._recv_into = sock.recv_into
-
-    def read(self, limit: int = 1) -> int:
-        try:
-            self.lens[0] = self._recv_into(self.buf)
-        except BlockingIOError:
-            return 0
-        return 1
-
-
-def _reader_for(sock: socket.socket) -> Union[mmsg.BatchReader, _OneAtATime]:
-    return mmsg.open_batch(sock.fileno(), MMSG_SLOTS, MMSG_SLOT) or _OneAtATime(sock)
-
-
 class ProcConnector:
     """A subscribed proc-connector socket.
 
@@ -385,7 +363,7 @@ class ProcConnector:
         self.events = 0
         self.enobufs = 0
         self.seq_lost = 0
-        self._reader = _reader_for(self.sock)
+        self._reader = mmsg.open_reader(self.sock, MMSG_SLOTS, MMSG_SLOT)
 
     def _set_rcvbuf(self, size: int) -> int:
         try:

@@ -8,15 +8,17 @@ per datagram against 0.7 µs with one recvmmsg per 256; elsad's CPU per
 process, issue 18). The call goes through ``ctypes.PyDLL``, which keeps the
 GIL: with ``MSG_DONTWAIT`` it never blocks.
 
-Where libc has no recvmmsg, :func:`open_batch` returns None and callers keep
-their one-datagram loop.
+Where libc has no recvmmsg, :func:`open_reader` gives a :class:`OneAtATime`
+instead: the same interface, one datagram per call, so that callers have one
+read loop.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-from typing import Optional
+import socket
+from typing import List, Optional, Union
 
 MSG_DONTWAIT = 0x40
 MSG_TRUNC = 0x20
@@ -103,3 +105,35 @@ def open_batch(fd: int, slots: int, slot_size: int) -> Optional[BatchReader]:
     if _RECVMMSG is None:
         return None
     return BatchReader(fd, slots, slot_size)
+
+
+class OneAtATime:
+    """The :class:`BatchReader` interface over one ``recvmsg_into`` per call (a
+    libc without recvmmsg): one datagram per read, into one slot of
+    *slot_size* bytes; MSG_TRUNC tells a truncated one, as recvmmsg's flags do."""
+
+    def __init__(self, sock: socket.socket, slot_size: int) -> None:
+        self.buf = bytearray(slot_size)
+        self.slot_size = slot_size
+        self.lens: List[int] = [0]
+        self._flags = 0
+        self._recvmsg_into = sock.recvmsg_into
+
+    def read(self, limit: Optional[int] = None) -> int:
+        """Datagrams read (0 or 1). Raises OSError (ENOBUFS...) like recv."""
+        try:
+            n, _anc, self._flags, _addr = self._recvmsg_into([self.buf], 0, MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+        self.lens[0] = n
+        return 1
+
+    def truncated(self, i: int) -> bool:
+        return bool(self._flags & MSG_TRUNC)
+
+
+def open_reader(sock: socket.socket, slots: int, slot_size: int
+                ) -> Union[BatchReader, OneAtATime]:
+    """A :class:`BatchReader` on *sock*, or a :class:`OneAtATime` where libc has
+    no recvmmsg."""
+    return open_batch(sock.fileno(), slots, slot_size) or OneAtATime(sock, slot_size)

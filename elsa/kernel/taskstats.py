@@ -367,19 +367,10 @@ _COMMS: Dict[bytes, str] = {}
 Batch = Tuple[Any, Sequence[int], int, int, int, int, int]
 
 
-def datagram_batches(datagrams: Iterable[Tuple[bytes, int, int, int]]) -> Iterator[Batch]:
-    """:func:`exit_rows`' batches of datagrams given one by one, as
-    ``TaskstatsSocket._datagrams`` (elsa/kernel/taskstats_socket.py) yields
-    them: (data, now, real_offset, after)."""
-    for data, now, real_offset, after in datagrams:
-        yield data, (len(data),), len(data) + 1, 1, now, real_offset, after
-
-
 def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
               versions: Dict[int, int]) -> Tuple[List[UsageRow], List[Tuple]]:
     """The hot path of the taskstats source: one pass over exit datagrams,
-    read in batches (``TaskstatsSocket._batches`` in elsa/kernel/taskstats_socket.py,
-    :func:`datagram_batches`).
+    read in batches (``TaskstatsSocket._batches`` in elsa/kernel/taskstats_socket.py).
 
     Returns (usage rows of single-threaded processes, task tuples of the
     rest). A datagram in the usual one-message layout whose task is a whole

@@ -34,7 +34,6 @@ from elsa.kernel.taskstats import (
     Batch,
     ExitMessage,
     TaskRecord,
-    datagram_batches,
     decode_messages,
     exit_rows,
     fast_exit_tuple,
@@ -124,7 +123,7 @@ class TaskstatsSocket:
         self.cpumask: Optional[str] = None
         self.enobufs = 0
         self._emptied_at = 0  # CLOCK_BOOTTIME ns: see _datagrams
-        self._batch = mmsg.open_batch(self.sock.fileno(), MMSG_SLOTS, MMSG_SLOT)
+        self._batch = mmsg.open_reader(self.sock, MMSG_SLOTS, MMSG_SLOT)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -159,12 +158,12 @@ class TaskstatsSocket:
                 pass  # closing the socket deregisters too
             self.cpumask = None
 
-    def _recv(self, flags: int = 0) -> Optional[bytes]:
+    def _recv(self) -> Optional[bytes]:
         """One datagram, or None when the kernel dropped records (ENOBUFS:
         counted, not raised; the caller flags affected jobs). BlockingIOError
         and socket.timeout pass through; other errors become ElsaErrors."""
         try:
-            return self.sock.recv(65536, flags)
+            return self.sock.recv(65536)
         except (BlockingIOError, socket.timeout):
             raise
         except OSError as exc:
@@ -178,34 +177,12 @@ class TaskstatsSocket:
         receive time, CLOCK_REALTIME - CLOCK_BOOTTIME and when the previous
         call emptied the socket (the arguments of :func:`exit_time_ns`).
         A datagram may be a view into a buffer the next one reuses."""
-        if self._batch is None:
-            yield from self._datagrams_one_by_one()
-            return
         for buf, lens, slot, n, now, real_offset, after in self._batches():
             view = memoryview(buf)
             for i in range(n):
                 if lens[i]:  # (0: a truncated datagram, counted and blanked)
                     off = i * slot
                     yield view[off:off + lens[i]], now, real_offset, after
-
-    def _datagrams_one_by_one(self) -> Iterator[Tuple[bytes, int, int, int]]:
-        """:meth:`_datagrams` with a recv per datagram (libc without recvmmsg)."""
-        recv = self._recv
-        clock = time.clock_gettime_ns
-        boottime = time.CLOCK_BOOTTIME
-        after = self._emptied_at
-        before = clock(boottime)  # taken before each recv
-        real_offset = time.time_ns() - before
-        while True:
-            try:
-                data = recv(socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                self._emptied_at = before
-                return
-            now = clock(boottime)
-            if data is not None:
-                yield data, now, real_offset, after
-            before = now
 
     def receive(self) -> List[ExitMessage]:
         """Every message ready now (non-blocking); see :meth:`_datagrams`."""
@@ -237,9 +214,6 @@ class TaskstatsSocket:
                      ) -> Tuple[List[UsageRow], List[Tuple]]:
         """Every message ready now, as :func:`exit_rows` returns them: usage
         rows of single-threaded processes, task tuples for the folder."""
-        if self._batch is None:
-            return exit_rows(datagram_batches(self._datagrams_one_by_one()), source, multi,
-                             versions)
         return exit_rows(self._batches(), source, multi, versions)
 
     def _batches(self) -> Iterator[Batch]:
@@ -249,7 +223,6 @@ class TaskstatsSocket:
         one the kernel dropped: it is counted and blanked (length 0) before the
         batch is handed on. The times are those of :meth:`_datagrams`."""
         batch = self._batch
-        assert batch is not None
         read = batch.read
         buf = batch.buf
         lens = batch.lens
