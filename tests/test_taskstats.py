@@ -252,6 +252,17 @@ def test_a_record_read_late_still_gives_the_start_time(batched):
     assert start is not None and abs(row[3] - start) <= CLOCK_TICKS // 2, (row[3], start)
 
 
+def _single_and_threaded():
+    """Two children, both exited: a single-threaded one and one with a thread."""
+    single = subprocess.Popen(["true"])
+    single.wait()
+    threaded = subprocess.Popen([sys.executable, "-c", "import threading\n"
+                                 "t = threading.Thread(target=len, args=((),))\n"
+                                 "t.start(); t.join()"])
+    threaded.wait()
+    return single, threaded
+
+
 def test_exit_rows_give_the_tuple_paths_rows_for_real_records():
     """exit_rows (the source's hot path) builds a single-threaded process's
     usage row straight from the datagram: the values of
@@ -264,12 +275,7 @@ def test_exit_rows_give_the_tuple_paths_rows_for_real_records():
     sock.register()
     grams = []
     try:
-        single = subprocess.Popen(["true"])
-        single.wait()
-        threaded = subprocess.Popen([sys.executable, "-c", "import threading\n"
-                                     "t = threading.Thread(target=len, args=((),))\n"
-                                     "t.start(); t.join()"])
-        threaded.wait()
+        single, threaded = _single_and_threaded()
 
         def read() -> bool:
             grams.extend((bytes(d), now, ro, after) for d, now, ro, after in sock._datagrams())
@@ -298,7 +304,6 @@ def test_exit_rows_give_the_tuple_paths_rows_for_real_records():
 def test_receive_rows_reads_recvmmsg_batches_and_counts_truncated_records():
     """The socket's batch path: a single process's row, a thread group's
     tuples; a record longer than its recvmmsg slot is lost and counted."""
-    from elsa.kernel import mmsg
     from elsa.testing import wait_for
 
     sock = TaskstatsSocket(rcvbuf=1 << 20)
@@ -306,12 +311,7 @@ def test_receive_rows_reads_recvmmsg_batches_and_counts_truncated_records():
     sock.register()
     rows, tuples, versions = [], [], {}
     try:
-        single = subprocess.Popen(["true"])
-        single.wait()
-        threaded = subprocess.Popen([sys.executable, "-c", "import threading\n"
-                                     "t = threading.Thread(target=len, args=((),))\n"
-                                     "t.start(); t.join()"])
-        threaded.wait()
+        single, threaded = _single_and_threaded()
 
         def read() -> bool:
             r, t = sock.receive_rows("taskstats", set(), versions)
