@@ -107,10 +107,6 @@ class Store:
         self._members: Dict[Tuple[str, int, int, int], List[Any]] = {}
         self._member_calls = 0
         self._members_lock = threading.Lock()
-        # Statements whose consecutive writes a runner executes instead of one
-        # executemany (see register_batch_runner); read by the writer thread.
-        # Usage rows are added to the sums as they are inserted (schema.py, migration 7).
-        self._runners: Dict[str, Runner] = dict(RUNNERS)
         self._cond = threading.Condition()
         self._submitted = 0   # ops appended
         self._committed = 0   # ops committed
@@ -232,11 +228,6 @@ class Store:
         """True once every write submitted before *mark* was taken is committed."""
         return self._committed >= mark
 
-    def register_batch_runner(self, sql: str, runner: Runner) -> None:
-        """Let *runner(db, rows)* execute each run of consecutive *sql* writes
-        in the writer's transaction (e.g. to aggregate them in one query)."""
-        self._runners[sql] = runner
-
     def commit_notifications(self) -> int:
         """A descriptor that becomes readable when a mark passed to :meth:`kick`
         is committed, so the event loop can answer requests whose writes are
@@ -346,7 +337,7 @@ class Store:
             db.execute("BEGIN")
             if members:
                 db.executemany(INSERT_MEMBER, members.values())
-            _execute_grouped(db, batch, self._runners)
+            _execute_grouped(db, batch, RUNNERS)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
