@@ -1,7 +1,8 @@
-"""The store writer's cost per process: migration 7's indexes, and usage rows added
-to the sums per batch instead of by per-row triggers (elsa/core/schema.py,
-elsa/core/aggregator.py). Every lookup keeps an index, an existing store upgrades,
-and the sums stay those of the triggers."""
+"""The store writer's cost per process: migration 7's indexes, migration 8's members
+key in start order, and usage rows added to the sums per batch instead of by per-row
+triggers (elsa/core/schema.py, elsa/core/aggregator.py). Every lookup keeps an index,
+an existing store upgrades, a batch of new members rewrites as many pages whatever
+the history holds, and the sums stay those of the triggers."""
 
 import sqlite3
 
@@ -11,6 +12,7 @@ from elsa.core import usage
 from elsa.core.aggregator import INSERT_PROC, add_to_sums, bulk_insert, live_bulk, proc_row
 from elsa.core.schema import MIGRATIONS, _split_sql, migrate
 from elsa.core.source import UsageRecord
+from elsa.core.store import INSERT_MEMBER
 
 SUMS = ("SELECT jid, source, processes, cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb, "
         "max_vm_kb, read_bytes, write_bytes, nvcsw, minflt FROM job_usage ORDER BY jid, source",
@@ -49,20 +51,29 @@ def _plan(db, sql, n):
     return " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, [1] * n))
 
 
-def test_upgrade_to_schema_7_keeps_rows_sums_and_the_unique_key(tmp_path):
+MEMBERS = "SELECT * FROM members ORDER BY pid, start_ticks"
+
+
+def test_upgrade_to_schemas_7_and_8_keeps_rows_sums_and_the_unique_keys(tmp_path):
     path = str(tmp_path / "elsa.db")
     db = _store_at(path, 6)
     db.execute("INSERT INTO members(boot_id, pid, start_ticks, jid, joined, how) "
                "VALUES ('b1', 200, 5000, 66, 1.0, 'fork')")
+    db.execute("INSERT INTO members VALUES ('b1', 201, 4000, 66, 1.5, 9.0, 3, 'attach', 1)")
+    members = db.execute(MEMBERS).fetchall()
     old_rows = _rows(50)
     db.executemany(INSERT_PROC, old_rows)
     before = [db.execute(q).fetchall() for q in SUMS]
     migrate(db, path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 7
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 8
     indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
                                         "AND name NOT LIKE 'sqlite_%'")}
     assert not {"members_pid", "proc_usage_end", "proc_usage_pid_end"} & indexes
-    assert {"proc_usage_key", "members_jid"} <= indexes
+    assert {"proc_usage_key", "members_jid", "members_live", "members_left"} <= indexes
+    assert db.execute(MEMBERS).fetchall() == members
+    with pytest.raises(sqlite3.IntegrityError):  # one row per stay, as before
+        db.execute("INSERT INTO members(boot_id, pid, start_ticks, jid, joined, how) "
+                   "VALUES ('b1', 200, 5000, 66, 2.0, 'fork')")
     assert [db.execute(q).fetchall() for q in SUMS] == before
     # A record read again after a crash is still ignored, and still not summed twice.
     db.executemany(INSERT_PROC, old_rows[:10])
@@ -75,14 +86,54 @@ def test_upgrade_to_schema_7_keeps_rows_sums_and_the_unique_key(tmp_path):
 def test_every_lookup_by_pid_or_time_still_uses_an_index(tmp_path):
     path = str(tmp_path / "elsa.db")
     db = _store_at(path, len(MIGRATIONS))
-    members = "sqlite_autoindex_members_1"
-    assert members in _plan(db, usage.HISTORY_SQL, 5)
-    assert members in _plan(db, usage.PARENT_SQL, 5)
-    assert members in _plan(db, usage.ATTRIBUTE_SQL, 2)
+    key = "sqlite_autoindex_members_1 (boot_id=? AND start_ticks>? AND start_ticks<?)"
+    assert key in _plan(db, usage.HISTORY_SQL, 5)
+    assert key in _plan(db, usage.ATTRIBUTE_SQL, 2)
+    # Not the key back from the child's start: the live members by pid, the others
+    # by when they left.
+    parent = _plan(db, usage.PARENT_SQL, 5)
+    assert "members_live (pid=?)" in parent and "members_left (left>?)" in parent
+    assert "autoindex" not in parent
+    for sql, n in ((usage.HISTORY_SQL, 5), (usage.PARENT_SQL, 5), (usage.ATTRIBUTE_SQL, 2)):
+        assert "SCAN m" not in _plan(db, sql, n)
     # The reports' and billing's time ranges.
     assert "proc_usage_key (end_time>? AND end_time<?)" in _plan(
         db, "SELECT uid FROM proc_usage WHERE jid IS NULL AND end_time >= ? AND end_time < ?",
         2)
+
+
+def _member_batch_pages(path, version, history, pid_space=2048, batch=1000):
+    """WAL pages one commit of *batch* new members (pids in sequence, as the kernel
+    hands them out, wrapping at *pid_space*) writes into a store of schema *version*
+    at *path* holding *history* earlier members."""
+    db = _store_at(str(path), version)
+    db.execute("PRAGMA journal_mode=WAL")
+    rows = [("b1", 300 + i % pid_space, 1000 + i, 7, 1.0 + i, "fork", 1.5 + i, 0, 0)
+            for i in range(history + batch)]
+    db.execute("BEGIN")
+    db.executemany(INSERT_MEMBER, rows[:history])
+    db.execute("COMMIT")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.execute("BEGIN")
+    db.executemany(INSERT_MEMBER, rows[history:])
+    db.execute("COMMIT")
+    pages = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+    db.close()
+    return pages
+
+
+@pytest.mark.parametrize("version", [7, len(MIGRATIONS)])
+def test_a_batch_of_members_rewrites_as_many_pages_whatever_the_history(tmp_path, version):
+    """With the members' key in start order (migration 8), the pages a batch of new
+    members rewrites do not grow with the history; schema 7's key by pid (the
+    expected failure) rewrites a page per few rows of the history within the
+    batch's pid range."""
+    small = _member_batch_pages(tmp_path / "small.db", version, history=2_000)
+    large = _member_batch_pages(tmp_path / "large.db", version, history=60_000)
+    if version == 7:
+        assert large > 3 * small
+    else:
+        assert large <= small + 10, (small, large)
 
 
 def test_the_apps_recorder_creates_its_pid_index_on_the_writer_thread(tmp_path):

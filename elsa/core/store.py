@@ -74,6 +74,26 @@ Runner = Callable[[sqlite3.Connection, List[Sequence[Any]]], None]
 RUNNERS: Dict[str, Runner] = {INSERT_PROC: live_bulk}
 
 
+def connect(path: str) -> sqlite3.Connection:
+    """A connection to the store at *path* as elsad's reader and writer open it (WAL,
+    its page cache): also for benchmarks/bench_store_writer.py."""
+    try:
+        db = sqlite3.connect(path, timeout=30.0, isolation_level=None,
+                             check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        # 1 MiB page cache per connection (SQLite's default is 2 MiB): the
+        # OS page cache holds the rest, and elsad's RSS budget is tight
+        # (40 MB with 100,000 tracked processes; benchmarks/bench_memory.py).
+        db.execute("PRAGMA cache_size=-1024")
+        db.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.Error as exc:
+        hint = (SALVAGE_HINT.format(dir=os.path.dirname(path)) if is_corruption(exc)
+                else "check state_dir and free disk space")
+        raise StoreError(f"cannot open store {path}: {exc}; {hint}") from exc
+    return db
+
+
 def execute_writes(db: sqlite3.Connection, sql: str, rows: List[Sequence[Any]]) -> None:
     """Run *sql* once per row of *rows* on *db* as the store's writer does (through
     its runner, if it has one): for code that writes a store without a Store."""
@@ -93,7 +113,7 @@ class Store:
             raise StoreError(f"cannot create state_dir {state_dir}: {exc.strerror}; "
                              "set state_dir in the config to a writable directory") from None
         secure_store_files(state_dir)
-        self.db = self._connect()
+        self.db = connect(self.path)
         check_integrity(self.db, self.path, check_seconds)
         migrate(self.db, self.path)
         secure_store_files(state_dir)
@@ -130,24 +150,7 @@ class Store:
                                         daemon=True)
         self._writer.start()
 
-    # -- connection and schema --------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            # 1 MiB page cache per connection (SQLite's default is 2 MiB): the
-            # OS page cache holds the rest, and elsad's RSS budget is tight
-            # (40 MB with 100,000 tracked processes; benchmarks/bench_memory.py).
-            db.execute("PRAGMA cache_size=-1024")
-            db.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:
-            hint = (SALVAGE_HINT.format(dir=os.path.dirname(self.path)) if is_corruption(exc)
-                    else "check state_dir and free disk space")
-            raise StoreError(f"cannot open store {self.path}: {exc}; {hint}") from exc
-        return db
-
+    # -- schema -----------------------------------------------------------------
     @property
     def schema_version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -285,7 +288,7 @@ class Store:
                              "is the disk stalled?")
 
     def _write_loop(self) -> None:
-        db = self._connect()
+        db = connect(self.path)
         next_commit = 0.0
         while True:
             with self._cond:

@@ -292,7 +292,9 @@ def identity(row: Sequence[Any], boot_epoch: float) -> Tuple[Optional[int], int]
     return None, 0
 
 
-#: The stored membership history, for one boot: (boot_id, pid, lo, hi, start).
+#: The stored membership history, for one boot: (boot_id, pid, lo, hi, start). The
+#: members' key (boot_id, start_ticks, pid, ...) gives the start window; the pid is
+#: checked in the key's entries.
 HISTORY_SQL = ("SELECT jid FROM members WHERE boot_id = ? AND pid = ? "
                "AND start_ticks BETWEEN ? AND ? ORDER BY abs(start_ticks - ?) LIMIT 1")
 
@@ -303,8 +305,15 @@ HISTORY_SQL = ("SELECT jid FROM members WHERE boot_id = ? AND pid = ? "
 #: epoch + tolerance). A member closed when elsad found it gone after a restart
 #: has ``left`` at that moment, after its real exit: the child's own start bounds
 #: the match, and a parent record read with the child wins over the membership.
-PARENT_SQL = ("SELECT jid FROM members WHERE boot_id = ? AND pid = ? AND start_ticks <= ? "
-              "AND (left IS NULL OR left >= ?) AND (how <> 'attach' OR joined <= ?) "
+#: The members that have not left are found by pid (members_live), the others among
+#: those that left after the child started (members_left): no index orders all the
+#: members by pid (schema.py, migration 8). The unary + keeps SQLite from scanning the
+#: key back from the child's start instead (through all the boot's earlier members).
+_PARENT_WHERE = ("pid = ?2 AND +boot_id = ?1 AND +start_ticks <= ?3 "
+                 "AND (how <> 'attach' OR joined <= ?5)")
+PARENT_SQL = (f"SELECT jid, start_ticks FROM members WHERE left IS NULL AND {_PARENT_WHERE} "
+              "UNION ALL "
+              f"SELECT jid, start_ticks FROM members WHERE left >= ?4 AND {_PARENT_WHERE} "
               "ORDER BY start_ticks DESC LIMIT 1")
 
 #: (ppid, child start ticks, tolerance ticks, child start epoch) -> jid: a
@@ -404,8 +413,9 @@ ATTRIBUTE_SQL = f"""
                    MIN(abs(m.start_ticks - (proc_usage.start_time - b.epoch) * {CLOCK_TICKS}))
             FROM members AS m JOIN boots AS b ON b.boot_id = m.boot_id
             WHERE m.pid = proc_usage.pid
-              AND abs(m.start_ticks - (proc_usage.start_time - b.epoch) * {CLOCK_TICKS})
-                  <= {ACCT_TOLERANCE_TICKS}))
+              AND m.start_ticks
+                  BETWEEN (proc_usage.start_time - b.epoch) * {CLOCK_TICKS} - {ACCT_TOLERANCE_TICKS}
+                  AND (proc_usage.start_time - b.epoch) * {CLOCK_TICKS} + {ACCT_TOLERANCE_TICKS}))
     WHERE proc_usage.id > ? AND proc_usage.id <= ? AND proc_usage.jid IS NULL
       AND proc_usage.start_time IS NOT NULL
 """
@@ -440,7 +450,8 @@ def attribute_imported_by_parent(db: sqlite3.Connection, lo: int, hi: int) -> in
         return 0
     epochs = dict((b, e) for e, b in boots)
     leads = {pid for (pid,) in db.execute(
-        "SELECT DISTINCT pid FROM members WHERE left IS NULL OR left >= ?", (span[0],))}
+        "SELECT pid FROM members WHERE left IS NULL UNION "
+        "SELECT pid FROM members WHERE left >= ?", (span[0],))}
     leads.update(pid for (pid,) in db.execute(
         "SELECT DISTINCT pid FROM proc_usage WHERE id > ? AND id <= ? AND jid IS NOT NULL",
         (lo, hi)))
