@@ -52,3 +52,59 @@ def test_import_path_migrates_and_refuses_newer_schema_like_the_daemon(tmp_path)
     with pytest.raises(StoreError, match="schema version 999"):
         open_for_import(path)
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 999
+
+
+def test_a_long_migration_asks_systemd_for_more_start_up_time(tmp_path, monkeypatch):
+    """Under systemd (Type=notify) a migration that rewrites a large table would outlast
+    TimeoutStartSec: while it runs, elsad sends EXTEND_TIMEOUT_USEC (and a STATUS) to
+    $NOTIFY_SOCKET, here a real datagram socket read by a thread as systemd would;
+    nothing once it is done."""
+    import socket
+    import sqlite3
+    import threading
+
+    from elsa.core import schema
+    from elsa.core.store import INSERT_MEMBER
+
+    path = str(tmp_path / "elsa.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    for i, script in enumerate(schema.MIGRATIONS[:7]):
+        db.execute("BEGIN")
+        for stmt in schema._split_sql(script):
+            db.execute(stmt)
+        db.execute(f"PRAGMA user_version = {i + 1}")
+        db.execute("COMMIT")
+    db.execute("BEGIN")
+    db.executemany(INSERT_MEMBER, [("b", 300 + i, 1000 + i, 7, 1.0, "fork", 2.0, 0, 0)
+                                   for i in range(20_000)])
+    db.execute("COMMIT")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    got = []
+
+    def systemd():
+        while True:
+            msg = sock.recv(4096)
+            if msg == b"bye":
+                return
+            got.append(msg.decode())
+
+    reader = threading.Thread(target=systemd, daemon=True)
+    reader.start()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setattr(schema, "EXTEND_EVERY_S", 0.0)  # every progress call sends
+    try:
+        schema.migrate(db, path)
+        schema.sdnotify.notify("migrated")
+        db.execute("SELECT COUNT(*) FROM members m JOIN members n ON n.jid = m.jid "
+                   "WHERE m.pid < 400").fetchone()  # the handler went with the migration
+        schema.sdnotify.notify("bye")
+        reader.join(10)
+        assert not reader.is_alive()
+        assert got[-1] == "migrated" and len(got) > 2
+        assert set(got[:-1]) == {f"EXTEND_TIMEOUT_USEC={schema.EXTEND_BY_S * 1_000_000}\n"
+                                 f"STATUS=migrating store {path} to schema 8"}
+        assert db.execute("SELECT COUNT(*) FROM members").fetchone() == (20_000,)
+    finally:
+        sock.close()
+        db.close()
