@@ -548,6 +548,106 @@ def limit_escape_run_and_attach(log: Log) -> None:
     log.expect(ok_run, "the limit held for 'run' (see above)")
 
 
+def _schema7_store(path: Path, rows: int) -> None:
+    """A store at schema 7 (members keyed by pid first) holding *rows* ended members,
+    as an ELSA of before migration 8 left it."""
+    import sqlite3
+
+    from elsa.core.schema import MIGRATIONS, _split_sql
+    from elsa.core.store import INSERT_MEMBER
+    db = sqlite3.connect(str(path), isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    for i, script in enumerate(MIGRATIONS[:7]):
+        db.execute("BEGIN")
+        for stmt in _split_sql(script):
+            db.execute(stmt)
+        db.execute(f"PRAGMA user_version = {i + 1}")
+        db.execute("COMMIT")
+    boot = "0" * 36  # no boot of this guest: history only
+    db.execute("BEGIN")
+    db.executemany(INSERT_MEMBER, ((boot, 300 + i % 32000, 10_000 + i, 1 + i // 1000,
+                                    1.7e9 + i, "fork", 1.7e9 + i + 1, 0, 0)
+                                   for i in range(rows)))
+    db.execute("COMMIT")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    os.chmod(path, 0o600)
+
+
+def _start_seconds(log: Log) -> float:
+    """How long the unit's last start took: from exec to READY=1."""
+    p = unit_prop(log, "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic")
+    return (int(p["ActiveEnterTimestampMonotonic"])
+            - int(p["ExecMainStartTimestampMonotonic"])) / 1e6
+
+
+@check
+def migration_outlasts_start_timeout(log: Log) -> None:
+    """The first start after an upgrade migrates the store; on a large store that takes
+    longer than TimeoutStartSec. elsad asks systemd for more time while it migrates
+    (EXTEND_TIMEOUT_USEC), so it starts instead of being killed mid-transaction. The
+    check sizes a schema-7 store (from a migration timed here) so that its migration
+    outlasts a TimeoutStartSec set above elsad's normal start."""
+    import sqlite3
+    import tempfile
+
+    from elsa.core.schema import MIGRATIONS, migrate
+    state = Path("/var/lib/elsa")
+    dropin = Path("/run/systemd/system/elsad.service.d/timeout.conf")
+    restart(log)
+    normal = _start_seconds(log)
+    with tempfile.TemporaryDirectory() as d:
+        sample = 50_000
+        _schema7_store(Path(d) / "elsa.db", sample)
+        db = sqlite3.connect(str(Path(d) / "elsa.db"), isolation_level=None)
+        t0 = time.monotonic()
+        db.execute("PRAGMA quick_check").fetchall()  # elsad's integrity check, first
+        check_per_row = (time.monotonic() - t0) / sample
+        t0 = time.monotonic()
+        migrate(db, str(Path(d) / "elsa.db"))
+        per_row = (time.monotonic() - t0) / sample
+        db.close()
+    # Rows for a migration 5 s longer than TimeoutStartSec, which covers the normal
+    # start and the integrity check (before the migration: no extension yet) with 3 s
+    # to spare. (The guest's root is in memory: as few rows as that takes.)
+    rows = int((normal + 8) / max(per_row - check_per_row, 1e-7))
+    timeout = int(normal + check_per_row * rows + 3) + 1
+    log.note(f"normal start {normal:.1f} s; per row: migration {per_row * 1e6:.1f} us, "
+             f"integrity check {check_per_row * 1e6:.1f} us: {rows} rows, about "
+             f"{rows * per_row:.0f} s of migration, against TimeoutStartSec={timeout}s")
+    log.expect(rows <= 1_000_000, "a store the guest's memory holds (raise its memory)")
+    saved = Path(tempfile.mkdtemp(prefix="elsa-store-", dir="/var/lib"))  # the real store
+    log.sh(f"systemctl stop {UNIT}", timeout=120)
+    for name in ("elsa.db", "elsa.db-wal", "elsa.db-shm"):
+        if (state / name).exists():
+            (state / name).rename(saved / name)
+    try:
+        _schema7_store(state / "elsa.db", rows)
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(f"[Service]\nTimeoutStartSec={timeout}s\n")
+        log.sh("systemctl daemon-reload")
+        log.sh(f"systemctl start {UNIT}", timeout=600)
+        took = _start_seconds(log)
+        log.expect(unit_prop(log, "ActiveState").get("ActiveState") == "active",
+                   f"{UNIT} active after migrating {rows} members")
+        log.expect(took > timeout, f"the start took {took:.1f} s, longer than "
+                                   f"TimeoutStartSec={timeout}s: it needed the extension")
+        version = sqlite3.connect(str(state / "elsa.db")).execute(
+            "PRAGMA user_version").fetchone()[0]
+        log.expect(version == len(MIGRATIONS), f"store at schema {version}")
+    finally:
+        log.sh(f"systemctl stop {UNIT}", timeout=120, ok=False)
+        dropin.unlink(missing_ok=True)
+        log.sh("systemctl daemon-reload", ok=False)
+        for name in ("elsa.db", "elsa.db-wal", "elsa.db-shm"):
+            (state / name).unlink(missing_ok=True)
+            if (saved / name).exists():
+                (saved / name).rename(state / name)
+        saved.rmdir()
+        log.sh(f"systemctl reset-failed {UNIT}", ok=False)
+        log.sh(f"systemctl start {UNIT}", timeout=120)
+
+
 @check
 def peer_systemd_run_scope_rate(log: Log) -> None:
     """Function check and rates only: emulated timings are not benchmark figures."""
