@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from elsa.core.aggregator import INSERT_PROC, proc_row  # noqa: E402
-from elsa.core.schema import MIGRATIONS, _split_sql  # noqa: E402
+from elsa.core.schema import MIGRATIONS, migrate  # noqa: E402
 from elsa.core.store import INSERT_MEMBER, connect, execute_writes  # noqa: E402
 from elsa.core.usage import UsageRecord  # noqa: E402
 
@@ -55,12 +55,7 @@ class Writer:
 
     def __init__(self, path: str, version: int) -> None:
         self.db = connect(path)
-        for i, script in enumerate(MIGRATIONS[:version]):
-            self.db.execute("BEGIN")
-            for stmt in _split_sql(script):
-                self.db.execute(stmt)
-            self.db.execute(f"PRAGMA user_version = {i + 1}")
-            self.db.execute("COMMIT")
+        migrate(self.db, path, target=version)
         self.n = 0
 
     def batch(self, size: int = BATCH) -> Tuple[List[Sequence[Any]], List[Sequence[Any]]]:

@@ -145,7 +145,7 @@ def test_live_bulk_batches_total_the_same_as_per_row_triggers(tmp_path):
     import sqlite3
 
     from elsa.core.aggregator import INSERT_PROC, proc_row
-    from elsa.core.schema import MIGRATIONS, _split_sql
+    from elsa.core.schema import migrate
     from elsa.core.source import UsageRecord
     from elsa.core.store import Store
 
@@ -163,9 +163,7 @@ def test_live_bulk_batches_total_the_same_as_per_row_triggers(tmp_path):
                "SELECT bucket, uid, comm, processes, cpu_user_us, max_rss_kb "
                "FROM usage_rollup ORDER BY 1, 2, 3")
     old = sqlite3.connect(str(tmp_path / "schema6.db"), isolation_level=None)
-    for m in MIGRATIONS[:6]:
-        for stmt in _split_sql(m):
-            old.execute(stmt)
+    migrate(old, str(tmp_path / "schema6.db"), target=6)
     for row in rows + rows[:5]:  # duplicates are ignored either way
         old.execute(INSERT_PROC, row)
     totals = [tuple(old.execute(q).fetchall() for q in queries)]

@@ -16,7 +16,7 @@ from elsa.core.aggregator import (
     parent_lookup,
 )
 from elsa.core.model import CLOCK_TICKS
-from elsa.core.schema import MIGRATIONS, _split_sql, migrate
+from elsa.core.schema import migrate
 from elsa.core.store import Store
 from elsa.core.usage import UsageRecord, attribute_by_parent, best, fallbacks, record_row
 from tests.support import FakeManager
@@ -171,12 +171,7 @@ def test_job_sums_skip_unknowns_after_an_early_incomplete_flag(tmp_path):
 def test_migration_recounts_rows_that_lost_their_sums(tmp_path):
     path = str(tmp_path / "old.db")
     db = sqlite3.connect(path, isolation_level=None)
-    for i, m in enumerate(MIGRATIONS[:5]):
-        db.execute("BEGIN")
-        for stmt in _split_sql(m):
-            db.execute(stmt)
-        db.execute(f"PRAGMA user_version = {i + 1}")
-        db.execute("COMMIT")
+    migrate(db, path, target=5)
     db.execute(FLAG_INCOMPLETE, (5, "taskstats", "gap", 1.0))
     for pid in (10, 11):
         db.execute(INSERT_PROC, record_row(UsageRecord(

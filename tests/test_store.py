@@ -68,12 +68,7 @@ def test_a_long_migration_asks_systemd_for_more_start_up_time(tmp_path, monkeypa
 
     path = str(tmp_path / "elsa.db")
     db = sqlite3.connect(path, isolation_level=None)
-    for i, script in enumerate(schema.MIGRATIONS[:7]):
-        db.execute("BEGIN")
-        for stmt in schema._split_sql(script):
-            db.execute(stmt)
-        db.execute(f"PRAGMA user_version = {i + 1}")
-        db.execute("COMMIT")
+    schema.migrate(db, path, target=7)
     db.execute("BEGIN")
     db.executemany(INSERT_MEMBER, [("b", 300 + i, 1000 + i, 7, 1.0, "fork", 2.0, 0, 0)
                                    for i in range(20_000)])

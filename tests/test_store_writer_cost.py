@@ -10,7 +10,7 @@ import pytest
 
 from elsa.core import usage
 from elsa.core.aggregator import INSERT_PROC, add_to_sums, bulk_insert, live_bulk, proc_row
-from elsa.core.schema import MIGRATIONS, _split_sql, migrate
+from elsa.core.schema import MIGRATIONS, migrate
 from elsa.core.source import UsageRecord
 from elsa.core.store import INSERT_MEMBER
 
@@ -23,12 +23,7 @@ TRIGGERS = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY 
 
 def _store_at(path, version):
     db = sqlite3.connect(path, isolation_level=None)
-    for i, m in enumerate(MIGRATIONS[:version]):
-        db.execute("BEGIN")
-        for stmt in _split_sql(m):
-            db.execute(stmt)
-        db.execute(f"PRAGMA user_version = {i + 1}")
-        db.execute("COMMIT")
+    migrate(db, path, target=version)
     return db
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import List
+from typing import List, Optional
 
 from elsa.apps.record import MIGRATION as APPS_MIGRATION
 from elsa.core.thresholds import FOLDED_JOB_TRIGGER
@@ -35,6 +35,18 @@ JOB_TRIGGER = """
     END;
     """
 
+#: The members table's columns (migration 1; migration 8 rebuilds it with another key).
+MEMBERS_COLUMNS = """
+        boot_id TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        start_ticks INTEGER NOT NULL,
+        jid INTEGER NOT NULL,
+        joined REAL NOT NULL,
+        left REAL,                     -- NULL while the process is a live member
+        exit_code INTEGER,
+        how TEXT NOT NULL,             -- fork | attach | resync | recover
+        detached INTEGER NOT NULL DEFAULT 0,"""
+
 MIGRATIONS: List[str] = [
     # 1: jobs, membership history, metadata.
     """
@@ -52,16 +64,7 @@ MIGRATIONS: List[str] = [
         had_members INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX jobs_state ON jobs(state);
-    CREATE TABLE members (
-        boot_id TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        start_ticks INTEGER NOT NULL,
-        jid INTEGER NOT NULL,
-        joined REAL NOT NULL,
-        left REAL,                     -- NULL while the process is a live member
-        exit_code INTEGER,
-        how TEXT NOT NULL,             -- fork | attach | resync | recover
-        detached INTEGER NOT NULL DEFAULT 0,
+    CREATE TABLE members (""" + MEMBERS_COLUMNS + """
         PRIMARY KEY (boot_id, pid, start_ticks, jid)
     );
     CREATE INDEX members_jid ON members(jid);
@@ -241,21 +244,10 @@ MIGRATIONS.append("""
 #: that split the members by whether they have left: the live ones by pid (few), the
 #: others by when they left (a parent alive at its child's start left after it).
 MIGRATIONS.append("""
-    CREATE TABLE members_by_start (
-        boot_id TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        start_ticks INTEGER NOT NULL,
-        jid INTEGER NOT NULL,
-        joined REAL NOT NULL,
-        left REAL,                     -- NULL while the process is a live member
-        exit_code INTEGER,
-        how TEXT NOT NULL,             -- fork | attach | resync | recover
-        detached INTEGER NOT NULL DEFAULT 0,
+    CREATE TABLE members_by_start (""" + MEMBERS_COLUMNS + """
         PRIMARY KEY (boot_id, start_ticks, pid, jid)
     );
-    INSERT INTO members_by_start
-        SELECT boot_id, pid, start_ticks, jid, joined, left, exit_code, how, detached
-        FROM members ORDER BY boot_id, start_ticks;
+    INSERT INTO members_by_start SELECT * FROM members ORDER BY boot_id, start_ticks;
     DROP TABLE members;
     ALTER TABLE members_by_start RENAME TO members;
     CREATE INDEX members_jid ON members(jid);
@@ -264,16 +256,17 @@ MIGRATIONS.append("""
     """)
 
 
-def migrate(db: sqlite3.Connection, path: str) -> None:
+def migrate(db: sqlite3.Connection, path: str, target: Optional[int] = None) -> None:
     """Bring the store *db* (at *path*) to the current schema, one transaction
     per migration. Used by the daemon's :class:`Store` and by ``elsa
-    import-acct``, which opens the store without a writer thread."""
+    import-acct``, which opens the store without a writer thread. *target*: stop
+    at that schema instead (the tests and benchmarks that compare with an older one)."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version > len(MIGRATIONS):
         raise StoreError(f"store {path} has schema version {version} but this ELSA "
                          f"knows only up to {len(MIGRATIONS)}; upgrade ELSA or point "
                          "state_dir elsewhere")
-    for i in range(version, len(MIGRATIONS)):
+    for i in range(version, len(MIGRATIONS) if target is None else target):
         db.execute("BEGIN IMMEDIATE")  # outside the try: nothing to roll back if it fails
         db.set_progress_handler(_StartTimeout(f"migrating store {path} to schema {i + 1}"),
                                 10_000)

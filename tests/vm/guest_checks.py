@@ -553,16 +553,11 @@ def _schema7_store(path: Path, rows: int) -> None:
     as an ELSA of before migration 8 left it."""
     import sqlite3
 
-    from elsa.core.schema import MIGRATIONS, _split_sql
+    from elsa.core.schema import migrate
     from elsa.core.store import INSERT_MEMBER
     db = sqlite3.connect(str(path), isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
-    for i, script in enumerate(MIGRATIONS[:7]):
-        db.execute("BEGIN")
-        for stmt in _split_sql(script):
-            db.execute(stmt)
-        db.execute(f"PRAGMA user_version = {i + 1}")
-        db.execute("COMMIT")
+    migrate(db, str(path), target=7)
     boot = "0" * 36  # no boot of this guest: history only
     db.execute("BEGIN")
     db.executemany(INSERT_MEMBER, ((boot, 300 + i % 32000, 10_000 + i, 1 + i // 1000,
