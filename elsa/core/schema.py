@@ -284,8 +284,8 @@ def migrate(db: sqlite3.Connection, path: str, target: Optional[int] = None) -> 
         log.info("store migrated", path=path, schema=i + 1)
 
 
-#: A migration that rewrites a table takes about 3 s per million rows (migration 8 on
-#: members: 2.5 s for one million, 10 s for three million on the development VM), and
+#: A migration that rewrites a table takes seconds per million rows (migration 8 on
+#: members: 3.6 s for one million, 11.6 s for three million on the development VM), and
 #: systemd kills a Type=notify service that has not sent READY=1 within TimeoutStartSec
 #: (90 s by default), in the middle of the transaction, again at every restart. While a
 #: migration runs elsad asks for more time (sd_notify(3) EXTEND_TIMEOUT_USEC) every
