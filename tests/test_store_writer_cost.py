@@ -12,7 +12,7 @@ from elsa.core import usage
 from elsa.core.aggregator import INSERT_PROC, add_to_sums, bulk_insert, live_bulk, proc_row
 from elsa.core.schema import MIGRATIONS, migrate
 from elsa.core.source import UsageRecord
-from elsa.core.store import INSERT_MEMBER
+from elsa.core.store import INSERT_MEMBER, LEFT_ALIVE_SQL, LIVE_MEMBERS_SQL
 
 SUMS = ("SELECT jid, source, processes, cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb, "
         "max_vm_kb, read_bytes, write_bytes, nvcsw, minflt FROM job_usage ORDER BY jid, source",
@@ -91,6 +91,9 @@ def test_every_lookup_by_pid_or_time_still_uses_an_index(tmp_path):
     assert "autoindex" not in parent
     for sql, n in ((usage.HISTORY_SQL, 5), (usage.PARENT_SQL, 5), (usage.ATTRIBUTE_SQL, 2)):
         assert "SCAN m" not in _plan(db, sql, n)
+    # Recovery at every start: the live members and those that left a job alive.
+    assert "members_live" in _plan(db, LIVE_MEMBERS_SQL, 0)
+    assert "members_detached (boot_id=?)" in _plan(db, LEFT_ALIVE_SQL, 1)
     # The reports' and billing's time ranges.
     assert "proc_usage_key (end_time>? AND end_time<?)" in _plan(
         db, "SELECT uid FROM proc_usage WHERE jid IS NULL AND end_time >= ? AND end_time < ?",

@@ -242,7 +242,9 @@ MIGRATIONS.append("""
 #: start in time order, so the key now takes them at its end. Lookups by pid go through
 #: the start (the stored history: a start window), or through the two partial indexes
 #: that split the members by whether they have left: the live ones by pid (few), the
-#: others by when they left (a parent alive at its child's start left after it).
+#: others by when they left (a parent alive at its child's start left after it). The
+#: few members that left a job alive (detached) have their own index: recovery reads
+#: them at every start, which read the boot's whole history through the old key.
 MIGRATIONS.append("""
     CREATE TABLE members_by_start (""" + MEMBERS_COLUMNS + """
         PRIMARY KEY (boot_id, start_ticks, pid, jid)
@@ -253,6 +255,7 @@ MIGRATIONS.append("""
     CREATE INDEX members_jid ON members(jid);
     CREATE INDEX members_live ON members(pid) WHERE left IS NULL;
     CREATE INDEX members_left ON members(left, pid) WHERE left IS NOT NULL;
+    CREATE INDEX members_detached ON members(boot_id) WHERE detached = 1;
     """)
 
 

@@ -66,6 +66,11 @@ MEMBER_COLUMNS = ("boot_id", "pid", "start_ticks", "jid", "joined", "how", "left
                   "detached")
 INSERT_MEMBER = (f"INSERT OR REPLACE INTO members({', '.join(MEMBER_COLUMNS)}) "
                  f"VALUES ({', '.join('?' * len(MEMBER_COLUMNS))})")
+#: What recovery reads at every start: the members not seen leaving (members_live), and
+#: those of boot ? that left a job alive (members_detached), latest stay last.
+LIVE_MEMBERS_SQL = "SELECT boot_id, jid, pid, start_ticks, how FROM members WHERE left IS NULL"
+LEFT_ALIVE_SQL = ("SELECT pid, start_ticks, jid FROM members WHERE boot_id = ? AND detached = 1 "
+                  "ORDER BY joined")
 
 
 Runner = Callable[[sqlite3.Connection, List[Sequence[Any]]], None]
@@ -492,17 +497,13 @@ class Store:
     def live_members(self) -> List[Tuple[str, int, int, int, str]]:
         """(boot_id, jid, pid, start_ticks, how) of every member not yet seen leaving."""
         self._read_own_writes()
-        return self.db.execute(
-            "SELECT boot_id, jid, pid, start_ticks, how FROM members WHERE left IS NULL"
-        ).fetchall()
+        return self.db.execute(LIVE_MEMBERS_SQL).fetchall()
 
     def left_alive(self, boot_id: str) -> List[Tuple[int, int, int]]:
         """(pid, start_ticks, jid) of every process of boot *boot_id* that left a
         job without exiting (detached, moved out, job ended), latest stay last."""
         self._read_own_writes()
-        return self.db.execute(
-            "SELECT pid, start_ticks, jid FROM members WHERE boot_id = ? AND detached = 1 "
-            "ORDER BY joined", (boot_id,)).fetchall()
+        return self.db.execute(LEFT_ALIVE_SQL, (boot_id,)).fetchall()
 
     def members_of(self, jid: int) -> List[Tuple[int, int, float, Optional[float],
                                                  Optional[int], str]]:
