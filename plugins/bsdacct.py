@@ -49,7 +49,7 @@ from elsa import hookimpl
 from elsa.config import Option, non_negative, positive
 from elsa.core.source import Source, SourceContext, SourceSpec, UsageRow
 from elsa.errors import AccountingFormatError, from_oserror
-from elsa.kernel import pacct
+from elsa.kernel.pacct_follower import PacctFollower
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.source.bsdacct")
@@ -101,7 +101,7 @@ class BsdAcctSource(Source):
 
     def __init__(self, acct_fn=_libc_acct) -> None:
         self.acct = acct_fn
-        self.follower: Optional[pacct.PacctFollower] = None
+        self.follower: Optional[PacctFollower] = None
         self.switched_on = False
         self.previous: Optional[str] = None
         self.records = 0
@@ -125,13 +125,13 @@ class BsdAcctSource(Source):
         if self.mode == "external":
             path = str(opts["file"] or DEFAULT_EXTERNAL)
             state = os.path.join(ctx.state_dir, "bsdacct-external.json")
-            self.follower = pacct.PacctFollower(path, state)
+            self.follower = PacctFollower(path, state)
             log.info("following an external accounting file", file=path)
             return
         self.dir = str(opts["file"] or os.path.join(ctx.state_dir, "pacct"))
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         state = os.path.join(self.dir, "state.json")
-        self.follower = pacct.PacctFollower(self._path(self._latest_seq() or 1), state)
+        self.follower = PacctFollower(self._path(self._latest_seq() or 1), state)
         self.seq = self._latest_seq() or 1
         # Resume the file we were writing (the follower found its offset), or
         # start the first one.

@@ -14,7 +14,8 @@ from typing import List
 import pytest
 
 from elsa.kernel import pacct
-from elsa.kernel.pacct import AcctRecord, PacctFollower, decode, decode_comp_t, encode_comp_t
+from elsa.kernel.pacct import AcctRecord, decode, decode_comp_t, encode_comp_t
+from elsa.kernel.pacct_follower import PacctFollower
 
 DATA = Path(__file__).parent / "data"
 HAVE_NUMPY = pacct.np is not None
