@@ -16,18 +16,18 @@ delegated it (``Delegate=yes``; elsad then moves itself into ``daemon/`` to obey
 Truth is in the kernel: ``members()`` reads cgroup.procs, an emptied job is
 seen on ``cgroup.events`` (``populated 0``, through inotify), and after a
 restart the job cgroups are what jobs are recovered from. Where each attached
-process came from is journaled in ``<state_dir>/<backend>-origins.jsonl`` so
-``detach`` can put it back after a restart too.
+process came from is journaled in ``<state_dir>/<backend>-origins.jsonl``
+(:mod:`elsa.backends.origins`) so ``detach`` can put it back after a restart too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal as signal_mod
 from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from elsa import hookimpl
+from elsa.backends.origins import Origins
 from elsa.config import Option, positive
 from elsa.core.backend import Backend, BackendContext, BackendSpec, signal_each
 from elsa.core.model import Job, ProcessId, ProcessInfo, format_jid, parse_jid
@@ -75,100 +75,6 @@ CGROUP2_OPTIONS: Dict[str, Option] = {
 }
 
 
-class _Origins:
-    """Where each attached process came from, journaled so a restart keeps it.
-
-    An append-only JSON-lines file, compacted at start; losing it only means a
-    detached process goes to the ``released`` leaf instead of its origin.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.by_proc: Dict[Tuple[int, int], Tuple[int, Dict[str, str]]] = {}
-        self.by_job: Dict[int, Set[Tuple[int, int]]] = {}
-        # A member born inside the job (a fork) was never anywhere else: on detach
-        # it goes where the job's first attached process came from.
-        self.first: Dict[int, Dict[str, str]] = {}
-        self._fd = -1
-
-    def load(self, alive) -> None:
-        try:
-            with open(self.path) as fh:
-                lines = fh.readlines()
-        except FileNotFoundError:
-            lines = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-                if rec.get("d"):
-                    self._forget_job(int(rec["j"]))
-                else:
-                    self._set(int(rec["j"]), int(rec["p"]), int(rec["s"]), dict(rec["o"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line after a crash
-        for key in [k for k in self.by_proc if not alive(k)]:
-            jid = self.by_proc.pop(key)[0]
-            self.by_job.get(jid, set()).discard(key)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
-            for (pid, start), (jid, origin) in self.by_proc.items():
-                fh.write(json.dumps({"j": jid, "p": pid, "s": start, "o": origin}) + "\n")
-        os.replace(tmp, self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-
-    def _set(self, jid: int, pid: int, start: int, origin: Dict[str, str]) -> None:
-        key = (pid, start)
-        old = self.by_proc.get(key)
-        if old is not None:
-            self.by_job.get(old[0], set()).discard(key)
-        self.by_proc[key] = (jid, origin)
-        self.by_job.setdefault(jid, set()).add(key)
-        if origin and jid not in self.first:
-            self.first[jid] = origin
-
-    def _forget_job(self, jid: int) -> None:
-        self.first.pop(jid, None)
-        for key in self.by_job.pop(jid, ()):
-            if self.by_proc.get(key, (None,))[0] == jid:
-                del self.by_proc[key]
-
-    def _append(self, rec: dict) -> None:
-        if self._fd >= 0:
-            os.write(self._fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
-
-    def record(self, jid: int, proc: ProcessId, origin: Dict[str, str]) -> None:
-        if not origin and (proc.pid, proc.start_ticks) not in self.by_proc:
-            # Born inside a job: no origin of its own, and detach falls back on
-            # the job's default origin either way (two journal writes per job saved).
-            return
-        self._set(jid, proc.pid, proc.start_ticks, origin)
-        self._append({"j": jid, "p": proc.pid, "s": proc.start_ticks, "o": origin})
-
-    def get(self, proc: ProcessId) -> Optional[Dict[str, str]]:
-        entry = self.by_proc.get((proc.pid, proc.start_ticks))
-        return entry[1] if entry else None
-
-    def get_pid(self, pid: int) -> Optional[Dict[str, str]]:
-        for (p, _s), (_j, origin) in self.by_proc.items():
-            if p == pid:
-                return origin
-        return None
-
-    def job_default(self, jid: int) -> Optional[Dict[str, str]]:
-        return self.first.get(jid)
-
-    def job_ended(self, jid: int) -> None:
-        self.first.pop(jid, None)
-        if jid in self.by_job:
-            self._forget_job(jid)
-            self._append({"j": jid, "d": 1})
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 class Cgroup2Backend(Backend):
     """One cgroup v2 per job. See the module docstring for the layout."""
 
@@ -194,7 +100,7 @@ class Cgroup2Backend(Backend):
         self.orphans: List[str] = []
         self.gone: Set[int] = set()
         self.watcher: Optional[EventsWatcher] = None
-        self.origins: Optional[_Origins] = None
+        self.origins: Optional[Origins] = None
         self.counters = {"created": 0, "removed": 0, "deferred_removals": 0,
                          "emptied_notices": 0, "kills": 0}
 
@@ -226,7 +132,7 @@ class Cgroup2Backend(Backend):
         self._enable_controllers(list(opts.get("controllers", DEFAULT_CONTROLLERS)))
         self.watcher = EventsWatcher()
         ctx.add_reader(self.watcher.fileno(), self._on_events)
-        self.origins = _Origins(os.path.join(ctx.state_dir, f"{self.name}-origins.jsonl"))
+        self.origins = Origins(os.path.join(ctx.state_dir, f"{self.name}-origins.jsonl"))
         os.makedirs(ctx.state_dir, exist_ok=True)
         self.origins.load(lambda key: ctx.procfs.alive(ProcessId(*key)))
         log.info("cgroup2 backend ready", base=self.base, delegated=self.delegated,
