@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -381,3 +382,45 @@ def test_attaching_a_member_again_is_a_quick_no_op(elsad, spawned):
         c.create(name="after")  # a durable create right after must not stall either
         assert time.monotonic() - t0 < 2.0
         assert sorted(c.pids(jid)) == sorted([gate.pid, kid])
+
+
+def _replies_per_send(trace: List[str]) -> List[int]:
+    """How many replies each of elsad's traced sends carried (strace escapes the
+    JSON's quotes)."""
+    return [line.count('\\"ok\\":') for line in trace if line.startswith("sendto(")]
+
+
+@pytest.mark.skipif(not shutil.which("strace"),
+                    reason="needs strace (packaging/ci-apt-packages.txt)")
+def test_replies_released_by_one_commit_share_one_send(elsad, tmp_path):
+    """Durable replies wait for the store's commit; those one commit releases for a
+    connection leave in one send, so a pipelining client (a launcher's attach of job
+    k with the create of job k+1) wakes once. Counted with strace on the real daemon."""
+    d = elsad()
+    c = RawConn(d.socket)
+    c.call("hello")
+    out = tmp_path / "strace.out"
+    tracer = subprocess.Popen(["strace", "-qq", "-e", "trace=sendto", "-s", "4096",
+                               "-o", str(out), "-p", str(d.proc.pid)],
+                              stderr=subprocess.PIPE)
+    try:
+        # strace is attached once elsad's next send shows in its output.
+        wait_for(lambda: c.call("hello") and out.exists() and "sendto(" in out.read_text(),
+                 what="strace to attach to elsad")
+        per_send = []
+        for attempt in range(3):
+            before = len(out.read_text().splitlines())
+            # Two durable creates in one write: one commit (group commit) holds both.
+            c.send(b"".join(json.dumps({"op": "create", "name": f"pair{attempt}", "id": i})
+                            .encode() + b"\n" for i in range(2)))
+            assert [c.reply()["id"] for _ in range(2)] == [0, 1]
+            c.call("hello")  # a reply after them: their sends are in the trace by now
+            lines = out.read_text().splitlines()[before:]
+            per_send = [n for n in _replies_per_send(lines) if n]
+            if per_send[:1] == [2]:
+                break  # (a timed commit may split the pair: then retry)
+        assert per_send[:1] == [2], f"replies per send: {per_send}"
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+        c.close()

@@ -516,15 +516,19 @@ class ControlServer:
         store.drain_notifications()
         for conn in list(self._holding):
             held = conn.held
+            # The replies this commit releases go in one send (a pipelined
+            # client, such as a launcher's attach + next create, wakes once).
+            in_turn, conn.in_turn = conn.in_turn, True
             while held and (held[0][0] == 0 or store.is_committed(held[0][0])):
                 obj = held.popleft()[1]
                 if isinstance(obj, _Later):
                     obj = self._materialize(obj)
                 self._send_reply(conn, obj)
+            conn.in_turn = in_turn
+            if not in_turn:
+                self._flush(conn)
             if not held:
                 self._holding.discard(conn)
-                if not conn.closed and not conn.in_turn:
-                    self._flush(conn)
             else:
                 self._want_commit(held[0][0])
 
