@@ -23,8 +23,12 @@ Launchers (``--launcher``):
 
 Peers, measured in the same run before elsad starts: the kernel alone doing
 mkdir + rmdir of a cgroup v2 directory (the floor of any cgroup-per-job
-design), and the same launchers alone with no elsad (spawn true and reap it,
-K in parallel: the most process starts/s the machine allows this launcher).
+design), the same launchers alone with no elsad (spawn true and reap it,
+K in parallel: the most process starts/s the machine allows this launcher),
+and (C launcher, clone mode) those launchers making each job's cgroup
+themselves with no elsad: mkdir, clone3 true into it, reap, rmdir. That last
+rate is the ceiling of any cgroup-per-job launcher on this machine; the gap
+between it and elsad's rate is what elsad's work per job costs.
 elsad's CPU per job is split into user and system time, and into the event
 thread and the store's writer thread. Target: >= 2,000 jobs/s (issue 4).
 ``benchmarks/cgroup_floor.c`` measures the kernel cost of each per-job
@@ -315,6 +319,27 @@ def launch_ceiling(jobs: int, clients: int, mode: str, launcher: str = "python",
     return per * clients / (time.perf_counter() - t0)
 
 
+def cgroup_ceiling(jobs: int, clients: int, exe: str, mount: str) -> float:
+    """Jobs/s of the C launchers making each job's cgroup themselves, with no
+    daemon (launcher.c ``cgalone``: mkdir, clone3 true into it, reap, rmdir):
+    what a cgroup per job costs this machine before any accounting."""
+    base = os.path.join(mount, f"elsa-bench-ceiling-{uuid.uuid4().hex[:8]}")
+    os.mkdir(base)
+    try:
+        per = jobs // clients
+        c_kids, go_w = _start_c_launchers(exe, "cgalone", base, per, clients)
+        t0 = time.perf_counter()
+        os.write(go_w, b"g" * clients)
+        _wait_c_launchers(c_kids)
+        os.close(go_w)
+        return per * clients / (time.perf_counter() - t0)
+    finally:
+        for e in os.scandir(base):  # only after a launcher failed
+            if e.is_dir():
+                os.rmdir(e.path)
+        os.rmdir(base)
+
+
 def _cpu_split(pid: int) -> Tuple[float, float]:
     with open(f"/proc/{pid}/stat") as fh:
         f = fh.read().rsplit(")", 1)[1].split()
@@ -373,6 +398,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         cgtools = (cgroup_tools_rate(args.cgtools_jobs, args.clients)
                    if args.cgtools_jobs else None)
         ceiling = launch_ceiling(min(args.jobs, 2000), args.clients, mode, args.launcher, exe)
+        cg_ceiling = (cgroup_ceiling(min(args.jobs, 2000), args.clients, exe, mount)
+                      if (args.launcher, mode) == ("c", "clone") else None)
         res = run(args.jobs, args.clients, args.profile, args.cprofile, mode, args.launcher,
                   exe)
     finally:
@@ -390,6 +417,12 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
          "elsa": round(res["rate"], 1), "peer": round(ceiling, 1),
          "ratio": round(res["rate"] / ceiling, 3), "target": None, "passed": True,
          "reproduce": f"{REPRODUCE} {how}", "unit": "jobs/s vs process starts/s"},
+        {"metric": "cgroup-per-job ceiling, no elsad (c launchers: mkdir a cgroup, clone3 "
+                   "true into it, reap, rmdir)",
+         "elsa": round(res["rate"], 1), "peer": cg_ceiling and round(cg_ceiling, 1),
+         "peer_name": "launchers with their own cgroups",
+         "ratio": cg_ceiling and round(res["rate"] / cg_ceiling, 3), "target": None,
+         "passed": True, "reproduce": f"{REPRODUCE} {how}", "unit": "jobs/s"},
         {"metric": f"elsad CPU per job (user {res['daemon_user_per_job_us']:.0f} + system "
                    f"{res['daemon_system_per_job_us']:.0f}; store writer thread "
                    f"{res['daemon_writer_thread_per_job_us']:.0f})",

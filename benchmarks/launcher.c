@@ -1,12 +1,17 @@
 /* A batch launcher for benchmarks/bench_cgroup_jobs.py: N jobs, each running
  * /bin/true, through elsad's control socket, with no Python in the launcher.
  *
- * Usage: launcher MODE SOCKET N READY_FD GO_FD
+ * Usage: launcher MODE SOCKET N READY_FD GO_FD   (cgalone: a cgroup directory
+ *        in place of SOCKET)
  *   Writes one byte to READY_FD once connected, waits for one byte on GO_FD
  *   (so every launcher starts together), runs N jobs, prints "N seconds".
  *
  * MODE:
  *   alone  no elsad: spawn /bin/true and reap it, N times (the ceiling).
+ *   cgalone  no elsad either: SOCKET is instead a cgroup v2 directory; each job
+ *          is a cgroup the launcher makes there itself: mkdir, clone3
+ *          (CLONE_INTO_CGROUP) true into it, reap, rmdir. The ceiling of any
+ *          cgroup-per-job launcher on this machine, with no daemon's cost.
  *   join   {"op":"create","pids":[me]}: the launcher joins a new job (elsad
  *          writes it into the job's cgroup.procs), then spawns true, born
  *          inside, and reaps it. Joining the next job takes the launcher out
@@ -36,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -169,13 +175,13 @@ static const char CREATE[] = "{\"op\":\"create\",\"name\":\"bench\"}\n";
 
 int main(int argc, char **argv) {
     if (argc != 6) {
-        fprintf(stderr, "usage: %s alone|join|clone SOCKET N READY_FD GO_FD\n", argv[0]);
+        fprintf(stderr, "usage: %s alone|cgalone|join|clone SOCKET|CGROUP_DIR N READY_FD GO_FD\n", argv[0]);
         return 2;
     }
     const char *mode = argv[1];
     long n = atol(argv[3]);
     int ready = atoi(argv[4]), go = atoi(argv[5]);
-    if (strcmp(mode, "alone") != 0) {
+    if (strcmp(mode, "alone") != 0 && strcmp(mode, "cgalone") != 0) {
         struct sockaddr_un addr = {.sun_family = AF_UNIX};
         snprintf(addr.sun_path, sizeof addr.sun_path, "%s", argv[2]);
         sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -191,6 +197,19 @@ int main(int argc, char **argv) {
     if (strcmp(mode, "alone") == 0) {
         for (long i = 0; i < n; i++)
             reap(spawn_true());
+    } else if (strcmp(mode, "cgalone") == 0) {
+        for (long i = 0; i < n; i++) {
+            snprintf(path, sizeof path, "%s/l%d-%ld", argv[2], (int)getpid(), i);
+            if (mkdir(path, 0755) < 0)
+                die(path);
+            int dirfd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+            if (dirfd < 0)
+                die(path);
+            reap(clone_true_into(dirfd));
+            close(dirfd);
+            if (rmdir(path) < 0)
+                die(path);
+        }
     } else if (strcmp(mode, "join") == 0) {
         int len = snprintf(req, sizeof req, "{\"op\":\"create\",\"name\":\"bench\",\"pids\":[%d]}\n",
                            (int)getpid());
