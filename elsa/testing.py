@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import pytest
 
@@ -51,15 +51,19 @@ from elsa.errors import DaemonUnavailable
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01,
-             what: str = "condition") -> Any:
-    """Poll *predicate* until it returns a truthy value or *timeout* passes."""
+             what: Union[str, Callable[[], str]] = "condition") -> Any:
+    """Poll *predicate* until it returns a truthy value or *timeout* passes.
+
+    *what* names the condition in the timeout's message; a callable is called
+    then, so the message can show what the polls saw."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            label = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {label}")
         time.sleep(interval)
 
 

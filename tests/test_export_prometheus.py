@@ -240,7 +240,8 @@ def test_prometheus_scrapes_job_cpu_within_2_percent(area, tmp_path):
             return abs(seen[-1] - truth) <= 0.02 * truth
 
         wait_for(close_enough, 30, interval=0.5,
-                 what=f"Prometheus to report the job's CPU ({truth:.3f} s; saw {seen[-3:]})")
+                 what=lambda: f"Prometheus to report the job's CPU ({truth:.3f} s; "
+                              f"saw {seen[-3:]})")
         labels = prom.query(f"elsa_job_running{sel}")[0]["metric"]
         assert labels["name"] == "burn" and labels["account"] == "physics"
         assert labels["user"] and labels["job"] == "elsad"
@@ -278,7 +279,7 @@ def test_prometheus_scrapes_job_cpu_within_2_percent(area, tmp_path):
             return abs(finals[-1] - truth) <= 0.02 * truth
 
         wait_for(final_close, 30, interval=0.5,
-                 what=f"the ended job's CPU to reach {truth:.3f} s (saw {finals[-3:]})")
+                 what=lambda: f"the ended job's CPU to reach {truth:.3f} s (saw {finals[-3:]})")
         assert finals == sorted(finals), finals
         assert float(prom.query("elsa_jobs_ended_total")[0]["value"][1]) >= 1
         assert promtool_check(http_get(f"http://127.0.0.1:{port}/metrics")) == ""
