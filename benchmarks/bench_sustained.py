@@ -30,6 +30,7 @@ messages plus the cheapest reading); elsad's ratio above it is elsad's work.
 
     sudo python3 benchmarks/bench_sustained.py                 # run_all's default size
     sudo python3 benchmarks/bench_sustained.py --seconds 60 --reps 4   # the 60 s runs
+    sudo python3 benchmarks/bench_sustained.py --json          # rows as JSON lines, every round
     sudo python3 benchmarks/bench_sustained.py --fold-ms 10    # + stress-ng with short
                                                               # processes folded (a site's option)
     sudo python3 benchmarks/bench_sustained.py --job-totals-only  # + stress-ng with no
@@ -39,6 +40,7 @@ messages plus the cheapest reading); elsad's ratio above it is elsad's work.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -313,9 +315,14 @@ def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
                     help="also run stress-ng with [sources.taskstats] enabled = false: no "
                          "per-process records, cgroup job totals only (a site's option; "
                          "reported, not the target)")
+    ap.add_argument("--json", action="store_true",
+                    help="print each row as a JSON line, with every round's walls")
     args = ap.parse_args(list(argv))
     rows = run(args.seconds, args.reps, args.fold_ms, args.job_totals_only)
     for r in rows:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+            continue
         print(f"{r['metric']}: elsa {r['elsa']} s, no elsad {r['peer']} s, ratio {r['ratio']} "
               f"(target {r['target']}: {'PASS' if r['passed'] else 'FAIL'})")
     return rows
