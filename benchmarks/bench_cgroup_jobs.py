@@ -92,6 +92,18 @@ def _wait_c_launchers(kids: List[subprocess.Popen]) -> None:
             raise SystemExit(f"launcher failed with status {k.returncode}")
 
 
+def _c_launchers_rate(exe: str, mode: str, arg: str, jobs: int, clients: int) -> float:
+    """Jobs/s of *clients* C launchers in a mode without elsad (*arg*: its second
+    argument), started together."""
+    per = jobs // clients
+    c_kids, go_w = _start_c_launchers(exe, mode, arg, per, clients)
+    t0 = time.perf_counter()
+    os.write(go_w, b"g" * clients)
+    _wait_c_launchers(c_kids)
+    os.close(go_w)
+    return per * clients / (time.perf_counter() - t0)
+
+
 def kernel_mkdir_rmdir(mount: str, n: int = 5000) -> float:
     path = os.path.join(mount, f"elsa-bench-peer-{uuid.uuid4().hex[:8]}")
     t0 = time.perf_counter()
@@ -285,14 +297,9 @@ def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "
 def launch_ceiling(jobs: int, clients: int, mode: str, launcher: str = "python",
                    exe: str = "") -> float:
     """The launchers alone (no daemon): process starts/s this machine allows."""
-    per = jobs // clients
     if launcher == "c":
-        c_kids, go_w = _start_c_launchers(exe, "alone", "-", per, clients)
-        t0 = time.perf_counter()
-        os.write(go_w, b"g" * clients)
-        _wait_c_launchers(c_kids)
-        os.close(go_w)
-        return per * clients / (time.perf_counter() - t0)
+        return _c_launchers_rate(exe, "alone", "-", jobs, clients)
+    per = jobs // clients
     t0 = time.perf_counter()
     kids = []
     for _ in range(clients):
@@ -326,13 +333,7 @@ def cgroup_ceiling(jobs: int, clients: int, exe: str, mount: str) -> float:
     base = os.path.join(mount, f"elsa-bench-ceiling-{uuid.uuid4().hex[:8]}")
     os.mkdir(base)
     try:
-        per = jobs // clients
-        c_kids, go_w = _start_c_launchers(exe, "cgalone", base, per, clients)
-        t0 = time.perf_counter()
-        os.write(go_w, b"g" * clients)
-        _wait_c_launchers(c_kids)
-        os.close(go_w)
-        return per * clients / (time.perf_counter() - t0)
+        return _c_launchers_rate(exe, "cgalone", base, jobs, clients)
     finally:
         for e in os.scandir(base):  # only after a launcher failed
             if e.is_dir():
