@@ -177,3 +177,23 @@ def test_live_bulk_batches_total_the_same_as_per_row_triggers(tmp_path):
         store.close()
     assert totals[0] == totals[1]
     assert totals[0][0] and totals[0][1]  # something was aggregated at all
+
+
+def test_the_observer_sees_each_row_once_attributed_and_folded_ones_too(db):
+    """Listeners (application accounting) take exit figures from what the
+    aggregator stores: every row, when it is final, including a [thresholds]
+    fold's rows, which proc_usage does not keep."""
+    from elsa.core.thresholds import Folder
+
+    mgr = FakeManager()
+    mgr.members[10] = [(5000, 1)]
+    seen = []
+    agg, clock = _agg(db, mgr, hold_seconds=2.0, folder=Folder(min_cpu_ms=10),
+                      observe=lambda rows: seen.extend((r[2], r[1]) for r in rows))
+    agg.add([_ts(10, 5000, cpu=50_000), _ts(11, 100, cpu=10)])  # 11: no job yet, small
+    assert seen == [(10, 1)]  # 11 waits for its fork event, unseen
+    mgr.members[11] = [(100, 7)]
+    clock[0] = 1.0
+    agg.retry()
+    assert seen == [(10, 1), (11, 7)]
+    assert [r[0] for r in db.execute("SELECT pid FROM proc_usage")] == [10]  # 11 folded

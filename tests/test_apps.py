@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
@@ -21,6 +21,7 @@ from elsa.apps.recorder import INSERT, AppRecorder
 from elsa.core.listener import ListenerContext
 from elsa.core.model import format_jid
 from elsa.core.store import Store
+from elsa.core.usage import UsageRecord, UsageRow, record_row
 from elsa.kernel.procfs import ProcFS
 from elsa.report import cli
 
@@ -86,35 +87,55 @@ def test_record_json_has_every_column_and_the_hex_jid() -> None:
 
 # -- the recorder, against real processes -------------------------------------------------------
 
-def test_exec_then_exit_takes_figures_from_the_exit_record(store: Store) -> None:
-    rec = _recorder(store, exit_wait=0.01)
+def _usage(source: str, pid: int, start: int, **figures: Any) -> UsageRow:
+    """A process's exit record as the aggregator hands it to listeners (each
+    source's own tests cover how the kernel's record becomes this row)."""
+    return record_row(UsageRecord(source=source, pid=pid, start_ticks=start,
+                                  end_time=time.time(), comm="sleep", uid=0,
+                                  **figures), None)
+
+
+def _exec_and_kill(rec: AppRecorder, sig: int = signal.SIGKILL,
+                   before_exit: Callable[[int, int], None] = lambda pid, start: None
+                   ) -> Tuple[int, int]:
+    """Run ``sleep``, show the recorder its exec, kill it, show its exit; return its
+    pid and the start the recorder read. *before_exit* runs between the two."""
+    from elsa.testing import wait_for
+
     child = subprocess.Popen(["sleep", "30"])
     try:
-        from elsa.testing import wait_for
-
         wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe").endswith("sleep"))
         rec.on_exec(child.pid, child.pid, time.monotonic_ns())
         img = rec.open[child.pid]
         assert img.row[record.INDEX["exe_path"]].endswith("/sleep")
         start = img.row[record.INDEX["start_ticks"]]
-        child.send_signal(signal.SIGTERM)
+        before_exit(child.pid, start)
+        child.send_signal(sig)
         child.wait()
-        rec.on_exit(child.pid, child.pid, signal.SIGTERM, time.monotonic_ns())
+        rec.on_exit(child.pid, child.pid, sig, time.monotonic_ns())
     finally:
         if child.poll() is None:
             child.kill()
-    # The process's exit record as the taskstats source stores it (its own
-    # tests cover the kernel side): totals since fork.
-    end = time.time()
-    store.submit("INSERT INTO proc_usage(source, pid, start_ticks, end_time, comm, uid, "
-                 "cpu_user_us, cpu_system_us, max_rss_kb, read_bytes, write_bytes) "
-                 "VALUES ('taskstats', ?, ?, ?, 'sleep', 0, 9000000, 4000000, 1234, 10, 20)",
-                 (child.pid, start, end))
-    store.submit("INSERT INTO proc_usage(source, pid, start_ticks, end_time, comm, uid, "
-                 "cpu_user_us) VALUES ('bsdacct', ?, ?, ?, 'sleep', 0, 1)",
-                 (child.pid, start, end))
+            child.wait()
+    return child.pid, start
+
+
+def test_exec_then_exit_takes_figures_from_the_exit_record(store: Store) -> None:
+    """Exit records come in either order with the exit event; the better source's
+    wins, and a record of an earlier process under the same pid is no match."""
+    rec = _recorder(store, exit_wait=0.01)
+    pid, start = _exec_and_kill(rec, signal.SIGTERM, before_exit=lambda pid, start: rec.on_usage([
+        _usage("bsdacct", pid, start, cpu_user_us=1),          # before the exit event
+        _usage("taskstats", pid, start - 5000, cpu_user_us=7),  # another process's
+    ]))
+    rec.on_usage([_usage("taskstats", pid, start, cpu_user_us=9_000_000,
+                         cpu_system_us=4_000_000, max_rss_kb=1234, read_bytes=10,
+                         write_bytes=20)])
+    rec.flush()
+    assert rec.ended  # waits its exit_wait for a better record
     time.sleep(0.02)
     rec.flush()
+    assert rec.ended == [] and rec.ending == {}
     (r,) = _rows(store)
     assert (r.end_reason, r.exit_code, r.exit_signal) == ("exit", 0, signal.SIGTERM)
     assert r.figures_source == "taskstats"  # the better source of the two
@@ -124,6 +145,44 @@ def test_exec_then_exit_takes_figures_from_the_exit_record(store: Store) -> None
     assert r.end_time >= r.exec_time
 
 
+def test_an_exit_record_from_a_lesser_source_alone_still_gives_figures(store: Store) -> None:
+    rec = _recorder(store, exit_wait=0.01)
+    pid, start = _exec_and_kill(rec)
+    rec.on_usage([_usage("bsdacct", pid, start, cpu_user_us=30_000_000, max_rss_kb=5)])
+    time.sleep(0.02)
+    rec.flush()
+    (r,) = _rows(store)
+    assert r.figures_source == "bsdacct" and r.max_rss_kb == 5
+    assert r.cpu_system_us is None  # the record has none: not a zero
+    assert 29_000_000 <= r.cpu_user_us <= 30_000_000
+
+
+def test_an_exit_record_stored_before_the_exec_event_was_read_still_counts(
+        store: Store) -> None:
+    """The aggregator stores a record as soon as the process's fork event is known; its
+    exec and exit events may still be queued. The record is kept for them (RECENT_S)."""
+    from elsa.apps import recorder as recorder_mod
+
+    rec = _recorder(store, exit_wait=0.01)
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped before elsad reads /proc: a gone image, start unknown
+    rec.on_usage([_usage("taskstats", child.pid, 1234, cpu_user_us=700, max_rss_kb=9)])
+    rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+    rec.on_exit(child.pid, child.pid, 0, time.monotonic_ns())
+    time.sleep(0.02)
+    rec.flush()
+    (r,) = _rows(store)
+    assert (r.path_status, r.figures_source, r.max_rss_kb) == ("gone", "taskstats", 9)
+    assert r.start_ticks == 1234 and r.comm == "sleep"  # from the record
+    assert r.cpu_user_us is None  # no base read at the exec: not the fork's CPU as its own
+    # Kept for at least RECENT_S, gone after twice that.
+    assert child.pid in rec.recent
+    for _ in range(2):
+        rec.recent_since -= recorder_mod.RECENT_S
+        rec.flush()
+    assert rec.recent == {} and rec.recent_old == {}
+
+
 def test_a_last_image_waits_for_a_burst_hold_to_end(store: Store) -> None:
     """The exit record waits unread in a burst hold: the image waits for the hold to end
     (and the held records to be stored), however long its exit_wait, up to its bound."""
@@ -131,44 +190,25 @@ def test_a_last_image_waits_for_a_burst_hold_to_end(store: Store) -> None:
 
     held = [True]
     rec = _recorder(store, held=lambda: held[0], exit_wait=0.01)
-    child = subprocess.Popen(["sleep", "30"])
-    try:
-        from elsa.testing import wait_for
-
-        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe").endswith("sleep"))
-        rec.on_exec(child.pid, child.pid, time.monotonic_ns())
-        start = rec.open[child.pid].row[record.INDEX["start_ticks"]]
-        child.kill()
-        child.wait()
-        rec.on_exit(child.pid, child.pid, signal.SIGKILL, time.monotonic_ns())
-    finally:
-        if child.poll() is None:
-            child.kill()
+    pid, start = _exec_and_kill(rec)
     time.sleep(0.02)  # past exit_wait
     rec.flush()
     assert len(rec.ended) == 1 and _rows(store) == []  # held: not written without figures
     held[0] = False
     rec.flush()
     assert len(rec.ended) == 1  # the hold just ended: its records are still on their way
-    store.submit("INSERT INTO proc_usage(source, pid, start_ticks, end_time, comm, uid, "
-                 "cpu_user_us, max_rss_kb) VALUES ('taskstats', ?, ?, ?, 'sleep', 0, 5, 77)",
-                 (child.pid, start, time.time()))
+    rec.on_usage([_usage("taskstats", pid, start, cpu_user_us=5, max_rss_kb=77)])
     rec.settled_at = time.monotonic()  # HOLD_SETTLE has passed
     rec.flush()
     (r,) = _rows(store)
     assert r.figures_source == "taskstats" and r.max_rss_kb == 77
     # Under back-to-back holds a row goes, without figures, once overdue by all its waits.
     held[0] = True
-    rec.ended.append((time.monotonic() - recorder_mod.MAX_EXIT_WAITS * rec.exit_wait,
-                      _exit_params(r)))
+    _exec_and_kill(rec)
+    rec.ended[0].due -= recorder_mod.MAX_EXIT_WAITS * rec.exit_wait
     rec.flush()
-    assert rec.ended == []
-
-
-def _exit_params(r: record.AppRecord) -> List[Any]:
-    row = [getattr(r, n) for n in record.NAMES]
-    row[record.INDEX["exec_ns"]] += 1  # another image of the process
-    return row + [0, 0, 0, 0]
+    assert rec.ended == [] and rec.ending == {}
+    assert [x.figures_source for x in _rows(store)] == ["taskstats", None]
 
 
 def test_exec_chain_and_a_late_read_is_never_a_wrong_path(store: Store) -> None:
@@ -408,3 +448,28 @@ def test_a_raising_listener_is_isolated_and_the_manager_still_sees_exits() -> No
     on_exec(5, 5, 1)
     on_exit(5, 5, 0, 2)
     assert seen == [("exec", 5), ("manager", 5)]
+
+
+def test_usage_rows_reach_only_listeners_that_take_them_and_a_raising_one_is_isolated(
+) -> None:
+    from elsa.core.listener import EventListener, usage_sink
+
+    seen: List[Any] = []
+
+    class Bad(EventListener):
+        name = "bad"
+
+        def on_usage(self, rows: List[UsageRow]) -> None:
+            raise RuntimeError("boom")
+
+    class Good(EventListener):
+        name = "good"
+
+        def on_usage(self, rows: List[UsageRow]) -> None:
+            seen.extend(rows)
+
+    assert usage_sink([EventListener()]) is None  # none takes rows: nothing to call
+    sink = usage_sink([EventListener(), Bad(), Good()])
+    assert sink is not None
+    sink([("taskstats",), ("bsdacct",)])
+    assert seen == [("taskstats",), ("bsdacct",)]

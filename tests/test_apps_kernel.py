@@ -182,6 +182,16 @@ def test_apps_records_equal_forkstat_execs(elsad, workdir: Path) -> None:
          r.start_ticks, db.execute("SELECT source, start_ticks, end_time, max_rss_kb, jid "
                                    "FROM proc_usage WHERE pid = ?", (r.pid,)).fetchall())
         for r in long_runs]
+    # Every last image whose process's taskstats record is stored took its figures from
+    # it (the recorder matches the records the aggregator stores, in either order).
+    ts_pids = {p for (p,) in db.execute("SELECT pid FROM proc_usage WHERE jid = ? AND "
+                                        "source = 'taskstats'", (jid_int,))}
+    last = [r for r in recs if r.end_reason == "exit" and r.pid in ts_pids]
+    bad = [r for r in last if r.figures_source != "taskstats"]
+    assert len(last) > 10 and not bad, [
+        (r.pid, r.comm, r.figures_source, r.start_ticks, r.end_time, r.exit_code,
+         db.execute("SELECT source, start_ticks, end_time FROM proc_usage WHERE pid = ?",
+                    (r.pid,)).fetchall()) for r in bad]
     # Images replaced by an exec carry /proc figures, or none when unknown.
     assert all(r.figures_source in (None, "procfs") for r in recs if r.end_reason == "exec")
 

@@ -86,12 +86,6 @@ MIGRATION = f"""
     CREATE INDEX proc_usage_pid_end ON proc_usage(pid, end_time);
 """
 
-#: The recorder's lookup of a process's usage row by pid and end time
-#: (recorder._exit_insert). Store migration 7 drops the index that migration 4 made,
-#: and the recorder creates it when it starts: every process costs the store writer
-#: an insert into this pid-ordered index, which only application records read.
-PID_END_INDEX = "CREATE INDEX IF NOT EXISTS proc_usage_pid_end ON proc_usage(pid, end_time)"
-
 
 @dataclass(frozen=True)
 class AppRecord:

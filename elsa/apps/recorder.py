@@ -13,9 +13,14 @@ An image ends at the process's next exec (figures: /proc then minus /proc at
 its own exec; its peak RSS is gone with its address space, so NULL) or at its
 exit. The last image's figures come from the process's exit record (taskstats,
 else bsdacct) minus the base: the record arrives on another socket, in either
-order with the exit event, so the row waits ``exit_wait`` seconds and is then
-written with one INSERT ... SELECT that joins the stored exit record, on the
-store's writer thread.
+order with the exit event, so the row waits ``exit_wait`` seconds for it. The
+aggregator hands the recorder every usage row it stores (:meth:`on_usage`); a
+row of a process with an open or ending image is kept with that image, and the
+best source's (elsa.core.usage priorities, the first to arrive among equals)
+gives the figures. Matching in memory, not by joining the stored row, spares
+the store an index of every process by pid (each process paid for it at
+insert, more as the history grew: docs/accounting.md, "Store writes") and
+gives figures to the processes a ``[thresholds]`` fold keeps no row of.
 
 A process gone before elsad read /proc keeps what could be read (a zombie
 still has comm and ids) and ``path_status`` says why the path is unknown: the
@@ -41,6 +46,7 @@ from elsa.apps.options import glob_regex
 from elsa.apps.packages import PackageIndex
 from elsa.core.listener import EventListener, ListenerContext
 from elsa.core.model import CLOCK_TICKS
+from elsa.core.usage import DEFAULT_PRIORITY, ROW_FIELDS, UsageRow
 from elsa.kernel.procfs import boottime_offset_ns, read_small
 from elsa.logsetup import structlog
 
@@ -78,50 +84,30 @@ INSERT = (f"INSERT OR REPLACE INTO {record.TABLE}({_COLS}) "
  F_UID, F_EUID, F_GID, F_EGID, F_RBYTES, F_WBYTES) = range(16)
 
 
-def _exit_insert(priority_sql: str) -> str:
-    """The last image's INSERT: figures from the best stored exit record of the
-    process (ended within a few seconds of the image, same start time) minus
-    the base read at the exec. Runs on the store's writer thread."""
-    figures = {"cpu_user_us": "b_utime", "cpu_system_us": "b_stime",
-               "read_bytes": "b_rbytes", "write_bytes": "b_wbytes"}
-    select = []
-    for name in record.NAMES:
-        if name in figures:
-            base = figures[name]
-            select.append(f"CASE WHEN u.{name} - p.{base} < 0 THEN 0 "
-                          f"ELSE u.{name} - p.{base} END")
-        elif name == "max_rss_kb":
-            select.append("u.max_rss_kb")
-        elif name == "figures_source":
-            select.append("u.source")
-        elif name in ("comm", "uid", "gid", "jid"):
-            select.append(f"COALESCE(p.{name}, u.{name})")
-        elif name == "start_ticks":
-            select.append("COALESCE(p.start_ticks, u.start_ticks, -1)")
-        else:
-            select.append(f"p.{name}")
-    params = ", ".join(f"? AS {n}" for n in (*record.NAMES, "b_utime", "b_stime", "b_rbytes",
-                                              "b_wbytes"))
-    return (
-        f"INSERT OR REPLACE INTO {record.TABLE}({_COLS}) SELECT {', '.join(select)} "
-        f"FROM (SELECT {params}) AS p LEFT JOIN proc_usage AS u ON u.id = ("
-        "SELECT id FROM proc_usage WHERE pid = p.pid "
-        "AND end_time BETWEEN p.end_time - 5 AND p.end_time + 5 "
-        "AND (start_ticks IS NULL OR p.start_ticks IS NULL "
-        "OR abs(start_ticks - p.start_ticks) <= 50) "
-        f"ORDER BY {priority_sql}, id LIMIT 1)")
+#: A usage row is the exit record of an ending image's process when its pid is the
+#: image's, its start within this many clock ticks of the image's (sources stamp the
+#: start in ticks or derive it from seconds) and its end within END_WINDOW_S of the
+#: exit event (an end time computed from the boot time can be a second off:
+#: docs/kernel.md, "taskstats").
+START_TOLERANCE_TICKS = 50
+END_WINDOW_S = 5.0
+#: A usage row is kept this long, at least (at most twice), for an exit event not yet
+#: read: the aggregator may store a record whose process's exec and exit events still
+#: wait on the proc connector's socket (its fork event was read, so it is attributed).
+#: With a prompt listener those events are read at once, so a second is already long;
+#: the rows kept (which the store's writer would have let go: about 0.9 KB each, with
+#: their values) cost up to 4 MB per 1,000 processes a second.
+RECENT_S = 2.0
 
-
-def _priority_case(prios: Mapping[str, int]) -> str:
-    """The sources' ranking as a SQL literal (the same order as
-    elsa.core.usage.priority_sql, inlined: the statement runs with executemany)."""
-    from elsa.core.usage import DEFAULT_PRIORITY
-
-    if not prios:
-        return str(DEFAULT_PRIORITY)
-    cases = " ".join("WHEN '{}' THEN {:d}".format(name.replace("'", "''"), int(value))
-                     for name, value in sorted(prios.items()))
-    return f"(CASE source {cases} ELSE {DEFAULT_PRIORITY} END)"
+_U_SOURCE, _U_JID, _U_PID, _U_START_TICKS = (ROW_FIELDS.index(n) for n in (
+    "source", "jid", "pid", "start_ticks"))
+_U_END, _U_UID, _U_GID, _U_COMM = (ROW_FIELDS.index(n) for n in (
+    "end_time", "uid", "gid", "comm"))
+#: (record position, index of its base read at the exec, usage row position): the
+#: figures a last image takes from its exit record.
+_FIGURES = tuple((R, b, ROW_FIELDS.index(record.NAMES[R])) for R, b in (
+    (R_CPU_USER_US, 0), (R_CPU_SYSTEM_US, 1), (R_READ_BYTES, 2), (R_WRITE_BYTES, 3)))
+_U_MAX_RSS = ROW_FIELDS.index("max_rss_kb")
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -149,6 +135,51 @@ class _Image:
         self.read_ns = read_ns
 
 
+class _Ending:
+    """A last image waiting until *due* for its process's exit record."""
+
+    __slots__ = ("due", "row", "base", "record", "rank")
+
+    def __init__(self, due: float, row: List[Any], base: Tuple[Optional[int], ...]) -> None:
+        self.due = due
+        self.row = row
+        self.base = base
+        self.record: Optional[UsageRow] = None  # the best exit record so far
+        self.rank = 0
+
+    def offer(self, rec: UsageRow, prios: Mapping[str, int]) -> None:
+        """Keep *rec* if it is this process's exit record from a better source."""
+        row = self.row
+        start = row[R_START_TICKS]
+        rstart = rec[_U_START_TICKS]
+        if (start >= 0 and rstart is not None and abs(rstart - start) > START_TOLERANCE_TICKS) \
+                or abs(rec[_U_END] - row[R_END_TIME]) > END_WINDOW_S:
+            return
+        rank = prios.get(rec[_U_SOURCE], DEFAULT_PRIORITY)
+        if self.record is None or rank < self.rank:
+            self.record, self.rank = rec, rank
+
+    def final(self) -> List[Any]:
+        """The row to store: the exit record's figures minus the base read at the exec
+        (none without a record); comm, ids, job and start from the record where /proc
+        had none."""
+        row, rec = self.row, self.record
+        if rec is None:
+            return row
+        base = self.base
+        for r, b, u in _FIGURES:
+            v = rec[u]
+            row[r] = None if v is None or base[b] is None else max(0, v - base[b])
+        row[R_MAX_RSS_KB] = rec[_U_MAX_RSS]
+        row[R_FIGURES_SOURCE] = rec[_U_SOURCE]
+        for r, u in ((R_COMM, _U_COMM), (R_UID, _U_UID), (R_GID, _U_GID), (R_JID, _U_JID)):
+            if row[r] is None:
+                row[r] = rec[u]
+        if row[R_START_TICKS] < 0 and rec[_U_START_TICKS] is not None:
+            row[R_START_TICKS] = rec[_U_START_TICKS]
+        return row
+
+
 class AppRecorder(EventListener):
     """Keeps one open image per process; writes a record when an image ends."""
 
@@ -172,20 +203,23 @@ class AppRecorder(EventListener):
         self.packages = packages if packages is not None else PackageIndex(options["packages"])
         self.open: Dict[int, _Image] = {}
         self.done: List[List[Any]] = []          # rows ready to write
-        self.ended: List[Tuple[float, List[Any]]] = []  # (due, exit-insert params)
+        self.ended: List[_Ending] = []           # last images in due order
+        self.ending: Dict[int, List[_Ending]] = {}  # the same, by pid
+        # Usage rows by pid, in two generations that turn over every RECENT_S.
+        self.recent: Dict[int, List[UsageRow]] = {}
+        self.recent_old: Dict[int, List[UsageRow]] = {}
+        self.recent_since = time.monotonic()
         self.sources_held = ctx.sources_held
         self.settled_at = 0.0  # monotonic time by which a hold's held records are stored
         self.hostname = socket.gethostname()
         self.mono_to_wall = time.time() - time.monotonic()
         self.mono_to_boot_ns = boottime_offset_ns()
-        self.insert_exit = _exit_insert(_priority_case(ctx.source_priority))
+        self.prios = dict(ctx.source_priority)
         self.counters = {"execs": 0, "records": 0, "resolved": 0, "gone": 0, "replaced": 0,
                          "denied": 0, "excluded": 0, "lost": 0, "reopened": 0}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        # On the writer thread: building the index over a large store takes a while.
-        self.store.submit(record.PID_END_INDEX)
         self.packages.start()
         self._reopen()
         self.ctx.add_timer(FLUSH_INTERVAL, self.flush, "apps-flush")
@@ -386,10 +420,28 @@ class AppRecorder(EventListener):
         row[R_EXIT_CODE] = (exit_status >> 8) & 0xFF
         row[R_EXIT_SIGNAL] = exit_status & 0x7F
         self._count(row)
-        params = row + list(img.base)
-        if params[R_START_TICKS] == -1:
-            params[R_START_TICKS] = None  # unknown start: the exit record's, if it has one
-        self.ended.append((time.monotonic() + self.exit_wait, params))
+        end = _Ending(time.monotonic() + self.exit_wait, row, img.base)
+        for recent in (self.recent_old, self.recent):
+            for rec in recent.get(tgid, ()):
+                end.offer(rec, self.prios)
+        self.ended.append(end)
+        self.ending.setdefault(tgid, []).append(end)
+
+    def on_usage(self, rows: List[UsageRow]) -> None:
+        """Exit records (every process's, as the aggregator stores them): offered to
+        the pid's ending images, and kept RECENT_S for an exit event still unread."""
+        ending, recent = self.ending, self.recent
+        for rec in rows:
+            pid = rec[_U_PID]
+            waiting = ending.get(pid)
+            if waiting is not None:
+                for end in waiting:
+                    end.offer(rec, self.prios)
+            kept = recent.get(pid)
+            if kept is None:
+                recent[pid] = [rec]
+            else:
+                kept.append(rec)
 
     def _count(self, row: List[Any]) -> None:
         self.counters[row[R_PATH_STATUS]] += 1
@@ -403,6 +455,9 @@ class AppRecorder(EventListener):
 
     # -- writing (event thread queues; the store's writer thread commits) --------------------
     def flush(self, force: bool = False) -> None:
+        if time.monotonic() - self.recent_since >= RECENT_S:
+            self.recent_old, self.recent = self.recent, {}
+            self.recent_since = time.monotonic()
         if self.done:
             rows, self.done = self.done, []
             self.store.submit_many(INSERT, rows)
@@ -412,16 +467,21 @@ class AppRecorder(EventListener):
         now = time.monotonic()
         if self.sources_held():
             self.settled_at = now + HOLD_SETTLE
-        # The exit INSERT joins the stored exit record: while a hold keeps the records
-        # unread, only rows overdue by all their waits go (without figures).
+        # While a hold keeps the exit records unread, only rows overdue by all their
+        # waits go (without figures).
         ready = now if now >= self.settled_at else now - (MAX_EXIT_WAITS - 1) * self.exit_wait
-        if force or self.ended[0][0] <= ready:
+        if force or self.ended[0].due <= ready:
             n = len(self.ended) if force else next(
-                (i for i, (due, _) in enumerate(self.ended) if due > ready), len(self.ended))
-            due_rows = [params for _, params in self.ended[:n]]
-            del self.ended[:n]
-            self.store.submit_many(self.insert_exit, due_rows)
-            self.counters["records"] += len(due_rows)
+                (i for i, end in enumerate(self.ended) if end.due > ready), len(self.ended))
+            due, self.ended = self.ended[:n], self.ended[n:]
+            for end in due:
+                pid = end.row[R_PID]
+                waiting = self.ending[pid]
+                waiting.remove(end)
+                if not waiting:
+                    del self.ending[pid]
+            self.store.submit_many(INSERT, [end.final() for end in due])
+            self.counters["records"] += len(due)
 
     def sweep(self) -> None:
         """Images whose exit event was lost (ENOBUFS): their process is gone."""

@@ -123,7 +123,8 @@ class AccountingStop:
 def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, config: Config,
                   manager: JobManager, store: Store, procfs: ProcFS, loop: EventLoop,
                   settle: Callable[[], bool],
-                  lost_fork: Optional[Callable[[Tuple[Any, ...], float], Optional[int]]] = None
+                  lost_fork: Optional[Callable[[Tuple[Any, ...], float], Optional[int]]] = None,
+                  observe: Optional[Callable[[List[Tuple[Any, ...]]], None]] = None
                   ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]]]:
     """Start the sources *names* (elsa.core.defaults.enabled_sources); return
     (sources by name, status function).
@@ -131,7 +132,8 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
     *settle* applies the proc-connector events queued so far (the aggregator
     calls it before it gives up on a record's job); *lost_fork*, for a
     filtered proc connector, finds the job of a record whose fork event was
-    lost (elsa.core.aggregator.Aggregator)."""
+    lost; *observe* sees the usage rows as they are stored (both:
+    elsa.core.aggregator.Aggregator)."""
     cfg = config
     # For the reports and elsa import-acct: how the sources rank, when this boot began.
     save_priorities(store.db, store.submit, priorities_of(specs))
@@ -154,7 +156,7 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                             parent=parent_lookup(store.db, manager.boot_id,
                                                  manager.parent_member),
                             submit_many=store.submit_many,
-                            settle=settle, lost_fork=lost_fork,
+                            settle=settle, lost_fork=lost_fork, observe=observe,
                             history_horizon=history_horizon,
                             folder=Folder.from_section(cfg.section("thresholds")))
     durability = Durability(store, aggregator.hold_seconds)

@@ -132,6 +132,10 @@ class Aggregator:
     process started: with no sequence numbers to reveal it, that is how a
     fork event the kernel failed to send shows (the row then counts as
     ``resolved_by_parent`` too).
+
+    *observe*, when given (:func:`elsa.core.listener.usage_sink`), sees every
+    batch of rows as it is queued to the store, attributed, folded ones
+    included: application accounting takes a process's exit figures from it.
     """
 
     def __init__(self, submit: Submit, resolve: Resolver, *,
@@ -143,9 +147,11 @@ class Aggregator:
                  history_horizon: Optional[Callable[[], float]] = None,
                  folder: Optional[Folder] = None,
                  parent: Optional[usage.ParentLookup] = None,
-                 lost_fork: Optional[Callable[[Tuple[Any, ...], float], Optional[int]]] = None
+                 lost_fork: Optional[Callable[[Tuple[Any, ...], float], Optional[int]]] = None,
+                 observe: Optional[Callable[[List[Tuple[Any, ...]]], None]] = None
                  ) -> None:
         self.submit = submit
+        self.observe = observe
         self.folder = folder
         self.submit_many = submit_many or (lambda sql, rows: [submit(sql, r) for r in rows])
         self.resolve = resolve
@@ -345,6 +351,8 @@ class Aggregator:
             self._store(done)
 
     def _store(self, rows: List[Tuple[Any, ...]]) -> None:
+        if self.observe is not None:
+            self.observe(rows)
         if self.folder is not None:
             rows, folded = self.folder.split(rows)
             if folded:

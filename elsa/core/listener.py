@@ -2,19 +2,23 @@
 
 The job manager only cares about members of jobs; a listener (application
 accounting, elsa/apps/) sees the proc connector's exec and exit events of
-every process, in event order, on the daemon's event thread. The daemon binds
-the listeners' methods into its event sink only when a plugin returned one
-from ``elsa_event_listeners``, so a daemon without listeners pays nothing.
+every process, in event order, on the daemon's event thread, and, if it
+defines :meth:`EventListener.on_usage`, every per-process usage row the
+accounting sources store. The daemon binds the listeners' methods into its
+event sink and the aggregator only when a plugin returned one from
+``elsa_event_listeners``, so a daemon without listeners pays nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from elsa.config import Config
+from elsa.core.guard import run_isolated
 from elsa.core.store import Store
+from elsa.core.usage import UsageRow
 from elsa.kernel.procfs import ProcFS
 
 
@@ -58,9 +62,32 @@ class EventListener:
         """Task *pid* of process *tgid* exited with the wait(2) status
         *exit_status* (threads too: ``pid != tgid``)."""
 
+    def on_usage(self, rows: List[UsageRow]) -> None:
+        """Per-process usage rows (:data:`elsa.core.usage.ROW_FIELDS` order, jid
+        attributed) as the aggregator queues them to the store, in batches,
+        folded ones included: a process's exit record, from each source, in
+        either order with its exit event. Not called unless a listener class
+        overrides it."""
+
     def stop(self) -> None:
         """The daemon stops: persist what is open (called before the store closes)."""
 
     def status(self) -> Dict[str, Any]:
         """Counters for the ``status`` request."""
         return {}
+
+
+def usage_sink(listeners: List[EventListener]
+               ) -> Optional[Callable[[List[UsageRow]], None]]:
+    """The aggregator's observer: every listener's :meth:`EventListener.on_usage`
+    that its class overrides, each isolated (a raising listener is logged and
+    cannot stop the sources' records from being stored); None without any."""
+    observers = [lst for lst in listeners
+                 if type(lst).on_usage is not EventListener.on_usage]
+    if not observers:
+        return None
+
+    def sink(rows: List[UsageRow]) -> None:
+        for lst in observers:
+            run_isolated(lambda lst=lst: lst.on_usage(rows), "on_usage", lst.name)
+    return sink

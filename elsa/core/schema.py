@@ -213,9 +213,7 @@ MIGRATIONS.append(JOB_SUMS_MIGRATION)
 #: time order rewrites its last pages only. members' primary key (boot_id, pid, ...)
 #: already serves every lookup by pid, and proc_usage's unique key leads with end_time,
 #: so it serves the time ranges of the reports and billing as well. proc_usage_pid_end
-#: serves only the application recorder, which creates it when it starts
-#: (elsa/apps/record.py PID_END_INDEX): a site without [apps] has no pid-ordered index
-#: on proc_usage.
+#: serves only the application recorder (migration 9).
 #:
 #: The per-row triggers that added each proc_usage row to usage_rollup and job_usage go:
 #: SQLite sets up a trigger's program for every row inserted even when its WHEN clause
@@ -256,6 +254,15 @@ MIGRATIONS.append("""
     CREATE INDEX members_live ON members(pid) WHERE left IS NULL;
     CREATE INDEX members_left ON members(left, pid) WHERE left IS NOT NULL;
     CREATE INDEX members_detached ON members(boot_id) WHERE detached = 1;
+    """)
+
+
+#: The application recorder takes a process's exit record from the rows the aggregator
+#: stores, in memory (elsa/apps/recorder.py), instead of joining proc_usage by pid: the
+#: pid-ordered index it built when it started goes, and with it a cost that every
+#: process paid at insert, growing with the history (docs/accounting.md, "Store writes").
+MIGRATIONS.append("""
+    DROP INDEX IF EXISTS proc_usage_pid_end;
     """)
 
 
