@@ -14,10 +14,11 @@ its own exec; its peak RSS is gone with its address space, so NULL) or at its
 exit. The last image's figures come from the process's exit record (taskstats,
 else bsdacct) minus the base: the record arrives on another socket, in either
 order with the exit event, so the row waits ``exit_wait`` seconds for it. The
-aggregator hands the recorder every usage row it stores (:meth:`on_usage`); a
-row of a process with an open or ending image is kept with that image, and the
-best source's (elsa.core.usage priorities, the first to arrive among equals)
-gives the figures. Matching in memory, not by joining the stored row, spares
+aggregator hands the recorder every usage row it stores (:meth:`on_usage`): a
+row is offered to the ending images of its pid, and kept a few seconds
+(:data:`RECENT_S`) for an exit event not read yet; the best source's record
+(elsa.core.usage priorities, the first to arrive among equals) gives the
+figures. Matching in memory, not by joining the stored row, spares
 the store an index of every process by pid (each process paid for it at
 insert, more as the history grew: docs/accounting.md, "Store writes") and
 gives figures to the processes a ``[thresholds]`` fold keeps no row of.
