@@ -64,8 +64,11 @@ def elsa_event_listeners(ctx: ListenerContext) -> List[EventListener]:
     the job manager exist and before events are read. Each listener's
     ``on_exec``/``on_exit`` then run on the event thread for every exec and
     exit on the machine (a fork or exec storm: keep them cheap, never block);
-    ``stop`` runs when the daemon stops, before the store closes. Return an
-    empty list when the feature is switched off in the config.
+    a listener that overrides ``on_usage`` also gets, on the event thread, each
+    batch of per-process usage rows the accounting sources store (every
+    process's exit records, attributed); ``stop`` runs when the daemon stops,
+    before the store closes. Return an empty list when the feature is
+    switched off in the config.
 
     :param ctx: :class:`elsa.core.listener.ListenerContext` (config, procfs,
         store, boot id, host id, ``job_of(pid)``, ``add_timer``).
