@@ -45,9 +45,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from elsa.apps import record
 from elsa.apps.options import glob_regex
 from elsa.apps.packages import PackageIndex
+from elsa.core import usage
 from elsa.core.listener import EventListener, ListenerContext
 from elsa.core.model import CLOCK_TICKS
-from elsa.core.usage import DEFAULT_PRIORITY, ROW_FIELDS, UsageRow
+from elsa.core.usage import ROW_FIELDS, TASKSTATS_TOLERANCE_TICKS, UsageRow
 from elsa.kernel.procfs import boottime_offset_ns, read_small
 from elsa.logsetup import structlog
 
@@ -86,11 +87,10 @@ INSERT = (f"INSERT OR REPLACE INTO {record.TABLE}({_COLS}) "
 
 
 #: A usage row is the exit record of an ending image's process when its pid is the
-#: image's, its start within this many clock ticks of the image's (sources stamp the
-#: start in ticks or derive it from seconds) and its end within END_WINDOW_S of the
-#: exit event (an end time computed from the boot time can be a second off:
-#: docs/kernel.md, "taskstats").
-START_TOLERANCE_TICKS = 50
+#: image's, its start ticks, where it has them, within the taskstats tolerance of the
+#: image's (elsa.core.usage) and its end within END_WINDOW_S of the exit event (an
+#: end time computed from the boot time can be a second off: docs/kernel.md,
+#: "taskstats").
 END_WINDOW_S = 5.0
 #: A usage row is kept this long, at least (at most twice), for an exit event not yet
 #: read: the aggregator may store a record whose process's exec and exit events still
@@ -100,15 +100,13 @@ END_WINDOW_S = 5.0
 #: their values) cost up to 4 MB per 1,000 processes a second.
 RECENT_S = 2.0
 
-_U_SOURCE, _U_JID, _U_PID, _U_START_TICKS = (ROW_FIELDS.index(n) for n in (
-    "source", "jid", "pid", "start_ticks"))
-_U_END, _U_UID, _U_GID, _U_COMM = (ROW_FIELDS.index(n) for n in (
-    "end_time", "uid", "gid", "comm"))
+# Usage row positions beyond those the aggregator reads (elsa.core.usage.SRC, PID, ...).
+_U_UID, _U_GID, _U_COMM, _U_MAX_RSS = (ROW_FIELDS.index(n) for n in (
+    "uid", "gid", "comm", "max_rss_kb"))
 #: (record position, index of its base read at the exec, usage row position): the
 #: figures a last image takes from its exit record.
 _FIGURES = tuple((R, b, ROW_FIELDS.index(record.NAMES[R])) for R, b in (
     (R_CPU_USER_US, 0), (R_CPU_SYSTEM_US, 1), (R_READ_BYTES, 2), (R_WRITE_BYTES, 3)))
-_U_MAX_RSS = ROW_FIELDS.index("max_rss_kb")
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -152,11 +150,12 @@ class _Ending:
         """Keep *rec* if it is this process's exit record from a better source."""
         row = self.row
         start = row[R_START_TICKS]
-        rstart = rec[_U_START_TICKS]
-        if (start >= 0 and rstart is not None and abs(rstart - start) > START_TOLERANCE_TICKS) \
-                or abs(rec[_U_END] - row[R_END_TIME]) > END_WINDOW_S:
+        rstart = rec[usage.START_TICKS]
+        if (start >= 0 and rstart is not None
+                and abs(rstart - start) > TASKSTATS_TOLERANCE_TICKS) \
+                or abs(rec[usage.END] - row[R_END_TIME]) > END_WINDOW_S:
             return
-        rank = prios.get(rec[_U_SOURCE], DEFAULT_PRIORITY)
+        rank = usage.priority(rec[usage.SRC], prios)
         if self.record is None or rank < self.rank:
             self.record, self.rank = rec, rank
 
@@ -172,12 +171,12 @@ class _Ending:
             v = rec[u]
             row[r] = None if v is None or base[b] is None else max(0, v - base[b])
         row[R_MAX_RSS_KB] = rec[_U_MAX_RSS]
-        row[R_FIGURES_SOURCE] = rec[_U_SOURCE]
-        for r, u in ((R_COMM, _U_COMM), (R_UID, _U_UID), (R_GID, _U_GID), (R_JID, _U_JID)):
+        row[R_FIGURES_SOURCE] = rec[usage.SRC]
+        for r, u in ((R_COMM, _U_COMM), (R_UID, _U_UID), (R_GID, _U_GID), (R_JID, usage.JID)):
             if row[r] is None:
                 row[r] = rec[u]
-        if row[R_START_TICKS] < 0 and rec[_U_START_TICKS] is not None:
-            row[R_START_TICKS] = rec[_U_START_TICKS]
+        if row[R_START_TICKS] < 0 and rec[usage.START_TICKS] is not None:
+            row[R_START_TICKS] = rec[usage.START_TICKS]
         return row
 
 
@@ -433,7 +432,7 @@ class AppRecorder(EventListener):
         the pid's ending images, and kept RECENT_S for an exit event still unread."""
         ending, recent = self.ending, self.recent
         for rec in rows:
-            pid = rec[_U_PID]
+            pid = rec[usage.PID]
             waiting = ending.get(pid)
             if waiting is not None:
                 for end in waiting:
