@@ -1,6 +1,8 @@
-"""Summarize a 1M-record pacct per command and per user: `elsa summary
+"""Summarize a pacct file per command and per user: `elsa summary
 --acct-file` vs GNU `sa` (per command) and `sa -m` (per user), same file,
-same run. Target ratio (elsa / sa) <= 1.0.
+same run. Target ratio (elsa / sa) <= 1.0 on 10M records (a busy server's
+month, issue 18); the 1M rows are reported: there the interpreter's start-up
+alone is most of sa's whole run.
 
 Two elsa figures: the command end to end (interpreter start-up and imports
 included, like sa's), and the in-process summarize() call (decode + group),
@@ -100,11 +102,13 @@ def elsa_cmd() -> List[str]:
     return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "elsa.report.cli"]
 
 
-def row(metric: str, elsa: float, peer: float, target: float, reproduce: str) -> Dict[str, Any]:
+def row(metric: str, elsa: float, peer: float, target: Optional[float], reproduce: str
+        ) -> Dict[str, Any]:
+    """A result row; *target* None: reported, no target."""
     ratio = elsa / peer if peer else float("inf")
     return {"metric": metric, "elsa": round(elsa, 4), "peer": round(peer, 4),
-            "ratio": round(ratio, 3), "target": target, "passed": ratio <= target,
-            "reproduce": reproduce, "unit": "s"}
+            "ratio": round(ratio, 3), "target": "reported" if target is None else target,
+            "passed": target is None or ratio <= target, "reproduce": reproduce, "unit": "s"}
 
 
 def print_rows(rows: List[Dict[str, Any]]) -> None:
@@ -128,9 +132,10 @@ def cache_dir() -> str:
 REPRO = "python3 benchmarks/bench_pacct_summary.py"
 
 
-#: Sizes of the default run: 1M records (start-up dominates) and 10M (a busy
-#: server's month, the target); files are generated once and cached.
+#: Sizes of the default run: 1M records (start-up dominates: reported) and 10M (a
+#: busy server's month, the target); files are generated once and cached.
 SIZES = (1_000_000, 10_000_000)
+TARGET_RECORDS = 10_000_000
 
 
 def main(records: int = 0, runs: int = 3) -> List[Dict[str, Any]]:
@@ -158,6 +163,7 @@ def main(records: int = 0, runs: int = 3) -> List[Dict[str, Any]]:
         if not os.path.exists(path) or os.path.getsize(path) != n * 64:
             make_pacct(path, n)
         reps = runs if n <= 1_000_000 else max(1, runs - 1)
+        target = 1.0 if n >= TARGET_RECORDS else None
         for by, sa_args in (("command", ["sa", "-a"]), ("user", ["sa", "-m"])):
             # -a: no "***other" folding; sa reads only the given file here (no
             # summary files exist) and prints one line per command / user.
@@ -166,7 +172,7 @@ def main(records: int = 0, runs: int = 3) -> List[Dict[str, Any]]:
             r = row(f"pacct {n // 1000}k per {by}: elsa command (CPU user+sys: elsa "
                     f"{cli_cpu:.2f} s, sa {peer_cpu:.2f} s, ratio "
                     f"{cli_cpu / peer_cpu if peer_cpu else float('inf'):.2f})",
-                    cli, peer, 1.0, f"{REPRO} --records {n}")
+                    cli, peer, target, f"{REPRO} --records {n}")
             r["detail"] = {"elsa_cpu_s": round(cli_cpu, 3), "sa_cpu_s": round(peer_cpu, 3)}
             rows.append(r)
             inproc = float("inf")
@@ -175,7 +181,7 @@ def main(records: int = 0, runs: int = 3) -> List[Dict[str, Any]]:
                 summarize([path], by)
                 inproc = min(inproc, time.perf_counter() - t)
             rows.append(row(f"pacct {n // 1000}k per {by}: elsa in-process", inproc, peer,
-                            1.0, f"{REPRO} --records {n}"))
+                            target, f"{REPRO} --records {n}"))
     return rows
 
 
