@@ -166,7 +166,9 @@ def test_an_exit_record_stored_before_the_exec_event_was_read_still_counts(
     rec = _recorder(store, exit_wait=0.01)
     child = subprocess.Popen(["true"])
     child.wait()  # reaped before elsad reads /proc: a gone image, start unknown
-    rec.on_usage([_usage("taskstats", child.pid, 1234, cpu_user_us=700, max_rss_kb=9)])
+    # The process ran a second before this exec (its elapsed time says so).
+    rec.on_usage([_usage("taskstats", child.pid, 1234, cpu_user_us=700, max_rss_kb=9,
+                         elapsed_us=1_000_000)])
     rec.on_exec(child.pid, child.pid, time.monotonic_ns())
     rec.on_exit(child.pid, child.pid, 0, time.monotonic_ns())
     time.sleep(0.02)
@@ -181,6 +183,108 @@ def test_an_exit_record_stored_before_the_exec_event_was_read_still_counts(
         rec.recent_since -= recorder_mod.RECENT_S
         rec.flush()
     assert rec.recent == {} and rec.recent_old == {}
+
+
+def _zombie(cmd: List[str], stdin: Any = None) -> subprocess.Popen:
+    """*cmd* started and left unreaped: wait until it is a zombie (state Z)."""
+    from elsa.testing import wait_for
+
+    child = subprocess.Popen(cmd, stdin=stdin)
+    wait_for(lambda: _state(child.pid) == "Z", timeout=30)
+    return child
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return fh.read().rsplit(b")", 1)[1].split()[0].decode()
+
+
+def _end(rec: AppRecorder, child: subprocess.Popen, start: int, **figures: Any) -> None:
+    """The exit event and the exit record of *child*, then reap it and store the rows."""
+    rec.on_exit(child.pid, child.pid, 0, time.monotonic_ns())
+    rec.on_usage([_usage("taskstats", child.pid, start, **figures)])
+    child.wait()
+    for e in rec.ended:
+        e.due = 0.0  # exit_wait is over: the record is there
+    rec.flush()
+
+
+def test_a_program_read_after_it_ended_counts_from_zero_when_it_exec_d_at_its_fork(
+        store: Store) -> None:
+    """A program that ended before elsad read /proc (a zombie) shows its end figures
+    there, not a base: an exec right after the fork counts from zero, as the kernel does."""
+    import sys
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.06: pass"
+    rec = _recorder(store)
+    t = time.monotonic_ns()  # Popen returns once the child has exec'd
+    child = _zombie([sys.executable, "-c", burn])
+    with open(f"/proc/{child.pid}/stat", "rb") as fh:
+        utime, stime = map(int, fh.read().rsplit(b")", 1)[1].split()[11:13])
+    assert utime >= 1 and utime + stime >= 5  # the zombie's CPU so far: all it used
+    rec.on_exec(child.pid, child.pid, t)
+    start = rec.open[child.pid].row[record.INDEX["start_ticks"]]
+    _end(rec, child, start, cpu_user_us=123_456, read_bytes=70)
+    (r,) = _rows(store)
+    assert (r.path_status, r.comm, r.figures_source) == ("gone", "python3", "taskstats")
+    assert (r.cpu_user_us, r.read_bytes) == (123_456, 70)  # not minus its end figures
+
+
+def test_a_program_reaped_before_the_read_counts_from_zero_when_its_record_dates_its_fork(
+        store: Store) -> None:
+    """No /proc at all: the exit record's elapsed time says the exec came at the fork."""
+    rec = _recorder(store)
+    child = subprocess.Popen(["true"])
+    child.wait()
+    exec_ns = time.monotonic_ns()
+    rec.on_exec(child.pid, child.pid, exec_ns)
+    rec.on_exit(child.pid, child.pid, 0, exec_ns + 3_000_000)  # 3 ms later
+    rec.on_usage([_usage("taskstats", child.pid, 1234, cpu_user_us=700, read_bytes=8,
+                         elapsed_us=3_500)])  # forked 0.5 ms before its exec
+    rec.ended[0].due = 0.0
+    rec.flush()
+    (r,) = _rows(store)
+    assert (r.path_status, r.cpu_user_us, r.read_bytes) == ("gone", 700, 8)
+
+
+def test_a_program_read_after_it_ended_long_after_its_fork_has_no_figures(
+        store: Store) -> None:
+    """The process ran 0.3 s before this exec: what it used before is unknown, and
+    /proc after the end does not say it."""
+    rec = _recorder(store)
+    child = _zombie(["sh", "-c", "sleep 0.3; exec true"])
+    rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+    start = rec.open[child.pid].row[record.INDEX["start_ticks"]]
+    _end(rec, child, start, cpu_user_us=5_000)
+    (r,) = _rows(store)
+    assert r.path_status == "gone" and r.figures_source == "taskstats"
+    assert r.cpu_user_us is None and r.read_bytes is None
+
+
+def test_an_exec_read_after_the_process_ended_leaves_both_images_without_figures(
+        store: Store) -> None:
+    """The image an exec replaced would get the next image's figures as its own."""
+    from elsa.testing import wait_for
+
+    rec = _recorder(store)
+    child = subprocess.Popen(["sh", "-c", "read x; exec true"], stdin=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe").endswith(("sh", "dash", "bash")))
+        rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+        start = rec.open[child.pid].row[record.INDEX["start_ticks"]]
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        child.stdin.close()
+        wait_for(lambda: _state(child.pid) == "Z", timeout=30)
+        rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+        _end(rec, child, start, cpu_user_us=5_000)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    shell, last = _rows(store)
+    assert (shell.end_reason, shell.path_status, shell.cpu_user_us) == ("exec", "resolved", None)
+    assert (last.end_reason, last.path_status, last.cpu_user_us) == ("exit", "gone", None)
 
 
 def test_a_last_image_waits_for_a_burst_hold_to_end(store: Store) -> None:

@@ -7,7 +7,9 @@ inode of the file it points to (a replaced or deleted binary is told apart),
 (real and effective uid/gid where they are equal; ``status`` otherwise) and
 ``io`` (bytes so far). These are small kernel-generated files:
 reading them never waits on a disk. The CPU and I/O read at an exec are both
-the end figures of the image it replaced and the base of the new one.
+the end figures of the image it replaced and the base of the new one, except
+for an exec right after the fork, which counts from zero (:data:`FORK_EXEC_S`),
+and a process read only after it ended, whose figures are its end ones.
 
 An image ends at the process's next exec (figures: /proc then minus /proc at
 its own exec; its peak RSS is gone with its address space, so NULL) or at its
@@ -58,6 +60,18 @@ log = structlog.get_logger("elsa.apps")
 #: kernel stamp may have been read after the switch (the kernel loads the new
 #: binary between the switch and the stamp: tens of µs; 2 ms is generous).
 REPLACED_MARGIN_NS = 2_000_000
+#: A process's first image that began at most this long after the process itself (the
+#: usual fork and exec) takes zero as its base: the kernel starts a child's CPU and I/O
+#: counters at zero, and what it used before the exec fits in that time, usually
+#: microseconds. /proc read at the exec event would be later by up to the event window
+#: and count the image's first milliseconds as the base, and a process read only after
+#: it ended shows its end figures (everything), not a base. With /proc's start time
+#: (clock ticks) the test is "at most one tick apart"; with none (the process was
+#: reaped before the read) the exit record's elapsed time dates the fork.
+FORK_EXEC_S = 2 / CLOCK_TICKS
+_ZERO_BASE = (0, 0, 0, 0)
+_NO_BASE = (None, None, None, None)
+_ELAPSED = ROW_FIELDS.index("elapsed_us")
 _TICK_US = 1_000_000 // CLOCK_TICKS
 SWEEP_INTERVAL = 60.0
 FLUSH_INTERVAL = 1.0
@@ -128,9 +142,12 @@ class _Image:
 
     __slots__ = ("row", "base", "read_ns")
 
-    def __init__(self, row: List[Any], base: Tuple[Optional[int], ...], read_ns: int) -> None:
+    def __init__(self, row: List[Any], base: Optional[Tuple[Optional[int], ...]],
+                 read_ns: int) -> None:
         self.row = row
-        self.base = base  # utime_us, stime_us, read_bytes, write_bytes at the exec
+        # utime_us, stime_us, read_bytes, write_bytes at the exec; None: /proc was not
+        # read (gone): zero if the exit record shows an exec at the fork, else unknown.
+        self.base = base
         self.read_ns = read_ns
 
 
@@ -139,7 +156,8 @@ class _Ending:
 
     __slots__ = ("due", "row", "base", "record", "rank")
 
-    def __init__(self, due: float, row: List[Any], base: Tuple[Optional[int], ...]) -> None:
+    def __init__(self, due: float, row: List[Any],
+                 base: Optional[Tuple[Optional[int], ...]]) -> None:
         self.due = due
         self.row = row
         self.base = base
@@ -167,6 +185,11 @@ class _Ending:
         if rec is None:
             return row
         base = self.base
+        if base is None:
+            elapsed = rec[_ELAPSED]
+            at_fork = (elapsed is not None and row[R_END_TIME] is not None and
+                       row[R_EXEC_TIME] - (row[R_END_TIME] - elapsed / 1e6) <= FORK_EXEC_S)
+            base = _ZERO_BASE if at_fork else _NO_BASE
         for r, b, u in _FIGURES:
             v = rec[u]
             row[r] = None if v is None or base[b] is None else max(0, v - base[b])
@@ -340,6 +363,7 @@ class AppRecorder(EventListener):
         f = self._read(tgid)
         read_ns = time.monotonic_ns()
         start = f[F_START]
+        exec_boot_ns = ts_ns + self.mono_to_boot_ns
         if prev is not None:
             prow = prev.row
             pstart = prow[R_START_TICKS]
@@ -364,7 +388,7 @@ class AppRecorder(EventListener):
         row[R_BOOT_ID] = self.ctx.boot_id
         row[R_PID] = tgid
         row[R_START_TICKS] = -1 if start is None else start
-        row[R_EXEC_NS] = ts_ns + self.mono_to_boot_ns
+        row[R_EXEC_NS] = exec_boot_ns
         row[R_HOSTNAME] = self.hostname
         row[R_JID] = self.job_of(tgid)
         row[R_PPID] = f[F_PPID]
@@ -379,8 +403,17 @@ class AppRecorder(EventListener):
                 row[R_PACKAGE], row[R_PACKAGE_VERSION] = owner
             if self.argv is not None and self.argv.match(path):
                 row[R_ARGV] = self._argv(tgid)
-        self.open[tgid] = _Image(row, (f[F_UTIME], f[F_STIME], f[F_RBYTES], f[F_WBYTES]),
-                                 read_ns)
+        base: Optional[Tuple[Optional[int], ...]]
+        if prev is None and start is None:
+            base = None  # reaped before the read: the exit record dates its fork
+        elif prev is None and (exec_boot_ns * CLOCK_TICKS // 1_000_000_000 - (start or 0)
+                               < FORK_EXEC_S * CLOCK_TICKS):
+            base = _ZERO_BASE  # exec'd right after its fork
+        elif f[F_STATUS] == "gone":
+            base = _NO_BASE  # read after it ended: its end figures, not the exec's
+        else:
+            base = (f[F_UTIME], f[F_STIME], f[F_RBYTES], f[F_WBYTES])
+        self.open[tgid] = _Image(row, base, read_ns)
 
     def _end_by_exec(self, img: _Image, f: Tuple[Any, ...], ts_ns: int) -> None:
         row = img.row
@@ -396,6 +429,12 @@ class AppRecorder(EventListener):
             self.done.append(row)
             return
         b = img.base
+        if b is None or f[F_STATUS] == "gone":
+            # No base, or read after the process ended: the figures would include the
+            # next image's.
+            self._count(row)
+            self.done.append(row)
+            return
         now = (f[F_UTIME], f[F_STIME], f[F_RBYTES], f[F_WBYTES])
         if now[0] is not None and b[0] is not None:
             row[R_CPU_USER_US] = max(0, now[0] - b[0])
