@@ -225,6 +225,23 @@ def test_exit_time_of_a_late_record_is_bounded_by_btime():
     assert T.exit_time_ns(10 * S, btime, etime_us, offset) == 10 * S
 
 
+def test_an_exit_just_after_a_second_boundary_with_the_coarse_seconds_lagging():
+    """btime comes from the coarse real-time clock, which advances at ticks: an exit
+    5 ms into second 1052 can be stamped as if in 1051. Its start, estimated late
+    (4 s wait), must still fall within the tolerance of the truth."""
+    from elsa.core.model import CLOCK_TICKS
+    from elsa.core.usage import TASKSTATS_TOLERANCE_TICKS
+
+    offset = 1000 * S
+    etime_us = 800  # a short process: started 0.8 ms before its exit
+    exit_true = 52 * S + 5_000_000  # real 1052.005
+    btime = 1051  # the coarse clock still said 1051
+    got = T.exit_time_ns(exit_true + 4 * S, btime, etime_us, offset, exit_true - 3 * S)
+    start_true = (exit_true - etime_us * 1000) * CLOCK_TICKS // S
+    start_got = (got - etime_us * 1000) * CLOCK_TICKS // S
+    assert abs(start_got - start_true) <= TASKSTATS_TOLERANCE_TICKS
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("batched", [True, False], ids=["recvmmsg", "recv"])
 def test_a_record_read_late_still_gives_the_start_time(batched):

@@ -271,8 +271,10 @@ def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
 
 # -- attribution ------------------------------------------------------------------------
 
-#: taskstats gives the start to the delivery latency (start ticks from etime).
-TASKSTATS_TOLERANCE_TICKS = 50   # 0.5 s
+#: taskstats gives the start as well as its exit time is known (start ticks from etime):
+#: within half of btime's second plus the coarse clock's lag
+#: (elsa.kernel.taskstats.exit_time_ns, BTIME_LAG_NS), rounded up.
+TASKSTATS_TOLERANCE_TICKS = 52   # 0.52 s
 #: pacct's ac_btime is whole seconds computed as exit time minus elapsed
 #: (docs/kernel.md, "BSD accounting"): off by up to 1 s either way. A pid cannot come back
 #: within 2 s without the kernel cycling through pid_max other pids first.

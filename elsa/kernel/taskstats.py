@@ -292,6 +292,15 @@ def usage_row(t: Tuple, source: str = "taskstats") -> UsageRow:
             _EXTRA % (threads, version, utime, stime, cancelled, cpu_delay, blkio_delay))
 
 
+#: How far the kernel's coarse real-time clock (ktime_get_real_seconds(), the one btime is
+#: taken from) may lag the real time: it advances at ticks, so a record made in the first
+#: milliseconds of a second can carry the second before (measured: CLOCK_REALTIME minus
+#: CLOCK_REALTIME_COARSE up to 4.9 ms on this VM at HZ 250; one such exit, 1 ms after a
+#: second boundary, had a start estimate 0.51 s off and went unattributed). Allowed for
+#: with margin.
+BTIME_LAG_NS = 20_000_000
+
+
 def exit_time_ns(received_boot_ns: int, btime: int, etime_us: int, real_offset_ns: int,
                  after_ns: int = 0) -> int:
     """When a task exited (CLOCK_BOOTTIME ns), from its record and when it was read.
@@ -304,17 +313,19 @@ def exit_time_ns(received_boot_ns: int, btime: int, etime_us: int, real_offset_n
     membership (issue 6). Three bounds
     narrow it down: the exit was queued before it was received, after the
     previous read emptied the socket (*after_ns*), and within one real-time
-    second: the kernel sets btime to the current CLOCK_REALTIME second less
-    etime's whole seconds (docs/kernel.md, "taskstats"), so the exit lies
-    in [btime + etime_s, btime + etime_s + 1). The middle of what is left is
-    off by 0.5 s at most, whatever the wait, and by half the read interval
-    for a record read on time. *real_offset_ns* is CLOCK_REALTIME -
-    CLOCK_BOOTTIME at the read; 0 (unknown) keeps the receive time.
+    second: the kernel sets btime to the current CLOCK_REALTIME second (as the
+    coarse clock has it, up to :data:`BTIME_LAG_NS` late) less etime's whole
+    seconds (docs/kernel.md, "taskstats"), so the exit lies in
+    [btime + etime_s, btime + etime_s + 1 s + BTIME_LAG_NS). The middle of what
+    is left is off by half that at most (TASKSTATS_TOLERANCE_TICKS), whatever
+    the wait, and by half the read interval for a record read on time.
+    *real_offset_ns* is CLOCK_REALTIME - CLOCK_BOOTTIME at the read; 0
+    (unknown) keeps the receive time.
     """
     if not (real_offset_ns and btime and received_boot_ns):
         return received_boot_ns
     lo = (btime + etime_us // 1_000_000) * 1_000_000_000 - real_offset_ns
-    hi = min(lo + 1_000_000_000, received_boot_ns)
+    hi = min(lo + 1_000_000_000 + BTIME_LAG_NS, received_boot_ns)
     lo = max(lo, after_ns)
     if hi < lo:  # a clock stepped between exit and read: the receive time it is
         return received_boot_ns
@@ -425,7 +436,7 @@ def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
                     exit_ns = now
                     if real_offset and btime and now:  # exit_time_ns, inline
                         lo = (btime + etime // 1_000_000) * 1_000_000_000 - real_offset
-                        hi = lo + 1_000_000_000
+                        hi = lo + 1_000_000_000 + BTIME_LAG_NS
                         if hi > now:
                             hi = now
                         if lo < after:
