@@ -10,9 +10,11 @@ paths resolved, and the workload's slowdown (issue 14).
    from /proc/PID/stat before and after, elsad's catching up included. The
    storm runs in a job, which picks its records out of the machine's.
    Reported: the ratio, events lost (ENOBUFS: target 0), and the share of the
-   storm's application records whose path was resolved, with the others by
-   reason (``gone``: the process ended before elsad read /proc; ``replaced``:
-   it exec'd again first; they keep comm where /proc still had it).
+   storm's application records with a path (read from /proc, or ``inode``:
+   named by the exit record's binary, seen resolved before), with the others
+   by reason (``gone``: the process ended before elsad read /proc and its
+   binary was never seen; ``replaced``: it exec'd again first; they keep comm
+   where /proc still had it).
 2. Slowdown: the same storm, smaller, in pairs with and without elsad (ABBA
    order, elsad started afresh, the workload in a job), as
    benchmarks/bench_overhead.py does, with as many pairs (20: one pair of
@@ -104,9 +106,10 @@ def storm(exec_ops: int, sources: Sequence[str] = ("taskstats",),
     elsa_cpu, peer_cpu = e1 - e0, f1 - f0
     ratio = elsa_cpu / peer_cpu if peer_cpu else float("inf")
     total = sum(by_status.values())
-    others = ", ".join(f"{k} {v}" for k, v in sorted(by_status.items()) if k != "resolved")
-    resolved = by_status.get("resolved", 0)
-    share = resolved / total if total else 0.0
+    others = ", ".join(f"{k} {v}" for k, v in sorted(by_status.items())
+                       if k not in ("resolved", "inode"))
+    resolved, by_inode = by_status.get("resolved", 0), by_status.get("inode", 0)
+    share = (resolved + by_inode) / total if total else 0.0
     return [
         {"metric": f"apps{'' if prompt else ' (prompt = false)'}: elsad CPU vs forkstat -e exec, "
                    f"stress-ng --exec 2 x {exec_ops} "
@@ -117,8 +120,9 @@ def storm(exec_ops: int, sources: Sequence[str] = ("taskstats",),
         {"metric": "apps: exec events lost to elsad falling behind (ENOBUFS) in the storm",
          "unit": "events", "elsa": lost, "peer": None, "peer_name": "", "ratio": None,
          "target": "0", "passed": lost == 0, "reproduce": REPRODUCE},
-        {"metric": "apps: share of the storm's records with a resolved path "
-                   f"({total} records; others: {others or 'none'}; {kept_comm} of them kept comm)",
+        {"metric": "apps: share of the storm's records with a path "
+                   f"({total} records: read from /proc {resolved}, by the binary's inode "
+                   f"{by_inode}; others: {others or 'none'}; {kept_comm} of them kept comm)",
          "unit": "share", "elsa": round(share, 3), "peer": None, "peer_name": "",
          "ratio": None, "target": "reported", "passed": True, "reproduce": REPRODUCE,
          "detail": {"by_status": by_status, "kept_comm": kept_comm}},

@@ -287,6 +287,57 @@ def test_an_exec_read_after_the_process_ended_leaves_both_images_without_figures
     assert (last.end_reason, last.path_status, last.cpu_user_us) == ("exit", "gone", None)
 
 
+def _gone_run(rec: AppRecorder, cmd: List[str], dev: int, ino: int) -> None:
+    """*cmd* reaped before the recorder reads it; its exit record names (dev, ino)."""
+    child = subprocess.Popen(cmd)
+    child.wait()
+    rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+    rec.on_exit(child.pid, child.pid, 0, time.monotonic_ns())
+    rec.on_usage([_usage("taskstats", child.pid, 1234, cpu_user_us=1,
+                         extra={"exe_dev": dev, "exe_inode": ino})])
+    for e in rec.ended:
+        e.due = 0.0
+    rec.flush()
+
+
+def test_a_gone_program_takes_the_path_of_an_earlier_run_of_the_same_file(
+        store: Store, tmp_path: Path) -> None:
+    """Its exit record names the binary (device, inode); a resolved run of that file
+    gave the path. A file replaced at the path since, or one never seen, gives none."""
+    import shutil
+
+    prog = tmp_path / "mysleep"
+    shutil.copy2(shutil.which("sleep") or "/bin/sleep", prog)
+    rec = _recorder(store)
+    child = subprocess.Popen([str(prog), "30"])
+    try:
+        from elsa.testing import wait_for
+
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe") == str(prog))
+        rec.on_exec(child.pid, child.pid, time.monotonic_ns())  # resolved: learnt
+    finally:
+        child.kill()
+        child.wait()
+    rec.on_exit(child.pid, child.pid, 9, time.monotonic_ns())
+    st = os.stat(prog)
+    _gone_run(rec, [str(prog), "0"], st.st_dev, st.st_ino)
+    _gone_run(rec, ["true"], st.st_dev, st.st_ino + 1_000_000)  # a file never seen
+    os.link(prog, tmp_path / "old")  # keeps the old inode in use
+    shutil.copy2(prog, tmp_path / "new")
+    os.replace(tmp_path / "new", prog)
+    _gone_run(rec, [str(prog), "0"], st.st_dev, st.st_ino)  # the path is another file now
+    rec.flush(force=True)
+    _, by_inode, unseen, replaced = _rows(store)
+    assert (by_inode.path_status, by_inode.exe_path) == ("inode", str(prog))
+    assert (by_inode.exe_dev, by_inode.exe_ino, by_inode.exe_deleted) == (
+        st.st_dev, st.st_ino, 0)
+    assert (unseen.path_status, unseen.exe_path, unseen.exe_ino) == (
+        "gone", None, st.st_ino + 1_000_000)
+    assert (replaced.path_status, replaced.exe_path, replaced.exe_ino) == (
+        "gone", None, st.st_ino)
+    assert rec.counters["inode"] == 1 and rec.counters["gone"] == 2
+
+
 def test_a_last_image_waits_for_a_burst_hold_to_end(store: Store) -> None:
     """The exit record waits unread in a burst hold: the image waits for the hold to end
     (and the held records to be stored), however long its exit_wait, up to its bound."""

@@ -211,6 +211,14 @@ def test_apps_records_equal_forkstat_execs(elsad, workdir: Path) -> None:
         assert (r.cpu_user_us, r.cpu_system_us, r.read_bytes, r.write_bytes) in [
             tuple(x[1:]) for x in rows], (r.pid, r.comm, r.path_status, rows)
     assert at_fork > 10
+    # A program gone before elsad read it is named by its exit record's binary (device
+    # and inode); its path, if any, is an earlier run's of that same file.
+    gone = [r for r in last if r.path_status in ("gone", "inode")]
+    assert all(r.exe_ino for r in gone), [(r.pid, r.comm) for r in gone if not r.exe_ino]
+    for r in recs:
+        if r.path_status == "inode":
+            st = os.stat(r.exe_path)
+            assert (st.st_dev, st.st_ino) == (r.exe_dev, r.exe_ino), r
     # Images replaced by an exec carry /proc figures, or none when unknown.
     assert all(r.figures_source in (None, "procfs") for r in recs if r.end_reason == "exec")
 

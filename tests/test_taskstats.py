@@ -123,8 +123,10 @@ def test_v15_layout_is_decoded_from_its_own_offsets():
     struct.pack_into("=H", buf, 0, 15)
     struct.pack_into("=I", buf, base_pid_off + 48, 4321)
     struct.pack_into("=I", buf, 368 + 96, 4300)  # ac_tgid after six pairs
+    struct.pack_into("=QQ", buf, 384 + 96, 2049, 777)  # ac_exe_dev, ac_exe_inode
     rec = T.decode_stats(bytes(buf))
     assert rec.pid == 4321 and rec.tgid == 4300
+    assert (rec.exe_dev, rec.exe_inode) == (2049, 777)
 
 
 @pytest.mark.root
@@ -162,6 +164,9 @@ def test_live_query_of_this_process():
     assert rec.ppid == os.getppid() and rec.comm == stat[stat.find("(") + 1:stat.rfind(")")]
     # Start time from etime and the receive time: within a few ticks of /proc's.
     assert abs(rec.start_ticks - int(fields[19])) <= 5
+    # The binary it runs, as stat(2) names it (v12+).
+    st = os.stat("/proc/self/exe")
+    assert rec.version < 12 or (rec.exe_dev, rec.exe_inode) == (st.st_dev, st.st_ino)
 
 
 @pytest.mark.root
@@ -308,6 +313,14 @@ def test_exit_rows_give_the_tuple_paths_rows_for_real_records():
     ref = [T.fast_exit_tuple(*g) for g in grams]
     (own,) = [t for t in ref if t[1] == single.pid]
     assert by_pid[single.pid] == T.usage_row(own)
+    # The binary it ran, by device and inode (v12+), in the row's extra.
+    import json
+    import shutil
+
+    true = os.stat(shutil.which("true") or "/bin/true")
+    extra = json.loads(by_pid[single.pid][-1])
+    assert extra["taskstats_version"] < 12 or (extra["exe_dev"], extra["exe_inode"]) == (
+        true.st_dev, true.st_ino)
     group = [t for t in ref if t[2] == threaded.pid]
     assert len(group) == 2 and threaded.pid not in by_pid
     assert [t for t in tuples if t[2] == threaded.pid] == group

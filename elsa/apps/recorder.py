@@ -72,6 +72,11 @@ FORK_EXEC_S = 2 / CLOCK_TICKS
 _ZERO_BASE = (0, 0, 0, 0)
 _NO_BASE = (None, None, None, None)
 _ELAPSED = ROW_FIELDS.index("elapsed_us")
+_EXTRA = ROW_FIELDS.index("extra")
+#: Binaries learnt from resolved reads, (device, inode) -> path: a program gone before
+#: elsad read /proc is named by its exit record's device and inode (taskstats v12+,
+#: docs/kernel.md). Bounded: cleared when full (a storm runs few binaries).
+BINARIES_MAX = 4096
 _TICK_US = 1_000_000 // CLOCK_TICKS
 SWEEP_INTERVAL = 60.0
 FLUSH_INTERVAL = 1.0
@@ -238,8 +243,9 @@ class AppRecorder(EventListener):
         self.mono_to_wall = time.time() - time.monotonic()
         self.mono_to_boot_ns = boottime_offset_ns()
         self.prios = dict(ctx.source_priority)
-        self.counters = {"execs": 0, "records": 0, "resolved": 0, "gone": 0, "replaced": 0,
-                         "denied": 0, "excluded": 0, "lost": 0, "reopened": 0}
+        self.binaries: Dict[Tuple[int, int], str] = {}
+        self.counters = {"execs": 0, "records": 0, "resolved": 0, "gone": 0, "inode": 0,
+                         "replaced": 0, "denied": 0, "excluded": 0, "lost": 0, "reopened": 0}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -383,6 +389,12 @@ class AppRecorder(EventListener):
                                  or (self.exclude is not None and self.exclude.match(path))):
             self.counters["excluded"] += 1
             return
+        if path is not None and f[F_INO] is not None and not f[F_DELETED]:
+            # Only binaries the filters let in: a gone program is never given a path
+            # they would have excluded.
+            if len(self.binaries) >= BINARIES_MAX:
+                self.binaries.clear()
+            self.binaries[(f[F_DEV], f[F_INO])] = path
         row: List[Any] = [None] * _N
         row[R_HOST_ID] = self.ctx.host_id
         row[R_BOOT_ID] = self.ctx.boot_id
@@ -519,8 +531,43 @@ class AppRecorder(EventListener):
                 waiting.remove(end)
                 if not waiting:
                     del self.ending[pid]
-            self.store.submit_many(INSERT, [end.final() for end in due])
+            rows = [end.final() for end in due]
+            for end in due:
+                if end.row[R_PATH_STATUS] == "gone" and end.record is not None:
+                    self._binary(end.row, end.record)
+            self.store.submit_many(INSERT, rows)
             self.counters["records"] += len(due)
+
+    def _binary(self, row: List[Any], rec: UsageRow) -> None:
+        """A gone last image's binary from its exit record: the device and inode it
+        names, and the path of an earlier resolved run of that file while the path
+        still names it (a file replaced at the path since has another inode)."""
+        extra = rec[_EXTRA]
+        if not extra or '"exe_inode"' not in extra:
+            return
+        try:
+            ids = json.loads(extra)
+            dev, ino = int(ids["exe_dev"]), int(ids["exe_inode"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if not ino:
+            return
+        row[R_EXE_DEV], row[R_EXE_INO] = dev, ino
+        path = self.binaries.get((dev, ino))
+        if path is None:
+            return
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            return
+        row[R_EXE_PATH], row[R_EXE_DELETED], row[R_PATH_STATUS] = path, 0, "inode"
+        self.counters["gone"] -= 1
+        self.counters["inode"] += 1
+        owner = self.packages.owners.get(path)
+        if owner is not None:
+            row[R_PACKAGE], row[R_PACKAGE_VERSION] = owner
 
     def sweep(self) -> None:
         """Images whose exit event was lost (ENOBUFS): their process is gone."""

@@ -110,19 +110,25 @@ _U64 = struct.Struct("=Q")
 assert _BASE.size == 312, _BASE.size  # offsetof(struct taskstats, freepages_count)
 # Offsets of later fields in the v12+ (appended) layout and in v15's layout.
 _TGID_OFF = {"base": 368, "v15": 368 + 8 * 2 * 6}  # ac_tgid; v15 has 6 max/min pairs before it
+# ac_exe_dev and ac_exe_inode (v12+, after ac_tgetime): the binary the task last exec'd,
+# dev as stat(2)'s st_dev (huge_encode_dev); zero for kernel threads.
+_EXE_OFF = {k: v + 16 for k, v in _TGID_OFF.items()}
+_EXE = struct.Struct("=QQ")
 _BTIME64_OFF = {"base": 344, "v15": 344 + 8 * 2 * 5}
 
 # The fast decode (fast_exit_tuple, and exit_rows' _ROW): one unpack of the v12+
 # appended layout (every version but 15) up to ac_tgid, at the offset where
 # the kernel puts the stats of a one-message exit datagram:
 # nlmsghdr(16) genlmsghdr(4) AGGR_PID(4) { PID(4+4) STATS(4) struct }.
-_FAST = struct.Struct(_BASE.format + "32xQ16xI")  # ac_btime64 at 344, ac_tgid at 368
-assert _FAST.size == _TGID_OFF["base"] + 4
+# ac_btime64 at 344, ac_tgid at 368, ac_exe_dev and ac_exe_inode at 384 and 392.
+_FAST = struct.Struct(_BASE.format + "32xQ16xI12xQQ")
+assert _FAST.size == _EXE_OFF["base"] + _EXE.size
 _FAST_STATS_AT = 36
 _FAST_MIN_LEN = _FAST_STATS_AT + _FAST.size
 _FAST_HEAD = struct.Struct("=IH10x4xHHHHIHH")  # nlmsg len, type; AGGR_PID; PID attr; STATS attr
 _FAST_BTIME64 = len(_BASE_NAMES)
 _FAST_TGID = _FAST_BTIME64 + 1
+_FAST_EXE = _FAST_TGID + 1
 _I_VERSION, _I_PID, _I_PPID, _I_UID, _I_GID = (_BASE_IX[k] for k in
                                                 ("version", "pid", "ppid", "uid", "gid"))
 _I_COMM, _I_EXIT, _I_FLAG, _I_BTIME = (_BASE_IX[k] for k in ("comm", "exitcode", "flag", "btime"))
@@ -195,6 +201,10 @@ class TaskRecord:
     #: CLOCK_BOOTTIME (ns) of the exit as well as it is known (:func:`exit_time_ns`);
     #: with etime it gives the start time, far finer than btime's 1 s.
     exit_boot_ns: int = 0
+    #: The binary the task last exec'd (v12+; 0 before and for kernel threads): the
+    #: device as stat(2)'s st_dev and the inode.
+    exe_dev: int = 0
+    exe_inode: int = 0
 
     @property
     def last_of_group(self) -> bool:
@@ -252,7 +262,8 @@ class TaskRecord:
                    "tick_utime_us": self.utime_us, "tick_stime_us": self.stime_us,
                    "cancelled_write_bytes": self.cancelled_write_bytes,
                    "cpu_delay_total_ns": self.cpu_delay_total_ns,
-                   "blkio_delay_total_ns": self.blkio_delay_total_ns})
+                   "blkio_delay_total_ns": self.blkio_delay_total_ns,
+                   "exe_dev": self.exe_dev, "exe_inode": self.exe_inode})
 
 
 _RECORD_FIELDS = tuple(TaskRecord.__dataclass_fields__)
@@ -260,7 +271,8 @@ _RECORD_FIELDS = tuple(TaskRecord.__dataclass_fields__)
 #: extra JSON of a taskstats row, as json.dumps(..., separators=(",", ":"))
 #: writes TaskRecord.to_usage's dict (all values are ints).
 _EXTRA = ('{"threads":%d,"taskstats_version":%d,"tick_utime_us":%d,"tick_stime_us":%d,'
-          '"cancelled_write_bytes":%d,"cpu_delay_total_ns":%d,"blkio_delay_total_ns":%d}')
+          '"cancelled_write_bytes":%d,"cpu_delay_total_ns":%d,"blkio_delay_total_ns":%d,'
+          '"exe_dev":%d,"exe_inode":%d}')
 _NS_PER_TICK = 1_000_000_000 // CLOCK_TICKS
 #: _EXTRA of a single-threaded process up to tick_utime_us's value (exit_rows).
 _EXTRA_HEAD = '{"threads":1,"taskstats_version":%d,"tick_utime_us":'
@@ -275,7 +287,8 @@ def usage_row(t: Tuple, source: str = "taskstats") -> UsageRow:
     run time up to the record, RSS integrals in KiB·µs, start ticks from etime."""
     (version, _pid, tgid, ppid, uid, gid, comm, exitcode, _flag, btime, etime, utime, stime,
      minflt, majflt, coremem, virtmem, rss, vm, rchar, wchar, _rsys, _wsys, rbytes, wbytes,
-     cancelled, nvcsw, nivcsw, cpu_delay, blkio_delay, run_ns, threads, exit_ns) = t
+     cancelled, nvcsw, nivcsw, cpu_delay, blkio_delay, run_ns, threads, exit_ns, exe_dev,
+     exe_inode) = t
     if run_ns:
         rtime = run_ns // 1000
         total = utime + stime
@@ -289,7 +302,8 @@ def usage_row(t: Tuple, source: str = "taskstats") -> UsageRow:
     return (source, None, tgid, start, float(btime), btime + etime / 1e6, ppid, uid, gid, comm,
             exitcode, cu, cs, etime, rss, vm, rbytes, wbytes, rchar, wchar, minflt, majflt,
             nvcsw, nivcsw, coremem * 1024, virtmem * 1024,
-            _EXTRA % (threads, version, utime, stime, cancelled, cpu_delay, blkio_delay))
+            _EXTRA % (threads, version, utime, stime, cancelled, cpu_delay, blkio_delay,
+                      exe_dev, exe_inode))
 
 
 #: How far the kernel's coarse real-time clock (ktime_get_real_seconds(), the one btime is
@@ -359,14 +373,15 @@ def fast_exit_tuple(data: bytes, received_boot_ns: int, real_offset_ns: int = 0,
     return (version, pid, v[_FAST_TGID] or pid, v[_I_PPID], v[_I_UID], v[_I_GID],
             v[_I_COMM].split(b"\0", 1)[0].decode("utf-8", "replace"), v[_I_EXIT], v[_I_FLAG],
             btime, *v[_I_ETIME:_I_NIVCSW + 1], v[_I_CPUD], v[_I_BLKD], run, 1,
-            exit_time_ns(received_boot_ns, btime, etime, real_offset_ns, after_ns))
+            exit_time_ns(received_boot_ns, btime, etime, real_offset_ns, after_ns),
+            v[_FAST_EXE], v[_FAST_EXE + 1])
 
 
 #: The fields :func:`exit_rows` reads of a one-message exit datagram:
 #: :data:`_FAST_HEAD`'s, then the stats at the offsets of :data:`_FAST` (unused
 #: fields skipped as pad bytes: fewer objects per record). One unpack.
 _ROW = struct.Struct(_FAST_HEAD.format + "H2xIB7xQQ8xQ24xQ32s8xIIIII4x" + "Q" * 11 + "16x"
-                     + "Q" * 5 + "24x32xQ16xI")
+                     + "Q" * 5 + "24x32xQ16xI12xQQ")
 assert _FAST_HEAD.size == _FAST_STATS_AT and _ROW.size == _FAST_MIN_LEN
 #: comm bytes -> str: a storm runs the same few commands (bounded, see exit_rows).
 _COMMS: Dict[bytes, str] = {}
@@ -411,7 +426,7 @@ def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
                  version, exitcode, flag, cpu_count, cpu_delay, blkio_delay, run, comm, uid, gid,
                  pid, ppid, btime, etime, utime, stime, minflt, majflt, coremem, virtmem, rss, vm,
                  rchar, wchar, rbytes, wbytes, cancelled, nvcsw, nivcsw, btime64,
-                 tgid) = unpack(buf, off)
+                 tgid, exe_dev, exe_inode) = unpack(buf, off)
                 fast = (mlen == n and mtype != NLMSG_ERROR and mtype != NLMSG_DONE
                         and atype & 0x3FFF == TASKSTATS_TYPE_AGGR_PID and plen == 8
                         and ptype & 0x3FFF == TASKSTATS_TYPE_PID
@@ -464,7 +479,7 @@ def exit_rows(batches: Iterable[Batch], source: str, multi: Container[int],
                             wchar, minflt, majflt, nvcsw, nivcsw, coremem * 1024, virtmem * 1024,
                             f'{head_}{utime},"tick_stime_us":{stime},"cancelled_write_bytes":'
                             f'{cancelled},"cpu_delay_total_ns":{cpu_delay},"blkio_delay_total_ns":'
-                            f'{blkio_delay}}}'))
+                            f'{blkio_delay},"exe_dev":{exe_dev},"exe_inode":{exe_inode}}}'))
                     continue
             data = bytes(buf[off:off + n])
             if fast:
@@ -514,6 +529,9 @@ def decode_stats(buf: bytes, received_boot_ns: int = 0, offset: int = 0,
     btime = v[ix["btime"]]
     if version >= 10 and size >= _BTIME64_OFF[kind] + 8:
         btime = _U64.unpack_from(buf, offset + _BTIME64_OFF[kind])[0] or btime
+    exe_dev = exe_inode = 0
+    if version >= 12 and size >= _EXE_OFF[kind] + _EXE.size:
+        exe_dev, exe_inode = _EXE.unpack_from(buf, offset + _EXE_OFF[kind])
     run = v[ix["cpu_run_virtual_total"]]
     if not v[ix["nvcsw"]] and v[ix["cpu_count"]]:
         run = run_before_record_ns(run, v[ix["etime"]], v[ix["cpu_delay_total"]])
@@ -522,7 +540,8 @@ def decode_stats(buf: bytes, received_boot_ns: int = 0, offset: int = 0,
         v[ix["comm"]].split(b"\0", 1)[0].decode("utf-8", "replace"),
         v[ix["exitcode"]], v[ix["flag"]], btime, *v[ix["etime"]:ix["nivcsw"] + 1],
         v[ix["cpu_delay_total"]], v[ix["blkio_delay_total"]], run,
-        1, exit_time_ns(received_boot_ns, btime, v[ix["etime"]], real_offset_ns, after_ns))
+        1, exit_time_ns(received_boot_ns, btime, v[ix["etime"]], real_offset_ns, after_ns),
+        exe_dev, exe_inode)
 
 
 def _attrs(buf: bytes, start: int, end: int) -> Iterator[Tuple[int, int, int]]:
