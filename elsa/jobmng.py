@@ -455,6 +455,14 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
         lines.append(f"gap        {gap['why']}; jobs flagged incomplete: "
                      f"{', '.join(gap['jobs'][:5])}"
                      + (f" (+{len(gap['jobs']) - 5} more)" if len(gap["jobs"]) > 5 else ""))
+    cost = st.get("cost") or {}
+    if cost.get("seconds"):
+        per = cost.get("cpu_us_per_process")
+        lines.append(f"cost       {cost['cpu_user_s'] + cost['cpu_system_s']:.3f} s CPU in "
+                     f"{cost['seconds']:.0f} s since ready ({cost['cpu_percent']:.2f} % of one "
+                     "CPU)" + ("" if per is None else
+                              f"; {per:.1f} µs per process started on this machine "
+                              f"({cost['processes_started']:,})"))
     agg = (st.get("sources") or {}).get("aggregator") or {}
     if agg.get("folded"):  # [thresholds]: small records stored folded
         lines.append(f"folded     {agg['folded']} small process records ([thresholds])")

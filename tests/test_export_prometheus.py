@@ -254,6 +254,12 @@ def test_prometheus_scrapes_job_cpu_within_2_percent(area, tmp_path):
         up = prom.query('elsa_source_up{source="cgroupstat"}')
         assert up and up[0]["value"][1] == "1"
         assert float(prom.query("elsa_jobs_created_total")[0]["value"][1]) >= 1
+        # elsad's own CPU (the client library's process collector): more than nothing,
+        # and no more than the kernel counts for elsad after the query.
+        scraped = float(prom.query("process_cpu_seconds_total")[0]["value"][1])
+        with open(f"/proc/{d.proc.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        assert 0 < scraped <= (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         assert prom.target_health() == "up"
         # The job ends: it stays (running 0, final CPU) for ended_grace.
         child.stdin.write("go\n")

@@ -25,6 +25,7 @@ from elsa.config import Config, validate_table
 from elsa.core import reloading
 from elsa.core.authorization import Authorizer
 from elsa.core.backend import Backend, BackendContext
+from elsa.core.cost import SelfCost
 from elsa.core.defaults import choose_backend, enabled_sources
 from elsa.core.events import ProcEvents, make_hold
 from elsa.core.guard import Guard
@@ -76,6 +77,7 @@ class Daemon:
         self.priority = Priority(config.nice)
         self.restart_needed: List[str] = []  # changed keys a reload could not apply
         self.started = time.time()
+        self.cost = SelfCost(self.procfs)
         self.store: Optional[Store] = None
         self.connector: Optional[ProcConnector] = None
         self.events: Optional[ProcEvents] = None
@@ -182,6 +184,7 @@ class Daemon:
         loop.add_timer(0.25, events.expire_seq_holes, "seq-holes", deferrable=True)
         loop.add_timer(5.0, lambda: manager.end_never_joined(limits["empty_job_timeout"]),
                        "empty-jobs", deferrable=True)
+        self.cost.start()
         log.info("elsad ready", version=__version__, backend=backend.name,
                  socket=cfg.socket, state_dir=cfg.state_dir, rcvbuf=connector.rcvbuf,
                  **recovered)
@@ -271,6 +274,7 @@ class Daemon:
             "store": ({"path": self.store.path, "schema": self.store.schema_version,
                        **self.store.health()} if self.store else {"path": None}),
             "central": self.shipper.status() if self.shipper else {"enabled": False},
+            "cost": self.cost.status(),
         }
         if self.control is not None:
             out["control"] = self.control.stats()

@@ -273,12 +273,15 @@ class PrometheusExporter:
         self._server: Any = None
         self.samples = 0
         self.sample_seconds = 0.0
-        from prometheus_client import CollectorRegistry
+        from prometheus_client import CollectorRegistry, ProcessCollector
 
         self._job_registry = CollectorRegistry(auto_describe=False)
         self._job_registry.register(JobCollector(lambda: self._snapshot.jobs, self.tags))
         self._daemon_registry = CollectorRegistry(auto_describe=False)
         self._daemon_registry.register(DaemonCollector(self.daemon_status))
+        # process_cpu_seconds_total, process_resident_memory_bytes, ...: the
+        # client library's own collector, as every exporter has them.
+        ProcessCollector(registry=self._daemon_registry)
         self._job_body = b""
 
     # -- event thread: O(1) per call ---------------------------------------------------

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
-from elsa.core.model import ProcessId, ProcessInfo
-from elsa.errors import ProcessGone, from_oserror
+from elsa.core.model import CLOCK_TICKS, ProcessId, ProcessInfo
+from elsa.errors import KernelInterfaceError, ProcessGone, from_oserror
 
 
 def read_small(path: str, size: int = 4096, dir_fd: Optional[int] = None) -> bytes:
@@ -145,6 +145,35 @@ class ProcFS:
                 continue
             if not info.exited:
                 out[pid] = info
+        return out
+
+    def forks(self) -> int:
+        """Processes and threads created on the machine since boot: the
+        ``processes`` line of /proc/stat (proc(5))."""
+        path = f"{self.root}/stat"
+        try:
+            data = read_small(path)
+        except OSError as exc:
+            raise from_oserror(exc, "read the kernel's counters", path) from exc
+        at = data.find(b"\nprocesses ")
+        if at < 0:
+            raise KernelInterfaceError(f"read the kernel's counters: {path} has no "
+                                       "'processes' line; is a procfs mounted there?")
+        return int(data[at + 11:data.index(b"\n", at + 1)])
+
+    def thread_cpu(self, pid: int) -> Dict[int, Tuple[float, float]]:
+        """User and system CPU seconds of each live thread of *pid*, by thread id
+        (/proc/PID/task/TID/stat fields 14 and 15, in clock ticks)."""
+        out: Dict[int, Tuple[float, float]] = {}
+        for tid in self.threads(pid):
+            path = f"{self.root}/{pid}/task/{tid}/stat"
+            try:
+                data = read_small(path)
+            except OSError:
+                continue  # the thread ended meanwhile
+            rest = data[data.rfind(b")") + 2:].split()
+            # rest[0] is field 3; fields 14 and 15 are rest[11] and rest[12].
+            out[tid] = (int(rest[11]) / CLOCK_TICKS, int(rest[12]) / CLOCK_TICKS)
         return out
 
     def boot_id(self) -> str:

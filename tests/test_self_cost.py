@@ -1,0 +1,114 @@
+"""elsad's own cost in ``status``: its CPU against the processes the machine started.
+
+The kernel facts (/proc/stat's ``processes``, the per-thread CPU) are read from
+the real kernel; a procfs root in a temporary directory checks the arithmetic
+with figures the test chooses.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from elsa.core.cost import EVENT_THREAD, SelfCost
+from elsa.errors import KernelInterfaceError
+from elsa.kernel.procfs import ProcFS
+
+
+def _fork_and_reap(n: int) -> None:
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+
+def test_forks_counts_the_processes_the_kernel_started():
+    procfs = ProcFS()
+    before = procfs.forks()
+    _fork_and_reap(20)
+    # Other processes on the machine fork too: at least ours.
+    assert procfs.forks() - before >= 20
+
+
+def test_forks_names_the_file_without_the_line(tmp_path):
+    (tmp_path / "stat").write_text("cpu  1 2 3 4\nctxt 5\n")
+    with pytest.raises(KernelInterfaceError, match=f"{tmp_path}/stat has no 'processes'"):
+        ProcFS(str(tmp_path)).forks()
+
+
+def test_thread_cpu_follows_the_thread_that_burns():
+    procfs = ProcFS()
+    me = threading.get_native_id()
+    before = procfs.thread_cpu(os.getpid())[me]
+    done = threading.Event()
+    other: dict = {}
+
+    def idle() -> None:
+        other["tid"] = threading.get_native_id()
+        done.wait(10)
+
+    t = threading.Thread(target=idle)
+    t.start()
+    try:
+        x, deadline = 0, os.times().user + 0.3
+        while os.times().user < deadline:  # 0.3 s of user time on this thread
+            x += 1
+        after = procfs.thread_cpu(os.getpid())
+    finally:
+        done.set()
+        t.join()
+    assert after[me][0] - before[0] >= 0.2
+    assert sum(after[other["tid"]]) < 0.1     # the idle thread is counted on its own
+
+
+def _fake_proc(root: Path, processes: int, ticks: int) -> None:
+    (root / "stat").write_text(f"cpu  1 2 3 4\nprocesses {processes}\nprocs_running 1\n")
+    task = root / str(os.getpid()) / "task" / str(threading.get_native_id())
+    task.mkdir(parents=True, exist_ok=True)
+    fields = ["S"] + ["0"] * 10 + [str(ticks), str(ticks // 2)] + ["0"] * 30
+    (task / "stat").write_text(f"{os.getpid()} (elsa d) " + " ".join(fields) + "\n")
+
+
+def test_status_divides_elsads_cpu_by_the_processes_started(tmp_path):
+    _fake_proc(tmp_path, processes=1000, ticks=10)
+    clock = iter([100.0, 110.0])
+    cost = SelfCost(ProcFS(str(tmp_path)), clock=lambda: next(clock))
+    cost.start()
+    _fake_proc(tmp_path, processes=1250, ticks=40)   # 0.3 user + 0.15 system later
+    st = cost.status()
+    cpu = st["cpu_user_s"] + st["cpu_system_s"]
+    assert st["seconds"] == 10.0 and st["processes_started"] == 250
+    assert st["cpu_us_per_process"] == pytest.approx(cpu / 250 * 1e6, abs=0.1)
+    assert st["cpu_percent"] == pytest.approx(100 * cpu / 10, abs=0.01)
+    assert st["threads"] == {EVENT_THREAD: 0.45}
+
+
+def test_status_without_proc_stat_still_answers(tmp_path):
+    cost = SelfCost(ProcFS(str(tmp_path)))
+    cost.start()
+    st = cost.status()
+    assert st["processes_started"] is None and st["cpu_us_per_process"] is None
+    assert st["threads"] == {}
+
+
+@pytest.mark.root
+def test_elsad_reports_its_cpu_per_process_started(elsad):
+    d = elsad()
+    subprocess.run(["sh", "-c", "for i in $(seq 200); do /bin/true; done"], check=True)
+    with d.client() as c:
+        cost = c.status()["cost"]
+    assert cost["processes_started"] >= 200
+    cpu = cost["cpu_user_s"] + cost["cpu_system_s"]
+    assert cost["cpu_us_per_process"] == pytest.approx(
+        cpu / cost["processes_started"] * 1e6, abs=0.1)
+    assert {EVENT_THREAD, "elsa-store-writer"} <= set(cost["threads"])
+    shown = subprocess.run(
+        [sys.executable, "-m", "elsa.jobmng", "--socket", d.socket, "status"],
+        capture_output=True, text=True, check=True).stdout
+    assert "µs per process started on this machine" in shown, shown
