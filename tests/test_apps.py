@@ -87,11 +87,11 @@ def test_record_json_has_every_column_and_the_hex_jid() -> None:
 
 # -- the recorder, against real processes -------------------------------------------------------
 
-def _usage(source: str, pid: int, start: int, **figures: Any) -> UsageRow:
+def _usage(source: str, pid: int, start: int, comm: str = "sleep", **figures: Any) -> UsageRow:
     """A process's exit record as the aggregator hands it to listeners (each
     source's own tests cover how the kernel's record becomes this row)."""
     return record_row(UsageRecord(source=source, pid=pid, start_ticks=start,
-                                  end_time=time.time(), comm="sleep", uid=0,
+                                  end_time=time.time(), comm=comm, uid=0,
                                   **figures), None)
 
 
@@ -287,13 +287,14 @@ def test_an_exec_read_after_the_process_ended_leaves_both_images_without_figures
     assert (last.end_reason, last.path_status, last.cpu_user_us) == ("exit", "gone", None)
 
 
-def _gone_run(rec: AppRecorder, cmd: List[str], dev: int, ino: int) -> None:
+def _gone_run(rec: AppRecorder, cmd: List[str], dev: int, ino: int,
+              comm: str = "sleep") -> None:
     """*cmd* reaped before the recorder reads it; its exit record names (dev, ino)."""
     child = subprocess.Popen(cmd)
     child.wait()
     rec.on_exec(child.pid, child.pid, time.monotonic_ns())
     rec.on_exit(child.pid, child.pid, 0, time.monotonic_ns())
-    rec.on_usage([_usage("taskstats", child.pid, 1234, cpu_user_us=1,
+    rec.on_usage([_usage("taskstats", child.pid, 1234, comm=comm, cpu_user_us=1,
                          extra={"exe_dev": dev, "exe_inode": ino})])
     for e in rec.ended:
         e.due = 0.0
@@ -336,6 +337,43 @@ def test_a_gone_program_takes_the_path_of_an_earlier_run_of_the_same_file(
     assert (replaced.path_status, replaced.exe_path, replaced.exe_ino) == (
         "gone", None, st.st_ino)
     assert rec.counters["inode"] == 1 and rec.counters["gone"] == 2
+
+
+def test_a_gone_program_never_seen_is_found_by_its_command_name(store: Store) -> None:
+    """A short program elsad never read (a build's one ``make``): the file of its exit
+    record's comm in root's PATH directories, if it has the record's device and inode;
+    not a file of that name with another inode, and not one the filters exclude."""
+    from elsa.apps.recorder import SEARCH_DIRS
+
+    true = os.path.realpath(next(os.path.join(d, "true") for d in SEARCH_DIRS
+                                 if os.path.exists(os.path.join(d, "true"))))
+    st = os.stat(true)
+    rec = _recorder(store)
+    _gone_run(rec, [true], st.st_dev, st.st_ino, comm="renamed")  # prctl(PR_SET_NAME)
+    _gone_run(rec, [true], st.st_dev, st.st_ino + 1_000_000, comm="true")  # another file
+    _gone_run(rec, [true], st.st_dev, st.st_ino, comm="true")
+    # The next run of that file is named from memory, whatever its comm.
+    _gone_run(rec, [true], st.st_dev, st.st_ino, comm="renamed")
+    rec.flush(force=True)
+    renamed, other, found, again = _rows(store)
+    assert (renamed.path_status, renamed.exe_path) == ("gone", None)
+    assert (other.path_status, other.exe_path) == ("gone", None)
+    assert (found.path_status, found.exe_path, found.exe_ino) == ("inode", true, st.st_ino)
+    assert (again.path_status, again.exe_path) == ("inode", true)
+    assert rec.counters["inode"] == 2 and rec.counters["gone"] == 2
+
+
+def test_a_found_program_the_filters_exclude_stays_unnamed(store: Store) -> None:
+    from elsa.apps.recorder import SEARCH_DIRS
+
+    true = os.path.realpath(next(os.path.join(d, "true") for d in SEARCH_DIRS
+                                 if os.path.exists(os.path.join(d, "true"))))
+    st = os.stat(true)
+    rec = _recorder(store, exclude=[true])  # /bin/true, the same file, is not a way round
+    _gone_run(rec, [true], st.st_dev, st.st_ino, comm="true")
+    rec.flush(force=True)
+    (row,) = _rows(store)
+    assert (row.path_status, row.exe_path, row.exe_ino) == ("gone", None, st.st_ino)
 
 
 def test_a_last_image_waits_for_a_burst_hold_to_end(store: Store) -> None:

@@ -41,15 +41,16 @@ COLUMNS: Tuple[Tuple[str, str, str], ...] = (
      "exec (replaced by another exec), exit, open (still running when elsad stopped), "
      "lost (ended while elsad was not watching)"),
     ("exe_path", "TEXT", "resolved path of /proc/PID/exe at the exec (path_status inode: "
-     "of an earlier run of the same file); NULL unknown"),
+     "of an earlier run of the same file, or the file of its command name in root's "
+     "PATH directories); NULL unknown"),
     ("exe_dev", "BIGINT", "device number of the binary"),
     ("exe_ino", "BIGINT", "inode number of the binary"),
     ("exe_deleted", "INTEGER",
      "1: the file had been unlinked when read (deleted, or replaced by unlink and a new file)"),
     ("path_status", "TEXT NOT NULL",
      "resolved; gone (process ended before elsad read it); inode (gone, but its exit "
-     "record named the binary's device and inode, and an earlier run of that file gave "
-     "the path); replaced (the process exec'd again before elsad read it); denied (not "
+     "record named the binary's device and inode, and an earlier run of that file, or "
+     "the file of its command name in root's PATH directories, gave the path); replaced (the process exec'd again before elsad read it); denied (not "
      "readable)"),
     ("comm", "TEXT", "command name (task comm) of the image"),
     ("uid", "INTEGER", "real uid"),

@@ -42,7 +42,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 from elsa.apps import record
 from elsa.apps.options import glob_regex
@@ -73,10 +73,15 @@ _ZERO_BASE = (0, 0, 0, 0)
 _NO_BASE = (None, None, None, None)
 _ELAPSED = ROW_FIELDS.index("elapsed_us")
 _EXTRA = ROW_FIELDS.index("extra")
+_COMM = ROW_FIELDS.index("comm")
 #: Binaries learnt from resolved reads, (device, inode) -> path: a program gone before
 #: elsad read /proc is named by its exit record's device and inode (taskstats v12+,
 #: docs/kernel.md). Bounded: cleared when full (a storm runs few binaries).
 BINARIES_MAX = 4096
+#: ... and a binary never seen is looked for under its command name (the exit record's
+#: comm) in the directories of root's default PATH, taken only when a file there has that
+#: device and inode: a short `make` in a build elsad has not seen before.
+SEARCH_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 _TICK_US = 1_000_000 // CLOCK_TICKS
 SWEEP_INTERVAL = 60.0
 FLUSH_INTERVAL = 1.0
@@ -244,6 +249,7 @@ class AppRecorder(EventListener):
         self.mono_to_boot_ns = boottime_offset_ns()
         self.prios = dict(ctx.source_priority)
         self.binaries: Dict[Tuple[int, int], str] = {}
+        self.not_found: Set[Tuple[int, int, str]] = set()  # searched for in vain
         self.counters = {"execs": 0, "records": 0, "resolved": 0, "gone": 0, "inode": 0,
                          "replaced": 0, "denied": 0, "excluded": 0, "lost": 0, "reopened": 0}
 
@@ -385,16 +391,13 @@ class AppRecorder(EventListener):
             self.counters["excluded"] += 1
             return
         path = f[F_PATH]
-        if path is not None and ((self.include is not None and not self.include.match(path))
-                                 or (self.exclude is not None and self.exclude.match(path))):
+        if path is not None and not self._admits(path):
             self.counters["excluded"] += 1
             return
         if path is not None and f[F_INO] is not None and not f[F_DELETED]:
             # Only binaries the filters let in: a gone program is never given a path
             # they would have excluded.
-            if len(self.binaries) >= BINARIES_MAX:
-                self.binaries.clear()
-            self.binaries[(f[F_DEV], f[F_INO])] = path
+            self._learn(f[F_DEV], f[F_INO], path)
         row: List[Any] = [None] * _N
         row[R_HOST_ID] = self.ctx.host_id
         row[R_BOOT_ID] = self.ctx.boot_id
@@ -538,10 +541,21 @@ class AppRecorder(EventListener):
             self.store.submit_many(INSERT, rows)
             self.counters["records"] += len(due)
 
+    def _admits(self, path: str) -> bool:
+        """The include and exclude filters let *path* in."""
+        return ((self.include is None or self.include.match(path) is not None)
+                and (self.exclude is None or self.exclude.match(path) is None))
+
+    def _learn(self, dev: int, ino: int, path: str) -> None:
+        if len(self.binaries) >= BINARIES_MAX:
+            self.binaries.clear()
+        self.binaries[(dev, ino)] = path
+
     def _binary(self, row: List[Any], rec: UsageRow) -> None:
         """A gone last image's binary from its exit record: the device and inode it
         names, and the path of an earlier resolved run of that file while the path
-        still names it (a file replaced at the path since has another inode)."""
+        still names it (a file replaced at the path since has another inode), else
+        the file of its command name in SEARCH_DIRS with that device and inode."""
         extra = rec[_EXTRA]
         if not extra or '"exe_inode"' not in extra:
             return
@@ -553,21 +567,49 @@ class AppRecorder(EventListener):
         if not ino:
             return
         row[R_EXE_DEV], row[R_EXE_INO] = dev, ino
-        path = self.binaries.get((dev, ino))
+        known = self.binaries.get((dev, ino))
+        path = known if known is not None else self._search(rec[_COMM], dev, ino)
         if path is None:
             return
-        try:
-            st = os.stat(path)
-        except OSError:
-            return
-        if (st.st_dev, st.st_ino) != (dev, ino):
-            return
+        if known is not None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                return
         row[R_EXE_PATH], row[R_EXE_DELETED], row[R_PATH_STATUS] = path, 0, "inode"
         self.counters["gone"] -= 1
         self.counters["inode"] += 1
         owner = self.packages.owners.get(path)
         if owner is not None:
             row[R_PACKAGE], row[R_PACKAGE_VERSION] = owner
+
+    def _search(self, comm: str, dev: int, ino: int) -> Optional[str]:
+        """The file named *comm* in SEARCH_DIRS whose device and inode are these, if
+        the filters let it in (then remembered as a resolved binary)."""
+        key = (dev, ino, comm)
+        if not comm or "/" in comm or key in self.not_found:
+            return None
+        for directory in SEARCH_DIRS:
+            path = os.path.join(directory, comm)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                # As /proc/PID/exe names it: /bin is a link to /usr/bin on merged-/usr
+                # systems, and the filters match the path a live read gives.
+                path = os.path.realpath(path)
+                if self._admits(path):
+                    self._learn(dev, ino, path)
+                    return path
+        # Not there: a program run from elsewhere, many times too briefly to be read,
+        # costs the search once.
+        if len(self.not_found) >= BINARIES_MAX:
+            self.not_found.clear()
+        self.not_found.add(key)
+        return None
 
     def sweep(self) -> None:
         """Images whose exit event was lost (ENOBUFS): their process is gone."""
