@@ -50,8 +50,8 @@ COLUMNS: Tuple[Tuple[str, str, str], ...] = (
     ("path_status", "TEXT NOT NULL",
      "resolved; gone (process ended before elsad read it); inode (gone, but its exit "
      "record named the binary's device and inode, and an earlier run of that file, or "
-     "the file of its command name in root's PATH directories, gave the path); replaced (the process exec'd again before elsad read it); denied (not "
-     "readable)"),
+     "the file of its command name in root's PATH directories, gave the path); replaced "
+     "(the process exec'd again before elsad read it); denied (not readable)"),
     ("comm", "TEXT", "command name (task comm) of the image"),
     ("uid", "INTEGER", "real uid"),
     ("euid", "INTEGER", "effective uid"),
