@@ -12,12 +12,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any, Dict, Optional
 
 import pytest
 
 from elsa.core.cost import EVENT_THREAD, SelfCost
 from elsa.errors import KernelInterfaceError
 from elsa.kernel.procfs import ProcFS
+from elsa.testing import wait_for
 
 
 def _fork_and_reap(n: int) -> None:
@@ -77,7 +79,7 @@ def _fake_proc(root: Path, processes: int, ticks: int) -> None:
 
 def test_status_divides_elsads_cpu_by_the_processes_started(tmp_path):
     _fake_proc(tmp_path, processes=1000, ticks=10)
-    clock = iter([100.0, 110.0])
+    clock = iter([100.0, 110.0, 110.5, 111.0])
     cost = SelfCost(ProcFS(str(tmp_path)), clock=lambda: next(clock))
     cost.start()
     _fake_proc(tmp_path, processes=1250, ticks=40)   # 0.3 user + 0.15 system later
@@ -87,6 +89,11 @@ def test_status_divides_elsads_cpu_by_the_processes_started(tmp_path):
     assert st["cpu_us_per_process"] == pytest.approx(cpu / 250 * 1e6, abs=0.1)
     assert st["cpu_percent"] == pytest.approx(100 * cpu / 10, abs=0.01)
     assert st["threads"] == {EVENT_THREAD: 0.45}
+    # A poll within REFRESH_S gets the same figures without reading /proc again ...
+    _fake_proc(tmp_path, processes=2000, ticks=40)
+    assert cost.status() is st
+    # ... and the next one reads it.
+    assert cost.status()["processes_started"] == 1000
 
 
 def test_status_without_proc_stat_still_answers(tmp_path):
@@ -102,8 +109,11 @@ def test_elsad_reports_its_cpu_per_process_started(elsad):
     d = elsad()
     subprocess.run(["sh", "-c", "for i in $(seq 200); do /bin/true; done"], check=True)
     with d.client() as c:
-        cost = c.status()["cost"]
-    assert cost["processes_started"] >= 200
+        def counted() -> Optional[Dict[str, Any]]:
+            cost = c.status()["cost"]  # at most REFRESH_S old
+            return cost if cost["processes_started"] >= 200 else None
+
+        cost = wait_for(counted, what="status to count the 200 processes")
     cpu = cost["cpu_user_s"] + cost["cpu_system_s"]
     assert cost["cpu_us_per_process"] == pytest.approx(
         cpu / cost["processes_started"] * 1e6, abs=0.1)

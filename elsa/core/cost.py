@@ -19,6 +19,10 @@ from elsa.kernel.procfs import ProcFS
 
 #: ``status`` names the event loop's thread by what it does, not "MainThread".
 EVENT_THREAD = "events"
+#: The figures are read again at most this often: reading them (/proc/stat and a file
+#: per thread) costs ~30 µs, and a client polling ``status`` in a loop must not make the
+#: event thread pay that each time (benchmarks/bench_socket.py floods it with status).
+REFRESH_S = 1.0
 
 
 class SelfCost:
@@ -32,6 +36,8 @@ class SelfCost:
         self._cpu0: Tuple[float, float] = (0.0, 0.0)
         self._forks0: Optional[int] = None
         self._threads0: Dict[int, float] = {}
+        self._last: Optional[Dict[str, Any]] = None
+        self._last_at = 0.0
 
     def start(self) -> None:
         times = os.times()
@@ -39,16 +45,20 @@ class SelfCost:
         self._cpu0 = (times.user, times.system)
         self._forks0 = self._forks()
         self._threads0 = {tid: u + s for tid, (u, s) in self._thread_cpu().items()}
+        self._last = None
 
     def status(self) -> Dict[str, Any]:
         """``seconds`` since ready; elsad's ``cpu_user_s`` and ``cpu_system_s``,
         ``cpu_percent`` of one CPU, ``processes_started`` on the machine,
         ``cpu_us_per_process`` (None before the first), and ``threads``: CPU
-        seconds by thread name."""
+        seconds by thread name. At most REFRESH_S old."""
+        now = self.clock()
+        if self._last is not None and now - self._last_at < REFRESH_S:
+            return self._last
         times = os.times()
         user = times.user - self._cpu0[0]
         system = times.system - self._cpu0[1]
-        seconds = self.clock() - self._t0
+        seconds = now - self._t0
         forks = self._forks()
         started = None if forks is None or self._forks0 is None else forks - self._forks0
         names = {t.native_id: (EVENT_THREAD if t is threading.main_thread() else t.name)
@@ -58,7 +68,7 @@ class SelfCost:
             name = names.get(tid, f"thread-{tid}")  # a library's thread started in C
             used = u + s - self._threads0.get(tid, 0.0)
             threads[name] = round(threads.get(name, 0.0) + used, 3)
-        return {
+        self._last, self._last_at = {
             "seconds": round(seconds, 3),
             "cpu_user_s": round(user, 3),
             "cpu_system_s": round(system, 3),
@@ -67,7 +77,8 @@ class SelfCost:
             "cpu_us_per_process": (round((user + system) / started * 1e6, 1)
                                    if started else None),
             "threads": threads,
-        }
+        }, now
+        return self._last
 
     def _forks(self) -> Optional[int]:
         try:
