@@ -21,6 +21,29 @@ __all__ = ["DaemonProc", "pid_alive", "wait_for"]  # tests import these from her
 IS_ROOT = os.geteuid() == 0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _default_cgroup_base() -> Iterator[None]:
+    """Tests that run elsad on its default configuration (backend auto, no base) make
+    its default cgroup base; one the session made is removed after it (an empty
+    cgroup: rmdir fails on one that holds anything)."""
+    from elsa.backends.cgroup2 import DEFAULT_BASE_NAME
+    from elsa.errors import ElsaError
+    from elsa.kernel.cgroupfs import CgroupFS
+
+    try:
+        mount = CgroupFS().cgroup2_mount()
+    except ElsaError:
+        mount = None
+    base = os.path.join(mount, DEFAULT_BASE_NAME) if mount else None
+    made = base if base is not None and not os.path.isdir(base) else None
+    yield
+    if made is not None and os.path.isdir(made):
+        try:
+            os.rmdir(made)
+        except OSError:
+            pass  # a process or a job cgroup is still in it: left as it is
+
+
 def pytest_collection_modifyitems(config, items):
     if IS_ROOT:
         return

@@ -41,6 +41,8 @@ log = structlog.get_logger("elsa.backends.cgroup2")
 DEFAULT_CONTROLLERS = ["cpu", "memory", "io", "pids"]
 RELEASED = "released"
 DAEMON_LEAF = "daemon"
+#: The base below the cgroup2 mount when elsad is not in a delegated cgroup (no "base").
+DEFAULT_BASE_NAME = "elsa"
 NESTED_PREFIX = "elsa-"
 
 #: Interface files that limit what the processes of a cgroup and its
@@ -155,7 +157,7 @@ class Cgroup2Backend(Backend):
                 own_path = os.path.dirname(own_path)
             if delegation == "yes" or (_run_by_systemd() and _is_delegated(own_path)):
                 return own_path, True
-        return os.path.join(mount, "elsa"), False
+        return os.path.join(mount, DEFAULT_BASE_NAME), False
 
     def _enable_controllers(self, wanted: List[str]) -> None:
         available = self.fs.controllers(self.base)
