@@ -595,7 +595,7 @@ class AppRecorder(EventListener):
             path = os.path.join(directory, comm)
             try:
                 st = os.stat(path)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a NUL in a source's comm
                 continue
             if (st.st_dev, st.st_ino) == (dev, ino):
                 # As /proc/PID/exe names it: /bin is a link to /usr/bin on merged-/usr
