@@ -46,6 +46,7 @@ import pytest
 
 from elsa.client import Client, RequestFailed
 from elsa.errors import DaemonUnavailable
+from elsa.kernel.procfs import split_stat
 
 # -- polling -------------------------------------------------------------------------------
 
@@ -74,7 +75,7 @@ def start_ticks(pid: int) -> Optional[int]:
             data = fh.read()
     except OSError:
         return None
-    return int(data[data.rfind(b")") + 2:].split()[19])
+    return int(split_stat(data)[1][19])
 
 
 def pid_alive(pid: int) -> bool:

@@ -51,7 +51,7 @@ from elsa.core import usage
 from elsa.core.listener import EventListener, ListenerContext
 from elsa.core.model import CLOCK_TICKS
 from elsa.core.usage import ROW_FIELDS, TASKSTATS_TOLERANCE_TICKS, UsageRow
-from elsa.kernel.procfs import boottime_offset_ns, read_small
+from elsa.kernel.procfs import boottime_offset_ns, read_small, split_stat
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.apps")
@@ -328,10 +328,8 @@ class AppRecorder(EventListener):
                 path = None
                 status = "gone"
             try:
-                data = _read_at(dfd, "stat")
-                rpar = data.rfind(b")")
-                comm = data[data.find(b"(") + 1:rpar].decode("utf-8", "replace")
-                rest = data[rpar + 2:].split()
+                name, rest = split_stat(_read_at(dfd, "stat"))
+                comm = name.decode("utf-8", "replace")
                 ppid = int(rest[1])
                 utime = int(rest[11]) * _TICK_US
                 stime = int(rest[12]) * _TICK_US
@@ -616,8 +614,7 @@ class AppRecorder(EventListener):
         gone = []
         for tgid, img in self.open.items():
             try:
-                data = read_small(f"{self.proc}/{tgid}/stat")
-                start = int(data[data.rfind(b")") + 2:].split()[19])
+                start = int(split_stat(read_small(f"{self.proc}/{tgid}/stat"))[1][19])
             except (OSError, ValueError, IndexError):
                 start = None
             known = img.row[R_START_TICKS]

@@ -171,8 +171,7 @@ class ProcFS:
                 data = read_small(path)
             except OSError:
                 continue  # the thread ended meanwhile
-            rest = data[data.rfind(b")") + 2:].split()
-            # rest[0] is field 3; fields 14 and 15 are rest[11] and rest[12].
+            rest = split_stat(data)[1]  # fields 14 and 15: utime, stime
             out[tid] = (int(rest[11]) / CLOCK_TICKS, int(rest[12]) / CLOCK_TICKS)
         return out
 
@@ -186,19 +185,26 @@ class ProcFS:
             raise from_oserror(exc, "read boot id", path) from exc
 
 
-def parse_stat(pid: int, data: bytes, uid: int = -1) -> ProcessInfo:
-    """Parse a /proc/PID/stat line.
-
-    comm is in parentheses and may itself contain spaces and ')' (proc(5)), so
-    split at the *last* ')'. Field 4 is ppid, 6 session, 5 pgrp, 22 starttime.
-    """
+def split_stat(data: bytes) -> Tuple[bytes, List[bytes]]:
+    """A /proc/PID/stat line as its comm and the fields after it: item 0 is field 3
+    (state), field N is item N - 3 (proc(5)). comm is in parentheses and may itself
+    contain spaces and ')', so it ends at the *last* ')'. Raises ValueError when the
+    line has no comm."""
     lpar = data.find(b"(")
     rpar = data.rfind(b")")
     if lpar < 0 or rpar < 0:
-        raise ProcessGone(f"read process: /proc/{pid}/stat is malformed: {data[:80]!r}")
-    comm = data[lpar + 1:rpar].decode("utf-8", "replace")
-    rest = data[rpar + 2:].split()
-    # rest[0] is field 3 (state); field N is rest[N - 3].
+        raise ValueError(f"no (comm) in {data[:80]!r}")
+    return data[lpar + 1:rpar], data[rpar + 2:].split()
+
+
+def parse_stat(pid: int, data: bytes, uid: int = -1) -> ProcessInfo:
+    """Parse a /proc/PID/stat line. Field 4 is ppid, 6 session, 5 pgrp, 22 starttime."""
+    try:
+        name, rest = split_stat(data)
+    except ValueError:
+        raise ProcessGone(f"read process: /proc/{pid}/stat is malformed: {data[:80]!r}"
+                          ) from None
+    comm = name.decode("utf-8", "replace")
     state = rest[0].decode("ascii", "replace")
     # Field 52 (exit_code, Linux 3.5) is meaningful once the process is a zombie.
     exit_code = int(rest[49]) if state in ("Z", "X") and len(rest) > 49 else None
