@@ -5,11 +5,12 @@ says about the new image: the resolved ``/proc/PID/exe`` and the device and
 inode of the file it points to (a replaced or deleted binary is told apart),
 ``stat`` (comm, ppid, start time, CPU so far), the owner of ``/proc/PID``
 (real and effective uid/gid where they are equal; ``status`` otherwise) and
-``io`` (bytes so far). These are small kernel-generated files:
-reading them never waits on a disk. The CPU and I/O read at an exec are both
-the end figures of the image it replaced and the base of the new one, except
-for an exec right after the fork, which counts from zero (:data:`FORK_EXEC_S`),
-and a process read only after it ended, whose figures are its end ones.
+``io`` (bytes so far), through the procfs adapter (``ProcFS.exec_facts``). These
+are small kernel-generated files: reading them never waits on a disk. The CPU and
+I/O read at an exec are both the end figures of the image it replaced and the
+base of the new one, except for an exec right after the fork, which counts from
+zero (:data:`FORK_EXEC_S`), and a process read only after it ended, whose figures
+are its end ones.
 
 An image ends at the process's next exec (figures: /proc then minus /proc at
 its own exec; its peak RSS is gone with its address space, so NULL) or at its
@@ -51,7 +52,26 @@ from elsa.core import usage
 from elsa.core.listener import EventListener, ListenerContext
 from elsa.core.model import CLOCK_TICKS
 from elsa.core.usage import ROW_FIELDS, TASKSTATS_TOLERANCE_TICKS, UsageRow
-from elsa.kernel.procfs import boottime_offset_ns, read_small, split_stat
+from elsa.kernel.procfs import (
+    F_COMM,
+    F_DELETED,
+    F_DEV,
+    F_EGID,
+    F_EUID,
+    F_INO,
+    F_PATH,
+    F_PPID,
+    F_RBYTES,
+    F_START,
+    F_STATUS,
+    F_STIME,
+    F_UID,
+    F_UTIME,
+    F_WBYTES,
+    boottime_offset_ns,
+    read_small,
+    split_stat,
+)
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.apps")
@@ -82,7 +102,6 @@ BINARIES_MAX = 4096
 #: comm) in the directories of root's default PATH, taken only when a file there has that
 #: device and inode: a short `make` in a build elsad has not seen before.
 SEARCH_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
-_TICK_US = 1_000_000 // CLOCK_TICKS
 SWEEP_INTERVAL = 60.0
 FLUSH_INTERVAL = 1.0
 #: After a burst hold ends, the exit records it kept waiting are read, attributed and
@@ -105,9 +124,6 @@ _COLS = ", ".join(record.NAMES)
 INSERT = (f"INSERT OR REPLACE INTO {record.TABLE}({_COLS}) "
           f"VALUES ({', '.join('?' * _N)})")
 
-# Facts read at an exec (tuple positions).
-(F_PATH, F_DEV, F_INO, F_DELETED, F_STATUS, F_COMM, F_PPID, F_START, F_UTIME, F_STIME,
- F_UID, F_EUID, F_GID, F_EGID, F_RBYTES, F_WBYTES) = range(16)
 
 
 #: A usage row is the exit record of an ending image's process when its pid is the
@@ -131,20 +147,6 @@ _U_UID, _U_GID, _U_COMM, _U_MAX_RSS = (ROW_FIELDS.index(n) for n in (
 #: figures a last image takes from its exit record.
 _FIGURES = tuple((R, b, ROW_FIELDS.index(record.NAMES[R])) for R, b in (
     (R_CPU_USER_US, 0), (R_CPU_SYSTEM_US, 1), (R_READ_BYTES, 2), (R_WRITE_BYTES, 3)))
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_CLOEXEC
-
-
-def _read_at(dfd: int, name: str) -> bytes:
-    """One read of a /proc/PID file (each is well under 4 KiB and generated
-    whole by the kernel's seq_file: one read gets it all)."""
-    fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
-    try:
-        return os.read(fd, 4096)
-    finally:
-        os.close(fd)
 
 
 class _Image:
@@ -224,6 +226,7 @@ class AppRecorder(EventListener):
         self.ctx = ctx
         self.options = options
         self.proc = ctx.procfs.root
+        self.facts = ctx.procfs.exec_facts
         self.job_of = ctx.job_of
         self.store = ctx.store
         self.uids = frozenset(options["uids"])
@@ -297,80 +300,11 @@ class AppRecorder(EventListener):
         return {**self.counters, "open_images": len(self.open),
                 "waiting_exit_records": len(self.ended), "packages": self.packages.status()}
 
-    # -- reading /proc -------------------------------------------------------------------------
-    def _read(self, pid: int) -> Tuple[Any, ...]:
-        """What /proc says about *pid* now; None for what could not be read.
-
-        Every file is opened relative to one descriptor of /proc/PID: all the
-        facts are of the same process even if its pid were reused meanwhile,
-        and the kernel looks the pid up once instead of five times."""
-        path = dev = ino = deleted = None
-        status = "resolved"
-        comm = ppid = start = utime = stime = None
-        uid = euid = gid = egid = rbytes = wbytes = None
-        try:
-            dfd = os.open(f"{self.proc}/{pid}", _DIR_FLAGS)
-        except OSError:
-            return (None, None, None, None, "gone", None, None, None, None, None,
-                    None, None, None, None, None, None)
-        try:
-            try:
-                path = os.readlink("exe", dir_fd=dfd)
-                st = os.stat("exe", dir_fd=dfd)
-                dev, ino = st.st_dev, st.st_ino
-                deleted = 0
-                if path.endswith(" (deleted)"):
-                    path, deleted = path[:-10], 1
-            except PermissionError:
-                path = None
-                status = "denied"
-            except OSError:  # ENOENT: a zombie has no address space, no exe
-                path = None
-                status = "gone"
-            try:
-                name, rest = split_stat(_read_at(dfd, "stat"))
-                comm = name.decode("utf-8", "replace")
-                ppid = int(rest[1])
-                utime = int(rest[11]) * _TICK_US
-                stime = int(rest[12]) * _TICK_US
-                start = int(rest[19])
-                owner = os.fstat(dfd)
-                if status == "gone":
-                    # A zombie's /proc/PID belongs to its effective ids; the
-                    # real ones come with its exit record.
-                    euid, egid = owner.st_uid, owner.st_gid
-                elif owner.st_uid != 0 and owner.st_gid != 0:
-                    # /proc/PID belongs to the effective uid and gid of a
-                    # dumpable process, else to root; an exec leaves the
-                    # process dumpable only if its real and effective ids
-                    # are equal (docs/applications.md, "Resolution"). One
-                    # fstat instead of reading and parsing status.
-                    uid = euid = owner.st_uid
-                    gid = egid = owner.st_gid
-                else:
-                    data = _read_at(dfd, "status")
-                    i = data.find(b"\nUid:")
-                    if i >= 0:
-                        ids = data[i + 5:data.index(b"\n", i + 1)].split()
-                        uid, euid = int(ids[0]), int(ids[1])
-                    i = data.find(b"\nGid:")
-                    if i >= 0:
-                        ids = data[i + 5:data.index(b"\n", i + 1)].split()
-                        gid, egid = int(ids[0]), int(ids[1])
-                tok = _read_at(dfd, "io").split()
-                rbytes, wbytes = int(tok[9]), int(tok[11])
-            except (OSError, ValueError, IndexError):
-                pass  # gone (or a zombie without io): keep what was read
-        finally:
-            os.close(dfd)
-        return (path, dev, ino, deleted, status, comm, ppid, start, utime, stime,
-                uid, euid, gid, egid, rbytes, wbytes)
-
     # -- events (event thread) ----------------------------------------------------------------
     def on_exec(self, pid: int, tgid: int, ts_ns: int) -> None:
         self.counters["execs"] += 1
         prev = self.open.pop(tgid, None)
-        f = self._read(tgid)
+        f = self.facts(tgid)
         read_ns = time.monotonic_ns()
         start = f[F_START]
         exec_boot_ns = ts_ns + self.mono_to_boot_ns

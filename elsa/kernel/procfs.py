@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from elsa.core.model import CLOCK_TICKS, ProcessId, ProcessInfo
 from elsa.errors import KernelInterfaceError, ProcessGone, from_oserror
@@ -39,6 +39,13 @@ def read_small(path: str, size: int = 4096, dir_fd: Optional[int] = None) -> byt
             chunks.append(chunk)
     finally:
         os.close(fd)
+
+
+#: Facts of a process at an exec (:meth:`ProcFS.exec_facts`), tuple positions.
+(F_PATH, F_DEV, F_INO, F_DELETED, F_STATUS, F_COMM, F_PPID, F_START, F_UTIME, F_STIME,
+ F_UID, F_EUID, F_GID, F_EGID, F_RBYTES, F_WBYTES) = range(16)
+_TICK_US = 1_000_000 // CLOCK_TICKS
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class ProcFS:
@@ -112,6 +119,77 @@ class ProcFS:
         except OSError as exc:
             raise from_oserror(exc, "read process status", path, process=True) from exc
         return None
+
+    def exec_facts(self, pid: int) -> Tuple[Any, ...]:
+        """What /proc says about *pid* now, as application accounting reads it at
+        each exec: a tuple in F_* order (one per exec of a storm, so no dataclass);
+        None for what could not be read. F_STATUS says how the exe link read:
+        ``resolved``, ``denied`` or ``gone`` (a zombie has no exe).
+
+        Every file is opened relative to one descriptor of /proc/PID: all the
+        facts are of the same process even if its pid were reused meanwhile,
+        and the kernel looks the pid up once instead of five times."""
+        path = dev = ino = deleted = None
+        status = "resolved"
+        comm = ppid = start = utime = stime = None
+        uid = euid = gid = egid = rbytes = wbytes = None
+        try:
+            dfd = os.open(f"{self.root}/{pid}", _DIR_FLAGS)
+        except OSError:
+            return (None, None, None, None, "gone", None, None, None, None, None,
+                    None, None, None, None, None, None)
+        try:
+            try:
+                path = os.readlink("exe", dir_fd=dfd)
+                st = os.stat("exe", dir_fd=dfd)
+                dev, ino = st.st_dev, st.st_ino
+                deleted = 0
+                if path.endswith(" (deleted)"):
+                    path, deleted = path[:-10], 1
+            except PermissionError:
+                path = None
+                status = "denied"
+            except OSError:  # ENOENT: a zombie has no address space, no exe
+                path = None
+                status = "gone"
+            try:
+                name, rest = split_stat(read_small("stat", dir_fd=dfd))
+                comm = name.decode("utf-8", "replace")
+                ppid = int(rest[1])
+                utime = int(rest[11]) * _TICK_US
+                stime = int(rest[12]) * _TICK_US
+                start = int(rest[19])
+                owner = os.fstat(dfd)
+                if status == "gone":
+                    # A zombie's /proc/PID belongs to its effective ids; the
+                    # real ones come with its exit record.
+                    euid, egid = owner.st_uid, owner.st_gid
+                elif owner.st_uid != 0 and owner.st_gid != 0:
+                    # /proc/PID belongs to the effective uid and gid of a
+                    # dumpable process, else to root; an exec leaves the
+                    # process dumpable only if its real and effective ids
+                    # are equal (docs/applications.md, "Resolution"). One
+                    # fstat instead of reading and parsing status.
+                    uid = euid = owner.st_uid
+                    gid = egid = owner.st_gid
+                else:
+                    data = read_small("status", dir_fd=dfd)
+                    i = data.find(b"\nUid:")
+                    if i >= 0:
+                        ids = data[i + 5:data.index(b"\n", i + 1)].split()
+                        uid, euid = int(ids[0]), int(ids[1])
+                    i = data.find(b"\nGid:")
+                    if i >= 0:
+                        ids = data[i + 5:data.index(b"\n", i + 1)].split()
+                        gid, egid = int(ids[0]), int(ids[1])
+                tok = read_small("io", dir_fd=dfd).split()
+                rbytes, wbytes = int(tok[9]), int(tok[11])
+            except (OSError, ValueError, IndexError):
+                pass  # gone (or a zombie without io): keep what was read
+        finally:
+            os.close(dfd)
+        return (path, dev, ino, deleted, status, comm, ppid, start, utime, stime,
+                uid, euid, gid, egid, rbytes, wbytes)
 
     # -- whole system -----------------------------------------------------
     def pids(self) -> List[int]:
