@@ -10,7 +10,6 @@ members that exited recently) is flagged incomplete rather than silently short.
 
 from __future__ import annotations
 
-import time
 from typing import Dict, List, Optional
 
 from elsa import hookimpl
@@ -32,11 +31,12 @@ OPTIONS: Dict[str, Option] = {
                       " empty: every possible CPU."),
     "rcvbuf": Option(int, 64 * 1024 * 1024, "Receive buffer in bytes (SO_RCVBUFFORCE); exits"
                      " come in bursts and overflow drops records.", check=positive),
-    "read_interval": Option(float, 0.25, "Seconds between reads of the exit records queued"
-                            " on the socket; 0: read as soon as one arrives. Reading in"
-                            " batches saves a loop wake-up per exit (elsad's CPU per process,"
-                            " issue 6); the receive buffer holds the records meanwhile"
-                            " (64 MiB: tens of thousands).", check=non_negative),
+    "read_interval": Option(float, 0.25, "Seconds the socket is left unwatched after each"
+                            " read of the exit records queued on it; 0: read as soon as one"
+                            " arrives. Reading in batches saves a loop wake-up per exit"
+                            " (elsad's CPU per process, issue 6); the receive buffer holds"
+                            " the records meanwhile (64 MiB: tens of thousands). An idle"
+                            " socket wakes nothing.", check=non_negative),
     "fold_timeout": Option(float, 30.0, "Seconds to wait for the last thread of a"
                            " multi-threaded process before giving up on it (its record was"
                            " lost) and storing what arrived, flagged incomplete.",
@@ -61,23 +61,18 @@ class TaskstatsSource(Source):
         self.versions: Dict[int, int] = {}
         self._enobufs_seen = 0
         self.read_interval = 0.0
-        self._next_expire = 0.0
 
     def start(self, ctx: SourceContext) -> None:
         super().start(ctx)
         self.fold_timeout = float(ctx.options["fold_timeout"])  # type: ignore[arg-type]
         self.read_interval = float(ctx.options.get("read_interval", 0.0))  # type: ignore[arg-type]
-        if self.read_interval > 0:
-            # Timer-driven reads (poll) instead of the descriptor: see OPTIONS.
-            self.interval = min(self.read_interval, EXPIRE_INTERVAL)
+        self.read_window = self.read_interval  # batches: see OPTIONS
         self.sock = TaskstatsSocket(rcvbuf=int(ctx.options["rcvbuf"]))  # type: ignore[arg-type]
         self.sock.register(str(ctx.options["cpumask"]) or None)
         log.info("taskstats listener registered", cpumask=self.sock.cpumask,
                  rcvbuf=self.sock.rcvbuf, family=self.sock.family)
 
     def fileno(self) -> Optional[int]:
-        if self.read_interval > 0:
-            return None  # read by poll() every read_interval seconds
         return self.sock.fileno() if self.sock else None
 
     def on_readable(self) -> None:
@@ -113,13 +108,10 @@ class TaskstatsSource(Source):
                         total=self.sock.enobufs)
             self.ctx.flag_incomplete(None, "taskstats records lost (ENOBUFS)")
 
+    def has_poll_work(self) -> bool:
+        return bool(self.folder.pending)  # threads of a process whose last one is awaited
+
     def poll(self) -> None:
-        if self.read_interval > 0 and self.sock is not None:
-            self.on_readable()
-            now = time.monotonic()
-            if now < self._next_expire:
-                return
-            self._next_expire = now + EXPIRE_INTERVAL
         stale = self.folder.expire(self.fold_timeout)
         if stale:
             self.expired += len(stale)

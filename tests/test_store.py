@@ -103,3 +103,35 @@ def test_a_long_migration_asks_systemd_for_more_start_up_time(tmp_path, monkeypa
     finally:
         sock.close()
         db.close()
+
+
+def test_idle_writer_sleeps_and_the_next_write_wakes_it(tmp_path):
+    """With nothing to write the writer waits for a write instead of waking every
+    batch interval; each way of writing wakes it, and the write is committed one
+    batch interval later (no flush, no kick: nothing else would wake it)."""
+    from elsa.testing import wait_for
+
+    store = Store(str(tmp_path), batch_interval=0.05)
+    try:
+        writes = [
+            lambda: store.submit("INSERT INTO meta VALUES ('k1', 'v')"),
+            lambda: store.submit_many("INSERT INTO meta VALUES (?, 'v')", [("k2",), ("k3",)]),
+            lambda: store.add_member("boot", 1, 100, 5, 1.0, "fork"),
+        ]
+        status = f"/proc/self/task/{store._writer.native_id}/status"
+
+        def wakeups() -> int:
+            with open(status) as fh:
+                return next(int(line.split()[1]) for line in fh
+                            if line.startswith("voluntary_ctxt_switches:"))
+        for write in writes:
+            wait_for(lambda: store._asleep, 5, interval=0.01, what="the writer asleep")
+            before = wakeups()
+            time.sleep(0.2)  # four batch intervals with nothing to write
+            assert wakeups() == before and store._asleep
+            write()
+            mark = store.mark()
+            wait_for(lambda: store.is_committed(mark), 5, interval=0.01,
+                     what="the write committed without a flush")
+    finally:
+        store.close()

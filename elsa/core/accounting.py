@@ -204,11 +204,12 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
             g = Guard(name, "on_readable", src.on_readable,
                       on_give_up=lambda fd=fd: loop.remove_reader(fd))
             guards[name].append(g)
-            loop.add_reader(fd, g, deferrable=True)
+            loop.add_reader(fd, g, deferrable=True, window=float(src.read_window))
         if src.interval:
             g = Guard(name, "poll", src.poll)
             guards[name].append(g)
-            loop.add_timer(float(src.interval), g, f"source-{name}", deferrable=True)
+            loop.add_timer(float(src.interval), g, f"source-{name}", deferrable=True,
+                           active=src.has_poll_work)
         log.info("accounting source started", source=name)
 
     def job_ending(job: Job) -> None:
@@ -222,7 +223,9 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
         aggregator.retry()
         durability.tick()
 
-    loop.add_timer(RETRY_INTERVAL, tick, "accounting-retry", deferrable=True)
+    loop.add_timer(RETRY_INTERVAL, tick, "accounting-retry", deferrable=True,
+                   active=lambda: bool(aggregator.held or durability.waiting
+                                       or durability.marked))
     sources: Dict[str, Any] = dict(started)
     sources["accounting"] = AccountingStop(aggregator, durability)
 

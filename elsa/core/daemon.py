@@ -174,14 +174,15 @@ class Daemon:
 
         self.shipper = start_shipper(cfg, self.store)
         # 0.1 s: the resolution of 'wait' timeouts and of the idle limits.
-        loop.add_timer(0.1, control.sweep, "control-sweep")
+        loop.add_timer(0.1, control.sweep, "control-sweep", active=control.has_sweep_work)
         # Deferrable: exits are recorded when their events are read, and a
         # sequence hole cannot close while the events stay unread.
         loop.add_timer(5.0, manager.expire_exited, "expire-exited", deferrable=True)
         # Always: a SIGHUP may set a nice value later (unboost returns at
         # once while none is configured).
-        loop.add_timer(1.0, self.priority.unboost, "unboost")
-        loop.add_timer(0.25, events.expire_seq_holes, "seq-holes", deferrable=True)
+        loop.add_timer(1.0, self.priority.unboost, "unboost", active=self.priority.boosted)
+        loop.add_timer(0.25, events.expire_seq_holes, "seq-holes", deferrable=True,
+                       active=events.holes_open)
         loop.add_timer(5.0, lambda: manager.end_never_joined(limits["empty_job_timeout"]),
                        "empty-jobs", deferrable=True)
         self.cost.start()

@@ -179,6 +179,10 @@ class ProcEvents:
             return False
         return self._loss_since is None and not self.connector.seqs.holes
 
+    def holes_open(self) -> bool:
+        """Whether a sequence hole waits (the work of :meth:`expire_seq_holes`)."""
+        return bool(self.connector.seqs.holes)
+
     def expire_seq_holes(self) -> None:
         """A timer: give up on sequence holes that stayed open (lost events)."""
         if self.connector.seqs.holes:

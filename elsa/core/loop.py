@@ -45,14 +45,15 @@ URGENT_EVENT_WINDOW = 0.01
 
 
 class _Timer:
-    __slots__ = ("interval", "callback", "name", "deferrable")
+    __slots__ = ("interval", "callback", "name", "deferrable", "active")
 
     def __init__(self, interval: float, callback: Callable[[], None], name: str,
-                 deferrable: bool) -> None:
+                 deferrable: bool, active: Optional[Callable[[], bool]]) -> None:
         self.interval = interval
         self.callback = callback
         self.name = name
         self.deferrable = deferrable
+        self.active = active
 
 
 class EventLoop:
@@ -66,6 +67,8 @@ class EventLoop:
         self._events_first: Set[int] = set()  # client descriptors (add_reader)
         self._deferrable: Set[int] = set()  # source descriptors, left unread in a hold
         self._paused: Set[int] = set()  # descriptors left out of the selector now
+        self._windows: Dict[int, float] = {}  # reader -> its batching window (add_reader)
+        self._resume_at: Dict[int, float] = {}  # windowed out until then (monotonic)
         self._held_timers: List[_Timer] = []  # deferrable timers due during a hold
         self._writers: Dict[int, Callable[[], None]] = {}
         self._after_pass: List[Callable[[], None]] = []
@@ -81,7 +84,7 @@ class EventLoop:
     # -- selector plumbing -------------------------------------------------------------
     def _register(self, fd: int) -> None:
         mask = 0
-        if fd in self._readers and fd not in self._paused:
+        if fd in self._readers and fd not in self._paused and fd not in self._resume_at:
             mask |= selectors.EVENT_READ
         if fd in self._writers:
             mask |= selectors.EVENT_WRITE
@@ -97,12 +100,21 @@ class EventLoop:
             self.selector.unregister(fd)
 
     def add_reader(self, fd: int, callback: Callable[[], None],
-                   events_first: bool = False, deferrable: bool = False) -> None:
+                   events_first: bool = False, deferrable: bool = False,
+                   window: float = 0.0) -> None:
         """Call *callback* when *fd* is readable. *events_first*: apply the proc
         connector events queued so far before (client requests: a reply must
         see every fork that happened before the request was sent).
-        *deferrable*: left unread during a burst hold (accounting sources)."""
+        *deferrable*: left unread during a burst hold (accounting sources).
+        *window*: seconds *fd* is left out of the selector after each call, so
+        that one wake-up reads what arrived meanwhile (a source whose kernel
+        queue holds a batch: a wake-up per message costs more than the message;
+        nothing wakes the loop for an idle descriptor, unlike a read timer)."""
         self._readers[fd] = callback
+        if window > 0:
+            self._windows[fd] = window
+        else:
+            self._windows.pop(fd, None)
         for flag, fds in ((events_first, self._events_first), (deferrable, self._deferrable)):
             if flag:
                 fds.add(fd)
@@ -115,6 +127,8 @@ class EventLoop:
         self._events_first.discard(fd)
         self._deferrable.discard(fd)
         self._paused.discard(fd)
+        self._windows.pop(fd, None)
+        self._resume_at.pop(fd, None)
         self._writers.pop(fd, None)
         self._register(fd)
 
@@ -132,11 +146,17 @@ class EventLoop:
         self._after_pass.append(callback)
 
     def add_timer(self, interval: float, callback: Callable[[], None], name: str,
-                  deferrable: bool = False) -> None:
+                  deferrable: bool = False,
+                  active: Optional[Callable[[], bool]] = None) -> None:
         """Call *callback* every *interval* seconds. *deferrable*: not during a
         burst hold (the work it does waits for the held events); it runs when
-        the hold ends."""
-        timer = _Timer(interval, callback, name, deferrable)
+        the hold ends. *active*: whether the timer has work now; while it says
+        False the loop neither wakes for the timer nor calls it, and the timer
+        keeps its period. Work for a timer appears in some callback, and the
+        loop asks *active* again before it waits. So an idle elsad sleeps
+        instead of waking for timers with nothing to do: each wake-up of an
+        idle CPU cost 50-120 µs of CPU on the development VM."""
+        timer = _Timer(interval, callback, name, deferrable, active)
         heapq.heappush(self._timers, (time.monotonic() + interval, next(self._seq), timer))
 
     def attach_events(self, events: ProcEvents) -> None:
@@ -193,11 +213,12 @@ class EventLoop:
         select = self.selector.select
         readers = self._readers
         writers = self._writers
+        windows = self._windows
+        resume_at = self._resume_at  # descriptors windowed out, and until when
         after_pass = self._after_pass
         events_first = self._events_first
         events = self.events
         nl_fd = events.fileno() if events is not None else -1
-        resume: Optional[float] = None  # proc connector left out until then (EVENT_WINDOW)
         hold = events.hold if events is not None else None
         hold_check: Optional[float] = None  # holding: when to call hold.check
         release_bytes: Optional[int] = None  # a hold ended with this backlog
@@ -207,10 +228,11 @@ class EventLoop:
             return URGENT_EVENT_WINDOW if urgent() else EVENT_WINDOW
         monotonic = time.monotonic
         last_drain = 0.0  # the events queued at start-up are no burst
-        # Switching the descriptor off and on: the selector's register and
+        # Switching the proc connector off and on: the selector's register and
         # unregister cost ~10 µs of Python per window; the epoll object under
         # EpollSelector (CPython's selectors keeps it in ``_selector``) does it
-        # with one epoll_ctl (events 0 = reported never).
+        # with one epoll_ctl (events 0 = reported never). The other windowed
+        # readers are read a few times a second and go through _register.
         ep = getattr(self.selector, "_selector", None)
         if isinstance(ep, select_mod.epoll):
             def nl_off() -> None:
@@ -224,21 +246,26 @@ class EventLoop:
 
             def nl_on() -> None:
                 self.selector.register(nl_fd, selectors.EVENT_READ)
+
+        def watch_again(fd: int) -> None:
+            if fd == nl_fd:
+                if nl_fd in readers:
+                    nl_on()
+            else:
+                self._register(fd)
         while self._stop_reason is None:
             if self._reload:
                 self._reload = False
                 self.on_reload()
-            timeout = None
-            if self._timers:
-                timeout = max(0.0, self._timers[0][0] - monotonic())
-            if resume is not None:
-                wait = resume - monotonic()
-                if wait <= 0:
-                    resume = None
-                    if nl_fd in readers:
-                        nl_on()
-                elif timeout is None or wait < timeout:
-                    timeout = wait
+            timeout = self._timer_timeout(monotonic())
+            if resume_at:
+                now = monotonic()
+                for fd, at in list(resume_at.items()):
+                    if at <= now:
+                        del resume_at[fd]
+                        watch_again(fd)
+                    elif timeout is None or at - now < timeout:
+                        timeout = at - now
             if hold_check is not None:
                 assert hold is not None and events is not None
                 now = monotonic()
@@ -275,18 +302,18 @@ class EventLoop:
                             if emptied:
                                 hold.calibrate(release_bytes, events.drained)
                             release_bytes = None
-                            resume = now + window()
+                            resume_at[nl_fd] = now + window()
                         elif (hold_check is None and hold is not None
                               and hold.wants(events.drained, now - last_drain) and not urgent()):
                             hold_check = hold.begin(now)
                             self._hold_sources()
                             if hold.sources_only:  # events still read (elsa/core/burst.py)
-                                resume = now + window()
+                                resume_at[nl_fd] = now + window()
                         else:
-                            resume = now + window()
+                            resume_at[nl_fd] = now + window()
                     last_drain = now
                     continue
-                if (resume is not None or hold_check is not None) and fd in events_first:
+                if (nl_fd in resume_at or hold_check is not None) and fd in events_first:
                     # Events queued before this request come first. (Not for
                     # the others: the commit pipe and timers need no events,
                     # a backend's job-emptied notice and the aggregator's
@@ -298,6 +325,9 @@ class EventLoop:
                     cb = readers.get(fd)
                     if cb is not None:
                         cb()
+                        if fd in windows:
+                            resume_at[fd] = monotonic() + windows[fd]
+                            self._register(fd)
                 if mask & selectors.EVENT_WRITE:
                     cb = writers.get(fd)
                     if cb is not None:
@@ -308,17 +338,46 @@ class EventLoop:
                 if hold_check is not None and timer.deferrable:
                     self._held_timers.append(timer)  # _release_sources runs it
                     continue
-                try:
-                    timer.callback()
-                except Exception as exc:
-                    log.exception("timer failed", timer=timer.name, error=str(exc))
+                if timer.active is None or self._active(timer):
+                    try:
+                        timer.callback()
+                    except Exception as exc:
+                        log.exception("timer failed", timer=timer.name, error=str(exc))
                 heapq.heappush(self._timers, (now + timer.interval, next(self._seq), timer))
             for cb in after_pass:
                 cb()
-        if (resume is not None or hold_check is not None) and nl_fd in readers:
-            nl_on()
+        for fd in list(resume_at):
+            del resume_at[fd]
+            watch_again(fd)
         if hold_check is not None:
+            if nl_fd in readers:
+                nl_on()
             assert hold is not None
             hold.end(monotonic(), "stop")
             self._release_sources()  # the sources' stop() reads what is left
         return self._stop_reason
+
+    def _timer_timeout(self, now: float) -> Optional[float]:
+        """Seconds until the earliest timer that is due and active, None if none is."""
+        timers = self._timers
+        if not timers:
+            return None
+        due, _, top = timers[0]
+        if top.active is None or self._active(top):  # the heap's first: most passes end here
+            return max(0.0, due - now)
+        first = min((d for d, _, t in timers if t.active is None or self._active(t)),
+                    default=None)
+        return None if first is None else max(0.0, first - now)
+
+    @staticmethod
+    def _active(timer: _Timer) -> bool:
+        assert timer.active is not None
+        try:
+            return bool(timer.active())
+        except Exception as exc:
+            # A plugin's predicate (Source.has_poll_work) must not stop the loop;
+            # the timer then runs at every period, as without one.
+            log.exception("timer predicate failed; the timer runs at every period",
+                          timer=timer.name, error=str(exc))
+            timer.active = None
+            return True

@@ -49,6 +49,10 @@ class Priority:
             self.set(0)
         self.boosted_until = time.monotonic() + BOOST_HOLD
 
+    def boosted(self) -> bool:
+        """Whether :meth:`unboost` may have to act (the timer's work)."""
+        return bool(self.configured) and self.now != self.configured
+
     def unboost(self) -> None:
         """Back to the configured value once the boost has expired (a timer)."""
         if (self.configured and self.now != self.configured

@@ -607,6 +607,10 @@ class ControlServer:
                     denied=self.authz.denied)
 
     # -- timers --------------------------------------------------------------------------
+    def has_sweep_work(self) -> bool:
+        """Whether :meth:`sweep` has anything to look at: open connections, polls, waits."""
+        return bool(self.conns or self.pollers or self.waiters)
+
     def sweep(self) -> None:
         """Close stuck connections and answer waits that timed out (daemon timer)."""
         now = self.clock()

@@ -55,6 +55,10 @@ class Source(abc.ABC):
     name: str = ""
     #: Seconds between :meth:`poll` calls, or ``None`` to never poll.
     interval: Optional[float] = None
+    #: Seconds the event loop leaves :meth:`fileno` unwatched after each
+    #: :meth:`on_readable`, so that one wake-up reads a batch of what the kernel
+    #: queued meanwhile; 0: a wake-up whenever it is readable.
+    read_window: float = 0.0
 
     def start(self, ctx: SourceContext) -> None:
         self.ctx = ctx
@@ -68,6 +72,12 @@ class Source(abc.ABC):
 
     def poll(self) -> None:
         """Periodic work (every :attr:`interval` seconds)."""
+
+    def has_poll_work(self) -> bool:
+        """Whether :meth:`poll` has work now; while False the event loop does not
+        wake for it (an idle daemon sleeps). Called before each wait of the loop:
+        keep it to a field test."""
+        return True
 
     def job_ending(self, job: Job) -> None:
         """Take final readings of *job* before the backend removes its kernel object."""

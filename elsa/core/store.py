@@ -137,6 +137,11 @@ class Store:
         self._committed = 0   # ops committed
         self._stopping = False
         self._urgent = False  # a flush() waits: commit now
+        # The writer sleeps with nothing to write instead of waking every batch
+        # interval (an idle elsad wakes for nothing, elsa/core/loop.py add_timer);
+        # the first write after that wakes it. Set before the writer looks at the
+        # queue, so a write that it did not see finds it set (both under the GIL).
+        self._asleep = False
         # Commit notifications for the event loop (see commit_notifications()).
         self._notify_at = 0
         self._notify_r: Optional[int] = None
@@ -166,6 +171,12 @@ class Store:
         While the store cannot commit, writes wait in the queue (see health())."""
         self._queue.append((sql, params))
         self._submitted += 1
+        if self._asleep:
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def submit_many(self, sql: str, rows: List[Sequence[Any]]) -> None:
         """Queue one statement for each of *rows* with one queue entry (the
@@ -182,6 +193,8 @@ class Store:
             return
         self._queue.append((sql, _Many(rows)))
         self._submitted += len(rows)
+        if self._asleep:
+            self._wake()
 
     # -- health ------------------------------------------------------------------------
     def pending(self) -> int:
@@ -308,9 +321,15 @@ class Store:
                     elif self._notify_at or self._urgent:
                         break
                     else:
-                        pending = bool(self._queue or self._members)
-                        wait = (next_commit - time.monotonic() if pending
-                                else self.batch_interval)
+                        self._asleep = True
+                        if not (self._queue or self._members):
+                            self._cond.wait()  # until a write, kick, flush or stop
+                            self._asleep = False
+                            # A write woke us: it opens a batch.
+                            next_commit = time.monotonic() + self.batch_interval
+                            continue
+                        self._asleep = False
+                        wait = next_commit - time.monotonic()
                     if wait <= 0:
                         break
                     self._cond.wait(wait)
@@ -480,6 +499,8 @@ class Store:
             self._members[(boot_id, pid, start_ticks, jid)] = row
             self._member_calls += 1
         self._submitted += 1
+        if self._asleep:
+            self._wake()
 
     def close_member(self, boot_id: str, jid: int, pid: int, start_ticks: int, left: float,
                      exit_code: Optional[int], detached: bool = False) -> None:
