@@ -28,6 +28,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from elsa.client import Client  # noqa: E402
 
+sys.path.insert(0, HERE)
+from bench_overhead import _cgroup2_mount, _rmtree_cgroup  # noqa: E402
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -66,8 +69,12 @@ def run(forks: int = 20000, forkers: int = 2) -> List[Dict]:
     exe = build_forker(work)
     cfg = os.path.join(work, "elsa.toml")
     sock = os.path.join(work, "elsad.sock")
+    mount = _cgroup2_mount()
+    base = f"{mount}/elsa-bench-fork-{os.getpid()}" if mount else None
     with open(cfg, "w") as fh:
         fh.write(f'socket = "{sock}"\nstate_dir = "{work}/state"\nlog_level = "warning"\n')
+        if base:  # where auto picks cgroup2: a private base, removed at the end
+            fh.write(f'[backends.cgroup2]\nbase = "{base}"\n')
     prefix = os.environ.get("ELSA_BENCH_WRAP", "").split()  # e.g. a profiler
     elsad = subprocess.Popen([*prefix, sys.executable, "-m", "elsa.elsad", "-c", cfg],
                              stdout=subprocess.DEVNULL, stderr=open(f"{work}/elsad.log", "w"))
@@ -114,6 +121,8 @@ def run(forks: int = 20000, forkers: int = 2) -> List[Dict]:
         fstat.wait(10)
         elsad.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+        if base:
+            _rmtree_cgroup(base)
     events = st1["events"] - st0["events"]
     # ENOBUFS: events that reached our socket and did not fit because we fell
     # behind -- elsad's fault, target 0. Sequence gaps without ENOBUFS are

@@ -4,8 +4,9 @@
 pid_max on the benchmark machine is 32768 (and a real population of 100,000
 processes would need far more memory than the daemon's), so the population is
 synthetic: a child process starts a real elsad ``Daemon`` in-process (default
-config: cnproc backend, store, control socket, proc-connector subscription and
-self-test, exactly as ``elsad`` does), makes one real job holding itself, and
+config: backend auto, with a private cgroup base that the benchmark removes,
+store, control socket, proc-connector subscription and self-test, exactly as
+``elsad`` does), makes one real job holding itself, and
 replays 100,000 fork events into the job manager through the same
 ``JobManager.on_fork`` the event loop calls, with synthetic child pids above
 pid_max so they can never collide with real processes. The store's writer
@@ -32,6 +33,8 @@ from typing import Any, Dict, List, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from bench_overhead import _cgroup2_mount, _rmtree_cgroup  # noqa: E402
 
 TARGET_MB = 40.0
 REPRODUCE = "sudo python3 benchmarks/bench_memory.py"
@@ -45,7 +48,7 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def child(processes: int) -> Dict[str, Any]:
+def child(processes: int, cgroup_base: str) -> Dict[str, Any]:
     """Run inside the measured process: a real Daemon plus replayed fork events."""
     from elsa import config as config_mod
     from elsa import logsetup
@@ -56,8 +59,11 @@ def child(processes: int) -> Dict[str, Any]:
     gc.collect()
     rss_imports = _status_kb("VmRSS")
     work = tempfile.mkdtemp(prefix="elsa-bench-mem-")
-    cfg = config_mod.parse({"socket": f"{work}/elsad.sock", "state_dir": f"{work}/state",
-                            "log_level": "warning"}, f"{work}/elsa.toml")
+    table: Dict[str, Any] = {"socket": f"{work}/elsad.sock", "state_dir": f"{work}/state",
+                              "log_level": "warning"}
+    if cgroup_base:  # where auto picks cgroup2: the job's cgroup goes under the bench's own
+        table["backends"] = {"cgroup2": {"base": cgroup_base}}
+    cfg = config_mod.parse(table, f"{work}/elsa.toml")
     host = PluginHost(build_plugin_manager(blocked=cfg.disabled_plugins))
     gc.collect()
     rss_plugins = _status_kb("VmRSS")
@@ -95,8 +101,15 @@ def child(processes: int) -> Dict[str, Any]:
 def run(processes: int = 100_000) -> List[Dict[str, Any]]:
     if os.geteuid() != 0:
         raise SystemExit("bench_memory: needs root (proc-connector subscription)")
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(processes)],
-                         capture_output=True, text=True, timeout=600)
+    mount = _cgroup2_mount()
+    base = f"{mount}/elsa-bench-mem-{os.getpid()}" if mount else ""
+    try:
+        res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
+                              str(processes), "--cgroup-base", base],
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        if base:
+            _rmtree_cgroup(base)  # the job's cgroup (emptied when the child exited) and the base
     if res.returncode != 0:
         raise SystemExit(f"bench_memory: measuring process failed:\n{res.stderr[-3000:]}")
     m = json.loads(res.stdout.strip().splitlines()[-1])
@@ -126,9 +139,10 @@ def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--processes", type=int, default=100_000)
     ap.add_argument("--child", type=int, metavar="N", help=argparse.SUPPRESS)
+    ap.add_argument("--cgroup-base", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(list(argv))
     if args.child is not None:
-        print(json.dumps(child(args.child)))
+        print(json.dumps(child(args.child, args.cgroup_base)))
         return []
     rows = run(args.processes)
     for r in rows:

@@ -10,14 +10,14 @@ import sqlite3
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
 from elsa import config
 from elsa.apps import record, report
 from elsa.apps.packages import PackageIndex, parse_dpkg_status
-from elsa.apps.recorder import INSERT, AppRecorder
+from elsa.apps.recorder import INSERT, RECENT_S, AppRecorder
 from elsa.core.listener import ListenerContext
 from elsa.core.model import format_jid
 from elsa.core.store import Store
@@ -44,11 +44,13 @@ def store(tmp_path: Path):
 
 
 def _recorder(store: Store, held: Callable[[], bool] = lambda: False,
-              **kw: Any) -> AppRecorder:
-    timers: List[Any] = []
+              timers: Optional[List[Any]] = None, **kw: Any) -> AppRecorder:
+    """*timers*: gets (interval, callback, name, active) of each timer the recorder adds."""
+    if timers is None:
+        timers = []
     ctx = ListenerContext(config=config.parse({}, "test"), procfs=ProcFS(), store=store,
                           boot_id="boot-1", host_id=0x35969E, job_of=lambda pid: JID,
-                          add_timer=lambda *a: timers.append(a),
+                          add_timer=lambda *a, active=None: timers.append((*a, active)),
                           source_priority={"taskstats": 20, "bsdacct": 30, "cgroupstat": 10},
                           sources_held=held)
     return AppRecorder(ctx, _options(**kw))
@@ -143,6 +145,26 @@ def test_exec_then_exit_takes_figures_from_the_exit_record(store: Store) -> None
     assert 8_900_000 <= r.cpu_user_us <= 9_000_000  # minus what /proc had at the exec
     assert r.jid == JID and r.uid == os.getuid() and r.comm == "sleep"
     assert r.end_time >= r.exec_time
+
+
+def test_flush_timer_is_idle_once_rows_are_written_and_the_exit_records_aged(
+        store: Store) -> None:
+    """The flush timer's predicate (elsa/core/loop.py: an idle elsad does not wake
+    for it) says work while a row, an ending or a remembered exit record waits."""
+    timers: List[Any] = []
+    rec = _recorder(store, timers=timers, exit_wait=0.01)
+    rec.start()
+    try:
+        (active,) = [t[3] for t in timers if t[2] == "apps-flush"]
+        assert not active()
+        rec.on_usage([_usage("taskstats", 4242, 100, cpu_user_us=1)])  # any exit at all
+        assert active()
+        for _ in range(2):  # the remembered records age out in two RECENT_S periods
+            rec.recent_since -= RECENT_S
+            rec.flush()
+        assert not active()
+    finally:
+        rec.stop()
 
 
 def test_an_exit_record_from_a_lesser_source_alone_still_gives_figures(store: Store) -> None:

@@ -164,9 +164,22 @@ def test_idle_elsad_sleeps(elsad):
     # Settle: the readiness, the test's own status request and its connection.
     wait_for(lambda: d.call("status")["uptime"] > 1.0, 10, interval=0.1, what="uptime > 1 s")
     time.sleep(0.5)  # let the last connection's close and commit pass (not a sync point)
-    before = _voluntary_switches(pid)
-    t0 = time.monotonic()
-    time.sleep(4.0)  # the measured idle period itself
-    wakeups = _voluntary_switches(pid) - before
-    per_s = wakeups / (time.monotonic() - t0)
-    assert per_s < 3.0, f"idle elsad woke {wakeups} times in 4 s"
+    # Any process started or ended on the machine wakes elsad (the proc connector):
+    # measure a window in which none started (/proc/stat "processes").
+    seen = []
+    for _ in range(5):
+        forks0, before = _forks(), _voluntary_switches(pid)
+        t0 = time.monotonic()
+        time.sleep(4.0)  # the measured idle period itself
+        wakeups = _voluntary_switches(pid) - before
+        span = time.monotonic() - t0
+        if _forks() == forks0:
+            assert wakeups / span < 3.0, f"idle elsad woke {wakeups} times in {span:.1f} s"
+            return
+        seen.append(wakeups)
+    pytest.fail(f"no 4 s window without a new process on this machine; elsad woke {seen}")
+
+
+def _forks() -> int:
+    with open("/proc/stat") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("processes "))

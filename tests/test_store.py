@@ -131,7 +131,7 @@ def test_idle_writer_sleeps_and_the_next_write_wakes_it(tmp_path):
             assert wakeups() == before and store._asleep
             write()
             mark = store.mark()
-            wait_for(lambda: store.is_committed(mark), 5, interval=0.01,
+            wait_for(lambda mark=mark: store.is_committed(mark), 5, interval=0.01,
                      what="the write committed without a flush")
     finally:
         store.close()

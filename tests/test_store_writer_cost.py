@@ -165,7 +165,7 @@ def test_no_index_orders_proc_usage_by_pid_with_or_without_the_apps_recorder(tmp
     try:
         ctx = ListenerContext(config=config.parse({}, "test"), procfs=ProcFS(), store=store,
                               boot_id="b", host_id=1, job_of=lambda pid: None,
-                              add_timer=lambda *a: None, source_priority={},
+                              add_timer=lambda *a, **k: None, source_priority={},
                               sources_held=lambda: False)
         options = config.validate_table({"enabled": True}, config.section_options("apps"),
                                         where="apps", path="test")

@@ -260,7 +260,7 @@ class AppRecorder(EventListener):
     def start(self) -> None:
         self.packages.start()
         self._reopen()
-        self.ctx.add_timer(FLUSH_INTERVAL, self.flush, "apps-flush")
+        self.ctx.add_timer(FLUSH_INTERVAL, self.flush, "apps-flush", active=self._has_work)
         self.ctx.add_timer(SWEEP_INTERVAL, self.sweep, "apps-sweep")
 
     def _reopen(self) -> None:
@@ -440,6 +440,10 @@ class AppRecorder(EventListener):
         return json.dumps([a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]])
 
     # -- writing (event thread queues; the store's writer thread commits) --------------------
+    def _has_work(self) -> bool:
+        """Whether :meth:`flush` has rows to write or maps to age."""
+        return bool(self.done or self.ended or self.recent or self.recent_old)
+
     def flush(self, force: bool = False) -> None:
         if time.monotonic() - self.recent_since >= RECENT_S:
             self.recent_old, self.recent = self.recent, {}

@@ -34,8 +34,9 @@ class ListenerContext:
     host_id: int
     #: The job a live pid belongs to now, or None.
     job_of: Callable[[int], Optional[int]]
-    #: add_timer(interval_s, callback, name): a callback on the event thread.
-    add_timer: Callable[[float, Callable[[], None], str], None]
+    #: add_timer(interval_s, callback, name, active=None): a callback on the event
+    #: thread; *active*, if given, says whether it has work (elsa/core/loop.py).
+    add_timer: Callable[..., None]
     #: Source name -> priority (lower wins) of every installed accounting
     #: source (elsa.core.usage.priorities_of).
     source_priority: Mapping[str, int] = dataclasses.field(default_factory=dict)
