@@ -24,31 +24,17 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_overhead as bo  # also puts the repository on the path
 import bench_sustained as bs
 
+from elsa.kernel.procfs import ProcFS
+
 TARGET_WAKEUPS = 3.0  # per second, all threads (tests/test_loop.py checks the same)
 REPRODUCE = "sudo python3 benchmarks/bench_idle.py"
 
-
-def wakeups_and_cpu(pid: int) -> Tuple[int, float]:
-    """(voluntary context switches, CPU seconds) of all of *pid*'s threads; the CPU
-    from schedstat (ns: elsad's idle CPU is below the clock tick of /proc/PID/stat)."""
-    switches, cpu_ns = 0, 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as fh:
-                for line in fh:
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        switches += int(line.split()[1])
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                cpu_ns += int(fh.read().split()[0])
-        except FileNotFoundError:
-            pass  # a thread that ended
-    return switches, cpu_ns / 1e9
 
 
 def run(seconds: float = 20.0) -> List[Dict[str, Any]]:
@@ -64,17 +50,18 @@ def run(seconds: float = 20.0) -> List[Dict[str, Any]]:
         pid = daemon.proc.pid
         bo.wait_quiet(daemon)
         time.sleep(1.0)  # the last request's connection closes and its commit passes
-        (w0, c0), t0 = wakeups_and_cpu(pid), time.monotonic()
+        procfs = ProcFS()
+        (w0, c0), t0 = procfs.wakeups_and_cpu(pid), time.monotonic()
         time.sleep(seconds)  # the measured idle period
-        (w1, c1), t1 = wakeups_and_cpu(pid), time.monotonic()
+        (w1, c1), t1 = procfs.wakeups_and_cpu(pid), time.monotonic()
     finally:
         daemon.stop()
         if base:
             bo._rmtree_cgroup(base)
     span = t1 - t0
     per_s = (w1 - w0) / span
-    cpu_ms = 1000 * (c1 - c0) / span
-    detail = {"seconds": round(span, 1), "wakeups": w1 - w0, "cpu_s": round(c1 - c0, 4)}
+    cpu_ms = (c1 - c0) / 1e6 / span
+    detail = {"seconds": round(span, 1), "wakeups": w1 - w0, "cpu_s": round((c1 - c0) / 1e9, 4)}
     return [
         {"metric": "idle elsad, default config: wake-ups per second, all threads",
          "unit": "/s", "elsa": round(per_s, 2), "peer": None, "peer_name": "-",

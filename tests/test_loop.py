@@ -4,7 +4,6 @@ instead of waking for timers with nothing to do."""
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -13,6 +12,7 @@ from typing import Callable, Dict, List
 import pytest
 
 from elsa.core.loop import EventLoop
+from elsa.kernel.procfs import ProcFS
 from elsa.testing import wait_for
 
 
@@ -138,21 +138,6 @@ def test_failing_predicate_leaves_the_timer_running_at_its_period():
     assert loop.run() == "done"
 
 
-def _voluntary_switches(pid: int) -> int:
-    """Voluntary context switches of all of *pid*'s threads: a sleeping thread
-    that wakes (a select returning, a condition wait ending) counts one."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as fh:
-                for line in fh:
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        total += int(line.split()[1])
-        except FileNotFoundError:
-            pass  # a thread that ended
-    return total
-
-
 @pytest.mark.root
 def test_idle_elsad_sleeps(elsad):
     """With no client, job or exit to handle, elsad wakes only for its few slow
@@ -161,6 +146,7 @@ def test_idle_elsad_sleeps(elsad):
     woke it ~20 times a second."""
     d = elsad()
     pid = d.proc.pid
+    procfs = ProcFS()
     # Settle: the readiness, the test's own status request and its connection.
     wait_for(lambda: d.call("status")["uptime"] > 1.0, 10, interval=0.1, what="uptime > 1 s")
     time.sleep(0.5)  # let the last connection's close and commit pass (not a sync point)
@@ -168,18 +154,14 @@ def test_idle_elsad_sleeps(elsad):
     # measure a window in which none started (/proc/stat "processes").
     seen = []
     for _ in range(5):
-        forks0, before = _forks(), _voluntary_switches(pid)
+        forks0, before = procfs.forks(), procfs.wakeups_and_cpu(pid)[0]
         t0 = time.monotonic()
         time.sleep(4.0)  # the measured idle period itself
-        wakeups = _voluntary_switches(pid) - before
+        wakeups = procfs.wakeups_and_cpu(pid)[0] - before
         span = time.monotonic() - t0
-        if _forks() == forks0:
+        if procfs.forks() == forks0:
             assert wakeups / span < 3.0, f"idle elsad woke {wakeups} times in {span:.1f} s"
             return
         seen.append(wakeups)
     pytest.fail(f"no 4 s window without a new process on this machine; elsad woke {seen}")
 
-
-def _forks() -> int:
-    with open("/proc/stat") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("processes "))

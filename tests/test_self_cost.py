@@ -69,6 +69,41 @@ def test_thread_cpu_follows_the_thread_that_burns():
     assert sum(after[other["tid"]]) < 0.1     # the idle thread is counted on its own
 
 
+def test_wakeups_count_each_sleep_of_each_thread_and_cpu_is_in_ns():
+    procfs = ProcFS()
+    before, cpu0 = procfs.wakeups_and_cpu(os.getpid())
+    never, napped, done = threading.Event(), threading.Event(), threading.Event()
+
+    def napper() -> None:
+        for _ in range(20):  # 20 sleeps that time out: 20 wake-ups of this thread
+            never.wait(0.002)
+        napped.set()
+        done.wait(10)
+    t = threading.Thread(target=napper)
+    t.start()
+    try:
+        x, deadline = 0, os.times().user + 0.05
+        while os.times().user < deadline:  # some CPU on this thread meanwhile
+            x += 1
+        assert napped.wait(10)
+        after, cpu1 = procfs.wakeups_and_cpu(os.getpid())  # the napper still lives
+    finally:
+        done.set()
+        t.join()
+    assert after - before >= 20
+    assert cpu1 - cpu0 >= 40_000_000  # the 0.05 s of user time, at least, in ns
+
+
+def test_wakeups_and_cpu_sum_the_threads_files(tmp_path):
+    for tid, (switches, ns) in {7: (5, 1000), 9: (11, 250)}.items():
+        task = tmp_path / "7" / "task" / str(tid)
+        task.mkdir(parents=True)
+        (task / "status").write_text(f"Name:\tx\nvoluntary_ctxt_switches:\t{switches}\n"
+                                     f"nonvoluntary_ctxt_switches:\t99\n")
+        (task / "schedstat").write_text(f"{ns} 0 3\n")
+    assert ProcFS(str(tmp_path)).wakeups_and_cpu(7) == (16, 1250)
+
+
 def _fake_proc(root: Path, processes: int, ticks: int) -> None:
     (root / "stat").write_text(f"cpu  1 2 3 4\nprocesses {processes}\nprocs_running 1\n")
     task = root / str(os.getpid()) / "task" / str(threading.get_native_id())

@@ -253,6 +253,25 @@ class ProcFS:
             out[tid] = (int(rest[11]) / CLOCK_TICKS, int(rest[12]) / CLOCK_TICKS)
         return out
 
+    def wakeups_and_cpu(self, pid: int) -> Tuple[int, int]:
+        """(voluntary context switches, CPU nanoseconds) summed over the live
+        threads of *pid*. A thread that slept and was woken counts one switch
+        (/proc/PID/task/TID/status ``voluntary_ctxt_switches``); the CPU is
+        schedstat's first field, finer than stat's clock ticks."""
+        switches = cpu_ns = 0
+        for tid in self.threads(pid):
+            task = f"{self.root}/{pid}/task/{tid}"
+            try:
+                status = read_small(f"{task}/status")
+                schedstat = read_small(f"{task}/schedstat")
+            except OSError:
+                continue  # the thread ended meanwhile
+            at = status.find(b"\nvoluntary_ctxt_switches:")
+            if at >= 0:
+                switches += int(status[at + 25:status.index(b"\n", at + 1)])
+            cpu_ns += int(schedstat.split()[0])
+        return switches, cpu_ns
+
     def boot_id(self) -> str:
         """The kernel's boot id: identities are only comparable within one boot."""
         path = f"{self.root}/sys/kernel/random/boot_id"
