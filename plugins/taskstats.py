@@ -44,13 +44,16 @@ OPTIONS: Dict[str, Option] = {
 }
 
 
-#: Seconds between checks for multi-threaded processes whose last record was lost.
-EXPIRE_INTERVAL = 1.0
+#: Checks for multi-threaded processes whose last record was lost: a sixth of
+#: fold_timeout apart (5 s for the default 30 s), so one is flagged at most that
+#: much late. The check runs (and wakes elsad) only while such a process is
+#: pending, which on a server with long-lived thread pools is most of the time.
+EXPIRE_CHECKS_PER_TIMEOUT = 6
 
 
 class TaskstatsSource(Source):
     name = NAME
-    interval: Optional[float] = EXPIRE_INTERVAL
+    interval: Optional[float] = 5.0  # set from fold_timeout at start
 
     def __init__(self) -> None:
         self.sock: Optional[TaskstatsSocket] = None
@@ -65,6 +68,7 @@ class TaskstatsSource(Source):
     def start(self, ctx: SourceContext) -> None:
         super().start(ctx)
         self.fold_timeout = float(ctx.options["fold_timeout"])  # type: ignore[arg-type]
+        self.interval = self.fold_timeout / EXPIRE_CHECKS_PER_TIMEOUT
         self.read_interval = float(ctx.options.get("read_interval", 0.0))  # type: ignore[arg-type]
         self.read_window = self.read_interval  # batches: see OPTIONS
         self.sock = TaskstatsSocket(rcvbuf=int(ctx.options["rcvbuf"]))  # type: ignore[arg-type]

@@ -211,6 +211,9 @@ def test_taskstats_read_in_windows_loses_nothing(tmp_path):
     try:
         # The loop watches the socket, leaving it unwatched for the window after a read.
         assert src.fileno() is not None and src.read_window == pytest.approx(0.1)
+        # Lost last-thread records are looked for every fold_timeout / 6, and only
+        # while a multi-threaded process waits (elsa/core/loop.py: no idle wake-up).
+        assert src.interval == pytest.approx(5.0) and not src.has_poll_work()
         pids = []
         for _ in range(20):
             p = subprocess.Popen(["true"])
