@@ -177,14 +177,14 @@ class Daemon:
         loop.add_timer(0.1, control.sweep, "control-sweep", active=control.has_sweep_work)
         # Deferrable: exits are recorded when their events are read, and a
         # sequence hole cannot close while the events stay unread.
-        loop.add_timer(5.0, manager.expire_exited, "expire-exited", deferrable=True)
-        # Always: a SIGHUP may set a nice value later (unboost returns at
-        # once while none is configured).
+        loop.add_timer(5.0, manager.expire_exited, "expire-exited", deferrable=True,
+                       active=lambda: bool(manager.exited.generations))
+        # Active only while boosted: a SIGHUP may set a nice value later.
         loop.add_timer(1.0, self.priority.unboost, "unboost", active=self.priority.boosted)
         loop.add_timer(0.25, events.expire_seq_holes, "seq-holes", deferrable=True,
                        active=events.holes_open)
         loop.add_timer(5.0, lambda: manager.end_never_joined(limits["empty_job_timeout"]),
-                       "empty-jobs", deferrable=True)
+                       "empty-jobs", deferrable=True, active=lambda: bool(manager.jobs))
         self.cost.start()
         log.info("elsad ready", version=__version__, backend=backend.name,
                  socket=cfg.socket, state_dir=cfg.state_dir, rcvbuf=connector.rcvbuf,
