@@ -18,7 +18,7 @@ import pytest
 
 from elsa.core.cost import EVENT_THREAD, SelfCost
 from elsa.errors import KernelInterfaceError
-from elsa.kernel.procfs import ProcFS
+from elsa.kernel.procfs import ProcFS, line_value
 from elsa.testing import wait_for
 
 
@@ -92,6 +92,14 @@ def test_wakeups_count_each_sleep_of_each_thread_and_cpu_is_in_ns():
         t.join()
     assert after - before >= 20
     assert cpu1 - cpu0 >= 40_000_000  # the 0.05 s of user time, at least, in ns
+
+
+def test_line_value_finds_a_line_anywhere_and_only_at_a_line_start():
+    data = b"Name:\tpython3\nUid:\t0\t1\t2\t3\nprocesses 42"
+    assert line_value(data, b"Name:") == b"python3"  # the first line
+    assert line_value(data, b"Uid:") == b"0\t1\t2\t3"
+    assert line_value(data, b"processes ") == b"42"  # the last, with no newline
+    assert line_value(data, b"ame:") is None and line_value(data, b"Gid:") is None
 
 
 def test_wakeups_and_cpu_sum_the_threads_files(tmp_path):

@@ -41,6 +41,20 @@ def read_small(path: str, size: int = 4096, dir_fd: Optional[int] = None) -> byt
         os.close(fd)
 
 
+def line_value(data: bytes, key: bytes) -> Optional[bytes]:
+    """The rest of the line of *data* that starts with *key*, stripped; None when no
+    line does. For the /proc files of one fact per line: ``status`` ("Uid:\t0 0 0 0"),
+    ``stat`` ("processes 1234")."""
+    if data.startswith(key):
+        at = 0
+    else:
+        at = data.find(b"\n" + key) + 1
+        if at == 0:
+            return None
+    end = data.find(b"\n", at)
+    return data[at + len(key):end if end >= 0 else len(data)].strip()
+
+
 #: Facts of a process at an exec (:meth:`ProcFS.exec_facts`), tuple positions.
 (F_PATH, F_DEV, F_INO, F_DELETED, F_STATUS, F_COMM, F_PPID, F_START, F_UTIME, F_STIME,
  F_UID, F_EUID, F_GID, F_EGID, F_RBYTES, F_WBYTES) = range(16)
@@ -97,28 +111,21 @@ class ProcFS:
 
     def tgid(self, tid: int) -> int:
         """The thread-group id (process id) of thread *tid*."""
-        path = f"{self.root}/{tid}/status"
-        try:
-            with open(path, "rb") as fh:
-                for line in fh:
-                    if line.startswith(b"Tgid:"):
-                        return int(line.split()[1])
-        except OSError as exc:
-            raise from_oserror(exc, "read process status", path, process=True) from exc
-        raise ProcessGone(f"read process status: {path} has no Tgid line")
+        value = self.status_field(tid, "Tgid")
+        if value is None:
+            raise ProcessGone(f"read process status: {self.root}/{tid}/status has no Tgid "
+                              "line")
+        return int(value)
 
     def status_field(self, pid: int, name: str) -> Optional[str]:
         """One ``Name:`` value of /proc/PID/status (e.g. Cpus_allowed_list)."""
         path = f"{self.root}/{pid}/status"
-        key = name.encode() + b":"
         try:
-            with open(path, "rb") as fh:
-                for line in fh:
-                    if line.startswith(key):
-                        return line[len(key):].strip().decode()
+            data = read_small(path)
         except OSError as exc:
             raise from_oserror(exc, "read process status", path, process=True) from exc
-        return None
+        value = line_value(data, name.encode() + b":")
+        return None if value is None else value.decode()
 
     def exec_facts(self, pid: int) -> Tuple[Any, ...]:
         """What /proc says about *pid* now, as application accounting reads it at
@@ -174,14 +181,12 @@ class ProcFS:
                     gid = egid = owner.st_gid
                 else:
                     data = read_small("status", dir_fd=dfd)
-                    i = data.find(b"\nUid:")
-                    if i >= 0:
-                        ids = data[i + 5:data.index(b"\n", i + 1)].split()
-                        uid, euid = int(ids[0]), int(ids[1])
-                    i = data.find(b"\nGid:")
-                    if i >= 0:
-                        ids = data[i + 5:data.index(b"\n", i + 1)].split()
-                        gid, egid = int(ids[0]), int(ids[1])
+                    ids = line_value(data, b"Uid:")
+                    if ids is not None:
+                        uid, euid = map(int, ids.split()[:2])
+                    ids = line_value(data, b"Gid:")
+                    if ids is not None:
+                        gid, egid = map(int, ids.split()[:2])
                 tok = read_small("io", dir_fd=dfd).split()
                 rbytes, wbytes = int(tok[9]), int(tok[11])
             except (OSError, ValueError, IndexError):
@@ -233,11 +238,11 @@ class ProcFS:
             data = read_small(path)
         except OSError as exc:
             raise from_oserror(exc, "read the kernel's counters", path) from exc
-        at = data.find(b"\nprocesses ")
-        if at < 0:
+        value = line_value(data, b"processes ")
+        if value is None:
             raise KernelInterfaceError(f"read the kernel's counters: {path} has no "
                                        "'processes' line; is a procfs mounted there?")
-        return int(data[at + 11:data.index(b"\n", at + 1)])
+        return int(value)
 
     def thread_cpu(self, pid: int) -> Dict[int, Tuple[float, float]]:
         """User and system CPU seconds of each live thread of *pid*, by thread id
@@ -266,9 +271,9 @@ class ProcFS:
                 schedstat = read_small(f"{task}/schedstat")
             except OSError:
                 continue  # the thread ended meanwhile
-            at = status.find(b"\nvoluntary_ctxt_switches:")
-            if at >= 0:
-                switches += int(status[at + 25:status.index(b"\n", at + 1)])
+            value = line_value(status, b"voluntary_ctxt_switches:")
+            if value is not None:
+                switches += int(value)
             cpu_ns += int(schedstat.split()[0])
         return switches, cpu_ns
 
