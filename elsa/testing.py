@@ -45,8 +45,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 import pytest
 
 from elsa.client import Client, RequestFailed
-from elsa.errors import DaemonUnavailable
-from elsa.kernel.procfs import split_stat
+from elsa.errors import DaemonUnavailable, ElsaError
+from elsa.kernel.procfs import ProcFS
 
 # -- polling -------------------------------------------------------------------------------
 
@@ -71,11 +71,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
 def start_ticks(pid: int) -> Optional[int]:
     """Field 22 of /proc/PID/stat, or None when the process is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
+        return ProcFS().ident(pid).start_ticks
+    except ElsaError:  # gone
         return None
-    return int(split_stat(data)[1][19])
 
 
 def pid_alive(pid: int) -> bool:

@@ -102,6 +102,14 @@ def test_line_value_finds_a_line_anywhere_and_only_at_a_line_start():
     assert line_value(data, b"ame:") is None and line_value(data, b"Gid:") is None
 
 
+def test_argv_splits_cmdline_and_is_none_for_a_gone_process(tmp_path):
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "cmdline").write_bytes(b"sh\0-c\0echo a b\0")
+    procfs = ProcFS(str(tmp_path))
+    assert procfs.argv(7) == ["sh", "-c", "echo a b"]
+    assert procfs.argv(8) is None
+
+
 def test_wakeups_and_cpu_sum_the_threads_files(tmp_path):
     for tid, (switches, ns) in {7: (5, 1000), 9: (11, 250)}.items():
         task = tmp_path / "7" / "task" / str(tid)

@@ -52,6 +52,7 @@ from elsa.core import usage
 from elsa.core.listener import EventListener, ListenerContext
 from elsa.core.model import CLOCK_TICKS
 from elsa.core.usage import ROW_FIELDS, TASKSTATS_TOLERANCE_TICKS, UsageRow
+from elsa.errors import ElsaError
 from elsa.kernel.procfs import (
     F_COMM,
     F_DELETED,
@@ -69,8 +70,6 @@ from elsa.kernel.procfs import (
     F_UTIME,
     F_WBYTES,
     boottime_offset_ns,
-    read_small,
-    split_stat,
 )
 from elsa.logsetup import structlog
 
@@ -225,7 +224,6 @@ class AppRecorder(EventListener):
                  packages: Optional[PackageIndex] = None) -> None:
         self.ctx = ctx
         self.options = options
-        self.proc = ctx.procfs.root
         self.facts = ctx.procfs.exec_facts
         self.job_of = ctx.job_of
         self.store = ctx.store
@@ -433,11 +431,8 @@ class AppRecorder(EventListener):
         self.counters[row[R_PATH_STATUS]] += 1
 
     def _argv(self, pid: int) -> Optional[str]:
-        try:
-            raw = read_small(f"{self.proc}/{pid}/cmdline")
-        except OSError:
-            return None
-        return json.dumps([a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]])
+        args = self.ctx.procfs.argv(pid)
+        return None if args is None else json.dumps(args)
 
     # -- writing (event thread queues; the store's writer thread commits) --------------------
     def _has_work(self) -> bool:
@@ -552,8 +547,8 @@ class AppRecorder(EventListener):
         gone = []
         for tgid, img in self.open.items():
             try:
-                start = int(split_stat(read_small(f"{self.proc}/{tgid}/stat"))[1][19])
-            except (OSError, ValueError, IndexError):
+                start: Optional[int] = self.ctx.procfs.ident(tgid).start_ticks
+            except (ElsaError, ValueError, IndexError):  # gone (or a line not parsed)
                 start = None
             known = img.row[R_START_TICKS]
             if start is None or (known >= 0 and abs(start - known) > 1):

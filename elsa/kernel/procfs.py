@@ -127,6 +127,15 @@ class ProcFS:
         value = line_value(data, name.encode() + b":")
         return None if value is None else value.decode()
 
+    def argv(self, pid: int) -> Optional[List[str]]:
+        """The arguments of *pid* (/proc/PID/cmdline, NUL-terminated strings), None
+        when gone or not readable."""
+        try:
+            raw = read_small(f"{self.root}/{pid}/cmdline")
+        except OSError:
+            return None
+        return [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]]
+
     def exec_facts(self, pid: int) -> Tuple[Any, ...]:
         """What /proc says about *pid* now, as application accounting reads it at
         each exec: a tuple in F_* order (one per exec of a storm, so no dataclass);
