@@ -41,10 +41,19 @@ def _stop_when(loop: EventLoop, cond: Callable[[], bool], deadline_s: float) -> 
     loop.add_timer(0.01, check, "stop-check")
 
 
-def test_windowed_reader_takes_what_arrived_meanwhile_in_one_call():
-    loop = EventLoop()
+@pytest.fixture
+def pair():
+    """A connected socket pair, the first end non-blocking (the loop's reader)."""
     r, w = socket.socketpair()
     r.setblocking(False)
+    yield r, w
+    r.close()
+    w.close()
+
+
+def test_windowed_reader_takes_what_arrived_meanwhile_in_one_call(pair):
+    loop = EventLoop()
+    r, w = pair
     got: List[bytes] = []
 
     def on_readable() -> None:
@@ -66,17 +75,14 @@ def test_windowed_reader_takes_what_arrived_meanwhile_in_one_call():
         assert loop.run() == "done"
     finally:
         t.join()
-        r.close()
-        w.close()
     assert sum(map(len, got)) == sent  # nothing lost: the data waited in the socket
     # Without the window: a call per byte (~60). With it: one per 0.2 s (~0.3 s of writes).
     assert len(got) <= 5, [len(g) for g in got]
 
 
-def test_windowed_reader_is_watched_again_after_its_window():
+def test_windowed_reader_is_watched_again_after_its_window(pair):
     loop = EventLoop()
-    r, w = socket.socketpair()
-    r.setblocking(False)
+    r, w = pair
     calls: List[float] = []
 
     def on_readable() -> None:
@@ -87,11 +93,7 @@ def test_windowed_reader_is_watched_again_after_its_window():
     loop.add_reader(r.fileno(), on_readable, window=0.15)
     w.send(b"first")
     _stop_when(loop, lambda: len(calls) == 2, 10)
-    try:
-        assert loop.run() == "done"
-    finally:
-        r.close()
-        w.close()
+    assert loop.run() == "done"
     assert calls[1] - calls[0] >= 0.15 - 0.005
 
 
