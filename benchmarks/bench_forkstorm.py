@@ -29,15 +29,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from elsa.client import Client  # noqa: E402
 
 sys.path.insert(0, HERE)
-from bench_overhead import _cgroup2_mount, _rmtree_cgroup  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as fh:
-        rest = fh.read().rsplit(b")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / TICKS  # utime, stime (fields 14, 15)
+from bench_overhead import _cgroup2_mount, _rmtree_cgroup, cpu_seconds  # noqa: E402
 
 
 def build_forker(workdir: str) -> str:
