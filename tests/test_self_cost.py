@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -42,6 +43,27 @@ def test_forks_names_the_file_without_the_line(tmp_path):
     (tmp_path / "stat").write_text("cpu  1 2 3 4\nctxt 5\n")
     with pytest.raises(KernelInterfaceError, match=f"{tmp_path}/stat has no 'processes'"):
         ProcFS(str(tmp_path)).forks()
+
+
+def test_busy_cpu_seconds_counts_a_burning_thread():
+    procfs = ProcFS()
+    before = procfs.busy_cpu_seconds()
+    spent = time.thread_time() + 0.3
+    while time.thread_time() < spent:
+        pass
+    # The machine was busy at least while this thread burned 0.3 s of CPU.
+    assert procfs.busy_cpu_seconds() - before >= 0.25
+
+
+def test_busy_cpu_seconds_leaves_out_idle_and_iowait(tmp_path):
+    ticks = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    (tmp_path / "stat").write_text(f"cpu  {ticks} 0 {ticks} 999999 888888 0 {ticks} {ticks} "
+                                   f"{ticks} 0\ncpu0 1 2 3 4\nprocesses 7\n")
+    assert ProcFS(str(tmp_path)).busy_cpu_seconds() == 4.0
+    (tmp_path / "stat").write_text("processes 7\n")
+    with pytest.raises(KernelInterfaceError, match=f"{tmp_path}/stat has no 'cpu' line"):
+        ProcFS(str(tmp_path)).busy_cpu_seconds()
 
 
 def test_thread_cpu_follows_the_thread_that_burns():

@@ -242,16 +242,28 @@ class ProcFS:
     def forks(self) -> int:
         """Processes and threads created on the machine since boot: the
         ``processes`` line of /proc/stat (proc(5))."""
+        return int(self._kernel_counter(b"processes "))
+
+    def busy_cpu_seconds(self) -> float:
+        """CPU seconds all the machine's CPUs spent busy since boot: the ``cpu``
+        line of /proc/stat (proc(5)) less idle and iowait (its user time includes
+        guest time already)."""
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(v) for v in self._kernel_counter(b"cpu ").split()[:8])
+        return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+    def _kernel_counter(self, key: bytes) -> bytes:
         path = f"{self.root}/stat"
         try:
             data = read_small(path)
         except OSError as exc:
             raise from_oserror(exc, "read the kernel's counters", path) from exc
-        value = line_value(data, b"processes ")
+        value = line_value(data, key)
         if value is None:
             raise KernelInterfaceError(f"read the kernel's counters: {path} has no "
-                                       "'processes' line; is a procfs mounted there?")
-        return int(value)
+                                       f"{key.decode().strip()!r} line; is a procfs "
+                                       "mounted there?")
+        return value
 
     def thread_cpu(self, pid: int) -> Dict[int, Tuple[float, float]]:
         """User and system CPU seconds of each live thread of *pid*, by thread id
