@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -58,6 +59,7 @@ def run(seconds: float = 20.0) -> List[Dict[str, Any]]:
         daemon.stop()
         if base:
             bo._rmtree_cgroup(base)
+        shutil.rmtree(work, ignore_errors=True)
     span = t1 - t0
     per_s = (w1 - w0) / span
     cpu_ms = (c1 - c0) / 1e6 / span
