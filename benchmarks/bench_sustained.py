@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_overhead as bo  # also puts the repository on the path
 
 from elsa.kernel import cnproc
+from elsa.kernel.procfs import ProcFS
 
 TARGET = 1.05
 SECONDS = 15.0  # per run: run_all's default fits its budget (6 runs per workload)
@@ -99,33 +100,24 @@ def write_project(path: str, files: int) -> None:
         os.chown(os.path.join(path, name), NOBODY_UID, NOBODY_UID)
 
 
-def machine_processes() -> int:
-    """Processes (and threads) created since boot, from /proc/stat."""
-    with open("/proc/stat") as fh:
-        for line in fh:
-            if line.startswith("processes "):
-                return int(line.split()[1])
-    return 0
-
-
 def measure(cmd: List[str], daemon: Optional[bo.Elsad],
             prepare: Optional[List[str]]) -> Tuple[float, float, int, int]:
     """(wall s, elsad CPU s, job processes, machine processes) of one run."""
     if prepare:
         subprocess.run(prepare, check=True, stdout=subprocess.DEVNULL)
     if daemon is None:
-        p0 = machine_processes()
+        p0 = ProcFS().forks()
         wall = bo.run_once(cmd, None)
-        return wall, 0.0, 0, machine_processes() - p0
+        return wall, 0.0, 0, ProcFS().forks() - p0
     daemon.start()
     try:
         assert daemon.proc is not None
         st0 = bo.wait_quiet(daemon)
         cpu0 = bo.cpu_seconds(daemon.proc.pid)
-        p0 = machine_processes()
+        p0 = ProcFS().forks()
         wall = bo.run_once(cmd, daemon)
         st1 = bo.wait_quiet(daemon)
-        procs = machine_processes() - p0
+        procs = ProcFS().forks() - p0
         cpu = bo.cpu_seconds(daemon.proc.pid) - cpu0
         members = st1["counters"]["member_forks"] - st0["counters"]["member_forks"]
     finally:
