@@ -263,8 +263,7 @@ def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "
                 kids.append(pid)
             for _ in kids:
                 os.read(ready_r, 1)
-        cpu0 = _cpu_seconds(daemon.pid)
-        split0 = _cpu_split(daemon.pid)
+        split0 = ProcFS().cpu_times(daemon.pid)
         threads0 = _thread_cpu(daemon.pid)
         machine0 = ProcFS().busy_cpu_seconds()
         t0 = time.perf_counter()
@@ -280,8 +279,8 @@ def run(jobs: int = 4000, clients: int = 4, profile: str = "", cprofile: str = "
             elapsed = time.perf_counter() - t0
             machine = ProcFS().busy_cpu_seconds() - machine0
             st = c.status()
-        cpu = _cpu_seconds(daemon.pid) - cpu0
-        split1 = _cpu_split(daemon.pid)
+        split1 = ProcFS().cpu_times(daemon.pid)
+        cpu = sum(split1) - sum(split0)
         threads1 = _thread_cpu(daemon.pid)
         writer = sum(v - threads0.get(k, 0.0) for k, v in threads1.items()
                      if k != daemon.pid)
@@ -368,31 +367,9 @@ def cgroup_ceiling(jobs: int, clients: int, exe: str, mount: str) -> float:
         os.rmdir(base)
 
 
-def _cpu_split(pid: int) -> Tuple[float, float]:
-    with open(f"/proc/{pid}/stat") as fh:
-        f = fh.read().rsplit(")", 1)[1].split()
-    tck = os.sysconf("SC_CLK_TCK")
-    return int(f[11]) / tck, int(f[12]) / tck
-
-
 def _thread_cpu(pid: int) -> Dict[int, float]:
     """CPU seconds (user + system) of each thread of *pid*."""
-    out = {}
-    tck = os.sysconf("SC_CLK_TCK")
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
-                f = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(tid)] = (int(f[11]) + int(f[12])) / tck
-    return out
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        f = fh.read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return {tid: u + s for tid, (u, s) in ProcFS().thread_cpu(pid).items()}
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:

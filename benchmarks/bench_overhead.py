@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from elsa.client import Client  # noqa: E402
 from elsa.errors import DaemonUnavailable  # noqa: E402
 from elsa.kernel.cgroupfs import CgroupFS  # noqa: E402
+from elsa.kernel.procfs import ProcFS  # noqa: E402
 
 TARGET = 1.05
 #: Seconds after which no new round starts (run_all stops a benchmark at 240 s;
@@ -55,7 +56,6 @@ BUDGET_S = 180.0
 MIN_REPS = 4
 REPRODUCE = "sudo python3 benchmarks/bench_overhead.py"
 NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--"]
-TICKS = os.sysconf("SC_CLK_TCK")
 ALL_SOURCES = ("taskstats", "cgroupstat", "bsdacct")
 
 
@@ -73,9 +73,8 @@ def workloads(fork_ops: int, exec_ops: int, loops: int) -> List[Tuple[str, List[
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as fh:
-        rest = fh.read().rsplit(b")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / TICKS
+    """User + system CPU seconds of process *pid*."""
+    return sum(ProcFS().cpu_times(pid))
 
 
 def _cgroup2_mount() -> Optional[str]:

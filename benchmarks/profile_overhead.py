@@ -30,21 +30,13 @@ from typing import Dict, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_overhead as bo
 
+from elsa.kernel.procfs import ProcFS  # bench_overhead put the repository on the path
+
 
 def thread_cpu(pid: int) -> Dict[str, float]:
     """CPU seconds of each thread of *pid* ("main" for the event loop)."""
-    out: Dict[str, float] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        name = data[data.index(b"(") + 1:data.rindex(b")")].decode()
-        rest = data.rsplit(b")", 1)[1].split()
-        key = "main" if tid == str(pid) else f"{name}:{tid}"
-        out[key] = (int(rest[11]) + int(rest[12])) / bo.TICKS
-    return out
+    return {"main" if tid == pid else f"thread:{tid}": u + s
+            for tid, (u, s) in ProcFS().thread_cpu(pid).items()}
 
 
 def main() -> None:

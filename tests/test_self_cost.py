@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import pytest
 
 from elsa.core.cost import EVENT_THREAD, SelfCost
-from elsa.errors import KernelInterfaceError
+from elsa.errors import KernelInterfaceError, ProcessGone
 from elsa.kernel.procfs import ProcFS, line_value
 from elsa.testing import wait_for
 
@@ -53,6 +53,30 @@ def test_busy_cpu_seconds_counts_a_burning_thread():
         pass
     # The machine was busy at least while this thread burned 0.3 s of CPU.
     assert procfs.busy_cpu_seconds() - before >= 0.25
+
+
+def test_cpu_times_counts_a_thread_that_ended(tmp_path):
+    procfs = ProcFS()
+    user0, system0 = procfs.cpu_times(os.getpid())
+
+    def burn() -> None:
+        spent = time.thread_time() + 0.2
+        while time.thread_time() < spent:
+            pass
+
+    t = threading.Thread(target=burn)
+    t.start()
+    t.join()
+    user1, system1 = procfs.cpu_times(os.getpid())
+    # The thread is gone; the process's figures keep what it used.
+    assert (user1 + system1) - (user0 + system0) >= 0.15
+    ticks = os.sysconf("SC_CLK_TCK")
+    (tmp_path / "42").mkdir()
+    fields = ["S"] + ["0"] * 10 + [str(3 * ticks), str(ticks)] + ["0"] * 30
+    (tmp_path / "42" / "stat").write_text("42 (a) b) " + " ".join(fields) + "\n")
+    assert ProcFS(str(tmp_path)).cpu_times(42) == (3.0, 1.0)
+    with pytest.raises(ProcessGone, match=f"{tmp_path}/43/stat is gone"):
+        ProcFS(str(tmp_path)).cpu_times(43)
 
 
 def test_busy_cpu_seconds_leaves_out_idle_and_iowait(tmp_path):

@@ -265,6 +265,20 @@ class ProcFS:
                                        "mounted there?")
         return value
 
+    def cpu_times(self, pid: int) -> Tuple[float, float]:
+        """User and system CPU seconds of process *pid*, its ended threads included
+        (/proc/PID/stat fields 14 and 15, in clock ticks)."""
+        path = f"{self.root}/{pid}/stat"
+        try:
+            data = read_small(path)
+        except OSError as exc:
+            raise from_oserror(exc, "read process", path, process=True) from exc
+        try:
+            rest = split_stat(data)[1]
+            return int(rest[11]) / CLOCK_TICKS, int(rest[12]) / CLOCK_TICKS
+        except (ValueError, IndexError):
+            raise ProcessGone(f"read process: {path} is malformed: {data[:80]!r}") from None
+
     def thread_cpu(self, pid: int) -> Dict[int, Tuple[float, float]]:
         """User and system CPU seconds of each live thread of *pid*, by thread id
         (/proc/PID/task/TID/stat fields 14 and 15, in clock ticks)."""
