@@ -27,11 +27,11 @@ from elsa.kernel.cgroupfs import (
     CgroupFS,
     format_cpulist,
     parse_cpulist,
-    parse_flat_keyed,
     parse_mountinfo,
     parse_proc_cgroup,
     translate,
 )
+from elsa.kernel.cgroupstats import parse_flat_keyed
 from elsa.kernel.procfs import ProcFS
 
 # This machine's mount table (hybrid: v1 controllers + cgroup2 at .../unified).

@@ -35,6 +35,7 @@ from elsa.errors import (
     PrivilegeError,
     ProcessGone,
 )
+from elsa.kernel.cgroupstats import parse_flat_keyed
 from elsa.kernel.procfs import read_small
 
 # cgroup v2 core files.
@@ -156,19 +157,6 @@ def format_cpulist(items: Iterable[int]) -> str:
         parts.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
         i = j + 1
     return ",".join(parts)
-
-
-def parse_flat_keyed(text: str) -> Dict[str, int]:
-    """Parse a flat-keyed file (``"populated 1\\nfrozen 0"``)."""
-    out = {}
-    for line in text.splitlines():
-        k, _, v = line.partition(" ")
-        if k:
-            try:
-                out[k] = int(v)
-            except ValueError:
-                continue
-    return out
 
 
 def translate(exc: OSError, what: str, where: str) -> ElsaError:

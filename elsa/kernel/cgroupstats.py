@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Set, Tuple
 
-from elsa.core.source import UsageRecord
 from elsa.errors import CgroupGone, from_oserror
-
-# The flat-keyed format is the cgroupfs adapter's (cgroup.events uses it too).
-from elsa.kernel.cgroupfs import parse_flat_keyed
 from elsa.kernel.procfs import read_small
+
+if TYPE_CHECKING:
+    from elsa.core.source import UsageRecord
 
 #: Files read, in order. Missing ones are listed in :attr:`CgroupStats.missing`.
 STAT_FILES = ("cpu.stat", "memory.peak", "memory.current", "memory.stat", "memory.events",
@@ -64,6 +63,11 @@ class CgroupStats:
     def to_usage(self, jid: Optional[int], source: str = "cgroupstat",
                  final: bool = True) -> UsageRecord:
         """A job-level record (``pid == 0``)."""
+        # Imported here: elsa.core.source brings the usage model, sqlite3 and json,
+        # ~10 ms that `elsa ja`, which reads cgroups through this module, would
+        # add to its start-up (a benchmark row).
+        from elsa.core.source import UsageRecord
+
         extra: Dict[str, int] = {}
         for k in ("oom", "oom_kill", "max", "high"):
             if k in self.memory_events:
@@ -86,6 +90,20 @@ class CgroupStats:
             minflt=(None if "pgfault" not in self.memory_stat
                     else self.memory_stat["pgfault"] - self.memory_stat.get("pgmajfault", 0)),
             majflt=self.memory_stat.get("pgmajfault"), extra=extra, final=final)
+
+
+def parse_flat_keyed(text: str) -> Dict[str, int]:
+    """Parse a flat-keyed file: cpu.stat, memory.stat, memory.events, and the
+    cgroupfs adapter's cgroup.events (``"populated 1\\nfrozen 0"``)."""
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k:
+            try:
+                out[k] = int(v)
+            except ValueError:
+                continue
+    return out
 
 
 def parse_single(text: str) -> Optional[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from elsa.core.model import CLOCK_TICKS, ProcessId, ProcessInfo
 from elsa.errors import KernelInterfaceError, ProcessGone, from_oserror
@@ -53,6 +53,28 @@ def line_value(data: bytes, key: bytes) -> Optional[bytes]:
             return None
     end = data.find(b"\n", at)
     return data[at + len(key):end if end >= 0 else len(data)].strip()
+
+
+class LiveUsage(NamedTuple):
+    """A running process's figures so far (:meth:`ProcFS.live_usage`); None where
+    the file could not be read (/proc/PID/io of another user's process)."""
+
+    pid: int
+    ppid: int
+    comm: str
+    cpu_user_us: int
+    cpu_system_us: int
+    max_rss_kb: Optional[int]
+    read_bytes: Optional[int]
+    write_bytes: Optional[int]
+
+
+def io_bytes(data: bytes) -> Tuple[int, int]:
+    """(read_bytes, write_bytes) of a /proc/PID/io file: its fifth and sixth of seven
+    "name: value" lines, in the order proc(5) gives. Raises ValueError or IndexError
+    on another layout."""
+    tok = data.split()
+    return int(tok[9]), int(tok[11])
 
 
 #: Facts of a process at an exec (:meth:`ProcFS.exec_facts`), tuple positions.
@@ -196,14 +218,42 @@ class ProcFS:
                     ids = line_value(data, b"Gid:")
                     if ids is not None:
                         gid, egid = map(int, ids.split()[:2])
-                tok = read_small("io", dir_fd=dfd).split()
-                rbytes, wbytes = int(tok[9]), int(tok[11])
+                rbytes, wbytes = io_bytes(read_small("io", dir_fd=dfd))
             except (OSError, ValueError, IndexError):
                 pass  # gone (or a zombie without io): keep what was read
         finally:
             os.close(dfd)
         return (path, dev, ino, deleted, status, comm, ppid, start, utime, stime,
                 uid, euid, gid, egid, rbytes, wbytes)
+
+    def live_usage(self, pid: int) -> Optional[LiveUsage]:
+        """What a running process has used so far (``elsa ja``): CPU from stat,
+        peak RSS (``VmHWM``) from status, bytes read and written from io. None
+        when it is gone. All from one descriptor of /proc/PID, so of one process."""
+        try:
+            dfd = os.open(f"{self.root}/{pid}", _DIR_FLAGS)
+        except OSError:
+            return None
+        try:
+            try:
+                name, rest = split_stat(read_small("stat", dir_fd=dfd))
+                ppid, utime, stime = int(rest[1]), int(rest[11]), int(rest[12])
+            except (OSError, ValueError, IndexError):
+                return None
+            hwm = rbytes = wbytes = None
+            try:
+                value = line_value(read_small("status", dir_fd=dfd), b"VmHWM:")
+                hwm = None if value is None else int(value.split()[0])
+            except (OSError, ValueError, IndexError):
+                pass  # a zombie has no VmHWM line
+            try:
+                rbytes, wbytes = io_bytes(read_small("io", dir_fd=dfd))
+            except (OSError, ValueError, IndexError):
+                pass  # another user's process: io is not readable
+        finally:
+            os.close(dfd)
+        return LiveUsage(pid, ppid, name.decode("utf-8", "replace"), utime * _TICK_US,
+                         stime * _TICK_US, hwm, rbytes, wbytes)
 
     # -- whole system -----------------------------------------------------
     def pids(self) -> List[int]:

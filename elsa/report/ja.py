@@ -19,77 +19,33 @@ import time
 from typing import Any, Dict, List, Optional
 
 from elsa.errors import ElsaError
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+from elsa.kernel.cgroupstats import read_stats
+from elsa.kernel.procfs import ProcFS
 
 
 def live_process(pid: int, proc: str = "/proc") -> Optional[Dict[str, Any]]:
     """A running process's figures from /proc (None when it is gone)."""
-    try:
-        with open(f"{proc}/{pid}/stat", "rb") as fh:
-            stat = fh.read().decode(errors="replace")
-    except OSError:
+    u = ProcFS(proc).live_usage(pid)
+    if u is None:
         return None
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    f = stat[stat.rindex(")") + 2:].split()
-    out: Dict[str, Any] = {
-        "pid": pid, "ppid": int(f[1]), "comm": comm, "running": True,
-        "cpu_user_us": int(f[11]) * 1_000_000 // _TICK,
-        "cpu_system_us": int(f[12]) * 1_000_000 // _TICK,
-        "max_rss_kb": None, "read_bytes": None, "write_bytes": None,
-    }
-    try:
-        with open(f"{proc}/{pid}/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"VmHWM:"):
-                    out["max_rss_kb"] = int(line.split()[1])
-    except OSError:
-        pass
-    try:  # another user's process: not readable, and said so by null
-        with open(f"{proc}/{pid}/io", "rb") as fh:
-            for line in fh:
-                k, _, v = line.partition(b":")
-                if k == b"read_bytes":
-                    out["read_bytes"] = int(v)
-                elif k == b"write_bytes":
-                    out["write_bytes"] = int(v)
-    except OSError:
-        pass
-    return out
+    return {"pid": u.pid, "ppid": u.ppid, "comm": u.comm, "running": True,
+            "cpu_user_us": u.cpu_user_us, "cpu_system_us": u.cpu_system_us,
+            "max_rss_kb": u.max_rss_kb, "read_bytes": u.read_bytes,
+            "write_bytes": u.write_bytes}
 
 
 def cgroup_counters(path: str) -> Optional[Dict[str, Any]]:
-    """The job cgroup's cumulative figures (cgroup v2 cpu.stat, memory.peak, io.stat)."""
-    out: Dict[str, Any] = {}
+    """The job cgroup's cumulative figures (cgroup v2 cpu.stat, memory.peak, io.stat);
+    None when they cannot be read."""
     try:
-        with open(os.path.join(path, "cpu.stat")) as fh:
-            for line in fh:
-                k, _, v = line.partition(" ")
-                if k == "user_usec":
-                    out["cpu_user_us"] = int(v)
-                elif k == "system_usec":
-                    out["cpu_system_us"] = int(v)
-    except OSError:
+        st = read_stats(path, ("cpu.stat", "memory.peak", "io.stat"))
+    except ElsaError:
         return None
-    try:
-        with open(os.path.join(path, "memory.peak")) as fh:
-            out["max_rss_kb"] = int(fh.read()) // 1024
-    except (OSError, ValueError):
-        out["max_rss_kb"] = None
-    rb = wb = 0
-    try:
-        with open(os.path.join(path, "io.stat")) as fh:
-            for line in fh:
-                for item in line.split()[1:]:
-                    k, _, v = item.partition("=")
-                    if k == "rbytes":
-                        rb += int(v)
-                    elif k == "wbytes":
-                        wb += int(v)
-        out["read_bytes"], out["write_bytes"] = rb, wb
-    except OSError:
-        out["read_bytes"] = out["write_bytes"] = None
-    return out
+    if "cpu.stat" in st.missing:
+        return None
+    return {"cpu_user_us": st.cpu_user_us, "cpu_system_us": st.cpu_system_us,
+            "max_rss_kb": None if st.memory_peak is None else st.memory_peak // 1024,
+            "read_bytes": st.io_total("rbytes"), "write_bytes": st.io_total("wbytes")}
 
 
 def _add(a: Optional[int], b: Optional[int]) -> Optional[int]:

@@ -1,0 +1,69 @@
+"""`elsa ja`'s live figures: a running process's from /proc (ProcFS.live_usage) and a
+job cgroup's (the cgroupstats adapter), on written roots and on the real kernel."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from elsa.kernel.procfs import ProcFS
+from elsa.report.ja import cgroup_counters, live_process
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _write_process(root, pid: int, io: bool = True, hwm: bool = True) -> None:
+    d = root / str(pid)
+    d.mkdir()
+    fields = ["S", "7"] + ["0"] * 9 + [str(2 * TICKS), str(TICKS)] + ["0"] * 30
+    (d / "stat").write_text(f"{pid} (my prog) " + " ".join(fields) + "\n")
+    (d / "status").write_text("Name:\tmy prog\n" + ("VmHWM:\t  2048 kB\n" if hwm else "")
+                              + "Threads:\t1\n")
+    if io:
+        (d / "io").write_text("rchar: 10\nwchar: 20\nsyscr: 1\nsyscw: 2\nread_bytes: 4096\n"
+                              "write_bytes: 8192\ncancelled_write_bytes: 0\n")
+
+
+def test_live_process_from_a_written_proc(tmp_path):
+    _write_process(tmp_path, 42)
+    assert live_process(42, str(tmp_path)) == {
+        "pid": 42, "ppid": 7, "comm": "my prog", "running": True, "cpu_user_us": 2_000_000,
+        "cpu_system_us": 1_000_000, "max_rss_kb": 2048, "read_bytes": 4096,
+        "write_bytes": 8192}
+    # Another user's process: io is not readable; a zombie has no VmHWM.
+    _write_process(tmp_path, 43, io=False, hwm=False)
+    p = live_process(43, str(tmp_path))
+    assert p is not None and p["cpu_user_us"] == 2_000_000
+    assert p["max_rss_kb"] is None and p["read_bytes"] is None and p["write_bytes"] is None
+    assert live_process(44, str(tmp_path)) is None  # gone
+
+
+def test_live_usage_of_this_process():
+    spent = time.thread_time() + 0.05
+    while time.thread_time() < spent:
+        pass
+    u = ProcFS().live_usage(os.getpid())
+    assert u is not None
+    assert u.pid == os.getpid() and u.ppid == os.getppid()
+    assert u.cpu_user_us + u.cpu_system_us >= 50_000
+    assert u.max_rss_kb is not None and u.max_rss_kb > 1000
+    assert u.read_bytes is not None  # our own io file is readable
+
+
+def test_cgroup_counters_from_a_written_cgroup(tmp_path):
+    (tmp_path / "cpu.stat").write_text("usage_usec 30\nuser_usec 20\nsystem_usec 10\n")
+    (tmp_path / "memory.peak").write_text("4194304\n")
+    (tmp_path / "io.stat").write_text("8:0 rbytes=100 wbytes=200 rios=1 wios=2\n"
+                                      "8:16 rbytes=1 wbytes=2 rios=1 wios=1\n")
+    assert cgroup_counters(str(tmp_path)) == {
+        "cpu_user_us": 20, "cpu_system_us": 10, "max_rss_kb": 4096, "read_bytes": 101,
+        "write_bytes": 202}
+    # Controllers not enabled: their files are absent, their figures unknown.
+    (tmp_path / "memory.peak").unlink()
+    (tmp_path / "io.stat").unlink()
+    assert cgroup_counters(str(tmp_path)) == {
+        "cpu_user_us": 20, "cpu_system_us": 10, "max_rss_kb": None, "read_bytes": None,
+        "write_bytes": None}
+    (tmp_path / "cpu.stat").unlink()
+    assert cgroup_counters(str(tmp_path)) is None
+    assert cgroup_counters(str(tmp_path / "removed")) is None
