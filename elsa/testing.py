@@ -79,11 +79,9 @@ def start_ticks(pid: int) -> Optional[int]:
 def pid_alive(pid: int) -> bool:
     """True for a live, non-zombie process."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
+        return not ProcFS().info(pid).exited
+    except ElsaError:  # gone
         return False
-    return data[data.rfind(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 # -- the daemon under test --------------------------------------------------------------------

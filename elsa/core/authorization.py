@@ -71,7 +71,7 @@ class Authorizer:
         pid, uid, gid = peer_credentials(sock)
         # Supplementary groups matter only for the admin group: fetch them then.
         needs_groups = uid != 0 and self.admin_gid is not None and gid != self.admin_gid
-        groups = peer_groups(sock, pid) if needs_groups else ()
+        groups = peer_groups(sock, pid, self.procfs) if needs_groups else ()
         return Caller(pid=pid, uid=uid, gid=gid, admin=self.is_admin(uid, gid, groups))
 
     def deny(self, message: str) -> PermissionDenied:
@@ -140,7 +140,8 @@ def peer_credentials(sock: socket.socket) -> Tuple[int, int, int]:
     return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
 
 
-def peer_groups(sock: socket.socket, pid: int = 0) -> List[int]:
+def peer_groups(sock: socket.socket, pid: int = 0, procfs: Optional[ProcFS] = None
+                ) -> List[int]:
     """Supplementary groups of the peer (SO_PEERGROUPS; /proc/PID/status as fallback)."""
     size = 4 * 256
     for _ in range(4):
@@ -153,10 +154,7 @@ def peer_groups(sock: socket.socket, pid: int = 0) -> List[int]:
                 continue
             break
     try:
-        with open(f"/proc/{pid}/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"Groups:"):
-                    return [int(g) for g in line.split()[1:]]
-    except (OSError, ValueError):
-        pass
-    return []
+        value = (procfs or ProcFS()).status_field(pid, "Groups")
+        return [int(g) for g in value.split()] if value else []
+    except (ElsaError, ValueError):
+        return []

@@ -352,18 +352,7 @@ class Daemon:
 
 def check_privileges(proc_root: str = "/proc") -> None:
     """Refuse to start without CAP_NET_ADMIN (needed to subscribe to cn_proc)."""
-    cap_net_admin = 12  # docs/kernel.md, "cn_proc"
-    try:
-        with open(f"{proc_root}/self/status") as fh:
-            for line in fh:
-                if line.startswith("CapEff:"):
-                    caps = int(line.split()[1], 16)
-                    break
-            else:
-                caps = 0
-    except OSError:
-        caps = 0
-    if not caps & (1 << cap_net_admin):
+    if not caps.effective(ProcFS(proc_root)) & (1 << caps.CAPS["CAP_NET_ADMIN"]):
         from elsa.errors import PrivilegeError
 
         raise PrivilegeError(

@@ -11,6 +11,8 @@ import os
 import time
 from typing import Dict
 
+from elsa.errors import ElsaError
+from elsa.kernel.procfs import ProcFS
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.daemon")
@@ -31,9 +33,9 @@ class Priority:
     def set(self, value: int) -> None:
         """Set every thread's nice value (Linux nice is per thread)."""
         try:
-            for tid in os.listdir("/proc/self/task"):
-                os.setpriority(os.PRIO_PROCESS, int(tid), value)
-        except (OSError, ValueError) as exc:
+            for tid in ProcFS().threads(os.getpid()):
+                os.setpriority(os.PRIO_PROCESS, tid, value)
+        except (OSError, ElsaError) as exc:
             log.warning("could not set nice value", nice=value, error=str(exc))
             return
         self.now = value

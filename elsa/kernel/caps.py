@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
-from elsa.errors import KernelInterfaceError
+from elsa.errors import ElsaError, KernelInterfaceError
+from elsa.kernel.procfs import ProcFS
 
 CAPS: Dict[str, int] = {
     "CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_NET_ADMIN": 12, "CAP_SYS_PACCT": 20,
@@ -47,12 +48,14 @@ def needed(backend: str, sources: Iterable[str]) -> List[str]:
     return out
 
 
-def effective(status_path: str = "/proc/self/status") -> int:
-    with open(status_path) as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
+def effective(procfs: Optional[ProcFS] = None) -> int:
+    """This process's effective capabilities (the ``CapEff`` mask of its status);
+    0 when that cannot be read."""
+    try:
+        value = (procfs or ProcFS()).status_field(os.getpid(), "CapEff")
+    except ElsaError:
+        return 0
+    return int(value, 16) if value else 0
 
 
 def drop_unneeded(needed_caps: Iterable[str]) -> List[str]:
