@@ -87,6 +87,21 @@ def test_live_discovery_matches_kernel() -> None:
     assert fs.own_cgroup() is not None or not want
 
 
+def test_limits_set_skips_the_no_limit_values(tmp_path: Path) -> None:
+    (tmp_path / "memory.max").write_text("1073741824\n")
+    (tmp_path / "memory.high").write_text("max\n")
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # a quota of "max": no limit
+    (tmp_path / "pids.max").write_text("64\n")
+    (tmp_path / "io.max").write_text("")
+    (tmp_path / "hugetlb.2MB.max").write_text("2097152\n")
+    (tmp_path / "cpuset.cpus").write_text("0-1\n")
+    (tmp_path / "memory.current").write_text("4096\n")  # a reading, not a limit
+    assert CgroupFS().limits_set(str(tmp_path)) == [
+        ("cpuset.cpus", "0-1"), ("hugetlb.2MB.max", "2097152"),
+        ("memory.max", "1073741824"), ("pids.max", "64")]
+    assert CgroupFS().limits_set(str(tmp_path / "removed")) == []
+
+
 def test_proc_cgroup() -> None:
     parsed = parse_proc_cgroup("9:name=systemd:/\n3:cpuset:/x\n1:cpu,cpuacct:/y\n0::/a/b\n")
     assert parsed[""] == "/a/b" and parsed["cpuset"] == "/x"

@@ -45,17 +45,6 @@ DAEMON_LEAF = "daemon"
 DEFAULT_BASE_NAME = "elsa"
 NESTED_PREFIX = "elsa-"
 
-#: Interface files that limit what the processes of a cgroup and its
-#: descendants may use (docs/kernel.md, "cgroup v2"), with the value meaning "no limit".
-#: hugetlb.<size>.max files are found by name.
-LIMIT_FILES = {
-    "pids.max": "max", "memory.max": "max", "memory.high": "max",
-    "memory.swap.max": "max", "memory.zswap.max": "max", "cpu.max": "max",
-    "io.max": "", "rdma.max": "", "misc.max": "", "cpuset.cpus": "", "cpuset.mems": "",
-    "cgroup.max.descendants": "max", "cgroup.max.depth": "max",
-}
-
-
 def _check_base(v: object) -> Optional[str]:
     return None if v == "" or (isinstance(v, str) and os.path.isabs(v)) else \
         "must be empty (automatic) or an absolute path under the cgroup2 mount"
@@ -267,28 +256,6 @@ class Cgroup2Backend(Backend):
         return {self.origin_key: path}
 
     # -- limits a move must keep (docs/security.md) ------------------------------------------
-    def _limits_in(self, path: str) -> List[str]:
-        out = []
-        try:
-            names = os.listdir(path)
-        except OSError:
-            return out
-        for name in sorted(names):
-            unlimited = LIMIT_FILES.get(name)
-            if unlimited is None:
-                if not (name.startswith("hugetlb.") and name.endswith(".max")):
-                    continue
-                unlimited = "max"
-            try:
-                with open(os.path.join(path, name)) as fh:
-                    value = fh.read().strip()
-            except OSError:
-                continue
-            first = value.split()[0] if value else ""
-            if first != unlimited:
-                out.append(f"{path}: {name}={' '.join(value.split())}")
-        return out
-
     def _limits_between(self, cur: str, target: str) -> List[str]:
         """Limits set on *cur* and its ancestors that are not ancestors of *target*."""
         cur, target = os.path.normpath(cur), os.path.normpath(target)
@@ -296,7 +263,7 @@ class Cgroup2Backend(Backend):
         out: List[str] = []
         d = cur
         while d != common and d.startswith(self.mount + "/"):
-            out.extend(self._limits_in(d))
+            out.extend(f"{d}: {name}={value}" for name, value in self.fs.limits_set(d))
             d = os.path.dirname(d)
         return out
 

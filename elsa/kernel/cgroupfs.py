@@ -50,6 +50,15 @@ KILL = "cgroup.kill"
 FREEZE = "cgroup.freeze"
 CONTROLLERS = "cgroup.controllers"
 SUBTREE_CONTROL = "cgroup.subtree_control"
+#: Interface files that limit what the processes of a cgroup and its
+#: descendants may use (docs/kernel.md, "cgroup v2"), with the value meaning "no limit".
+#: hugetlb.<size>.max files are found by name.
+LIMIT_FILES = {
+    "pids.max": "max", "memory.max": "max", "memory.high": "max",
+    "memory.swap.max": "max", "memory.zswap.max": "max", "cpu.max": "max",
+    "io.max": "", "rdma.max": "", "misc.max": "", "cpuset.cpus": "", "cpuset.mems": "",
+    "cgroup.max.descendants": "max", "cgroup.max.depth": "max",
+}
 
 
 @dataclass(frozen=True)
@@ -396,6 +405,29 @@ class CgroupFS:
                 poller.poll(min(left, 0.05) * 1000)
         finally:
             os.close(fd)
+
+    # -- limits ------------------------------------------------------------------------
+    def limits_set(self, path: str) -> List[Tuple[str, str]]:
+        """(file, value) of each limit set on cgroup *path* itself (:data:`LIMIT_FILES`
+        whose value is not the "no limit" one), by file name; none when it is gone."""
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return []
+        out = []
+        for name in sorted(names):
+            unlimited = LIMIT_FILES.get(name)
+            if unlimited is None:
+                if not (name.startswith("hugetlb.") and name.endswith(".max")):
+                    continue
+                unlimited = "max"
+            try:
+                value = read_small(os.path.join(path, name)).decode().split()
+            except OSError:
+                continue
+            if (value[0] if value else "") != unlimited:
+                out.append((name, " ".join(value)))
+        return out
 
     # -- controllers -------------------------------------------------------------------
     def controllers(self, path: str) -> Set[str]:
