@@ -243,6 +243,26 @@ def test_kill9_restart_resumes_jobs_and_adopts_children(elsad, tree):
     wait_for(lambda: set(new) <= job_pids(d, jid), what="post-restart fork followed")
 
 
+def test_a_job_whose_members_all_exited_while_down_ends_at_restart(elsad):
+    """It had a member (its row is in the store) and has none now; a job that never
+    had one stays open for its creator to attach to."""
+    d = elsad()
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        with d.client() as c:
+            gone = c.create(name="gone", pids=[p.pid])["jid"]
+            waiting = c.create(name="waiting")["jid"]
+        wait_for(lambda: member_rows(d, gone), what="the member row committed")
+        d.kill9()
+    finally:
+        p.kill()
+        p.wait()
+    d.start()
+    with d.client() as c:
+        assert c.show(gone)["state"] == "ended"
+        assert c.show(waiting)["state"] == "running"
+
+
 def test_job_ends_with_last_member_or_stays_open_when_explicit(elsad, tmp_path):
     d = elsad()
     p = subprocess.Popen(["sh", "-c", "read x; exit 0"], stdin=subprocess.PIPE)

@@ -135,3 +135,24 @@ def test_idle_writer_sleeps_and_the_next_write_wakes_it(tmp_path):
                      what="the write committed without a flush")
     finally:
         store.close()
+
+
+def test_running_jobs_had_members_is_whether_a_member_row_exists(tmp_path):
+    """Recovery ends a running job that had members and has none left, and keeps one
+    that never had any (its creator may still attach): the member rows tell which."""
+    from elsa.core.model import Job
+
+    store = Store(str(tmp_path))
+    try:
+        for jid in (1, 2, 3):
+            store.insert_job(Job(jid=jid, name=f"j{jid}", owner_uid=0, tags=(),
+                                 created=float(jid), ended=None, state="running",
+                                 backend="cnproc"))
+        store.add_member("boot", 1, 100, 5, 1.0, "attach")
+        store.close_member("boot", 1, 100, 5, 2.0, 0)  # had one; it left
+        store.add_member("boot", 3, 300, 7, 1.0, "attach")
+        store.flush()
+        assert [(job.jid, had) for job, had in store.running_jobs()] == [
+            (1, True), (2, False), (3, True)]
+    finally:
+        store.close()

@@ -432,9 +432,7 @@ class JobManager(Reconciliation):
             self.attached[(ident.pid, ident.start_ticks)] = self.clock()
         if self.left_alive:
             self.left_alive.pop(ident.pid, None)
-        if not state.had_members:
-            state.had_members = True
-            self.store.mark_had_members(state.jid)
+        state.had_members = True  # the store keeps it as the member row below
         self.store.add_member(self.boot_id, state.jid, ident.pid, ident.start_ticks,
                               self.clock(), how)
         if self._hook_joined:
