@@ -36,16 +36,16 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from bench_overhead import _cgroup2_mount, _rmtree_cgroup  # noqa: E402
 
+from elsa.kernel.procfs import ProcFS  # noqa: E402
+
 TARGET_MB = 40.0
 REPRODUCE = "sudo python3 benchmarks/bench_memory.py"
 
 
 def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+    """A "NNN kB" field of this process's /proc status (VmRSS, VmHWM)."""
+    value = ProcFS().status_field(os.getpid(), field)
+    return int(value.split()[0]) if value else 0
 
 
 def child(processes: int, cgroup_base: str) -> Dict[str, Any]:
