@@ -156,3 +156,33 @@ def test_running_jobs_had_members_is_whether_a_member_row_exists(tmp_path):
             (1, True), (2, False), (3, True)]
     finally:
         store.close()
+
+
+def test_migration_10_drops_the_had_members_flag_and_keeps_every_job(tmp_path):
+    import sqlite3
+
+    from elsa.core import schema
+    from elsa.core.store import connect
+
+    path = str(tmp_path / "elsa.db")
+    db = connect(path)
+    schema.migrate(db, path, target=9)
+    db.execute("INSERT INTO jobs VALUES (1, 'a', 1000, '{\"k\": \"v\"}', 1.5, NULL, "
+               "'running', 'cgroup2', '{\"cgroup_path\": \"/x\"}', 1)")
+    db.execute("INSERT INTO jobs VALUES (2, 'b', 0, '{}', 2.5, 3.5, 'ended', 'cnproc', '{}', 0)")
+    db.execute("INSERT INTO members(boot_id, pid, start_ticks, jid, joined, how) "
+               "VALUES ('b', 10, 5, 1, 1.6, 'attach')")
+    schema.migrate(db, path)
+    cols = [r[1] for r in db.execute("PRAGMA table_info(jobs)")]
+    assert "had_members" not in cols
+    assert db.execute("SELECT * FROM jobs ORDER BY jid").fetchall() == [
+        (1, "a", 1000, '{"k": "v"}', 1.5, None, "running", "cgroup2", '{"cgroup_path": "/x"}'),
+        (2, "b", 0, "{}", 2.5, 3.5, "ended", "cnproc", "{}")]
+    assert db.execute("SELECT name FROM sqlite_master WHERE name = 'jobs_state'").fetchone()
+    db.close()
+    store = Store(str(tmp_path))
+    try:
+        assert [(job.jid, had) for job, had in store.running_jobs()] == [(1, True)]
+    finally:
+        store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 10

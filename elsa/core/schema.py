@@ -265,6 +265,29 @@ MIGRATIONS.append("""
     DROP INDEX IF EXISTS proc_usage_pid_end;
     """)
 
+#: Whether a job ever had a member is whether a member row of it exists (member rows are
+#: never deleted; Store.running_jobs asks members_jid): the jobs table's own flag, which
+#: cost an UPDATE per job, goes. The table is rebuilt because ALTER TABLE ... DROP COLUMN
+#: needs SQLite 3.35; the jobs of a store are few next to its process rows.
+MIGRATIONS.append("""
+    CREATE TABLE jobs_without_flag (
+        jid INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        owner_uid INTEGER NOT NULL,
+        tags TEXT NOT NULL,            -- JSON object
+        created REAL NOT NULL,
+        ended REAL,
+        state TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        params TEXT NOT NULL           -- JSON object (backend parameters)
+    );
+    INSERT INTO jobs_without_flag
+        SELECT jid, name, owner_uid, tags, created, ended, state, backend, params FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_without_flag RENAME TO jobs;
+    CREATE INDEX jobs_state ON jobs(state);
+    """)
+
 
 def migrate(db: sqlite3.Connection, path: str, target: Optional[int] = None) -> None:
     """Bring the store *db* (at *path*) to the current schema, one transaction

@@ -460,9 +460,7 @@ class Store:
 
     def running_jobs(self) -> List[Tuple[Job, bool]]:
         """Running jobs, oldest first, each with whether it ever had a member: a
-        membership row exists (they are never deleted). The jobs table's
-        had_members column said the same at the cost of an UPDATE per job; it is
-        no longer written."""
+        membership row of it exists (they are never deleted; store migration 10)."""
         self._read_own_writes()
         rows = self.db.execute(
             "SELECT jid, name, owner_uid, tags, created, ended, state, backend, params, "
