@@ -47,11 +47,9 @@ MEMBERS_COLUMNS = """
         how TEXT NOT NULL,             -- fork | attach | resync | recover
         detached INTEGER NOT NULL DEFAULT 0,"""
 
-MIGRATIONS: List[str] = [
-    # 1: jobs, membership history, metadata.
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE jobs (
+#: The jobs table's columns (migration 1, which adds a had_members flag after them;
+#: migration 10 rebuilds the table without it).
+JOBS_COLUMNS = """
         jid INTEGER PRIMARY KEY,
         name TEXT NOT NULL,
         owner_uid INTEGER NOT NULL,
@@ -60,7 +58,15 @@ MIGRATIONS: List[str] = [
         ended REAL,
         state TEXT NOT NULL,
         backend TEXT NOT NULL,
-        params TEXT NOT NULL,          -- JSON object (backend parameters)
+        -- params: JSON object (backend parameters); on its own line, since migration 1
+        -- puts a comma after the last column
+        params TEXT NOT NULL"""
+
+MIGRATIONS: List[str] = [
+    # 1: jobs, membership history, metadata.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE jobs (""" + JOBS_COLUMNS + """,
         had_members INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX jobs_state ON jobs(state);
@@ -270,16 +276,7 @@ MIGRATIONS.append("""
 #: cost an UPDATE per job, goes. The table is rebuilt because ALTER TABLE ... DROP COLUMN
 #: needs SQLite 3.35; the jobs of a store are few next to its process rows.
 MIGRATIONS.append("""
-    CREATE TABLE jobs_without_flag (
-        jid INTEGER PRIMARY KEY,
-        name TEXT NOT NULL,
-        owner_uid INTEGER NOT NULL,
-        tags TEXT NOT NULL,            -- JSON object
-        created REAL NOT NULL,
-        ended REAL,
-        state TEXT NOT NULL,
-        backend TEXT NOT NULL,
-        params TEXT NOT NULL           -- JSON object (backend parameters)
+    CREATE TABLE jobs_without_flag (""" + JOBS_COLUMNS + """
     );
     INSERT INTO jobs_without_flag
         SELECT jid, name, owner_uid, tags, created, ended, state, backend, params FROM jobs;
