@@ -41,12 +41,11 @@ def build_store(path: str, jobs: int, records: int) -> None:
         os.unlink(path)
     db = open_for_import(path)
     db.execute(f"""
-        INSERT INTO jobs(jid, name, owner_uid, tags, created, ended, state, backend, params,
-                         had_members)
+        INSERT INTO jobs(jid, name, owner_uid, tags, created, ended, state, backend, params)
         WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i < {jobs - 1})
         SELECT {JID0} + i, 'job' || (i % 500), 1000 + (i * 7) % {USERS},
                '{{"partition": "p' || (i % 4) || '"}}', {T0} + i * 25, {T0} + i * 25 + 600,
-               'ended', 'cgroup2', '{{}}', 1 FROM c""")
+               'ended', 'cgroup2', '{{}}' FROM c""")
     db.execute(f"""
         INSERT INTO job_usage(jid, source, processes, cpu_user_us, cpu_system_us, max_rss_kb,
                               read_bytes, write_bytes, updated)

@@ -69,7 +69,7 @@ def _proc(db, jid, source, pid, start, end, cu, cs, rss, uid=1000):
 
 
 def _job(db, jid, uid, tags, start, end):
-    db.execute("INSERT INTO jobs VALUES (?, 'j', ?, ?, ?, ?, 'ended', 'cnproc', '{}', 1)",
+    db.execute("INSERT INTO jobs VALUES (?, 'j', ?, ?, ?, ?, 'ended', 'cnproc', '{}')",
                (jid, uid, json.dumps(tags), start, end))
 
 

@@ -41,7 +41,7 @@ def make_store(path: Path, jobs: List[Dict[str, Any]]) -> str:
     db = sqlite3.connect(db_path, isolation_level=None)
     migrate(db, db_path)
     for j in jobs:
-        db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, 'cgroup2', ?, 1)",
+        db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, 'cgroup2', ?)",
                    (j["jid"], j.get("name", "job"), j.get("uid", os.getuid()),
                     json.dumps(j.get("tags", {})), j["start"], j.get("end"),
                     "ended" if j.get("end") else "running", json.dumps(j.get("params", {}))))

@@ -37,9 +37,9 @@ def db_path(tmp_path):
     assert main(["import-acct", "--db", path, str(f)]) == 0
     db = sqlite3.connect(path)
     # Job 7 has the three processes; job 8 has none and no source measured it.
-    db.execute("INSERT INTO jobs VALUES (7, 'exits', 0, '{}', ?, ?, 'ended', 'cnproc', '{}', 1)",
+    db.execute("INSERT INTO jobs VALUES (7, 'exits', 0, '{}', ?, ?, 'ended', 'cnproc', '{}')",
                (T0, T0 + 90.5))
-    db.execute("INSERT INTO jobs VALUES (8, 'bare', 0, '{}', ?, ?, 'ended', 'cnproc', '{}', 0)",
+    db.execute("INSERT INTO jobs VALUES (8, 'bare', 0, '{}', ?, ?, 'ended', 'cnproc', '{}')",
                (T0, T0 + 3))
     for i in range(3):
         db.execute("INSERT INTO members VALUES ('boot', ?, ?, 7, ?, ?, 0, 'fork', 0)",

@@ -35,7 +35,7 @@ def store(tmp_path):
     # A job whose members are pids 20000..20009 (as elsad's history records them).
     db = sqlite3.connect(db_path)
     db.execute("INSERT INTO jobs VALUES (42, 'build', 1000, '{}', ?, ?, 'ended', 'cnproc', "
-               "'{}', 1)", (T0, T0 + 700))
+               "'{}')", (T0, T0 + 700))
     # Identity as elsad stores it: start ticks since the boot, whose start it records.
     db.execute("INSERT INTO meta VALUES ('boot_epoch:boot', ?)", (str(BOOT),))
     for i in range(10):

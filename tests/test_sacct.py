@@ -22,7 +22,7 @@ def db_path(tmp_path):
     db = sqlite3.connect(path, isolation_level=None)
     migrate(db, path)
     # Job 1: cpuset 0-1 (2 cores), 100 s wall, 150 s CPU, 1 GiB limit, 256 MiB peak.
-    db.execute("INSERT INTO jobs VALUES (1, 'build', 0, ?, ?, ?, 'ended', 'cpuset', ?, 1)",
+    db.execute("INSERT INTO jobs VALUES (1, 'build', 0, ?, ?, ?, 'ended', 'cpuset', ?)",
                (json.dumps({"account": "chem", "partition": "short"}), T0, T0 + 100,
                 json.dumps({"cpus": "0-1", "memory_max": str(1 << 30)})))
     db.execute("INSERT INTO proc_usage(source, jid, pid, start_time, end_time, uid, comm, "
@@ -35,7 +35,7 @@ def db_path(tmp_path):
     db.execute("INSERT INTO members VALUES ('b', 11, 2, 1, ?, ?, 9, 'fork', 0)",
                (T0 + 1, T0 + 50))
     # Job 2: no limits, no usage measured.
-    db.execute("INSERT INTO jobs VALUES (2, 'idle', 0, '{}', ?, ?, 'ended', 'cnproc', '{}', 0)",
+    db.execute("INSERT INTO jobs VALUES (2, 'idle', 0, '{}', ?, ?, 'ended', 'cnproc', '{}')",
                (T0 + 200, T0 + 90061))
     db.close()
     return path

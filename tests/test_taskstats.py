@@ -250,7 +250,7 @@ def test_an_exit_just_after_a_second_boundary_with_the_coarse_seconds_lagging():
 @pytest.mark.root
 @pytest.mark.parametrize("batched", [True, False], ids=["recvmmsg", "recv"])
 def test_a_record_read_late_still_gives_the_start_time(batched):
-    from elsa.core.model import CLOCK_TICKS
+    from elsa.core.usage import TASKSTATS_TOLERANCE_TICKS
     from elsa.testing import start_ticks
 
     sock = TaskstatsSocket(rcvbuf=1 << 20)
@@ -271,7 +271,10 @@ def test_a_record_read_late_still_gives_the_start_time(batched):
         sock.close()
     assert len(recs) == 1
     row = T.usage_row(recs[0])
-    assert start is not None and abs(row[3] - start) <= CLOCK_TICKS // 2, (row[3], start)
+    # Within the tolerance attribution allows: half a second plus btime's lag
+    # (elsa/kernel/taskstats.py, BTIME_LAG_NS). CI once saw 51 ticks against 50.
+    assert start is not None and abs(row[3] - start) <= TASKSTATS_TOLERANCE_TICKS, (
+        row[3], start)
 
 
 def _single_and_threaded():
