@@ -129,6 +129,15 @@ def cache_dir() -> str:
     return d
 
 
+def store_cache_dir(name: str) -> str:
+    """The cache directory of a generated store: named after the store schema it was
+    built with, so a schema change builds it again instead of measuring (or failing
+    to notice a broken builder behind) a store of the old one."""
+    from elsa.core.schema import MIGRATIONS
+
+    return os.path.join(cache_dir(), f"{name}-schema{len(MIGRATIONS)}")
+
+
 REPRO = "python3 benchmarks/bench_pacct_summary.py"
 
 

@@ -34,6 +34,7 @@ from bench_pacct_summary import (
     make_pacct,
     print_rows,
     row,
+    store_cache_dir,
 )
 
 REPRO = "python3 benchmarks/bench_store_summary.py"
@@ -97,7 +98,7 @@ def pacct_and_store(records: int) -> Tuple[str, str]:
 
 def cached_store(records: int) -> str:
     """The path of the store of *records* generated process rows, built on first use."""
-    db_path = os.path.join(cache_dir(), f"store-{records}", "elsa.db")
+    db_path = os.path.join(store_cache_dir(f"store-{records}"), "elsa.db")
     marker = db_path + ".complete"
     if not os.path.exists(marker):
         os.makedirs(os.path.dirname(db_path), exist_ok=True)

@@ -26,7 +26,7 @@ from typing import Any, Dict, List
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_pacct_summary import T0, USERS, cache_dir, print_rows
+from bench_pacct_summary import T0, USERS, print_rows, store_cache_dir
 
 REPRO = "python3 benchmarks/bench_web.py"
 TARGET_S = 0.2
@@ -91,7 +91,7 @@ def best_get(url: str, runs: int) -> float:
 
 
 def main(jobs: int = 100_000, records: int = 10_000_000, runs: int = 5) -> List[Dict[str, Any]]:
-    d = os.path.join(cache_dir(), f"web-{jobs}-{records}")
+    d = store_cache_dir(f"web-{jobs}-{records}")
     db_path = os.path.join(d, "elsa.db")
     marker = db_path + ".complete"
     if not os.path.exists(marker):
