@@ -22,6 +22,7 @@ import pytest
 
 from elsa.apps import record
 from elsa.core.model import format_jid
+from elsa.core.usage import JOB_MEMBERS_SQL
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.root
@@ -90,6 +91,11 @@ def _forkstat_pids(lines: list) -> list:
     return out
 
 
+def _history_settled(d) -> bool:
+    store = d.call("status")["store"]
+    return store["pending_writes"] == 0 and store["member_rows_waiting"] == 0
+
+
 def test_apps_records_equal_forkstat_execs(elsad, workdir: Path) -> None:
     d = elsad(extra=APPS_TOML)
     fs_out = workdir / "forkstat.txt"
@@ -115,7 +121,10 @@ def test_apps_records_equal_forkstat_execs(elsad, workdir: Path) -> None:
         fs.wait(10)
     db = sqlite3.connect(os.path.join(d.state_dir, "elsa.db"))
     jid_int = int(str(jid), 16) if isinstance(jid, str) else jid
-    members = {p for (p,) in db.execute("SELECT pid FROM members WHERE jid = ?", (jid_int,))}
+    # The job's processes in the stored history, once no short fork stay waits for the
+    # taskstats row that carries it.
+    wait_for(lambda: _history_settled(d), 20, what="short fork stays to be carried or written")
+    members = {r[0] for r in db.execute(JOB_MEMBERS_SQL, (jid_int,))}
     seen = [p for p in _forkstat_pids(fs_out.read_text().splitlines()) if p in members]
     assert len(seen) > 20
     # The job's processes, and the root's exec from before the job existed (no jid).

@@ -17,6 +17,7 @@ import pytest
 
 from elsa.client import RequestFailed
 from elsa.core.model import parse_jid
+from elsa.core.usage import JOB_MEMBERS_SQL
 from tests.conftest import pid_alive, wait_for
 from tests.tree import Tree, live_descendants
 
@@ -40,8 +41,9 @@ def is_process(pid: int) -> bool:
 def member_rows(d, jid):
     db = sqlite3.connect(os.path.join(d.state_dir, "elsa.db"))
     try:
-        return db.execute("SELECT pid, left, exit_code, how FROM members WHERE jid = ?",
-                          (parse_jid(jid),)).fetchall()
+        # The stored history: member rows, and the usage rows that carry short fork stays.
+        return [(r[0], r[3], r[4], r[5])
+                for r in db.execute(JOB_MEMBERS_SQL, (parse_jid(jid),)).fetchall()]
     finally:
         db.close()
 

@@ -129,7 +129,7 @@ def test_unsettled_records_are_held_and_old_settled_ones_go_to_the_history():
     now = time.time()
     asked = []
     agg2, rows2 = _agg(mgr, settle=lambda: True, horizon=now,
-                       history=lambda pid, start, tol: asked.append(pid) or 77)
+                       history=lambda pid, start, tol, end: asked.append(pid) or 77)
     agg2.add([_rec(13, 100, end=now - 5)])
     assert agg2.counters.held == 0 and asked == [13]
     assert len(rows2) == 1 and rows2[0][1] == 77

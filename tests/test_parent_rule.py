@@ -127,7 +127,7 @@ def test_aggregator_applies_the_rule_to_records_memory_does_not_cover():
     stored: List[Tuple[Any, ...]] = []
     mgr = FakeManager()
     agg = Aggregator(lambda sql, row: stored.append(row), mgr.resolve,
-                     history=lambda pid, start, tol: None, hold_seconds=0.0,
+                     history=lambda pid, start, tol, end: None, hold_seconds=0.0,
                      boot_epoch_fn=lambda: BOOT, settle=lambda: True,
                      history_horizon=lambda: BOOT + 1000,
                      parent=lambda ppid, start, tol, epoch: 9 if ppid == 100 else None)

@@ -88,9 +88,15 @@ def test_every_lookup_by_pid_or_time_still_uses_an_index(tmp_path):
     # by when they left.
     parent = _plan(db, usage.PARENT_SQL, 5)
     assert "members_live (pid=?)" in parent and "members_left (left>?)" in parent
-    assert "autoindex" not in parent
-    for sql, n in ((usage.HISTORY_SQL, 5), (usage.PARENT_SQL, 5), (usage.ATTRIBUTE_SQL, 2)):
-        assert "SCAN m" not in _plan(db, sql, n)
+    # The carried rows by their end's window, each checked for a member row by the key.
+    carried = "proc_usage_key (end_time>? AND end_time<?)"
+    assert parent.count("autoindex") == 1 and carried in parent
+    assert parent.index(carried) < parent.index("autoindex")
+    assert carried in _plan(db, usage.CARRIED_SQL, 6)
+    assert carried in _plan(db, usage.ATTRIBUTE_SQL, 2)
+    for sql, n in ((usage.HISTORY_SQL, 5), (usage.PARENT_SQL, 5), (usage.ATTRIBUTE_SQL, 2),
+                   (usage.CARRIED_SQL, 6)):
+        assert "SCAN m" not in _plan(db, sql, n) and "SCAN proc_usage" not in _plan(db, sql, n)
     # Recovery at every start: the live members and those that left a job alive.
     assert "members_live" in _plan(db, LIVE_MEMBERS_SQL, 0)
     assert "members_detached (boot_id=?)" in _plan(db, LEFT_ALIVE_SQL, 1)

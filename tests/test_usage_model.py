@@ -84,7 +84,7 @@ def test_live_history_and_import_attribute_alike(tmp_path):
     for r in rows:
         row = tuple(dict(zip(cols, r))[k] for k in ROW_FIELDS)
         start, tol = identity(row, BOOT)
-        live[r[cols.index("id")]] = lookup(row[2], start, tol)
+        live[r[cols.index("id")]] = lookup(row[2], start, tol, row[5])
     save_boot_epoch(db.execute, "b1", BOOT)
     db.execute(ATTRIBUTE_SQL, (0, 10**9))
     imported = dict(db.execute("SELECT id, jid FROM proc_usage"))

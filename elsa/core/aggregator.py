@@ -38,12 +38,14 @@ from elsa.core import usage
 from elsa.core.model import CLOCK_TICKS, Job
 from elsa.core.thresholds import INSERT_FOLDED, Folder
 from elsa.core.usage import (
+    CARRIED_SQL,
     HISTORY_SQL,
     JOB_USAGE_ACCUMULATE,
     PARENT_SQL,
     ROLLUP_ACCUMULATE,
     ROW_FIELDS,
     UsageRecord,
+    history_params,
     identity,
     record_row,
 )
@@ -51,6 +53,10 @@ from elsa.kernel.procfs import boot_epoch
 
 #: Row fields the aggregator reads (ROW_FIELDS positions).
 _JID, _PID, _END, _START_TICKS = usage.JID, usage.PID, usage.END, usage.START_TICKS
+
+#: (pid, start ticks, tolerance ticks, end epoch) -> the job of that process in the
+#: persisted history (:func:`history_lookup`).
+HistoryLookup = Callable[[int, int, int, float], Optional[int]]
 
 #: Process-level columns of proc_usage, in insert order (a usage row).
 PROC_COLUMNS = ROW_FIELDS
@@ -139,7 +145,7 @@ class Aggregator:
     """
 
     def __init__(self, submit: Submit, resolve: Resolver, *,
-                 history: Optional[Callable[[int, int, int], Optional[int]]] = None,
+                 history: Optional[HistoryLookup] = None,
                  hold_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
                  boot_epoch_fn: Callable[[], float] = boot_epoch,
                  submit_many: Optional[SubmitMany] = None,
@@ -309,7 +315,7 @@ class Aggregator:
         start, tol = identity(row, boot)
         if start is None or start < -tol:
             return None
-        jid = self.history(row[_PID], start, tol)
+        jid = self.history(row[_PID], start, tol, row[_END])
         if jid is not None:
             self.counters.resolved_from_history += 1
         return jid
@@ -501,12 +507,13 @@ def add_to_sums(db: sqlite3.Connection, lo: int = 0, hi: Optional[int] = None) -
     db.execute(f"DELETE FROM {_GROUPS}")
 
 
-def history_lookup(db: sqlite3.Connection, boot_id: str) -> Callable[[int, int, int],
-                                                                     Optional[int]]:
-    """A resolver over the persisted membership history of boot *boot_id*."""
-    def lookup(pid: int, start_ticks: int, tol: int) -> Optional[int]:
-        row = db.execute(HISTORY_SQL, (boot_id, pid, start_ticks - tol, start_ticks + tol,
-                                       start_ticks)).fetchone()
+def history_lookup(db: sqlite3.Connection, boot_id: str) -> HistoryLookup:
+    """A resolver over the persisted membership history of boot *boot_id*: its
+    member rows, then its carried rows (elsa.core.usage.CARRIED_SQL)."""
+    def lookup(pid: int, start_ticks: int, tol: int, end: float) -> Optional[int]:
+        member, carried = history_params(boot_id, pid, start_ticks, tol, end)
+        row = (db.execute(HISTORY_SQL, member).fetchone()
+               or db.execute(CARRIED_SQL, carried).fetchone())
         return row[0] if row else None
     return lookup
 

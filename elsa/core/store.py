@@ -34,6 +34,12 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional
 from elsa.core.aggregator import INSERT_PROC, live_bulk
 from elsa.core.model import Job
 from elsa.core.schema import migrate
+from elsa.core.usage import (
+    CARRIED_STAY_S,
+    JOB_MEMBERS_SQL,
+    TASKSTATS_TOLERANCE_TICKS,
+    carriers,
+)
 from elsa.errors import StoreError
 from elsa.logsetup import structlog
 
@@ -50,6 +56,11 @@ SPOOL_LIMIT = 200_000
 #: Beyond this many held writes, accounting records are dropped (and counted in
 #: ``health()``) rather than letting elsad grow without bound.
 SPOOL_HARD_LIMIT = 4 * SPOOL_LIMIT
+#: Seconds a closed short fork stay waits for the usage row that carries it (and then
+#: needs no member row; elsa.core.usage.CARRIED_STAY_S) before its member row is
+#: written anyway: the taskstats record follows the exit within the source's read
+#: window, or after a burst hold (burst_hold, 5 s by default) ends.
+CARRY_WAIT_S = 6.0
 #: Permissions of the store files: the accounting data is private (command
 #: names, usage and exit codes of every user; see docs/security.md).
 STORE_MODE = 0o600
@@ -109,7 +120,8 @@ class Store:
     """Job table and membership history, persisted in ``<state_dir>/elsa.db``."""
 
     def __init__(self, state_dir: str, *, batch_interval: float = 0.25,
-                 spool_limit: int = SPOOL_LIMIT, check_seconds: float = 10.0) -> None:
+                 spool_limit: int = SPOOL_LIMIT, check_seconds: float = 10.0,
+                 carry_wait: float = CARRY_WAIT_S) -> None:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, DB_NAME)
         try:
@@ -132,6 +144,14 @@ class Store:
         self._members: Dict[Tuple[str, int, int, int], List[Any]] = {}
         self._member_calls = 0
         self._members_lock = threading.Lock()
+        # Closed short fork stays waiting for their carrier (CARRY_WAIT_S), by
+        # (pid, jid), oldest first; the writer's alone. A crash loses these rows
+        # with the records in flight that would carry them; bsdacct's records of
+        # those processes then find their job by the ppid rule.
+        self._short: collections.OrderedDict[Tuple[int, int], List[Any]] = (
+            collections.OrderedDict())
+        self.carry_wait = carry_wait
+        self.carried = 0
         self._cond = threading.Condition()
         self._submitted = 0   # ops appended
         self._committed = 0   # ops committed
@@ -206,7 +226,8 @@ class Store:
         return {"ok": self._failure is None and not self.corrupt, "error": self._failure,
                 "failing_since": self._failed_since, "corrupt": self.corrupt,
                 "pending_writes": self.pending(), "spool_limit": self.spool_limit,
-                "write_failures": self.write_failures, "dropped_records": self.dropped}
+                "write_failures": self.write_failures, "dropped_records": self.dropped,
+                "member_rows_carried": self.carried, "member_rows_waiting": len(self._short)}
 
     def read_failed(self, exc: BaseException) -> Optional[str]:
         """A read met *exc*: if it is corruption, mark the store corrupt (status,
@@ -323,19 +344,24 @@ class Store:
                     else:
                         self._asleep = True
                         if not (self._queue or self._members):
-                            self._cond.wait()  # until a write, kick, flush or stop
-                            self._asleep = False
-                            # A write woke us: it opens a batch.
-                            next_commit = time.monotonic() + self.batch_interval
-                            continue
+                            due = self._short_due()
+                            if due is None or due > 0:
+                                # Until a write, kick, flush, stop or a short stay's wait ends.
+                                self._cond.wait(due)
+                                self._asleep = False
+                                # A write woke us: it opens a batch.
+                                next_commit = time.monotonic() + self.batch_interval
+                                continue
+                            wait = 0.0
+                        else:
+                            wait = next_commit - time.monotonic()
                         self._asleep = False
-                        wait = next_commit - time.monotonic()
                     if wait <= 0:
                         break
                     self._cond.wait(wait)
                 self._urgent = False
                 stopping = self._stopping
-            ok = self._commit_batch(db)
+            ok = self._commit_batch(db, final=stopping)
             next_commit = time.monotonic() + self.batch_interval
             if stopping and not self._queue and not self._members:
                 break
@@ -345,7 +371,55 @@ class Store:
                 break
         db.close()
 
-    def _commit_batch(self, db: sqlite3.Connection) -> bool:
+    def _short_due(self) -> Optional[float]:
+        """Seconds until the oldest waiting short stay must be written (None: none waits)."""
+        for row in self._short.values():
+            return row[6] + self.carry_wait - time.time()
+        return None
+
+    def _member_rows(self, members: Dict[Tuple[str, int, int, int], List[Any]],
+                     batch: List[Tuple[str, Sequence[Any]]], final: bool
+                     ) -> Tuple[List[List[Any]], List[List[Any]], int]:
+        """The member rows to insert with *batch*: (rows, rows taken from the
+        waiting short stays, how many a usage row of *batch* carried). A closed
+        short fork stay waits for its carrier (elsa.core.usage.CARRIED_SQL);
+        *final*: none waits any more."""
+        short = self._short
+        rows: List[List[Any]] = []
+        taken: List[List[Any]] = []
+        for m in members.values():
+            # boot_id, pid, start_ticks, jid, joined, how, left, exit_code, detached
+            left = m[6]
+            if (left is not None and m[5] == "fork" and not m[8]
+                    and left - m[4] <= CARRIED_STAY_S):
+                old = short.pop((m[1], m[3]), None)
+                if old is not None:  # the pid came back in the job: the first stay is written
+                    rows.append(old)
+                    taken.append(old)
+                short[m[1], m[3]] = m
+            else:
+                rows.append(m)
+        n = 0
+        if short:
+            usage = [r for sql, p in batch if sql == INSERT_PROC
+                     for r in (p if type(p) is _Many else (p,))]
+            for key, start in carriers(usage).items():
+                m = short.get(key)
+                if m is not None and abs(m[2] - start) <= TASKSTATS_TOLERANCE_TICKS:
+                    del short[key]
+                    taken.append(m)
+                    n += 1
+        expired = float("inf") if final else time.time() - self.carry_wait
+        while short:
+            m = next(iter(short.values()))
+            if m[6] > expired:
+                break
+            short.popitem(last=False)
+            rows.append(m)
+            taken.append(m)
+        return rows, taken, n
+
+    def _commit_batch(self, db: sqlite3.Connection, final: bool = False) -> bool:
         """Commit what is queued in one transaction; on failure put it back."""
         # Take the member rows first: a close that misses them from now on
         # is queued as an UPDATE and drained below, so it runs after them.
@@ -358,12 +432,14 @@ class Store:
             batch.append(q.popleft())
         done = (sum(len(p) if type(p) is _Many else 1 for _, p in batch)
                 + calls)
-        if not done:
+        due = self._short_due()
+        if not done and (due is None or (due > 0 and not final)):
             return True
+        rows, taken, carried = self._member_rows(members, batch, final)
         try:
             db.execute("BEGIN")
-            if members:
-                db.executemany(INSERT_MEMBER, members.values())
+            if rows:
+                db.executemany(INSERT_MEMBER, rows)
             _execute_grouped(db, batch, RUNNERS)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -371,10 +447,15 @@ class Store:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # SQLite already rolled back (SQLITE_FULL does)
-            self._requeue(batch, members, calls)
+            # The rows this batch put to wait come back with it, as the rows it took.
+            for m in members.values():
+                if self._short.get((m[1], m[3])) is m:
+                    del self._short[m[1], m[3]]
+            self._requeue(batch, members, calls, taken)
             self._failed(exc)
             return False
         self.batches += 1
+        self.carried += carried
         if self._failure is not None:
             log.warning("store writes again", path=self.path, after=self._failure,
                         failures=self.write_failures)
@@ -390,13 +471,17 @@ class Store:
         return True
 
     def _requeue(self, batch: List[Tuple[str, Sequence[Any]]],
-                 members: Dict[Tuple[str, int, int, int], List[Any]], calls: int) -> None:
-        """Put a rolled-back batch back, ahead of what was queued since."""
+                 members: Dict[Tuple[str, int, int, int], List[Any]], calls: int,
+                 taken: Sequence[List[Any]] = ()) -> None:
+        """Put a rolled-back batch back, ahead of what was queued since (and the
+        member rows it took from the waiting short stays)."""
         self._queue.extendleft(reversed(batch))
         with self._members_lock:
             for key, row in members.items():
                 # A row changed since is newer: it wins.
                 self._members.setdefault(key, row)
+            for row in taken:
+                self._members.setdefault((row[0], row[1], row[2], row[3]), row)
             self._member_calls += calls
 
     def _failed(self, exc: sqlite3.Error) -> None:
@@ -527,11 +612,11 @@ class Store:
 
     def members_of(self, jid: int) -> List[Tuple[int, int, float, Optional[float],
                                                  Optional[int], str]]:
-        """(pid, start_ticks, joined, left, exit_code, how) of every member a job ever had."""
+        """(pid, start_ticks, joined, left, exit_code, how) of every member a job ever
+        had (elsa.core.usage.JOB_MEMBERS_SQL: short fork stays may wait CARRY_WAIT_S
+        for their carrier before they show)."""
         self._read_own_writes()
-        return self.db.execute(
-            "SELECT pid, start_ticks, joined, left, exit_code, how FROM members "
-            "WHERE jid = ? ORDER BY joined", (jid,)).fetchall()
+        return self.db.execute(JOB_MEMBERS_SQL, (jid,)).fetchall()
 
 
 def is_corruption(exc: BaseException) -> bool:

@@ -50,7 +50,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.model import CLOCK_TICKS
 
@@ -294,11 +294,61 @@ def identity(row: Sequence[Any], boot_epoch: float) -> Tuple[Optional[int], int]
     return None, 0
 
 
+#: The stored membership history is the members table and, for the fork children
+#: whose whole stay was short, their usage rows: a process that joined its job at its
+#: fork and left it at its exit within CARRIED_STAY_S, and whose usage row with a start
+#: in ticks (taskstats') carrying that job is committed in the same transaction, gets
+#: no member row (Store._commit_batch, :func:`carriers`). Most processes of a fork storm
+#: are such children, and their member row was a sixth of elsad's CPU per process
+#: (docs/accounting.md, "Store writes"). The usage row says the same: the job the
+#: process was in from its start to its exit. Rows of a start in seconds (pacct's)
+#: carry nothing: their identity is too coarse, and they come late.
+CARRIED_STAY_S = 1.0
+
 #: The stored membership history, for one boot: (boot_id, pid, lo, hi, start). The
 #: members' key (boot_id, start_ticks, pid, ...) gives the start window; the pid is
 #: checked in the key's entries.
 HISTORY_SQL = ("SELECT jid FROM members WHERE boot_id = ? AND pid = ? "
                "AND start_ticks BETWEEN ? AND ? ORDER BY abs(start_ticks - ?) LIMIT 1")
+#: The same process in a carried row (when HISTORY_SQL finds no member): (end - 2 s,
+#: end + 2 s, pid, lo, hi, start) with the start window widened by the carried row's
+#: own tolerance. Both sources' end is btime + etime (btime whole seconds): within
+#: 1 s of each other; the end window also keeps the match within the boot.
+#: proc_usage_key (end_time, source, pid, ...) gives the window.
+CARRIED_SQL = ("SELECT jid FROM proc_usage WHERE end_time BETWEEN ? AND ? "
+               "AND pid = ? AND jid IS NOT NULL AND start_ticks BETWEEN ? AND ? "
+               "ORDER BY abs(start_ticks - ?) LIMIT 1")
+
+
+#: Every stay of job ?1 in the stored history, in the order they began: (pid, start ticks,
+#: joined, left, exit code, how). A carried stay (no member row of that process and
+#: job) is the process's life: from its start to its exit, by fork.
+JOB_MEMBERS_SQL = (
+    "SELECT pid, start_ticks, joined, left, exit_code, how FROM members WHERE jid = ?1 "
+    "UNION ALL "
+    "SELECT pid, start_ticks, start_time, end_time, exit_code, 'fork' FROM proc_usage AS c "
+    "WHERE jid = ?1 AND start_ticks IS NOT NULL AND NOT EXISTS (SELECT 1 FROM members AS m "
+    f"WHERE m.jid = ?1 AND m.pid = c.pid AND m.start_ticks BETWEEN "
+    f"c.start_ticks - {TASKSTATS_TOLERANCE_TICKS} AND c.start_ticks + {TASKSTATS_TOLERANCE_TICKS}) "
+    "ORDER BY 3")
+
+
+def history_params(boot_id: str, pid: int, start: int, tol: int, end: float
+                   ) -> Tuple[Tuple[Any, ...], Tuple[Any, ...]]:
+    """The parameters of HISTORY_SQL and CARRIED_SQL for a record of process
+    (*pid*, *start* ticks within *tol*) that ended at *end* (epoch s)."""
+    wide = tol + TASKSTATS_TOLERANCE_TICKS
+    return ((boot_id, pid, start - tol, start + tol, start),
+            (end - ACCT_TOLERANCE_S, end + ACCT_TOLERANCE_S, pid, start - wide, start + wide,
+             start))
+
+
+def carriers(rows: Iterable[Sequence[Any]]) -> Dict[Tuple[int, int], int]:
+    """(pid, jid) -> start ticks of the usage *rows* (ROW_FIELDS order) that can
+    carry a short fork stay: a job and a start in ticks."""
+    return {(r[PID], r[JID]): r[START_TICKS] for r in rows
+            if r[JID] is not None and r[START_TICKS] is not None}
+
 
 #: A parent in the stored membership history of one boot: a member with pid ppid
 #: that started no later than the child and was a member when the child started
@@ -311,11 +361,27 @@ HISTORY_SQL = ("SELECT jid FROM members WHERE boot_id = ? AND pid = ? "
 #: those that left after the child started (members_left): no index orders all the
 #: members by pid (schema.py, migration 8). The unary + keeps SQLite from scanning the
 #: key back from the child's start instead (through all the boot's earlier members).
+#: A parent whose stay a carried row holds (no member row of that process: one exists
+#: for every process that joined otherwise, was attached, or left alive) lived at most
+#: CARRIED_STAY_S, so it ended within that of the child's start: proc_usage_key gives
+#: the window (ends are btime + etime, up to 1 s early: ACCT_TOLERANCE_S of margin), and
+#: its start in ticks plus its elapsed time says whether it outlived the child's start
+#: (child start - tolerance = ?3 - (?5 - ?4) ticks).
 _PARENT_WHERE = ("pid = ?2 AND +boot_id = ?1 AND +start_ticks <= ?3 "
                  "AND (how <> 'attach' OR joined <= ?5)")
 PARENT_SQL = (f"SELECT jid, start_ticks FROM members WHERE left IS NULL AND {_PARENT_WHERE} "
               "UNION ALL "
               f"SELECT jid, start_ticks FROM members WHERE left >= ?4 AND {_PARENT_WHERE} "
+              "UNION ALL "
+              "SELECT jid, start_ticks FROM proc_usage AS c "
+              f"WHERE end_time BETWEEN ?4 - {ACCT_TOLERANCE_S} "
+              f"AND ?5 + {CARRIED_STAY_S + ACCT_TOLERANCE_S} AND pid = ?2 AND jid IS NOT NULL "
+              f"AND start_ticks <= ?3 + {TASKSTATS_TOLERANCE_TICKS} "
+              f"AND start_ticks + elapsed_us / {1_000_000 // CLOCK_TICKS} "
+              f">= ?3 - (?5 - ?4) * {CLOCK_TICKS} - {TASKSTATS_TOLERANCE_TICKS} "
+              "AND NOT EXISTS (SELECT 1 FROM members AS m WHERE m.boot_id = ?1 AND m.start_ticks "
+              f"BETWEEN c.start_ticks - {TASKSTATS_TOLERANCE_TICKS} "
+              f"AND c.start_ticks + {TASKSTATS_TOLERANCE_TICKS} AND m.pid = c.pid) "
               "ORDER BY start_ticks DESC LIMIT 1")
 
 #: (ppid, child start ticks, tolerance ticks, child start epoch) -> jid: a
@@ -408,7 +474,7 @@ ATTRIBUTE_SQL = f"""
     WITH boots AS (SELECT substr(key, {len(BOOT_PREFIX) + 1}) AS boot_id,
                           CAST(value AS REAL) AS epoch
                    FROM meta WHERE key LIKE '{BOOT_PREFIX}%')
-    UPDATE proc_usage SET jid = (
+    UPDATE proc_usage SET jid = COALESCE((
         -- the closest start wins (a bare column beside MIN() is taken from its row)
         SELECT jid FROM (
             SELECT m.jid AS jid,
@@ -417,7 +483,15 @@ ATTRIBUTE_SQL = f"""
             WHERE m.pid = proc_usage.pid
               AND m.start_ticks
                   BETWEEN (proc_usage.start_time - b.epoch) * {CLOCK_TICKS} - {ACCT_TOLERANCE_TICKS}
-                  AND (proc_usage.start_time - b.epoch) * {CLOCK_TICKS} + {ACCT_TOLERANCE_TICKS}))
+                  AND (proc_usage.start_time - b.epoch) * {CLOCK_TICKS} + {ACCT_TOLERANCE_TICKS})),
+        -- else a carried row of the process (CARRIED_SQL; both starts are btime seconds)
+        (SELECT jid FROM (
+            SELECT c.jid AS jid, MIN(abs(c.start_time - proc_usage.start_time))
+            FROM proc_usage AS c
+            WHERE c.end_time BETWEEN proc_usage.end_time - {ACCT_TOLERANCE_S}
+                                 AND proc_usage.end_time + {ACCT_TOLERANCE_S}
+              AND c.pid = proc_usage.pid AND c.jid IS NOT NULL AND c.start_ticks IS NOT NULL
+              AND abs(c.start_time - proc_usage.start_time) <= {ACCT_TOLERANCE_S})))
     WHERE proc_usage.id > ? AND proc_usage.id <= ? AND proc_usage.jid IS NULL
       AND proc_usage.start_time IS NOT NULL
 """
@@ -453,7 +527,10 @@ def attribute_imported_by_parent(db: sqlite3.Connection, lo: int, hi: int) -> in
     epochs = dict((b, e) for e, b in boots)
     leads = {pid for (pid,) in db.execute(
         "SELECT pid FROM members WHERE left IS NULL UNION "
-        "SELECT pid FROM members WHERE left >= ?", (span[0],))}
+        "SELECT pid FROM members WHERE left >= ?1 UNION "
+        f"SELECT pid FROM proc_usage WHERE end_time BETWEEN ?1 - {ACCT_TOLERANCE_S} "
+        f"AND ?2 + {CARRIED_STAY_S + ACCT_TOLERANCE_S} AND jid IS NOT NULL "
+        "AND start_ticks IS NOT NULL", span)}
     leads.update(pid for (pid,) in db.execute(
         "SELECT DISTINCT pid FROM proc_usage WHERE id > ? AND id <= ? AND jid IS NOT NULL",
         (lo, hi)))
