@@ -60,6 +60,13 @@ def _fork_stay(store, pid, start_ticks, jid=JID, stay=0.001, how="fork", detache
     store.close_member(BOOT, jid, pid, start_ticks, joined + stay, 0, detached)
 
 
+def _carrying(store):
+    """Let *store* see a carrier (a usage row of another job's process): it holds
+    short stays only while a source carries them."""
+    store.submit_many(INSERT_PROC, [_usage(1, 1, jid=99)])
+    store.flush()
+
+
 def _member_pids(store):
     return sorted(p for (p,) in store.db.execute("SELECT pid FROM members"))
 
@@ -67,6 +74,7 @@ def _member_pids(store):
 def test_a_short_fork_stay_with_its_usage_row_writes_no_member_row(tmp_path):
     store = Store(str(tmp_path), batch_interval=0.05, carry_wait=30.0)
     try:
+        _carrying(store)
         _fork_stay(store, 100, 5000)                    # carried, same batch
         _fork_stay(store, 101, 5010)                    # carried by a later batch
         _fork_stay(store, 102, 5020, how="attach")      # attached: always a row
@@ -99,6 +107,7 @@ def test_a_short_fork_stay_with_its_usage_row_writes_no_member_row(tmp_path):
 def test_an_uncarried_stay_is_written_after_the_wait_without_further_writes(tmp_path):
     store = Store(str(tmp_path), batch_interval=0.05, carry_wait=0.3)
     try:
+        _carrying(store)
         now = time.time()
         store.add_member(BOOT, JID, 200, 9000, now, "fork")
         store.close_member(BOOT, JID, 200, 9000, now + 0.001, 0)
@@ -115,6 +124,7 @@ def test_waiting_rows_taken_by_a_failed_commit_are_written_by_the_retry(tmp_path
 
     store = Store(str(tmp_path), batch_interval=0.05, carry_wait=30.0)
     try:
+        _carrying(store)
         _fork_stay(store, 300, 7000)
         store.flush()
         store.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON proc_usage "
@@ -128,8 +138,22 @@ def test_waiting_rows_taken_by_a_failed_commit_are_written_by_the_retry(tmp_path
         wait_for(lambda: store.is_committed(mark), 10, what="the retry")
         assert _member_pids(store) == []
         assert store.db.execute("SELECT pid FROM proc_usage ORDER BY pid").fetchall() == [
-            (300,), (301,)]
+            (1,), (300,), (301,)]
         assert store.health()["member_rows_carried"] == 1
+    finally:
+        store.close()
+
+
+def test_without_a_carrying_source_short_stays_are_written_at_once(tmp_path):
+    # taskstats off: nothing would carry them, so nothing waits (pacct rows, whose start
+    # is in whole seconds, carry nothing).
+    store = Store(str(tmp_path), batch_interval=0.05, carry_wait=30.0)
+    try:
+        _fork_stay(store, 400, 8000)
+        store.submit_many(INSERT_PROC, [_usage(400, 8000, source="acct")])
+        store.flush()
+        assert _member_pids(store) == [400]
+        assert store.health()["member_rows_waiting"] == 0
     finally:
         store.close()
 
@@ -140,6 +164,7 @@ def _history_store(tmp_path):
     (its usage row says 8, its member row says when it joined)."""
     path = str(tmp_path / "elsa.db")
     store = Store(str(tmp_path), batch_interval=0.05, carry_wait=30.0)
+    _carrying(store)
     store.add_member(BOOT, JID, 10, 1000, BOOT_EPOCH + 10, "attach")
     _fork_stay(store, 11, 2000, stay=0.3)
     store.submit_many(INSERT_PROC, [_usage(11, 2002, ppid=10, life=0.3)])

@@ -37,6 +37,7 @@ from elsa.core.schema import migrate
 from elsa.core.usage import (
     CARRIED_STAY_S,
     JOB_MEMBERS_SQL,
+    START_TICKS,
     TASKSTATS_TOLERANCE_TICKS,
     carriers,
 )
@@ -61,6 +62,10 @@ SPOOL_HARD_LIMIT = 4 * SPOOL_LIMIT
 #: written anyway: the taskstats record follows the exit within the source's read
 #: window, or after a burst hold (burst_hold, 5 s by default) ends.
 CARRY_WAIT_S = 6.0
+#: Short stays are held only while rows that could carry them (a start in ticks) come:
+#: with none for this long (taskstats off) they are written at once. Longer than any
+#: burst hold, so a burst after a quiet spell is held too.
+CARRIER_GONE_S = 60.0
 #: Permissions of the store files: the accounting data is private (command
 #: names, usage and exit codes of every user; see docs/security.md).
 STORE_MODE = 0o600
@@ -151,6 +156,7 @@ class Store:
         self._short: collections.OrderedDict[Tuple[int, int], List[Any]] = (
             collections.OrderedDict())
         self.carry_wait = carry_wait
+        self._carried_at = float("-inf")  # when a batch last held a row with start ticks
         self.carried = 0
         self._cond = threading.Condition()
         self._submitted = 0   # ops appended
@@ -382,34 +388,49 @@ class Store:
                      ) -> Tuple[List[List[Any]], List[List[Any]], int]:
         """The member rows to insert with *batch*: (rows, rows taken from the
         waiting short stays, how many a usage row of *batch* carried). A closed
-        short fork stay waits for its carrier (elsa.core.usage.CARRIED_SQL);
-        *final*: none waits any more."""
+        short fork stay waits for its carrier (elsa.core.usage.CARRIED_SQL) while
+        rows that could carry it come (CARRIER_GONE_S); *final*: none waits any more."""
         short = self._short
         rows: List[List[Any]] = []
         taken: List[List[Any]] = []
+        stays: List[List[Any]] = []
         for m in members.values():
             # boot_id, pid, start_ticks, jid, joined, how, left, exit_code, detached
             left = m[6]
             if (left is not None and m[5] == "fork" and not m[8]
                     and left - m[4] <= CARRIED_STAY_S):
+                stays.append(m)
+            else:
+                rows.append(m)
+        now = time.time()
+        for sql, p in batch:
+            # One row per entry: a source's rows all have a start in ticks, or none do.
+            if sql == INSERT_PROC and (p[0] if type(p) is _Many else p)[START_TICKS] is not None:
+                self._carried_at = now
+                break
+        carry: Dict[Tuple[int, int], int] = {}
+        if stays or short:
+            carry = carriers(r for sql, p in batch if sql == INSERT_PROC
+                             for r in (p if type(p) is _Many else (p,)))
+        if now - self._carried_at > CARRIER_GONE_S:
+            # No source that could carry a stay has written a row for a while (taskstats
+            # off): holding the stays would only delay their rows.
+            rows.extend(stays)
+        else:
+            for m in stays:
                 old = short.pop((m[1], m[3]), None)
                 if old is not None:  # the pid came back in the job: the first stay is written
                     rows.append(old)
                     taken.append(old)
                 short[m[1], m[3]] = m
-            else:
-                rows.append(m)
         n = 0
-        if short:
-            usage = [r for sql, p in batch if sql == INSERT_PROC
-                     for r in (p if type(p) is _Many else (p,))]
-            for key, start in carriers(usage).items():
-                m = short.get(key)
-                if m is not None and abs(m[2] - start) <= TASKSTATS_TOLERANCE_TICKS:
-                    del short[key]
-                    taken.append(m)
-                    n += 1
-        expired = float("inf") if final else time.time() - self.carry_wait
+        for key, start in carry.items():
+            m = short.get(key)
+            if m is not None and abs(m[2] - start) <= TASKSTATS_TOLERANCE_TICKS:
+                del short[key]
+                taken.append(m)
+                n += 1
+        expired = float("inf") if final else now - self.carry_wait
         while short:
             m = next(iter(short.values()))
             if m[6] > expired:
