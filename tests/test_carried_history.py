@@ -20,9 +20,10 @@ import time
 
 import pytest
 
+from elsa.core import carrying
 from elsa.core.aggregator import INSERT_PROC, history_lookup, parent_lookup
 from elsa.core.model import CLOCK_TICKS, parse_jid
-from elsa.core.store import Store
+from elsa.core.store import MEMBER_COLUMNS, Store
 from elsa.core.usage import (
     ATTRIBUTE_SQL,
     CARRIED_STAY_S,
@@ -60,6 +61,26 @@ def _fork_stay(store, pid, start_ticks, jid=JID, stay=0.001, how="fork", detache
     store.close_member(BOOT, jid, pid, start_ticks, joined + stay, 0, detached)
 
 
+@pytest.fixture
+def new_store(tmp_path):
+    """``new_store(carry_wait)``: a Store in tmp_path, closed after the test."""
+    made = []
+
+    def make(carry_wait):
+        made.append(Store(str(tmp_path), batch_interval=0.05, carry_wait=carry_wait))
+        return made[-1]
+    yield make
+    for store in made:
+        store.close()
+
+
+def test_member_row_positions_are_the_stores_columns():
+    assert [MEMBER_COLUMNS[i] for i in (carrying.PID, carrying.START, carrying.JID,
+                                        carrying.JOINED, carrying.HOW, carrying.LEFT,
+                                        carrying.DETACHED)] == [
+        "pid", "start_ticks", "jid", "joined", "how", "left", "detached"]
+
+
 def _carrying(store):
     """Let *store* see a carrier (a usage row of another job's process): it holds
     short stays only while a source carries them."""
@@ -71,28 +92,25 @@ def _member_pids(store):
     return sorted(p for (p,) in store.db.execute("SELECT pid FROM members"))
 
 
-def test_a_short_fork_stay_with_its_usage_row_writes_no_member_row(tmp_path):
-    store = Store(str(tmp_path), batch_interval=0.05, carry_wait=30.0)
-    try:
-        _carrying(store)
-        _fork_stay(store, 100, 5000)                    # carried, same batch
-        _fork_stay(store, 101, 5010)                    # carried by a later batch
-        _fork_stay(store, 102, 5020, how="attach")      # attached: always a row
-        _fork_stay(store, 103, 5030, stay=CARRIED_STAY_S + 0.5)  # too long
-        _fork_stay(store, 104, 5040, detached=True)     # left the job alive
-        _fork_stay(store, 105, 5050)                    # its row names another job
-        _fork_stay(store, 106, 5060)                    # its row's start is another process
-        store.submit_many(INSERT_PROC, [_usage(100, 5003)])
-        store.flush()
-        assert _member_pids(store) == [102, 103, 104]
-        store.submit_many(INSERT_PROC, [_usage(101, 5012), _usage(105, 5050, jid=JID + 1),
-                                        _usage(106, 5060 + 100)])
-        store.flush()
-        assert store.health()["member_rows_carried"] == 2
-        assert store.health()["member_rows_waiting"] == 2   # 105 and 106 still wait
-    finally:
-        store.close()
-    # Stopping writes what still waits.
+def test_a_short_fork_stay_with_its_usage_row_writes_no_member_row(tmp_path, new_store):
+    store = new_store(30.0)
+    _carrying(store)
+    _fork_stay(store, 100, 5000)                    # carried, same batch
+    _fork_stay(store, 101, 5010)                    # carried by a later batch
+    _fork_stay(store, 102, 5020, how="attach")      # attached: always a row
+    _fork_stay(store, 103, 5030, stay=CARRIED_STAY_S + 0.5)  # too long
+    _fork_stay(store, 104, 5040, detached=True)     # left the job alive
+    _fork_stay(store, 105, 5050)                    # its row names another job
+    _fork_stay(store, 106, 5060)                    # its row's start is another process
+    store.submit_many(INSERT_PROC, [_usage(100, 5003)])
+    store.flush()
+    assert _member_pids(store) == [102, 103, 104]
+    store.submit_many(INSERT_PROC, [_usage(101, 5012), _usage(105, 5050, jid=JID + 1),
+                                    _usage(106, 5060 + 100)])
+    store.flush()
+    assert store.health()["member_rows_carried"] == 2
+    assert store.health()["member_rows_waiting"] == 2   # 105 and 106 still wait
+    store.close()   # stopping writes what still waits
     db = sqlite3.connect(str(tmp_path / "elsa.db"))
     assert sorted(p for (p,) in db.execute("SELECT pid FROM members")) == [102, 103, 104,
                                                                             105, 106]
@@ -104,58 +122,49 @@ def test_a_short_fork_stay_with_its_usage_row_writes_no_member_row(tmp_path):
                    (104, "fork"), (105, "fork"), (106, "fork"), (106, "fork")]
 
 
-def test_an_uncarried_stay_is_written_after_the_wait_without_further_writes(tmp_path):
-    store = Store(str(tmp_path), batch_interval=0.05, carry_wait=0.3)
-    try:
-        _carrying(store)
-        now = time.time()
-        store.add_member(BOOT, JID, 200, 9000, now, "fork")
-        store.close_member(BOOT, JID, 200, 9000, now + 0.001, 0)
-        store.flush()
-        assert _member_pids(store) == []   # waits for its carrier
-        wait_for(lambda: _member_pids(store) == [200], 5, what="the waiting row written")
-        assert store.health()["member_rows_waiting"] == 0
-    finally:
-        store.close()
+def test_an_uncarried_stay_is_written_after_the_wait_without_further_writes(new_store):
+    store = new_store(0.3)
+    _carrying(store)
+    now = time.time()
+    store.add_member(BOOT, JID, 200, 9000, now, "fork")
+    store.close_member(BOOT, JID, 200, 9000, now + 0.001, 0)
+    store.flush()
+    assert _member_pids(store) == []   # waits for its carrier
+    wait_for(lambda: _member_pids(store) == [200], 5, what="the waiting row written")
+    assert store.health()["member_rows_waiting"] == 0
 
 
-def test_waiting_rows_taken_by_a_failed_commit_are_written_by_the_retry(tmp_path):
+def test_waiting_rows_taken_by_a_failed_commit_are_written_by_the_retry(new_store):
     from elsa.errors import StoreError
 
-    store = Store(str(tmp_path), batch_interval=0.05, carry_wait=30.0)
-    try:
-        _carrying(store)
-        _fork_stay(store, 300, 7000)
-        store.flush()
-        store.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON proc_usage "
-                         "BEGIN SELECT RAISE(ABORT, 'disk I/O error (test)'); END")
-        store.submit_many(INSERT_PROC, [_usage(301, 7100)])  # carries nothing
-        store.submit_many(INSERT_PROC, [_usage(300, 7001)])
-        with pytest.raises(StoreError, match="cannot write"):
-            store.flush(timeout=5)
-        store.db.execute("DROP TRIGGER refuse")
-        mark = store.mark()
-        wait_for(lambda: store.is_committed(mark), 10, what="the retry")
-        assert _member_pids(store) == []
-        assert store.db.execute("SELECT pid FROM proc_usage ORDER BY pid").fetchall() == [
-            (1,), (300,), (301,)]
-        assert store.health()["member_rows_carried"] == 1
-    finally:
-        store.close()
+    store = new_store(30.0)
+    _carrying(store)
+    _fork_stay(store, 300, 7000)
+    store.flush()
+    store.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON proc_usage "
+                     "BEGIN SELECT RAISE(ABORT, 'disk I/O error (test)'); END")
+    store.submit_many(INSERT_PROC, [_usage(301, 7100)])  # carries nothing
+    store.submit_many(INSERT_PROC, [_usage(300, 7001)])
+    with pytest.raises(StoreError, match="cannot write"):
+        store.flush(timeout=5)
+    store.db.execute("DROP TRIGGER refuse")
+    mark = store.mark()
+    wait_for(lambda: store.is_committed(mark), 10, what="the retry")
+    assert _member_pids(store) == []
+    assert store.db.execute("SELECT pid FROM proc_usage ORDER BY pid").fetchall() == [
+        (1,), (300,), (301,)]
+    assert store.health()["member_rows_carried"] == 1
 
 
-def test_without_a_carrying_source_short_stays_are_written_at_once(tmp_path):
+def test_without_a_carrying_source_short_stays_are_written_at_once(new_store):
     # taskstats off: nothing would carry them, so nothing waits (pacct rows, whose start
     # is in whole seconds, carry nothing).
-    store = Store(str(tmp_path), batch_interval=0.05, carry_wait=30.0)
-    try:
-        _fork_stay(store, 400, 8000)
-        store.submit_many(INSERT_PROC, [_usage(400, 8000, source="acct")])
-        store.flush()
-        assert _member_pids(store) == [400]
-        assert store.health()["member_rows_waiting"] == 0
-    finally:
-        store.close()
+    store = new_store(30.0)
+    _fork_stay(store, 400, 8000)
+    store.submit_many(INSERT_PROC, [_usage(400, 8000, source="acct")])
+    store.flush()
+    assert _member_pids(store) == [400]
+    assert store.health()["member_rows_waiting"] == 0
 
 
 def _history_store(tmp_path):

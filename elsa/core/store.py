@@ -32,15 +32,10 @@ import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.aggregator import INSERT_PROC, live_bulk
+from elsa.core.carrying import CARRY_WAIT_S, HeldStays
 from elsa.core.model import Job
 from elsa.core.schema import migrate
-from elsa.core.usage import (
-    CARRIED_STAY_S,
-    JOB_MEMBERS_SQL,
-    START_TICKS,
-    TASKSTATS_TOLERANCE_TICKS,
-    carriers,
-)
+from elsa.core.usage import JOB_MEMBERS_SQL
 from elsa.errors import StoreError
 from elsa.logsetup import structlog
 
@@ -57,15 +52,6 @@ SPOOL_LIMIT = 200_000
 #: Beyond this many held writes, accounting records are dropped (and counted in
 #: ``health()``) rather than letting elsad grow without bound.
 SPOOL_HARD_LIMIT = 4 * SPOOL_LIMIT
-#: Seconds a closed short fork stay waits for the usage row that carries it (and then
-#: needs no member row; elsa.core.usage.CARRIED_STAY_S) before its member row is
-#: written anyway: the taskstats record follows the exit within the source's read
-#: window, or after a burst hold (burst_hold, 5 s by default) ends.
-CARRY_WAIT_S = 6.0
-#: Short stays are held only while rows that could carry them (a start in ticks) come:
-#: with none for this long (taskstats off) they are written at once. Longer than any
-#: burst hold, so a burst after a quiet spell is held too.
-CARRIER_GONE_S = 60.0
 #: Permissions of the store files: the accounting data is private (command
 #: names, usage and exit codes of every user; see docs/security.md).
 STORE_MODE = 0o600
@@ -149,14 +135,11 @@ class Store:
         self._members: Dict[Tuple[str, int, int, int], List[Any]] = {}
         self._member_calls = 0
         self._members_lock = threading.Lock()
-        # Closed short fork stays waiting for their carrier (CARRY_WAIT_S), by
-        # (pid, jid), oldest first; the writer's alone. A crash loses these rows
-        # with the records in flight that would carry them; bsdacct's records of
-        # those processes then find their job by the ppid rule.
-        self._short: collections.OrderedDict[Tuple[int, int], List[Any]] = (
-            collections.OrderedDict())
-        self.carry_wait = carry_wait
-        self._carried_at = float("-inf")  # when a batch last held a row with start ticks
+        # Closed short fork stays held for the usage row that carries them (the
+        # writer's alone). A crash loses them with the records in flight that would
+        # carry them; bsdacct's records of those processes then find their job by the
+        # ppid rule.
+        self._held = HeldStays(carry_wait)
         self.carried = 0
         self._cond = threading.Condition()
         self._submitted = 0   # ops appended
@@ -233,7 +216,7 @@ class Store:
                 "failing_since": self._failed_since, "corrupt": self.corrupt,
                 "pending_writes": self.pending(), "spool_limit": self.spool_limit,
                 "write_failures": self.write_failures, "dropped_records": self.dropped,
-                "member_rows_carried": self.carried, "member_rows_waiting": len(self._short)}
+                "member_rows_carried": self.carried, "member_rows_waiting": len(self._held)}
 
     def read_failed(self, exc: BaseException) -> Optional[str]:
         """A read met *exc*: if it is corruption, mark the store corrupt (status,
@@ -350,7 +333,7 @@ class Store:
                     else:
                         self._asleep = True
                         if not (self._queue or self._members):
-                            due = self._short_due()
+                            due = self._held.due()
                             if due is None or due > 0:
                                 # Until a write, kick, flush, stop or a short stay's wait ends.
                                 self._cond.wait(due)
@@ -377,69 +360,6 @@ class Store:
                 break
         db.close()
 
-    def _short_due(self) -> Optional[float]:
-        """Seconds until the oldest waiting short stay must be written (None: none waits)."""
-        for row in self._short.values():
-            return row[6] + self.carry_wait - time.time()
-        return None
-
-    def _member_rows(self, members: Dict[Tuple[str, int, int, int], List[Any]],
-                     batch: List[Tuple[str, Sequence[Any]]], final: bool
-                     ) -> Tuple[List[List[Any]], List[List[Any]], int]:
-        """The member rows to insert with *batch*: (rows, rows taken from the
-        waiting short stays, how many a usage row of *batch* carried). A closed
-        short fork stay waits for its carrier (elsa.core.usage.CARRIED_SQL) while
-        rows that could carry it come (CARRIER_GONE_S); *final*: none waits any more."""
-        short = self._short
-        rows: List[List[Any]] = []
-        taken: List[List[Any]] = []
-        stays: List[List[Any]] = []
-        for m in members.values():
-            # boot_id, pid, start_ticks, jid, joined, how, left, exit_code, detached
-            left = m[6]
-            if (left is not None and m[5] == "fork" and not m[8]
-                    and left - m[4] <= CARRIED_STAY_S):
-                stays.append(m)
-            else:
-                rows.append(m)
-        now = time.time()
-        for sql, p in batch:
-            # One row per entry: a source's rows all have a start in ticks, or none do.
-            if sql == INSERT_PROC and (p[0] if type(p) is _Many else p)[START_TICKS] is not None:
-                self._carried_at = now
-                break
-        carry: Dict[Tuple[int, int], int] = {}
-        if stays or short:
-            carry = carriers(r for sql, p in batch if sql == INSERT_PROC
-                             for r in (p if type(p) is _Many else (p,)))
-        if now - self._carried_at > CARRIER_GONE_S:
-            # No source that could carry a stay has written a row for a while (taskstats
-            # off): holding the stays would only delay their rows.
-            rows.extend(stays)
-        else:
-            for m in stays:
-                old = short.pop((m[1], m[3]), None)
-                if old is not None:  # the pid came back in the job: the first stay is written
-                    rows.append(old)
-                    taken.append(old)
-                short[m[1], m[3]] = m
-        n = 0
-        for key, start in carry.items():
-            m = short.get(key)
-            if m is not None and abs(m[2] - start) <= TASKSTATS_TOLERANCE_TICKS:
-                del short[key]
-                taken.append(m)
-                n += 1
-        expired = float("inf") if final else now - self.carry_wait
-        while short:
-            m = next(iter(short.values()))
-            if m[6] > expired:
-                break
-            short.popitem(last=False)
-            rows.append(m)
-            taken.append(m)
-        return rows, taken, n
-
     def _commit_batch(self, db: sqlite3.Connection, final: bool = False) -> bool:
         """Commit what is queued in one transaction; on failure put it back."""
         # Take the member rows first: a close that misses them from now on
@@ -453,10 +373,12 @@ class Store:
             batch.append(q.popleft())
         done = (sum(len(p) if type(p) is _Many else 1 for _, p in batch)
                 + calls)
-        due = self._short_due()
+        due = self._held.due()
         if not done and (due is None or (due > 0 and not final)):
             return True
-        rows, taken, carried = self._member_rows(members, batch, final)
+        rows, taken, carried = self._held.sort(
+            members.values(), [p if type(p) is _Many else (p,) for sql, p in batch
+                               if sql == INSERT_PROC], final)
         try:
             db.execute("BEGIN")
             if rows:
@@ -468,10 +390,7 @@ class Store:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # SQLite already rolled back (SQLITE_FULL does)
-            # The rows this batch put to wait come back with it, as the rows it took.
-            for m in members.values():
-                if self._short.get((m[1], m[3])) is m:
-                    del self._short[m[1], m[3]]
+            self._held.put_back(members.values())
             self._requeue(batch, members, calls, taken)
             self._failed(exc)
             return False
@@ -502,7 +421,7 @@ class Store:
                 # A row changed since is newer: it wins.
                 self._members.setdefault(key, row)
             for row in taken:
-                self._members.setdefault((row[0], row[1], row[2], row[3]), row)
+                self._members.setdefault(tuple(row[:4]), row)
             self._member_calls += calls
 
     def _failed(self, exc: sqlite3.Error) -> None:
@@ -634,8 +553,8 @@ class Store:
     def members_of(self, jid: int) -> List[Tuple[int, int, float, Optional[float],
                                                  Optional[int], str]]:
         """(pid, start_ticks, joined, left, exit_code, how) of every member a job ever
-        had (elsa.core.usage.JOB_MEMBERS_SQL: short fork stays may wait CARRY_WAIT_S
-        for their carrier before they show)."""
+        had (elsa.core.usage.JOB_MEMBERS_SQL: short fork stays may be held up to
+        elsa.core.carrying.CARRY_WAIT_S for their carrier before they show)."""
         self._read_own_writes()
         return self.db.execute(JOB_MEMBERS_SQL, (jid,)).fetchall()
 

@@ -299,7 +299,7 @@ def identity(row: Sequence[Any], boot_epoch: float) -> Tuple[Optional[int], int]
 #: fork and left it at its exit within CARRIED_STAY_S gets no member row once a usage
 #: row with a start in ticks (taskstats') naming that job and process is committed: the
 #: store's writer holds the closed stay for it and drops it in that row's transaction
-#: (Store._member_rows, :func:`carriers`). Most processes of a fork storm are such
+#: (elsa.core.carrying, :func:`carriers`). Most processes of a fork storm are such
 #: children, and their member row was about an eighth of elsad's CPU per process
 #: (docs/accounting.md, "Store writes"). The usage row says the same: the job the
 #: process was in from its start to its exit. Rows of a start in seconds (pacct's)
