@@ -75,9 +75,9 @@ def new_store(tmp_path):
 
 
 def test_member_row_positions_are_the_stores_columns():
-    assert [MEMBER_COLUMNS[i] for i in (carrying.PID, carrying.START, carrying.JID,
-                                        carrying.JOINED, carrying.HOW, carrying.LEFT,
-                                        carrying.DETACHED)] == [
+    assert [MEMBER_COLUMNS[i] for i in (carrying.M_PID, carrying.M_START, carrying.M_JID,
+                                        carrying.M_JOINED, carrying.M_HOW, carrying.M_LEFT,
+                                        carrying.M_DETACHED)] == [
         "pid", "start_ticks", "jid", "joined", "how", "left", "detached"]
 
 

@@ -15,7 +15,7 @@ import collections
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from elsa.core.usage import CARRIED_STAY_S, START_TICKS, TASKSTATS_TOLERANCE_TICKS, carriers
+from elsa.core.usage import CARRIED_STAY_S, JID, PID, START_TICKS, TASKSTATS_TOLERANCE_TICKS
 
 #: Seconds a closed short fork stay waits for its carrier before its member row is
 #: written anyway: the taskstats record follows the exit within the source's read
@@ -27,7 +27,7 @@ CARRY_WAIT_S = 6.0
 CARRIER_GONE_S = 60.0
 
 #: Positions in a member row (elsa.core.store.MEMBER_COLUMNS).
-PID, START, JID, JOINED, HOW, LEFT, DETACHED = 1, 2, 3, 4, 5, 6, 8
+M_PID, M_START, M_JID, M_JOINED, M_HOW, M_LEFT, M_DETACHED = 1, 2, 3, 4, 5, 6, 8
 
 MemberRow = List[Any]
 UsageRows = Sequence[Sequence[Any]]
@@ -36,9 +36,16 @@ UsageRows = Sequence[Sequence[Any]]
 def is_short_stay(m: MemberRow) -> bool:
     """A closed stay that began at the process's fork, ended at its exit (not
     detached) and lasted at most CARRIED_STAY_S: a usage row can carry it."""
-    left = m[LEFT]
-    return (left is not None and m[HOW] == "fork" and not m[DETACHED]
-            and left - m[JOINED] <= CARRIED_STAY_S)
+    left = m[M_LEFT]
+    return (left is not None and m[M_HOW] == "fork" and not m[M_DETACHED]
+            and left - m[M_JOINED] <= CARRIED_STAY_S)
+
+
+def carriers(rows: Iterable[Sequence[Any]]) -> Dict[Tuple[int, int], int]:
+    """(pid, jid) -> start ticks of the usage *rows* (elsa.core.usage.ROW_FIELDS
+    order) that can carry a short fork stay: a job and a start in ticks."""
+    return {(r[PID], r[JID]): r[START_TICKS] for r in rows
+            if r[JID] is not None and r[START_TICKS] is not None}
 
 
 class HeldStays:
@@ -56,7 +63,7 @@ class HeldStays:
     def due(self) -> Optional[float]:
         """Seconds until the oldest held stay must be written (None: none is held)."""
         for m in self._held.values():
-            return m[LEFT] + self.wait - time.time()
+            return m[M_LEFT] + self.wait - time.time()
         return None
 
     def sort(self, members: Iterable[MemberRow], usage: Sequence[UsageRows], final: bool
@@ -81,24 +88,24 @@ class HeldStays:
             rows.extend(stays)
         else:
             for m in stays:
-                old = held.pop((m[PID], m[JID]), None)
+                old = held.pop((m[M_PID], m[M_JID]), None)
                 if old is not None:  # the pid came back in the job: the first stay is written
                     rows.append(old)
                     taken.append(old)
-                held[m[PID], m[JID]] = m
+                held[m[M_PID], m[M_JID]] = m
         carried = 0
         if held:
             carry: Dict[Tuple[int, int], int] = carriers(r for entry in usage for r in entry)
             for key, start in carry.items():
                 m = held.get(key)
-                if m is not None and abs(m[START] - start) <= TASKSTATS_TOLERANCE_TICKS:
+                if m is not None and abs(m[M_START] - start) <= TASKSTATS_TOLERANCE_TICKS:
                     del held[key]
                     taken.append(m)
                     carried += 1
         expired = float("inf") if final else now - self.wait
         while held:
             m = next(iter(held.values()))
-            if m[LEFT] > expired:
+            if m[M_LEFT] > expired:
                 break
             held.popitem(last=False)
             rows.append(m)
@@ -109,5 +116,5 @@ class HeldStays:
         """A commit failed: release the stays that *members*, its batch's rows, put to
         wait (they come back with the batch, as the rows it took do)."""
         for m in members:
-            if self._held.get((m[PID], m[JID])) is m:
-                del self._held[m[PID], m[JID]]
+            if self._held.get((m[M_PID], m[M_JID])) is m:
+                del self._held[m[M_PID], m[M_JID]]

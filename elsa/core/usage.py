@@ -50,7 +50,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.model import CLOCK_TICKS
 
@@ -299,7 +299,7 @@ def identity(row: Sequence[Any], boot_epoch: float) -> Tuple[Optional[int], int]
 #: fork and left it at its exit within CARRIED_STAY_S gets no member row once a usage
 #: row with a start in ticks (taskstats') naming that job and process is committed: the
 #: store's writer holds the closed stay for it and drops it in that row's transaction
-#: (elsa.core.carrying, :func:`carriers`). Most processes of a fork storm are such
+#: (elsa.core.carrying). Most processes of a fork storm are such
 #: children, and their member row was about an eighth of elsad's CPU per process
 #: (docs/accounting.md, "Store writes"). The usage row says the same: the job the
 #: process was in from its start to its exit. Rows of a start in seconds (pacct's)
@@ -342,13 +342,6 @@ def history_params(boot_id: str, pid: int, start: int, tol: int, end: float
     return ((boot_id, pid, start - tol, start + tol, start),
             (end - ACCT_TOLERANCE_S, end + ACCT_TOLERANCE_S, pid, start - wide, start + wide,
              start))
-
-
-def carriers(rows: Iterable[Sequence[Any]]) -> Dict[Tuple[int, int], int]:
-    """(pid, jid) -> start ticks of the usage *rows* (ROW_FIELDS order) that can
-    carry a short fork stay: a job and a start in ticks."""
-    return {(r[PID], r[JID]): r[START_TICKS] for r in rows
-            if r[JID] is not None and r[START_TICKS] is not None}
 
 
 #: A parent in the stored membership history of one boot: a member with pid ppid
