@@ -79,3 +79,19 @@ def test_tag_after_the_fact(elsad):
     if "Permission denied" in r.stderr and "python" in r.stderr:
         return
     assert r.returncode != 0 and "may only manage its own jobs" in r.stderr
+
+
+def test_a_command_imports_its_own_modules_only():
+    # `elsa ja` runs inside jobs: parsing its arguments must not import every
+    # report's modules (elsa.report.cli.build_parser); help still lists all.
+    code = ("import sys; from elsa.report import cli; p = cli.build_parser('ja'); "
+            "p.parse_args(['ja', '-s']); "
+            "print(sorted(m for m in ('elsa.billing.cli', 'elsa.web.serve', 'elsa.export.cli', "
+            "'elsa.central.cli', 'elsa.apps.report', 'elsa.report.sacct') if m in sys.modules)); "
+            "print(cli.build_parser().format_help())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    first, helptext = out.split("\n", 1)
+    assert first == "[]"
+    for name in ("jobs", "bill", "eff", "ja", "apps", "web", "export", "central"):
+        assert name in helptext
