@@ -163,7 +163,30 @@ def test_jobs_page_sorts_by_usage_without_stored_priorities(tmp_path):
                    "params) VALUES (?, 'j', 0, '{}', ?, 'ended', 'cnproc', '{}')", (jid, jid))
         db.execute("INSERT INTO job_usage(jid, source, cpu_user_us, cpu_system_us) "
                    "VALUES (?, 'x', ?, 0)", (jid, cpu))
+    # A source after 'x' in the order: the sort, like the figures shown, uses x's.
+    db.execute("INSERT INTO job_usage(jid, source, cpu_user_us, cpu_system_us) "
+               "VALUES (1, 'y', 100, 100)")
     db.execute("DELETE FROM meta WHERE key = 'usage.priority'")
     db.commit()
     total, rows = query.jobs_page(db, sort="cpu")
     assert total == 3 and [r["usage"]["cpu_user_us"] for r in rows] == [9, 7, 5]
+    total, rows = query.jobs_page(db, sort="cpu", descending=False)
+    assert [r["usage"]["cpu_user_us"] for r in rows] == [5, 7, 9]
+
+
+def test_jobs_page_newest_first_reads_the_created_index(tmp_path):
+    """The default order of the web's jobs page and `elsa jobs` walks jobs_created
+    (schema 11) instead of sorting every job of the store."""
+    import sqlite3
+
+    from elsa.core.store import Store
+    from elsa.report import connect, query
+
+    Store(str(tmp_path)).close()
+    db = connect.adapt(sqlite3.connect(str(tmp_path / "elsa.db")))
+    where, params = query._jobs_where(db, None, None, None, None, None, 1000, None)
+    order, _ = query._sort_sql("created", db, 0.0)
+    plan = " ".join(r[3] for r in db.execute(
+        f"EXPLAIN QUERY PLAN SELECT jid FROM jobs WHERE {where} "
+        f"ORDER BY {order} DESC, jid DESC LIMIT 50", params))
+    assert "jobs_created" in plan and "TEMP B-TREE" not in plan, plan

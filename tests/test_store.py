@@ -185,4 +185,4 @@ def test_migration_10_drops_the_had_members_flag_and_keeps_every_job(tmp_path):
         assert [(job.jid, had) for job, had in store.running_jobs()] == [(1, True)]
     finally:
         store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 10
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 11

