@@ -294,6 +294,7 @@ MIGRATIONS.append("""
     CREATE INDEX jobs_created ON jobs(created);
     """)
 
+
 def migrate(db: sqlite3.Connection, path: str, target: Optional[int] = None) -> None:
     """Bring the store *db* (at *path*) to the current schema, one transaction
     per migration. Used by the daemon's :class:`Store` and by ``elsa
