@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
@@ -16,9 +17,17 @@ import pytest
 
 from elsa.testing import DaemonProc, pid_alive, wait_for
 
-__all__ = ["DaemonProc", "pid_alive", "wait_for"]  # tests import these from here
+__all__ = ["DaemonProc", "pid_alive", "python_out", "wait_for"]  # tests import these from here
 
 IS_ROOT = os.geteuid() == 0
+
+
+def python_out(code: str) -> str:
+    """The stdout of *code* run by this interpreter in a child process: for what
+    a test must see from a fresh interpreter (imports) or must not change in the
+    test run's own (nice values)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import python_out, wait_for
 
 pytestmark = pytest.mark.root
 BIN = Path(sys.executable).parent
@@ -89,9 +89,7 @@ def test_a_command_imports_its_own_modules_only():
             "print(sorted(m for m in ('elsa.billing.cli', 'elsa.web.serve', 'elsa.export.cli', "
             "'elsa.central.cli', 'elsa.apps.report', 'elsa.report.sacct') if m in sys.modules)); "
             "print(cli.build_parser().format_help())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    first, helptext = out.split("\n", 1)
+    first, helptext = python_out(code).split("\n", 1)
     assert first == "[]"
     for name in ("jobs", "bill", "eff", "ja", "apps", "web", "export", "central"):
         assert name in helptext

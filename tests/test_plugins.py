@@ -9,6 +9,7 @@ import pytest
 from elsa import hookimpl, hookspecs
 from elsa.errors import PluginError
 from elsa.plugins import PluginHost, build_plugin_manager
+from tests.conftest import python_out
 
 SPECS = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction)
          if name.startswith("elsa_")]
@@ -116,10 +117,6 @@ def test_duplicate_backend_name_is_an_error(tmp_path, monkeypatch):
 
 
 def test_no_plugin_loading_at_import_time():
-    import subprocess
-    import sys
     code = ("import sys, elsa, elsa.plugins, elsa.core.daemon, elsa.elsad; "
             "print('elsa.backends.cnproc' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "False"
+    assert python_out(code).strip() == "False"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -15,6 +13,7 @@ from elsa.core.daemon import check_privileges
 from elsa.errors import PrivilegeError
 from elsa.kernel import caps
 from elsa.kernel.procfs import ProcFS
+from tests.conftest import python_out
 
 
 def _status(root, pid: int, text: str) -> None:
@@ -59,6 +58,4 @@ def test_priority_renices_every_thread():
         "tids = [int(x) for x in os.listdir('/proc/self/task')]\n"
         "print(sorted(os.getpriority(os.PRIO_PROCESS, tid) for tid in tids))\n"
         "stop.set(); t.join()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "[7, 7]"
+    assert python_out(code).strip() == "[7, 7]"

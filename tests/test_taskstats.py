@@ -15,6 +15,7 @@ import pytest
 from elsa.kernel import mmsg, taskstats_socket
 from elsa.kernel import taskstats as T
 from elsa.kernel.taskstats_socket import TaskstatsSocket, family_id
+from tests.conftest import python_out
 from tests.support import taskstats_golden_messages
 
 DATA = Path(__file__).parent / "data"
@@ -147,9 +148,7 @@ def test_family_lookup_keeps_pyroute2_out_of_the_daemon():
     """Its import costs elsad 20 MB of RSS: the lookup must not bring it in."""
     code = ("import sys\nfrom elsa.kernel import taskstats_socket\ntaskstats_socket.family_id()\n"
             "print(any(m.startswith('pyroute2') for m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "False"
+    assert python_out(code).strip() == "False"
 
 
 def test_live_query_of_this_process():
