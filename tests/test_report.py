@@ -176,17 +176,19 @@ def test_jobs_page_sorts_by_usage_without_stored_priorities(tmp_path):
 
 def test_jobs_page_newest_first_reads_the_created_index(tmp_path):
     """The default order of the web's jobs page and `elsa jobs` walks jobs_created
-    (schema 11) instead of sorting every job of the store."""
+    (schema 11) instead of sorting every job of the store: the plan of the statement
+    jobs_page runs (as SQLite traced it, parameters bound)."""
     import sqlite3
 
     from elsa.core.store import Store
-    from elsa.report import connect, query
+    from elsa.report import query
 
     Store(str(tmp_path)).close()
-    db = connect.adapt(sqlite3.connect(str(tmp_path / "elsa.db")))
-    where, params = query._jobs_where(db, None, None, None, None, None, 1000, None)
-    order, _ = query._sort_sql("created", db, 0.0)
-    plan = " ".join(r[3] for r in db.execute(
-        f"EXPLAIN QUERY PLAN SELECT jid FROM jobs WHERE {where} "
-        f"ORDER BY {order} DESC, jid DESC LIMIT 50", params))
+    db = sqlite3.connect(str(tmp_path / "elsa.db"))
+    ran = []
+    db.set_trace_callback(ran.append)
+    query.jobs_page(db, owner_uid=1000)
+    db.set_trace_callback(None)
+    (page,) = [sql for sql in ran if "ORDER BY" in sql]
+    plan = " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + page))
     assert "jobs_created" in plan and "TEMP B-TREE" not in plan, plan
