@@ -69,8 +69,13 @@ log = structlog.get_logger("elsa.control")
 OUTPUT_HIGH_WATER = 1024 * 1024
 #: Requests handled per wake-up of one connection before yielding to the loop.
 REQUESTS_PER_TURN = 32
-#: ... or this many seconds, whichever comes first (at least one request).
+#: ... or this many seconds, whichever comes first,
 TURN_BUDGET = 0.002
+#: ... but at least this many requests: a launcher pipelines two (the attach of
+#: job k with the create of job k+1), and handled in one turn they share one
+#: commit, so it wakes once. Split by the budget (a slow first request), each
+#: took its own commit and its own send.
+MIN_REQUESTS_PER_TURN = 2
 #: Connections admins may open beyond ``max_connections``.
 ADMIN_RESERVE = 8
 #: Outstanding ``wait`` requests one connection may hold (each is answered
@@ -369,7 +374,7 @@ class ControlServer:
             if nl < 0:
                 break
             if handled >= REQUESTS_PER_TURN or (
-                    handled and self.clock() - start > TURN_BUDGET):
+                    handled >= MIN_REQUESTS_PER_TURN and self.clock() - start > TURN_BUDGET):
                 self.counters["deferred_turns"] += 1
                 break
             line = bytes(conn.inbuf[:nl])
