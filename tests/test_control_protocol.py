@@ -180,6 +180,41 @@ def test_pipelined_requests_are_answered_in_order(elsad):
     assert st["deferred_turns"] > 0  # the server did yield to the event loop
 
 
+def test_a_pipelined_pair_is_handled_in_one_turn_past_the_time_budget(elsad):
+    """The turn budget (2 ms) never splits two pipelined requests (a launcher's
+    attach + create), so they share a commit; a third waits for the next turn."""
+    from elsa.core.server import TURN_BUDGET
+
+    d = elsad()
+    c = RawConn(d.socket)
+    # Jobs enough that a list takes the daemon well over the budget (1,000 took
+    # ~10 ms on the 2-core VM).
+    jobs = 0
+    while True:
+        c.send(b"".join(json.dumps({"op": "create", "name": f"j{i}"}).encode() + b"\n"
+                        for i in range(1000)))
+        assert all(c.reply()["ok"] for _ in range(1000))
+        jobs += 1000
+        t0 = time.monotonic()
+        c.request({"op": "list"})
+        c.line()
+        if time.monotonic() - t0 > 4 * TURN_BUDGET:
+            break
+        if jobs >= 10000:
+            pytest.fail(f"a list of {jobs} jobs still took under {4 * TURN_BUDGET} s")
+
+    def deferred() -> int:
+        return c.call("status")["result"]["control"]["deferred_turns"]
+
+    before = deferred()
+    c.send(b'{"op":"list"}\n{"op":"hello"}\n')
+    assert [c.reply()["ok"] for _ in range(2)] == [True, True]
+    assert deferred() == before
+    c.send(b'{"op":"list"}\n{"op":"list"}\n{"op":"hello"}\n')
+    assert [c.reply()["ok"] for _ in range(3)] == [True, True, True]
+    assert deferred() == before + 1
+
+
 def test_half_close_without_final_newline_is_answered(elsad):
     d = elsad()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
