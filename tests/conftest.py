@@ -26,8 +26,10 @@ def python_out(code: str) -> str:
     """The stdout of *code* run by this interpreter in a child process: for what
     a test must see from a fresh interpreter (imports) or must not change in the
     test run's own (nice values)."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 @pytest.fixture(scope="session", autouse=True)

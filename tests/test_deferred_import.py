@@ -3,8 +3,7 @@
 Run in fresh interpreters: the test process itself may already hold asyncio.
 """
 
-import subprocess
-import sys
+from tests.conftest import python_out
 
 CHECK = r"""
 import sys
@@ -36,15 +35,9 @@ assert "async hello" in buf.getvalue(), buf.getvalue()
 """
 
 
-def _run(code):
-    r = subprocess.run([sys.executable, "-c", "import sys\n" + code],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-
-
 def test_elsa_imports_leave_asyncio_ssl_and_openssl_out():
-    _run(CHECK)
+    python_out("import sys\n" + CHECK)
 
 
 def test_asyncio_still_works_for_whoever_uses_it():
-    _run(USE)
+    python_out("import sys\n" + USE)
