@@ -172,15 +172,15 @@ def summary(srv: Any, records: int, runs: int) -> List[Dict[str, Any]]:
         with _admin(srv, "summary") as c:
             for lo, hi in chunks:
                 c.execute(f"""
-                INSERT INTO proc_usage(host, source, pid, start_time, end_time, ppid, uid, gid,
-                                       comm, exit_code, cpu_user_us, cpu_system_us,
-                                       elapsed_us, max_vm_kb, minflt, majflt)
-                SELECT 'bench', 'bsdacct', 1000 + i % 4000000, {T0} + (i * {ms}) / 1000,
-                       {T0} + (i * {ms}) / 1000 + (i % 1000) / 100.0, 1,
-                       1000 + (i * 7) % {USERS}, 100, 'cmd' || ((i * 13) % {COMMANDS}), 0,
-                       (i % 200) * 10000, (i % 50) * 10000, (i % 1000) * 10000,
-                       1000 + i % 5000, i % 300, 0
-                FROM generate_series({lo}::bigint, {hi}::bigint) AS i""")
+                    INSERT INTO proc_usage(host, source, pid, start_time, end_time, ppid, uid, gid,
+                                           comm, exit_code, cpu_user_us, cpu_system_us,
+                                           elapsed_us, max_vm_kb, minflt, majflt)
+                    SELECT 'bench', 'bsdacct', 1000 + i % 4000000, {T0} + (i * {ms}) / 1000,
+                           {T0} + (i * {ms}) / 1000 + (i % 1000) / 100.0, 1,
+                           1000 + (i * 7) % {USERS}, 100, 'cmd' || ((i * 13) % {COMMANDS}), 0,
+                           (i % 200) * 10000, (i % 50) * 10000, (i % 1000) * 10000,
+                           1000 + i % 5000, i % 300, 0
+                    FROM generate_series({lo}::bigint, {hi}::bigint) AS i""")
 
     # Two connections, one per core: 10M rows took 147 s in one, 97 s in two on the
     # 2-core VM. Each loads its half in time order, so statements running at once

@@ -73,8 +73,7 @@ REQUESTS_PER_TURN = 32
 TURN_BUDGET = 0.002
 #: ... but at least this many requests: a launcher pipelines two (the attach of
 #: job k with the create of job k+1), and handled in one turn they share one
-#: commit, so it wakes once. Split by the budget (a slow first request), each
-#: took its own commit and its own send.
+#: commit and one send, so it wakes once (docs/protocol.md).
 MIN_REQUESTS_PER_TURN = 2
 #: Connections admins may open beyond ``max_connections``.
 ADMIN_RESERVE = 8
