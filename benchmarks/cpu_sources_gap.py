@@ -8,7 +8,10 @@ exit records (tick-sampled ``ac_utime + ac_stime``, and ELSA's figure:
 ``cpu_run_virtual_total``, the run time the scheduler had booked when the
 record was taken, completed for tasks that never slept; elsa/kernel/taskstats.py
 ``run_before_record_ns``), and with ``--pacct`` the BSD accounting records of
-a private acct(2) file.
+a private acct(2) file. Each row also has the hypervisor's steal time on all
+CPUs during the run (/proc/stat): the scheduler's clock leaves steal out, so
+cpu.stat does, but the completion (``etime - cpu_delay_total``) holds what fell
+while a task ran, so ELSA's figure can exceed cpu.stat by up to that much.
 
 With ``--trace`` a tracefs instance records sched_switch and
 sched_process_exit (emitted right after taskstats_exit() in do_exit()), which
@@ -43,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from elsa.kernel import pacct, taskstats
 from elsa.kernel.cgroupfs import CgroupFS
+from elsa.kernel.procfs import ProcFS
 from elsa.kernel.taskstats_socket import TaskstatsSocket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -232,9 +236,11 @@ def run_once(name: str, argv: List[str], sock: TaskstatsSocket, cg_root: str,
                 with open(os.path.join(d, "cgroup.procs"), "w") as fh:
                     fh.write("0")
 
+        steal0 = ProcFS().steal_cpu_seconds()
         proc = subprocess.Popen(argv, preexec_fn=join, stdout=subprocess.DEVNULL)
         proc.wait()
         usage = settled_usage(cg)
+        steal = ProcFS().steal_cpu_seconds() - steal0
         events = trace.stop() if trace else []
         tuples = sock.receive_tuples()
     finally:
@@ -251,6 +257,8 @@ def run_once(name: str, argv: List[str], sock: TaskstatsSocket, cg_root: str,
         "elsa_us": sum(sum(r.cpu_adjusted_us()) for r in mine),
         "tick_us": sum(r.utime_us + r.stime_us for r in mine),
         "run_us": sum(r.cpu_run_ns for r in mine) // 1000,
+        # All CPUs' steal over the run: the most of it that can be in "elsa_us".
+        "steal_us": round(steal * 1e6),
     }
     # The forking parent's run time per child: fork() and the reaping wait()
     # are charged to it, before its own record, so every source has them.
@@ -289,7 +297,7 @@ COLUMNS = [("workload", "workload"), ("processes", "procs"), ("cgroup_us", "cgro
            ("elsa_us", "taskstats s"), ("tick_us", "ticks s"), ("pacct_us", "pacct s"),
            ("traced_before_us", "before s"), ("traced_after_us", "after s"),
            ("late_us_per_exit", "late µs/child"), ("after_us_per_exit", "after µs/exit"),
-           ("fork_us_per_child", "fork µs/child")]
+           ("fork_us_per_child", "fork µs/child"), ("steal_us", "steal s")]
 
 
 def fmt_table(rows: Sequence[Dict[str, object]]) -> str:

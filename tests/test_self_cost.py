@@ -85,6 +85,7 @@ def test_busy_cpu_seconds_leaves_out_idle_and_iowait(tmp_path):
     (tmp_path / "stat").write_text(f"cpu  {ticks} 0 {ticks} 999999 888888 0 {ticks} {ticks} "
                                    f"{ticks} 0\ncpu0 1 2 3 4\nprocesses 7\n")
     assert ProcFS(str(tmp_path)).busy_cpu_seconds() == 4.0
+    assert ProcFS(str(tmp_path)).steal_cpu_seconds() == 1.0
     (tmp_path / "stat").write_text("processes 7\n")
     with pytest.raises(KernelInterfaceError, match=f"{tmp_path}/stat has no 'cpu' line"):
         ProcFS(str(tmp_path)).busy_cpu_seconds()

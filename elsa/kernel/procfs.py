@@ -298,9 +298,17 @@ class ProcFS:
         """CPU seconds all the machine's CPUs spent busy since boot: the ``cpu``
         line of /proc/stat (proc(5)) less idle and iowait (its user time includes
         guest time already)."""
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (
-            int(v) for v in self._kernel_counter(b"cpu ").split()[:8])
+        user, nice, system, _idle, _iowait, irq, softirq, steal = self._cpu_line()[:8]
         return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+    def steal_cpu_seconds(self) -> float:
+        """CPU seconds the hypervisor ran something else while this machine's
+        CPUs wanted to run, since boot: the ``steal`` column of /proc/stat's
+        ``cpu`` line (proc(5)); 0 on bare metal."""
+        return self._cpu_line()[7] / CLOCK_TICKS
+
+    def _cpu_line(self) -> List[int]:
+        return [int(v) for v in self._kernel_counter(b"cpu ").split()]
 
     def _kernel_counter(self, key: bytes) -> bytes:
         path = f"{self.root}/stat"
