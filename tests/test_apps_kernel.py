@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from elsa.apps import record
+from elsa.core.attribution import JOB_MEMBERS_SQL
 from elsa.core.model import format_jid
-from elsa.core.usage import JOB_MEMBERS_SQL
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.root

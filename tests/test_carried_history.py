@@ -22,16 +22,16 @@ import pytest
 
 from elsa.core import carrying
 from elsa.core.aggregator import INSERT_PROC, history_lookup, parent_lookup
-from elsa.core.model import CLOCK_TICKS, parse_jid
-from elsa.core.store import MEMBER_COLUMNS, Store
-from elsa.core.usage import (
+from elsa.core.attribution import (
     ATTRIBUTE_SQL,
     CARRIED_STAY_S,
     JOB_MEMBERS_SQL,
-    ROW_FIELDS,
     attribute_imported_by_parent,
     save_boot_epoch,
 )
+from elsa.core.model import CLOCK_TICKS, parse_jid
+from elsa.core.store import MEMBER_COLUMNS, Store
+from elsa.core.usage import ROW_FIELDS
 from elsa.testing import DaemonProc, wait_for
 
 BOOT = "b1"

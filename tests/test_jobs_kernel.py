@@ -16,8 +16,8 @@ import time
 import pytest
 
 from elsa.client import RequestFailed
+from elsa.core.attribution import JOB_MEMBERS_SQL
 from elsa.core.model import parse_jid
-from elsa.core.usage import JOB_MEMBERS_SQL
 from tests.conftest import pid_alive, wait_for
 from tests.tree import Tree, live_descendants
 

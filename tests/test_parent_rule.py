@@ -1,4 +1,4 @@
-"""The ppid rule of the usage model (elsa.core.usage.attribute_by_parent) and
+"""The ppid rule of the usage model (elsa.core.attribution.attribute_by_parent) and
 best()'s skipping of incomplete sources, without a kernel: rows as the pacct
 and taskstats readers build them, a real store for the stored membership."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, List, Optional, Tuple
 
-from elsa.core import usage
+from elsa.core import attribution, usage
 from elsa.core.aggregator import (
     FLAG_INCOMPLETE,
     INSERT_PROC,
@@ -15,10 +15,11 @@ from elsa.core.aggregator import (
     live_bulk,
     parent_lookup,
 )
+from elsa.core.attribution import attribute_by_parent
 from elsa.core.model import CLOCK_TICKS
 from elsa.core.schema import migrate
 from elsa.core.store import Store
-from elsa.core.usage import UsageRecord, attribute_by_parent, best, fallbacks, record_row
+from elsa.core.usage import UsageRecord, best, fallbacks, record_row
 from tests.support import FakeManager
 
 BOOT = 1_000_000.0  # boot epoch of the rows below
@@ -68,7 +69,7 @@ def test_without_a_parent_record_the_parents_membership_decides():
         return 5
     assert attribute_by_parent(rows, jids, [0], BOOT, member) == 1
     assert jids == [5]
-    assert seen == [(200, ticks(50), usage.ACCT_TOLERANCE_TICKS, BOOT + 50)]
+    assert seen == [(200, ticks(50), attribution.ACCT_TOLERANCE_TICKS, BOOT + 50)]
 
 
 def test_pid_reuse_a_parent_record_that_ended_before_the_child_started_is_not_it():
@@ -93,7 +94,7 @@ def test_taskstats_rows_follow_the_same_rule():
     jids: List[Optional[int]] = [None]
     got = []
     attribute_by_parent([row], jids, [0], BOOT, lambda *a: got.append(a) or 6)
-    assert jids == [6] and got[0][2] == usage.TASKSTATS_TOLERANCE_TICKS
+    assert jids == [6] and got[0][2] == attribution.TASKSTATS_TOLERANCE_TICKS
 
 
 def _store(tmp_path) -> Store:
@@ -111,7 +112,7 @@ def test_stored_membership_of_the_parent_at_the_childs_start(tmp_path):
     s.close_member(boot, 3, 220, ticks(5), BOOT + 30, None, True)
     s.flush()
     look = parent_lookup(s.db, boot)
-    tol = usage.ACCT_TOLERANCE_TICKS
+    tol = attribution.ACCT_TOLERANCE_TICKS
     assert look(200, ticks(50), tol, BOOT + 50) == 1
     assert look(200, ticks(5), tol, BOOT + 5) is None   # child older than the parent
     assert look(210, ticks(50), tol, BOOT + 50) is None  # before the attach
@@ -190,7 +191,7 @@ def test_migration_recounts_rows_that_lost_their_sums(tmp_path):
 def test_import_acct_follows_the_ppid_chain(tmp_path):
     """elsa import-acct: the records of a subtree forked and exited while elsad was
     down (300 -> 400) join the job of their parent's membership (200)."""
-    from elsa.core.usage import save_boot_epoch
+    from elsa.core.attribution import save_boot_epoch
     from elsa.kernel import pacct
     from elsa.report.importer import import_files, open_for_import
 

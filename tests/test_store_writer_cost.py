@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from elsa.core import usage
+from elsa.core import attribution
 from elsa.core.aggregator import INSERT_PROC, add_to_sums, bulk_insert, live_bulk, proc_row
 from elsa.core.schema import MIGRATIONS, migrate
 from elsa.core.source import UsageRecord
@@ -74,7 +74,7 @@ def test_upgrade_to_schemas_7_and_8_keeps_rows_sums_and_the_unique_keys(tmp_path
     db.executemany(INSERT_PROC, old_rows[:10])
     assert db.execute("SELECT COUNT(*) FROM proc_usage").fetchone() == (50,)
     assert [db.execute(q).fetchall() for q in SUMS] == before
-    assert db.execute(usage.HISTORY_SQL, ("b1", 200, 4990, 5010, 5000)).fetchone() == (66,)
+    assert db.execute(attribution.HISTORY_SQL, ("b1", 200, 4990, 5010, 5000)).fetchone() == (66,)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
@@ -82,20 +82,20 @@ def test_every_lookup_by_pid_or_time_still_uses_an_index(tmp_path):
     path = str(tmp_path / "elsa.db")
     db = _store_at(path, len(MIGRATIONS))
     key = "sqlite_autoindex_members_1 (boot_id=? AND start_ticks>? AND start_ticks<?)"
-    assert key in _plan(db, usage.HISTORY_SQL, 5)
-    assert key in _plan(db, usage.ATTRIBUTE_SQL, 2)
+    assert key in _plan(db, attribution.HISTORY_SQL, 5)
+    assert key in _plan(db, attribution.ATTRIBUTE_SQL, 2)
     # Not the key back from the child's start: the live members by pid, the others
     # by when they left.
-    parent = _plan(db, usage.PARENT_SQL, 5)
+    parent = _plan(db, attribution.PARENT_SQL, 5)
     assert "members_live (pid=?)" in parent and "members_left (left>?)" in parent
     # The carried rows by their end's window, each checked for a member row by the key.
     carried = "proc_usage_key (end_time>? AND end_time<?)"
     assert parent.count("autoindex") == 1 and carried in parent
     assert parent.index(carried) < parent.index("autoindex")
-    assert carried in _plan(db, usage.CARRIED_SQL, 6)
-    assert carried in _plan(db, usage.ATTRIBUTE_SQL, 2)
-    for sql, n in ((usage.HISTORY_SQL, 5), (usage.PARENT_SQL, 5), (usage.ATTRIBUTE_SQL, 2),
-                   (usage.CARRIED_SQL, 6)):
+    assert carried in _plan(db, attribution.CARRIED_SQL, 6)
+    assert carried in _plan(db, attribution.ATTRIBUTE_SQL, 2)
+    for sql, n in ((attribution.HISTORY_SQL, 5), (attribution.PARENT_SQL, 5),
+                   (attribution.ATTRIBUTE_SQL, 2), (attribution.CARRIED_SQL, 6)):
         assert "SCAN m" not in _plan(db, sql, n) and "SCAN proc_usage" not in _plan(db, sql, n)
     # Recovery at every start: the live members and those that left a job alive.
     assert "members_live" in _plan(db, LIVE_MEMBERS_SQL, 0)

@@ -233,8 +233,8 @@ def test_an_exit_just_after_a_second_boundary_with_the_coarse_seconds_lagging():
     """btime comes from the coarse real-time clock, which advances at ticks: an exit
     5 ms into second 1052 can be stamped as if in 1051. Its start, estimated late
     (4 s wait), must still fall within the tolerance of the truth."""
+    from elsa.core.attribution import TASKSTATS_TOLERANCE_TICKS
     from elsa.core.model import CLOCK_TICKS
-    from elsa.core.usage import TASKSTATS_TOLERANCE_TICKS
 
     offset = 1000 * S
     etime_us = 800  # a short process: started 0.8 ms before its exit
@@ -249,7 +249,7 @@ def test_an_exit_just_after_a_second_boundary_with_the_coarse_seconds_lagging():
 @pytest.mark.root
 @pytest.mark.parametrize("batched", [True, False], ids=["recvmmsg", "recv"])
 def test_a_record_read_late_still_gives_the_start_time(batched):
-    from elsa.core.usage import TASKSTATS_TOLERANCE_TICKS
+    from elsa.core.attribution import TASKSTATS_TOLERANCE_TICKS
     from elsa.testing import start_ticks
 
     sock = TaskstatsSocket(rcvbuf=1 << 20)

@@ -9,15 +9,8 @@ import sqlite3
 from pathlib import Path
 
 from elsa.core.aggregator import history_lookup
-from elsa.core.usage import (
-    ATTRIBUTE_SQL,
-    best,
-    identity,
-    load_priorities,
-    priorities_of,
-    save_boot_epoch,
-    save_priorities,
-)
+from elsa.core.attribution import ATTRIBUTE_SQL, identity, save_boot_epoch
+from elsa.core.usage import best, load_priorities, priorities_of, save_priorities
 from elsa.kernel import pacct
 from elsa.report.cli import main
 

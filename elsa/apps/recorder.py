@@ -49,9 +49,10 @@ from elsa.apps import record
 from elsa.apps.options import glob_regex
 from elsa.apps.packages import PackageIndex
 from elsa.core import usage
+from elsa.core.attribution import TASKSTATS_TOLERANCE_TICKS
 from elsa.core.listener import EventListener, ListenerContext
 from elsa.core.model import CLOCK_TICKS
-from elsa.core.usage import ROW_FIELDS, TASKSTATS_TOLERANCE_TICKS, UsageRow
+from elsa.core.usage import ROW_FIELDS, UsageRow
 from elsa.errors import ElsaError
 from elsa.kernel.procfs import (
     F_COMM,
@@ -127,7 +128,7 @@ INSERT = (f"INSERT OR REPLACE INTO {record.TABLE}({_COLS}) "
 
 #: A usage row is the exit record of an ending image's process when its pid is the
 #: image's, its start ticks, where it has them, within the taskstats tolerance of the
-#: image's (elsa.core.usage) and its end within END_WINDOW_S of the exit event (an
+#: image's (elsa.core.attribution) and its end within END_WINDOW_S of the exit event (an
 #: end time computed from the boot time can be a second off: docs/kernel.md,
 #: "taskstats").
 END_WINDOW_S = 5.0

@@ -45,11 +45,12 @@ from elsa.core.aggregator import (
     history_lookup,
     parent_lookup,
 )
+from elsa.core.attribution import save_boot_epoch
 from elsa.core.guard import Guard, run_isolated
 from elsa.core.model import Job, format_jid, parse_jid
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.core.thresholds import Folder
-from elsa.core.usage import priorities_of, save_boot_epoch, save_priorities
+from elsa.core.usage import priorities_of, save_priorities
 from elsa.errors import ElsaError
 from elsa.kernel.procfs import ProcFS, boot_epoch
 from elsa.logsetup import structlog

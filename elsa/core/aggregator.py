@@ -13,8 +13,8 @@ then, for records memory does not cover (a process that forked and exited
 while elsad was down), the record's ppid chain; only then is it stored as "no
 job" (most processes on a host are in none).
 
-Attribution follows the one rule of :mod:`elsa.core.usage` (same boot, pid
-and start time within the source's tolerance, :func:`~elsa.core.usage.identity`).
+Attribution follows the one rule of :mod:`elsa.core.attribution` (same boot,
+pid and start time within the source's tolerance, :func:`~elsa.core.attribution.identity`).
 
 Writes go through :meth:`elsa.core.store.Store.submit` (the batching writer
 thread), so the event path never waits on disk. Per-job and per-hour
@@ -35,18 +35,23 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from elsa.core import usage
+from elsa.core.attribution import (
+    CARRIED_SQL,
+    HISTORY_SQL,
+    PARENT_SQL,
+    TASKSTATS_TOLERANCE_TICKS,
+    ParentLookup,
+    attribute_by_parent,
+    history_params,
+    identity,
+)
 from elsa.core.model import CLOCK_TICKS, Job
 from elsa.core.thresholds import INSERT_FOLDED, Folder
 from elsa.core.usage import (
-    CARRIED_SQL,
-    HISTORY_SQL,
     JOB_USAGE_ACCUMULATE,
-    PARENT_SQL,
     ROLLUP_ACCUMULATE,
     ROW_FIELDS,
     UsageRecord,
-    history_params,
-    identity,
     record_row,
 )
 from elsa.kernel.procfs import boot_epoch
@@ -152,7 +157,7 @@ class Aggregator:
                  settle: Optional[Callable[[], bool]] = None,
                  history_horizon: Optional[Callable[[], float]] = None,
                  folder: Optional[Folder] = None,
-                 parent: Optional[usage.ParentLookup] = None,
+                 parent: Optional[ParentLookup] = None,
                  lost_fork: Optional[Callable[[Tuple[Any, ...], float], Optional[int]]] = None,
                  observe: Optional[Callable[[List[Tuple[Any, ...]]], None]] = None
                  ) -> None:
@@ -215,7 +220,7 @@ class Aggregator:
         attributed = unattributed = 0
         late: List[Tuple[Any, ...]] = []
         resolve = self.resolve
-        tol = usage.TASKSTATS_TOLERANCE_TICKS
+        tol = TASKSTATS_TOLERANCE_TICKS
         for row in rows:
             jid = row[_JID]
             # After the batch's settle a lookup already sees its events: a
@@ -283,7 +288,7 @@ class Aggregator:
     def _late(self, late: List[Tuple[Any, ...]], done: List[Tuple[Any, ...]], boot: float
               ) -> List[Tuple[Any, ...]]:
         """Final attribution of rows memory does not cover: the stored history by
-        identity, then the ppid rule (:func:`elsa.core.usage.attribute_by_parent`)
+        identity, then the ppid rule (:func:`elsa.core.attribution.attribute_by_parent`)
         with *done* (the other rows of this pass, attributed) as the records
         read with them. Returns *done* with the late rows added."""
         c = self.counters
@@ -292,8 +297,8 @@ class Aggregator:
         if todo and self.parent is not None:
             rows: List[Sequence[Any]] = list(late) + done
             all_jids = jids + [row[_JID] for row in done]
-            c.resolved_by_parent += usage.attribute_by_parent(rows, all_jids, todo, boot,
-                                                              self.parent)
+            c.resolved_by_parent += attribute_by_parent(rows, all_jids, todo, boot,
+                                                        self.parent)
             jids = all_jids[:len(late)]
         for row, jid in zip(late, jids):
             self._settled(done, row, jid)
@@ -509,7 +514,7 @@ def add_to_sums(db: sqlite3.Connection, lo: int = 0, hi: Optional[int] = None) -
 
 def history_lookup(db: sqlite3.Connection, boot_id: str) -> HistoryLookup:
     """A resolver over the persisted membership history of boot *boot_id*: its
-    member rows, then its carried rows (elsa.core.usage.CARRIED_SQL)."""
+    member rows, then its carried rows (elsa.core.attribution.CARRIED_SQL)."""
     def lookup(pid: int, start_ticks: int, tol: int, end: float) -> Optional[int]:
         member, carried = history_params(boot_id, pid, start_ticks, tol, end)
         row = (db.execute(HISTORY_SQL, member).fetchone()
@@ -519,8 +524,8 @@ def history_lookup(db: sqlite3.Connection, boot_id: str) -> HistoryLookup:
 
 
 def parent_lookup(db: sqlite3.Connection, boot_id: str,
-                  memory: Optional[usage.ParentLookup] = None) -> usage.ParentLookup:
-    """The ppid rule's membership lookup (:data:`elsa.core.usage.PARENT_SQL`) over
+                  memory: Optional[ParentLookup] = None) -> ParentLookup:
+    """The ppid rule's membership lookup (:data:`elsa.core.attribution.PARENT_SQL`) over
     the persisted history of boot *boot_id*, after *memory* (the job manager's
     live members and recent exits: joins not committed yet)."""
     def lookup(ppid: int, start_ticks: int, tol: int, start_epoch: float) -> Optional[int]:

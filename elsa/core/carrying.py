@@ -1,7 +1,7 @@
 """Short fork stays the store's writer holds for the usage row that carries them.
 
 A process that joined its job at its fork and left it at its exit within
-``elsa.core.usage.CARRIED_STAY_S`` needs no member row once a usage row with a start
+``elsa.core.attribution.CARRIED_STAY_S`` needs no member row once a usage row with a start
 in ticks (taskstats') naming the same job and process is committed: that row is its
 history (docs/accounting.md, "Attribution"). The writer hands each batch's member rows
 and usage rows to :meth:`HeldStays.sort`, which holds such closed stays until their
@@ -15,7 +15,8 @@ import collections
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from elsa.core.usage import CARRIED_STAY_S, JID, PID, START_TICKS, TASKSTATS_TOLERANCE_TICKS
+from elsa.core.attribution import CARRIED_STAY_S, TASKSTATS_TOLERANCE_TICKS
+from elsa.core.usage import JID, PID, START_TICKS
 
 #: Seconds a closed short fork stay waits for its carrier before its member row is
 #: written anyway: the taskstats record follows the exit within the source's read

@@ -12,7 +12,7 @@ import subprocess
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
-from elsa.core import usage
+from elsa.core import attribution, usage
 from elsa.core.burst import BurstHold
 from elsa.core.manager import JobManager
 from elsa.core.priority import Priority
@@ -108,14 +108,14 @@ class ProcEvents:
         the row's process started was born in that job, and its fork event
         was lost (the kernel drops a message it cannot allocate for every
         listener: docs/daemon.md, "Event loss and resync"). Returns that job
-        (the ppid rule, elsa.core.usage.attribute_by_parent) and reports the
+        (the ppid rule, elsa.core.attribution.attribute_by_parent) and reports the
         loss, so that a resync adopts the process's descendants; None when
         the parent was no member then. *boot* is the boot's epoch."""
         ppid = row[usage.PPID]
         manager = self.manager
         if not ppid or manager.index.get(ppid) is None:
             return None  # the common case: a process in no job, child of one in none
-        start, tol = usage.identity(row, boot)
+        start, tol = attribution.identity(row, boot)
         if start is None:
             return None
         jid = manager.parent_member(ppid, start, tol, row[usage.START_TIME] or 0.0)

@@ -230,7 +230,7 @@ class JobManager(Reconciliation):
                       start_epoch: float) -> Optional[int]:
         """The job live member *pid* was in when a child that started at
         *start_ticks* (epoch *start_epoch*) forked, or None: the in-memory part
-        of the ppid rule (:func:`elsa.core.usage.attribute_by_parent`), for
+        of the ppid rule (:func:`elsa.core.attribution.attribute_by_parent`), for
         joins the store may not have committed yet. A member started after the
         child is a later process with the same pid; one attached after the
         child's start did not pass the job on to it."""

@@ -32,10 +32,10 @@ import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.aggregator import INSERT_PROC, live_bulk
+from elsa.core.attribution import JOB_MEMBERS_SQL
 from elsa.core.carrying import CARRY_WAIT_S, HeldStays
 from elsa.core.model import Job
 from elsa.core.schema import migrate
-from elsa.core.usage import JOB_MEMBERS_SQL
 from elsa.errors import StoreError
 from elsa.logsetup import structlog
 
@@ -553,7 +553,7 @@ class Store:
     def members_of(self, jid: int) -> List[Tuple[int, int, float, Optional[float],
                                                  Optional[int], str]]:
         """(pid, start_ticks, joined, left, exit_code, how) of every member a job ever
-        had (elsa.core.usage.JOB_MEMBERS_SQL: short fork stays may be held up to
+        had (elsa.core.attribution.JOB_MEMBERS_SQL: short fork stays may be held up to
         elsa.core.carrying.CARRY_WAIT_S for their carrier before they show)."""
         self._read_own_writes()
         return self.db.execute(JOB_MEMBERS_SQL, (jid,)).fetchall()

@@ -3,8 +3,8 @@
 
 Records are decoded with the vectorized pacct decoder, inserted in one
 transaction per file and summed with one GROUP BY (aggregator.bulk_insert),
-and attributed to jobs from the persisted membership history by the usage
-model's one rule (elsa.core.usage: the same boot, pid and start time within
+and attributed to jobs from the persisted membership history by the one
+attribution rule (elsa.core.attribution: the same boot, pid and start time within
 pacct's 2 s tolerance; then the ppid rule for records of processes no
 membership names). Importing a file
 twice, or a file elsad already read, adds nothing: the store's unique key
@@ -18,12 +18,8 @@ import sqlite3
 from typing import Any, Dict, List, Sequence
 
 from elsa.core.aggregator import INSERT_PROC, bulk_insert
-from elsa.core.usage import (
-    ATTRIBUTE_SQL,
-    attribute_imported_by_parent,
-    priorities_of,
-    save_priorities,
-)
+from elsa.core.attribution import ATTRIBUTE_SQL, attribute_imported_by_parent
+from elsa.core.usage import priorities_of, save_priorities
 from elsa.kernel import pacct
 
 SOURCE = "bsdacct"
