@@ -258,6 +258,35 @@ def test_corruption_met_at_run_time_is_reported_with_the_recovery_command(tmp_pa
         store.close()
 
 
+def test_a_corrupt_store_never_shows_without_its_message(tmp_path, monkeypatch):
+    """status reads health() from the event thread while the writer fails: at
+    any moment it sees "corrupt", the recovery command is there too. The
+    writer logs the failure in the middle of marking it (a slow call: the
+    window CI once hit), so health() is read from inside that log call."""
+    import elsa.core.store as store_mod
+
+    _filled_store(tmp_path, jobs=3, rows=10)
+    db_path = tmp_path / "elsa.db"
+    (root,) = _pages(db_path, "jobs")[:1]
+    store = Store(str(tmp_path), batch_interval=0.05)
+    seen = []
+    real_error = store_mod.log.error
+
+    def error(event, **kw):
+        seen.append(store.health())
+        return real_error(event, **kw)
+
+    monkeypatch.setattr(store_mod.log, "error", error)
+    try:
+        _damage(db_path, root)
+        store.end_job(2, time.time(), "ended")
+        wait_for(lambda: seen, 10, what="the writer to meet the damage")
+    finally:
+        store.close()
+    for h in seen:
+        assert not h["corrupt"] or "store-salvage" in (h["error"] or ""), h
+
+
 def test_corruption_met_by_a_read_marks_the_store(tmp_path):
     """A request's read (show, list) that meets the damage answers with the
     recovery command instead of an internal error, and status shows it."""

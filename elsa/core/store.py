@@ -226,12 +226,12 @@ class Store:
         msg = f"store is corrupt: {exc}; {SALVAGE_HINT.format(dir=self.state_dir)}"
         if not self.corrupt:
             log.error("store read failed", path=self.path, error=msg)
-        self.corrupt = True
         with self._cond:
             if self._failure is None:
                 self._failure = msg
                 self._failed_since = time.time()
                 self._retry_at = time.monotonic() + RETRY_INTERVAL
+        self.corrupt = True  # after the message, as in _failed
         return msg
 
     def check_accepting(self) -> None:
@@ -427,20 +427,24 @@ class Store:
     def _failed(self, exc: sqlite3.Error) -> None:
         self.write_failures += 1
         first = self._failure is None
-        if is_corruption(exc):
-            self.corrupt = True
+        corrupt = is_corruption(exc)
+        if corrupt:
             msg = f"store is corrupt: {exc}; {SALVAGE_HINT.format(dir=self.state_dir)}"
         else:
             msg = str(exc)
-        if first:
-            log.error("store write failed; writes are held and retried", path=self.path,
-                      error=msg, pending=self.pending())
         with self._cond:
             self._failure = msg
             if first:
                 self._failed_since = time.time()
             self._retry_at = time.monotonic() + RETRY_INTERVAL
             self._cond.notify_all()  # flush() waiters learn of the failure
+        # After the message: health() read from another thread never shows a
+        # corrupt store without it.
+        if corrupt:
+            self.corrupt = True
+        if first:
+            log.error("store write failed; writes are held and retried", path=self.path,
+                      error=msg, pending=self.pending())
 
     def close(self) -> None:
         with self._cond:
