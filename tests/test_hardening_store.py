@@ -303,5 +303,11 @@ def test_corruption_met_by_a_read_marks_the_store(tmp_path):
         assert msg is not None and "elsa store-salvage" in msg
         assert store.health()["corrupt"] and not store.health()["ok"]
         assert store.read_failed(ValueError("x")) is None
+        # A later write to pages the damage spared commits (at the writer's
+        # next retry); status still names the damage and the recovery command.
+        store.submit("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", ("probe", "1"))
+        wait_for(lambda: store.pending() == 0, 10, what="the write to commit")
+        h = store.health()
+        assert h["corrupt"] and not h["ok"] and "elsa store-salvage" in h["error"], h
     finally:
         store.close()

@@ -160,6 +160,7 @@ class Store:
         self._failed_since: Optional[float] = None
         self._retry_at = 0.0
         self.corrupt = False
+        self._corrupt_msg: Optional[str] = None  # kept while later writes succeed
         self.write_failures = 0
         self.dropped = 0
         self.spool_limit = spool_limit
@@ -212,7 +213,8 @@ class Store:
 
     def health(self) -> Dict[str, Any]:
         """The store's state for ``status``: whether it writes, and if not why."""
-        return {"ok": self._failure is None and not self.corrupt, "error": self._failure,
+        return {"ok": self._failure is None and not self.corrupt,
+                "error": self._failure or self._corrupt_msg,
                 "failing_since": self._failed_since, "corrupt": self.corrupt,
                 "pending_writes": self.pending(), "spool_limit": self.spool_limit,
                 "write_failures": self.write_failures, "dropped_records": self.dropped,
@@ -231,6 +233,7 @@ class Store:
                 self._failure = msg
                 self._failed_since = time.time()
                 self._retry_at = time.monotonic() + RETRY_INTERVAL
+        self._corrupt_msg = msg
         self.corrupt = True  # after the message, as in _failed
         return msg
 
@@ -441,6 +444,7 @@ class Store:
         # After the message: health() read from another thread never shows a
         # corrupt store without it.
         if corrupt:
+            self._corrupt_msg = msg
             self.corrupt = True
         if first:
             log.error("store write failed; writes are held and retried", path=self.path,
