@@ -14,13 +14,14 @@ teardown, a cost per exit.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from elsa.core.model import CLOCK_TICKS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +33,7 @@ MAX_GAP_PER_EXIT_US = 10_000 + 1_000
 
 #: /proc/stat counts steal in clock ticks: a difference of two readings is
 #: short of the true one by less than a tick.
-STEAL_ROUNDING_US = 1_000_000 // os.sysconf("SC_CLK_TCK")
+STEAL_ROUNDING_US = 1_000_000 // CLOCK_TICKS
 
 
 def test_per_source_gap_is_a_cost_per_exit_not_a_share():

@@ -159,8 +159,8 @@ class Store:
         self._failure: Optional[str] = None
         self._failed_since: Optional[float] = None
         self._retry_at = 0.0
-        self.corrupt = False
-        self._corrupt_msg: Optional[str] = None  # kept while later writes succeed
+        # Set once corruption is met; kept while later writes to spared pages succeed.
+        self._corrupt_msg: Optional[str] = None
         self.write_failures = 0
         self.dropped = 0
         self.spool_limit = spool_limit
@@ -207,6 +207,11 @@ class Store:
             self._wake()
 
     # -- health ------------------------------------------------------------------------
+    @property
+    def corrupt(self) -> bool:
+        """Corruption was met (by a commit or a read): ``elsa store-salvage`` is due."""
+        return self._corrupt_msg is not None
+
     def pending(self) -> int:
         """Writes submitted but not committed yet."""
         return self._submitted - self._committed
@@ -234,7 +239,6 @@ class Store:
                 self._failed_since = time.time()
                 self._retry_at = time.monotonic() + RETRY_INTERVAL
         self._corrupt_msg = msg
-        self.corrupt = True  # after the message, as in _failed
         return msg
 
     def check_accepting(self) -> None:
@@ -441,11 +445,8 @@ class Store:
                 self._failed_since = time.time()
             self._retry_at = time.monotonic() + RETRY_INTERVAL
             self._cond.notify_all()  # flush() waiters learn of the failure
-        # After the message: health() read from another thread never shows a
-        # corrupt store without it.
         if corrupt:
             self._corrupt_msg = msg
-            self.corrupt = True
         if first:
             log.error("store write failed; writes are held and retried", path=self.path,
                       error=msg, pending=self.pending())
