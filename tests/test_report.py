@@ -174,6 +174,48 @@ def test_jobs_page_sorts_by_usage_without_stored_priorities(tmp_path):
     assert [r["usage"]["cpu_user_us"] for r in rows] == [5, 7, 9]
 
 
+def test_jobs_page_sorts_by_the_figure_it_shows(tmp_path):
+    """Sorting by a usage figure orders jobs by the figure each row shows (best()'s
+    choice in Python), whatever the stored priorities, the sources' names and which
+    sources are flagged incomplete or lack the figure."""
+    import json
+    import random
+    import sqlite3
+
+    from elsa.core.store import Store
+    from elsa.report import query
+
+    Store(str(tmp_path)).close()
+    db = sqlite3.connect(str(tmp_path / "elsa.db"))
+    rnd = random.Random(18)
+    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('usage.priority', ?)",
+               (json.dumps({"b": 10, "c": 10, "a": 30}),))
+    for jid in range(1, 201):
+        db.execute("INSERT INTO jobs(jid, name, owner_uid, tags, created, state, backend, "
+                   "params) VALUES (?, 'j', 0, '{}', ?, 'ended', 'cnproc', '{}')", (jid, jid))
+        for src in rnd.sample("abcd", rnd.randint(0, 4)):
+            cpu = None if rnd.random() < 0.2 else rnd.randrange(10**6)
+            rss = None if rnd.random() < 0.2 else rnd.randrange(10**6)
+            db.execute("INSERT INTO job_usage(jid, source, cpu_user_us, cpu_system_us, "
+                       "max_rss_kb, incomplete) VALUES (?, ?, ?, ?, ?, ?)",
+                       (jid, src, cpu, None if cpu is None else 7, rss,
+                        "lost" if rnd.random() < 0.3 else None))
+    db.commit()
+
+    def cpu(r):
+        u = r["usage"]
+        return None if u.get("cpu_user_us") is None else u["cpu_user_us"] + u["cpu_system_us"]
+
+    for sort, fig in (("cpu", cpu), ("maxrss", lambda r: r["usage"].get("max_rss_kb"))):
+        for desc in (True, False):
+            _, rows = query.jobs_page(db, sort=sort, descending=desc, limit=1000)
+            got = [fig(r) for r in rows]
+            assert len(got) == 200 and any(v is None for v in got)
+            # SQLite: NULL is the smallest value.
+            key = [(-1 if v is None else v) for v in got]
+            assert key == sorted(key, reverse=desc), (sort, desc)
+
+
 def test_jobs_page_newest_first_reads_the_created_index(tmp_path):
     """The default order of the web's jobs page and `elsa jobs` walks jobs_created
     (schema 11) instead of sorting every job of the store: the plan of the statement
