@@ -30,7 +30,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 # -- the row -----------------------------------------------------------------------------
 
@@ -165,12 +165,12 @@ def priority_sql(column: str, prios: Priorities) -> Tuple[str, list]:
     return f"(CASE {column} {' '.join(parts)} ELSE {DEFAULT_PRIORITY} END)", params
 
 
-def _rank(per_source: Mapping[str, Any], prios: Priorities,
-          incomplete: Optional[Mapping[str, str]]) -> List[str]:
+def rank_sources(sources: Iterable[str], prios: Priorities,
+                 incomplete: Optional[Mapping[str, str]] = None) -> List[str]:
     """Sources in the order :func:`best` tries them: complete before incomplete,
-    then by priority."""
+    then by priority, then by name."""
     bad = incomplete or {}
-    return sorted(per_source, key=lambda s: (s in bad, priority(s, prios), s))
+    return sorted(sources, key=lambda s: (s in bad, priority(s, prios), s))
 
 
 def best(per_source: Mapping[str, Mapping[str, Any]], prios: Priorities,
@@ -184,7 +184,7 @@ def best(per_source: Mapping[str, Mapping[str, Any]], prios: Priorities,
     priority that has a value wins, among the complete ones when any has it."""
     values: Dict[str, Any] = {}
     chosen: Dict[str, str] = {}
-    order = _rank(per_source, prios, incomplete)
+    order = rank_sources(per_source, prios, incomplete)
     for metric in METRICS:
         for src in order:
             v = per_source[src].get(metric)
@@ -205,7 +205,7 @@ def fallbacks(chosen: Mapping[str, str], per_source: Mapping[str, Mapping[str, A
     if not incomplete:
         return out
     for metric, src in chosen.items():
-        skipped = [s for s in sorted(per_source, key=lambda s: (priority(s, prios), s))
+        skipped = [s for s in rank_sources(per_source, prios)
                    if s in incomplete and s != src
                    and per_source[s].get(metric) is not None
                    and priority(s, prios) <= priority(src, prios)]
@@ -232,7 +232,7 @@ def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
     counted = [s for s, v in per_source.items() if v.get("processes")]
     if not counted:
         return None
-    src = _rank(counted, prios, incomplete)[0]
+    src = rank_sources(counted, prios, incomplete)[0]
     rec = per_source[src]
     if any(rec.get(m) is None for m in cpu):
         return None
