@@ -1,4 +1,4 @@
-"""The ppid rule of the usage model (elsa.core.attribution.attribute_by_parent) and
+"""The ppid rule (elsa.core.attribution.attribute_by_parent) and
 best()'s skipping of incomplete sources, without a kernel: rows as the pacct
 and taskstats readers build them, a real store for the stored membership."""
 

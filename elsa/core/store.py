@@ -225,12 +225,16 @@ class Store:
                 "write_failures": self.write_failures, "dropped_records": self.dropped,
                 "member_rows_carried": self.carried, "member_rows_waiting": len(self._held)}
 
+    def _corrupt_message(self, exc: BaseException) -> str:
+        """What status and clients are told of corruption: the error and the recovery."""
+        return f"store is corrupt: {exc}; {SALVAGE_HINT.format(dir=self.state_dir)}"
+
     def read_failed(self, exc: BaseException) -> Optional[str]:
         """A read met *exc*: if it is corruption, mark the store corrupt (status,
         new jobs refused) and return the message for the client, else None."""
         if not isinstance(exc, sqlite3.DatabaseError) or not is_corruption(exc):
             return None
-        msg = f"store is corrupt: {exc}; {SALVAGE_HINT.format(dir=self.state_dir)}"
+        msg = self._corrupt_message(exc)
         if not self.corrupt:
             log.error("store read failed", path=self.path, error=msg)
         with self._cond:
@@ -436,7 +440,7 @@ class Store:
         first = self._failure is None
         corrupt = is_corruption(exc)
         if corrupt:
-            msg = f"store is corrupt: {exc}; {SALVAGE_HINT.format(dir=self.state_dir)}"
+            msg = self._corrupt_message(exc)
         else:
             msg = str(exc)
         with self._cond:
