@@ -9,8 +9,9 @@ what the store already holds. This benchmark runs the writer's own statements
 to the sums) on a connection opened as elsad opens the store, in batches of
 2,000 processes (a fork storm's 0.25 s batch), with pids handed out in
 sequence and wrapping at 32768 as the kernel does on this machine's
-``pid_max``. It measures the writer's CPU per process on a new store and
-after ``--history`` processes, for the current schema and for schema 7, whose
+``pid_max``. It measures the writer's CPU per process on a new store and on
+one with ``--history`` processes, their batches alternating (a VM's speed
+drifts between minutes), for the current schema and for schema 7, whose
 members key began with the pid (the peer: the same statements, the key
 before migration 8).
 
@@ -45,7 +46,8 @@ from elsa.core.usage import UsageRecord  # noqa: E402
 TARGET = 1.25
 BATCH = 2000
 PID_MAX = 32768
-#: Batches measured at each point; their CPU is summed (auto-checkpoints included).
+#: Batches measured on each store, alternating; their CPU is summed (auto-checkpoints
+#: included).
 MEASURED = 10
 BOOT = "5f0c3a52-8d1e-4c6b-9a7e-2b4d6f8a0c1e"
 REPRODUCE = "python3 benchmarks/bench_store_writer.py"
@@ -90,30 +92,36 @@ class Writer:
         while self.n < history:
             self.commit(*self.batch(min(20 * BATCH, history - self.n)))
 
-    def cpu_us_per_process(self) -> float:
-        spent = 0.0
-        for _ in range(MEASURED):
-            members, rows = self.batch()
-            t0 = time.process_time()
-            self.commit(members, rows)
-            spent += time.process_time() - t0
-        return spent / (MEASURED * BATCH) * 1e6
+    def batch_cpu_us(self) -> float:
+        """CPU µs of committing one batch of new processes."""
+        members, rows = self.batch()
+        t0 = time.process_time()
+        self.commit(members, rows)
+        return (time.process_time() - t0) * 1e6
 
 
 def measure(version: int, history: int, work: str) -> Tuple[float, float, float]:
     """(CPU µs per process on a new store, after *history* processes, seconds the
-    migrations to the current schema then take) for *version*."""
+    migrations to the current schema then take) for *version*.
+
+    The two stores' batches alternate, so that both figures are taken under the
+    same machine speed (on a VM it drifts between minutes by more than the
+    target's margin)."""
+    new = Writer(os.path.join(work, f"schema{version}-new.db"), version)
     path = os.path.join(work, f"schema{version}.db")
     w = Writer(path, version)
     try:
-        w.grow(20 * BATCH)
-        fresh = w.cpu_us_per_process()
+        new.grow(20 * BATCH)
         w.grow(history)
-        grown = w.cpu_us_per_process()
+        fresh = grown = 0.0
+        for _ in range(MEASURED):
+            fresh += new.batch_cpu_us()
+            grown += w.batch_cpu_us()
         t0 = time.monotonic()
         migrate(w.db, path)  # what the first start of this ELSA does to that store
-        return fresh, grown, time.monotonic() - t0
+        return fresh / (MEASURED * BATCH), grown / (MEASURED * BATCH), time.monotonic() - t0
     finally:
+        new.db.close()
         w.db.close()
 
 
