@@ -28,7 +28,6 @@ rule too (:func:`elsa.core.usage.best`, by each source spec's priority).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -380,7 +379,7 @@ class Aggregator:
         self.submit(UPSERT_JOB_LEVEL, (
             rec.jid, rec.source, rec.cpu_user_us, rec.cpu_system_us, rec.max_rss_kb,
             rec.read_bytes, rec.write_bytes, rec.minflt, rec.majflt, now,
-            json.dumps(dict(rec.extra), separators=(",", ":")) if rec.extra else None))
+            usage.extra_json(rec.extra)))
         cpu = None
         if rec.cpu_user_us is not None or rec.cpu_system_us is not None:
             cpu = (rec.cpu_user_us or 0) + (rec.cpu_system_us or 0)

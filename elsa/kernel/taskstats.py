@@ -268,8 +268,8 @@ class TaskRecord:
 
 _RECORD_FIELDS = tuple(TaskRecord.__dataclass_fields__)
 
-#: extra JSON of a taskstats row, as json.dumps(..., separators=(",", ":"))
-#: writes TaskRecord.to_usage's dict (all values are ints).
+#: extra JSON of a taskstats row, as elsa.core.usage.extra_json writes
+#: TaskRecord.to_usage's dict (all values are ints).
 _EXTRA = ('{"threads":%d,"taskstats_version":%d,"tick_utime_us":%d,"tick_stime_us":%d,'
           '"cancelled_write_bytes":%d,"cpu_delay_total_ns":%d,"blkio_delay_total_ns":%d,'
           '"exe_dev":%d,"exe_inode":%d}')
