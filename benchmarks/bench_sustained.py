@@ -259,7 +259,8 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
             ratio = paired_ratio(elsa, peer)
             per_member = 1e6 * cpu / members if members else None
             per_machine = 1e6 * cpu / machine if machine else None
-            share = 100 * cpu / sum(work["elsa"]) if sum(work["elsa"]) else None
+            elsa_work = sum(work["elsa"])
+            share = 100 * cpu / elsa_work if elsa_work else None
             rows.append({
                 "metric": (f"sustained overhead: {name}, elsad {config} (median of "
                            f"{len(elsa)} paired ratios; elsad CPU "
@@ -291,13 +292,14 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
             if floor:
                 f = statistics.median(floor)
                 per_floor = 1e6 * floor_cpu / machine if machine else None
-                floor_share = 100 * floor_cpu / sum(work["floor"]) if sum(work["floor"]) else 0
+                floor_work = sum(work["floor"])
+                floor_share = round(100 * floor_cpu / floor_work, 1) if floor_work else None
                 rows.append({
                     "metric": (f"sustained floor: {name} with benchmarks/minreader.c reading "
                                f"the proc connector and taskstats and nothing else (median "
                                f"of {len(floor)} paired ratios; reader CPU "
                                f"{per_floor if per_floor is None else round(per_floor, 1)} us "
-                               f"per process, {round(floor_share, 1)} % of the workload's own "
+                               f"per process, {floor_share} % of the workload's own "
                                f"CPU): the kernel's cost + the cheapest reading"),
                     "unit": "s", "elsa": round(f, 3), "peer": round(p_, 3),
                     "peer_name": "no elsad", "ratio": round(paired_ratio(floor, peer), 3),
