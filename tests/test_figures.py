@@ -127,18 +127,17 @@ def test_summary_by_user_agrees_with_the_jobs_best_cpu_on_a_fork_storm(elsad, tm
         if c.status()["backend"] != "cgroup2":
             pytest.skip("needs a writable cgroup v2 hierarchy (job-level counters)")
         for _ in range(2):
-            jid = c.create(name="forks", owner_uid=uid)["jid"]
-            jids.append(jid)
             # Not `elsa-jobmng run`: its Python start-up, spent before it joins the job, is
             # in the root process's record but not in the cgroup, and on a slow machine it
-            # outweighs the teardown this test is about. A shell that is attached while it
+            # outweighs the teardown this test is about. A shell that joins the job while it
             # waits on stdin brings ~1 ms from before the job.
             p = subprocess.Popen(["sh", "-c", 'read _ && exec "$@"', "sh",
                                   "setpriv", "--reuid", str(uid), "--regid", str(uid),
                                   "--clear-groups", "stress-ng", "--fork", "1", "--fork-ops",
                                   "500", "-q", "--temp-path", "/tmp"], stdin=subprocess.PIPE)
             try:
-                c.attach(jid, [p.pid])
+                jid = c.create(name="forks", owner_uid=uid, pids=[p.pid])["jid"]
+                jids.append(jid)
                 p.communicate(b"\n", timeout=120)
             finally:
                 if p.poll() is None:
