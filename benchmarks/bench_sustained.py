@@ -5,19 +5,25 @@ default configuration against no elsad (issue 18).
 The burst hold (docs/daemon.md) leaves the kernel's queues unread for up to
 ``burst_hold`` seconds and catches up afterwards; a workload that runs for
 minutes outlasts it, so what elsad costs per process competes with the
-workload. Two workloads, each sized in an unmeasured calibration run to take
-``--seconds`` without elsad:
+workload. Two workloads, each taking about ``--seconds`` per run:
 
 - ``make -j2`` of a C project this benchmark generates (gcc, cc1, as, ld:
-  a real build's fork/exec pattern);
-- ``stress-ng --fork 2`` with a fixed number of fork operations.
+  a real build's fork/exec pattern), sized in an unmeasured calibration run
+  without elsad; a run's figure is its wall time;
+- ``stress-ng --fork 2 --timeout`` ``--seconds``: a run lasts that long
+  whatever the machine's speed, and its figure is the wall time per fork
+  operation (stress-ng's bogo-ops count, from its ``--yaml`` metrics). A
+  ratio of time per operation is the ratio of the walls of one fixed amount
+  of work; a fixed count of operations, sized by a short probe, made the runs
+  last 8 to 19 s for a 15 s target as the VM's fork rate drifted.
 
 Each runs in paired rounds (ABBA order, as bench_overhead.py) in a job of an
 elsad with no ``[sources]`` table and no ``backend`` key: the defaults
 (docs/daemon.md: backend ``auto``, taskstats and cgroupstat on), with a
 private cgroup base, socket and state dir. Printed per workload: the median
-of the rounds' wall ratios (target <= 1.05; the "elsa" and "peer" columns are the
-median walls) and elsad's CPU per process, both per process of
+of the rounds' ratios of those figures (target <= 1.05; the "elsa" and "peer"
+columns are their medians: seconds for the build, ms per 1,000 fork operations
+for the storm) and elsad's CPU per process, both per process of
 the job (the proc connector's member forks) and per process started on the
 whole machine (/proc/stat ``processes``: taskstats and the proc connector
 report every process, other users' too), and as a share of the workload's
@@ -46,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -53,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_overhead as bo  # also puts the repository on the path
@@ -141,8 +148,9 @@ def measure(cmd: List[str], daemon: Optional[bo.Elsad],
     return wall, cpu, members, procs, work
 
 
-def measure_floor(cmd: List[str], reader: str) -> Tuple[float, float, float]:
-    """(wall s, reader CPU s, workload CPU s) of one run with benchmarks/minreader.c
+def measure_floor(cmd: List[str], reader: str) -> Tuple[float, float, int, float]:
+    """(wall s, reader CPU s, machine processes, workload CPU s) of one run with
+    benchmarks/minreader.c
     reading the proc connector and taskstats meanwhile: the kernel's cost of the
     messages plus the cheapest reading of them, what any per-process accounting
     from user space pays."""
@@ -154,12 +162,30 @@ def measure_floor(cmd: List[str], reader: str) -> Tuple[float, float, float]:
                             text=True)
     try:
         time.sleep(0.3)  # its subscriptions; it has no readiness signal (not measured)
+        p0 = ProcFS().forks()
         wall, work = workload_run(cmd, None)
+        procs = ProcFS().forks() - p0
     finally:
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
     cpu = float(err.rsplit("cpu", 1)[1].split()[0]) if "cpu" in err else 0.0
-    return wall, cpu, work
+    return wall, cpu, procs, work
+
+
+def bogo_ops(path: str) -> int:
+    """The operations a stress-ng run with ``--yaml`` *path* completed; the file is
+    removed so that the next run cannot be read in its place."""
+    try:
+        with open(path) as fh:
+            text = fh.read()
+        os.unlink(path)
+    except OSError as exc:
+        raise SystemExit(f"bench_sustained: stress-ng wrote no metrics to {path}: {exc}"
+                         ) from exc
+    match = re.search(r"^\s*bogo-ops:\s*(\d+)\s*$", text, re.M)
+    if match is None or int(match.group(1)) == 0:
+        raise SystemExit(f"bench_sustained: no bogo-ops count in {path}: {text[-300:]!r}")
+    return int(match.group(1))
 
 
 def paired_ratio(runs: List[float], peers: List[float]) -> float:
@@ -210,24 +236,39 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
         files = max(40, int(40 * seconds / max(wall, 0.1)))
         shutil.rmtree(proj)
         write_project(proj, files)
-        probe = 2000
-        wall = measure(["stress-ng", "--fork", "2", "--fork-ops", str(probe), "-q"], None, None)[0]
-        fork_ops = max(probe, int(probe * seconds / max(wall, 0.05)))
-        stress = ["stress-ng", "--fork", "2", "--fork-ops", str(fork_ops), "-q"]
+        # The stress runs write their metrics as nobody.
+        metrics_dir = os.path.join(work, "metrics")
+        os.makedirs(metrics_dir, mode=0o755)
+        os.chown(metrics_dir, NOBODY_UID, NOBODY_UID)
+        metrics = os.path.join(metrics_dir, "stress-ng.yaml")
+        # --metrics-brief: with -q (or without a metrics option) the YAML has no counts.
+        storm_s = max(1, round(seconds))  # stress-ng takes whole seconds
+        stress = ["stress-ng", "--fork", "2", "--timeout", f"{storm_s}s", "--metrics-brief",
+                  "--yaml", metrics]
+        storm = f"stress-ng --fork 2 for {storm_s} s"
         reader = os.path.join(work, "minreader")
         subprocess.run(["gcc", "-O2", "-o", reader, os.path.join(bo.HERE, "minreader.c")],
                        check=True)
-        loads = [(f"make -j2 ({files} C files)", make, clean, daemon, "default config"),
-                 (f"stress-ng --fork 2 --fork-ops {fork_ops}", stress, None, daemon,
-                  "default config")]
+        # (name, command, preparation, elsad, its config, the work a run did: a run's
+        # figure is its wall over that; unit, scale of the printed figures).
+        Load = Tuple[str, List[str], Optional[List[str]], bo.Elsad, str, Callable[[], float],
+                     str, float]
+        loads: List[Load] = [
+            (f"make -j2 ({files} C files)", make, clean, daemon, "default config",
+             lambda: 1.0, "s", 1.0),
+            (storm, stress, None, daemon, "default config", lambda: bogo_ops(metrics),
+             "ms per 1,000 forks", 1e6)]
         for option, config, _ in options:
-            loads.append((f"stress-ng --fork 2 --fork-ops {fork_ops}", stress, None, option,
-                          config))
-        for name, cmd, prep, elsad, config in loads:
+            loads.append((storm, stress, None, option, config, lambda: bogo_ops(metrics),
+                          "ms per 1,000 forks", 1e6))
+        for name, cmd, prep, elsad, config, amount, unit, scale in loads:
+            # Per run: its wall over the work it did (the build: its wall).
             elsa: List[float] = []
             peer: List[float] = []
             floor: List[float] = []
+            walls: Dict[str, List[float]] = {"elsa": [], "peer": [], "floor": []}
             floor_cpu = 0.0
+            floor_procs = 0
             cpu = 0.0
             # The workload's own CPU per run, by condition: this VM's speed drifts between
             # runs, and on two busy CPUs wall grows with what elsad takes from the workload.
@@ -241,17 +282,20 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
                     order.insert(1, "floor")
                 for cond in order:
                     if cond == "floor":
-                        w, c, wc = measure_floor(cmd, reader)
-                        floor.append(w)
+                        w, c, fp, wc = measure_floor(cmd, reader)
+                        walls["floor"].append(w)
+                        floor.append(w / amount())
                         floor_cpu += c
+                        floor_procs += fp
                         work["floor"].append(wc)
                         continue
                     w, c, m, p, wc = measure(cmd, elsad if cond == "elsa" else None, prep)
+                    walls[cond].append(w)
                     work[cond].append(wc)
                     if cond == "peer":
-                        peer.append(w)
+                        peer.append(w / amount())
                         continue
-                    elsa.append(w)
+                    elsa.append(w / amount())
                     cpu += c
                     members += m
                     machine += p
@@ -270,16 +314,18 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
                            f"process on the machine, "
                            f"{share if share is None else round(share, 1)} % of the "
                            f"workload's own CPU)"),
-                "unit": "s", "elsa": round(e, 3), "peer": round(p_, 3), "peer_name": "no elsad",
-                "ratio": round(ratio, 3),
+                "unit": unit, "elsa": round(e * scale, 3), "peer": round(p_ * scale, 3),
+                "peer_name": "no elsad", "ratio": round(ratio, 3),
                 # The issue's target is the default config's; an option is reported.
                 "target": f"<= {TARGET}" if elsad is daemon else "reported",
                 "passed": ratio <= TARGET if elsad is daemon else True,
                 "reproduce": (REPRODUCE if elsad is daemon else
                               next(cmd for d, _, cmd in options if d is elsad)),
                 "detail": {"ratio_of_median_walls": round(e / p_, 3),
-                           "elsa_runs": [round(x, 3) for x in elsa],
-                           "peer_runs": [round(x, 3) for x in peer],
+                           "elsa_runs": [round(x * scale, 3) for x in elsa],
+                           "peer_runs": [round(x * scale, 3) for x in peer],
+                           "elsa_walls_s": [round(x, 2) for x in walls["elsa"]],
+                           "peer_walls_s": [round(x, 2) for x in walls["peer"]],
                            "elsad_cpu_s": round(cpu, 2), "job_processes": members,
                            "machine_processes": machine,
                            "elsad_cpu_us_per_job_process": per_member and round(per_member, 1),
@@ -291,7 +337,7 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
             })
             if floor:
                 f = statistics.median(floor)
-                per_floor = 1e6 * floor_cpu / machine if machine else None
+                per_floor = 1e6 * floor_cpu / floor_procs if floor_procs else None
                 floor_work = sum(work["floor"])
                 floor_share = round(100 * floor_cpu / floor_work, 1) if floor_work else None
                 rows.append({
@@ -301,12 +347,14 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
                                f"{per_floor if per_floor is None else round(per_floor, 1)} us "
                                f"per process, {floor_share} % of the workload's own "
                                f"CPU): the kernel's cost + the cheapest reading"),
-                    "unit": "s", "elsa": round(f, 3), "peer": round(p_, 3),
+                    "unit": unit, "elsa": round(f * scale, 3), "peer": round(p_ * scale, 3),
                     "peer_name": "no elsad", "ratio": round(paired_ratio(floor, peer), 3),
                     "target": "reported",
                     "passed": True, "reproduce": REPRODUCE,
-                    "detail": {"floor_runs": [round(x, 3) for x in floor],
-                               "peer_runs": [round(x, 3) for x in peer],
+                    "detail": {"floor_runs": [round(x * scale, 3) for x in floor],
+                               "peer_runs": [round(x * scale, 3) for x in peer],
+                               "floor_walls_s": [round(x, 2) for x in walls["floor"]],
+                               "machine_processes": floor_procs,
                                "reader_cpu_s": round(floor_cpu, 3),
                                "workload_cpu_s_floor_runs": [round(x, 2) for x in work["floor"]]},
                 })
@@ -330,7 +378,8 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
 def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=SECONDS,
-                    help=f"length of each run without elsad (default {SECONDS:g})")
+                    help=f"length of each run: the stress-ng runs' --timeout, the build's "
+                         f"size when run without elsad (default {SECONDS:g})")
     ap.add_argument("--reps", type=int, default=REPS,
                     help=f"paired rounds per workload (default {REPS})")
     ap.add_argument("--fold-ms", type=int, default=0,
@@ -348,7 +397,8 @@ def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
         if args.json:
             print(json.dumps(r, ensure_ascii=False))
             continue
-        print(f"{r['metric']}: elsa {r['elsa']} s, no elsad {r['peer']} s, ratio {r['ratio']} "
+        print(f"{r['metric']}: elsa {r['elsa']} {r['unit']}, no elsad {r['peer']} {r['unit']}, "
+              f"ratio {r['ratio']} "
               f"(target {r['target']}: {'PASS' if r['passed'] else 'FAIL'})")
     return rows
 
