@@ -14,8 +14,9 @@ workload. Two workloads, each taking about ``--seconds`` per run:
   whatever the machine's speed, and its figure is the wall time per fork
   operation (stress-ng's bogo-ops count, from its ``--yaml`` metrics). A
   ratio of time per operation is the ratio of the walls of one fixed amount
-  of work; a fixed count of operations, sized by a short probe, made the runs
-  last 8 to 19 s for a 15 s target as the VM's fork rate drifted.
+  of work. Fixed-length runs keep the benchmark within run_all's budget: a
+  fixed count of operations sized by a short probe would make the runs'
+  length follow the VM's fork rate, which drifts by ~25 % within a minute.
 
 Each runs in paired rounds (ABBA order, as bench_overhead.py) in a job of an
 elsad with no ``[sources]`` table and no ``backend`` key: the defaults
@@ -150,10 +151,9 @@ def measure(cmd: List[str], daemon: Optional[bo.Elsad],
 
 def measure_floor(cmd: List[str], reader: str) -> Tuple[float, float, int, float]:
     """(wall s, reader CPU s, machine processes, workload CPU s) of one run with
-    benchmarks/minreader.c
-    reading the proc connector and taskstats meanwhile: the kernel's cost of the
-    messages plus the cheapest reading of them, what any per-process accounting
-    from user space pays."""
+    benchmarks/minreader.c reading the proc connector and taskstats meanwhile: the
+    kernel's cost of the messages plus the cheapest reading of them, what any
+    per-process accounting from user space pays."""
     with open("/sys/devices/system/cpu/online") as fh:
         cpus = fh.read().strip()
     # The proc connector events elsad asks for, where the kernel filters them.
