@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -128,3 +131,33 @@ def test_overhead_default_run_fits_run_alls_per_benchmark_limit():
     import inspect
 
     assert inspect.signature(overhead.run).parameters["budget"].default == overhead.BUDGET_S
+
+
+def test_sustained_default_run_fits_run_alls_limit():
+    """Each round of the sustained benchmark runs the build twice and the storm three
+    times (no elsad, elsad, the C floor), each about SECONDS long: the default rounds,
+    with a minute for the calibration and elsad's starts, end within run_all's limit."""
+    sustained = _module("bench_sustained")
+    run_all = _module("run_all")
+    runs = sustained.REPS * (2 + 3)
+    assert runs * sustained.SECONDS + 60 < run_all.TIMEOUTS["sustained"]
+
+
+@pytest.mark.skipif(shutil.which("stress-ng") is None,
+                    reason="needs stress-ng (packaging/ci-apt-packages.txt)")
+def test_sustained_reads_the_storms_operations_from_stress_ngs_yaml(tmp_path):
+    """The storm's figure is its wall per fork operation: the count comes from the
+    real stress-ng's --yaml metrics, which it writes only with a metrics option and
+    without -q; a file with no count stops the benchmark rather than divide by it."""
+    sustained = _module("bench_sustained")
+    path = str(tmp_path / "m.yaml")
+    subprocess.run(["stress-ng", "--fork", "1", "--timeout", "1s", "--metrics-brief",
+                    "--yaml", path], check=True, capture_output=True)
+    assert sustained.bogo_ops(path) > 0
+    assert not os.path.exists(path)  # the next run cannot be read in its place
+    subprocess.run(["stress-ng", "--fork", "1", "--timeout", "1s", "-q", "--yaml", path],
+                   check=True, capture_output=True)
+    with pytest.raises(SystemExit, match="no bogo-ops count"):
+        sustained.bogo_ops(path)
+    with pytest.raises(SystemExit, match="wrote no metrics"):
+        sustained.bogo_ops(path)
