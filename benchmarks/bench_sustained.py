@@ -253,14 +253,15 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
         # figure is its wall over that; unit, scale of the printed figures).
         Load = Tuple[str, List[str], Optional[List[str]], bo.Elsad, str, Callable[[], float],
                      str, float]
+
+        def forks() -> float:
+            return bogo_ops(metrics)
+
         loads: List[Load] = [
             (f"make -j2 ({files} C files)", make, clean, daemon, "default config",
-             lambda: 1.0, "s", 1.0),
-            (storm, stress, None, daemon, "default config", lambda: bogo_ops(metrics),
-             "ms per 1,000 forks", 1e6)]
-        for option, config, _ in options:
-            loads.append((storm, stress, None, option, config, lambda: bogo_ops(metrics),
-                          "ms per 1,000 forks", 1e6))
+             lambda: 1.0, "s", 1.0)]
+        for elsad, config in [(daemon, "default config")] + [o[:2] for o in options]:
+            loads.append((storm, stress, None, elsad, config, forks, "ms per 1,000 forks", 1e6))
         for name, cmd, prep, elsad, config, amount, unit, scale in loads:
             # Per run: its wall over the work it did (the build: its wall).
             elsa: List[float] = []
