@@ -161,3 +161,17 @@ def test_sustained_reads_the_storms_operations_from_stress_ngs_yaml(tmp_path):
         sustained.bogo_ops(path)
     with pytest.raises(SystemExit, match="wrote no metrics"):
         sustained.bogo_ops(path)
+
+
+def test_sustained_charges_elsads_catch_up_after_a_run():
+    """The last burst hold leaves a run's accounting to after its end: the run with
+    elsad is charged that CPU at the rate its own busy CPUs took wall, so a hold
+    cannot make the ratio look better than the CPU elsad spent."""
+    run = _module("bench_sustained").Run
+    # Two busy CPUs: 28.8 s of the workload's CPU and 1.2 s of elsad's in 15 s.
+    caught_up = run(wall=15.0, elsad_cpu=1.4, deferred_cpu=0.2, members=1, machine=1,
+                    work=28.8)
+    assert caught_up.charged_wall() == pytest.approx(15.0 + 0.2 / 2.0)
+    assert run(15.0, 1.2, 0.0, 1, 1, 28.8).charged_wall() == 15.0
+    # A run that kept less than one CPU busy is charged the CPU itself.
+    assert run(10.0, 0.5, 0.5, 1, 1, 5.0).charged_wall() == pytest.approx(10.5)
