@@ -140,7 +140,7 @@ class Run(NamedTuple):
     def charged_wall(self) -> float:
         """The wall with elsad's catch-up after the run charged as the run's own CPU
         was: the last burst hold defers up to ``burst_hold`` seconds of a run's
-        accounting past its end (15 % of elsad's CPU in a 15 s storm), and a run that
+        accounting past its end (15–21 % of elsad's CPU in a 15 s storm), and a run that
         lasted longer would have paid for it inside. That CPU, over the CPUs the
         run kept busy (its own CPU and elsad's, over its wall), is the wall it
         would have taken."""
