@@ -131,8 +131,8 @@ class Run(NamedTuple):
     """One measured run of a workload."""
 
     wall: float  # s, the workload's
-    elsad_cpu: float  # s, elsad's for the run's processes, its catch-up included
-    deferred_cpu: float  # s of that used after the workload ended (the last hold's)
+    reader_cpu: float  # s, of what read the kernel's messages (elsad: its catch-up included)
+    deferred_cpu: float  # s of that used after the workload ended (elsad's last hold)
     members: int  # processes of the job
     machine: int  # processes started on the machine
     work: float  # s, the workload's own CPU
@@ -144,7 +144,7 @@ class Run(NamedTuple):
         lasted longer would have paid for it inside. That CPU, over the CPUs the
         run kept busy (its own CPU and elsad's, over its wall), is the wall it
         would have taken."""
-        busy = (self.work + self.elsad_cpu - self.deferred_cpu) / self.wall
+        busy = (self.work + self.reader_cpu - self.deferred_cpu) / self.wall
         return self.wall + self.deferred_cpu / max(busy, 1.0)
 
 
@@ -174,11 +174,11 @@ def measure(cmd: List[str], daemon: Optional[bo.Elsad],
     return Run(wall, cpu1 - cpu0, cpu1 - ended, members, procs, work)
 
 
-def measure_floor(cmd: List[str], reader: str) -> Tuple[float, float, int, float]:
-    """(wall s, reader CPU s, machine processes, workload CPU s) of one run with
-    benchmarks/minreader.c reading the proc connector and taskstats meanwhile: the
-    kernel's cost of the messages plus the cheapest reading of them, what any
-    per-process accounting from user space pays."""
+def measure_floor(cmd: List[str], reader: str) -> Run:
+    """One run of *cmd* with benchmarks/minreader.c reading the proc connector and
+    taskstats meanwhile: the kernel's cost of the messages plus the cheapest reading
+    of them, what any per-process accounting from user space pays. The reader drains
+    every 50 ms, so nothing of it is left after the run."""
     with open("/sys/devices/system/cpu/online") as fh:
         cpus = fh.read().strip()
     # The proc connector events elsad asks for, where the kernel filters them.
@@ -194,7 +194,7 @@ def measure_floor(cmd: List[str], reader: str) -> Tuple[float, float, int, float
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
     cpu = float(err.rsplit("cpu", 1)[1].split()[0]) if "cpu" in err else 0.0
-    return wall, cpu, procs, work
+    return Run(wall, cpu, 0.0, 0, procs, work)
 
 
 def bogo_ops(path: str) -> int:
@@ -308,24 +308,22 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
                 if with_floor:
                     order.insert(1, "floor")
                 for cond in order:
-                    if cond == "floor":
-                        w, c, fp, wc = measure_floor(cmd, reader)
-                        walls["floor"].append(w)
-                        floor.append(w / amount())
-                        floor_cpu += c
-                        floor_procs += fp
-                        work["floor"].append(wc)
-                        continue
-                    r = measure(cmd, elsad if cond == "elsa" else None, prep)
+                    r = (measure_floor(cmd, reader) if cond == "floor" else
+                         measure(cmd, elsad if cond == "elsa" else None, prep))
                     walls[cond].append(r.wall)
                     work[cond].append(r.work)
                     done = amount()
                     if cond == "peer":
                         peer.append(r.wall / done)
                         continue
+                    if cond == "floor":
+                        floor.append(r.wall / done)
+                        floor_cpu += r.reader_cpu
+                        floor_procs += r.machine
+                        continue
                     elsa.append(r.charged_wall() / done)
                     uncharged.append(r.wall / done)
-                    cpu += r.elsad_cpu
+                    cpu += r.reader_cpu
                     deferred += r.deferred_cpu
                     members += r.members
                     machine += r.machine

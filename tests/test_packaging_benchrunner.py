@@ -169,7 +169,7 @@ def test_sustained_charges_elsads_catch_up_after_a_run():
     cannot make the ratio look better than the CPU elsad spent."""
     run = _module("bench_sustained").Run
     # Two busy CPUs: 28.8 s of the workload's CPU and 1.2 s of elsad's in 15 s.
-    caught_up = run(wall=15.0, elsad_cpu=1.4, deferred_cpu=0.2, members=1, machine=1,
+    caught_up = run(wall=15.0, reader_cpu=1.4, deferred_cpu=0.2, members=1, machine=1,
                     work=28.8)
     assert caught_up.charged_wall() == pytest.approx(15.0 + 0.2 / 2.0)
     assert run(15.0, 1.2, 0.0, 1, 1, 28.8).charged_wall() == 15.0
