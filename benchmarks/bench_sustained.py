@@ -148,6 +148,17 @@ class Run(NamedTuple):
         return self.wall + self.deferred_cpu / max(busy, 1.0)
 
 
+def figures(runs: Sequence[Tuple[Run, float]]) -> List[float]:
+    """Each run's figure: its wall, charged its catch-up (:meth:`Run.charged_wall`; none
+    is deferred without elsad), over the work it did."""
+    return [r.charged_wall() / done for r, done in runs]
+
+
+def total(runs: Sequence[Tuple[Run, float]], field: str) -> Any:
+    """The sum of one field of *runs*."""
+    return sum(getattr(r, field) for r, _ in runs)
+
+
 def measure(cmd: List[str], daemon: Optional[bo.Elsad],
             prepare: Optional[List[str]]) -> Run:
     """One run of *cmd*, in a job of *daemon* when one is given."""
@@ -288,19 +299,9 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
         for elsad, config in [(daemon, "default config")] + [o[:2] for o in options]:
             loads.append((storm, stress, None, elsad, config, forks, "ms per 1,000 forks", 1e6))
         for name, cmd, prep, elsad, config, amount, unit, scale in loads:
-            # Per run: its wall over the work it did (the build: its wall).
-            elsa: List[float] = []  # charged with elsad's catch-up (Run.charged_wall)
-            uncharged: List[float] = []
-            peer: List[float] = []
-            floor: List[float] = []
-            walls: Dict[str, List[float]] = {"elsa": [], "peer": [], "floor": []}
-            floor_cpu = 0.0
-            floor_procs = 0
-            cpu = deferred = 0.0
-            # The workload's own CPU per run, by condition: this VM's speed drifts between
-            # runs, and on two busy CPUs wall grows with what elsad takes from the workload.
-            work: Dict[str, List[float]] = {"elsa": [], "peer": [], "floor": []}
-            members = machine = 0
+            # Each condition's runs, with the work each did (the build: 1, so its
+            # figure is its wall).
+            runs: Dict[str, List[Tuple[Run, float]]] = {"elsa": [], "peer": [], "floor": []}
             # The fork storm's rounds also run the floor (default config's row only).
             with_floor = cmd is stress and elsad is daemon
             for rep in range(reps):
@@ -310,23 +311,18 @@ def run(seconds: float = SECONDS, reps: int = REPS, fold_ms: int = 0,
                 for cond in order:
                     r = (measure_floor(cmd, reader) if cond == "floor" else
                          measure(cmd, elsad if cond == "elsa" else None, prep))
-                    walls[cond].append(r.wall)
-                    work[cond].append(r.work)
-                    done = amount()
-                    if cond == "peer":
-                        peer.append(r.wall / done)
-                        continue
-                    if cond == "floor":
-                        floor.append(r.wall / done)
-                        floor_cpu += r.reader_cpu
-                        floor_procs += r.machine
-                        continue
-                    elsa.append(r.charged_wall() / done)
-                    uncharged.append(r.wall / done)
-                    cpu += r.reader_cpu
-                    deferred += r.deferred_cpu
-                    members += r.members
-                    machine += r.machine
+                    runs[cond].append((r, amount()))
+
+            # The workload's own CPU per run, by condition: this VM's speed drifts between
+            # runs, and on two busy CPUs wall grows with what elsad takes from the workload.
+            work = {cond: [r.work for r, _ in rs] for cond, rs in runs.items()}
+            walls = {cond: [r.wall for r, _ in rs] for cond, rs in runs.items()}
+            elsa, peer, floor = (figures(runs[c]) for c in ("elsa", "peer", "floor"))
+            uncharged = [r.wall / done for r, done in runs["elsa"]]
+            cpu, deferred, members, machine = (
+                total(runs["elsa"], f) for f in ("reader_cpu", "deferred_cpu", "members",
+                                                 "machine"))
+            floor_cpu, floor_procs = (total(runs["floor"], f) for f in ("reader_cpu", "machine"))
             e, p_ = statistics.median(elsa), statistics.median(peer)
             ratio = paired_ratio(elsa, peer)
             per_member = 1e6 * cpu / members if members else None
