@@ -6,6 +6,7 @@ subprocess subscribed to the real proc connector.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -263,6 +264,35 @@ def test_a_job_whose_members_all_exited_while_down_ends_at_restart(elsad):
     with d.client() as c:
         assert c.show(gone)["state"] == "ended"
         assert c.show(waiting)["state"] == "running"
+
+
+def test_a_cgroup_job_that_ended_while_down_keeps_its_cgroups_usage(c2base, elsad):
+    """The member's CPU while elsad was down is in the job cgroup's counters: the
+    cgroupstat source reads them before the job's cgroup is removed at the restart,
+    and the taskstats source, which missed the member's exit, flags the job."""
+    d = elsad(backend="cgroup2", extra=f'[backends.cgroup2]\nbase = "{c2base}"\n')
+    # The work starts after the attach, so the cgroup counts all of it.
+    p = subprocess.Popen(["sh", "-c", "read x; i=0; while [ $i -lt 200000 ]; do "
+                          "i=$((i+1)); done; exit 5"], stdin=subprocess.PIPE)
+    try:
+        with d.client() as c:
+            jid = c.create(name="ended-while-down", pids=[p.pid])["jid"]
+        wait_for(lambda: member_rows(d, jid), what="the member row committed")
+        d.kill9()
+        p.stdin.close()
+        assert p.wait(60) == 5
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    d.start()
+    with d.client() as c:
+        assert c.show(jid)["state"] == "ended"
+    out = subprocess.run(["elsa", "job", jid, "--json", "--state-dir", d.state_dir],
+                         capture_output=True, text=True, check=True).stdout
+    usage = json.loads(out)["usage"]
+    assert usage["sources"]["cgroupstat"]["cpu_user_us"] > 50_000, usage
+    assert "taskstats" in usage["incomplete"], usage
 
 
 def test_job_ends_with_last_member_or_stays_open_when_explicit(elsad, tmp_path):

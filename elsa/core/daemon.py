@@ -170,6 +170,8 @@ class Daemon:
         loop.add_reader(store.commit_notifications(), control.on_commit)
 
         self._start_sources()
+        # After the sources: they flag the downtime and read the kernel's counters.
+        manager.end_recovered()
         from elsa.central.shipper import start_shipper
 
         self.shipper = start_shipper(cfg, self.store)

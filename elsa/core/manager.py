@@ -118,6 +118,8 @@ class JobManager(Reconciliation):
         # aggregator settle a record without the store (see resolve()).
         self.left_alive: Dict[int, Tuple[int, int]] = {}
         self.exited = ExitHistory(exited_linger, clock)
+        # jid -> why, for the jobs recover() found ended while elsad was down.
+        self.ended_while_down: Dict[int, str] = {}
         # (pid, start_ticks) -> when, for live members that joined by attach: what
         # they forked before is not the job's (the ppid rule, parent_member()).
         self.attached: Dict[Tuple[int, int], float] = {}

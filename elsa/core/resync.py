@@ -43,6 +43,7 @@ class Reconciliation:
         left_alive: Dict[int, Tuple[int, int]]
         exited: ExitHistory
         _slot_jid: Dict[int, int]
+        ended_while_down: Dict[int, str]
 
         def _entry(self, pid: int) -> Optional[Tuple[int, int]]: ...
         def _new_state(self, **fields: Any) -> Any: ...
@@ -52,7 +53,7 @@ class Reconciliation:
         def _finish(self, state: Any, reason: str) -> Any: ...
 
     def resync(self, reason: str, snapshot: Optional[Dict[int, ProcessInfo]] = None,
-               how: str = "resync") -> Dict[str, int]:
+               how: str = "resync", end_emptied: bool = True) -> Dict[str, int]:
         """Bring the index back in line with the kernel after events were lost.
 
         1. Backends that keep children in the kernel (cgroups) are asked for
@@ -60,6 +61,9 @@ class Reconciliation:
         2. Members no longer alive (pid gone or start time differs) exited.
         3. Every live process not in a job whose ppid ancestry reaches a member
            joins that member's job (children born while events were lost).
+
+        Jobs left without members then end (``job_end = "last-exit"``), unless
+        *end_emptied* is false: the caller ends them.
         """
         self.counters.resyncs += 1
         truths: Dict[int, Optional[Set[int]]] = {
@@ -164,14 +168,20 @@ class Reconciliation:
         log.info("resync done", reason=reason, adopted=adopted, exited=exited,
                  members=len(self.index))
         # Jobs that lost their last member while events were lost.
-        if self.job_end == "last-exit":
+        if end_emptied and self.job_end == "last-exit":
             for state in list(self.jobs.values()):
                 if state.had_members and not state.members:
                     self._finish(state, "last member exited (found by resync)")
         return {"adopted": adopted, "exited": exited}
 
     def recover(self) -> Dict[str, int]:
-        """Load running jobs from the store after a (re)start and re-validate them."""
+        """Load running jobs from the store after a (re)start and re-validate them.
+
+        Jobs that ended while elsad was down (their last member exited, or their
+        kernel object is gone) are kept running until :meth:`end_recovered`: the
+        daemon starts its sources first, so that they flag the downtime for these
+        jobs too and take their final readings (the cgroup's counters kept what
+        the members used while elsad was down) before the backend removes them."""
         stored_members = self.store.live_members()
         jobs = self.store.running_jobs()
         procs = self.procfs.snapshot()
@@ -220,8 +230,27 @@ class Reconciliation:
                 continue
             for pid, start in list(state.members.items()):
                 self._leave(jid, ProcessId(pid, start), None, detached=True, may_end=False)
-            self._finish(state, "kernel object vanished while elsad was down")
-        result = self.resync("recover", snapshot=procs, how="recover")
+            self.ended_while_down[jid] = "kernel object vanished while elsad was down"
+        result = self.resync("recover", snapshot=procs, how="recover", end_emptied=False)
+        if self.job_end == "last-exit":
+            for state in self.jobs.values():
+                if state.had_members and not state.members:
+                    self.ended_while_down.setdefault(
+                        state.jid, "last member exited while elsad was down")
         log.info("jobs recovered", jobs=len(self.jobs), revalidated=revalidated,
-                 adopted=result["adopted"], exited=result["exited"])
-        return {"jobs": len(self.jobs), "revalidated": revalidated, **result}
+                 adopted=result["adopted"], exited=result["exited"],
+                 ended_while_down=len(self.ended_while_down))
+        return {"jobs": len(self.jobs), "revalidated": revalidated, **result,
+                "ended_while_down": len(self.ended_while_down)}
+
+    def end_recovered(self) -> int:
+        """End the jobs :meth:`recover` found ended while elsad was down (those still
+        without members); how many ended."""
+        ended = 0
+        for jid, reason in self.ended_while_down.items():
+            state = self.jobs.get(jid)
+            if state is not None and not state.members:
+                self._finish(state, reason)
+                ended += 1
+        self.ended_while_down.clear()
+        return ended
