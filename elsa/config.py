@@ -57,6 +57,15 @@ def non_negative(v: Any) -> Optional[str]:
     return None if v >= 0 else "must be 0 or more"
 
 
+def rcvbuf_size(v: Any) -> Optional[str]:
+    """A socket receive buffer: setsockopt takes a C int, which the kernel doubles
+    (socket(7))."""
+    return positive(v) or (None if v <= MAX_RCVBUF else f"must be at most {MAX_RCVBUF} (1 GiB)")
+
+
+MAX_RCVBUF = 1 << 30
+
+
 def _absolute(v: Any) -> Optional[str]:
     return None if os.path.isabs(v) else "must be an absolute path"
 
@@ -75,8 +84,9 @@ CORE_OPTIONS: Dict[str, Option] = {
                       " (only on 'end').", choices=("last-exit", "explicit")),
     "netlink_rcvbuf": Option(int, 32 * 1024 * 1024,
                              "Receive buffer (bytes) for the proc connector socket; set with"
-                             " SO_RCVBUFFORCE so it may exceed net.core.rmem_max.",
-                             check=positive),
+                             " SO_RCVBUFFORCE so it may exceed net.core.rmem_max;"
+                             " at most 1 GiB.",
+                             check=rcvbuf_size),
     "proc_event_filter": Option(bool, True,
                                 "Ask the kernel for the fork, exec and exit events only (Linux"
                                 " 6.6 and later; older kernels send every event regardless)."

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from elsa import hookimpl
-from elsa.config import Option, non_negative, positive
+from elsa.config import Option, non_negative, positive, rcvbuf_size
 from elsa.core.source import Source, SourceContext, SourceSpec, UsageRecord
 from elsa.kernel import taskstats
 from elsa.kernel.taskstats_socket import TaskstatsSocket
@@ -30,7 +30,8 @@ OPTIONS: Dict[str, Option] = {
     "cpumask": Option(str, "", "CPUs whose exits to listen to, in cpulist syntax (\"0-3\");"
                       " empty: every possible CPU."),
     "rcvbuf": Option(int, 64 * 1024 * 1024, "Receive buffer in bytes (SO_RCVBUFFORCE); exits"
-                     " come in bursts and overflow drops records.", check=positive),
+                     " come in bursts and overflow drops records; at most 1 GiB.",
+                     check=rcvbuf_size),
     "read_interval": Option(float, 0.25, "Seconds the socket is left unwatched after each"
                             " read of the exit records queued on it; 0: read as soon as one"
                             " arrives. Reading in batches saves a loop wake-up per exit"

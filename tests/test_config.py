@@ -44,6 +44,8 @@ def test_valid_file(tmp_path):
     ('socket = "relative.sock"\n', "key 'socket' must be an absolute path"),
     ('netlink_rcvbuf = 0\n', "key 'netlink_rcvbuf' must be greater than 0"),
     ('netlink_rcvbuf = true\n', "key 'netlink_rcvbuf' must be a integer, got boolean"),
+    # setsockopt's C int, which the kernel doubles
+    ('netlink_rcvbuf = 2147483648\n', "key 'netlink_rcvbuf' must be at most 1073741824"),
     ('disabled_plugins = ["a", 2]\n', "key 'disabled_plugins[1]' must be a string, got integer 2"),
     ('[sources.x]\nenabled = "yes"\n', "key 'sources.x.enabled' must be a boolean"),
     ('[limits]\nmax_connections = "many"\n', "key 'limits.max_connections' must be a integer"),
@@ -83,6 +85,8 @@ def test_example_config_parses_back():
     ('backend = "nosuch"\n', "no backend named 'nosuch'; available: "),
     ('[sources.nosuch]\n', "source 'nosuch' is not installed"),
     ('[backends.cnproc]\nfoo = 1\n', "unknown key 'backends.cnproc.foo'"),
+    ('[sources.taskstats]\nrcvbuf = 2147483648\n',
+     "key 'sources.taskstats.rcvbuf' must be at most 1073741824"),
     ('log_level = 5\n', "key 'log_level' must be a string"),
 ])
 def test_elsad_refuses_bad_config_and_starts_nothing(tmp_path, text, expected):
