@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+from elsa.core.model import parse_jid
 from elsa.core.operations import OP_NAMES
 from elsa.protocol import ERROR_CODES
 from tests.conftest import pid_alive, wait_for
@@ -302,6 +304,28 @@ def test_wait_timeout_and_end(elsad, spawned):
     assert err(c.call("end", jid=jid)) == "bad-job-state"
     assert err(c.call("attach", jid=jid, pids=[p.pid])) == "bad-job-state"
     assert c.call("pids", jid=jid)["result"] == {"jid": jid, "state": "ended", "pids": []}
+
+
+def test_a_wait_answered_ended_finds_the_end_committed(elsad):
+    """A script that waits for its job, then reports from the store, finds the job
+    ended: the reply comes after the commit (both when the wait was waiting and when
+    the job had just ended as it came)."""
+    d = elsad()
+    c = RawConn(d.socket)
+    for _ in range(6):
+        p = subprocess.Popen(["sh", "-c", "read x"], stdin=subprocess.PIPE)
+        jid = c.call("create", pids=[p.pid])["result"]["jid"]
+        c.request({"op": "wait", "jid": jid, "id": "w"})
+        p.stdin.close()
+        p.wait()
+        r = c.reply()
+        assert r["id"] == "w" and r["result"]["ended"] is True
+        db = sqlite3.connect(os.path.join(d.state_dir, "elsa.db"))
+        try:
+            row = db.execute("SELECT state FROM jobs WHERE jid = ?", (parse_jid(jid),)).fetchone()
+        finally:
+            db.close()
+        assert row == ("ended",)
 
 
 def test_pipelined_waits_are_capped_per_connection(elsad, spawned):

@@ -296,7 +296,9 @@ class Operations:
             raise ProtocolError("'timeout' must be a number of seconds (0 to 1e7) or null")
         job = self.manager.job(jid)
         if job.state != JOB_RUNNING:
-            return self.wait_result(job, True)
+            # The end may not be committed yet: a script that waits, then reports
+            # from the store, finds the job ended (ControlServer._answer_wait too).
+            return AfterCommit(lambda: self.wait_result(job, True))
         if timeout == 0:
             return self.wait_result(job, False)
         return WaitFor(jid, timeout)

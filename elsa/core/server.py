@@ -668,7 +668,16 @@ class ControlServer:
         conn = w.conn
         conn.waiting -= 1
         conn.last_active = self.clock()
-        self._reply(conn, ok_reply(w.req_id, self.ops.wait_result(job, ended)))
+        mark = 0
+        if ended:
+            # Sent once the job's end (its state, its final readings) is committed:
+            # a script that waits, then reports from the store, finds it ended.
+            mark = self.store.mark()
+            if self.store.is_committed(mark):
+                mark = 0
+            else:
+                self._want_commit(mark)
+        self._reply(conn, ok_reply(w.req_id, self.ops.wait_result(job, ended)), mark)
         if not conn.closed:
             self._process(conn)
 
