@@ -433,6 +433,27 @@ def test_actions_need_admin_and_csrf(site: Site) -> None:
                                                       "csrf": "x"}) == 403
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 302 comes back as an HTTPError, with its Location
+
+
+def test_login_redirects_only_to_a_path_on_this_site(site: Site) -> None:
+    """A browser drops the tab in "/\t/evil.example" and goes to //evil.example."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    data = urllib.parse.urlencode({"user": site.admin, "password": site.password}).encode()
+    for nxt, where in (("/\t/evil.example", "/jobs"), ("//evil.example", "/jobs"),
+                       ("/\\evil.example", "/jobs"), ("https://evil.example/", "/jobs"),
+                       ("/jobs?state=running", "/jobs?state=running")):
+        url = site.url + "/login?" + urllib.parse.urlencode({"next": nxt})
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            opener.open(url, data=data, timeout=20)
+        assert exc.value.code == 302
+        location = urllib.parse.urlsplit(exc.value.headers["Location"])
+        assert location.netloc in ("", urllib.parse.urlsplit(site.url).netloc), nxt
+        assert location.path + ("?" + location.query if location.query else "") == where, nxt
+
+
 def test_wrong_password_refused(site: Site) -> None:
     data = urllib.parse.urlencode({"user": site.admin, "password": "wrong"}).encode()
     try:

@@ -304,9 +304,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
                 session.clear()
                 session.update(user=name, expires=time.time() + 3600 * web["session_hours"])
                 nxt = request.args.get("next", "")
-                # Only a local path: never an open redirect to another site.
-                return redirect(nxt if nxt.startswith("/") and not nxt.startswith("//")
-                                else url_for("jobs_page"))
+                return redirect(nxt if local_path(nxt) else url_for("jobs_page"))
             error = "wrong user name or password"
         return render_template("login.html", error=error, enabled=web["login"]), (
             401 if error else 200)
@@ -329,6 +327,15 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+def local_path(target: str) -> bool:
+    """Whether *target* (a login's ``next``) is a path on this site: never an open
+    redirect. Browsers drop tabs and newlines from a URL and read a backslash as a
+    slash (WHATWG URL standard), so "/\t/evil" and "/\\evil" lead to another host,
+    as "//evil" does."""
+    return (target.startswith("/") and not target.startswith("//") and "\\" not in target
+            and all(c.isprintable() and not c.isspace() for c in target))
+
 
 def _wants_json() -> bool:
     if request.path.endswith(".json"):
