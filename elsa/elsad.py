@@ -86,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from elsa.export import prometheus
 
         exporter = prometheus.bind(cfg)  # before the daemon: a taken port fails early
-        daemon = Daemon(cfg, host)
+        daemon = Daemon(cfg, host, check_config=lambda c: _check(c, host))
         daemon.install_signal_handlers()
         daemon.start()
         if exporter is not None:

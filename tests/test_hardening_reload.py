@@ -54,3 +54,20 @@ def test_sighup_applies_admin_group_and_reports_restart_keys(shared_dir, elsad, 
         assert c.status()["backend"] == "cnproc"
     assert as_user(a, attempt(d.socket, "end", jid=job_b), groups=(admin_gid,))["ok"]
     assert "config changes that need a restart" in d.log_path.read_text()
+
+
+@pytest.mark.root
+def test_sighup_refuses_a_file_that_a_start_would_refuse(elsad):
+    """A plugin table with an unknown key (checked by `elsad --check-config`, not by
+    the core's keys) is refused at reload too; the running config is kept."""
+    d = elsad()
+    text = d.config_path.read_text()
+    d.config_path.write_text(text + "[sources.taskstats]\nbogus = 1\n")
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in d.log_path.read_text(), 10, what="the refusal")
+    assert "sources.taskstats.bogus" in d.log_path.read_text()
+    with d.client() as c:
+        assert c.status()["config"]["restart_needed"] == []
+    d.config_path.write_text(text)
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config reloaded" in d.log_path.read_text(), 10, what="a valid reload")

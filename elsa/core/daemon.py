@@ -67,9 +67,13 @@ class Daemon:
     """The job daemon. ``start()`` then ``run()``; ``request_stop()`` from a signal."""
 
     def __init__(self, config: Config, host: PluginHost, *, procfs: Optional[ProcFS] = None,
-                 self_test: bool = True) -> None:
+                 self_test: bool = True,
+                 check_config: Optional[Callable[[Config], None]] = None) -> None:
         self.config = config
         self.host = host
+        # What `elsad --check-config` checks beyond the core keys (the plugins'
+        # tables): a reload refuses a file that a start would refuse.
+        self.check_config = check_config
         self.procfs = procfs or ProcFS()
         self.self_test = self_test
         self.loop = EventLoop()
@@ -302,6 +306,8 @@ class Daemon:
         path = None if self.config.path == "<defaults>" else self.config.path
         try:
             new = config_mod.load(path)
+            if self.check_config is not None:
+                self.check_config(new)
         except ElsaError as exc:
             log.error("reload refused; keeping the running config", error=exc.message)
             return
