@@ -132,16 +132,22 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         if sort not in query.JOB_SORTS:
             problems.append(f"cannot sort by {sort!r}")
             sort = "created"
-        descending = args.get("order", "desc") != "asc"
+        order = args.get("order", "desc")
+        if order not in ("asc", "desc"):
+            problems.append(f"order {order!r} is neither asc nor desc")
+        descending = order != "asc"
         size = int(web["page_size"])
-        page = max(1, _int(args.get("page"), 1))
+        page = _int(args.get("page"), 1)
+        if not 1 <= page <= MAX_PAGE:
+            problems.append(f"page {args.get('page')!r} is not a number from 1 to {MAX_PAGE}")
+            page = 1
         total, rows = query.jobs_page(store(), sort=sort, descending=descending,
                                       offset=(page - 1) * size, limit=size, **flt)
+        filters = {k: vals[0] if len(vals) == 1 else vals
+                   for k, vals in args.to_dict(flat=False).items()}
         data = {"total": total, "page": page, "page_size": size, "sort": sort,
-                "order": "desc" if descending else "asc", "filters": dict(args),
+                "order": "desc" if descending else "asc", "filters": filters,
                 "jobs": [_job_json(r) for r in rows]}
-        if problems and _wants_json():
-            return _json_error(400, "; ".join(problems))
         return _respond("jobs.html", data, problems=problems, sorts=query.JOB_SORTS,
                         pages=max(1, -(-total // size)))
 
@@ -346,7 +352,11 @@ def _wants_json() -> bool:
 
 
 def _respond(template: str, data: Dict[str, Any], **extra: Any) -> Any:
+    """The page, or its JSON; a JSON request with problems (bad filters) gets a 400
+    naming them, a page shows them above its table."""
     if _wants_json():
+        if extra.get("problems"):
+            return _json_error(400, "; ".join(extra["problems"]))
         return jsonify(data)
     flash = session.pop("flash", None)
     return render_template(template, d=data, flash=flash, **extra)
@@ -369,11 +379,18 @@ def _csrf_token() -> str:
     return tok
 
 
+#: The highest page number asked for (offsets stay far inside SQLite's integers).
+MAX_PAGE = 10 ** 9
+#: Times a filter may name: the epoch to the end of year 9999.
+LATEST = 253402300799.0
+
+
 def _int(text: Optional[str], default: int) -> int:
+    """*text* as an integer; *default* when absent, -1 when not a number."""
     try:
         return int(text) if text else default
     except ValueError:
-        return default
+        return -1
 
 
 def _parse_jid(text: str) -> int:
@@ -399,10 +416,15 @@ def _window(args: Any) -> Tuple[Optional[float], Optional[float], List[str]]:
             out.append(None)
             continue
         try:
-            out.append(parse_time(text))
+            t = parse_time(text)
         except argparse.ArgumentTypeError as exc:
             problems.append(f"{key}: {exc}")
             out.append(None)
+            continue
+        if not 0 <= t <= LATEST:
+            problems.append(f"{key}: {text!r} is not a time between 1970 and 9999")
+            t = None
+        out.append(t)
     return out[0], out[1], problems
 
 
@@ -411,8 +433,11 @@ def _job_filters(args: Any) -> Tuple[Dict[str, Any], List[str]]:
     flt: Dict[str, Any] = {"since": since, "until": until}
     if args.get("name"):
         flt["name"] = args["name"]
-    if args.get("state") in ("running", "ended"):
-        flt["state"] = args["state"]
+    state = args.get("state")
+    if state in ("running", "ended"):
+        flt["state"] = state
+    elif state:
+        problems.append(f"state {state!r} is neither running nor ended")
     tags = {}
     for item in args.getlist("tag"):
         k, sep, val = item.partition("=")

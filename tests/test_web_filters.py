@@ -1,0 +1,53 @@
+"""Bad query arguments of the web pages: a JSON request gets a 400 naming them, never
+a 500 or a silently ignored filter (Flask's test client over a real store)."""
+
+from __future__ import annotations
+
+import pytest
+
+from elsa.core.model import Job
+from elsa.core.store import Store
+from elsa.web.app import create_app
+from tests.test_web_job_usage import WEB
+
+HDR = {"Remote-User": "root"}
+
+
+@pytest.fixture
+def client(tmp_path):
+    st = Store(str(tmp_path))
+    for jid, tags in ((0x2A00000001, {"a": "b", "c": "d"}), (0x2A00000002, {"a": "b"})):
+        st.insert_job(Job(jid=jid, name="j", owner_uid=0, tags=tags, created=1.0e9,
+                          ended=1.0e9 + 60, state="ended", backend="cnproc", params={}))
+    st.flush()
+    app = create_app(db_path=st.path, state_dir=str(tmp_path), socket_path="/nonexistent",
+                     web=WEB)
+    yield app.test_client()
+    st.close()
+
+
+@pytest.mark.parametrize("url, names", [
+    ("/jobs.json?state=zombie", "state 'zombie'"),
+    ("/jobs.json?order=sideways", "order 'sideways'"),
+    ("/jobs.json?page=abc", "page 'abc'"),
+    ("/jobs.json?page=-1", "page '-1'"),
+    ("/jobs.json?page=99999999999999999999999", "page '99999999999999999999999'"),
+    ("/jobs.json?since=1e300", "since: '1e300'"),
+    ("/users.json?since=1e300", "since: '1e300'"),
+    ("/users.json?since=garbage", "since:"),
+    ("/apps.json?by=nosuch", "'nosuch'"),
+])
+def test_a_bad_argument_is_a_400_that_names_it(client, url, names):
+    r = client.get(url, headers=HDR)
+    assert r.status_code == 400, r.get_data(as_text=True)[:300]
+    assert names in r.get_json()["error"]
+
+
+def test_repeated_tag_filters_all_apply_and_are_all_shown(client):
+    r = client.get("/jobs.json?tag=a=b&tag=c=d&page=1", headers=HDR).get_json()
+    assert [j["jid"] for j in r["jobs"]] == ["0x0000002a00000001"]
+    assert r["filters"] == {"tag": ["a=b", "c=d"], "page": "1"}
+
+
+def test_a_job_id_beyond_the_store_s_integers_is_not_found(client):
+    assert client.get("/jobs/0xffffffffffffffff.json", headers=HDR).status_code == 404
