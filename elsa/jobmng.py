@@ -91,6 +91,15 @@ def _timeout_arg(text: str) -> float:
     return value
 
 
+def _io_timeout_arg(text: str) -> float:
+    """The global --timeout: 0 would make the socket non-blocking, not patient."""
+    value = _timeout_arg(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 s (wait --timeout 0 answers "
+                                         "at once)")
+    return value
+
+
 def _signal_arg(text: str) -> int:
     try:
         return parse_signal(text)
@@ -114,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="PATH",
                    help="config file to take the socket from (default: $ELSA_CONFIG, else "
                         "/etc/elsa/elsa.toml if present)")
-    p.add_argument("--timeout", type=_timeout_arg, default=30.0, metavar="S",
+    p.add_argument("--timeout", type=_io_timeout_arg, default=30.0, metavar="S",
                    help="seconds to wait for elsad's answer (default 30; 'wait' has its own)")
     p.add_argument("--json", action="store_true", help="print data as JSON (stable keys)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

@@ -217,6 +217,10 @@ def test_usage_errors_and_daemon_unavailable(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         jobmng.main(["kill", "0x1", "--signal", "NOPE"])
     assert exc.value.code == 2
+    # An I/O timeout of 0 would be a non-blocking socket, not "elsad is not running".
+    with pytest.raises(SystemExit) as exc:
+        jobmng.main(["--timeout", "0", "status"])
+    assert exc.value.code == 2 and "must be more than 0 s" in capsys.readouterr().err
     assert cli("--socket", str(tmp_path / "none"), "run", capsys=capsys)[0] == 2
     rc, out, err = cli("--socket", str(tmp_path / "none.sock"), "status", capsys=capsys)
     assert rc == 3 and out == ""
