@@ -89,3 +89,19 @@ def test_two_daemons_on_one_host_hand_out_distinct_ids(elsad, tmp_path):
     created = [json.loads(line) for line in d1.log().splitlines()
                if '"job created"' in line]
     assert created and all(HEX.fullmatch(e["jid"]) for e in created)
+
+
+def test_a_clean_restart_goes_on_from_the_last_id(elsad, tmp_path):
+    """Ids are reserved in blocks; a clean stop gives the unused rest back (a crash
+    skips it)."""
+    d = elsad(workdir=tmp_path / "one")
+    counters = []
+    for restart in (d.stop, d.kill9):
+        with d.client() as c:
+            counters.append(parse_jid(c.create(name="jid")["jid"]) & 0xFFFFFFFF)
+        restart()
+        d.start()
+    with d.client() as c:
+        counters.append(parse_jid(c.create(name="jid")["jid"]) & 0xFFFFFFFF)
+    assert counters[1] == counters[0] + 1  # after the clean stop
+    assert counters[2] == counters[1] + jobid.BLOCK  # after the crash: the block's rest skipped

@@ -344,6 +344,12 @@ class Daemon:
                 log.exception("source failed to stop", source=name, error=str(exc))
         if self.control is not None:
             self.control.close()
+        if self.manager is not None:  # no more jobs are created
+            try:
+                self.manager.allocator.release()
+            except ElsaError as exc:
+                log.warning("job id block not released; the next ids skip its rest",
+                            error=exc.message)
         if self.connector is not None:
             self.connector.close()
         if self.backend is not None:

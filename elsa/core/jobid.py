@@ -105,3 +105,10 @@ class JidAllocator:
         counter = self._next
         self._next += 1
         return (self.host << COUNTER_BITS) | counter
+
+    def release(self) -> None:
+        """At a clean stop: give back the unused rest of the block, so that the next
+        start goes on from the last id handed out (a crash skips the rest)."""
+        if self._next <= self._limit:
+            self.store.set_meta_now(META_KEY, str(self._next - 1))
+            self._limit = self._next - 1
