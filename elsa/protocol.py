@@ -109,10 +109,10 @@ def request_id(req: Dict[str, Any]) -> Any:
 def check_version(req: Dict[str, Any]) -> None:
     """Refuse a request for a protocol version this daemon does not speak."""
     version = req.get("v", PROTOCOL_VERSION)
-    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:  # not 1.0, "1", true
         raise UnsupportedVersion(
-            f"protocol version {str(version)[:32]!r} not supported; this daemon speaks "
-            f"{', '.join(f'v{v}' for v in SUPPORTED_VERSIONS)}")
+            f"protocol version {json.dumps(version)[:32]} not supported; this daemon speaks "
+            f"{', '.join(f'v{v}' for v in SUPPORTED_VERSIONS)} (send \"v\" as an integer)")
 
 
 def ok_reply(req_id: Any, result: Any) -> Dict[str, Any]:

@@ -118,6 +118,8 @@ def test_malformed_requests_get_errors_and_the_connection_carries_on(elsad):
         (b'{"op": "nope"}\n', "unknown-op"),
         (b'{"op": "status", "v": 2}\n', "unsupported-version"),
         (b'{"op": "status", "v": true}\n', "unsupported-version"),
+        (b'{"op": "status", "v": 1.0}\n', "unsupported-version"),
+        (b'{"op": "status", "v": "1"}\n', "unsupported-version"),
         (b'{"op": "status", "id": NaN}\n', "bad-request"),
         (b'{"op": "status", "id": {"a": 1}}\n', "bad-request"),
         (b'{"op": "show", "jid": "12"}\n', "bad-request"),
