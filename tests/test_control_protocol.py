@@ -485,3 +485,26 @@ def test_replies_released_by_one_commit_share_one_send(elsad, tmp_path):
         tracer.terminate()
         tracer.wait(timeout=10)
         c.close()
+
+
+def _a_kernel_thread() -> int:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == 2:
+                        return int(entry)
+            except (OSError, IndexError, ValueError):
+                continue
+    pytest.skip("no kernel thread found")
+
+
+def test_init_and_kernel_threads_join_no_job_even_for_root(elsad):
+    d = elsad()
+    c = RawConn(d.socket)
+    r = c.call("create", name="init", pids=[1])
+    assert err(r) == "bad-request" and "init or a kernel thread" in r["error"]["message"]
+    assert c.call("list")["result"] == []  # the refused create left no job
+    jid = c.call("create", name="k")["result"]["jid"]
+    assert err(c.call("attach", jid=jid, pids=[_a_kernel_thread()])) == "bad-request"
+    assert c.call("pids", jid=jid)["result"]["pids"] == []

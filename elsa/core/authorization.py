@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, List, Optional, Tuple
 
 from elsa.core.model import Job, ProcessInfo, format_jid
-from elsa.errors import ElsaError, PermissionDenied, ProcessGone
+from elsa.errors import ElsaError, PermissionDenied, ProcessGone, ProtocolError
 from elsa.kernel.procfs import ProcFS
 from elsa.logsetup import structlog
 
@@ -97,6 +97,15 @@ class Authorizer:
                             "only manage its own processes")
         return None
 
+    @staticmethod
+    def check_may_join(pid: int, info: Optional[ProcessInfo]) -> None:
+        """Init and kernel threads join no job, whoever asks: every process descends
+        from init, so in a job it would hand the job on to the whole machine; a
+        kernel thread has no user to account. (*info*: /proc's view, when read.)"""
+        if pid <= KTHREADD or (info is not None and info.ppid == KTHREADD):
+            raise ProtocolError(f"process {pid} is init or a kernel thread: it cannot join "
+                                "a job")
+
     def check_current_job(self, caller: Caller, pid: int) -> None:
         """Moving a process out of a job needs the right to manage that job too."""
         current = self.manager.job_of(pid)
@@ -115,6 +124,10 @@ class Authorizer:
 
     def _process_uids(self, pid: int) -> Tuple[int, int, int]:
         return _uids(self.procfs.status_field(pid, "Uid"))
+
+
+#: The kernel's thread daemon, parent of every kernel thread (pid 1 is init).
+KTHREADD = 2
 
 
 def _uids(status_value: Optional[str]) -> Tuple[int, int, int]:

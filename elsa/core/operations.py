@@ -144,6 +144,7 @@ class Operations:
         infos = []
         for pid in pids:
             infos.append(authz.check_pid(caller, pid))
+            authz.check_may_join(pid, infos[-1])
             authz.check_current_job(caller, pid)
         # A non-admin's process keeps the limits of its cgroup: the job is
         # created below that cgroup when the usual place would lift them.
@@ -182,6 +183,7 @@ class Operations:
         infos = []
         for pid in pids:
             infos.append(authz.check_pid(caller, pid))
+            authz.check_may_join(pid, infos[-1])
             authz.check_current_job(caller, pid)
             self._check_limits_kept(caller, job, pid)
         attached = []
