@@ -117,6 +117,12 @@ def test_stored_membership_of_the_parent_at_the_childs_start(tmp_path):
     assert look(200, ticks(5), tol, BOOT + 5) is None   # child older than the parent
     assert look(210, ticks(50), tol, BOOT + 50) is None  # before the attach
     assert look(210, ticks(70), tol, BOOT + 70) == 2
+    # A wrapper's child that ran just before the wrapper exec'd `elsa-jobmng run` and
+    # attached, or one within the start's uncertainty of the attach, is not the job's.
+    near = attribution.TASKSTATS_TOLERANCE_TICKS
+    assert look(210, ticks(59.9), near, BOOT + 59.9) is None
+    assert look(210, ticks(60.3), near, BOOT + 60.3) is None
+    assert look(210, ticks(60.6), near, BOOT + 60.6) == 2
     assert look(220, ticks(20), tol, BOOT + 20) == 3
     assert look(220, ticks(50), tol, BOOT + 50) is None  # after it left
     assert look(200, ticks(50), tol, BOOT + 50) == 1

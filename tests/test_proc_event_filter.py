@@ -182,8 +182,9 @@ def test_record_of_a_members_child_in_no_job_is_a_lost_fork(manager):
     events = ProcEvents(_Filtered(), m, hold=None, priority=Priority(0))
     parent_start = m._entry(holder.pid)[1]
     boot = time.time() - time.monotonic()
-    # Born after its parent became a member, in no job: its fork event was lost.
-    assert events.lost_fork(_row(FAKE_PID, holder.pid, parent_start + 50), boot) == jid
+    # Born surely after its parent was attached (by more than the start's 0.52 s
+    # uncertainty), in no job: its fork event was lost.
+    assert events.lost_fork(_row(FAKE_PID, holder.pid, parent_start + 150), boot) == jid
     assert events.loss_events == 1 and events._loss_since is not None
     # A child of a process in no job, or one that started before its "parent"
     # (the ppid is a later process with the same pid): no loss.
@@ -266,3 +267,35 @@ def test_self_test_names_the_filter_when_no_event_comes():
     finally:
         quiet.close()
         other.close()
+
+
+@pytest.mark.root
+def test_a_wrappers_children_before_its_attach_are_not_the_jobs(elsad):
+    """A wrapper that runs commands, then execs `elsa-jobmng run --job` (its pid
+    attaches): the commands' records, read after the attach, name it as their parent,
+    yet they ran before it joined (the ppid rule's attach bound)."""
+    import json
+
+    d = elsad()
+    jids = []
+    for _ in range(5):
+        with d.client() as c:
+            jid = c.create(name="wrapped")["jid"]
+        jids.append(jid)
+        subprocess.run(["sh", "-c", '/bin/echo x >/dev/null; /bin/true; exec "$0" -m elsa.jobmng '
+                        f'--socket {d.socket} run --job {jid} -- /bin/sleep 0.2',
+                        sys.executable], check=True, timeout=60)
+
+    def comms(jid: str) -> List[str]:
+        out = subprocess.run([sys.executable, "-m", "elsa.report.cli", "job", jid, "--json",
+                              "--state-dir", d.state_dir], capture_output=True, text=True,
+                             check=True).stdout
+        return sorted(p["comm"] for p in json.loads(out)["processes"])
+
+    with d.client() as c:
+        for jid in jids:
+            wait_for(lambda j=jid: c.show(j)["state"] == "ended", 30, what="the job's end")
+    # The sleep's record is in; the wrapper's echo and true never are.
+    for jid in jids:
+        wait_for(lambda j=jid: "sleep" in comms(j), 30, what="the job's records")
+        assert "echo" not in comms(jid) and "true" not in comms(jid), comms(jid)

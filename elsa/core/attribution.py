@@ -107,7 +107,9 @@ def history_params(boot_id: str, pid: int, start: int, tol: int, end: float
 
 #: A parent in the stored membership history of one boot: a member with pid ppid
 #: that started no later than the child and was a member when the child started
-#: (born into the job, or attached before; not yet left). Parameters: (boot_id,
+#: (born into the job, or attached before the child's start by more than its
+#: tolerance: a wrapper's children that ran before it exec'd `elsa-jobmng run` and
+#: attached are not the job's; not yet left). Parameters: (boot_id,
 #: ppid, child start ticks + tolerance, child start epoch - tolerance, child start
 #: epoch + tolerance). A member closed when elsad found it gone after a restart
 #: has ``left`` at that moment, after its real exit: the child's own start bounds
@@ -123,7 +125,7 @@ def history_params(boot_id: str, pid: int, start: int, tol: int, end: float
 #: its start in ticks plus its elapsed time says whether it outlived the child's start
 #: (child start - tolerance = ?3 - (?5 - ?4) ticks).
 _PARENT_WHERE = ("pid = ?2 AND +boot_id = ?1 AND +start_ticks <= ?3 "
-                 "AND (how <> 'attach' OR joined <= ?5)")
+                 "AND (how <> 'attach' OR joined <= ?4)")
 PARENT_SQL = (f"SELECT jid, start_ticks FROM members WHERE left IS NULL AND {_PARENT_WHERE} "
               "UNION ALL "
               f"SELECT jid, start_ticks FROM members WHERE left >= ?4 AND {_PARENT_WHERE} "

@@ -240,7 +240,8 @@ class JobManager(Reconciliation):
         if entry is None or entry[1] > start_ticks + tolerance:
             return None
         joined = self.attached.get((pid, entry[1])) if self.attached else None
-        if joined is not None and joined > start_epoch + tolerance / CLOCK_TICKS:
+        # Attached surely before the child started (PARENT_SQL's rule).
+        if joined is not None and joined > start_epoch - tolerance / CLOCK_TICKS:
             return None
         return entry[0]
 
