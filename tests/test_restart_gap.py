@@ -6,11 +6,15 @@ status` show the gap. Sources that do cover it (cgroup counters) are not flagged
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
+from elsa.core.accounting import ALIVE_KEY
 from elsa.testing import wait_for
 
 pytestmark = pytest.mark.root
@@ -53,3 +57,28 @@ def test_kill9_flags_the_gap_per_source_with_its_interval(elsad, spawned):
     table = subprocess.run(["elsa", "job", jid, "--state-dir", d.state_dir],
                            capture_output=True, text=True, check=True).stdout
     assert "INCOMPLETE (taskstats): no taskstats records from" in table
+
+
+def test_after_a_clean_stop_the_gap_begins_at_the_stop(elsad, spawned):
+    d = elsad(backend="auto")
+    member = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    spawned.append(member)
+    with d.client() as c:
+        c.create(name="across", pids=[member.pid])
+
+    def since_mark() -> float:
+        db = sqlite3.connect(os.path.join(d.state_dir, "elsa.db"))
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (ALIVE_KEY,)).fetchone()
+        finally:
+            db.close()
+        return time.time() - float(row[0]) if row else 0.0
+
+    # Half a second past the last "alive" mark (the timer marks every 2 s).
+    wait_for(lambda: since_mark() >= 0.5, 10, interval=0.05, what="an alive mark 0.5 s old")
+    stopped = time.time()
+    d.stop()
+    d.start()
+    with d.client() as c:
+        gaps = {g["source"]: g for g in c.status()["sources"].get("gaps", [])}
+    assert gaps["taskstats"]["from"] >= stopped - 0.05, (gaps, stopped)

@@ -109,13 +109,17 @@ class AccountingStop:
     (held records) and runs the pending "stored" callbacks after the real
     sources emitted their final records."""
 
-    def __init__(self, aggregator: Aggregator, durability: Durability) -> None:
+    def __init__(self, aggregator: Aggregator, durability: Durability, store: Store) -> None:
         self.aggregator = aggregator
         self.durability = durability
+        self.store = store
 
     def stop(self) -> None:
         self.aggregator.stop()
         self.durability.drain()
+        # The sources stopped listening now: the next start's gap begins here, not
+        # at the last mark of the "alive" timer (up to ALIVE_INTERVAL before).
+        self.store.submit(*alive_stmt(time.time()))
 
     def status(self) -> Dict[str, object]:
         return self.aggregator.status()
@@ -228,7 +232,7 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                    active=lambda: bool(aggregator.held or durability.waiting
                                        or durability.marked))
     sources: Dict[str, Any] = dict(started)
-    sources["accounting"] = AccountingStop(aggregator, durability)
+    sources["accounting"] = AccountingStop(aggregator, durability, store)
 
     def status() -> Dict[str, Any]:
         out: Dict[str, Any] = {}
