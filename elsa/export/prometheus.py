@@ -68,7 +68,7 @@ OPTIONS: Dict[str, Option] = {
     "listen": Option(str, "", "Address (HOST:PORT) the metrics endpoint listens on, e.g."
                      " \"127.0.0.1:9466\". Empty: no exporter.", check=_listen),
     "labels": Option(list, [], "Job tags exported as labels of every per-job metric (e.g."
-                     " [\"account\", \"partition\"]); a job without the tag gets \"\".",
+                     " [\"account\", \"queue\"]); a job without the tag gets \"\".",
                      item_type=str, check=lambda v: _labels_check(v)),
     "ended_grace": Option(float, 60.0, "Seconds an ended job stays exported (its final"
                           " figures) before its series disappear.", check=non_negative),
