@@ -62,6 +62,18 @@ def _db_path(args: argparse.Namespace, cfg: Any) -> str:
     return os.path.join(args.state_dir or cfg.state_dir, "elsa.db")
 
 
+def _open(args: argparse.Namespace, cfg: Any, readonly: bool = True) -> Any:
+    """The node's store (a sqlite3 connection), or the central store for a --db URL."""
+    from elsa.report.connect import is_central, open_db, open_store
+
+    where = _db_path(args, cfg)
+    return open_db(where) if is_central(where) else open_store(where, readonly=readonly)
+
+
+def _close(db: Any) -> None:
+    getattr(db, "conn", db).close()  # a report adapter (central) or a sqlite3 connection
+
+
 def _no_csv(args: argparse.Namespace) -> None:
     if getattr(args, "csv", False):
         raise ConfigError("elsa export apel: --csv does not apply here (--json gives the "
@@ -85,7 +97,7 @@ def _skipped(skipped: Any, err: TextIO) -> None:
 def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
     from elsa.export import apel
     from elsa.export.records import host_name, jid_text
-    from elsa.report.connect import open_store
+    from elsa.report.connect import is_central
 
     _no_csv(args)
     since, until = args.since, args.until
@@ -94,14 +106,18 @@ def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
             raise ConfigError("elsa export apel: give --month or --since/--until, not both")
         since, until = apel.month_bounds(*args.month)
     cfg = _config(args)
-    db = open_store(_db_path(args, cfg), readonly=args.summary)
+    if args.db and is_central(args.db) and not args.summary:
+        raise ConfigError("elsa export apel: job records are exported from each node's store "
+                          "(its 'exported' table keeps each job to one message); from the "
+                          "central store, give --summary for the site's summaries")
+    db = _open(args, cfg, readonly=args.summary)
     try:
         res = apel.export(db, cfg.section("export.apel"), site=args.site, since=since,
                           until=until, summary=args.summary, again=args.again,
                           outgoing=args.outgoing, path_type=args.path_type,
                           host=host_name(cfg))
     finally:
-        db.close()
+        _close(db)
     if args.json:
         json.dump({"messages": res.messages, "records": res.records,
                    "skipped": [{"jid": jid_text(s.jid), "why": s.why}
@@ -122,16 +138,15 @@ def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
 def _finished(args: argparse.Namespace, charges: bool = False) -> Any:
     """(config, finished jobs of the window, their charges or None)."""
     from elsa.export.records import finished_jobs, host_name
-    from elsa.report.connect import open_store
 
     _no_format(args)
     cfg = _config(args)
-    db = open_store(_db_path(args, cfg))
+    db = _open(args, cfg)
     try:
         jobs, skipped = finished_jobs(db, args.since, args.until, host=host_name(cfg))
         charge = billing_charge(cfg, db, args.since, args.until) if charges else None
     finally:
-        db.close()
+        _close(db)
     _skipped(skipped, sys.stderr)
     return cfg, jobs, charge
 

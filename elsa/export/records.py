@@ -133,14 +133,19 @@ def finished_jobs(db: Any, since: Optional[float] = None,
                                                           and j["ended"] >= until):
             continue
         usage = dict(j["usage"])
+        if "host" in j:  # the central store: the site user (map-user), else user@host
+            user = j["owner"] if j["owner"] != "?" else None
+        else:
+            user = user_of(j["owner_uid"])
         out.append(FinishedJob(
             jid=jid, name=j["name"], owner_uid=j["owner_uid"],
-            user=user_of(j["owner_uid"]), tags=dict(j["tags"]), created=j["created"],
+            user=user, tags=dict(j["tags"]), created=j["created"],
             ended=j["ended"], backend=j["backend"], params=dict(j["params"]),
             usage={k: v for k, v in usage.items()
                    if k not in ("sources", "chosen", "incomplete", "note", "fallback")},
-            host=host, sources=usage.get("sources", {}), chosen=usage.get("chosen", {}),
-            incomplete=usage.get("incomplete", {}), note=usage.get("note")))
+            host=j.get("host") or host, sources=usage.get("sources", {}),
+            chosen=usage.get("chosen", {}), incomplete=usage.get("incomplete", {}),
+            note=usage.get("note")))
     out.sort(key=lambda f: (f.ended, f.jid))
     return out, skipped
 
