@@ -111,10 +111,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"elsad: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
-        if exporter is not None:
-            exporter.stop()
-        if daemon is not None:
-            daemon.stop(reason)
+        try:
+            if exporter is not None:
+                exporter.stop()
+        except Exception as exc:  # the daemon's clean stop must run whatever the exporter does
+            log.exception("prometheus exporter failed to stop",
+                          error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if daemon is not None:
+                daemon.stop(reason)
 
 
 def _check(cfg: config.Config, host) -> None:

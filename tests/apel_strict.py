@@ -3,6 +3,9 @@
 server side would accept, not what ELSA thinks it wrote:
 
 * the header line names the message type and version;
+* the body is split into records on the text ``%%`` wherever it is (as
+  ``RecordFactory._create_record_objects`` does), each record into lines on
+  every line break ``str.splitlines`` knows; values are stripped;
 * records are ``Key: value`` lines, each record closed by a ``%%`` line;
 * keys are case-sensitive; a key outside the record type's fields rejects the
   record (as ``Record.set_field`` does), so does a line without ``:``;
@@ -13,7 +16,9 @@ server side would accept, not what ELSA thinks it wrote:
 * ServiceLevelType and ServiceLevel: both or neither, the type one of si2k,
   hepspec, hepscore23;
 * EndTime not before StartTime, not more than 2 days in the future;
-* summaries: Month 1..12, Earliest/LatestEndTime inside that month.
+* summaries: Month 1..12, Earliest/LatestEndTime inside that month;
+* a string longer than its column in APEL's database (schemas/server.sql:
+  VARCHAR(255) for names and ids) is refused: MySQL's strict mode rejects it.
 
 Stricter than APEL where ELSA promises more: a key twice rejects the record,
 and EGI's documented set (SubmitHost) must be present.
@@ -53,6 +58,11 @@ SUMMARY = {
     "time": ["EarliestEndTime", "LatestEndTime"],
 }
 SLTS = ("si2k", "hepspec", "hepscore23")
+#: Column widths of APEL's database (schemas/server.sql) for the string fields.
+WIDTH = {"InfrastructureDescription": 100, "InfrastructureType": 20, "ServiceLevelType": 50}
+STRINGS = ("Site", "SubmitHost", "MachineName", "Queue", "LocalJobId", "LocalUserId",
+           "GlobalUserName", "FQAN", "VO", "VOGroup", "VORole", "InfrastructureDescription",
+           "InfrastructureType", "ServiceLevelType")
 
 
 class Invalid(Exception):
@@ -84,6 +94,8 @@ def parse_record(lines: List[str], kind: Dict[str, Any]) -> Dict[str, Any]:
             elif key in kind["time"]:
                 rec[key] = int(value)
             else:
+                if key in STRINGS and len(value) > WIDTH.get(key, 255):
+                    raise Invalid(f"{key} longer than APEL's column")
                 rec[key] = value
         except ValueError:
             raise Invalid(f"invalid value {value!r} in field {key}") from None
@@ -120,8 +132,9 @@ def parse_record(lines: List[str], kind: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def parse_message(text: str) -> Tuple[str, List[Dict[str, Any]], List[str]]:
-    """(kind: 'job'|'summary', accepted records, rejections)."""
-    lines = text.split("\n")
+    """(kind: 'job'|'summary', accepted records, rejections). APEL's loader rejects
+    the whole message when there is any rejection."""
+    lines = text.splitlines()
     header = lines[0].strip()
     if header == JOB["header"]:
         kind, name = JOB, "job"
@@ -129,23 +142,17 @@ def parse_message(text: str) -> Tuple[str, List[Dict[str, Any]], List[str]]:
         kind, name = SUMMARY, "summary"
     else:
         raise Invalid(f"unknown message header {header!r}")
-    body = lines[1:]
-    if body and body[-1] == "":
-        body = body[:-1]
-    if not body or body[-1] != "%%":
+    if lines[-1] != "%%":  # ELSA's promise; APEL itself does not need the last one
         raise Invalid("the last record is not closed by %%")
     recs: List[Dict[str, Any]] = []
     rejects: List[str] = []
-    current: List[str] = []
-    for line in body:
-        if line == "%%":
-            try:
-                recs.append(parse_record(current, kind))
-            except Invalid as exc:
-                rejects.append(str(exc))
-            current = []
-        else:
-            current.append(line)
+    for chunk in "\n".join(lines[1:]).strip().split("%%"):
+        if chunk == "" or chunk.isspace():
+            continue
+        try:
+            recs.append(parse_record(chunk.strip().splitlines(), kind))
+        except Invalid as exc:
+            rejects.append(str(exc))
     return name, recs, rejects
 
 

@@ -8,7 +8,10 @@ import calendar
 import json
 import os
 import pwd
+import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -64,10 +67,10 @@ def _job(jid: int, start: float, wall: float, cpu_u: Optional[int] = 1_500_000,
 @pytest.fixture
 def store(tmp_path: Path) -> str:
     jobs = [
-        _job(1, NOW - 7200, 3600.4, tags={"job_id": "slurm-77", "partition": "short",
+        _job(1, NOW - 7200, 3600.4, tags={"wlm_job_id": "slurm-77", "queue": "short",
                                            "account": "atlas"}),
         _job(2, NOW - 3000, 100.6, name="x", params={"cpus": "0-3,6"}),
-        _job(3, NOW - 2000, 10, uid=NO_USER),               # no user name: left out
+        _job(3, NOW - 2000, 10, uid=NO_USER),               # no user name: no LocalUserId
         _job(4, NOW - 1000, 10, cpu_u=None),                # CPU unknown: left out
         dict(jid=5, start=NOW - 500, end=None),             # still running: left out
     ]
@@ -95,7 +98,7 @@ def test_job_records_pass_apel_rules(store, tmp_path, capsys):
                  str(out), "--path-type", "directory"]) == 0
     cap = capsys.readouterr()
     recs = {r["LocalJobId"]: r for r in _all_records(_messages(out), "job")}
-    assert set(recs) == {"slurm-77", "0x0000000000000002"}
+    assert set(recs) == {"slurm-77", "0x0000000000000002", "0x0000000000000003"}
     r = recs["slurm-77"]
     assert r["Site"] == "ELSA-TEST"
     assert r["LocalUserId"] == ME
@@ -104,14 +107,14 @@ def test_job_records_pass_apel_rules(store, tmp_path, capsys):
     assert r["StartTime"] == int(NOW - 7200) and r["EndTime"] == int(NOW - 7200 + 3600.4)
     assert r["MemoryReal"] == 20481                      # kB
     assert r["Queue"] == "short" and r["VO"] == "atlas"
-    assert r["SubmitHost"] and r["MachineName"]
+    assert r["SubmitHost"] == r["MachineName"] == socket.gethostname()  # as central's host
     assert recs["0x0000000000000002"]["Processors"] == 5
+    # APEL does not need LocalUserId: a uid without a passwd entry goes without it.
+    assert "LocalUserId" not in recs["0x0000000000000003"]
     # The bad ones: a clear line each, never half a record.
-    assert "0x0000000000000003 not exported: uid" in cap.err
-    assert "no passwd entry" in cap.err
     assert "0x0000000000000004 not exported: no accounting source measured its CPU" in cap.err
     assert "0x0000000000000005 not exported: it has not ended yet" in cap.err
-    assert "2 job records in 1 messages" in cap.out
+    assert "3 job records in 1 messages" in cap.out
 
 
 def test_each_job_once_unless_again(store, tmp_path, capsys):
@@ -120,19 +123,18 @@ def test_each_job_once_unless_again(store, tmp_path, capsys):
             "--json"]
     assert main(argv + ["--since", str(NOW - 3000)]) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["records"] == 1                         # job 2 only (job 1 ended earlier)
+    assert first["records"] == 2                         # jobs 2, 3 (job 1 ended earlier)
     assert main(argv) == 0                               # overlapping, wider: only job 1
     second = json.loads(capsys.readouterr().out)
     assert second["records"] == 1
     assert main(argv) == 0                               # a rerun: nothing new
     assert json.loads(capsys.readouterr().out)["records"] == 0
     assert main(argv + ["--again"]) == 0
-    assert json.loads(capsys.readouterr().out)["records"] == 2
+    assert json.loads(capsys.readouterr().out)["records"] == 3
     msgs = apel_strict.read_dirq(str(out))               # a dirq queue, as ssmsend reads it
     assert len(msgs) == 3
     ids = [r["LocalJobId"] for r in _all_records(msgs, "job")]
-    assert sorted(ids) == sorted(["0x0000000000000002", "slurm-77", "0x0000000000000002",
-                                  "slurm-77"])
+    assert sorted(ids) == sorted(["0x0000000000000002", "0x0000000000000003", "slurm-77"] * 2)
 
 
 def test_at_most_1000_records_a_message(tmp_path, capsys):
@@ -152,15 +154,18 @@ def test_summary_per_month_user_vo(tmp_path, capsys):
             _job(2, oct31 - 90, 30, tags={"account": "atlas"}),         # October, atlas
             _job(3, oct31 - 80, 7200, tags={"account": "atlas"}),       # ends in November
             _job(4, oct31 - 70, 30, tags={"account": "cms"}),           # October, cms
-            _job(5, oct31 - 60, 30, uid=NO_USER)]                       # no user: out
+            _job(5, oct31 - 60, 30, uid=NO_USER)]                       # no user name
     db = make_store(tmp_path, jobs)
     out = tmp_path / "out"
     assert main(["export", "apel", "--summary", "--db", db, "--site", "S", "--outgoing",
                  str(out), "--path-type", "directory"]) == 0
-    assert "0x0000000000000005 not exported" in capsys.readouterr().err
+    assert "not exported" not in capsys.readouterr().err
     recs = _all_records(_messages(out), "summary")
-    got = {(r["Year"], r["Month"], r["VO"]): r for r in recs}
-    assert set(got) == {(2025, 10, "atlas"), (2025, 11, "atlas"), (2025, 10, "cms")}
+    got = {(r["Year"], r["Month"], r.get("VO")): r for r in recs}
+    assert set(got) == {(2025, 10, "atlas"), (2025, 11, "atlas"), (2025, 10, "cms"),
+                        (2025, 10, None)}
+    assert "GlobalUserName" not in got[(2025, 10, None)]         # no user name: no user
+    assert got[(2025, 10, None)]["NumberOfJobs"] == 1
     a = got[(2025, 10, "atlas")]
     assert a["NumberOfJobs"] == 2 and a["WallDuration"] == 80 and a["CpuDuration"] == 4
     assert a["GlobalUserName"] == ME
@@ -180,7 +185,7 @@ def test_service_level_both_or_neither(store, tmp_path, capsys):
                  "--outgoing", str(out), "--path-type", "directory"]) == 0
     recs = _all_records(_messages(out), "job")
     assert {(r["ServiceLevelType"], r["ServiceLevel"]) for r in recs} == {("hepscore23", 12.5)}
-    assert {r["GlobalUserName"] for r in recs} == {"/DC=org/CN=Someone"}
+    assert {r.get("GlobalUserName") for r in recs} == {"/DC=org/CN=Someone", None}
 
 
 def test_strict_reader_rejects_what_apel_rejects():
@@ -192,5 +197,120 @@ def test_strict_reader_rejects_what_apel_rejects():
                      (good.replace("CpuDuration: 5\n", ""), "missing mandatory"),
                      (good.replace("LocalJobId: 1", "LocalJobId: none"), "missing mandatory"),
                      (good.replace("%%", "ServiceLevel: 3\n%%"), "one without the other"),
-                     (good.replace("EndTime: 1010", "EndTime: 999"), "before StartTime")):
+                     (good.replace("EndTime: 1010", "EndTime: 999"), "before StartTime"),
+                     (good.replace("LocalJobId: 1", "LocalJobId: 1%%2"), "missing mandatory"),
+                     (good.replace("LocalJobId: 1", "LocalJobId: 1\u2028"), "without a key"),
+                     (good.replace("LocalJobId: 1", "LocalJobId: " + "1" * 256),
+                      "longer than APEL's column")):
         assert why in apel_strict.parse_message(bad)[2][0]
+
+
+BAD_VALUES = ("77%%88", "null", " NONE ", "", "a\nb", "a\rb", "a\u2028b", "x" * 256)
+
+
+def test_tags_apel_cannot_take_are_left_out_not_the_message(tmp_path, capsys):
+    """A tag value that would split the message (%%, a line break), read as NULL or
+    overflow APEL's column costs that one field (LocalJobId: the JID), never the
+    message: every record of it loads with APEL's rules, and a line says what was
+    left out."""
+    jobs = [_job(1, NOW - 9000, 60, tags={"wlm_job_id": "ok-1", "queue": "long",
+                                          "account": "atlas"})]
+    for i, bad in enumerate(BAD_VALUES, start=2):
+        jobs.append(_job(i, NOW - 8000 + i, 60, tags={"wlm_job_id": bad, "queue": bad,
+                                                      "account": bad}))
+    db = make_store(tmp_path, jobs)
+    for argv, kind in ((["--path-type", "directory"], "job"),
+                       (["--summary", "--path-type", "directory"], "summary")):
+        out = tmp_path / kind
+        assert main(["export", "apel", "--db", db, "--site", "S", "--outgoing", str(out),
+                     *argv]) == 0
+        err = capsys.readouterr().err
+        recs = _all_records(_messages(out), kind)        # no rejection: the whole message loads
+        if kind == "summary":
+            assert sum(r["NumberOfJobs"] for r in recs) == len(jobs)
+            assert {r.get("VO") for r in recs} == {"atlas", None}
+            continue
+        by_id = {r["LocalJobId"]: r for r in recs}
+        assert set(by_id) == {"ok-1"} | {f"0x{i:016x}" for i in range(2, len(jobs) + 1)}
+        assert by_id["ok-1"]["Queue"] == "long" and by_id["ok-1"]["VO"] == "atlas"
+        for i in range(2, len(jobs) + 1):
+            r = by_id[f"0x{i:016x}"]
+            assert "Queue" not in r and "VO" not in r
+        assert "job 0x0000000000000002: its tag 'wlm_job_id' contains %%" in err
+        assert "LocalJobId is the JID" in err and "Queue is not written" in err
+        assert "which APEL reads as NULL" in err and "longer than 255" in err
+        assert "contains a line break" in err
+        assert "job 0x0000000000000005" not in err      # an empty tag is no tag: no line
+
+
+def test_config_values_apel_cannot_take_are_refused(store, tmp_path, capsys):
+    cfg = tmp_path / "elsa.toml"
+    cfg.write_text('[export.apel]\nsubmit_host = "ce%%1"\n')
+    assert main(["export", "apel", "--config", str(cfg), "--db", store, "--site", "S",
+                 "--outgoing", str(tmp_path / "o")]) == 2
+    assert "[export.apel] submit_host = 'ce%%1' contains %%" in capsys.readouterr().err
+    assert main(["export", "apel", "--db", store, "--site", "null", "--outgoing",
+                 str(tmp_path / "o")]) == 2
+    assert "APEL reads as NULL" in capsys.readouterr().err
+
+
+def test_summary_sums_exact_durations_and_rounds_once(tmp_path, capsys):
+    jobs = [_job(i, NOW - 5000 + 10 * i, 0.3, cpu_u=200_000, cpu_s=100_000,
+                 tags={"account": "sumtest"}) for i in range(1, 9)]
+    db = make_store(tmp_path, jobs)
+    out = tmp_path / "out"
+    assert main(["export", "apel", "--summary", "--db", db, "--site", "S", "--outgoing",
+                 str(out), "--path-type", "directory"]) == 0
+    (rec,) = _all_records(_messages(out), "summary")
+    assert rec["NumberOfJobs"] == 8
+    assert rec["CpuDuration"] == 2 and rec["WallDuration"] == 2    # 2.4 s each, not 8 x 0
+
+
+def _elsa(*argv: str, tz: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TZ=tz, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "elsa.report.cli", *argv], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_summary_months_are_utc_months_on_any_node(tmp_path):
+    """A summary replaces the month's summary at APEL: a window that covers only part
+    of a UTC month (local dates on a CET node) writes no summary of it, and --month
+    takes the UTC month whatever the node's time zone."""
+    oct31_late = calendar.timegm((2025, 10, 31, 23, 30, 0))        # Nov 1, 00:30 in Berlin
+    nov30_late = calendar.timegm((2025, 11, 30, 23, 30, 0))        # Dec 1, 00:30 in Berlin
+    nov15 = calendar.timegm((2025, 11, 15, 12, 0, 0))
+    db = make_store(tmp_path, [_job(1, oct31_late - 60, 60), _job(2, nov15, 60),
+                               _job(3, nov30_late - 60, 60)])
+    common = ["export", "apel", "--summary", "--db", db, "--site", "S", "--path-type",
+              "directory", "--json"]
+    local = tmp_path / "local"
+    r = _elsa(*common, "--outgoing", str(local), "--since", "2025-11-01", "--until",
+              "2025-12-01", tz="Europe/Berlin")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["records"] == 0 and _messages(local) == []
+    assert any("summary of 2025-10 not written" in n and "--month 2025-10" in n
+               for n in got["notes"])
+    assert any("summary of 2025-11 not written" in n for n in got["notes"])
+    whole = tmp_path / "whole"
+    r = _elsa(*common, "--outgoing", str(whole), "--month", "2025-11", tz="Europe/Berlin")
+    assert r.returncode == 0, r.stderr
+    (rec,) = _all_records(_messages(whole), "summary")
+    assert (rec["Year"], rec["Month"], rec["NumberOfJobs"]) == (2025, 11, 2)
+    assert rec["LatestEndTime"] == int(nov30_late)
+    r = _elsa(*common, "--outgoing", str(whole), "--month", "2025-11", "--since", "1d",
+              tz="UTC")
+    assert r.returncode == 2 and "--month or --since/--until, not both" in r.stderr
+
+
+def test_default_tags_are_those_the_batch_integration_writes(tmp_path, capsys):
+    from elsa import wlm
+
+    tags = wlm.detect({"SLURM_JOB_ID": "4242", "SLURM_JOB_PARTITION": "long",
+                       "SLURM_JOB_ACCOUNT": "atlas", "SLURM_JOB_USER": ME}, "slurm")
+    db = make_store(tmp_path, [_job(1, NOW - 100, 60, tags=tags)])
+    out = tmp_path / "out"
+    assert main(["export", "apel", "--db", db, "--site", "S", "--outgoing", str(out),
+                 "--path-type", "directory"]) == 0
+    (rec,) = _all_records(_messages(out), "job")
+    assert (rec["LocalJobId"], rec["Queue"], rec["VO"]) == ("4242", "long", "atlas")

@@ -30,3 +30,16 @@ def test_one_object_per_finished_job(tmp_path, capsys):
     assert a["usage"]["elapsed_us"] is None                  # no source measured it
     assert b["usage"]["cpu_user_us"] is None
     assert "0x0000000000000003 not exported" in cap.err
+
+
+def test_host_is_the_name_the_central_store_knows(tmp_path, capsys):
+    import socket
+
+    db = make_store(tmp_path, [_job(1, NOW - 7200, 60)])
+    capsys.readouterr()
+    assert main(["export", "jsonl", "--db", db]) == 0
+    assert json.loads(capsys.readouterr().out)["host"] == socket.gethostname()
+    cfg = tmp_path / "elsa.toml"
+    cfg.write_text('[central]\nhost = "node-7"\n')
+    assert main(["export", "jsonl", "--config", str(cfg), "--db", db]) == 0
+    assert json.loads(capsys.readouterr().out)["host"] == "node-7"

@@ -355,3 +355,72 @@ def test_a_taken_port_fails_before_elsad_touches_the_kernel(tmp_path):
     assert r.returncode == EXIT_CONFIG, r.stderr
     assert f"listen = '127.0.0.1:{port}': cannot listen there" in r.stderr
     assert not created_store  # failed before the daemon opened its store
+
+
+@pytest.mark.root
+def test_sigterm_stops_cleanly_with_the_exporter_on(elsad, spawned):
+    """The sampler's store connection is closed by the sampler's thread: SIGTERM
+    stops elsad cleanly (exit 0, socket removed, "elsad stopped") once the sampler
+    has read an ended job's figures from the store."""
+    port = free_port()
+    d = elsad(extra=f'[export.prometheus]\nlisten = "127.0.0.1:{port}"\n'
+                    'interval = 0.2\nended_grace = 60.0\n')
+    p = subprocess.Popen(["sh", "-c", "read x"], stdin=subprocess.PIPE, start_new_session=True)
+    spawned.append(p)
+    with d.client() as c:
+        jid = c.create(name="brief", pids=[p.pid])["jid"]
+    jid_text = jid if isinstance(jid, str) else f"{jid:#018x}"
+    p.stdin.write(b"go\n")
+    p.stdin.flush()
+    p.wait(10)
+
+    def ended_shown() -> bool:  # an ended job's figures come from the store
+        body = http_get(f"http://127.0.0.1:{port}/metrics").decode()
+        return any(line.startswith("elsa_job_running{") and f'jid="{jid_text}"' in line
+                   and line.endswith(" 0.0") for line in body.splitlines())
+
+    wait_for(ended_shown, 30, interval=0.2, what="the ended job in the exposition")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    rc = d.proc.wait(30)
+    log = d.log()
+    assert rc == 0, log[-3000:]
+    assert "Traceback" not in log and "elsad stopped" in log
+    assert not os.path.exists(d.socket)
+
+
+_FAILING_STOP = '''
+import sys
+from elsa import elsad
+from elsa.export import prometheus
+
+def stop(self):
+    raise RuntimeError("exporter stop failed")
+
+prometheus.PrometheusExporter.stop = stop
+sys.exit(elsad.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.root
+def test_a_failing_exporter_stop_does_not_skip_the_daemon_stop(tmp_path):
+    port = free_port()
+    d = DaemonProc(tmp_path, extra=f'[export.prometheus]\nlisten = "127.0.0.1:{port}"\n')
+    with open(d.log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _FAILING_STOP, "--config",
+                                 str(d.config_path)], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_for(lambda: os.path.exists(d.socket) and "elsad ready" in d.log()
+                 or proc.poll() is not None, 30, what="elsad to start")
+        assert proc.poll() is None, d.log()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log_text = d.log()
+    assert "exporter stop failed" in log_text          # said, not hidden
+    assert "elsad stopped" in log_text, log_text[-3000:]
+    assert not os.path.exists(d.socket)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import socket
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -23,7 +26,7 @@ ME = pwd.getpwuid(os.getuid()).pw_name
 
 def test_records_validate_against_gfd98(tmp_path, capsys):
     db = make_store(tmp_path, [
-        _job(1, NOW - 7200, 3600.25, tags={"job_id": "slurm-77", "partition": "short",
+        _job(1, NOW - 7200, 3600.25, tags={"wlm_job_id": "slurm-77", "queue": "short",
                                             "account": "atlas"}, params={"cpus": "0-1"}),
         _job(2, NOW - 3000, 100, cpu_u=None),                 # CPU unknown: no CpuDuration
         dict(jid=3, start=NOW - 10, end=None)])               # running: not a record
@@ -46,6 +49,9 @@ def test_records_validate_against_gfd98(tmp_path, capsys):
     assert mem.get(f"{{{ur.NS}}}metric") == "max"
     assert r.find("urf:Processors", NS).text == "2"
     assert r.find("urf:Queue", NS).text == "short"
+    host = socket.gethostname()                               # the central store's name
+    assert r.find("urf:MachineName", NS).text == host
+    assert r.find("urf:JobIdentity/urf:GlobalJobId", NS).text == f"{host}:slurm-77"
     assert r.find("urf:Charge", NS) is None                   # no billing rates: no Charge
     assert recs[1].findall("urf:CpuDuration", NS) == []
 
@@ -97,3 +103,23 @@ def test_charge_from_the_billing_rates(tmp_path, capsys):
     # 1.5 s user x 0.01 + 0.499999 s system x 0.02 = 0.025 (4 decimals), as `elsa bill` says
     assert [float(c.text) for c in charges] == [0.025, 0.025]
     assert {c.get(f"{{{ur.NS}}}unit") for c in charges} == {"EUR"}
+
+
+def test_output_errors_and_format_flags(tmp_path, capsys):
+    db = make_store(tmp_path, [_job(1, NOW - 7200, 60)])
+    for fmt in ("ur", "jsonl"):
+        assert main(["export", fmt, "--db", db, "-o", "/nonexistent/dir/f"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write /nonexistent/dir/f: No such file or directory" in err
+        assert "give -o a writable file" in err
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "elsa.report.cli", "export", fmt, "--db",
+                                db], stdout=full, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
+                               timeout=120)
+        assert r.returncode == 2
+        assert r.stderr == ("elsa: cannot write standard output: No space left on device; "
+                            "check the disk or file standard output goes to\n")
+        for flag in ("--json", "--csv"):
+            assert main(["export", fmt, "--db", db, flag]) == 2
+            assert f"--{flag[2:]} does not apply here" in capsys.readouterr().err

@@ -11,14 +11,22 @@ The messages go where ``ssmsend`` picks them up: a ``dirq`` QueueSimple
 (``path_type = "dirq"``, what APEL's client writes) or one file per message
 in a plain directory (``path_type = "directory"``).
 
-A job that cannot make a valid record (not ended, CPU unknown, a uid without
-a user name) is left out whole, with a line saying why; it is never written
-half. Individual records are written once per job (the store's ``exported``
-table), unless ``again`` is given.
+A job that cannot make a valid record (not ended, CPU unknown) is left out
+whole, with a line saying why; it is never written half. A job tag APEL's
+loader cannot take (:func:`unsendable`: it would split the message, read as
+NULL, or overflow APEL's column, and APEL rejects the whole message) is left
+out of that one record with a line saying so: LocalJobId falls back to the
+JID, Queue and VO are not written. Individual records are written once per job
+(the store's ``exported`` table), unless ``again`` is given.
+
+Summaries are per UTC month of the job's end, and APEL replaces a month's
+summary with the one sent last: a month the window covers only in part (from
+its first second UTC to its end, or to now) is not written, with a line.
 """
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import os
 import time
@@ -33,6 +41,11 @@ JOB_HEADER = "APEL-individual-job-message: v0.3"
 SUMMARY_HEADER = "APEL-summary-job-message: v0.2"
 MAX_RECORDS = 1000
 SERVICE_LEVEL_TYPES = ("si2k", "hepspec", "hepscore23")
+#: Characters APEL's loader splits a record's lines on (it uses str.splitlines).
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+#: APEL's database columns (schemas/server.sql): VARCHAR(255) for names and ids,
+#: VARCHAR(100) for InfrastructureDescription.
+COLUMN = 255
 
 #: The v0.3 job record's keys, in APEL's order.
 JOB_FIELDS = ("Site", "SubmitHost", "MachineName", "Queue", "LocalJobId", "LocalUserId",
@@ -60,9 +73,11 @@ OPTIONS: Dict[str, Option] = {
                                  choices=("",) + SERVICE_LEVEL_TYPES),
     "service_level": Option(float, 0.0, "Benchmark value per core (with"
                             " service_level_type)."),
-    "job_id_tag": Option(str, "job_id", "Job tag holding the batch system's job id (APEL"
-                         " 'LocalJobId'); a job without it is exported with its JID."),
-    "queue_tag": Option(str, "partition", "Job tag exported as APEL 'Queue'."),
+    "job_id_tag": Option(str, "wlm_job_id", "Job tag holding the batch system's job id (APEL"
+                         " 'LocalJobId', as 'elsa-jobmng run --wlm' writes it); a job without"
+                         " it is exported with its JID."),
+    "queue_tag": Option(str, "queue", "Job tag exported as APEL 'Queue' (as 'elsa-jobmng run"
+                        " --wlm' writes it)."),
     "vo_tag": Option(str, "account", "Job tag exported as APEL 'VO' (else 'vo')."),
     "vo": Option(str, "", "VO of jobs without the vo_tag tag. Empty: none."),
     "global_user_names": Option(dict, {}, "Local user name -> grid identity (DN) written"
@@ -82,15 +97,44 @@ class Result:
     messages: List[str]       # where each message went (queue element or file)
     records: int
     skipped: List[Skipped]
+    notes: List[str]          # what was left out of records that were written
 
 
 def _null(v: Any) -> bool:
     return v is None or v == ""
 
 
-def _settings(options: Mapping[str, Any], site: Optional[str]) -> Dict[str, Any]:
-    from elsa.export.records import host_name
+def unsendable(value: str, limit: int = COLUMN) -> Optional[str]:
+    """Why APEL's loader cannot take *value* as a field's value, else None. Its
+    RecordFactory splits a message on ``%%`` anywhere and a record on line breaks,
+    strips values, reads "", none and null (any case) as NULL, and stores names
+    and ids in VARCHAR(255) columns; one record it cannot load rejects the whole
+    message (the loader's reject queue)."""
+    if "%%" in value:
+        return "contains %% (APEL's record separator)"
+    if any(c in LINE_BREAKS for c in value):
+        return "contains a line break"
+    v = value.strip()
+    if v.lower() in ("", "none", "null"):
+        return f"is {v!r}, which APEL reads as NULL"
+    if len(v) > limit:
+        return f"is longer than {limit} characters (APEL's column)"
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid text (UTF-8)"
+    return None
 
+
+def _setting(where: str, value: str, limit: int = COLUMN) -> str:
+    why = unsendable(value, limit)
+    if why is not None:
+        raise ConfigError(f"[export.apel] {where} = {value!r} {why}; APEL would reject every "
+                          "message: set it to a name APEL accepts")
+    return value.strip()
+
+
+def _settings(options: Mapping[str, Any], site: Optional[str]) -> Dict[str, Any]:
     st = dict(options)
     st["site"] = site or options["site"]
     if not st["site"]:
@@ -100,29 +144,52 @@ def _settings(options: Mapping[str, Any], site: Optional[str]) -> Dict[str, Any]
     if bool(slt) != bool(sl):
         raise ConfigError("[export.apel]: service_level_type and service_level go together "
                           "(APEL rejects a record with one of them); set both or neither")
-    st["submit_host"] = options["submit_host"] or host_name()
-    st["machine_name"] = options["machine_name"] or host_name()
+    st["site"] = _setting("site (or --site)", st["site"])
+    for key, limit in (("submit_host", COLUMN), ("machine_name", COLUMN), ("vo", COLUMN),
+                       ("infrastructure", 100)):
+        if options[key]:  # empty: the job's host (the names), none (vo)
+            st[key] = _setting(key, options[key], limit)
+    st["global_user_names"] = {user: _setting(f"global_user_names.{user}", dn)
+                               for user, dn in options["global_user_names"].items()}
     return st
 
 
-def job_record(job: FinishedJob, st: Mapping[str, Any]) -> Tuple[Optional[Dict[str, str]],
-                                                                 Optional[str]]:
-    """The v0.3 record of *job* (keys in JOB_FIELDS order), or (None, why not)."""
-    if job.user is None:
-        return None, (f"uid {job.owner_uid} has no user name (no passwd entry), and APEL "
-                      "needs LocalUserId; add the user or leave the job out")
+def _tag(job: FinishedJob, key: str, field: str, instead: str,
+         notes: Optional[List[str]]) -> Optional[str]:
+    """Tag *key* of *job* as APEL's *field*, or None (absent, or a value APEL cannot
+    take: then a note says so and what is written *instead*)."""
+    value = job.tags.get(key)
+    if not value:
+        return None
+    why = unsendable(value)
+    if why is None:
+        return value.strip()
+    if notes is not None:
+        notes.append(f"job {job.jid_text}: its tag {key!r} {why}; {field} {instead}")
+    return None
+
+
+def job_record(job: FinishedJob, st: Mapping[str, Any], notes: Optional[List[str]] = None
+               ) -> Tuple[Optional[Dict[str, str]], Optional[str]]:
+    """The v0.3 record of *job* (keys in JOB_FIELDS order), or (None, why not). A tag
+    APEL cannot take is left out (LocalJobId: the JID), with a line in *notes*."""
     cpu = job.cpu_us
     if cpu is None:
         return None, ("no accounting source measured its CPU time (APEL's CpuDuration is "
                       "mandatory); enable the cgroupstat or taskstats source")
-    tags = job.tags
-    vo = tags.get(st["vo_tag"]) or tags.get("vo") or st["vo"]
+    vo_key = st["vo_tag"] if job.tags.get(st["vo_tag"]) else "vo"
+    vo = (_tag(job, vo_key, "VO", "is not written", notes) if job.tags.get(vo_key)
+          else st["vo"])
+    # APEL does not need LocalUserId: a uid without a (sendable) name goes without it.
+    user = job.user if job.user is not None and unsendable(job.user) is None else None
     rec: Dict[str, Any] = {
-        "Site": st["site"], "SubmitHost": st["submit_host"],
-        "MachineName": st["machine_name"], "Queue": tags.get(st["queue_tag"]),
-        "LocalJobId": tags.get(st["job_id_tag"]) or job.jid_text,
-        "LocalUserId": job.user,
-        "GlobalUserName": st["global_user_names"].get(job.user),
+        "Site": st["site"], "SubmitHost": st["submit_host"] or job.host,
+        "MachineName": st["machine_name"] or job.host,
+        "Queue": _tag(job, st["queue_tag"], "Queue", "is not written", notes),
+        "LocalJobId": _tag(job, st["job_id_tag"], "LocalJobId", "is the JID", notes)
+        or job.jid_text,
+        "LocalUserId": user,
+        "GlobalUserName": st["global_user_names"].get(user) if user else None,
         "FQAN": None, "VO": vo or None, "VOGroup": None, "VORole": None,
         "WallDuration": round(job.wall_seconds), "CpuDuration": round(cpu / 1e6),
         "Processors": job.processors, "NodeCount": 1,
@@ -136,42 +203,74 @@ def job_record(job: FinishedJob, st: Mapping[str, Any]) -> Tuple[Optional[Dict[s
     return {k: str(rec[k]) for k in JOB_FIELDS if not _null(rec[k])}, None
 
 
-def summary_records(jobs: Sequence[FinishedJob], st: Mapping[str, Any]
+def month_bounds(year: int, month: int) -> Tuple[float, float]:
+    """[first second, first second of the next month) of a UTC month, epoch seconds."""
+    nxt = (year + 1, 1) if month == 12 else (year, month + 1)
+    return (float(calendar.timegm((year, month, 1, 0, 0, 0))),
+            float(calendar.timegm((nxt[0], nxt[1], 1, 0, 0, 0))))
+
+
+def summary_records(jobs: Sequence[FinishedJob], st: Mapping[str, Any],
+                    notes: Optional[List[str]] = None
                     ) -> Tuple[List[Dict[str, str]], List[Skipped]]:
-    """v0.2 records: one per (year, month of the end, user, VO)."""
-    groups: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
+    """v0.2 records: one per (year, UTC month of the end, user, VO, submit host).
+    Durations are summed exactly and rounded once per record."""
+    groups: Dict[Tuple[int, int, str, str, str], Dict[str, Any]] = {}
     skipped: List[Skipped] = []
     for job in jobs:
-        rec, why = job_record(job, st)
+        rec, why = job_record(job, st, notes)
         if rec is None:
             skipped.append(Skipped(job.jid, why or "invalid"))
             continue
         end = dt.datetime.fromtimestamp(job.ended, dt.timezone.utc)
-        user = rec.get("GlobalUserName") or rec["LocalUserId"]
-        key = (end.year, end.month, user, rec.get("VO", ""))
+        user = rec.get("GlobalUserName") or rec.get("LocalUserId", "")
+        key = (end.year, end.month, user, rec.get("VO", ""), rec["SubmitHost"])
         g = groups.get(key)
         if g is None:
-            g = groups[key] = {"wall": 0, "cpu": 0, "n": 0, "first": None, "last": None}
-        g["wall"] += int(rec["WallDuration"])
-        g["cpu"] += int(rec["CpuDuration"])
+            g = groups[key] = {"wall": 0.0, "cpu_us": 0, "n": 0, "first": None, "last": None}
+        g["wall"] += job.wall_seconds
+        g["cpu_us"] += job.cpu_us or 0
         g["n"] += 1
         e = int(rec["EndTime"])
         g["first"] = e if g["first"] is None else min(g["first"], e)
         g["last"] = e if g["last"] is None else max(g["last"], e)
     out = []
-    for (year, month, user, vo), g in sorted(groups.items()):
+    for (year, month, user, vo, submit_host), g in sorted(groups.items()):
         rec = {
-            "Site": st["site"], "Month": month, "Year": year, "GlobalUserName": user,
+            "Site": st["site"], "Month": month, "Year": year, "GlobalUserName": user or None,
             "VO": vo or None, "VOGroup": None, "VORole": None,
-            "SubmitHost": st["submit_host"], "InfrastructureType": st["infrastructure_type"],
+            "SubmitHost": submit_host, "InfrastructureType": st["infrastructure_type"],
             "InfrastructureDescription": st["infrastructure"],
             "ServiceLevelType": st["service_level_type"] or None,
             "ServiceLevel": st["service_level"] or None, "NodeCount": 1, "Processors": None,
             "EarliestEndTime": g["first"], "LatestEndTime": g["last"],
-            "WallDuration": g["wall"], "CpuDuration": g["cpu"], "NumberOfJobs": g["n"],
+            "WallDuration": round(g["wall"]), "CpuDuration": round(g["cpu_us"] / 1e6),
+            "NumberOfJobs": g["n"],
         }
         out.append({k: str(rec[k]) for k in SUMMARY_FIELDS if not _null(rec[k])})
     return out, skipped
+
+
+def whole_months(records: Sequence[Mapping[str, str]], since: Optional[float],
+                 until: Optional[float], now: Optional[float] = None
+                 ) -> Tuple[List[Mapping[str, str]], List[str]]:
+    """The summary records of months the window [since, until) covers from their first
+    second (UTC) to their end or to now, and a note per month left out: APEL replaces
+    a month's summary with the one sent last, so a partial month would erase the rest."""
+    now = time.time() if now is None else now
+    keep: List[Mapping[str, str]] = []
+    cut: Dict[Tuple[int, int], None] = {}
+    for rec in records:
+        year, month = int(rec["Year"]), int(rec["Month"])
+        lo, hi = month_bounds(year, month)
+        if (since is None or since <= lo) and (until is None or until >= min(hi, now)):
+            keep.append(rec)
+        else:
+            cut[(year, month)] = None
+    notes = [f"summary of {y}-{m:02d} not written: the window covers only part of that UTC "
+             "month, and APEL would replace the month's whole summary with it; use "
+             f"--month {y}-{m:02d} (or --since/--until at 00:00 UTC)" for y, m in cut]
+    return keep, notes
 
 
 def render(header: str, records: Sequence[Mapping[str, str]]) -> str:
@@ -224,18 +323,21 @@ class Outgoing:
 def export(db: Any, options: Mapping[str, Any], *, site: Optional[str] = None,
            since: Optional[float] = None, until: Optional[float] = None,
            summary: bool = False, again: bool = False,
-           outgoing: Optional[str] = None, path_type: Optional[str] = None) -> Result:
+           outgoing: Optional[str] = None, path_type: Optional[str] = None,
+           host: Optional[str] = None) -> Result:
     """Write the messages for jobs that ended in [since, until)."""
     st = _settings(options, site)
-    jobs, skipped = finished_jobs(db, since, until)
+    jobs, skipped = finished_jobs(db, since, until, host=host)
     out = Outgoing(outgoing or st["outgoing"], path_type or st["path_type"])
     written: List[str] = []
+    notes: List[str] = []
     if summary:
-        recs, bad = summary_records(jobs, st)
+        recs, bad = summary_records(jobs, st, notes)
         skipped.extend(bad)
-        for i in range(0, len(recs), MAX_RECORDS):
-            written.append(out.add(render(SUMMARY_HEADER, recs[i:i + MAX_RECORDS])))
-        return Result(written, len(recs), skipped)
+        whole, cut = whole_months(recs, since, until)
+        for i in range(0, len(whole), MAX_RECORDS):
+            written.append(out.add(render(SUMMARY_HEADER, whole[i:i + MAX_RECORDS])))
+        return Result(written, len(whole), skipped, notes + cut)
     state = ExportState(db, "apel")
     done = set() if again else state.done()
     batch: List[Tuple[int, Dict[str, str]]] = []
@@ -253,7 +355,7 @@ def export(db: Any, options: Mapping[str, Any], *, site: Optional[str] = None,
     for job in jobs:
         if job.jid in done:
             continue
-        rec, why = job_record(job, st)
+        rec, why = job_record(job, st, notes)
         if rec is None:
             skipped.append(Skipped(job.jid, why or "invalid"))
             continue
@@ -261,5 +363,5 @@ def export(db: Any, options: Mapping[str, Any], *, site: Optional[str] = None,
         if len(batch) >= MAX_RECORDS:
             flush()
     flush()
-    return Result(written, total, skipped)
+    return Result(written, total, skipped, notes)
 

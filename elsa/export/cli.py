@@ -6,9 +6,9 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Optional, TextIO
+from typing import Any, Iterable, Optional, TextIO
 
-from elsa.errors import ConfigError
+from elsa.errors import ConfigError, ElsaError
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser,
@@ -20,7 +20,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
                         help="APEL job messages for ssmsend (EGI accounting)")
     s.add_argument("--site", help="GOCDB site name (default: [export.apel] site)")
     s.add_argument("--summary", action="store_true",
-                   help="summary messages (per month, user and VO) instead of job records")
+                   help="summary messages (per UTC month, user and VO) instead of job records")
+    s.add_argument("--month", type=_month, metavar="YYYY-MM",
+                   help="the jobs that ended in this UTC month (instead of --since/--until; "
+                   "what --summary should send)")
     s.add_argument("--again", action="store_true",
                    help="also write jobs exported before (default: each job once)")
     s.add_argument("--outgoing", metavar="DIR",
@@ -35,6 +38,18 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
         s.set_defaults(func=cmd_ur if name == "ur" else cmd_jsonl)
 
 
+def _month(text: str) -> Any:
+    """``YYYY-MM`` -> (year, month)."""
+    try:
+        year, month = (int(x) for x in text.strip().split("-"))
+        if not 1 <= month <= 12 or not 1970 <= year <= 9999:
+            raise ValueError(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a month: {text!r} (use YYYY-MM, e.g. "
+                                         "2026-11)") from None
+    return year, month
+
+
 def _config(args: argparse.Namespace) -> Any:
     from elsa import config
 
@@ -47,10 +62,31 @@ def _db_path(args: argparse.Namespace, cfg: Any) -> str:
     return os.path.join(args.state_dir or cfg.state_dir, "elsa.db")
 
 
+def _open(args: argparse.Namespace, cfg: Any, readonly: bool = True) -> Any:
+    """The node's store (a sqlite3 connection), or the central store for a --db URL."""
+    from elsa.report.connect import is_central, open_db, open_store
+
+    where = _db_path(args, cfg)
+    return open_db(where) if is_central(where) else open_store(where, readonly=readonly)
+
+
+def _close(db: Any) -> None:
+    getattr(db, "conn", db).close()  # a report adapter (central) or a sqlite3 connection
+
+
 def _no_csv(args: argparse.Namespace) -> None:
     if getattr(args, "csv", False):
-        raise ConfigError("elsa export: --csv does not apply here (use --json, or "
-                          "'elsa export jsonl')")
+        raise ConfigError("elsa export apel: --csv does not apply here (--json gives the "
+                          "outcome as JSON)")
+
+
+def _no_format(args: argparse.Namespace) -> None:
+    for flag in ("json", "csv"):
+        if getattr(args, flag, False):
+            what = "XML" if args.export_format == "ur" else "JSON lines"
+            raise ConfigError(f"elsa export {args.export_format}: --{flag} does not apply "
+                              f"here (the output is {what}); leave it out, or use 'elsa "
+                              "jobs --json|--csv' for a report")
 
 
 def _skipped(skipped: Any, err: TextIO) -> None:
@@ -60,26 +96,39 @@ def _skipped(skipped: Any, err: TextIO) -> None:
 
 def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
     from elsa.export import apel
-    from elsa.export.records import jid_text
-    from elsa.report.connect import open_store
+    from elsa.export.records import host_name, jid_text
+    from elsa.report.connect import is_central
 
     _no_csv(args)
+    since, until = args.since, args.until
+    if args.month is not None:
+        if since is not None or until is not None:
+            raise ConfigError("elsa export apel: give --month or --since/--until, not both")
+        since, until = apel.month_bounds(*args.month)
     cfg = _config(args)
-    db = open_store(_db_path(args, cfg), readonly=args.summary)
+    if args.db and is_central(args.db) and not args.summary:
+        raise ConfigError("elsa export apel: job records are exported from each node's store "
+                          "(its 'exported' table keeps each job to one message); from the "
+                          "central store, give --summary for the site's summaries")
+    db = _open(args, cfg, readonly=args.summary)
     try:
-        res = apel.export(db, cfg.section("export.apel"), site=args.site, since=args.since,
-                          until=args.until, summary=args.summary, again=args.again,
-                          outgoing=args.outgoing, path_type=args.path_type)
+        res = apel.export(db, cfg.section("export.apel"), site=args.site, since=since,
+                          until=until, summary=args.summary, again=args.again,
+                          outgoing=args.outgoing, path_type=args.path_type,
+                          host=host_name(cfg))
     finally:
-        db.close()
+        _close(db)
     if args.json:
         json.dump({"messages": res.messages, "records": res.records,
                    "skipped": [{"jid": jid_text(s.jid), "why": s.why}
-                               for s in res.skipped]},
+                               for s in res.skipped],
+                   "notes": res.notes},
                   out, indent=2)
         out.write("\n")
     else:
         _skipped(res.skipped, sys.stderr)
+        for note in res.notes:
+            sys.stderr.write(f"elsa: {note}\n")
         kind = "summary" if args.summary else "job"
         out.write(f"{res.records} {kind} records in {len(res.messages)} messages"
                   + (f" ({res.messages[0]} ...)" if res.messages else "") + "\n")
@@ -88,17 +137,16 @@ def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
 
 def _finished(args: argparse.Namespace, charges: bool = False) -> Any:
     """(config, finished jobs of the window, their charges or None)."""
-    from elsa.export.records import finished_jobs
-    from elsa.report.connect import open_store
+    from elsa.export.records import finished_jobs, host_name
 
-    _no_csv(args)
+    _no_format(args)
     cfg = _config(args)
-    db = open_store(_db_path(args, cfg))
+    db = _open(args, cfg)
     try:
-        jobs, skipped = finished_jobs(db, args.since, args.until)
+        jobs, skipped = finished_jobs(db, args.since, args.until, host=host_name(cfg))
         charge = billing_charge(cfg, db, args.since, args.until) if charges else None
     finally:
-        db.close()
+        _close(db)
     _skipped(skipped, sys.stderr)
     return cfg, jobs, charge
 
@@ -139,11 +187,7 @@ def cmd_ur(args: argparse.Namespace, out: TextIO) -> int:
     data = ur.document(jobs, job_id_tag=opts["job_id_tag"], queue_tag=opts["queue_tag"],
                        project_tag=opts["vo_tag"],
                        global_user_names=opts["global_user_names"], charge=charge)
-    if args.output:
-        with open(args.output, "wb") as fh:
-            fh.write(data)
-    else:
-        out.write(data.decode("utf-8"))
+    _write(args.output, out, [data.decode("utf-8")])
     return 0
 
 
@@ -151,9 +195,24 @@ def cmd_jsonl(args: argparse.Namespace, out: TextIO) -> int:
     from elsa.export import jsonl
 
     _, jobs, _ = _finished(args)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.writelines(jsonl.lines(jobs))
-    else:
-        out.writelines(jsonl.lines(jobs))
+    _write(args.output, out, jsonl.lines(jobs))
     return 0
+
+
+def _write(path: Optional[str], out: TextIO, chunks: Iterable[str]) -> None:
+    """Write *chunks* to the file *path*, else to *out*; a failure is an error saying
+    where."""
+    try:
+        if path:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.writelines(chunks)
+        else:
+            out.writelines(chunks)
+            out.flush()
+    except BrokenPipeError:
+        raise  # a reader that stopped (| head): the reports' quiet exit
+    except OSError as exc:
+        where = path or "standard output"
+        raise ElsaError(f"cannot write {where}: {exc.strerror or exc}; "
+                        + ("give -o a writable file in an existing directory" if path
+                           else "check the disk or file standard output goes to")) from exc

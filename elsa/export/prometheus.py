@@ -68,7 +68,7 @@ OPTIONS: Dict[str, Option] = {
     "listen": Option(str, "", "Address (HOST:PORT) the metrics endpoint listens on, e.g."
                      " \"127.0.0.1:9466\". Empty: no exporter.", check=_listen),
     "labels": Option(list, [], "Job tags exported as labels of every per-job metric (e.g."
-                     " [\"account\", \"partition\"]); a job without the tag gets \"\".",
+                     " [\"account\", \"queue\"]); a job without the tag gets \"\".",
                      item_type=str, check=lambda v: _labels_check(v)),
     "ended_grace": Option(float, 60.0, "Seconds an ended job stays exported (its final"
                           " figures) before its series disappear.", check=non_negative),
@@ -266,7 +266,8 @@ class PrometheusExporter:
         self._status: Mapping[str, Any] = {}
         self._snapshot = Snapshot((), {})
         self._last: Dict[int, Tuple[Optional[float], ...]] = {}  # sampler thread only
-        self._db: Optional[sqlite3.Connection] = None
+        self._db: Optional[sqlite3.Connection] = None  # the thread that opened it owns it
+        self._db_owner: Optional[int] = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -333,6 +334,7 @@ class PrometheusExporter:
         try:
             if self._db is None:
                 self._db = open_store(self.db_path)
+                self._db_owner = threading.get_ident()
             out: Dict[int, Dict[str, Any]] = {}
             for i in range(0, len(jids), _SQLITE_MAX_VARS):
                 out.update(query.job_usage(self._db, jids[i:i + _SQLITE_MAX_VARS]))
@@ -446,17 +448,28 @@ class PrometheusExporter:
         return self._job_body + generate_latest(self._daemon_registry)
 
     def _sampler(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.monotonic()
-            try:
-                self.sample()
-            except Exception as exc:  # the exporter must never take elsad down
-                log.exception("prometheus sampler failed", error=f"{type(exc).__name__}: {exc}")
-            # Thousands of jobs make a pass cost seconds of (GIL-holding) Python:
-            # space passes so the sampler stays under 1/SAMPLER_DUTY of a core.
-            work = time.monotonic() - t0
-            self._wake.wait(max(self.interval, SAMPLER_DUTY * work) - work)
-            self._wake.clear()
+        try:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    self.sample()
+                except Exception as exc:  # the exporter must never take elsad down
+                    log.exception("prometheus sampler failed",
+                                  error=f"{type(exc).__name__}: {exc}")
+                # Thousands of jobs make a pass cost seconds of (GIL-holding) Python:
+                # space passes so the sampler stays under 1/SAMPLER_DUTY of a core.
+                work = time.monotonic() - t0
+                self._wake.wait(max(self.interval, SAMPLER_DUTY * work) - work)
+                self._wake.clear()
+        finally:
+            self._close_db()
+
+    def _close_db(self) -> None:
+        """Close the store connection if this thread opened it: SQLite refuses a
+        connection's use, close included, from any other thread."""
+        if self._db is not None and self._db_owner == threading.get_ident():
+            db, self._db = self._db, None
+            db.close()
 
     # -- lifecycle ---------------------------------------------------------------------
     def make_registry(self) -> Any:
@@ -481,7 +494,7 @@ class PrometheusExporter:
         log.info("prometheus exporter listening", listen=self.options["listen"])
 
     def start_sampler(self) -> None:
-        self.sample()
+        # The first pass runs in the thread too: the store connection is the thread's.
         self._thread = threading.Thread(target=self._sampler, name="elsa-prometheus-sampler",
                                         daemon=True)
         self._thread.start()
@@ -493,9 +506,8 @@ class PrometheusExporter:
             self._server.shutdown()
             self._server.server_close()
         if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._db is not None:
-            self._db.close()
+            self._thread.join(timeout=5)  # the thread closes its store connection
+        self._close_db()  # opened by a caller's sample() (no sampler thread)
 
 
 def _serve(host: str, port: int, body: Callable[[], bytes]) -> Any:

@@ -101,15 +101,25 @@ def jid_text(jid: Any) -> str:
 user_of = passwd_name
 
 
-def host_name() -> str:
-    return socket.getfqdn()
+def host_name(config: Any = None) -> str:
+    """This node's name, as the central store knows it: ``[central] host``, else the
+    host name (socket.gethostname(), as the central shipper and the JIDs use; not
+    getfqdn(), which gives "localhost" where /etc/hosts lists that first)."""
+    if config is not None:
+        named = config.section("central")["host"]
+        if named:
+            return str(named)
+    return socket.gethostname()
 
 
-def finished_jobs(db: sqlite3.Connection, since: Optional[float] = None,
-                  until: Optional[float] = None) -> Tuple[List[FinishedJob], List[Skipped]]:
+def finished_jobs(db: Any, since: Optional[float] = None,
+                  until: Optional[float] = None, host: Optional[str] = None,
+                  ) -> Tuple[List[FinishedJob], List[Skipped]]:
     """Jobs that ended in [since, until), oldest end first; and jobs of the
-    window that cannot be exported yet (still running), with the reason."""
-    host = host_name()
+    window that cannot be exported yet (still running), with the reason. *host*
+    names a node store's jobs (default :func:`host_name`); the central store's
+    jobs carry their node's."""
+    host = host or host_name()
     out: List[FinishedJob] = []
     skipped: List[Skipped] = []
     # Every job of the window: an export must not stop at the report's default limit.
@@ -123,14 +133,19 @@ def finished_jobs(db: sqlite3.Connection, since: Optional[float] = None,
                                                           and j["ended"] >= until):
             continue
         usage = dict(j["usage"])
+        if "host" in j:  # the central store: the site user (map-user), else user@host
+            user = j["owner"] if j["owner"] != "?" else None
+        else:
+            user = user_of(j["owner_uid"])
         out.append(FinishedJob(
             jid=jid, name=j["name"], owner_uid=j["owner_uid"],
-            user=user_of(j["owner_uid"]), tags=dict(j["tags"]), created=j["created"],
+            user=user, tags=dict(j["tags"]), created=j["created"],
             ended=j["ended"], backend=j["backend"], params=dict(j["params"]),
             usage={k: v for k, v in usage.items()
                    if k not in ("sources", "chosen", "incomplete", "note", "fallback")},
-            host=host, sources=usage.get("sources", {}), chosen=usage.get("chosen", {}),
-            incomplete=usage.get("incomplete", {}), note=usage.get("note")))
+            host=j.get("host") or host, sources=usage.get("sources", {}),
+            chosen=usage.get("chosen", {}), incomplete=usage.get("incomplete", {}),
+            note=usage.get("note")))
     out.sort(key=lambda f: (f.ended, f.jid))
     return out, skipped
 

@@ -47,8 +47,8 @@ def _sub(parent: ET.Element, name: str, text: Optional[str] = None,
     return el
 
 
-def job_element(job: FinishedJob, *, job_id_tag: str = "job_id",
-                queue_tag: str = "partition", project_tag: str = "account",
+def job_element(job: FinishedJob, *, job_id_tag: str = "wlm_job_id",
+                queue_tag: str = "queue", project_tag: str = "account",
                 global_user_names: Mapping[str, str] = {},
                 charge: Optional[ChargeFn] = None,
                 created: Optional[float] = None) -> ET.Element:
