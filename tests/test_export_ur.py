@@ -123,3 +123,14 @@ def test_output_errors_and_format_flags(tmp_path, capsys):
         for flag in ("--json", "--csv"):
             assert main(["export", fmt, "--db", db, flag]) == 2
             assert f"--{flag[2:]} does not apply here" in capsys.readouterr().err
+
+
+def test_control_characters_in_a_tag_leave_the_document_well_formed(tmp_path):
+    """XML 1.0 cannot hold most control characters even escaped; a user's tag may."""
+    db = make_store(tmp_path, [_job(1, NOW - 7200, 60, tags={"queue": "q\x01\x1b[2J",
+                                                              "wlm_job_id": "7\x00"})])
+    out = tmp_path / "ur.xml"
+    assert main(["export", "ur", "--db", db, "-o", str(out)]) == 0
+    r = ET.parse(out).getroot().find("urf:JobUsageRecord", NS)   # parses
+    assert r.find("urf:Queue", NS).text == "q\ufffd\ufffd[2J"
+    xmlschema.XMLSchema(str(SCHEMA)).validate(str(out))

@@ -11,6 +11,7 @@ billing rates, ``elsa.export.cli.billing_charge``); without one it is left out.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import xml.etree.ElementTree as ET
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
@@ -39,11 +40,20 @@ def timestamp(epoch: float) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
+#: What XML 1.0 cannot hold at all, even escaped (its Char production): ElementTree
+#: would write it as it is and the document would not parse. A user's tag may hold it.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_text(text: str) -> str:
+    return _NOT_XML.sub("\ufffd", text)
+
+
 def _sub(parent: ET.Element, name: str, text: Optional[str] = None,
          **attrs: str) -> ET.Element:
-    el = ET.SubElement(parent, _q(name), {_q(k): v for k, v in attrs.items()})
+    el = ET.SubElement(parent, _q(name), {_q(k): _xml_text(v) for k, v in attrs.items()})
     if text is not None:
-        el.text = text
+        el.text = _xml_text(text)
     return el
 
 
