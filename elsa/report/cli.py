@@ -312,8 +312,10 @@ def cmd_job(args: argparse.Namespace, out) -> int:
 
 
 def cmd_import_acct(args: argparse.Namespace, out) -> int:
+    from elsa.logsetup import configure
     from elsa.report.importer import import_files
 
+    configure("warning", stream=sys.stderr)  # "store migrated" lines are not the report
     path = _db_path(args)
     results = import_files(path, args.files, attribute=not args.no_attribute)
     bad = 0

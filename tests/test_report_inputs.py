@@ -1,0 +1,108 @@
+"""`elsa` reports given bad or unusual input: a store that cannot be opened, a
+pacct file that is corrupt or gzipped, odd store paths, hostile command names,
+contradictory options. Each gets a clear one-line error or a faithful report,
+never a traceback or a silently wrong table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from elsa.kernel import pacct
+from elsa.report.cli import main
+
+T0 = 1_700_000_000
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _records(n: int = 100, comm: str = "x", t0: int = T0) -> List[pacct.AcctRecord]:
+    return [pacct.AcctRecord(offset=0, flag=0, tty=0, exitcode=0, uid=1000 + i % 2, gid=0,
+                             pid=2000 + i, ppid=1, btime=t0 + i * 60, etime=100.0, utime=10,
+                             stime=1, mem=1000, io=0, rw=0, minflt=1, majflt=0, comm=comm)
+            for i in range(n)]
+
+
+@pytest.fixture
+def acct(tmp_path: Path) -> Path:
+    f = tmp_path / "pacct"
+    f.write_bytes(pacct.encode(_records()))
+    return f
+
+
+def _store(tmp_path: Path, acct: Path, name: str = "elsa.db") -> str:
+    db = str(tmp_path / name)
+    assert main(["import-acct", "--db", db, str(acct)]) == 0
+    return db
+
+
+def _run(capsys, argv):
+    rc = main(argv)
+    c = capsys.readouterr()
+    return rc, c.out, c.err
+
+
+# -- import-acct: the store cannot be opened -------------------------------------------
+
+def test_import_acct_store_problems_are_one_line_errors(tmp_path, acct, capsys):
+    good = _store(tmp_path, acct)
+    capsys.readouterr()
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "notdb").write_text("[daemon]\n" * 200)
+    with open(good, "rb") as fh:
+        (tmp_path / "trunc.db").write_bytes(fh.read(8000))
+    cases = {
+        str(tmp_path / "dir"): "it is a directory",
+        str(tmp_path / "notdb"): "not an SQLite database",
+        str(tmp_path / "trunc.db"): f"store-salvage --db {tmp_path / 'trunc.db'}",
+        str(tmp_path / "notdb" / "x.db"): "is a file, not a directory",
+    }
+    for db, want in cases.items():
+        rc, out, err = _run(capsys, ["import-acct", "--db", db, str(acct)])
+        assert rc == 2, db
+        assert err.startswith("elsa: ") and len(err.splitlines()) == 1, err
+        assert db in err and want in err, err
+        assert "Traceback" not in err
+
+
+@pytest.mark.root
+def test_import_acct_into_a_store_this_user_cannot_write(tmp_path, acct):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run as nobody")
+    d = Path(tempfile.mkdtemp(prefix="elsa-test-import-"))  # tmp_path is root's only
+    try:
+        os.chmod(d, 0o755)
+        shutil.copy(acct, d / "pacct")
+        os.chmod(d / "pacct", 0o644)
+        db = str(d / "elsa.db")
+        assert main(["import-acct", "--db", db, str(d / "pacct")]) == 0
+        os.chmod(db, 0o644)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for target, want in ((db, "run it as the store's owner"),
+                             (str(d / "new.db"), f"creates files in {d}")):
+            r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534",
+                                "--clear-groups", "--", sys.executable, "-m", "elsa.report.cli",
+                                "import-acct", "--db", target, str(d / "pacct")],
+                               capture_output=True, text=True, env=env, cwd="/")
+            assert r.returncode == 2, r.stderr
+            assert "Traceback" not in r.stderr and want in r.stderr, r.stderr
+    finally:
+        shutil.rmtree(d)
+
+
+def test_import_acct_json_into_a_new_store_is_only_json(tmp_path, acct):
+    # In a subprocess: the log setup is process-wide (structlog's default prints to stdout).
+    r = subprocess.run([sys.executable, "-m", "elsa.report.cli", "import-acct", "--db",
+                        str(tmp_path / "new" / "elsa.db"), "--json", str(acct)],
+                       capture_output=True, text=True, env={**os.environ,
+                                                            "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res[0]["records"] == 100 and res[0]["inserted"] == 100
