@@ -106,3 +106,45 @@ def test_import_acct_json_into_a_new_store_is_only_json(tmp_path, acct):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res[0]["records"] == 100 and res[0]["inserted"] == 100
+
+
+# -- summary --acct-file ----------------------------------------------------------------
+
+def test_acct_file_corruption_is_reported_with_file_and_offset(tmp_path, acct, capsys):
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00\x20" * 500)
+    trunc = tmp_path / "trunc"
+    trunc.write_bytes(acct.read_bytes()[:4000])
+    rc, out, err = _run(capsys, ["summary", "--acct-file", str(garbage)])
+    assert rc == 1 and f"elsa summary: {garbage}: offset 0: not an acct record" in err
+    rc, out, err = _run(capsys, ["summary", "--by", "user", "--json", "--acct-file", str(trunc)])
+    want = f"{trunc}: offset 3968: truncated record: 32 of 64 bytes at the end of the file"
+    assert rc == 1 and want in err
+    rows = json.loads(out)
+    assert sum(r["processes"] for r in rows) == 62
+    assert all(r["problems"][0].startswith(want) for r in rows)
+    rc, out, err = _run(capsys, ["summary", "--json", "--acct-file", str(acct)])
+    assert rc == 0 and err == "" and "problems" not in json.loads(out)[0]
+
+
+def test_acct_file_window_and_store_only_options(tmp_path, acct, capsys):
+    rc, out, err = _run(capsys, ["summary", "--json", "--acct-file", str(acct),
+                                 "--since", str(T0 + 60 * 50), "--until", str(T0 + 60 * 60)])
+    assert rc == 0 and sum(r["processes"] for r in json.loads(out)) == 10
+    rc, out, err = _run(capsys, ["summary", "--acct-file", str(acct), "--since", "2100-01-01"])
+    assert rc == 0 and len(out.splitlines()) == 1  # the header alone
+    for opt in (["--source", "taskstats"], ["--tag", "a=b"]):
+        rc, out, err = _run(capsys, ["summary", "--acct-file", str(acct), *opt])
+        assert rc == 2 and f"elsa: {opt[0]} selects records of the store" in err
+
+
+def test_acct_file_takes_several_files_and_gzip(tmp_path, acct, capsys):
+    import gzip
+
+    gz = tmp_path / "pacct.1.gz"
+    gz.write_bytes(gzip.compress(pacct.encode(_records(t0=T0 - 86400))))
+    rc, out, err = _run(capsys, ["summary", "--json", "--acct-file", str(acct), str(gz)])
+    assert rc == 0 and err == "" and sum(r["processes"] for r in json.loads(out)) == 200
+    db = str(tmp_path / "elsa.db")
+    rc, out, err = _run(capsys, ["import-acct", "--db", db, "--json", str(gz)])
+    assert rc == 0 and json.loads(out)[0]["inserted"] == 100

@@ -31,6 +31,9 @@ from elsa.errors import ElsaError
 NO_SOURCE = ("no accounting source measured this job (is a source enabled? see "
              "'elsa-jobmng status'; taskstats and cgroupstat are on by default)")
 
+#: Problems of a pacct input printed one by one; the rest are counted.
+MAX_PROBLEMS = 20
+
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -164,13 +167,34 @@ def _emit(args: argparse.Namespace, data: Any, csv_rows: Optional[List[Dict[str,
 
 # -- commands -----------------------------------------------------------------------------------
 
+def _warn_problems(command: str, where: str, problems: Sequence[str]) -> None:
+    """The first problems of *where* (a file, or the input) on stderr, then how many more."""
+    for p in problems[:MAX_PROBLEMS]:
+        sys.stderr.write(f"elsa {command}: {p}\n")
+    if len(problems) > MAX_PROBLEMS:
+        sys.stderr.write(f"elsa {command}: {where}: {len(problems) - MAX_PROBLEMS} more "
+                         "problems\n")
+
+
 def cmd_summary(args: argparse.Namespace, out) -> int:
+    problems: List[str] = []
     if args.acct_file:
         if args.by == "job":
             raise ElsaError("--acct-file summarizes by user or command; jobs need the store")
+        for opt, value in (("--source", args.source), ("--tag", args.tag),
+                           ("--host", args.host)):
+            if value:
+                raise ElsaError(f"{opt} selects records of the store; --acct-file reads the "
+                                "pacct files given, which have one source (bsdacct), no jobs "
+                                f"and one host: leave out {opt}, or summarize the store")
         from elsa.report.acctfile import summarize
 
-        rows = summarize(args.acct_file, args.by)
+        files = [f for group in args.acct_file for f in group]
+        rows, problems = summarize(files, args.by, args.since, args.until)
+        _warn_problems("summary", "the --acct-file input", problems)
+        if problems:
+            for r in rows:
+                r["problems"] = problems
     else:
         from elsa.report import query
 
@@ -203,7 +227,7 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
         _table(body, header, out)
 
     _emit(args, rows, rows, table, out)
-    return 0
+    return 1 if problems else 0
 
 
 def cmd_jobs(args: argparse.Namespace, out) -> int:
@@ -320,11 +344,7 @@ def cmd_import_acct(args: argparse.Namespace, out) -> int:
     results = import_files(path, args.files, attribute=not args.no_attribute)
     bad = 0
     for r in results:
-        for p in r["problems"][:20]:
-            sys.stderr.write(f"elsa import-acct: {p}\n")
-        if len(r["problems"]) > 20:
-            sys.stderr.write(f"elsa import-acct: {r['file']}: {len(r['problems']) - 20} more "
-                             "problems\n")
+        _warn_problems("import-acct", r["file"], r["problems"])
         if r["problems"]:
             bad += 1
     if args.json:
@@ -377,8 +397,9 @@ def _add_summary(sub: Any, common: Any, window: Any, site: Any) -> None:
                    help="only jobs with this tag (repeatable; with --by job)")
     s.add_argument("--by", choices=("job", "user", "command"), default="user")
     s.add_argument("--source", help="count only this source's process records")
-    s.add_argument("--acct-file", action="append", metavar="PACCT",
-                   help="summarize this pacct file directly, like GNU sa (repeatable)")
+    s.add_argument("--acct-file", action="append", nargs="+", metavar="PACCT",
+                   help="summarize these pacct files directly, like GNU sa (gzip files "
+                   "too; repeatable)")
     s.set_defaults(func=cmd_summary)
 
 
