@@ -148,3 +148,22 @@ def test_acct_file_takes_several_files_and_gzip(tmp_path, acct, capsys):
     db = str(tmp_path / "elsa.db")
     rc, out, err = _run(capsys, ["import-acct", "--db", db, "--json", str(gz)])
     assert rc == 0 and json.loads(out)[0]["inserted"] == 100
+
+
+# -- store paths -------------------------------------------------------------------------
+
+def test_store_path_with_uri_characters_is_that_file(tmp_path, acct, capsys):
+    odd = tmp_path / "st#1?x=%41.db"
+    db = _store(tmp_path, acct, odd.name)
+    capsys.readouterr()
+    rc, out, err = _run(capsys, ["summary", "--json", "--db", db])
+    assert rc == 0, err
+    assert sum(r["processes"] for r in json.loads(out)) == 100
+    assert {p.name for p in tmp_path.iterdir()} <= {"pacct", odd.name, odd.name + "-wal",
+                                                    odd.name + "-shm"}  # no "st" made
+    (tmp_path / "d.db").mkdir()
+    rc, out, err = _run(capsys, ["jobs", "--db", str(tmp_path / "d.db")])
+    assert rc == 2 and "it is a directory" in err
+    from elsa.report.salvage import salvage
+
+    assert salvage(db)["rows"]["proc_usage"] == 100

@@ -29,7 +29,6 @@ import sqlite3
 import stat
 import threading
 import time
-import urllib.parse
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.core.aggregator import INSERT_PROC, live_bulk
@@ -70,12 +69,6 @@ def salvage_hint(path: str) -> str:
     if os.path.basename(path) == DB_NAME:
         return SALVAGE_HINT.format(dir=d)
     return SALVAGE_HINT.replace("--state-dir {dir}", "--db {dir}").format(dir=path)
-
-
-def readonly_uri(path: str) -> str:
-    """The SQLite URI that opens the file *path* read-only: the path quoted, so
-    that '#', '?' or '%' in it stay part of the file name."""
-    return f"file:{urllib.parse.quote(path)}?mode=ro"
 
 
 _SQLITE_CORRUPT = 11
