@@ -5,9 +5,12 @@ never a traceback or a silently wrong table."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -167,3 +170,48 @@ def test_store_path_with_uri_characters_is_that_file(tmp_path, acct, capsys):
     from elsa.report.salvage import salvage
 
     assert salvage(db)["rows"]["proc_usage"] == 100
+
+
+# -- hostile names -----------------------------------------------------------------------
+
+EVIL = "\x1b[2Jzz\nq"  # clears the screen, then forges a line
+
+
+def test_control_characters_are_escaped_in_every_table(tmp_path, capsys):
+    f = tmp_path / "pacct"
+    f.write_bytes(pacct.encode(_records(3, comm=EVIL)))
+    db = _store(tmp_path, f)
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO jobs VALUES (42, ?, 0, '{}', ?, ?, 'ended', 'cnproc', '{}')",
+                (EVIL, T0, T0 + 700))
+    con.execute("UPDATE proc_usage SET jid = 42")
+    con.execute("INSERT INTO app_runs(host_id, boot_id, pid, start_ticks, exec_ns, exec_time, "
+                "end_reason, exe_path, path_status, comm, uid, jid) VALUES (1, 'b', 2000, 1, 1, ?, "
+                "'exit', ?, 'resolved', ?, 0, 42)", (T0 + 1, "/tmp/" + EVIL, EVIL))
+    con.commit()
+    con.close()
+    capsys.readouterr()
+    shown = "\\x1b[2Jzz\\nq"
+    for argv, lines in ((["summary", "--by", "command"], 2),
+                        (["apps", "--by", "binary", "--since", str(T0)], 2),
+                        (["apps", "--job", "0x2a"], 2),
+                        (["jobs", "--format", "jid,name", "-P"], 2)):
+        rc, out, err = _run(capsys, [*argv, "--db", db])
+        assert rc == 0, err
+        assert "\x1b" not in out and len(out.splitlines()) == lines, out
+        assert shown in out, out
+    rc, out, err = _run(capsys, ["job", "0x2a", "--db", db])
+    assert rc == 0 and "\x1b" not in out and out.count(shown) == 4
+    assert not any(line.startswith("q") for line in out.splitlines())
+    from elsa.report.ja import print_report
+
+    buf = io.StringIO()
+    print_report({"flow": [{"command": EVIL, "pid": 7, "cpu_us": 0, "running": False,
+                            "children": []}], "notes": []}, "f", buf)
+    assert buf.getvalue().startswith(shown) and len(buf.getvalue().splitlines()) == 1
+    # CSV and JSON keep the name as it is: quoted, one record per process group.
+    rc, out, err = _run(capsys, ["summary", "--by", "command", "--csv", "--db", db])
+    rows = list(csv.reader(io.StringIO(out)))
+    assert len(rows) == 2 and rows[1][0] == EVIL
+    rc, out, err = _run(capsys, ["summary", "--by", "command", "--json", "--db", db])
+    assert json.loads(out)[0]["command"] == EVIL

@@ -139,7 +139,27 @@ def _fmt_time(t: Optional[float]) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """*text* with its control and other non-printable characters written as
+    escapes (\\n, \\x1b, \\u202e): a command name or path is any user's choice,
+    and raw ones could forge table rows or drive the terminal of whoever reads
+    the report."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _ESCAPES.get(ch) or _escape(ord(ch))
+                   for ch in text)
+
+
+def _escape(code: int) -> str:
+    return f"\\x{code:02x}" if code < 0x100 else (
+        f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
 def _table(rows: List[List[str]], header: List[str], out) -> None:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
     out.write("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip() + "\n")
@@ -289,7 +309,7 @@ def cmd_job(args: argparse.Namespace, out) -> int:
 
     def table() -> None:
         u = detail["usage"]
-        out.write(f"job {format_jid(jid)}  {detail.get('name', '')}  "
+        out.write(f"job {format_jid(jid)}  {printable(detail.get('name') or '')}  "
                   f"owner {detail.get('owner', '?')}  "
                   f"{detail.get('state', '?')}  created {_fmt_time(detail.get('created'))}  "
                   f"ended {_fmt_time(detail.get('ended'))}\n")
@@ -328,7 +348,8 @@ def cmd_job(args: argparse.Namespace, out) -> int:
                 for p in detail["processes"]]
         _table(body, header, out)
         for f in detail.get("folded", ()):
-            out.write(f"folded ([thresholds]): {f['processes']} small {f['comm']} records, "
+            out.write(f"folded ([thresholds]): {f['processes']} small {printable(f['comm'])} "
+                      "records, "
                       f"user {_fmt_us(f['cpu_user_us'])} sys {_fmt_us(f['cpu_system_us'])}\n")
 
     _emit(args, detail, detail["processes"], table, out)
