@@ -215,3 +215,25 @@ def test_control_characters_are_escaped_in_every_table(tmp_path, capsys):
     assert len(rows) == 2 and rows[1][0] == EVIL
     rc, out, err = _run(capsys, ["summary", "--by", "command", "--json", "--db", db])
     assert json.loads(out)[0]["command"] == EVIL
+
+
+# -- options that cannot mean anything ---------------------------------------------------
+
+def test_eff_csv_inverted_window_and_unknown_source_are_refused(tmp_path, acct, capsys):
+    db = _store(tmp_path, acct)
+    capsys.readouterr()
+    rc, out, err = _run(capsys, ["eff", "0x1", "--csv", "--db", db])
+    assert rc == 2 and "not --csv" in err and out == ""
+    for cmd in (["jobs"], ["summary", "--by", "user"], ["apps"]):
+        rc, out, err = _run(capsys, [*cmd, "--db", db, "--since", "2026-11-28",
+                                     "--until", "2026-11-01"])
+        assert rc == 2 and "the window is empty: --until" in err and out == "", cmd
+    rc, out, err = _run(capsys, ["summary", "--acct-file", str(acct), "--since", "2026-11-28",
+                                 "--until", "2026-11-01"])
+    assert rc == 2 and "the window is empty" in err
+    for cmd in (["summary", "--by", "user"], ["job", "0x1"]):
+        rc, out, err = _run(capsys, [*cmd, "--db", db, "--source", "taskstat"])
+        assert rc == 2 and "--source 'taskstat': no such source" in err, err
+        assert "bsdacct" in err and "taskstats" in err
+    rc, out, err = _run(capsys, ["summary", "--json", "--db", db, "--source", "bsdacct"])
+    assert rc == 0 and sum(r["processes"] for r in json.loads(out)) == 100

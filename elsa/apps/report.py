@@ -231,6 +231,7 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
         cli._emit(args, data, data, table, out)
         return 0
 
+    cli.check_window(args.since, args.until)
     wire = {"by": args.by, "since": args.since, "until": args.until, "path": args.path,
             "package": args.package, "comm": args.comm, "uid": _uid(args.user)}
     rows = cli._report(args, "apps", wire, lambda db: usage(

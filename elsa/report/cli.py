@@ -81,6 +81,31 @@ def _site_filters(args: argparse.Namespace, db: Any) -> Dict[str, Any]:
     return {"hosts": hosts, "tags": tags}
 
 
+def check_window(since: Optional[float], until: Optional[float]) -> None:
+    """Refuse a window that holds no time (--until not after --since)."""
+    if since is not None and until is not None and until <= since:
+        raise ElsaError(f"the window is empty: --until ({_fmt_time(until)}) must be after "
+                        f"--since ({_fmt_time(since)})")
+
+
+def check_source(db: Any, source: Optional[str]) -> None:
+    """Refuse a --source that names no source of the store nor of this host
+    (a typo gave an empty report)."""
+    if source is None:
+        return
+    from elsa.core.usage import load_priorities
+
+    known = set(load_priorities(db))
+    if source in known:
+        return
+    from elsa.plugins import PluginHost, build_plugin_manager
+
+    known |= set(PluginHost(build_plugin_manager()).sources())
+    if source not in known:
+        raise ElsaError(f"--source {source!r}: no such source; the known sources are "
+                        f"{', '.join(sorted(known))}")
+
+
 def _report(args: argparse.Namespace, name: str, wire: Dict[str, Any], local) -> Any:
     """The report from the store when this user can read it, else from elsad
     (the ``report`` operation, under the private_data policy)."""
@@ -197,6 +222,7 @@ def _warn_problems(command: str, where: str, problems: Sequence[str]) -> None:
 
 
 def cmd_summary(args: argparse.Namespace, out) -> int:
+    check_window(args.since, args.until)
     problems: List[str] = []
     if args.acct_file:
         if args.by == "job":
@@ -218,10 +244,13 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
     else:
         from elsa.report import query
 
+        def local(db: Any) -> Any:
+            check_source(db, args.source)
+            return query.summary(db, args.by, args.since, args.until, args.source,
+                                 **_site_filters(args, db))
+
         rows = _report(args, "summary", {"by": args.by, "since": args.since,
-                                         "until": args.until, "source": args.source},
-                       lambda db: query.summary(db, args.by, args.since, args.until,
-                                                args.source, **_site_filters(args, db)))
+                                         "until": args.until, "source": args.source}, local)
 
     def table() -> None:
         if args.by == "job":
@@ -257,6 +286,7 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
         sacct.format_help(out)
         return 0
     root_exits = bool(args.format or args.parsable2 or args.noheader)
+    check_window(args.since, args.until)
 
     def local(db):
         rows = query.jobs(db, args.since, args.until, args.state, **_site_filters(args, db))
@@ -302,8 +332,11 @@ def cmd_job(args: argparse.Namespace, out) -> int:
         jid = parse_jid(args.jid)
     except ValueError as exc:
         raise ElsaError(str(exc)) from None
-    detail = _report(args, "job", {"jid": format_jid(jid), "source": args.source},
-                     lambda db: query.job_detail(db, jid, args.source))
+    def local(db: Any) -> Any:
+        check_source(db, args.source)
+        return query.job_detail(db, jid, args.source)
+
+    detail = _report(args, "job", {"jid": format_jid(jid), "source": args.source}, local)
     if detail is None:
         raise ElsaError(f"no job {format_jid(jid)} in the store; list jobs with 'elsa jobs'")
 

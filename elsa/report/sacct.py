@@ -318,6 +318,9 @@ def cmd_eff(args: argparse.Namespace, out) -> int:
     from elsa.core.model import format_jid, parse_jid
     from elsa.report import query
 
+    if args.csv:
+        raise ElsaError("elsa eff prints a text report or --json, not --csv")
+
     try:
         jid = parse_jid(args.jid)
     except ValueError as exc:
