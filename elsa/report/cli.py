@@ -390,12 +390,17 @@ def cmd_job(args: argparse.Namespace, out) -> int:
 
 
 def cmd_import_acct(args: argparse.Namespace, out) -> int:
-    from elsa.logsetup import configure
+    from elsa.logsetup import configure, structlog
     from elsa.report.importer import import_files
 
-    configure("warning", stream=sys.stderr)  # "store migrated" lines are not the report
-    path = _db_path(args)
-    results = import_files(path, args.files, attribute=not args.no_attribute)
+    # The store's "store migrated" lines are not the report; main() may be called
+    # in a process that has its own log setup, which is put back.
+    saved = structlog.get_config()
+    configure("warning", stream=sys.stderr)
+    try:
+        results = import_files(_db_path(args), args.files, attribute=not args.no_attribute)
+    finally:
+        structlog.configure(**saved)
     bad = 0
     for r in results:
         _warn_problems("import-acct", r["file"], r["problems"])
