@@ -237,3 +237,27 @@ def test_eff_csv_inverted_window_and_unknown_source_are_refused(tmp_path, acct, 
         assert "bsdacct" in err and "taskstats" in err
     rc, out, err = _run(capsys, ["summary", "--json", "--db", db, "--source", "bsdacct"])
     assert rc == 0 and sum(r["processes"] for r in json.loads(out)) == 100
+
+
+def test_apps_globs_match_case_as_the_central_store_does(tmp_path, acct, capsys):
+    db = _store(tmp_path, acct)
+    con = sqlite3.connect(db)
+    for pid, path, package in ((1, "/usr/bin/xz", "xz-utils"), (2, "/usr/bin/python3.11", None)):
+        con.execute("INSERT INTO app_runs(host_id, boot_id, pid, start_ticks, exec_ns, "
+                    "exec_time, end_reason, exe_path, path_status, comm, uid, package) "
+                    "VALUES (1, 'b', ?, 1, ?, ?, 'exit', ?, 'resolved', 'c', 0, ?)",
+                    (pid, pid, T0 + pid, path, package))
+    con.commit()
+    con.close()
+    capsys.readouterr()
+
+    def paths(*opts: str) -> List[str]:
+        rc, out, err = _run(capsys, ["apps", "--json", "--db", db, *opts])
+        assert rc == 0, err
+        return sorted(r.get("exe_path") or r.get("package") for r in json.loads(out))
+
+    assert paths("--path", "/usr/bin/*") == ["/usr/bin/python3.11", "/usr/bin/xz"]
+    assert paths("--path", "/usr/bin/python3.1?") == ["/usr/bin/python3.11"]
+    assert paths("--path", "/USR/BIN/XZ") == []
+    assert paths("--package", "XZ*", "--by", "package") == []
+    assert paths("--package", "xz*", "--by", "package") == ["xz-utils"]

@@ -95,6 +95,9 @@ def open_store(path: str, readonly: bool = True) -> sqlite3.Connection:
         else:
             db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
         (version,) = db.execute("PRAGMA user_version").fetchone()
+        # LIKE matches case as PostgreSQL's does: the reports' globs (elsa apps
+        # --path/--package) answer the same on a node and on the central store.
+        db.execute("PRAGMA case_sensitive_like = ON")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read store {path}: {exc}") from None
     if version < USAGE_SCHEMA:
