@@ -34,7 +34,9 @@ def _loop_rows(paths: List[str], by: str) -> List[Dict[str, Any]]:
 
 
 def _summary(paths: List[str], by: str) -> List[Dict[str, Any]]:
-    return sorted(acctfile.summarize(paths, by), key=lambda r: str(r[by]))
+    rows, problems = acctfile.summarize(paths, by)
+    assert not problems
+    return sorted(rows, key=lambda r: str(r[by]))
 
 
 @pytest.mark.parametrize("big_endian", [False, True])
@@ -66,8 +68,9 @@ def test_corrupt_record_goes_general_path(tmp_path):
     p = tmp_path / "pacct"
     p.write_bytes(bytes(data))
     assert acctfile._streamed([str(p)], "command") is None
-    rows = acctfile.summarize([str(p)], "command")
-    assert rows and all(r.get("problems") for r in rows)
+    rows, problems = acctfile.summarize([str(p)], "command")
+    assert rows and len(problems) == 1
+    assert problems[0].startswith(f"{p}: offset 640: not an acct record (version byte 0x7f")
 
 
 def test_large_uid_and_hash_collision_go_general_path(tmp_path, monkeypatch):
@@ -79,3 +82,51 @@ def test_large_uid_and_hash_collision_go_general_path(tmp_path, monkeypatch):
     monkeypatch.setattr(acctfile, "_slot_of", lambda comm: np.zeros(len(comm), dtype=np.intp))
     assert acctfile._streamed([str(p)], "command") is None
     assert _summary([str(p)], "command") == _loop_rows([str(p)], "command")
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+@pytest.mark.parametrize("by", ["command", "user"])
+def test_window_keeps_the_records_that_ended_in_it(tmp_path, monkeypatch, by, use_numpy):
+    """[since, until) on btime + etime, as the store's windows (tests/test_report.py)."""
+    if not use_numpy:
+        monkeypatch.setattr(pacct, "_numpy", None)
+    monkeypatch.setattr(acctfile, "CHUNK_RECORDS", 64)
+    recs = _records(500)
+    p = tmp_path / "pacct"
+    p.write_bytes(pacct.encode(recs))
+    ends = sorted(r.btime + r.etime / pacct.AHZ for r in recs)
+    since, until = ends[100], ends[300]  # a record ends exactly at each bound
+    kept = [r for r in recs if since <= r.btime + r.etime / pacct.AHZ < until]
+    q = tmp_path / "kept"
+    q.write_bytes(pacct.encode(kept))
+    rows, problems = acctfile.summarize([str(p)], by, since, until)
+    want, _ = acctfile.summarize([str(q)], by)
+    assert not problems and len(kept) == 200
+    key = lambda r: str(r[by])  # noqa: E731
+    assert sorted(rows, key=key) == sorted(want, key=key)
+    # The checked decoder's path (a corrupt record first) applies the same window.
+    data = bytearray(p.read_bytes())
+    data[1] = 0x7F
+    p.write_bytes(bytes(data))
+    rows, problems = acctfile.summarize([str(p)], by, since, until)
+    assert len(problems) == 1 and sorted(rows, key=key) == sorted(want, key=key)
+
+
+@pytest.mark.parametrize("by", ["command", "user"])
+def test_gzip_files_are_read_like_plain_ones(tmp_path, monkeypatch, by):
+    import gzip
+
+    monkeypatch.setattr(acctfile, "CHUNK_RECORDS", 64)
+    plain = tmp_path / "pacct"
+    plain.write_bytes(pacct.encode(_records(700)))
+    gz = tmp_path / "pacct.1.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    assert acctfile._streamed([str(gz)], by) is not None
+    assert _summary([str(gz)], by) == _summary([str(plain)], by)
+    dec = pacct.read_file(str(gz))
+    assert dec.count == 700 and not dec.problems
+    # A damaged compressed file: the records before the damage, and a problem naming it.
+    gz.write_bytes(gz.read_bytes()[:len(gz.read_bytes()) // 2])
+    rows, problems = acctfile.summarize([str(gz)], by)
+    assert rows and 0 < sum(r["processes"] for r in rows) < 700
+    assert any(f"{gz}: offset" in p and "compressed data damaged" in p for p in problems)

@@ -120,6 +120,7 @@ def test_every_report_statement_runs_on_postgresql_with_the_same_answer(pg: str,
     psql.run(f"CREATE TABLE {record.TABLE} (id BIGSERIAL PRIMARY KEY, {cols}, "
              f"UNIQUE ({', '.join(record.KEY)}))")
     lite = sqlite3.connect(tmp_path / "s.db")
+    lite.execute("PRAGMA case_sensitive_like = ON")  # as elsa.report.connect.open_store
     lite.execute("CREATE TABLE proc_usage (id INTEGER PRIMARY KEY, pid INTEGER, end_time REAL)")
     for stmt in _split_sql(record.MIGRATION):
         lite.execute(stmt)
@@ -142,5 +143,6 @@ def test_every_report_statement_runs_on_postgresql_with_the_same_answer(pg: str,
     report.usage(both, "user", path="/home/*", since=1000.0, until=2000.0)
     report.usage(both, "binary", path="/home/ann/bin/o'k_1")  # quote and a literal '_'
     report.usage(both, "package", package="gcc*", comm="gcc", uid=1000, jid=7)
+    assert not report.usage(both, "binary", path="/USR/BIN/*")  # case counts on both
     assert report.job_programs(both, 7)
-    assert both.n == 8
+    assert both.n == 9

@@ -8,7 +8,8 @@ the same report code.
     elsa apps --by binary|package|user|job [--since T] [--until T] [filters]
     elsa apps --job JID                   a job's programs in exec order
 
-Filters: ``--path GLOB`` (resolved path; ``*`` matches across ``/``),
+Filters: ``--path GLOB`` (resolved path; ``*`` matches across ``/``, ``?`` one
+character, case counts: LIKE, case-sensitive on both stores),
 ``--package GLOB``, ``--comm NAME``, ``--user NAME|UID``; on the central store
 ``--host NAME`` (repeatable) selects nodes. The period selects
 images by their exec time. Wall time counts ended images (end - exec); CPU
@@ -231,6 +232,7 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
         cli._emit(args, data, data, table, out)
         return 0
 
+    cli.check_window(args.since, args.until)
     wire = {"by": args.by, "since": args.since, "until": args.until, "path": args.path,
             "package": args.package, "comm": args.comm, "uid": _uid(args.user)}
     rows = cli._report(args, "apps", wire, lambda db: usage(

@@ -35,6 +35,7 @@ from elsa.config import Option, non_negative, positive
 from elsa.core.usage import PRIORITY_KEY
 from elsa.errors import ElsaError, StoreError
 from elsa.logsetup import structlog
+from elsa.report.connect import readonly_uri
 from elsa.users import user_name
 
 log = structlog.get_logger("elsa.central")
@@ -188,10 +189,9 @@ class Shipper:
     def _open_local(self) -> None:
         self.store.submit(_BOOKKEEPING)
         self.store.flush()
-        self._local = sqlite3.connect(f"file:{self.store.path}?mode=ro", uri=True,
-                                      timeout=30.0, isolation_level=None)
-        self._reader = sqlite3.connect(f"file:{self.store.path}?mode=ro", uri=True,
-                                       timeout=30.0, check_same_thread=False)
+        uri = readonly_uri(self.store.path)
+        self._local = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+        self._reader = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
         row = self._local.execute("SELECT value FROM meta WHERE key = ?", (MARK_KEY,)).fetchone()
         self._mark = int(row[0]) if row else 0
         row = self._local.execute("SELECT value FROM meta WHERE key = ?",

@@ -60,6 +60,17 @@ STATE_DIR_MODE = 0o711
 SALVAGE_HINT = ("stop elsad, then run 'elsa store-salvage --state-dir {dir}' to copy what is "
                 "readable into a new store (the damaged file is kept beside it)")
 
+
+
+def salvage_hint(path: str) -> str:
+    """SALVAGE_HINT for the store file at *path* (named by --db when it is not
+    a state_dir's elsa.db)."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) == DB_NAME:
+        return SALVAGE_HINT.format(dir=d)
+    return SALVAGE_HINT.replace("--state-dir {dir}", "--db {dir}").format(dir=path)
+
+
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 

@@ -22,13 +22,17 @@ could decode plus a list of :class:`~elsa.errors.AccountingFormatError`
 problems, each naming the file and byte offset. After a bad record it
 resynchronises by scanning for the next offset where a plausible record starts.
 Following a file as the kernel appends to it: :mod:`elsa.kernel.pacct_follower`.
+A gzip-compressed file (a rotation compressed by Debian's ``savelog``:
+``pacct.1.gz``) is read decompressed; offsets then count decompressed bytes.
 """
 
 from __future__ import annotations
 
+import gzip
 import math
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -557,15 +561,52 @@ def _foreign_offsets(cols: Dict[str, Any], file_big: bool) -> List[int]:
     return [o for o, b in zip(offs, big) if b != file_big]
 
 
-def read_file(path: str, *, use_numpy: Optional[bool] = None) -> Decoded:
-    """Decode a whole pacct file (a trailing partial record is reported as truncated)."""
+#: The first bytes of a gzip file (RFC 1952).
+GZIP_MAGIC = b"\x1f\x8b"
+#: What reading a damaged gzip file raises.
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def open_file(path: str) -> Any:
+    """*path* opened for reading its records: decompressed when it is gzip."""
+    fh = open(path, "rb", buffering=0)
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        if fh.read(2) != GZIP_MAGIC:
+            fh.seek(0)
+            return fh
+    except OSError:
+        fh.close()
+        raise
+    fh.close()
+    return gzip.GzipFile(path, "rb")
+
+
+def read_file(path: str, *, use_numpy: Optional[bool] = None) -> Decoded:
+    """Decode a whole pacct file (a trailing partial record is reported as truncated;
+    a gzip file is decompressed, and a damaged one decoded up to the damage)."""
+    chunks: List[bytes] = []
+    damage = ""
+    try:
+        with open_file(path) as fh:
+            # gzip's read1: a read that meets damage loses only its own block
+            read = getattr(fh, "read1", fh.read)
+            try:
+                while True:
+                    chunk = read(1 << 24)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            except GZIP_ERRORS as exc:
+                damage = str(exc) or type(exc).__name__
     except OSError as exc:
         raise AccountingFormatError(f"{path}: cannot read accounting file: "
                                     f"{exc.strerror or exc}") from None
-    return decode(data, path=path, use_numpy=use_numpy)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    dec = decode(data, path=path, use_numpy=use_numpy)
+    if damage:
+        dec.problems.append(_problem(path, len(data), f"compressed data damaged ({damage}); "
+                                     "the records before are kept"))
+    return dec
 
 
 def encode(records: Sequence[AcctRecord], *, big_endian: bool = False) -> bytes:

@@ -21,32 +21,51 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from elsa.kernel import pacct
 
+Window = Tuple[Optional[float], Optional[float]]
 
-def summarize(files: Sequence[str], by: str) -> List[Dict[str, Any]]:
+
+def summarize(files: Sequence[str], by: str, since: Optional[float] = None,
+              until: Optional[float] = None) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """The rows of the records that ended in [*since*, *until*) (the store's
+    window, on btime + etime), and the problems met, each naming file and offset."""
     np = pacct.np
-    rows: List[Dict[str, Any]] = []
-    problems = 0
-    streamed = _streamed(files, by) if np is not None else None
+    window = (since, until)
+    problems: List[str] = []
+    streamed = _streamed(files, by, window) if np is not None else None
     if streamed is not None:
         rows = streamed
     elif np is not None:
         cols = _fast_columns(files)
         if cols is None:  # corrupt or mixed-order input: the checked decoder
             decs = [pacct.read_file(f) for f in files]
-            problems = sum(len(d.problems) for d in decs)
+            problems = [p.message for d in decs for p in d.problems]
             cols = {k: np.concatenate([d.columns[k] for d in decs])
-                    for k in ("uid", "comm", "utime", "stime", "etime", "mem", "minflt",
-                              "majflt")}
+                    for k in ("uid", "comm", "btime", "utime", "stime", "etime", "mem",
+                              "minflt", "majflt")}
+        if since is not None or until is not None:
+            keep = _in_window(cols["btime"], cols["etime"], window)
+            cols = {k: v[keep] for k, v in cols.items()}
         rows = _numpy(cols, by)
     else:
         decs = [pacct.read_file(f) for f in files]
-        problems = sum(len(d.problems) for d in decs)
-        rows = _loop(decs, by)
+        problems = [p.message for d in decs for p in d.problems]
+        rows = _loop(decs, by, window)
     rows.sort(key=lambda r: -(r["cpu_user_us"] + r["cpu_system_us"]))
-    if problems:
-        for r in rows:
-            r["problems"] = problems
-    return rows
+    return rows, problems
+
+
+def _in_window(btime: Any, etime: Any, window: Window) -> Any:
+    """Which records ended in the window: end = btime + etime / AHZ, as the
+    store's end_time (pacct.usage_rows)."""
+    np = pacct.np
+    end = btime.astype(np.float64) + etime.astype(np.float64) / pacct.AHZ
+    since, until = window
+    keep = np.ones(len(end), dtype=bool)
+    if since is not None:
+        keep &= end >= since
+    if until is not None:
+        keep &= end < until
+    return keep
 
 
 #: Records per read of the streamed path: 16 MiB of file, small enough that
@@ -65,9 +84,11 @@ def _slot_of(comm: Any) -> Any:
     return ((h ^ (h >> np.uint64(29))) & np.uint64(_SLOTS - 1)).astype(np.intp)
 
 
-def _streamed(files: Sequence[str], by: str) -> Optional[List[Dict[str, Any]]]:
-    """The summary of clean v3 files of one byte order, read chunk by chunk;
-    None when the input needs the general path (checked per chunk)."""
+def _streamed(files: Sequence[str], by: str, window: Window = (None, None)
+              ) -> Optional[List[Dict[str, Any]]]:
+    """The summary of clean v3 files of one byte order, read chunk by chunk
+    (gzip files decompressed as they are read); None when the input needs the
+    general path (checked per chunk)."""
     np = pacct.np
     size = CHUNK_RECORDS * pacct.RECORD_SIZE
     buf = bytearray(size)
@@ -85,21 +106,25 @@ def _streamed(files: Sequence[str], by: str) -> Optional[List[Dict[str, Any]]]:
     dtypes = {"<": pacct._dtype("<"), ">": pacct._dtype(">")}
     t = pacct.US_PER_TICK
     comp = pacct._comp_np
+    windowed = window != (None, None)
     for path in files:
         try:
-            fh = open(path, "rb", buffering=0)
+            fh = pacct.open_file(path)
         except OSError:
             return None
         with fh:
             while True:
-                n = fh.readinto(buf)
+                try:
+                    n = fh.readinto(buf)
+                    while n and n % pacct.RECORD_SIZE:  # a short read inside a record
+                        more = fh.readinto(view[n:])
+                        if not more:
+                            return None  # a partial record: the general path reports it
+                        n += more
+                except (OSError, *pacct.GZIP_ERRORS):
+                    return None  # the general path reports it
                 if not n:
                     break
-                while n % pacct.RECORD_SIZE:  # a short read inside a record
-                    more = fh.readinto(view[n:])
-                    if not more:
-                        return None  # a partial record: the general path reports it
-                    n += more
                 raw = np.frombuffer(buf, dtype=np.uint8, count=n).reshape(-1, pacct.RECORD_SIZE)
                 version = raw[:, 1]
                 if (version == pacct.ACCT_VERSION).all():
@@ -114,6 +139,10 @@ def _streamed(files: Sequence[str], by: str) -> Optional[List[Dict[str, Any]]]:
                 if (raw[:, 0] & bad_flags).any():
                     return None
                 rec = np.frombuffer(buf, dtype=dtypes[o], count=n // pacct.RECORD_SIZE)
+                if windowed:
+                    rec = rec[_in_window(rec["btime"], rec["etime"], window)]
+                    if not len(rec):
+                        continue
                 if by == "command":
                     comm = rec["comm"]
                     slot = _slot_of(comm)
@@ -169,7 +198,7 @@ def _fast_columns(files: Sequence[str]) -> Optional[Dict[str, Any]]:
             data = _map(f)
         except OSError:
             return None
-        if len(data) % pacct.RECORD_SIZE:
+        if len(data) % pacct.RECORD_SIZE or data[:2] == pacct.GZIP_MAGIC:
             return None
         raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, pacct.RECORD_SIZE)
         if not len(raw):
@@ -188,7 +217,8 @@ def _fast_columns(files: Sequence[str]) -> Optional[Dict[str, Any]]:
         return None
     rec = parts[0] if len(parts) == 1 else np.concatenate(parts)
     comp = pacct._comp_np
-    return {"uid": rec["uid"], "comm": rec["comm"], "utime": comp(rec["utime"]),
+    return {"uid": rec["uid"], "comm": rec["comm"], "btime": rec["btime"],
+            "utime": comp(rec["utime"]),
             "stime": comp(rec["stime"]), "etime": rec["etime"].astype(np.float64),
             "mem": comp(rec["mem"]), "minflt": comp(rec["minflt"]),
             "majflt": comp(rec["majflt"])}
@@ -274,10 +304,15 @@ def _rows(labels: Sequence[Any], totals: Sequence[Sequence[int]],
     return out
 
 
-def _loop(decs: List[pacct.Decoded], by: str) -> List[Dict[str, Any]]:
+def _loop(decs: List[pacct.Decoded], by: str, window: Window = (None, None)
+          ) -> List[Dict[str, Any]]:
+    since, until = window
     acc: Dict[Any, List[int]] = {}
     for d in decs:
         for r in d.records():
+            end = r.btime + r.etime / pacct.AHZ
+            if (since is not None and end < since) or (until is not None and end >= until):
+                continue
             k = r.uid if by == "user" else r.comm
             a = acc.setdefault(k, [0, 0, 0, 0, 0, 0, 0])
             a[0] += 1

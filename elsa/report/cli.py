@@ -31,6 +31,9 @@ from elsa.errors import ElsaError
 NO_SOURCE = ("no accounting source measured this job (is a source enabled? see "
              "'elsa-jobmng status'; taskstats and cgroupstat are on by default)")
 
+#: Problems of a pacct input printed one by one; the rest are counted.
+MAX_PROBLEMS = 20
+
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -76,6 +79,31 @@ def _site_filters(args: argparse.Namespace, db: Any) -> Dict[str, Any]:
                         "--db postgresql://...")
     tags = dict(getattr(args, "tag", None) or [])  # (key, value) pairs
     return {"hosts": hosts, "tags": tags}
+
+
+def check_window(since: Optional[float], until: Optional[float]) -> None:
+    """Refuse a window that holds no time (--until not after --since)."""
+    if since is not None and until is not None and until <= since:
+        raise ElsaError(f"the window is empty: --until ({_fmt_time(until)}) must be after "
+                        f"--since ({_fmt_time(since)})")
+
+
+def check_source(db: Any, source: Optional[str]) -> None:
+    """Refuse a --source that names no source of the store nor of this host
+    (a typo gave an empty report)."""
+    if source is None:
+        return
+    from elsa.core.usage import load_priorities
+
+    known = set(load_priorities(db))
+    if source in known:
+        return
+    from elsa.plugins import PluginHost, build_plugin_manager
+
+    known |= set(PluginHost(build_plugin_manager()).sources())
+    if source not in known:
+        raise ElsaError(f"--source {source!r}: no such source; the known sources are "
+                        f"{', '.join(sorted(known))}")
 
 
 def _report(args: argparse.Namespace, name: str, wire: Dict[str, Any], local) -> Any:
@@ -136,7 +164,27 @@ def _fmt_time(t: Optional[float]) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """*text* with its control and other non-printable characters written as
+    escapes (\\n, \\x1b, \\u202e): a command name or path is any user's choice,
+    and raw ones could forge table rows or drive the terminal of whoever reads
+    the report."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _ESCAPES.get(ch) or _escape(ord(ch))
+                   for ch in text)
+
+
+def _escape(code: int) -> str:
+    return f"\\x{code:02x}" if code < 0x100 else (
+        f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
 def _table(rows: List[List[str]], header: List[str], out) -> None:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
     out.write("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip() + "\n")
@@ -164,20 +212,45 @@ def _emit(args: argparse.Namespace, data: Any, csv_rows: Optional[List[Dict[str,
 
 # -- commands -----------------------------------------------------------------------------------
 
+def _warn_problems(command: str, where: str, problems: Sequence[str]) -> None:
+    """The first problems of *where* (a file, or the input) on stderr, then how many more."""
+    for p in problems[:MAX_PROBLEMS]:
+        sys.stderr.write(f"elsa {command}: {p}\n")
+    if len(problems) > MAX_PROBLEMS:
+        sys.stderr.write(f"elsa {command}: {where}: {len(problems) - MAX_PROBLEMS} more "
+                         "problems\n")
+
+
 def cmd_summary(args: argparse.Namespace, out) -> int:
+    check_window(args.since, args.until)
+    problems: List[str] = []
     if args.acct_file:
         if args.by == "job":
             raise ElsaError("--acct-file summarizes by user or command; jobs need the store")
+        for opt, value in (("--source", args.source), ("--tag", args.tag),
+                           ("--host", args.host)):
+            if value:
+                raise ElsaError(f"{opt} selects records of the store; --acct-file reads the "
+                                "pacct files given, which have one source (bsdacct), no jobs "
+                                f"and one host: leave out {opt}, or summarize the store")
         from elsa.report.acctfile import summarize
 
-        rows = summarize(args.acct_file, args.by)
+        files = [f for group in args.acct_file for f in group]
+        rows, problems = summarize(files, args.by, args.since, args.until)
+        _warn_problems("summary", "the --acct-file input", problems)
+        if problems:
+            for r in rows:
+                r["problems"] = problems
     else:
         from elsa.report import query
 
+        def local(db: Any) -> Any:
+            check_source(db, args.source)
+            return query.summary(db, args.by, args.since, args.until, args.source,
+                                 **_site_filters(args, db))
+
         rows = _report(args, "summary", {"by": args.by, "since": args.since,
-                                         "until": args.until, "source": args.source},
-                       lambda db: query.summary(db, args.by, args.since, args.until,
-                                                args.source, **_site_filters(args, db)))
+                                         "until": args.until, "source": args.source}, local)
 
     def table() -> None:
         if args.by == "job":
@@ -203,7 +276,7 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
         _table(body, header, out)
 
     _emit(args, rows, rows, table, out)
-    return 0
+    return 1 if problems else 0
 
 
 def cmd_jobs(args: argparse.Namespace, out) -> int:
@@ -213,6 +286,7 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
         sacct.format_help(out)
         return 0
     root_exits = bool(args.format or args.parsable2 or args.noheader)
+    check_window(args.since, args.until)
 
     def local(db):
         rows = query.jobs(db, args.since, args.until, args.state, **_site_filters(args, db))
@@ -258,14 +332,17 @@ def cmd_job(args: argparse.Namespace, out) -> int:
         jid = parse_jid(args.jid)
     except ValueError as exc:
         raise ElsaError(str(exc)) from None
-    detail = _report(args, "job", {"jid": format_jid(jid), "source": args.source},
-                     lambda db: query.job_detail(db, jid, args.source))
+    def local(db: Any) -> Any:
+        check_source(db, args.source)
+        return query.job_detail(db, jid, args.source)
+
+    detail = _report(args, "job", {"jid": format_jid(jid), "source": args.source}, local)
     if detail is None:
         raise ElsaError(f"no job {format_jid(jid)} in the store; list jobs with 'elsa jobs'")
 
     def table() -> None:
         u = detail["usage"]
-        out.write(f"job {format_jid(jid)}  {detail.get('name', '')}  "
+        out.write(f"job {format_jid(jid)}  {printable(detail.get('name') or '')}  "
                   f"owner {detail.get('owner', '?')}  "
                   f"{detail.get('state', '?')}  created {_fmt_time(detail.get('created'))}  "
                   f"ended {_fmt_time(detail.get('ended'))}\n")
@@ -304,7 +381,8 @@ def cmd_job(args: argparse.Namespace, out) -> int:
                 for p in detail["processes"]]
         _table(body, header, out)
         for f in detail.get("folded", ()):
-            out.write(f"folded ([thresholds]): {f['processes']} small {f['comm']} records, "
+            out.write(f"folded ([thresholds]): {f['processes']} small {printable(f['comm'])} "
+                      "records, "
                       f"user {_fmt_us(f['cpu_user_us'])} sys {_fmt_us(f['cpu_system_us'])}\n")
 
     _emit(args, detail, detail["processes"], table, out)
@@ -312,17 +390,20 @@ def cmd_job(args: argparse.Namespace, out) -> int:
 
 
 def cmd_import_acct(args: argparse.Namespace, out) -> int:
+    from elsa.logsetup import configure, structlog
     from elsa.report.importer import import_files
 
-    path = _db_path(args)
-    results = import_files(path, args.files, attribute=not args.no_attribute)
+    # The store's "store migrated" lines are not the report; main() may be called
+    # in a process that has its own log setup, which is put back.
+    saved = structlog.get_config()
+    configure("warning", stream=sys.stderr)
+    try:
+        results = import_files(_db_path(args), args.files, attribute=not args.no_attribute)
+    finally:
+        structlog.configure(**saved)
     bad = 0
     for r in results:
-        for p in r["problems"][:20]:
-            sys.stderr.write(f"elsa import-acct: {p}\n")
-        if len(r["problems"]) > 20:
-            sys.stderr.write(f"elsa import-acct: {r['file']}: {len(r['problems']) - 20} more "
-                             "problems\n")
+        _warn_problems("import-acct", r["file"], r["problems"])
         if r["problems"]:
             bad += 1
     if args.json:
@@ -375,8 +456,9 @@ def _add_summary(sub: Any, common: Any, window: Any, site: Any) -> None:
                    help="only jobs with this tag (repeatable; with --by job)")
     s.add_argument("--by", choices=("job", "user", "command"), default="user")
     s.add_argument("--source", help="count only this source's process records")
-    s.add_argument("--acct-file", action="append", metavar="PACCT",
-                   help="summarize this pacct file directly, like GNU sa (repeatable)")
+    s.add_argument("--acct-file", action="append", nargs="+", metavar="PACCT",
+                   help="summarize these pacct files directly, like GNU sa (gzip files "
+                   "too; repeatable)")
     s.set_defaults(func=cmd_summary)
 
 

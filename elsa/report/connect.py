@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import urllib.parse
 from typing import Any, Optional, Sequence, Tuple
 
 from elsa.errors import StoreError
@@ -74,17 +75,29 @@ def open_db(where: str) -> Db:
     return SqliteDb(open_store(where))
 
 
+def readonly_uri(path: str) -> str:
+    """The SQLite URI that opens the file *path* read-only: the path quoted, so
+    that '#', '?' or '%' in it stay part of the file name."""
+    return f"file:{urllib.parse.quote(path)}?mode=ro"
+
+
 def open_store(path: str, readonly: bool = True) -> sqlite3.Connection:
     """Open the store at *path* (a file) for reading."""
     if not os.path.exists(path):
         raise StoreError(f"no store at {path}; is elsad's state_dir right (--state-dir or the "
                          "config's state_dir), or import pacct files with 'elsa import-acct'?")
+    if os.path.isdir(path):
+        raise StoreError(f"cannot read store {path}: it is a directory; give the store file "
+                         "(<state_dir>/elsa.db) with --db, or the directory with --state-dir")
     try:
         if readonly:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+            db = sqlite3.connect(readonly_uri(path), uri=True, timeout=30.0)
         else:
             db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
         (version,) = db.execute("PRAGMA user_version").fetchone()
+        # LIKE matches case as PostgreSQL's does: the reports' globs (elsa apps
+        # --path/--package) answer the same on a node and on the central store.
+        db.execute("PRAGMA case_sensitive_like = ON")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read store {path}: {exc}") from None
     if version < USAGE_SCHEMA:

@@ -193,11 +193,12 @@ def _b(v: Optional[int]) -> str:
 
 
 def print_report(r: Dict[str, Any], show: str, out) -> None:
+    from elsa.report.cli import printable
     from elsa.report.sacct import fmt_duration, fmt_time
 
     if "s" in show:
         s = r["summary"]
-        out.write(f"Job ID        {r['jid']}\nName          {r['name'] or '-'}\n"
+        out.write(f"Job ID        {r['jid']}\nName          {printable(r['name'] or '-')}\n"
                   f"State         {r['state']}\nStart         {fmt_time(r['start'])}\n"
                   f"Elapsed       {fmt_duration(r['elapsed_s'])}\n"
                   f"User CPU      {_us(s['cpu_user_us'])}\n"
@@ -221,7 +222,7 @@ def print_report(r: Dict[str, Any], show: str, out) -> None:
         out.write("\n" if show != "f" else "")
 
         def walk(n: Dict[str, Any], depth: int) -> None:
-            out.write(f"{'  ' * depth}{n['command']} [{n['pid']}] {_us(n['cpu_us'])}"
+            out.write(f"{'  ' * depth}{printable(n['command'])} [{n['pid']}] {_us(n['cpu_us'])}"
                       f"{' (running)' if n['running'] else ''}\n")
             for ch in n["children"]:
                 walk(ch, depth + 1)

@@ -57,6 +57,7 @@ def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: b
           private: bool, billing: Any = None) -> Any:
     """Run *report* for a caller (worker thread: opens its own connection)."""
     from elsa.report import query
+    from elsa.report.cli import check_source
     from elsa.report.connect import open_store
 
     if report not in REPORTS:
@@ -88,6 +89,7 @@ def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: b
                 from elsa.apps import report as apps
 
                 return [r.to_json() for r in apps.job_programs(db, jid)]
+            check_source(db, _opt_str(args, "source"))
             detail = query.job_detail(db, jid, _opt_str(args, "source"))
             if report == "eff" and detail is not None:
                 from elsa.report import sacct
@@ -112,6 +114,7 @@ def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: b
             raise PermissionDenied("summary --by command totals every user's processes; with "
                                    "private_data only root and the admin group may read it "
                                    "(use --by user or --by job for your own)")
+        check_source(db, _opt_str(args, "source"))
         rows = query.summary(db, by, _opt_float(args, "since"), _opt_float(args, "until"),
                              _opt_str(args, "source"))
         if not restrict:

@@ -192,7 +192,9 @@ def print_jobs(args: argparse.Namespace, rows: List[Dict[str, Any]], out) -> boo
             w.writerow(names)
         w.writerows([["" if v is None else v for v in r] for r in raw])
         return True
-    text = [[FIELDS[n][2](v) for n, v in zip(names, r)] for r in raw]
+    from elsa.report.cli import printable
+
+    text = [[printable(FIELDS[n][2](v)) for n, v in zip(names, r)] for r in raw]
     header = [n.upper() for n in names]
     if args.parsable2:
         if not args.noheader:
@@ -290,7 +292,9 @@ def print_eff(e: Dict[str, Any], out) -> None:
     def pct(v: Optional[float]) -> str:
         return f"{v * 100:.2f}%"
 
-    out.write(f"Job ID: {e['jid']}\nName: {e['name'] or '-'}\nUser: {e['user'] or '-'}\n"
+    from elsa.report.cli import printable
+
+    out.write(f"Job ID: {e['jid']}\nName: {printable(e['name'] or '-')}\nUser: {e['user'] or '-'}\n"
               f"State: {e['state']} (exit code {e['exit']})\n")
     out.write(f"Cores: {'-' if e['cores'] is None else format(e['cores'], 'g')}\n")
     out.write(f"CPU Utilized: {fmt_duration(e['cpu_s'])}\n")
@@ -313,6 +317,9 @@ def print_eff(e: Dict[str, Any], out) -> None:
 def cmd_eff(args: argparse.Namespace, out) -> int:
     from elsa.core.model import format_jid, parse_jid
     from elsa.report import query
+
+    if args.csv:
+        raise ElsaError("elsa eff prints a text report or --json, not --csv")
 
     try:
         jid = parse_jid(args.jid)

@@ -24,6 +24,7 @@ from elsa.core import store as store_mod
 from elsa.core.aggregator import add_to_sums
 from elsa.core.schema import migrate
 from elsa.errors import StoreError
+from elsa.report.connect import readonly_uri
 
 #: Copied first, in this order; then every other table of the schema; then
 #: the rollups, rebuilt from the rows copied before and replaced by readable rows.
@@ -118,7 +119,7 @@ def salvage(path: str) -> Dict[str, Any]:
         if os.path.exists(new + suffix):
             os.unlink(new + suffix)
     try:
-        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        src = sqlite3.connect(readonly_uri(path), uri=True)
         src.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"store {path}: its schema is unreadable ({exc}); nothing can be "
