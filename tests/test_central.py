@@ -6,6 +6,7 @@ with synthetic usage rows (the kernel is exercised by test_central_nodes.py).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -20,7 +21,7 @@ from elsa.apps import record  # noqa: E402
 from elsa.apps.recorder import INSERT as INSERT_APP  # noqa: E402
 from elsa.central import schema  # noqa: E402
 from elsa.central.pgserver import PgServer, pg_bindir  # noqa: E402
-from elsa.central.shipper import APP_MARK_KEY, MARK_KEY  # noqa: E402
+from elsa.central.shipper import APP_MARK_KEY, MARK_KEY, RECHECK_S  # noqa: E402
 from elsa.core.model import parse_jid  # noqa: E402
 from elsa.errors import StoreError  # noqa: E402
 from elsa.report import query  # noqa: E402
@@ -152,8 +153,6 @@ def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> 
     capsys.readouterr()  # the shipper's log lines
     assert elsa_main(["jobs", "--db", dburl, "--json", "--host", "n1", "--tag", "queue=q1"]) == 0
     out = capsys.readouterr().out
-    import json
-
     got = json.loads(out)
     assert got and all(j["tags"]["queue"] == "q1" and j["host"] == "n1" for j in got)
     assert elsa_main(["jobs", "--db", dburl, "--json", "--host", "nope"]) == 0
@@ -364,6 +363,67 @@ def _ship(st: Any, url: str, host: str, **kw: Any) -> Dict[str, Any]:
     return sh.status()
 
 
+def _central_tags(pg: PgServer, db: str, host: str) -> Dict[int, Dict[str, str]]:
+    with admin(pg, db) as c:
+        return {j: json.loads(t) for j, t in c.execute(
+            "SELECT jid, tags FROM jobs WHERE host = %s", (host,))}
+
+
+def test_tags_changed_long_after_the_end_are_shipped(pg: PgServer, tmp_path: Path) -> None:
+    """elsa-jobmng tag works on ended jobs at any time: the change reaches the central
+    store however long after the end (fill_store's jobs ended days ago, far beyond
+    RECHECK_S), and the backlog counts the job until it does."""
+    fresh_db(pg, "retag")
+    url = add_node(pg, "r1", "retag")
+    st = fill_store(tmp_path / "r1", 14, jobs=3, procs=20)
+    _ship(st, url, "r1")
+    jids = sorted(_central_tags(pg, "retag", "r1"))
+    assert st.db.execute("SELECT MAX(ended) FROM jobs").fetchone()[0] < time.time() - RECHECK_S
+    st.set_tags(jids[0], {"queue": "q0", "account": "late-retag"})
+    st.flush()
+    sh = shipper(st, url, "r1")
+    sh._open_local()
+    sh._connect()
+    sh._backlog(every=0.0)
+    assert sh.status()["backlog_jobs"] == 1
+    sh._round()
+    assert _central_tags(pg, "retag", "r1")[jids[0]]["account"] == "late-retag"
+    st.flush()
+    sh._backlog(every=0.0)
+    assert sh.status()["backlog_jobs"] == 0 and sh._round() is False
+    # Retagged while a round is on its way: that round ships the tags it read, the
+    # next one the new ones.
+    send = sh._send
+
+    def retag_then_send(*a: Any, **kw: Any) -> None:
+        st.set_tags(jids[1], {"account": "during"})
+        st.flush()
+        send(*a, **kw)
+
+    st.set_tags(jids[1], {"account": "before"})
+    st.flush()
+    sh._send = retag_then_send  # type: ignore[method-assign]
+    sh._round()
+    sh._send = send  # type: ignore[method-assign]
+    assert _central_tags(pg, "retag", "r1")[jids[1]] == {"account": "before"}
+    st.flush()
+    sh._round()
+    assert _central_tags(pg, "retag", "r1")[jids[1]] == {"account": "during"}
+    # A store that shipped before the shipped tags were kept (NULL): its jobs are
+    # compared once, nothing is sent when they are unchanged.
+    st.submit("UPDATE central_jobs SET tags = NULL")
+    st.flush()
+    sh._backlog(every=0.0)
+    assert sh.status()["backlog_jobs"] == 3
+    shipped = sh.status()["shipped_jobs"]
+    assert sh._round() is False
+    st.flush()
+    sh._backlog(every=0.0)
+    assert sh.status()["backlog_jobs"] == 0 and sh.status()["shipped_jobs"] == shipped
+    sh.stop()
+    st.close()
+
+
 def test_app_records_shipped_updated_once_and_resent_idempotently(
         pg: PgServer, tmp_path: Path) -> None:
     fresh_db(pg, "apps")
@@ -453,8 +513,6 @@ def test_node_cannot_touch_another_nodes_app_records(pg: PgServer, tmp_path: Pat
 
 
 def test_apps_report_central_equals_node(pg: PgServer, tmp_path: Path, capsys) -> None:
-    import json
-
     fresh_db(pg, "appsrep")
     stores = {}
     for n, host in enumerate(("r1", "r2")):
