@@ -19,6 +19,7 @@ psycopg = pytest.importorskip("psycopg")
 
 from elsa.apps import record  # noqa: E402
 from elsa.apps.recorder import INSERT as INSERT_APP  # noqa: E402
+from elsa.apps.report import usage as apps_usage  # noqa: E402
 from elsa.central import schema  # noqa: E402
 from elsa.central.pgserver import PgServer, pg_bindir  # noqa: E402
 from elsa.central.shipper import APP_MARK_KEY, MARK_KEY, RECHECK_S  # noqa: E402
@@ -166,6 +167,7 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path) -> No
     fresh_db(pg, "umap")
     url = add_node(pg, "m1", "umap")
     st = fill_store(tmp_path / "m1", 2, jobs=2, procs=50)
+    fill_apps(st, 2, 60)
     sh = shipper(st, url, "m1").start()
     try:
         wait_for(lambda: drained(sh), 30, what="the backlog to drain")
@@ -185,6 +187,18 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path) -> No
         (name,) = c.execute("SELECT name FROM host_users WHERE host = 'm1' AND uid = 1002"
                             ).fetchone()
     assert users[f"{name}@m1"]["processes"] == local[1002]
+    # One site user charged to two accounts: a row per account, each with its uids.
+    with admin(pg, "umap") as c:
+        schema.map_user(c, "m1", "1002", "alice", "bio")
+    db = open_db(pg.admin_url.replace("/postgres?", "/umap?"))
+    rows = query.summary(db, "user")
+    got = {(r["user"], r["account"]): (r["uid"], r["processes"]) for r in rows}
+    assert got == {("alice", "physics"): (None, local[1000] + local[1001]),
+                   ("alice", "bio"): (1002, local[1002])}
+    apps_local = {r["uid"]: r["runs"] for r in apps_usage(open_db(st.path), "user")}
+    got = {(r["user"], r["account"]): r["runs"] for r in apps_usage(db, "user")}
+    assert got == {("alice", "physics"): apps_local[1000] + apps_local[1001],
+                   ("alice", "bio"): apps_local[1002]}
     st.close()
 
 
