@@ -240,6 +240,50 @@ def test_bad_input_errors_nothing_lost(pg: PgServer, tmp_path: Path) -> None:
     st.close()
 
 
+def test_admin_commands_say_what_failed_without_a_traceback(pg: PgServer, capsys) -> None:
+    fresh_db(pg, "adm")
+    owner = pg.admin_url.replace("/postgres?", "/adm?")
+    with admin(pg) as c:
+        c.execute("DROP ROLE IF EXISTS adm_reader")
+        c.execute("CREATE ROLE adm_reader LOGIN PASSWORD 'secret-r' IN ROLE elsa_reader")
+    reader = pg.tcp_url("adm_reader", "secret-r", "adm")
+
+    def central(*argv: str) -> str:
+        assert elsa_main(["central", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "secret-r" not in err
+        return err
+
+    for argv in (["map-user", "--url", reader, "0@n9", "alice", "--account", "physics"],
+                 ["add-node", "--url", reader, "n9"]):
+        err = central(*argv)
+        assert f"elsa central {argv[0]} on postgresql://adm_reader:***@" in err, err
+        assert "permission denied" in err and "administrator's" in err, err
+    # Host names that differ only in '-', '.' or case get the same default role.
+    assert elsa_main(["central", "add-node", "--url", owner, "node-1"]) == 0
+    for host in ("node_1", "NODE.1"):
+        err = central("add-node", "--url", owner, host)
+        assert "role elsa_node_node_1 is bound to host 'node-1' already" in err, err
+        assert "--role elsa_node_node_1_2" in err, err
+    assert elsa_main(["central", "add-node", "--url", owner, "node_1", "--role",
+                      "elsa_node_node_1_2"]) == 0
+    # The node's hint for a host mismatch ('add-node HOST --role ROLE'): the role moves.
+    capsys.readouterr()
+    assert elsa_main(["central", "add-node", "--url", owner, "renamed", "--role",
+                      "elsa_node_node_1"]) == 0
+    assert "moved from host node-1" in capsys.readouterr().out
+    with admin(pg, "adm") as c:
+        assert dict(c.execute("SELECT host, role FROM elsa_nodes")) == {
+            "node_1": "elsa_node_node_1_2", "renamed": "elsa_node_node_1"}
+    # A database never migrated.
+    with admin(pg) as c:
+        c.execute("DROP DATABASE IF EXISTS adm0")
+        c.execute("CREATE DATABASE adm0")
+    err = central("map-user", "--url", pg.admin_url.replace("/postgres?", "/adm0?"),
+                  "0@n9", "alice")
+    assert "run 'elsa central migrate' there first" in err, err
+
+
 @pytest.mark.root
 @pytest.mark.slow
 def test_server_disk_full_then_recovers(pg: PgServer, tmp_path: Path) -> None:
