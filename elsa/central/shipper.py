@@ -26,11 +26,11 @@ import socket
 import sqlite3
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from elsa.apps import record
 from elsa.central import schema
-from elsa.central.conn import connect, read_password_file, redact
+from elsa.central.conn import check_url, connect, read_password_file, redact
 from elsa.config import Option, non_negative, positive
 from elsa.core.usage import PRIORITY_KEY
 from elsa.errors import ElsaError, StoreError
@@ -543,6 +543,16 @@ class Shipper:
         self._st["pruned_records"] += n + na
         log.info("pruned shipped records", records=n, app_records=na,
                  older_than_days=self.keep_days)
+
+
+def check_config(section: Mapping[str, Any], path: str) -> None:
+    """What of ``[central]`` can be checked without the server (elsad --check-config
+    and start): the URL's syntax and the password file."""
+    if not section["url"]:
+        return
+    check_url(section["url"], f"{path}: key 'central.url'")
+    if section["password_file"]:
+        read_password_file(section["password_file"], f"{path}: key 'central.password_file':")
 
 
 def start_shipper(config: Any, store: Any) -> Optional[Shipper]:
