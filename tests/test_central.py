@@ -160,6 +160,18 @@ def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> 
     assert json.loads(capsys.readouterr().out) == []
     assert elsa_main(["summary", "--by", "user", "--db", dburl]) == 0
     assert "@n1" in capsys.readouterr().out
+    # --db also takes libpq's key=value form (as 'elsa central --url' does); a
+    # password in it is never shown.
+    with admin(pg) as c:
+        c.execute("DROP ROLE IF EXISTS ship_reader")
+        c.execute("CREATE ROLE ship_reader LOGIN PASSWORD 'SECRETPW' IN ROLE elsa_reader")
+    dsn = f"host=127.0.0.1 port={pg.port} dbname=ship user=ship_reader password="
+    assert elsa_main(["summary", "--db", dsn + "SECRETPW", "--by", "user", "--json"]) == 0
+    assert {r["user"].rpartition("@")[2] for r in json.loads(capsys.readouterr().out)} == {"n1"}
+    assert elsa_main(["summary", "--db", dsn + "WRONGPW", "--by", "user"]) == 2
+    err = capsys.readouterr().err
+    assert "password authentication failed" in err and "password=***" in err, err
+    assert "WRONGPW" not in err and "no store at" not in err
     st.close()
 
 
