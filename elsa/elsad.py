@@ -123,7 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _check(cfg: config.Config, host) -> None:
-    """Validate what the core cannot: the chosen backend's and sources' tables."""
+    """Validate what the core cannot: the chosen backend's and sources' tables, and
+    [central]'s URL and password file."""
     from elsa.core.defaults import AUTO
     from elsa.errors import ConfigError
 
@@ -147,6 +148,10 @@ def _check(cfg: config.Config, host) -> None:
                               f"available: {known}")
         config.validate_table(cfg.source_table(name), sources[name].options,
                               where=f"sources.{name}", path=cfg.path)
+    if "central" in config.SECTIONS and cfg.section("central")["url"]:
+        from elsa.central.shipper import check_config
+
+        check_config(cfg.section("central"), cfg.path)
 
 
 def _default_config(host) -> str:

@@ -6,6 +6,7 @@ with synthetic usage rows (the kernel is exercised by test_central_nodes.py).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -18,9 +19,10 @@ psycopg = pytest.importorskip("psycopg")
 
 from elsa.apps import record  # noqa: E402
 from elsa.apps.recorder import INSERT as INSERT_APP  # noqa: E402
+from elsa.apps.report import usage as apps_usage  # noqa: E402
 from elsa.central import schema  # noqa: E402
 from elsa.central.pgserver import PgServer, pg_bindir  # noqa: E402
-from elsa.central.shipper import APP_MARK_KEY, MARK_KEY  # noqa: E402
+from elsa.central.shipper import APP_MARK_KEY, MARK_KEY, RECHECK_S  # noqa: E402
 from elsa.core.model import parse_jid  # noqa: E402
 from elsa.errors import StoreError  # noqa: E402
 from elsa.report import query  # noqa: E402
@@ -152,14 +154,24 @@ def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> 
     capsys.readouterr()  # the shipper's log lines
     assert elsa_main(["jobs", "--db", dburl, "--json", "--host", "n1", "--tag", "queue=q1"]) == 0
     out = capsys.readouterr().out
-    import json
-
     got = json.loads(out)
     assert got and all(j["tags"]["queue"] == "q1" and j["host"] == "n1" for j in got)
     assert elsa_main(["jobs", "--db", dburl, "--json", "--host", "nope"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert elsa_main(["summary", "--by", "user", "--db", dburl]) == 0
     assert "@n1" in capsys.readouterr().out
+    # --db also takes libpq's key=value form (as 'elsa central --url' does); a
+    # password in it is never shown.
+    with admin(pg) as c:
+        c.execute("DROP ROLE IF EXISTS ship_reader")
+        c.execute("CREATE ROLE ship_reader LOGIN PASSWORD 'SECRETPW' IN ROLE elsa_reader")
+    dsn = f"host=127.0.0.1 port={pg.port} dbname=ship user=ship_reader password="
+    assert elsa_main(["summary", "--db", dsn + "SECRETPW", "--by", "user", "--json"]) == 0
+    assert {r["user"].rpartition("@")[2] for r in json.loads(capsys.readouterr().out)} == {"n1"}
+    assert elsa_main(["summary", "--db", dsn + "WRONGPW", "--by", "user"]) == 2
+    err = capsys.readouterr().err
+    assert "password authentication failed" in err and "password=***" in err, err
+    assert "WRONGPW" not in err and "no store at" not in err
     st.close()
 
 
@@ -167,6 +179,7 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path) -> No
     fresh_db(pg, "umap")
     url = add_node(pg, "m1", "umap")
     st = fill_store(tmp_path / "m1", 2, jobs=2, procs=50)
+    fill_apps(st, 2, 60)
     sh = shipper(st, url, "m1").start()
     try:
         wait_for(lambda: drained(sh), 30, what="the backlog to drain")
@@ -186,6 +199,18 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path) -> No
         (name,) = c.execute("SELECT name FROM host_users WHERE host = 'm1' AND uid = 1002"
                             ).fetchone()
     assert users[f"{name}@m1"]["processes"] == local[1002]
+    # One site user charged to two accounts: a row per account, each with its uids.
+    with admin(pg, "umap") as c:
+        schema.map_user(c, "m1", "1002", "alice", "bio")
+    db = open_db(pg.admin_url.replace("/postgres?", "/umap?"))
+    rows = query.summary(db, "user")
+    got = {(r["user"], r["account"]): (r["uid"], r["processes"]) for r in rows}
+    assert got == {("alice", "physics"): (None, local[1000] + local[1001]),
+                   ("alice", "bio"): (1002, local[1002])}
+    apps_local = {r["uid"]: r["runs"] for r in apps_usage(open_db(st.path), "user")}
+    got = {(r["user"], r["account"]): r["runs"] for r in apps_usage(db, "user")}
+    assert got == {("alice", "physics"): apps_local[1000] + apps_local[1001],
+                   ("alice", "bio"): apps_local[1002]}
     st.close()
 
 
@@ -225,6 +250,50 @@ def test_bad_input_errors_nothing_lost(pg: PgServer, tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="schema 0"):
         open_db(pg.admin_url.replace("/postgres?", "/old?"))
     st.close()
+
+
+def test_admin_commands_say_what_failed_without_a_traceback(pg: PgServer, capsys) -> None:
+    fresh_db(pg, "adm")
+    owner = pg.admin_url.replace("/postgres?", "/adm?")
+    with admin(pg) as c:
+        c.execute("DROP ROLE IF EXISTS adm_reader")
+        c.execute("CREATE ROLE adm_reader LOGIN PASSWORD 'secret-r' IN ROLE elsa_reader")
+    reader = pg.tcp_url("adm_reader", "secret-r", "adm")
+
+    def central(*argv: str) -> str:
+        assert elsa_main(["central", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "secret-r" not in err
+        return err
+
+    for argv in (["map-user", "--url", reader, "0@n9", "alice", "--account", "physics"],
+                 ["add-node", "--url", reader, "n9"]):
+        err = central(*argv)
+        assert f"elsa central {argv[0]} on postgresql://adm_reader:***@" in err, err
+        assert "permission denied" in err and "administrator's" in err, err
+    # Host names that differ only in '-', '.' or case get the same default role.
+    assert elsa_main(["central", "add-node", "--url", owner, "node-1"]) == 0
+    for host in ("node_1", "NODE.1"):
+        err = central("add-node", "--url", owner, host)
+        assert "role elsa_node_node_1 is bound to host 'node-1' already" in err, err
+        assert "--role elsa_node_node_1_2" in err, err
+    assert elsa_main(["central", "add-node", "--url", owner, "node_1", "--role",
+                      "elsa_node_node_1_2"]) == 0
+    # The node's hint for a host mismatch ('add-node HOST --role ROLE'): the role moves.
+    capsys.readouterr()
+    assert elsa_main(["central", "add-node", "--url", owner, "renamed", "--role",
+                      "elsa_node_node_1"]) == 0
+    assert "moved from host node-1" in capsys.readouterr().out
+    with admin(pg, "adm") as c:
+        assert dict(c.execute("SELECT host, role FROM elsa_nodes")) == {
+            "node_1": "elsa_node_node_1_2", "renamed": "elsa_node_node_1"}
+    # A database never migrated.
+    with admin(pg) as c:
+        c.execute("DROP DATABASE IF EXISTS adm0")
+        c.execute("CREATE DATABASE adm0")
+    err = central("map-user", "--url", pg.admin_url.replace("/postgres?", "/adm0?"),
+                  "0@n9", "alice")
+    assert "run 'elsa central migrate' there first" in err, err
 
 
 @pytest.mark.root
@@ -364,6 +433,67 @@ def _ship(st: Any, url: str, host: str, **kw: Any) -> Dict[str, Any]:
     return sh.status()
 
 
+def _central_tags(pg: PgServer, db: str, host: str) -> Dict[int, Dict[str, str]]:
+    with admin(pg, db) as c:
+        return {j: json.loads(t) for j, t in c.execute(
+            "SELECT jid, tags FROM jobs WHERE host = %s", (host,))}
+
+
+def test_tags_changed_long_after_the_end_are_shipped(pg: PgServer, tmp_path: Path) -> None:
+    """elsa-jobmng tag works on ended jobs at any time: the change reaches the central
+    store however long after the end (fill_store's jobs ended days ago, far beyond
+    RECHECK_S), and the backlog counts the job until it does."""
+    fresh_db(pg, "retag")
+    url = add_node(pg, "r1", "retag")
+    st = fill_store(tmp_path / "r1", 14, jobs=3, procs=20)
+    _ship(st, url, "r1")
+    jids = sorted(_central_tags(pg, "retag", "r1"))
+    assert st.db.execute("SELECT MAX(ended) FROM jobs").fetchone()[0] < time.time() - RECHECK_S
+    st.set_tags(jids[0], {"queue": "q0", "account": "late-retag"})
+    st.flush()
+    sh = shipper(st, url, "r1")
+    sh._open_local()
+    sh._connect()
+    sh._backlog(every=0.0)
+    assert sh.status()["backlog_jobs"] == 1
+    sh._round()
+    assert _central_tags(pg, "retag", "r1")[jids[0]]["account"] == "late-retag"
+    st.flush()
+    sh._backlog(every=0.0)
+    assert sh.status()["backlog_jobs"] == 0 and sh._round() is False
+    # Retagged while a round is on its way: that round ships the tags it read, the
+    # next one the new ones.
+    send = sh._send
+
+    def retag_then_send(*a: Any, **kw: Any) -> None:
+        st.set_tags(jids[1], {"account": "during"})
+        st.flush()
+        send(*a, **kw)
+
+    st.set_tags(jids[1], {"account": "before"})
+    st.flush()
+    sh._send = retag_then_send  # type: ignore[method-assign]
+    sh._round()
+    sh._send = send  # type: ignore[method-assign]
+    assert _central_tags(pg, "retag", "r1")[jids[1]] == {"account": "before"}
+    st.flush()
+    sh._round()
+    assert _central_tags(pg, "retag", "r1")[jids[1]] == {"account": "during"}
+    # A store that shipped before the shipped tags were kept (NULL): its jobs are
+    # compared once, nothing is sent when they are unchanged.
+    st.submit("UPDATE central_jobs SET tags = NULL")
+    st.flush()
+    sh._backlog(every=0.0)
+    assert sh.status()["backlog_jobs"] == 3
+    shipped = sh.status()["shipped_jobs"]
+    assert sh._round() is False
+    st.flush()
+    sh._backlog(every=0.0)
+    assert sh.status()["backlog_jobs"] == 0 and sh.status()["shipped_jobs"] == shipped
+    sh.stop()
+    st.close()
+
+
 def test_app_records_shipped_updated_once_and_resent_idempotently(
         pg: PgServer, tmp_path: Path) -> None:
     fresh_db(pg, "apps")
@@ -453,8 +583,6 @@ def test_node_cannot_touch_another_nodes_app_records(pg: PgServer, tmp_path: Pat
 
 
 def test_apps_report_central_equals_node(pg: PgServer, tmp_path: Path, capsys) -> None:
-    import json
-
     fresh_db(pg, "appsrep")
     stores = {}
     for n, host in enumerate(("r1", "r2")):

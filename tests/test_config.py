@@ -151,3 +151,38 @@ def test_section_validated(fake_sections):
 def test_section_in_example(fake_sections):
     text = config.render_example()
     assert "[feat]" in text and "[exp.prom]" in text
+
+
+def test_elsad_checks_the_central_url_and_password_file(tmp_path):
+    """[central]: what can be checked without the server fails --check-config and the
+    start, naming the file and the key, instead of showing later as FAILING in status."""
+    pytest.importorskip("psycopg")
+    pw = tmp_path / "node.pw"
+    pw.write_text("s3cret\n")
+    pw.chmod(0o644)
+    head = f'backend = "cnproc"\nsocket = "{tmp_path / "s.sock"}"\n' \
+           f'state_dir = "{tmp_path / "st"}"\n[central]\n'
+    cases = [
+        ('url = "mysql://x@y/z"\n', "key 'central.url' 'mysql://x@y/z' is neither"),
+        ('url = "host=db prot=5432"\n', 'invalid connection option "prot"'),
+        ('url = "postgresql://n:hunter2@db/elsa?sslmod=require"\n',
+         "invalid URI query parameter: \"sslmod\""),
+        (f'url = "service=elsa"\npassword_file = "{tmp_path / "nope"}"\n',
+         f"key 'central.password_file': {tmp_path / 'nope'}: No such file"),
+        (f'url = "postgresql://n@db/elsa"\npassword_file = "{pw}"\n',
+         "is readable by group or others (mode 644)"),
+    ]
+    for text, expected in cases:
+        path = write(tmp_path, head + text)
+        for argv in (["--check-config"], []):
+            res = subprocess.run([sys.executable, "-m", "elsa.elsad", *argv, "--config", path],
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 2 and expected in res.stderr, (text, res.stderr)
+            assert path in res.stderr and "hunter2" not in res.stderr
+            assert not (tmp_path / "st").exists()
+    pw.chmod(0o600)
+    for url in ("postgresql://n@db/elsa?sslmode=verify-full", "host=db port=5432 dbname=elsa"):
+        path = write(tmp_path, head + f'url = "{url}"\npassword_file = "{pw}"\n')
+        res = subprocess.run([sys.executable, "-m", "elsa.elsad", "--check-config", "--config",
+                              path], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr

@@ -138,6 +138,19 @@ def test_exposition_is_clean_and_named_by_convention():
                  'elsa_source_up{source="cgroupstat"} 1.0',
                  "elsa_store_ok 1.0"):
         assert line in text, line
+    assert "elsa_central_" not in text                       # no [central]: no family
+    # [central]: the shipper's state, for alerts on a stuck or failing shipper.
+    snap = _snapshot(1)
+    snap.status["central"] = {"enabled": True, "failing": True, "backlog_records": 48210,
+                              "backlog_jobs": 3, "backlog_apps": 0, "oldest_age_s": 412.0}
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ElsaCollector(lambda: snap, []))
+    central = generate_latest(reg)
+    assert promtool_check(central) == ""
+    for line in ("elsa_central_failing 1.0", "elsa_central_backlog_records 48210.0",
+                 "elsa_central_backlog_jobs 3.0", "elsa_central_backlog_apps 0.0",
+                 "elsa_central_oldest_age_seconds 412.0"):
+        assert line in central.decode(), line
     assert ('elsa_job_cpu_user_seconds_total{account="proj-a",jid="0x0000000000001000",'
             'name="job 0 \\"q\\"\\n",user="alice"} 12.5') in text
     assert "elsa_job_written_bytes" not in text.replace("# HELP elsa_job_written_bytes", "") \

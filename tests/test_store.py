@@ -185,4 +185,26 @@ def test_migration_10_drops_the_had_members_flag_and_keeps_every_job(tmp_path):
         assert [(job.jid, had) for job, had in store.running_jobs()] == [(1, True)]
     finally:
         store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 11
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == \
+        len(schema.MIGRATIONS)
+
+
+def test_migration_12_keeps_the_shippers_bookkeeping_and_adds_shipped_tags(tmp_path):
+    from elsa.core import schema
+    from elsa.core.store import connect
+
+    old = ("CREATE TABLE central_jobs (jid INTEGER PRIMARY KEY, sig TEXT NOT NULL, "
+           "shipped REAL NOT NULL)")
+    for shipped_before in (True, False):
+        path = str(tmp_path / f"elsa-{shipped_before}.db")
+        db = connect(path)
+        schema.migrate(db, path, target=11)
+        if shipped_before:  # elsad at schema 11 made the table when shipping started
+            db.execute(old)
+            db.execute("INSERT INTO central_jobs VALUES (7, 'abc', 2.5)")
+        schema.migrate(db, path)
+        assert [r[1] for r in db.execute("PRAGMA table_info(central_jobs)")] == \
+            ["jid", "sig", "shipped", "tags"]
+        assert db.execute("SELECT * FROM central_jobs").fetchall() == \
+            ([(7, "abc", 2.5, None)] if shipped_before else [])
+        db.close()

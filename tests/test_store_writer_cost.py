@@ -60,7 +60,7 @@ def test_upgrade_to_schemas_7_and_8_keeps_rows_sums_and_the_unique_keys(tmp_path
     db.executemany(INSERT_PROC, old_rows)
     before = [db.execute(q).fetchall() for q in SUMS]
     migrate(db, path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 11
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 12
     indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
                                         "AND name NOT LIKE 'sqlite_%'")}
     assert not {"members_pid", "proc_usage_end", "proc_usage_pid_end"} & indexes

@@ -121,13 +121,15 @@ _FOLD_MAX = ("max_rss_kb", "last_exec")
 
 
 def _fold_site_users(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per site user from rows per host and uid: sums add, peaks and the
-    last exec take the greatest, the first exec the least; ``uid`` only where one."""
-    folded: Dict[str, Dict[str, Any]] = {}
+    """One row per site user and account from rows per host and uid: sums add, peaks
+    and the last exec take the greatest, the first exec the least; ``uid`` only
+    where one."""
+    folded: Dict[Tuple[str, Optional[str]], Dict[str, Any]] = {}
     for r in rows:
-        got = folded.get(r["user"])
+        key = (r["user"], r["account"])
+        got = folded.get(key)
         if got is None:
-            folded[r["user"]] = dict(r)
+            folded[key] = dict(r)
             continue
         if got["uid"] != r["uid"]:
             got["uid"] = None
@@ -143,7 +145,7 @@ def _fold_site_users(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 got[k] = a + b
     # Most runs first, then by uid as on a node, site users of several uids last.
     return sorted(folded.values(), key=lambda r: (-r["runs"], r["uid"] is None,
-                                                  r["uid"] or 0, r["user"]))
+                                                  r["uid"] or 0, r["user"], r["account"] or ""))
 
 
 def job_programs(db: Any, jid: int) -> List[record.AppRecord]:

@@ -10,32 +10,41 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from elsa.errors import ElsaError
 
+T = TypeVar("T")
 
-def _conn(args: argparse.Namespace) -> Any:
-    from elsa.central.conn import connect
 
-    return connect(args.url, what="administer the central store")
+def _admin(args: argparse.Namespace, command: str, work: Callable[[Any], T]) -> T:
+    """*work* on a connection to ``--url``; a server's refusal becomes a message
+    saying what failed where and what to do."""
+    from elsa.central.conn import connect, redact
+
+    conn = connect(args.url, what="administer the central store")
+    try:
+        return work(conn)
+    except Exception as exc:
+        import psycopg
+
+        if not isinstance(exc, psycopg.Error):
+            raise
+        if isinstance(exc, psycopg.errors.UndefinedTable):
+            hint = "run 'elsa central migrate' there first"
+        else:
+            hint = "is the URL an administrator's (owner of the database)?"
+        raise ElsaError(f"elsa central {command} on {redact(args.url)}: "
+                        f"{redact(str(exc).strip())}; {hint}") from exc
+    finally:
+        conn.close()
 
 
 def cmd_migrate(args: argparse.Namespace, out) -> int:
     from elsa.central import schema
 
-    conn = _conn(args)
-    try:
-        before, after, parts = schema.migrate(conn, args.months_ahead)
-    except Exception as exc:
-        import psycopg
-
-        if isinstance(exc, psycopg.Error):
-            raise ElsaError(f"elsa central migrate: {str(exc).strip()}; is the URL an "
-                            "administrator's (owner of the database)?") from exc
-        raise
-    finally:
-        conn.close()
+    before, after, parts = _admin(args, "migrate",
+                                  lambda conn: schema.migrate(conn, args.months_ahead))
     if args.json:
         json.dump({"from": before, "to": after, "partitions_created": parts}, out)
         out.write("\n")
@@ -51,12 +60,12 @@ def cmd_add_node(args: argparse.Namespace, out) -> int:
 
     role = args.role or "elsa_node_" + re.sub(r"[^a-z0-9_]", "_", args.host.lower())[:50]
     password = read_password_file(args.password_file) if args.password_file else None
-    conn = _conn(args)
-    try:
-        schema.add_node(conn, args.host, role, password)
-    finally:
-        conn.close()
-    out.write(f"node {args.host}: role {role} (member of elsa_node)\n")
+    # A role named on the command line moves to this host (the node's own hint for
+    # a host mismatch); a default one never: another host's name may give the same.
+    was = _admin(args, "add-node", lambda conn: schema.add_node(
+        conn, args.host, role, password, rebind=bool(args.role)))
+    out.write(f"node {args.host}: role {role} (member of elsa_node"
+              + (f"; moved from host {was}" if was else "") + ")\n")
     return 0
 
 
@@ -66,11 +75,8 @@ def cmd_map_user(args: argparse.Namespace, out) -> int:
     who, sep, host = args.who.rpartition("@")
     if not sep or not who or not host:
         raise ElsaError(f"{args.who!r}: expected UID@HOST or USER@HOST (HOST '*': any host)")
-    conn = _conn(args)
-    try:
-        schema.map_user(conn, host, who, args.site_user, args.account)
-    finally:
-        conn.close()
+    _admin(args, "map-user",
+           lambda conn: schema.map_user(conn, host, who, args.site_user, args.account))
     out.write(f"{args.who} -> {args.site_user}"
               + (f" (account {args.account})" if args.account else "") + "\n")
     return 0
@@ -91,7 +97,8 @@ def add_commands(sub: Any) -> None:
     s = csub.add_parser("add-node", parents=[url],
                         help="create a node's login role, allowed to write its own rows only")
     s.add_argument("host", help="the node's [central] host name")
-    s.add_argument("--role", help="login role (default elsa_node_<host>)")
+    s.add_argument("--role", help="login role (default elsa_node_<host>); a role bound to "
+                   "another host moves to this one")
     s.add_argument("--password-file", help="set the role's password from this file")
     s.set_defaults(func=cmd_add_node)
     s = csub.add_parser("map-user", parents=[url],

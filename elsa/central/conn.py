@@ -26,20 +26,37 @@ def redact(url: str) -> str:
     return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", url))
 
 
-def read_password_file(path: str) -> str:
-    """The password in *path*, which only its owner (root) may read."""
+def read_password_file(path: str, where: str = "[central] password_file") -> str:
+    """The password in *path*, which only its owner (root) may read. *where*: the
+    setting named in errors."""
     try:
         st = os.stat(path)
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"[central] password_file {path} is readable by group or others "
+            raise ConfigError(f"{where} {path} is readable by group or others "
                               f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it")
         if st.st_uid not in (0, os.geteuid()):
-            raise ConfigError(f"[central] password_file {path} belongs to uid {st.st_uid}; "
+            raise ConfigError(f"{where} {path} belongs to uid {st.st_uid}; "
                               "it must belong to root")
         with open(path) as fh:
             return fh.read().strip()
     except OSError as exc:
-        raise ConfigError(f"[central] password_file {path}: {exc.strerror}") from None
+        raise ConfigError(f"{where} {path}: {exc.strerror}") from None
+
+
+def check_url(url: str, where: str) -> None:
+    """Refuse *url* unless libpq can parse it (a postgresql:// URL or a ``key=value
+    ...`` string such as ``service=NAME``), without connecting. *where*: the setting
+    named in errors."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ConfigError(f"{where}: the central store needs psycopg 3: pip install "
+                          "'elsa-accounting[central]' (or Debian's python3-psycopg)") from None
+    try:
+        conninfo_to_dict(url)
+    except Exception as exc:  # psycopg.ProgrammingError: libpq's own message
+        raise ConfigError(f"{where} {redact(url)!r} is neither a postgresql:// URL nor a "
+                          f"libpq 'key=value ...' string: {redact(str(exc)).strip()}") from None
 
 
 def _numeric_loader() -> Any:

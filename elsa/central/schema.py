@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 from elsa.apps import record
 from elsa.errors import ElsaError
@@ -320,14 +320,27 @@ def migrate(conn: Any, months_ahead: int = MONTHS_AHEAD,
 _ROLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-def add_node(conn: Any, host: str, role: str, password: str = None) -> None:  # type: ignore[assignment]
-    """Create login *role* for node *host* (member of elsa_node), or re-bind it."""
+def add_node(conn: Any, host: str, role: str, password: Optional[str] = None,
+             rebind: bool = False) -> Optional[str]:
+    """Create login *role* for node *host* (member of elsa_node). A *role* bound to
+    another host moves to *host* when *rebind*, and is refused otherwise. Returns
+    the host the role moved from (None: it did not move)."""
     if not _ROLE.match(role):
         raise ElsaError(f"role name {role!r}: use lower-case letters, digits and '_' "
                         "(at most 63), starting with a letter")
     from psycopg import sql
 
     with conn.transaction():
+        row = conn.execute("SELECT host FROM elsa_nodes WHERE role = %s FOR UPDATE",
+                           (role,)).fetchone()
+        was = row[0] if row is not None and row[0] != host else None
+        if was is not None:
+            if not rebind:
+                raise ElsaError(
+                    f"role {role} is bound to host {was!r} already (host names that differ "
+                    f"only in case, '-' or '.' get the same default role); give host {host!r} "
+                    f"a role of its own: --role {role[:55]}_2, say")
+            conn.execute("DELETE FROM elsa_nodes WHERE role = %s", (role,))
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
         ident = sql.Identifier(role)
         if not exists:
@@ -338,6 +351,7 @@ def add_node(conn: Any, host: str, role: str, password: str = None) -> None:  # 
             conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(password)))
         conn.execute("INSERT INTO elsa_nodes(host, role) VALUES (%s, %s) ON CONFLICT (host) "
                      "DO UPDATE SET role = excluded.role", (host, role))
+    return was
 
 
 def map_user(conn: Any, host: str, who: str, site_user: str, account: str = None) -> None:  # type: ignore[assignment]

@@ -26,11 +26,11 @@ import socket
 import sqlite3
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from elsa.apps import record
 from elsa.central import schema
-from elsa.central.conn import connect, read_password_file, redact
+from elsa.central.conn import check_url, connect, read_password_file, redact
 from elsa.config import Option, non_negative, positive
 from elsa.core.usage import PRIORITY_KEY
 from elsa.errors import ElsaError, StoreError
@@ -62,11 +62,10 @@ FOLDED_MARK_KEY = "central.folded_id"
 APP_MARK_KEY = "central.app_id"
 #: Ended jobs are compared with their shipped snapshot this long after they
 #: end: a source's final figures or an incomplete flag may come after the end.
+#: (Tags are compared with the shipped ones at any time: store table central_jobs.)
 RECHECK_S = 600.0
 PRUNE_EVERY_S = 3600.0
 _APP_UID = 1 + record.INDEX["uid"]  # in a row read by _read_apps
-_BOOKKEEPING = ("CREATE TABLE IF NOT EXISTS central_jobs "
-                "(jid INTEGER PRIMARY KEY, sig TEXT NOT NULL, shipped REAL NOT NULL)")
 
 
 class Shipper:
@@ -187,8 +186,6 @@ class Shipper:
         self._st["connected"] = False
 
     def _open_local(self) -> None:
-        self.store.submit(_BOOKKEEPING)
-        self.store.flush()
         uri = readonly_uri(self.store.path)
         self._local = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
         self._reader = sqlite3.connect(uri, uri=True, timeout=30.0, check_same_thread=False)
@@ -271,6 +268,7 @@ class Shipper:
             local.execute("COMMIT")
         prios = self._priorities(local)
         if not rows and not folded and not jobs and not apps and prios is None:
+            self._book_jobs(sigs)  # tags set again to what was shipped: nothing to send
             return False
         if len(rows) >= self.batch_rows:
             # Read the next batch while the server works on this one.
@@ -297,11 +295,7 @@ class Shipper:
             self._mark = rows[-1][0]
             self.store.submit("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                               (MARK_KEY, str(self._mark)))
-        now = time.time()
-        if sigs:
-            self.store.submit_many("INSERT OR REPLACE INTO central_jobs(jid, sig, shipped) "
-                                   "VALUES (?, ?, ?)", [(j, s, now) for j, s in sigs.items()])
-            self._sigs.update(sigs)
+        now = self._book_jobs(sigs)
         self._careful = False
         self._st["shipped_records"] += len(rows)
         self._st["shipped_jobs"] += len(jobs)
@@ -309,6 +303,16 @@ class Shipper:
         self._st["rounds"] += 1
         self._st["last_shipped_at"] = now
         return self.batch_rows <= max(len(rows), len(folded), len(apps))
+
+    def _book_jobs(self, sigs: Dict[int, Tuple[str, str]]) -> float:
+        """Record the job snapshots (signature, tags) now central; returns the time."""
+        now = time.time()
+        if sigs:
+            self.store.submit_many(
+                "INSERT OR REPLACE INTO central_jobs(jid, sig, shipped, tags) VALUES "
+                "(?, ?, ?, ?)", [(j, s, now, t) for j, (s, t) in sigs.items()])
+            self._sigs.update((j, s) for j, (s, _) in sigs.items())
+        return now
 
     def _read_rows(self, conn: sqlite3.Connection, after: int) -> List[Sequence[Any]]:
         return conn.execute(f"SELECT id, {', '.join(schema.PROC_COLUMNS)} FROM proc_usage "
@@ -331,17 +335,22 @@ class Shipper:
         return record.rows_after(conn, after, self.batch_rows, finished_only=False)
 
     def _changed_jobs(self, local: sqlite3.Connection, batch_jids: Set[int]
-                      ) -> Tuple[List[Sequence[Any]], List[Sequence[Any]], Dict[int, str]]:
-        """Ended jobs never shipped, recently ended, or touched by this batch, whose
-        snapshot (job row and usage rows) differs from what was shipped."""
+                      ) -> Tuple[List[Sequence[Any]], List[Sequence[Any]],
+                                 Dict[int, Tuple[str, str]]]:
+        """Ended jobs never shipped, recently ended, retagged since shipped, or touched
+        by this batch, whose snapshot (job row and usage rows) differs from what was
+        shipped. Returns (job rows, usage rows, {jid: (signature, tags)} to book),
+        booking also the jobs whose tags came back to the shipped snapshot's."""
         import hashlib  # here, not at the top: OpenSSL's 3.5 MB only in a shipping elsad
 
         jcols = ", ".join(schema.JOB_COLUMNS)
-        cand = [r[0] for r in local.execute(
-            "SELECT jid FROM jobs WHERE ended IS NOT NULL AND (ended > ? OR jid NOT IN "
-            "(SELECT jid FROM central_jobs))", (time.time() - RECHECK_S,))]
-        cand_set = set(cand)
-        extra = [j for j in batch_jids if j not in cand_set]
+        # jid -> the tags last shipped (NULL: unknown), for the jobs to compare.
+        shipped_tags: Dict[int, Optional[str]] = dict(local.execute(
+            "SELECT j.jid, c.tags FROM jobs j LEFT JOIN central_jobs c ON c.jid = j.jid "
+            "WHERE j.ended IS NOT NULL AND (j.ended > ? OR c.jid IS NULL "
+            "OR c.tags IS NOT j.tags)", (time.time() - RECHECK_S,)))
+        cand = list(shipped_tags)
+        extra = [j for j in batch_jids if j not in shipped_tags]
         for i in range(0, len(extra), 500):
             part = extra[i:i + 500]
             cand.extend(r[0] for r in local.execute(
@@ -349,7 +358,8 @@ class Shipper:
                 f"({', '.join('?' * len(part))})", part))
         jobs: List[Sequence[Any]] = []
         usage: List[Sequence[Any]] = []
-        sigs: Dict[int, str] = {}
+        sigs: Dict[int, Tuple[str, str]] = {}
+        tags_at = schema.JOB_COLUMNS.index("tags")
         ucols = ", ".join(schema.JOB_USAGE_COLUMNS)
         for i in range(0, len(cand), 500):
             part = cand[i:i + 500]
@@ -364,8 +374,10 @@ class Shipper:
                 ur = urows.get(jid, [])
                 sig = hashlib.sha1(json.dumps([jr, ur], default=str).encode()).hexdigest()
                 if self._sigs.get(jid) == sig:
+                    if shipped_tags.get(jid, jr[tags_at]) != jr[tags_at]:
+                        sigs[jid] = (sig, jr[tags_at])
                     continue
-                sigs[jid] = sig
+                sigs[jid] = (sig, jr[tags_at])
                 jobs.append(jr)
                 usage.extend(ur)
         return jobs, usage, sigs
@@ -482,12 +494,11 @@ class Shipper:
             if first is not None:
                 oldest = local.execute("SELECT end_time FROM proc_usage WHERE id = ?",
                                        (first,)).fetchone()[0]
-            (jobs,) = local.execute(
-                "SELECT COUNT(*) FROM jobs WHERE ended IS NOT NULL AND jid NOT IN "
-                "(SELECT jid FROM central_jobs)").fetchone()
-            (jold,) = local.execute(
-                "SELECT MIN(ended) FROM jobs WHERE ended IS NOT NULL AND jid NOT IN "
-                "(SELECT jid FROM central_jobs)").fetchone()
+            # Jobs never shipped, or retagged since (their age: never-shipped ones only).
+            jobs, jold = local.execute(
+                "SELECT COUNT(*), MIN(CASE WHEN c.jid IS NULL THEN j.ended END) FROM jobs j "
+                "LEFT JOIN central_jobs c ON c.jid = j.jid WHERE j.ended IS NOT NULL AND "
+                "(c.jid IS NULL OR c.tags IS NOT j.tags)").fetchone()
             apps, afirst = local.execute(f"SELECT COUNT(*), MIN(id) FROM {record.TABLE} "
                                          "WHERE id > ?", (self._app_mark,)).fetchone()
             aold = None
@@ -532,6 +543,16 @@ class Shipper:
         self._st["pruned_records"] += n + na
         log.info("pruned shipped records", records=n, app_records=na,
                  older_than_days=self.keep_days)
+
+
+def check_config(section: Mapping[str, Any], path: str) -> None:
+    """What of ``[central]`` can be checked without the server (elsad --check-config
+    and start): the URL's syntax and the password file."""
+    if not section["url"]:
+        return
+    check_url(section["url"], f"{path}: key 'central.url'")
+    if section["password_file"]:
+        read_password_file(section["password_file"], f"{path}: key 'central.password_file':")
 
 
 def start_shipper(config: Any, store: Any) -> Optional[Shipper]:

@@ -295,6 +295,19 @@ MIGRATIONS.append("""
     """)
 
 
+#: The central shipper's bookkeeping (elsa/central/shipper.py), per ended job: the
+#: signature of the snapshot shipped, when, and the tags it had. A tag may change at any
+#: time after the end (elsa-jobmng tag), and the shipper compares each job's tags with
+#: the ones shipped. A store that shipped before has the table already (elsad of schema
+#: 11 made it when shipping started), with tags unknown (NULL): its jobs are compared
+#: once more.
+MIGRATIONS.append("""
+    CREATE TABLE IF NOT EXISTS central_jobs
+        (jid INTEGER PRIMARY KEY, sig TEXT NOT NULL, shipped REAL NOT NULL);
+    ALTER TABLE central_jobs ADD COLUMN tags TEXT;
+    """)
+
+
 def migrate(db: sqlite3.Connection, path: str, target: Optional[int] = None) -> None:
     """Bring the store *db* (at *path*) to the current schema, one transaction
     per migration. Used by the daemon's :class:`Store` and by ``elsa

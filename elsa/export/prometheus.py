@@ -186,8 +186,9 @@ def _daemon_metrics(st: Mapping[str, Any]) -> Iterator[Any]:
     store = st.get("store") or {}
     agg = (st.get("sources") or {}).get("aggregator") or {}
     hold = st.get("hold") or {}
+    central = st.get("central") or {}
     counter, gauge = CounterMetricFamily, GaugeMetricFamily
-    scalars = (
+    scalars = [
         (counter, "events_received", "Proc connector events received.", st.get("events", 0)),
         (counter, "resyncs", "Resyncs from /proc after event loss.", st.get("resyncs", 0)),
         (counter, "jobs_created", "Jobs created since elsad started.", jobs.get("created", 0)),
@@ -215,8 +216,28 @@ def _daemon_metrics(st: Mapping[str, Any]) -> Iterator[Any]:
         (gauge, "burst_hold_active", "1 while a burst hold is on.",
          1 if hold.get("active") else 0),
         (gauge, "uptime_seconds", "Seconds since elsad started.", st.get("uptime", 0)),
-    )
+    ]
+    if central.get("enabled"):
+        # Figures the shipper has not counted yet (just started) have no sample.
+        scalars += [
+            (gauge, "central_failing", "1 while shipping to the central store fails.",
+             1 if central.get("failing") else 0),
+            (gauge, "central_backlog_records",
+             "Process records waiting to be shipped to the central store.",
+             central.get("backlog_records")),
+            (gauge, "central_backlog_jobs",
+             "Ended jobs waiting to be shipped to the central store (new or retagged).",
+             central.get("backlog_jobs")),
+            (gauge, "central_backlog_apps",
+             "Application records waiting to be shipped to the central store.",
+             central.get("backlog_apps")),
+            (gauge, "central_oldest_age_seconds",
+             "Age of the oldest record waiting to be shipped (none waiting: no sample).",
+             central.get("oldest_age_s")),
+        ]
     for family, name, help_text, value in scalars:
+        if value is None:
+            continue
         metric = family(PREFIX + name, help_text)
         metric.add_metric([], value)
         yield metric

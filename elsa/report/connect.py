@@ -9,6 +9,7 @@ dialects spell differently (hour buckets, tag lookup, the host column).
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import urllib.parse
 from typing import Any, Optional, Sequence, Tuple
@@ -61,8 +62,17 @@ def adapt(db: Any) -> Db:
     return db if isinstance(db, Db) else SqliteDb(db)
 
 
+#: The start of a libpq ``key=value ...`` connection string ("host=db dbname=elsa",
+#: "service=elsa"): what ``elsa central --url`` takes besides URLs.
+_CONNINFO = re.compile(r"\s*[A-Za-z_]+\s*=")
+
+
 def is_central(where: str) -> bool:
-    return where.startswith(("postgresql://", "postgres://", "service="))
+    """Whether *where* names the central store (a postgresql:// URL or a libpq
+    ``key=value ...`` string) rather than a store file (one that exists is one)."""
+    if where.startswith(("postgresql://", "postgres://")):
+        return True
+    return bool(_CONNINFO.match(where)) and not os.path.exists(where)
 
 
 def open_db(where: str) -> Db:

@@ -166,7 +166,9 @@ def summary(db: Any, by: str, since: Optional[float] = None,
             label: Any = user if db.central else k
         else:
             label, account = k, None
-        got = rows.get(label)
+        # A site user charged to several accounts (user mapping) has a row per account.
+        key = (label, account)
+        got = rows.get(key)
         if got is None:
             row: Dict[str, Any] = {by: label}
             if by == "user":
@@ -177,7 +179,7 @@ def summary(db: Any, by: str, since: Optional[float] = None,
                     row["account"] = account
                 row["job_residual_cpu_us"] = 0
             row.update(t)
-            rows[label] = row
+            rows[key] = row
         else:
             if by == "user" and got["uid"] != k:
                 got["uid"] = None
@@ -186,7 +188,7 @@ def summary(db: Any, by: str, since: Optional[float] = None,
                  t["minflt"], t["majflt"])
         if by == "user":
             ru, rs = residual.get((h, k), (0, 0))
-            rows[label]["job_residual_cpu_us"] += ru + rs
+            rows[key]["job_residual_cpu_us"] += ru + rs
     out = []
     for row in rows.values():
         n = row["processes"]
