@@ -22,14 +22,13 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import socket
 import sqlite3
 import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from elsa.apps import record
-from elsa.central import schema
+from elsa.central import node_name, schema
 from elsa.central.conn import check_url, connect, read_password_file, redact
 from elsa.config import Option, non_negative, positive
 from elsa.core.usage import PRIORITY_KEY
@@ -74,7 +73,7 @@ class Shipper:
     def __init__(self, section: Dict[str, Any], store: Any) -> None:
         self.url: str = section["url"]
         self.password_file: str = section["password_file"]
-        self.host: str = section["host"] or socket.gethostname()
+        self.host: str = node_name(section)
         self.batch_rows: int = section["batch_rows"]
         self.interval: float = section["interval"]
         self.retry_max: float = section["retry_max"]

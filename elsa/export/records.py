@@ -15,7 +15,6 @@ again.
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -102,14 +101,10 @@ user_of = passwd_name
 
 
 def host_name(config: Any = None) -> str:
-    """This node's name, as the central store knows it: ``[central] host``, else the
-    host name (socket.gethostname(), as the central shipper and the JIDs use; not
-    getfqdn(), which gives "localhost" where /etc/hosts lists that first)."""
-    if config is not None:
-        named = config.section("central")["host"]
-        if named:
-            return str(named)
-    return socket.gethostname()
+    """This node's name, as the central store knows it (elsa.central.node_name)."""
+    from elsa.central import node_name
+
+    return node_name(config.section("central") if config is not None else {"host": ""})
 
 
 def finished_jobs(db: Any, since: Optional[float] = None,
