@@ -293,3 +293,44 @@ def test_folded_job_records_are_not_billed_twice(site, capsys):
     # Job 1 now has 100 s more user CPU: 100 x 0.007 = 0.7 more (10.774 + 0.7 = 11.474).
     assert rows[format_jid(1)]["charge"] == "11.47"
     assert rows[None]["charge"] == "1.40"  # outside jobs: as before
+
+
+@pytest.fixture
+def utc_host(monkeypatch):
+    """The host's zone is UTC, whatever this machine's is (the billing zone differs)."""
+    import time
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_bill_reads_and_prints_times_in_the_billing_zone(site, capsys, utc_host):
+    paris = site.replace("elsa.toml", "paris.toml")
+    with open(site) as fh, open(paris, "w") as out:
+        out.write(fh.read().replace('timezone = "UTC"', 'timezone = "Europe/Paris"'))
+    # 29 March 2026 in Paris: 23 hours (the clocks go forward at 02:00).
+    day = (ts("2026-03-28T23:00"), ts("2026-03-29T22:00"))
+    assert main(["bill", "--config", paris, "--period", "2026-03-29"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.startswith("bill 2026-03-29 00:00 +01:00 .. 2026-03-30 00:00 +02:00 by user")
+    data = _json_of_bill(capsys, paris, "--period", "2026-03-29")
+    assert (data["since"], data["until"]) == day
+    # --since/--until without an offset are in the same zone as --period.
+    data = _json_of_bill(capsys, paris, "--since", "2026-03-29", "--until", "2026-03-30")
+    assert (data["since"], data["until"]) == day
+    data = _json_of_bill(capsys, paris, "--since", "2026-03-29T00:00+00:00",
+                         "--until", str(day[1]))
+    assert (data["since"], data["until"]) == (ts("2026-03-29T00:00"), day[1])
+
+
+def _json_of_bill(capsys, cfg, *argv):
+    assert main(["bill", "--config", cfg, "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bill_refuses_a_bad_time_with_the_option(site, capsys):
+    assert main(["bill", "--config", site, "--since", "yesterdayish", "--until", "1d"]) == 2
+    assert "--since: not a time: 'yesterdayish'" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pytest
 from elsa.core.aggregator import add_to_sums
 from elsa.core.model import format_jid
 from elsa.core.schema import migrate
+from elsa.core.usage import save_priorities
 from elsa.report.cli import main
 from elsa.report.sacct import fmt_duration, fmt_size
 
@@ -101,3 +102,27 @@ def test_eff_known_and_unknown(db_path, capsys):
     assert e["cpu_efficiency"] is None and "no accounting source" in e["cpu_efficiency_why"]
     assert e["memory_efficiency"] is None and e["max_rss_kb"] is None
     assert main(["eff", "0x99", "--db", db_path]) == 2
+
+
+def test_eff_of_a_pinned_job_divides_the_cpu_of_its_own_time(tmp_path, capsys):
+    """A 1-core job busy for its whole wall time: the root's process record also holds
+    elsa-jobmng's start-up before the join (the job's CPU figure, usage.note), which the
+    cgroup's counter, from the job's creation, leaves out. Efficiency is the counter's."""
+    path = str(tmp_path / "elsa.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    migrate(db, path)
+    save_priorities(db, db.execute, {"cgroupstat": 10, "taskstats": 20})
+    db.execute("INSERT INTO jobs VALUES (5, 'pinned', 0, '{}', ?, ?, 'ended', 'cpuset', ?)",
+               (T0, T0 + 2.0, json.dumps({"cpus": "1"})))
+    db.execute("INSERT INTO proc_usage(source, jid, pid, start_time, end_time, uid, comm, "
+               "cpu_user_us, cpu_system_us) VALUES ('taskstats', 5, 10, ?, ?, 0, 'python3', "
+               "2030000, 68000)", (T0 - 0.07, T0 + 2.0))
+    add_to_sums(db)
+    db.execute("INSERT INTO job_usage(jid, source, cpu_user_us, cpu_system_us, updated) "
+               "VALUES (5, 'cgroupstat', 1970000, 10000, ?)", (T0 + 2.0,))
+    db.close()
+    capsys.readouterr()  # the migration's log lines
+    assert main(["eff", format_jid(5), "--db", path, "--json"]) == 0
+    e = json.loads(capsys.readouterr().out)
+    assert e["cpu_s"] == pytest.approx(2.098)  # the job's CPU: its records' (note)
+    assert e["cpu_efficiency"] == pytest.approx(1.98 / 2.0)

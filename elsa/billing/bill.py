@@ -18,9 +18,7 @@ arithmetic only where both engines truncate alike.
 
 from __future__ import annotations
 
-import bisect
 import json
-import math
 import sqlite3
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -244,42 +242,50 @@ class _OutsideJobs:
         return out
 
 
-def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float) -> None:
-    """Exact: each record split by its own seconds (CSA's per-process p_ratio)."""
+def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float,
+              per_process: bool = False) -> None:
+    """Exact: each record split by its own seconds (CSA's per-process p_ratio).
+
+    [since, until) lies in one hour (elsa.report.query.window_parts): its records
+    of the best source present in it, or with *per_process* each process's record
+    of its best source (an hour in which a source has a gap)."""
     periods = acc.biller.cfg.schedule.periods(since, until)
     bounds = [a for a, _, _ in periods]
     start = "COALESCE(start_time, end_time)"
     si = _tree(start, bounds, 0, len(bounds)) if len(bounds) > 1 else \
         f"CASE WHEN {start} < {_lit(bounds[0])} THEN -1 ELSE 0 END"
     ei = _tree("end_time", bounds, 0, len(bounds)) if len(bounds) > 1 else "0"
+    prios = load_priorities(db)
+    table, params = "proc_usage", [since, until]
+    if per_process:
+        from elsa.report.query import best_records
+
+        table, table_params = best_records(
+            db, prios, f"uid, source, jid, start_time, end_time, {_PROC_COLS}", since, until)
+        params = table_params + params
     where = "jid IS NULL AND end_time >= ? AND end_time < ?"
     grouped = db.execute(
         f"SELECT uid, source, si, ei, {_PROC_SUMS} FROM (SELECT uid, source, {si} AS si, "
-        f"{ei} AS ei, {_PROC_COLS} FROM proc_usage WHERE {where}) AS t "
-        f"GROUP BY uid, source, si, ei", (since, until)).fetchall()
+        f"{ei} AS ei, {_PROC_COLS} FROM {table} AS p WHERE {where}) AS t "
+        f"GROUP BY uid, source, si, ei", params).fetchall()
     crossing: List[Tuple[Any, ...]] = []
     if any(r[2] != r[3] for r in grouped):
         crossing = db.execute(
-            f"SELECT uid, source, start_time, end_time, {_PROC_COLS} FROM proc_usage "
-            f"WHERE {where} AND ({si}) <> ({ei})", (since, until)).fetchall()
-    # One source per period (by end time): the best present, so a process
+            f"SELECT uid, source, start_time, end_time, {_PROC_COLS} FROM {table} AS p "
+            f"WHERE {where} AND ({si}) <> ({ei})", params).fetchall()
+    # Otherwise one source, the best present (as `elsa summary` counts), so a process
     # reported by two sources is billed once.
-    prios = load_priorities(db)
-    best: Dict[int, str] = {}
-    for r in grouped:
-        src, e = r[1], r[3]
-        if e not in best or (priority(src, prios), src) < (priority(best[e], prios), best[e]):
-            best[e] = src
+    best = None if per_process else min(
+        {r[1] for r in grouped}, key=lambda src: (priority(src, prios), src), default=None)
     for uid, src, s_idx, e_idx, n, cu, cs, memk, integ, rd, wr, el in grouped:
-        if s_idx != e_idx or best.get(e_idx) != src:
+        if s_idx != e_idx or best not in (None, src):
             continue
         usage = {"cpu_user_us": cu, "cpu_system_us": cs, "mem_peak_kb_ms": memk,
                  "coremem_kb_us": integ, "read_bytes": rd, "write_bytes": wr}
         acc.add(uid, usage, n, Decimal(1 if periods[e_idx][2] else 0),
                 Decimal(el or 0) / _US)
     for uid, src, st, en, cu, cs, rss, el, integ, rd, wr in crossing:
-        e_idx = bisect.bisect_right(bounds, en) - 1
-        if best.get(e_idx) != src:
+        if best not in (None, src):
             continue
         st = en if st is None else st
         wall = max(en - st, 1.0)  # CSA: elapsed at least 1 s
@@ -360,19 +366,20 @@ def process_items(db: Any, biller: Biller, since: float, until: float
                   ) -> List[Dict[str, Any]]:
     """Process records outside any job that ended in [since, until): one item per user.
 
-    Whole hours come from the hourly rollup (fast at any store size), the
-    partial hours at the window's edges from the records themselves (exact).
+    Read in the parts `elsa summary` reads (elsa.report.query.window_parts): whole
+    hours from the hourly rollup (fast at any store size), the partial hours at the
+    window's edges and the hours in which a source has a gap from the records
+    themselves (exact).
     """
+    from elsa.report.query import per_process_hours, window_parts
+
     acc = _OutsideJobs(biller)
-    blo, bhi = math.ceil(since / _BUCKET), math.floor(until / _BUCKET)
-    if bhi > blo:
-        if since < blo * _BUCKET:
-            _raw_into(acc, db, since, blo * _BUCKET)
-        _rollup_into(acc, db, blo, bhi)
-        if bhi * _BUCKET < until:
-            _raw_into(acc, db, bhi * _BUCKET, until)
-    else:
-        _raw_into(acc, db, since, until)
+    for kind, lo, hi in window_parts(since, until, per_process_hours(db)):
+        assert lo is not None and hi is not None  # a bill's window is bounded
+        if kind == "hours":
+            _rollup_into(acc, db, int(lo), int(hi))
+        else:
+            _raw_into(acc, db, lo, hi, per_process=kind == "processes")
     return acc.items()
 
 

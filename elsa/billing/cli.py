@@ -82,15 +82,22 @@ def _fmt_secs(s: Optional[float]) -> str:
     return f"{h:.2f}h"
 
 
-def _when(t: float) -> str:
-    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+def _when(t: float, zone: str) -> str:
+    """*t* in the billing time zone *zone* (the rate table's), with its UTC offset."""
+    from elsa.billing.rates import _zone
+
+    d = dt.datetime.fromtimestamp(t, _zone(zone)) if zone != "local" else \
+        dt.datetime.fromtimestamp(t).astimezone()
+    off = d.strftime("%z")
+    return d.strftime("%Y-%m-%d %H:%M ") + f"{off[:3]}:{off[3:]}"
 
 
 def print_table(data: Dict[str, Any], out) -> None:
     from elsa.report.cli import _table
 
     by = data["by"]
-    out.write(f"bill {_when(data['since'])} .. {_when(data['until'])} by {by}, "
+    zone = data["rate_table"]["timezone"]
+    out.write(f"bill {_when(data['since'], zone)} .. {_when(data['until'], zone)} by {by}, "
               f"in {data['unit']}\n")
     label = {"user": "USER", "account": "ACCOUNT", "job": "JID"}.get(by, by[4:].upper())
     priced = [r for r in RESOURCES if data["rate_table"]["resources"][r]["prime"] != "0"
@@ -140,6 +147,17 @@ def print_csv(data: Dict[str, Any], out) -> None:
                    + [r["charge"], " ".join(r["unpriced"])])
 
 
+def _time_arg(option: str, text: str, cfg: BillingConfig) -> float:
+    """--since/--until: a time without an offset is in the billing time zone, as
+    --period is."""
+    from elsa.report.cli import parse_time
+
+    try:
+        return parse_time(text, tz=cfg.schedule.tz)
+    except argparse.ArgumentTypeError as exc:
+        raise ElsaError(f"{option}: {exc}") from None
+
+
 def _by_arg(text: str) -> str:
     if text in ("user", "account", "job") or (text.startswith("tag:") and len(text) > 4):
         return text
@@ -160,7 +178,8 @@ def cmd_bill(args: argparse.Namespace, out) -> int:
     else:
         if args.since is None or args.until is None:
             raise ElsaError("give --period YYYY-MM, or both --since and --until")
-        since, until = args.since, args.until
+        since, until = (_time_arg(opt, text, bcfg)
+                        for opt, text in (("--since", args.since), ("--until", args.until)))
     if until <= since:
         raise ElsaError("the billing window is empty: --until must be after --since")
     from elsa.report.cli import _report
@@ -187,6 +206,9 @@ def add_parser(sub: Any, parents: List[argparse.ArgumentParser]) -> None:
                    help="group charges by this (default: user)")
     s.add_argument("--period", metavar="YYYY-MM[-DD]",
                    help="bill this month (or day), in the billing time zone")
+    s.add_argument("--since", help="from this time (ISO, epoch, or age; ISO without an "
+                   "offset is in the billing time zone)")
+    s.add_argument("--until", help="up to this time (exclusive; as --since)")
     from elsa.report.sacct import _tag_arg
 
     s.add_argument("--tag", action="append", type=_tag_arg, metavar="KEY=VALUE",

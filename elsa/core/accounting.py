@@ -24,6 +24,7 @@ that fails to start is reported in ``status`` and the daemon runs without it.
 from __future__ import annotations
 
 import collections
+import json
 import time
 from typing import (
     TYPE_CHECKING,
@@ -50,7 +51,7 @@ from elsa.core.guard import Guard, run_isolated
 from elsa.core.model import Job, format_jid, parse_jid
 from elsa.core.source import Source, SourceContext, SourceSpec
 from elsa.core.thresholds import Folder
-from elsa.core.usage import priorities_of, save_priorities
+from elsa.core.usage import SET_META, gap_stmt, priorities_of, save_priorities
 from elsa.errors import ElsaError
 from elsa.kernel.procfs import ProcFS, boot_epoch
 from elsa.logsetup import structlog
@@ -250,6 +251,8 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
             out["gaps"] = gaps
         return out
 
+    record_gaps(store, gaps, list(started), specs, time.time())
+    gaps = [g for g in gaps if g["jobs"]]  # status shows the gaps that flagged jobs
     for gap in gaps:
         aggregator.flag_incomplete([parse_jid(j) for j in gap["jobs"]], gap["source"],
                                    gap["why"])
@@ -268,31 +271,70 @@ def alive_stmt(now: float) -> Tuple[str, Tuple[Any, ...]]:
             "SET value = excluded.value", (ALIVE_KEY, repr(round(now, 3))))
 
 
+#: The sources that cannot cover a downtime running now (JSON list), and when each such
+#: source was last known to be listening (JSON object): where its next gap begins.
+LISTENING_KEY = "sources.listening"
+LISTENED_KEY = "sources.listened"
+
+
+def _json_meta(store: Store, key: str) -> Any:
+    try:
+        return json.loads(store.get_meta(key, "") or "null")
+    except ValueError:
+        return None
+
+
 def downtime_gaps(store: Store, manager: JobManager, specs: Mapping[str, SourceSpec],
                   names: Sequence[str], now: float) -> List[Dict[str, Any]]:
-    """What the sources that cannot cover elsad's downtime missed: per source,
-    the interval since elsad was last alive and the jobs that ran across it."""
+    """What the sources that cannot cover elsad's downtime missed: per source, the
+    interval since it last listened (elsad's last "alive" mark, or the start of
+    the store when it never ran here) and the running jobs that ran across it."""
     try:
         last = float(store.get_meta(ALIVE_KEY, "") or 0)
     except ValueError:
         last = 0.0
     store.submit(*alive_stmt(now))
-    if not last or last >= now:
-        return []
+    if last >= now:
+        return []  # the clock went back: no interval to tell
+    listening = _json_meta(store, LISTENING_KEY)
+    listened = _json_meta(store, LISTENED_KEY)
+    listened = {str(k): float(v) for k, v in listened.items()
+                if isinstance(v, (int, float))} if isinstance(listened, dict) else {}
+    if not isinstance(listening, list):
+        # A store of an elsad that did not say: the sources of this one ran until then.
+        listening = list(names) if last else []
+    listened.update((str(name), last) for name in listening if last)
+    store.submit(SET_META, (LISTENED_KEY, json.dumps(listened, sort_keys=True)))
     # Every job recovered as running ran across the downtime (or the part of
     # it after its creation).
     jobs = [format_jid(j.jid) for j in manager.running()]
-    if not jobs:
-        return []
-    start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
     end = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
     out = []
     for name in names:
         if getattr(specs.get(name), "covers_downtime", False):
             continue
-        out.append({"source": name, "from": round(last, 3), "to": round(now, 3), "jobs": jobs,
-                    "why": f"no {name} records from {start} to {end} (elsad was not "
-                           f"running for {now - last:.1f} s)"})
-        log.warning("accounting gap while elsad was not running", source=name, since=start,
-                    jobs=len(jobs), seconds=round(now - last, 1))
+        since = listened.get(name, 0.0)
+        if since:
+            start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+            why = (f"no {name} records from {start} to {end} (elsad was not running for "
+                   f"{now - since:.1f} s)" if since == last else
+                   f"no {name} records from {start} to {end} (the source was not running)")
+        else:
+            why = f"no {name} records before {end} (the source never ran on this store)"
+        out.append({"source": name, "from": round(since, 3), "to": round(now, 3),
+                    "jobs": jobs, "why": why})
+        if jobs:
+            log.warning("accounting gap while the source was not running", source=name,
+                        since=since, jobs=len(jobs), seconds=round(now - since, 1))
     return out
+
+
+def record_gaps(store: Store, gaps: Sequence[Dict[str, Any]], started: Sequence[str],
+                specs: Mapping[str, SourceSpec], now: float) -> None:
+    """Once the sources listen (*now*): store each gap for the reports
+    (elsa.core.usage: the hours a gap begins or ends are counted process by process),
+    and which sources that cannot cover a downtime now listen."""
+    for gap in gaps:
+        store.submit(*gap_stmt(gap["source"], gap["from"], max(now, gap["to"])))
+    store.submit(SET_META, (LISTENING_KEY, json.dumps(sorted(
+        name for name in started if not getattr(specs.get(name), "covers_downtime", False)))))

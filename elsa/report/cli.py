@@ -38,8 +38,10 @@ _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_time(text: str, now: Optional[float] = None) -> float:
-    """An absolute time (epoch seconds) from ISO, epoch, or an age like "12h"."""
+def parse_time(text: str, now: Optional[float] = None,
+               tz: Optional[dt.tzinfo] = None) -> float:
+    """An absolute time (epoch seconds) from ISO, epoch, or an age like "12h". An ISO
+    time without an offset is in *tz* (None: the host's zone)."""
     now = time.time() if now is None else now
     t = text.strip()
     m = _AGE.match(t)
@@ -55,6 +57,8 @@ def parse_time(text: str, now: Optional[float] = None) -> float:
         raise argparse.ArgumentTypeError(
             f"not a time: {text!r} (use 2026-11-21, 2026-11-21T10:00, epoch seconds, or an "
             "age such as 90m, 12h, 7d)") from None
+    if d.tzinfo is None and tz is not None:
+        d = d.replace(tzinfo=tz)
     return d.timestamp()
 
 
@@ -480,7 +484,7 @@ def _add_store_salvage(sub: Any, common: Any, window: Any, site: Any) -> None:
 def _add_bill(sub: Any, common: Any, window: Any, site: Any) -> None:
     from elsa.billing.cli import add_parser
 
-    add_parser(sub, [common, window])
+    add_parser(sub, [common])  # bill reads --since/--until in the billing time zone
 
 
 def _add_eff(sub: Any, common: Any, window: Any, site: Any) -> None:

@@ -10,7 +10,9 @@ needs only sqlite3 and the aggregator's "best" rule.
 * A process may be reported by more than one source (taskstats and bsdacct
   both enabled). Per hour, only the best process-level source present is
   counted (the source specs' priorities, elsa.core.usage), so nothing is
-  counted twice; pick one explicitly with ``source``.
+  counted twice; pick one explicitly with ``source``. In an hour in which a
+  source has a gap (elsad was down), each process is counted from its best
+  source's record instead (:func:`window_parts`).
 * Per-job figures come from ``job_usage`` (one row per job and source) with
   the best figure per metric, by the same priorities.
 * One copy of each query serves a node's SQLite store and the site's central
@@ -33,7 +35,10 @@ from elsa.core.model import format_jid, split_exit
 from elsa.core.usage import (
     METRICS,
     best,
+    best_records_sql,
     fallbacks,
+    gap_hours,
+    load_gaps,
     load_priorities,
     not_below_records,
     priority_sql,
@@ -77,6 +82,80 @@ def _host_sql(db: Db, hosts: Optional[Sequence[str]], params: List[Any]) -> str:
     return f" AND {db.host()} IN ({', '.join('?' * len(hosts))})"
 
 
+def window_parts(since: Optional[float], until: Optional[float],
+                 per_process_hours: Sequence[int] = ()
+                 ) -> List[Tuple[str, Optional[float], Optional[float]]]:
+    """How the reports read the process records ending in [since, until), in parts:
+
+    * ``("hours", lo, hi)``: whole hour buckets [lo, hi) (None: unbounded), from the
+      hourly rollup, the best source present per hour;
+    * ``("records", lo, hi)``: a partial hour at the window's edge, from the records,
+      the best source present in it;
+    * ``("processes", lo, hi)``: (part of) an hour of *per_process_hours* (a source has
+      a gap there: elsa.core.usage.gap_hours), from the records, each process once
+      (its best source's record: :func:`best_records`).
+
+    Summaries and bills (elsa.billing.bill) read a window through the same parts."""
+    blo, bhi = _bucket_range(since, until)
+    if blo is not None and bhi is not None and bhi < blo:
+        edges = [(since, until)]  # the window is inside one hour: only records
+        hours: List[Tuple[Optional[int], Optional[int]]] = []
+    else:
+        edges = []
+        if since is not None and blo is not None and since < blo * BUCKET:
+            edges.append((since, blo * BUCKET))
+        if until is not None and bhi is not None and bhi * BUCKET < until:
+            edges.append((bhi * BUCKET, until))
+        hours = [(blo, bhi)] if blo is None or bhi is None or blo < bhi else []
+    special = sorted(set(per_process_hours))
+    parts: List[Tuple[str, Optional[float], Optional[float]]] = []
+    for lo, hi in edges:
+        kind = "processes" if math.floor(lo / BUCKET) in special else "records"
+        parts.append((kind, lo, hi))
+    for lo, hi in hours:
+        for h in special:
+            if (lo is None or h >= lo) and (hi is None or h < hi):
+                if lo is None or h > lo:
+                    parts.append(("hours", lo, h))
+                parts.append(("processes", h * BUCKET, (h + 1) * BUCKET))
+                lo = h + 1
+        if lo is None or hi is None or lo < hi:
+            parts.append(("hours", lo, hi))
+    return parts
+
+
+_SUMMARY_COLS = ("uid, comm, cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb, max_vm_kb, "
+                 "read_bytes, write_bytes, minflt, majflt")
+
+
+def per_process_hours(db: Any) -> List[int]:
+    """The hours a report reads process by process: those in which a source's gap
+    begins or ends (elsa.core.usage.gap_hours) and more than one source has records
+    (with one, there is nothing to choose between)."""
+    db = adapt(db)
+    hours = gap_hours(load_gaps(db), BUCKET)
+    out: List[int] = []
+    for i in range(0, len(hours), 500):
+        chunk = hours[i:i + 500]
+        out += [int(r[0]) for r in db.execute(
+            f"SELECT bucket FROM usage_rollup WHERE bucket IN ({', '.join('?' * len(chunk))}) "
+            "GROUP BY bucket HAVING COUNT(DISTINCT source) > 1", chunk)]
+    return out
+
+
+def best_records(db: Any, prios: Dict[str, int], columns: str, lo: float, hi: float
+                 ) -> Tuple[str, List[Any]]:
+    """*columns* of the records ending in [lo, hi), one per process: its best source's
+    (elsa.core.usage.best_records_sql), as a subquery with its parameters."""
+    db = adapt(db)
+    near = db.execute("SELECT DISTINCT source FROM usage_rollup WHERE bucket >= ? AND "
+                      "bucket <= ?", (math.floor(lo / BUCKET) - 1,
+                                      math.floor(hi / BUCKET) + 1)).fetchall()
+    ranked = rank_sources({r[0] for r in near} | set(prios), prios)
+    host = db.host() if db.central else ""
+    return best_records_sql(ranked, columns + (f", {host}" if host else ""), lo, hi, host)
+
+
 def summary(db: Any, by: str, since: Optional[float] = None,
             until: Optional[float] = None, source: Optional[str] = None,
             hosts: Optional[Sequence[str]] = None,
@@ -88,20 +167,11 @@ def summary(db: Any, by: str, since: Optional[float] = None,
     if tags:
         raise StoreError("tag filters select jobs: use them with 'summary --by job' or 'jobs'")
     key = {"user": "uid", "command": "comm"}[by]
-    blo, bhi = _bucket_range(since, until)
-    if blo is not None and bhi is not None and bhi < blo:
-        blo = bhi = None  # the window is inside one hour: only raw rows
-        edges = [(since, until)]
-        full = False
-    else:
-        full = True
-        edges = []
-        if since is not None and blo is not None and since < blo * BUCKET:
-            edges.append((since, blo * BUCKET))
-        if until is not None and bhi is not None and bhi * BUCKET < until:
-            edges.append((bhi * BUCKET, until))
+    prios = load_priorities(db)
+    # With one source picked there is nothing to choose between: no per-process parts.
+    parts = window_parts(since, until, () if source else per_process_hours(db))
     src_sql = " AND source = ?" if source else ""
-    rank, rank_params = priority_sql("source", load_priorities(db))
+    rank, rank_params = priority_sql("source", prios)
     host = db.host()
     # Keyed by (host, uid|comm): the central store maps uid@host to site users below.
     totals: Dict[Any, Dict[str, Any]] = {}
@@ -117,35 +187,43 @@ def summary(db: Any, by: str, since: Optional[float] = None,
                 continue
             _add(t, n, cu, cs, el, rss, mem, rb, wb, mi, ma)
 
-    if full:
+    ukey = "COALESCE(uid, -1)" if key == "uid" else "comm"
+    record_sums = ("COUNT(*), SUM(COALESCE(cpu_user_us, 0)), "
+                   "SUM(COALESCE(cpu_system_us, 0)), SUM(COALESCE(elapsed_us, 0)), "
+                   "MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb, 0)), "
+                   "SUM(COALESCE(read_bytes, 0)), SUM(COALESCE(write_bytes, 0)), "
+                   "SUM(COALESCE(minflt, 0)), SUM(COALESCE(majflt, 0))")
+    for kind, lo, hi in parts:
         params: List[Any] = []
-        where = _range_sql("bucket", blo, bhi, params) + _host_sql(db, hosts, params)
-        if source:
-            params.append(source)
-        # Per host and hour, only the best process-level source present counts.
-        sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
-               f"FROM usage_rollup WHERE {where}{src_sql} GROUP BY {host}, bucket) "
-               f"SELECT {host}, {key}, SUM(processes), SUM(cpu_user_us), SUM(cpu_system_us), "
-               f"SUM(elapsed_us), MAX(max_rss_kb), SUM(mem_kb_sum), SUM(read_bytes), "
-               f"SUM(write_bytes), SUM(minflt), SUM(majflt) "
-               f"FROM usage_rollup JOIN pick ON {host} = pick.h AND bucket = pick.b "
-               f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY {host}, {key}")
-        merge(db.execute(sql, rank_params + params + rank_params + params).fetchall())
-    for lo, hi in edges:
-        params = []
+        if kind == "hours":
+            where = _range_sql("bucket", lo, hi, params) + _host_sql(db, hosts, params)
+            if source:
+                params.append(source)
+            # Per host and hour, only the best process-level source present counts.
+            sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
+                   f"FROM usage_rollup WHERE {where}{src_sql} GROUP BY {host}, bucket) "
+                   f"SELECT {host}, {key}, SUM(processes), SUM(cpu_user_us), "
+                   f"SUM(cpu_system_us), SUM(elapsed_us), MAX(max_rss_kb), SUM(mem_kb_sum), "
+                   f"SUM(read_bytes), SUM(write_bytes), SUM(minflt), SUM(majflt) "
+                   f"FROM usage_rollup JOIN pick ON {host} = pick.h AND bucket = pick.b "
+                   f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY {host}, {key}")
+            merge(db.execute(sql, rank_params + params + rank_params + params).fetchall())
+            continue
+        if kind == "processes":  # never with one source picked (parts above)
+            table, table_params = best_records(db, prios, _SUMMARY_COLS, lo, hi)
+            where = "TRUE" + _host_sql(db, hosts, params)
+            sql = (f"SELECT {host}, {ukey}, {record_sums} FROM {table} AS p "
+                   f"WHERE {where} GROUP BY {host}, {ukey}")
+            merge(db.execute(sql, table_params + params).fetchall())
+            continue
         where = _range_sql("end_time", lo, hi, params) + _host_sql(db, hosts, params)
         if source:
             params.append(source)
-        ukey = "COALESCE(uid, -1)" if key == "uid" else "comm"
         hour = db.hour("end_time")
         sql = (f"WITH pick AS (SELECT {host} AS h, {hour} AS b, "
                f"MIN({rank}) AS p FROM proc_usage WHERE {where}{src_sql} "
                f"GROUP BY {host}, {hour}) "
-               f"SELECT {host}, {ukey}, COUNT(*), SUM(COALESCE(cpu_user_us, 0)), "
-               f"SUM(COALESCE(cpu_system_us, 0)), SUM(COALESCE(elapsed_us, 0)), "
-               f"MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb, 0)), "
-               f"SUM(COALESCE(read_bytes, 0)), SUM(COALESCE(write_bytes, 0)), "
-               f"SUM(COALESCE(minflt, 0)), SUM(COALESCE(majflt, 0)) "
+               f"SELECT {host}, {ukey}, {record_sums} "
                f"FROM proc_usage JOIN pick ON {host} = pick.h AND {hour} = pick.b "
                f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY {host}, {ukey}")
         merge(db.execute(sql, rank_params + params + rank_params + params).fetchall())

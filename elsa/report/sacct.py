@@ -96,6 +96,21 @@ def _cpu_s(u: Dict[str, Any]) -> Optional[float]:
     return ((u.get("cpu_user_us") or 0) + (u.get("cpu_system_us") or 0)) / 1e6
 
 
+def _in_job_cpu_s(u: Dict[str, Any]) -> Optional[float]:
+    """The CPU the job used in its own time, from its creation: what efficiency divides
+    by the wall time. The job's CPU figure is its process records' when they read above
+    the job's counter (``usage.note``: a record holds the CPU a member used before it
+    joined, elsa-jobmng's start-up for the root); then it is the counter's (a
+    job-level source: no process count), complete for the job."""
+    if not u.get("note"):
+        return _cpu_s(u)
+    bad = u.get("incomplete") or {}
+    counters = [_cpu_s(v) for s, v in (u.get("sources") or {}).items()
+                if not v.get("processes") and s not in bad]
+    counters = [c for c in counters if c is not None]
+    return max(counters) if counters else _cpu_s(u)
+
+
 def _wall(job: Dict[str, Any], now: float) -> Optional[float]:
     if job.get("created") is None:
         return None
@@ -266,7 +281,7 @@ def efficiency(job: Dict[str, Any], now: Optional[float] = None) -> Dict[str, An
     elif not wall:
         out["cpu_efficiency_why"] = "the job's wall time is 0"
     else:
-        out["cpu_efficiency"] = cpu / (wall * cores)
+        out["cpu_efficiency"] = _in_job_cpu_s(u) / (wall * cores)
     limit = _memory_limit_kb(job.get("params") or {})
     out["memory_limit_kb"] = limit
     if u.get("max_rss_kb") is None:
