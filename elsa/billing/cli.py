@@ -180,9 +180,9 @@ def cmd_bill(args: argparse.Namespace, out) -> int:
             raise ElsaError("give --period YYYY-MM, or both --since and --until")
         since, until = (_time_arg(opt, text, bcfg)
                         for opt, text in (("--since", args.since), ("--until", args.until)))
-    if until <= since:
-        raise ElsaError("the billing window is empty: --until must be after --since")
-    from elsa.report.cli import _report
+    from elsa.report.cli import _report, check_window
+
+    check_window(since, until)
 
     # From the store, or from elsad (its rate table) when this user cannot read it.
     wire = {"by": args.by, "since": since, "until": until, "period": args.period,
