@@ -14,7 +14,7 @@ def test_an_unexpected_exception_still_stops_the_daemon(monkeypatch, tmp_path, c
     stopped = []
 
     class Exploding:
-        def __init__(self, cfg, host):
+        def __init__(self, cfg, host, **options):
             pass
 
         def install_signal_handlers(self):

@@ -588,20 +588,21 @@ def read_file(path: str, *, use_numpy: Optional[bool] = None) -> Decoded:
     damage = ""
     try:
         with open_file(path) as fh:
-            # gzip's read1: a read that meets damage loses only its own block
-            read = getattr(fh, "read1", fh.read)
-            try:
-                while True:
-                    chunk = read(1 << 24)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-            except GZIP_ERRORS as exc:
-                damage = str(exc) or type(exc).__name__
+            if not isinstance(fh, gzip.GzipFile):
+                chunks.append(fh.readall())  # one allocation, no join
+            else:
+                try:
+                    while True:  # read1: a read that meets damage loses only its block
+                        chunk = fh.read1(1 << 24)
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+                except GZIP_ERRORS as exc:
+                    damage = str(exc) or type(exc).__name__
     except OSError as exc:
         raise AccountingFormatError(f"{path}: cannot read accounting file: "
                                     f"{exc.strerror or exc}") from None
-    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # b"" for an empty file
     dec = decode(data, path=path, use_numpy=use_numpy)
     if damage:
         dec.problems.append(_problem(path, len(data), f"compressed data damaged ({damage}); "
