@@ -232,6 +232,9 @@ def test_malformed_holidays_name_file_and_line(text, where):
     ("[billing.nonprime]\njob = \"x\"\n", "must be a decimal number"),
     ("[billing.multipliers.queue]\ndebug = -0.5\n", "'queue.debug' must be 0 or more"),
     ("[billing.schedule]\nweekday = \"7:30 17:30\"\n", "billing.schedule.weekday"),
+    # one "got": the value's, after what is wrong in it
+    ("[billing.schedule]\nweekday = \"2500 2600\"\n",
+     "'2500' is not a time of day; got '2500 2600'"),
     ("[billing]\nholidays = \"/nonexistent/csa.holidays\"\n", "cannot read holidays file"),
     ("[billing]\nrate = 1\n", "unknown key 'billing.rate'"),
 ])

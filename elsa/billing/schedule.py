@@ -59,7 +59,7 @@ def parse_window(tokens: Sequence[str]) -> Window:
         m = _HHMM.match(tok)
         if not m or int(m.group(1)) > 24 or int(m.group(2)) > 59 \
                 or (int(m.group(1)) == 24 and int(m.group(2)) != 0):
-            raise ValueError(f"{expected}; got {tok!r}")
+            raise ValueError(f"{expected}; {tok!r} is not a time of day")
         secs.append(int(m.group(1)) * 3600 + int(m.group(2)) * 60)
     if secs[0] > secs[1]:
         raise ValueError(f"prime start {tokens[0]} is after non-prime start {tokens[1]}")
