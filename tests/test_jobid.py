@@ -29,7 +29,7 @@ def test_one_spelling_and_round_trip():
     for text in ("0x0035969e00000402", "0x35969e00000402", str(jid), " 0X35969E00000402 "):
         assert parse_jid(text) == jid
     assert parse_jid(jid) == jid
-    for bad in ("", "0x", "zz", "0", "-1", str(2 ** 63), True, None, 1.5):
+    for bad in ("", "0x", "zz", "0", "-1", str(2 ** 63), "1_000", "0x35_969e", True, None, 1.5):
         with pytest.raises(ValueError):
             parse_jid(bad)  # type: ignore[arg-type]
     # Above 2^53 a JSON number would round; the string survives any JSON reader.

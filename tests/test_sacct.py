@@ -101,7 +101,9 @@ def test_eff_known_and_unknown(db_path, capsys):
     e = json.loads(capsys.readouterr().out)
     assert e["cpu_efficiency"] is None and "no accounting source" in e["cpu_efficiency_why"]
     assert e["memory_efficiency"] is None and e["max_rss_kb"] is None
-    assert main(["eff", "0x99", "--db", db_path]) == 2
+    capsys.readouterr()
+    assert main(["eff", " 0x99", "--db", db_path]) == 2
+    assert "no job 0x0000000000000099 in the store" in capsys.readouterr().err  # one spelling
 
 
 def test_eff_of_a_pinned_job_divides_the_cpu_of_its_own_time(tmp_path, capsys):

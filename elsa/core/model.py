@@ -116,6 +116,8 @@ def parse_jid(text: Union[str, int]) -> int:
             raise ValueError(f"not a job id: {text!r} (expected a string like 0x0035969e00000402)")
         stripped = text.strip()
         try:
+            if "_" in stripped:  # int() takes 1_000; no job id is written so
+                raise ValueError(stripped)
             value = (int(stripped, 16) if stripped.lower().startswith("0x")
                      else int(stripped, 10))
         except ValueError:

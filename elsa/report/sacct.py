@@ -350,7 +350,7 @@ def cmd_eff(args: argparse.Namespace, out) -> int:
 
     detail = _report(args, "eff", {"jid": format_jid(jid)}, local)
     if detail is None or "created" not in detail:
-        raise ElsaError(f"no job {args.jid} in the store; list jobs with 'elsa jobs'")
+        raise ElsaError(f"no job {format_jid(jid)} in the store; list jobs with 'elsa jobs'")
     e = efficiency(detail)
     if args.json:
         json.dump(e, out)
