@@ -9,7 +9,7 @@ backend's kernel objects (cgroups) and repairs the index in one pass.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from elsa.core.membership import SLOT_SHIFT, START_MASK, ExitHistory
 from elsa.core.model import START_TOLERANCE_TICKS, ProcessId, ProcessInfo, format_jid
@@ -168,10 +168,9 @@ class Reconciliation:
         log.info("resync done", reason=reason, adopted=adopted, exited=exited,
                  members=len(self.index))
         # Jobs that lost their last member while events were lost.
-        if end_emptied and self.job_end == "last-exit":
-            for state in list(self.jobs.values()):
-                if state.had_members and not state.members:
-                    self._finish(state, "last member exited (found by resync)")
+        if end_emptied:
+            for state in self._emptied():
+                self._finish(state, "last member exited (found by resync)")
         return {"adopted": adopted, "exited": exited}
 
     def recover(self) -> Dict[str, int]:
@@ -232,16 +231,20 @@ class Reconciliation:
                 self._leave(jid, ProcessId(pid, start), None, detached=True, may_end=False)
             self.ended_while_down[jid] = "kernel object vanished while elsad was down"
         result = self.resync("recover", snapshot=procs, how="recover", end_emptied=False)
-        if self.job_end == "last-exit":
-            for state in self.jobs.values():
-                if state.had_members and not state.members:
-                    self.ended_while_down.setdefault(
-                        state.jid, "last member exited while elsad was down")
+        for state in self._emptied():
+            self.ended_while_down.setdefault(state.jid, "last member exited while elsad was down")
         log.info("jobs recovered", jobs=len(self.jobs), revalidated=revalidated,
                  adopted=result["adopted"], exited=result["exited"],
                  ended_while_down=len(self.ended_while_down))
         return {"jobs": len(self.jobs), "revalidated": revalidated, **result,
                 "ended_while_down": len(self.ended_while_down)}
+
+    def _emptied(self) -> List[Any]:
+        """The running jobs whose last member left and that end with it
+        (``job_end = "last-exit"``)."""
+        if self.job_end != "last-exit":
+            return []
+        return [s for s in self.jobs.values() if s.had_members and not s.members]
 
     def end_recovered(self) -> int:
         """End the jobs :meth:`recover` found ended while elsad was down (those still

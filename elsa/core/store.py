@@ -61,7 +61,6 @@ SALVAGE_HINT = ("stop elsad, then run 'elsa store-salvage --state-dir {dir}' to 
                 "readable into a new store (the damaged file is kept beside it)")
 
 
-
 def salvage_hint(path: str) -> str:
     """SALVAGE_HINT for the store file at *path* (named by --db when it is not
     a state_dir's elsa.db)."""
