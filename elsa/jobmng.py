@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from elsa import __version__
 from elsa.client import Client, RequestFailed, default_socket
-from elsa.core.model import format_jid, parse_jid
+from elsa.core.model import CPU_LIMIT, MEMORY_LIMIT, format_jid, parse_jid
 from elsa.errors import DaemonUnavailable, ElsaError
 from elsa.protocol import parse_signal
 from elsa.users import passwd_name
@@ -79,6 +79,34 @@ def _tag_arg(text: str) -> tuple:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"tag must be KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _cores_arg(text: str) -> str:
+    """--cpu-limit: cores as a number (``2``, ``0.5``), sent as written."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of cores more than 0: {text!r} "
+                                         "(e.g. 2 or 0.5)")
+    return text.strip()
+
+
+#: --mem-limit suffixes, 1024-based as sacct's sizes.
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size_arg(text: str) -> int:
+    """--mem-limit: bytes, or a whole number with a K/M/G/T suffix (1024-based)."""
+    t = text.strip().upper()
+    t = t[:-2] if t.endswith("IB") else t[:-1] if t.endswith("B") else t  # 4GiB, 4GB, 512B
+    unit = t[-1:] if t[-1:].isalpha() else ""
+    number = t[:len(t) - len(unit)]
+    if unit not in _SIZE_UNITS or not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (bytes, or a number with "
+                                         "K, M, G or T: 512M, 4G)")
+    return int(number) * _SIZE_UNITS[unit]
 
 
 def _timeout_arg(text: str) -> float:
@@ -148,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPUs for the job, e.g. 0-3,8 (cpuset backends; others refuse)")
         sp.add_argument("--mems", metavar="LIST",
                         help="memory nodes for the job, e.g. 0 (cpuset backends)")
+        sp.add_argument("--cpu-limit", type=_cores_arg, metavar="CORES",
+                        help="CPU time the job may use, in cores, e.g. 2 or 0.5 (cgroup2 "
+                             "backend: cpu.max; others refuse)")
+        sp.add_argument("--mem-limit", type=_size_arg, metavar="SIZE",
+                        help="memory the job may use, e.g. 512M or 4G (cgroup2 backend: "
+                             "memory.max; others refuse)")
         sp.add_argument("--wlm", default="none", metavar="auto|slurm|pbs|lsf|htcondor|none",
                         help="record the batch system's job id, array, user, account, queue "
                              "and job name (from the environment) as tags (default none)")
@@ -268,6 +302,10 @@ def _params(args: argparse.Namespace) -> Optional[Dict[str, str]]:
         params["cpus"] = args.cpus
     if args.mems is not None:
         params["mems"] = args.mems
+    if args.cpu_limit is not None:
+        params[CPU_LIMIT] = args.cpu_limit
+    if args.mem_limit is not None:
+        params[MEMORY_LIMIT] = str(args.mem_limit)
     return params or None
 
 
@@ -497,6 +535,9 @@ def do_run(args: argparse.Namespace, socket_path: str) -> int:
         argv = argv[1:]
     if not argv:
         raise UsageError("run needs a command: elsa-jobmng run [options] -- CMD [ARGS...]")
+    if args.job is not None and _params(args):
+        raise UsageError("run --job joins an existing job: --cpus, --mems, --cpu-limit and "
+                         "--mem-limit apply only to a new job")
     me = os.getpid()
     try:
         with Client(socket_path, timeout=args.timeout) as c:

@@ -9,6 +9,7 @@ per MiB-hour; job 1 prime / 0.5 non-prime; queue=debug multiplier 0.5.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -337,3 +338,30 @@ def _json_of_bill(capsys, cfg, *argv):
 def test_bill_refuses_a_bad_time_with_the_option(site, capsys):
     assert main(["bill", "--config", site, "--since", "yesterdayish", "--until", "1d"]) == 2
     assert "--since: not a time: 'yesterdayish'" in capsys.readouterr().err
+
+
+def test_core_hours_take_the_cores_a_cpu_limit_allows(site, capsys):
+    """core_hours = wall time x cores allowed: a cgroup2 job's CPU limit (cpu.max
+    quota / period, kept as its cpu_limit parameter), the smaller of it and a
+    cpuset; a job with neither has no figure (unpriced, not 0)."""
+    cfg = site.replace("elsa.toml", "core.toml")
+    with open(site) as fh:
+        text = fh.read()
+    with open(cfg, "w") as fh:
+        fh.write(text.replace("job = 1\n", "job = 1\ncore_hours = 2\n", 1))
+    state = text.split('state_dir = "', 1)[1].split('"', 1)[0]
+    db = sqlite3.connect(os.path.join(state, "elsa.db"), isolation_level=None)
+    f0, f1 = ts("2026-11-27T09:00"), ts("2026-11-27T11:00")  # Friday, all prime
+    for jid, params in ((5, {"cgroup_path": "/x", "cpu_limit": "1.5"}),
+                        (6, {"cpus": "0-3", "cpu_limit": "1.5"}), (7, {"cpus": "0-3"})):
+        db.execute("INSERT INTO jobs VALUES (?, 'j', 1000, '{}', ?, ?, 'ended', 'cgroup2', ?)",
+                   (jid, f0, f1, json.dumps(params)))
+    db.close()
+    from elsa.core.model import format_jid
+
+    rows = {r["key"]: r for r in _bill(capsys, cfg, "--by", "job")["rows"]}
+    for jid, hours in ((5, "3"), (6, "3"), (7, "8")):
+        assert Decimal(rows[format_jid(jid)]["quantities"]["core_hours"]) == Decimal(hours)
+        assert Decimal(rows[format_jid(jid)]["charges"]["core_hours"]) == 2 * Decimal(hours)
+    assert rows[format_jid(1)]["quantities"]["core_hours"] is None
+    assert "core_hours" in rows[format_jid(1)]["unpriced"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,13 @@ from hypothesis import strategies as st
 from elsa.backends.cgroup2 import Cgroup2Backend
 from elsa.backends.cpuset import CpusetBackend
 from elsa.core.backend import BackendContext
-from elsa.core.model import Job
+from elsa.core.model import Job, JobLimits
 from elsa.errors import BackendError, PrivilegeError, ProcessGone
 from elsa.kernel.cgroupfs import (
     CgroupFS,
+    cpu_quota_us,
     format_cpulist,
+    parse_cpu_max,
     parse_cpulist,
     parse_mountinfo,
     parse_proc_cgroup,
@@ -175,6 +178,12 @@ class FakeV2(CgroupFS):
         for name, text in CORE_FILES.items():
             Path(path, name).write_text(text)
         Path(path, "cgroup.controllers").write_text(self.controllers_text + "\n")
+        # (The kernel's files of a controller appear where the parent enables it;
+        # listing them wherever it is available is close enough here.)
+        if "cpu" in self.controllers_text.split():
+            Path(path, "cpu.max").write_text("max 100000\n")
+        if "memory" in self.controllers_text.split():
+            Path(path, "memory.max").write_text("max\n")
         if "cpuset" in self.controllers_text.split():
             for name, text in {"cpuset.cpus": "", "cpuset.mems": "",
                                "cpuset.cpus.effective": "0-3\n",
@@ -336,3 +345,88 @@ def test_reading_a_removed_cgroup_means_empty_not_an_error(tmp_path):
         assert fs.procs(path) == []
     finally:
         builtins.open = real_open
+
+
+# -- job limits: cpu.max and memory.max ------------------------------------------------------
+
+def test_cpu_max_golden_lines() -> None:
+    assert parse_cpu_max("150000 100000\n") == Decimal("1.5")
+    assert parse_cpu_max("50000 100000") == Decimal("0.5")
+    assert parse_cpu_max("max 100000\n") is None  # no quota
+    for bad in ("", "x 100000", "100000 0", "1 2 3"):
+        with pytest.raises(ValueError):
+            parse_cpu_max(bad)
+    assert cpu_quota_us(Decimal("2")) == 200000
+    assert cpu_quota_us(Decimal("0.01")) == 1000
+    with pytest.raises(ValueError, match="smallest CPU quota the kernel takes"):
+        cpu_quota_us(Decimal("0.005"))
+    with pytest.raises(ValueError, match="largest CPU quota the kernel takes"):
+        cpu_quota_us(Decimal("1e30"))
+
+
+def test_read_limits_of_files_and_of_a_gone_cgroup(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    (tmp_path / "memory.max").write_text("268435456\n")
+    fs = CgroupFS()
+    assert fs.read_limits(str(tmp_path)) == JobLimits(Decimal("2.5"), 268435456)
+    assert fs.read_limits(str(tmp_path), cpu=False) == JobLimits(None, 268435456)
+    (tmp_path / "memory.max").write_text("max\n")
+    assert fs.read_limits(str(tmp_path)) == JobLimits(Decimal("2.5"), None)
+    # Not there (the cgroup is gone, or no memory controller): nothing known.
+    assert fs.read_limits(str(tmp_path / "gone")) is None
+
+
+def test_cgroup2_limits_written_kept_and_read_at_end_fake_tree(tmp_path: Path) -> None:
+    """MOCK tree: pure v2 with the cpu and memory controllers (this hybrid host binds
+    them to v1; the real kernel does this in the qemu guest, tests/vm). The job keeps
+    what its cgroup holds at creation, and what it holds at its end."""
+    fs = FakeV2(tmp_path, "cpu memory io pids", "/")
+    b = Cgroup2Backend()
+    b.start(_ctx(tmp_path, fs))
+    params = b.validate_params({"cpu_limit": "1.5", "memory_limit": str(256 << 20)})
+    assert params == {"cpu_limit": "1.5", "memory_limit": str(256 << 20)}
+    out = b.create_job(_job(0x30, params))
+    path = Path(out["cgroup_path"])
+    assert (path / "cpu.max").read_text() == "150000 100000"
+    assert (path / "memory.max").read_text() == str(256 << 20)
+    assert out == {"cgroup_path": str(path), **params}
+    # Changed by hand while the job runs: the end reading replaces the creation's,
+    # a limit taken away goes (None).
+    (path / "memory.max").write_text(f"{512 << 20}\n")
+    (path / "cpu.max").write_text("max 100000\n")
+    assert b.end_job(_job(0x30, out)) == {"cpu_limit": None, "memory_limit": str(512 << 20)}
+    # A job created without limits keeps none, unless its cgroup gets some.
+    out = b.create_job(_job(0x31))
+    assert out == {"cgroup_path": str(tmp_path / "sys/fs/cgroup/elsa/0x0000000000000031")}
+    (Path(out["cgroup_path"]) / "cpu.max").write_text("50000 100000\n")
+    assert b.end_job(_job(0x31, out)) == {"cpu_limit": "0.5", "memory_limit": None}
+    b.stop()
+
+
+def test_cgroup2_refuses_limits_it_cannot_set_fake_tree(tmp_path: Path) -> None:
+    """MOCK tree: only the cpu controller; bad values; a job nested below a process's
+    limited cgroup (no controllers there)."""
+    fs = FakeV2(tmp_path, "cpu", "/")
+    b = Cgroup2Backend()
+    b.start(_ctx(tmp_path, fs))
+    assert b.validate_params({"cpu_limit": "2"}) == {"cpu_limit": "2"}
+    with pytest.raises(BackendError, match="the memory controller is not enabled for job "
+                                           "cgroups below .*available there: cpu"):
+        b.validate_params({"memory_limit": str(1 << 30)})
+    for bad, msg in (({"cpu_limit": "0"}, "not a number of cores"),
+                     ({"cpu_limit": "lots"}, "not a number of cores"),
+                     ({"cpu_limit": "0.001"}, "smallest CPU quota"),
+                     ({"cpus": "0-1"}, "takes job parameters cpu_limit and memory_limit")):
+        with pytest.raises(BackendError, match=msg):
+            b.validate_params(bad)
+    nested = _job(0x32, {"cpu_limit": "1", "nest_under": str(tmp_path / "sys/fs/cgroup")})
+    with pytest.raises(BackendError, match="cannot give the job limits \\(cpu_limit\\)"):
+        b.create_job(nested)
+    b.stop()
+    (tmp_path / "m").mkdir()
+    fs2 = FakeV2(tmp_path / "m", "cpu memory", "/")
+    b = Cgroup2Backend()
+    b.start(_ctx(tmp_path / "m", fs2))
+    with pytest.raises(BackendError, match="less than a page"):
+        b.validate_params({"memory_limit": "100"})
+    b.stop()

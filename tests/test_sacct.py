@@ -25,7 +25,7 @@ def db_path(tmp_path):
     # Job 1: cpuset 0-1 (2 cores), 100 s wall, 150 s CPU, 1 GiB limit, 256 MiB peak.
     db.execute("INSERT INTO jobs VALUES (1, 'build', 0, ?, ?, ?, 'ended', 'cpuset', ?)",
                (json.dumps({"account": "chem", "partition": "short"}), T0, T0 + 100,
-                json.dumps({"cpus": "0-1", "memory_max": str(1 << 30)})))
+                json.dumps({"cpus": "0-1", "memory_limit": str(1 << 30)})))
     db.execute("INSERT INTO proc_usage(source, jid, pid, start_time, end_time, uid, comm, "
                "cpu_user_us, cpu_system_us, max_rss_kb, read_bytes, write_bytes) VALUES "
                "('taskstats', 1, 10, ?, ?, 0, 'cc', 120000000, 30000000, 262144, 1536, 0)",

@@ -9,6 +9,14 @@ Layout (the kernel's rules: docs/kernel.md, "cgroup v2")::
     <cgroup>/elsa-<jid>/    a job nested under the cgroup of a non-admin's process
                             whose limits (pids.max, memory.max, ...) it must keep
 
+Job parameters ``cpu_limit`` (cores, ``"1.5"``) and ``memory_limit`` (bytes) set
+the job cgroup's ``cpu.max`` and ``memory.max`` (``elsa-jobmng run --cpu-limit 2
+--mem-limit 4G``), where the cpu / memory controller is enabled for job
+cgroups. The job keeps the limits its cgroup holds: read back at creation (the
+kernel rounds memory down to a page) and again when it ends, before the cgroup
+is removed (an administrator may change them meanwhile, or set some on the
+cgroup of a job created without).
+
 ``<base>`` is the ``base`` option, else the daemon's own cgroup when systemd
 delegated it (``Delegate=yes``; elsad then moves itself into ``daemon/`` to obey
 "no internal processes"), else ``<cgroup2 mount>/elsa``.
@@ -30,9 +38,18 @@ from elsa import hookimpl
 from elsa.backends.origins import Origins
 from elsa.config import Option, positive
 from elsa.core.backend import Backend, BackendContext, BackendSpec, signal_each
-from elsa.core.model import Job, ProcessId, ProcessInfo, format_jid, parse_jid
+from elsa.core.model import (
+    CPU_LIMIT,
+    MEMORY_LIMIT,
+    Job,
+    JobLimits,
+    ProcessId,
+    ProcessInfo,
+    format_jid,
+    parse_jid,
+)
 from elsa.errors import BackendError, ElsaError, ProcessGone
-from elsa.kernel.cgroupfs import CgroupFS, EventsWatcher
+from elsa.kernel.cgroupfs import CgroupFS, EventsWatcher, cpu_quota_us
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.backends.cgroup2")
@@ -203,6 +220,49 @@ class Cgroup2Backend(Backend):
                         "jobs' memory, io and pids counters start from zero with the next "
                         "elsad", controllers=active, jobs=len(self.live))
 
+    # -- parameters ---------------------------------------------------------------------
+    def validate_params(self, params: Mapping[str, str]) -> Dict[str, str]:
+        unknown = sorted(set(params) - {CPU_LIMIT, MEMORY_LIMIT})
+        if unknown:
+            raise BackendError(f"backend {self.name!r} takes job parameters {CPU_LIMIT} and "
+                               f"{MEMORY_LIMIT}; got {', '.join(unknown)}")
+        limits = JobLimits.from_params(params)
+        for key, value, wanted, controller in (
+                (CPU_LIMIT, params.get(CPU_LIMIT), limits.cpus, "cpu"),
+                (MEMORY_LIMIT, params.get(MEMORY_LIMIT), limits.memory, "memory")):
+            if value is None:
+                continue
+            if wanted is None:
+                what = "a number of cores like 1.5" if key == CPU_LIMIT else "a number of bytes"
+                raise BackendError(f"job parameter {key}: {value!r} is not {what} (more than 0)")
+            if controller not in self.enabled:
+                raise BackendError(
+                    f"job parameter {key}: the {controller} controller is not enabled for "
+                    f"job cgroups below {self.base} (available there: "
+                    f"{' '.join(sorted(self.fs.controllers(self.base))) or 'none'}); on a "
+                    "hybrid host it is bound to cgroup v1. Run elsad on a pure cgroup v2 "
+                    f"host (or with the {controller} controller delegated to it), or create "
+                    "the job without the limit")
+        page = os.sysconf("SC_PAGE_SIZE")
+        if limits.memory is not None and not page <= limits.memory < 1 << 63:
+            # memory.max is rounded down to a page: 0 would kill the job at once;
+            # the kernel reads at most 64 bits.
+            raise BackendError(f"job parameter {MEMORY_LIMIT}: {limits.memory} bytes is less "
+                               f"than a page ({page} bytes) or more than 2^63")
+        if limits.cpus is not None:
+            try:
+                cpu_quota_us(limits.cpus)
+            except ValueError as exc:
+                raise BackendError(f"job parameter {CPU_LIMIT}: {exc}") from None
+        return limits.params()
+
+    def _limits_readable(self, job: Job) -> Tuple[bool, bool]:
+        """Whether the job cgroup has cpu.max and memory.max: where the controller is
+        enabled for job cgroups, not for a job nested below a process's cgroup."""
+        if job.params.get("nest_under"):
+            return False, False
+        return "cpu" in self.enabled, "memory" in self.enabled
+
     # -- paths ------------------------------------------------------------------------
     def job_path(self, job: Job) -> str:
         return job.params.get("cgroup_path") or os.path.join(self.base, format_jid(job.jid))
@@ -215,6 +275,13 @@ class Cgroup2Backend(Backend):
     # -- jobs ---------------------------------------------------------------------------
     def create_job(self, job: Job) -> Dict[str, str]:
         parent = job.params.get("nest_under")
+        limits = JobLimits.from_params(job.params)
+        if parent and limits != JobLimits():
+            raise BackendError(
+                f"cannot give the job limits ({', '.join(limits.params())}): it must be created "
+                f"below {parent}, whose limits the process keeps, and no controller is enabled "
+                "there for it; ask an administrator to create the job, or run it outside "
+                "that limited cgroup")
         if parent:
             # Below the cgroup whose limits the first process must keep. The
             # parent holds processes, so it has no controllers for children
@@ -230,14 +297,22 @@ class Cgroup2Backend(Backend):
         else:
             path = os.path.join(self.base, format_jid(job.jid))
             self.fs.mkdir(path)
+        kept: Dict[str, str] = {}
         try:
             self._prepare_job(job, path)
+            if limits != JobLimits():
+                # Keep what the cgroup holds, not what was asked (memory.max is
+                # rounded down to a page).
+                self.fs.set_limits(path, limits)
+                got = self.fs.read_limits(path, cpu=limits.cpus is not None,
+                                          memory=limits.memory is not None)
+                kept = (got or limits).params()
         except ElsaError:
             self.fs.rmdir(path)
             raise
         self.live[job.jid] = path
         self.counters["created"] += 1
-        return {"cgroup_path": path}
+        return {"cgroup_path": path, **kept}
 
     def _prepare_job(self, job: Job, path: str) -> None:
         """Subclass hook: configure the new job cgroup (cpuset writes cpus/mems)."""
@@ -456,8 +531,9 @@ class Cgroup2Backend(Backend):
         self.fs.set_frozen(path, False)
         self.frozen.discard(job.jid)
 
-    def end_job(self, job: Job) -> None:
+    def end_job(self, job: Job) -> Optional[Dict[str, Optional[str]]]:
         path = self.job_path(job)
+        limits = self._final_limits(job, path)
         self.live.pop(job.jid, None)
         self.frozen.discard(job.jid)
         assert self.origins is not None
@@ -465,7 +541,7 @@ class Cgroup2Backend(Backend):
         self.origins.job_ended(job.jid)
         # Fast path: the manager detached the members it knows, or they exited.
         if self._rmdir_job(job.jid, path):
-            return
+            return limits
         # Live processes left (not just tasks still exiting: "populated" ignores
         # those) go back where they came from; then remove, or retry on populated 0.
         for pid in self.members_of_path(path) if self.fs.populated(path) else ():
@@ -474,6 +550,31 @@ class Cgroup2Backend(Backend):
             except ElsaError:
                 continue
         self._remove(job.jid, path)
+        return limits
+
+    def _final_limits(self, job: Job, path: str) -> Optional[Dict[str, Optional[str]]]:
+        """The limits the job's cgroup holds as it ends (two small reads, before
+        the cgroup goes): they replace those kept at creation, since they may
+        have been changed while the job ran. None: nothing to read (no
+        controller, or the cgroup is gone)."""
+        cpu, memory = self._limits_readable(job)
+        if not (cpu or memory):
+            return None
+        try:
+            got = self.fs.read_limits(path, cpu=cpu, memory=memory)
+        except ElsaError as exc:
+            log.warning("job limits not read at its end; those read at creation stay",
+                        jid=format_jid(job.jid), error=exc.message)
+            return None
+        if got is None:
+            return None
+        kept = got.params()
+        update: Dict[str, Optional[str]] = {}
+        if cpu:
+            update[CPU_LIMIT] = kept.get(CPU_LIMIT)  # None: no quota now, the key goes
+        if memory:
+            update[MEMORY_LIMIT] = kept.get(MEMORY_LIMIT)
+        return update
 
     def _rmdir_job(self, jid: int, path: str) -> bool:
         try:

@@ -242,10 +242,11 @@ class CpusetBackend(Cgroup2Backend):
                 pass
         return where
 
-    def end_job(self, job: Job) -> None:
-        super().end_job(job)
+    def end_job(self, job: Job) -> Optional[Dict[str, Optional[str]]]:
+        limits = super().end_job(job)
         if self.mode == "v1":
             self._remove_v1(self.v1_path(job))
+        return limits
 
     def _remove_v1(self, path: str) -> bool:
         for pid in self.fs.procs(path):

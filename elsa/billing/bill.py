@@ -24,6 +24,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from elsa.billing.rates import RESOURCES, BillingConfig
+from elsa.core.model import cores_allowed
 from elsa.core.usage import load_priorities, priority
 from elsa.report.connect import BUCKET as _BUCKET
 
@@ -41,26 +42,6 @@ _PROC_SUMS = ("COUNT(*), SUM(cpu_user_us), SUM(cpu_system_us), "
               "SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us)")
 _PROC_COLS = "cpu_user_us, cpu_system_us, max_rss_kb, elapsed_us, coremem_kb_us, " \
              "read_bytes, write_bytes"
-
-
-def cores_allowed(params: Dict[str, Any]) -> Optional[Decimal]:
-    """Cores a job may use: its cpuset's CPU count, or cgroup ``cpu.max`` quota/period."""
-    cpus = params.get("cpus")
-    if isinstance(cpus, str) and cpus.strip():
-        n = 0
-        for part in cpus.split(","):
-            lo, _, hi = part.strip().partition("-")
-            try:
-                n += (int(hi) - int(lo) + 1) if hi else 1
-            except ValueError:
-                return None
-        return Decimal(n)
-    cpu_max = params.get("cpu_max") or params.get("cpu.max")
-    if isinstance(cpu_max, str):
-        quota, _, period = cpu_max.partition(" ")
-        if quota != "max" and quota.isdigit() and period.isdigit() and int(period):
-            return Decimal(quota) / Decimal(period)
-    return None
 
 
 def _dec(v: Any) -> Optional[Decimal]:

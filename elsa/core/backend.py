@@ -135,8 +135,13 @@ class Backend(abc.ABC):
         return True
 
     @abc.abstractmethod
-    def end_job(self, job: Job) -> None:
-        """Remove the job's kernel-side object (sources took final readings already)."""
+    def end_job(self, job: Job) -> Optional[Dict[str, Optional[str]]]:
+        """Remove the job's kernel-side object (sources took final readings already).
+
+        May return parameters to update with the job, read from the object before
+        it goes (the limits in force at its end: :class:`~elsa.core.model.JobLimits`);
+        a value None removes that parameter. None: nothing to update. Called on
+        the event thread: a few small reads, never a wait."""
 
     def recover(self, jobs: Iterable[Job]) -> Dict[int, Set[int]]:
         """After a daemon restart: the member pids of each running job, as the

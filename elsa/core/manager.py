@@ -406,9 +406,15 @@ class JobManager(Reconciliation):
             except Exception as exc:
                 log.error("before-end callback failed", jid=format_jid(state.jid), error=str(exc))
         try:
-            self.backend.end_job(snap)
+            update = self.backend.end_job(snap)
         except Exception as exc:
+            update = None
             log.error("backend could not remove job", jid=format_jid(state.jid), error=str(exc))
+        for key, value in (update or {}).items():
+            if value is None:
+                state.params.pop(key, None)
+            else:
+                state.params[key] = value
         state.state = JOB_ENDED
         state.ended = self.clock()
         del self.jobs[state.jid]
@@ -416,7 +422,8 @@ class JobManager(Reconciliation):
             for pid, _start in state.members.items():
                 state.members.pop(pid)
         self._slot_jid.pop(state.members.tag >> SLOT_SHIFT, None)
-        self.store.end_job(state.jid, state.ended, JOB_ENDED)
+        self.store.end_job(state.jid, state.ended, JOB_ENDED,
+                           params=state.params if update else None)
         job = state.snapshot()
         log.info("job ended", jid=format_jid(state.jid), reason=reason)
         for cb in self.after_end:

@@ -7,7 +7,8 @@ taskstats, pacct, cgroupfs) convert to these types at the edge.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple, Union
+from decimal import Decimal, InvalidOperation
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 #: USER_HZ: the unit of /proc/PID/stat start times (clock ticks). It is 100 on
 #: every Linux architecture userspace sees (docs/kernel.md, "procfs").
@@ -93,6 +94,74 @@ class Job:
         if with_pids:
             out["pids"] = list(self.pids)
         return out
+
+
+#: Job parameters holding the limits (docs/sacct.md, "Where the limits come from").
+CPU_LIMIT = "cpu_limit"        # cores a CPU quota allows, decimal text: "1.5"
+MEMORY_LIMIT = "memory_limit"  # bytes, decimal text
+#: A quota is kept to this many places of a core: the kernel's quota is whole
+#: microseconds of a period up to one second (cpu.max), 1e-6 of a core at best.
+_CORE_PLACES = Decimal("0.000001")
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What a job's processes together were allowed: *cpus* cores of CPU time
+    (a quota: 1.5 means one and a half CPUs' worth per period) and *memory*
+    bytes. None: no limit (or none known). The cgroupfs adapter reads them from
+    a cgroup; jobs keep them as parameters (:meth:`params`)."""
+
+    cpus: Optional[Decimal] = None
+    memory: Optional[int] = None
+
+    def params(self) -> Dict[str, str]:
+        """The job parameters holding these limits (a limit that is None: no key)."""
+        out = {}
+        if self.cpus is not None:
+            out[CPU_LIMIT] = format(self.cpus.quantize(_CORE_PLACES).normalize(), "f")
+        if self.memory is not None:
+            out[MEMORY_LIMIT] = str(self.memory)
+        return out
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object]) -> JobLimits:
+        """The limits a job's parameters hold; a value that is not a positive
+        number counts as no limit (stored jobs are read, never refused)."""
+        memory = _positive(params.get(MEMORY_LIMIT))
+        return cls(cpus=_positive(params.get(CPU_LIMIT)),
+                   memory=int(memory) if memory is not None and memory % 1 == 0 else None)
+
+
+def _positive(text: object) -> Optional[Decimal]:
+    """A positive finite number written as text, else None."""
+    if not isinstance(text, (str, int)) or isinstance(text, bool):
+        return None
+    try:
+        value = Decimal(str(text).strip())
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() and value > 0 else None
+
+
+def cores_allowed(params: Mapping[str, object]) -> Optional[Decimal]:
+    """Cores a job could use at most: the CPUs of its cpuset (``cpus``), the
+    cores its CPU quota allows (:class:`JobLimits`), the smaller where both are
+    set; None when neither is (it could use every CPU of the host)."""
+    from elsa.kernel.cgroupfs import parse_cpulist  # (the adapters import this module)
+
+    found = []
+    cpus = params.get("cpus")
+    if isinstance(cpus, str) and cpus.strip():
+        try:
+            n = len(parse_cpulist(cpus))
+        except ValueError:
+            n = 0
+        if n:
+            found.append(Decimal(n))
+    quota = JobLimits.from_params(params).cpus
+    if quota is not None:
+        found.append(quota)
+    return min(found) if found else None
 
 
 def format_jid(jid: int) -> str:

@@ -503,8 +503,13 @@ class Store:
     def set_tags(self, jid: int, tags: Mapping[str, str]) -> None:
         self.submit("UPDATE jobs SET tags = ? WHERE jid = ?", (json.dumps(dict(tags)), jid))
 
-    def end_job(self, jid: int, ended: float, state: str) -> None:
-        self.submit("UPDATE jobs SET ended = ?, state = ? WHERE jid = ?", (ended, state, jid))
+    def end_job(self, jid: int, ended: float, state: str,
+                params: Optional[Mapping[str, str]] = None) -> None:
+        """*params*: the job's parameters as they end (the backend read its limits
+        once more); None keeps those stored."""
+        self.submit("UPDATE jobs SET ended = ?, state = ?, params = COALESCE(?, params) "
+                    "WHERE jid = ?",
+                    (ended, state, None if params is None else json.dumps(dict(params)), jid))
 
     def running_jobs(self) -> List[Tuple[Job, bool]]:
         """Running jobs, oldest first, each with whether it ever had a member: a

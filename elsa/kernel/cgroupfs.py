@@ -26,8 +26,10 @@ import select
 import struct
 import time
 from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from elsa.core.model import JobLimits
 from elsa.errors import (
     BackendError,
     ElsaError,
@@ -50,6 +52,19 @@ KILL = "cgroup.kill"
 FREEZE = "cgroup.freeze"
 CONTROLLERS = "cgroup.controllers"
 SUBTREE_CONTROL = "cgroup.subtree_control"
+#: The CPU and memory limits of a cgroup (cgroup-v2.rst): ``cpu.max`` is "QUOTA PERIOD"
+#: in microseconds, the group's processes together may run QUOTA per PERIOD
+#: ("max": no quota); ``memory.max`` is bytes ("max": none), rounded down to a
+#: page by the kernel. They exist where the cpu / memory controller is enabled.
+CPU_MAX = "cpu.max"
+MEMORY_MAX = "memory.max"
+#: The period ELSA writes: the kernel's default (100 ms).
+CPU_PERIOD_US = 100_000
+#: The kernel refuses a quota below 1 ms or above 2^44 - 1 µs (EINVAL; kernel/sched
+#: max_cfs_runtime): 0.01 core at CPU_PERIOD_US, and some 176 million cores.
+CPU_QUOTA_MIN_US = 1000
+CPU_QUOTA_MAX_US = (1 << 44) - 1
+
 #: Interface files that limit what the processes of a cgroup and its
 #: descendants may use (docs/kernel.md, "cgroup v2"), with the value meaning "no limit".
 #: hugetlb.<size>.max files are found by name.
@@ -166,6 +181,34 @@ def format_cpulist(items: Iterable[int]) -> str:
         parts.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+def parse_cpu_max(text: str) -> Optional[Decimal]:
+    """Cores that a ``cpu.max`` line allows: quota ÷ period (``"150000 100000"``: 1.5);
+    None for ``"max ..."`` (no quota). Raises ValueError on anything else."""
+    parts = text.split()
+    if not parts or len(parts) > 2:
+        raise ValueError(f"expected 'QUOTA PERIOD' or 'max PERIOD', got {text.strip()!r}")
+    if parts[0] == "max":
+        return None
+    quota, period = int(parts[0]), int(parts[1]) if len(parts) == 2 else CPU_PERIOD_US
+    if quota <= 0 or period <= 0:
+        raise ValueError(f"quota and period must be positive, got {text.strip()!r}")
+    return Decimal(quota) / Decimal(period)
+
+
+def cpu_quota_us(cores: Decimal) -> int:
+    """The ``cpu.max`` quota (µs per :data:`CPU_PERIOD_US`) allowing *cores*.
+    Raises ValueError below the kernel's minimum quota."""
+    quota = int((cores * CPU_PERIOD_US).to_integral_value(rounding=ROUND_HALF_EVEN))
+    if quota < CPU_QUOTA_MIN_US:
+        raise ValueError(f"{cores} cores is below the smallest CPU quota the kernel takes "
+                         f"({Decimal(CPU_QUOTA_MIN_US) / CPU_PERIOD_US} cores: "
+                         f"{CPU_QUOTA_MIN_US} µs per {CPU_PERIOD_US} µs)")
+    if quota > CPU_QUOTA_MAX_US:
+        raise ValueError(f"{cores} cores is above the largest CPU quota the kernel takes "
+                         f"({CPU_QUOTA_MAX_US // CPU_PERIOD_US} cores)")
+    return quota
 
 
 def translate(exc: OSError, what: str, where: str) -> ElsaError:
@@ -428,6 +471,47 @@ class CgroupFS:
             if (value[0] if value else "") != unlimited:
                 out.append((name, " ".join(value)))
         return out
+
+    def read_limits(self, path: str, cpu: bool = True, memory: bool = True
+                    ) -> Optional[JobLimits]:
+        """The CPU and memory limits set on cgroup *path* itself ("max": None). Only
+        the files of the controllers asked for are read (*cpu*, *memory*: the
+        caller knows which are enabled; a lookup of an absent file costs a kernfs
+        miss). None when an asked file is not there: the cgroup is gone, or the
+        controller is not enabled for it. An unparsable value gives no limit."""
+        cpus = mem = None
+        if cpu:
+            text = self._read_optional(os.path.join(path, CPU_MAX))
+            if text is None:
+                return None
+            try:
+                cpus = parse_cpu_max(text)
+            except ValueError:
+                cpus = None
+        if memory:
+            text = self._read_optional(os.path.join(path, MEMORY_MAX))
+            if text is None:
+                return None
+            mem = int(text) if text.isdigit() else None
+        return JobLimits(cpus=cpus, memory=mem)
+
+    @staticmethod
+    def _read_optional(path: str) -> Optional[str]:
+        try:
+            return read_small(path).decode().strip()
+        except OSError as exc:
+            if exc.errno in _REMOVED:
+                return None
+            raise translate(exc, "read cgroup limit", path) from exc
+
+    def set_limits(self, path: str, limits: JobLimits) -> None:
+        """Write the limits that are set (not None) to cgroup *path*."""
+        if limits.cpus is not None:
+            self.write(os.path.join(path, CPU_MAX),
+                       f"{cpu_quota_us(limits.cpus)} {CPU_PERIOD_US}", "set the CPU limit")
+        if limits.memory is not None:
+            self.write(os.path.join(path, MEMORY_MAX), str(limits.memory),
+                       "set the memory limit")
 
     # -- controllers -------------------------------------------------------------------
     def controllers(self, path: str) -> Set[str]:

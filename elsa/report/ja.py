@@ -148,7 +148,8 @@ def _charge(billing: Any, job: Dict[str, Any], summary: Dict[str, Any], created:
             now: float) -> Optional[str]:
     from decimal import Decimal
 
-    from elsa.billing.bill import Biller, cores_allowed, quantities
+    from elsa.billing.bill import Biller, quantities
+    from elsa.core.model import cores_allowed
 
     b = Biller(billing)
     end = job.get("ended") or now

@@ -130,7 +130,7 @@ def _jid(j: Dict[str, Any]) -> str:
 
 
 def _cores(j: Dict[str, Any]) -> Optional[float]:
-    from elsa.billing.bill import cores_allowed
+    from elsa.core.model import cores_allowed
 
     c = cores_allowed(j.get("params") or {})
     return None if c is None else float(c)
@@ -258,11 +258,14 @@ def add_jobs_options(p: argparse.ArgumentParser) -> None:
 
 def efficiency(job: Dict[str, Any], now: Optional[float] = None) -> Dict[str, Any]:
     """seff's figures for one job (a row of :func:`elsa.report.query.jobs`)."""
+    from elsa.core.model import JobLimits
+
     now = time.time() if now is None else now
     u = job["usage"]
     wall = _wall(job, now)
     cpu = _cpu_s(u)
     cores = _cores(job)
+    limit = JobLimits.from_params(job.get("params") or {}).memory
     out: Dict[str, Any] = {
         "jid": _jid(job), "name": job.get("name"), "user": job.get("owner"),
         "state": job_state(job), "exit": exit_text(*job_exit(job)),
@@ -270,7 +273,8 @@ def efficiency(job: Dict[str, Any], now: Optional[float] = None) -> Dict[str, An
         "cpu_s": cpu, "cpu_user_s": _us("cpu_user_us")(job, now),
         "cpu_system_s": _us("cpu_system_us")(job, now), "cores": cores,
         "cpu_efficiency": None, "cpu_efficiency_why": None,
-        "max_rss_kb": u.get("max_rss_kb"), "memory_limit_kb": None,
+        "max_rss_kb": u.get("max_rss_kb"),
+        "memory_limit_kb": None if limit is None else limit // 1024,
         "memory_efficiency": None, "memory_efficiency_why": None,
     }
     if cpu is None:
@@ -282,25 +286,13 @@ def efficiency(job: Dict[str, Any], now: Optional[float] = None) -> Dict[str, An
         out["cpu_efficiency_why"] = "the job's wall time is 0"
     else:
         out["cpu_efficiency"] = _in_job_cpu_s(u) / (wall * cores)
-    limit = _memory_limit_kb(job.get("params") or {})
-    out["memory_limit_kb"] = limit
     if u.get("max_rss_kb") is None:
         out["memory_efficiency_why"] = "no accounting source measured this job's peak memory"
     elif limit is None:
         out["memory_efficiency_why"] = "the job has no memory limit"
     else:
-        out["memory_efficiency"] = u["max_rss_kb"] / limit
+        out["memory_efficiency"] = u["max_rss_kb"] * 1024 / limit
     return out
-
-
-def _memory_limit_kb(params: Dict[str, Any]) -> Optional[int]:
-    v = params.get("memory_max") or params.get("memory.max")
-    if v is None or str(v) == "max":
-        return None
-    try:
-        return int(v) // 1024
-    except (TypeError, ValueError):
-        return None
 
 
 def print_eff(e: Dict[str, Any], out) -> None:

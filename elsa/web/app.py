@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 from urllib.parse import urlencode
 
 from flask import (
@@ -498,15 +498,13 @@ def efficiency(detail: Dict[str, Any]) -> Dict[str, Any]:
             "max_rss_kb": u.get("max_rss_kb")}
 
 
-def _cores(params: Dict[str, Any]) -> Optional[int]:
-    cpus = params.get("cpus")
-    if isinstance(cpus, str) and cpus:
-        n = 0
-        for part in cpus.split(","):
-            lo, _, hi = part.partition("-")
-            n += (int(hi) - int(lo) + 1) if hi else 1
-        return n
-    return os.cpu_count()
+def _cores(params: Dict[str, Any]) -> Optional[Union[int, float]]:
+    from elsa.core.model import cores_allowed
+
+    c = cores_allowed(params)
+    if c is None:
+        return os.cpu_count()
+    return int(c) if c % 1 == 0 else float(c)
 
 
 def _samples(db: Any, jid: int) -> List[Dict[str, Any]]:

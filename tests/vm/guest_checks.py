@@ -394,6 +394,51 @@ def memory_peak_matches_vmhwm(log: Log) -> None:
 
 
 @check
+def eff_reports_job_limits(log: Log) -> None:
+    """``elsa-jobmng run --cpu-limit 0.5 --mem-limit 256M``: the job cgroup's cpu.max
+    and memory.max hold them; memory.max raised by hand while the job runs is the
+    limit the job keeps (read once more at its end); ``elsa eff --json`` shows the
+    cores and the limit, and memory efficiency = max RSS / limit. A job without
+    limits has none."""
+    path = Path("/tmp/elsa-vm-limits.py")
+    path.write_text(
+        "import os, time\n"
+        "b = bytearray(64 << 20)\n"
+        "b[::4096] = b'x' * len(b[::4096])  # touch every page: 64 MiB resident\n"
+        "cg = '/sys/fs/cgroup' + open('/proc/self/cgroup').read().split('::')[1].strip()\n"
+        "print(os.environ['ELSA_JID'], open(cg + '/cpu.max').read().strip(),\n"
+        "      open(cg + '/memory.max').read().strip(), flush=True)\n"
+        "with open(cg + '/memory.max', 'w') as fh:  # an administrator raises it\n"
+        "    fh.write(str(512 << 20))\n"
+        "time.sleep(0.5)\n")
+    out = log.sh(f"elsa-jobmng run --cpu-limit 0.5 --mem-limit 256M -- python3 {path}").stdout
+    jid, quota, period, memory_max = out.split()
+    log.expect(f"{quota} {period}" == "50000 100000", f"cpu.max {quota} {period}")
+    log.expect(memory_max == str(256 << 20), f"memory.max {memory_max} == 256 MiB")
+    report = job_report(log, jid)
+    rss = figure(log, report, "max_rss_kb")
+    params = jobmng_json(log, f"show {jid}")["params"]
+    log.expect(params.get("cpu_limit") == "0.5" and params.get("memory_limit") == str(512 << 20),
+               f"the job keeps the limits in force at its end: {params}")
+    eff = json.loads(log.sh(f"elsa eff --json {jid}").stdout)
+    log.expect(eff["cores"] == 0.5 and eff["memory_limit_kb"] == 512 << 10,
+               f"elsa eff: cores {eff['cores']}, memory_limit_kb {eff['memory_limit_kb']}")
+    want = rss / (512 << 10)
+    log.expect(eff["memory_efficiency"] is not None
+               and abs(eff["memory_efficiency"] - want) < 1e-9 and want >= 0.125,
+               f"memory efficiency {eff['memory_efficiency']} == max RSS {rss} kB / 512 MiB")
+    log.expect(eff["cpu_efficiency"] is not None, f"CPU efficiency {eff['cpu_efficiency']}")
+    jid = log.sh("elsa-jobmng run -- sh -c 'echo $ELSA_JID'").stdout.strip()
+    job_report(log, jid)
+    params = jobmng_json(log, f"show {jid}")["params"]
+    log.expect(set(params) == {"cgroup_path"}, f"no limits kept without any: {params}")
+    eff = json.loads(log.sh(f"elsa eff --json {jid}").stdout)
+    log.expect(eff["cores"] is None and eff["memory_limit_kb"] is None
+               and eff["memory_efficiency_why"] == "the job has no memory limit",
+               f"elsa eff without limits: {eff}")
+
+
+@check
 def io_stat_direct_io(log: Log) -> None:
     """8 MiB written with O_DIRECT to the virtio disk show in io.stat and 'elsa job'."""
     size = 8 << 20
