@@ -293,8 +293,12 @@ def test_job_page_chart_and_tree(site: Site, browser: Any) -> None:
     progs = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#apps td:nth-child(2)")]
     assert sum("python3" in p for p in progs) == 2 and any(p.endswith("sh") for p in progs)
     assert browser.find_element(By.ID, "charge").text.endswith(" SBU")  # 2 SBU per user CPU s
+    # elsa eff's figures: the burn job has no cpuset and no CPU or memory limit, so the
+    # cores it was allowed, and its memory efficiency, are unknown, and the page says why.
     eff = browser.find_element(By.ID, "efficiency").text
-    assert "%" in eff, eff
+    assert "unknown (the job has no core limit" in eff, eff
+    mem = browser.find_element(By.ID, "memory-efficiency").text
+    assert "unknown (the job has no memory limit)" in mem, mem
     shot(browser, "job")
     assert console_errors(browser) == []
 
@@ -382,10 +386,22 @@ def test_json_keys_match_cli(site: Site) -> None:
     # The page and the report are the same code: the same figures.
     assert body["usage"]["cpu_user_us"] == cli["usage"]["cpu_user_us"] > 0
     assert body["wall_us"] == cli["wall_us"]
+    # Efficiency is elsa eff's, key for key.
+    eff = _eff_json(site, site.jobs["burn"])
+    assert body["efficiency"] == {k: eff[k] for k in body["efficiency"]}
+    assert body["efficiency"]["cpu_efficiency_why"] and body["efficiency"]["cpu_s"] > 0
     # The charge is elsa bill's: 2 SBU per user CPU second of the job.
     assert body["charge"]["unit"] == "SBU" and float(body["charge"]["charge"]) > 0
     status, users = _get(site, "/users.json", {"Remote-User": site.admin}, source="127.0.0.2")
     assert status == 200 and any(r.get("charge") for r in users["rows"])
+
+
+def _eff_json(site: Site, jid: str) -> Dict[str, Any]:
+    assert site.daemon is not None
+    out = subprocess.run([sys.executable, "-m", "elsa.report.cli", "eff", jid, "--json",
+                          "--state-dir", site.daemon.state_dir], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def daemon_job(site: Site, jid: str) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlencode
 
 from flask import (
@@ -485,26 +485,20 @@ def process_tree(procs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def efficiency(detail: Dict[str, Any]) -> Dict[str, Any]:
-    """CPU and memory efficiency of a job like ``seff``; None where it cannot be known."""
-    u = detail.get("usage") or {}
-    created, ended = detail.get("created"), detail.get("ended")
-    wall = (ended or time.time()) - created if created else None
-    cpu = None
-    if u.get("cpu_user_us") is not None or u.get("cpu_system_us") is not None:
-        cpu = ((u.get("cpu_user_us") or 0) + (u.get("cpu_system_us") or 0)) / 1e6
-    cores = _cores(detail.get("params") or {})
-    cpu_eff = (cpu / (wall * cores)) if cpu is not None and wall and cores else None
-    return {"cpu_s": cpu, "wall_s": wall, "cores": cores, "cpu_efficiency": cpu_eff,
-            "max_rss_kb": u.get("max_rss_kb")}
+    """The job's CPU and memory efficiency: ``elsa eff``'s figures (one rule for
+    both: cores allowed from the job's cpuset or CPU limit, CPU of the job's own
+    time), each with why it is unknown when it is."""
+    from elsa.report.sacct import efficiency as eff
+
+    e = eff(detail)
+    return {k: e[k] for k in EFFICIENCY_KEYS}
 
 
-def _cores(params: Dict[str, Any]) -> Optional[Union[int, float]]:
-    from elsa.core.model import cores_allowed
-
-    c = cores_allowed(params)
-    if c is None:
-        return os.cpu_count()
-    return int(c) if c % 1 == 0 else float(c)
+#: What the job page shows of ``elsa eff``'s figures (the job's name, state and exit
+#: are on the page already).
+EFFICIENCY_KEYS = ("wall_s", "cpu_s", "cores", "cpu_efficiency", "cpu_efficiency_why",
+                   "max_rss_kb", "memory_limit_kb", "memory_efficiency",
+                   "memory_efficiency_why")
 
 
 def _samples(db: Any, jid: int) -> List[Dict[str, Any]]:
