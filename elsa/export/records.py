@@ -69,18 +69,14 @@ class FinishedJob:
 
     @property
     def processors(self) -> Optional[int]:
-        """CPUs the job was given (cpuset jobs' ``cpus`` list), else unknown."""
-        cpus = self.params.get("cpus")
-        if not cpus:
+        """CPUs the job was given (cpuset jobs' ``cpus`` list), else unknown. A CPU
+        limit (a quota of time) gives no count: its processes may run on any CPU."""
+        from elsa.kernel.cgroupfs import parse_cpulist
+
+        try:
+            return len(parse_cpulist(str(self.params.get("cpus") or ""))) or None
+        except ValueError:
             return None
-        n = 0
-        for part in str(cpus).split(","):
-            lo, sep, hi = part.strip().partition("-")
-            try:
-                n += int(hi) - int(lo) + 1 if sep else 1
-            except ValueError:
-                return None
-        return n or None
 
 
 @dataclass
