@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -207,6 +208,23 @@ def _damage(db_path: Path, pageno: int) -> None:
     with open(db_path, "r+b") as f:
         f.seek((pageno - 1) * 4096)
         f.write(bytes([0x0D]) + b"\xff" * 4095)  # a leaf header with nonsense offsets
+
+
+def test_corrupt_store_outside_a_state_dir_is_salvaged_by_its_file(tmp_path):
+    """A damaged store file that is not a state dir's elsa.db (elsa import-acct --db
+    FILE) is salvaged with --db FILE: --state-dir would look for elsa.db beside it."""
+    from elsa.core.store import check_integrity
+
+    _filled_store(tmp_path)
+    other = tmp_path / "site.db"
+    os.rename(tmp_path / "elsa.db", other)
+    _damage(other, _pages(other, "proc_usage")[3])
+    db = sqlite3.connect(str(other))
+    try:
+        with pytest.raises(StoreError, match=re.escape(f"store-salvage --db {other}'")):
+            check_integrity(db, str(other), 10.0)
+    finally:
+        db.close()
 
 
 def test_corrupt_store_is_refused_at_start_and_salvaged(tmp_path):

@@ -57,17 +57,16 @@ SPOOL_HARD_LIMIT = 4 * SPOOL_LIMIT
 STORE_MODE = 0o600
 STATE_DIR_MODE = 0o711
 
-SALVAGE_HINT = ("stop elsad, then run 'elsa store-salvage --state-dir {dir}' to copy what is "
-                "readable into a new store (the damaged file is kept beside it)")
+_SALVAGE = ("stop elsad, then run 'elsa store-salvage {where}' to copy what is readable into "
+            "a new store (the damaged file is kept beside it)")
 
 
 def salvage_hint(path: str) -> str:
-    """SALVAGE_HINT for the store file at *path* (named by --db when it is not
-    a state_dir's elsa.db)."""
-    d = os.path.dirname(os.path.abspath(path))
+    """What to do about the damaged store file at *path*: ``elsa store-salvage`` on
+    its state dir, or on the file itself (--db) when it is not a state dir's elsa.db."""
     if os.path.basename(path) == DB_NAME:
-        return SALVAGE_HINT.format(dir=d)
-    return SALVAGE_HINT.replace("--state-dir {dir}", "--db {dir}").format(dir=path)
+        return _SALVAGE.format(where=f"--state-dir {os.path.dirname(os.path.abspath(path))}")
+    return _SALVAGE.format(where=f"--db {path}")
 
 
 _SQLITE_CORRUPT = 11
@@ -105,7 +104,7 @@ def connect(path: str) -> sqlite3.Connection:
         db.execute("PRAGMA cache_size=-1024")
         db.execute("PRAGMA foreign_keys=ON")
     except sqlite3.Error as exc:
-        hint = (SALVAGE_HINT.format(dir=os.path.dirname(path)) if is_corruption(exc)
+        hint = (salvage_hint(path) if is_corruption(exc)
                 else "check state_dir and free disk space")
         raise StoreError(f"cannot open store {path}: {exc}; {hint}") from exc
     return db
@@ -237,7 +236,7 @@ class Store:
 
     def _corrupt_message(self, exc: BaseException) -> str:
         """What status and clients are told of corruption: the error and the recovery."""
-        return f"store is corrupt: {exc}; {SALVAGE_HINT.format(dir=self.state_dir)}"
+        return f"store is corrupt: {exc}; {salvage_hint(self.path)}"
 
     def read_failed(self, exc: BaseException) -> Optional[str]:
         """A read met *exc*: if it is corruption, mark the store corrupt (status,
@@ -259,7 +258,7 @@ class Store:
         """Raise StoreError when a new job could not be made durable soon: the
         store cannot commit, or too many writes wait for it."""
         if self._failure is not None or self.corrupt:
-            hint = (SALVAGE_HINT.format(dir=self.state_dir) if self.corrupt else
+            hint = (salvage_hint(self.path) if self.corrupt else
                     f"free space on the file system of {self.state_dir}; held writes are "
                     "committed as soon as it can, without a restart")
             why = self._failure or "corrupt"
@@ -611,16 +610,16 @@ def check_integrity(db: sqlite3.Connection, path: str, seconds: float) -> None:
                         seconds=seconds)
             return
         raise StoreError(f"store {path} cannot be checked: {exc}; "
-                         + SALVAGE_HINT.format(dir=os.path.dirname(path))) from exc
+                         + salvage_hint(path)) from exc
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"store {path} is corrupt: {exc}; "
-                         + SALVAGE_HINT.format(dir=os.path.dirname(path))) from exc
+                         + salvage_hint(path)) from exc
     finally:
         db.set_progress_handler(None, 0)
     problems = [r[0] for r in rows if r[0] != "ok"]
     if problems:
         raise StoreError(f"store {path} is corrupt ({problems[0]}; {len(problems)} problems "
-                         "found); " + SALVAGE_HINT.format(dir=os.path.dirname(path)))
+                         "found); " + salvage_hint(path))
 
 
 def secure_store_files(state_dir: str) -> None:
