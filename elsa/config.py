@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from elsa.errors import ConfigError
 
@@ -153,11 +153,14 @@ SECTIONS: Dict[str, str] = {
 
 
 def validate_table(table: Mapping[str, Any], options: Mapping[str, Option], *,
-                   where: str, path: str) -> Dict[str, Any]:
+                   where: str, path: str, tables: Sequence[str] = ()) -> Dict[str, Any]:
     """Validate *table* against *options*; return it completed with defaults.
 
     *where* is the dotted table name used in messages (``""`` for the top
-    level), *path* the file the table came from.
+    level), *path* the file the table came from. *tables* are the dotted names
+    of the sub-tables that may also sit under it (``billing.rates``): they are
+    not keys, but a misspelt ``[billing.rate]`` arrives here as an unknown key,
+    so the message names them as well.
     """
     out: Dict[str, Any] = {}
     for key, value in table.items():
@@ -165,7 +168,9 @@ def validate_table(table: Mapping[str, Any], options: Mapping[str, Option], *,
         opt = options.get(key)
         if opt is None:
             known = ", ".join(sorted(options)) or "(none)"
-            raise ConfigError(f"{path}: unknown key '{name}'; known keys here: {known}")
+            subs = ", ".join(f"[{t}]" for t in sorted(tables))
+            raise ConfigError(f"{path}: unknown key '{name}'; known keys here: {known}"
+                              + (f"; sub-tables: {subs}" if subs else ""))
         out[key] = check_value(value, opt, name=name, path=path)
     for key, opt in options.items():
         if key not in out:
@@ -314,7 +319,10 @@ def _parse_sections(data: Mapping[str, Any], path: str) -> Dict[str, Dict[str, A
             raise ConfigError(f"{path}: key '{name}' must be a table, got {node!r}")
         # A nested section's parent ([export]) also holds its children's tables.
         own = {k: v for k, v in node.items() if f"{name}.{k}" not in SECTIONS}
-        out[name] = validate_table(own, section_options(name), where=name, path=path)
+        children = [n for n in SECTIONS
+                    if n.startswith(name + ".") and "." not in n[len(name) + 1:]]
+        out[name] = validate_table(own, section_options(name), where=name, path=path,
+                                   tables=children)
     return out
 
 

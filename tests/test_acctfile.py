@@ -73,6 +73,33 @@ def test_corrupt_record_goes_general_path(tmp_path):
     assert problems[0].startswith(f"{p}: offset 640: not an acct record (version byte 0x7f")
 
 
+@pytest.mark.parametrize("bad,why", [
+    ({"pid": pacct.PID_MAX + 1}, "beyond the kernel's limit"),
+    ({"etime": -5.0}, "elapsed time -5.0 ticks is not plausible"),
+    ({"btime": 4_000_000_000}, "in the future of this host's clock"),
+])
+@pytest.mark.parametrize("by", ["command", "user"])
+def test_implausible_record_left_out_by_every_path(tmp_path, monkeypatch, by, bad, why):
+    """A record the checked decoder drops as implausible (pacct.implausible) is not
+    counted by the fast readers either: the same totals and the same problem."""
+    import dataclasses
+
+    monkeypatch.setattr(acctfile, "CHUNK_RECORDS", 64)
+    recs = _records(300)
+    recs[150] = dataclasses.replace(recs[150], **bad)
+    p = tmp_path / "pacct"
+    p.write_bytes(pacct.encode(recs))
+    clean = tmp_path / "clean"
+    clean.write_bytes(pacct.encode(recs[:150] + recs[151:]))
+    assert acctfile._streamed([str(p)], by) is None
+    assert acctfile._fast_columns([str(p)]) is None
+    rows, problems = acctfile.summarize([str(p)], by)
+    assert sorted(rows, key=lambda r: str(r[by])) == _loop_rows([str(p)], by) \
+        == _summary([str(clean)], by)
+    assert len(problems) == 1 and problems[0].startswith(f"{p}: offset {150 * 64}: ")
+    assert why in problems[0] and problems[0].endswith("; record skipped")
+
+
 def test_large_uid_and_hash_collision_go_general_path(tmp_path, monkeypatch):
     p = tmp_path / "pacct"
     p.write_bytes(pacct.encode(_records(300, uid_max=4_000_000_000)))
@@ -130,3 +157,33 @@ def test_gzip_files_are_read_like_plain_ones(tmp_path, monkeypatch, by):
     rows, problems = acctfile.summarize([str(gz)], by)
     assert rows and 0 < sum(r["processes"] for r in rows) < 700
     assert any(f"{gz}: offset" in p and "compressed data damaged" in p for p in problems)
+
+
+def test_plausibility_bounds_agree_with_the_rule():
+    """pacct.any_implausible (the fast readers' bounds, then the rule) says what
+    pacct.implausible(...).any() says, on values at and beyond every limit; and
+    pacct._implausible (the struct decoder's, one record) agrees with both."""
+    now = 1_800_000_000.0
+    latest = now + pacct.FUTURE_SLACK_S
+    ok = (1000, 1, 1_700_000_000, 100.0)
+    edge = [(0, 1, 1_700_000_000, 1.0), (1, 0, 0, 0.0), (pacct.PID_MAX, pacct.PID_MAX, 0, 0.0),
+            (pacct.PID_MAX + 1, 1, 0, 0.0), (1, pacct.PID_MAX + 1, 0, 0.0),
+            (1, 1, 0, -0.0), (1, 1, 0, -1.0), (1, 1, 0, float("nan")), (1, 1, 0, float("inf")),
+            (1, 1, 0, pacct.MAX_ELAPSED_S * pacct.AHZ),
+            (1, 1, 0, pacct.MAX_ELAPSED_S * pacct.AHZ * 1.0001),
+            (1, 1, int(latest), 0.0), (1, 1, int(latest) + 1, 0.0),
+            (1, 1, int(latest) - 10, 1000.0), (1, 1, int(latest) - 10, 1100.0),
+            (2 ** 32 - 1, 2 ** 32 - 1, 2 ** 32 - 1, 3e38)]
+    for recs in [[e] for e in edge] + [[ok, e] for e in edge] + [[ok], edge]:
+        for kind in ("u4", np.int64):  # the structured view's and the decoder's columns
+            pid, ppid, btime = (np.array([r[i] for r in recs], dtype=kind) for i in range(3))
+            etime = np.array([r[3] for r in recs], dtype=np.float32)
+            want = bool(pacct.implausible(pid, ppid, btime, etime, now).any())
+            assert pacct.any_implausible(pid, ppid, btime, etime, now) is want, recs
+    for pid_, ppid_, btime_, et in edge:  # the struct decoder's form, one record
+        one = pacct.implausible(np.array([pid_]), np.array([ppid_]), np.array([btime_]),
+                                np.array([et], dtype=np.float32), now)
+        assert bool(pacct._implausible(pid_, ppid_, btime_, float(np.float32(et)), latest)) \
+            is bool(one[0]), (pid_, ppid_, btime_, et)
+    assert not pacct.any_implausible(*(np.zeros(0, dtype="u4"),) * 3,
+                                     np.zeros(0, dtype=np.float32), now)

@@ -247,6 +247,19 @@ def test_bad_billing_config_refused_at_load(tmp_path, body, msg):
     assert str(f) in err.value.message and msg in err.value.message
 
 
+@pytest.mark.parametrize("body", ["[billing]\nrate = 1\n",
+                                  # a misspelt sub-table reaches [billing] as a key
+                                  "[billing.rate]\ncpu_user = 1\n"])
+def test_unknown_billing_key_lists_sub_tables(tmp_path, body):
+    f = tmp_path / "elsa.toml"
+    f.write_text(body)
+    with pytest.raises(ConfigError) as err:
+        config.load(str(f))
+    assert err.value.message.endswith(
+        "unknown key 'billing.rate'; known keys here: decimals, holidays, multipliers, "
+        "timezone, unit; sub-tables: [billing.nonprime], [billing.rates], [billing.schedule]")
+
+
 def test_bad_holidays_line_refused_at_config_load(tmp_path):
     hol = tmp_path / "csa.holidays"
     hol.write_text(HOLIDAYS.replace("330  Nov 26", "330  Nov"))

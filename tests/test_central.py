@@ -175,7 +175,7 @@ def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> 
     st.close()
 
 
-def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path) -> None:
+def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path, capsys) -> None:
     fresh_db(pg, "umap")
     url = add_node(pg, "m1", "umap")
     st = fill_store(tmp_path / "m1", 2, jobs=2, procs=50)
@@ -207,6 +207,15 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path) -> No
     got = {(r["user"], r["account"]): (r["uid"], r["processes"]) for r in rows}
     assert got == {("alice", "physics"): (None, local[1000] + local[1001]),
                    ("alice", "bio"): (1002, local[1002])}
+    # The text table tells the two rows apart by their ACCOUNT column.
+    capsys.readouterr()  # the shipper's log lines
+    dburl = pg.admin_url.replace("/postgres?", "/umap?")
+    assert elsa_main(["summary", "--by", "user", "--db", dburl]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["USER", "ACCOUNT", "PROCS"]
+    assert sorted(tuple(ln.split()[:3]) for ln in lines[1:]) == [
+        ("alice", "bio", str(local[1002])),
+        ("alice", "physics", str(local[1000] + local[1001]))]
     apps_local = {r["uid"]: r["runs"] for r in apps_usage(open_db(st.path), "user")}
     got = {(r["user"], r["account"]): r["runs"] for r in apps_usage(db, "user")}
     assert got == {("alice", "physics"): apps_local[1000] + apps_local[1001],

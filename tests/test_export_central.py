@@ -50,5 +50,11 @@ def test_exports_from_the_central_store(pg: PgServer, tmp_path: Path, capsys) ->
     capsys.readouterr()
     assert main(["export", "apel", "--db", dburl, "--site", "S", "--outgoing",
                  str(tmp_path / "o2")]) == 2
-    assert "from the central store, give --summary" in capsys.readouterr().err
+    # Individual records: refused, saying what to do instead (and nothing written).
+    err = capsys.readouterr().err
+    assert ("job records are not exported from the central store (--db ...), which keeps "
+            "no record of the jobs already sent; run 'elsa export apel' (without --db) on "
+            "each node, whose store's 'exported' table sends each job once, or add "
+            "--summary here for the site's monthly summaries") in err, err
+    assert not (tmp_path / "o2").exists()
     st.close()

@@ -107,9 +107,14 @@ def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
         since, until = apel.month_bounds(*args.month)
     cfg = _config(args)
     if args.db and is_central(args.db) and not args.summary:
-        raise ConfigError("elsa export apel: job records are exported from each node's store "
-                          "(its 'exported' table keeps each job to one message); from the "
-                          "central store, give --summary for the site's summaries")
+        # The central store keeps no record of the jobs sent (no role there may
+        # write one, and each node's own 'exported' table would not know of it):
+        # a rerun would send every job of the window again.
+        raise ConfigError(
+            "elsa export apel: job records are not exported from the central store "
+            "(--db ...), which keeps no record of the jobs already sent; run 'elsa export "
+            "apel' (without --db) on each node, whose store's 'exported' table sends each "
+            "job once, or add --summary here for the site's monthly summaries")
     db = _open(args, cfg, readonly=args.summary)
     try:
         res = apel.export(db, cfg.section("export.apel"), site=args.site, since=since,

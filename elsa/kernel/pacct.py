@@ -337,8 +337,45 @@ def decode(data: bytes, *, path: str = "<memory>", base_offset: int = 0, final: 
     return Decoded(columns=cols, problems=problems, consumed=consumed)
 
 
+def implausible(pid: Any, ppid: Any, btime: Any, etime: Any, now: Optional[float] = None
+                ) -> Any:
+    """Which records' values cannot be real (numpy arrays of the columns; *now* is
+    the reader's clock): the plausibility rule of every numpy reader, the checked
+    decoder's and ``summary --acct-file``'s fast one, so that they keep the same
+    records. :func:`_implausible` is its form for one record (the struct decoder,
+    the messages)."""
+    np = _np()
+    latest = (time.time() if now is None else now) + FUTURE_SLACK_S
+    et = etime.astype(np.float64, copy=False)  # the checked decoder's etime column
+    with np.errstate(invalid="ignore", over="ignore"):
+        secs = et / AHZ
+        return (~np.isfinite(et) | (et < 0) | (secs > MAX_ELAPSED_S)
+                | (pid <= 0) | (pid > PID_MAX) | (ppid > PID_MAX)
+                | (btime + secs > latest))
+
+
+def any_implausible(pid: Any, ppid: Any, btime: Any, etime: Any,
+                    now: Optional[float] = None) -> bool:
+    """Whether :func:`implausible` marks any record, at the cost of a few
+    reductions for clean input (the fast readers' case): bounds that hold for
+    every record settle it (each condition is monotone in its columns), and
+    only input that fails them pays for the full rule."""
+    if not len(pid):
+        return False
+    np = _np()
+    latest = (time.time() if now is None else now) + FUTURE_SLACK_S
+    with np.errstate(invalid="ignore"):
+        lo, hi = float(etime.min()), float(etime.max())  # NaN fails every bound below
+    if (int(pid.min()) > 0 and int(pid.max()) <= PID_MAX and int(ppid.max()) <= PID_MAX
+            and lo >= 0 and hi / AHZ <= MAX_ELAPSED_S
+            and float(btime.max()) + hi / AHZ <= latest):
+        return False
+    return bool(implausible(pid, ppid, btime, etime, now).any())
+
+
 def _implausible(pid: int, ppid: int, btime: int, etime: float, latest: float) -> str:
-    """Why a record's values cannot be real ("" when they can)."""
+    """Why a record's values cannot be real ("" when they can): :func:`implausible`
+    for one record."""
     if not math.isfinite(etime) or etime < 0 or etime / AHZ > MAX_ELAPSED_S:
         return f"elapsed time {etime!r} ticks is not plausible"
     if not 0 < pid <= PID_MAX or ppid > PID_MAX:
@@ -356,13 +393,9 @@ def _drop_implausible(cols: Dict[str, Any], path: str, problems: List[Accounting
     latest = now + FUTURE_SLACK_S
     np = _numpy or None
     if np is not None and isinstance(cols["pid"], np.ndarray):
-        et = cols["etime"]
-        with np.errstate(invalid="ignore", over="ignore"):
-            bad = (~np.isfinite(et) | (et < 0) | (et / AHZ > MAX_ELAPSED_S)
-                   | (cols["pid"] <= 0) | (cols["pid"] > PID_MAX) | (cols["ppid"] > PID_MAX)
-                   | (cols["btime"] + et / AHZ > latest))
-        if not bad.any():
+        if not any_implausible(cols["pid"], cols["ppid"], cols["btime"], cols["etime"], now):
             return cols
+        bad = implausible(cols["pid"], cols["ppid"], cols["btime"], cols["etime"], now)
         idx = np.flatnonzero(bad).tolist()
         keep = ~bad
         out = {k: v[keep] for k, v in cols.items()}

@@ -269,13 +269,17 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
                      + (" (incomplete)" if r["incomplete"] else "")] for r in rows]
         else:
             label = "USER" if args.by == "user" else "COMMAND"
-            header = [label, "PROCS", "USER", "SYS", "ELAPSED", "MAXRSS", "AVGMEM", "READ",
-                      "WRITE"]
-            body = [[str(r["user"] if args.by == "user" else r["command"]),
-                     _fmt_n(r["processes"]), _fmt_us(r["cpu_user_us"]),
-                     _fmt_us(r["cpu_system_us"]), _fmt_us(r["elapsed_us"]),
-                     _fmt_kb(r["max_rss_kb"]), _fmt_kb(r["avg_mem_kb"]),
-                     _fmt_bytes(r.get("read_bytes")), _fmt_bytes(r.get("write_bytes"))]
+            # The central store's rows are per site user and account (a user in two
+            # accounts has two rows): without the account they would look the same.
+            accounts = any("account" in r for r in rows)
+            header = [label] + (["ACCOUNT"] if accounts else []) + [
+                "PROCS", "USER", "SYS", "ELAPSED", "MAXRSS", "AVGMEM", "READ", "WRITE"]
+            body = [[str(r["user"] if args.by == "user" else r["command"])]
+                    + ([r.get("account") or "-"] if accounts else [])
+                    + [_fmt_n(r["processes"]), _fmt_us(r["cpu_user_us"]),
+                       _fmt_us(r["cpu_system_us"]), _fmt_us(r["elapsed_us"]),
+                       _fmt_kb(r["max_rss_kb"]), _fmt_kb(r["avg_mem_kb"]),
+                       _fmt_bytes(r.get("read_bytes")), _fmt_bytes(r.get("write_bytes"))]
                     for r in rows]
         _table(body, header, out)
 
