@@ -220,6 +220,12 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path, capsy
     got = {(r["user"], r["account"]): r["runs"] for r in apps_usage(db, "user")}
     assert got == {("alice", "physics"): apps_local[1000] + apps_local[1001],
                    ("alice", "bio"): apps_local[1002]}
+    assert elsa_main(["apps", "--by", "user", "--db", dburl]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["USER", "ACCOUNT", "RUNS"]
+    assert sorted(tuple(ln.split()[:3]) for ln in lines[1:]) == [
+        ("alice", "bio", str(apps_local[1002])),
+        ("alice", "physics", str(apps_local[1000] + apps_local[1001]))]
     st.close()
 
 

@@ -248,8 +248,11 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
             r["jid"] = None if r["jid"] is None else format_jid(r["jid"])
 
     def table_by() -> None:
-        label = {"binary": ["BINARY"], "package": ["PACKAGE", "VERSION"], "user": ["USER"],
-                 "job": ["JID"]}[args.by]
+        # The central store's rows are per site user and account (a user in two accounts
+        # has two rows), as elsa summary --by user's: the account tells them apart.
+        accounts = args.by == "user" and any("account" in r for r in rows)
+        label = {"binary": ["BINARY"], "package": ["PACKAGE", "VERSION"],
+                 "user": ["USER"] + (["ACCOUNT"] if accounts else []), "job": ["JID"]}[args.by]
         header = label + ["RUNS", "USERS", "WALL", "CPU", "MAXRSS", "READ", "WRITE",
                           "UNRESOLVED"]
         body = []
@@ -259,7 +262,7 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
             elif args.by == "package":
                 keys = [r["package"] or "(none)", r["package_version"] or "-"]
             elif args.by == "user":
-                keys = [r["user"] or "-"]
+                keys = [r["user"] or "-"] + ([r.get("account") or "-"] if accounts else [])
             else:
                 keys = [r["jid"] or "(no job)"]
             cpu = None
