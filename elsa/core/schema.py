@@ -11,9 +11,9 @@ import time
 from typing import List, Optional
 
 from elsa.apps.record import MIGRATION as APPS_MIGRATION
-from elsa.core.thresholds import FOLDED_JOB_TRIGGER
+from elsa.core.thresholds import FOLDED_JOB_TRIGGER, FOLDED_ROLLUP_TRIGGER, folded_mem_kb_sum
 from elsa.core.thresholds import MIGRATION as THRESHOLDS_MIGRATION
-from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE, SUM_METRICS
+from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE, ROLLUP_SUMS, SUM_METRICS
 from elsa.errors import StoreError
 from elsa.kernel import sdnotify
 from elsa.logsetup import structlog
@@ -306,6 +306,81 @@ MIGRATIONS.append("""
         (jid INTEGER PRIMARY KEY, sig TEXT NOT NULL, shipped REAL NOT NULL);
     ALTER TABLE central_jobs ADD COLUMN tags TEXT;
     """)
+
+
+#: usage_rollup's figures may be NULL: a figure no record of the group measured (a
+#: bsdacct record has no I/O bytes) is unknown, not 0 (docs/accounting.md). Migration 2
+#: made them NOT NULL and every writer counted an unknown as 0; SQLite cannot drop a
+#: constraint, so the table is rebuilt (one row per hour, source, uid and command).
+#:
+#: The figures it held stay where they can be right: a sum of known figures is the
+#: same under both rules, and only a group in which no record measured a figure reads
+#: 0 where it should read NULL. So a 0 becomes NULL where the group's records are all
+#: still in the store (their count, proc_usage's and proc_folded's, is the group's
+#: processes) and none of them has the figure; where records were pruned
+#: ([central] keep_local_days) a 0 cannot be told from a measured 0 and stays. That
+#: takes one scan of proc_usage grouped as the rollup groups it. Rows the per-row
+#: triggers of schemas 2 to 6 filed under their source's priority merge into the
+#: one priority add_to_sums files under (0; not read: reports rank sources by their
+#: specs' priority).
+_ROLLUP_KEY = ("bucket", "source", "uid", "comm")
+_ROLLUP_GROUP = "CAST(end_time / 3600 AS INTEGER) AS bucket, source, COALESCE(uid, -1) AS uid, comm"
+
+
+def _known(c: str) -> str:
+    return (f"CASE WHEN old.{c} = 0 AND known.n = old.processes AND known.{c} IS NULL "
+            f"THEN NULL ELSE old.{c} END")
+
+
+NULLABLE_ROLLUP_MIGRATION = """
+    DROP TRIGGER proc_folded_rollup;
+    CREATE TABLE usage_rollup_nullable (
+        bucket INTEGER NOT NULL,
+        prio INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        comm TEXT NOT NULL,
+        processes INTEGER NOT NULL,
+        cpu_user_us INTEGER,
+        cpu_system_us INTEGER,
+        elapsed_us INTEGER,
+        max_rss_kb INTEGER,
+        mem_kb_sum INTEGER,
+        read_bytes INTEGER,
+        write_bytes INTEGER,
+        minflt INTEGER,
+        majflt INTEGER,
+        PRIMARY KEY (bucket, prio, source, uid, comm)
+    ) WITHOUT ROWID;
+    INSERT INTO usage_rollup_nullable
+    WITH old AS (
+        SELECT """ + ", ".join(_ROLLUP_KEY) + """, SUM(processes) AS processes, """ + ", ".join(
+            f"SUM({c}) AS {c}" for c in ROLLUP_SUMS) + """, MAX(max_rss_kb) AS max_rss_kb
+        FROM usage_rollup GROUP BY """ + ", ".join(_ROLLUP_KEY) + """),
+    parts AS (
+        SELECT """ + _ROLLUP_GROUP + """, COUNT(*) AS n, """ + ", ".join(
+            f"SUM({c}) AS {c}" if c != "mem_kb_sum" else
+            "SUM(COALESCE(max_rss_kb, max_vm_kb)) AS mem_kb_sum" for c in ROLLUP_SUMS) + """
+        FROM proc_usage GROUP BY 1, 2, 3, 4
+        UNION ALL
+        SELECT """ + _ROLLUP_GROUP + """, SUM(folded), """ + ", ".join(
+            f"SUM({c})" if c != "mem_kb_sum" else f"SUM({folded_mem_kb_sum()})"
+            for c in ROLLUP_SUMS) + """
+        FROM proc_folded GROUP BY 1, 2, 3, 4),
+    known AS (
+        SELECT """ + ", ".join(_ROLLUP_KEY) + """, SUM(n) AS n, """ + ", ".join(
+            f"SUM({c}) AS {c}" for c in ROLLUP_SUMS) + """
+        FROM parts GROUP BY """ + ", ".join(_ROLLUP_KEY) + """)
+    SELECT old.bucket, 0, old.source, old.uid, old.comm, old.processes, """ + ", ".join(
+        _known(c) if c != "max_rss_kb" else "old.max_rss_kb"
+        for c in ("cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss_kb", "mem_kb_sum",
+                  "read_bytes", "write_bytes", "minflt", "majflt")) + """
+    FROM old LEFT JOIN known ON """ + " AND ".join(
+        f"known.{k} = old.{k}" for k in _ROLLUP_KEY) + """;
+    DROP TABLE usage_rollup;
+    ALTER TABLE usage_rollup_nullable RENAME TO usage_rollup;
+    """ + FOLDED_ROLLUP_TRIGGER
+MIGRATIONS.append(NULLABLE_ROLLUP_MIGRATION)
 
 
 def migrate(db: sqlite3.Connection, path: str, target: Optional[int] = None) -> None:
