@@ -319,20 +319,33 @@ MIGRATIONS.append("""
 #: still in the store (their count, proc_usage's and proc_folded's, is the group's
 #: processes) and none of them has the figure; where records were pruned
 #: ([central] keep_local_days) a 0 cannot be told from a measured 0 and stays. That
-#: takes one scan of proc_usage grouped as the rollup groups it. Rows the per-row
-#: triggers of schemas 2 to 6 filed under their source's priority merge into the
-#: one priority add_to_sums files under (0; not read: reports rank sources by their
-#: specs' priority).
-_ROLLUP_KEY = ("bucket", "source", "uid", "comm")
-_ROLLUP_GROUP = "CAST(end_time / 3600 AS INTEGER) AS bucket, source, COALESCE(uid, -1) AS uid, comm"
+#: takes one GROUP BY over the rollup's rows and the records together: one sort, where
+#: grouping the records apart and joining them to the rollup took 58 s against 33 s
+#: (3 million records in 2.8 million groups, on the development VM). A
+#: record brings only whether it has each figure (0 or 1, which SQLite stores in no
+#: bytes). Rows the per-row triggers of schemas 2 to 6 filed under their source's
+#: priority merge into the one priority add_to_sums files under (0; not read: reports
+#: rank sources by their specs' priority).
+_ROLLUP_FIGURES = ("cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss_kb", "mem_kb_sum",
+                   "read_bytes", "write_bytes", "minflt", "majflt")  # the table's order
 
 
-def _known(c: str) -> str:
-    return (f"CASE WHEN old.{c} = 0 AND known.n = old.processes AND known.{c} IS NULL "
-            f"THEN NULL ELSE old.{c} END")
+def _records_part(table: str, count: str, mem: str) -> str:
+    """The rollup key of each record of *table*, how many processes it stands for, and
+    whether it has each summed figure (*mem*: its memory figure)."""
+    has = ", ".join(f"{mem if c == 'mem_kb_sum' else c} IS NOT NULL" for c in ROLLUP_SUMS)
+    return (f"SELECT CAST(end_time / 3600 AS INTEGER), source, COALESCE(uid, -1), comm, "
+            f"NULL, {', '.join(['NULL'] * len(_ROLLUP_FIGURES))}, {count}, {has} FROM {table}")
 
 
-NULLABLE_ROLLUP_MIGRATION = """
+def _rebuilt_figure(c: str) -> str:
+    if c not in ROLLUP_SUMS:
+        return f"MAX({c})"
+    return (f"CASE WHEN SUM({c}) = 0 AND SUM(n) = SUM(processes) AND SUM(has_{c}) = 0 "
+            f"THEN NULL ELSE SUM({c}) END")
+
+
+NULLABLE_ROLLUP_MIGRATION = ("""
     DROP TRIGGER proc_folded_rollup;
     CREATE TABLE usage_rollup_nullable (
         bucket INTEGER NOT NULL,
@@ -353,33 +366,19 @@ NULLABLE_ROLLUP_MIGRATION = """
         PRIMARY KEY (bucket, prio, source, uid, comm)
     ) WITHOUT ROWID;
     INSERT INTO usage_rollup_nullable
-    WITH old AS (
-        SELECT """ + ", ".join(_ROLLUP_KEY) + """, SUM(processes) AS processes, """ + ", ".join(
-            f"SUM({c}) AS {c}" for c in ROLLUP_SUMS) + """, MAX(max_rss_kb) AS max_rss_kb
-        FROM usage_rollup GROUP BY """ + ", ".join(_ROLLUP_KEY) + """),
-    parts AS (
-        SELECT """ + _ROLLUP_GROUP + """, COUNT(*) AS n, """ + ", ".join(
-            f"SUM({c}) AS {c}" if c != "mem_kb_sum" else
-            "SUM(COALESCE(max_rss_kb, max_vm_kb)) AS mem_kb_sum" for c in ROLLUP_SUMS) + """
-        FROM proc_usage GROUP BY 1, 2, 3, 4
-        UNION ALL
-        SELECT """ + _ROLLUP_GROUP + """, SUM(folded), """ + ", ".join(
-            f"SUM({c})" if c != "mem_kb_sum" else f"SUM({folded_mem_kb_sum()})"
-            for c in ROLLUP_SUMS) + """
-        FROM proc_folded GROUP BY 1, 2, 3, 4),
-    known AS (
-        SELECT """ + ", ".join(_ROLLUP_KEY) + """, SUM(n) AS n, """ + ", ".join(
-            f"SUM({c}) AS {c}" for c in ROLLUP_SUMS) + """
-        FROM parts GROUP BY """ + ", ".join(_ROLLUP_KEY) + """)
-    SELECT old.bucket, 0, old.source, old.uid, old.comm, old.processes, """ + ", ".join(
-        _known(c) if c != "max_rss_kb" else "old.max_rss_kb"
-        for c in ("cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss_kb", "mem_kb_sum",
-                  "read_bytes", "write_bytes", "minflt", "majflt")) + """
-    FROM old LEFT JOIN known ON """ + " AND ".join(
-        f"known.{k} = old.{k}" for k in _ROLLUP_KEY) + """;
+    SELECT bucket, 0, source, uid, comm, SUM(processes), """ + ", ".join(
+        _rebuilt_figure(c) for c in _ROLLUP_FIGURES) + """
+    FROM (SELECT bucket, source, uid, comm, processes, """ + ", ".join(_ROLLUP_FIGURES) + """,
+                 0 AS n, """ + ", ".join(f"NULL AS has_{c}" for c in ROLLUP_SUMS) + """
+          FROM usage_rollup
+          UNION ALL """ + _records_part("proc_usage", "1", "COALESCE(max_rss_kb, max_vm_kb)")
+    + """
+          UNION ALL """ + _records_part("proc_folded", "folded", folded_mem_kb_sum()) + """)
+    GROUP BY bucket, source, uid, comm
+    HAVING COUNT(processes) > 0;
     DROP TABLE usage_rollup;
     ALTER TABLE usage_rollup_nullable RENAME TO usage_rollup;
-    """ + FOLDED_ROLLUP_TRIGGER
+    """ + FOLDED_ROLLUP_TRIGGER)
 MIGRATIONS.append(NULLABLE_ROLLUP_MIGRATION)
 
 
