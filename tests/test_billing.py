@@ -312,6 +312,21 @@ def test_folded_job_records_are_not_billed_twice(site, capsys):
     assert rows[None]["charge"] == "1.40"  # outside jobs: as before
 
 
+def test_a_quantity_no_record_measured_is_unpriced_in_whole_hours_too(site, capsys):
+    # The site's processes outside jobs have no I/O figures. With a rate for reading,
+    # the whole hours (from the hourly rollup) and the partial hours (from the records)
+    # alike list `read` as unpriced instead of charging 0 bytes for it.
+    with_read = site.replace("elsa.toml", "read.toml")
+    with open(site) as fh, open(with_read, "w") as out:
+        out.write(fh.read().replace("[billing.rates]\n", "[billing.rates]\nread = 1\n"))
+    for window in (["--period", "2026-11"],
+                   ["--since", "2026-11-27T17:15+00:00", "--until", "2026-11-27T18:45+00:00"]):
+        assert main(["bill", "--config", with_read, "--json", "--by", "job", *window]) == 0
+        nojob = [r for r in json.loads(capsys.readouterr().out)["rows"] if r["key"] is None]
+        assert "read" in nojob[0]["unpriced"], (window, nojob)
+        assert "read" not in nojob[0]["charges"]
+
+
 @pytest.fixture
 def utc_host(monkeypatch):
     """The host's zone is UTC, whatever this machine's is (the billing zone differs)."""

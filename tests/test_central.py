@@ -708,3 +708,100 @@ def test_schema_1_database_upgraded_then_app_records_ship(pg: PgServer, tmp_path
     assert s["shipped_apps"] == 40 and s["shipped_records"] == 60, s
     assert _central_apps(pg, "up1", "u1") == _local_apps(st)
     st.close()
+
+
+def _unknowns_rows(end: float) -> Any:
+    """Node rows whose hour groups lack figures: bsdacct records (no I/O bytes), a
+    taskstats one with I/O, small records folded with no memory figure."""
+    from elsa.core.aggregator import proc_row
+    from elsa.core.source import UsageRecord
+    from elsa.core.thresholds import Folder
+
+    def rec(source: str, pid: int, comm: str, **fig: Any) -> Any:
+        return proc_row(UsageRecord(source, pid, start_ticks=pid, uid=1000, comm=comm,
+                                    start_time=end - 2, end_time=end + pid / 8, **fig), None)
+
+    procs = [rec("bsdacct", 1, "cc", cpu_user_us=20_000, elapsed_us=10**6, max_vm_kb=800,
+                 minflt=3, majflt=0),
+             rec("bsdacct", 2, "cc", cpu_user_us=10_000, elapsed_us=10**6, max_vm_kb=600,
+                 minflt=1, majflt=0),
+             rec("taskstats", 3, "ld", cpu_user_us=5_000, elapsed_us=10**6, max_rss_kb=90,
+                 read_bytes=4096, write_bytes=0, minflt=2, majflt=0)]
+    _, folded = Folder(min_cpu_ms=10).split(
+        [rec("x", 10 + i, "tiny", cpu_user_us=1, elapsed_us=5) for i in range(3)])
+    return procs, folded
+
+
+def test_unknown_figures_reach_the_central_rollup_as_null(pg: PgServer, tmp_path: Path
+                                                          ) -> None:
+    """A figure no record measured is NULL in the central rollup as in the node's
+    (store migration 13, central migration 3): the same summary from both stores."""
+    from elsa.core.aggregator import INSERT_PROC
+    from elsa.core.store import Store
+    from elsa.core.thresholds import INSERT_FOLDED
+
+    fresh_db(pg, "unk")
+    url = add_node(pg, "k1", "unk")
+    st = Store(str(tmp_path / "k1"))
+    procs, folded = _unknowns_rows(NOW - 86400)
+    st.submit_many(INSERT_PROC, procs)
+    st.submit_many(INSERT_FOLDED, folded)
+    st.flush()
+    _ship(st, url, "k1")
+    central = open_db(pg.admin_url.replace("/postgres?", "/unk?"))
+    local = open_db(st.path)
+    strip = ("user", "account")
+    for by in ("user", "command"):
+        a = [{k: v for k, v in r.items() if k not in strip} for r in query.summary(local, by)]
+        b = [{k: v for k, v in r.items() if k not in strip} for r in query.summary(central, by)]
+        assert a == b
+    rows = {r["command"]: r for r in query.summary(central, "command")}
+    assert (rows["cc"]["read_bytes"], rows["cc"]["write_bytes"]) == (None, None)
+    assert rows["cc"]["cpu_user_us"] == 30_000 and rows["cc"]["majflt"] == 0
+    assert (rows["ld"]["read_bytes"], rows["ld"]["write_bytes"]) == (4096, 0)
+    assert rows["tiny"]["avg_mem_kb"] is None and rows["tiny"]["cpu_system_us"] is None
+    st.close()
+
+
+def test_schema_2_rollup_upgraded_keeps_known_and_nulls_the_unknowable(pg: PgServer) -> None:
+    """A database whose rollup counted unknowns as 0 (schema 2): 'elsa central migrate'
+    makes them NULL where the rows are all there to say so; where some are gone (a
+    month's partition detached) a 0 stays."""
+    from elsa.central.schema import FOLDED_COLUMNS, PROC_COLUMNS
+
+    with admin(pg) as c:
+        c.execute("DROP DATABASE IF EXISTS up2")
+        c.execute("CREATE DATABASE up2")
+    # A year ago: in the default partition, outside the months migrate creates.
+    procs, folded = _unknowns_rows(NOW - 400 * 86400)
+    procs.append(procs[1][:2] + (4,) + procs[1][3:4] + (procs[1][4] + 1, procs[1][5] + 1)
+                 + procs[1][6:9] + ("sh",) + procs[1][10:])
+    procs.append(procs[-1][:2] + (5,) + procs[-1][3:])
+    rollup = ("SELECT comm, processes, cpu_user_us, cpu_system_us, mem_kb_sum, read_bytes, "
+              "write_bytes, majflt FROM usage_rollup ORDER BY comm")
+    with admin(pg, "up2") as c:
+        with c.transaction():
+            for m in schema.MIGRATIONS[:2]:
+                c.execute(m)
+            c.execute("UPDATE elsa_schema SET version = 2")
+        c.cursor().executemany(f"INSERT INTO proc_usage (host, {', '.join(PROC_COLUMNS)}) VALUES "
+                               f"('o1', {', '.join(['%s'] * len(PROC_COLUMNS))})", procs)
+        c.execute(f"INSERT INTO proc_folded (host, id, {', '.join(FOLDED_COLUMNS)}) VALUES "
+                  f"('o1', 1, {', '.join(['%s'] * len(FOLDED_COLUMNS))})", folded[0])
+        c.execute("DELETE FROM proc_usage WHERE pid = 5")  # 'sh': one of its two is gone
+        assert c.execute(rollup).fetchall() == [
+            ("cc", 2, 30_000, 0, 1400, 0, 0, 0), ("ld", 1, 5_000, 0, 90, 4096, 0, 0),
+            ("sh", 2, 20_000, 0, 1200, 0, 0, 0), ("tiny", 3, 3, 0, 0, 0, 0, 0)]
+        assert schema.migrate(c)[:2] == (2, schema.VERSION)
+        assert c.execute(rollup).fetchall() == [
+            ("cc", 2, 30_000, None, 1400, None, None, 0),
+            ("ld", 1, 5_000, None, 90, 4096, 0, 0),
+            ("sh", 2, 20_000, 0, 1200, 0, 0, 0),
+            ("tiny", 3, 3, None, None, None, None, None)]
+        # The triggers now leave unknowns NULL too.
+        c.execute(f"INSERT INTO proc_folded (host, id, {', '.join(FOLDED_COLUMNS)}) VALUES "
+                  f"('o1', 2, {', '.join(['%s'] * len(FOLDED_COLUMNS))})", folded[0])
+        assert c.execute("SELECT processes, read_bytes, mem_kb_sum FROM usage_rollup "
+                         "WHERE comm = 'tiny'").fetchone() == (6, None, None)
+    with admin(pg) as c:
+        c.execute("DROP DATABASE up2")

@@ -60,7 +60,7 @@ def test_upgrade_to_schemas_7_and_8_keeps_rows_sums_and_the_unique_keys(tmp_path
     db.executemany(INSERT_PROC, old_rows)
     before = [db.execute(q).fetchall() for q in SUMS]
     migrate(db, path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 12
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 13
     indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
                                         "AND name NOT LIKE 'sqlite_%'")}
     assert not {"members_pid", "proc_usage_end", "proc_usage_pid_end"} & indexes
@@ -69,6 +69,11 @@ def test_upgrade_to_schemas_7_and_8_keeps_rows_sums_and_the_unique_keys(tmp_path
     with pytest.raises(sqlite3.IntegrityError):  # one row per stay, as before
         db.execute("INSERT INTO members(boot_id, pid, start_ticks, jid, joined, how) "
                    "VALUES ('b1', 200, 5000, 66, 2.0, 'fork')")
+    # Migration 13: the one hour's group none of whose rows has a user CPU figure (pid
+    # 300's, alone in its group) reads unknown where schema 6's trigger counted 0.
+    group = (500000, "bsdacct", -1, "c0", 1)
+    assert [r[5] for r in before[1] if r[:5] == group] == [0]
+    before[1] = [r[:5] + (None,) + r[6:] if r[:5] == group else r for r in before[1]]
     assert [db.execute(q).fetchall() for q in SUMS] == before
     # A record read again after a crash is still ignored, and still not summed twice.
     db.executemany(INSERT_PROC, old_rows[:10])
@@ -188,21 +193,31 @@ def test_no_index_orders_proc_usage_by_pid_with_or_without_the_apps_recorder(tmp
 @pytest.mark.parametrize("batch", [1, 7, 400])
 def test_batches_sum_like_the_triggers_of_schema_6(tmp_path, batch):
     """Rows inserted in batches of any size (the store writer's runner), with
-    duplicates, sum to what schema 6's per-row triggers made of them; a batch that
-    fails adds nothing; bulk_insert and add_to_sums (ad-hoc writers) agree."""
+    duplicates, sum to what schema 6's per-row triggers made of them (after migration
+    13: unknowns NULL); a batch that fails adds nothing; bulk_insert and add_to_sums
+    (ad-hoc writers) agree."""
     rows = _rows(800) + _rows(5)  # the last 5 are duplicates: ignored either way
-    old = _store_at(str(tmp_path / "old.db"), 6)
+    # and a record with no figures at all, alone in its hour's group of the rollup
+    rows.append(proc_row(UsageRecord("x", 77, start_ticks=1, uid=3, comm="z",
+                                     start_time=1_800_000_000.0, end_time=1_800_000_001.0),
+                         None))
+    old_path = str(tmp_path / "old.db")
+    old = _store_at(old_path, 6)
     old.executemany(INSERT_PROC, rows)
+    # Schema 6's triggers counted a figure no row of an hour's group measured as 0 in
+    # usage_rollup; migration 13 makes it NULL from the rows, as the batches sum it.
+    migrate(old, old_path)
     want = [old.execute(q).fetchall() for q in SUMS]
     assert sum(r[2] for r in want[0]) == 400  # half of the rows are in a job
     assert any(r[10] is None for r in want[0])  # and a job's nvcsw stayed unknown
+    assert [r[4:] for r in want[1] if r[1] == "x"] == [(1,) + (None,) * 6]
 
     path = str(tmp_path / "new.db")
     db = sqlite3.connect(path, isolation_level=None)
     migrate(db, path)
-    assert db.execute(TRIGGERS).fetchall() == [
-        r for r in old.execute(TRIGGERS).fetchall() if r[0] != "proc_usage_rollup"
-        and r[0] != "proc_usage_job"]  # only proc_folded's are left
+    # Only proc_folded's triggers are left.
+    assert [r[0] for r in db.execute(TRIGGERS)] == ["proc_folded_job", "proc_folded_rollup"]
+    assert db.execute(TRIGGERS).fetchall() == old.execute(TRIGGERS).fetchall()
     for i in range(0, len(rows), batch):
         db.execute("BEGIN")
         live_bulk(db, rows[i:i + batch])

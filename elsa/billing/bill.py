@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from elsa.billing.rates import RESOURCES, BillingConfig
 from elsa.core.model import cores_allowed
-from elsa.core.usage import load_priorities, priority
+from elsa.core.usage import load_priorities, plus, priority
 from elsa.report.connect import BUCKET as _BUCKET
 
 _US = Decimal(1_000_000)
@@ -285,9 +285,8 @@ ROLLUP_SQL = ("SELECT bucket, source, uid, SUM(processes), SUM(cpu_user_us), "
               "SUM(cpu_system_us), SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us) "
               "FROM usage_rollup WHERE bucket >= ? AND bucket < ? GROUP BY bucket, source, uid")
 _JOBBED = ("SELECT CAST(p.end_time / {bucket} AS INTEGER) AS b, p.source AS s, "
-           "COALESCE(p.uid, -1) AS u, {count}, SUM(COALESCE(p.cpu_user_us, 0)), "
-           "SUM(COALESCE(p.cpu_system_us, 0)), SUM(COALESCE(p.read_bytes, 0)), "
-           "SUM(COALESCE(p.write_bytes, 0)), SUM(COALESCE(p.elapsed_us, 0)) "
+           "COALESCE(p.uid, -1) AS u, {count}, SUM(p.cpu_user_us), SUM(p.cpu_system_us), "
+           "SUM(p.read_bytes), SUM(p.write_bytes), SUM(p.elapsed_us) "
            # From the jobs alive in the window through the jid index, not a scan of
            # every record (CROSS JOIN: SQLite keeps this join order; standard SQL).
            "FROM jobs AS j CROSS JOIN {table} AS p "
@@ -309,10 +308,12 @@ def _rollup_into(acc: _OutsideJobs, db: Any, blo: int, bhi: int) -> None:
         got += db.execute(JOBBED_FOLDED_SQL, params).fetchall()
     except sqlite3.OperationalError:
         pass  # a store elsad has not migrated yet (no proc_folded): nothing folded
+    # Figures no record measured are None (NULL) in the rollup and in the jobs' sums
+    # alike, and stay unknown, never 0 (docs/billing.md): they add up as SQL's SUM().
     for b, src, uid, *vals in got:
-        have = jobbed.setdefault((b, src, uid), [0] * len(vals))
+        have = jobbed.setdefault((b, src, uid), [None] * len(vals))
         for i, v in enumerate(vals):
-            have[i] += v
+            have[i] = plus(have[i], v)
     # The best source present in each hour, as `elsa summary` counts it.
     prios = load_priorities(db)
     best: Dict[int, str] = {}
@@ -328,19 +329,20 @@ def _rollup_into(acc: _OutsideJobs, db: Any, blo: int, bhi: int) -> None:
             continue
         minus = jobbed.get((b, src, uid))
         if minus is not None:
-            vals = [v - m for v, m in zip(vals, minus)]
+            # The jobs' records are among the hour's: an unknown of the hour is theirs too.
+            vals = [v if v is None or m is None else v - m for v, m in zip(vals, minus)]
         if vals[0] <= 0:
             continue
         p = ratio.get(b)
         if p is None:
             p = ratio[b] = _ratio(sched.prime_seconds(b * _BUCKET, (b + 1) * _BUCKET),
                                   _BUCKET)
-        acc_vals = sums.setdefault((uid, p), [0] * len(vals))
+        acc_vals = sums.setdefault((uid, p), [None] * len(vals))
         for i, v in enumerate(vals):
-            acc_vals[i] += v
+            acc_vals[i] = plus(acc_vals[i], v)
     for (uid, p), (n, cu, cs, rd, wr, el) in sorted(sums.items()):
         usage = {"cpu_user_us": cu, "cpu_system_us": cs, "read_bytes": rd, "write_bytes": wr}
-        acc.add(uid, usage, n, p, Decimal(el) / _US)
+        acc.add(uid, usage, n, p, Decimal(el or 0) / _US)
 
 
 def process_items(db: Any, biller: Biller, since: float, until: float

@@ -21,23 +21,42 @@ import re
 from typing import Any, List, Optional, Tuple
 
 from elsa.apps import record
+from elsa.core.thresholds import folded_mem_kb_sum
+from elsa.core.usage import ROLLUP_SUMS
 from elsa.errors import ElsaError
 
 #: The rollup's one ON CONFLICT clause: process rows and folded rows add up alike
-#: (the central twin of elsa.core.usage.ROLLUP_ACCUMULATE).
-_ROLLUP_ACCUMULATE = """
-        ON CONFLICT (bucket, host, prio, source, uid, comm) DO UPDATE SET
-            processes = usage_rollup.processes + excluded.processes,
-            cpu_user_us = usage_rollup.cpu_user_us + excluded.cpu_user_us,
-            cpu_system_us = usage_rollup.cpu_system_us + excluded.cpu_system_us,
-            elapsed_us = usage_rollup.elapsed_us + excluded.elapsed_us,
-            max_rss_kb = GREATEST(usage_rollup.max_rss_kb, excluded.max_rss_kb),
-            mem_kb_sum = usage_rollup.mem_kb_sum + excluded.mem_kb_sum,
-            read_bytes = usage_rollup.read_bytes + excluded.read_bytes,
-            write_bytes = usage_rollup.write_bytes + excluded.write_bytes,
-            minflt = usage_rollup.minflt + excluded.minflt,
-            majflt = usage_rollup.majflt + excluded.majflt;
-"""
+#: (the central twin of elsa.core.usage.ROLLUP_ACCUMULATE). A sum skips unknowns, as
+#: SUM() does: NULL while no record added to it measured the figure (migration 3; until
+#: then the columns were NOT NULL and the triggers counted unknowns as 0, where the
+#: sums below are the same).
+_ROLLUP_ACCUMULATE = (
+    "\n        ON CONFLICT (bucket, host, prio, source, uid, comm) DO UPDATE SET\n"
+    "            processes = usage_rollup.processes + excluded.processes,\n"
+    + "".join(f"            {c} = COALESCE(usage_rollup.{c} + excluded.{c}, usage_rollup.{c},"
+              f" excluded.{c}),\n" for c in ROLLUP_SUMS)
+    + "            max_rss_kb = GREATEST(usage_rollup.max_rss_kb, excluded.max_rss_kb);\n")
+
+
+def _rollup_function(name: str, processes: str, mem: str) -> str:
+    """The statement trigger function *name* that adds the rows a statement inserted to
+    the hourly rollup (migration 3: unknown figures stay NULL); *processes* and *mem*:
+    how the table's rows count processes and sum memory."""
+    return r"""
+    CREATE OR REPLACE FUNCTION """ + name + r"""() RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = public AS $$
+    BEGIN
+        INSERT INTO usage_rollup
+        SELECT host, floor(end_time / 3600)::bigint,
+               CASE source WHEN 'taskstats' THEN 1 WHEN 'bsdacct' THEN 2 ELSE 9 END,
+               source, COALESCE(uid, -1), comm, """ + processes + """,
+               sum(cpu_user_us), sum(cpu_system_us), sum(elapsed_us), max(max_rss_kb),
+               """ + mem + """, sum(read_bytes), sum(write_bytes), sum(minflt), sum(majflt)
+        FROM new_rows GROUP BY 1, 2, 3, 4, 5, 6
+    """ + _ROLLUP_ACCUMULATE + r"""
+        RETURN NULL;
+    END $$;
+    """
 
 
 def _node_rows(*tables: str, may: str) -> str:
@@ -264,6 +283,45 @@ MIGRATIONS: List[str] = [
     CREATE INDEX app_runs_jid ON {record.TABLE} (jid) WHERE jid IS NOT NULL;
     """ + _node_rows(record.TABLE, may="INSERT, UPDATE"),
 ]
+
+#: 3: a figure no record measured is NULL in the hourly rollup, never 0 (docs/accounting.md),
+#: as on the nodes (store migration 13). The sums the rollup held stay where they can be
+#: right: a sum of known figures is the same under both rules, and only a group in which
+#: no record measured a figure reads 0 where it should read NULL. Such a 0 becomes NULL
+#: where the group's rows are all in the database (their count, proc_usage's and
+#: proc_folded's, is the group's processes) and none of them has the figure; where rows
+#: are gone (a month's partition detached) it cannot be told from a measured 0 and stays.
+_GROUP = "host, floor(end_time / 3600)::bigint AS bucket, source, COALESCE(uid, -1) AS uid, comm"
+_ROLLUP_KEY = ("host", "bucket", "source", "uid", "comm")
+MIGRATIONS.append(
+    "    ALTER TABLE usage_rollup "
+    + ", ".join(f"ALTER COLUMN {c} DROP NOT NULL" for c in ROLLUP_SUMS) + ";\n"
+    + _rollup_function("elsa_rollup", "count(*)",
+                       "sum(COALESCE(max_rss_kb, max_vm_kb))")
+    + _rollup_function("elsa_rollup_folded", "sum(folded)",
+                       f"sum({folded_mem_kb_sum()})")
+    + """
+    WITH parts AS (
+        SELECT """ + _GROUP + """, count(*) AS n, """ + ", ".join(
+            f"sum({c}) AS {c}" if c != "mem_kb_sum" else
+            "sum(COALESCE(max_rss_kb, max_vm_kb)) AS mem_kb_sum" for c in ROLLUP_SUMS) + """
+        FROM proc_usage GROUP BY 1, 2, 3, 4, 5
+        UNION ALL
+        SELECT """ + _GROUP + """, sum(folded), """ + ", ".join(
+            f"sum({c})" if c != "mem_kb_sum" else f"sum({folded_mem_kb_sum()})"
+            for c in ROLLUP_SUMS) + """
+        FROM proc_folded GROUP BY 1, 2, 3, 4, 5),
+    known AS (
+        SELECT """ + ", ".join(_ROLLUP_KEY) + """, sum(n) AS n, """ + ", ".join(
+            f"sum({c}) AS {c}" for c in ROLLUP_SUMS) + """
+        FROM parts GROUP BY """ + ", ".join(_ROLLUP_KEY) + """)
+    UPDATE usage_rollup AS r SET """ + ", ".join(
+        f"{c} = CASE WHEN r.{c} = 0 AND k.{c} IS NULL THEN NULL ELSE r.{c} END"
+        for c in ROLLUP_SUMS) + """
+    FROM known AS k
+    WHERE """ + " AND ".join(f"k.{c} = r.{c}" for c in _ROLLUP_KEY) + """
+      AND k.n = r.processes AND (""" + " OR ".join(f"r.{c} = 0" for c in ROLLUP_SUMS) + """);
+    """)
 
 VERSION = len(MIGRATIONS)
 MONTHS_AHEAD = 3

@@ -416,8 +416,8 @@ class Aggregator:
 #: One pass over the new rows (ids in (lo, hi]) for both summary tables: their
 #: figures per (hour, source, uid, command, job) into a temporary table, from which
 #: usage_rollup's and job_usage's groups are summed (a fraction of the rows; one scan
-#: and sort of the batch instead of two). Raw sums and maxima stay NULL where every
-#: row lacks the figure: job_usage keeps unknowns, usage_rollup counts them as 0.
+#: and sort of the batch instead of two). Sums and maxima stay NULL where every row
+#: lacks the figure, in both tables (docs/accounting.md: an unmeasured figure is never 0).
 _GROUPS = "temp.usage_bulk_groups"
 _GROUP_SUMS = ", ".join(usage.SUM_METRICS)
 _GROUPS_TABLE = (f"CREATE TEMP TABLE IF NOT EXISTS usage_bulk_groups (bucket, source, uid, "
@@ -427,7 +427,7 @@ _GROUPS_FROM = f"""
     INSERT INTO {_GROUPS}
     SELECT CAST(end_time / 3600 AS INTEGER), source, COALESCE(uid, -1), comm, jid, COUNT(*),
            {", ".join(f"SUM({c})" for c in usage.SUM_METRICS)},
-           MAX(max_rss_kb), MAX(max_vm_kb), SUM(COALESCE(max_rss_kb, max_vm_kb, 0)),
+           MAX(max_rss_kb), MAX(max_vm_kb), SUM(COALESCE(max_rss_kb, max_vm_kb)),
            MAX(end_time)
     FROM proc_usage WHERE id > ? AND id <= ?
     GROUP BY 1, 2, 3, 4, 5
@@ -437,11 +437,9 @@ _ROLLUP_FROM = f"""
     INSERT INTO usage_rollup
     SELECT bucket,
            -- prio: not read; reports rank sources by their specs' priority (elsa.core.usage)
-           0, source, uid, comm, SUM(processes),
-           SUM(COALESCE(cpu_user_us, 0)), SUM(COALESCE(cpu_system_us, 0)),
-           SUM(COALESCE(elapsed_us, 0)), MAX(max_rss_kb), SUM(mem_kb_sum),
-           SUM(COALESCE(read_bytes, 0)), SUM(COALESCE(write_bytes, 0)),
-           SUM(COALESCE(minflt, 0)), SUM(COALESCE(majflt, 0))
+           0, source, uid, comm, SUM(processes), SUM(cpu_user_us), SUM(cpu_system_us),
+           SUM(elapsed_us), MAX(max_rss_kb), SUM(mem_kb_sum), SUM(read_bytes),
+           SUM(write_bytes), SUM(minflt), SUM(majflt)
     FROM {_GROUPS} WHERE true
     GROUP BY 1, 2, 3, 4, 5
     """ + ROLLUP_ACCUMULATE

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from elsa.config import Option, non_negative
 from elsa.core.source import ROW_FIELDS
-from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE
+from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE, plus
 
 OPTIONS: Dict[str, Option] = {
     "min_cpu_ms": Option(int, 0, "Process records with less CPU time (user + system, ms) are"
@@ -40,6 +40,16 @@ INSERT_FOLDED = (f"INSERT INTO proc_folded({', '.join(FOLDED_COLUMNS)}) "
 _I = {name: i for i, name in enumerate(ROW_FIELDS)}
 _CPU_U, _CPU_S, _RSS = _I["cpu_user_us"], _I["cpu_system_us"], _I["max_rss_kb"]
 
+
+def folded_mem_kb_sum(row: str = "") -> str:
+    """A folded row's memory sum as the rollup counts it (*row*: ``NEW.`` in a trigger):
+    NULL when no record of it measured memory, as SUM(COALESCE(max_rss_kb, max_vm_kb))
+    over the records would be. The row's mem_kb_sum is then 0 (the column is NOT NULL),
+    and its maxima say whether any record did."""
+    return (f"CASE WHEN {row}max_rss_kb IS NULL AND {row}max_vm_kb IS NULL THEN NULL "
+            f"ELSE {row}mem_kb_sum END")
+
+
 #: A job's totals per source follow each folded row as it is inserted.
 FOLDED_JOB_TRIGGER = """
     CREATE TRIGGER proc_folded_job AFTER INSERT ON proc_folded WHEN NEW.jid IS NOT NULL
@@ -53,7 +63,22 @@ FOLDED_JOB_TRIGGER = """
     END;
 """
 
-#: Store migration: the folded rows and their triggers (same sums as proc_usage's).
+#: The hourly rollup follows each folded row as it is inserted (store migration 13; the
+#: trigger of migration 3 counted unknown figures as 0).
+FOLDED_ROLLUP_TRIGGER = """
+    CREATE TRIGGER proc_folded_rollup AFTER INSERT ON proc_folded
+    BEGIN
+        INSERT INTO usage_rollup VALUES (
+            CAST(NEW.end_time / 3600 AS INTEGER), 0, NEW.source, COALESCE(NEW.uid, -1),
+            NEW.comm, NEW.folded, NEW.cpu_user_us, NEW.cpu_system_us, NEW.elapsed_us,
+            NEW.max_rss_kb, """ + folded_mem_kb_sum("NEW.") + """,
+            NEW.read_bytes, NEW.write_bytes, NEW.minflt, NEW.majflt)
+        """ + ROLLUP_ACCUMULATE + """;
+    END;
+"""
+
+#: Store migration 3: the folded rows and their triggers (same sums as proc_usage's).
+#: Its rollup trigger is as it was then: migration 13 replaces it (FOLDED_ROLLUP_TRIGGER).
 MIGRATION = """
     CREATE TABLE proc_folded (
         id INTEGER PRIMARY KEY,
@@ -87,12 +112,6 @@ MIGRATION = """
         """ + ROLLUP_ACCUMULATE + """;
     END;
 """ + FOLDED_JOB_TRIGGER
-
-
-def _add(a: Optional[int], b: Optional[int]) -> Optional[int]:
-    if a is None:
-        return b
-    return a if b is None else a + b
 
 
 class Folder:
@@ -136,13 +155,16 @@ class Folder:
                 for k in _SUMS + _MAXES:
                     g[k] = None
             g["folded"] += 1
-            g["mem_kb_sum"] += r["max_rss_kb"] or r["max_vm_kb"] or 0
+            # As the rollup sums records (COALESCE(max_rss_kb, max_vm_kb)): a peak RSS
+            # of 0 is a figure, not a missing one.
+            mem = r["max_rss_kb"] if r["max_rss_kb"] is not None else r["max_vm_kb"]
+            g["mem_kb_sum"] += mem or 0
             if r["start_time"] is not None and (g["start_time"] is None
                                                 or r["start_time"] < g["start_time"]):
                 g["start_time"] = r["start_time"]
             g["end_time"] = max(g["end_time"], r["end_time"])
             for k in _SUMS:
-                g[k] = _add(g[k], r[k])
+                g[k] = plus(g[k], r[k])
             for k in _MAXES:
                 if r[k] is not None and (g[k] is None or r[k] > g[k]):
                     g[k] = r[k]

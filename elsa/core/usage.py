@@ -340,27 +340,38 @@ def best_records_sql(ranked: Sequence[str], columns: str, lo: float, hi: float,
 # -- accumulating into the per-hour and per-job tables -------------------------------------
 # The one ON CONFLICT clause of each table: every writer (aggregator.add_to_sums for usage
 # rows, the folded records' triggers) adds a row's figures to what the table holds the same
-# way. A job's sums skip unknowns as SQL's SUM() does: the row may exist with no figures yet
-# (a source flagged incomplete before its first record, e.g. right after a restart).
+# way. Sums skip unknowns as SQL's SUM() does: a figure stays NULL while no record added to
+# it measured it (a bsdacct record has no I/O bytes; a job's row may exist with no figures
+# yet: a source flagged incomplete before its first record, e.g. right after a restart),
+# and otherwise is the sum of the records that did.
 
-ROLLUP_ACCUMULATE = """
-    ON CONFLICT DO UPDATE SET
-        processes = processes + excluded.processes,
-        cpu_user_us = cpu_user_us + excluded.cpu_user_us,
-        cpu_system_us = cpu_system_us + excluded.cpu_system_us,
-        elapsed_us = elapsed_us + excluded.elapsed_us,
-        max_rss_kb = MAX(COALESCE(max_rss_kb, excluded.max_rss_kb),
-                         COALESCE(excluded.max_rss_kb, max_rss_kb)),
-        mem_kb_sum = mem_kb_sum + excluded.mem_kb_sum,
-        read_bytes = read_bytes + excluded.read_bytes,
-        write_bytes = write_bytes + excluded.write_bytes,
-        minflt = minflt + excluded.minflt,
-        majflt = majflt + excluded.majflt"""
+def plus(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    """Two figures summed as SQL's SUM() and the ON CONFLICT clauses below sum them: an
+    unknown (None) is skipped, and the sum is None only when both are."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+#: usage_rollup's summed figures (store migration 13 made them nullable).
+#: ``mem_kb_sum``: each record's peak RSS, else its peak VM, summed for averages.
+ROLLUP_SUMS = ("cpu_user_us", "cpu_system_us", "elapsed_us", "mem_kb_sum", "read_bytes",
+               "write_bytes", "minflt", "majflt")
+
+
+def _accumulate(sums: Sequence[str], maxes: Sequence[str]) -> str:
+    return ("".join(f"        {c} = COALESCE({c} + excluded.{c}, {c}, excluded.{c}),\n"
+                    for c in sums)
+            + "".join(f"        {c} = MAX(COALESCE({c}, excluded.{c}), "
+                      f"COALESCE(excluded.{c}, {c})),\n" for c in maxes))
+
+
+ROLLUP_ACCUMULATE = (
+    "\n    ON CONFLICT DO UPDATE SET\n"
+    "        processes = processes + excluded.processes,\n"
+    + _accumulate(ROLLUP_SUMS, ("max_rss_kb",)).rstrip(",\n"))
 
 JOB_USAGE_ACCUMULATE = (
     "\n    ON CONFLICT DO UPDATE SET\n"
-    + "".join(f"        {c} = COALESCE({c} + excluded.{c}, {c}, excluded.{c}),\n"
-              for c in ("processes",) + SUM_METRICS)
-    + "".join(f"        {c} = MAX(COALESCE({c}, excluded.{c}), COALESCE(excluded.{c}, {c})),\n"
-              for c in MAX_METRICS)
+    + _accumulate(("processes",) + SUM_METRICS, MAX_METRICS)
     + "        updated = MAX(COALESCE(updated, 0), excluded.updated)")

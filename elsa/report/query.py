@@ -41,6 +41,7 @@ from elsa.core.usage import (
     load_gaps,
     load_priorities,
     not_below_records,
+    plus,
     priority_sql,
     rank_sources,
 )
@@ -188,11 +189,10 @@ def summary(db: Any, by: str, since: Optional[float] = None,
             _add(t, n, cu, cs, el, rss, mem, rb, wb, mi, ma)
 
     ukey = "COALESCE(uid, -1)" if key == "uid" else "comm"
-    record_sums = ("COUNT(*), SUM(COALESCE(cpu_user_us, 0)), "
-                   "SUM(COALESCE(cpu_system_us, 0)), SUM(COALESCE(elapsed_us, 0)), "
-                   "MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb, 0)), "
-                   "SUM(COALESCE(read_bytes, 0)), SUM(COALESCE(write_bytes, 0)), "
-                   "SUM(COALESCE(minflt, 0)), SUM(COALESCE(majflt, 0))")
+    # As the rollup sums them (elsa.core.aggregator): NULL where no record has the figure.
+    record_sums = ("COUNT(*), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
+                   "MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb)), SUM(read_bytes), "
+                   "SUM(write_bytes), SUM(minflt), SUM(majflt)")
     for kind, lo, hi in parts:
         params: List[Any] = []
         if kind == "hours":
@@ -231,12 +231,13 @@ def summary(db: Any, by: str, since: Optional[float] = None,
     if by == "user" and not source:
         residual = job_residuals(db, since, until, hosts)
         for hk, (ru, rs) in residual.items():
-            t = totals.setdefault(hk, {"processes": 0, "cpu_user_us": 0, "cpu_system_us": 0,
-                                       "elapsed_us": 0, "max_rss_kb": None,
-                                       "mem_kb_sum": 0, "read_bytes": 0, "write_bytes": 0,
-                                       "minflt": 0, "majflt": 0})
-            t["cpu_user_us"] += ru
-            t["cpu_system_us"] += rs
+            t = totals.setdefault(hk, {"processes": 0, "cpu_user_us": None,
+                                       "cpu_system_us": None, "elapsed_us": None,
+                                       "max_rss_kb": None, "mem_kb_sum": None,
+                                       "read_bytes": None, "write_bytes": None,
+                                       "minflt": None, "majflt": None})
+            t["cpu_user_us"] = plus(t["cpu_user_us"], ru)
+            t["cpu_system_us"] = plus(t["cpu_system_us"], rs)
     rows: Dict[Any, Dict[str, Any]] = {}
     for (h, k), t in totals.items():
         if by == "user":
@@ -277,19 +278,21 @@ def summary(db: Any, by: str, since: Optional[float] = None,
             figures = {m: row.pop(m) for m in SUMMARY_KEYS if m != "avg_mem_kb"}
             row["job_residual_cpu_us"] = resid
             row.update(figures)
-        row["avg_mem_kb"] = round(mem / n) if n else 0
+        # Over the processes counted; unknown (None) where none of them measured memory.
+        row["avg_mem_kb"] = round(mem / n) if n and mem is not None else None
         out.append(row)
-    out.sort(key=lambda r: -(r["cpu_user_us"] + r["cpu_system_us"]))
+    out.sort(key=lambda r: -((r["cpu_user_us"] or 0) + (r["cpu_system_us"] or 0)))
     return out
 
 
-def _add(t: Dict[str, Any], n: int, cu: int, cs: int, el: int, rss: Optional[int], mem: int,
-         rb: int, wb: int, mi: int, ma: int) -> None:
+def _add(t: Dict[str, Any], n: int, cu: Optional[int], cs: Optional[int], el: Optional[int],
+         rss: Optional[int], mem: Optional[int], rb: Optional[int], wb: Optional[int],
+         mi: Optional[int], ma: Optional[int]) -> None:
     t["processes"] += n
     for name, v in (("cpu_user_us", cu), ("cpu_system_us", cs), ("elapsed_us", el),
                     ("mem_kb_sum", mem), ("read_bytes", rb), ("write_bytes", wb),
                     ("minflt", mi), ("majflt", ma)):
-        t[name] += v
+        t[name] = plus(t[name], v)
     if rss is not None and (t["max_rss_kb"] is None or rss > t["max_rss_kb"]):
         t["max_rss_kb"] = rss
 
@@ -625,7 +628,7 @@ def usage_per_day(db: Any, since: Optional[float] = None, until: Optional[float]
                   uid: Optional[int] = None) -> List[Dict[str, Any]]:
     """CPU µs and processes per UTC day and user, from the hourly rollup (whole hours
     overlapping the window; per host and hour the best process-level source, as
-    :func:`summary` counts)."""
+    :func:`summary` counts). ``cpu_us`` is None where no record measured CPU time."""
     db = adapt(db)
     rank, rank_params = priority_sql("source", load_priorities(db))
     host = db.host()
@@ -639,13 +642,15 @@ def usage_per_day(db: Any, since: Optional[float] = None, until: Optional[float]
     sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
            f"FROM usage_rollup WHERE {where} GROUP BY {host}, bucket) "
            f"SELECT bucket / 24, {host}, uid, SUM(processes), "
-           f"SUM(cpu_user_us) + SUM(cpu_system_us) FROM usage_rollup "
+           # NULL only where no record measured CPU time (docs/accounting.md)
+           f"COALESCE(SUM(cpu_user_us) + SUM(cpu_system_us), SUM(cpu_user_us), "
+           f"SUM(cpu_system_us)) FROM usage_rollup "
            f"JOIN pick ON {host} = pick.h AND bucket = pick.b AND {rank} = pick.p "
            f"WHERE {where} GROUP BY bucket / 24, {host}, uid ORDER BY 1, 2, 3")
     out = []
     for day, h, u, n, cpu in db.execute(sql, rank_params + params + rank_params + params):
         out.append({"day": int(day) * 86400, "uid": u, "user": db.user_label(h, u)[0],
-                    "processes": int(n), "cpu_us": int(cpu)})
+                    "processes": int(n), "cpu_us": None if cpu is None else int(cpu)})
     return out
 
 

@@ -32,10 +32,11 @@
     rows.forEach(function (r) {
       var d = new Date(r.day * 1000).toISOString().slice(0, 10);
       if (days.indexOf(d) < 0) { days.push(d); }
-      (users[r.user] = users[r.user] || {})[d] = r.cpu_us / 3.6e9;
+      // null: no record measured CPU time (a gap in the bar, not 0)
+      (users[r.user] = users[r.user] || {})[d] = r.cpu_us === null ? null : r.cpu_us / 3.6e9;
     });
     var sets = Object.keys(users).map(function (u) {
-      return { label: u, data: days.map(function (d) { return users[u][d] || 0; }) };
+      return { label: u, data: days.map(function (d) { return d in users[u] ? users[u][d] : 0; }) };
     });
     new Chart(daily, { type: "bar", data: { labels: days, datasets: sets },
       options: { animation: false, maintainAspectRatio: false,
