@@ -11,8 +11,9 @@ needs only sqlite3 and the aggregator's "best" rule.
   both enabled). Per hour, only the best process-level source present is
   counted (the source specs' priorities, elsa.core.usage), so nothing is
   counted twice; pick one explicitly with ``source``. In an hour in which a
-  source has a gap (elsad was down), each process is counted from its best
-  source's record instead (:func:`window_parts`).
+  source missed processes (a gap: elsad was down, records lost to ENOBUFS,
+  accounting taken over), each process is counted from its best source's record
+  instead (:func:`window_parts`).
 * Per-job figures come from ``job_usage`` (one row per job and source) with
   the best figure per metric, by the same priorities.
 * One copy of each query serves a node's SQLite store and the site's central
@@ -37,7 +38,7 @@ from elsa.core.usage import (
     best,
     best_records_sql,
     fallbacks,
-    gap_hours,
+    gap_buckets,
     load_gaps,
     load_priorities,
     not_below_records,
@@ -91,8 +92,8 @@ def window_parts(since: Optional[float], until: Optional[float],
       hourly rollup, the best source present per hour;
     * ``("records", lo, hi)``: a partial hour at the window's edge, from the records,
       the best source present in it;
-    * ``("processes", lo, hi)``: (part of) an hour of *per_process_hours* (a source has
-      a gap there: elsa.core.usage.gap_hours), from the records, each process once
+    * ``("processes", lo, hi)``: (part of) an hour of *per_process_hours* (a source
+      missed processes there: :func:`per_process_hours`), from the records, each process once
       (its best source's record: :func:`best_records`).
 
     Summaries and bills (elsa.billing.bill) read a window through the same parts."""
@@ -128,19 +129,24 @@ _SUMMARY_COLS = ("uid, comm, cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb,
                  "read_bytes, write_bytes, minflt, majflt")
 
 
+#: The hours in [?, ?] in which source ? has records and another source too: a gap's hours
+#: that are read process by process (elsa.core.usage, "its gaps").
+GAP_HOURS_SQL = ("SELECT bucket FROM usage_rollup WHERE bucket >= ? AND bucket <= ? "
+                 "GROUP BY bucket HAVING COUNT(DISTINCT source) > 1 "
+                 "AND MAX(CASE WHEN source = ? THEN 1 ELSE 0 END) = 1")
+
+
 def per_process_hours(db: Any) -> List[int]:
-    """The hours a report reads process by process: those in which a source's gap
-    begins or ends (elsa.core.usage.gap_hours) and more than one source has records
-    (with one, there is nothing to choose between)."""
+    """The hours a report reads process by process: those a source's gap overlaps
+    (elsa.core.usage.gap_buckets) in which that source has records, so it missed part
+    of the hour's processes, and another source has records too (with one, there is
+    nothing to choose between). In an hour where the gapped source has none, the best
+    source present is a complete one."""
     db = adapt(db)
-    hours = gap_hours(load_gaps(db), BUCKET)
-    out: List[int] = []
-    for i in range(0, len(hours), 500):
-        chunk = hours[i:i + 500]
-        out += [int(r[0]) for r in db.execute(
-            f"SELECT bucket FROM usage_rollup WHERE bucket IN ({', '.join('?' * len(chunk))}) "
-            "GROUP BY bucket HAVING COUNT(DISTINCT source) > 1", chunk)]
-    return out
+    hours = set()
+    for src, first, last in gap_buckets(load_gaps(db), BUCKET):
+        hours.update(int(r[0]) for r in db.execute(GAP_HOURS_SQL, (first, last, src)))
+    return sorted(hours)
 
 
 def best_records(db: Any, prios: Dict[str, int], columns: str, lo: float, hi: float
