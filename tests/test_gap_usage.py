@@ -23,6 +23,7 @@ from elsa.core.aggregator import add_to_sums
 from elsa.core.schema import migrate
 from elsa.core.usage import gap_stmt, load_gaps, save_priorities
 from elsa.report.cli import main
+from elsa.report.query import usage_per_day
 from elsa.testing import wait_for
 from tests.support import kernel_acct_lock
 
@@ -142,6 +143,24 @@ def test_bill_bills_the_gap_once(site, capsys, since, until):
     assert item["processes"] == sum(r["processes"] for r in rows.values())
     cpu = sum(r["cpu_user_us"] for r in rows.values())
     assert Decimal(item["quantities"]["cpu_user"]) == Decimal(cpu) / 1_000_000
+
+
+@pytest.mark.parametrize("uid", [None, 1000])
+def test_the_webs_usage_per_day_counts_a_gap_hour_as_the_summary_does(site, capsys, uid):
+    _cfg, path = site
+    _record_gap(path)
+    rows = _summary(capsys, path, *WINDOWS[0])
+    assert "downburn" in rows
+    db = sqlite3.connect(path)
+    try:
+        (day,) = usage_per_day(db, ts("2026-11-27T20:00:00"), ts("2026-11-27T22:00:00"), uid)
+        assert usage_per_day(db, ts("2026-11-27T20:00:00"), ts("2026-11-27T22:00:00"),
+                             4242) == []
+    finally:
+        db.close()
+    assert day["uid"] == 1000 and day["day"] == ts("2026-11-27T00:00:00")
+    assert day["processes"] == sum(r["processes"] for r in rows.values())
+    assert day["cpu_us"] == sum(r["cpu_user_us"] + r["cpu_system_us"] for r in rows.values())
 
 
 def test_an_hour_inside_a_gap_in_which_the_source_has_records_is_read_per_process(

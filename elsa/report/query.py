@@ -162,6 +162,45 @@ def best_records(db: Any, prios: Dict[str, int], columns: str, lo: float, hi: fl
     return best_records_sql(ranked, columns + (f", {host}" if host else ""), lo, hi, host)
 
 
+#: A part's sums, the columns :func:`summary` merges, from the rollup and from records.
+_ROLLUP_SUMS = ("SUM(processes), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
+                "MAX(max_rss_kb), SUM(mem_kb_sum), SUM(read_bytes), SUM(write_bytes), "
+                "SUM(minflt), SUM(majflt)")
+_RECORD_SUMS = ("COUNT(*), SUM(COALESCE(cpu_user_us, 0)), "
+                "SUM(COALESCE(cpu_system_us, 0)), SUM(COALESCE(elapsed_us, 0)), "
+                "MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb, 0)), "
+                "SUM(COALESCE(read_bytes, 0)), SUM(COALESCE(write_bytes, 0)), "
+                "SUM(COALESCE(minflt, 0)), SUM(COALESCE(majflt, 0))")
+#: A record's user as the rollup files it (a record without one under -1).
+_RECORD_UID = "COALESCE(uid, -1)"
+
+
+def _hours_sums(db: Db, group: str, where: str, params: List[Any], prios: Dict[str, int]
+                ) -> List[Sequence[Any]]:
+    """(host, *group*, sums...) of the rollup's rows matching *where* (with *params*),
+    per host and hour only those of the best process-level source present."""
+    rank, rank_params = priority_sql("source", prios)
+    host = db.host()
+    sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
+           f"FROM usage_rollup WHERE {where} GROUP BY {host}, bucket) "
+           f"SELECT {host}, {group}, {_ROLLUP_SUMS} "
+           f"FROM usage_rollup JOIN pick ON {host} = pick.h AND bucket = pick.b "
+           f"AND {rank} = pick.p WHERE {where} GROUP BY {host}, {group}")
+    return db.execute(sql, rank_params + params + rank_params + params).fetchall()
+
+
+def _processes_sums(db: Db, group: str, where: str, params: List[Any],
+                    prios: Dict[str, int], lo: float, hi: float) -> List[Sequence[Any]]:
+    """(host, *group*, sums...) of the records ending in [lo, hi) matching *where*, each
+    process once, from its best source's record (:func:`best_records`): an hour of
+    :func:`per_process_hours`."""
+    table, table_params = best_records(db, prios, _SUMMARY_COLS, lo, hi)
+    host = db.host()
+    sql = (f"SELECT {host}, {group}, {_RECORD_SUMS} FROM {table} AS p "
+           f"WHERE {where} GROUP BY {host}, {group}")
+    return db.execute(sql, table_params + params).fetchall()
+
+
 def summary(db: Any, by: str, since: Optional[float] = None,
             until: Optional[float] = None, source: Optional[str] = None,
             hosts: Optional[Sequence[str]] = None,
@@ -193,34 +232,19 @@ def summary(db: Any, by: str, since: Optional[float] = None,
                 continue
             _add(t, n, cu, cs, el, rss, mem, rb, wb, mi, ma)
 
-    ukey = "COALESCE(uid, -1)" if key == "uid" else "comm"
-    record_sums = ("COUNT(*), SUM(COALESCE(cpu_user_us, 0)), "
-                   "SUM(COALESCE(cpu_system_us, 0)), SUM(COALESCE(elapsed_us, 0)), "
-                   "MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb, 0)), "
-                   "SUM(COALESCE(read_bytes, 0)), SUM(COALESCE(write_bytes, 0)), "
-                   "SUM(COALESCE(minflt, 0)), SUM(COALESCE(majflt, 0))")
+    ukey = _RECORD_UID if key == "uid" else "comm"
     for kind, lo, hi in parts:
         params: List[Any] = []
         if kind == "hours":
             where = _range_sql("bucket", lo, hi, params) + _host_sql(db, hosts, params)
             if source:
                 params.append(source)
-            # Per host and hour, only the best process-level source present counts.
-            sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
-                   f"FROM usage_rollup WHERE {where}{src_sql} GROUP BY {host}, bucket) "
-                   f"SELECT {host}, {key}, SUM(processes), SUM(cpu_user_us), "
-                   f"SUM(cpu_system_us), SUM(elapsed_us), MAX(max_rss_kb), SUM(mem_kb_sum), "
-                   f"SUM(read_bytes), SUM(write_bytes), SUM(minflt), SUM(majflt) "
-                   f"FROM usage_rollup JOIN pick ON {host} = pick.h AND bucket = pick.b "
-                   f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY {host}, {key}")
-            merge(db.execute(sql, rank_params + params + rank_params + params).fetchall())
+            merge(_hours_sums(db, key, where + src_sql, params, prios))
             continue
         if kind == "processes":  # never with one source picked (parts above)
-            table, table_params = best_records(db, prios, _SUMMARY_COLS, lo, hi)
+            assert lo is not None and hi is not None  # (part of) one hour
             where = "TRUE" + _host_sql(db, hosts, params)
-            sql = (f"SELECT {host}, {ukey}, {record_sums} FROM {table} AS p "
-                   f"WHERE {where} GROUP BY {host}, {ukey}")
-            merge(db.execute(sql, table_params + params).fetchall())
+            merge(_processes_sums(db, ukey, where, params, prios, lo, hi))
             continue
         where = _range_sql("end_time", lo, hi, params) + _host_sql(db, hosts, params)
         if source:
@@ -229,7 +253,7 @@ def summary(db: Any, by: str, since: Optional[float] = None,
         sql = (f"WITH pick AS (SELECT {host} AS h, {hour} AS b, "
                f"MIN({rank}) AS p FROM proc_usage WHERE {where}{src_sql} "
                f"GROUP BY {host}, {hour}) "
-               f"SELECT {host}, {ukey}, {record_sums} "
+               f"SELECT {host}, {ukey}, {_RECORD_SUMS} "
                f"FROM proc_usage JOIN pick ON {host} = pick.h AND {hour} = pick.b "
                f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY {host}, {ukey}")
         merge(db.execute(sql, rank_params + params + rank_params + params).fetchall())
@@ -629,30 +653,40 @@ def jobs_page(db: Any, *, owner_uid: Optional[int] = None, name: Optional[str] =
 
 def usage_per_day(db: Any, since: Optional[float] = None, until: Optional[float] = None,
                   uid: Optional[int] = None) -> List[Dict[str, Any]]:
-    """CPU µs and processes per UTC day and user, from the hourly rollup (whole hours
-    overlapping the window; per host and hour the best process-level source, as
-    :func:`summary` counts)."""
+    """CPU µs and processes per UTC day and user, in the whole hours overlapping the
+    window, counted as :func:`summary` counts them: per host and hour the best
+    process-level source from the hourly rollup, and in the hours in which a source
+    missed processes each process once (:func:`window_parts`, :func:`per_process_hours`)."""
     db = adapt(db)
-    rank, rank_params = priority_sql("source", load_priorities(db))
-    host = db.host()
-    params: List[Any] = []
-    lo = None if since is None else math.floor(since / BUCKET)
-    hi = None if until is None else math.ceil(until / BUCKET)
-    where = _range_sql("bucket", lo, hi, params)
-    if uid is not None:
-        where += " AND uid = ?"
-        params.append(uid)
-    sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
-           f"FROM usage_rollup WHERE {where} GROUP BY {host}, bucket) "
-           f"SELECT bucket / 24, {host}, uid, SUM(processes), "
-           f"SUM(cpu_user_us) + SUM(cpu_system_us) FROM usage_rollup "
-           f"JOIN pick ON {host} = pick.h AND bucket = pick.b AND {rank} = pick.p "
-           f"WHERE {where} GROUP BY bucket / 24, {host}, uid ORDER BY 1, 2, 3")
-    out = []
-    for day, h, u, n, cpu in db.execute(sql, rank_params + params + rank_params + params):
-        out.append({"day": int(day) * 86400, "uid": u, "user": db.user_label(h, u)[0],
-                    "processes": int(n), "cpu_us": int(cpu)})
-    return out
+    prios = load_priorities(db)
+    lo = None if since is None else math.floor(since / BUCKET) * BUCKET
+    hi = None if until is None else math.ceil(until / BUCKET) * BUCKET
+    totals: Dict[Tuple[int, str, int], List[int]] = {}
+    for kind, plo, phi in window_parts(lo, hi, per_process_hours(db)):
+        params: List[Any] = []
+        if kind == "hours":
+            where = _range_sql("bucket", plo, phi, params)
+            if uid is not None:
+                where += " AND uid = ?"
+                params.append(uid)
+            rows = [(h, int(day), u, *sums) for h, day, u, *sums in
+                    _hours_sums(db, f"bucket / {86400 // BUCKET}, uid", where, params, prios)]
+        else:  # an hour read process by process (whole hours: no partial edges)
+            assert kind == "processes" and plo is not None and phi is not None
+            where = "TRUE"
+            if uid is not None:
+                where = f"{_RECORD_UID} = ?"
+                params.append(uid)
+            day = math.floor(plo / 86400)
+            rows = [(h, day, u, *sums) for h, u, *sums in
+                    _processes_sums(db, _RECORD_UID, where, params, prios, plo, phi)]
+        for h, day, u, n, cu, cs, *_ in rows:
+            t = totals.setdefault((day, h, u), [0, 0])
+            t[0] += int(n)
+            t[1] += int(cu) + int(cs)
+    return [{"day": day * 86400, "uid": u, "user": db.user_label(h, u)[0],
+             "processes": n, "cpu_us": cpu}
+            for (day, h, u), (n, cpu) in sorted(totals.items())]
 
 
 def usage_by_tag(db: Any, key: str, since: Optional[float] = None,
