@@ -130,3 +130,22 @@ def test_enobufs_stores_a_taskstats_gap_around_the_lost_records(elsad):
     assert all(started - 1 <= g[1] <= g[2] <= now for g in gaps()), (started, gaps(), now)
     # One gap per overflow episode, not one per read.
     assert len(found) == 1, found
+
+
+def test_a_gap_beginning_soon_after_the_previous_one_extends_it():
+    """A sustained overflow reports a gap per read: one meta row per episode."""
+    from elsa.core.accounting import GAP_MERGE_S, GapRecorder
+    from elsa.core.usage import gap_stmt
+
+    written = []
+    rec = GapRecorder(lambda sql, params: written.append(params))
+    rec.add("taskstats", 100.0, 101.0)
+    rec.add("taskstats", 100.9, 102.0)  # overlapping: the same row, later end
+    rec.add("taskstats", 102.0 + GAP_MERGE_S - 1, 200.0)  # soon after: still the same
+    rec.add("bsdacct", 150.0, 160.0)  # another source's own row
+    rec.add("taskstats", 200.0 + GAP_MERGE_S + 1, 300.0)  # long after: a new row
+    assert written == [gap_stmt("taskstats", 100.0, 101.0)[1],
+                       gap_stmt("taskstats", 100.0, 102.0)[1],
+                       gap_stmt("taskstats", 100.0, 200.0)[1],
+                       gap_stmt("bsdacct", 150.0, 160.0)[1],
+                       gap_stmt("taskstats", 200.0 + GAP_MERGE_S + 1, 300.0)[1]]
