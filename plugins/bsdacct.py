@@ -19,7 +19,10 @@ Two modes (``[sources.bsdacct] mode``):
   (do_exit writes the record before the parent's wait returns); if that
   record does not land in elsad's file, accounting was displaced. elsad then
   says so in ``status`` (``displaced``), flags the running jobs incomplete for
-  bsdacct, and never switches off or redirects accounting it no longer owns.
+  bsdacct, records a gap of bsdacct for the reports (from the last time its
+  file is known to have been written, to the next start, when elsad takes
+  accounting back; kept in ``<dir>/displaced.json`` across the restart), and
+  never switches off or redirects accounting it no longer owns.
   The file that was active before elsad took over is kept in
   ``<dir>/previous.json`` with its size at that moment, so a stop after a
   crash (``kill -9``) still restores it.
@@ -113,6 +116,11 @@ class BsdAcctSource(Source):
         self.displaced: Optional[Dict[str, object]] = None
         self._last_size = -1
         self._last_growth = 0.0
+        # Wall-clock times: the last ownership check, and when accounting was last
+        # known to write to elsad's file (where a displacement's gap begins).
+        self._checked = 0.0
+        self._ours_at = 0.0
+        self._gap_told = 0.0  # monotonic: the displaced gap's end last recorded
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, ctx: SourceContext) -> None:
@@ -147,9 +155,16 @@ class BsdAcctSource(Source):
         else:
             self.previous = self._probe(list(opts["probe_files"]))  # type: ignore[arg-type]
             self._save_previous()
+        lost = self._load_displaced()
         self.acct(current)
         self.switched_on = True
         self._last_growth = time.monotonic()
+        self._checked = self._ours_at = time.time()
+        if lost is not None:
+            # Displaced in an earlier run: the records since then went to another file
+            # until now. Forgotten once the gap is in the store.
+            self.ctx.gap(lost, self._ours_at)
+            self.ctx.when_stored(lambda: self._forget_displaced(lost))
         log.info("kernel accounting switched to our file", file=current,
                  previous=self.previous or "(off)")
 
@@ -179,6 +194,45 @@ class BsdAcctSource(Source):
             os.fsync(fh.fileno())
         os.replace(tmp, self._previous_path())
 
+    def _displaced_path(self) -> str:
+        return os.path.join(self.dir, "displaced.json")
+
+    def _load_displaced(self) -> Optional[float]:
+        """Since when accounting was not elsad's, as an earlier run found (displaced.json)."""
+        try:
+            with open(self._displaced_path()) as fh:
+                return float(json.load(fh)["from"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _forget_displaced(self, since: float) -> None:
+        if self._load_displaced() == since:  # (not a displacement of this run)
+            _unlink(self._displaced_path())
+
+    def _displace(self) -> None:
+        """Accounting is not elsad's any more: say so, and keep where the gap began
+        for the next start (which takes accounting back and ends the gap)."""
+        self.displaced = {"since": time.time(), "file": self._path(self.seq),
+                          "gap_from": round(self._ours_at, 3)}
+        self.switched_on = False  # not ours any more: never switch it off or back
+        _unlink(self._previous_path())  # nothing of ours to restore any more
+        tmp = self._displaced_path() + ".tmp"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"from": self._ours_at}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._displaced_path())
+        except OSError as exc:  # the gap is still stored up to now; only its end is short
+            log.exception("could not keep the displacement for the next start",
+                          file=self._displaced_path(), error=str(exc))
+
+    def _tell_gap(self) -> None:
+        """The displacement's gap, up to now (recorded again as it goes on)."""
+        assert self.displaced is not None
+        self._gap_told = time.monotonic()
+        self.ctx.gap(float(self.displaced["gap_from"]), time.time())  # type: ignore[arg-type]
+
     def owns_accounting(self) -> bool:
         """Whether the kernel writes to elsad's current file (one short child tells)."""
         current = self._path(self.seq)
@@ -187,24 +241,28 @@ class BsdAcctSource(Source):
     def _check_ownership(self) -> None:
         size = self._current_size()
         now = time.monotonic()
+        previous, self._checked = self._checked, time.time()
         if size != self._last_size:
             self._last_size = size
             self._last_growth = now
+            self._ours_at = previous  # a record landed since the previous check
             return
         if now - self._last_growth < self.ownership_check:
             return
         self._last_growth = now  # at most one probe per ownership_check
-        if self.owns_accounting():
+        if self.owns_accounting():  # (its child exited after this check began)
             self._last_size = self._current_size()
+            self._ours_at = self._checked
             return
         when = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.displaced = {"since": time.time(), "file": self._path(self.seq)}
-        self.switched_on = False  # not ours any more: never switch it off or back
-        _unlink(self._previous_path())  # nothing of ours to restore any more
+        # The other program took over after the last record elsad's file got: the
+        # processes that ended since are in its file, not ours.
+        self._displace()
         log.warning("kernel accounting was taken over by another acct(2) caller; elsad "
                     "leaves it alone", file=self._path(self.seq))
         self.ctx.flag_incomplete(None, f"bsdacct: kernel accounting taken over by another "
                                        f"program at {when} (accton); records missing")
+        self._tell_gap()
 
     def _path(self, seq: int) -> str:
         return os.path.join(self.dir, f"pacct.{seq}")
@@ -252,6 +310,9 @@ class BsdAcctSource(Source):
             if self.rotate_size and self._current_size() >= self.rotate_size:
                 self._rotate()
             self._check_ownership()
+        elif (self.displaced is not None
+              and time.monotonic() - self._gap_told >= self.ownership_check):
+            self._tell_gap()  # the gap goes on until elsad takes accounting back
         self._emit(self.follower.read(rows=NAME))
 
     def _current_size(self) -> int:
@@ -296,9 +357,10 @@ class BsdAcctSource(Source):
         if self.follower is None:
             return
         if self.switched_on and not self.owns_accounting():
-            self.switched_on = False
             log.warning("kernel accounting is not elsad's any more; left as it is")
-            _unlink(self._previous_path())
+            self._displace()
+        if self.displaced is not None:
+            self._tell_gap()  # up to the stop; the next start ends it (displaced.json)
         if self.switched_on:
             try:
                 self.acct(self.previous)

@@ -4,8 +4,10 @@ Registers a cpumask listener (docs/kernel.md, "taskstats") on a
 socket with a large receive buffer, folds each process's threads into one
 record (by tgid; see elsa/kernel/taskstats.py) and hands it to the aggregator.
 Records the kernel drops when the buffer overflows (ENOBUFS on the next
-recv) are counted, and every job that may have lost one (running, or with
-members that exited recently) is flagged incomplete rather than silently short.
+recv) are counted, every job that may have lost one (running, or with
+members that exited recently) is flagged incomplete rather than silently short,
+and the interval in which they were lost is recorded as a gap of the source, so
+that the reports count the processes only bsdacct saw then.
 """
 
 from __future__ import annotations
@@ -109,9 +111,13 @@ class TaskstatsSource(Source):
         if self.sock.enobufs != self._enobufs_seen:
             lost = self.sock.enobufs - self._enobufs_seen
             self._enobufs_seen = self.sock.enobufs
+            span = self.sock.take_lost()
             log.warning("taskstats records lost (receive buffer overflow)", overflows=lost,
-                        total=self.sock.enobufs)
+                        total=self.sock.enobufs, lost_from=span and round(span[0], 3),
+                        lost_to=span and round(span[1], 3))
             self.ctx.flag_incomplete(None, "taskstats records lost (ENOBUFS)")
+            if span is not None:
+                self.ctx.gap(*span)
 
     def has_poll_work(self) -> bool:
         return bool(self.folder.pending)  # threads of a process whose last one is awaited

@@ -1,6 +1,7 @@
 """The kernel's accounting file is shared state (managed bsdacct): another
-`accton FILE` is noticed and left alone, and the file active before elsad took
-over is restored on stop even after a kill -9. Switches acct(2): the suite runs
+`accton FILE` is noticed and left alone (and the time accounting was not
+elsad's stored as a gap of bsdacct for the reports), and the file active before
+elsad took over is restored on stop even after a kill -9. Switches acct(2): the suite runs
 under `flock /tmp/elsa-kacct.lock` on shared machines."""
 
 from __future__ import annotations
@@ -8,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
+import time
 
 import pytest
 
+from elsa.core.usage import load_gaps
 from elsa.testing import wait_for
 
 pytestmark = [pytest.mark.root,
@@ -68,3 +72,44 @@ def test_previous_file_is_restored_after_a_crash(elsad, tmp_path, other_file):
         assert c.status()["sources"]["bsdacct"]["previous"] == str(other_file)
     d.stop()
     assert _grows(other_file)  # restored
+
+
+def _bsdacct_gaps(d):
+    db = sqlite3.connect(f"file:{os.path.join(d.state_dir, 'elsa.db')}?mode=ro", uri=True)
+    try:
+        return [g for g in load_gaps(db) if g[0] == "bsdacct"]
+    finally:
+        db.close()
+
+
+def test_displacement_is_a_bsdacct_gap_until_elsad_takes_accounting_back(
+        elsad, tmp_path, other_file):
+    prev = tmp_path / "prev.pacct"
+    prev.touch()
+    started = time.time()
+    d = elsad(extra=EXTRA.format(p=prev))
+    displaced = os.path.join(d.state_dir, "pacct", "displaced.json")
+    with d.client() as c:
+        assert c.status()["sources"]["bsdacct"]["switched_on"]
+        taken = time.time()
+        subprocess.run(["accton", str(other_file)], check=True, capture_output=True)
+        st = wait_for(lambda: c.status()["sources"]["bsdacct"]["displaced"], 15,
+                      interval=0.2, what="the displacement noticed")
+    # From before the other program took over (the last time elsad's file is known to
+    # have been written) to at least the moment elsad noticed.
+    (gap,) = wait_for(lambda: _bsdacct_gaps(d), 10, interval=0.2, what="a bsdacct gap")
+    assert started <= gap[1] <= taken, (started, gap, taken)
+    assert gap[1] == st["gap_from"] and gap[2] >= st["since"] - 0.01, (gap, st)
+    stopping = time.time()
+    d.stop()
+    (gap,) = _bsdacct_gaps(d)
+    assert gap[2] >= stopping and os.path.exists(displaced)  # goes on while elsad is down
+    restarting = time.time()
+    d.start()  # takes accounting back: the gap ends
+    with d.client() as c:
+        st = c.status()["sources"]["bsdacct"]
+        assert st["switched_on"] and st["displaced"] is None
+    wait_for(lambda: not os.path.exists(displaced), 10, interval=0.1,
+             what="displaced.json forgotten once the gap is stored")
+    (after,) = _bsdacct_gaps(d)  # the same gap, extended to the restart
+    assert after[1] == gap[1] and restarting <= after[2] <= time.time(), (after, restarting)

@@ -1,7 +1,8 @@
 """Usage that only a lower-ranked source saw, while the best one had a gap (elsad
-down: taskstats listened to nobody), is counted once by `elsa summary` and billed
-once by `elsa bill`: the hours in which a recorded gap begins or ends are read
-process by process, each process from its best source (elsa.core.usage.best_records_sql)."""
+down: taskstats listened to nobody; taskstats records lost to ENOBUFS), is counted
+once by `elsa summary` and billed once by `elsa bill`: the hours a recorded gap
+overlaps are read process by process, each process from its best source
+(elsa.core.usage.best_records_sql)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from elsa.core.aggregator import add_to_sums
 from elsa.core.schema import migrate
 from elsa.core.usage import gap_stmt, load_gaps, save_priorities
 from elsa.report.cli import main
+from elsa.report.query import usage_per_day
 from elsa.testing import wait_for
 from tests.support import kernel_acct_lock
 
@@ -143,6 +145,55 @@ def test_bill_bills_the_gap_once(site, capsys, since, until):
     assert Decimal(item["quantities"]["cpu_user"]) == Decimal(cpu) / 1_000_000
 
 
+@pytest.mark.parametrize("uid", [None, 1000])
+def test_the_webs_usage_per_day_counts_a_gap_hour_as_the_summary_does(site, capsys, uid):
+    _cfg, path = site
+    _record_gap(path)
+    rows = _summary(capsys, path, *WINDOWS[0])
+    assert "downburn" in rows
+    db = sqlite3.connect(path)
+    try:
+        (day,) = usage_per_day(db, ts("2026-11-27T20:00:00"), ts("2026-11-27T22:00:00"), uid)
+        assert usage_per_day(db, ts("2026-11-27T20:00:00"), ts("2026-11-27T22:00:00"),
+                             4242) == []
+    finally:
+        db.close()
+    assert day["uid"] == 1000 and day["day"] == ts("2026-11-27T00:00:00")
+    assert day["processes"] == sum(r["processes"] for r in rows.values())
+    assert day["cpu_us"] == sum(r["cpu_user_us"] + r["cpu_system_us"] for r in rows.values())
+
+
+def test_an_hour_inside_a_gap_in_which_the_source_has_records_is_read_per_process(
+        site, capsys):
+    """A gap that spans whole hours in which its source still has records (an overflow
+    while the read was late: part of the records lost): those hours are read process by
+    process too, not only the hours the gap begins or ends in."""
+    _cfg, path = site
+    db = sqlite3.connect(path, isolation_level=None)
+    _proc(db, "bsdacct", 500, "inner", ts("2026-11-27T21:30:00"), 700_000)
+    db.execute(*gap_stmt("taskstats", GAP[0], ts("2026-11-27T22:00:30")))
+    db.close()
+    rows = _summary(capsys, path, "2026-11-27T20:00Z", "2026-11-27T23:00Z")
+    assert rows["inner"]["processes"] == 1
+    assert rows["after"]["processes"] == 3  # each once, taskstats' figure
+    assert rows["after"]["cpu_user_us"] == 3_000_000
+    assert rows["downburn"]["processes"] == 1
+
+
+def test_a_record_up_to_a_second_before_a_gap_in_the_previous_hour_counts(site, capsys):
+    """pacct's end time is up to 1 s early (whole-second btime): the record of a process
+    that exited just after a gap began, at an hour's start, may end in the hour before."""
+    _cfg, path = site
+    db = sqlite3.connect(path, isolation_level=None)
+    _proc(db, "bsdacct", 600, "edge", ts("2026-11-27T20:59:59") + 0.6, 500_000)
+    db.execute(*gap_stmt("taskstats", ts("2026-11-27T21:00:00") + 0.5,
+                         ts("2026-11-27T21:00:10")))
+    db.close()
+    rows = _summary(capsys, path, "2026-11-27T20:00Z", "2026-11-27T22:00Z")
+    assert rows["edge"]["processes"] == 1
+    assert rows["cmd0"]["processes"] == 1 and rows["cmd0"]["cpu_user_us"] == 1_234_567
+
+
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
 
 
@@ -202,3 +253,60 @@ def test_downtime_usage_from_an_imported_pacct_is_reported_and_billed(elsad, tmp
         assert (Decimal(billed["root"]["charges"]["cpu_user"])
                 == (Decimal(users["root"]["cpu_user_us"]) / 1_000_000).quantize(
                     Decimal("0.01")))
+
+
+LOSSY = ('burst_hold = 0\n'
+         # A tiny taskstats buffer read once a second: a burst of exits overflows it.
+         '[sources.taskstats]\nrcvbuf = 4096\nread_interval = 1.0\n'
+         '[sources.bsdacct]\nmode = "managed"\ninterval = 0.2\nprobe_files = []\n')
+
+FORKS = """
+import os, sys
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.root
+def test_processes_taskstats_lost_to_enobufs_are_counted_from_bsdacct(elsad, tmp_path,
+                                                                      capsys):
+    """The hour of a real overflow: taskstats holds some of a fork burst's processes,
+    bsdacct (managed, the kernel's pacct file) all of them. The summary counts each
+    once: every one that only bsdacct saw too."""
+    burner = tmp_path / "lostburst"  # a command name nothing else on the machine has
+    shutil.copy(sys.executable, burner)
+    with kernel_acct_lock():
+        started = time.time()  # before the listener registers: no gap begins earlier
+        d = elsad(extra=LOSSY)
+        subprocess.run([str(burner), "-S", "-c", FORKS, "1000"], check=True)
+        wait_for(lambda: d.call("status")["sources"]["taskstats"]["lost_enobufs"] > 0, 30,
+                 interval=0.2, what="taskstats ENOBUFS")
+        d.stop()  # every record read and stored, accounting switched back off
+    path = os.path.join(d.state_dir, "elsa.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert [g for g in load_gaps(db) if g[0] == "taskstats" and g[1] >= started], \
+            load_gaps(db)
+        # The store's first start recorded taskstats' gap "before it first ran on this
+        # store" (from 0), which ends in this hour: out, so that only the overflow's
+        # gap makes the hour one read process by process.
+        db.execute("DELETE FROM meta WHERE key LIKE 'gap:0.0:%'")
+    finally:
+        db.close()
+    since = repr(math.floor(started / 3600) * 3600.0)
+    until = repr(time.time() + 1)
+    window = ["--since", since, "--until", until]
+
+    def lostburst(*source):
+        assert main(["summary", "--by", "command", "--json", "--db", path, *window,
+                     *source]) == 0
+        rows = {r["command"]: r for r in json.loads(capsys.readouterr().out)}
+        return rows["lostburst"]["processes"]
+
+    seen = {src: lostburst("--source", src) for src in ("taskstats", "bsdacct")}
+    assert seen["bsdacct"] == 1001, seen  # the burst's parent and its 1000 children
+    assert seen["taskstats"] < seen["bsdacct"], seen  # the overflow cost taskstats some
+    assert lostburst() == seen["bsdacct"], seen

@@ -1,6 +1,8 @@
 """Forced ENOBUFS on the taskstats socket: the jobs that may have lost records
 are flagged incomplete (running jobs and those with members that just exited),
-and the records that were read are still stored."""
+the records that were read are still stored, and the interval in which records
+were lost is stored as a gap of taskstats for the reports (tests/test_gap_usage.py
+has a summary counting what only bsdacct saw in it)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
 from elsa.core.model import parse_jid
+from elsa.core.usage import load_gaps
+from elsa.kernel.taskstats_socket import TaskstatsSocket
 from elsa.testing import wait_for
 
 pytestmark = pytest.mark.root
@@ -74,3 +79,73 @@ def test_enobufs_flags_running_and_just_ended_jobs(elsad, spawned):
     log = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
     assert not [e for e in log if e.get("level") == "error"], [e["event"] for e in log
                                                                 if e.get("level") == "error"]
+
+
+def _burst(n: int) -> None:
+    subprocess.run([sys.executable, "-S", "-c", BURST, str(n)], input=b"go\n", check=True)
+
+
+def test_the_lost_span_runs_from_the_last_emptying_to_the_read_that_saw_the_loss():
+    sock = TaskstatsSocket(rcvbuf=4096)
+    sock.register()
+    try:
+        drain_start = time.time()
+        sock.receive_rows("taskstats", set(), {})  # empties the socket
+        sock.take_lost()  # (anything another process's exits overflowed meanwhile)
+        emptied = time.time()
+        _burst(400)
+        burst_done = time.time()
+        sock.receive_rows("taskstats", set(), {})
+        read_done = time.time()
+        assert sock.enobufs > 0
+        span = sock.take_lost()
+        assert span is not None
+        # Clocks read in different calls: a few ms of slack.
+        assert drain_start - 0.01 <= span[0] <= emptied + 0.01, (drain_start, span, emptied)
+        assert burst_done - 0.01 <= span[1] <= read_done + 0.01, (burst_done, span, read_done)
+        assert sock.take_lost() is None
+    finally:
+        sock.close()
+
+
+def test_enobufs_stores_a_taskstats_gap_around_the_lost_records(elsad):
+    started = time.time()  # before the listener registers: no gap can begin earlier
+    d = elsad(extra=EXTRA)
+    burst_start = time.time()
+    _burst(400)
+    burst_done = time.time()
+    wait_for(lambda: d.call("status")["sources"]["taskstats"]["lost_enobufs"] > 0, 30,
+             interval=0.2, what="taskstats ENOBUFS")
+
+    def gaps():
+        db = sqlite3.connect(f"file:{os.path.join(d.state_dir, 'elsa.db')}?mode=ro", uri=True)
+        try:
+            return [g for g in load_gaps(db) if g[0] == "taskstats" and g[1] > 0]
+        finally:
+            db.close()
+
+    found = wait_for(lambda: [g for g in gaps() if g[1] <= burst_done and g[2] >= burst_start],
+                     15, interval=0.2, what="a taskstats gap over the burst")
+    now = time.time()
+    assert all(started - 1 <= g[1] <= g[2] <= now for g in gaps()), (started, gaps(), now)
+    # One gap per overflow episode, not one per read.
+    assert len(found) == 1, found
+
+
+def test_a_gap_beginning_soon_after_the_previous_one_extends_it():
+    """A sustained overflow reports a gap per read: one meta row per episode."""
+    from elsa.core.accounting import GAP_MERGE_S, GapRecorder
+    from elsa.core.usage import gap_stmt
+
+    written = []
+    rec = GapRecorder(lambda sql, params: written.append(params))
+    rec.add("taskstats", 100.0, 101.0)
+    rec.add("taskstats", 100.9, 102.0)  # overlapping: the same row, later end
+    rec.add("taskstats", 102.0 + GAP_MERGE_S - 1, 200.0)  # soon after: still the same
+    rec.add("bsdacct", 150.0, 160.0)  # another source's own row
+    rec.add("taskstats", 200.0 + GAP_MERGE_S + 1, 300.0)  # long after: a new row
+    assert written == [gap_stmt("taskstats", 100.0, 101.0)[1],
+                       gap_stmt("taskstats", 100.0, 102.0)[1],
+                       gap_stmt("taskstats", 100.0, 200.0)[1],
+                       gap_stmt("bsdacct", 150.0, 160.0)[1],
+                       gap_stmt("taskstats", 200.0 + GAP_MERGE_S + 1, 300.0)[1]]

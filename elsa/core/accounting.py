@@ -104,6 +104,28 @@ class Durability:
         self.marked.clear()
 
 
+#: A source's gap that begins at most this many seconds after its previous one ended
+#: extends that one: a sustained overflow (a gap per read) keeps one meta row, and
+#: a gap too wide costs only the per-process reading of its hours (elsa.core.usage).
+GAP_MERGE_S = 60.0
+
+
+class GapRecorder:
+    """Stores the gaps the running sources report (SourceContext.gap) through the
+    store's writer thread: the event thread never waits on SQLite."""
+
+    def __init__(self, submit: Callable[..., None]) -> None:
+        self.submit = submit
+        self.last: Dict[str, Tuple[float, float]] = {}  # source -> its latest gap
+
+    def add(self, source: str, start: float, end: float) -> None:
+        prev = self.last.get(source)
+        if prev is not None and start <= prev[1] + GAP_MERGE_S and end >= prev[0]:
+            start, end = min(start, prev[0]), max(end, prev[1])
+        self.last[source] = (start, end)
+        self.submit(*gap_stmt(source, start, end))
+
+
 class AccountingStop:
     """Listed last among the daemon's sources so that the daemon's stop loop,
     which stops every source before closing the store, flushes the aggregator
@@ -166,6 +188,7 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                             history_horizon=history_horizon,
                             folder=Folder.from_section(cfg.section("thresholds")))
     durability = Durability(store, aggregator.hold_seconds)
+    gap_recorder = GapRecorder(store.submit)
     started: Dict[str, Any] = {}
     failed: Dict[str, str] = {}
     guards: Dict[str, List[Guard]] = {}
@@ -190,6 +213,8 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                                 state_dir=cfg.state_dir, emit=aggregator.add,
                                 emit_rows=aggregator.add_rows,
                                 jobs=lambda: manager.running(), flag_incomplete=flag,
+                                gap=lambda start, end, _name=name: gap_recorder.add(
+                                    _name, start, end),
                                 when_stored=durability.defer,
                                 extra={"boot_id": manager.boot_id})
             src.start(ctx)
@@ -332,7 +357,7 @@ def downtime_gaps(store: Store, manager: JobManager, specs: Mapping[str, SourceS
 def record_gaps(store: Store, gaps: Sequence[Dict[str, Any]], started: Sequence[str],
                 specs: Mapping[str, SourceSpec], now: float) -> None:
     """Once the sources listen (*now*): store each gap for the reports
-    (elsa.core.usage: the hours a gap begins or ends are counted process by process),
+    (elsa.core.usage: the hours a gap overlaps are counted process by process),
     and which sources that cannot cover a downtime now listen."""
     for gap in gaps:
         store.submit(*gap_stmt(gap["source"], gap["from"], max(now, gap["to"])))

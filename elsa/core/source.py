@@ -35,6 +35,12 @@ class SourceContext:
     # every job that may have lost records (running, or with members that
     # exited recently).
     flag_incomplete: Callable[[Optional[int], str], None] = lambda jid, why: None
+    # Record for the reports that this source missed records from *start* to *end*
+    # (epoch seconds; e.g. records lost to ENOBUFS), so that the processes only
+    # other sources saw then are counted (elsa.core.usage, "its gaps"). Returns at
+    # once: the store's writer thread writes it. A gap that begins before the
+    # source's previous one ended (or shortly after) extends that one.
+    gap: Callable[[float, float], None] = lambda start, end: None
     # Run a callback once every record emitted so far is committed to the
     # store (a file follower persists its offset then: a restart neither loses
     # nor doubles records). The default runs it at once (no store).

@@ -258,14 +258,16 @@ def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
 
 
 # -- where a source missed processes: its gaps --------------------------------------------
-# A source that cannot cover elsad's downtime (SourceSpec.covers_downtime False: taskstats)
-# has no record of a process that ended while it was not listening, and another source may
-# have one (bsdacct, elsa import-acct). Summaries and bills count one source per hour, the
-# best present, so in an hour where that source missed an interval the processes only the
-# others saw would be dropped. elsad therefore records each such interval (meta key
-# gap:<from>:<source>, value: to), and the reports read the hours in which a gap begins or
-# ends process by process (best_records_sql); within a gap the source has no records at all, so
-# there the best source present is a complete one.
+# A source may miss processes over an interval: taskstats while elsad was down (its records
+# are not queued without a listener, SourceSpec.covers_downtime False) or when its socket
+# overflowed (ENOBUFS), bsdacct while another program had taken kernel accounting over.
+# Another source may have records of those processes (bsdacct, elsa import-acct). Summaries
+# and bills count one source per hour, the best present, so in an hour where that source
+# missed some processes the ones only the others saw would be dropped. elsad therefore
+# records each such interval (meta key gap:<from>:<source>, value: to), and the reports read
+# the hours a gap overlaps process by process (best_records_sql) where the gapped source has
+# records and another source too. In an hour where it has none (inside a downtime) the best
+# source present is a complete one: that hour is read from the rollup as any other.
 
 GAP_PREFIX = "gap:"
 GAPS_SQL = "SELECT key, value FROM meta WHERE key LIKE ?"  # GAP_PREFIX%
@@ -274,9 +276,9 @@ Gap = Tuple[str, float, float]
 
 
 def gap_stmt(source: str, start: float, end: float) -> Tuple[str, Tuple[str, str]]:
-    """The statement recording that *source* had no records from *start* to *end*
+    """The statement recording that *source* missed records from *start* to *end*
     (start 0: before it first ran on this store). A later gap of the same source
-    and start (the source still not running) replaces it."""
+    and start (the source still not running, a gap extended) replaces it."""
     return SET_META, (f"{GAP_PREFIX}{round(start, 3)!r}:{source}", repr(round(end, 3)))
 
 
@@ -296,15 +298,20 @@ def load_gaps(db: Any) -> List[Gap]:
     return out
 
 
-def gap_hours(gaps: Iterable[Gap], bucket: int) -> List[int]:
-    """The hour buckets in which a gap begins or ends: those in which a source has
-    records for part of the hour only. Inside a gap it has none."""
-    hours = set()
-    for _src, start, end in gaps:
-        if start > 0:
-            hours.add(int(start // bucket))
-        hours.add(int(end // bucket))
-    return sorted(hours)
+def gap_buckets(gaps: Iterable[Gap], bucket: int) -> List[Tuple[str, int, int]]:
+    """Per gap: (source, first, last) hour bucket it overlaps. Widened by
+    ACCT_TOLERANCE_S on both sides: a record's end time is off by up to 1 s (pacct's
+    btime is whole seconds), so the record of a process the gapped source missed
+    may fall just outside the gap. A gap from 0 (before the source first ran on
+    the store, when it has no records) gives its last hour only."""
+    from elsa.core.attribution import ACCT_TOLERANCE_S
+
+    out = []
+    for src, start, end in gaps:
+        last = int((end + ACCT_TOLERANCE_S) // bucket)
+        first = int((start - ACCT_TOLERANCE_S) // bucket) if start > 0 else last
+        out.append((src, min(first, last), last))
+    return out
 
 
 def best_records_sql(ranked: Sequence[str], columns: str, lo: float, hi: float,

@@ -122,6 +122,9 @@ class TaskstatsSocket:
         self.seq = 0
         self.cpumask: Optional[str] = None
         self.enobufs = 0
+        #: (from, to), epoch seconds: when the records counted in ``enobufs`` since the
+        #: last :meth:`take_lost` were lost (see :meth:`_lost`); None: nothing lost.
+        self.lost: Optional[Tuple[float, float]] = None
         self._emptied_at = 0  # CLOCK_BOOTTIME ns: see _datagrams
         self._batch = mmsg.open_reader(self.sock, MMSG_SLOTS, MMSG_SLOT)
 
@@ -158,6 +161,24 @@ class TaskstatsSocket:
                 pass  # closing the socket deregisters too
             self.cpumask = None
 
+    def take_lost(self) -> Optional[Tuple[float, float]]:
+        """When the records lost since the last call were lost (epoch seconds), or None."""
+        span, self.lost = self.lost, None
+        return span
+
+    def _lost(self, until_boot_ns: int, real_offset_ns: int) -> None:
+        """Note that records were lost after the socket was last emptied and before
+        *until_boot_ns*. The kernel drops a record only while the queue is full, or
+        congested since a drop (netlink_attachskb; the flag is cleared when a read
+        empties the queue, netlink_rcv_wake), and reports the drop on the next read:
+        nothing queued before the socket was last emptied was lost, and every drop
+        before a read that found the queue empty was reported by then."""
+        lo = (self._emptied_at + real_offset_ns) / 1e9
+        hi = (until_boot_ns + real_offset_ns) / 1e9
+        if self.lost is not None:
+            lo, hi = min(lo, self.lost[0]), max(hi, self.lost[1])
+        self.lost = (lo, hi)
+
     def _recv(self) -> Optional[bytes]:
         """One datagram, or None when the kernel dropped records (ENOBUFS:
         counted, not raised; the caller flags affected jobs). BlockingIOError
@@ -169,6 +190,8 @@ class TaskstatsSocket:
         except OSError as exc:
             if exc.errno == errno.ENOBUFS:
                 self.enobufs += 1
+                now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+                self._lost(now, time.time_ns() - now)
                 return None
             raise from_oserror(exc, "read taskstats", "TASKSTATS") from exc
 
@@ -232,15 +255,19 @@ class TaskstatsSocket:
         after = self._emptied_at
         before = clock(boottime)  # taken before each read
         real_offset = time.time_ns() - before
+        lost = self.enobufs
         while True:
             try:
                 n = read()
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     self.enobufs += 1
+                    self._lost(clock(boottime), real_offset)
                     continue
                 raise from_oserror(exc, "read taskstats", "TASKSTATS") from exc
             if not n:
+                if self.enobufs != lost:  # drops go on until the queue is empty
+                    self._lost(clock(boottime), real_offset)
                 # Whatever was queued before *before* has been read: what the
                 # next call reads was queued after it.
                 self._emptied_at = before
@@ -250,6 +277,7 @@ class TaskstatsSocket:
                 for i in range(n):
                     if batch.truncated(i):
                         self.enobufs += 1
+                        self._lost(now, real_offset)
                         lens[i] = 0
             yield buf, lens, slot, n, now, real_offset, after
             before = now

@@ -11,8 +11,9 @@ needs only sqlite3 and the aggregator's "best" rule.
   both enabled). Per hour, only the best process-level source present is
   counted (the source specs' priorities, elsa.core.usage), so nothing is
   counted twice; pick one explicitly with ``source``. In an hour in which a
-  source has a gap (elsad was down), each process is counted from its best
-  source's record instead (:func:`window_parts`).
+  source missed processes (a gap: elsad was down, records lost to ENOBUFS,
+  accounting taken over), each process is counted from its best source's record
+  instead (:func:`window_parts`).
 * Per-job figures come from ``job_usage`` (one row per job and source) with
   the best figure per metric, by the same priorities.
 * One copy of each query serves a node's SQLite store and the site's central
@@ -37,7 +38,7 @@ from elsa.core.usage import (
     best,
     best_records_sql,
     fallbacks,
-    gap_hours,
+    gap_buckets,
     load_gaps,
     load_priorities,
     not_below_records,
@@ -92,8 +93,8 @@ def window_parts(since: Optional[float], until: Optional[float],
       hourly rollup, the best source present per hour;
     * ``("records", lo, hi)``: a partial hour at the window's edge, from the records,
       the best source present in it;
-    * ``("processes", lo, hi)``: (part of) an hour of *per_process_hours* (a source has
-      a gap there: elsa.core.usage.gap_hours), from the records, each process once
+    * ``("processes", lo, hi)``: (part of) an hour of *per_process_hours* (a source
+      missed processes there: :func:`per_process_hours`), from the records, each process once
       (its best source's record: :func:`best_records`).
 
     Summaries and bills (elsa.billing.bill) read a window through the same parts."""
@@ -129,19 +130,24 @@ _SUMMARY_COLS = ("uid, comm, cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb,
                  "read_bytes, write_bytes, minflt, majflt")
 
 
+#: The hours in [?, ?] in which source ? has records and another source too: a gap's hours
+#: that are read process by process (elsa.core.usage, "its gaps").
+GAP_HOURS_SQL = ("SELECT bucket FROM usage_rollup WHERE bucket >= ? AND bucket <= ? "
+                 "GROUP BY bucket HAVING COUNT(DISTINCT source) > 1 "
+                 "AND MAX(CASE WHEN source = ? THEN 1 ELSE 0 END) = 1")
+
+
 def per_process_hours(db: Any) -> List[int]:
-    """The hours a report reads process by process: those in which a source's gap
-    begins or ends (elsa.core.usage.gap_hours) and more than one source has records
-    (with one, there is nothing to choose between)."""
+    """The hours a report reads process by process: those a source's gap overlaps
+    (elsa.core.usage.gap_buckets) in which that source has records, so it missed part
+    of the hour's processes, and another source has records too (with one, there is
+    nothing to choose between). In an hour where the gapped source has none, the best
+    source present is a complete one."""
     db = adapt(db)
-    hours = gap_hours(load_gaps(db), BUCKET)
-    out: List[int] = []
-    for i in range(0, len(hours), 500):
-        chunk = hours[i:i + 500]
-        out += [int(r[0]) for r in db.execute(
-            f"SELECT bucket FROM usage_rollup WHERE bucket IN ({', '.join('?' * len(chunk))}) "
-            "GROUP BY bucket HAVING COUNT(DISTINCT source) > 1", chunk)]
-    return out
+    hours = set()
+    for src, first, last in gap_buckets(load_gaps(db), BUCKET):
+        hours.update(int(r[0]) for r in db.execute(GAP_HOURS_SQL, (first, last, src)))
+    return sorted(hours)
 
 
 def best_records(db: Any, prios: Dict[str, int], columns: str, lo: float, hi: float
@@ -155,6 +161,44 @@ def best_records(db: Any, prios: Dict[str, int], columns: str, lo: float, hi: fl
     ranked = rank_sources({r[0] for r in near} | set(prios), prios)
     host = db.host() if db.central else ""
     return best_records_sql(ranked, columns + (f", {host}" if host else ""), lo, hi, host)
+
+
+#: A part's sums, the columns :func:`summary` merges, from the rollup and from records.
+_ROLLUP_SUMS = ("SUM(processes), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
+                "MAX(max_rss_kb), SUM(mem_kb_sum), SUM(read_bytes), SUM(write_bytes), "
+                "SUM(minflt), SUM(majflt)")
+#: As the rollup sums records (elsa.core.aggregator): NULL where no record has the figure.
+_RECORD_SUMS = ("COUNT(*), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
+                "MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb)), SUM(read_bytes), "
+                "SUM(write_bytes), SUM(minflt), SUM(majflt)")
+#: A record's user as the rollup files it (a record without one under -1).
+_RECORD_UID = "COALESCE(uid, -1)"
+
+
+def _hours_sums(db: Db, group: str, where: str, params: List[Any], prios: Dict[str, int]
+                ) -> List[Sequence[Any]]:
+    """(host, *group*, sums...) of the rollup's rows matching *where* (with *params*),
+    per host and hour only those of the best process-level source present."""
+    rank, rank_params = priority_sql("source", prios)
+    host = db.host()
+    sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
+           f"FROM usage_rollup WHERE {where} GROUP BY {host}, bucket) "
+           f"SELECT {host}, {group}, {_ROLLUP_SUMS} "
+           f"FROM usage_rollup JOIN pick ON {host} = pick.h AND bucket = pick.b "
+           f"AND {rank} = pick.p WHERE {where} GROUP BY {host}, {group}")
+    return db.execute(sql, rank_params + params + rank_params + params).fetchall()
+
+
+def _processes_sums(db: Db, group: str, where: str, params: List[Any],
+                    prios: Dict[str, int], lo: float, hi: float) -> List[Sequence[Any]]:
+    """(host, *group*, sums...) of the records ending in [lo, hi) matching *where*, each
+    process once, from its best source's record (:func:`best_records`): an hour of
+    :func:`per_process_hours`."""
+    table, table_params = best_records(db, prios, _SUMMARY_COLS, lo, hi)
+    host = db.host()
+    sql = (f"SELECT {host}, {group}, {_RECORD_SUMS} FROM {table} AS p "
+           f"WHERE {where} GROUP BY {host}, {group}")
+    return db.execute(sql, table_params + params).fetchall()
 
 
 def summary(db: Any, by: str, since: Optional[float] = None,
@@ -188,33 +232,19 @@ def summary(db: Any, by: str, since: Optional[float] = None,
                 continue
             _add(t, n, cu, cs, el, rss, mem, rb, wb, mi, ma)
 
-    ukey = "COALESCE(uid, -1)" if key == "uid" else "comm"
-    # As the rollup sums them (elsa.core.aggregator): NULL where no record has the figure.
-    record_sums = ("COUNT(*), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
-                   "MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb)), SUM(read_bytes), "
-                   "SUM(write_bytes), SUM(minflt), SUM(majflt)")
+    ukey = _RECORD_UID if key == "uid" else "comm"
     for kind, lo, hi in parts:
         params: List[Any] = []
         if kind == "hours":
             where = _range_sql("bucket", lo, hi, params) + _host_sql(db, hosts, params)
             if source:
                 params.append(source)
-            # Per host and hour, only the best process-level source present counts.
-            sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
-                   f"FROM usage_rollup WHERE {where}{src_sql} GROUP BY {host}, bucket) "
-                   f"SELECT {host}, {key}, SUM(processes), SUM(cpu_user_us), "
-                   f"SUM(cpu_system_us), SUM(elapsed_us), MAX(max_rss_kb), SUM(mem_kb_sum), "
-                   f"SUM(read_bytes), SUM(write_bytes), SUM(minflt), SUM(majflt) "
-                   f"FROM usage_rollup JOIN pick ON {host} = pick.h AND bucket = pick.b "
-                   f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY {host}, {key}")
-            merge(db.execute(sql, rank_params + params + rank_params + params).fetchall())
+            merge(_hours_sums(db, key, where + src_sql, params, prios))
             continue
         if kind == "processes":  # never with one source picked (parts above)
-            table, table_params = best_records(db, prios, _SUMMARY_COLS, lo, hi)
+            assert lo is not None and hi is not None  # (part of) one hour
             where = "TRUE" + _host_sql(db, hosts, params)
-            sql = (f"SELECT {host}, {ukey}, {record_sums} FROM {table} AS p "
-                   f"WHERE {where} GROUP BY {host}, {ukey}")
-            merge(db.execute(sql, table_params + params).fetchall())
+            merge(_processes_sums(db, ukey, where, params, prios, lo, hi))
             continue
         where = _range_sql("end_time", lo, hi, params) + _host_sql(db, hosts, params)
         if source:
@@ -223,7 +253,7 @@ def summary(db: Any, by: str, since: Optional[float] = None,
         sql = (f"WITH pick AS (SELECT {host} AS h, {hour} AS b, "
                f"MIN({rank}) AS p FROM proc_usage WHERE {where}{src_sql} "
                f"GROUP BY {host}, {hour}) "
-               f"SELECT {host}, {ukey}, {record_sums} "
+               f"SELECT {host}, {ukey}, {_RECORD_SUMS} "
                f"FROM proc_usage JOIN pick ON {host} = pick.h AND {hour} = pick.b "
                f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY {host}, {ukey}")
         merge(db.execute(sql, rank_params + params + rank_params + params).fetchall())
@@ -626,32 +656,52 @@ def jobs_page(db: Any, *, owner_uid: Optional[int] = None, name: Optional[str] =
 
 def usage_per_day(db: Any, since: Optional[float] = None, until: Optional[float] = None,
                   uid: Optional[int] = None) -> List[Dict[str, Any]]:
-    """CPU µs and processes per UTC day and user, from the hourly rollup (whole hours
-    overlapping the window; per host and hour the best process-level source, as
-    :func:`summary` counts). ``cpu_us`` is None where no record measured CPU time."""
+    """CPU µs and processes per UTC day and user, in the whole hours overlapping the
+    window, counted as :func:`summary` counts them: per host and hour the best
+    process-level source from the hourly rollup, and in the hours in which a source
+    missed processes each process once (:func:`window_parts`, :func:`per_process_hours`)."""
     db = adapt(db)
-    rank, rank_params = priority_sql("source", load_priorities(db))
-    host = db.host()
-    params: List[Any] = []
-    lo = None if since is None else math.floor(since / BUCKET)
-    hi = None if until is None else math.ceil(until / BUCKET)
-    where = _range_sql("bucket", lo, hi, params)
-    if uid is not None:
-        where += " AND uid = ?"
-        params.append(uid)
-    sql = (f"WITH pick AS (SELECT {host} AS h, bucket AS b, MIN({rank}) AS p "
-           f"FROM usage_rollup WHERE {where} GROUP BY {host}, bucket) "
-           f"SELECT bucket / 24, {host}, uid, SUM(processes), "
-           # NULL only where no record measured CPU time (docs/accounting.md)
-           f"COALESCE(SUM(cpu_user_us) + SUM(cpu_system_us), SUM(cpu_user_us), "
-           f"SUM(cpu_system_us)) FROM usage_rollup "
-           f"JOIN pick ON {host} = pick.h AND bucket = pick.b AND {rank} = pick.p "
-           f"WHERE {where} GROUP BY bucket / 24, {host}, uid ORDER BY 1, 2, 3")
-    out = []
-    for day, h, u, n, cpu in db.execute(sql, rank_params + params + rank_params + params):
-        out.append({"day": int(day) * 86400, "uid": u, "user": db.user_label(h, u)[0],
-                    "processes": int(n), "cpu_us": None if cpu is None else int(cpu)})
-    return out
+    prios = load_priorities(db)
+    lo = None if since is None else math.floor(since / BUCKET) * BUCKET
+    hi = None if until is None else math.ceil(until / BUCKET) * BUCKET
+    totals: Dict[Tuple[int, str, int], List[Any]] = {}
+    for kind, plo, phi in window_parts(lo, hi, per_process_hours(db)):
+        params: List[Any] = []
+        if kind == "hours":
+            where = _range_sql("bucket", plo, phi, params)
+            if uid is not None:
+                where += " AND uid = ?"
+                params.append(uid)
+            rows = [(h, int(day), u, *sums) for h, day, u, *sums in
+                    _hours_sums(db, f"bucket / {86400 // BUCKET}, uid", where, params, prios)]
+        else:  # an hour read process by process (whole hours: no partial edges)
+            assert kind == "processes" and plo is not None and phi is not None
+            where = "TRUE"
+            if uid is not None:
+                where = f"{_RECORD_UID} = ?"
+                params.append(uid)
+            day = math.floor(plo / 86400)
+            rows = [(h, day, u, *sums) for h, u, *sums in
+                    _processes_sums(db, _RECORD_UID, where, params, prios, plo, phi)]
+        for h, day, u, n, cu, cs, *_ in rows:
+            t = totals.setdefault((day, h, u), [0, None])
+            t[0] += int(n)
+            t[1] = plus(t[1], plus(cu, cs))  # None: no record measured CPU time
+    # One row per day and user: the central store maps the uids of several hosts (or
+    # several uids) to one site user; ``uid`` only where one.
+    out: Dict[Tuple[int, str], Dict[str, Any]] = {}
+    for (day, h, u), (n, cpu) in sorted(totals.items()):
+        user = db.user_label(h, u)[0]
+        got = out.get((day, user))
+        if got is None:
+            out[(day, user)] = {"day": day * 86400, "uid": u, "user": user, "processes": n,
+                                "cpu_us": None if cpu is None else int(cpu)}
+            continue
+        got["processes"] += n
+        got["cpu_us"] = plus(got["cpu_us"], None if cpu is None else int(cpu))
+        if got["uid"] != u:
+            got["uid"] = None
+    return list(out.values())
 
 
 def usage_by_tag(db: Any, key: str, since: Optional[float] = None,
