@@ -195,12 +195,15 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path, capsy
     local = {r["uid"]: r["processes"] for r in query.summary(open_db(st.path), "user")}
     assert users["alice"]["processes"] == local[1000] + local[1001]
     # The web's CPU-per-day chart: one row per day for the site user, not one per uid
-    # (the chart kept the last row of a user's day).
+    # (the chart kept the last row of a user's day); uid only where the day had one.
     central = open_db(pg.admin_url.replace("/postgres?", "/umap?"))
     days = [r for r in query.usage_per_day(central) if r["user"] == "alice"]
     assert len({r["day"] for r in days}) == len(days)
     assert sum(r["processes"] for r in days) == local[1000] + local[1001]
-    assert all(r["uid"] is None for r in days)
+    node = query.usage_per_day(open_db(st.path))
+    for r in days:
+        uids = {n["uid"] for n in node if n["day"] == r["day"] and n["uid"] in (1000, 1001)}
+        assert r["uid"] == (uids.pop() if len(uids) == 1 else None), (r, uids)
     with admin(pg, "umap") as c:
         # Unmapped: the name the node had for the uid (its bare number when none).
         (name,) = c.execute("SELECT name FROM host_users WHERE host = 'm1' AND uid = 1002"

@@ -52,10 +52,10 @@ KILL = "cgroup.kill"
 FREEZE = "cgroup.freeze"
 CONTROLLERS = "cgroup.controllers"
 SUBTREE_CONTROL = "cgroup.subtree_control"
-#: The CPU and memory limits of a cgroup (cgroup-v2.rst): ``cpu.max`` is "QUOTA PERIOD"
-#: in microseconds, the group's processes together may run QUOTA per PERIOD
-#: ("max": no quota); ``memory.max`` is bytes ("max": none), rounded down to a
-#: page by the kernel. They exist where the cpu / memory controller is enabled.
+#: The CPU and memory limits of a cgroup (docs/kernel.md, "cgroup v2"): ``cpu.max``
+#: is "QUOTA PERIOD" in microseconds, the group's processes together may run QUOTA
+#: per PERIOD ("max": no quota); ``memory.max`` is bytes ("max": none), rounded down
+#: to a page by the kernel. They exist where the cpu / memory controller is enabled.
 CPU_MAX = "cpu.max"
 MEMORY_MAX = "memory.max"
 #: The period ELSA writes: the kernel's default (100 ms).
