@@ -478,11 +478,17 @@ def _jobmng_run(d: DaemonProc, *args: str) -> subprocess.CompletedProcess:
 
 
 def _eff_json(d: DaemonProc, jid: str, capsys) -> dict:
+    """`elsa eff --json` of the ended job once its process records are in (the
+    taskstats record of its last process follows the job's end)."""
     from elsa.report.cli import main
 
-    capsys.readouterr()
-    assert main(["eff", jid, "--db", os.path.join(d.state_dir, "elsa.db"), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    def measured() -> dict:
+        capsys.readouterr()
+        assert main(["eff", jid, "--db", os.path.join(d.state_dir, "elsa.db"), "--json"]) == 0
+        e = json.loads(capsys.readouterr().out)
+        return e if e["max_rss_kb"] is not None else {}
+
+    return wait_for(measured, 15, interval=0.1, what="the job's peak memory measured")
 
 
 def _ended(d: DaemonProc, jid: str) -> dict:
