@@ -26,6 +26,14 @@ Two modes (``[sources.bsdacct] mode``):
   The file that was active before elsad took over is kept in
   ``<dir>/previous.json`` with its size at that moment, so a stop after a
   crash (``kill -9``) still restores it.
+
+  While elsad is stopped the kernel writes to the file a clean stop handed
+  accounting back to (after a crash it writes to elsad's own, read at the next
+  start). That stop keeps where the file then ended in ``<dir>/handback.json``,
+  and the next start, once accounting is elsad's again, reads the file from there
+  to its end: the processes that ended while elsad was stopped. Where that file
+  cannot be read (accounting was off before elsad, or the file was rotated away
+  and compressed), bsdacct missed that time and records it as its gap.
 * ``external``: another tool (psacct/acct's service, atop) owns accounting;
   elsad follows ``file`` (default ``/var/log/account/pacct``) through its
   rotations and never calls acct(2).
@@ -158,6 +166,7 @@ class BsdAcctSource(Source):
         lost = self._load_displaced()
         self.acct(current)
         self.switched_on = True
+        self._take_back()  # nothing more goes to the handed-back file from here
         self._last_growth = time.monotonic()
         self._checked = self._ours_at = time.time()
         if lost is not None:
@@ -187,12 +196,65 @@ class BsdAcctSource(Source):
                 size = os.stat(self.previous).st_size
             except OSError:
                 pass
-        tmp = self._previous_path() + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"file": self.previous, "size": size, "taken": time.time()}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._previous_path())
+        _write_json(self._previous_path(),
+                    {"file": self.previous, "size": size, "taken": time.time()})
+
+    def _handback_path(self) -> str:
+        return os.path.join(self.dir, "handback.json")
+
+    def _handback(self) -> Dict[str, object]:
+        """Where the file accounting is handed back to ends now, before the switch (the
+        kernel appends there from the switch on), in :class:`PacctFollower`'s position
+        format, and when."""
+        data: Dict[str, object] = {"file": self.previous, "at": time.time()}
+        if self.previous:
+            try:
+                st = os.stat(self.previous)
+            except OSError:
+                return data
+            data.update(path=self.previous, dev=st.st_dev, inode=st.st_ino,
+                        offset=st.st_size)
+        return data
+
+    def _take_back(self) -> None:
+        """The records of the processes that ended while elsad was stopped, from the
+        file a clean stop handed accounting back to (handback.json); a gap of bsdacct
+        over that time where they cannot be read. Forgotten once stored."""
+        path = self._handback_path()
+        try:
+            with open(path) as fh:
+                handed = json.load(fh)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            handed = {}
+        rows = None
+        if isinstance(handed, dict) and handed.get("file"):
+            # The follower finds the file by its inode (also rotated beside its path)
+            # and starts at the offset it had at the handback; nothing found: -1.
+            follower = PacctFollower(str(handed["file"]), path)
+            if follower.position()["inode"] != -1:
+                try:
+                    rows = follower.read(final=True, rows=NAME)
+                except AccountingFormatError as exc:
+                    log.error("records of the downtime not read", file=handed["file"],
+                              error=exc.message)
+                for p in follower.problems[:5]:
+                    log.warning("corrupt accounting data skipped", error=p.message)
+                self.problems += len(follower.problems)
+        at = handed.get("at") if isinstance(handed, dict) else None
+        if rows is None:
+            if isinstance(at, (int, float)):
+                self.ctx.gap(float(at), time.time())
+            log.warning("bsdacct missed the processes that ended while elsad was stopped "
+                        "(accounting was handed back to a file it cannot read, or off)",
+                        file=handed.get("file") if isinstance(handed, dict) else None)
+        elif rows:
+            self.records += len(rows)
+            self.ctx.emit_rows(NAME, rows)
+            log.info("records of the downtime read from the handed-back file",
+                     file=handed["file"], records=len(rows))
+        self.ctx.when_stored(lambda: _unlink(path))
 
     def _displaced_path(self) -> str:
         return os.path.join(self.dir, "displaced.json")
@@ -216,13 +278,8 @@ class BsdAcctSource(Source):
                           "gap_from": round(self._ours_at, 3)}
         self.switched_on = False  # not ours any more: never switch it off or back
         _unlink(self._previous_path())  # nothing of ours to restore any more
-        tmp = self._displaced_path() + ".tmp"
         try:
-            with open(tmp, "w") as fh:
-                json.dump({"from": self._ours_at}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._displaced_path())
+            _write_json(self._displaced_path(), {"from": self._ours_at})
         except OSError as exc:  # the gap is still stored up to now; only its end is short
             log.exception("could not keep the displacement for the next start",
                           file=self._displaced_path(), error=str(exc))
@@ -362,12 +419,20 @@ class BsdAcctSource(Source):
         if self.displaced is not None:
             self._tell_gap()  # up to the stop; the next start ends it (displaced.json)
         if self.switched_on:
+            handback = self._handback()
             try:
                 self.acct(self.previous)
                 log.info("kernel accounting restored", file=self.previous or "(off)")
-                _unlink(self._previous_path())
             except Exception as exc:
                 log.exception("could not restore kernel accounting", error=str(exc))
+            else:
+                try:
+                    _write_json(self._handback_path(), handback)
+                except OSError as exc:
+                    log.error("could not keep where the restored accounting file ends: the "
+                              "next start cannot read the records of the downtime",
+                              file=self._handback_path(), error=str(exc))
+                _unlink(self._previous_path())  # restored: nothing to restore after a crash
             self.switched_on = False
         try:
             self._emit(self.follower.read(final=False, rows=NAME))
@@ -382,6 +447,16 @@ class BsdAcctSource(Source):
                 "last_problem": self.last_problem, "rotations": self.rotations,
                 "switched_on": self.switched_on, "previous": self.previous,
                 "displaced": self.displaced}
+
+
+def _write_json(path: str, data: Dict[str, object]) -> None:
+    """Write *data* to *path* atomically and durably (a crash leaves the old or the new)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _unlink(path: str) -> None:

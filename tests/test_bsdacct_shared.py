@@ -113,3 +113,59 @@ def test_displacement_is_a_bsdacct_gap_until_elsad_takes_accounting_back(
              what="displaced.json forgotten once the gap is stored")
     (after,) = _bsdacct_gaps(d)  # the same gap, extended to the restart
     assert after[1] == gap[1] and restarting <= after[2] <= time.time(), (after, restarting)
+
+
+def _program(tmp_path, name: str) -> str:
+    """A copy of true(1) whose records carry *name* as their command."""
+    exe = tmp_path / name
+    shutil.copy(shutil.which("true") or "/bin/true", exe)
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def _bsdacct_records(d, comm: str) -> int:
+    db = sqlite3.connect(f"file:{os.path.join(d.state_dir, 'elsa.db')}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM proc_usage WHERE source = 'bsdacct' "
+                          "AND comm = ?", (comm,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_the_processes_that_end_after_a_clean_stop_are_read_at_the_next_start(
+        elsad, tmp_path, other_file):
+    # other_file plays psacct's file, active before elsad: a clean stop hands accounting
+    # back to it, and the kernel writes the downtime's records there, not in elsad's file.
+    subprocess.run(["accton", str(other_file)], check=True, capture_output=True)
+    subprocess.run([_program(tmp_path, "elsa-before")], check=True)
+    d = elsad(extra=EXTRA.format(p=other_file))
+    d.stop()
+    handback = os.path.join(d.state_dir, "pacct", "handback.json")
+    assert os.path.exists(handback)
+    down = _program(tmp_path, "elsa-down")
+    for _ in range(3):
+        subprocess.run([down], check=True)
+    d.start()
+    wait_for(lambda: _bsdacct_records(d, "elsa-down") == 3, 15, interval=0.2,
+             what="the records of the downtime read from the handed-back file")
+    wait_for(lambda: not os.path.exists(handback), 10, interval=0.1,
+             what="handback.json forgotten once its records are stored")
+    assert _bsdacct_records(d, "elsa-before") == 0  # written before elsad took over
+    assert not _bsdacct_gaps(d)  # bsdacct covered the downtime
+    d.stop()
+
+
+def test_a_clean_stop_that_switches_accounting_off_is_a_bsdacct_gap(
+        elsad, tmp_path, other_file):
+    subprocess.run(["accton", "off"], check=True, capture_output=True)
+    prev = tmp_path / "prev.pacct"
+    prev.touch()  # a probe file, not active: elsad's stop switches accounting off
+    d = elsad(extra=EXTRA.format(p=prev))
+    stopping = time.time()
+    d.stop()
+    restarting = time.time()
+    d.start()
+    (gap,) = wait_for(lambda: _bsdacct_gaps(d), 10, interval=0.2,
+                      what="a bsdacct gap over the time accounting was off")
+    assert stopping <= gap[1] <= restarting <= gap[2] <= time.time(), (gap, stopping)
+    d.stop()
