@@ -397,16 +397,17 @@ def test_json_keys_match_cli(site: Site) -> None:
 
 
 def _eff_json(site: Site, jid: str) -> Dict[str, Any]:
-    assert site.daemon is not None
-    out = subprocess.run([sys.executable, "-m", "elsa.report.cli", "eff", jid, "--json",
-                          "--state-dir", site.daemon.state_dir], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return _report_json(site, "eff", jid)
 
 
 def daemon_job(site: Site, jid: str) -> Dict[str, Any]:
+    return _report_json(site, "job", jid)
+
+
+def _report_json(site: Site, *argv: str) -> Dict[str, Any]:
+    """`elsa ARGV... --json` on the site's store."""
     assert site.daemon is not None
-    out = subprocess.run([sys.executable, "-m", "elsa.report.cli", "job", jid, "--json",
+    out = subprocess.run([sys.executable, "-m", "elsa.report.cli", *argv, "--json",
                           "--state-dir", site.daemon.state_dir], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
