@@ -181,12 +181,7 @@ class BsdAcctSource(Source):
         return os.path.join(self.dir, "previous.json")
 
     def _load_previous(self) -> Optional[Dict[str, object]]:
-        try:
-            with open(self._previous_path()) as fh:
-                data = json.load(fh)
-            return data if isinstance(data, dict) else None
-        except (OSError, ValueError):
-            return None
+        return _read_json(self._previous_path())
 
     def _save_previous(self) -> None:
         """Persist the file active before elsad took over, with its size then."""
@@ -221,15 +216,11 @@ class BsdAcctSource(Source):
         file a clean stop handed accounting back to (handback.json); a gap of bsdacct
         over that time where they cannot be read. Forgotten once stored."""
         path = self._handback_path()
-        try:
-            with open(path) as fh:
-                handed = json.load(fh)
-        except FileNotFoundError:
+        if not os.path.exists(path):
             return
-        except (OSError, ValueError):
-            handed = {}
+        handed = _read_json(path) or {}  # unreadable: nothing known of the downtime
         rows = None
-        if isinstance(handed, dict) and handed.get("file"):
+        if handed.get("file"):
             # The follower finds the file by its inode (also rotated beside its path)
             # and starts at the offset it had at the handback; nothing found: -1.
             follower = PacctFollower(str(handed["file"]), path)
@@ -239,16 +230,14 @@ class BsdAcctSource(Source):
                 except AccountingFormatError as exc:
                     log.error("records of the downtime not read", file=handed["file"],
                               error=exc.message)
-                for p in follower.problems[:5]:
-                    log.warning("corrupt accounting data skipped", error=p.message)
-                self.problems += len(follower.problems)
-        at = handed.get("at") if isinstance(handed, dict) else None
+                self._take_problems(follower)
+        at = handed.get("at")
         if rows is None:
             if isinstance(at, (int, float)):
                 self.ctx.gap(float(at), time.time())
             log.warning("bsdacct missed the processes that ended while elsad was stopped "
                         "(accounting was handed back to a file it cannot read, or off)",
-                        file=handed.get("file") if isinstance(handed, dict) else None)
+                        file=handed.get("file"))
         elif rows:
             self.records += len(rows)
             self.ctx.emit_rows(NAME, rows)
@@ -392,17 +381,21 @@ class BsdAcctSource(Source):
         self.ctx.when_stored(lambda: [_unlink(p) for p in doomed])
         log.info("accounting file rotated", new=new, seq=self.seq)
 
-    def _emit(self, rows: List[UsageRow]) -> None:
-        """Hand usage rows (pacct.usage_rows: no dataclass per record on this
-        path, which sees every process of the machine) to the aggregator."""
-        assert self.follower is not None
-        problems = self.follower.problems
+    def _take_problems(self, follower: PacctFollower) -> None:
+        """Count and log the corrupt data *follower* skipped since the last call."""
+        problems = follower.problems
         if problems:
             self.problems += len(problems)
             self.last_problem = problems[-1].message
             for p in problems[:5]:
                 log.warning("corrupt accounting data skipped", error=p.message)
-            self.follower.problems = []
+            follower.problems = []
+
+    def _emit(self, rows: List[UsageRow]) -> None:
+        """Hand usage rows (pacct.usage_rows: no dataclass per record on this
+        path, which sees every process of the machine) to the aggregator."""
+        assert self.follower is not None
+        self._take_problems(self.follower)
         pos = self.follower.position()
         if rows:
             self.records += len(rows)
@@ -447,6 +440,16 @@ class BsdAcctSource(Source):
                 "last_problem": self.last_problem, "rotations": self.rotations,
                 "switched_on": self.switched_on, "previous": self.previous,
                 "displaced": self.displaced}
+
+
+def _read_json(path: str) -> Optional[Dict[str, object]]:
+    """The JSON object in *path*; None when it is absent, unreadable or not an object."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _write_json(path: str, data: Dict[str, object]) -> None:
