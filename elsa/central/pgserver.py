@@ -3,7 +3,8 @@
 ``initdb`` and ``pg_ctl`` run as an unprivileged user (``nobody`` when we are
 root: PostgreSQL refuses to run as root) in a temporary directory, listening
 on a socket directory and a loopback port; :meth:`PgServer.destroy` stops it
-and removes everything. The system's own cluster is never used.
+and removes everything. The system's own cluster is never used. A benchmark may
+keep a cluster it filled for its next run (``root``; :meth:`PgServer.stop` only).
 """
 
 from __future__ import annotations
@@ -41,13 +42,19 @@ class PgServer:
 
     SUPERUSER = "elsa_admin"
 
-    def __init__(self, base: Optional[str] = None) -> None:
+    def __init__(self, base: Optional[str] = None, root: Optional[str] = None) -> None:
+        """A cluster in a new temporary directory under *base*, or in *root* (made
+        if missing), where a cluster :meth:`initialized` earlier is used again."""
         bindir = pg_bindir()
         if bindir is None:
             raise ElsaError("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin; "
                             "install Debian's 'postgresql' package (scripts/setup-tests does)")
         self.bindir = bindir
-        self.root = tempfile.mkdtemp(prefix="elsa-pg-", dir=base)
+        if root is None:
+            self.root = tempfile.mkdtemp(prefix="elsa-pg-", dir=base)
+        else:
+            self.root = root
+            os.makedirs(root, exist_ok=True)
         os.chmod(self.root, 0o755)
         self.data = os.path.join(self.root, "data")
         self.sockdir = os.path.join(self.root, "sock")
@@ -82,6 +89,10 @@ class PgServer:
                             f"; server log: {self.log}")
         return r
 
+    def initialized(self) -> bool:
+        """Whether the data directory holds a cluster (initdb ran)."""
+        return os.path.exists(os.path.join(self.data, "PG_VERSION"))
+
     def init(self) -> PgServer:
         self._run(["initdb", "-D", self.data, "-U", self.SUPERUSER, "--auth-local=trust",
                    "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync"])
@@ -96,7 +107,11 @@ class PgServer:
         return self
 
     def start(self) -> PgServer:
-        self._run(["pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "start"])
+        if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+            self.stop("immediate")  # a kept cluster whose last user was killed
+        # The port on the command line: a kept cluster's configured one may be taken.
+        self._run(["pg_ctl", "-D", self.data, "-l", self.log, "-o", f"-p {self.port}", "-w",
+                   "-t", "60", "start"])
         return self
 
     def stop(self, mode: str = "fast") -> None:
