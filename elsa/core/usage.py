@@ -299,18 +299,28 @@ def load_gaps(db: Any) -> List[Gap]:
 
 
 def gap_buckets(gaps: Iterable[Gap], bucket: int) -> List[Tuple[str, int, int]]:
-    """Per gap: (source, first, last) hour bucket it overlaps. Widened by
+    """The hour buckets the *gaps* overlap: (source, first, last) ranges, those of a
+    source that overlap or touch merged into one (a store gathers a gap per restart
+    and per overflow episode, and a report queries each range: 10,000 gaps within 8
+    hours took 1.2 s a report when queried one by one). Each gap is widened by
     ACCT_TOLERANCE_S on both sides: a record's end time is off by up to 1 s (pacct's
     btime is whole seconds), so the record of a process the gapped source missed
     may fall just outside the gap. A gap from 0 (before the source first ran on
     the store, when it has no records) gives its last hour only."""
     from elsa.core.attribution import ACCT_TOLERANCE_S
 
-    out = []
+    ranges = []
     for src, start, end in gaps:
         last = int((end + ACCT_TOLERANCE_S) // bucket)
         first = int((start - ACCT_TOLERANCE_S) // bucket) if start > 0 else last
-        out.append((src, min(first, last), last))
+        ranges.append((src, min(first, last), last))
+    out: List[Tuple[str, int, int]] = []
+    for src, first, last in sorted(ranges):
+        if out and out[-1][0] == src and first <= out[-1][2] + 1:
+            if last > out[-1][2]:
+                out[-1] = (src, out[-1][1], last)
+        else:
+            out.append((src, first, last))
     return out
 
 
