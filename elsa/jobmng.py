@@ -499,9 +499,13 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
         f"{k} (failed: {v['error']})" if isinstance(v, dict) and v.get("error") else k
         for k, v in sorted(srcs.items())) or "none: no accounting source runs, jobs get no usage"))
     for gap in (st.get("sources") or {}).get("gaps", []):
-        lines.append(f"gap        {gap['why']}; jobs flagged incomplete: "
-                     f"{', '.join(gap['jobs'][:5])}"
-                     + (f" (+{len(gap['jobs']) - 5} more)" if len(gap["jobs"]) > 5 else ""))
+        line = f"gap        {gap['why']}"
+        # A source's loss while elsad runs lists no jobs (it flags them itself, `elsa job`).
+        jobs = gap.get("jobs") or []
+        if jobs:
+            line += (f"; jobs flagged incomplete: {', '.join(jobs[:5])}"
+                     + (f" (+{len(jobs) - 5} more)" if len(jobs) > 5 else ""))
+        lines.append(line)
     cost = st.get("cost") or {}
     if cost.get("seconds"):
         per = cost.get("cpu_us_per_process")

@@ -67,6 +67,8 @@ log = structlog.get_logger("elsa.source.bsdacct")
 
 NAME = "bsdacct"
 DEFAULT_EXTERNAL = "/var/log/account/pacct"
+#: What a displacement's gap lost its records to ("bsdacct records lost to ...": status).
+TAKEOVER = "another program's takeover of kernel accounting (accton; {})"
 
 
 
@@ -163,17 +165,18 @@ class BsdAcctSource(Source):
         else:
             self.previous = self._probe(list(opts["probe_files"]))  # type: ignore[arg-type]
             self._save_previous()
-        lost = self._load_displaced()
+        displaced_from = self._load_displaced()
         self.acct(current)
         self.switched_on = True
         self._take_back()  # nothing more goes to the handed-back file from here
         self._last_growth = time.monotonic()
         self._checked = self._ours_at = time.time()
-        if lost is not None:
+        if displaced_from is not None:
             # Displaced in an earlier run: the records since then went to another file
             # until now. Forgotten once the gap is in the store.
-            self.ctx.gap(lost, self._ours_at)
-            self.ctx.when_stored(lambda: self._forget_displaced(lost))
+            self.ctx.gap(displaced_from, self._ours_at,
+                         lost=TAKEOVER.format("taken back at this start"))
+            self.ctx.when_stored(lambda: self._forget_displaced(displaced_from))
         log.info("kernel accounting switched to our file", file=current,
                  previous=self.previous or "(off)")
 
@@ -234,7 +237,9 @@ class BsdAcctSource(Source):
         at = handed.get("at")
         if rows is None:
             if isinstance(at, (int, float)):
-                self.ctx.gap(float(at), time.time())
+                self.ctx.gap(float(at), time.time(),
+                             lost="elsad's downtime (its stop handed kernel accounting back to "
+                                  "a file it cannot read, or switched it off)")
             log.warning("bsdacct missed the processes that ended while elsad was stopped "
                         "(accounting was handed back to a file it cannot read, or off)",
                         file=handed.get("file"))
@@ -277,7 +282,8 @@ class BsdAcctSource(Source):
         """The displacement's gap, up to now (recorded again as it goes on)."""
         assert self.displaced is not None
         self._gap_told = time.monotonic()
-        self.ctx.gap(float(self.displaced["gap_from"]), time.time())  # type: ignore[arg-type]
+        self.ctx.gap(float(self.displaced["gap_from"]), time.time(),  # type: ignore[arg-type]
+                     lost=TAKEOVER.format("elsad takes it back at its next start"))
 
     def owns_accounting(self) -> bool:
         """Whether the kernel writes to elsad's current file (one short child tells)."""

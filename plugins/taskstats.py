@@ -117,7 +117,7 @@ class TaskstatsSource(Source):
                         lost_to=span and round(span[1], 3))
             self.ctx.flag_incomplete(None, "taskstats records lost (ENOBUFS)")
             if span is not None:
-                self.ctx.gap(*span)
+                self.ctx.gap(*span, lost="a socket overflow (ENOBUFS)")
 
     def has_poll_work(self) -> bool:
         return bool(self.folder.pending)  # threads of a process whose last one is awaited

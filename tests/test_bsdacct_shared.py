@@ -84,6 +84,10 @@ def _bsdacct_gaps(d):
         db.close()
 
 
+def _status_gaps(d):
+    return [g for g in d.call("status")["sources"].get("gaps", []) if g["source"] == "bsdacct"]
+
+
 def test_displacement_is_a_bsdacct_gap_until_elsad_takes_accounting_back(
         elsad, tmp_path, other_file):
     prev = tmp_path / "prev.pacct"
@@ -102,6 +106,18 @@ def test_displacement_is_a_bsdacct_gap_until_elsad_takes_accounting_back(
     (gap,) = wait_for(lambda: _bsdacct_gaps(d), 10, interval=0.2, what="a bsdacct gap")
     assert started - MS <= gap[1] <= taken + MS, (started, gap, taken)
     assert gap[1] == st["gap_from"] and gap[2] >= st["since"] - 0.01, (gap, st)
+    # status shows the gap the reports read, with what bsdacct lost its records to.
+    (shown,) = _status_gaps(d)
+    assert shown["from"] == gap[1] and shown["to"] >= gap[2] and shown["jobs"] == [], shown
+    assert shown["why"].startswith("bsdacct records lost to another program's takeover of "
+                                   "kernel accounting (accton; elsad takes it back at its "
+                                   "next start) from "), shown
+    text = subprocess.run(["elsa-jobmng", "--socket", d.socket, "status"],
+                          capture_output=True, text=True, check=True).stdout
+    (line,) = [t for t in text.splitlines() if t.startswith("gap ")]
+    assert line.startswith("gap        bsdacct records lost to another program's takeover "
+                           "of kernel accounting"), text
+    assert "flagged" not in line, line  # the gap itself names no jobs
     stopping = time.time()
     d.stop()
     (gap,) = _bsdacct_gaps(d)
@@ -116,6 +132,9 @@ def test_displacement_is_a_bsdacct_gap_until_elsad_takes_accounting_back(
     (after,) = _bsdacct_gaps(d)  # the same gap, extended to the restart
     assert after[1] == gap[1] and restarting - MS <= after[2] <= time.time() + MS, (
         after, restarting)
+    (shown,) = _status_gaps(d)  # told by the start that took accounting back
+    assert (shown["from"], shown["to"]) == after[1:] and "taken back at this start" in shown[
+        "why"], (shown, after)
 
 
 def _program(tmp_path, name: str) -> str:
@@ -172,4 +191,8 @@ def test_a_clean_stop_that_switches_accounting_off_is_a_bsdacct_gap(
                       what="a bsdacct gap over the time accounting was off")
     assert stopping - MS <= gap[1] <= restarting + MS <= gap[2] + 2 * MS, (gap, stopping)
     assert gap[2] <= time.time() + MS
+    (shown,) = _status_gaps(d)
+    assert (shown["from"], shown["to"]) == gap[1:] and shown["why"].startswith(
+        "bsdacct records lost to elsad's downtime (its stop handed kernel accounting back "
+        "to a file it cannot read, or switched it off) from "), shown
     d.stop()

@@ -130,6 +130,19 @@ def test_enobufs_stores_a_taskstats_gap_around_the_lost_records(elsad):
     assert all(started - 1 <= g[1] <= g[2] <= now + 0.001 for g in gaps()), (started, gaps(), now)
     # One gap per overflow episode, not one per read.
     assert len(found) == 1, found
+    # status tells the admin too (what reports read differently), from memory.
+    shown = [g for g in d.call("status")["sources"].get("gaps", [])
+             if g["source"] == "taskstats" and g["from"] <= burst_done and g["to"] >= burst_start]
+    assert len(shown) == 1, d.call("status")["sources"]
+    assert shown[0]["from"] == found[0][1] and shown[0]["to"] >= found[0][2], (shown, found)
+    assert shown[0]["jobs"] == [] and shown[0]["why"].startswith(
+        "taskstats records lost to a socket overflow (ENOBUFS) from "), shown
+    text = subprocess.run(["elsa-jobmng", "--socket", d.socket, "status"],
+                          capture_output=True, text=True, check=True).stdout
+    (line,) = [t for t in text.splitlines() if "ENOBUFS" in t]
+    assert line.startswith("gap        taskstats records lost to a socket overflow (ENOBUFS) "
+                           "from "), text
+    assert "flagged" not in line, line  # the gap itself names no jobs
 
 
 def test_a_gap_beginning_soon_after_the_previous_one_extends_it():
@@ -149,3 +162,30 @@ def test_a_gap_beginning_soon_after_the_previous_one_extends_it():
                        gap_stmt("taskstats", 100.0, 200.0)[1],
                        gap_stmt("bsdacct", 150.0, 160.0)[1],
                        gap_stmt("taskstats", 200.0 + GAP_MERGE_S + 1, 300.0)[1]]
+    # status lists the merged gaps, oldest first, in the downtime gaps' shape.
+    assert [(g["source"], g["from"], g["to"], g["jobs"]) for g in rec.status()] == [
+        ("taskstats", 100.0, 200.0, []), ("bsdacct", 150.0, 160.0, []),
+        ("taskstats", 200.0 + GAP_MERGE_S + 1, 300.0, [])]
+    assert rec.status()[1]["why"].startswith("bsdacct records lost from "), rec.status()
+
+
+def test_status_keeps_the_latest_gaps_of_each_source_with_what_they_were_lost_to():
+    """A long run with many overflow episodes: status keeps a few per source, not all."""
+    from elsa.core.accounting import GAP_CAUSES_KEEP, GAP_MERGE_S, GAP_STATUS_KEEP, GapRecorder
+
+    rec = GapRecorder(lambda sql, params: None)
+    rec.add("bsdacct", 10.0, 20.0, "a takeover")
+    step = 10 * GAP_MERGE_S
+    for i in range(1000):
+        rec.add("taskstats", 1000.0 + i * step, 1001.0 + i * step, "a socket overflow (ENOBUFS)")
+    shown = rec.status()
+    assert [g["from"] for g in shown if g["source"] == "taskstats"] == [
+        1000.0 + i * step for i in range(1000 - GAP_STATUS_KEEP, 1000)]
+    (bsd,) = [g for g in shown if g["source"] == "bsdacct"]  # not pushed out by taskstats
+    assert bsd["why"].startswith("bsdacct records lost to a takeover from "), bsd
+    # Told again and again as it goes on, with more causes than it keeps: one gap.
+    for i in range(100):
+        rec.add("bsdacct", 10.0, 21.0 + i, f"cause {i % 5}")
+    (bsd,) = [g for g in rec.status() if g["source"] == "bsdacct"]
+    assert bsd["to"] == 120.0 and bsd["why"].count(" to ") == GAP_CAUSES_KEEP + 1, bsd
+    assert "a takeover and to cause 0 and to cause 1 from" in bsd["why"], bsd

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import json
 import time
+from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -110,20 +111,67 @@ class Durability:
 GAP_MERGE_S = 60.0
 
 
+#: The gaps per source that ``status`` lists, the latest (merged as stored): a long run
+#: with many overflow episodes keeps this many of each source in memory, not all.
+GAP_STATUS_KEEP = 4
+#: The distinct causes a merged gap names at most (a source's causes are a few phrases).
+GAP_CAUSES_KEEP = 3
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def gap_entry(source: str, start: float, end: float, why: str,
+              jobs: Sequence[str] = ()) -> Dict[str, Any]:
+    """A gap as ``status`` lists it (``sources.gaps``), whatever its kind: a downtime
+    found at start (*jobs*: the running jobs flagged incomplete for it) or a loss a
+    running source told (GapRecorder; its jobs are flagged as the source says)."""
+    return {"source": source, "from": round(start, 3), "to": round(end, 3),
+            "jobs": list(jobs), "why": why}
+
+
+@dataclass
+class RunningGap:
+    """A gap a running source told, as merged so far, with what its records were lost to."""
+
+    start: float
+    end: float
+    lost: List[str]
+
+    def why(self, source: str) -> str:
+        to = f" to {' and to '.join(self.lost)}" if self.lost else ""
+        return f"{source} records lost{to} from {_clock(self.start)} to {_clock(self.end)}"
+
+
 class GapRecorder:
     """Stores the gaps the running sources report (SourceContext.gap) through the
-    store's writer thread: the event thread never waits on SQLite."""
+    store's writer thread: the event thread never waits on SQLite. Keeps each
+    source's latest ones for ``status`` (memory, not the store: the event thread
+    answers it)."""
 
     def __init__(self, submit: Callable[..., None]) -> None:
         self.submit = submit
-        self.last: Dict[str, Tuple[float, float]] = {}  # source -> its latest gap
+        self.recent: Dict[str, Deque[RunningGap]] = {}  # source -> its latest gaps
 
-    def add(self, source: str, start: float, end: float) -> None:
-        prev = self.last.get(source)
-        if prev is not None and start <= prev[1] + GAP_MERGE_S and end >= prev[0]:
-            start, end = min(start, prev[0]), max(end, prev[1])
-        self.last[source] = (start, end)
-        self.submit(*gap_stmt(source, start, end))
+    def add(self, source: str, start: float, end: float, lost: str = "") -> None:
+        recent = self.recent.setdefault(source, collections.deque(maxlen=GAP_STATUS_KEEP))
+        prev = recent[-1] if recent else None
+        if prev is not None and start <= prev.end + GAP_MERGE_S and end >= prev.start:
+            prev.start, prev.end = min(start, prev.start), max(end, prev.end)
+            if lost and lost not in prev.lost and len(prev.lost) < GAP_CAUSES_KEEP:
+                prev.lost.append(lost)
+            gap = prev
+        else:
+            gap = RunningGap(start, end, [lost] if lost else [])
+            recent.append(gap)
+        self.submit(*gap_stmt(source, gap.start, gap.end))
+
+    def status(self) -> List[Dict[str, Any]]:
+        """The latest gaps of each source, oldest first."""
+        gaps = [(g.start, source, g) for source, kept in self.recent.items() for g in kept]
+        return [gap_entry(source, g.start, g.end, g.why(source))
+                for _, source, g in sorted(gaps, key=lambda x: (x[0], x[1]))]
 
 
 class AccountingStop:
@@ -213,8 +261,8 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                                 state_dir=cfg.state_dir, emit=aggregator.add,
                                 emit_rows=aggregator.add_rows,
                                 jobs=lambda: manager.running(), flag_incomplete=flag,
-                                gap=lambda start, end, _name=name: gap_recorder.add(
-                                    _name, start, end),
+                                gap=lambda start, end, lost="", _name=name: (
+                                    gap_recorder.add(_name, start, end, lost)),
                                 when_stored=durability.defer,
                                 extra={"boot_id": manager.boot_id})
             src.start(ctx)
@@ -272,12 +320,14 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
         for name, why in failed.items():
             out[name] = {"error": why}
         out["aggregator"] = aggregator.status()
-        if gaps:
-            out["gaps"] = gaps
+        # The downtime found at start, then what the sources lost since (bounded).
+        all_gaps = gaps + gap_recorder.status()
+        if all_gaps:
+            out["gaps"] = all_gaps
         return out
 
     record_gaps(store, gaps, list(started), specs, time.time())
-    gaps = [g for g in gaps if g["jobs"]]  # status shows the gaps that flagged jobs
+    gaps = [g for g in gaps if g["jobs"]]  # status shows the downtimes that flagged jobs
     for gap in gaps:
         aggregator.flag_incomplete([parse_jid(j) for j in gap["jobs"]], gap["source"],
                                    gap["why"])
@@ -333,21 +383,20 @@ def downtime_gaps(store: Store, manager: JobManager, specs: Mapping[str, SourceS
     # Every job recovered as running ran across the downtime (or the part of
     # it after its creation).
     jobs = [format_jid(j.jid) for j in manager.running()]
-    end = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    end = _clock(now)
     out = []
     for name in names:
         if getattr(specs.get(name), "covers_downtime", False):
             continue
         since = listened.get(name, 0.0)
         if since:
-            start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+            start = _clock(since)
             why = (f"no {name} records from {start} to {end} (elsad was not running for "
                    f"{now - since:.1f} s)" if since == last else
                    f"no {name} records from {start} to {end} (the source was not running)")
         else:
             why = f"no {name} records before {end} (the source never ran on this store)"
-        out.append({"source": name, "from": round(since, 3), "to": round(now, 3),
-                    "jobs": jobs, "why": why})
+        out.append(gap_entry(name, since, now, why, jobs))
         if jobs:
             log.warning("accounting gap while the source was not running", source=name,
                         since=since, jobs=len(jobs), seconds=round(now - since, 1))

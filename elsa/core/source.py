@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Protocol
 
 from elsa.config import Option
 from elsa.core.model import Job
 from elsa.core.usage import ROW_FIELDS, UsageRecord, UsageRow, record_row, row_record
 from elsa.kernel.procfs import ProcFS
 
-__all__ = ["ROW_FIELDS", "UsageRecord", "UsageRow", "record_row", "row_record", "Source",
-           "SourceContext", "SourceSpec"]
+__all__ = ["ROW_FIELDS", "GapFn", "UsageRecord", "UsageRow", "record_row", "row_record",
+           "Source", "SourceContext", "SourceSpec"]
+
+
+class GapFn(Protocol):
+    """SourceContext.gap: *lost* completes "<source> records lost to ..." for the
+    ``status`` reply (e.g. "a socket overflow (ENOBUFS)"); empty: no cause told."""
+
+    def __call__(self, start: float, end: float, lost: str = "") -> None: ...
+
+
+def _no_gap(start: float, end: float, lost: str = "") -> None:
+    return None
 
 
 @dataclass
@@ -39,8 +50,9 @@ class SourceContext:
     # (epoch seconds; e.g. records lost to ENOBUFS), so that the processes only
     # other sources saw then are counted (elsa.core.usage, "its gaps"). Returns at
     # once: the store's writer thread writes it. A gap that begins before the
-    # source's previous one ended (or shortly after) extends that one.
-    gap: Callable[[float, float], None] = lambda start, end: None
+    # source's previous one ended (or shortly after) extends that one. ``status``
+    # shows the latest ones with *lost*, what the records were lost to (GapFn).
+    gap: GapFn = _no_gap
     # Run a callback once every record emitted so far is committed to the
     # store (a file follower persists its offset then: a restart neither loses
     # nor doubles records). The default runs it at once (no store).
