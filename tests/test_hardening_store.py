@@ -329,3 +329,51 @@ def test_corruption_met_by_a_read_marks_the_store(tmp_path):
         assert h["corrupt"] and not h["ok"] and "elsa store-salvage" in h["error"], h
     finally:
         store.close()
+
+
+def test_a_store_of_an_older_schema_is_salvaged_as_its_upgrade_reads(tmp_path):
+    """A store damaged before the upgrade that would have migrated it: its rollup rows
+    are migrated with it. Schemas 2 to 6 filed them per source priority and counted
+    figures no record measured as 0; copied as they were into the current schema they
+    sat beside their rebuilt twins (counted twice) and kept their 0s (migration 13)."""
+    import shutil
+
+    from elsa.core.schema import migrate
+    from elsa.report.salvage import salvage
+
+    old = tmp_path / "old.db"
+    db = sqlite3.connect(str(old), isolation_level=None)
+    migrate(db, str(old), target=6)  # its per-row triggers fill the rollups
+    db.execute("INSERT INTO jobs(jid, name, owner_uid, tags, created, state, backend, params) "
+               "VALUES (1, 'j', 1000, '{}', 0, 'ended', 'cnproc', '{}')")
+    for i in range(40):
+        end = 1_800_000_000.0 + 60 * i
+        db.execute("INSERT INTO proc_usage(source, jid, pid, start_time, end_time, uid, comm, "
+                   "cpu_user_us, read_bytes) VALUES ('taskstats', 1, ?, ?, ?, 1000, 'c', "
+                   "1000, 4096)", (100 + i, end - 1, end))
+        db.execute("INSERT INTO proc_usage(source, jid, pid, start_time, end_time, uid, comm, "
+                   "cpu_user_us) VALUES ('bsdacct', 1, ?, ?, ?, 1000, 'c', 1000)",
+                   (100 + i, end - 1, end - 0.5))
+    db.close()
+    upgraded, salvaged = tmp_path / "upgraded.db", tmp_path / "salvaged.db"
+    shutil.copy(old, upgraded)
+    shutil.copy(old, salvaged)
+    db = sqlite3.connect(str(upgraded), isolation_level=None)
+    migrate(db, str(upgraded))
+    want = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4").fetchall()
+            for t in ("usage_rollup", "job_usage")}
+    db.close()
+    salvage(str(salvaged))
+    db = sqlite3.connect(str(salvaged))
+    try:
+        got = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4").fetchall()
+               for t in ("usage_rollup", "job_usage")}
+        assert got == want
+        by_source = dict(db.execute("SELECT source, SUM(processes) FROM usage_rollup "
+                                    "GROUP BY source").fetchall())
+        assert by_source == {"bsdacct": 40, "taskstats": 40}
+        # pacct has no I/O bytes: unknown, not 0.
+        assert db.execute("SELECT DISTINCT read_bytes FROM usage_rollup WHERE source = "
+                          "'bsdacct'").fetchall() == [(None,)]
+    finally:
+        db.close()

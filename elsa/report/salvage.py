@@ -4,12 +4,20 @@ SQLite reports a damaged page (SQLITE_CORRUPT, "database disk image is
 malformed") only when a query touches it, so the copy walks each table in
 rowid order and, where a read fails, searches for the first rowid past the
 damaged range (doubling the step, then bisecting back), so the rows after it
-are kept. The per-process usage rows that survived are summed into the
-rollups (``usage_rollup``, ``job_usage``; folded rows through their
-triggers) as the store's writer sums its batches; rollup rows that
-are still readable then replace the rebuilt ones, since a rollup may hold
-records whose ``proc_usage`` rows were on a damaged page. The damaged file is
-kept beside the new one (``elsa.db.damaged-<time>``).
+are kept.
+
+The readable rows are copied into a new store of the damaged one's schema, its
+triggers off (a copy, not new records), which is then migrated as the store
+would have been: an older store's rollup rows change with the schema (store
+migration 13 merges the rows schemas 2 to 6 filed per source priority, and
+turns the 0s no record measured into NULL), so copying them into the current
+schema would count them beside their rebuilt twins, or bring the 0s back.
+Then the rollups (``usage_rollup``, ``job_usage``) are summed anew from the
+per-process and folded rows that survived, as the store's writer sums its
+batches, and the rollup rows that were readable replace the rebuilt ones,
+since a rollup may hold records whose ``proc_usage`` rows were on a damaged
+page or pruned. The damaged file is kept beside the new one
+(``elsa.db.damaged-<time>``).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from elsa.core import jobid
 from elsa.core import store as store_mod
 from elsa.core.aggregator import add_to_sums
-from elsa.core.schema import migrate
+from elsa.core.schema import MIGRATIONS, migrate
 from elsa.errors import StoreError
 from elsa.report.connect import readonly_uri
 
@@ -121,19 +129,29 @@ def salvage(path: str) -> Dict[str, Any]:
     try:
         src = sqlite3.connect(readonly_uri(path), uri=True)
         src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        (version,) = src.execute("PRAGMA user_version").fetchone()
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"store {path}: its schema is unreadable ({exc}); nothing can be "
                          "salvaged from it: move it away and start with an empty store") from exc
+    if version > len(MIGRATIONS):
+        src.close()
+        raise StoreError(f"store {path} has schema version {version} but this ELSA knows "
+                         f"only up to {len(MIGRATIONS)}: salvage it with the ELSA that wrote it")
     old = os.umask(0o077)
     try:
         dst = sqlite3.connect(new, isolation_level=None)
     finally:
         os.umask(old)
     dst.execute("PRAGMA journal_mode=WAL")
-    migrate(dst, new)
+    # The damaged store's own schema first (0: not a store ELSA made; the current one).
+    migrate(dst, new, target=version or None)
     counts: Dict[str, int] = {}
     lost: List[str] = []
     dst.execute("BEGIN")
+    triggers = dst.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"
+                           ).fetchall()
+    for name, _sql in triggers:
+        dst.execute(f"DROP TRIGGER {name}")
     schema = [r[0] for r in dst.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
         "ORDER BY rootpage")]
@@ -149,9 +167,7 @@ def salvage(path: str) -> Dict[str, Any]:
         cols = [c for c in _columns(dst, table) if c in have]
         if not cols:
             continue
-        # Rollups: what is readable wins over what was rebuilt.
-        verb = "INSERT OR REPLACE" if table in ROLLUP_TABLES else "INSERT OR IGNORE"
-        sql = (f"{verb} INTO {table}({', '.join(cols)}) "
+        sql = (f"INSERT OR IGNORE INTO {table}({', '.join(cols)}) "
                f"VALUES ({', '.join('?' * len(cols))})")
         n = 0
         if table in ROLLUP_TABLES or not _has_rowid(src, table):
@@ -169,9 +185,12 @@ def salvage(path: str) -> Dict[str, Any]:
                 dst.execute(sql, row)
                 n += 1
         counts[table] = n
-        if table == "proc_usage":
-            # The sums of the rows that survived; readable rollup rows replace them below.
-            add_to_sums(dst)
+    for _name, sql in triggers:
+        dst.execute(sql)
+    dst.execute("COMMIT")
+    migrate(dst, new)
+    dst.execute("BEGIN")
+    _resum_rollups(dst)
     _keep_jid_counter_ahead(dst)
     dst.execute("COMMIT")
     problems = [r[0] for r in dst.execute("PRAGMA quick_check").fetchall() if r[0] != "ok"]
@@ -187,6 +206,23 @@ def salvage(path: str) -> Dict[str, Any]:
     os.replace(new, path)
     store_mod.secure_store_files(os.path.dirname(os.path.abspath(path)))
     return {"store": path, "damaged_copy": damaged, "rows": counts, "unreadable": lost}
+
+
+def _resum_rollups(db: sqlite3.Connection) -> None:
+    """Sum the rollups anew from the records copied (proc_usage as the store writer
+    does, proc_folded through its triggers, by inserting its rows again), then put
+    back the rollup rows that were readable over the rebuilt ones."""
+    for table in ROLLUP_TABLES:
+        db.execute(f"CREATE TEMP TABLE readable_{table} AS SELECT * FROM {table}")
+        db.execute(f"DELETE FROM {table}")
+    add_to_sums(db)
+    db.execute("CREATE TEMP TABLE folded_copy AS SELECT * FROM proc_folded")
+    db.execute("DELETE FROM proc_folded")
+    db.execute("INSERT INTO proc_folded SELECT * FROM folded_copy")
+    db.execute("DROP TABLE folded_copy")
+    for table in ROLLUP_TABLES:
+        db.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM readable_{table}")
+        db.execute(f"DROP TABLE readable_{table}")
 
 
 def _keep_jid_counter_ahead(db: sqlite3.Connection) -> None:
