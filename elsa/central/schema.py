@@ -8,8 +8,8 @@ after a crash or timeout meets its own key and is skipped.
 Roles (created here, NOLOGIN groups; members are made by ``add-node`` and by
 the site for readers):
 
-* ``elsa_node``: INSERT (and UPDATE of its own job snapshots and application
-  records) on rows whose host is the caller's, by row-level security keyed by
+* ``elsa_node``: INSERT (and UPDATE of its own job snapshots, application
+  records and gaps) on rows whose host is the caller's, by row-level security keyed by
   ``elsa_nodes`` (login role -> host). No DELETE, no access to other hosts' rows.
 * ``elsa_reader``: SELECT on everything.
 """
@@ -322,6 +322,20 @@ MIGRATIONS.append(
     WHERE """ + " AND ".join(f"k.{c} = r.{c}" for c in _ROLLUP_KEY) + """
       AND k.n = r.processes AND (""" + " OR ".join(f"r.{c} = 0" for c in ROLLUP_SUMS) + """);
     """)
+
+#: 4: the nodes' gaps (elsa.core.usage, "its gaps": the intervals in which a source missed
+#: records), so that the central reports read the hours a gap overlaps process by process
+#: as the node's own do. A node upserts its own gaps (an extended gap: the same key, a later
+#: end); the end only grows, so a gap re-sent after a restart never shrinks one.
+MIGRATIONS.append("""
+    CREATE TABLE gaps (
+        host TEXT NOT NULL,
+        source TEXT NOT NULL,
+        start_time DOUBLE PRECISION NOT NULL,
+        end_time DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (host, source, start_time)
+    );
+    """ + _node_rows("gaps", may="INSERT, UPDATE"))
 
 VERSION = len(MIGRATIONS)
 MONTHS_AHEAD = 3

@@ -1,10 +1,11 @@
 """Ships the node's store to the central PostgreSQL, from a thread of its own.
 
 The node's SQLite store is the spool. Each round reads the next process rows
-and application records (by rowid, after persisted marks) and the ended jobs
-whose snapshot changed, sends them in ONE PostgreSQL transaction, and only
-after that transaction committed advances the local marks (through the
-store's writer). A round that
+and application records (by rowid, after persisted marks), the ended jobs
+whose snapshot changed, and the gaps (intervals in which a source missed
+records) new or extended since they were sent, sends them in ONE PostgreSQL
+transaction, and only after that transaction committed advances the local
+marks (through the store's writer). A round that
 is cut off (crash, timeout, server stop) is sent again; every central key
 starts with this node's host, so a re-sent record meets its own key and is
 skipped (``ON CONFLICT DO NOTHING``), and a job snapshot or an application
@@ -31,7 +32,7 @@ from elsa.apps import record
 from elsa.central import node_name, schema
 from elsa.central.conn import check_url, connect, read_password_file, redact
 from elsa.config import Option, non_negative, positive
-from elsa.core.usage import PRIORITY_KEY
+from elsa.core.usage import PRIORITY_KEY, Gap, load_gaps
 from elsa.errors import ElsaError, StoreError
 from elsa.logsetup import structlog
 from elsa.report.connect import readonly_uri
@@ -100,6 +101,10 @@ class Shipper:
         self._last_prune = 0.0
         self._sent_users: Set[int] = set()
         self._sent_prios: Optional[str] = None
+        # (source, start) -> end of the gaps the central store holds as they are in the
+        # node's store: only new or extended ones are sent. Empty after a start: all are
+        # sent once more, an upsert that changes nothing there.
+        self._sent_gaps: Dict[Tuple[str, float], float] = {}
         self._backlog_at = -1e9
         self._st: Dict[str, Any] = {
             "enabled": True, "url": redact(self.url), "host": self.host, "connected": False,
@@ -263,10 +268,11 @@ class Shipper:
             batch_jids = {r[2] for r in rows if r[2] is not None}
             batch_jids |= {r[2] for r in folded if r[2] is not None}
             jobs, usage, sigs = self._changed_jobs(local, batch_jids)
+            gaps = self._changed_gaps(local)
         finally:
             local.execute("COMMIT")
         prios = self._priorities(local)
-        if not rows and not folded and not jobs and not apps and prios is None:
+        if not rows and not folded and not jobs and not apps and prios is None and not gaps:
             self._book_jobs(sigs)  # tags set again to what was shipped: nothing to send
             return False
         if len(rows) >= self.batch_rows:
@@ -277,9 +283,10 @@ class Shipper:
         uids = ({r[8] for r in rows if r[8] is not None} | {j[2] for j in jobs}
                 | {r[3] for r in folded if r[3] is not None}
                 | {a[_APP_UID] for a in apps if a[_APP_UID] is not None})
-        self._send(rows, jobs, usage, uids - self._sent_users, prios, folded, apps)
+        self._send(rows, jobs, usage, uids - self._sent_users, prios, folded, apps, gaps)
         # PostgreSQL committed: now, and only now, the records count as shipped.
         self._sent_users |= uids
+        self._sent_gaps.update(((src, start), end) for src, start, end in gaps)
         if prios is not None:
             self._sent_prios = prios
         if folded:
@@ -381,6 +388,11 @@ class Shipper:
                 usage.extend(ur)
         return jobs, usage, sigs
 
+    def _changed_gaps(self, local: sqlite3.Connection) -> List[Gap]:
+        """The node's gaps the central store does not hold as they are: new ones, and
+        extended ones (a later end under the same source and start)."""
+        return [g for g in load_gaps(local) if self._sent_gaps.get(g[:2]) != g[2]]
+
     def _priorities(self, local: sqlite3.Connection) -> Optional[str]:
         """The node's source priorities (store meta) when not yet sent on this connection."""
         row = local.execute("SELECT value FROM meta WHERE key = ?", (PRIORITY_KEY,)).fetchone()
@@ -391,7 +403,7 @@ class Shipper:
     def _send(self, rows: List[Sequence[Any]], jobs: List[Sequence[Any]],
               usage: List[Sequence[Any]], new_uids: Set[int],
               prios: Optional[str] = None, folded: Sequence[Sequence[Any]] = (),
-              apps: Sequence[Sequence[Any]] = ()) -> None:
+              apps: Sequence[Sequence[Any]] = (), gaps: Sequence[Gap] = ()) -> None:
         conn = self._conn
         host = self.host
         cols = schema.PROC_COLUMNS
@@ -440,6 +452,16 @@ class Shipper:
                             [(host, *u) for u in usage])
                 if prios is not None:
                     conn.execute("SELECT elsa_merge_priorities(%s)", (prios,))
+                if gaps:
+                    # An extended gap keeps its key: its end is updated, and only ever
+                    # grows (a re-sent older version changes nothing).
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO gaps (host, source, start_time, end_time) VALUES "
+                            "(%s, %s, %s, %s) ON CONFLICT (host, source, start_time) DO UPDATE "
+                            "SET end_time = excluded.end_time "
+                            "WHERE gaps.end_time < excluded.end_time",
+                            [(host, *g) for g in gaps])
                 if new_uids:
                     with conn.cursor() as cur:
                         cur.executemany(
@@ -452,7 +474,7 @@ class Shipper:
             if isinstance(exc, psycopg.errors.UniqueViolation) and not self._careful:
                 # Rows sent before whose commit this node did not see: skip them.
                 self._careful = True
-                return self._send(rows, jobs, usage, new_uids, prios, folded, apps)
+                return self._send(rows, jobs, usage, new_uids, prios, folded, apps, gaps)
             if isinstance(exc, psycopg.errors.DiskFull):
                 raise StoreError(f"central store {redact(self.url)}: the server's disk is "
                                  f"full ({str(exc).strip()}); records wait locally") from exc

@@ -268,9 +268,17 @@ def not_below_records(values: Dict[str, Any], chosen: Dict[str, str],
 # the hours a gap overlaps process by process (best_records_sql) where the gapped source has
 # records and another source too. In an hour where it has none (inside a downtime) the best
 # source present is a complete one: that hour is read from the rollup as any other.
+# Nodes ship their gaps to the central store (elsa.central.shipper, table ``gaps``), so that
+# the central reports read those hours as the node's do.
 
 GAP_PREFIX = "gap:"
-GAPS_SQL = "SELECT key, value FROM meta WHERE key LIKE ?"  # GAP_PREFIX%
+#: A node's gaps: the meta keys from GAP_PREFIX up to the next character after its ':'
+#: (an index range, not LIKE, which SQLite cannot answer from the key's index: the
+#: shipper reads the gaps every round).
+GAPS_SQL = "SELECT key, value FROM meta WHERE key >= ? AND key < ?"
+_GAPS_RANGE = (GAP_PREFIX, GAP_PREFIX[:-1] + chr(ord(GAP_PREFIX[-1]) + 1))
+#: The central store's gaps, every node's (central migration 4).
+CENTRAL_GAPS_SQL = "SELECT source, start_time, end_time FROM gaps"
 
 Gap = Tuple[str, float, float]
 
@@ -283,9 +291,14 @@ def gap_stmt(source: str, start: float, end: float) -> Tuple[str, Tuple[str, str
 
 
 def load_gaps(db: Any) -> List[Gap]:
-    """(source, from, to) of every recorded gap."""
+    """(source, from, to) of every recorded gap: of a node's store (a SQLite connection
+    or its report adapter), or, through the central store's report adapter
+    (``db.central``), of every node that shipped its gaps there, all hosts together."""
+    if getattr(db, "central", False):
+        return [(src, float(start), float(end))
+                for src, start, end in db.execute(CENTRAL_GAPS_SQL).fetchall()]
     try:
-        rows = db.execute(GAPS_SQL, (GAP_PREFIX + "%",)).fetchall()
+        rows = db.execute(GAPS_SQL, _GAPS_RANGE).fetchall()
     except sqlite3.Error:
         return []
     out: List[Gap] = []

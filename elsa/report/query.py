@@ -145,6 +145,10 @@ def per_process_hours(db: Any) -> List[int]:
     source present is a complete one."""
     db = adapt(db)
     hours = set()
+    # On the central store the gaps of every host are read together, and an hour one
+    # host's gap makes per-process is read so for every host: still right (each process
+    # of each host once, from its best source), only slower, except that such an hour
+    # does not count the records [thresholds] folded, for any host.
     for src, first, last in gap_buckets(load_gaps(db), BUCKET):
         hours.update(int(r[0]) for r in db.execute(GAP_HOURS_SQL, (first, last, src)))
     return sorted(hours)
