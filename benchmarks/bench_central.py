@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import glob
 import json
 import os
 import shutil
@@ -179,7 +180,9 @@ def summary_server(records: int) -> Any:
     marker = os.path.join(root, "complete")
     if os.path.exists(marker):
         return PgServer(root=root).start()
-    shutil.rmtree(root, ignore_errors=True)  # an interrupted fill: start again
+    # An interrupted fill starts again; the caches of older schemas go (3.6 GB each).
+    for stale in glob.glob(os.path.join(os.path.dirname(root), f"central-{records}-*")):
+        shutil.rmtree(stale, ignore_errors=True)
     srv = PgServer(root=root).init().start()
     try:
         t = time.perf_counter()
