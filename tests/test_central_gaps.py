@@ -41,7 +41,8 @@ def _row(source: str, pid: int, comm: str, end: float, cpu: int) -> tuple:
 def _node(state: Path, gap: bool) -> Store:
     """A node's store: processes both sources recorded (bsdacct's end up to 1 s early,
     its CPU rounded) in HOUR and the hour after; with *gap*, one more that ran while
-    taskstats missed records, which only bsdacct has."""
+    taskstats missed records, which only bsdacct has; without, 5 short processes of
+    HOUR that taskstats folded ([thresholds]), which only the rollup counts."""
     st = Store(str(state))
     save_priorities(st.db, st.submit, {"taskstats": 20, "bsdacct": 30})
     rows = []
@@ -56,6 +57,10 @@ def _node(state: Path, gap: bool) -> Store:
     if gap:
         rows.append(_row("bsdacct", 200, "downburn", GAP[0] + 7, 360_000))
         st.submit(*gap_stmt("taskstats", *GAP))
+    else:
+        st.submit("INSERT INTO proc_folded(source, uid, comm, end_time, folded, mem_kb_sum, "
+                  "cpu_user_us) VALUES ('taskstats', 1000, 'tiny', ?, 5, 0, 500)",
+                  (HOUR + 1500.0,))
     st.submit_many(INSERT_PROC, rows)
     st.flush()
     return st
@@ -86,9 +91,9 @@ def _central_gaps(pg: PgServer, db: str) -> List[tuple]:
 def test_central_summary_counts_a_gap_hour_as_the_node_does(
         pg: PgServer, tmp_path: Path, capsys) -> None:
     """A process only bsdacct recorded, in an hour where taskstats had a gap: counted
-    centrally as on the node. A second node without a gap, whose processes in that hour
-    are read process by process too (the gap hours are the site's): counted as on its
-    own store."""
+    centrally as on the node. A second node without a gap: its records of that hour
+    are read as on its own store (from the rollup, which has the records [thresholds]
+    folded; read process by process they were left out)."""
     fresh_db(pg, "gaps")
     stores = {"g1": _node(tmp_path / "g1", gap=True), "g2": _node(tmp_path / "g2", gap=False)}
     for host, st in stores.items():
@@ -106,9 +111,13 @@ def test_central_summary_counts_a_gap_hour_as_the_node_does(
         assert g1["downburn"]["processes"] == 1
         assert g1["downburn"]["cpu_user_us"] == 360_000
         assert g1["cmd1"]["processes"] == 1 and g1["cmd1"]["cpu_user_us"] == 1_234_567
+        g2 = _summary(capsys, stores["g2"].path, *window)
         site = {c: r["processes"] for c, r in _summary(capsys, dburl, *window).items()}
-        assert site == {c: r["processes"] + _summary(capsys, stores["g2"].path, *window)
-                        .get(c, {"processes": 0})["processes"] for c, r in g1.items()}
+        assert site == {c: sum(n.get(c, {"processes": 0})["processes"] for n in (g1, g2))
+                        for c in set(g1) | set(g2)}
+        # In whole hours the folded records count (a window's edges read records, on
+        # the node as centrally: the last window has none of them).
+        assert site.get("tiny") == (5 if window[1:2] != [str(HOUR + 180)] else None)
     assert site["downburn"] == 1 and site["after"] == 6
     for st in stores.values():
         st.close()
@@ -191,3 +200,21 @@ def test_a_node_writes_only_its_own_gaps(pg: PgServer) -> None:
         assert r.execute("SELECT count(*) FROM gaps").fetchone()[0] == 2
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             r.execute("UPDATE gaps SET end_time = 0")
+
+
+def test_a_hosts_gap_hour_is_read_per_process_for_that_host_only() -> None:
+    """window_parts: the hour of g1's gap is a processes part of g1's records and an
+    hours (whole) or records (edge) part of every other host's."""
+    from elsa.report.query import Part, window_parts
+
+    h = 500_000
+    g1 = frozenset({"g1"})
+    assert window_parts(h * 3600, (h + 2) * 3600, {h: g1}) == [
+        Part("processes", h * 3600, (h + 1) * 3600, only=g1),
+        Part("hours", h, h + 1, but=g1), Part("hours", h + 1, h + 2)]
+    assert window_parts(h * 3600 + 60, (h + 1) * 3600, {h: g1}) == [
+        Part("processes", h * 3600 + 60, (h + 1) * 3600, only=g1),
+        Part("records", h * 3600 + 60, (h + 1) * 3600, but=g1)]
+    # A node's store: the hour is read process by process, whole.
+    assert window_parts(h * 3600, (h + 1) * 3600, {h: None}) == [
+        Part("processes", h * 3600, (h + 1) * 3600)]

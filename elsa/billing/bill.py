@@ -357,7 +357,10 @@ def process_items(db: Any, biller: Biller, since: float, until: float
     from elsa.report.query import per_process_hours, window_parts
 
     acc = _OutsideJobs(biller)
-    for kind, lo, hi in window_parts(since, until, per_process_hours(db)):
+    # Every host's records of a gap hour are read process by process (a bill picks the
+    # best source per hour across the hosts it reads: its parts take no host conditions).
+    hours = dict.fromkeys(per_process_hours(db))
+    for kind, lo, hi, *_hosts in window_parts(since, until, hours):
         assert lo is not None and hi is not None  # a bill's window is bounded
         if kind == "hours":
             _rollup_into(acc, db, int(lo), int(hi))

@@ -278,7 +278,7 @@ GAP_PREFIX = "gap:"
 GAPS_SQL = "SELECT key, value FROM meta WHERE key >= ? AND key < ?"
 _GAPS_RANGE = (GAP_PREFIX, GAP_PREFIX[:-1] + chr(ord(GAP_PREFIX[-1]) + 1))
 #: The central store's gaps, every node's (central migration 4).
-CENTRAL_GAPS_SQL = "SELECT source, start_time, end_time FROM gaps"
+CENTRAL_GAPS_SQL = "SELECT host, source, start_time, end_time FROM gaps"
 
 Gap = Tuple[str, float, float]
 
@@ -291,12 +291,8 @@ def gap_stmt(source: str, start: float, end: float) -> Tuple[str, Tuple[str, str
 
 
 def load_gaps(db: Any) -> List[Gap]:
-    """(source, from, to) of every recorded gap: of a node's store (a SQLite connection
-    or its report adapter), or, through the central store's report adapter
-    (``db.central``), of every node that shipped its gaps there, all hosts together."""
-    if getattr(db, "central", False):
-        return [(src, float(start), float(end))
-                for src, start, end in db.execute(CENTRAL_GAPS_SQL).fetchall()]
+    """(source, from, to) of every gap recorded in a node's store (a SQLite connection
+    or its report adapter)."""
     try:
         rows = db.execute(GAPS_SQL, _GAPS_RANGE).fetchall()
     except sqlite3.Error:
@@ -308,6 +304,18 @@ def load_gaps(db: Any) -> List[Gap]:
             out.append((source, float(start), float(value)))
         except ValueError:
             continue
+    return out
+
+
+def gaps_by_host(db: Any) -> Dict[Optional[str], List[Gap]]:
+    """The recorded gaps by host: a node's store's under None (one host), or, through
+    the central store's report adapter (``db.central``), those every node shipped."""
+    if not getattr(db, "central", False):
+        gaps = load_gaps(db)
+        return {None: gaps} if gaps else {}
+    out: Dict[Optional[str], List[Gap]] = {}
+    for host, src, start, end in db.execute(CENTRAL_GAPS_SQL).fetchall():
+        out.setdefault(host, []).append((src, float(start), float(end)))
     return out
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from elsa.core.model import format_jid, split_exit
 from elsa.core.usage import (
@@ -39,7 +39,7 @@ from elsa.core.usage import (
     best_records_sql,
     fallbacks,
     gap_buckets,
-    load_gaps,
+    gaps_by_host,
     load_priorities,
     not_below_records,
     plus,
@@ -84,18 +84,40 @@ def _host_sql(db: Db, hosts: Optional[Sequence[str]], params: List[Any]) -> str:
     return f" AND {db.host()} IN ({', '.join('?' * len(hosts))})"
 
 
+class Part(NamedTuple):
+    """A part of a report's window (:func:`window_parts`): how and where it is read."""
+
+    kind: str  # "hours", "records" or "processes"
+    lo: Optional[float]  # bounds: hour buckets for "hours", else epoch seconds
+    hi: Optional[float]
+    #: Central store: read only these hosts' records (None: every host's) ...
+    only: Optional[AbstractSet[str]] = None
+    #: ... or every host's but these (the hosts a "processes" part of the hour reads).
+    but: AbstractSet[str] = frozenset()
+
+    def host_sql(self, db: Db, params: List[Any]) -> str:
+        """The part's host condition (" AND ..."; empty when it reads every host)."""
+        hosts, op = (self.only, "IN") if self.only is not None else (self.but, "NOT IN")
+        if not hosts:
+            return ""
+        params.extend(sorted(hosts))
+        return f" AND {db.host()} {op} ({', '.join('?' * len(hosts))})"
+
+
 def window_parts(since: Optional[float], until: Optional[float],
-                 per_process_hours: Sequence[int] = ()
-                 ) -> List[Tuple[str, Optional[float], Optional[float]]]:
+                 per_process_hours: Optional[Mapping[int, Optional[AbstractSet[str]]]] = None
+                 ) -> List[Part]:
     """How the reports read the process records ending in [since, until), in parts:
 
-    * ``("hours", lo, hi)``: whole hour buckets [lo, hi) (None: unbounded), from the
+    * ``hours`` [lo, hi): whole hour buckets (None: unbounded), from the
       hourly rollup, the best source present per hour;
-    * ``("records", lo, hi)``: a partial hour at the window's edge, from the records,
+    * ``records`` [lo, hi): a partial hour at the window's edge, from the records,
       the best source present in it;
-    * ``("processes", lo, hi)``: (part of) an hour of *per_process_hours* (a source
-      missed processes there: :func:`per_process_hours`), from the records, each process once
-      (its best source's record: :func:`best_records`).
+    * ``processes`` [lo, hi): (part of) an hour of *per_process_hours* (a source
+      missed processes there: :func:`per_process_hours`), from the records, each process
+      once (its best source's record: :func:`best_records`). On the central store only
+      the hosts whose gap it is are read so (``only``); the others' records of that hour
+      are an ``hours`` or ``records`` part of their own (``but``), read as any other.
 
     Summaries and bills (elsa.billing.bill) read a window through the same parts."""
     blo, bhi = _bucket_range(since, until)
@@ -109,20 +131,32 @@ def window_parts(since: Optional[float], until: Optional[float],
         if until is not None and bhi is not None and bhi * BUCKET < until:
             edges.append((bhi * BUCKET, until))
         hours = [(blo, bhi)] if blo is None or bhi is None or blo < bhi else []
-    special = sorted(set(per_process_hours))
-    parts: List[Tuple[str, Optional[float], Optional[float]]] = []
+    per_process_hours = per_process_hours or {}
+    special = sorted(per_process_hours)
+    parts: List[Part] = []
+
+    def per_process(kind: str, h: int, lo: float, hi: float) -> None:
+        hosts = per_process_hours[h]
+        parts.append(Part("processes", lo, hi, only=hosts))
+        if hosts is not None:  # the other hosts of the hour
+            parts.append(Part(kind, h if kind == "hours" else lo,
+                              h + 1 if kind == "hours" else hi, but=hosts))
+
     for lo, hi in edges:
-        kind = "processes" if math.floor(lo / BUCKET) in special else "records"
-        parts.append((kind, lo, hi))
+        h = math.floor(lo / BUCKET)
+        if h in per_process_hours:
+            per_process("records", h, lo, hi)
+        else:
+            parts.append(Part("records", lo, hi))
     for lo, hi in hours:
         for h in special:
             if (lo is None or h >= lo) and (hi is None or h < hi):
                 if lo is None or h > lo:
-                    parts.append(("hours", lo, h))
-                parts.append(("processes", h * BUCKET, (h + 1) * BUCKET))
+                    parts.append(Part("hours", lo, h))
+                per_process("hours", h, h * BUCKET, (h + 1) * BUCKET)
                 lo = h + 1
         if lo is None or hi is None or lo < hi:
-            parts.append(("hours", lo, hi))
+            parts.append(Part("hours", lo, hi))
     return parts
 
 
@@ -130,28 +164,32 @@ _SUMMARY_COLS = ("uid, comm, cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb,
                  "read_bytes, write_bytes, minflt, majflt")
 
 
-#: The hours in [?, ?] in which source ? has records and another source too: a gap's hours
-#: that are read process by process (elsa.core.usage, "its gaps").
-GAP_HOURS_SQL = ("SELECT bucket FROM usage_rollup WHERE bucket >= ? AND bucket <= ? "
+#: The hours in [?, ?] in which source ? has records and another source too (of one host
+#: on the central store: {host}): a gap's hours that are read process by process
+#: (elsa.core.usage, "its gaps").
+GAP_HOURS_SQL = ("SELECT bucket FROM usage_rollup WHERE bucket >= ? AND bucket <= ?{host} "
                  "GROUP BY bucket HAVING COUNT(DISTINCT source) > 1 "
                  "AND MAX(CASE WHEN source = ? THEN 1 ELSE 0 END) = 1")
 
 
-def per_process_hours(db: Any) -> List[int]:
+def per_process_hours(db: Any) -> Dict[int, Optional[AbstractSet[str]]]:
     """The hours a report reads process by process: those a source's gap overlaps
     (elsa.core.usage.gap_buckets) in which that source has records, so it missed part
     of the hour's processes, and another source has records too (with one, there is
     nothing to choose between). In an hour where the gapped source has none, the best
-    source present is a complete one."""
+    source present is a complete one. Each hour maps to the hosts whose gaps it is
+    (the central store: only their records are read so) or None (a node's store)."""
     db = adapt(db)
-    hours = set()
-    # On the central store the gaps of every host are read together, and an hour one
-    # host's gap makes per-process is read so for every host: still right (each process
-    # of each host once, from its best source), only slower, except that such an hour
-    # does not count the records [thresholds] folded, for any host.
-    for src, first, last in gap_buckets(load_gaps(db), BUCKET):
-        hours.update(int(r[0]) for r in db.execute(GAP_HOURS_SQL, (first, last, src)))
-    return sorted(hours)
+    hours: Dict[int, Optional[AbstractSet[str]]] = {}
+    for host, gaps in gaps_by_host(db).items():
+        params: List[Any] = []
+        where = "" if host is None else _host_sql(db, [host], params)
+        for src, first, last in gap_buckets(gaps, BUCKET):
+            for (h,) in db.execute(GAP_HOURS_SQL.format(host=where), [first, last] + params
+                                   + [src]):
+                got = hours.get(int(h))
+                hours[int(h)] = None if host is None else (got or frozenset()) | {host}
+    return hours
 
 
 def best_records(db: Any, prios: Dict[str, int], columns: str, lo: float, hi: float
@@ -218,7 +256,7 @@ def summary(db: Any, by: str, since: Optional[float] = None,
     key = {"user": "uid", "command": "comm"}[by]
     prios = load_priorities(db)
     # With one source picked there is nothing to choose between: no per-process parts.
-    parts = window_parts(since, until, () if source else per_process_hours(db))
+    parts = window_parts(since, until, None if source else per_process_hours(db))
     src_sql = " AND source = ?" if source else ""
     rank, rank_params = priority_sql("source", prios)
     host = db.host()
@@ -237,20 +275,23 @@ def summary(db: Any, by: str, since: Optional[float] = None,
             _add(t, n, cu, cs, el, rss, mem, rb, wb, mi, ma)
 
     ukey = _RECORD_UID if key == "uid" else "comm"
-    for kind, lo, hi in parts:
+    for part in parts:
+        kind, lo, hi = part[:3]
         params: List[Any] = []
         if kind == "hours":
-            where = _range_sql("bucket", lo, hi, params) + _host_sql(db, hosts, params)
+            where = (_range_sql("bucket", lo, hi, params) + _host_sql(db, hosts, params)
+                     + part.host_sql(db, params))
             if source:
                 params.append(source)
             merge(_hours_sums(db, key, where + src_sql, params, prios))
             continue
         if kind == "processes":  # never with one source picked (parts above)
             assert lo is not None and hi is not None  # (part of) one hour
-            where = "TRUE" + _host_sql(db, hosts, params)
+            where = "TRUE" + _host_sql(db, hosts, params) + part.host_sql(db, params)
             merge(_processes_sums(db, ukey, where, params, prios, lo, hi))
             continue
-        where = _range_sql("end_time", lo, hi, params) + _host_sql(db, hosts, params)
+        where = (_range_sql("end_time", lo, hi, params) + _host_sql(db, hosts, params)
+                 + part.host_sql(db, params))
         if source:
             params.append(source)
         hour = db.hour("end_time")
@@ -669,10 +710,11 @@ def usage_per_day(db: Any, since: Optional[float] = None, until: Optional[float]
     lo = None if since is None else math.floor(since / BUCKET) * BUCKET
     hi = None if until is None else math.ceil(until / BUCKET) * BUCKET
     totals: Dict[Tuple[int, str, int], List[Any]] = {}
-    for kind, plo, phi in window_parts(lo, hi, per_process_hours(db)):
+    for part in window_parts(lo, hi, per_process_hours(db)):
+        kind, plo, phi = part[:3]
         params: List[Any] = []
         if kind == "hours":
-            where = _range_sql("bucket", plo, phi, params)
+            where = _range_sql("bucket", plo, phi, params) + part.host_sql(db, params)
             if uid is not None:
                 where += " AND uid = ?"
                 params.append(uid)
@@ -680,9 +722,9 @@ def usage_per_day(db: Any, since: Optional[float] = None, until: Optional[float]
                     _hours_sums(db, f"bucket / {86400 // BUCKET}, uid", where, params, prios)]
         else:  # an hour read process by process (whole hours: no partial edges)
             assert kind == "processes" and plo is not None and phi is not None
-            where = "TRUE"
+            where = "TRUE" + part.host_sql(db, params)
             if uid is not None:
-                where = f"{_RECORD_UID} = ?"
+                where += f" AND {_RECORD_UID} = ?"
                 params.append(uid)
             day = math.floor(plo / 86400)
             rows = [(h, day, u, *sums) for h, u, *sums in
