@@ -27,14 +27,12 @@ from elsa.errors import BackendError, PrivilegeError, ProcessGone
 from elsa.kernel.cgroupfs import (
     CgroupFS,
     cpu_quota_us,
-    format_cpulist,
     parse_cpu_max,
-    parse_cpulist,
     parse_mountinfo,
     parse_proc_cgroup,
     translate,
 )
-from elsa.kernel.cgroupstats import parse_flat_keyed
+from elsa.kernel.cgroupstats import format_cpulist, parse_cpulist, parse_flat_keyed
 from elsa.kernel.procfs import ProcFS
 
 # This machine's mount table (hybrid: v1 controllers + cgroup2 at .../unified).

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from elsa.client import RequestFailed
-from elsa.kernel.cgroupfs import CgroupFS, format_cpulist, parse_cpulist
+from elsa.kernel.cgroupfs import CgroupFS
+from elsa.kernel.cgroupstats import format_cpulist, parse_cpulist
 from elsa.testing import BackendUnderTest, Harness, wait_for
 
 pytestmark = pytest.mark.root

@@ -28,7 +28,7 @@ from elsa.config import Option
 from elsa.core.backend import BackendContext, BackendSpec
 from elsa.core.model import Job, ProcessInfo, format_jid, parse_jid
 from elsa.errors import BackendError, ElsaError, ProcessGone
-from elsa.kernel.cgroupfs import format_cpulist, parse_cpulist
+from elsa.kernel.cgroupstats import format_cpulist, parse_cpulist
 from elsa.logsetup import structlog
 
 log = structlog.get_logger("elsa.backends.cpuset")

@@ -147,7 +147,7 @@ def cores_allowed(params: Mapping[str, object]) -> Optional[Decimal]:
     """Cores a job could use at most: the CPUs of its cpuset (``cpus``), the
     cores its CPU quota allows (:class:`JobLimits`), the smaller where both are
     set; None when neither is (it could use every CPU of the host)."""
-    from elsa.kernel.cgroupfs import parse_cpulist  # (the adapters import this module)
+    from elsa.kernel.cgroupstats import parse_cpulist  # (the adapters import this module)
 
     found = []
     cpus = params.get("cpus")

@@ -71,7 +71,7 @@ class FinishedJob:
     def processors(self) -> Optional[int]:
         """CPUs the job was given (cpuset jobs' ``cpus`` list), else unknown. A CPU
         limit (a quota of time) gives no count: its processes may run on any CPU."""
-        from elsa.kernel.cgroupfs import parse_cpulist
+        from elsa.kernel.cgroupstats import parse_cpulist
 
         try:
             return len(parse_cpulist(str(self.params.get("cpus") or ""))) or None

@@ -37,7 +37,7 @@ from elsa.errors import (
     PrivilegeError,
     ProcessGone,
 )
-from elsa.kernel.cgroupstats import parse_flat_keyed
+from elsa.kernel.cgroupstats import parse_cpulist, parse_flat_keyed
 from elsa.kernel.procfs import read_small
 
 # cgroup v2 core files.
@@ -141,46 +141,6 @@ def parse_proc_cgroup(text: str) -> Dict[str, str]:
         for c in ctrls.split(","):
             out[c] = path
     return out
-
-
-def parse_cpulist(text: str) -> Set[int]:
-    """Parse a kernel list format (``"0-3,8,10-11"``), as cpuset.cpus uses.
-
-    Raises ValueError on malformed text; ``""`` is the empty set.
-    """
-    out: Set[int] = set()
-    text = text.strip()
-    if not text:
-        return out
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo_s, hi_s = part.split("-", 1)
-            # The kernel also accepts "a-b:stride/group"; ELSA does not need it.
-            lo, hi = int(lo_s), int(hi_s)
-            if lo < 0 or hi < lo:
-                raise ValueError(f"bad range {part!r}")
-            out.update(range(lo, hi + 1))
-        else:
-            n = int(part)
-            if n < 0:
-                raise ValueError(f"bad number {part!r}")
-            out.add(n)
-    return out
-
-
-def format_cpulist(items: Iterable[int]) -> str:
-    """The canonical list format: sorted, ranges collapsed (``{0,1,2,5}`` -> ``"0-2,5"``)."""
-    nums = sorted(set(items))
-    parts = []
-    i = 0
-    while i < len(nums):
-        j = i
-        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
-            j += 1
-        parts.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
-        i = j + 1
-    return ",".join(parts)
 
 
 def parse_cpu_max(text: str) -> Optional[Decimal]:

@@ -1,4 +1,5 @@
-"""cgroup v2 statistics files: the only module that knows their formats.
+"""cgroup v2 statistics files, and the cpuset list format: the only module that
+knows their formats (light: the reports import it, e.g. ``elsa ja``).
 
 Formats: docs/kernel.md, "cgroup v2". ``cpu.stat`` is a core file, present even
 without the cpu controller; ``memory.*``, ``io.stat`` and ``pids.peak`` exist
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Mapping, Optional, Sequence, Set, Tuple
 
 from elsa.errors import CgroupGone, from_oserror
 from elsa.kernel.procfs import read_small
@@ -191,3 +192,43 @@ def read_stats(directory: str, files: Sequence[str] = STAT_FILES) -> CgroupStats
     finally:
         os.close(dfd)
     return CgroupStats(path=directory, missing=tuple(missing), **values)  # type: ignore[arg-type]
+
+
+def parse_cpulist(text: str) -> Set[int]:
+    """Parse a kernel list format (``"0-3,8,10-11"``), as cpuset.cpus uses.
+
+    Raises ValueError on malformed text; ``""`` is the empty set.
+    """
+    out: Set[int] = set()
+    text = text.strip()
+    if not text:
+        return out
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo_s, hi_s = part.split("-", 1)
+            # The kernel also accepts "a-b:stride/group"; ELSA does not need it.
+            lo, hi = int(lo_s), int(hi_s)
+            if lo < 0 or hi < lo:
+                raise ValueError(f"bad range {part!r}")
+            out.update(range(lo, hi + 1))
+        else:
+            n = int(part)
+            if n < 0:
+                raise ValueError(f"bad number {part!r}")
+            out.add(n)
+    return out
+
+
+def format_cpulist(items: Iterable[int]) -> str:
+    """The canonical list format: sorted, ranges collapsed (``{0,1,2,5}`` -> ``"0-2,5"``)."""
+    nums = sorted(set(items))
+    parts = []
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        parts.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
+        i = j + 1
+    return ",".join(parts)
