@@ -55,6 +55,20 @@ def fresh_db(pg: PgServer, name: str) -> None:
         schema.migrate(c)
 
 
+def assert_reader_reads_only(pg: PgServer, db: str, table: str, rows: int,
+                             update: str) -> None:
+    """A member of elsa_reader sees the *rows* of every host in *table* and may change
+    none of them (*update*: a statement that tries)."""
+    role = f"{db}_reader"
+    with admin(pg, db) as c:
+        c.execute(f"DROP ROLE IF EXISTS {role}")
+        c.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'r' IN ROLE elsa_reader")
+    with psycopg.connect(pg.tcp_url(role, "r", db), autocommit=True) as r:
+        assert r.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == rows
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            r.execute(update)
+
+
 def fill_store(state: Path, seed: int, jobs: int = 5, procs: int = 300) -> Store:
     rnd = random.Random(seed)
     st = Store(str(state))

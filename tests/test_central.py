@@ -34,6 +34,7 @@ from tests.central_support import (  # noqa: E402
     add_node,
     admin,
     app_row,
+    assert_reader_reads_only,
     central_job_totals,
     drained,
     fill_apps,
@@ -599,12 +600,7 @@ def test_node_cannot_touch_another_nodes_app_records(pg: PgServer, tmp_path: Pat
         assert c.execute("SELECT cpu_user_us, end_time FROM app_runs WHERE host = 'rb'"
                          ).fetchone() == (app_row(2, 1)[record.INDEX["cpu_user_us"]],
                                           app_row(2, 1)[record.INDEX["end_time"]])
-        c.execute("DROP ROLE IF EXISTS app_reader")
-        c.execute("CREATE ROLE app_reader LOGIN PASSWORD 'r' IN ROLE elsa_reader")
-    with psycopg.connect(pg.tcp_url("app_reader", "r", "apprls"), autocommit=True) as r:
-        assert r.execute("SELECT count(*) FROM app_runs").fetchone()[0] == 2
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            r.execute("UPDATE app_runs SET cpu_user_us = 0")
+    assert_reader_reads_only(pg, "apprls", "app_runs", 2, "UPDATE app_runs SET cpu_user_us = 0")
 
 
 def test_apps_report_central_equals_node(pg: PgServer, tmp_path: Path, capsys) -> None:
