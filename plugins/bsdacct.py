@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import os
 import subprocess
 import time
@@ -60,6 +59,7 @@ from elsa import hookimpl
 from elsa.config import Option, non_negative, positive
 from elsa.core.source import Source, SourceContext, SourceSpec, UsageRow
 from elsa.errors import AccountingFormatError, from_oserror
+from elsa.jsonfile import read_object, write_atomic
 from elsa.kernel.pacct_follower import PacctFollower
 from elsa.logsetup import structlog
 
@@ -184,7 +184,7 @@ class BsdAcctSource(Source):
         return os.path.join(self.dir, "previous.json")
 
     def _load_previous(self) -> Optional[Dict[str, object]]:
-        return _read_json(self._previous_path())
+        return read_object(self._previous_path())
 
     def _save_previous(self) -> None:
         """Persist the file active before elsad took over, with its size then."""
@@ -194,8 +194,8 @@ class BsdAcctSource(Source):
                 size = os.stat(self.previous).st_size
             except OSError:
                 pass
-        _write_json(self._previous_path(),
-                    {"file": self.previous, "size": size, "taken": time.time()})
+        write_atomic(self._previous_path(),
+                     {"file": self.previous, "size": size, "taken": time.time()})
 
     def _handback_path(self) -> str:
         return os.path.join(self.dir, "handback.json")
@@ -221,7 +221,7 @@ class BsdAcctSource(Source):
         path = self._handback_path()
         if not os.path.exists(path):
             return
-        handed = _read_json(path) or {}  # unreadable: nothing known of the downtime
+        handed = read_object(path) or {}  # unreadable: nothing known of the downtime
         rows = None
         if handed.get("file"):
             # The follower finds the file by its inode (also rotated beside its path)
@@ -256,9 +256,8 @@ class BsdAcctSource(Source):
     def _load_displaced(self) -> Optional[float]:
         """Since when accounting was not elsad's, as an earlier run found (displaced.json)."""
         try:
-            with open(self._displaced_path()) as fh:
-                return float(json.load(fh)["from"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return float((read_object(self._displaced_path()) or {})["from"])
+        except (ValueError, KeyError, TypeError):
             return None
 
     def _forget_displaced(self, since: float) -> None:
@@ -273,7 +272,7 @@ class BsdAcctSource(Source):
         self.switched_on = False  # not ours any more: never switch it off or back
         _unlink(self._previous_path())  # nothing of ours to restore any more
         try:
-            _write_json(self._displaced_path(), {"from": self._ours_at})
+            write_atomic(self._displaced_path(), {"from": self._ours_at})
         except OSError as exc:  # the gap is still stored up to now; only its end is short
             log.exception("could not keep the displacement for the next start",
                           file=self._displaced_path(), error=str(exc))
@@ -426,7 +425,7 @@ class BsdAcctSource(Source):
                 log.exception("could not restore kernel accounting", error=str(exc))
             else:
                 try:
-                    _write_json(self._handback_path(), handback)
+                    write_atomic(self._handback_path(), handback)
                 except OSError as exc:
                     log.error("could not keep where the restored accounting file ends: the "
                               "next start cannot read the records of the downtime",
@@ -446,26 +445,6 @@ class BsdAcctSource(Source):
                 "last_problem": self.last_problem, "rotations": self.rotations,
                 "switched_on": self.switched_on, "previous": self.previous,
                 "displaced": self.displaced}
-
-
-def _read_json(path: str) -> Optional[Dict[str, object]]:
-    """The JSON object in *path*; None when it is absent, unreadable or not an object."""
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_json(path: str, data: Dict[str, object]) -> None:
-    """Write *data* to *path* atomically and durably (a crash leaves the old or the new)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _unlink(path: str) -> None:

@@ -6,11 +6,11 @@ their layout.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from elsa.errors import AccountingFormatError
+from elsa.jsonfile import read_object, write_atomic
 from elsa.kernel.pacct import decode, usage_rows
 
 
@@ -47,13 +47,9 @@ class PacctFollower:
     def _load_state(self) -> None:
         if not self.state_path:
             return
-        try:
-            with open(self.state_path) as fh:
-                st = json.load(fh)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError):
-            return  # unreadable state: start at the current file's beginning
+        st = read_object(self.state_path)
+        if st is None:
+            return  # none, or unreadable: start at the current file's beginning
         self._committed = st
         want = (int(st.get("dev", -1)), int(st.get("inode", -1)))
         offset = int(st.get("offset", 0))
@@ -80,12 +76,7 @@ class PacctFollower:
         pos = pos or self.position()
         if not self.state_path or pos == self._committed:
             return
-        tmp = self.state_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(pos, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_path)
+        write_atomic(self.state_path, pos)
         self._committed = dict(pos)
 
     # -- reading ---------------------------------------------------------------------
