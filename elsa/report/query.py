@@ -77,11 +77,13 @@ def _range_sql(col: str, lo: Optional[float], hi: Optional[float],
     return " AND ".join(parts) or "TRUE"
 
 
-def _host_sql(db: Db, hosts: Optional[Sequence[str]], params: List[Any]) -> str:
+def _host_sql(db: Db, hosts: Optional[Sequence[str]], params: List[Any], op: str = "IN"
+              ) -> str:
+    """" AND host IN (...)" (*op* NOT IN: but them) for *hosts*; empty for none."""
     if not hosts:
         return ""
     params.extend(hosts)
-    return f" AND {db.host()} IN ({', '.join('?' * len(hosts))})"
+    return f" AND {db.host()} {op} ({', '.join('?' * len(hosts))})"
 
 
 class Part(NamedTuple):
@@ -97,11 +99,9 @@ class Part(NamedTuple):
 
     def host_sql(self, db: Db, params: List[Any]) -> str:
         """The part's host condition (" AND ..."; empty when it reads every host)."""
-        hosts, op = (self.only, "IN") if self.only is not None else (self.but, "NOT IN")
-        if not hosts:
-            return ""
-        params.extend(sorted(hosts))
-        return f" AND {db.host()} {op} ({', '.join('?' * len(hosts))})"
+        if self.only is not None:
+            return _host_sql(db, sorted(self.only), params)
+        return _host_sql(db, sorted(self.but), params, "NOT IN")
 
 
 def window_parts(since: Optional[float], until: Optional[float],
