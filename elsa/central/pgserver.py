@@ -44,7 +44,7 @@ class PgServer:
 
     def __init__(self, base: Optional[str] = None, root: Optional[str] = None) -> None:
         """A cluster in a new temporary directory under *base*, or in *root* (made
-        if missing), where a cluster :meth:`initialized` earlier is used again."""
+        if missing), where a cluster made by an earlier :meth:`init` is used again."""
         bindir = pg_bindir()
         if bindir is None:
             raise ElsaError("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin; "
@@ -88,10 +88,6 @@ class PgServer:
             raise ElsaError(f"{args[0]} failed ({r.returncode}): {r.stderr.strip()[-2000:]}"
                             f"; server log: {self.log}")
         return r
-
-    def initialized(self) -> bool:
-        """Whether the data directory holds a cluster (initdb ran)."""
-        return os.path.exists(os.path.join(self.data, "PG_VERSION"))
 
     def init(self) -> PgServer:
         self._run(["initdb", "-D", self.data, "-U", self.SUPERUSER, "--auth-local=trust",
