@@ -202,7 +202,7 @@ def test_a_node_writes_only_its_own_gaps(pg: PgServer) -> None:
 def test_a_hosts_gap_hour_is_read_per_process_for_that_host_only() -> None:
     """window_parts: the hour of g1's gap is a processes part of g1's records and an
     hours (whole) or records (edge) part of every other host's."""
-    from elsa.report.query import Part, window_parts
+    from elsa.report.window import Part, window_parts
 
     h = 500_000
     g1 = frozenset({"g1"})

@@ -227,7 +227,7 @@ def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float,
               per_process: bool = False) -> None:
     """Exact: each record split by its own seconds (CSA's per-process p_ratio).
 
-    [since, until) lies in one hour (elsa.report.query.window_parts): its records
+    [since, until) lies in one hour (elsa.report.window.window_parts): its records
     of the best source present in it, or with *per_process* each process's record
     of its best source (an hour in which a source has a gap)."""
     periods = acc.biller.cfg.schedule.periods(since, until)
@@ -239,7 +239,7 @@ def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float,
     prios = load_priorities(db)
     table, params = "proc_usage", [since, until]
     if per_process:
-        from elsa.report.query import best_records
+        from elsa.report.window import best_records
 
         table, table_params = best_records(
             db, prios, f"uid, source, jid, start_time, end_time, {_PROC_COLS}", since, until)
@@ -349,12 +349,12 @@ def process_items(db: Any, biller: Biller, since: float, until: float
                   ) -> List[Dict[str, Any]]:
     """Process records outside any job that ended in [since, until): one item per user.
 
-    Read in the parts `elsa summary` reads (elsa.report.query.window_parts): whole
+    Read in the parts `elsa summary` reads (elsa.report.window.window_parts): whole
     hours from the hourly rollup (fast at any store size), the partial hours at the
     window's edges and the hours in which a source has a gap from the records
     themselves (exact).
     """
-    from elsa.report.query import per_process_hours, window_parts
+    from elsa.report.window import per_process_hours, window_parts
 
     acc = _OutsideJobs(biller)
     # Every host's records of a gap hour are read process by process (a bill picks the

@@ -13,7 +13,7 @@ needs only sqlite3 and the aggregator's "best" rule.
   counted twice; pick one explicitly with ``source``. In an hour in which a
   source missed processes (a gap: elsad was down, records lost to ENOBUFS,
   accounting taken over), each process is counted from its best source's record
-  instead (:func:`window_parts`).
+  instead (elsa.report.window).
 * Per-job figures come from ``job_usage`` (one row per job and source) with
   the best figure per metric, by the same priorities.
 * One copy of each query serves a node's SQLite store and the site's central
@@ -30,16 +30,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import AbstractSet, Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from elsa.core.model import format_jid, split_exit
 from elsa.core.usage import (
     METRICS,
     best,
-    best_records_sql,
     fallbacks,
-    gap_buckets,
-    gaps_by_host,
     load_priorities,
     not_below_records,
     plus,
@@ -48,6 +45,13 @@ from elsa.core.usage import (
 )
 from elsa.errors import StoreError
 from elsa.report.connect import BUCKET, Db, adapt
+from elsa.report.window import (
+    best_records,
+    host_sql,
+    per_process_hours,
+    range_sql,
+    window_parts,
+)
 
 SUMMARY_KEYS = ("processes", "cpu_user_us", "cpu_system_us", "elapsed_us", "max_rss_kb",
                 "avg_mem_kb", "read_bytes", "write_bytes", "minflt", "majflt")
@@ -57,152 +61,8 @@ PROCESS_KEYS = ("pid", "ppid", "uid", "comm", "start_time", "end_time", "exit_co
                 "nvcsw", "nivcsw", "source")
 
 
-def _bucket_range(since: Optional[float], until: Optional[float]
-                  ) -> Tuple[Optional[int], Optional[int]]:
-    """Whole hour buckets inside [since, until): [lo, hi), None = unbounded."""
-    lo = None if since is None else math.ceil(since / BUCKET)
-    hi = None if until is None else math.floor(until / BUCKET)
-    return lo, hi
-
-
-def _range_sql(col: str, lo: Optional[float], hi: Optional[float],
-               params: List[Any]) -> str:
-    parts = []
-    if lo is not None:
-        parts.append(f"{col} >= ?")
-        params.append(lo)
-    if hi is not None:
-        parts.append(f"{col} < ?")
-        params.append(hi)
-    return " AND ".join(parts) or "TRUE"
-
-
-def _host_sql(db: Db, hosts: Optional[Sequence[str]], params: List[Any], op: str = "IN"
-              ) -> str:
-    """" AND host IN (...)" (*op* NOT IN: but them) for *hosts*; empty for none."""
-    if not hosts:
-        return ""
-    params.extend(hosts)
-    return f" AND {db.host()} {op} ({', '.join('?' * len(hosts))})"
-
-
-class Part(NamedTuple):
-    """A part of a report's window (:func:`window_parts`): how and where it is read."""
-
-    kind: str  # "hours", "records" or "processes"
-    lo: Optional[float]  # bounds: hour buckets for "hours", else epoch seconds
-    hi: Optional[float]
-    #: Central store: read only these hosts' records (None: every host's) ...
-    only: Optional[AbstractSet[str]] = None
-    #: ... or every host's but these (the hosts a "processes" part of the hour reads).
-    but: AbstractSet[str] = frozenset()
-
-    def host_sql(self, db: Db, params: List[Any]) -> str:
-        """The part's host condition (" AND ..."; empty when it reads every host)."""
-        if self.only is not None:
-            return _host_sql(db, sorted(self.only), params)
-        return _host_sql(db, sorted(self.but), params, "NOT IN")
-
-
-def window_parts(since: Optional[float], until: Optional[float],
-                 per_process_hours: Optional[Mapping[int, Optional[AbstractSet[str]]]] = None
-                 ) -> List[Part]:
-    """How the reports read the process records ending in [since, until), in parts:
-
-    * ``hours`` [lo, hi): whole hour buckets (None: unbounded), from the
-      hourly rollup, the best source present per hour;
-    * ``records`` [lo, hi): a partial hour at the window's edge, from the records,
-      the best source present in it;
-    * ``processes`` [lo, hi): (part of) an hour of *per_process_hours* (a source
-      missed processes there: :func:`per_process_hours`), from the records, each process
-      once (its best source's record: :func:`best_records`). On the central store only
-      the hosts whose gap it is are read so (``only``); the others' records of that hour
-      are an ``hours`` or ``records`` part of their own (``but``), read as any other.
-
-    Summaries and bills (elsa.billing.bill) read a window through the same parts."""
-    blo, bhi = _bucket_range(since, until)
-    if blo is not None and bhi is not None and bhi < blo:
-        edges = [(since, until)]  # the window is inside one hour: only records
-        hours: List[Tuple[Optional[int], Optional[int]]] = []
-    else:
-        edges = []
-        if since is not None and blo is not None and since < blo * BUCKET:
-            edges.append((since, blo * BUCKET))
-        if until is not None and bhi is not None and bhi * BUCKET < until:
-            edges.append((bhi * BUCKET, until))
-        hours = [(blo, bhi)] if blo is None or bhi is None or blo < bhi else []
-    per_process_hours = per_process_hours or {}
-    special = sorted(per_process_hours)
-    parts: List[Part] = []
-
-    def per_process(kind: str, h: int, lo: float, hi: float) -> None:
-        hosts = per_process_hours[h]
-        parts.append(Part("processes", lo, hi, only=hosts))
-        if hosts is not None:  # the other hosts of the hour
-            parts.append(Part(kind, h if kind == "hours" else lo,
-                              h + 1 if kind == "hours" else hi, but=hosts))
-
-    for lo, hi in edges:
-        h = math.floor(lo / BUCKET)
-        if h in per_process_hours:
-            per_process("records", h, lo, hi)
-        else:
-            parts.append(Part("records", lo, hi))
-    for lo, hi in hours:
-        for h in special:
-            if (lo is None or h >= lo) and (hi is None or h < hi):
-                if lo is None or h > lo:
-                    parts.append(Part("hours", lo, h))
-                per_process("hours", h, h * BUCKET, (h + 1) * BUCKET)
-                lo = h + 1
-        if lo is None or hi is None or lo < hi:
-            parts.append(Part("hours", lo, hi))
-    return parts
-
-
 _SUMMARY_COLS = ("uid, comm, cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb, max_vm_kb, "
                  "read_bytes, write_bytes, minflt, majflt")
-
-
-#: The hours in [?, ?] in which source ? has records and another source too (of one host
-#: on the central store: {host}): a gap's hours that are read process by process
-#: (elsa.core.usage, "its gaps").
-GAP_HOURS_SQL = ("SELECT bucket FROM usage_rollup WHERE bucket >= ? AND bucket <= ?{host} "
-                 "GROUP BY bucket HAVING COUNT(DISTINCT source) > 1 "
-                 "AND MAX(CASE WHEN source = ? THEN 1 ELSE 0 END) = 1")
-
-
-def per_process_hours(db: Any) -> Dict[int, Optional[AbstractSet[str]]]:
-    """The hours a report reads process by process: those a source's gap overlaps
-    (elsa.core.usage.gap_buckets) in which that source has records, so it missed part
-    of the hour's processes, and another source has records too (with one, there is
-    nothing to choose between). In an hour where the gapped source has none, the best
-    source present is a complete one. Each hour maps to the hosts whose gaps it is
-    (the central store: only their records are read so) or None (a node's store)."""
-    db = adapt(db)
-    hours: Dict[int, Optional[AbstractSet[str]]] = {}
-    for host, gaps in gaps_by_host(db).items():
-        params: List[Any] = []
-        where = "" if host is None else _host_sql(db, [host], params)
-        for src, first, last in gap_buckets(gaps, BUCKET):
-            for (h,) in db.execute(GAP_HOURS_SQL.format(host=where), [first, last] + params
-                                   + [src]):
-                got = hours.get(int(h))
-                hours[int(h)] = None if host is None else (got or frozenset()) | {host}
-    return hours
-
-
-def best_records(db: Any, prios: Dict[str, int], columns: str, lo: float, hi: float
-                 ) -> Tuple[str, List[Any]]:
-    """*columns* of the records ending in [lo, hi), one per process: its best source's
-    (elsa.core.usage.best_records_sql), as a subquery with its parameters."""
-    db = adapt(db)
-    near = db.execute("SELECT DISTINCT source FROM usage_rollup WHERE bucket >= ? AND "
-                      "bucket <= ?", (math.floor(lo / BUCKET) - 1,
-                                      math.floor(hi / BUCKET) + 1)).fetchall()
-    ranked = rank_sources({r[0] for r in near} | set(prios), prios)
-    host = db.host() if db.central else ""
-    return best_records_sql(ranked, columns + (f", {host}" if host else ""), lo, hi, host)
 
 
 #: A part's sums, the columns :func:`summary` merges, from the rollup and from records.
@@ -234,8 +94,8 @@ def _hours_sums(db: Db, group: str, where: str, params: List[Any], prios: Dict[s
 def _processes_sums(db: Db, group: str, where: str, params: List[Any],
                     prios: Dict[str, int], lo: float, hi: float) -> List[Sequence[Any]]:
     """(host, *group*, sums...) of the records ending in [lo, hi) matching *where*, each
-    process once, from its best source's record (:func:`best_records`): an hour of
-    :func:`per_process_hours`."""
+    process once, from its best source's record (elsa.report.window.best_records): an hour of
+    elsa.report.window.per_process_hours."""
     table, table_params = best_records(db, prios, _SUMMARY_COLS, lo, hi)
     host = db.host()
     sql = (f"SELECT {host}, {group}, {_RECORD_SUMS} FROM {table} AS p "
@@ -279,7 +139,7 @@ def summary(db: Any, by: str, since: Optional[float] = None,
         kind, lo, hi = part[:3]
         params: List[Any] = []
         if kind == "hours":
-            where = (_range_sql("bucket", lo, hi, params) + _host_sql(db, hosts, params)
+            where = (range_sql("bucket", lo, hi, params) + host_sql(db, hosts, params)
                      + part.host_sql(db, params))
             if source:
                 params.append(source)
@@ -287,10 +147,10 @@ def summary(db: Any, by: str, since: Optional[float] = None,
             continue
         if kind == "processes":  # never with one source picked (parts above)
             assert lo is not None and hi is not None  # (part of) one hour
-            where = "TRUE" + _host_sql(db, hosts, params) + part.host_sql(db, params)
+            where = "TRUE" + host_sql(db, hosts, params) + part.host_sql(db, params)
             merge(_processes_sums(db, ukey, where, params, prios, lo, hi))
             continue
-        where = (_range_sql("end_time", lo, hi, params) + _host_sql(db, hosts, params)
+        where = (range_sql("end_time", lo, hi, params) + host_sql(db, hosts, params)
                  + part.host_sql(db, params))
         if source:
             params.append(source)
@@ -704,7 +564,7 @@ def usage_per_day(db: Any, since: Optional[float] = None, until: Optional[float]
     """CPU µs and processes per UTC day and user, in the whole hours overlapping the
     window, counted as :func:`summary` counts them: per host and hour the best
     process-level source from the hourly rollup, and in the hours in which a source
-    missed processes each process once (:func:`window_parts`, :func:`per_process_hours`)."""
+    missed processes each process once (elsa.report.window)."""
     db = adapt(db)
     prios = load_priorities(db)
     lo = None if since is None else math.floor(since / BUCKET) * BUCKET
@@ -714,7 +574,7 @@ def usage_per_day(db: Any, since: Optional[float] = None, until: Optional[float]
         kind, plo, phi = part[:3]
         params: List[Any] = []
         if kind == "hours":
-            where = _range_sql("bucket", plo, phi, params) + part.host_sql(db, params)
+            where = range_sql("bucket", plo, phi, params) + part.host_sql(db, params)
             if uid is not None:
                 where += " AND uid = ?"
                 params.append(uid)
