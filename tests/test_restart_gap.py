@@ -82,3 +82,27 @@ def test_after_a_clean_stop_the_gap_begins_at_the_stop(elsad, spawned):
     with d.client() as c:
         gaps = {g["source"]: g for g in c.status()["sources"].get("gaps", [])}
     assert gaps["taskstats"]["from"] >= stopped - 0.05, (gaps, stopped)
+
+
+def test_a_restart_without_jobs_shows_its_gap_in_status(elsad):
+    """The downtime is a gap of taskstats whether or not jobs ran across it (the
+    reports read its hours process by process): status lists it with no jobs. A
+    first start, with no earlier run, lists none."""
+    d = elsad(backend="auto")
+    with d.client() as c:
+        assert [g for g in c.status()["sources"].get("gaps", [])
+                if g["source"] == "taskstats"] == []
+    stopped = time.time()
+    d.stop()
+    d.start()
+    with d.client() as c:
+        gaps = {g["source"]: g for g in c.status()["sources"].get("gaps", [])}
+    assert gaps["taskstats"]["jobs"] == [], gaps
+    assert gaps["taskstats"]["from"] >= stopped - 3 and gaps["taskstats"]["from"] < gaps[
+        "taskstats"]["to"], (gaps, stopped)
+    assert "elsad was not running" in gaps["taskstats"]["why"], gaps
+    assert "cgroupstat" not in gaps
+    text = subprocess.run(["elsa-jobmng", "--socket", d.socket, "status"],
+                          capture_output=True, text=True, check=True).stdout
+    (line,) = [t for t in text.splitlines() if t.startswith("gap ") and "taskstats" in t]
+    assert line.startswith("gap        no taskstats records from") and "flagged" not in line, text

@@ -327,7 +327,10 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
         return out
 
     record_gaps(store, gaps, list(started), specs, time.time())
-    gaps = [g for g in gaps if g["jobs"]]  # status shows the downtimes that flagged jobs
+    # status shows a downtime that flagged jobs, or one after an earlier run (the
+    # reports read its hours process by process, jobs or not); not the time before
+    # a first start, when the store did not exist and nothing ran to lose records.
+    gaps = [g for g in gaps if g["jobs"] or g["from"]]
     for gap in gaps:
         aggregator.flag_incomplete([parse_jid(j) for j in gap["jobs"]], gap["source"],
                                    gap["why"])
