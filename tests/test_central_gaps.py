@@ -133,6 +133,7 @@ def test_gaps_resent_or_extended_are_not_doubled(pg: PgServer, tmp_path: Path) -
     sh = _ship(st, url, "e1")
     try:
         assert _central_gaps(pg, "gapsre") == [("e1", "taskstats", *GAP)]
+        assert sh.status()["shipped_gaps"] == 1
         sent: List[Any] = []
         send = sh._send
 
@@ -152,6 +153,7 @@ def test_gaps_resent_or_extended_are_not_doubled(pg: PgServer, tmp_path: Path) -
                 ("e1", "taskstats", GAP[0], GAP[1] + 30)]
         assert _central_gaps(pg, "gapsre") == want
         assert sh._round() is False and len(sent) == 1
+        assert sh.status()["shipped_gaps"] == 3  # the first, the extended, the new one
         # The round of the older version again (its commit unseen, say): no shrinking.
         sh._send([], [], [], set(), None, (), (), [("taskstats", *GAP)])
         assert _central_gaps(pg, "gapsre") == want
@@ -165,6 +167,7 @@ def test_gaps_resent_or_extended_are_not_doubled(pg: PgServer, tmp_path: Path) -
         assert len(sh._changed_gaps(sh._local)) == 2
         assert sh._round() is False
         assert sh.status()["shipped_records"] == 0  # the records were shipped before
+        assert sh.status()["shipped_gaps"] == 2  # the gaps are sent again, once
         assert sh._changed_gaps(sh._local) == []
         assert _central_gaps(pg, "gapsre") == want
     finally:

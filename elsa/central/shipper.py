@@ -111,7 +111,8 @@ class Shipper:
             "backlog_records": None, "backlog_jobs": None, "backlog_apps": None,
             "oldest_age_s": None,
             "failing": False, "last_error": None, "last_error_at": None, "last_shipped_at": None,
-            "shipped_records": 0, "shipped_jobs": 0, "shipped_apps": 0, "rounds": 0,
+            "shipped_records": 0, "shipped_jobs": 0, "shipped_apps": 0, "shipped_gaps": 0,
+            "rounds": 0,
             "retry_in_s": None,
             "pruned_records": 0,
         }
@@ -306,6 +307,7 @@ class Shipper:
         self._st["shipped_records"] += len(rows)
         self._st["shipped_jobs"] += len(jobs)
         self._st["shipped_apps"] += len(apps)
+        self._st["shipped_gaps"] += len(gaps)  # new or extended ones (all, after a start)
         self._st["rounds"] += 1
         self._st["last_shipped_at"] = now
         return self.batch_rows <= max(len(rows), len(folded), len(apps))
