@@ -312,6 +312,29 @@ def test_folded_job_records_are_not_billed_twice(site, capsys):
     assert rows[None]["charge"] == "1.40"  # outside jobs: as before
 
 
+def test_folded_records_outside_jobs_are_billed_in_a_partial_hour(site, capsys):
+    # [thresholds] folded small records outside jobs at a window's edges count as the
+    # hourly rollup counts them in whole hours: A, 30 records of Friday 17:40-17:41 (all
+    # prime): 50 s user x 0.01 = 0.5; B, 10 records of 17:59:30-18:00:30 (across the
+    # 18:00 boundary): their 20 s at half prime, 10 s user x 0.007 = 0.07. With P2's
+    # 1.601: 2.171.
+    cfg = config.load(site)
+    db = sqlite3.connect(f"{cfg.state_dir}/elsa.db", isolation_level=None)
+    for start, end, n, cu, el in (("17:40", "17:41", 30, 50_000_000, 30_000_000),
+                                  ("17:59:30", "18:00:30", 10, 10_000_000, 20_000_000)):
+        db.execute("INSERT INTO proc_folded(source, uid, comm, start_time, end_time, folded, "
+                   "mem_kb_sum, cpu_user_us, cpu_system_us, elapsed_us) VALUES ('taskstats', "
+                   "1001, 'sh', ?, ?, ?, 0, ?, 0, ?)",
+                   (ts(f"2026-11-27T{start}"), ts(f"2026-11-27T{end}"), n, cu, el))
+    db.close()
+    assert main(["bill", "--config", site, "--json", "--by", "job",
+                 "--since", "2026-11-27T17:15+00:00", "--until", "2026-11-27T18:45+00:00"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["key"] is None and row["processes"] == 41, row
+    assert row["charge"] == "2.17", row
+    assert (row["prime_s"], row["nonprime_s"]) == (1840, 1810), row
+
+
 def test_a_quantity_no_record_measured_is_unpriced_in_whole_hours_too(site, capsys):
     # The site's processes outside jobs have no I/O figures. With a rate for reading,
     # the whole hours (from the hourly rollup) and the partial hours (from the records)

@@ -42,7 +42,7 @@ def _node(state: Path, gap: bool) -> Store:
     """A node's store: processes both sources recorded (bsdacct's end up to 1 s early,
     its CPU rounded) in HOUR and the hour after; with *gap*, one more that ran while
     taskstats missed records, which only bsdacct has; without, 5 short processes of
-    HOUR that taskstats folded ([thresholds]), which only the rollup counts."""
+    HOUR that taskstats folded ([thresholds]): one proc_folded row."""
     st = Store(str(state))
     save_priorities(st.db, st.submit, {"taskstats": 20, "bsdacct": 30})
     rows = []
@@ -92,8 +92,8 @@ def test_central_summary_counts_a_gap_hour_as_the_node_does(
         pg: PgServer, tmp_path: Path, capsys) -> None:
     """A process only bsdacct recorded, in an hour where taskstats had a gap: counted
     centrally as on the node. A second node without a gap: its records of that hour
-    are read as on its own store (from the rollup, which has the records [thresholds]
-    folded; read process by process they were left out)."""
+    are read as on its own store (the records [thresholds] folded count; read process
+    by process they were left out)."""
     fresh_db(pg, "gaps")
     stores = {"g1": _node(tmp_path / "g1", gap=True), "g2": _node(tmp_path / "g2", gap=False)}
     for host, st in stores.items():
@@ -115,10 +115,25 @@ def test_central_summary_counts_a_gap_hour_as_the_node_does(
         site = {c: r["processes"] for c, r in _summary(capsys, dburl, *window).items()}
         assert site == {c: sum(n.get(c, {"processes": 0})["processes"] for n in (g1, g2))
                         for c in set(g1) | set(g2)}
-        # In whole hours the folded records count (a window's edges read records, on
-        # the node as centrally: the last window has none of them).
-        assert site.get("tiny") == (5 if window[1:2] != [str(HOUR + 180)] else None)
+        # The folded records count in whole hours and at a window's edges alike (the
+        # last window's first hour is an edge), on the node as centrally.
+        assert site.get("tiny") == 5 and g2["tiny"]["processes"] == 5, (window, site)
+        assert g2["tiny"]["cpu_user_us"] == 500, g2["tiny"]
     assert site["downburn"] == 1 and site["after"] == 6
+    # elsa bill reads the same parts: its outside-job processes, centrally as on the nodes.
+    cfg = tmp_path / "bill.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[billing]\n[billing.rates]\ncpu_user = 1\n')
+    for window in (["--since", str(HOUR), "--until", str(HOUR + 7200)],
+                   ["--since", str(HOUR + 180), "--until", str(HOUR + 5400)]):
+        bills = {}
+        for where in [st.path for st in stores.values()]:
+            capsys.readouterr()
+            assert elsa_main(["bill", "--config", str(cfg), "--db", where, "--json",
+                              *window]) == 0
+            bills[where] = json.loads(capsys.readouterr().out)
+        nodes = [bills[st.path] for st in stores.values()]
+        # g2's 5 folded records count at the edges too: 6 + 3 + 5 processes on g2.
+        assert nodes[1]["rows"][0]["processes"] == 14, (window, nodes[1])
     for st in stores.values():
         st.close()
 

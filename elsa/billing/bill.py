@@ -37,11 +37,14 @@ ZERO = Decimal(0)
 #: Ended jobs in a window (the bill's items). One statement, used by every store.
 JOBS_SQL = ("SELECT jid, name, owner_uid, tags, created, ended, params FROM jobs "
             "WHERE ended IS NOT NULL AND ended >= ? AND ended < ? ORDER BY ended, jid")
-_PROC_SUMS = ("COUNT(*), SUM(cpu_user_us), SUM(cpu_system_us), "
-              "SUM(max_rss_kb * (elapsed_us / 1000)), SUM(coremem_kb_us), "
-              "SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us)")
-_PROC_COLS = "cpu_user_us, cpu_system_us, max_rss_kb, elapsed_us, coremem_kb_us, " \
-             "read_bytes, write_bytes"
+_PROC_SUMS = ("SUM(n), SUM(cpu_user_us), SUM(cpu_system_us), SUM(peak_kb_ms), "
+              "SUM(coremem_kb_us), SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us)")
+#: What a bill reads of the records of a partial hour (elsa.report.window.record_exprs:
+#: ``n`` processes, ``peak_kb_ms`` the peak RSS times the elapsed ms).
+_RAW_COLS = ("uid", "source", "jid", "start_time", "end_time", "n", "cpu_user_us",
+             "cpu_system_us", "peak_kb_ms", "elapsed_us", "coremem_kb_us", "read_bytes",
+             "write_bytes")
+_PROC_COLS = ", ".join(_RAW_COLS[5:])
 
 
 def _dec(v: Any) -> Optional[Decimal]:
@@ -228,23 +231,24 @@ def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float,
     """Exact: each record split by its own seconds (CSA's per-process p_ratio).
 
     [since, until) lies in one hour (elsa.report.window.window_parts): its records
-    of the best source present in it, or with *per_process* each process's record
-    of its best source (an hour in which a source has a gap)."""
+    of the best source present in it, with those [thresholds] folded (edge_records),
+    or with *per_process* each process's record of its best source (an hour in which
+    a source has a gap)."""
     periods = acc.biller.cfg.schedule.periods(since, until)
     bounds = [a for a, _, _ in periods]
     start = "COALESCE(start_time, end_time)"
     si = _tree(start, bounds, 0, len(bounds)) if len(bounds) > 1 else \
         f"CASE WHEN {start} < {_lit(bounds[0])} THEN -1 ELSE 0 END"
     ei = _tree("end_time", bounds, 0, len(bounds)) if len(bounds) > 1 else "0"
-    prios = load_priorities(db)
-    table, params = "proc_usage", [since, until]
-    if per_process:
-        from elsa.report.window import best_records
+    from elsa.report.window import best_records, edge_records, record_exprs
 
-        table, table_params = best_records(
-            db, prios, f"uid, source, jid, start_time, end_time, {_PROC_COLS}", since, until)
-        params = table_params + params
+    prios = load_priorities(db)
     where = "jid IS NULL AND end_time >= ? AND end_time < ?"
+    if per_process:
+        table, params = best_records(db, prios, record_exprs(_RAW_COLS), since, until)
+    else:
+        table, params = edge_records(db, _RAW_COLS, where, [since, until])
+    params += [since, until]  # *where* again, on the relation
     grouped = db.execute(
         f"SELECT uid, source, si, ei, {_PROC_SUMS} FROM (SELECT uid, source, {si} AS si, "
         f"{ei} AS ei, {_PROC_COLS} FROM {table} AS p WHERE {where}) AS t "
@@ -265,16 +269,18 @@ def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float,
                  "coremem_kb_us": integ, "read_bytes": rd, "write_bytes": wr}
         acc.add(uid, usage, n, Decimal(1 if periods[e_idx][2] else 0),
                 Decimal(el or 0) / _US)
-    for uid, src, st, en, cu, cs, rss, el, integ, rd, wr in crossing:
+    for uid, src, st, en, n, cu, cs, peak, el, integ, rd, wr in crossing:
         if best not in (None, src):
             continue
         st = en if st is None else st
-        wall = max(en - st, 1.0)  # CSA: elapsed at least 1 s
-        prime_s = acc.biller.cfg.schedule.prime_seconds(en - wall, en)
-        usage = {"cpu_user_us": cu, "cpu_system_us": cs,
-                 "mem_peak_kb_ms": None if rss is None or el is None else rss * (el // 1000),
+        span = max(en - st, 1.0)  # CSA: elapsed at least 1 s
+        prime_s = acc.biller.cfg.schedule.prime_seconds(en - span, en)
+        usage = {"cpu_user_us": cu, "cpu_system_us": cs, "mem_peak_kb_ms": peak,
                  "coremem_kb_us": integ, "read_bytes": rd, "write_bytes": wr}
-        acc.add(uid, usage, 1, _ratio(prime_s, wall), Decimal(wall))
+        # A folded row (n records, from the first's start to the last's end): its
+        # records' elapsed time, at the prime share of that span.
+        wall = Decimal(span) if n == 1 else Decimal(el or 0) / _US
+        acc.add(uid, usage, n, _ratio(prime_s, span), wall)
 
 
 #: Whole hours from the store's hourly rollup (all process records, per uid and

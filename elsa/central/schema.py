@@ -21,8 +21,7 @@ import re
 from typing import Any, List, Optional, Tuple
 
 from elsa.apps import record
-from elsa.core.thresholds import folded_mem_kb_sum
-from elsa.core.usage import ROLLUP_SUMS
+from elsa.core.usage import ROLLUP_SUMS, folded_mem_kb_sum
 from elsa.errors import ElsaError
 
 #: The rollup's one ON CONFLICT clause: process rows and folded rows add up alike

@@ -11,9 +11,15 @@ import time
 from typing import List, Optional
 
 from elsa.apps.record import MIGRATION as APPS_MIGRATION
-from elsa.core.thresholds import FOLDED_JOB_TRIGGER, FOLDED_ROLLUP_TRIGGER, folded_mem_kb_sum
+from elsa.core.thresholds import FOLDED_JOB_TRIGGER, FOLDED_ROLLUP_TRIGGER
 from elsa.core.thresholds import MIGRATION as THRESHOLDS_MIGRATION
-from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE, ROLLUP_SUMS, SUM_METRICS
+from elsa.core.usage import (
+    JOB_USAGE_ACCUMULATE,
+    ROLLUP_ACCUMULATE,
+    ROLLUP_SUMS,
+    SUM_METRICS,
+    folded_mem_kb_sum,
+)
 from elsa.errors import StoreError
 from elsa.kernel import sdnotify
 from elsa.logsetup import structlog

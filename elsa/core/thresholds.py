@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from elsa.config import Option, non_negative
 from elsa.core.source import ROW_FIELDS
-from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE, plus
+from elsa.core.usage import JOB_USAGE_ACCUMULATE, ROLLUP_ACCUMULATE, folded_mem_kb_sum, plus
 
 OPTIONS: Dict[str, Option] = {
     "min_cpu_ms": Option(int, 0, "Process records with less CPU time (user + system, ms) are"
@@ -39,15 +39,6 @@ INSERT_FOLDED = (f"INSERT INTO proc_folded({', '.join(FOLDED_COLUMNS)}) "
 
 _I = {name: i for i, name in enumerate(ROW_FIELDS)}
 _CPU_U, _CPU_S, _RSS = _I["cpu_user_us"], _I["cpu_system_us"], _I["max_rss_kb"]
-
-
-def folded_mem_kb_sum(row: str = "") -> str:
-    """A folded row's memory sum as the rollup counts it (*row*: ``NEW.`` in a trigger):
-    NULL when no record of it measured memory, as SUM(COALESCE(max_rss_kb, max_vm_kb))
-    over the records would be. The row's mem_kb_sum is then 0 (the column is NOT NULL),
-    and its maxima say whether any record did."""
-    return (f"CASE WHEN {row}max_rss_kb IS NULL AND {row}max_vm_kb IS NULL THEN NULL "
-            f"ELSE {row}mem_kb_sum END")
 
 
 #: A job's totals per source follow each folded row as it is inserted.

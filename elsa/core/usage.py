@@ -391,6 +391,16 @@ def plus(a: Optional[int], b: Optional[int]) -> Optional[int]:
     return a if b is None else a + b
 
 
+def folded_mem_kb_sum(row: str = "") -> str:
+    """A row of ``proc_folded`` (records [thresholds] folded, elsa.core.thresholds): its
+    memory sum as the rollup counts it (*row*: ``NEW.`` in a trigger):
+    NULL when no record of it measured memory, as SUM(COALESCE(max_rss_kb, max_vm_kb))
+    over the records would be. The row's mem_kb_sum is then 0 (the column is NOT NULL),
+    and its maxima say whether any record did."""
+    return (f"CASE WHEN {row}max_rss_kb IS NULL AND {row}max_vm_kb IS NULL THEN NULL "
+            f"ELSE {row}mem_kb_sum END")
+
+
 #: usage_rollup's summed figures (store migration 13 made them nullable).
 #: ``mem_kb_sum``: each record's peak RSS, else its peak VM, summed for averages.
 ROLLUP_SUMS = ("cpu_user_us", "cpu_system_us", "elapsed_us", "mem_kb_sum", "read_bytes",

@@ -53,9 +53,21 @@ class Db:
         """(user, account) for *uid* on *host*."""
         return user_name(uid), None
 
+    def has_folded(self) -> bool:
+        """Whether the store has ``proc_folded`` (the central store always has)."""
+        return True
+
 
 class SqliteDb(Db):
-    pass
+    _folded: Optional[bool] = None
+
+    def has_folded(self) -> bool:
+        # Store migration 3 added the table; reports read stores from schema 2 on.
+        if self._folded is None:
+            self._folded = self.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'proc_folded'"
+            ).fetchone() is not None
+        return self._folded
 
 
 def adapt(db: Any) -> Db:

@@ -47,6 +47,7 @@ from elsa.errors import StoreError
 from elsa.report.connect import BUCKET, Db, adapt
 from elsa.report.window import (
     best_records,
+    edge_records,
     host_sql,
     per_process_hours,
     range_sql,
@@ -73,6 +74,12 @@ _ROLLUP_SUMS = ("SUM(processes), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elaps
 _RECORD_SUMS = ("COUNT(*), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
                 "MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb)), SUM(read_bytes), "
                 "SUM(write_bytes), SUM(minflt), SUM(majflt)")
+#: What an edge part reads of its records (elsa.report.window.edge_records), and its sums.
+_EDGE_COLS = ("source", "uid", "comm", "end_time", "n", "cpu_user_us", "cpu_system_us",
+              "elapsed_us", "max_rss_kb", "mem", "read_bytes", "write_bytes", "minflt", "majflt")
+_EDGE_SUMS = ("SUM(n), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
+              "MAX(max_rss_kb), SUM(mem), SUM(read_bytes), SUM(write_bytes), SUM(minflt), "
+              "SUM(majflt)")
 #: A record's user as the rollup files it (a record without one under -1).
 _RECORD_UID = "COALESCE(uid, -1)"
 
@@ -155,13 +162,13 @@ def summary(db: Any, by: str, since: Optional[float] = None,
         if source:
             params.append(source)
         hour = db.hour("end_time")
-        sql = (f"WITH pick AS (SELECT {host} AS h, {hour} AS b, "
-               f"MIN({rank}) AS p FROM proc_usage WHERE {where}{src_sql} "
-               f"GROUP BY {host}, {hour}) "
-               f"SELECT {host}, {ukey}, {_RECORD_SUMS} "
-               f"FROM proc_usage JOIN pick ON {host} = pick.h AND {hour} = pick.b "
-               f"AND {rank} = pick.p WHERE {where}{src_sql} GROUP BY {host}, {ukey}")
-        merge(db.execute(sql, rank_params + params + rank_params + params).fetchall())
+        table, params = edge_records(db, _EDGE_COLS, where + src_sql, params)
+        sql = (f"WITH r AS {table}, pick AS (SELECT {host} AS h, {hour} AS b, "
+               f"MIN({rank}) AS p FROM r GROUP BY {host}, {hour}) "
+               f"SELECT {host}, {ukey}, {_EDGE_SUMS} "
+               f"FROM r JOIN pick ON {host} = pick.h AND {hour} = pick.b "
+               f"AND {rank} = pick.p GROUP BY {host}, {ukey}")
+        merge(db.execute(sql, params + rank_params + rank_params).fetchall())
     residual: Dict[Any, Tuple[int, int]] = {}
     if by == "user" and not source:
         residual = job_residuals(db, since, until, hosts)

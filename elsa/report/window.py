@@ -14,7 +14,13 @@ from __future__ import annotations
 import math
 from typing import AbstractSet, Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from elsa.core.usage import best_records_sql, gap_buckets, gaps_by_host, rank_sources
+from elsa.core.usage import (
+    best_records_sql,
+    folded_mem_kb_sum,
+    gap_buckets,
+    gaps_by_host,
+    rank_sources,
+)
 from elsa.report.connect import BUCKET, Db, adapt
 
 
@@ -160,3 +166,40 @@ def best_records(db: Any, prios: Dict[str, int], columns: str, lo: float, hi: fl
     ranked = rank_sources({r[0] for r in near} | set(prios), prios)
     host = db.host() if db.central else ""
     return best_records_sql(ranked, columns + (f", {host}" if host else ""), lo, hi, host)
+
+
+#: The record columns an edge part reads differently from the two tables of records:
+#: (proc_usage's expression, proc_folded's). ``n``: the processes a row counts; ``mem``:
+#: its memory for averages (what the rollup's mem_kb_sum adds); ``peak_kb_ms``: its peak
+#: RSS times its elapsed ms (billing's memory), unknown for a folded row, whose peak is
+#: the largest of its records'.
+_EDGE_AS = {"n": ("1", "folded"),
+            "mem": ("COALESCE(max_rss_kb, max_vm_kb)", folded_mem_kb_sum()),
+            "peak_kb_ms": ("max_rss_kb * (elapsed_us / 1000)", "NULL")}
+
+
+def record_exprs(columns: Sequence[str], folded: int = 0) -> str:
+    """*columns* as a SELECT list of proc_usage's rows (or, *folded* 1, of proc_folded's),
+    with the columns of :data:`_EDGE_AS` read as each table gives them."""
+    return ", ".join(f"{_EDGE_AS[c][folded]} AS {c}" if c in _EDGE_AS else c for c in columns)
+
+
+def edge_records(db: Any, columns: Sequence[str], where: str, params: Sequence[Any]
+                 ) -> Tuple[str, List[Any]]:
+    """The records of a ``records`` part (a window's edge) matching *where* (with
+    *params*), as a subquery of *columns* (and the host, on the central store), with
+    its parameters: proc_usage's rows, a process each, and the rows ``[thresholds]``
+    folded (elsa.core.thresholds), ``folded`` processes each, as the hourly rollup
+    counts both, so an edge hour counts what a whole hour counts. A folded row's
+    records ended within one of elsad's batches (seconds apart): it is at the edge
+    where the last of them ended (its end_time)."""
+    db = adapt(db)
+    cols = list(columns) + (["host"] if db.central else [])
+
+    def select(table: str, i: int) -> str:
+        return f"SELECT {record_exprs(cols, i)} FROM {table} WHERE {where}"
+
+    if not db.has_folded():
+        return f"({select('proc_usage', 0)})", list(params)
+    return (f"({select('proc_usage', 0)} UNION ALL {select('proc_folded', 1)})",
+            list(params) * 2)
