@@ -161,6 +161,22 @@ def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> 
     assert json.loads(capsys.readouterr().out) == []
     assert elsa_main(["summary", "--by", "user", "--db", dburl]) == 0
     assert "@n1" in capsys.readouterr().out
+    # elsa bill: the same items and charges from both stores. Its whole hours take
+    # each hour's job records out of the rollup's, bucketed as the rollup buckets
+    # them (PostgreSQL's CAST to an integer rounds: the records of an hour's second
+    # half went to the next hour).
+    cfg = tmp_path / "bill.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[billing]\n[billing.rates]\ncpu_user = 1\n')
+    hour = int(NOW // 3600) * 3600
+    for since, until in ((hour - 4 * 86400, hour), (hour - 4 * 86400 + 1234, hour - 86400 - 77)):
+        bills = []
+        for where in (st.path, dburl):
+            assert elsa_main(["bill", "--config", str(cfg), "--db", where, "--by", "job",
+                              "--json", "--since", str(since), "--until", str(until)]) == 0
+            bills.append(json.loads(capsys.readouterr().out))
+        assert [(r["key"], r["processes"], r["charge"]) for r in bills[1]["rows"]] == [
+            (r["key"], r["processes"], r["charge"]) for r in bills[0]["rows"]], bills
+        assert bills[0]["total"] == bills[1]["total"] and bills[0]["rows"]
     # --db also takes libpq's key=value form (as 'elsa central --url' does); a
     # password in it is never shown.
     with admin(pg) as c:

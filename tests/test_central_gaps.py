@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -126,12 +127,17 @@ def test_central_summary_counts_a_gap_hour_as_the_node_does(
     for window in (["--since", str(HOUR), "--until", str(HOUR + 7200)],
                    ["--since", str(HOUR + 180), "--until", str(HOUR + 5400)]):
         bills = {}
-        for where in [st.path for st in stores.values()]:
+        for where in [st.path for st in stores.values()] + [dburl]:
             capsys.readouterr()
             assert elsa_main(["bill", "--config", str(cfg), "--db", where, "--json",
                               *window]) == 0
             bills[where] = json.loads(capsys.readouterr().out)
         nodes = [bills[st.path] for st in stores.values()]
+        # Centrally each node's best source per hour, and only g1's records of its gap
+        # hour read process by process: g2's folded records count there too.
+        assert bills[dburl]["rows"][0]["processes"] == sum(
+            b["rows"][0]["processes"] for b in nodes), (window, bills)
+        assert Decimal(bills[dburl]["total"]) == sum(Decimal(b["total"]) for b in nodes)
         # g2's 5 folded records count at the edges too: 6 + 3 + 5 processes on g2.
         assert nodes[1]["rows"][0]["processes"] == 14, (window, nodes[1])
     for st in stores.values():

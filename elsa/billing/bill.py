@@ -19,14 +19,17 @@ arithmetic only where both engines truncate alike.
 from __future__ import annotations
 
 import json
-import sqlite3
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from elsa.billing.rates import RESOURCES, BillingConfig
 from elsa.core.model import cores_allowed
 from elsa.core.usage import load_priorities, plus, priority
 from elsa.report.connect import BUCKET as _BUCKET
+from elsa.report.connect import Db, adapt
+
+if TYPE_CHECKING:
+    from elsa.report.window import Part
 
 _US = Decimal(1_000_000)
 _HOUR = Decimal(3600)
@@ -226,51 +229,59 @@ class _OutsideJobs:
         return out
 
 
-def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float,
-              per_process: bool = False) -> None:
+def _raw_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
     """Exact: each record split by its own seconds (CSA's per-process p_ratio).
 
-    [since, until) lies in one hour (elsa.report.window.window_parts): its records
+    *part* (elsa.report.window.window_parts) lies in one hour: per host, its records
     of the best source present in it, with those [thresholds] folded (edge_records),
-    or with *per_process* each process's record of its best source (an hour in which
-    a source has a gap)."""
+    or in a ``processes`` part each process's record of its best source (an hour in
+    which a source has a gap)."""
+    from elsa.report.window import best_records, edge_records, record_exprs
+
+    since, until = part.lo, part.hi
+    assert since is not None and until is not None  # a bill's window is bounded
     periods = acc.biller.cfg.schedule.periods(since, until)
     bounds = [a for a, _, _ in periods]
     start = "COALESCE(start_time, end_time)"
     si = _tree(start, bounds, 0, len(bounds)) if len(bounds) > 1 else \
         f"CASE WHEN {start} < {_lit(bounds[0])} THEN -1 ELSE 0 END"
     ei = _tree("end_time", bounds, 0, len(bounds)) if len(bounds) > 1 else "0"
-    from elsa.report.window import best_records, edge_records, record_exprs
-
     prios = load_priorities(db)
-    where = "jid IS NULL AND end_time >= ? AND end_time < ?"
+    hosts: List[Any] = []
+    where = "jid IS NULL AND end_time >= ? AND end_time < ?" + part.host_sql(db, hosts)
+    per_process = part.kind == "processes"
     if per_process:
         table, params = best_records(db, prios, record_exprs(_RAW_COLS), since, until)
     else:
-        table, params = edge_records(db, _RAW_COLS, where, [since, until])
-    params += [since, until]  # *where* again, on the relation
+        table, params = edge_records(db, _RAW_COLS, where, [since, until] + hosts)
+    params += [since, until] + hosts  # *where* again, on the relation
+    host = db.host()
     grouped = db.execute(
-        f"SELECT uid, source, si, ei, {_PROC_SUMS} FROM (SELECT uid, source, {si} AS si, "
-        f"{ei} AS ei, {_PROC_COLS} FROM {table} AS p WHERE {where}) AS t "
-        f"GROUP BY uid, source, si, ei", params).fetchall()
+        f"SELECT h, uid, source, si, ei, {_PROC_SUMS} FROM (SELECT {host} AS h, uid, source, "
+        f"{si} AS si, {ei} AS ei, {_PROC_COLS} FROM {table} AS p WHERE {where}) AS t "
+        f"GROUP BY h, uid, source, si, ei", params).fetchall()
     crossing: List[Tuple[Any, ...]] = []
-    if any(r[2] != r[3] for r in grouped):
+    if any(r[3] != r[4] for r in grouped):
         crossing = db.execute(
-            f"SELECT uid, source, start_time, end_time, {_PROC_COLS} FROM {table} AS p "
+            f"SELECT {host}, uid, source, start_time, end_time, {_PROC_COLS} FROM {table} AS p "
             f"WHERE {where} AND ({si}) <> ({ei})", params).fetchall()
-    # Otherwise one source, the best present (as `elsa summary` counts), so a process
-    # reported by two sources is billed once.
-    best = None if per_process else min(
-        {r[1] for r in grouped}, key=lambda src: (priority(src, prios), src), default=None)
-    for uid, src, s_idx, e_idx, n, cu, cs, memk, integ, rd, wr, el in grouped:
-        if s_idx != e_idx or best not in (None, src):
+    # Otherwise one source per host, the best present (as `elsa summary` counts), so a
+    # process reported by two sources is billed once.
+    best: Dict[Any, str] = {}
+    if not per_process:
+        for h, _uid, src, *_ in grouped:
+            if h not in best or (priority(src, prios), src) < (priority(best[h], prios),
+                                                               best[h]):
+                best[h] = src
+    for h, uid, src, s_idx, e_idx, n, cu, cs, memk, integ, rd, wr, el in grouped:
+        if s_idx != e_idx or best.get(h, src) != src:
             continue
         usage = {"cpu_user_us": cu, "cpu_system_us": cs, "mem_peak_kb_ms": memk,
                  "coremem_kb_us": integ, "read_bytes": rd, "write_bytes": wr}
         acc.add(uid, usage, n, Decimal(1 if periods[e_idx][2] else 0),
                 Decimal(el or 0) / _US)
-    for uid, src, st, en, n, cu, cs, peak, el, integ, rd, wr in crossing:
-        if best not in (None, src):
+    for h, uid, src, st, en, n, cu, cs, peak, el, integ, rd, wr in crossing:
+        if best.get(h, src) != src:
             continue
         st = en if st is None else st
         span = max(en - st, 1.0)  # CSA: elapsed at least 1 s
@@ -283,57 +294,68 @@ def _raw_into(acc: _OutsideJobs, db: Any, since: float, until: float,
         acc.add(uid, usage, n, _ratio(prime_s, span), wall)
 
 
-#: Whole hours from the store's hourly rollup (all process records, per uid and
-#: source), less the records of jobs in the same hours (jobs are billed as jobs).
-#: The hour expression is the one the rollup files records under
-#: (elsa.core.aggregator.add_to_sums).
-ROLLUP_SQL = ("SELECT bucket, source, uid, SUM(processes), SUM(cpu_user_us), "
-              "SUM(cpu_system_us), SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us) "
-              "FROM usage_rollup WHERE bucket >= ? AND bucket < ? GROUP BY bucket, source, uid")
-_JOBBED = ("SELECT CAST(p.end_time / {bucket} AS INTEGER) AS b, p.source AS s, "
-           "COALESCE(p.uid, -1) AS u, {count}, SUM(p.cpu_user_us), SUM(p.cpu_system_us), "
-           "SUM(p.read_bytes), SUM(p.write_bytes), SUM(p.elapsed_us) "
-           # From the jobs alive in the window through the jid index, not a scan of
-           # every record (CROSS JOIN: SQLite keeps this join order; standard SQL).
-           "FROM jobs AS j CROSS JOIN {table} AS p "
-           "WHERE p.jid = j.jid AND j.created < ? AND (j.ended IS NULL OR j.ended >= ?) "
-           "AND p.end_time >= ? AND p.end_time < ? GROUP BY 1, 2, 3")
-JOBBED_SQL = _JOBBED.format(bucket=_BUCKET, count="COUNT(*)", table="proc_usage")
-#: The jobs' small records folded by [thresholds] (elsa/core/thresholds.py).
-JOBBED_FOLDED_SQL = _JOBBED.format(bucket=_BUCKET, count="SUM(p.folded)", table="proc_folded")
+def _rollup_sql(db: Db, cond: str) -> str:
+    """Whole hours from the store's hourly rollup (all process records, per host, hour,
+    source and uid) matching the host condition *cond*."""
+    host = db.host()
+    return (f"SELECT {host}, bucket, source, uid, SUM(processes), SUM(cpu_user_us), "
+            f"SUM(cpu_system_us), SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us) "
+            f"FROM usage_rollup WHERE bucket >= ? AND bucket < ?{cond} "
+            f"GROUP BY {host}, bucket, source, uid")
 
 
-def _rollup_into(acc: _OutsideJobs, db: Any, blo: int, bhi: int) -> None:
-    """Hours [blo, bhi): each hour's usage split by that hour's prime seconds."""
-    roll = db.execute(ROLLUP_SQL, (blo, bhi)).fetchall()
-    jobbed: Dict[Tuple[int, str, int], List[int]] = {}
+def _jobbed_sql(db: Db, table: str, count: str, cond: str) -> str:
+    """The records in *table* of the jobs alive in the hours (what :func:`_rollup_sql`
+    reads of them: jobs are billed as jobs), per host, hour, source and uid, the hour
+    as the rollup files them (Db.hour), matching the host condition *cond* (on p.)."""
+    return (f"SELECT {db.host('p.')}, {db.hour('p.end_time')} AS b, p.source AS s, "
+            f"COALESCE(p.uid, -1) AS u, {count}, SUM(p.cpu_user_us), SUM(p.cpu_system_us), "
+            f"SUM(p.read_bytes), SUM(p.write_bytes), SUM(p.elapsed_us) "
+            # From the jobs alive in the window through the jid index, not a scan of
+            # every record (CROSS JOIN: SQLite keeps this join order; standard SQL).
+            f"FROM jobs AS j CROSS JOIN {table} AS p "
+            f"WHERE p.jid = j.jid AND j.created < ? AND (j.ended IS NULL OR j.ended >= ?) "
+            f"AND p.end_time >= ? AND p.end_time < ?{cond} GROUP BY 1, 2, 3, 4")
+
+
+def _rollup_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
+    """A part of whole hours: each hour's usage split by that hour's prime seconds."""
+    assert part.lo is not None and part.hi is not None  # a bill's window is bounded
+    blo, bhi = int(part.lo), int(part.hi)
+    hosts: List[Any] = []
+    roll = db.execute(_rollup_sql(db, part.host_sql(db, hosts)), [blo, bhi] + hosts
+                      ).fetchall()
+    jobbed: Dict[Tuple[Any, int, str, int], List[int]] = {}
     lo, hi = blo * _BUCKET, bhi * _BUCKET
-    params = (hi, lo, lo, hi)
-    got = db.execute(JOBBED_SQL, params).fetchall()
-    try:
-        got += db.execute(JOBBED_FOLDED_SQL, params).fetchall()
-    except sqlite3.OperationalError:
-        pass  # a store elsad has not migrated yet (no proc_folded): nothing folded
+    hosts = []
+    cond = part.host_sql(db, hosts, "p.")
+    params = [hi, lo, lo, hi] + hosts
+    got = db.execute(_jobbed_sql(db, "proc_usage", "COUNT(*)", cond), params).fetchall()
+    if db.has_folded():
+        got += db.execute(_jobbed_sql(db, "proc_folded", "SUM(p.folded)", cond),
+                          params).fetchall()
     # Figures no record measured are None (NULL) in the rollup and in the jobs' sums
     # alike, and stay unknown, never 0 (docs/billing.md): they add up as SQL's SUM().
-    for b, src, uid, *vals in got:
-        have = jobbed.setdefault((b, src, uid), [None] * len(vals))
+    for h, b, src, uid, *vals in got:
+        have = jobbed.setdefault((h, b, src, uid), [None] * len(vals))
         for i, v in enumerate(vals):
             have[i] = plus(have[i], v)
-    # The best source present in each hour, as `elsa summary` counts it.
+    # The best source present in each hour of each host, as `elsa summary` counts it.
     prios = load_priorities(db)
-    best: Dict[int, str] = {}
-    for b, src, *_ in roll:
-        if b not in best or (priority(src, prios), src) < (priority(best[b], prios), best[b]):
-            best[b] = src
+    best: Dict[Tuple[Any, int], str] = {}
+    for h, b, src, *_ in roll:
+        have_src = best.get((h, b))
+        if have_src is None or (priority(src, prios), src) < (priority(have_src, prios),
+                                                             have_src):
+            best[(h, b)] = src
     sched = acc.biller.cfg.schedule
     ratio: Dict[int, Decimal] = {}
     # Sum integers per (user, prime fraction) first: one Decimal pricing per pair.
     sums: Dict[Tuple[int, Decimal], List[int]] = {}
-    for b, src, uid, *vals in roll:
-        if best[b] != src:
+    for h, b, src, uid, *vals in roll:
+        if best[(h, b)] != src:
             continue
-        minus = jobbed.get((b, src, uid))
+        minus = jobbed.get((h, b, src, uid))
         if minus is not None:
             # The jobs' records are among the hour's: an unknown of the hour is theirs too.
             vals = [v if v is None or m is None else v - m for v, m in zip(vals, minus)]
@@ -358,20 +380,18 @@ def process_items(db: Any, biller: Biller, since: float, until: float
     Read in the parts `elsa summary` reads (elsa.report.window.window_parts): whole
     hours from the hourly rollup (fast at any store size), the partial hours at the
     window's edges and the hours in which a source has a gap from the records
-    themselves (exact).
+    themselves (exact). On the central store each node's best source is picked per
+    hour, and a gap's hour is read process by process for that node's records only.
     """
     from elsa.report.window import per_process_hours, window_parts
 
+    db = adapt(db)
     acc = _OutsideJobs(biller)
-    # Every host's records of a gap hour are read process by process (a bill picks the
-    # best source per hour across the hosts it reads: its parts take no host conditions).
-    hours = dict.fromkeys(per_process_hours(db))
-    for kind, lo, hi, *_hosts in window_parts(since, until, hours):
-        assert lo is not None and hi is not None  # a bill's window is bounded
-        if kind == "hours":
-            _rollup_into(acc, db, int(lo), int(hi))
+    for part in window_parts(since, until, per_process_hours(db)):
+        if part.kind == "hours":
+            _rollup_into(acc, db, part)
         else:
-            _raw_into(acc, db, lo, hi, per_process=kind == "processes")
+            _raw_into(acc, db, part)
     return acc.items()
 
 

@@ -29,8 +29,8 @@ class PgDb(Db):
             q = self._sql[sql] = _PLACEHOLDER.sub("%s", sql)
         return self.conn.execute(q, params)
 
-    def host(self) -> str:
-        return "host"
+    def host(self, alias: str = "") -> str:
+        return f"{alias}host"
 
     def hour(self, col: str) -> str:
         return f"floor({col} / {BUCKET})::bigint"

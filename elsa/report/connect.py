@@ -37,8 +37,9 @@ class Db:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self.conn.execute(sql, params)
 
-    def host(self) -> str:
-        """The host column of the usage tables ('' where there is one host)."""
+    def host(self, alias: str = "") -> str:
+        """The host column of the usage tables ('' where there is one host); *alias*:
+        the table's, with its dot ("p.")."""
         return "''"
 
     def hour(self, col: str) -> str:

@@ -44,13 +44,14 @@ def range_sql(col: str, lo: Optional[float], hi: Optional[float],
     return " AND ".join(parts) or "TRUE"
 
 
-def host_sql(db: Db, hosts: Optional[Sequence[str]], params: List[Any], op: str = "IN"
-              ) -> str:
-    """" AND host IN (...)" (*op* NOT IN: but them) for *hosts*; empty for none."""
+def host_sql(db: Db, hosts: Optional[Sequence[str]], params: List[Any], op: str = "IN",
+             alias: str = "") -> str:
+    """" AND host IN (...)" (*op* NOT IN: but them) for *hosts*; empty for none.
+    *alias*: the host column's table, with its dot ("p.")."""
     if not hosts:
         return ""
     params.extend(hosts)
-    return f" AND {db.host()} {op} ({', '.join('?' * len(hosts))})"
+    return f" AND {db.host(alias)} {op} ({', '.join('?' * len(hosts))})"
 
 
 class Part(NamedTuple):
@@ -64,11 +65,11 @@ class Part(NamedTuple):
     #: ... or every host's but these (the hosts a "processes" part of the hour reads).
     but: AbstractSet[str] = frozenset()
 
-    def host_sql(self, db: Db, params: List[Any]) -> str:
+    def host_sql(self, db: Db, params: List[Any], alias: str = "") -> str:
         """The part's host condition (" AND ..."; empty when it reads every host)."""
         if self.only is not None:
-            return host_sql(db, sorted(self.only), params)
-        return host_sql(db, sorted(self.but), params, "NOT IN")
+            return host_sql(db, sorted(self.only), params, alias=alias)
+        return host_sql(db, sorted(self.but), params, "NOT IN", alias)
 
 
 def window_parts(since: Optional[float], until: Optional[float],
