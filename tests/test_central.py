@@ -197,6 +197,13 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path, capsy
     url = add_node(pg, "m1", "umap")
     st = fill_store(tmp_path / "m1", 2, jobs=2, procs=50)
     fill_apps(st, 2, 60)
+    from elsa.core.aggregator import INSERT_PROC
+
+    # A process of uid 1002 outside any job, two days ago.
+    st.submit_many(INSERT_PROC, [("taskstats", None, 9999, 1, NOW - 172801.5, NOW - 172800, 1,
+                                  1002, 100, "lone", 0, 7_000_000, 0, 1_500_000, 10, 20, 0,
+                                  0, 0, 0, 5, 0, 1, 1, None, None, None)])
+    st.flush()
     sh = shipper(st, url, "m1").start()
     try:
         wait_for(lambda: drained(sh), 30, what="the backlog to drain")
@@ -253,6 +260,21 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path, capsy
     assert sorted(tuple(ln.split()[:3]) for ln in lines[1:]) == [
         ("alice", "bio", str(apps_local[1002])),
         ("alice", "physics", str(apps_local[1000] + apps_local[1001]))]
+    # elsa bill names users and accounts through the same mapping: the jobs of 1000 and
+    # 1001 (no account tag; 50 processes and 3 folded rows of 10-12 each) are alice's
+    # under physics, the lone process of 1002 alice's under bio.
+    cfg = tmp_path / "bill.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[billing]\n[billing.rates]\ncpu_user = 1\n')
+    window = ["--since", str(int(NOW // 3600 - 96) * 3600), "--until", str(int(NOW))]
+    bills = {}
+    for by in ("user", "account"):
+        assert elsa_main(["bill", "--config", str(cfg), "--db", dburl, "--by", by, "--json",
+                          *window]) == 0
+        bills[by] = {r["key"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(bills["user"]) == {"alice"}, bills["user"]
+    assert bills["user"]["alice"]["jobs"] == 2, bills["user"]
+    assert {k: (r["jobs"], r["processes"]) for k, r in bills["account"].items()} == {
+        "physics": (2, 2 * (50 + 10 + 11 + 12)), "bio": (0, 1)}, bills["account"]
     st.close()
 
 

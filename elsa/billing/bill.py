@@ -37,8 +37,9 @@ _MIB = Decimal(1024)
 _GIB = Decimal(1024 ** 3)
 ZERO = Decimal(0)
 
-#: Ended jobs in a window (the bill's items). One statement, used by every store.
-JOBS_SQL = ("SELECT jid, name, owner_uid, tags, created, ended, params FROM jobs "
+#: Ended jobs in a window (the bill's items). One statement, used by every store
+#: ({host}: Db.host()).
+JOBS_SQL = ("SELECT {host}, jid, name, owner_uid, tags, created, ended, params FROM jobs "
             "WHERE ended IS NOT NULL AND ended >= ? AND ended < ? ORDER BY ended, jid")
 _PROC_SUMS = ("SUM(n), SUM(cpu_user_us), SUM(cpu_system_us), SUM(peak_kb_ms), "
               "SUM(coremem_kb_us), SUM(read_bytes), SUM(write_bytes), SUM(elapsed_us)")
@@ -146,17 +147,19 @@ def _json_loads(text: Optional[str]) -> Dict[str, Any]:
 
 
 def job_items(db: Any, biller: Biller, since: float, until: float) -> List[Dict[str, Any]]:
-    """One priced item per job that ended in [since, until)."""
+    """One priced item per job that ended in [since, until). Its user is the owner's
+    name (on the central store the site user of the user mapping, Db.user_label); its
+    account the job's ``account`` tag, else the user mapping's."""
     from elsa.report.query import job_usage
-    from elsa.users import user_name
 
-    rows = db.execute(JOBS_SQL, (since, until)).fetchall()
+    db = adapt(db)
+    rows = db.execute(JOBS_SQL.format(host=db.host()), (since, until)).fetchall()
     usage: Dict[int, Dict[str, Any]] = {}
     for i in range(0, len(rows), 500):
-        usage.update(job_usage(db, [r[0] for r in rows[i:i + 500]]))
+        usage.update(job_usage(db, [r[1] for r in rows[i:i + 500]]))
     sched = biller.cfg.schedule
     out = []
-    for jid, name, owner_uid, tags_text, created, ended, params_text in rows:
+    for host, jid, name, owner_uid, tags_text, created, ended, params_text in rows:
         tags = {str(k): str(v) for k, v in _json_loads(tags_text).items()}
         params = _json_loads(params_text)
         u = dict((usage.get(jid) or {}).get("usage") or {})
@@ -175,9 +178,11 @@ def job_items(db: Any, biller: Biller, since: float, until: float) -> List[Dict[
         parts, unpriced = biller.price(q, p_ratio)
         mult = biller.multiplier(tags)
         exact = sum(parts.values(), ZERO) * mult
+        user, account = db.user_label(host, owner_uid)
         out.append({
-            "jid": jid, "name": name, "uid": owner_uid, "user": user_name(owner_uid),
-            "account": tags.get("account"), "tags": tags, "start": created, "end": ended,
+            "jid": jid, "name": name, "uid": owner_uid, "user": user,
+            "account": tags.get("account", account), "tags": tags, "start": created,
+            "end": ended,
             "wall_s": wall, "prime_s": prime_s, "nonprime_s": wall - prime_s,
             "processes": u.get("processes"), "multiplier": mult,
             "quantities": q, "parts": {r: v * mult for r, v in parts.items()},
@@ -187,26 +192,30 @@ def job_items(db: Any, biller: Biller, since: float, until: float) -> List[Dict[
 
 
 class _OutsideJobs:
-    """Per-user items of process records outside any job."""
+    """Per-user items of process records outside any job: per uid on a node, per site
+    user and account on the central store (Db.user_label; ``uid`` None where several)."""
 
-    def __init__(self, biller: Biller) -> None:
+    def __init__(self, biller: Biller, db: Db) -> None:
         self.biller = biller
+        self.db = db
         self.per_user: Dict[Any, Dict[str, Any]] = {}
 
-    def add(self, uid: Any, usage: Dict[str, Any], n: int, p_ratio: Decimal,
+    def add(self, host: str, uid: Any, usage: Dict[str, Any], n: int, p_ratio: Decimal,
             wall_s: Decimal) -> None:
-        from elsa.users import user_name
-
         q = quantities(usage, wall_s, None, is_job=False)
         parts, unpriced = self.biller.price(q, p_ratio)
-        item = self.per_user.get(uid)
+        user, account = self.db.user_label(host, uid)
+        key = (user, account) if self.db.central else uid
+        item = self.per_user.get(key)
         if item is None:
-            item = self.per_user[uid] = {
-                "jid": None, "name": "(no job)", "uid": uid, "user": user_name(uid),
-                "account": None, "tags": {}, "start": None, "end": None,
+            item = self.per_user[key] = {
+                "jid": None, "name": "(no job)", "uid": uid, "user": user,
+                "account": account, "tags": {}, "start": None, "end": None,
                 "wall_s": ZERO, "prime_s": ZERO, "nonprime_s": ZERO, "processes": 0,
                 "multiplier": Decimal(1), "quantities": {}, "parts": {}, "unpriced": [],
                 "exact": ZERO}
+        elif item["uid"] != uid:
+            item["uid"] = None
         item["processes"] += n
         item["prime_s"] += wall_s * p_ratio
         item["nonprime_s"] += wall_s * (1 - p_ratio)
@@ -278,7 +287,7 @@ def _raw_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
             continue
         usage = {"cpu_user_us": cu, "cpu_system_us": cs, "mem_peak_kb_ms": memk,
                  "coremem_kb_us": integ, "read_bytes": rd, "write_bytes": wr}
-        acc.add(uid, usage, n, Decimal(1 if periods[e_idx][2] else 0),
+        acc.add(h, uid, usage, n, Decimal(1 if periods[e_idx][2] else 0),
                 Decimal(el or 0) / _US)
     for h, uid, src, st, en, n, cu, cs, peak, el, integ, rd, wr in crossing:
         if best.get(h, src) != src:
@@ -291,7 +300,7 @@ def _raw_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
         # A folded row (n records, from the first's start to the last's end): its
         # records' elapsed time, at the prime share of that span.
         wall = Decimal(span) if n == 1 else Decimal(el or 0) / _US
-        acc.add(uid, usage, n, _ratio(prime_s, span), wall)
+        acc.add(h, uid, usage, n, _ratio(prime_s, span), wall)
 
 
 def _rollup_sql(db: Db, cond: str) -> str:
@@ -350,8 +359,8 @@ def _rollup_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
             best[(h, b)] = src
     sched = acc.biller.cfg.schedule
     ratio: Dict[int, Decimal] = {}
-    # Sum integers per (user, prime fraction) first: one Decimal pricing per pair.
-    sums: Dict[Tuple[int, Decimal], List[int]] = {}
+    # Sum integers per (host, user, prime fraction) first: one Decimal pricing per one.
+    sums: Dict[Tuple[Any, int, Decimal], List[int]] = {}
     for h, b, src, uid, *vals in roll:
         if best[(h, b)] != src:
             continue
@@ -365,12 +374,12 @@ def _rollup_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
         if p is None:
             p = ratio[b] = _ratio(sched.prime_seconds(b * _BUCKET, (b + 1) * _BUCKET),
                                   _BUCKET)
-        acc_vals = sums.setdefault((uid, p), [None] * len(vals))
+        acc_vals = sums.setdefault((h, uid, p), [None] * len(vals))
         for i, v in enumerate(vals):
             acc_vals[i] = plus(acc_vals[i], v)
-    for (uid, p), (n, cu, cs, rd, wr, el) in sorted(sums.items()):
+    for (h, uid, p), (n, cu, cs, rd, wr, el) in sorted(sums.items()):
         usage = {"cpu_user_us": cu, "cpu_system_us": cs, "read_bytes": rd, "write_bytes": wr}
-        acc.add(uid, usage, n, p, Decimal(el or 0) / _US)
+        acc.add(h, uid, usage, n, p, Decimal(el or 0) / _US)
 
 
 def process_items(db: Any, biller: Biller, since: float, until: float
@@ -386,7 +395,7 @@ def process_items(db: Any, biller: Biller, since: float, until: float
     from elsa.report.window import per_process_hours, window_parts
 
     db = adapt(db)
-    acc = _OutsideJobs(biller)
+    acc = _OutsideJobs(biller, db)
     for part in window_parts(since, until, per_process_hours(db)):
         if part.kind == "hours":
             _rollup_into(acc, db, part)
