@@ -14,6 +14,7 @@ which is what a long-running report or the daemon pays.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 import subprocess
@@ -135,7 +136,12 @@ def store_cache_dir(name: str) -> str:
     to notice a broken builder behind) a store of the old one."""
     from elsa.core.schema import MIGRATIONS
 
-    return os.path.join(cache_dir(), f"{name}-schema{len(MIGRATIONS)}")
+    path = os.path.join(cache_dir(), f"{name}-schema{len(MIGRATIONS)}")
+    # The caches of other schemas are of no use again (a store of 10M records: 2.5 GB).
+    for stale in glob.glob(os.path.join(cache_dir(), glob.escape(name) + "-schema*")):
+        if stale != path:
+            shutil.rmtree(stale, ignore_errors=True)
+    return path
 
 
 REPRO = "python3 benchmarks/bench_pacct_summary.py"
