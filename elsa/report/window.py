@@ -33,7 +33,8 @@ def _bucket_range(since: Optional[float], until: Optional[float]
 
 
 def range_sql(col: str, lo: Optional[float], hi: Optional[float],
-               params: List[Any]) -> str:
+              params: List[Any]) -> str:
+    """"col >= ? AND col < ?" for the bounds given ("TRUE" for none)."""
     parts = []
     if lo is not None:
         parts.append(f"{col} >= ?")
