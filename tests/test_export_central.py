@@ -47,14 +47,49 @@ def test_exports_from_the_central_store(pg: PgServer, tmp_path: Path, capsys) ->
         assert kind == "summary" and rejects == []
         recs.extend(got)
     assert sum(r["NumberOfJobs"] for r in recs) == 5 and {r["SubmitHost"] for r in recs} == {"n1"}
-    capsys.readouterr()
+    # Job records: each job once, remembered in a ledger file of the exporting machine
+    # (the central store is written by nodes only).
+    ledger = tmp_path / "exporter" / "apel-central.db"
+
+    def apel_jobs(*args: str) -> dict:
+        capsys.readouterr()
+        assert main(["export", "apel", "--site", "S", "--path-type", "directory", "--json",
+                     *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    def records(out_dir: Path) -> list:
+        got = []
+        for p in sorted(out_dir.iterdir()):
+            kind, recs, rejects = apel_strict.parse_message(p.read_text())
+            assert kind == "job" and rejects == [], rejects
+            got.extend(recs)
+        return got
+
+    res = apel_jobs("--db", dburl, "--outgoing", str(tmp_path / "o2"), "--ledger", str(ledger))
+    assert res["records"] == 5 and ledger.exists(), res
+    central_recs = records(tmp_path / "o2")
+    # The node's own export of the same jobs: APEL keys a record by Site, LocalJobId and
+    # EndTime (it replaces one with the same key), so a job sent both ways is one record.
+    node_cfg = tmp_path / "n1.toml"  # the node's config names it as the central store does
+    node_cfg.write_text(f'state_dir = "{tmp_path / "n1"}"\n[central]\nhost = "n1"\n')
+    apel_jobs("--config", str(node_cfg), "--db", st.path, "--outgoing", str(tmp_path / "o3"))
+    key = ("Site", "LocalJobId", "EndTime", "MachineName", "CpuDuration", "WallDuration")
+    assert sorted(tuple(r[k] for k in key) for r in central_recs) == sorted(
+        tuple(r[k] for k in key) for r in records(tmp_path / "o3"))
+    # A rerun writes nothing (the ledger), --again everything.
+    again = apel_jobs("--db", dburl, "--outgoing", str(tmp_path / "o4"), "--ledger",
+                      str(ledger))
+    assert again["records"] == 0 and again["messages"] == [], again
+    assert apel_jobs("--db", dburl, "--outgoing", str(tmp_path / "o5"), "--ledger",
+                     str(ledger), "--again")["records"] == 5
+    # --ledger belongs to the central store; a ledger that cannot be written says where.
+    assert main(["export", "apel", "--db", st.path, "--site", "S", "--ledger",
+                 str(ledger)]) == 2
+    assert "--ledger applies to job records from the central store" in capsys.readouterr().err
+    (tmp_path / "ro").write_text("")  # a file where the ledger's directory should be
     assert main(["export", "apel", "--db", dburl, "--site", "S", "--outgoing",
-                 str(tmp_path / "o2")]) == 2
-    # Individual records: refused, saying what to do instead (and nothing written).
+                 str(tmp_path / "o6"), "--ledger", str(tmp_path / "ro" / "l.db")]) == 2
     err = capsys.readouterr().err
-    assert ("job records are not exported from the central store (--db ...), which keeps "
-            "no record of the jobs already sent; run 'elsa export apel' (without --db) on "
-            "each node, whose store's 'exported' table sends each job once, or add "
-            "--summary here for the site's monthly summaries") in err, err
-    assert not (tmp_path / "o2").exists()
+    assert f"cannot open the export ledger {tmp_path / 'ro' / 'l.db'}" in err, err
+    assert not (tmp_path / "o6").exists()
     st.close()

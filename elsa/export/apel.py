@@ -17,7 +17,8 @@ loader cannot take (:func:`unsendable`: it would split the message, read as
 NULL, or overflow APEL's column, and APEL rejects the whole message) is left
 out of that one record with a line saying so: LocalJobId falls back to the
 JID, Queue and VO are not written. Individual records are written once per job
-(the store's ``exported`` table), unless ``again`` is given.
+(the store's ``exported`` table, or from the central store a ledger file's:
+elsa.export.records.open_ledger), unless ``again`` is given.
 
 Summaries are per UTC month of the job's end, and APEL replaces a month's
 summary with the one sent last: a month the window covers only in part (from
@@ -89,6 +90,9 @@ OPTIONS: Dict[str, Option] = {
                        " [outgoing] path)."),
     "path_type": Option(str, "dirq", "How ssmsend reads 'outgoing': dirq (a QueueSimple, as"
                         " APEL's client writes) or directory.", choices=("dirq", "directory")),
+    "ledger": Option(str, "", "File that remembers the job records written from the central"
+                     " store (--db postgresql://...), so each job is written once. Empty:"
+                     " apel-central.db in state_dir."),
 }
 
 
@@ -324,8 +328,9 @@ def export(db: Any, options: Mapping[str, Any], *, site: Optional[str] = None,
            since: Optional[float] = None, until: Optional[float] = None,
            summary: bool = False, again: bool = False,
            outgoing: Optional[str] = None, path_type: Optional[str] = None,
-           host: Optional[str] = None) -> Result:
-    """Write the messages for jobs that ended in [since, until)."""
+           host: Optional[str] = None, state: Optional[ExportState] = None) -> Result:
+    """Write the messages for jobs that ended in [since, until). *state*: which jobs
+    were written before (default: the store's ``exported`` table)."""
     st = _settings(options, site)
     jobs, skipped = finished_jobs(db, since, until, host=host)
     out = Outgoing(outgoing or st["outgoing"], path_type or st["path_type"])
@@ -338,7 +343,7 @@ def export(db: Any, options: Mapping[str, Any], *, site: Optional[str] = None,
         for i in range(0, len(whole), MAX_RECORDS):
             written.append(out.add(render(SUMMARY_HEADER, whole[i:i + MAX_RECORDS])))
         return Result(written, len(whole), skipped, notes + cut)
-    state = ExportState(db, "apel")
+    state = state or ExportState(db, "apel")
     done = set() if again else state.done()
     batch: List[Tuple[int, Dict[str, str]]] = []
     total = 0

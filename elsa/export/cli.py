@@ -30,6 +30,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
                    help="ssmsend's outgoing directory (default: [export.apel] outgoing)")
     s.add_argument("--path-type", choices=("dirq", "directory"),
                    help="dirq queue or plain directory (default: [export.apel] path_type)")
+    s.add_argument("--ledger", metavar="FILE",
+                   help="with --db postgresql://...: the file that remembers the jobs written "
+                   "(default: [export.apel] ledger, else STATE_DIR/apel-central.db)")
     s.set_defaults(func=cmd_apel)
     for name, what in (("ur", "OGF Usage Record XML (GFD.98)"),
                        ("jsonl", "one JSON object per finished job")):
@@ -106,23 +109,34 @@ def cmd_apel(args: argparse.Namespace, out: TextIO) -> int:
             raise ConfigError("elsa export apel: give --month or --since/--until, not both")
         since, until = apel.month_bounds(*args.month)
     cfg = _config(args)
+    opts = cfg.section("export.apel")
+    ledger = None
+    state = None
     if args.db and is_central(args.db) and not args.summary:
-        # The central store keeps no record of the jobs sent (no role there may
-        # write one, and each node's own 'exported' table would not know of it):
-        # a rerun would send every job of the window again.
-        raise ConfigError(
-            "elsa export apel: job records are not exported from the central store "
-            "(--db ...), which keeps no record of the jobs already sent; run 'elsa export "
-            "apel' (without --db) on each node, whose store's 'exported' table sends each "
-            "job once, or add --summary here for the site's monthly summaries")
-    db = _open(args, cfg, readonly=args.summary)
+        # No role of the central store may write there: the jobs written from it are
+        # remembered here, in a file of this machine (JIDs are unique across the site).
+        from elsa.export.records import ExportState, open_ledger
+
+        path = (args.ledger or opts["ledger"]
+                or os.path.join(args.state_dir or cfg.state_dir, "apel-central.db"))
+        ledger = open_ledger(path)
+        state = ExportState(ledger, "apel", f"the export ledger {path}")
+    elif args.ledger:
+        raise ConfigError("elsa export apel: --ledger applies to job records from the "
+                          "central store (--db postgresql://... without --summary); a "
+                          "node's store keeps its own")
     try:
-        res = apel.export(db, cfg.section("export.apel"), site=args.site, since=since,
-                          until=until, summary=args.summary, again=args.again,
-                          outgoing=args.outgoing, path_type=args.path_type,
-                          host=host_name(cfg))
+        db = _open(args, cfg, readonly=args.summary)
+        try:
+            res = apel.export(db, opts, site=args.site, since=since, until=until,
+                              summary=args.summary, again=args.again,
+                              outgoing=args.outgoing, path_type=args.path_type,
+                              host=host_name(cfg), state=state)
+        finally:
+            _close(db)
     finally:
-        _close(db)
+        if ledger is not None:
+            ledger.close()
     if args.json:
         json.dump({"messages": res.messages, "records": res.records,
                    "skipped": [{"jid": jid_text(s.jid), "why": s.why}

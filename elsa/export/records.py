@@ -7,14 +7,16 @@ on top: the job's wall time, its user's name, the host, and a reason when a
 job cannot be exported (no end yet, CPU unknown, user without a name).
 
 Export state: the ``exported`` table of the store (created here on first use,
-``CREATE TABLE IF NOT EXISTS``, plain SQL that SQLite and PostgreSQL both
-accept) records, per export target (``apel``, ...), the jobs already written,
-so a rerun over an overlapping period or after a restart does not write them
-again.
+``CREATE TABLE IF NOT EXISTS``) records, per export target (``apel``, ...), the
+jobs already written, so a rerun over an overlapping period or after a restart
+does not write them again. The central store, which no exporting role may
+write, has its ``exported`` table in a ledger file of the machine that exports
+from it (:func:`open_ledger`); JIDs are unique across the site.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -141,17 +143,30 @@ def finished_jobs(db: Any, since: Optional[float] = None,
     return out, skipped
 
 
-class ExportState:
-    """Which jobs a target has exported (the store's ``exported`` table)."""
+def open_ledger(path: str) -> sqlite3.Connection:
+    """The ledger file *path* of the jobs exported from the central store (created
+    with its directory on first use)."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"cannot open the export ledger {path}: {exc}; give a writable "
+                         "file with --ledger or [export.apel] ledger") from exc
 
-    def __init__(self, db: sqlite3.Connection, target: str) -> None:
+
+class ExportState:
+    """Which jobs a target has exported (the ``exported`` table of the store, or of a
+    ledger file: *where* names it in errors)."""
+
+    def __init__(self, db: sqlite3.Connection, target: str, where: str = "the store") -> None:
         self.db = db
         self.target = target
+        self.where = where
         try:
             db.execute(CREATE_EXPORTED)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot create the export state table in the store: {exc}; "
-                             "run 'elsa export' as a user who may write the store") from exc
+            raise StoreError(f"cannot create the export state table in {where}: {exc}; "
+                             f"run 'elsa export' as a user who may write {where}") from exc
 
     def done(self) -> Set[int]:
         return {r[0] for r in self.db.execute(SELECT_EXPORTED, (self.target,))}
@@ -170,6 +185,6 @@ class ExportState:
                 self.db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            raise StoreError(f"cannot record the exported jobs in the store: {exc}; the "
+            raise StoreError(f"cannot record the exported jobs in {self.where}: {exc}; the "
                              "messages were written, a rerun would write these jobs "
                              "again (APEL replaces duplicates)") from exc
