@@ -51,6 +51,7 @@ from elsa.report.window import (
     host_sql,
     per_process_hours,
     range_sql,
+    record_exprs,
     window_parts,
 )
 
@@ -62,24 +63,19 @@ PROCESS_KEYS = ("pid", "ppid", "uid", "comm", "start_time", "end_time", "exit_co
                 "nvcsw", "nivcsw", "source")
 
 
-_SUMMARY_COLS = ("uid, comm, cpu_user_us, cpu_system_us, elapsed_us, max_rss_kb, max_vm_kb, "
-                 "read_bytes, write_bytes, minflt, majflt")
-
-
 #: A part's sums, the columns :func:`summary` merges, from the rollup and from records.
 _ROLLUP_SUMS = ("SUM(processes), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
                 "MAX(max_rss_kb), SUM(mem_kb_sum), SUM(read_bytes), SUM(write_bytes), "
                 "SUM(minflt), SUM(majflt)")
-#: As the rollup sums records (elsa.core.aggregator): NULL where no record has the figure.
-_RECORD_SUMS = ("COUNT(*), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
-                "MAX(max_rss_kb), SUM(COALESCE(max_rss_kb, max_vm_kb)), SUM(read_bytes), "
-                "SUM(write_bytes), SUM(minflt), SUM(majflt)")
-#: What an edge part reads of its records (elsa.report.window.edge_records), and its sums.
-_EDGE_COLS = ("source", "uid", "comm", "end_time", "n", "cpu_user_us", "cpu_system_us",
-              "elapsed_us", "max_rss_kb", "mem", "read_bytes", "write_bytes", "minflt", "majflt")
-_EDGE_SUMS = ("SUM(n), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
-              "MAX(max_rss_kb), SUM(mem), SUM(read_bytes), SUM(write_bytes), SUM(minflt), "
-              "SUM(majflt)")
+#: What a part read from the records takes of them (elsa.report.window.record_exprs:
+#: ``n`` processes a row counts, ``mem`` its memory for averages), and their sums, as the
+#: rollup sums records (elsa.core.aggregator): NULL where no record has the figure.
+_RECORD_COLS = ("source", "uid", "comm", "end_time", "n", "cpu_user_us", "cpu_system_us",
+                "elapsed_us", "max_rss_kb", "mem", "read_bytes", "write_bytes", "minflt",
+                "majflt")
+_RECORD_SUMS = ("SUM(n), SUM(cpu_user_us), SUM(cpu_system_us), SUM(elapsed_us), "
+                "MAX(max_rss_kb), SUM(mem), SUM(read_bytes), SUM(write_bytes), SUM(minflt), "
+                "SUM(majflt)")
 #: A record's user as the rollup files it (a record without one under -1).
 _RECORD_UID = "COALESCE(uid, -1)"
 
@@ -103,7 +99,7 @@ def _processes_sums(db: Db, group: str, where: str, params: List[Any],
     """(host, *group*, sums...) of the records ending in [lo, hi) matching *where*, each
     process once, from its best source's record (elsa.report.window.best_records): an hour of
     elsa.report.window.per_process_hours."""
-    table, table_params = best_records(db, prios, _SUMMARY_COLS, lo, hi)
+    table, table_params = best_records(db, prios, record_exprs(_RECORD_COLS), lo, hi)
     host = db.host()
     sql = (f"SELECT {host}, {group}, {_RECORD_SUMS} FROM {table} AS p "
            f"WHERE {where} GROUP BY {host}, {group}")
@@ -162,10 +158,10 @@ def summary(db: Any, by: str, since: Optional[float] = None,
         if source:
             params.append(source)
         hour = db.hour("end_time")
-        table, params = edge_records(db, _EDGE_COLS, where + src_sql, params)
+        table, params = edge_records(db, _RECORD_COLS, where + src_sql, params)
         sql = (f"WITH r AS {table}, pick AS (SELECT {host} AS h, {hour} AS b, "
                f"MIN({rank}) AS p FROM r GROUP BY {host}, {hour}) "
-               f"SELECT {host}, {ukey}, {_EDGE_SUMS} "
+               f"SELECT {host}, {ukey}, {_RECORD_SUMS} "
                f"FROM r JOIN pick ON {host} = pick.h AND {hour} = pick.b "
                f"AND {rank} = pick.p GROUP BY {host}, {ukey}")
         merge(db.execute(sql, params + rank_params + rank_params).fetchall())
