@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from elsa.billing.rates import RESOURCES, BillingConfig
 from elsa.core.model import cores_allowed
-from elsa.core.usage import load_priorities, plus, priority
+from elsa.core.usage import load_priorities, plus, rank_sources
 from elsa.report.connect import BUCKET as _BUCKET
 from elsa.report.connect import Db, adapt
 
@@ -238,6 +238,14 @@ class _OutsideJobs:
         return out
 
 
+def _best_sources(keyed: Iterable[Tuple[Any, str]], prios: Dict[str, int]) -> Dict[Any, str]:
+    """Per key, the best of the sources (key, source) pairs name (usage.rank_sources)."""
+    present: Dict[Any, Set[str]] = {}
+    for key, src in keyed:
+        present.setdefault(key, set()).add(src)
+    return {key: rank_sources(srcs, prios)[0] for key, srcs in present.items()}
+
+
 def _raw_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
     """Exact: each record split by its own seconds (CSA's per-process p_ratio).
 
@@ -276,12 +284,8 @@ def _raw_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
             f"WHERE {where} AND ({si}) <> ({ei})", params).fetchall()
     # Otherwise one source per host, the best present (as `elsa summary` counts), so a
     # process reported by two sources is billed once.
-    best: Dict[Any, str] = {}
-    if not per_process:
-        for h, _uid, src, *_ in grouped:
-            if h not in best or (priority(src, prios), src) < (priority(best[h], prios),
-                                                               best[h]):
-                best[h] = src
+    best = {} if per_process else _best_sources(((h, src) for h, _uid, src, *_ in grouped),
+                                                prios)
     for h, uid, src, s_idx, e_idx, n, cu, cs, memk, integ, rd, wr, el in grouped:
         if s_idx != e_idx or best.get(h, src) != src:
             continue
@@ -350,13 +354,7 @@ def _rollup_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
         for i, v in enumerate(vals):
             have[i] = plus(have[i], v)
     # The best source present in each hour of each host, as `elsa summary` counts it.
-    prios = load_priorities(db)
-    best: Dict[Tuple[Any, int], str] = {}
-    for h, b, src, *_ in roll:
-        have_src = best.get((h, b))
-        if have_src is None or (priority(src, prios), src) < (priority(have_src, prios),
-                                                             have_src):
-            best[(h, b)] = src
+    best = _best_sources((((h, b), src) for h, b, src, *_ in roll), load_priorities(db))
     sched = acc.biller.cfg.schedule
     ratio: Dict[int, Decimal] = {}
     # Sum integers per (host, user, prime fraction) first: one Decimal pricing per one.
