@@ -196,7 +196,7 @@ def edge_records(db: Any, columns: Sequence[str], where: str, params: Sequence[A
     records ended within one of elsad's batches (seconds apart): it is at the edge
     where the last of them ended (its end_time)."""
     db = adapt(db)
-    cols = list(columns) + (["host"] if db.central else [])
+    cols = list(columns) + ([db.host()] if db.central else [])
 
     def select(table: str, i: int) -> str:
         return f"SELECT {record_exprs(cols, i)} FROM {table} WHERE {where}"
