@@ -201,9 +201,10 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                   settle: Callable[[], bool],
                   lost_fork: Optional[Callable[[Tuple[Any, ...], float], Optional[int]]] = None,
                   observe: Optional[Callable[[List[Tuple[Any, ...]]], None]] = None
-                  ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]]]:
+                  ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]], Callable[[], None]]:
     """Start the sources *names* (elsa.core.defaults.enabled_sources); return
-    (sources by name, status function).
+    (sources by name, status function, a function that reads the sources'
+    descriptors now).
 
     *settle* applies the proc-connector events queued so far (the aggregator
     calls it before it gives up on a record's job); *lost_fork*, for a
@@ -240,6 +241,7 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
     started: Dict[str, Any] = {}
     failed: Dict[str, str] = {}
     guards: Dict[str, List[Guard]] = {}
+    readers: List[Guard] = []
 
     def affected_jobs() -> Set[int]:
         jids = {j.jid for j in manager.running()}
@@ -283,6 +285,7 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
             g = Guard(name, "on_readable", src.on_readable,
                       on_give_up=lambda fd=fd: loop.remove_reader(fd))
             guards[name].append(g)
+            readers.append(g)
             loop.add_reader(fd, g, deferrable=True, window=float(src.read_window))
         if src.interval:
             g = Guard(name, "poll", src.poll)
@@ -326,6 +329,14 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
             out["gaps"] = all_gaps
         return out
 
+    def read_now() -> None:
+        # A reply about a running job ('ja') must count the processes that exited
+        # before it was asked: the kernel queued their records at their exit
+        # (taskstats before the exit event), but the loop reads a descriptor in
+        # batches (read_window). The descriptors are non-blocking.
+        for g in readers:
+            g()
+
     record_gaps(store, gaps, list(started), specs, time.time())
     # status shows a downtime that flagged jobs, or one after an earlier run (the
     # reports read its hours process by process, jobs or not); not the time before
@@ -335,7 +346,7 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
         aggregator.flag_incomplete([parse_jid(j) for j in gap["jobs"]], gap["source"],
                                    gap["why"])
     loop.add_timer(ALIVE_INTERVAL, lambda: store.submit(*alive_stmt(time.time())), "alive")
-    return sources, status
+    return sources, status, read_now
 
 
 #: Seconds between elsad's "alive" marks in the store: after a kill -9 the
