@@ -80,6 +80,28 @@ def test_ja_counts_the_command_that_just_finished(elsad, tmp_path):
     assert s["cpu_user_us"] + s["cpu_system_us"] >= child_us
 
 
+def test_ja_per_command_counts_folded_records(elsad, tmp_path):
+    # [thresholds] folds the small records into one row per command: 'ja -c' and
+    # --json's commands count them, as the summary's processes_finished does.
+    d = elsad(extra="[sources.taskstats]\n[thresholds]\nmin_cpu_ms = 50\n")
+    cfg = str(d.config_path)
+    out = tmp_path / "ja.json"
+    script = (f"/bin/true; /bin/true; /bin/true; elsa ja --config {cfg} --json > {out}; "
+              f"elsa ja --config {cfg} -c > {out}.txt")
+    r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "run", "--", "sh", "-c", script],
+                       env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    true = [c for c in rep["commands"] if c["command"] == "true"]
+    assert true and true[0]["count"] == 3 and true[0]["running"] == 0, rep["commands"]
+    assert true[0]["cpu_user_us"] is not None
+    finished = sum(c["count"] - c["running"] for c in rep["commands"])
+    assert finished == rep["summary"]["processes_finished"]
+    assert any("[thresholds]" in n for n in rep["notes"])
+    text = Path(f"{out}.txt").read_text()
+    assert any(line.split()[:3] == ["true", "3", "0"] for line in text.splitlines()), text
+
+
 def test_tag_after_the_fact(elsad):
     d = elsad()
     r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "run", "--tag", "queue=a", "--",

@@ -66,18 +66,20 @@ def _finished(jid: int, db_path: Optional[str], processes: bool) -> Dict[str, An
     from elsa.report.connect import open_store
 
     if db_path is None:
-        return {"processes": [], "usage": None, "why": "no store configured"}
+        return {"processes": [], "folded": [], "usage": None, "why": "no store configured"}
     try:
         db = open_store(db_path)
         if not processes:  # the summary needs the totals only, whatever the job's size
             usage = query.job_usage(db, [jid]).get(jid)
-            return {"processes": None, "usage": usage and usage["usage"], "why": None}
+            return {"processes": None, "folded": [], "usage": usage and usage["usage"],
+                    "why": None}
         detail = query.job_detail(db, jid)
     except ElsaError as exc:
-        return {"processes": [], "usage": None, "why": exc.message}
+        return {"processes": [], "folded": [], "usage": None, "why": exc.message}
     if detail is None:
-        return {"processes": [], "usage": None, "why": None}
-    return {"processes": detail["processes"], "usage": detail["usage"], "why": None}
+        return {"processes": [], "folded": [], "usage": None, "why": None}
+    return {"processes": detail["processes"], "folded": detail["folded"],
+            "usage": detail["usage"], "why": None}
 
 
 def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = None,
@@ -123,12 +125,18 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
     if billing is not None and elapsed is not None:
         charge = _charge(billing, job, summary, created, now)
     commands: Dict[str, Dict[str, Any]] = {}
-    for p in live + done:
+    # [thresholds] folded rows: many small finished records each, counted per command
+    # (their pids are not kept, so the flow cannot place them).
+    folded = [dict(f, running=False) for f in fin["folded"]]
+    if folded:
+        notes.append(f"{sum(f['processes'] for f in folded)} small finished processes "
+                     "([thresholds]) are counted per command, not in the command flow")
+    for p in live + done + folded:
         c = commands.setdefault(p["comm"], {"command": p["comm"], "count": 0, "running": 0,
                                             "cpu_user_us": None, "cpu_system_us": None,
                                             "max_rss_kb": None, "read_bytes": None,
                                             "write_bytes": None})
-        c["count"] += 1
+        c["count"] += p.get("processes", 1)
         c["running"] += 1 if p["running"] else 0
         for k in ("cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
             c[k] = _add(c[k], p.get(k))
