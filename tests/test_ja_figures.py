@@ -67,3 +67,20 @@ def test_cgroup_counters_from_a_written_cgroup(tmp_path):
     (tmp_path / "cpu.stat").unlink()
     assert cgroup_counters(str(tmp_path)) is None
     assert cgroup_counters(str(tmp_path / "removed")) is None
+
+
+def test_summary_takes_the_processes_figures_a_cgroup_lacks(tmp_path):
+    # A hybrid host: the job cgroup has cpu.stat but no memory.peak or io.stat
+    # (those controllers are bound to v1). The peak RSS and I/O the processes
+    # measured are reported, not '-'; the CPU is still the cgroup's.
+    from elsa.report.ja import build
+
+    (tmp_path / "cpu.stat").write_text("usage_usec 30\nuser_usec 20\nsystem_usec 10\n")
+    reply = {"job": {"jid": 1, "created": time.time() - 5, "state": "running",
+                     "params": {"cgroup_path": str(tmp_path)}, "pids": [os.getpid()]}}
+    rep = build(reply, None)
+    s = rep["summary"]
+    assert rep["figures_from"] == "cgroup"
+    assert (s["cpu_user_us"], s["cpu_system_us"]) == (20, 10)
+    assert s["max_rss_kb"] is not None and s["max_rss_kb"] > 1000  # this process's VmHWM
+    assert s["read_bytes"] is not None and s["write_bytes"] is not None

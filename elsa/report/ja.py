@@ -103,17 +103,19 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
     cg = cgroup_counters(cg_path) if cg_path else None
     summary: Dict[str, Any] = {"cpu_user_us": None, "cpu_system_us": None,
                                "max_rss_kb": None, "read_bytes": None, "write_bytes": None}
+    # Finished: the stored totals (every record, folded ones too); running: /proc.
+    parts = live + ([fin["usage"]] if fin["usage"] else [])
+    for p in parts:
+        for k in ("cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
+            summary[k] = _add(summary[k], p.get(k))
+        summary["max_rss_kb"] = _max(summary["max_rss_kb"], p.get("max_rss_kb"))
     if cg is not None:
-        summary.update(cg)
+        # The cgroup's figures where it has them; a controller not enabled for the
+        # job cgroups (memory, io on a hybrid host) leaves the processes' figures.
+        summary.update({k: v for k, v in cg.items() if v is not None})
         figures = "cgroup"
     else:
         figures = "processes"
-        # Finished: the stored totals (every record, folded ones too); running: /proc.
-        parts = live + ([fin["usage"]] if fin["usage"] else [])
-        for p in parts:
-            for k in ("cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
-                summary[k] = _add(summary[k], p.get(k))
-            summary["max_rss_kb"] = _max(summary["max_rss_kb"], p.get("max_rss_kb"))
     usage = fin["usage"] or {}
     summary["coremem_mib_s"] = (None if usage.get("coremem_kb_us") is None
                                 else usage["coremem_kb_us"] / 1024 / 1e6)
