@@ -84,3 +84,28 @@ def test_summary_takes_the_processes_figures_a_cgroup_lacks(tmp_path):
     assert (s["cpu_user_us"], s["cpu_system_us"]) == (20, 10)
     assert s["max_rss_kb"] is not None and s["max_rss_kb"] > 1000  # this process's VmHWM
     assert s["read_bytes"] is not None and s["write_bytes"] is not None
+
+
+def test_charge_so_far_prices_the_memory_integral_as_the_bill_does(tmp_path, monkeypatch):
+    # The bill prices a job's mem_integral from its stored coremem_kb_us; ja's
+    # "charge so far" left it out (its summary holds the MiB-s display figure),
+    # and said nothing about a rate it could not price.
+    from elsa import config
+    from elsa.billing import rates
+    from elsa.report import ja
+
+    cfg = tmp_path / "elsa.toml"
+    cfg.write_text('[billing]\ntimezone = "UTC"\n[billing.rates]\nmem_integral = 1\n'
+                   'mem_peak = 1\n[billing.nonprime]\nmem_integral = 1\nmem_peak = 1\n')
+    billing = rates.from_config(config.load(str(cfg)))
+    usage = {"processes": 1, "cpu_user_us": 1, "cpu_system_us": 0,
+             "coremem_kb_us": 3600 * 1024 * 10 ** 6}  # 1 MiB-hour; no peak RSS measured
+    monkeypatch.setattr(ja, "_finished", lambda jid, db, processes: {
+        "processes": [], "folded": [], "usage": usage, "why": None})
+    now = 1_800_000_000.0
+    reply = {"job": {"jid": 1, "created": now - 10, "state": "running", "params": {},
+                     "pids": []}}
+    rep = ja.build(reply, "unused.db", now=now, billing=billing)
+    assert rep["summary"]["coremem_mib_s"] == 3600
+    assert rep["charge"] == "1.00"
+    assert any("mem_peak" in n for n in rep["notes"]), rep["notes"]

@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from elsa.errors import ElsaError
 from elsa.kernel.cgroupstats import read_stats
@@ -125,7 +125,17 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
     elapsed = None if created is None else (job.get("ended") or now) - created
     charge = None
     if billing is not None and elapsed is not None:
-        charge = _charge(billing, job, summary, created, now)
+        # The bill's quantities of a job (elsa.billing.bill.jobs): the memory
+        # integral and the I/O calls are the stored totals' (running processes
+        # have none yet), in the units the bill reads.
+        from elsa.billing.bill import io_calls_of
+
+        charge, unpriced = _charge(billing, job, dict(
+            summary, coremem_kb_us=usage.get("coremem_kb_us"), io_calls=io_calls_of(usage)),
+            created, now)
+        if unpriced:
+            notes.append(f"the charge so far leaves out {', '.join(unpriced)}: a rate is "
+                         "set but no source measured it for this job (yet)")
     commands: Dict[str, Dict[str, Any]] = {}
     # [thresholds] folded rows: many small finished records each, counted per command
     # (their pids are not kept, so the flow cannot place them).
@@ -155,7 +165,8 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
 
 
 def _charge(billing: Any, job: Dict[str, Any], summary: Dict[str, Any], created: float,
-            now: float) -> Optional[str]:
+            now: float) -> Tuple[str, List[str]]:
+    """The charge so far (a decimal string) and the resources with a rate but no figure."""
     from decimal import Decimal
 
     from elsa.billing.bill import Biller, quantities
@@ -167,9 +178,9 @@ def _charge(billing: Any, job: Dict[str, Any], summary: Dict[str, Any], created:
     p = (Decimal(billing.schedule.prime_seconds(created, end)) / Decimal(wall)) if wall else \
         Decimal(1 if billing.schedule.is_prime(created) else 0)
     q = quantities(summary, Decimal(wall), cores_allowed(job.get("params") or {}), True)
-    parts, _ = b.price(q, p)
+    parts, unpriced = b.price(q, p)
     tags = {str(k): str(v) for k, v in (job.get("tags") or {}).items()}
-    return str(b.round(sum(parts.values(), Decimal(0)) * b.multiplier(tags)))
+    return str(b.round(sum(parts.values(), Decimal(0)) * b.multiplier(tags))), unpriced
 
 
 def flow(procs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
