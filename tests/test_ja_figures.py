@@ -20,8 +20,13 @@ def _write_process(root, pid: int, io: bool = True, hwm: bool = True) -> None:
     (d / "status").write_text("Name:\tmy prog\n" + ("VmHWM:\t  2048 kB\n" if hwm else "")
                               + "Threads:\t1\n")
     if io:
-        (d / "io").write_text("rchar: 10\nwchar: 20\nsyscr: 1\nsyscw: 2\nread_bytes: 4096\n"
-                              "write_bytes: 8192\ncancelled_write_bytes: 0\n")
+        # The process's own I/O is its threads'; /proc/PID/io adds its reaped children's.
+        (d / "io").write_text("rchar: 10\nwchar: 20\nsyscr: 1\nsyscw: 2\nread_bytes: 5000\n"
+                              "write_bytes: 9000\ncancelled_write_bytes: 0\n")
+        (d / "task" / str(pid)).mkdir(parents=True)
+        (d / "task" / str(pid) / "io").write_text(
+            "rchar: 10\nwchar: 20\nsyscr: 1\nsyscw: 2\nread_bytes: 4096\n"
+            "write_bytes: 8192\ncancelled_write_bytes: 0\n")
 
 
 def test_live_process_from_a_written_proc(tmp_path):
@@ -48,6 +53,33 @@ def test_live_usage_of_this_process():
     assert u.cpu_user_us + u.cpu_system_us >= 50_000
     assert u.max_rss_kb is not None and u.max_rss_kb > 1000
     assert u.read_bytes is not None  # our own io file is readable
+
+
+def test_live_io_leaves_out_the_children_a_process_waited_for(tmp_path):
+    # The real kernel: a shell whose dd child wrote 8 MiB and was reaped. Its
+    # /proc/PID/io holds the dd's bytes, which dd's own record counts; ja sums
+    # both, so the shell's live figure must be its own.
+    import subprocess
+
+    from tests.conftest import wait_for
+
+    target = tmp_path / "out"
+    sh = subprocess.Popen(["sh", "-c", f"dd if=/dev/zero of={target} bs=1M count=8 "
+                           "conv=fsync 2>/dev/null; exec sleep 30"])
+    try:
+        def whole_written() -> int:
+            with open(f"/proc/{sh.pid}/io") as fh:
+                return int(fh.read().split()[11])
+
+        # The dd was reaped once the shell's whole figure holds its bytes (before
+        # the exec of sleep, which keeps the pid and its counters).
+        wait_for(lambda: whole_written() >= 8 << 20, 30, what="the dd to be reaped")
+        u = live_process(sh.pid)
+        assert u is not None and u["write_bytes"] is not None
+        assert u["write_bytes"] < 1 << 20, u
+    finally:
+        sh.kill()
+        sh.wait()
 
 
 def test_cgroup_counters_from_a_written_cgroup(tmp_path):
