@@ -234,7 +234,7 @@ class Daemon:
             specs, names, config=self.config, manager=self.manager, store=self.store,
             procfs=self.procfs, loop=self.loop, settle=self.events.settle,
             lost_fork=self.events.lost_fork if self.events.connector.filtered else None,
-            observe=usage_sink(self.listeners))
+            observe=usage_sink(self.listeners), sources_held=self._sources_held)
         if self.control is not None:
             self.control.ops.read_sources = read_now
 
