@@ -50,6 +50,7 @@ def test_ja_inside_and_outside_a_job(elsad, tmp_path):
     assert {c["command"] for c in root["children"]} >= {"sleep"}
     text = Path(f"{out}.txt").read_text()
     assert "Job ID" in text and "COMMAND" in text and "sleep [" in text
+    assert "Tags          account=chem\n" in text  # as --json's tags
 
 
 def test_ja_counts_the_command_that_just_finished(elsad, tmp_path):

@@ -220,8 +220,10 @@ def print_report(r: Dict[str, Any], show: str, out) -> None:
 
     if "s" in show:
         s = r["summary"]
+        tags = " ".join(f"{k}={v}" for k, v in sorted((r["tags"] or {}).items()))
         out.write(f"Job ID        {r['jid']}\nName          {printable(r['name'] or '-')}\n"
-                  f"State         {r['state']}\nStart         {fmt_time(r['start'])}\n"
+                  + (f"Tags          {printable(tags)}\n" if tags else "")
+                  + f"State         {r['state']}\nStart         {fmt_time(r['start'])}\n"
                   f"Elapsed       {fmt_duration(r['elapsed_s'])}\n"
                   f"User CPU      {_us(s['cpu_user_us'])}\n"
                   f"System CPU    {_us(s['cpu_system_us'])}\n"
