@@ -141,3 +141,20 @@ def test_charge_so_far_prices_the_memory_integral_as_the_bill_does(tmp_path, mon
     assert rep["summary"]["coremem_mib_s"] == 3600
     assert rep["charge"] == "1.00"
     assert any("mem_peak" in n for n in rep["notes"]), rep["notes"]
+
+
+def test_summary_says_when_a_running_members_io_is_not_readable(monkeypatch):
+    # Another user's process in the job (a setuid helper): its /proc/PID/io is not
+    # readable, so the bytes read and written are those of the others only.
+    from elsa.report import ja
+
+    procs = {1: dict(pid=1, ppid=0, comm="sh", running=True, cpu_user_us=1, cpu_system_us=1,
+                     max_rss_kb=10, read_bytes=100, write_bytes=200),
+             2: dict(pid=2, ppid=1, comm="suid", running=True, cpu_user_us=1,
+                     cpu_system_us=1, max_rss_kb=10, read_bytes=None, write_bytes=None)}
+    monkeypatch.setattr(ja, "live_process", lambda pid: procs.get(pid))
+    reply = {"job": {"jid": 1, "created": time.time() - 5, "state": "running",
+                     "params": {}, "pids": [1, 2]}}
+    rep = ja.build(reply, None)
+    assert rep["summary"]["write_bytes"] == 200
+    assert any("1 running process" in n for n in rep["notes"]), rep["notes"]

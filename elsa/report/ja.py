@@ -116,6 +116,12 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
         figures = "cgroup"
     else:
         figures = "processes"
+    if cg is None or cg["read_bytes"] is None:
+        # A total of the readable ones is not the job's: say so, as for the store.
+        hidden = sum(1 for p in live if p["read_bytes"] is None)
+        if hidden and summary["read_bytes"] is not None:
+            notes.append(f"read and written leave out {hidden} running process(es) whose "
+                         "/proc/PID/io the caller may not read (another user's)")
     usage = fin["usage"] or {}
     summary["coremem_mib_s"] = (None if usage.get("coremem_kb_us") is None
                                 else usage["coremem_kb_us"] / 1024 / 1e6)
