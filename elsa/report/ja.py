@@ -60,30 +60,38 @@ def _max(a: Optional[int], b: Optional[int]) -> Optional[int]:
     return a if b is None else max(a, b)
 
 
-def _finished(jid: int, db_path: Optional[str], processes: bool) -> Dict[str, Any]:
-    """The job's stored totals (and records, when *processes*), or why there are none."""
-    from elsa.report import query
-    from elsa.report.connect import open_store
+def _finished(jid: int, db_path: Optional[str], processes: bool,
+              socket_path: Optional[str] = None) -> Dict[str, Any]:
+    """The job's stored totals (and records, when *processes*), or why there are none.
+
+    A user who cannot read the store (it is private: docs/security.md) gets the
+    job's report from elsad (the ``report`` operation, as ``elsa job``), when
+    *socket_path* is given."""
+    from elsa.core.model import format_jid
+    from elsa.report import query, remote
 
     if db_path is None:
         return {"processes": [], "folded": [], "usage": None, "why": "no store configured"}
-    try:
-        db = open_store(db_path)
+
+    def local(db: Any) -> Optional[Dict[str, Any]]:
         if not processes:  # the summary needs the totals only, whatever the job's size
             usage = query.job_usage(db, [jid]).get(jid)
-            return {"processes": None, "folded": [], "usage": usage and usage["usage"],
-                    "why": None}
-        detail = query.job_detail(db, jid)
+            return {"processes": None, "folded": [], "usage": usage and usage["usage"]}
+        return query.job_detail(db, jid)
+
+    try:
+        detail = remote.run(db_path, socket_path, "job", {"jid": format_jid(jid)}, local)
     except ElsaError as exc:
         return {"processes": [], "folded": [], "usage": None, "why": exc.message}
     if detail is None:
         return {"processes": [], "folded": [], "usage": None, "why": None}
-    return {"processes": detail["processes"], "folded": detail["folded"],
+    return {"processes": detail["processes"], "folded": detail.get("folded") or [],
             "usage": detail["usage"], "why": None}
 
 
 def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = None,
-          billing: Any = None, processes: bool = True) -> Dict[str, Any]:
+          billing: Any = None, processes: bool = True,
+          socket_path: Optional[str] = None) -> Dict[str, Any]:
     """The report from elsad's ``ja`` answer, /proc, the cgroup and the store.
 
     Without *processes* (``ja -s``) the finished part is the store's job totals
@@ -94,7 +102,7 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
     jid = job["jid"] if isinstance(job["jid"], int) else int(job["jid"], 16)
     live = [p for p in (live_process(pid) for pid in job.get("pids", [])) if p is not None]
     live_pids = {p["pid"] for p in live}
-    fin = _finished(jid, db_path, processes)
+    fin = _finished(jid, db_path, processes, socket_path)
     done = [dict(p, running=False) for p in fin["processes"] or () if p["pid"] not in live_pids]
     notes: List[str] = []
     if fin["why"]:
@@ -267,6 +275,7 @@ def cmd_ja(args: argparse.Namespace, out) -> int:
     from elsa import config
     from elsa.billing import rates
     from elsa.client import Client, RequestFailed, default_socket
+    from elsa.report.cli import _socket_path
 
     if args.csv:
         raise ElsaError("elsa ja prints a table or --json, not --csv")
@@ -282,7 +291,8 @@ def cmd_ja(args: argparse.Namespace, out) -> int:
         raise ElsaError(str(exc)) from None
     db_path = args.db or os.path.join(args.state_dir or cfg.state_dir, "elsa.db")
     detail = args.json or args.c or args.f
-    report = build(reply, db_path, billing=rates.from_config(cfg), processes=bool(detail))
+    report = build(reply, db_path, billing=rates.from_config(cfg), processes=bool(detail),
+                   socket_path=_socket_path(args))
     if args.json:
         json.dump(report, out)
         out.write("\n")
