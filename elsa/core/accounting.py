@@ -259,7 +259,6 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                 reading.discard(name)
         return read
 
-
     def affected_jobs() -> Set[int]:
         jids = {j.jid for j in manager.running()}
         jids.update(manager.exited.jids())

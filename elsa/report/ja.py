@@ -139,7 +139,7 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
     elapsed = None if created is None else (job.get("ended") or now) - created
     charge = None
     if billing is not None and elapsed is not None:
-        # The bill's quantities of a job (elsa.billing.bill.jobs): the memory
+        # The bill's quantities of a job (elsa.billing.bill.job_items): the memory
         # integral and the I/O calls are the stored totals' (running processes
         # have none yet), in the units the bill reads.
         from elsa.billing.bill import io_calls_of
