@@ -362,6 +362,14 @@ def utc_host(monkeypatch):
     time.tzset()
 
 
+def test_bill_header_shows_a_window_cut_within_a_minute(site, capsys, utc_host):
+    # The window printed is the one billed: 17:15:30 is not 17:15.
+    assert main(["bill", "--config", site, "--since", "2026-11-27T17:15:30Z",
+                 "--until", "2026-11-27T18:45Z"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.startswith("bill 2026-11-27 17:15:30 +00:00 .. 2026-11-27 18:45 +00:00 ")
+
+
 def test_bill_reads_and_prints_times_in_the_billing_zone(site, capsys, utc_host):
     paris = site.replace("elsa.toml", "paris.toml")
     with open(site) as fh, open(paris, "w") as out:

@@ -8,14 +8,16 @@ import io
 import json
 import os
 import stat
+import subprocess
 import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
 from elsa import users
+from elsa.billing import bill, rates  # noqa: F401  (elsa ja's: loaded before the fork)
 from elsa.report import cli as report_cli
-from elsa.report import query, remote  # noqa: F401  (loaded before the children drop root)
+from elsa.report import ja, query, remote, sacct  # noqa: F401  (loaded before the fork)
 from tests.test_control_auth import (  # noqa: F401  (fixtures)
     accounts,
     as_user,
@@ -99,3 +101,30 @@ def test_private_data_false_opens_reports(shared_dir, elsad, accounts):  # noqa:
                                 "--socket", d.socket))
     assert r["rc"] == 0, r["stderr"]
     assert json.loads(r["stdout"])["owner_uid"] == b.uid
+
+
+def test_ja_of_a_user_counts_the_finished_processes(shared_dir, elsad, accounts):  # noqa: F811
+    # The store is private: a user's 'elsa ja' reads the job's finished processes
+    # from elsad, as 'elsa job' does, instead of leaving them out ("finished
+    # processes not included") and charging the running ones only.
+    a, _b, _gid, _group = accounts
+    d = elsad(workdir=shared_dir, extra="[sources.taskstats]\n")
+
+    def run():
+        from elsa.client import Client
+
+        with Client(d.socket, timeout=10) as c:
+            c.call("create", name="mine", pids=[os.getpid()])
+        # A command of the job that finishes (the batch script's work), then ja.
+        subprocess.run(["/bin/sh", "-c", "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done"],
+                       check=True)
+        return elsa_as_main("ja", "--json", "--state-dir", d.state_dir, "--socket",
+                            d.socket)()
+
+    r = as_user(a, run)
+    assert r["rc"] == 0, r["stderr"]
+    rep = json.loads(r["stdout"])
+    assert rep["notes"] == [] or not any("not included" in n for n in rep["notes"]), rep
+    assert rep["summary"]["processes_finished"] >= 1
+    sh = [c for c in rep["commands"] if c["command"] == "sh" and c["running"] == 0]
+    assert sh and sh[0]["cpu_user_us"] + sh[0]["cpu_system_us"] > 0, rep["commands"]

@@ -50,6 +50,57 @@ def test_ja_inside_and_outside_a_job(elsad, tmp_path):
     assert {c["command"] for c in root["children"]} >= {"sleep"}
     text = Path(f"{out}.txt").read_text()
     assert "Job ID" in text and "COMMAND" in text and "sleep [" in text
+    assert "Tags          account=chem\n" in text  # as --json's tags
+
+
+def test_ja_counts_the_command_that_just_finished(elsad, tmp_path):
+    # CSA's use: `ja` as the last line of a batch script reports the whole job.
+    # The command before it exited a moment ago: the kernel queued its taskstats
+    # record at its exit, but elsad reads the socket in batches (read_interval;
+    # 5 s here, where the default 0.25 s loses it only some of the time).
+    d = elsad(extra="[sources.taskstats]\nread_interval = 5.0\n")
+    cfg = str(d.config_path)
+    out, cpu = tmp_path / "ja.json", tmp_path / "cpu.txt"
+    child = ("import os, time\nt = time.process_time()\n"
+             "while time.process_time() - t < 0.3: pass\n"
+             f"c = os.times(); open({str(cpu)!r}, 'w').write(str(c.user + c.system))")
+    # /bin/true first: its record opens the socket's read window, so the next
+    # record waits out the window unless 'ja' has it read.
+    script = f"/bin/true; python3 -c \"$CHILD\"; elsa ja --config {cfg} --json > {out}"
+    r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "run", "--", "sh", "-c", script],
+                       env=dict(_env(), CHILD=child), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    child_us = float(cpu.read_text()) * 1e6
+    py = [c for c in rep["commands"] if c["command"] == "python3"]
+    assert py and py[0]["count"] == 1 and py[0]["running"] == 0, rep["commands"]
+    assert py[0]["cpu_user_us"] + py[0]["cpu_system_us"] >= child_us * 0.95
+    s = rep["summary"]
+    assert s["processes_finished"] >= 2  # true, python3
+    assert s["cpu_user_us"] + s["cpu_system_us"] >= child_us
+
+
+def test_ja_per_command_counts_folded_records(elsad, tmp_path):
+    # [thresholds] folds the small records into one row per command: 'ja -c' and
+    # --json's commands count them, as the summary's processes_finished does.
+    d = elsad(extra="[sources.taskstats]\n[thresholds]\nmin_cpu_ms = 50\n")
+    cfg = str(d.config_path)
+    out = tmp_path / "ja.json"
+    script = (f"/bin/true; /bin/true; /bin/true; elsa ja --config {cfg} --json > {out}; "
+              f"elsa ja --config {cfg} -c > {out}.txt")
+    r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "run", "--", "sh", "-c", script],
+                       env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    true = [c for c in rep["commands"] if c["command"] == "true"]
+    assert true and true[0]["count"] == 3 and true[0]["running"] == 0, rep["commands"]
+    assert true[0]["cpu_user_us"] is not None
+    finished = sum(c["count"] - c["running"] for c in rep["commands"])
+    assert finished == rep["summary"]["processes_finished"]
+    assert any("[thresholds]" in n for n in rep["notes"])
+    text = Path(f"{out}.txt").read_text()
+    assert any(line.split()[:3] == ["true", "3", "0"] for line in text.splitlines()), text
 
 
 def test_tag_after_the_fact(elsad):

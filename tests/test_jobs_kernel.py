@@ -462,3 +462,28 @@ def test_forced_event_loss_resynced_from_cgroups(c2base, elsad, tree):
     wait_for(lambda: job_pids(d, jid) == live, timeout=15,
              what="resync to hold exactly the live tree")
     assert d.proc is not None and d.proc.poll() is None
+
+
+def test_wait_answers_once_the_last_members_records_are_stored(elsad, tmp_path):
+    # The last members' taskstats records are queued before their exit events, but
+    # elsad reads the socket in batches (read_interval; 5 s here). 'wait' answers
+    # once the end is committed: the records must be stored with it, so that a
+    # report right after 'wait' (elsa jobs, elsa eff) has the whole job.
+    from elsa.report import query
+
+    d = elsad(extra="[sources.taskstats]\nread_interval = 5.0\n")
+    jid_file = tmp_path / "jid"
+    # /bin/true first: its record opens the socket's read window.
+    script = (f'echo $ELSA_JID > {jid_file}; /bin/true; '
+              'python3 -c "import time; t = time.process_time()\n'
+              'while time.process_time() - t < 0.1: pass"; exit 0')
+    r = subprocess.run([sys.executable, "-m", "elsa.jobmng", "--socket", d.socket, "run",
+                        "--", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jid = jid_file.read_text().strip()
+    with d.client() as c:
+        assert c.call("wait", jid=jid, timeout=30)["ended"]
+    db = sqlite3.connect(f"file:{d.state_dir}/elsa.db?mode=ro", uri=True)
+    usage = query.job_usage(db, [parse_jid(jid)])[parse_jid(jid)]["usage"]
+    db.close()
+    assert usage["processes"] == 3, usage  # sh (elsa-jobmng exec'd), true, python3

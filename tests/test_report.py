@@ -234,3 +234,17 @@ def test_jobs_page_newest_first_reads_the_created_index(tmp_path):
     (page,) = [sql for sql in ran if "ORDER BY" in sql]
     plan = " ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + page))
     assert "jobs_created" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_job_table_shows_the_batch_systems_tags(store, capsys):
+    # An admin looking up a Slurm/PBS job ('elsa jobs --tag wlm_job_id=4242') sees its
+    # batch identity in 'elsa job' as --json gives it (tags), not only in JSON.
+    db_path, _ = store
+    db = sqlite3.connect(db_path)
+    db.execute("UPDATE jobs SET tags = ? WHERE jid = 42",
+               (json.dumps({"wlm": "slurm", "wlm_job_id": "4242", "account": "chem"}),))
+    db.commit()
+    db.close()
+    assert main(["job", "0x2a", "--db", db_path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "tags account=chem wlm=slurm wlm_job_id=4242" in lines[:3], lines[:3]

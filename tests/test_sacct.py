@@ -50,6 +50,15 @@ def test_time_and_size_formats_like_sacct():
     assert fmt_size(512) == "512" and fmt_size(1536) == "1.50K"
 
 
+def test_cpu_time_never_prints_60_seconds():
+    # CPU figures are microseconds: 59.9996 s is 59.999 s in sacct's MM:SS.mmm
+    # (milliseconds truncated, as sacct does), not '00:60.000'.
+    assert fmt_duration(59_999_600 / 1e6, millis=True) == "00:59.999"
+    assert fmt_duration(3_599_999_600 / 1e6, millis=True) == "59:59.999"
+    assert fmt_duration(1_156_000 / 1e6, millis=True) == "00:01.156"
+    assert fmt_duration(3600.0, millis=True) == "01:00:00"
+
+
 def test_parsable2_format_order_and_noheader(db_path, capsys):
     assert main(["jobs", "--db", db_path, "--format", "jid,account,elapsed,cpu,maxrss,ncpus",
                  "--parsable2"]) == 0

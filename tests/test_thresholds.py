@@ -80,6 +80,18 @@ def test_totals_unchanged_rows_folded():
     assert query.job_detail(plain, 7)["folded"] == []
 
 
+def test_job_detail_lists_folded_rows_when_every_record_was_folded():
+    # A job none of whose records is stored one by one (ja while its finished
+    # processes are all small) still lists them per command, with their I/O.
+    db, _ = _run(Folder(min_cpu_ms=1000))
+    assert db.execute("SELECT COUNT(*) FROM proc_usage").fetchone()[0] == 0
+    detail = query.job_detail(db, 7)
+    assert detail["processes"] == []
+    assert sum(f["processes"] for f in detail["folded"]) == 200
+    assert {f["comm"] for f in detail["folded"]} == {"sh", "cc"}
+    assert sum(f["read_bytes"] for f in detail["folded"]) == sum(range(0, 400, 2))
+
+
 def test_rss_threshold_and_either_rule():
     f = Folder(min_cpu_ms=0, min_rss_kb=2000)
     recs = _records()

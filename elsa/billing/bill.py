@@ -85,6 +85,15 @@ def quantities(usage: Dict[str, Any], wall_s: Decimal, cores: Optional[Decimal],
     return q
 
 
+def io_calls_of(usage: Dict[str, Any]) -> Optional[int]:
+    """A job's read + write calls, from its usage's ``extra`` where a source counted
+    them (None: not measured)."""
+    extra = usage.get("extra") or {}
+    if isinstance(extra, dict) and "read_syscalls" in extra and "write_syscalls" in extra:
+        return extra["read_syscalls"] + extra["write_syscalls"]
+    return None
+
+
 class Biller:
     """Prices items with one validated rate table."""
 
@@ -163,9 +172,7 @@ def job_items(db: Any, biller: Biller, since: float, until: float) -> List[Dict[
         tags = {str(k): str(v) for k, v in _json_loads(tags_text).items()}
         params = _json_loads(params_text)
         u = dict((usage.get(jid) or {}).get("usage") or {})
-        extra = u.get("extra") or {}
-        if isinstance(extra, dict) and "read_syscalls" in extra and "write_syscalls" in extra:
-            u["io_calls"] = extra["read_syscalls"] + extra["write_syscalls"]
+        u["io_calls"] = io_calls_of(u)
         wall = max(0.0, ended - created)
         if wall > 0:
             prime_s = sched.prime_seconds(created, ended)

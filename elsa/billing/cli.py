@@ -89,7 +89,10 @@ def _when(t: float, zone: str) -> str:
     d = dt.datetime.fromtimestamp(t, _zone(zone)) if zone != "local" else \
         dt.datetime.fromtimestamp(t).astimezone()
     off = d.strftime("%z")
-    return d.strftime("%Y-%m-%d %H:%M ") + f"{off[:3]}:{off[3:]}"
+    # Seconds where the window has them (--since/--until), or it reads as another window.
+    clock = "%H:%M:%S" if d.second or d.microsecond else "%H:%M"
+    frac = f"{d.microsecond / 1e6:.6f}"[1:].rstrip("0") if d.microsecond else ""
+    return d.strftime(f"%Y-%m-%d {clock}") + f"{frac} {off[:3]}:{off[3:]}"
 
 
 def print_table(data: Dict[str, Any], out) -> None:

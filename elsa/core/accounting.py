@@ -200,16 +200,19 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                   manager: JobManager, store: Store, procfs: ProcFS, loop: EventLoop,
                   settle: Callable[[], bool],
                   lost_fork: Optional[Callable[[Tuple[Any, ...], float], Optional[int]]] = None,
-                  observe: Optional[Callable[[List[Tuple[Any, ...]]], None]] = None
-                  ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]]]:
+                  observe: Optional[Callable[[List[Tuple[Any, ...]]], None]] = None,
+                  sources_held: Callable[[], bool] = lambda: False,
+                  ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]], Callable[[], None]]:
     """Start the sources *names* (elsa.core.defaults.enabled_sources); return
-    (sources by name, status function).
+    (sources by name, status function, a function that reads the sources'
+    descriptors now).
 
     *settle* applies the proc-connector events queued so far (the aggregator
     calls it before it gives up on a record's job); *lost_fork*, for a
     filtered proc connector, finds the job of a record whose fork event was
     lost; *observe* sees the usage rows as they are stored (both:
-    elsa.core.aggregator.Aggregator)."""
+    elsa.core.aggregator.Aggregator); *sources_held*: a burst hold leaves the
+    sources unread now (elsa/core/burst.py)."""
     cfg = config
     # For the reports and elsa import-acct: how the sources rank, when this boot began.
     save_priorities(store.db, store.submit, priorities_of(specs))
@@ -240,6 +243,21 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
     started: Dict[str, Any] = {}
     failed: Dict[str, str] = {}
     guards: Dict[str, List[Guard]] = {}
+    readers: List[Callable[[], None]] = []
+    reading: Set[str] = set()  # sources whose descriptor is being read now
+
+    def reader(name: str, g: Guard) -> Callable[[], None]:
+        def read() -> None:
+            # No re-entry: a read's records may make the aggregator settle the
+            # proc-connector events, which may end a job, which reads (job_ending).
+            if name in reading:
+                return
+            reading.add(name)
+            try:
+                g()
+            finally:
+                reading.discard(name)
+        return read
 
     def affected_jobs() -> Set[int]:
         jids = {j.jid for j in manager.running()}
@@ -283,7 +301,8 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
             g = Guard(name, "on_readable", src.on_readable,
                       on_give_up=lambda fd=fd: loop.remove_reader(fd))
             guards[name].append(g)
-            loop.add_reader(fd, g, deferrable=True, window=float(src.read_window))
+            readers.append(reader(name, g))
+            loop.add_reader(fd, readers[-1], deferrable=True, window=float(src.read_window))
         if src.interval:
             g = Guard(name, "poll", src.poll)
             guards[name].append(g)
@@ -291,9 +310,24 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                            active=src.has_poll_work)
         log.info("accounting source started", source=name)
 
+    def read_now() -> None:
+        # A reply about a running job ('ja') must count the processes that exited
+        # before it was asked: the kernel queued their records at their exit
+        # (taskstats before the exit event), but the loop reads a descriptor in
+        # batches (read_window). The descriptors are non-blocking.
+        for g in readers:
+            g()
+
     def job_ending(job: Job) -> None:
         for name, src in started.items():
             run_isolated(lambda src=src: src.job_ending(job), "job_ending", name)
+        # The last members' records are queued already (taskstats' before the exit
+        # event and before the cgroup empties): read them, so that they are stored
+        # with the end, and 'wait' (which answers after the commit) or a report
+        # right after it sees the job's final figures. Not during a burst hold,
+        # whose point is to leave the queues unread (a waiter ends the hold).
+        if not sources_held():
+            read_now()
         aggregator.job_ending(job)
 
     manager.before_end.append(job_ending)
@@ -335,7 +369,7 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
         aggregator.flag_incomplete([parse_jid(j) for j in gap["jobs"]], gap["source"],
                                    gap["why"])
     loop.add_timer(ALIVE_INTERVAL, lambda: store.submit(*alive_stmt(time.time())), "alive")
-    return sources, status
+    return sources, status, read_now
 
 
 #: Seconds between elsad's "alive" marks in the store: after a kill -9 the

@@ -230,11 +230,13 @@ class Daemon:
         from elsa.core.listener import usage_sink
 
         assert self.manager is not None and self.store is not None and self.events is not None
-        self.sources, self.source_status = start_sources(
+        self.sources, self.source_status, read_now = start_sources(
             specs, names, config=self.config, manager=self.manager, store=self.store,
             procfs=self.procfs, loop=self.loop, settle=self.events.settle,
             lost_fork=self.events.lost_fork if self.events.connector.filtered else None,
-            observe=usage_sink(self.listeners))
+            observe=usage_sink(self.listeners), sources_held=self._sources_held)
+        if self.control is not None:
+            self.control.ops.read_sources = read_now
 
     def _job_emptied(self, jid: int) -> None:
         """A backend saw a job's kernel object empty (e.g. cgroup.events populated 0)."""

@@ -99,6 +99,9 @@ class Operations:
         self.store_path = store_path  # reports read it with their own connection
         self.private_data = private_data
         self.billing = billing  # the site's rate table, for 'bill' reports
+        #: Reads the accounting sources' descriptors now (set by the daemon once
+        #: they started; elsa.core.accounting.start_sources).
+        self.read_sources: Callable[[], None] = lambda: None
 
     def dispatch(self, caller: Caller, req: Request) -> Any:
         op = req.get("op")
@@ -385,7 +388,12 @@ class Operations:
         jid = self.manager.job_of(caller.pid)
         if jid is None:
             raise NotInJob(f"pid {caller.pid} (the caller) is not in any job")
-        return {"pid": caller.pid, "job": job_json(self.manager.job(jid))}
+        reply = {"pid": caller.pid, "job": job_json(self.manager.job(jid))}
+        # 'ja' reads the finished processes from the store: the one that exited a
+        # moment ago (the script's previous command) must be in. Its record is
+        # queued already; read it now and reply once it is committed.
+        self.read_sources()
+        return AfterCommit(lambda: reply)
 
     def op_report(self, caller: Caller, req: Request) -> InThread:
         """``elsa`` reports for a user who cannot read the store file

@@ -164,14 +164,16 @@ class Folder:
 
 
 FOLDED_OF_JOB_SQL = ("SELECT comm, uid, SUM(folded), SUM(cpu_user_us), SUM(cpu_system_us), "
-                     "MAX(max_rss_kb), MIN(start_time), MAX(end_time) FROM proc_folded "
+                     "MAX(max_rss_kb), SUM(read_bytes), SUM(write_bytes), MIN(start_time), "
+                     "MAX(end_time) FROM proc_folded "
                      "WHERE jid = ? AND source = ? GROUP BY comm, uid ORDER BY comm, uid")
 FOLDED_KEYS = ("comm", "uid", "processes", "cpu_user_us", "cpu_system_us", "max_rss_kb",
-               "first_start", "last_end")
+               "read_bytes", "write_bytes", "first_start", "last_end")
 
 
 def folded_of_job(db: Any, jid: int, source: Optional[str]) -> List[Dict[str, Any]]:
-    """The job's folded records of *source*, per command and user (``elsa job``)."""
+    """The job's folded records of *source*, per command and user (``elsa job``,
+    ``elsa ja -c``)."""
     import sqlite3
 
     if source is None:

@@ -77,6 +77,26 @@ def io_bytes(data: bytes) -> Tuple[int, int]:
     return int(tok[9]), int(tok[11])
 
 
+def _own_io(dfd: int) -> Tuple[int, int]:
+    """(read_bytes, write_bytes) a process did itself: its threads' ``task/TID/io``
+    summed (*dfd*: its /proc/PID). /proc/PID/io also holds the I/O of the children
+    it has waited for (the kernel adds a reaped child's to its parent's, as it adds
+    CPU to cutime), which those children's own records count. Raises OSError."""
+    tfd = os.open("task", _DIR_FLAGS, dir_fd=dfd)
+    try:
+        rbytes = wbytes = 0
+        for tid in os.listdir(tfd):
+            try:
+                r, w = io_bytes(read_small(f"{tid}/io", dir_fd=tfd))
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # the thread exited meanwhile
+            rbytes += r
+            wbytes += w
+    finally:
+        os.close(tfd)
+    return rbytes, wbytes
+
+
 #: Facts of a process at an exec (:meth:`ProcFS.exec_facts`), tuple positions.
 (F_PATH, F_DEV, F_INO, F_DELETED, F_STATUS, F_COMM, F_PPID, F_START, F_UTIME, F_STIME,
  F_UID, F_EUID, F_GID, F_EGID, F_RBYTES, F_WBYTES) = range(16)
@@ -228,7 +248,8 @@ class ProcFS:
 
     def live_usage(self, pid: int) -> Optional[LiveUsage]:
         """What a running process has used so far (``elsa ja``): CPU from stat,
-        peak RSS (``VmHWM``) from status, bytes read and written from io. None
+        peak RSS (``VmHWM``) from status, bytes read and written from its
+        threads' io (:func:`_own_io`). None
         when it is gone. All from one descriptor of /proc/PID, so of one process."""
         try:
             dfd = os.open(f"{self.root}/{pid}", _DIR_FLAGS)
@@ -247,7 +268,7 @@ class ProcFS:
             except (OSError, ValueError, IndexError):
                 pass  # a zombie has no VmHWM line
             try:
-                rbytes, wbytes = io_bytes(read_small("io", dir_fd=dfd))
+                rbytes, wbytes = _own_io(dfd)
             except (OSError, ValueError, IndexError):
                 pass  # another user's process: io is not readable
         finally:

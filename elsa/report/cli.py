@@ -354,6 +354,10 @@ def cmd_job(args: argparse.Namespace, out) -> int:
                   f"owner {detail.get('owner', '?')}  "
                   f"{detail.get('state', '?')}  created {_fmt_time(detail.get('created'))}  "
                   f"ended {_fmt_time(detail.get('ended'))}\n")
+        tags = detail.get("tags") or {}
+        if tags:  # the batch system's identity (wlm_job_id, account, queue) among them
+            out.write("tags " + " ".join(f"{printable(str(k))}={printable(str(v))}"
+                                         for k, v in sorted(tags.items())) + "\n")
         out.write(f"wall {_fmt_us(detail.get('wall_us'))}\n")
         if not u.get("sources"):
             out.write(f"usage: unknown: {NO_SOURCE}\n")

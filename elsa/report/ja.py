@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from elsa.errors import ElsaError
 from elsa.kernel.cgroupstats import read_stats
@@ -60,28 +60,38 @@ def _max(a: Optional[int], b: Optional[int]) -> Optional[int]:
     return a if b is None else max(a, b)
 
 
-def _finished(jid: int, db_path: Optional[str], processes: bool) -> Dict[str, Any]:
-    """The job's stored totals (and records, when *processes*), or why there are none."""
-    from elsa.report import query
-    from elsa.report.connect import open_store
+def _finished(jid: int, db_path: Optional[str], processes: bool,
+              socket_path: Optional[str] = None) -> Dict[str, Any]:
+    """The job's stored totals (and records, when *processes*), or why there are none.
+
+    A user who cannot read the store (it is private: docs/security.md) gets the
+    job's report from elsad (the ``report`` operation, as ``elsa job``), when
+    *socket_path* is given."""
+    from elsa.core.model import format_jid
+    from elsa.report import query, remote
 
     if db_path is None:
-        return {"processes": [], "usage": None, "why": "no store configured"}
-    try:
-        db = open_store(db_path)
+        return {"processes": [], "folded": [], "usage": None, "why": "no store configured"}
+
+    def local(db: Any) -> Optional[Dict[str, Any]]:
         if not processes:  # the summary needs the totals only, whatever the job's size
             usage = query.job_usage(db, [jid]).get(jid)
-            return {"processes": None, "usage": usage and usage["usage"], "why": None}
-        detail = query.job_detail(db, jid)
+            return {"processes": None, "folded": [], "usage": usage and usage["usage"]}
+        return query.job_detail(db, jid)
+
+    try:
+        detail = remote.run(db_path, socket_path, "job", {"jid": format_jid(jid)}, local)
     except ElsaError as exc:
-        return {"processes": [], "usage": None, "why": exc.message}
+        return {"processes": [], "folded": [], "usage": None, "why": exc.message}
     if detail is None:
-        return {"processes": [], "usage": None, "why": None}
-    return {"processes": detail["processes"], "usage": detail["usage"], "why": None}
+        return {"processes": [], "folded": [], "usage": None, "why": None}
+    return {"processes": detail["processes"], "folded": detail.get("folded") or [],
+            "usage": detail["usage"], "why": None}
 
 
 def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = None,
-          billing: Any = None, processes: bool = True) -> Dict[str, Any]:
+          billing: Any = None, processes: bool = True,
+          socket_path: Optional[str] = None) -> Dict[str, Any]:
     """The report from elsad's ``ja`` answer, /proc, the cgroup and the store.
 
     Without *processes* (``ja -s``) the finished part is the store's job totals
@@ -92,7 +102,7 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
     jid = job["jid"] if isinstance(job["jid"], int) else int(job["jid"], 16)
     live = [p for p in (live_process(pid) for pid in job.get("pids", [])) if p is not None]
     live_pids = {p["pid"] for p in live}
-    fin = _finished(jid, db_path, processes)
+    fin = _finished(jid, db_path, processes, socket_path)
     done = [dict(p, running=False) for p in fin["processes"] or () if p["pid"] not in live_pids]
     notes: List[str] = []
     if fin["why"]:
@@ -101,17 +111,25 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
     cg = cgroup_counters(cg_path) if cg_path else None
     summary: Dict[str, Any] = {"cpu_user_us": None, "cpu_system_us": None,
                                "max_rss_kb": None, "read_bytes": None, "write_bytes": None}
+    # Finished: the stored totals (every record, folded ones too); running: /proc.
+    parts = live + ([fin["usage"]] if fin["usage"] else [])
+    for p in parts:
+        for k in ("cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
+            summary[k] = _add(summary[k], p.get(k))
+        summary["max_rss_kb"] = _max(summary["max_rss_kb"], p.get("max_rss_kb"))
     if cg is not None:
-        summary.update(cg)
+        # The cgroup's figures where it has them; a controller not enabled for the
+        # job cgroups (memory, io on a hybrid host) leaves the processes' figures.
+        summary.update({k: v for k, v in cg.items() if v is not None})
         figures = "cgroup"
     else:
         figures = "processes"
-        # Finished: the stored totals (every record, folded ones too); running: /proc.
-        parts = live + ([fin["usage"]] if fin["usage"] else [])
-        for p in parts:
-            for k in ("cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
-                summary[k] = _add(summary[k], p.get(k))
-            summary["max_rss_kb"] = _max(summary["max_rss_kb"], p.get("max_rss_kb"))
+    if cg is None or cg["read_bytes"] is None:
+        # A total of the readable ones is not the job's: say so, as for the store.
+        hidden = sum(1 for p in live if p["read_bytes"] is None)
+        if hidden and summary["read_bytes"] is not None:
+            notes.append(f"read and written leave out {hidden} running process(es) whose "
+                         "/proc/PID/io the caller may not read (another user's)")
     usage = fin["usage"] or {}
     summary["coremem_mib_s"] = (None if usage.get("coremem_kb_us") is None
                                 else usage["coremem_kb_us"] / 1024 / 1e6)
@@ -121,14 +139,30 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
     elapsed = None if created is None else (job.get("ended") or now) - created
     charge = None
     if billing is not None and elapsed is not None:
-        charge = _charge(billing, job, summary, created, now)
+        # The bill's quantities of a job (elsa.billing.bill.job_items): the memory
+        # integral and the I/O calls are the stored totals' (running processes
+        # have none yet), in the units the bill reads.
+        from elsa.billing.bill import io_calls_of
+
+        charge, unpriced = _charge(billing, job, dict(
+            summary, coremem_kb_us=usage.get("coremem_kb_us"), io_calls=io_calls_of(usage)),
+            created, now)
+        if unpriced:
+            notes.append(f"the charge so far leaves out {', '.join(unpriced)}: a rate is "
+                         "set but no source measured it for this job (yet)")
     commands: Dict[str, Dict[str, Any]] = {}
-    for p in live + done:
+    # [thresholds] folded rows: many small finished records each, counted per command
+    # (their pids are not kept, so the flow cannot place them).
+    folded = [dict(f, running=False) for f in fin["folded"]]
+    if folded:
+        notes.append(f"{sum(f['processes'] for f in folded)} small finished processes "
+                     "([thresholds]) are counted per command, not in the command flow")
+    for p in live + done + folded:
         c = commands.setdefault(p["comm"], {"command": p["comm"], "count": 0, "running": 0,
                                             "cpu_user_us": None, "cpu_system_us": None,
                                             "max_rss_kb": None, "read_bytes": None,
                                             "write_bytes": None})
-        c["count"] += 1
+        c["count"] += p.get("processes", 1)
         c["running"] += 1 if p["running"] else 0
         for k in ("cpu_user_us", "cpu_system_us", "read_bytes", "write_bytes"):
             c[k] = _add(c[k], p.get(k))
@@ -145,7 +179,8 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
 
 
 def _charge(billing: Any, job: Dict[str, Any], summary: Dict[str, Any], created: float,
-            now: float) -> Optional[str]:
+            now: float) -> Tuple[str, List[str]]:
+    """The charge so far (a decimal string) and the resources with a rate but no figure."""
     from decimal import Decimal
 
     from elsa.billing.bill import Biller, quantities
@@ -157,9 +192,9 @@ def _charge(billing: Any, job: Dict[str, Any], summary: Dict[str, Any], created:
     p = (Decimal(billing.schedule.prime_seconds(created, end)) / Decimal(wall)) if wall else \
         Decimal(1 if billing.schedule.is_prime(created) else 0)
     q = quantities(summary, Decimal(wall), cores_allowed(job.get("params") or {}), True)
-    parts, _ = b.price(q, p)
+    parts, unpriced = b.price(q, p)
     tags = {str(k): str(v) for k, v in (job.get("tags") or {}).items()}
-    return str(b.round(sum(parts.values(), Decimal(0)) * b.multiplier(tags)))
+    return str(b.round(sum(parts.values(), Decimal(0)) * b.multiplier(tags))), unpriced
 
 
 def flow(procs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -199,8 +234,10 @@ def print_report(r: Dict[str, Any], show: str, out) -> None:
 
     if "s" in show:
         s = r["summary"]
+        tags = " ".join(f"{k}={v}" for k, v in sorted((r["tags"] or {}).items()))
         out.write(f"Job ID        {r['jid']}\nName          {printable(r['name'] or '-')}\n"
-                  f"State         {r['state']}\nStart         {fmt_time(r['start'])}\n"
+                  + (f"Tags          {printable(tags)}\n" if tags else "")
+                  + f"State         {r['state']}\nStart         {fmt_time(r['start'])}\n"
                   f"Elapsed       {fmt_duration(r['elapsed_s'])}\n"
                   f"User CPU      {_us(s['cpu_user_us'])}\n"
                   f"System CPU    {_us(s['cpu_system_us'])}\n"
@@ -238,6 +275,7 @@ def cmd_ja(args: argparse.Namespace, out) -> int:
     from elsa import config
     from elsa.billing import rates
     from elsa.client import Client, RequestFailed, default_socket
+    from elsa.report.cli import _socket_path
 
     if args.csv:
         raise ElsaError("elsa ja prints a table or --json, not --csv")
@@ -253,7 +291,8 @@ def cmd_ja(args: argparse.Namespace, out) -> int:
         raise ElsaError(str(exc)) from None
     db_path = args.db or os.path.join(args.state_dir or cfg.state_dir, "elsa.db")
     detail = args.json or args.c or args.f
-    report = build(reply, db_path, billing=rates.from_config(cfg), processes=bool(detail))
+    report = build(reply, db_path, billing=rates.from_config(cfg), processes=bool(detail),
+                   socket_path=_socket_path(args))
     if args.json:
         json.dump(report, out)
         out.write("\n")

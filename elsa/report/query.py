@@ -468,8 +468,10 @@ def job_detail(db: Any, jid: int, source: Optional[str] = None
     prios = load_priorities(db)
     # The process list of the source the job's process count comes from (best()).
     counted = usage.get("chosen", {}).get("processes")
-    pick = source or (counted if counted in srcs else
-                      rank_sources(srcs, prios)[0] if srcs else None)
+    # No record stored one by one ([thresholds] folded them all): the folded rows
+    # of the counted source are still listed.
+    pick = source or (counted if counted in srcs or not srcs else
+                      rank_sources(srcs, prios)[0])
     procs = []
     if pick:
         for r in db.execute(f"SELECT {', '.join(PROCESS_KEYS)}, {db.host()} FROM proc_usage "

@@ -23,9 +23,12 @@ def fmt_duration(seconds: Optional[float], millis: bool = False) -> str:
         return "-"
     if seconds < 0:
         seconds = 0
-    if millis and seconds < 3600:
-        m, s = divmod(seconds, 60)
-        return f"{int(m):02d}:{s:06.3f}"
+    # Whole milliseconds, truncated as sacct does (rounding made 59.9996 s
+    # '00:60.000'); from microseconds first: 1.156 s is 1155.99... ms in binary.
+    ms = round(seconds * 1e6) // 1000
+    if millis and ms < 3_600_000:
+        m, ms = divmod(ms, 60_000)
+        return f"{m:02d}:{ms // 1000:02d}.{ms % 1000:03d}"
     total = int(seconds)
     d, rest = divmod(total, 86400)
     h, rest = divmod(rest, 3600)
