@@ -487,3 +487,40 @@ def test_wait_answers_once_the_last_members_records_are_stored(elsad, tmp_path):
     usage = query.job_usage(db, [parse_jid(jid)])[parse_jid(jid)]["usage"]
     db.close()
     assert usage["processes"] == 3, usage  # sh (elsa-jobmng exec'd), true, python3
+
+
+def test_a_wait_before_the_end_gets_the_last_members_records(elsad, tmp_path):
+    # The same, with the wait outstanding as the job ends: its end reads the queued
+    # records because a client waits for it (jobs nobody waits for are not read).
+    import threading
+
+    from elsa.report import query
+
+    d = elsad(extra="[sources.taskstats]\nread_interval = 5.0\n")
+    jid_file, go = tmp_path / "jid", tmp_path / "go"
+    os.mkfifo(go)
+    script = (f'echo $ELSA_JID > {jid_file}; read x < {go}; /bin/true; '
+              'python3 -c "import time; t = time.process_time()\n'
+              'while time.process_time() - t < 0.1: pass"; exit 0')
+    run = subprocess.Popen([sys.executable, "-m", "elsa.jobmng", "--socket", d.socket, "run",
+                            "--", "sh", "-c", script])
+    try:
+        wait_for(lambda: jid_file.exists() and jid_file.read_text().strip(), 30,
+                 what="the job's id")
+        jid = jid_file.read_text().strip()
+        replies = []
+        waiter = threading.Thread(target=lambda: replies.append(
+            d.call("wait", jid=jid, timeout=30)))
+        waiter.start()
+        wait_for(lambda: d.call("status")["control"]["waiters"] == 1, 10,
+                 what="the wait to be outstanding")
+        with open(go, "w") as f:
+            f.write("x\n")
+        waiter.join(40)
+        assert replies and replies[0]["ended"], replies
+    finally:
+        run.wait(60)
+    db = sqlite3.connect(f"file:{d.state_dir}/elsa.db?mode=ro", uri=True)
+    usage = query.job_usage(db, [parse_jid(jid)])[parse_jid(jid)]["usage"]
+    db.close()
+    assert usage["processes"] == 3, usage  # sh (elsa-jobmng exec'd), true, python3

@@ -202,6 +202,7 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
                   lost_fork: Optional[Callable[[Tuple[Any, ...], float], Optional[int]]] = None,
                   observe: Optional[Callable[[List[Tuple[Any, ...]]], None]] = None,
                   sources_held: Callable[[], bool] = lambda: False,
+                  waited: Callable[[int], bool] = lambda jid: False,
                   ) -> Tuple[Dict[str, Any], Callable[[], Dict[str, Any]], Callable[[], None]]:
     """Start the sources *names* (elsa.core.defaults.enabled_sources); return
     (sources by name, status function, a function that reads the sources'
@@ -212,7 +213,8 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
     filtered proc connector, finds the job of a record whose fork event was
     lost; *observe* sees the usage rows as they are stored (both:
     elsa.core.aggregator.Aggregator); *sources_held*: a burst hold leaves the
-    sources unread now (elsa/core/burst.py)."""
+    sources unread now (elsa/core/burst.py); *waited(jid)*: a client waits for the
+    job's end (``wait``)."""
     cfg = config
     # For the reports and elsa import-acct: how the sources rank, when this boot began.
     save_priorities(store.db, store.submit, priorities_of(specs))
@@ -323,10 +325,11 @@ def start_sources(specs: Mapping[str, SourceSpec], names: Sequence[str], *, conf
             run_isolated(lambda src=src: src.job_ending(job), "job_ending", name)
         # The last members' records are queued already (taskstats' before the exit
         # event and before the cgroup empties): read them, so that they are stored
-        # with the end, and 'wait' (which answers after the commit) or a report
-        # right after it sees the job's final figures. Not during a burst hold,
-        # whose point is to leave the queues unread (a waiter ends the hold).
-        if not sources_held():
+        # with the end and 'wait' (which answers after the commit) sees the job's
+        # final figures. Only for a job a client waits for: a read at every job's
+        # end costs elsad CPU per job (benchmarks/bench_cgroup_jobs.py).
+        # Not during a burst hold, whose point is to leave the queues unread.
+        if waited(job.jid) and not sources_held():
             read_now()
         aggregator.job_ending(job)
 

@@ -234,7 +234,8 @@ class Daemon:
             specs, names, config=self.config, manager=self.manager, store=self.store,
             procfs=self.procfs, loop=self.loop, settle=self.events.settle,
             lost_fork=self.events.lost_fork if self.events.connector.filtered else None,
-            observe=usage_sink(self.listeners), sources_held=self._sources_held)
+            observe=usage_sink(self.listeners), sources_held=self._sources_held,
+            waited=lambda jid: self.control is not None and self.control.waits_for(jid))
         if self.control is not None:
             self.control.ops.read_sources = read_now
 

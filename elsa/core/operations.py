@@ -301,8 +301,11 @@ class Operations:
             raise ProtocolError("'timeout' must be a number of seconds (0 to 1e7) or null")
         job = self.manager.job(jid)
         if job.state != JOB_RUNNING:
-            # The end may not be committed yet: a script that waits, then reports
-            # from the store, finds the job ended (ControlServer._answer_wait too).
+            # The end may not be committed yet, nor the last members' records read
+            # (queued before the end, read in batches): a script that waits, then
+            # reports from the store, finds the job ended and whole
+            # (ControlServer._answer_wait and the accounting's job_ending too).
+            self.read_sources()
             return AfterCommit(lambda: self.wait_result(job, True))
         if timeout == 0:
             return self.wait_result(job, False)

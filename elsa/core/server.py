@@ -655,9 +655,13 @@ class ControlServer:
         deadlines = [w.deadline for w in self.waiters if w.deadline is not None]
         return min(deadlines) if deadlines else None
 
+    def waits_for(self, jid: int) -> bool:
+        """A client waits for job *jid* to end (``wait``)."""
+        return any(w.jid == jid for w in self.waiters)
+
     def job_ended(self, job: Job) -> None:
         """Answer every ``wait`` on *job* (manager after-end callback)."""
-        if not any(w.jid == job.jid for w in self.waiters):
+        if not self.waits_for(job.jid):
             return
         done = [w for w in self.waiters if w.jid == job.jid]
         self.waiters = [w for w in self.waiters if w.jid != job.jid]
