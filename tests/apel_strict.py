@@ -18,7 +18,8 @@ server side would accept, not what ELSA thinks it wrote:
 * EndTime not before StartTime, not more than 2 days in the future;
 * summaries: Month 1..12, Earliest/LatestEndTime inside that month;
 * a string longer than its column in APEL's database (schemas/server.sql:
-  VARCHAR(255) for names and ids) is refused: MySQL's strict mode rejects it.
+  VARCHAR(255) for names and ids; the Queue parameter of its ReplaceJobRecord
+  procedure is VARCHAR(100)) is refused: MySQL's strict mode rejects it.
 
 Stricter than APEL where ELSA promises more: a key twice rejects the record,
 and EGI's documented set (SubmitHost) must be present.
@@ -59,7 +60,9 @@ SUMMARY = {
 }
 SLTS = ("si2k", "hepspec", "hepscore23")
 #: Column widths of APEL's database (schemas/server.sql) for the string fields.
-WIDTH = {"InfrastructureDescription": 100, "InfrastructureType": 20, "ServiceLevelType": 50}
+#: Queue: the loader's procedure ReplaceJobRecord takes it as ``queue VARCHAR(100)``.
+WIDTH = {"InfrastructureDescription": 100, "InfrastructureType": 20, "ServiceLevelType": 50,
+         "Queue": 100}
 STRINGS = ("Site", "SubmitHost", "MachineName", "Queue", "LocalJobId", "LocalUserId",
            "GlobalUserName", "FQAN", "VO", "VOGroup", "VORole", "InfrastructureDescription",
            "InfrastructureType", "ServiceLevelType")

@@ -243,6 +243,26 @@ def test_tags_apel_cannot_take_are_left_out_not_the_message(tmp_path, capsys):
         assert "job 0x0000000000000005" not in err      # an empty tag is no tag: no line
 
 
+def test_a_queue_longer_than_apels_queue_parameter_is_left_out(tmp_path, capsys):
+    """APEL's loader stores a job through ReplaceJobRecord, whose queue parameter is
+    VARCHAR(100): a longer Queue fails the whole message in MySQL's strict mode
+    (checked with APEL's schemas/server.sql on MariaDB), while other names may take
+    255 characters."""
+    jobs = [_job(1, NOW - 900, 60, tags={"wlm_job_id": "j" * 101, "queue": "q" * 101,
+                                         "account": "v" * 101}),
+            _job(2, NOW - 800, 60, tags={"queue": "q" * 100})]
+    db = make_store(tmp_path, jobs)
+    out = tmp_path / "out"
+    assert main(["export", "apel", "--db", db, "--site", "S", "--outgoing", str(out),
+                 "--path-type", "directory"]) == 0
+    err = capsys.readouterr().err
+    recs = {r["LocalJobId"]: r for r in _all_records(_messages(out), "job")}
+    assert "Queue" not in recs["j" * 101] and recs["j" * 101]["VO"] == "v" * 101
+    assert recs["0x0000000000000002"]["Queue"] == "q" * 100
+    assert ("job 0x0000000000000001: its tag 'queue' is longer than 100 characters "
+            "(APEL's column); Queue is not written") in err
+
+
 def test_config_values_apel_cannot_take_are_refused(store, tmp_path, capsys):
     cfg = tmp_path / "elsa.toml"
     cfg.write_text('[export.apel]\nsubmit_host = "ce%%1"\n')

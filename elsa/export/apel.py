@@ -47,6 +47,9 @@ LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 #: APEL's database columns (schemas/server.sql): VARCHAR(255) for names and ids,
 #: VARCHAR(100) for InfrastructureDescription.
 COLUMN = 255
+#: The queue's width in APEL's loader: its ReplaceJobRecord procedure takes ``queue
+#: VARCHAR(100)`` (schemas/server.sql), and MySQL's strict mode rejects a longer value.
+QUEUE_COLUMN = 100
 
 #: The v0.3 job record's keys, in APEL's order.
 JOB_FIELDS = ("Site", "SubmitHost", "MachineName", "Queue", "LocalJobId", "LocalUserId",
@@ -159,13 +162,13 @@ def _settings(options: Mapping[str, Any], site: Optional[str]) -> Dict[str, Any]
 
 
 def _tag(job: FinishedJob, key: str, field: str, instead: str,
-         notes: Optional[List[str]]) -> Optional[str]:
+         notes: Optional[List[str]], limit: int = COLUMN) -> Optional[str]:
     """Tag *key* of *job* as APEL's *field*, or None (absent, or a value APEL cannot
     take: then a note says so and what is written *instead*)."""
     value = job.tags.get(key)
     if not value:
         return None
-    why = unsendable(value)
+    why = unsendable(value, limit)
     if why is None:
         return value.strip()
     if notes is not None:
@@ -189,7 +192,7 @@ def job_record(job: FinishedJob, st: Mapping[str, Any], notes: Optional[List[str
     rec: Dict[str, Any] = {
         "Site": st["site"], "SubmitHost": st["submit_host"] or job.host,
         "MachineName": st["machine_name"] or job.host,
-        "Queue": _tag(job, st["queue_tag"], "Queue", "is not written", notes),
+        "Queue": _tag(job, st["queue_tag"], "Queue", "is not written", notes, QUEUE_COLUMN),
         "LocalJobId": _tag(job, st["job_id_tag"], "LocalJobId", "is the JID", notes)
         or job.jid_text,
         "LocalUserId": user,
