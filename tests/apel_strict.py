@@ -16,7 +16,8 @@ server side would accept, not what ELSA thinks it wrote:
 * ServiceLevelType and ServiceLevel: both or neither, the type one of si2k,
   hepspec, hepscore23;
 * EndTime not before StartTime, not more than 2 days in the future;
-* summaries: Month 1..12, Earliest/LatestEndTime inside that month;
+* summaries: Month 1..12, Earliest/LatestEndTime inside that month; NodeCount and
+  Processors present (NOT NULL columns of APEL's Summaries table);
 * a string longer than its column in APEL's database (schemas/server.sql:
   VARCHAR(255) for names and ids; the Queue parameter of its ReplaceJobRecord
   procedure is VARCHAR(100)) is refused: MySQL's strict mode rejects it.
@@ -52,7 +53,11 @@ SUMMARY = {
                "ServiceLevelType", "ServiceLevel", "NodeCount", "Processors",
                "EarliestEndTime", "LatestEndTime", "WallDuration", "CpuDuration",
                "NumberOfJobs"],
-    "mandatory": ["Site", "Month", "Year", "WallDuration", "CpuDuration", "NumberOfJobs"],
+    # NodeCount and Processors: NOT NULL in APEL's Summaries table (schemas/server.sql),
+    # and its ReplaceSummary procedure passes them as they come: one missing fails the
+    # whole message (MySQL error 1048), though the message parser accepts it.
+    "mandatory": ["Site", "Month", "Year", "WallDuration", "CpuDuration", "NumberOfJobs",
+                  "NodeCount", "Processors"],
     "int": ["Month", "Year", "NodeCount", "Processors", "WallDuration", "CpuDuration",
             "NumberOfJobs"],
     "float": ["ServiceLevel"],

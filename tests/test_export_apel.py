@@ -170,6 +170,24 @@ def test_summary_per_month_user_vo(tmp_path, capsys):
     assert a["NumberOfJobs"] == 2 and a["WallDuration"] == 80 and a["CpuDuration"] == 4
     assert a["GlobalUserName"] == ME
     assert a["EarliestEndTime"] == int(oct31 - 60) and a["LatestEndTime"] == int(oct31 - 50)
+    assert {r["Processors"] for r in recs} == {0}                # no cpuset: unknown, 0
+
+
+def test_summary_per_processors_as_apel_keys_it(tmp_path, capsys):
+    """APEL keys a summary by its Processors too (NOT NULL): jobs of different CPU
+    counts are separate records, a job without one counts as 0 as APEL's client
+    writes it; a summary without Processors would fail the whole message."""
+    jobs = [_job(1, NOW - 900, 10, params={"cpus": "0-3"}),
+            _job(2, NOW - 800, 20, params={"cpus": "4-7"}),
+            _job(3, NOW - 700, 40, params={"cpus": "0"}),
+            _job(4, NOW - 600, 80)]
+    db = make_store(tmp_path, jobs)
+    out = tmp_path / "out"
+    assert main(["export", "apel", "--summary", "--month", "2025-11", "--db", db, "--site",
+                 "S", "--outgoing", str(out), "--path-type", "directory"]) == 0
+    recs = _all_records(_messages(out), "summary")
+    got = {r["Processors"]: (r["NumberOfJobs"], r["WallDuration"]) for r in recs}
+    assert got == {4: (2, 30), 1: (1, 40), 0: (1, 80)}
 
 
 def test_service_level_both_or_neither(store, tmp_path, capsys):

@@ -220,9 +220,11 @@ def month_bounds(year: int, month: int) -> Tuple[float, float]:
 def summary_records(jobs: Sequence[FinishedJob], st: Mapping[str, Any],
                     notes: Optional[List[str]] = None
                     ) -> Tuple[List[Dict[str, str]], List[Skipped]]:
-    """v0.2 records: one per (year, UTC month of the end, user, VO, submit host).
-    Durations are summed exactly and rounded once per record."""
-    groups: Dict[Tuple[int, int, str, str, str], Dict[str, Any]] = {}
+    """v0.2 records: one per (year, UTC month of the end, user, VO, submit host,
+    processors). Durations are summed exactly and rounded once per record.
+    Processors is always written (0: unknown, as APEL's own client sends it): APEL's
+    Summaries table has it NOT NULL, and a summary without it rejects the message."""
+    groups: Dict[Tuple[int, int, str, str, str, int], Dict[str, Any]] = {}
     skipped: List[Skipped] = []
     for job in jobs:
         rec, why = job_record(job, st, notes)
@@ -231,7 +233,8 @@ def summary_records(jobs: Sequence[FinishedJob], st: Mapping[str, Any],
             continue
         end = dt.datetime.fromtimestamp(job.ended, dt.timezone.utc)
         user = rec.get("GlobalUserName") or rec.get("LocalUserId", "")
-        key = (end.year, end.month, user, rec.get("VO", ""), rec["SubmitHost"])
+        key = (end.year, end.month, user, rec.get("VO", ""), rec["SubmitHost"],
+               job.processors or 0)
         g = groups.get(key)
         if g is None:
             g = groups[key] = {"wall": 0.0, "cpu_us": 0, "n": 0, "first": None, "last": None}
@@ -242,14 +245,14 @@ def summary_records(jobs: Sequence[FinishedJob], st: Mapping[str, Any],
         g["first"] = e if g["first"] is None else min(g["first"], e)
         g["last"] = e if g["last"] is None else max(g["last"], e)
     out = []
-    for (year, month, user, vo, submit_host), g in sorted(groups.items()):
+    for (year, month, user, vo, submit_host, processors), g in sorted(groups.items()):
         rec = {
             "Site": st["site"], "Month": month, "Year": year, "GlobalUserName": user or None,
             "VO": vo or None, "VOGroup": None, "VORole": None,
             "SubmitHost": submit_host, "InfrastructureType": st["infrastructure_type"],
             "InfrastructureDescription": st["infrastructure"],
             "ServiceLevelType": st["service_level_type"] or None,
-            "ServiceLevel": st["service_level"] or None, "NodeCount": 1, "Processors": None,
+            "ServiceLevel": st["service_level"] or None, "NodeCount": 1, "Processors": processors,
             "EarliestEndTime": g["first"], "LatestEndTime": g["last"],
             "WallDuration": round(g["wall"]), "CpuDuration": round(g["cpu_us"] / 1e6),
             "NumberOfJobs": g["n"],
