@@ -64,6 +64,12 @@ def _job(jid: int, start: float, wall: float, cpu_u: Optional[int] = 1_500_000,
                 cpu_system_us=cpu_s, rss_kb=20480 + jid, **kw)
 
 
+@pytest.fixture(autouse=True)
+def apel_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every export here runs with a benchmark configured (APEL requires one)."""
+    return apel_strict.use_config(tmp_path, monkeypatch)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> str:
     jobs = [
@@ -190,12 +196,26 @@ def test_summary_per_processors_as_apel_keys_it(tmp_path, capsys):
     assert got == {4: (2, 30), 1: (1, 40), 0: (1, 80)}
 
 
-def test_service_level_both_or_neither(store, tmp_path, capsys):
+def test_service_level_is_required_both_type_and_value(store, tmp_path, capsys):
+    """APEL's loader rejects a job message without ServiceLevelType/ServiceLevel (it
+    makes them "custom" and 1 when parsing, then refuses "custom" when it re-checks
+    the record to store it) and a summary message without them (ServiceLevel is
+    NOT NULL in its Summaries table): both are required, and nothing is written
+    without them."""
     cfg = tmp_path / "elsa.toml"
-    cfg.write_text('[export.apel]\nservice_level_type = "hepscore23"\n')
-    assert main(["export", "apel", "--config", str(cfg), "--db", store, "--site", "S",
-                 "--outgoing", str(tmp_path / "o")]) == 2
-    assert "service_level_type and service_level go together" in capsys.readouterr().err
+    for text, why in (("", ("[export.apel]: service_level_type and service_level are not "
+                            "set; APEL rejects every message without them",
+                            "set service_level_type (hepscore23, hepspec or si2k) and "
+                            "service_level")),
+                      ('[export.apel]\nservice_level_type = "hepscore23"\n',
+                       ("service_level_type and service_level go together", "set both"))):
+        cfg.write_text(text)
+        for extra in ([], ["--summary"]):
+            assert main(["export", "apel", "--config", str(cfg), "--db", store, "--site",
+                         "S", "--outgoing", str(tmp_path / "o"), *extra]) == 2
+            err = capsys.readouterr().err
+            assert all(w in err for w in why), err
+        assert not (tmp_path / "o").exists()
     cfg.write_text('[export.apel]\nservice_level_type = "hepscore23"\nservice_level = 12.5\n'
                    '[export.apel.global_user_names]\n' + f'{ME} = "/DC=org/CN=Someone"\n')
     out = tmp_path / "o2"
@@ -208,13 +228,18 @@ def test_service_level_both_or_neither(store, tmp_path, capsys):
 
 def test_strict_reader_rejects_what_apel_rejects():
     good = ("APEL-individual-job-message: v0.3\nSite: S\nSubmitHost: h\nLocalJobId: 1\n"
-            "WallDuration: 10\nCpuDuration: 5\nStartTime: 1000\nEndTime: 1010\n%%\n")
+            "WallDuration: 10\nCpuDuration: 5\nStartTime: 1000\nEndTime: 1010\n"
+            "ServiceLevelType: HEPscore23\nServiceLevel: 10.5\n%%\n")
     assert apel_strict.parse_message(good)[2] == []
     for bad, why in ((good.replace("Site: S", "site: S"), "unknown field"),
                      (good.replace("CpuDuration: 5", "CpuDuration: 5.5"), "invalid value"),
                      (good.replace("CpuDuration: 5\n", ""), "missing mandatory"),
                      (good.replace("LocalJobId: 1", "LocalJobId: none"), "missing mandatory"),
-                     (good.replace("%%", "ServiceLevel: 3\n%%"), "one without the other"),
+                     (good.replace("ServiceLevelType: HEPscore23\n", ""),
+                      "missing mandatory"),
+                     (good.replace("ServiceLevelType: HEPscore23\nServiceLevel: 10.5\n", ""),
+                      "missing mandatory"),
+                     (good.replace("HEPscore23", "custom"), "unknown ServiceLevelType"),
                      (good.replace("EndTime: 1010", "EndTime: 999"), "before StartTime"),
                      (good.replace("LocalJobId: 1", "LocalJobId: 1%%2"), "missing mandatory"),
                      (good.replace("LocalJobId: 1", "LocalJobId: 1\u2028"), "without a key"),
@@ -283,7 +308,7 @@ def test_a_queue_longer_than_apels_queue_parameter_is_left_out(tmp_path, capsys)
 
 def test_config_values_apel_cannot_take_are_refused(store, tmp_path, capsys):
     cfg = tmp_path / "elsa.toml"
-    cfg.write_text('[export.apel]\nsubmit_host = "ce%%1"\n')
+    cfg.write_text(apel_strict.CONFIG + 'submit_host = "ce%%1"\n')
     assert main(["export", "apel", "--config", str(cfg), "--db", store, "--site", "S",
                  "--outgoing", str(tmp_path / "o")]) == 2
     assert "[export.apel] submit_host = 'ce%%1' contains %%" in capsys.readouterr().err

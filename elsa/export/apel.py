@@ -73,7 +73,8 @@ OPTIONS: Dict[str, Option] = {
     "infrastructure_type": Option(str, "local", "APEL 'InfrastructureType' (grid or local).",
                                   choices=("grid", "local")),
     "service_level_type": Option(str, "", "Benchmark of service_level: si2k, hepspec or"
-                                 " hepscore23. Empty: neither is written.",
+                                 " hepscore23 (required by 'elsa export apel': APEL rejects"
+                                 " records without it).",
                                  choices=("",) + SERVICE_LEVEL_TYPES),
     "service_level": Option(float, 0.0, "Benchmark value per core (with"
                             " service_level_type)."),
@@ -148,6 +149,14 @@ def _settings(options: Mapping[str, Any], site: Optional[str]) -> Dict[str, Any]
         raise ConfigError("elsa export apel: no site name; give --site NAME or set site in "
                           "[export.apel] (the GOCDB name of the site)")
     slt, sl = options["service_level_type"], options["service_level"]
+    if not slt and not sl:
+        # APEL's loader turns a job record without them into ("custom", 1), then refuses
+        # "custom" when it re-checks the record on storing it; its Summaries table has
+        # ServiceLevel NOT NULL. Either way the whole message would be rejected.
+        raise ConfigError("[export.apel]: service_level_type and service_level are not set; "
+                          "APEL rejects every message without them (EGI normalises CPU time "
+                          "by them): set service_level_type (hepscore23, hepspec or si2k) "
+                          "and service_level (this node's benchmark score per core)")
     if bool(slt) != bool(sl):
         raise ConfigError("[export.apel]: service_level_type and service_level go together "
                           "(APEL rejects a record with one of them); set both or neither")
