@@ -13,12 +13,16 @@ server side would accept, not what ELSA thinks it wrote:
   null or missing rejects the record;
 * int fields must parse as int (``int("1.5")`` fails: whole seconds), float
   fields as float, time fields as integer epoch seconds (ELSA writes no ISO);
-* ServiceLevelType and ServiceLevel: both or neither, the type one of si2k,
-  hepspec, hepscore23;
+* ServiceLevelType and ServiceLevel: both, the type one of si2k, hepspec,
+  hepscore23. APEL's parser takes a job record with neither (it makes them
+  "custom" and 1) but its loader re-checks the record when storing it and
+  refuses "custom"; its Summaries table has ServiceLevel NOT NULL;
 * EndTime not before StartTime, not more than 2 days in the future;
-* summaries: Month 1..12, Earliest/LatestEndTime inside that month;
+* summaries: Month 1..12, Earliest/LatestEndTime inside that month; NodeCount and
+  Processors present (NOT NULL columns of APEL's Summaries table);
 * a string longer than its column in APEL's database (schemas/server.sql:
-  VARCHAR(255) for names and ids) is refused: MySQL's strict mode rejects it.
+  VARCHAR(255) for names and ids; the Queue parameter of its ReplaceJobRecord
+  procedure is VARCHAR(100)) is refused: MySQL's strict mode rejects it.
 
 Stricter than APEL where ELSA promises more: a key twice rejects the record,
 and EGI's documented set (SubmitHost) must be present.
@@ -38,7 +42,7 @@ JOB = {
                "InfrastructureDescription", "InfrastructureType", "MemoryReal",
                "MemoryVirtual", "ServiceLevelType", "ServiceLevel"],
     "mandatory": ["Site", "LocalJobId", "WallDuration", "CpuDuration", "StartTime", "EndTime",
-                  "SubmitHost"],
+                  "SubmitHost", "ServiceLevelType", "ServiceLevel"],
     "int": ["WallDuration", "CpuDuration", "Processors", "NodeCount", "MemoryReal",
             "MemoryVirtual"],
     "float": ["ServiceLevel"],
@@ -51,15 +55,32 @@ SUMMARY = {
                "ServiceLevelType", "ServiceLevel", "NodeCount", "Processors",
                "EarliestEndTime", "LatestEndTime", "WallDuration", "CpuDuration",
                "NumberOfJobs"],
-    "mandatory": ["Site", "Month", "Year", "WallDuration", "CpuDuration", "NumberOfJobs"],
+    # NodeCount and Processors: NOT NULL in APEL's Summaries table (schemas/server.sql),
+    # and its ReplaceSummary procedure passes them as they come: one missing fails the
+    # whole message (MySQL error 1048), though the message parser accepts it.
+    "mandatory": ["Site", "Month", "Year", "WallDuration", "CpuDuration", "NumberOfJobs",
+                  "NodeCount", "Processors", "ServiceLevelType", "ServiceLevel"],
     "int": ["Month", "Year", "NodeCount", "Processors", "WallDuration", "CpuDuration",
             "NumberOfJobs"],
     "float": ["ServiceLevel"],
     "time": ["EarliestEndTime", "LatestEndTime"],
 }
 SLTS = ("si2k", "hepspec", "hepscore23")
+#: The [export.apel] keys every export needs (APEL rejects records without a benchmark).
+CONFIG = '[export.apel]\nservice_level_type = "hepscore23"\nservice_level = 10.0\n'
+
+
+def use_config(tmp_path: Any, monkeypatch: Any, extra: str = "") -> Any:
+    """Point ``elsa`` at a config with :data:`CONFIG` (plus *extra*) through
+    $ELSA_CONFIG; returns its path."""
+    path = tmp_path / "apel-elsa.toml"
+    path.write_text(CONFIG + extra)
+    monkeypatch.setenv("ELSA_CONFIG", str(path))
+    return path
 #: Column widths of APEL's database (schemas/server.sql) for the string fields.
-WIDTH = {"InfrastructureDescription": 100, "InfrastructureType": 20, "ServiceLevelType": 50}
+#: Queue: the loader's procedure ReplaceJobRecord takes it as ``queue VARCHAR(100)``.
+WIDTH = {"InfrastructureDescription": 100, "InfrastructureType": 20, "ServiceLevelType": 50,
+         "Queue": 100}
 STRINGS = ("Site", "SubmitHost", "MachineName", "Queue", "LocalJobId", "LocalUserId",
            "GlobalUserName", "FQAN", "VO", "VOGroup", "VORole", "InfrastructureDescription",
            "InfrastructureType", "ServiceLevelType")

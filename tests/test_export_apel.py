@@ -64,6 +64,12 @@ def _job(jid: int, start: float, wall: float, cpu_u: Optional[int] = 1_500_000,
                 cpu_system_us=cpu_s, rss_kb=20480 + jid, **kw)
 
 
+@pytest.fixture(autouse=True)
+def apel_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every export here runs with a benchmark configured (APEL requires one)."""
+    return apel_strict.use_config(tmp_path, monkeypatch)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> str:
     jobs = [
@@ -170,14 +176,46 @@ def test_summary_per_month_user_vo(tmp_path, capsys):
     assert a["NumberOfJobs"] == 2 and a["WallDuration"] == 80 and a["CpuDuration"] == 4
     assert a["GlobalUserName"] == ME
     assert a["EarliestEndTime"] == int(oct31 - 60) and a["LatestEndTime"] == int(oct31 - 50)
+    assert {r["Processors"] for r in recs} == {0}                # no cpuset: unknown, 0
 
 
-def test_service_level_both_or_neither(store, tmp_path, capsys):
+def test_summary_per_processors_as_apel_keys_it(tmp_path, capsys):
+    """APEL keys a summary by its Processors too (NOT NULL): jobs of different CPU
+    counts are separate records, a job without one counts as 0 as APEL's client
+    writes it; a summary without Processors would fail the whole message."""
+    jobs = [_job(1, NOW - 900, 10, params={"cpus": "0-3"}),
+            _job(2, NOW - 800, 20, params={"cpus": "4-7"}),
+            _job(3, NOW - 700, 40, params={"cpus": "0"}),
+            _job(4, NOW - 600, 80)]
+    db = make_store(tmp_path, jobs)
+    out = tmp_path / "out"
+    assert main(["export", "apel", "--summary", "--month", "2025-11", "--db", db, "--site",
+                 "S", "--outgoing", str(out), "--path-type", "directory"]) == 0
+    recs = _all_records(_messages(out), "summary")
+    got = {r["Processors"]: (r["NumberOfJobs"], r["WallDuration"]) for r in recs}
+    assert got == {4: (2, 30), 1: (1, 40), 0: (1, 80)}
+
+
+def test_service_level_is_required_both_type_and_value(store, tmp_path, capsys):
+    """APEL's loader rejects a job message without ServiceLevelType/ServiceLevel (it
+    makes them "custom" and 1 when parsing, then refuses "custom" when it re-checks
+    the record to store it) and a summary message without them (ServiceLevel is
+    NOT NULL in its Summaries table): both are required, and nothing is written
+    without them."""
     cfg = tmp_path / "elsa.toml"
-    cfg.write_text('[export.apel]\nservice_level_type = "hepscore23"\n')
-    assert main(["export", "apel", "--config", str(cfg), "--db", store, "--site", "S",
-                 "--outgoing", str(tmp_path / "o")]) == 2
-    assert "service_level_type and service_level go together" in capsys.readouterr().err
+    for text, why in (("", ("[export.apel]: service_level_type and service_level are not "
+                            "set; APEL rejects every message without them",
+                            "set service_level_type (hepscore23, hepspec or si2k) and "
+                            "service_level")),
+                      ('[export.apel]\nservice_level_type = "hepscore23"\n',
+                       ("service_level_type and service_level go together", "set both"))):
+        cfg.write_text(text)
+        for extra in ([], ["--summary"]):
+            assert main(["export", "apel", "--config", str(cfg), "--db", store, "--site",
+                         "S", "--outgoing", str(tmp_path / "o"), *extra]) == 2
+            err = capsys.readouterr().err
+            assert all(w in err for w in why), err
+        assert not (tmp_path / "o").exists()
     cfg.write_text('[export.apel]\nservice_level_type = "hepscore23"\nservice_level = 12.5\n'
                    '[export.apel.global_user_names]\n' + f'{ME} = "/DC=org/CN=Someone"\n')
     out = tmp_path / "o2"
@@ -190,13 +228,18 @@ def test_service_level_both_or_neither(store, tmp_path, capsys):
 
 def test_strict_reader_rejects_what_apel_rejects():
     good = ("APEL-individual-job-message: v0.3\nSite: S\nSubmitHost: h\nLocalJobId: 1\n"
-            "WallDuration: 10\nCpuDuration: 5\nStartTime: 1000\nEndTime: 1010\n%%\n")
+            "WallDuration: 10\nCpuDuration: 5\nStartTime: 1000\nEndTime: 1010\n"
+            "ServiceLevelType: HEPscore23\nServiceLevel: 10.5\n%%\n")
     assert apel_strict.parse_message(good)[2] == []
     for bad, why in ((good.replace("Site: S", "site: S"), "unknown field"),
                      (good.replace("CpuDuration: 5", "CpuDuration: 5.5"), "invalid value"),
                      (good.replace("CpuDuration: 5\n", ""), "missing mandatory"),
                      (good.replace("LocalJobId: 1", "LocalJobId: none"), "missing mandatory"),
-                     (good.replace("%%", "ServiceLevel: 3\n%%"), "one without the other"),
+                     (good.replace("ServiceLevelType: HEPscore23\n", ""),
+                      "missing mandatory"),
+                     (good.replace("ServiceLevelType: HEPscore23\nServiceLevel: 10.5\n", ""),
+                      "missing mandatory"),
+                     (good.replace("HEPscore23", "custom"), "unknown ServiceLevelType"),
                      (good.replace("EndTime: 1010", "EndTime: 999"), "before StartTime"),
                      (good.replace("LocalJobId: 1", "LocalJobId: 1%%2"), "missing mandatory"),
                      (good.replace("LocalJobId: 1", "LocalJobId: 1\u2028"), "without a key"),
@@ -243,9 +286,29 @@ def test_tags_apel_cannot_take_are_left_out_not_the_message(tmp_path, capsys):
         assert "job 0x0000000000000005" not in err      # an empty tag is no tag: no line
 
 
+def test_a_queue_longer_than_apels_queue_parameter_is_left_out(tmp_path, capsys):
+    """APEL's loader stores a job through ReplaceJobRecord, whose queue parameter is
+    VARCHAR(100): a longer Queue fails the whole message in MySQL's strict mode
+    (checked with APEL's schemas/server.sql on MariaDB), while other names may take
+    255 characters."""
+    jobs = [_job(1, NOW - 900, 60, tags={"wlm_job_id": "j" * 101, "queue": "q" * 101,
+                                         "account": "v" * 101}),
+            _job(2, NOW - 800, 60, tags={"queue": "q" * 100})]
+    db = make_store(tmp_path, jobs)
+    out = tmp_path / "out"
+    assert main(["export", "apel", "--db", db, "--site", "S", "--outgoing", str(out),
+                 "--path-type", "directory"]) == 0
+    err = capsys.readouterr().err
+    recs = {r["LocalJobId"]: r for r in _all_records(_messages(out), "job")}
+    assert "Queue" not in recs["j" * 101] and recs["j" * 101]["VO"] == "v" * 101
+    assert recs["0x0000000000000002"]["Queue"] == "q" * 100
+    assert ("job 0x0000000000000001: its tag 'queue' is longer than 100 characters "
+            "(APEL's column); Queue is not written") in err
+
+
 def test_config_values_apel_cannot_take_are_refused(store, tmp_path, capsys):
     cfg = tmp_path / "elsa.toml"
-    cfg.write_text('[export.apel]\nsubmit_host = "ce%%1"\n')
+    cfg.write_text(apel_strict.CONFIG + 'submit_host = "ce%%1"\n')
     assert main(["export", "apel", "--config", str(cfg), "--db", store, "--site", "S",
                  "--outgoing", str(tmp_path / "o")]) == 2
     assert "[export.apel] submit_host = 'ce%%1' contains %%" in capsys.readouterr().err

@@ -16,7 +16,9 @@ from tests.central_support import add_node, drained, fill_store, fresh_db, pg, s
 __all__ = ["pg"]  # the fixture
 
 
-def test_exports_from_the_central_store(pg: PgServer, tmp_path: Path, capsys) -> None:
+def test_exports_from_the_central_store(pg: PgServer, tmp_path: Path, capsys,
+                                       monkeypatch) -> None:
+    apel_strict.use_config(tmp_path, monkeypatch)  # APEL requires a benchmark
     fresh_db(pg, "exp")
     url = add_node(pg, "n1", "exp")
     st = fill_store(tmp_path / "n1", 1)
@@ -71,7 +73,8 @@ def test_exports_from_the_central_store(pg: PgServer, tmp_path: Path, capsys) ->
     # The node's own export of the same jobs: APEL keys a record by Site, LocalJobId and
     # EndTime (it replaces one with the same key), so a job sent both ways is one record.
     node_cfg = tmp_path / "n1.toml"  # the node's config names it as the central store does
-    node_cfg.write_text(f'state_dir = "{tmp_path / "n1"}"\n[central]\nhost = "n1"\n')
+    node_cfg.write_text(f'state_dir = "{tmp_path / "n1"}"\n[central]\nhost = "n1"\n'
+                        + apel_strict.CONFIG)
     apel_jobs("--config", str(node_cfg), "--db", st.path, "--outgoing", str(tmp_path / "o3"))
     key = ("Site", "LocalJobId", "EndTime", "MachineName", "CpuDuration", "WallDuration")
     assert sorted(tuple(r[k] for k in key) for r in central_recs) == sorted(

@@ -47,6 +47,9 @@ LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 #: APEL's database columns (schemas/server.sql): VARCHAR(255) for names and ids,
 #: VARCHAR(100) for InfrastructureDescription.
 COLUMN = 255
+#: The queue's width in APEL's loader: its ReplaceJobRecord procedure takes ``queue
+#: VARCHAR(100)`` (schemas/server.sql), and MySQL's strict mode rejects a longer value.
+QUEUE_COLUMN = 100
 
 #: The v0.3 job record's keys, in APEL's order.
 JOB_FIELDS = ("Site", "SubmitHost", "MachineName", "Queue", "LocalJobId", "LocalUserId",
@@ -70,7 +73,8 @@ OPTIONS: Dict[str, Option] = {
     "infrastructure_type": Option(str, "local", "APEL 'InfrastructureType' (grid or local).",
                                   choices=("grid", "local")),
     "service_level_type": Option(str, "", "Benchmark of service_level: si2k, hepspec or"
-                                 " hepscore23. Empty: neither is written.",
+                                 " hepscore23 (required by 'elsa export apel': APEL rejects"
+                                 " records without it).",
                                  choices=("",) + SERVICE_LEVEL_TYPES),
     "service_level": Option(float, 0.0, "Benchmark value per core (with"
                             " service_level_type)."),
@@ -145,6 +149,14 @@ def _settings(options: Mapping[str, Any], site: Optional[str]) -> Dict[str, Any]
         raise ConfigError("elsa export apel: no site name; give --site NAME or set site in "
                           "[export.apel] (the GOCDB name of the site)")
     slt, sl = options["service_level_type"], options["service_level"]
+    if not slt and not sl:
+        # APEL's loader turns a job record without them into ("custom", 1), then refuses
+        # "custom" when it re-checks the record on storing it; its Summaries table has
+        # ServiceLevel NOT NULL. Either way the whole message would be rejected.
+        raise ConfigError("[export.apel]: service_level_type and service_level are not set; "
+                          "APEL rejects every message without them (EGI normalises CPU time "
+                          "by them): set service_level_type (hepscore23, hepspec or si2k) "
+                          "and service_level (this node's benchmark score per core)")
     if bool(slt) != bool(sl):
         raise ConfigError("[export.apel]: service_level_type and service_level go together "
                           "(APEL rejects a record with one of them); set both or neither")
@@ -159,13 +171,13 @@ def _settings(options: Mapping[str, Any], site: Optional[str]) -> Dict[str, Any]
 
 
 def _tag(job: FinishedJob, key: str, field: str, instead: str,
-         notes: Optional[List[str]]) -> Optional[str]:
+         notes: Optional[List[str]], limit: int = COLUMN) -> Optional[str]:
     """Tag *key* of *job* as APEL's *field*, or None (absent, or a value APEL cannot
     take: then a note says so and what is written *instead*)."""
     value = job.tags.get(key)
     if not value:
         return None
-    why = unsendable(value)
+    why = unsendable(value, limit)
     if why is None:
         return value.strip()
     if notes is not None:
@@ -189,7 +201,7 @@ def job_record(job: FinishedJob, st: Mapping[str, Any], notes: Optional[List[str
     rec: Dict[str, Any] = {
         "Site": st["site"], "SubmitHost": st["submit_host"] or job.host,
         "MachineName": st["machine_name"] or job.host,
-        "Queue": _tag(job, st["queue_tag"], "Queue", "is not written", notes),
+        "Queue": _tag(job, st["queue_tag"], "Queue", "is not written", notes, QUEUE_COLUMN),
         "LocalJobId": _tag(job, st["job_id_tag"], "LocalJobId", "is the JID", notes)
         or job.jid_text,
         "LocalUserId": user,
@@ -217,9 +229,11 @@ def month_bounds(year: int, month: int) -> Tuple[float, float]:
 def summary_records(jobs: Sequence[FinishedJob], st: Mapping[str, Any],
                     notes: Optional[List[str]] = None
                     ) -> Tuple[List[Dict[str, str]], List[Skipped]]:
-    """v0.2 records: one per (year, UTC month of the end, user, VO, submit host).
-    Durations are summed exactly and rounded once per record."""
-    groups: Dict[Tuple[int, int, str, str, str], Dict[str, Any]] = {}
+    """v0.2 records: one per (year, UTC month of the end, user, VO, submit host,
+    processors). Durations are summed exactly and rounded once per record.
+    Processors is always written (0: unknown, as APEL's own client sends it): APEL's
+    Summaries table has it NOT NULL, and a summary without it rejects the message."""
+    groups: Dict[Tuple[int, int, str, str, str, int], Dict[str, Any]] = {}
     skipped: List[Skipped] = []
     for job in jobs:
         rec, why = job_record(job, st, notes)
@@ -228,7 +242,8 @@ def summary_records(jobs: Sequence[FinishedJob], st: Mapping[str, Any],
             continue
         end = dt.datetime.fromtimestamp(job.ended, dt.timezone.utc)
         user = rec.get("GlobalUserName") or rec.get("LocalUserId", "")
-        key = (end.year, end.month, user, rec.get("VO", ""), rec["SubmitHost"])
+        key = (end.year, end.month, user, rec.get("VO", ""), rec["SubmitHost"],
+               job.processors or 0)
         g = groups.get(key)
         if g is None:
             g = groups[key] = {"wall": 0.0, "cpu_us": 0, "n": 0, "first": None, "last": None}
@@ -239,14 +254,14 @@ def summary_records(jobs: Sequence[FinishedJob], st: Mapping[str, Any],
         g["first"] = e if g["first"] is None else min(g["first"], e)
         g["last"] = e if g["last"] is None else max(g["last"], e)
     out = []
-    for (year, month, user, vo, submit_host), g in sorted(groups.items()):
+    for (year, month, user, vo, submit_host, processors), g in sorted(groups.items()):
         rec = {
             "Site": st["site"], "Month": month, "Year": year, "GlobalUserName": user or None,
             "VO": vo or None, "VOGroup": None, "VORole": None,
             "SubmitHost": submit_host, "InfrastructureType": st["infrastructure_type"],
             "InfrastructureDescription": st["infrastructure"],
             "ServiceLevelType": st["service_level_type"] or None,
-            "ServiceLevel": st["service_level"] or None, "NodeCount": 1, "Processors": None,
+            "ServiceLevel": st["service_level"] or None, "NodeCount": 1, "Processors": processors,
             "EarliestEndTime": g["first"], "LatestEndTime": g["last"],
             "WallDuration": round(g["wall"]), "CpuDuration": round(g["cpu_us"] / 1e6),
             "NumberOfJobs": g["n"],
