@@ -146,7 +146,7 @@ def _settings(options: Mapping[str, Any], site: Optional[str]) -> Dict[str, Any]
     st = dict(options)
     st["site"] = site or options["site"]
     if not st["site"]:
-        raise ConfigError("elsa export apel: no site name; give --site NAME or set site in "
+        raise ConfigError("no site name for 'elsa export apel'; give --site NAME or set site in "
                           "[export.apel] (the GOCDB name of the site)")
     slt, sl = options["service_level_type"], options["service_level"]
     if not slt and not sl:
@@ -159,7 +159,7 @@ def _settings(options: Mapping[str, Any], site: Optional[str]) -> Dict[str, Any]
                           "and service_level (this node's benchmark score per core)")
     if bool(slt) != bool(sl):
         raise ConfigError("[export.apel]: service_level_type and service_level go together "
-                          "(APEL rejects a record with one of them); set both or neither")
+                          "(APEL rejects a record with one of them): set both")
     st["site"] = _setting("site (or --site)", st["site"])
     for key, limit in (("submit_host", COLUMN), ("machine_name", COLUMN), ("vo", COLUMN),
                        ("infrastructure", 100)):
