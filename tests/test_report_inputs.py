@@ -261,3 +261,13 @@ def test_apps_globs_match_case_as_the_central_store_does(tmp_path, acct, capsys)
     assert paths("--path", "/USR/BIN/XZ") == []
     assert paths("--package", "XZ*", "--by", "package") == []
     assert paths("--package", "xz*", "--by", "package") == ["xz-utils"]
+
+
+def test_elsa_has_a_version_and_runs_as_a_module():
+    # As elsad and elsa-jobmng do; 'python3 -m elsa' serves a checkout not installed.
+    from elsa import __version__
+
+    r = subprocess.run([sys.executable, "-m", "elsa", "--version"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"elsa {__version__}"

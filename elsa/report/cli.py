@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from elsa import __version__
 from elsa.errors import ElsaError
 
 NO_SOURCE = ("no accounting source measured this job (is a source enabled? see "
@@ -566,6 +567,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                       help="only these nodes of the central store (repeatable)")
 
     p = argparse.ArgumentParser(prog="elsa", description="Per-job accounting reports.")
+    p.add_argument("--version", action="version", version=f"elsa {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, add in COMMANDS.items():
         if command is None or command == name:
