@@ -172,6 +172,13 @@ def _fmt_time(t: Optional[float]) -> str:
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+def fmt_tags(tags: Optional[Dict[str, Any]]) -> str:
+    """A job's tags (the batch system's job id, account, queue among them) as
+    ``key=value`` words, sorted, printable ('' when it has none)."""
+    return " ".join(f"{printable(str(k))}={printable(str(v))}"
+                    for k, v in sorted((tags or {}).items()))
+
+
 def printable(text: str) -> str:
     """*text* with its control and other non-printable characters written as
     escapes (\\n, \\x1b, \\u202e): a command name or path is any user's choice,
@@ -355,10 +362,9 @@ def cmd_job(args: argparse.Namespace, out) -> int:
                   f"owner {detail.get('owner', '?')}  "
                   f"{detail.get('state', '?')}  created {_fmt_time(detail.get('created'))}  "
                   f"ended {_fmt_time(detail.get('ended'))}\n")
-        tags = detail.get("tags") or {}
-        if tags:  # the batch system's identity (wlm_job_id, account, queue) among them
-            out.write("tags " + " ".join(f"{printable(str(k))}={printable(str(v))}"
-                                         for k, v in sorted(tags.items())) + "\n")
+        tags = fmt_tags(detail.get("tags"))
+        if tags:
+            out.write(f"tags {tags}\n")
         out.write(f"wall {_fmt_us(detail.get('wall_us'))}\n")
         if not u.get("sources"):
             out.write(f"usage: unknown: {NO_SOURCE}\n")

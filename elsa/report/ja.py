@@ -229,14 +229,14 @@ def _b(v: Optional[int]) -> str:
 
 
 def print_report(r: Dict[str, Any], show: str, out) -> None:
-    from elsa.report.cli import printable
+    from elsa.report.cli import fmt_tags, printable
     from elsa.report.sacct import fmt_duration, fmt_time
 
     if "s" in show:
         s = r["summary"]
-        tags = " ".join(f"{k}={v}" for k, v in sorted((r["tags"] or {}).items()))
+        tags = fmt_tags(r["tags"])
         out.write(f"Job ID        {r['jid']}\nName          {printable(r['name'] or '-')}\n"
-                  + (f"Tags          {printable(tags)}\n" if tags else "")
+                  + (f"Tags          {tags}\n" if tags else "")
                   + f"State         {r['state']}\nStart         {fmt_time(r['start'])}\n"
                   f"Elapsed       {fmt_duration(r['elapsed_s'])}\n"
                   f"User CPU      {_us(s['cpu_user_us'])}\n"
