@@ -60,6 +60,11 @@ def _max(a: Optional[int], b: Optional[int]) -> Optional[int]:
     return a if b is None else max(a, b)
 
 
+def _none_stored(why: Optional[str]) -> Dict[str, Any]:
+    """_finished's answer when the store gave nothing, and *why* (None: no record yet)."""
+    return {"processes": [], "folded": [], "usage": None, "why": why}
+
+
 def _finished(jid: int, db_path: Optional[str], processes: bool,
               socket_path: Optional[str] = None) -> Dict[str, Any]:
     """The job's stored totals (and records, when *processes*), or why there are none.
@@ -71,7 +76,7 @@ def _finished(jid: int, db_path: Optional[str], processes: bool,
     from elsa.report import query, remote
 
     if db_path is None:
-        return {"processes": [], "folded": [], "usage": None, "why": "no store configured"}
+        return _none_stored("no store configured")
 
     def local(db: Any) -> Optional[Dict[str, Any]]:
         if not processes:  # the summary needs the totals only, whatever the job's size
@@ -82,9 +87,9 @@ def _finished(jid: int, db_path: Optional[str], processes: bool,
     try:
         detail = remote.run(db_path, socket_path, "job", {"jid": format_jid(jid)}, local)
     except ElsaError as exc:
-        return {"processes": [], "folded": [], "usage": None, "why": exc.message}
+        return _none_stored(exc.message)
     if detail is None:
-        return {"processes": [], "folded": [], "usage": None, "why": None}
+        return _none_stored(None)
     return {"processes": detail["processes"], "folded": detail.get("folded") or [],
             "usage": detail["usage"], "why": None}
 
