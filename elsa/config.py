@@ -206,7 +206,9 @@ def check_value(value: Any, opt: Option, *, name: str, path: str) -> Any:
     if opt.check is not None:
         problem = opt.check(value)
         if problem:
-            raise ConfigError(f"{path}: key '{name}' {problem}; got {value!r}")
+            # A table's check names the bad entry and quotes its value itself.
+            got = "" if isinstance(value, dict) else f"; got {value!r}"
+            raise ConfigError(f"{path}: key '{name}' {problem}{got}")
     return value
 
 

@@ -232,6 +232,10 @@ def test_malformed_holidays_name_file_and_line(text, where):
     ("[billing.rates]\ncpu_user = -1\n", "key 'billing.rates.cpu_user' must be 0 or more"),
     ("[billing.nonprime]\njob = \"x\"\n", "must be a decimal number"),
     ("[billing.multipliers.queue]\ndebug = -0.5\n", "'queue.debug' must be 0 or more"),
+    # the bad entry's value, not the whole table
+    ("[billing.multipliers.queue]\ndebug = \"x\"\nlong = 2\n",
+     "key 'billing.multipliers' entry 'queue.debug' must be a decimal number; got 'x'"),
+    ("[billing.multipliers]\nqueue = 3\n", "'queue' is 3"),
     ("[billing.schedule]\nweekday = \"7:30 17:30\"\n", "billing.schedule.weekday"),
     # one "got": the value's, after what is wrong in it
     ("[billing.schedule]\nweekday = \"2500 2600\"\n",
@@ -424,3 +428,12 @@ def test_core_hours_take_the_cores_a_cpu_limit_allows(site, capsys):
         assert Decimal(rows[format_jid(jid)]["charges"]["core_hours"]) == 2 * Decimal(hours)
     assert rows[format_jid(1)]["quantities"]["core_hours"] is None
     assert "core_hours" in rows[format_jid(1)]["unpriced"]
+
+
+def test_a_bad_multiplier_error_quotes_its_value_not_the_table(tmp_path):
+    f = tmp_path / "elsa.toml"
+    f.write_text("[billing.multipliers.queue]\ndebug = -1\nlong = 2\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(str(f))
+    assert err.value.message.endswith("; got -1"), err.value.message
+    assert "'long'" not in err.value.message

@@ -84,16 +84,18 @@ def _holidays_problem(value: Any) -> Optional[str]:
 
 
 def _multipliers_problem(value: Any) -> Optional[str]:
+    # A table: the problem names the entry and quotes its value alone (the
+    # loader quotes no table, which may be long).
     for tag, vals in value.items():
         if not isinstance(vals, dict):
             return (f"must be tables of tag value = multiplier (e.g. "
                     f"[billing.multipliers.queue] debug = 0.5); '{tag}' is {vals!r}")
         for v, m in vals.items():
             if isinstance(m, bool) or not isinstance(m, (int, float, str)):
-                return f"'{tag}.{v}' must be a number, got {m!r}"
+                return f"entry '{tag}.{v}' must be a number; got {m!r}"
             problem = _decimal_problem(m)
             if problem:
-                return f"'{tag}.{v}' {problem}"
+                return f"entry '{tag}.{v}' {problem}; got {m!r}"
     return None
 
 
