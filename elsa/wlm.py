@@ -10,7 +10,7 @@ tag                meaning
 =================  ==================================================================
 ``wlm``            ``slurm``, ``pbs``, ``lsf`` or ``htcondor``
 ``wlm_job_id``     the batch system's job id
-``wlm_array_id``   array job id (Slurm ``SLURM_ARRAY_JOB_ID``)
+``wlm_array_id``   array job id (Slurm ``SLURM_ARRAY_JOB_ID``, PBS Pro ``PBS_ARRAY_ID``)
 ``wlm_task_id``    array task id (Slurm ``SLURM_ARRAY_TASK_ID``, PBS/LSF index)
 ``wlm_user``       the batch system's user name
 ``wlm_job_name``   the batch job's name
@@ -34,6 +34,8 @@ _SLURM = {"wlm_job_id": "SLURM_JOB_ID", "wlm_array_id": "SLURM_ARRAY_JOB_ID",
           "queue": "SLURM_JOB_PARTITION"}
 _PBS = {"wlm_job_id": "PBS_JOBID", "wlm_task_id": "PBS_ARRAYID", "wlm_user": "PBS_O_LOGNAME",
         "wlm_job_name": "PBS_JOBNAME", "account": "PBS_ACCOUNT", "queue": "PBS_QUEUE"}
+# PBS Pro names a subjob's index and its array job otherwise than Torque.
+_PBS_PRO = {"wlm_array_id": "PBS_ARRAY_ID", "wlm_task_id": "PBS_ARRAY_INDEX"}
 _LSF = {"wlm_job_id": "LSB_JOBID", "wlm_task_id": "LSB_JOBINDEX", "wlm_user": "LSFUSER",
         "wlm_job_name": "LSB_JOBNAME", "account": "LSB_PROJECT_NAME", "queue": "LSB_QUEUE"}
 # HTCondor job ad attributes (the file _CONDOR_JOB_AD names).
@@ -54,7 +56,9 @@ def _slurm(env: Mapping[str, str]) -> Optional[Dict[str, str]]:
 
 
 def _pbs(env: Mapping[str, str]) -> Optional[Dict[str, str]]:
-    return _from_env(env, _PBS) if env.get("PBS_JOBID") else None
+    if not env.get("PBS_JOBID"):
+        return None
+    return {**_from_env(env, _PBS), **_from_env(env, _PBS_PRO)}
 
 
 def _lsf(env: Mapping[str, str]) -> Optional[Dict[str, str]]:

@@ -33,6 +33,13 @@ def test_detect_each_batch_system(tmp_path):
     assert wlm.detect({"PBS_JOBID": "17.server", "PBS_QUEUE": "batch",
                        "PBS_JOBNAME": "x"}) == {
         "wlm": "pbs", "wlm_job_id": "17.server", "queue": "batch", "wlm_job_name": "x"}
+    # array subjobs: Torque, then PBS Pro
+    assert wlm.detect({"PBS_JOBID": "18[3].server", "PBS_ARRAYID": "3"}) == {
+        "wlm": "pbs", "wlm_job_id": "18[3].server", "wlm_task_id": "3"}
+    assert wlm.detect({"PBS_JOBID": "19[5].server", "PBS_ARRAY_INDEX": "5",
+                       "PBS_ARRAY_ID": "19[].server"}) == {
+        "wlm": "pbs", "wlm_job_id": "19[5].server", "wlm_array_id": "19[].server",
+        "wlm_task_id": "5"}
     assert wlm.detect({"LSB_JOBID": "99", "LSB_QUEUE": "normal", "LSB_JOBINDEX": "0"}) == {
         "wlm": "lsf", "wlm_job_id": "99", "queue": "normal"}
     ad = tmp_path / ".job.ad"
