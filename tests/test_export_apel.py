@@ -377,3 +377,16 @@ def test_default_tags_are_those_the_batch_integration_writes(tmp_path, capsys):
                  "--path-type", "directory"]) == 0
     (rec,) = _all_records(_messages(out), "job")
     assert (rec["LocalJobId"], rec["Queue"], rec["VO"]) == ("4242", "long", "atlas")
+
+
+def test_a_summary_says_nothing_of_the_fields_it_does_not_write(tmp_path, capsys):
+    """A summary has no Queue and no LocalJobId: a tag too long for them is no news."""
+    jobs = [_job(1, NOW - 900, 60, tags={"wlm_job_id": "j" * 300, "queue": "q" * 101,
+                                         "vo": "v" * 300})]
+    db = make_store(tmp_path, jobs)
+    out = tmp_path / "out"
+    assert main(["export", "apel", "--summary", "--db", db, "--site", "S", "--outgoing",
+                 str(out), "--path-type", "directory"]) == 0
+    err = capsys.readouterr().err
+    assert "VO is not written" in err
+    assert "Queue" not in err and "LocalJobId" not in err

@@ -185,25 +185,29 @@ def _tag(job: FinishedJob, key: str, field: str, instead: str,
     return None
 
 
-def job_record(job: FinishedJob, st: Mapping[str, Any], notes: Optional[List[str]] = None
+def job_record(job: FinishedJob, st: Mapping[str, Any], notes: Optional[List[str]] = None,
+               written: Sequence[str] = JOB_FIELDS
                ) -> Tuple[Optional[Dict[str, str]], Optional[str]]:
     """The v0.3 record of *job* (keys in JOB_FIELDS order), or (None, why not). A tag
-    APEL cannot take is left out (LocalJobId: the JID), with a line in *notes*."""
+    APEL cannot take is left out (LocalJobId: the JID), with a line in *notes* when
+    its field is among the *written* ones (a summary writes no Queue)."""
     cpu = job.cpu_us
     if cpu is None:
         return None, ("no accounting source measured its CPU time (APEL's CpuDuration is "
                       "mandatory); enable the cgroupstat or taskstats source")
+
+    def tag(key: str, field: str, instead: str, limit: int = COLUMN) -> Optional[str]:
+        return _tag(job, key, field, instead, notes if field in written else None, limit)
+
     vo_key = st["vo_tag"] if job.tags.get(st["vo_tag"]) else "vo"
-    vo = (_tag(job, vo_key, "VO", "is not written", notes) if job.tags.get(vo_key)
-          else st["vo"])
+    vo = tag(vo_key, "VO", "is not written") if job.tags.get(vo_key) else st["vo"]
     # APEL does not need LocalUserId: a uid without a (sendable) name goes without it.
     user = job.user if job.user is not None and unsendable(job.user) is None else None
     rec: Dict[str, Any] = {
         "Site": st["site"], "SubmitHost": st["submit_host"] or job.host,
         "MachineName": st["machine_name"] or job.host,
-        "Queue": _tag(job, st["queue_tag"], "Queue", "is not written", notes, QUEUE_COLUMN),
-        "LocalJobId": _tag(job, st["job_id_tag"], "LocalJobId", "is the JID", notes)
-        or job.jid_text,
+        "Queue": tag(st["queue_tag"], "Queue", "is not written", QUEUE_COLUMN),
+        "LocalJobId": tag(st["job_id_tag"], "LocalJobId", "is the JID") or job.jid_text,
         "LocalUserId": user,
         "GlobalUserName": st["global_user_names"].get(user) if user else None,
         "FQAN": None, "VO": vo or None, "VOGroup": None, "VORole": None,
@@ -236,7 +240,7 @@ def summary_records(jobs: Sequence[FinishedJob], st: Mapping[str, Any],
     groups: Dict[Tuple[int, int, str, str, str, int], Dict[str, Any]] = {}
     skipped: List[Skipped] = []
     for job in jobs:
-        rec, why = job_record(job, st, notes)
+        rec, why = job_record(job, st, notes, SUMMARY_FIELDS)
         if rec is None:
             skipped.append(Skipped(job.jid, why or "invalid"))
             continue
