@@ -849,3 +849,31 @@ def test_schema_2_rollup_upgraded_keeps_known_and_nulls_the_unknowable(pg: PgSer
                          "WHERE comm = 'tiny'").fetchone() == (6, None, None)
     with admin(pg) as c:
         c.execute("DROP DATABASE up2")
+
+
+def test_sacct_formats_and_eff_on_the_central_store(pg: PgServer, tmp_path: Path,
+                                                    capsys) -> None:
+    # The exit sacct shows comes from the node's membership history, which is not
+    # shipped: centrally it is unknown ('-', state ENDED), not a traceback.
+    fresh_db(pg, "sacctc")
+    url = add_node(pg, "s1", "sacctc")
+    st = fill_store(tmp_path / "s1", 6, jobs=2, procs=20)
+    sh = shipper(st, url, "s1").start()
+    try:
+        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
+    finally:
+        sh.stop()
+    dburl = pg.admin_url.replace("/postgres?", "/sacctc?")
+    capsys.readouterr()  # the shipper's log lines
+    assert elsa_main(["jobs", "--db", dburl, "-P", "--format", "jid,user,procs,state,exit"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    local = {r["jid"]: r["usage"]["processes"] for r in query.jobs(open_db(st.path))}
+    assert lines[0] == "JID|USER|PROCS|STATE|EXIT"
+    assert sorted((f[0], f[2], f[3], f[4]) for f in (ln.split("|") for ln in lines[1:])) == \
+        sorted((j, str(n), "ENDED", "-") for j, n in local.items()), lines
+    assert all(ln.split("|")[1].endswith("@s1") for ln in lines[1:]), lines
+    assert elsa_main(["eff", "--db", dburl, "--json", lines[1].split("|")[0]]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["state"], got["exit"]) == ("ENDED", "-")
+    st.close()
+
