@@ -877,3 +877,44 @@ def test_sacct_formats_and_eff_on_the_central_store(pg: PgServer, tmp_path: Path
     assert (got["state"], got["exit"]) == ("ENDED", "-")
     st.close()
 
+
+def test_bill_by_job_keeps_each_hosts_outside_job_items(pg: PgServer, tmp_path: Path,
+                                                         capsys) -> None:
+    # uid 1000 runs processes outside any job on two nodes: two site users
+    # (name@b1, name@b2), each billed what its node bills, not one row for both.
+    from elsa.core.aggregator import INSERT_PROC
+
+    fresh_db(pg, "billjob")
+    dburl = pg.admin_url.replace("/postgres?", "/billjob?")
+    cfg = tmp_path / "bill.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[billing]\n[billing.rates]\ncpu_user = 1\n')
+    end = int(NOW // 3600) * 3600 - 7200.5
+    window = ["--since", str(end - 3600), "--until", str(end + 3600)]
+    local = {}
+    for k, host in enumerate(("b1", "b2")):
+        url = add_node(pg, host, "billjob")
+        st = fill_store(tmp_path / host, 7 + k, jobs=1, procs=5)
+        st.submit_many(INSERT_PROC, [
+            ("taskstats", None, 5000 + i, 1, end - 2, end - i, 1, 1000, 100, "lone", 0,
+             (k + 1) * 1_000_000, 0, 2_000_000, 10, 20, 0, 0, 0, 0, 5, 0, 1, 1, None, None,
+             None) for i in range(3 + k)])
+        st.flush()
+        sh = shipper(st, url, host).start()
+        try:
+            wait_for(lambda s=sh: drained(s), 30, what="the backlog to drain")
+        finally:
+            sh.stop()
+        capsys.readouterr()
+        assert elsa_main(["bill", "--config", str(cfg), "--db", st.path, "--by", "job",
+                          "--json", *window]) == 0
+        rows = json.loads(capsys.readouterr().out)["rows"]
+        local[host] = [(r["processes"], r["charge"]) for r in rows if r["key"] is None]
+        st.close()
+    assert local == {"b1": [(3, "3.00")], "b2": [(4, "8.00")]}
+    assert elsa_main(["bill", "--config", str(cfg), "--db", dburl, "--by", "job", "--json",
+                      *window]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    got = {r["user"].rpartition("@")[2]: [(r["processes"], r["charge"])]
+           for r in rows if r["key"] is None}
+    assert got == local, rows
+

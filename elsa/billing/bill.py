@@ -439,7 +439,9 @@ def compute(db: Any, cfg: BillingConfig, since: float, until: float, by: str,
     for it in items:
         key = group_key(it, by)
         if by == "job" and key is None:
-            key = ("no-job", it["uid"])
+            # One row per outside-job item: on the central store an item is a site user
+            # and account, and one uid on two hosts is two users.
+            key = ("no-job", it["uid"], it["user"], it["account"])
         row = rows.get(key)
         if row is None:
             row = rows[key] = {"key": key, "items": [], "charge": ZERO, "parts": {},
