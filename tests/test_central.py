@@ -918,3 +918,20 @@ def test_bill_by_job_keeps_each_hosts_outside_job_items(pg: PgServer, tmp_path: 
            for r in rows if r["key"] is None}
     assert got == local, rows
 
+
+def test_report_as_a_role_outside_elsa_reader_says_what_to_do(pg: PgServer, capsys) -> None:
+    # A login role made without elsa_reader, and a node's role (it may read its own
+    # rows only): the report says which role and how to make a reader, no traceback.
+    fresh_db(pg, "noread")
+    node = add_node(pg, "r1", "noread")
+    with admin(pg, "noread") as c:
+        c.execute("DROP ROLE IF EXISTS plain_login")
+        c.execute("CREATE ROLE plain_login LOGIN PASSWORD 'p'")
+    plain = pg.tcp_url("plain_login", "p", "noread")
+    for url, role, report in ((plain, "plain_login", ["jobs"]),
+                              (plain, "plain_login", ["summary", "--by", "user"]),
+                              (node, "elsa_node_r1", ["summary", "--by", "user"])):
+        assert elsa_main([*report, "--db", url]) == 2
+        err = capsys.readouterr().err
+        assert f"role {role!r} may not read it (permission denied" in err, err
+        assert "IN ROLE elsa_reader" in err, err
