@@ -935,3 +935,38 @@ def test_report_as_a_role_outside_elsa_reader_says_what_to_do(pg: PgServer, caps
         err = capsys.readouterr().err
         assert f"role {role!r} may not read it (permission denied" in err, err
         assert "IN ROLE elsa_reader" in err, err
+
+
+def test_migrate_moves_the_default_partitions_rows_of_a_new_month(pg: PgServer, capsys) -> None:
+    # A node whose clock ran months ahead shipped rows of a month no partition held
+    # yet: they went to proc_usage_default. The migrate that creates that month's
+    # partition (cron, months later) moves them into it, counted once in the rollup,
+    # instead of failing every month from then on.
+    import datetime as dt
+
+    fresh_db(pg, "skew")
+    dburl = pg.admin_url.replace("/postgres?", "/skew?")
+    ahead = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=9 * 31)
+    end = ahead.timestamp()
+    month = f"proc_usage_{ahead:%Y_%m}"
+    with admin(pg, "skew") as c:
+        for i in range(3):
+            c.execute("INSERT INTO proc_usage (host, source, pid, start_time, end_time, uid, "
+                      "comm, cpu_user_us) VALUES ('n1', 'taskstats', %s, %s, %s, 0, 'skew', 7)",
+                      (100 + i, end - 5, end + i))
+        assert c.execute("SELECT count(*) FROM proc_usage_default").fetchone()[0] == 3
+    capsys.readouterr()
+    assert elsa_main(["central", "migrate", "--url", dburl, "--months-ahead", "10"]) == 0
+    assert month in capsys.readouterr().out
+    with admin(pg, "skew") as c:
+        assert c.execute("SELECT count(*) FROM proc_usage_default").fetchone()[0] == 0
+        assert c.execute(f"SELECT count(*), sum(cpu_user_us) FROM {month}").fetchone() == (3, 21)
+        assert c.execute("SELECT sum(processes), sum(cpu_user_us) FROM usage_rollup WHERE "
+                         "comm = 'skew'").fetchone() == (3, 21)
+        # The moved month is a partition as any other: a re-sent row is still skipped.
+        c.execute("INSERT INTO proc_usage (host, source, pid, start_time, end_time, uid, comm) "
+                  "VALUES ('n1', 'taskstats', 100, %s, %s, 0, 'skew') ON CONFLICT DO NOTHING",
+                  (end - 5, end))
+        assert c.execute("SELECT count(*) FROM proc_usage").fetchone()[0] == 3
+    with admin(pg) as c:
+        c.execute("DROP DATABASE skew")
