@@ -970,3 +970,19 @@ def test_migrate_moves_the_default_partitions_rows_of_a_new_month(pg: PgServer, 
         assert c.execute("SELECT count(*) FROM proc_usage").fetchone()[0] == 3
     with admin(pg) as c:
         c.execute("DROP DATABASE skew")
+
+
+def test_add_node_password_file_errors_name_the_option(pg: PgServer, tmp_path: Path,
+                                                       capsys) -> None:
+    # The file came from --password-file, not from a node's [central] password_file.
+    owner = pg.admin_url
+    loose = tmp_path / "loose.pw"
+    loose.write_text("pw\n")
+    loose.chmod(0o644)
+    for path, why in ((loose, "is readable by group or others (mode 644); chmod 600 it"),
+                      (tmp_path / "missing.pw", "No such file or directory")):
+        assert elsa_main(["central", "add-node", "--url", owner, "pwnode", "--password-file",
+                          str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"elsa: --password-file {path}" in err and why in err, err
+        assert "[central]" not in err, err
