@@ -986,3 +986,26 @@ def test_add_node_password_file_errors_name_the_option(pg: PgServer, tmp_path: P
         err = capsys.readouterr().err
         assert f"elsa: --password-file {path}" in err and why in err, err
         assert "[central]" not in err, err
+
+
+def test_owner_without_createrole_is_told_to_grant_it(pg: PgServer, capsys) -> None:
+    # The database's owner, as the docs say to run add-node, but made without
+    # CREATEROLE: the error says that, not "is the URL an administrator's?".
+    with admin(pg) as c:
+        c.execute("DROP DATABASE IF EXISTS owned")
+        c.execute("DROP ROLE IF EXISTS owner_nocr")
+        c.execute("CREATE ROLE owner_nocr LOGIN PASSWORD 'o'")
+        c.execute("CREATE DATABASE owned OWNER owner_nocr")
+    url = pg.tcp_url("owner_nocr", "o", "owned")
+    # The group roles are the cluster's, made by the fixture's migrate already.
+    assert elsa_main(["central", "migrate", "--url", url]) == 0
+    capsys.readouterr()
+    assert elsa_main(["central", "add-node", "--url", url, "n7"]) == 2
+    err = capsys.readouterr().err
+    assert "permission denied to create role" in err, err
+    assert "ALTER ROLE owner_nocr CREATEROLE" in err and "administrator's" not in err, err
+    with admin(pg) as c:
+        c.execute("ALTER ROLE owner_nocr CREATEROLE")
+    assert elsa_main(["central", "add-node", "--url", url, "n7"]) == 0
+    with admin(pg) as c:
+        c.execute("DROP DATABASE owned")

@@ -32,6 +32,11 @@ def _admin(args: argparse.Namespace, command: str, work: Callable[[Any], T]) -> 
             raise
         if isinstance(exc, psycopg.errors.UndefinedTable):
             hint = "run 'elsa central migrate' there first"
+        elif (isinstance(exc, psycopg.errors.InsufficientPrivilege)
+              and "create role" in str(exc)):
+            # The owner makes the group roles (migrate) and a login role per node.
+            hint = (f"the owner also needs CREATEROLE: as a superuser, ALTER ROLE "
+                    f"{conn.info.user} CREATEROLE")
         else:
             hint = "is the URL an administrator's (owner of the database)?"
         raise ElsaError(f"elsa central {command} on {redact(args.url)}: "
