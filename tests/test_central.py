@@ -23,7 +23,7 @@ from elsa.apps.report import usage as apps_usage  # noqa: E402
 from elsa.central import schema  # noqa: E402
 from elsa.central.pgserver import PgServer, pg_bindir  # noqa: E402
 from elsa.central.shipper import APP_MARK_KEY, MARK_KEY, RECHECK_S  # noqa: E402
-from elsa.core.model import parse_jid  # noqa: E402
+from elsa.core.model import Job, parse_jid  # noqa: E402
 from elsa.errors import StoreError  # noqa: E402
 from elsa.report import query  # noqa: E402
 from elsa.report.cli import main as elsa_main  # noqa: E402
@@ -1009,3 +1009,47 @@ def test_owner_without_createrole_is_told_to_grant_it(pg: PgServer, capsys) -> N
     assert elsa_main(["central", "add-node", "--url", url, "n7"]) == 0
     with admin(pg) as c:
         c.execute("DROP DATABASE owned")
+
+
+def test_bill_leaves_a_running_jobs_records_to_the_job_as_the_node_does(
+        pg: PgServer, tmp_path: Path, capsys) -> None:
+    # A job still running on its node: its ended processes are shipped, its row is
+    # not yet (a job reaches the central store when it ends). The node bills them
+    # with the job when it ends, not as outside-job usage now; so must the central
+    # store, or a month billed while the job runs and the month it ends both
+    # charge them.
+    from elsa.core.aggregator import INSERT_PROC
+
+    fresh_db(pg, "billrun")
+    dburl = pg.admin_url.replace("/postgres?", "/billrun?")
+    url = add_node(pg, "r1", "billrun")
+    st = fill_store(tmp_path / "r1", 11, jobs=1, procs=5)
+    hour = int(NOW // 3600) * 3600 - 3 * 3600
+    jid = (11 << 32) | 99
+    st.insert_job(Job(jid=jid, name="long", owner_uid=1000, tags=(), created=hour - 600,
+                      ended=None, state="running", backend="cnproc"))
+    st.submit_many(INSERT_PROC, [
+        ("taskstats", j, pid + i, 1, hour + 100 * i, hour + 100 * i + 50, 1, 1000, 100,
+         "work", 0, 3_000_000, 0, 50_000_000, 10, 20, 0, 0, 0, 0, 5, 0, 1, 1, None, None,
+         None) for i in range(6) for j, pid in ((jid, 6000), (None, 7000))])
+    st.flush()
+    sh = shipper(st, url, "r1").start()
+    try:
+        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
+    finally:
+        sh.stop()
+    cfg = tmp_path / "bill.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[billing]\n[billing.rates]\ncpu_user = 1\n')
+    # Whole hours (the rollup's path) and a window cut inside the hour (the records').
+    for window in ((hour - 3600, hour + 7200), (hour + 30, hour + 3000)):
+        bills = []
+        for where in (st.path, dburl):
+            capsys.readouterr()
+            assert elsa_main(["bill", "--config", str(cfg), "--db", where, "--by", "job",
+                              "--json", "--since", str(window[0]), "--until",
+                              str(window[1])]) == 0
+            rows = json.loads(capsys.readouterr().out)["rows"]
+            bills.append(sorted((r["key"] or "-", r["processes"], r["charge"]) for r in rows))
+        assert bills[0] == bills[1], (window, bills)
+        assert ("-", 6, "18.00") in bills[0], bills[0]  # the 6 outside any job only
+    st.close()
