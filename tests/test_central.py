@@ -23,7 +23,7 @@ from elsa.apps.report import usage as apps_usage  # noqa: E402
 from elsa.central import schema  # noqa: E402
 from elsa.central.pgserver import PgServer, pg_bindir  # noqa: E402
 from elsa.central.shipper import APP_MARK_KEY, MARK_KEY, RECHECK_S  # noqa: E402
-from elsa.core.model import parse_jid  # noqa: E402
+from elsa.core.model import Job, parse_jid  # noqa: E402
 from elsa.errors import StoreError  # noqa: E402
 from elsa.report import query  # noqa: E402
 from elsa.report.cli import main as elsa_main  # noqa: E402
@@ -849,3 +849,207 @@ def test_schema_2_rollup_upgraded_keeps_known_and_nulls_the_unknowable(pg: PgSer
                          "WHERE comm = 'tiny'").fetchone() == (6, None, None)
     with admin(pg) as c:
         c.execute("DROP DATABASE up2")
+
+
+def test_sacct_formats_and_eff_on_the_central_store(pg: PgServer, tmp_path: Path,
+                                                    capsys) -> None:
+    # The exit sacct shows comes from the node's membership history, which is not
+    # shipped: centrally it is unknown ('-', state ENDED), not a traceback.
+    fresh_db(pg, "sacctc")
+    url = add_node(pg, "s1", "sacctc")
+    st = fill_store(tmp_path / "s1", 6, jobs=2, procs=20)
+    sh = shipper(st, url, "s1").start()
+    try:
+        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
+    finally:
+        sh.stop()
+    dburl = pg.admin_url.replace("/postgres?", "/sacctc?")
+    capsys.readouterr()  # the shipper's log lines
+    assert elsa_main(["jobs", "--db", dburl, "-P", "--format", "jid,user,procs,state,exit"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    local = {r["jid"]: r["usage"]["processes"] for r in query.jobs(open_db(st.path))}
+    assert lines[0] == "JID|USER|PROCS|STATE|EXIT"
+    assert sorted((f[0], f[2], f[3], f[4]) for f in (ln.split("|") for ln in lines[1:])) == \
+        sorted((j, str(n), "ENDED", "-") for j, n in local.items()), lines
+    assert all(ln.split("|")[1].endswith("@s1") for ln in lines[1:]), lines
+    assert elsa_main(["eff", "--db", dburl, "--json", lines[1].split("|")[0]]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["state"], got["exit"]) == ("ENDED", "-")
+    st.close()
+
+
+def test_bill_by_job_keeps_each_hosts_outside_job_items(pg: PgServer, tmp_path: Path,
+                                                         capsys) -> None:
+    # uid 1000 runs processes outside any job on two nodes: two site users
+    # (name@b1, name@b2), each billed what its node bills, not one row for both.
+    from elsa.core.aggregator import INSERT_PROC
+
+    fresh_db(pg, "billjob")
+    dburl = pg.admin_url.replace("/postgres?", "/billjob?")
+    cfg = tmp_path / "bill.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[billing]\n[billing.rates]\ncpu_user = 1\n')
+    end = int(NOW // 3600) * 3600 - 7200.5
+    window = ["--since", str(end - 3600), "--until", str(end + 3600)]
+    local = {}
+    for k, host in enumerate(("b1", "b2")):
+        url = add_node(pg, host, "billjob")
+        st = fill_store(tmp_path / host, 7 + k, jobs=1, procs=5)
+        st.submit_many(INSERT_PROC, [
+            ("taskstats", None, 5000 + i, 1, end - 2, end - i, 1, 1000, 100, "lone", 0,
+             (k + 1) * 1_000_000, 0, 2_000_000, 10, 20, 0, 0, 0, 0, 5, 0, 1, 1, None, None,
+             None) for i in range(3 + k)])
+        st.flush()
+        sh = shipper(st, url, host).start()
+        try:
+            wait_for(lambda s=sh: drained(s), 30, what="the backlog to drain")
+        finally:
+            sh.stop()
+        capsys.readouterr()
+        assert elsa_main(["bill", "--config", str(cfg), "--db", st.path, "--by", "job",
+                          "--json", *window]) == 0
+        rows = json.loads(capsys.readouterr().out)["rows"]
+        local[host] = [(r["processes"], r["charge"]) for r in rows if r["key"] is None]
+        st.close()
+    assert local == {"b1": [(3, "3.00")], "b2": [(4, "8.00")]}
+    assert elsa_main(["bill", "--config", str(cfg), "--db", dburl, "--by", "job", "--json",
+                      *window]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    got = {r["user"].rpartition("@")[2]: [(r["processes"], r["charge"])]
+           for r in rows if r["key"] is None}
+    assert got == local, rows
+
+
+def test_report_as_a_role_outside_elsa_reader_says_what_to_do(pg: PgServer, capsys) -> None:
+    # A login role made without elsa_reader, and a node's role (it may read its own
+    # rows only): the report says which role and how to make a reader, no traceback.
+    fresh_db(pg, "noread")
+    node = add_node(pg, "r1", "noread")
+    with admin(pg, "noread") as c:
+        c.execute("DROP ROLE IF EXISTS plain_login")
+        c.execute("CREATE ROLE plain_login LOGIN PASSWORD 'p'")
+    plain = pg.tcp_url("plain_login", "p", "noread")
+    for url, role, report in ((plain, "plain_login", ["jobs"]),
+                              (plain, "plain_login", ["summary", "--by", "user"]),
+                              (node, "elsa_node_r1", ["summary", "--by", "user"])):
+        assert elsa_main([*report, "--db", url]) == 2
+        err = capsys.readouterr().err
+        assert f"role {role!r} may not read it (permission denied" in err, err
+        assert "IN ROLE elsa_reader" in err, err
+
+
+def test_migrate_moves_the_default_partitions_rows_of_a_new_month(pg: PgServer, capsys) -> None:
+    # A node whose clock ran months ahead shipped rows of a month no partition held
+    # yet: they went to proc_usage_default. The migrate that creates that month's
+    # partition (cron, months later) moves them into it, counted once in the rollup,
+    # instead of failing every month from then on.
+    import datetime as dt
+
+    fresh_db(pg, "skew")
+    dburl = pg.admin_url.replace("/postgres?", "/skew?")
+    ahead = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=9 * 31)
+    end = ahead.timestamp()
+    month = f"proc_usage_{ahead:%Y_%m}"
+    with admin(pg, "skew") as c:
+        for i in range(3):
+            c.execute("INSERT INTO proc_usage (host, source, pid, start_time, end_time, uid, "
+                      "comm, cpu_user_us) VALUES ('n1', 'taskstats', %s, %s, %s, 0, 'skew', 7)",
+                      (100 + i, end - 5, end + i))
+        assert c.execute("SELECT count(*) FROM proc_usage_default").fetchone()[0] == 3
+    capsys.readouterr()
+    assert elsa_main(["central", "migrate", "--url", dburl, "--months-ahead", "10"]) == 0
+    assert month in capsys.readouterr().out
+    with admin(pg, "skew") as c:
+        assert c.execute("SELECT count(*) FROM proc_usage_default").fetchone()[0] == 0
+        assert c.execute(f"SELECT count(*), sum(cpu_user_us) FROM {month}").fetchone() == (3, 21)
+        assert c.execute("SELECT sum(processes), sum(cpu_user_us) FROM usage_rollup WHERE "
+                         "comm = 'skew'").fetchone() == (3, 21)
+        # The moved month is a partition as any other: a re-sent row is still skipped.
+        c.execute("INSERT INTO proc_usage (host, source, pid, start_time, end_time, uid, comm) "
+                  "VALUES ('n1', 'taskstats', 100, %s, %s, 0, 'skew') ON CONFLICT DO NOTHING",
+                  (end - 5, end))
+        assert c.execute("SELECT count(*) FROM proc_usage").fetchone()[0] == 3
+    with admin(pg) as c:
+        c.execute("DROP DATABASE skew")
+
+
+def test_add_node_password_file_errors_name_the_option(pg: PgServer, tmp_path: Path,
+                                                       capsys) -> None:
+    # The file came from --password-file, not from a node's [central] password_file.
+    owner = pg.admin_url
+    loose = tmp_path / "loose.pw"
+    loose.write_text("pw\n")
+    loose.chmod(0o644)
+    for path, why in ((loose, "is readable by group or others (mode 644); chmod 600 it"),
+                      (tmp_path / "missing.pw", "No such file or directory")):
+        assert elsa_main(["central", "add-node", "--url", owner, "pwnode", "--password-file",
+                          str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"elsa: --password-file {path}" in err and why in err, err
+        assert "[central]" not in err, err
+
+
+def test_owner_without_createrole_is_told_to_grant_it(pg: PgServer, capsys) -> None:
+    # The database's owner, as the docs say to run add-node, but made without
+    # CREATEROLE: the error says that, not "is the URL an administrator's?".
+    with admin(pg) as c:
+        c.execute("DROP DATABASE IF EXISTS owned")
+        c.execute("DROP ROLE IF EXISTS owner_nocr")
+        c.execute("CREATE ROLE owner_nocr LOGIN PASSWORD 'o'")
+        c.execute("CREATE DATABASE owned OWNER owner_nocr")
+    url = pg.tcp_url("owner_nocr", "o", "owned")
+    # The group roles are the cluster's, made by the fixture's migrate already.
+    assert elsa_main(["central", "migrate", "--url", url]) == 0
+    capsys.readouterr()
+    assert elsa_main(["central", "add-node", "--url", url, "n7"]) == 2
+    err = capsys.readouterr().err
+    assert "permission denied to create role" in err, err
+    assert "ALTER ROLE owner_nocr CREATEROLE" in err and "administrator's" not in err, err
+    with admin(pg) as c:
+        c.execute("ALTER ROLE owner_nocr CREATEROLE")
+    assert elsa_main(["central", "add-node", "--url", url, "n7"]) == 0
+    with admin(pg) as c:
+        c.execute("DROP DATABASE owned")
+
+
+def test_bill_leaves_a_running_jobs_records_to_the_job_as_the_node_does(
+        pg: PgServer, tmp_path: Path, capsys) -> None:
+    # A job still running on its node: its ended processes are shipped, its row is
+    # not yet (a job reaches the central store when it ends). The node bills them
+    # with the job when it ends, not as outside-job usage now; so must the central
+    # store, or a month billed while the job runs and the month it ends both
+    # charge them.
+    from elsa.core.aggregator import INSERT_PROC
+
+    fresh_db(pg, "billrun")
+    dburl = pg.admin_url.replace("/postgres?", "/billrun?")
+    url = add_node(pg, "r1", "billrun")
+    st = fill_store(tmp_path / "r1", 11, jobs=1, procs=5)
+    hour = int(NOW // 3600) * 3600 - 3 * 3600
+    jid = (11 << 32) | 99
+    st.insert_job(Job(jid=jid, name="long", owner_uid=1000, tags=(), created=hour - 600,
+                      ended=None, state="running", backend="cnproc"))
+    st.submit_many(INSERT_PROC, [
+        ("taskstats", j, pid + i, 1, hour + 100 * i, hour + 100 * i + 50, 1, 1000, 100,
+         "work", 0, 3_000_000, 0, 50_000_000, 10, 20, 0, 0, 0, 0, 5, 0, 1, 1, None, None,
+         None) for i in range(6) for j, pid in ((jid, 6000), (None, 7000))])
+    st.flush()
+    sh = shipper(st, url, "r1").start()
+    try:
+        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
+    finally:
+        sh.stop()
+    cfg = tmp_path / "bill.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[billing]\n[billing.rates]\ncpu_user = 1\n')
+    # Whole hours (the rollup's path) and a window cut inside the hour (the records').
+    for window in ((hour - 3600, hour + 7200), (hour + 30, hour + 3000)):
+        bills = []
+        for where in (st.path, dburl):
+            capsys.readouterr()
+            assert elsa_main(["bill", "--config", str(cfg), "--db", where, "--by", "job",
+                              "--json", "--since", str(window[0]), "--until",
+                              str(window[1])]) == 0
+            rows = json.loads(capsys.readouterr().out)["rows"]
+            bills.append(sorted((r["key"] or "-", r["processes"], r["charge"]) for r in rows))
+        assert bills[0] == bills[1], (window, bills)
+        assert ("-", 6, "18.00") in bills[0], bills[0]  # the 6 outside any job only
+    st.close()

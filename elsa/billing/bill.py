@@ -324,18 +324,30 @@ def _rollup_sql(db: Db, cond: str) -> str:
             f"GROUP BY {host}, bucket, source, uid")
 
 
-def _jobbed_sql(db: Db, table: str, count: str, cond: str) -> str:
-    """The records in *table* of the jobs alive in the hours (what :func:`_rollup_sql`
+def _jobbed_sql(db: Db, table: str, count: str, cond: str, lo: float, hi: float,
+                hosts: List[Any]) -> Tuple[str, List[Any]]:
+    """The records in *table* of the jobs alive in [lo, hi) (what :func:`_rollup_sql`
     reads of them: jobs are billed as jobs), per host, hour, source and uid, the hour
-    as the rollup files them (Db.hour), matching the host condition *cond* (on p.)."""
+    as the rollup files them (Db.hour), matching the host condition *cond* (on p.)
+    with its *hosts*: the statement and its parameters."""
+    if db.central:
+        # A job's row reaches the central store when the job ends; the records of
+        # one still running on its node are there already, and are the job's all
+        # the same (billed with it when it ends, as the node bills them). The jobs
+        # alive in a window hold all its records with a jid anyway: no index to gain.
+        src, jobs, params = f"{table} AS p", "p.jid IS NOT NULL", [lo, hi]
+    else:
+        # From the jobs alive in the window through the jid index, not a scan of
+        # every record (CROSS JOIN: SQLite keeps this join order; standard SQL).
+        src = f"jobs AS j CROSS JOIN {table} AS p"
+        jobs = "p.jid = j.jid AND j.created < ? AND (j.ended IS NULL OR j.ended >= ?)"
+        params = [hi, lo, lo, hi]
     return (f"SELECT {db.host('p.')}, {db.hour('p.end_time')} AS b, p.source AS s, "
             f"COALESCE(p.uid, -1) AS u, {count}, SUM(p.cpu_user_us), SUM(p.cpu_system_us), "
             f"SUM(p.read_bytes), SUM(p.write_bytes), SUM(p.elapsed_us) "
-            # From the jobs alive in the window through the jid index, not a scan of
-            # every record (CROSS JOIN: SQLite keeps this join order; standard SQL).
-            f"FROM jobs AS j CROSS JOIN {table} AS p "
-            f"WHERE p.jid = j.jid AND j.created < ? AND (j.ended IS NULL OR j.ended >= ?) "
-            f"AND p.end_time >= ? AND p.end_time < ?{cond} GROUP BY 1, 2, 3, 4")
+            f"FROM {src} WHERE {jobs} "
+            f"AND p.end_time >= ? AND p.end_time < ?{cond} GROUP BY 1, 2, 3, 4",
+            params + hosts)
 
 
 def _rollup_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
@@ -349,11 +361,11 @@ def _rollup_into(acc: _OutsideJobs, db: Db, part: Part) -> None:
     lo, hi = blo * _BUCKET, bhi * _BUCKET
     hosts = []
     cond = part.host_sql(db, hosts, "p.")
-    params = [hi, lo, lo, hi] + hosts
-    got = db.execute(_jobbed_sql(db, "proc_usage", "COUNT(*)", cond), params).fetchall()
+    got = db.execute(*_jobbed_sql(db, "proc_usage", "COUNT(*)", cond, lo, hi, hosts)
+                     ).fetchall()
     if db.has_folded():
-        got += db.execute(_jobbed_sql(db, "proc_folded", "SUM(p.folded)", cond),
-                          params).fetchall()
+        got += db.execute(*_jobbed_sql(db, "proc_folded", "SUM(p.folded)", cond, lo, hi,
+                                       hosts)).fetchall()
     # Figures no record measured are None (NULL) in the rollup and in the jobs' sums
     # alike, and stay unknown, never 0 (docs/billing.md): they add up as SQL's SUM().
     for h, b, src, uid, *vals in got:
@@ -439,7 +451,9 @@ def compute(db: Any, cfg: BillingConfig, since: float, until: float, by: str,
     for it in items:
         key = group_key(it, by)
         if by == "job" and key is None:
-            key = ("no-job", it["uid"])
+            # One row per outside-job item: on the central store an item is a site user
+            # and account, and one uid on two hosts is two users.
+            key = ("no-job", it["uid"], it["user"], it["account"])
         row = rows.get(key)
         if row is None:
             row = rows[key] = {"key": key, "items": [], "charge": ZERO, "parts": {},

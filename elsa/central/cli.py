@@ -32,6 +32,11 @@ def _admin(args: argparse.Namespace, command: str, work: Callable[[Any], T]) -> 
             raise
         if isinstance(exc, psycopg.errors.UndefinedTable):
             hint = "run 'elsa central migrate' there first"
+        elif (isinstance(exc, psycopg.errors.InsufficientPrivilege)
+              and "create role" in str(exc)):
+            # The owner makes the group roles (migrate) and a login role per node.
+            hint = (f"the owner also needs CREATEROLE: as a superuser, ALTER ROLE "
+                    f"{conn.info.user} CREATEROLE")
         else:
             hint = "is the URL an administrator's (owner of the database)?"
         raise ElsaError(f"elsa central {command} on {redact(args.url)}: "
@@ -59,7 +64,8 @@ def cmd_add_node(args: argparse.Namespace, out) -> int:
     from elsa.central.conn import read_password_file
 
     role = args.role or "elsa_node_" + re.sub(r"[^a-z0-9_]", "_", args.host.lower())[:50]
-    password = read_password_file(args.password_file) if args.password_file else None
+    password = (read_password_file(args.password_file, where="--password-file")
+                if args.password_file else None)
     # A role named on the command line moves to this host (the node's own hint for
     # a host mismatch); a default one never: another host's name may give the same.
     was = _admin(args, "add-node", lambda conn: schema.add_node(

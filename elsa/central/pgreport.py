@@ -27,7 +27,10 @@ class PgDb(Db):
         if q is None:
             # The shared queries hold no literal '%' or '?' besides placeholders.
             q = self._sql[sql] = _PLACEHOLDER.sub("%s", sql)
-        return self.conn.execute(q, params)
+        try:
+            return self.conn.execute(q, params)
+        except Exception as exc:
+            raise _refused(self.conn, exc) from None
 
     def host(self, alias: str = "") -> str:
         return f"{alias}host"
@@ -61,12 +64,32 @@ class PgDb(Db):
         return f"{name or uid}@{host}", None
 
 
+def _refused(conn: Any, exc: Exception) -> Exception:
+    """*exc* as a message saying what to do when the server refused the login role
+    the read (a role not in elsa_reader: a node's, or one made without it); any
+    other error as it is."""
+    import psycopg
+
+    if not isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return exc
+    return StoreError(
+        f"central store {conn.info.host}/{conn.info.dbname}: role {conn.info.user!r} may not "
+        f"read it ({str(exc).strip().splitlines()[0]}); reports need a role in elsa_reader, "
+        "not a node's: as the database owner, CREATE ROLE report LOGIN PASSWORD '...' "
+        "IN ROLE elsa_reader, and give its URL")
+
+
 def open_central(url: str) -> PgDb:
     """A read connection to the central store at *url* (checks its schema version)."""
     from elsa.central import schema
 
     conn = connect(url, what="read the central store")
-    version = schema.schema_version(conn)
+    try:
+        version = schema.schema_version(conn)
+    except Exception as exc:
+        err = _refused(conn, exc)
+        conn.close()
+        raise err from None
     if version != schema.VERSION:
         raise StoreError(f"central store {conn.info.host}/{conn.info.dbname} is at schema "
                          f"{version}, this ELSA reads {schema.VERSION}; run 'elsa central "

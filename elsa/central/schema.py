@@ -382,10 +382,29 @@ def migrate(conn: Any, months_ahead: int = MONTHS_AHEAD,
         for name, lo, hi in month_bounds(when, months_ahead):
             exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
             if not exists:
-                conn.execute(f"CREATE TABLE {name} PARTITION OF proc_usage "
-                             f"FOR VALUES FROM ({lo!r}) TO ({hi!r})")
+                _create_partition(conn, name, lo, hi)
                 created.append(name)
     return before, VERSION, created
+
+
+def _create_partition(conn: Any, name: str, lo: float, hi: float) -> None:
+    """The usage partition *name* for [lo, hi). Rows the default partition holds for
+    it (a node's clock ahead, months of migrate missed) move into it: PostgreSQL
+    refuses to create a partition over them. It is made apart, filled and attached,
+    so no insert trigger counts them in the rollup a second time."""
+    bounds = f"FOR VALUES FROM ({lo!r}) TO ({hi!r})"
+    # No node adds such a row between the move and the attach. The parent first (with
+    # its partitions), as a node's INSERT and CREATE ... PARTITION OF lock: no deadlock.
+    conn.execute("LOCK TABLE proc_usage IN ACCESS EXCLUSIVE MODE")
+    held = conn.execute("SELECT count(*) FROM proc_usage_default WHERE end_time >= %s AND "
+                        "end_time < %s", (lo, hi)).fetchone()[0]
+    if not held:
+        conn.execute(f"CREATE TABLE {name} PARTITION OF proc_usage {bounds}")
+        return
+    conn.execute(f"CREATE TABLE {name} (LIKE proc_usage INCLUDING DEFAULTS)")
+    conn.execute(f"WITH moved AS (DELETE FROM proc_usage_default WHERE end_time >= %s AND "
+                 f"end_time < %s RETURNING *) INSERT INTO {name} SELECT * FROM moved", (lo, hi))
+    conn.execute(f"ALTER TABLE proc_usage ATTACH PARTITION {name} {bounds}")
 
 
 _ROLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
