@@ -849,3 +849,22 @@ def test_schema_2_rollup_upgraded_keeps_known_and_nulls_the_unknowable(pg: PgSer
                          "WHERE comm = 'tiny'").fetchone() == (6, None, None)
     with admin(pg) as c:
         c.execute("DROP DATABASE up2")
+
+
+def test_sacct_format_on_the_central_store(pg: PgServer, tmp_path: Path, capsys) -> None:
+    """`elsa jobs --format` on the central store, which is not sent the members: each
+    job's exit is unknown (`-`, state ENDED), not a traceback over a missing table."""
+    fresh_db(pg, "fmt")
+    url = add_node(pg, "n1", "fmt")
+    st = fill_store(tmp_path / "n1", 1, jobs=2, procs=10)
+    sh = shipper(st, url, "n1").start()
+    try:
+        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
+    finally:
+        sh.stop()
+    capsys.readouterr()  # the shipper's log lines
+    dburl = pg.admin_url.replace("/postgres?", "/fmt?")
+    assert elsa_main(["jobs", "--db", dburl, "--format", "jid,state,exit", "-P", "-n"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(lines) == [f"{(1 << 32) | j:#018x}|ENDED|-" for j in (1, 2)]
+    st.close()

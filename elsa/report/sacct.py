@@ -67,13 +67,16 @@ ROOT_EXIT_SQL = ("SELECT m.jid, m.exit_code FROM members AS m WHERE m.jid = ? AN
 
 
 def add_root_exits(db: Any, rows: List[Dict[str, Any]]) -> None:
-    """Set ``exit_code``/``exit_signal`` of ended jobs from their first member's exit."""
+    """Set ``exit_code``/``exit_signal`` of ended jobs from their first member's exit
+    (unknown on the central store, which is not sent the members)."""
     from elsa.core.model import parse_jid, split_exit
+    from elsa.report.connect import adapt
 
+    central = adapt(db).central
     for r in rows:
         if r.get("state") == "running" or "exit_code" in r:
             continue
-        got = db.execute(ROOT_EXIT_SQL, (parse_jid(r["jid"]),)).fetchone()
+        got = None if central else db.execute(ROOT_EXIT_SQL, (parse_jid(r["jid"]),)).fetchone()
         r["exit_code"], r["exit_signal"] = split_exit(got[1] if got else None)
 
 
