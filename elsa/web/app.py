@@ -67,10 +67,12 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
     app.config.update(SECRET_KEY=_secret_key(state_dir), SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict", JSON_SORT_KEYS=False)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    from elsa.report import cli  # the CLI's units, so a page reads like the report
+    # The CLI's units and exit text, so a page reads like the report.
+    from elsa.report import cli, sacct
 
     app.jinja_env.filters.update(dur=cli._fmt_us, kb=cli._fmt_kb, nbytes=cli._fmt_bytes,
-                                 when=cli._fmt_time, hexjid=hexjid)
+                                 when=cli._fmt_time, hexjid=hexjid,
+                                 exit=lambda j: sacct.exit_text(*sacct.job_exit(j)))
     app.jinja_env.globals.update(page_url=_page_url)
 
     def store():
@@ -143,6 +145,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
             page = 1
         total, rows = query.jobs_page(store(), sort=sort, descending=descending,
                                       offset=(page - 1) * size, limit=size, **flt)
+        sacct.add_root_exits(store(), rows)  # the Exit column: `elsa jobs --format exit`'s
         filters = {k: vals[0] if len(vals) == 1 else vals
                    for k, vals in args.to_dict(flat=False).items()}
         data = {"total": total, "page": page, "page_size": size, "sort": sort,
@@ -161,6 +164,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         if detail is None or not g.visitor.may_see(detail.get("owner_uid")):
             # The same answer for "no such job" and "not yours": no probing of ids.
             return _not_found(f"no job {hexjid(job_id)} that you may see")
+        sacct.add_root_exits(store(), [detail])
         data = _job_json(detail)
         data["processes"] = detail["processes"]
         data["process_source"] = detail.get("process_source")
