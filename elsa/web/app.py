@@ -242,8 +242,8 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
 
     def _add_charges(rows: List[Dict[str, Any]], by: str, since: Optional[float],
                      until: Optional[float]) -> None:
-        if billing is None:
-            return
+        if billing is None or (since is not None and since >= (until or time.time())):
+            return  # a window after now holds nothing to charge (bill.compute needs one)
         data = _bill(by, since, until)
         charges = {r["key"]: r["charge"] for r in data["rows"]}
         for r in rows:
@@ -410,7 +410,8 @@ def _parse_jid(text: str) -> int:
 def _window(args: Any) -> Tuple[Optional[float], Optional[float], List[str]]:
     import argparse
 
-    from elsa.report.cli import parse_time
+    from elsa.errors import ElsaError
+    from elsa.report.cli import check_window, parse_time
 
     out: List[Optional[float]] = []
     problems: List[str] = []
@@ -429,6 +430,11 @@ def _window(args: Any) -> Tuple[Optional[float], Optional[float], List[str]]:
             problems.append(f"{key}: {text!r} is not a time between 1970 and 9999")
             t = None
         out.append(t)
+    try:
+        check_window(out[0], out[1])  # as the CLI: until before since is refused
+    except ElsaError as exc:
+        problems.append(exc.message)
+        return None, None, problems  # as for a bad time: the page shows it, unfiltered
     return out[0], out[1], problems
 
 
