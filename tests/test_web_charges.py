@@ -60,3 +60,16 @@ def test_an_empty_window_is_no_charge_or_a_400_not_a_500(client, path):
     else:  # a window after now: nothing used, nothing charged
         assert r.status_code == 200, r.get_data(as_text=True)[:500]
         assert r.get_json()["rows"] == []
+
+
+def test_a_user_s_account_row_charges_only_their_own_usage(client):
+    """A user sees their own usage only (docs/security.md: a bill holds the caller's
+    own items), so the charge beside it is theirs, not the whole account's."""
+    mine = _rows(client, "/accounts.json", "nobody")
+    assert [(r["account"], r["cpu_user_us"], r["charge"]) for r in mine] == \
+        [("chem", 1_000_000, "1.00")]
+    assert [(r["user"], r["charge"]) for r in _rows(client, "/users.json", "nobody")] == \
+        [("nobody", "1.00")]
+    every = _rows(client, "/accounts.json", "root")
+    assert [(r["account"], r["cpu_user_us"], r["charge"]) for r in every] == \
+        [("chem", 4_000_000, "4.00")]

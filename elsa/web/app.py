@@ -238,7 +238,9 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
 
         lo = 0.0 if since is None else since
         hi = time.time() if until is None else until
-        return bill.compute(store(), billing, lo, hi, by)
+        # A user's bill holds their own items only (docs/security.md), as their rows do.
+        return bill.compute(store(), billing, lo, hi, by,
+                            uid=None if g.visitor.admin else g.visitor.uid)
 
     def _add_charges(rows: List[Dict[str, Any]], by: str, since: Optional[float],
                      until: Optional[float]) -> None:
