@@ -71,7 +71,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
     from elsa.report import cli, sacct
 
     app.jinja_env.filters.update(dur=cli._fmt_us, kb=cli._fmt_kb, nbytes=cli._fmt_bytes,
-                                 when=cli._fmt_time, hexjid=hexjid,
+                                 when=_when, hexjid=hexjid,
                                  exit=lambda j: sacct.exit_text(*sacct.job_exit(j)))
     app.jinja_env.globals.update(page_url=_page_url)
 
@@ -476,6 +476,14 @@ def _job_json(r: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _when(t: Optional[float]) -> str:
+    """A time as the CLI prints it (the server's zone), with the zone named: the
+    visitor's browser may run in another."""
+    from elsa.report.cli import _fmt_time
+
+    return "-" if t is None else f"{_fmt_time(t)} {time.strftime('%Z', time.localtime(t))}"
+
+
 def hexjid(jid: Any) -> str:
     return jid if isinstance(jid, str) else f"{int(jid):#018x}"
 
@@ -519,7 +527,9 @@ def _samples(db: Any, jid: int) -> List[Dict[str, Any]]:
                           "ORDER BY t", (jid,)).fetchall()
     except Exception:  # a store without samples (older schema): no chart
         return []
-    return [{"t": t, "cpu_us": c, "mem_bytes": m} for t, c, m in rows]
+    # label: the chart's time axis in the server's zone, as the page's times.
+    return [{"t": t, "cpu_us": c, "mem_bytes": m,
+             "label": time.strftime("%H:%M:%S", time.localtime(t))} for t, c, m in rows]
 
 
 def _applications(db: Any, jid: int) -> List[Dict[str, Any]]:
