@@ -66,3 +66,13 @@ def test_a_tag_key_is_matched_as_written_never_as_a_json_path(client, tag, found
     r = client.get(f"/jobs.json?tag={quote(tag)}", headers=HDR)
     assert r.status_code == 200, r.get_data(as_text=True)[:300]
     assert [j["jid"] for j in r.get_json()["jobs"]] == found
+
+
+def test_the_form_s_empty_tag_field_is_no_filter_and_no_problem(client):
+    """The filter form sends every field; an empty Tag field (a filter by name only) is
+    no tag filter, as an empty Name is no name filter."""
+    r = client.get("/jobs.json?user=&name=&tag=&state=&since=&until=", headers=HDR)
+    assert r.status_code == 200, r.get_data(as_text=True)[:300]
+    assert r.get_json()["total"] == 3
+    page = client.get("/jobs?name=j&tag=", headers=HDR).get_data(as_text=True)
+    assert 'class="problems"' not in page

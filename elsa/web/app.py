@@ -452,6 +452,8 @@ def _job_filters(args: Any) -> Tuple[Dict[str, Any], List[str]]:
         problems.append(f"state {state!r} is neither running nor ended")
     tags = {}
     for item in args.getlist("tag"):
+        if not item:
+            continue  # the form's empty Tag field: no tag filter
         k, sep, val = item.partition("=")
         if not sep or not k:
             problems.append(f"tag filter {item!r} is not KEY=VALUE")
