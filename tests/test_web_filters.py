@@ -76,3 +76,16 @@ def test_the_form_s_empty_tag_field_is_no_filter_and_no_problem(client):
     assert r.get_json()["total"] == 3
     page = client.get("/jobs?name=j&tag=", headers=HDR).get_data(as_text=True)
     assert 'class="problems"' not in page
+
+
+def test_the_form_keeps_each_of_several_tag_filters(client):
+    """A bookmarked view with two tag filters: the form shows each in its own Tag field,
+    so pressing Filter again sends the same two (not the text of a Python list)."""
+    import re
+
+    page = client.get("/jobs?tag=a=b&tag=c=d", headers=HDR).get_data(as_text=True)
+    assert re.findall(r'<input name="tag" value="([^"]*)"', page) == ["a=b", "c=d"]
+    one = client.get("/jobs?tag=a=b", headers=HDR).get_data(as_text=True)
+    assert re.findall(r'<input name="tag" value="([^"]*)"', one) == ["a=b"]
+    none = client.get("/jobs", headers=HDR).get_data(as_text=True)
+    assert re.findall(r'<input name="tag" value="([^"]*)"', none) == [""]
