@@ -73,3 +73,10 @@ def test_a_user_s_account_row_charges_only_their_own_usage(client):
     every = _rows(client, "/accounts.json", "root")
     assert [(r["account"], r["cpu_user_us"], r["charge"]) for r in every] == \
         [("chem", 4_000_000, "4.00")]
+
+
+def test_the_accounts_page_is_titled_accounts(client):
+    page = client.get("/accounts", headers={"Remote-User": "root"}).get_data(as_text=True)
+    assert "<title>Accounts · ELSA</title>" in page
+    page = client.get("/users", headers={"Remote-User": "root"}).get_data(as_text=True)
+    assert "<title>Users · ELSA</title>" in page
