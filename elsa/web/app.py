@@ -27,6 +27,7 @@ from flask import (
     url_for,
 )
 
+from elsa.errors import StoreError
 from elsa.web import identity
 from elsa.web.identity import Visitor
 
@@ -334,6 +335,14 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         if _wants_json():
             return _json_error(exc.code, msg)
         return render_template("error.html", code=exc.code, message=msg), exc.code
+
+    @app.errorhandler(StoreError)
+    def _no_store(exc: StoreError) -> Any:
+        # No store yet (elsa web started before elsad made it), a wrong state_dir, or one
+        # this user cannot read: the page says which and what to check.
+        if _wants_json():
+            return _json_error(503, exc.message)
+        return render_template("error.html", code=503, message=exc.message), 503
 
     return app
 
