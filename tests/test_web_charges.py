@@ -80,3 +80,22 @@ def test_the_accounts_page_is_titled_accounts(client):
     assert "<title>Accounts · ELSA</title>" in page
     page = client.get("/users", headers={"Remote-User": "root"}).get_data(as_text=True)
     assert "<title>Users · ELSA</title>" in page
+
+
+def test_a_row_without_a_charge_shows_a_dash_not_none(tmp_path):
+    """An account whose only job still runs has usage and no charge yet (elsa bill
+    charges ended jobs): its Charge cell is '-', as every unknown figure on the pages."""
+    st = Store(str(tmp_path))
+    st.insert_job(Job(jid=0x2A00000001, name="j", owner_uid=0, tags={"account": "live"},
+                      created=T0, ended=None, state="running", backend="cnproc", params={}))
+    st.flush()
+    cfg = tmp_path / "elsa.toml"
+    cfg.write_text('[billing]\ntimezone = "UTC"\n[billing.rates]\ncpu_user = 1\n')
+    client = create_app(db_path=st.path, state_dir=str(tmp_path), socket_path="/nonexistent",
+                        web=WEB, billing=rates.from_config(config.load(str(cfg)))).test_client()
+    assert [(r["account"], r["charge"]) for r in _rows(client, "/accounts.json", "root")] == \
+        [("live", None)]
+    page = client.get("/accounts", headers={"Remote-User": "root"}).get_data(as_text=True)
+    row = [line for line in page.splitlines() if "<td>live</td>" in line]
+    assert len(row) == 1 and row[0].endswith("<td>-</td></tr>") and "None" not in row[0]
+    st.close()
