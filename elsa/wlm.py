@@ -9,8 +9,9 @@ every batch system:
 tag                meaning
 =================  ==================================================================
 ``wlm``            ``slurm``, ``pbs``, ``lsf`` or ``htcondor``
-``wlm_job_id``     the batch system's job id
-``wlm_array_id``   array job id (Slurm ``SLURM_ARRAY_JOB_ID``, PBS Pro ``PBS_ARRAY_ID``)
+``wlm_job_id``     the batch system's job id (an LSF array element: ``JOBID[INDEX]``)
+``wlm_array_id``   array job id (Slurm ``SLURM_ARRAY_JOB_ID``, PBS Pro ``PBS_ARRAY_ID``, LSF
+                   ``LSB_JOBID``)
 ``wlm_task_id``    array task id (Slurm ``SLURM_ARRAY_TASK_ID``, PBS/LSF index)
 ``wlm_user``       the batch system's user name
 ``wlm_job_name``   the batch job's name
@@ -67,6 +68,11 @@ def _lsf(env: Mapping[str, str]) -> Optional[Dict[str, str]]:
     tags = _from_env(env, _LSF)
     if tags.get("wlm_task_id") == "0":  # LSF sets 0 outside job arrays
         tags.pop("wlm_task_id")
+    elif "wlm_task_id" in tags:
+        # An array's elements share LSB_JOBID: each is JOBID[INDEX] to LSF (bjobs, bkill),
+        # and must be to reports and APEL (a record per LocalJobId and end second).
+        tags["wlm_array_id"] = tags["wlm_job_id"]
+        tags["wlm_job_id"] = f"{tags['wlm_job_id']}[{tags['wlm_task_id']}]"
     return tags
 
 

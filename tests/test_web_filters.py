@@ -16,7 +16,8 @@ HDR = {"Remote-User": "root"}
 @pytest.fixture
 def client(tmp_path):
     st = Store(str(tmp_path))
-    for jid, tags in ((0x2A00000001, {"a": "b", "c": "d"}), (0x2A00000002, {"a": "b"})):
+    for jid, tags in ((0x2A00000001, {"a": "b", "c": "d"}), (0x2A00000002, {"a": "b"}),
+                      (0x2A00000003, {"a.b": "1", "c[0]": "2", 'q"k': "3"})):
         st.insert_job(Job(jid=jid, name="j", owner_uid=0, tags=tags, created=1.0e9,
                           ended=1.0e9 + 60, state="ended", backend="cnproc", params={}))
     st.flush()
@@ -51,3 +52,40 @@ def test_repeated_tag_filters_all_apply_and_are_all_shown(client):
 
 def test_a_job_id_beyond_the_store_s_integers_is_not_found(client):
     assert client.get("/jobs/0xffffffffffffffff.json", headers=HDR).status_code == 404
+
+
+@pytest.mark.parametrize("tag, found", [
+    ("a.b=1", ["0x0000002a00000003"]), ("c[0]=2", ["0x0000002a00000003"]),
+    ('q"k=3', ["0x0000002a00000003"]), ("a=b", ["0x0000002a00000002", "0x0000002a00000001"]),
+    ("['x=y", []), ("a\x00b=1", []), ("b=1", [])])
+def test_a_tag_key_is_matched_as_written_never_as_a_json_path(client, tag, found):
+    """Job tag keys are free text (`elsa-jobmng --tag 'a.b=1'`): a key with '.', '[' or
+    a quote is found, and one that is no valid JSON path is no match, not a 500."""
+    from urllib.parse import quote
+
+    r = client.get(f"/jobs.json?tag={quote(tag)}", headers=HDR)
+    assert r.status_code == 200, r.get_data(as_text=True)[:300]
+    assert [j["jid"] for j in r.get_json()["jobs"]] == found
+
+
+def test_the_form_s_empty_tag_field_is_no_filter_and_no_problem(client):
+    """The filter form sends every field; an empty Tag field (a filter by name only) is
+    no tag filter, as an empty Name is no name filter."""
+    r = client.get("/jobs.json?user=&name=&tag=&state=&since=&until=", headers=HDR)
+    assert r.status_code == 200, r.get_data(as_text=True)[:300]
+    assert r.get_json()["total"] == 3
+    page = client.get("/jobs?name=j&tag=", headers=HDR).get_data(as_text=True)
+    assert 'class="problems"' not in page
+
+
+def test_the_form_keeps_each_of_several_tag_filters(client):
+    """A bookmarked view with two tag filters: the form shows each in its own Tag field,
+    so pressing Filter again sends the same two (not the text of a Python list)."""
+    import re
+
+    page = client.get("/jobs?tag=a=b&tag=c=d", headers=HDR).get_data(as_text=True)
+    assert re.findall(r'<input name="tag" value="([^"]*)"', page) == ["a=b", "c=d"]
+    one = client.get("/jobs?tag=a=b", headers=HDR).get_data(as_text=True)
+    assert re.findall(r'<input name="tag" value="([^"]*)"', one) == ["a=b"]
+    none = client.get("/jobs", headers=HDR).get_data(as_text=True)
+    assert re.findall(r'<input name="tag" value="([^"]*)"', none) == [""]

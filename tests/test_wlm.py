@@ -25,6 +25,8 @@ SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_
              "SLURM_JOB_ACCOUNT": "chem", "SLURM_JOB_PARTITION": "short",
              "SLURM_JOB_NAME": "md-run", "SLURM_JOB_USER": "alice"}
 
+LSF_ARRAY_ENV = {"LSB_JOBID": "99", "LSB_JOBINDEX": "7", "LSB_QUEUE": "normal"}
+
 
 def test_detect_each_batch_system(tmp_path):
     assert wlm.detect(SLURM_ENV) == {
@@ -42,6 +44,10 @@ def test_detect_each_batch_system(tmp_path):
         "wlm_task_id": "5"}
     assert wlm.detect({"LSB_JOBID": "99", "LSB_QUEUE": "normal", "LSB_JOBINDEX": "0"}) == {
         "wlm": "lsf", "wlm_job_id": "99", "queue": "normal"}
+    # An LSF array's elements share LSB_JOBID; each is LSF's JOBID[INDEX] (bjobs, bkill).
+    assert wlm.detect(LSF_ARRAY_ENV) == {
+        "wlm": "lsf", "wlm_job_id": "99[7]", "wlm_array_id": "99", "wlm_task_id": "7",
+        "queue": "normal"}
     ad = tmp_path / ".job.ad"
     ad.write_text('ClusterId = 31\nProcId = 4\nOwner = "bob"\nAcctGroup = "group_physics"\n'
                   'JobBatchName = "sweep"\n')
@@ -76,6 +82,24 @@ def test_run_wlm_auto_records_tags(elsad):
     assert job["name"] == "md-run"
     assert job["tags"]["wlm_job_id"] == "4242" and job["tags"]["account"] == "chem"
     assert job["tags"]["queue"] == "override"  # --tag wins over the environment
+
+
+@pytest.mark.root
+def test_lsf_array_elements_are_distinct_batch_jobs(elsad):
+    """Two elements of one LSF array (the same LSB_JOBID): distinct wlm_job_id tags, so an
+    APEL record (keyed by LocalJobId and EndTime, docs/export.md) keeps each, and one
+    wlm_array_id that finds them both."""
+    d = elsad()
+    for index in ("1", "2"):
+        r = subprocess.run(["elsa-jobmng", "--socket", d.socket, "run", "--wlm", "auto", "--",
+                            "true"], env=_env(d, **dict(LSF_ARRAY_ENV, LSB_JOBINDEX=index)),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    out = subprocess.run([sys.executable, "-m", "elsa.report.cli", "jobs", "--state-dir",
+                          d.state_dir, "--tag", "wlm_array_id=99", "--format", "wlm_job_id",
+                          "-P", "-n"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split()) == ["99[1]", "99[2]"]
 
 
 def _job_user() -> int:

@@ -47,8 +47,9 @@ class Db:
         return f"CAST({col} / {BUCKET} AS INTEGER)"
 
     def tag(self, key_param: str = "?") -> str:
-        """The value of the job tag named by *key_param* in jobs.tags (JSON text)."""
-        return f"json_extract(tags, '$.' || {key_param})"
+        """The value of the job tag named by *key_param* in jobs.tags (JSON text). A key is
+        free text ('a.b', 'c[0]'): compared as written, never read as a JSON path."""
+        return f"(SELECT value FROM json_each(tags) WHERE key = {key_param})"
 
     def user_label(self, host: str, uid: Optional[int]) -> Tuple[str, Optional[str]]:
         """(user, account) for *uid* on *host*."""

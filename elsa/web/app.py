@@ -27,6 +27,7 @@ from flask import (
     url_for,
 )
 
+from elsa.errors import StoreError
 from elsa.web import identity
 from elsa.web.identity import Visitor
 
@@ -67,10 +68,12 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
     app.config.update(SECRET_KEY=_secret_key(state_dir), SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict", JSON_SORT_KEYS=False)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    from elsa.report import cli  # the CLI's units, so a page reads like the report
+    # The CLI's units and exit text, so a page reads like the report.
+    from elsa.report import cli, sacct
 
     app.jinja_env.filters.update(dur=cli._fmt_us, kb=cli._fmt_kb, nbytes=cli._fmt_bytes,
-                                 when=cli._fmt_time, hexjid=hexjid)
+                                 when=_when, hexjid=hexjid,
+                                 exit=lambda j: sacct.exit_text(*sacct.job_exit(j)))
     app.jinja_env.globals.update(page_url=_page_url)
 
     def store():
@@ -143,6 +146,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
             page = 1
         total, rows = query.jobs_page(store(), sort=sort, descending=descending,
                                       offset=(page - 1) * size, limit=size, **flt)
+        sacct.add_root_exits(store(), rows)  # the Exit column: `elsa jobs --format exit`'s
         filters = {k: vals[0] if len(vals) == 1 else vals
                    for k, vals in args.to_dict(flat=False).items()}
         data = {"total": total, "page": page, "page_size": size, "sort": sort,
@@ -161,6 +165,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         if detail is None or not g.visitor.may_see(detail.get("owner_uid")):
             # The same answer for "no such job" and "not yours": no probing of ids.
             return _not_found(f"no job {hexjid(job_id)} that you may see")
+        sacct.add_root_exits(store(), [detail])
         data = _job_json(detail)
         data["processes"] = detail["processes"]
         data["process_source"] = detail.get("process_source")
@@ -234,12 +239,14 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
 
         lo = 0.0 if since is None else since
         hi = time.time() if until is None else until
-        return bill.compute(store(), billing, lo, hi, by)
+        # A user's bill holds their own items only (docs/security.md), as their rows do.
+        return bill.compute(store(), billing, lo, hi, by,
+                            uid=None if g.visitor.admin else g.visitor.uid)
 
     def _add_charges(rows: List[Dict[str, Any]], by: str, since: Optional[float],
                      until: Optional[float]) -> None:
-        if billing is None:
-            return
+        if billing is None or (since is not None and since >= (until or time.time())):
+            return  # a window after now holds nothing to charge (bill.compute needs one)
         data = _bill(by, since, until)
         charges = {r["key"]: r["charge"] for r in data["rows"]}
         for r in rows:
@@ -329,6 +336,14 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
             return _json_error(exc.code, msg)
         return render_template("error.html", code=exc.code, message=msg), exc.code
 
+    @app.errorhandler(StoreError)
+    def _no_store(exc: StoreError) -> Any:
+        # No store yet (elsa web started before elsad made it), a wrong state_dir, or one
+        # this user cannot read: the page says which and what to check.
+        if _wants_json():
+            return _json_error(503, exc.message)
+        return render_template("error.html", code=503, message=exc.message), 503
+
     return app
 
 
@@ -406,7 +421,8 @@ def _parse_jid(text: str) -> int:
 def _window(args: Any) -> Tuple[Optional[float], Optional[float], List[str]]:
     import argparse
 
-    from elsa.report.cli import parse_time
+    from elsa.errors import ElsaError
+    from elsa.report.cli import check_window, parse_time
 
     out: List[Optional[float]] = []
     problems: List[str] = []
@@ -425,6 +441,11 @@ def _window(args: Any) -> Tuple[Optional[float], Optional[float], List[str]]:
             problems.append(f"{key}: {text!r} is not a time between 1970 and 9999")
             t = None
         out.append(t)
+    try:
+        check_window(out[0], out[1])  # as the CLI: until before since is refused
+    except ElsaError as exc:
+        problems.append(exc.message)
+        return None, None, problems  # as for a bad time: the page shows it, unfiltered
     return out[0], out[1], problems
 
 
@@ -440,6 +461,8 @@ def _job_filters(args: Any) -> Tuple[Dict[str, Any], List[str]]:
         problems.append(f"state {state!r} is neither running nor ended")
     tags = {}
     for item in args.getlist("tag"):
+        if not item:
+            continue  # the form's empty Tag field: no tag filter
         k, sep, val = item.partition("=")
         if not sep or not k:
             problems.append(f"tag filter {item!r} is not KEY=VALUE")
@@ -462,6 +485,14 @@ def _job_json(r: Dict[str, Any]) -> Dict[str, Any]:
     out = {k: v for k, v in r.items() if k not in ("processes", "process_source")}
     out["jid"] = hexjid(r["jid"])
     return out
+
+
+def _when(t: Optional[float]) -> str:
+    """A time as the CLI prints it (the server's zone), with the zone named: the
+    visitor's browser may run in another."""
+    from elsa.report.cli import _fmt_time
+
+    return "-" if t is None else f"{_fmt_time(t)} {time.strftime('%Z', time.localtime(t))}"
 
 
 def hexjid(jid: Any) -> str:
@@ -507,7 +538,9 @@ def _samples(db: Any, jid: int) -> List[Dict[str, Any]]:
                           "ORDER BY t", (jid,)).fetchall()
     except Exception:  # a store without samples (older schema): no chart
         return []
-    return [{"t": t, "cpu_us": c, "mem_bytes": m} for t, c, m in rows]
+    # label: the chart's time axis in the server's zone, as the page's times.
+    return [{"t": t, "cpu_us": c, "mem_bytes": m,
+             "label": time.strftime("%H:%M:%S", time.localtime(t))} for t, c, m in rows]
 
 
 def _applications(db: Any, jid: int) -> List[Dict[str, Any]]:

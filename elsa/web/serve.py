@@ -10,7 +10,9 @@ from elsa.errors import ConfigError
 
 
 def cmd_web(args: argparse.Namespace, out: Any) -> int:
-    from waitress import serve
+    import logging
+
+    from waitress import create_server
 
     from elsa import config
     from elsa.report.cli import _db_path
@@ -33,10 +35,17 @@ def cmd_web(args: argparse.Namespace, out: Any) -> int:
     app = create_app(db_path=_db_path(args), state_dir=state_dir, socket_path=cfg.socket,
                      web=web, admin_group=cfg.admin_group, billing=rates.from_config(cfg))
     host, _, port = web["listen"].rpartition(":")
+    try:  # waitress.serve's steps, with the bind's error made one of ours
+        server = create_server(app, host=host.strip("[]"), port=int(port), threads=8,
+                               ident="elsa", trusted_proxy=None)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {web['listen']}: {exc.strerror}; is another "
+                          "elsa web running there? Choose another address with --listen or "
+                          "[web] listen") from exc
     out.write(f"elsa web: http://{host}:{port}/ (store {_db_path(args)}, pid {os.getpid()})\n")
     out.flush()
-    serve(app, host=host.strip("[]"), port=int(port), threads=8, ident="elsa",
-          trusted_proxy=None)
+    logging.basicConfig()
+    server.run()
     return 0
 
 

@@ -2,14 +2,12 @@
 // confirmation of job actions. Data comes from data-* attributes the server wrote.
 (function () {
   "use strict";
-  function fmtTime(t) { return new Date(t * 1000).toLocaleTimeString(); }
-
   var usage = document.getElementById("usage-chart");
   if (usage && window.Chart) {
     var s = JSON.parse(usage.dataset.samples);
     var labels = [], cpu = [], mem = [];
     for (var i = 0; i < s.length; i++) {
-      labels.push(fmtTime(s[i].t));
+      labels.push(s[i].label);  // the server's zone, as the page's times (not the browser's)
       mem.push(s[i].mem_bytes === null ? null : s[i].mem_bytes / 1048576);
       // CPU cores in use over each interval: counter difference over time difference.
       if (i === 0 || s[i].cpu_us === null || s[i - 1].cpu_us === null) { cpu.push(null); }

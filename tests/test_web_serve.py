@@ -1,0 +1,40 @@
+"""Starting `elsa web` where it cannot serve: a clear error, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+
+def test_an_address_in_use_is_an_error_naming_it(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "elsa.toml"
+        cfg.write_text(f'state_dir = "{tmp_path}"\n')
+        r = subprocess.run([sys.executable, "-m", "elsa.report.cli", "web", "--config", str(cfg),
+                            "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "--listen" in r.stderr
+
+
+def test_a_missing_store_is_a_503_naming_it_on_every_page(tmp_path):
+    """elsa web may start before elsad made its store (or on a wrong state_dir): each
+    page says which store is missing and what to check, instead of a bare 500."""
+    from elsa.web.app import create_app
+    from tests.test_web_job_usage import WEB
+
+    path = str(tmp_path / "none" / "elsa.db")
+    client = create_app(db_path=path, state_dir=str(tmp_path), socket_path="/nonexistent",
+                        web=WEB).test_client()
+    hdr = {"Remote-User": "root"}
+    for url in ("/jobs.json", "/jobs/0x1.json", "/users.json", "/accounts.json"):
+        r = client.get(url, headers=hdr)
+        assert r.status_code == 503, (url, r.get_data(as_text=True)[:300])
+        assert path in r.get_json()["error"] and "state_dir" in r.get_json()["error"]
+    page = client.get("/jobs", headers=hdr)
+    assert page.status_code == 503 and path in page.get_data(as_text=True)
