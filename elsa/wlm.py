@@ -10,8 +10,8 @@ tag                meaning
 =================  ==================================================================
 ``wlm``            ``slurm``, ``pbs``, ``lsf`` or ``htcondor``
 ``wlm_job_id``     the batch system's job id (an LSF array element: ``JOBID[INDEX]``)
-``wlm_array_id``   array job id (Slurm ``SLURM_ARRAY_JOB_ID``, PBS Pro ``PBS_ARRAY_ID``, LSF
-                   ``LSB_JOBID``)
+``wlm_array_id``   array job id (Slurm ``SLURM_ARRAY_JOB_ID``, PBS Pro ``PBS_ARRAY_ID``, Torque
+                   the job id with ``[]`` for the index, LSF ``LSB_JOBID``)
 ``wlm_task_id``    array task id (Slurm ``SLURM_ARRAY_TASK_ID``, PBS/LSF index)
 ``wlm_user``       the batch system's user name
 ``wlm_job_name``   the batch job's name
@@ -59,7 +59,14 @@ def _slurm(env: Mapping[str, str]) -> Optional[Dict[str, str]]:
 def _pbs(env: Mapping[str, str]) -> Optional[Dict[str, str]]:
     if not env.get("PBS_JOBID"):
         return None
-    return {**_from_env(env, _PBS), **_from_env(env, _PBS_PRO)}
+    tags = {**_from_env(env, _PBS), **_from_env(env, _PBS_PRO)}
+    if "wlm_task_id" in tags and "wlm_array_id" not in tags:
+        # Torque sets no array id variable: its array job is the subjob's id with
+        # the index left out ("123[4].server" -> "123[].server", as qstat -t names it).
+        array = re.sub(r"\[[0-9]+\]", "[]", tags["wlm_job_id"], count=1)
+        if array != tags["wlm_job_id"]:
+            tags["wlm_array_id"] = array
+    return tags
 
 
 def _lsf(env: Mapping[str, str]) -> Optional[Dict[str, str]]:

@@ -37,7 +37,8 @@ def test_detect_each_batch_system(tmp_path):
         "wlm": "pbs", "wlm_job_id": "17.server", "queue": "batch", "wlm_job_name": "x"}
     # array subjobs: Torque, then PBS Pro
     assert wlm.detect({"PBS_JOBID": "18[3].server", "PBS_ARRAYID": "3"}) == {
-        "wlm": "pbs", "wlm_job_id": "18[3].server", "wlm_task_id": "3"}
+        "wlm": "pbs", "wlm_job_id": "18[3].server", "wlm_array_id": "18[].server",
+        "wlm_task_id": "3"}
     assert wlm.detect({"PBS_JOBID": "19[5].server", "PBS_ARRAY_INDEX": "5",
                        "PBS_ARRAY_ID": "19[].server"}) == {
         "wlm": "pbs", "wlm_job_id": "19[5].server", "wlm_array_id": "19[].server",
