@@ -1003,6 +1003,7 @@ def test_owner_without_createrole_is_told_to_grant_it(pg: PgServer, capsys) -> N
     assert elsa_main(["central", "add-node", "--url", url, "n7"]) == 2
     err = capsys.readouterr().err
     assert "permission denied to create role" in err, err
+    assert err.startswith("elsa: central add-node on "), err  # one "elsa"
     assert "ALTER ROLE owner_nocr CREATEROLE" in err and "administrator's" not in err, err
     with admin(pg) as c:
         c.execute("ALTER ROLE owner_nocr CREATEROLE")
@@ -1053,3 +1054,10 @@ def test_bill_leaves_a_running_jobs_records_to_the_job_as_the_node_does(
         assert bills[0] == bills[1], (window, bills)
         assert ("-", 6, "18.00") in bills[0], bills[0]  # the 6 outside any job only
     st.close()
+
+
+def test_migrate_refuses_a_negative_months_ahead(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        elsa_main(["central", "migrate", "--url", "postgresql:///x", "--months-ahead", "-3"])
+    assert exited.value.code == 2
+    assert "'-3': expected a number of months, 0 or more" in capsys.readouterr().err

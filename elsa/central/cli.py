@@ -39,7 +39,8 @@ def _admin(args: argparse.Namespace, command: str, work: Callable[[Any], T]) -> 
                     f"{conn.info.user} CREATEROLE")
         else:
             hint = "is the URL an administrator's (owner of the database)?"
-        raise ElsaError(f"elsa central {command} on {redact(args.url)}: "
+        # main() puts "elsa: " in front.
+        raise ElsaError(f"central {command} on {redact(args.url)}: "
                         f"{redact(str(exc).strip())}; {hint}") from exc
     finally:
         conn.close()
@@ -57,6 +58,16 @@ def cmd_migrate(args: argparse.Namespace, out) -> int:
         out.write(f"central schema {before} -> {after}; partitions created: "
                   f"{', '.join(parts) or 'none'}\n")
     return 0
+
+
+def _months(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of months, 0 or more")
+    return n
 
 
 def cmd_add_node(args: argparse.Namespace, out) -> int:
@@ -97,7 +108,7 @@ def add_commands(sub: Any) -> None:
     url.add_argument("--json", action="store_true", help="JSON output")
     s = csub.add_parser("migrate", parents=[url],
                         help="create or upgrade the schema, roles and monthly partitions")
-    s.add_argument("--months-ahead", type=int, default=3,
+    s.add_argument("--months-ahead", type=_months, default=3,
                    help="create usage partitions this many months ahead (default 3)")
     s.set_defaults(func=cmd_migrate)
     s = csub.add_parser("add-node", parents=[url],
