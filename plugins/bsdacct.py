@@ -240,6 +240,13 @@ class BsdAcctSource(Source):
                 self.ctx.gap(float(at), time.time(),
                              lost="elsad's downtime (its stop handed kernel accounting back to "
                                   "a file it cannot read, or switched it off)")
+                # The jobs recovered as running ran across that time: their bsdacct
+                # figures miss the processes that ended in it, as taskstats' do.
+                stamp = "%Y-%m-%d %H:%M:%S"
+                self.ctx.flag_incomplete(None, (
+                    f"no bsdacct records from {time.strftime(stamp, time.localtime(at))} "
+                    f"to {time.strftime(stamp)} (elsad's stop switched kernel accounting "
+                    "off, or handed it back to a file it cannot read)"))
             log.warning("bsdacct missed the processes that ended while elsad was stopped "
                         "(accounting was handed back to a file it cannot read, or off)",
                         file=handed.get("file"))
