@@ -377,3 +377,29 @@ def test_a_store_of_an_older_schema_is_salvaged_as_its_upgrade_reads(tmp_path):
                           "'bsdacct'").fetchall() == [(None,)]
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("report", [["job", "0x1"], ["summary"], ["jobs"], ["eff", "0x1"]])
+def test_reports_on_a_damaged_store_say_so_and_name_the_recovery(tmp_path, report):
+    """Opening the store reads its header only: damage in a table's pages is met by
+    the report's query. The admin gets one line naming the store and the recovery
+    command (exit 2), not a traceback."""
+    _filled_store(tmp_path)
+    db_path = tmp_path / "elsa.db"
+    for table in ("proc_usage", "jobs", "job_usage"):
+        _damage(db_path, _pages(db_path, table)[0])
+    r = subprocess.run([sys.executable, "-m", "elsa", *report, "--state-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"elsa: store {db_path} is corrupt ("), line
+    assert f"'elsa store-salvage --state-dir {tmp_path}'" in line, line
+
+
+def test_a_store_that_is_not_a_database_names_the_recovery(tmp_path):
+    (tmp_path / "elsa.db").write_bytes(b"GARBAGE" * 1000)
+    r = subprocess.run([sys.executable, "-m", "elsa", "jobs", "--state-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"'elsa store-salvage --state-dir {tmp_path}'" in r.stderr, r.stderr

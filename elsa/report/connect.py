@@ -104,6 +104,16 @@ def readonly_uri(path: str) -> str:
     return f"file:{urllib.parse.quote(path)}?mode=ro"
 
 
+def read_error(path: str, exc: sqlite3.Error) -> StoreError:
+    """What a report that could not read the store at *path* says: for a damaged
+    store, the recovery command."""
+    from elsa.core.store import is_corruption, salvage_hint
+
+    if is_corruption(exc):
+        return StoreError(f"store {path} is corrupt ({exc}); {salvage_hint(path)}")
+    return StoreError(f"cannot read store {path}: {exc}")
+
+
 def open_store(path: str, readonly: bool = True) -> sqlite3.Connection:
     """Open the store at *path* (a file) for reading."""
     if not os.path.exists(path):
@@ -122,7 +132,7 @@ def open_store(path: str, readonly: bool = True) -> sqlite3.Connection:
         # --path/--package) answer the same on a node and on the central store.
         db.execute("PRAGMA case_sensitive_like = ON")
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot read store {path}: {exc}") from None
+        raise read_error(path, exc) from None
     if version < USAGE_SCHEMA:
         raise StoreError(f"store {path} has schema {version}, without usage tables; start "
                          "elsad (it migrates the store) or run 'elsa import-acct'")
