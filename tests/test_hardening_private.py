@@ -144,3 +144,19 @@ def test_a_job_nobody_has_is_no_job_not_another_users(shared_dir, elsad, account
                                     "--socket", d.socket))
         assert r["rc"] == 2 and r["stderr"].startswith(
             f"elsa: no job {missing} in the store"), (report, r)
+
+
+def test_a_store_named_but_not_readable_says_so_and_how_to_get_the_report(
+        shared_dir, elsad, accounts):  # noqa: F811
+    a, _b, _gid, _group = accounts
+    d = elsad(workdir=shared_dir)
+    db = os.path.join(d.state_dir, "elsa.db")
+    # --state-dir with no socket to ask: not "unable to open database file".
+    r = as_user(a, elsa_as_main("jobs", "--state-dir", d.state_dir))
+    assert r["rc"] == 2 and f"cannot read store {db}: permission denied" in r["stderr"], r
+    assert "--socket" in r["stderr"], r
+    # The packaged unit makes the state dir 0700: the file cannot even be seen,
+    # which is no reason to say there is no store.
+    os.chmod(d.state_dir, 0o700)
+    r = as_user(a, elsa_as_main("jobs", "--state-dir", d.state_dir))
+    assert r["rc"] == 2 and f"cannot read store {db}: permission denied" in r["stderr"], r
