@@ -155,6 +155,13 @@ def test_daemon_on_a_full_disk_acknowledges_only_what_it_stored(tmp_path, spawne
                          what="status to show the store error")
                 st = c.status()["store"]
                 assert "full" in st["error"] and st["pending_writes"] > 0
+                # The admin's `elsa-jobmng status` says so too, not only its --json.
+                text = subprocess.run([sys.executable, "-m", "elsa.jobmng", "--socket",
+                                       d.socket, "status"], capture_output=True, text=True,
+                                      check=True).stdout
+                (line,) = [t for t in text.splitlines() if t.startswith("store ")]
+                assert line.startswith("store      FAILING since ") and "full" in line, text
+                assert "writes waiting" in line, text
                 with pytest.raises(ElsaError, match="new jobs are refused"):
                     c.create(name="while-full")
                 filler.unlink()
