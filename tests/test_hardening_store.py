@@ -410,3 +410,20 @@ def test_a_store_that_is_not_a_database_names_the_recovery(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"'elsa store-salvage --state-dir {tmp_path}'" in r.stderr, r.stderr
+
+
+def test_store_salvage_refuses_a_store_elsad_is_running_on(elsad):
+    """Salvage renames the store and writes a new one: under a running elsad, whose
+    connection follows the renamed file, every later write of elsad went to the
+    '.damaged' copy and the new store never saw it. Refused, naming the elsad."""
+    d = elsad()
+    r = subprocess.run([sys.executable, "-m", "elsa", "store-salvage", "--state-dir",
+                        d.state_dir], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert (f"elsa: elsad (pid {d.proc.pid}) is running on {d.state_dir}; stop it first "
+            in r.stderr), r.stderr
+    assert not [n for n in os.listdir(d.state_dir) if ".damaged" in n or ".salvage" in n]
+    d.stop()
+    r = subprocess.run([sys.executable, "-m", "elsa", "store-salvage", "--state-dir",
+                        d.state_dir], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr  # once it is stopped

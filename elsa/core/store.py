@@ -660,6 +660,23 @@ def lock_state_dir(state_dir: str) -> int:
     return fd
 
 
+def running_elsad(state_dir: str) -> Optional[str]:
+    """The pid (as written, '' if unreadable) of the elsad holding *state_dir*'s lock
+    (lock_state_dir), or None when no elsad runs on it."""
+    try:
+        fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file: no elsad (of a version that locks) ever ran here
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return None
+    finally:
+        os.close(fd)  # (drops the shared lock taken, if any)
+
+
 def secure_store_files(state_dir: str) -> None:
     """Make the store private: the database and its -wal/-shm files 0600, the
     state directory not listable by others. Files created later inherit the
