@@ -220,7 +220,9 @@ class ControlServer:
             sock.bind(path)
         except OSError as exc:
             sock.close()
-            raise ElsaError(f"cannot bind control socket {path}: {exc.strerror}") from None
+            # (an over-long path raises an OSError with no errno: its text says why)
+            raise ElsaError(f"cannot bind control socket {path}: {exc.strerror or exc}; "
+                            "set 'socket' in the config to a writable place") from None
         finally:
             os.umask(old_umask)
         # A deep backlog absorbs bursts of clients between two accept turns (the
