@@ -427,3 +427,34 @@ def test_store_salvage_refuses_a_store_elsad_is_running_on(elsad):
     r = subprocess.run([sys.executable, "-m", "elsa", "store-salvage", "--state-dir",
                         d.state_dir], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr  # once it is stopped
+
+
+def test_a_create_that_meets_a_full_disk_is_answered_with_the_store_error(tmp_path, spawned):
+    """The first create after the disk filled: its commit is the one that fails. Its
+    reply waited for a commit that never came, and the client gave up after its
+    timeout with "elsad did not answer 'create' in time" (elsa-jobmng run: 30 s,
+    then CMD not started), as if elsad hung. It gets the store's error at once."""
+    from elsa.client import Client, RequestFailed
+    from elsa.testing import DaemonProc
+
+    with small_tmpfs("3m") as fs:
+        d = DaemonProc(tmp_path)
+        state = fs / "state"
+        d.config_path.write_text(d.config_path.read_text().replace(
+            f'state_dir = "{d.state_dir}"', f'state_dir = "{state}"'))
+        d.start()
+        try:
+            with Client(d.socket, timeout=20) as c:
+                c.create(name="before")
+                filler = fill(fs)
+                t = time.monotonic()
+                with pytest.raises(RequestFailed) as exc:
+                    c.create(name="while-full")
+                assert time.monotonic() - t < 10
+                assert exc.value.code == "store", exc.value
+                assert "full" in exc.value.message and "free space" in exc.value.message
+                filler.unlink()
+                wait_for(lambda: c.status()["store"]["ok"], 30, what="the store to recover")
+                c.create(name="after")  # and it works again
+        finally:
+            d.stop()

@@ -460,6 +460,10 @@ class Store:
         if first:
             log.error("store write failed; writes are held and retried", path=self.path,
                       error=msg, pending=self.pending())
+        if self._notify_at:
+            # Replies wait for this commit: the event loop answers them with the
+            # failure (ControlServer.on_commit) instead of leaving them to time out.
+            self._notify()
 
     def close(self) -> None:
         with self._cond:
