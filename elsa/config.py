@@ -70,12 +70,25 @@ def _absolute(v: Any) -> Optional[str]:
     return None if os.path.isabs(v) else "must be an absolute path"
 
 
+#: Bytes of a socket path: AF_UNIX's sun_path holds 108 with the NUL (unix(7)).
+SOCKET_PATH_MAX = 107
+
+
+def _socket_path(v: Any) -> Optional[str]:
+    if not os.path.isabs(v):
+        return "must be an absolute path"
+    if len(os.fsencode(v)) > SOCKET_PATH_MAX:
+        return (f"must be at most {SOCKET_PATH_MAX} bytes long (an AF_UNIX socket's limit); "
+                "use a shorter path such as /run/elsa/elsad.sock")
+    return None
+
+
 CORE_OPTIONS: Dict[str, Option] = {
     "backend": Option(str, "auto", "Grouping backend: auto (cgroup2 where a writable cgroup v2"
                       " hierarchy is mounted, else cnproc), cnproc, cgroup2, cpuset, or a"
                       " plugin's."),
     "socket": Option(str, "/run/elsa/elsad.sock", "Path of the control socket (AF_UNIX).",
-                     check=_absolute),
+                     check=_socket_path),
     "state_dir": Option(str, "/var/lib/elsa", "Directory of the persistent store (SQLite).",
                         check=_absolute),
     "log_level": Option(str, "info", "Log level.", choices=LOG_LEVELS),

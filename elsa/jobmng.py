@@ -506,6 +506,16 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
             line += (f"; jobs flagged incomplete: {', '.join(jobs[:5])}"
                      + (f" (+{len(jobs) - 5} more)" if len(jobs) > 5 else ""))
         lines.append(line)
+    # What needs the admin: a store that does not write (new jobs are refused) and
+    # config keys a reload could not apply.
+    store = st.get("store") or {}
+    if store.get("ok") is False:
+        lines.append(f"store      FAILING since {_when(store.get('failing_since'))}: "
+                     f"{store.get('error')}; {store.get('pending_writes')} writes waiting, "
+                     f"{store.get('dropped_records')} records dropped")
+    restart = (st.get("config") or {}).get("restart_needed") or []
+    if restart:
+        lines.append(f"config     not applied until elsad restarts: {', '.join(restart)}")
     cost = st.get("cost") or {}
     if cost.get("seconds"):
         per = cost.get("cpu_us_per_process")

@@ -121,6 +121,8 @@ class BsdAcctSource(Source):
         self.problems = 0
         self.rotations = 0
         self.last_problem = ""
+        # External mode: why the followed file is not read (it does not exist), while so.
+        self.missing = ""
         self.dir = ""
         self.seq = 0
         self.displaced: Optional[Dict[str, object]] = None
@@ -145,6 +147,15 @@ class BsdAcctSource(Source):
             state = os.path.join(ctx.state_dir, "bsdacct-external.json")
             self.follower = PacctFollower(path, state)
             log.info("following an external accounting file", file=path)
+            if not os.path.exists(path):
+                # The follower waits for it (the tool that writes it may start later),
+                # but a typo would wait for ever: say so until it appears.
+                self.missing = self.last_problem = (
+                    f"{path} does not exist (yet): no bsdacct records until it appears; "
+                    "check [sources.bsdacct] file, and that the tool that writes it "
+                    "(psacct/acct's service, accton) runs")
+                log.warning("external accounting file not found", file=path,
+                            error=self.missing)
             return
         self.dir = str(opts["file"] or os.path.join(ctx.state_dir, "pacct"))
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -240,6 +251,13 @@ class BsdAcctSource(Source):
                 self.ctx.gap(float(at), time.time(),
                              lost="elsad's downtime (its stop handed kernel accounting back to "
                                   "a file it cannot read, or switched it off)")
+                # The jobs recovered as running ran across that time: their bsdacct
+                # figures miss the processes that ended in it, as taskstats' do.
+                stamp = "%Y-%m-%d %H:%M:%S"
+                self.ctx.flag_incomplete(None, (
+                    f"no bsdacct records from {time.strftime(stamp, time.localtime(at))} "
+                    f"to {time.strftime(stamp)} (elsad's stop switched kernel accounting "
+                    "off, or handed it back to a file it cannot read)"))
             log.warning("bsdacct missed the processes that ended while elsad was stopped "
                         "(accounting was handed back to a file it cannot read, or off)",
                         file=handed.get("file"))
@@ -364,6 +382,11 @@ class BsdAcctSource(Source):
         elif (self.displaced is not None
               and time.monotonic() - self._gap_told >= self.ownership_check):
             self._tell_gap()  # the gap goes on until elsad takes accounting back
+        if self.missing and os.path.exists(self.follower.path):
+            log.info("external accounting file appeared", file=self.follower.path)
+            if self.last_problem == self.missing:
+                self.last_problem = ""
+            self.missing = ""
         self._emit(self.follower.read(rows=NAME))
 
     def _current_size(self) -> int:

@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
@@ -195,4 +196,32 @@ def test_a_clean_stop_that_switches_accounting_off_is_a_bsdacct_gap(
     assert (shown["from"], shown["to"]) == gap[1:] and shown["why"].startswith(
         "bsdacct records lost to elsad's downtime (its stop handed kernel accounting back "
         "to a file it cannot read, or switched it off) from "), shown
+    d.stop()
+
+
+def test_a_job_across_a_clean_stop_that_switched_accounting_off_is_incomplete(
+        elsad, tmp_path, other_file, spawned):
+    # A job runs on while elsad is stopped (systemctl restart): the processes that end
+    # then are in no file elsad can read, so the job's bsdacct figures miss them. Its
+    # process count must not be taken from bsdacct as if complete.
+    subprocess.run(["accton", "off"], check=True, capture_output=True)
+    prev = tmp_path / "prev.pacct"
+    prev.touch()
+    d = elsad(extra=EXTRA.format(p=prev))
+    member = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    spawned.append(member)
+    jid = d.call("create", name="across", pids=[member.pid])["jid"]
+    d.stop()
+    d.start()
+    wait_for(lambda: _bsdacct_gaps(d), 10, interval=0.2, what="the bsdacct gap stored")
+    member.kill()
+    member.wait(5)
+    with d.client() as c:
+        assert c.wait(jid, timeout=10)["ended"] is True
+    out = subprocess.run([sys.executable, "-m", "elsa", "job", jid, "--json",
+                          "--state-dir", d.state_dir],
+                         capture_output=True, text=True, check=True).stdout
+    incomplete = json.loads(out)["usage"].get("incomplete") or {}
+    assert "bsdacct" in incomplete, incomplete
+    assert incomplete["bsdacct"].startswith("no bsdacct records from "), incomplete
     d.stop()

@@ -42,6 +42,8 @@ def test_valid_file(tmp_path):
     ('backend = 3\n', "key 'backend' must be a string, got integer 3"),
     ('log_level = "loud"\n', "key 'log_level' must be one of"),
     ('socket = "relative.sock"\n', "key 'socket' must be an absolute path"),
+    # AF_UNIX's sun_path holds 108 bytes with the NUL (unix(7)); bind() said "None"
+    (f'socket = "/run/{"x" * 103}"\n', "key 'socket' must be at most 107 bytes long"),
     ('netlink_rcvbuf = 0\n', "key 'netlink_rcvbuf' must be greater than 0"),
     ('netlink_rcvbuf = true\n', "key 'netlink_rcvbuf' must be a integer, got boolean"),
     # setsockopt's C int, which the kernel doubles

@@ -130,3 +130,28 @@ def test_a_slow_kill_is_answered_later_and_does_not_stall_others(elsad, spawned)
     killer.close()
     assert result["reply"]["signalled"] == 1
     assert result["at"] >= 1.4  # answered when the backend settled, not before
+
+
+def test_a_second_elsad_on_the_same_state_dir_is_refused_before_it_touches_it(
+        elsad, tmp_path):
+    """Another config with the same state_dir (and its own socket): the second elsad
+    would recover the first one's jobs, end them, rewrite the backend's journals
+    and switch kernel accounting under it. It is refused first, naming the one that
+    holds the state dir."""
+    import subprocess
+    import sys
+
+    first = elsad()
+    jid = first.call("create", name="first")["jid"]
+    other = tmp_path / "second"
+    other.mkdir()
+    cfg = other / "elsa.toml"
+    cfg.write_text(f'backend = "cnproc"\nsocket = "{other}/elsad.sock"\n'
+                   f'state_dir = "{first.state_dir}"\n')
+    r = subprocess.run([sys.executable, "-m", "elsa.elsad", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert (f"elsad: another elsad (pid {first.proc.pid}) uses state_dir "
+            f"{first.state_dir}") in r.stderr, r.stderr
+    assert not os.path.exists(other / "elsad.sock")
+    assert first.call("show", jid=jid)["state"] == "running"  # the first one carries on

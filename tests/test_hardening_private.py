@@ -128,3 +128,35 @@ def test_ja_of_a_user_counts_the_finished_processes(shared_dir, elsad, accounts)
     assert rep["summary"]["processes_finished"] >= 1
     sh = [c for c in rep["commands"] if c["command"] == "sh" and c["running"] == 0]
     assert sh and sh[0]["cpu_user_us"] + sh[0]["cpu_system_us"] > 0, rep["commands"]
+
+
+
+def test_a_job_nobody_has_is_no_job_not_another_users(shared_dir, elsad, accounts):  # noqa: F811
+    from elsa.core.model import format_jid, parse_jid
+
+    a, _b, _gid, _group = accounts
+    d = elsad(workdir=shared_dir)
+    with d.client() as c:
+        jid = c.create(name="mine", owner_uid=a.uid)["jid"]
+    missing = format_jid(parse_jid(jid) + 1000)  # (a typo of the user's)
+    for report in ("job", "eff"):
+        r = as_user(a, elsa_as_main(report, missing, "--state-dir", d.state_dir,
+                                    "--socket", d.socket))
+        assert r["rc"] == 2 and r["stderr"].startswith(
+            f"elsa: no job {missing} in the store"), (report, r)
+
+
+def test_a_store_named_but_not_readable_says_so_and_how_to_get_the_report(
+        shared_dir, elsad, accounts):  # noqa: F811
+    a, _b, _gid, _group = accounts
+    d = elsad(workdir=shared_dir)
+    db = os.path.join(d.state_dir, "elsa.db")
+    # --state-dir with no socket to ask: not "unable to open database file".
+    r = as_user(a, elsa_as_main("jobs", "--state-dir", d.state_dir))
+    assert r["rc"] == 2 and f"cannot read store {db}: permission denied" in r["stderr"], r
+    assert "--socket" in r["stderr"], r
+    # The packaged unit makes the state dir 0700: the file cannot even be seen,
+    # which is no reason to say there is no store.
+    os.chmod(d.state_dir, 0o700)
+    r = as_user(a, elsa_as_main("jobs", "--state-dir", d.state_dir))
+    assert r["rc"] == 2 and f"cannot read store {db}: permission denied" in r["stderr"], r

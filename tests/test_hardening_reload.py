@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -54,6 +56,10 @@ def test_sighup_applies_admin_group_and_reports_restart_keys(shared_dir, elsad, 
         assert c.status()["backend"] == "cnproc"
     assert as_user(a, attempt(d.socket, "end", jid=job_b), groups=(admin_gid,))["ok"]
     assert "config changes that need a restart" in d.log_path.read_text()
+    # The admin's `elsa-jobmng status` says so too, not only its --json.
+    text = subprocess.run([sys.executable, "-m", "elsa.jobmng", "--socket", d.socket, "status"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "config     not applied until elsad restarts: backend" in text.splitlines(), text
 
 
 @pytest.mark.root

@@ -155,6 +155,13 @@ def test_daemon_on_a_full_disk_acknowledges_only_what_it_stored(tmp_path, spawne
                          what="status to show the store error")
                 st = c.status()["store"]
                 assert "full" in st["error"] and st["pending_writes"] > 0
+                # The admin's `elsa-jobmng status` says so too, not only its --json.
+                text = subprocess.run([sys.executable, "-m", "elsa.jobmng", "--socket",
+                                       d.socket, "status"], capture_output=True, text=True,
+                                      check=True).stdout
+                (line,) = [t for t in text.splitlines() if t.startswith("store ")]
+                assert line.startswith("store      FAILING since ") and "full" in line, text
+                assert "writes waiting" in line, text
                 with pytest.raises(ElsaError, match="new jobs are refused"):
                     c.create(name="while-full")
                 filler.unlink()
@@ -377,3 +384,77 @@ def test_a_store_of_an_older_schema_is_salvaged_as_its_upgrade_reads(tmp_path):
                           "'bsdacct'").fetchall() == [(None,)]
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("report", [["job", "0x1"], ["summary"], ["jobs"], ["eff", "0x1"]])
+def test_reports_on_a_damaged_store_say_so_and_name_the_recovery(tmp_path, report):
+    """Opening the store reads its header only: damage in a table's pages is met by
+    the report's query. The admin gets one line naming the store and the recovery
+    command (exit 2), not a traceback."""
+    _filled_store(tmp_path)
+    db_path = tmp_path / "elsa.db"
+    for table in ("proc_usage", "jobs", "job_usage"):
+        _damage(db_path, _pages(db_path, table)[0])
+    r = subprocess.run([sys.executable, "-m", "elsa", *report, "--state-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"elsa: store {db_path} is corrupt ("), line
+    assert f"'elsa store-salvage --state-dir {tmp_path}'" in line, line
+
+
+def test_a_store_that_is_not_a_database_names_the_recovery(tmp_path):
+    (tmp_path / "elsa.db").write_bytes(b"GARBAGE" * 1000)
+    r = subprocess.run([sys.executable, "-m", "elsa", "jobs", "--state-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"'elsa store-salvage --state-dir {tmp_path}'" in r.stderr, r.stderr
+
+
+def test_store_salvage_refuses_a_store_elsad_is_running_on(elsad):
+    """Salvage renames the store and writes a new one: under a running elsad, whose
+    connection follows the renamed file, every later write of elsad went to the
+    '.damaged' copy and the new store never saw it. Refused, naming the elsad."""
+    d = elsad()
+    r = subprocess.run([sys.executable, "-m", "elsa", "store-salvage", "--state-dir",
+                        d.state_dir], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert (f"elsa: elsad (pid {d.proc.pid}) is running on {d.state_dir}; stop it first "
+            in r.stderr), r.stderr
+    assert not [n for n in os.listdir(d.state_dir) if ".damaged" in n or ".salvage" in n]
+    d.stop()
+    r = subprocess.run([sys.executable, "-m", "elsa", "store-salvage", "--state-dir",
+                        d.state_dir], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr  # once it is stopped
+
+
+def test_a_create_that_meets_a_full_disk_is_answered_with_the_store_error(tmp_path, spawned):
+    """The first create after the disk filled: its commit is the one that fails. Its
+    reply waited for a commit that never came, and the client gave up after its
+    timeout with "elsad did not answer 'create' in time" (elsa-jobmng run: 30 s,
+    then CMD not started), as if elsad hung. It gets the store's error at once."""
+    from elsa.client import Client, RequestFailed
+    from elsa.testing import DaemonProc
+
+    with small_tmpfs("3m") as fs:
+        d = DaemonProc(tmp_path)
+        state = fs / "state"
+        d.config_path.write_text(d.config_path.read_text().replace(
+            f'state_dir = "{d.state_dir}"', f'state_dir = "{state}"'))
+        d.start()
+        try:
+            with Client(d.socket, timeout=20) as c:
+                c.create(name="before")
+                filler = fill(fs)
+                t = time.monotonic()
+                with pytest.raises(RequestFailed) as exc:
+                    c.create(name="while-full")
+                assert time.monotonic() - t < 10
+                assert exc.value.code == "store", exc.value
+                assert "full" in exc.value.message and "free space" in exc.value.message
+                filler.unlink()
+                wait_for(lambda: c.status()["store"]["ok"], 30, what="the store to recover")
+                c.create(name="after")  # and it works again
+        finally:
+            d.stop()

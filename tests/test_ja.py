@@ -144,3 +144,28 @@ def test_a_command_imports_its_own_modules_only():
     assert first == "[]"
     for name in ("jobs", "bill", "eff", "ja", "apps", "web", "export", "central"):
         assert name in helptext
+
+
+def test_ja_says_when_the_stored_records_miss_a_downtime(elsad, tmp_path, spawned):
+    # elsad was killed and restarted while the job ran: taskstats has no records of
+    # what ended meanwhile, so the finished processes ja counts are short. `elsa job`
+    # says INCOMPLETE (taskstats); ja must say it too, not print the count as whole.
+    d = elsad(extra="[sources.taskstats]\n")
+    cfg = str(d.config_path)
+    go, out = tmp_path / "go", tmp_path / "ja.json"
+    script = (f"while [ ! -e {go} ]; do /bin/true; sleep 0.05; done; "
+              f"elsa ja --config {cfg} --json > {out}; elsa ja --config {cfg} -s > {out}.txt")
+    p = subprocess.Popen(["elsa-jobmng", "--socket", d.socket, "run", "--", "sh", "-c", script],
+                         env=_env(), start_new_session=True)
+    spawned.append(p)
+    with d.client() as c:
+        wait_for(lambda: c.list(), 10, what="the job")
+    d.kill9()
+    d.start()
+    go.touch()
+    assert p.wait(60) == 0
+    rep = json.loads(out.read_text())
+    assert any(n.startswith("finished processes incomplete (taskstats): no taskstats records "
+                            "from ") for n in rep["notes"]), rep["notes"]
+    text = Path(f"{out}.txt").read_text()
+    assert "note: finished processes incomplete (taskstats): no taskstats records" in text, text

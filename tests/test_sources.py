@@ -174,3 +174,30 @@ def test_restart_mid_stream_loses_and_doubles_nothing(elsad, tmp_path):
     assert _count(db_path) == (3000, 3000)
     st = d2.call("status")
     assert st["sources"]["bsdacct"]["corrupt"] == 0
+
+
+def test_bsdacct_external_file_that_does_not_exist_is_told_until_it_appears(tmp_path):
+    """A typo in [sources.bsdacct] file, or psacct not running: the follower waits for
+    the file, and nothing said so (no warning, status clean), so bsdacct silently
+    had no records. status names the file and what to check until it appears."""
+    from elsa.config import validate_table
+    from elsa_plugins import bsdacct
+
+    path = tmp_path / "account" / "pacct"
+    opts = validate_table({"mode": "external", "file": str(path)}, bsdacct.OPTIONS,
+                          where="sources.bsdacct", path="test")
+    src = bsdacct.BsdAcctSource()
+    src.start(_ctx(tmp_path, opts, []))
+    try:
+        problem = src.status()["last_problem"]
+        assert problem.startswith(f"{path} does not exist (yet): no bsdacct records until "
+                                  "it appears"), problem
+        assert "[sources.bsdacct] file" in problem, problem
+        src.poll()
+        assert src.status()["last_problem"] == problem  # still missing
+        path.parent.mkdir()
+        path.touch()
+        src.poll()
+        assert src.status()["last_problem"] == ""
+    finally:
+        src.stop()

@@ -34,7 +34,7 @@ from elsa.core.manager import JobManager
 from elsa.core.operations import Operations
 from elsa.core.priority import Priority
 from elsa.core.server import ControlServer
-from elsa.core.store import Store
+from elsa.core.store import Store, lock_state_dir
 from elsa.errors import ConfigError, ElsaError
 from elsa.kernel import caps, sdnotify
 from elsa.kernel.cnproc import NEEDED_EVENTS, PROC_EVENT_ALL, ProcConnector
@@ -83,6 +83,7 @@ class Daemon:
         self.started = time.time()
         self.cost = SelfCost(self.procfs)
         self.store: Optional[Store] = None
+        self.state_lock: Optional[int] = None  # the state dir's lock (lock_state_dir)
         self.connector: Optional[ProcConnector] = None
         self.events: Optional[ProcEvents] = None
         self.control: Optional[ControlServer] = None
@@ -141,6 +142,7 @@ class Daemon:
         # Before the store: its writer thread inherits the nice value.
         if cfg.nice:
             self.priority.set(cfg.nice)
+        self.state_lock = lock_state_dir(cfg.state_dir)  # before anything touches it
         store = self.store = Store(cfg.state_dir)
         backend = self.backend = self._make_backend()
         manager = self.manager = JobManager(
@@ -364,6 +366,9 @@ class Daemon:
             self.shipper.stop()
         if self.store is not None:
             self.store.close()
+        if self.state_lock is not None:
+            os.close(self.state_lock)
+            self.state_lock = None
         log.info("elsad stopped", reason=reason)
 
 

@@ -50,7 +50,7 @@ from elsa.core.operations import (
     WaitFor,
 )
 from elsa.core.store import Store
-from elsa.errors import ElsaError, PermissionDenied
+from elsa.errors import ElsaError, PermissionDenied, StoreError
 from elsa.logsetup import structlog
 from elsa.protocol import (
     ERROR_CODES,
@@ -220,7 +220,9 @@ class ControlServer:
             sock.bind(path)
         except OSError as exc:
             sock.close()
-            raise ElsaError(f"cannot bind control socket {path}: {exc.strerror}") from None
+            # (an over-long path raises an OSError with no errno: its text says why)
+            raise ElsaError(f"cannot bind control socket {path}: {exc.strerror or exc}; "
+                            "set 'socket' in the config to a writable place") from None
         finally:
             os.umask(old_umask)
         # A deep backlog absorbs bursts of clients between two accept turns (the
@@ -515,17 +517,30 @@ class ControlServer:
         return True
 
     def on_commit(self) -> None:
-        """The store committed: send the held replies whose writes are durable."""
+        """The store committed, or a commit failed: send the held replies whose writes
+        are durable. While the store cannot commit (a full disk), the replies still
+        waiting get its error: their change is held in memory, not stored, and a
+        client would otherwise wait out its timeout as if elsad hung."""
         store = self.store
         store.drain_notifications()
+        failing: Optional[str] = None
+        try:
+            if not store.health()["ok"]:
+                store.check_accepting()
+        except StoreError as exc:
+            failing = exc.message
         for conn in list(self._holding):
             held = conn.held
             # The replies this commit releases go in one send (a pipelined
             # client, such as a launcher's attach + next create, wakes once).
             in_turn, conn.in_turn = conn.in_turn, True
-            while held and (held[0][0] == 0 or store.is_committed(held[0][0])):
-                obj = held.popleft()[1]
-                if isinstance(obj, _Later):
+            while held and (held[0][0] == 0 or store.is_committed(held[0][0]) or failing):
+                mark, obj = held.popleft()
+                if failing is not None and mark and not store.is_committed(mark):
+                    self.counters["errors"] += 1
+                    req_id = obj.req_id if isinstance(obj, _Later) else obj.get("id")
+                    obj = error_reply(req_id, "store", failing)
+                elif isinstance(obj, _Later):
                     obj = self._materialize(obj)
                 self._send_reply(conn, obj)
             conn.in_turn = in_turn

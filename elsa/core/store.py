@@ -23,6 +23,7 @@ command (``elsa store-salvage``, docs/security.md).
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import os
 import sqlite3
@@ -124,11 +125,7 @@ class Store:
                  carry_wait: float = CARRY_WAIT_S) -> None:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, DB_NAME)
-        try:
-            os.makedirs(state_dir, mode=STATE_DIR_MODE, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create state_dir {state_dir}: {exc.strerror}; "
-                             "set state_dir in the config to a writable directory") from None
+        make_state_dir(state_dir)
         secure_store_files(state_dir)
         self.db = connect(self.path)
         check_integrity(self.db, self.path, check_seconds)
@@ -463,6 +460,10 @@ class Store:
         if first:
             log.error("store write failed; writes are held and retried", path=self.path,
                       error=msg, pending=self.pending())
+        if self._notify_at:
+            # Replies wait for this commit: the event loop answers them with the
+            # failure (ControlServer.on_commit) instead of leaving them to time out.
+            self._notify()
 
     def close(self) -> None:
         with self._cond:
@@ -620,6 +621,64 @@ def check_integrity(db: sqlite3.Connection, path: str, seconds: float) -> None:
     if problems:
         raise StoreError(f"store {path} is corrupt ({problems[0]}; {len(problems)} problems "
                          "found); " + salvage_hint(path))
+
+
+def make_state_dir(state_dir: str) -> None:
+    try:
+        os.makedirs(state_dir, mode=STATE_DIR_MODE, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create state_dir {state_dir}: {exc.strerror}; "
+                         "set state_dir in the config to a writable directory") from None
+
+
+#: The daemon's lock on its state directory (lock_state_dir).
+LOCK_NAME = "elsad.lock"
+
+
+def lock_state_dir(state_dir: str) -> int:
+    """Lock ``<state_dir>/elsad.lock`` (flock, exclusive) for the daemon's life and
+    return its descriptor; the kernel drops the lock when the process ends, also
+    after a kill -9. A second elsad on the same state dir (another config, a copy
+    for a test) would migrate the store under the first, recover its jobs and
+    track them twice, compact the backend's journals and switch kernel
+    accounting: it is refused before it touches any of that. (flock, not fcntl:
+    closing a descriptor drops every fcntl lock of the process on that file, and
+    SQLite uses those.)"""
+    make_state_dir(state_dir)
+    path = os.path.join(state_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, STORE_MODE)
+    except OSError as exc:
+        raise StoreError(f"cannot open {path}: {exc.strerror}; set state_dir in the config "
+                         "to a writable directory") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise StoreError(f"another elsad{who} uses state_dir {state_dir}; stop it first, or "
+                         "give this one its own state_dir and socket") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # named by the refusal of the next one
+    return fd
+
+
+def running_elsad(state_dir: str) -> Optional[str]:
+    """The pid (as written, '' if unreadable) of the elsad holding *state_dir*'s lock
+    (lock_state_dir), or None when no elsad runs on it."""
+    try:
+        fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file: no elsad (of a version that locks) ever ran here
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return None
+    finally:
+        os.close(fd)  # (drops the shared lock taken, if any)
 
 
 def secure_store_files(state_dir: str) -> None:

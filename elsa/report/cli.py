@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import os
 import re
+import sqlite3
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -590,6 +591,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args, out)
     except ElsaError as exc:
         sys.stderr.write(f"elsa: {exc.message}\n")
+        return 2
+    except sqlite3.DatabaseError as exc:
+        # Opening a store reads its header only: damage in a table's pages is met by
+        # the report's query.
+        from elsa.report.connect import read_error
+
+        where = _db_path(args) if hasattr(args, "db") else "(unknown)"
+        sys.stderr.write(f"elsa: {read_error(where, exc).message}\n")
         return 2
     except BrokenPipeError:
         return 0

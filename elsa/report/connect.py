@@ -105,8 +105,27 @@ def readonly_uri(path: str) -> str:
     return f"file:{urllib.parse.quote(path)}?mode=ro"
 
 
+def read_error(path: str, exc: sqlite3.Error) -> StoreError:
+    """What a report that could not read the store at *path* says: for a damaged
+    store, the recovery command."""
+    from elsa.core.store import is_corruption, salvage_hint
+
+    if is_corruption(exc):
+        return StoreError(f"store {path} is corrupt ({exc}); {salvage_hint(path)}")
+    return StoreError(f"cannot read store {path}: {exc}")
+
+
 def open_store(path: str, readonly: bool = True) -> sqlite3.Connection:
     """Open the store at *path* (a file) for reading."""
+    parent = os.path.dirname(path) or "."
+    if (os.path.exists(path) and not os.access(path, os.R_OK)) or (
+            not os.path.exists(path) and os.path.isdir(parent)
+            and not os.access(parent, os.X_OK)):
+        # The store is private (0600, in a state dir of 0700 or 0711): SQLite would say
+        # "unable to open database file", and a file in a dir we cannot search looks absent.
+        raise StoreError(f"cannot read store {path}: permission denied; run the report as "
+                         "the store's owner (root for elsad's), or give --socket (elsad's "
+                         "socket) to have elsad run it for you (docs/security.md)")
     if not os.path.exists(path):
         raise StoreError(f"no store at {path}; is elsad's state_dir right (--state-dir or the "
                          "config's state_dir), or import pacct files with 'elsa import-acct'?")
@@ -123,7 +142,7 @@ def open_store(path: str, readonly: bool = True) -> sqlite3.Connection:
         # --path/--package) answer the same on a node and on the central store.
         db.execute("PRAGMA case_sensitive_like = ON")
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot read store {path}: {exc}") from None
+        raise read_error(path, exc) from None
     if version < USAGE_SCHEMA:
         raise StoreError(f"store {path} has schema {version}, without usage tables; start "
                          "elsad (it migrates the store) or run 'elsa import-acct'")

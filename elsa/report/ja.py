@@ -62,7 +62,7 @@ def _max(a: Optional[int], b: Optional[int]) -> Optional[int]:
 
 def _none_stored(why: Optional[str]) -> Dict[str, Any]:
     """_finished's answer when the store gave nothing, and *why* (None: no record yet)."""
-    return {"processes": [], "folded": [], "usage": None, "why": why}
+    return {"processes": [], "folded": [], "usage": None, "incomplete": {}, "why": why}
 
 
 def _finished(jid: int, db_path: Optional[str], processes: bool,
@@ -81,7 +81,8 @@ def _finished(jid: int, db_path: Optional[str], processes: bool,
     def local(db: Any) -> Optional[Dict[str, Any]]:
         if not processes:  # the summary needs the totals only, whatever the job's size
             usage = query.job_usage(db, [jid]).get(jid)
-            return {"processes": None, "folded": [], "usage": usage and usage["usage"]}
+            return {"processes": None, "folded": [], "usage": usage and dict(
+                usage["usage"], incomplete=usage["incomplete"])}
         return query.job_detail(db, jid)
 
     try:
@@ -91,7 +92,9 @@ def _finished(jid: int, db_path: Optional[str], processes: bool,
     if detail is None:
         return _none_stored(None)
     return {"processes": detail["processes"], "folded": detail.get("folded") or [],
-            "usage": detail["usage"], "why": None}
+            "usage": detail["usage"], "why": None,
+            # The sources that missed records of the job (a downtime, an overflow).
+            "incomplete": (detail["usage"] or {}).get("incomplete") or {}}
 
 
 def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = None,
@@ -112,6 +115,8 @@ def build(reply: Dict[str, Any], db_path: Optional[str], now: Optional[float] = 
     notes: List[str] = []
     if fin["why"]:
         notes.append(f"finished processes not included: {fin['why']}")
+    for src, why in sorted(fin["incomplete"].items()):  # as `elsa job`'s INCOMPLETE lines
+        notes.append(f"finished processes incomplete ({src}): {why}")
     cg_path = (job.get("params") or {}).get("cgroup_path")
     cg = cgroup_counters(cg_path) if cg_path else None
     summary: Dict[str, Any] = {"cpu_user_us": None, "cpu_system_us": None,

@@ -82,7 +82,9 @@ def serve(db_path: str, report: str, args: Mapping[str, Any], uid: int, admin: b
                 jid = parse_jid(args.get("job" if report == "apps" else "jid"))
             except (TypeError, ValueError) as exc:
                 raise ProtocolError(f"report argument 'jid': {exc}") from None
-            if restrict and _owner(db, jid) != uid:
+            # A job id in no job is answered as such below ("no job"), not as
+            # another user's: job ids and owners are not secret (``list --all``).
+            if restrict and _owner(db, jid) not in (None, uid):
                 raise PermissionDenied(f"job {format_jid(jid)} is not yours; with private_data "
                                        "only root and the admin group read other users' jobs")
             if report == "apps":

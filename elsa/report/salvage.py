@@ -122,6 +122,14 @@ def salvage(path: str) -> Dict[str, Any]:
     the damaged ranges. The store must not be in use (stop elsad first)."""
     if not os.path.exists(path):
         raise StoreError(f"no store at {path}; pass --state-dir or --db")
+    # The store is renamed and a new one written: a running elsad's connection would
+    # follow the renamed file, and its later writes would never reach the new store.
+    state_dir = os.path.dirname(os.path.abspath(path))
+    holder = store_mod.running_elsad(state_dir)
+    if holder is not None:
+        who = f"elsad (pid {holder})" if holder.isdigit() else "elsad"
+        raise StoreError(f"{who} is running on {state_dir}; stop it first (systemctl stop "
+                         "elsad), then run store-salvage again")
     new = path + ".salvage"
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(new + suffix):
