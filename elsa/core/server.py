@@ -50,7 +50,7 @@ from elsa.core.operations import (
     WaitFor,
 )
 from elsa.core.store import Store
-from elsa.errors import ElsaError, PermissionDenied, StoreError
+from elsa.errors import ElsaError, PermissionDenied
 from elsa.logsetup import structlog
 from elsa.protocol import (
     ERROR_CODES,
@@ -523,12 +523,7 @@ class ControlServer:
         client would otherwise wait out its timeout as if elsad hung."""
         store = self.store
         store.drain_notifications()
-        failing: Optional[str] = None
-        try:
-            if not store.health()["ok"]:
-                store.check_accepting()
-        except StoreError as exc:
-            failing = exc.message
+        failing = store.failing()
         for conn in list(self._holding):
             held = conn.held
             # The replies this commit releases go in one send (a pipelined

@@ -251,17 +251,24 @@ class Store:
         self._corrupt_msg = msg
         return msg
 
+    def failing(self) -> Optional[str]:
+        """Why the store cannot commit (a full disk, corruption), or None when it can:
+        cheap, for every commit's replies (ControlServer.on_commit)."""
+        if self._failure is None and not self.corrupt:
+            return None
+        hint = (salvage_hint(self.path) if self.corrupt else
+                f"free space on the file system of {self.state_dir}; held writes are "
+                "committed as soon as it can, without a restart")
+        why = self._failure or "corrupt"
+        return (f"store {self.path} cannot be used ({why}); new jobs are refused until it "
+                f"can; {self.pending()} writes are held in memory; {hint}")
+
     def check_accepting(self) -> None:
         """Raise StoreError when a new job could not be made durable soon: the
         store cannot commit, or too many writes wait for it."""
-        if self._failure is not None or self.corrupt:
-            hint = (salvage_hint(self.path) if self.corrupt else
-                    f"free space on the file system of {self.state_dir}; held writes are "
-                    "committed as soon as it can, without a restart")
-            why = self._failure or "corrupt"
-            raise StoreError(f"store {self.path} cannot be used ({why}); new jobs are "
-                             f"refused until it can; {self.pending()} writes are held "
-                             f"in memory; {hint}")
+        failing = self.failing()
+        if failing is not None:
+            raise StoreError(failing)
         if self.pending() > self.spool_limit:
             raise StoreError(f"store {self.path} is {self.pending()} writes behind (limit "
                              f"{self.spool_limit}); new jobs are refused until it catches up")
