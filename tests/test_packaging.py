@@ -317,6 +317,12 @@ def test_unit_options_fit_elsa():
     assert one["Delegate"] == "yes"
     assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert one["KillMode"] == "process"  # jobs in the delegated subtree outlive a restart
+    # No restart loop on what a restart cannot mend: elsad's config and privilege exits.
+    from elsa import elsad
+
+    assert one["Restart"] == "on-failure"
+    assert set(one["RestartPreventExitStatus"].split()) == {
+        str(elsad.EXIT_CONFIG), str(elsad.EXIT_PRIVILEGE)}
     exec_start = one["ExecStart"].split()
     assert exec_start[:3] == ["/usr/bin/elsad", "--config", config.DEFAULT_PATH]
     families = one["RestrictAddressFamilies"].split()
