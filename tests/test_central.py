@@ -333,7 +333,7 @@ def test_admin_commands_say_what_failed_without_a_traceback(pg: PgServer, capsys
     for argv in (["map-user", "--url", reader, "0@n9", "alice", "--account", "physics"],
                  ["add-node", "--url", reader, "n9"]):
         err = central(*argv)
-        assert f"elsa central {argv[0]} on postgresql://adm_reader:***@" in err, err
+        assert f"elsa: central {argv[0]} on postgresql://adm_reader:***@" in err, err
         assert "permission denied" in err and "administrator's" in err, err
     # Host names that differ only in '-', '.' or case get the same default role.
     assert elsa_main(["central", "add-node", "--url", owner, "node-1"]) == 0
