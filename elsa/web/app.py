@@ -217,6 +217,8 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         try:
             rows = apps.usage(store(), by, since=since, until=until, uid=uid)
             error = None
+        except StoreError:
+            raise  # no store to read: the 503 naming it, as every page
         except Exception as exc:  # a store without app_runs (older schema)
             rows, error = [], f"no application records in this store ({exc})"
         if by == "user":
