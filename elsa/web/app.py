@@ -332,11 +332,20 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
     @app.errorhandler(400)
     @app.errorhandler(403)
     @app.errorhandler(404)
+    @app.errorhandler(405)
     def _http_error(exc: Any) -> Any:
         msg = getattr(exc, "description", str(exc))
+        allowed = sorted(getattr(exc, "valid_methods", None) or ())
+        headers = {"Allow": ", ".join(allowed)} if allowed else {}
+        if allowed:  # e.g. a GET on a job's action URL (a link followed, a reload)
+            takes = [m for m in allowed if m not in ("HEAD", "OPTIONS")]
+            msg = (f"{request.method} is not allowed on {request.path}: it takes "
+                   f"{' or '.join(takes)} only"
+                   + ("; use the buttons of ELSA's pages" if takes == ["POST"] else ""))
         if _wants_json():
-            return _json_error(exc.code, msg)
-        return render_template("error.html", code=exc.code, message=msg), exc.code
+            body, code = _json_error(exc.code, msg)
+            return body, code, headers
+        return render_template("error.html", code=exc.code, message=msg), exc.code, headers
 
     @app.errorhandler(StoreError)
     def _no_store(exc: StoreError) -> Any:
