@@ -72,7 +72,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
     from elsa.report import cli, sacct
 
     app.jinja_env.filters.update(dur=cli._fmt_us, kb=cli._fmt_kb, nbytes=cli._fmt_bytes,
-                                 when=_when, hexjid=hexjid,
+                                 when=_when, hexjid=hexjid, fact=fact,
                                  exit=lambda j: sacct.exit_text(*sacct.job_exit(j)))
     app.jinja_env.globals.update(page_url=_page_url)
 
@@ -504,6 +504,20 @@ def _when(t: Optional[float]) -> str:
     from elsa.report.cli import _fmt_time
 
     return "-" if t is None else f"{_fmt_time(t)} {time.strftime('%Z', time.localtime(t))}"
+
+
+def fact(v: Any) -> str:
+    """A status value as ``elsa-jobmng status`` writes it, not Python's repr: yes/no,
+    comma lists, '-' for none."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v is None or v == "" or v == [] or v == {}:
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(fact(x) for x in v)
+    if isinstance(v, dict):  # inside a list (a gap's why and jobs)
+        return "; ".join(f"{k} {fact(x)}" for k, x in v.items())
+    return str(v)
 
 
 def hexjid(jid: Any) -> str:
