@@ -537,7 +537,12 @@ def do_status(c: Client, args: argparse.Namespace) -> int:
                      f"{_or_dash(central.get('backlog_apps'))} application records, oldest "
                      f"{'-' if age is None else f'{age:.0f} s'}")
         if central.get("last_error"):
-            lines.append(f"           last error: {central['last_error']}")
+            # Kept after the shipper recovers: say so and when, or an old error reads as
+            # the state of an "ok" line.
+            lines.append("           last error"
+                         + ("" if central.get("failing") else " (recovered)")
+                         + f" at {_when(central.get('last_error_at'))}: "
+                         + _clean(central["last_error"]))
     print("\n".join(lines))
     return EXIT_OK
 

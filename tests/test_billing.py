@@ -437,3 +437,28 @@ def test_a_bad_multiplier_error_quotes_its_value_not_the_table(tmp_path):
         config.load(str(f))
     assert err.value.message.endswith("; got -1"), err.value.message
     assert "'long'" not in err.value.message
+
+
+def test_bill_by_job_csv_tells_the_users_outside_jobs_apart(site, capsys):
+    """--by job --csv had no user column: the "(no job)" rows of two users both read
+    ',0,...' with an empty key. It has the table's USER and NAME, and the account."""
+    import csv
+    from pathlib import Path
+
+    db = sqlite3.connect(str(Path(site).parent / "state" / "elsa.db"), isolation_level=None)
+    t0 = ts("2026-11-28T13:00")
+    _proc(db, None, "taskstats", 300, t0, t0 + 600, 50_000_000, 0, None, uid=1000)
+    db.close()
+    assert main(["bill", "--config", site, "--period", "2026-11", "--by", "job",
+                 "--csv"]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()[1:]))
+    nojob = sorted((r["user"], r["name"], r["charge"]) for r in rows if not r["key"])
+    assert nojob == sorted([(user_name(1000), "(no job)", "0.20"),
+                            (user_name(1001), "(no job)", "1.40")]), rows
+    chem = [r for r in rows if r["key"] == "0x0000000000000001"]
+    assert chem[0]["account"] == "chem" and chem[0]["user"] == user_name(1000)
+    # The table has them too.
+    assert main(["bill", "--config", site, "--period", "2026-11", "--by", "job"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len([ln for ln in table if "(no job)" in ln]) == 2
+    assert any(user_name(1000) in ln and "(no job)" in ln for ln in table), table

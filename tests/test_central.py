@@ -157,8 +157,11 @@ def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> 
     out = capsys.readouterr().out
     got = json.loads(out)
     assert got and all(j["tags"]["queue"] == "q1" and j["host"] == "n1" for j in got)
-    assert elsa_main(["jobs", "--db", dburl, "--json", "--host", "nope"]) == 0
-    assert json.loads(capsys.readouterr().out) == []
+    # A node no one knows: refused naming the known ones (a typo was an empty report).
+    assert elsa_main(["jobs", "--db", dburl, "--json", "--host", "n1", "--host", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--host 'nope': no node of that name shipped anything" in err, err
+    assert err.rstrip().endswith("the known hosts are n1"), err
     assert elsa_main(["summary", "--by", "user", "--db", dburl]) == 0
     assert "@n1" in capsys.readouterr().out
     # elsa bill: the same items and charges from both stores. Its whole hours take
@@ -679,7 +682,9 @@ def test_apps_report_central_equals_node(pg: PgServer, tmp_path: Path, capsys) -
     one = [run("--db", stores[h].path, "--by", "user") for h in ("r1", "r2")]
     assert sum(r["runs"] for r in both) == 600
     assert sum(r["cpu_user_us"] for r in both) == sum(r["cpu_user_us"] for o in one for r in o)
-    assert run("--db", dburl, "--host", "nope") == []
+    capsys.readouterr()
+    assert elsa_main(["apps", "--db", dburl, "--host", "nope", "--json"]) == 2
+    assert "known hosts are r1, r2" in capsys.readouterr().err
     # The user mapping applies at report time: one site user over two nodes and uids.
     with admin(pg, "appsrep") as c:
         schema.map_user(c, "r1", "1001", "alice", "physics")

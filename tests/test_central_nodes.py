@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -168,7 +169,7 @@ def test_four_nodes_through_outages(pg: Any, tmp_path: Path) -> None:
         shown = subprocess.run([sys.executable, "-m", "elsa.jobmng", "--socket",
                                 nodes[0].socket, "status"], capture_output=True, text=True,
                                check=True).stdout
-        assert "FAILING, backlog" in shown and "last error:" in shown, shown
+        assert "FAILING, backlog" in shown and "last error at " in shown, shown
         assert "pw-node0" not in shown and "pw-node0" not in nodes[0].log()
         err = _central_status(nodes[0])["last_error"]
         assert "connect" in err or "terminat" in err or "closed" in err, err
@@ -226,3 +227,37 @@ def test_four_nodes_through_outages(pg: Any, tmp_path: Path) -> None:
                     d.proc.kill()
         if not pg.running():
             pg.start()
+
+
+def _status_text(d: DaemonProc) -> str:
+    return subprocess.run([sys.executable, "-m", "elsa.jobmng", "--socket", d.socket,
+                           "status"], capture_output=True, text=True, check=True).stdout
+
+
+def test_status_text_dates_the_last_error_and_says_when_it_is_past(pg: Any,
+                                                                   tmp_path: Path) -> None:
+    """After the shipper recovered, the text read "ok" above "last error: ..." with no
+    time (the JSON has last_error_at): an old error read as the present state."""
+    fresh_db(pg, "recover")
+    url = add_node(pg, "rec0", "recover")
+    d = DaemonProc(tmp_path / "rec0", backend="cnproc", extra=(
+        f'[central]\nurl = "{url}"\nhost = "rec0"\ninterval = 0.2\nretry_max = 1.0\n')).start()
+    try:
+        wait_for(lambda: _central_status(d)["rounds"] > 0, 60, what="a first round shipped")
+        pg.stop("immediate")
+        wait_for(lambda: _central_status(d)["failing"], 60, what="the server seen gone")
+        failing = _status_text(d)
+        pg.start()
+        wait_for(lambda: not _central_status(d)["failing"], 60, what="the shipper to recover")
+        shown = _status_text(d)
+        at = _central_status(d)["last_error_at"]
+    finally:
+        d.stop()
+        if not pg.running():
+            pg.start()
+    assert "FAILING" in failing and "last error at 20" in failing, failing
+    assert "(recovered)" not in failing, failing
+    line = [x for x in shown.splitlines() if "last error" in x]
+    assert ": ok, backlog" in shown and len(line) == 1, shown
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    assert line[0].strip().startswith(f"last error (recovered) at {when}: "), line

@@ -89,3 +89,18 @@ def test_the_form_keeps_each_of_several_tag_filters(client):
     assert re.findall(r'<input name="tag" value="([^"]*)"', one) == ["a=b"]
     none = client.get("/jobs", headers=HDR).get_data(as_text=True)
     assert re.findall(r'<input name="tag" value="([^"]*)"', none) == [""]
+
+
+def test_a_page_past_the_end_says_so_and_links_the_last_page(client):
+    """A bookmarked page the jobs no longer fill said "page 2 of 1 · No job matches",
+    though jobs do match. It stays empty (a script walking pages stops at an empty one;
+    showing the last page instead would never end its walk) and says it is past the end."""
+    r = client.get("/jobs.json?page=2", headers=HDR).get_json()
+    assert r["total"] == 3 and r["page"] == 2 and r["jobs"] == []
+    page = client.get("/jobs?page=2&state=ended", headers=HDR).get_data(as_text=True)
+    assert "page 2 of 1" not in page and "No job matches" not in page
+    assert "3 jobs · page 2 is past the end: there is 1 page" in page
+    assert 'href="/jobs?page=1&amp;state=ended">go to the last</a>' in page
+    assert 'rel="prev" href="/jobs?page=1&amp;state=ended"' in page
+    empty = client.get("/jobs?name=nosuch&page=2", headers=HDR).get_data(as_text=True)
+    assert "No job matches" in empty  # no job at all: nothing is past the end

@@ -140,12 +140,16 @@ def print_table(data: Dict[str, Any], out) -> None:
 def print_csv(data: Dict[str, Any], out) -> None:
     rt = data["rate_table"]
     out.write(f"# rate table ({rt['unit']}): " + json.dumps(rt, sort_keys=True) + "\n")
-    cols = ["key", "jobs", "processes", "prime_s", "nonprime_s"] + \
+    # By job, the user, account and name as the table's USER and NAME: the rows outside
+    # jobs (one per user, no key) are told apart by them alone.
+    per_job = ["user", "account", "name"] if data["by"] == "job" else []
+    cols = ["key"] + per_job + ["jobs", "processes", "prime_s", "nonprime_s"] + \
         [f"charge_{r}" for r in RESOURCES] + ["charge", "unpriced"]
     w = csv.writer(out)
     w.writerow(cols)
     for r in data["rows"]:
-        w.writerow([r["key"], r["jobs"], r["processes"], r["prime_s"], r["nonprime_s"]]
+        w.writerow([r["key"]] + [r[k] for k in per_job]
+                   + [r["jobs"], r["processes"], r["prime_s"], r["nonprime_s"]]
                    + [r["charges"].get(res, "") for res in RESOURCES]
                    + [r["charge"], " ".join(r["unpriced"])])
 

@@ -4,7 +4,7 @@ run here unchanged, through psycopg 3."""
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from elsa.central.conn import connect
 from elsa.errors import StoreError
@@ -40,6 +40,12 @@ class PgDb(Db):
 
     def tag(self, key_param: str = "?") -> str:
         return f"(tags::jsonb ->> {key_param})"
+
+    def hosts(self) -> List[str]:
+        """The nodes this store knows: every one that shipped anything (a shipped row's
+        user is in host_users) and every one added with ``elsa central add-node``."""
+        return [h for (h,) in self.execute(
+            "SELECT host FROM host_users UNION SELECT host FROM elsa_nodes ORDER BY 1")]
 
     def _load_map(self) -> None:
         self._map = {}

@@ -80,9 +80,18 @@ def _site_filters(args: argparse.Namespace, db: Any) -> Dict[str, Any]:
     from elsa.report.connect import adapt
 
     hosts = getattr(args, "host", None)
-    if hosts and not adapt(db).central:
+    adb = adapt(db)
+    if hosts and not adb.central:
         raise ElsaError("--host selects nodes of the central store: use it with "
                         "--db postgresql://...")
+    if hosts:
+        # A misspelt node gave an empty report, as --source's typo did: refused alike.
+        known = adb.hosts()  # type: ignore[attr-defined]  # central: a PgDb
+        unknown = [h for h in hosts if h not in known]
+        if unknown:
+            raise ElsaError(f"--host {', '.join(map(repr, unknown))}: no node of that name "
+                            "shipped anything to this central store; the known hosts are "
+                            + (", ".join(known) or "none yet"))
     tags = dict(getattr(args, "tag", None) or [])  # (key, value) pairs
     return {"hosts": hosts, "tags": tags}
 

@@ -72,7 +72,7 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
     from elsa.report import cli, sacct
 
     app.jinja_env.filters.update(dur=cli._fmt_us, kb=cli._fmt_kb, nbytes=cli._fmt_bytes,
-                                 when=_when, hexjid=hexjid,
+                                 when=_when, hexjid=hexjid, fact=fact,
                                  exit=lambda j: sacct.exit_text(*sacct.job_exit(j)))
     app.jinja_env.globals.update(page_url=_page_url)
 
@@ -217,6 +217,8 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
         try:
             rows = apps.usage(store(), by, since=since, until=until, uid=uid)
             error = None
+        except StoreError:
+            raise  # no store to read: the 503 naming it, as every page
         except Exception as exc:  # a store without app_runs (older schema)
             rows, error = [], f"no application records in this store ({exc})"
         if by == "user":
@@ -330,11 +332,20 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
     @app.errorhandler(400)
     @app.errorhandler(403)
     @app.errorhandler(404)
+    @app.errorhandler(405)
     def _http_error(exc: Any) -> Any:
         msg = getattr(exc, "description", str(exc))
+        allowed = sorted(getattr(exc, "valid_methods", None) or ())
+        headers = {"Allow": ", ".join(allowed)} if allowed else {}
+        if allowed:  # e.g. a GET on a job's action URL (a link followed, a reload)
+            takes = [m for m in allowed if m not in ("HEAD", "OPTIONS")]
+            msg = (f"{request.method} is not allowed on {request.path}: it takes "
+                   f"{' or '.join(takes)} only"
+                   + ("; use the buttons of ELSA's pages" if takes == ["POST"] else ""))
         if _wants_json():
-            return _json_error(exc.code, msg)
-        return render_template("error.html", code=exc.code, message=msg), exc.code
+            body, code = _json_error(exc.code, msg)
+            return body, code, headers
+        return render_template("error.html", code=exc.code, message=msg), exc.code, headers
 
     @app.errorhandler(StoreError)
     def _no_store(exc: StoreError) -> Any:
@@ -493,6 +504,20 @@ def _when(t: Optional[float]) -> str:
     from elsa.report.cli import _fmt_time
 
     return "-" if t is None else f"{_fmt_time(t)} {time.strftime('%Z', time.localtime(t))}"
+
+
+def fact(v: Any) -> str:
+    """A status value as ``elsa-jobmng status`` writes it, not Python's repr: yes/no,
+    comma lists, '-' for none."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v is None or v == "" or v == [] or v == {}:
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(fact(x) for x in v)
+    if isinstance(v, dict):  # inside a list (a gap's why and jobs)
+        return "; ".join(f"{k} {fact(x)}" for k, x in v.items())
+    return str(v)
 
 
 def hexjid(jid: Any) -> str:
