@@ -199,7 +199,7 @@ def _uid(user: Optional[str]) -> Optional[int]:
 
 def cmd_apps(args: argparse.Namespace, out: Any) -> int:
     from elsa.core.model import format_jid, parse_jid
-    from elsa.report import cli
+    from elsa.report import cli, text
     from elsa.users import user_name
 
     if args.job:
@@ -219,19 +219,19 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
             for r, j in zip(recs, data):
                 exit_s = ("-" if r.exit_code is None
                           else f"{r.exit_code}:{r.exit_signal or 0}")
-                body.append([cli._fmt_time(r.exec_time), str(r.pid),
+                body.append([text.fmt_time(r.exec_time), str(r.pid),
                              "-" if r.uid is None else user_name(r.uid),
                              r.comm or "-", _path_text(r.exe_path, r.path_status, r.exe_deleted),
-                             cli._fmt_us(None if j["wall_s"] is None
+                             text.fmt_us(None if j["wall_s"] is None
                                          else int(j["wall_s"] * 1e6)),
-                             cli._fmt_us(r.cpu_user_us), cli._fmt_us(r.cpu_system_us),
-                             cli._fmt_kb(r.max_rss_kb), exit_s, r.end_reason])
+                             text.fmt_us(r.cpu_user_us), text.fmt_us(r.cpu_system_us),
+                             text.fmt_kb(r.max_rss_kb), exit_s, r.end_reason])
             if not body:
                 out.write(f"no application records for job {format_jid(jid)}\n")
                 return
-            cli._table(body, header, out)
+            text.table(body, header, out)
 
-        cli._emit(args, data, data, table, out)
+        text.emit(args, data, data, table, out)
         return 0
 
     cli.check_window(args.since, args.until)
@@ -268,13 +268,13 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
             cpu = None
             if r["cpu_user_us"] is not None or r["cpu_system_us"] is not None:
                 cpu = (r["cpu_user_us"] or 0) + (r["cpu_system_us"] or 0)
-            body.append(keys + [str(r["runs"]), str(r["users"]), cli._fmt_us(r["wall_us"]),
-                                cli._fmt_us(cpu), cli._fmt_kb(r["max_rss_kb"]),
-                                cli._fmt_bytes(r["read_bytes"]), cli._fmt_bytes(r["write_bytes"]),
+            body.append(keys + [str(r["runs"]), str(r["users"]), text.fmt_us(r["wall_us"]),
+                                text.fmt_us(cpu), text.fmt_kb(r["max_rss_kb"]),
+                                text.fmt_bytes(r["read_bytes"]), text.fmt_bytes(r["write_bytes"]),
                                 str(r["unresolved"])])
-        cli._table(body, header, out)
+        text.table(body, header, out)
 
-    cli._emit(args, rows, rows, table_by, out)
+    text.emit(args, rows, rows, table_by, out)
     return 0
 
 

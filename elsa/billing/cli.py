@@ -96,7 +96,7 @@ def _when(t: float, zone: str) -> str:
 
 
 def print_table(data: Dict[str, Any], out) -> None:
-    from elsa.report.cli import _table
+    from elsa.report.text import table
 
     by = data["by"]
     zone = data["rate_table"]["timezone"]
@@ -116,7 +116,7 @@ def print_table(data: Dict[str, Any], out) -> None:
         line += [r["charges"].get(p, "-") for p in priced]
         line.append(r["charge"] + (" *" if r["unpriced"] else ""))
         body.append(line)
-    _table(body, header, out)
+    table(body, header, out)
     out.write(f"TOTAL {data['total']} {data['unit']}\n")
     if any(r["unpriced"] for r in data["rows"]):
         out.write("* a resource has a rate but no figure for some item (not charged): "
@@ -124,7 +124,7 @@ def print_table(data: Dict[str, Any], out) -> None:
     rt = data["rate_table"]
     out.write(f"\nrate table ({rt['unit']} per base unit; rounding half-even to "
               f"{rt['decimals']} places per item; time zone {rt['timezone']}):\n")
-    _table([[r, v["base_unit"], v["prime"], v["nonprime"]]
+    table([[r, v["base_unit"], v["prime"], v["nonprime"]]
             for r, v in rt["resources"].items()],
            ["RESOURCE", "BASE UNIT", "PRIME", "NONPRIME"], out)
     sched = ", ".join(f"{k} {v}" for k, v in rt["schedule"].items())

@@ -17,7 +17,6 @@ The store is ``<state_dir>/elsa.db`` from the config (``--config``,
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
@@ -29,6 +28,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from elsa import __version__
 from elsa.errors import ElsaError
+from elsa.report.text import (
+    emit,
+    fmt_bytes,
+    fmt_kb,
+    fmt_n,
+    fmt_tags,
+    fmt_time,
+    fmt_us,
+    printable,
+    table,
+)
 
 NO_SOURCE = ("no accounting source measured this job (is a source enabled? see "
              "'elsa-jobmng status'; taskstats and cgroupstat are on by default)")
@@ -99,8 +109,8 @@ def _site_filters(args: argparse.Namespace, db: Any) -> Dict[str, Any]:
 def check_window(since: Optional[float], until: Optional[float]) -> None:
     """Refuse a window that holds no time (--until not after --since)."""
     if since is not None and until is not None and until <= since:
-        raise ElsaError(f"the window is empty: --until ({_fmt_time(until)}) must be after "
-                        f"--since ({_fmt_time(since)})")
+        raise ElsaError(f"the window is empty: --until ({fmt_time(until)}) must be after "
+                        f"--since ({fmt_time(since)})")
 
 
 def check_source(db: Any, source: Optional[str]) -> None:
@@ -140,96 +150,6 @@ def _socket_path(args: argparse.Namespace) -> Optional[str]:
     from elsa.client import default_socket
 
     return default_socket(args.config)
-
-
-# -- formatting --------------------------------------------------------------------------------
-
-def _fmt_us(us: Optional[int]) -> str:
-    if us is None:
-        return "-"
-    s = us / 1e6
-    if s < 60:
-        return f"{s:.2f}s"
-    if s < 3600:
-        return f"{s / 60:.1f}m"
-    return f"{s / 3600:.2f}h"
-
-
-def _fmt_n(n: Optional[int]) -> str:
-    return "-" if n is None else str(n)
-
-
-def _fmt_kb(kb: Optional[int]) -> str:
-    if kb is None:
-        return "-"
-    if kb < 1024:
-        return f"{kb}K"
-    if kb < 1024 * 1024:
-        return f"{kb / 1024:.1f}M"
-    return f"{kb / 1024 / 1024:.2f}G"
-
-
-def _fmt_bytes(b: Optional[int]) -> str:
-    return "-" if b is None else _fmt_kb(b // 1024) if b >= 1024 else f"{b}B"
-
-
-def _fmt_time(t: Optional[float]) -> str:
-    if t is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
-
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def fmt_tags(tags: Optional[Dict[str, Any]]) -> str:
-    """A job's tags (the batch system's job id, account, queue among them) as
-    ``key=value`` words, sorted, printable ('' when it has none)."""
-    return " ".join(f"{printable(str(k))}={printable(str(v))}"
-                    for k, v in sorted((tags or {}).items()))
-
-
-def printable(text: str) -> str:
-    """*text* with its control and other non-printable characters written as
-    escapes (\\n, \\x1b, \\u202e): a command name or path is any user's choice,
-    and raw ones could forge table rows or drive the terminal of whoever reads
-    the report."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else _ESCAPES.get(ch) or _escape(ord(ch))
-                   for ch in text)
-
-
-def _escape(code: int) -> str:
-    return f"\\x{code:02x}" if code < 0x100 else (
-        f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-
-
-def _table(rows: List[List[str]], header: List[str], out) -> None:
-    rows = [[printable(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    out.write("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip() + "\n")
-    for r in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
-
-
-def _emit(args: argparse.Namespace, data: Any, csv_rows: Optional[List[Dict[str, Any]]],
-          table, out) -> None:
-    if args.json:
-        json.dump(data, out, indent=1 if out.isatty() else None, sort_keys=False)
-        out.write("\n")
-    elif args.csv:
-        rows = csv_rows if csv_rows is not None else []
-        if rows:
-            cols = list(rows[0].keys())
-            w = csv.DictWriter(out, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
-                            for k, v in r.items()})
-    else:
-        table()
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -274,16 +194,16 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
         rows = _report(args, "summary", {"by": args.by, "since": args.since,
                                          "until": args.until, "source": args.source}, local)
 
-    def table() -> None:
+    def show() -> None:
         if args.by == "job":
             # WALL is the job's end − start; the sum of its processes' elapsed
             # times is in the JSON (elapsed_us), not a column called ELAPSED.
             header = ["JID", "NAME", "OWNER", "PROCS", "WALL", "USER", "SYS", "MAXRSS",
                       "READ", "WRITE"]
-            body = [[r['jid'], r["name"], r["owner"], _fmt_n(r["processes"]),
-                     _fmt_us(r["wall_us"]), _fmt_us(r["cpu_user_us"]),
-                     _fmt_us(r["cpu_system_us"]), _fmt_kb(r["max_rss_kb"]),
-                     _fmt_bytes(r["read_bytes"]), _fmt_bytes(r["write_bytes"])
+            body = [[r['jid'], r["name"], r["owner"], fmt_n(r["processes"]),
+                     fmt_us(r["wall_us"]), fmt_us(r["cpu_user_us"]),
+                     fmt_us(r["cpu_system_us"]), fmt_kb(r["max_rss_kb"]),
+                     fmt_bytes(r["read_bytes"]), fmt_bytes(r["write_bytes"])
                      + (" (incomplete)" if r["incomplete"] else "")] for r in rows]
         else:
             label = "USER" if args.by == "user" else "COMMAND"
@@ -294,14 +214,14 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
                 "PROCS", "USER", "SYS", "ELAPSED", "MAXRSS", "AVGMEM", "READ", "WRITE"]
             body = [[str(r["user"] if args.by == "user" else r["command"])]
                     + ([r.get("account") or "-"] if accounts else [])
-                    + [_fmt_n(r["processes"]), _fmt_us(r["cpu_user_us"]),
-                       _fmt_us(r["cpu_system_us"]), _fmt_us(r["elapsed_us"]),
-                       _fmt_kb(r["max_rss_kb"]), _fmt_kb(r["avg_mem_kb"]),
-                       _fmt_bytes(r.get("read_bytes")), _fmt_bytes(r.get("write_bytes"))]
+                    + [fmt_n(r["processes"]), fmt_us(r["cpu_user_us"]),
+                       fmt_us(r["cpu_system_us"]), fmt_us(r["elapsed_us"]),
+                       fmt_kb(r["max_rss_kb"]), fmt_kb(r["avg_mem_kb"]),
+                       fmt_bytes(r.get("read_bytes")), fmt_bytes(r.get("write_bytes"))]
                     for r in rows]
-        _table(body, header, out)
+        table(body, header, out)
 
-    _emit(args, rows, rows, table, out)
+    emit(args, rows, rows, show, out)
     return 1 if problems else 0
 
 
@@ -327,7 +247,7 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
     if sacct.print_jobs(args, rows, out):
         return 0
 
-    def table() -> None:
+    def show() -> None:
         header = ["JID", "NAME", "OWNER", "STATE", "CREATED", "ENDED", "WALL", "PROCS", "CPU",
                   "MAXRSS"]
         body = []
@@ -337,16 +257,16 @@ def cmd_jobs(args: argparse.Namespace, out) -> int:
             if u.get("cpu_user_us") is not None or u.get("cpu_system_us") is not None:
                 cpu = (u.get("cpu_user_us") or 0) + (u.get("cpu_system_us") or 0)
             body.append([r['jid'], r["name"], r["owner"], r["state"],
-                         _fmt_time(r["created"]), _fmt_time(r["ended"]), _fmt_us(r["wall_us"]),
-                         _fmt_n(u.get("processes")),
-                         _fmt_us(cpu), _fmt_kb(u.get("max_rss_kb"))])
-        _table(body, header, out)
+                         fmt_time(r["created"]), fmt_time(r["ended"]), fmt_us(r["wall_us"]),
+                         fmt_n(u.get("processes")),
+                         fmt_us(cpu), fmt_kb(u.get("max_rss_kb"))])
+        table(body, header, out)
 
     csv_rows = [{**{k: v for k, v in r.items() if k != "usage"},
                  **{k: v for k, v in r["usage"].items()
                     if k not in ("sources", "chosen", "incomplete", "fallback")}}
                 for r in rows]
-    _emit(args, rows, csv_rows, table, out)
+    emit(args, rows, csv_rows, show, out)
     return 0
 
 
@@ -366,24 +286,24 @@ def cmd_job(args: argparse.Namespace, out) -> int:
     if detail is None:
         raise ElsaError(f"no job {format_jid(jid)} in the store; list jobs with 'elsa jobs'")
 
-    def table() -> None:
+    def show() -> None:
         u = detail["usage"]
         out.write(f"job {format_jid(jid)}  {printable(detail.get('name') or '')}  "
                   f"owner {detail.get('owner', '?')}  "
-                  f"{detail.get('state', '?')}  created {_fmt_time(detail.get('created'))}  "
-                  f"ended {_fmt_time(detail.get('ended'))}\n")
+                  f"{detail.get('state', '?')}  created {fmt_time(detail.get('created'))}  "
+                  f"ended {fmt_time(detail.get('ended'))}\n")
         tags = fmt_tags(detail.get("tags"))
         if tags:
             out.write(f"tags {tags}\n")
-        out.write(f"wall {_fmt_us(detail.get('wall_us'))}\n")
+        out.write(f"wall {fmt_us(detail.get('wall_us'))}\n")
         if not u.get("sources"):
             out.write(f"usage: unknown: {NO_SOURCE}\n")
         else:
-            out.write(f"usage: processes {_fmt_n(u.get('processes'))}  user "
-                      f"{_fmt_us(u.get('cpu_user_us'))}  sys {_fmt_us(u.get('cpu_system_us'))}"
-                      f"  maxrss {_fmt_kb(u.get('max_rss_kb'))}  read "
-                      f"{_fmt_bytes(u.get('read_bytes'))}  write "
-                      f"{_fmt_bytes(u.get('write_bytes'))}\n")
+            out.write(f"usage: processes {fmt_n(u.get('processes'))}  user "
+                      f"{fmt_us(u.get('cpu_user_us'))}  sys {fmt_us(u.get('cpu_system_us'))}"
+                      f"  maxrss {fmt_kb(u.get('max_rss_kb'))}  read "
+                      f"{fmt_bytes(u.get('read_bytes'))}  write "
+                      f"{fmt_bytes(u.get('write_bytes'))}\n")
         if u.get("chosen"):
             by_src: Dict[str, List[str]] = {}
             for m, s in u["chosen"].items():
@@ -403,18 +323,18 @@ def cmd_job(args: argparse.Namespace, out) -> int:
         header = ["PID", "PPID", "USER", "COMMAND", "START", "ELAPSED", "USER", "SYS",
                   "MAXRSS", "READ", "WRITE", "EXIT"]
         body = [[str(p["pid"]), str(p["ppid"] if p["ppid"] is not None else "-"), p["user"],
-                 p["comm"], _fmt_time(p["start_time"]), _fmt_us(p["elapsed_us"]),
-                 _fmt_us(p["cpu_user_us"]), _fmt_us(p["cpu_system_us"]),
-                 _fmt_kb(p["max_rss_kb"]), _fmt_bytes(p["read_bytes"]),
-                 _fmt_bytes(p["write_bytes"]), format_exit(p["exit_code"], p["exit_signal"])]
+                 p["comm"], fmt_time(p["start_time"]), fmt_us(p["elapsed_us"]),
+                 fmt_us(p["cpu_user_us"]), fmt_us(p["cpu_system_us"]),
+                 fmt_kb(p["max_rss_kb"]), fmt_bytes(p["read_bytes"]),
+                 fmt_bytes(p["write_bytes"]), format_exit(p["exit_code"], p["exit_signal"])]
                 for p in detail["processes"]]
-        _table(body, header, out)
+        table(body, header, out)
         for f in detail.get("folded", ()):
             out.write(f"folded ([thresholds]): {f['processes']} small {printable(f['comm'])} "
                       "records, "
-                      f"user {_fmt_us(f['cpu_user_us'])} sys {_fmt_us(f['cpu_system_us'])}\n")
+                      f"user {fmt_us(f['cpu_user_us'])} sys {fmt_us(f['cpu_system_us'])}\n")
 
-    _emit(args, detail, detail["processes"], table, out)
+    emit(args, detail, detail["processes"], show, out)
     return 0
 
 

@@ -239,8 +239,8 @@ def _b(v: Optional[int]) -> str:
 
 
 def print_report(r: Dict[str, Any], show: str, out) -> None:
-    from elsa.report.cli import fmt_tags, printable
     from elsa.report.sacct import fmt_duration, fmt_time
+    from elsa.report.text import fmt_tags, printable
 
     if "s" in show:
         s = r["summary"]
@@ -259,10 +259,10 @@ def print_report(r: Dict[str, Any], show: str, out) -> None:
                   f"finished\nCharge so far {r['charge'] if r['charge'] is not None else '-'}\n"
                   f"(figures from the job's {r['figures_from']})\n")
     if "c" in show:
-        from elsa.report.cli import _table
+        from elsa.report.text import table
 
         out.write("\n" if "s" in show else "")
-        _table([[c["command"], str(c["count"]), str(c["running"]), _us(c["cpu_user_us"]),
+        table([[c["command"], str(c["count"]), str(c["running"]), _us(c["cpu_user_us"]),
                  _us(c["cpu_system_us"]), _kb(c["max_rss_kb"]), _b(c["read_bytes"]),
                  _b(c["write_bytes"])] for c in r["commands"]],
                ["COMMAND", "COUNT", "RUNNING", "USER", "SYS", "MAXRSS", "READ", "WRITE"], out)

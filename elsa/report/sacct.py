@@ -215,7 +215,7 @@ def print_jobs(args: argparse.Namespace, rows: List[Dict[str, Any]], out) -> boo
             w.writerow(names)
         w.writerows([["" if v is None else v for v in r] for r in raw])
         return True
-    from elsa.report.cli import printable
+    from elsa.report.text import printable
 
     text = [[printable(FIELDS[n][2](v)) for n, v in zip(names, r)] for r in raw]
     header = [n.upper() for n in names]
@@ -230,9 +230,9 @@ def print_jobs(args: argparse.Namespace, rows: List[Dict[str, Any]], out) -> boo
         for r in text:
             out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
         return True
-    from elsa.report.cli import _table
+    from elsa.report.text import table
 
-    _table(text, header, out)
+    table(text, header, out)
     return True
 
 
@@ -307,7 +307,7 @@ def print_eff(e: Dict[str, Any], out) -> None:
     def pct(v: Optional[float]) -> str:
         return f"{v * 100:.2f}%"
 
-    from elsa.report.cli import printable
+    from elsa.report.text import printable
 
     out.write(f"Job ID: {e['jid']}\nName: {printable(e['name'] or '-')}\nUser: {e['user'] or '-'}\n"
               f"State: {e['state']} (exit code {e['exit']})\n")

@@ -69,9 +69,9 @@ def create_app(*, db_path: str, state_dir: str, socket_path: str,
                       SESSION_COOKIE_SAMESITE="Strict", JSON_SORT_KEYS=False)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     # The CLI's units and exit text, so a page reads like the report.
-    from elsa.report import cli, sacct
+    from elsa.report import sacct, text
 
-    app.jinja_env.filters.update(dur=cli._fmt_us, kb=cli._fmt_kb, nbytes=cli._fmt_bytes,
+    app.jinja_env.filters.update(dur=text.fmt_us, kb=text.fmt_kb, nbytes=text.fmt_bytes,
                                  when=_when, hexjid=hexjid, fact=fact,
                                  exit=lambda j: sacct.exit_text(*sacct.job_exit(j)))
     app.jinja_env.globals.update(page_url=_page_url)
@@ -501,9 +501,9 @@ def _job_json(r: Dict[str, Any]) -> Dict[str, Any]:
 def _when(t: Optional[float]) -> str:
     """A time as the CLI prints it (the server's zone), with the zone named: the
     visitor's browser may run in another."""
-    from elsa.report.cli import _fmt_time
+    from elsa.report.text import fmt_time
 
-    return "-" if t is None else f"{_fmt_time(t)} {time.strftime('%Z', time.localtime(t))}"
+    return "-" if t is None else f"{fmt_time(t)} {time.strftime('%Z', time.localtime(t))}"
 
 
 def fact(v: Any) -> str:
