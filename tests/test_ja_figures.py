@@ -133,7 +133,7 @@ def test_charge_so_far_prices_the_memory_integral_as_the_bill_does(tmp_path, mon
     usage = {"processes": 1, "cpu_user_us": 1, "cpu_system_us": 0,
              "coremem_kb_us": 3600 * 1024 * 10 ** 6}  # 1 MiB-hour; no peak RSS measured
     monkeypatch.setattr(ja, "_finished", lambda jid, db, processes, *sock: {
-        "processes": [], "folded": [], "usage": usage, "why": None})
+        "processes": [], "folded": [], "usage": usage, "why": None, "incomplete": {}})
     now = 1_800_000_000.0
     reply = {"job": {"jid": 1, "created": now - 10, "state": "running", "params": {},
                      "pids": []}}
