@@ -130,6 +130,25 @@ def test_acct_file_corruption_is_reported_with_file_and_offset(tmp_path, acct, c
     assert rc == 0 and err == "" and "problems" not in json.loads(out)[0]
 
 
+def test_acct_file_problems_are_listed_per_file(tmp_path, capsys):
+    # docs/accounting.md: "the first 20 problems per file" -- a second corrupt
+    # file was never named when the first had 20 problems or more.
+    files = []
+    for name in ("a", "b"):
+        data = bytearray(pacct.encode(_records(300)))
+        for k in range(30):
+            data[64 * 10 * k + 1] = 0x55  # a version byte no kernel writes
+        f = tmp_path / name
+        f.write_bytes(bytes(data))
+        files.append(f)
+    rc, out, err = _run(capsys, ["summary", "--acct-file", *map(str, files)])
+    assert rc == 1
+    for f in files:
+        lines = [ln for ln in err.splitlines() if ln.startswith(f"elsa summary: {f}: offset ")]
+        assert len(lines) == 20
+        assert f"elsa summary: {f}: 10 more problems" in err
+
+
 def test_acct_file_window_and_store_only_options(tmp_path, acct, capsys):
     rc, out, err = _run(capsys, ["summary", "--json", "--acct-file", str(acct),
                                  "--since", str(T0 + 60 * 50), "--until", str(T0 + 60 * 60)])
