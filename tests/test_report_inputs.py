@@ -149,6 +149,30 @@ def test_acct_file_problems_are_listed_per_file(tmp_path, capsys):
         assert f"elsa summary: {f}: 10 more problems" in err
 
 
+@pytest.mark.parametrize("fmt", ["--json", "--csv"])
+@pytest.mark.parametrize("by", ["user", "command"])
+def test_acct_file_rows_have_the_store_summarys_keys(tmp_path, capsys, by, fmt):
+    # The same real kernel file summarized directly and from a store it was
+    # imported into: the same columns (READ and WRITE, shown as "-" in the
+    # table, were missing from --acct-file's JSON and CSV) and the same figures.
+    kernel_file = str(ROOT / "tests" / "data" / "pacct_kernel.bin")
+    db = str(tmp_path / "elsa.db")
+    assert main(["import-acct", "--db", db, kernel_file]) == 0
+    capsys.readouterr()
+    rc, direct, err = _run(capsys, ["summary", "--by", by, fmt, "--acct-file", kernel_file])
+    assert rc == 0 and err == ""
+    rc, stored, err = _run(capsys, ["summary", "--by", by, fmt, "--db", db])
+    assert rc == 0 and err == ""
+
+    def rows(text: str) -> list:  # rows of equal CPU come in either order
+        if fmt == "--csv":
+            lines = text.splitlines()
+            return [lines[0]] + sorted(lines[1:])
+        return sorted((list(r.items()) for r in json.loads(text)), key=str)
+
+    assert rows(direct) == rows(stored)
+
+
 def test_acct_file_window_and_store_only_options(tmp_path, acct, capsys):
     rc, out, err = _run(capsys, ["summary", "--json", "--acct-file", str(acct),
                                  "--since", str(T0 + 60 * 50), "--until", str(T0 + 60 * 60)])

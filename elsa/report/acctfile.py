@@ -311,10 +311,14 @@ def _rows(labels: Sequence[Any], totals: Sequence[Sequence[int]],
 
             row["uid"] = label
             row[by] = user_name(label)
+            row["job_residual_cpu_us"] = 0  # a pacct file has no jobs
+        # The keys and their order of the store's summary (query.summary), so
+        # that JSON and CSV read the same from either; pacct has no peak RSS
+        # and no I/O bytes.
         row.update({"processes": c, "cpu_user_us": cu[i], "cpu_system_us": cs[i],
-                    "elapsed_us": el[i], "max_rss_kb": None,
-                    "avg_mem_kb": round(mem[i] / c) if c else 0, "minflt": mi[i],
-                    "majflt": ma[i]})
+                    "elapsed_us": el[i], "max_rss_kb": None, "read_bytes": None,
+                    "write_bytes": None, "minflt": mi[i], "majflt": ma[i],
+                    "avg_mem_kb": round(mem[i] / c) if c else 0})
         out.append(row)
     return out
 
@@ -337,16 +341,6 @@ def _loop(decs: List[pacct.Decoded], by: str, window: Window = (None, None)
             a[4] += r.mem
             a[5] += r.minflt
             a[6] += r.majflt
-    out = []
-    for k, a in acc.items():
-        row: Dict[str, Any] = {by: k}
-        if by == "user":
-            from elsa.users import user_name
-
-            row["uid"] = k
-            row[by] = user_name(k)
-        row.update({"processes": a[0], "cpu_user_us": a[1], "cpu_system_us": a[2],
-                    "elapsed_us": a[3], "max_rss_kb": None, "avg_mem_kb": round(a[4] / a[0]),
-                    "minflt": a[5], "majflt": a[6]})
-        out.append(row)
-    return out
+    if not acc:
+        return []
+    return _rows(list(acc), [list(t) for t in zip(*acc.values())], by)
