@@ -173,6 +173,35 @@ def test_acct_file_rows_have_the_store_summarys_keys(tmp_path, capsys, by, fmt):
     assert rows(direct) == rows(stored)
 
 
+@pytest.mark.parametrize("kind", ["plain", "gzip", "corrupt"])
+def test_acct_file_and_import_read_a_pipe(tmp_path, capsys, kind):
+    # `ssh node cat pacct | elsa summary --acct-file /dev/stdin` (or <(...)), as
+    # GNU sa reads it: the file was sought back after its gzip magic was read,
+    # and a pipe failed with "Illegal seek". A corrupt one is read once, whole.
+    import gzip
+
+    data = (ROOT / "tests" / "data" / "pacct_kernel.bin").read_bytes()
+    if kind == "corrupt":
+        data = data[:64 * 10 + 1] + b"\x7f" + data[64 * 10 + 2:]
+    plain = tmp_path / "pacct"
+    plain.write_bytes(data)
+    rc, want, want_err = _run(capsys, ["summary", "--json", "--acct-file", str(plain)])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for argv in (["summary", "--json", "--acct-file", "/dev/stdin"],
+                 ["import-acct", "--db", str(tmp_path / "elsa.db"), "/dev/stdin"]):
+        r = subprocess.run([sys.executable, "-m", "elsa.report.cli", *argv],
+                           input=gzip.compress(data) if kind == "gzip" else data,
+                           capture_output=True, env=env, timeout=120)
+        out, err = r.stdout.decode(), r.stderr.decode()
+        if argv[0] == "summary":
+            assert r.returncode == rc and out == want.replace(str(plain), "/dev/stdin")
+            assert err == want_err.replace(str(plain), "/dev/stdin")
+        else:
+            n, bad = (55, 1) if kind == "corrupt" else (56, 0)
+            assert f"/dev/stdin: {n} records, {n} new, 0 attributed to jobs, {bad} problems\n" \
+                in out
+
+
 def test_acct_file_window_and_store_only_options(tmp_path, acct, capsys):
     rc, out, err = _run(capsys, ["summary", "--json", "--acct-file", str(acct),
                                  "--since", str(T0 + 60 * 50), "--until", str(T0 + 60 * 60)])

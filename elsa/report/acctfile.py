@@ -35,11 +35,14 @@ def summarize(files: Sequence[str], by: str, since: Optional[float] = None,
     np = pacct.np
     window = (since, until)
     problems: List[str] = []
-    streamed = _streamed(files, by, window) if np is not None else None
+    # A pipe is read once, by the checked decoder: the fast paths may give up
+    # halfway through a file and hand it to that decoder, which reads it again.
+    once = not all(pacct.rereadable(f) for f in files)
+    streamed = _streamed(files, by, window) if np is not None and not once else None
     if streamed is not None:
         rows = streamed
     elif np is not None:
-        cols = _fast_columns(files)
+        cols = None if once else _fast_columns(files)
         if cols is None:  # corrupt or mixed-order input: the checked decoder
             decs = [pacct.read_file(f) for f in files]
             problems = [p.message for d in decs for p in d.problems]
