@@ -21,6 +21,7 @@ import pytest
 
 from elsa.kernel import pacct
 from elsa.report.cli import main
+from tests.support import kernel_acct_lock
 
 T0 = 1_700_000_000
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,6 +201,37 @@ def test_acct_file_and_import_read_a_pipe(tmp_path, capsys, kind):
             n, bad = (55, 1) if kind == "corrupt" else (56, 0)
             assert f"/dev/stdin: {n} records, {n} new, 0 attributed to jobs, {bad} problems\n" \
                 in out
+
+
+@pytest.mark.root
+@pytest.mark.skipif(shutil.which("accton") is None, reason="needs GNU acct")
+def test_acct_file_names_cut_inside_a_character_are_one_row(tmp_path, capsys):
+    # The kernel keeps 15 bytes of a command's name: "run_数据分析" and
+    # "run_数据分布" both read "run_数据分\ufffd" (the last character cut), and
+    # were two rows that looked the same, where the store has one.
+    names = ["run_数据分析", "run_数据分布", "run_数据分布"]
+    for name in set(names):
+        shutil.copy("/bin/true", tmp_path / name)
+    acct = tmp_path / "pacct"
+    acct.touch()
+    with kernel_acct_lock():
+        subprocess.run(["accton", str(acct)], check=True, capture_output=True)
+        try:
+            for name in names:
+                subprocess.run([str(tmp_path / name)], check=True)
+        finally:
+            subprocess.run(["accton", "off"], capture_output=True)
+    db = str(tmp_path / "elsa.db")
+    assert main(["import-acct", "--db", db, str(acct)]) == 0
+    capsys.readouterr()
+    got = {}
+    for where in (["--acct-file", str(acct)], ["--db", db]):
+        rc, out, err = _run(capsys, ["summary", "--by", "command", "--json", *where])
+        rows = [r for r in json.loads(out) if r["command"].startswith("run_")]
+        assert rc == 0 and [(r["command"], r["processes"]) for r in rows] == [
+            ("run_数据分\ufffd", 3)]
+        got[where[0]] = rows
+    assert got["--acct-file"] == got["--db"]
 
 
 def test_acct_file_window_and_store_only_options(tmp_path, acct, capsys):

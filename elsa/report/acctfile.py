@@ -304,6 +304,16 @@ def _rows(labels: Sequence[Any], totals: Sequence[Sequence[int]],
           by: str) -> List[Dict[str, Any]]:
     """Report rows from per-group totals: count, user and system CPU µs,
     elapsed µs, memory sum, minor and major faults, in *labels*' order."""
+    # Command names are grouped by their bytes, labelled by their text: names the
+    # kernel cut inside a character (15 bytes) can read the same and are one
+    # row, as in the store, which keeps the text.
+    if len(set(labels)) < len(labels):
+        merged: Dict[Any, List[int]] = {}
+        for i, label in enumerate(labels):
+            acc = merged.setdefault(label, [0] * 7)
+            for k in range(7):
+                acc[k] += int(totals[k][i])
+        labels, totals = list(merged), [list(t) for t in zip(*merged.values())]
     count, cu, cs, el, mem, mi, ma = totals
     out = []
     for i, label in enumerate(labels):
