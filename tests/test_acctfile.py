@@ -187,3 +187,54 @@ def test_plausibility_bounds_agree_with_the_rule():
             is bool(one[0]), (pid_, ppid_, btime_, et)
     assert not pacct.any_implausible(*(np.zeros(0, dtype="u4"),) * 3,
                                      np.zeros(0, dtype=np.float32), now)
+
+
+def _sa(path: str, by: str) -> Dict[str, List[float]]:
+    """GNU sa's rows (-l -j: per call, seconds) as name -> [count, re, u, s, k]
+    totals; a command that forked without exec (sa's `name*`) is folded into
+    its name."""
+    import subprocess
+
+    mode = "-a" if by == "command" else "-m"
+    out = subprocess.run(["sa", "-i", "-l", "-j", mode, path], capture_output=True,
+                         text=True, check=True).stdout
+    rows: Dict[str, List[float]] = {}
+    for line in out.splitlines()[1:]:  # the first line is the total
+        f = line.split()  # count re u s avio k name, or name count re u s avio k
+        name, f = (f[-1].rstrip("*"), f[:-1]) if by == "command" else (f[0], f[1:])
+        n = float(f[0])
+        re_, u, s, k = (float(x.rstrip("reusk")) for x in (f[1], f[2], f[3], f[5]))
+        a = rows.setdefault(name, [0.0] * 5)
+        for i, v in enumerate((n, re_ * n, u * n, s * n, k * n)):
+            a[i] += v
+    return rows
+
+
+@pytest.mark.skipif(__import__("shutil").which("sa") is None, reason="needs GNU acct's sa")
+@pytest.mark.parametrize("by", ["command", "user"])
+def test_figures_agree_with_gnu_sa(tmp_path, by):
+    # docs/accounting.md ("Against GNU sa"): sa -a's / sa -m's rows, the same
+    # counts and times to sa's printed precision, AVGMEM 4 x sa's k.
+    kernel_file = str(__import__("pathlib").Path(__file__).parent / "data" / "pacct_kernel.bin")
+    files = [kernel_file]
+    if by == "command":  # large comp_t values too (exponents above 0)
+        big = tmp_path / "big"
+        big.write_bytes(pacct.encode(_records(300, seed=7)))
+        files.append(str(big))
+    theirs = {}
+    for f in files:
+        for name, a in _sa(f, by).items():
+            t = theirs.setdefault(name, [0.0] * 5)
+            for i, v in enumerate(a):
+                t[i] += v
+    rows, problems = acctfile.summarize(files, by)
+    assert not problems
+    assert {str(r[by]) for r in rows} == set(theirs)
+    for r in rows:
+        n, re_, u, s, k = theirs[str(r[by])]
+        slack = 0.005 * n + 1e-6  # sa prints per call to 0.01 s
+        assert r["processes"] == n
+        assert abs(r["elapsed_us"] / 1e6 - re_) <= slack
+        assert abs(r["cpu_user_us"] / 1e6 - u) <= slack
+        assert abs(r["cpu_system_us"] / 1e6 - s) <= slack
+        assert abs(r["avg_mem_kb"] / 4 - k / n) <= 0.75  # both rounded

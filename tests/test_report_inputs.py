@@ -21,6 +21,7 @@ import pytest
 
 from elsa.kernel import pacct
 from elsa.report.cli import main
+from tests.support import kernel_acct_lock
 
 T0 = 1_700_000_000
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +129,109 @@ def test_acct_file_corruption_is_reported_with_file_and_offset(tmp_path, acct, c
     assert all(r["problems"][0].startswith(want) for r in rows)
     rc, out, err = _run(capsys, ["summary", "--json", "--acct-file", str(acct)])
     assert rc == 0 and err == "" and "problems" not in json.loads(out)[0]
+
+
+def test_acct_file_problems_are_listed_per_file(tmp_path, capsys):
+    # docs/accounting.md: "the first 20 problems per file" -- a second corrupt
+    # file was never named when the first had 20 problems or more.
+    files = []
+    for name in ("a", "b"):
+        data = bytearray(pacct.encode(_records(300)))
+        for k in range(30):
+            data[64 * 10 * k + 1] = 0x55  # a version byte no kernel writes
+        f = tmp_path / name
+        f.write_bytes(bytes(data))
+        files.append(f)
+    rc, out, err = _run(capsys, ["summary", "--acct-file", *map(str, files)])
+    assert rc == 1
+    for f in files:
+        lines = [ln for ln in err.splitlines() if ln.startswith(f"elsa summary: {f}: offset ")]
+        assert len(lines) == 20
+        assert f"elsa summary: {f}: 10 more problems" in err
+
+
+@pytest.mark.parametrize("fmt", ["--json", "--csv"])
+@pytest.mark.parametrize("by", ["user", "command"])
+def test_acct_file_rows_have_the_store_summarys_keys(tmp_path, capsys, by, fmt):
+    # The same real kernel file summarized directly and from a store it was
+    # imported into: the same columns (READ and WRITE, shown as "-" in the
+    # table, were missing from --acct-file's JSON and CSV) and the same figures.
+    kernel_file = str(ROOT / "tests" / "data" / "pacct_kernel.bin")
+    db = str(tmp_path / "elsa.db")
+    assert main(["import-acct", "--db", db, kernel_file]) == 0
+    capsys.readouterr()
+    rc, direct, err = _run(capsys, ["summary", "--by", by, fmt, "--acct-file", kernel_file])
+    assert rc == 0 and err == ""
+    rc, stored, err = _run(capsys, ["summary", "--by", by, fmt, "--db", db])
+    assert rc == 0 and err == ""
+
+    def rows(text: str) -> list:  # rows of equal CPU come in either order
+        if fmt == "--csv":
+            lines = text.splitlines()
+            return [lines[0]] + sorted(lines[1:])
+        return sorted((list(r.items()) for r in json.loads(text)), key=str)
+
+    assert rows(direct) == rows(stored)
+
+
+@pytest.mark.parametrize("kind", ["plain", "gzip", "corrupt"])
+def test_acct_file_and_import_read_a_pipe(tmp_path, capsys, kind):
+    # `ssh node cat pacct | elsa summary --acct-file /dev/stdin` (or <(...)), as
+    # GNU sa reads it: the file was sought back after its gzip magic was read,
+    # and a pipe failed with "Illegal seek". A corrupt one is read once, whole.
+    import gzip
+
+    data = (ROOT / "tests" / "data" / "pacct_kernel.bin").read_bytes()
+    if kind == "corrupt":
+        data = data[:64 * 10 + 1] + b"\x7f" + data[64 * 10 + 2:]
+    plain = tmp_path / "pacct"
+    plain.write_bytes(data)
+    rc, want, want_err = _run(capsys, ["summary", "--json", "--acct-file", str(plain)])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for argv in (["summary", "--json", "--acct-file", "/dev/stdin"],
+                 ["import-acct", "--db", str(tmp_path / "elsa.db"), "/dev/stdin"]):
+        r = subprocess.run([sys.executable, "-m", "elsa.report.cli", *argv],
+                           input=gzip.compress(data) if kind == "gzip" else data,
+                           capture_output=True, env=env, timeout=120)
+        out, err = r.stdout.decode(), r.stderr.decode()
+        if argv[0] == "summary":
+            assert r.returncode == rc and out == want.replace(str(plain), "/dev/stdin")
+            assert err == want_err.replace(str(plain), "/dev/stdin")
+        else:
+            n, bad = (55, 1) if kind == "corrupt" else (56, 0)
+            assert f"/dev/stdin: {n} records, {n} new, 0 attributed to jobs, {bad} problems\n" \
+                in out
+
+
+@pytest.mark.root
+@pytest.mark.skipif(shutil.which("accton") is None, reason="needs GNU acct")
+def test_acct_file_names_cut_inside_a_character_are_one_row(tmp_path, capsys):
+    # The kernel keeps 15 bytes of a command's name: "run_数据分析" and
+    # "run_数据分布" both read "run_数据分\ufffd" (the last character cut), and
+    # were two rows that looked the same, where the store has one.
+    names = ["run_数据分析", "run_数据分布", "run_数据分布"]
+    for name in set(names):
+        shutil.copy("/bin/true", tmp_path / name)
+    acct = tmp_path / "pacct"
+    acct.touch()
+    with kernel_acct_lock():
+        subprocess.run(["accton", str(acct)], check=True, capture_output=True)
+        try:
+            for name in names:
+                subprocess.run([str(tmp_path / name)], check=True)
+        finally:
+            subprocess.run(["accton", "off"], capture_output=True)
+    db = str(tmp_path / "elsa.db")
+    assert main(["import-acct", "--db", db, str(acct)]) == 0
+    capsys.readouterr()
+    got = {}
+    for where in (["--acct-file", str(acct)], ["--db", db]):
+        rc, out, err = _run(capsys, ["summary", "--by", "command", "--json", *where])
+        rows = [r for r in json.loads(out) if r["command"].startswith("run_")]
+        assert rc == 0 and [(r["command"], r["processes"]) for r in rows] == [
+            ("run_数据分\ufffd", 3)]
+        got[where[0]] = rows
+    assert got["--acct-file"] == got["--db"]
 
 
 def test_acct_file_window_and_store_only_options(tmp_path, acct, capsys):

@@ -29,7 +29,10 @@ A gzip-compressed file (a rotation compressed by Debian's ``savelog``:
 from __future__ import annotations
 
 import gzip
+import io
 import math
+import os
+import stat
 import struct
 import time
 import zlib
@@ -601,9 +604,18 @@ GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
 def open_file(path: str) -> Any:
-    """*path* opened for reading its records: decompressed when it is gzip."""
+    """*path* opened for reading its records: decompressed when it is gzip. A
+    pipe (/dev/stdin, a shell's ``<(ssh node cat pacct)``) can be read once."""
     fh = open(path, "rb", buffering=0)
     try:
+        if not fh.seekable():
+            # The magic cannot be read and sought back: peek at it. The
+            # GzipFile holds the only reference to *piped*, which is closed
+            # when the GzipFile is dropped.
+            piped = io.BufferedReader(fh)
+            if piped.peek(2)[:2] == GZIP_MAGIC:
+                return gzip.GzipFile(fileobj=piped, mode="rb")
+            return piped
         if fh.read(2) != GZIP_MAGIC:
             fh.seek(0)
             return fh
@@ -614,6 +626,15 @@ def open_file(path: str) -> Any:
     return gzip.GzipFile(path, "rb")
 
 
+def rereadable(path: str) -> bool:
+    """Whether *path* can be read more than once: a regular file, not a pipe
+    (also True when it cannot be stat'ed: reading it reports why)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
 def read_file(path: str, *, use_numpy: Optional[bool] = None) -> Decoded:
     """Decode a whole pacct file (a trailing partial record is reported as truncated;
     a gzip file is decompressed, and a damaged one decoded up to the damage)."""
@@ -622,7 +643,7 @@ def read_file(path: str, *, use_numpy: Optional[bool] = None) -> Decoded:
     try:
         with open_file(path) as fh:
             if not isinstance(fh, gzip.GzipFile):
-                chunks.append(fh.readall())  # one allocation, no join
+                chunks.append(fh.read())  # one allocation, no join
             else:
                 try:
                     while True:  # read1: a read that meets damage loses only its block

@@ -35,11 +35,14 @@ def summarize(files: Sequence[str], by: str, since: Optional[float] = None,
     np = pacct.np
     window = (since, until)
     problems: List[str] = []
-    streamed = _streamed(files, by, window) if np is not None else None
+    # A pipe is read once, by the checked decoder: the fast paths may give up
+    # halfway through a file and hand it to that decoder, which reads it again.
+    once = not all(pacct.rereadable(f) for f in files)
+    streamed = _streamed(files, by, window) if np is not None and not once else None
     if streamed is not None:
         rows = streamed
     elif np is not None:
-        cols = _fast_columns(files)
+        cols = None if once else _fast_columns(files)
         if cols is None:  # corrupt or mixed-order input: the checked decoder
             decs = [pacct.read_file(f) for f in files]
             problems = [p.message for d in decs for p in d.problems]
@@ -301,6 +304,16 @@ def _rows(labels: Sequence[Any], totals: Sequence[Sequence[int]],
           by: str) -> List[Dict[str, Any]]:
     """Report rows from per-group totals: count, user and system CPU µs,
     elapsed µs, memory sum, minor and major faults, in *labels*' order."""
+    # Command names are grouped by their bytes, labelled by their text: names the
+    # kernel cut inside a character (15 bytes) can read the same and are one
+    # row, as in the store, which keeps the text.
+    if len(set(labels)) < len(labels):
+        merged: Dict[Any, List[int]] = {}
+        for i, label in enumerate(labels):
+            acc = merged.setdefault(label, [0] * 7)
+            for k in range(7):
+                acc[k] += int(totals[k][i])
+        labels, totals = list(merged), [list(t) for t in zip(*merged.values())]
     count, cu, cs, el, mem, mi, ma = totals
     out = []
     for i, label in enumerate(labels):
@@ -311,10 +324,14 @@ def _rows(labels: Sequence[Any], totals: Sequence[Sequence[int]],
 
             row["uid"] = label
             row[by] = user_name(label)
+            row["job_residual_cpu_us"] = 0  # a pacct file has no jobs
+        # The keys and their order of the store's summary (query.summary), so
+        # that JSON and CSV read the same from either; pacct has no peak RSS
+        # and no I/O bytes.
         row.update({"processes": c, "cpu_user_us": cu[i], "cpu_system_us": cs[i],
-                    "elapsed_us": el[i], "max_rss_kb": None,
-                    "avg_mem_kb": round(mem[i] / c) if c else 0, "minflt": mi[i],
-                    "majflt": ma[i]})
+                    "elapsed_us": el[i], "max_rss_kb": None, "read_bytes": None,
+                    "write_bytes": None, "minflt": mi[i], "majflt": ma[i],
+                    "avg_mem_kb": round(mem[i] / c) if c else 0})
         out.append(row)
     return out
 
@@ -337,16 +354,6 @@ def _loop(decs: List[pacct.Decoded], by: str, window: Window = (None, None)
             a[4] += r.mem
             a[5] += r.minflt
             a[6] += r.majflt
-    out = []
-    for k, a in acc.items():
-        row: Dict[str, Any] = {by: k}
-        if by == "user":
-            from elsa.users import user_name
-
-            row["uid"] = k
-            row[by] = user_name(k)
-        row.update({"processes": a[0], "cpu_user_us": a[1], "cpu_system_us": a[2],
-                    "elapsed_us": a[3], "max_rss_kb": None, "avg_mem_kb": round(a[4] / a[0]),
-                    "minflt": a[5], "majflt": a[6]})
-        out.append(row)
-    return out
+    if not acc:
+        return []
+    return _rows(list(acc), [list(t) for t in zip(*acc.values())], by)

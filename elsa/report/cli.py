@@ -179,7 +179,15 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
 
         files = [f for group in args.acct_file for f in group]
         rows, problems = summarize(files, args.by, args.since, args.until)
-        _warn_problems("summary", "the --acct-file input", problems)
+        # The first problems of each file, as import-acct lists them: the first
+        # file's could otherwise hide every other file's. Each message starts
+        # with its file (the longest such name, should one name prefix another).
+        per_file: Dict[str, List[str]] = {f: [] for f in files}
+        for p in problems:
+            per_file[max((f for f in per_file if p.startswith(f"{f}: ")), key=len,
+                         default=files[0])].append(p)
+        for f, found in per_file.items():
+            _warn_problems("summary", f, found)
         if problems:
             for r in rows:
                 r["problems"] = problems
