@@ -89,11 +89,12 @@ def test_record_json_has_every_column_and_the_hex_jid() -> None:
 
 # -- the recorder, against real processes -------------------------------------------------------
 
-def _usage(source: str, pid: int, start: int, comm: str = "sleep", **figures: Any) -> UsageRow:
+def _usage(source: str, pid: int, start: int, comm: str = "sleep", uid: int = 0,
+           **figures: Any) -> UsageRow:
     """A process's exit record as the aggregator hands it to listeners (each
     source's own tests cover how the kernel's record becomes this row)."""
     return record_row(UsageRecord(source=source, pid=pid, start_ticks=start,
-                                  end_time=time.time(), comm=comm, uid=0,
+                                  end_time=time.time(), comm=comm, uid=uid,
                                   **figures), None)
 
 
@@ -310,13 +311,14 @@ def test_an_exec_read_after_the_process_ended_leaves_both_images_without_figures
 
 
 def _gone_run(rec: AppRecorder, cmd: List[str], dev: int, ino: int,
-              comm: str = "sleep") -> None:
-    """*cmd* reaped before the recorder reads it; its exit record names (dev, ino)."""
+              comm: str = "sleep", uid: int = 0) -> None:
+    """*cmd* reaped before the recorder reads it; its exit record names (dev, ino)
+    and gives its real *uid*."""
     child = subprocess.Popen(cmd)
     child.wait()
     rec.on_exec(child.pid, child.pid, time.monotonic_ns())
     rec.on_exit(child.pid, child.pid, 0, time.monotonic_ns())
-    rec.on_usage([_usage("taskstats", child.pid, 1234, comm=comm, cpu_user_us=1,
+    rec.on_usage([_usage("taskstats", child.pid, 1234, comm=comm, uid=uid, cpu_user_us=1,
                          extra={"exe_dev": dev, "exe_inode": ino})])
     for e in rec.ended:
         e.due = 0.0
@@ -396,6 +398,26 @@ def test_a_found_program_the_filters_exclude_stays_unnamed(store: Store) -> None
     rec.flush(force=True)
     (row,) = _rows(store)
     assert (row.path_status, row.exe_path, row.exe_ino) == ("gone", None, st.st_ino)
+
+
+def test_a_gone_program_is_filtered_by_the_real_uid_its_exit_record_gives(
+        tmp_path: Path) -> None:
+    """Reaped before the read, a program's uid is unknown at its exec; its exit record
+    gives the real uid, and min_uid and uids then skip it as they skip a program read
+    at once (a short root program is no record with min_uid = 1000)."""
+    for i, (opts, kept) in enumerate((({"min_uid": 1}, 4242), ({"uids": [4242]}, 4242),
+                                      ({"uids": [0]}, 0))):
+        store = Store(str(tmp_path / f"state{i}"))
+        try:
+            rec = _recorder(store, **opts)
+            for uid in (0, 4242):
+                _gone_run(rec, ["true"], 0, 0, comm="true", uid=uid)  # binary not named
+            rec.flush(force=True)
+            assert [r.uid for r in _rows(store)] == [kept], opts
+            assert (rec.counters["records"], rec.counters["excluded"],
+                    rec.counters["gone"]) == (1, 1, 1)
+        finally:
+            store.close()
 
 
 def test_a_last_image_waits_for_a_burst_hold_to_end(store: Store) -> None:

@@ -317,8 +317,7 @@ class AppRecorder(EventListener):
                 self.done.append(prow)
             else:
                 self._end_by_exec(prev, f, ts_ns)
-        uid = f[F_UID] if f[F_UID] is not None else f[F_EUID]
-        if uid is not None and ((self.uids and uid not in self.uids) or uid < self.min_uid):
+        if not self._uid_admits(f[F_UID] if f[F_UID] is not None else f[F_EUID]):
             self.counters["excluded"] += 1
             return
         path = f[F_PATH]
@@ -466,12 +465,26 @@ class AppRecorder(EventListener):
                 waiting.remove(end)
                 if not waiting:
                     del self.ending[pid]
-            rows = [end.final() for end in due]
+            rows = []
             for end in due:
+                # A process reaped before the read had no uid at its exec: its exit
+                # record gives the real uid, which the uid filters judge as at an exec.
+                uid_read = end.row[R_UID] is not None
+                row = end.final()
                 if end.row[R_PATH_STATUS] == "gone" and end.record is not None:
-                    self._binary(end.row, end.record)
-            self.store.submit_many(INSERT, rows)
-            self.counters["records"] += len(due)
+                    self._binary(row, end.record)
+                if not uid_read and not self._uid_admits(row[R_UID]):
+                    self.counters[row[R_PATH_STATUS]] -= 1  # counted at its end
+                    self.counters["excluded"] += 1
+                    continue
+                rows.append(row)
+            if rows:
+                self.store.submit_many(INSERT, rows)
+            self.counters["records"] += len(rows)
+
+    def _uid_admits(self, uid: Optional[int]) -> bool:
+        """The uid filters let *uid* in (an unknown uid always)."""
+        return uid is None or not ((self.uids and uid not in self.uids) or uid < self.min_uid)
 
     def _admits(self, path: str) -> bool:
         """The include and exclude filters let *path* in."""
