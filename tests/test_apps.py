@@ -387,17 +387,43 @@ def test_a_gone_program_never_seen_is_found_by_its_command_name(store: Store) ->
     assert rec.counters["inode"] == 2 and rec.counters["gone"] == 2
 
 
-def test_a_found_program_the_filters_exclude_stays_unnamed(store: Store) -> None:
+def test_a_gone_program_whose_binary_the_filters_exclude_is_not_recorded(
+        store: Store, tmp_path: Path) -> None:
+    """Its exit record names the binary (device, inode): a file found under its command
+    name, or one an earlier run resolved, that the filters exclude (or do not include)
+    makes no record, as the program read at once would make none. A binary not named
+    stays unknown, and its record is kept."""
+    import shutil
+
     from elsa.apps.recorder import SEARCH_DIRS
+    from elsa.testing import wait_for
 
     true = os.path.realpath(next(os.path.join(d, "true") for d in SEARCH_DIRS
                                  if os.path.exists(os.path.join(d, "true"))))
     st = os.stat(true)
     rec = _recorder(store, exclude=[true])  # /bin/true, the same file, is not a way round
-    _gone_run(rec, [true], st.st_dev, st.st_ino, comm="true")
+    _gone_run(rec, [true], st.st_dev, st.st_ino, comm="true")  # found by its comm
+    _gone_run(rec, [true], st.st_dev, st.st_ino, comm="renamed")  # then known
+    assert (rec.counters["excluded"], rec.counters["gone"], rec.counters["records"]) == (
+        2, 0, 0)
+    prog = tmp_path / "mysleep"
+    shutil.copy2(shutil.which("sleep") or "/bin/sleep", prog)
+    pst = os.stat(prog)
+    rec = _recorder(store, include=["/nonexistent/*"])
+    child = subprocess.Popen([str(prog), "30"])
+    try:
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe") == str(prog))
+        rec.on_exec(child.pid, child.pid, time.monotonic_ns())  # read at once: excluded
+    finally:
+        child.kill()
+        child.wait()
+    _gone_run(rec, [str(prog), "0"], pst.st_dev, pst.st_ino)  # an earlier run resolved it
+    _gone_run(rec, ["true"], st.st_dev, st.st_ino + 1_000_000, comm="true")  # not named
     rec.flush(force=True)
     (row,) = _rows(store)
-    assert (row.path_status, row.exe_path, row.exe_ino) == ("gone", None, st.st_ino)
+    assert (row.path_status, row.exe_path, row.exe_ino) == ("gone", None, st.st_ino + 1_000_000)
+    assert (rec.counters["excluded"], rec.counters["gone"], rec.counters["records"]) == (
+        2, 1, 1)
 
 
 def test_a_gone_program_is_filtered_by_the_real_uid_its_exit_record_gives(

@@ -321,13 +321,13 @@ class AppRecorder(EventListener):
             self.counters["excluded"] += 1
             return
         path = f[F_PATH]
+        if path is not None and f[F_INO] is not None and not f[F_DELETED]:
+            # Also a binary the filters exclude: a later run of it gone before the
+            # read is then known as excluded, not kept as an unknown program.
+            self._learn(f[F_DEV], f[F_INO], path)
         if path is not None and not self._admits(path):
             self.counters["excluded"] += 1
             return
-        if path is not None and f[F_INO] is not None and not f[F_DELETED]:
-            # Only binaries the filters let in: a gone program is never given a path
-            # they would have excluded.
-            self._learn(f[F_DEV], f[F_INO], path)
         row: List[Any] = [None] * _N
         row[R_HOST_ID] = self.ctx.host_id
         row[R_BOOT_ID] = self.ctx.boot_id
@@ -471,9 +471,12 @@ class AppRecorder(EventListener):
                 # record gives the real uid, which the uid filters judge as at an exec.
                 uid_read = end.row[R_UID] is not None
                 row = end.final()
-                if end.row[R_PATH_STATUS] == "gone" and end.record is not None:
-                    self._binary(row, end.record)
-                if not uid_read and not self._uid_admits(row[R_UID]):
+                if end.row[R_PATH_STATUS] == "gone" and end.record is not None \
+                        and not self._binary(row, end.record):
+                    admitted = False  # its binary is one the filters exclude
+                else:
+                    admitted = uid_read or self._uid_admits(row[R_UID])
+                if not admitted:
                     self.counters[row[R_PATH_STATUS]] -= 1  # counted at its end
                     self.counters["excluded"] += 1
                     continue
@@ -496,43 +499,47 @@ class AppRecorder(EventListener):
             self.binaries.clear()
         self.binaries[(dev, ino)] = path
 
-    def _binary(self, row: List[Any], rec: UsageRow) -> None:
+    def _binary(self, row: List[Any], rec: UsageRow) -> bool:
         """A gone last image's binary from its exit record: the device and inode it
         names, and the path of an earlier resolved run of that file while the path
         still names it (a file replaced at the path since has another inode), else
-        the file of its command name in SEARCH_DIRS with that device and inode."""
+        the file of its command name in SEARCH_DIRS with that device and inode.
+        False: that binary is one the filters exclude (the row is not to be stored)."""
         extra = rec[_EXTRA]
         if not extra or '"exe_inode"' not in extra:
-            return
+            return True
         try:
             ids = json.loads(extra)
             dev, ino = int(ids["exe_dev"]), int(ids["exe_inode"])
         except (ValueError, KeyError, TypeError):
-            return
+            return True
         if not ino:
-            return
+            return True
         row[R_EXE_DEV], row[R_EXE_INO] = dev, ino
         known = self.binaries.get((dev, ino))
         path = known if known is not None else self._search(rec[_COMM], dev, ino)
         if path is None:
-            return
+            return True
         if known is not None:
             try:
                 st = os.stat(path)
             except OSError:
-                return
+                return True
             if (st.st_dev, st.st_ino) != (dev, ino):
-                return
+                return True
+        if not self._admits(path):
+            return False
         row[R_EXE_PATH], row[R_EXE_DELETED], row[R_PATH_STATUS] = path, 0, "inode"
         self.counters["gone"] -= 1
         self.counters["inode"] += 1
         owner = self.packages.owners.get(path)
         if owner is not None:
             row[R_PACKAGE], row[R_PACKAGE_VERSION] = owner
+        return True
 
     def _search(self, comm: str, dev: int, ino: int) -> Optional[str]:
-        """The file named *comm* in SEARCH_DIRS whose device and inode are these, if
-        the filters let it in (then remembered as a resolved binary)."""
+        """The file named *comm* in SEARCH_DIRS whose device and inode are these (then
+        remembered as a resolved binary)."""
         key = (dev, ino, comm)
         if not comm or "/" in comm or key in self.not_found:
             return None
@@ -546,9 +553,8 @@ class AppRecorder(EventListener):
                 # As /proc/PID/exe names it: /bin is a link to /usr/bin on merged-/usr
                 # systems, and the filters match the path a live read gives.
                 path = os.path.realpath(path)
-                if self._admits(path):
-                    self._learn(dev, ino, path)
-                    return path
+                self._learn(dev, ino, path)
+                return path
         # Not there: a program run from elsewhere, many times too briefly to be read,
         # costs the search once.
         if len(self.not_found) >= BINARIES_MAX:
