@@ -17,7 +17,7 @@ import pytest
 from elsa import config
 from elsa.apps import record, report
 from elsa.apps.packages import PackageIndex, parse_dpkg_status
-from elsa.apps.recorder import INSERT, RECENT_S, AppRecorder
+from elsa.apps.recorder import INSERT, RECENT_S, REPLACED_MARGIN_NS, AppRecorder
 from elsa.core.listener import ListenerContext
 from elsa.core.model import format_jid
 from elsa.core.store import Store
@@ -299,7 +299,11 @@ def test_an_exec_read_after_the_process_ended_leaves_both_images_without_figures
         child.stdin.write(b"go\n")
         child.stdin.close()
         wait_for(lambda: _state(child.pid) == "Z", timeout=30)
-        rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+        # Stamped clear of the shell's read: a stamp within the margin makes the shell's
+        # record 'replaced', and the shell can end within 2 ms of that read.
+        read_ns = rec.open[child.pid].read_ns
+        rec.on_exec(child.pid, child.pid,
+                    max(time.monotonic_ns(), read_ns + 2 * REPLACED_MARGIN_NS))
         _end(rec, child, start, cpu_user_us=5_000)
     finally:
         if child.poll() is None:
