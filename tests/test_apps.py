@@ -662,6 +662,17 @@ def test_cli_table_csv_json(tmp_path: Path, capsys) -> None:
     assert sum(r["cpu_user_us"] or 0 for r in q3) == 7_200_000_000
 
 
+def test_cli_job_refuses_the_filters_it_would_not_apply(tmp_path: Path, capsys) -> None:
+    """--job lists every program of the job: a filter given with it was ignored, so
+    '--job J --path /usr/*' listed programs outside /usr as if they matched."""
+    path = _db(tmp_path)
+    for extra in (["--path", "/usr/*"], ["--comm", "python3"], ["--user", "0"],
+                  ["--package", "gcc*"], ["--since", "1d"], ["--until", "1d"]):
+        assert cli.main(["apps", "--db", path, "--job", format_jid(JID), *extra]) != 0
+        err = capsys.readouterr().err
+        assert f"{extra[0]} does not apply to --job" in err and "--by" in err, err
+
+
 def test_docs_describe_every_column_and_option() -> None:
     text = (Path(__file__).parent.parent / "docs" / "applications.md").read_text()
     for name in record.NAMES:
