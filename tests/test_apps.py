@@ -546,6 +546,48 @@ def test_stop_writes_open_images_and_a_restart_carries_on(store: Store) -> None:
     assert reasons == ["exit", "lost"]
 
 
+def test_a_program_carried_on_after_a_restart_that_exec_d_at_its_fork_keeps_its_figures(
+        store: Store) -> None:
+    """An image left open at a stop that began with its process (fork and exec, as a
+    job's program) counts from zero after the restart too, so its exit record gives its
+    CPU; a later image's base, read at its exec, was not kept: its figures stay NULL."""
+    from elsa.core.model import CLOCK_TICKS
+    from elsa.kernel.procfs import boottime_offset_ns
+    from elsa.testing import wait_for
+
+    rec = _recorder(store)
+    children = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    try:
+        starts = []
+        for delay_ns, child in zip((0, 1_000_000_000), children):
+            wait_for(lambda c=child: os.readlink(f"/proc/{c.pid}/exe").endswith("sleep"))
+            start = ProcFS().ident(child.pid).start_ticks
+            starts.append(start)
+            # The exec's stamp: at the process's start, or a second after it.
+            rec.on_exec(child.pid, child.pid, start * 1_000_000_000 // CLOCK_TICKS
+                        - boottime_offset_ns() + delay_ns)
+        rec.stop()
+        store.flush()
+        again = _recorder(store)
+        again.start()
+        assert sorted(again.open) == sorted(c.pid for c in children)
+        for child, start in zip(children, starts):
+            child.kill()
+            child.wait()
+            again.on_exit(child.pid, child.pid, 9, time.monotonic_ns())
+            again.on_usage([_usage("taskstats", child.pid, start, cpu_user_us=5_000,
+                                   read_bytes=40)])
+        again.flush(force=True)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    at_fork, later = sorted(_rows(store), key=lambda r: r.exec_ns)
+    assert (at_fork.end_reason, at_fork.cpu_user_us, at_fork.read_bytes) == ("exit", 5_000, 40)
+    assert (later.end_reason, later.cpu_user_us, later.read_bytes) == ("exit", None, None)
+
+
 # -- packages ---------------------------------------------------------------------------------
 
 def test_dpkg_index(tmp_path: Path) -> None:

@@ -91,6 +91,12 @@ REPLACED_MARGIN_NS = 2_000_000
 FORK_EXEC_S = 2 / CLOCK_TICKS
 _ZERO_BASE = (0, 0, 0, 0)
 _NO_BASE = (None, None, None, None)
+
+
+def _at_fork(exec_boot_ns: int, start_ticks: int) -> bool:
+    """An exec (kernel stamp, ns since boot) came right after its process's fork."""
+    return exec_boot_ns * CLOCK_TICKS // 1_000_000_000 - start_ticks < FORK_EXEC_S * CLOCK_TICKS
+
 _ELAPSED = ROW_FIELDS.index("elapsed_us")
 _EXTRA = ROW_FIELDS.index("extra")
 _COMM = ROW_FIELDS.index("comm")
@@ -280,7 +286,10 @@ class AppRecorder(EventListener):
                 except Exception:
                     alive = False
             if alive and pid not in self.open:
-                self.open[pid] = _Image(row, (None, None, None, None), 0)
+                # The base read at the exec was not kept; an image begun with its
+                # process (a job's program) counts from zero, as at its exec.
+                base = _ZERO_BASE if _at_fork(row[R_EXEC_NS], start) else _NO_BASE
+                self.open[pid] = _Image(row, base, 0)
                 self.counters["reopened"] += 1
             else:
                 row[R_END_REASON] = "lost"
@@ -351,8 +360,7 @@ class AppRecorder(EventListener):
         base: Optional[Tuple[Optional[int], ...]]
         if prev is None and start is None:
             base = None  # reaped before the read: the exit record dates its fork
-        elif prev is None and (exec_boot_ns * CLOCK_TICKS // 1_000_000_000 - (start or 0)
-                               < FORK_EXEC_S * CLOCK_TICKS):
+        elif prev is None and _at_fork(exec_boot_ns, start or 0):
             base = _ZERO_BASE  # exec'd right after its fork
         elif f[F_STATUS] == "gone":
             base = _NO_BASE  # read after it ended: its end figures, not the exec's
