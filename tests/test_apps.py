@@ -503,6 +503,37 @@ def test_exec_chain_and_a_late_read_is_never_a_wrong_path(store: Store) -> None:
     assert second.comm is None and second.uid == os.getuid()
 
 
+def test_a_command_line_read_after_the_next_exec_is_not_kept(store: Store, monkeypatch) -> None:
+    """The command line of an allow-listed binary is read after the other /proc files;
+    if the process exec'd again before that read ended, it may be the next image's (a
+    binary the allow-list does not name: its secrets). The 2 ms margin counts from the
+    end of every read of the image, the command line's too: here that read ends 20 ms
+    after the others, and an exec stamped 5 ms after they began leaves no argv."""
+    from elsa.testing import wait_for
+
+    rec = _recorder(store, argv=["*/sleep"])
+    read_argv = rec.ctx.procfs.argv
+
+    def slow_argv(pid: int) -> Any:
+        time.sleep(0.02)  # the event thread preempted between the reads
+        return read_argv(pid)
+
+    monkeypatch.setattr(rec.ctx.procfs, "argv", slow_argv)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe").endswith("sleep"))
+        began = time.monotonic_ns()
+        rec.on_exec(child.pid, child.pid, began)
+        assert rec.open[child.pid].row[record.INDEX["argv"]] is not None
+        rec.on_exec(child.pid, child.pid, began + 5_000_000)
+        rec.flush()
+    finally:
+        child.kill()
+        child.wait()
+    first, = _rows(store)
+    assert (first.path_status, first.argv) == ("replaced", None)
+
+
 def test_filters_skip_uids_and_paths_but_never_an_unknown_path(store: Store) -> None:
     rec = _recorder(store, exclude=["*/sleep"])
     child = subprocess.Popen(["sleep", "30"])

@@ -357,6 +357,9 @@ class AppRecorder(EventListener):
                 row[R_PACKAGE], row[R_PACKAGE_VERSION] = owner
             if self.argv is not None and self.argv.match(path):
                 row[R_ARGV] = self._argv(tgid)
+                # The read of the image ends here: a next exec within the margin of
+                # it may have given the next image's command line.
+                read_ns = time.monotonic_ns()
         base: Optional[Tuple[Optional[int], ...]]
         if prev is None and start is None:
             base = None  # reaped before the read: the exit record dates its fork
