@@ -17,7 +17,7 @@ import pytest
 from elsa import config
 from elsa.apps import record, report
 from elsa.apps.packages import PackageIndex, parse_dpkg_status
-from elsa.apps.recorder import INSERT, RECENT_S, AppRecorder
+from elsa.apps.recorder import INSERT, RECENT_S, REPLACED_MARGIN_NS, AppRecorder
 from elsa.core.listener import ListenerContext
 from elsa.core.model import format_jid
 from elsa.core.store import Store
@@ -89,11 +89,12 @@ def test_record_json_has_every_column_and_the_hex_jid() -> None:
 
 # -- the recorder, against real processes -------------------------------------------------------
 
-def _usage(source: str, pid: int, start: int, comm: str = "sleep", **figures: Any) -> UsageRow:
+def _usage(source: str, pid: int, start: int, comm: str = "sleep", uid: int = 0,
+           **figures: Any) -> UsageRow:
     """A process's exit record as the aggregator hands it to listeners (each
     source's own tests cover how the kernel's record becomes this row)."""
     return record_row(UsageRecord(source=source, pid=pid, start_ticks=start,
-                                  end_time=time.time(), comm=comm, uid=0,
+                                  end_time=time.time(), comm=comm, uid=uid,
                                   **figures), None)
 
 
@@ -298,7 +299,11 @@ def test_an_exec_read_after_the_process_ended_leaves_both_images_without_figures
         child.stdin.write(b"go\n")
         child.stdin.close()
         wait_for(lambda: _state(child.pid) == "Z", timeout=30)
-        rec.on_exec(child.pid, child.pid, time.monotonic_ns())
+        # Stamped clear of the shell's read: a stamp within the margin makes the shell's
+        # record 'replaced', and the shell can end within 2 ms of that read.
+        read_ns = rec.open[child.pid].read_ns
+        rec.on_exec(child.pid, child.pid,
+                    max(time.monotonic_ns(), read_ns + 2 * REPLACED_MARGIN_NS))
         _end(rec, child, start, cpu_user_us=5_000)
     finally:
         if child.poll() is None:
@@ -310,13 +315,14 @@ def test_an_exec_read_after_the_process_ended_leaves_both_images_without_figures
 
 
 def _gone_run(rec: AppRecorder, cmd: List[str], dev: int, ino: int,
-              comm: str = "sleep") -> None:
-    """*cmd* reaped before the recorder reads it; its exit record names (dev, ino)."""
+              comm: str = "sleep", uid: int = 0) -> None:
+    """*cmd* reaped before the recorder reads it; its exit record names (dev, ino)
+    and gives its real *uid*."""
     child = subprocess.Popen(cmd)
     child.wait()
     rec.on_exec(child.pid, child.pid, time.monotonic_ns())
     rec.on_exit(child.pid, child.pid, 0, time.monotonic_ns())
-    rec.on_usage([_usage("taskstats", child.pid, 1234, comm=comm, cpu_user_us=1,
+    rec.on_usage([_usage("taskstats", child.pid, 1234, comm=comm, uid=uid, cpu_user_us=1,
                          extra={"exe_dev": dev, "exe_inode": ino})])
     for e in rec.ended:
         e.due = 0.0
@@ -385,17 +391,63 @@ def test_a_gone_program_never_seen_is_found_by_its_command_name(store: Store) ->
     assert rec.counters["inode"] == 2 and rec.counters["gone"] == 2
 
 
-def test_a_found_program_the_filters_exclude_stays_unnamed(store: Store) -> None:
+def test_a_gone_program_whose_binary_the_filters_exclude_is_not_recorded(
+        store: Store, tmp_path: Path) -> None:
+    """Its exit record names the binary (device, inode): a file found under its command
+    name, or one an earlier run resolved, that the filters exclude (or do not include)
+    makes no record, as the program read at once would make none. A binary not named
+    stays unknown, and its record is kept."""
+    import shutil
+
     from elsa.apps.recorder import SEARCH_DIRS
+    from elsa.testing import wait_for
 
     true = os.path.realpath(next(os.path.join(d, "true") for d in SEARCH_DIRS
                                  if os.path.exists(os.path.join(d, "true"))))
     st = os.stat(true)
     rec = _recorder(store, exclude=[true])  # /bin/true, the same file, is not a way round
-    _gone_run(rec, [true], st.st_dev, st.st_ino, comm="true")
+    _gone_run(rec, [true], st.st_dev, st.st_ino, comm="true")  # found by its comm
+    _gone_run(rec, [true], st.st_dev, st.st_ino, comm="renamed")  # then known
+    assert (rec.counters["excluded"], rec.counters["gone"], rec.counters["records"]) == (
+        2, 0, 0)
+    prog = tmp_path / "mysleep"
+    shutil.copy2(shutil.which("sleep") or "/bin/sleep", prog)
+    pst = os.stat(prog)
+    rec = _recorder(store, include=["/nonexistent/*"])
+    child = subprocess.Popen([str(prog), "30"])
+    try:
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe") == str(prog))
+        rec.on_exec(child.pid, child.pid, time.monotonic_ns())  # read at once: excluded
+    finally:
+        child.kill()
+        child.wait()
+    _gone_run(rec, [str(prog), "0"], pst.st_dev, pst.st_ino)  # an earlier run resolved it
+    _gone_run(rec, ["true"], st.st_dev, st.st_ino + 1_000_000, comm="true")  # not named
     rec.flush(force=True)
     (row,) = _rows(store)
-    assert (row.path_status, row.exe_path, row.exe_ino) == ("gone", None, st.st_ino)
+    assert (row.path_status, row.exe_path, row.exe_ino) == ("gone", None, st.st_ino + 1_000_000)
+    assert (rec.counters["excluded"], rec.counters["gone"], rec.counters["records"]) == (
+        2, 1, 1)
+
+
+def test_a_gone_program_is_filtered_by_the_real_uid_its_exit_record_gives(
+        tmp_path: Path) -> None:
+    """Reaped before the read, a program's uid is unknown at its exec; its exit record
+    gives the real uid, and min_uid and uids then skip it as they skip a program read
+    at once (a short root program is no record with min_uid = 1000)."""
+    for i, (opts, kept) in enumerate((({"min_uid": 1}, 4242), ({"uids": [4242]}, 4242),
+                                      ({"uids": [0]}, 0))):
+        store = Store(str(tmp_path / f"state{i}"))
+        try:
+            rec = _recorder(store, **opts)
+            for uid in (0, 4242):
+                _gone_run(rec, ["true"], 0, 0, comm="true", uid=uid)  # binary not named
+            rec.flush(force=True)
+            assert [r.uid for r in _rows(store)] == [kept], opts
+            assert (rec.counters["records"], rec.counters["excluded"],
+                    rec.counters["gone"]) == (1, 1, 1)
+        finally:
+            store.close()
 
 
 def test_a_last_image_waits_for_a_burst_hold_to_end(store: Store) -> None:
@@ -451,6 +503,37 @@ def test_exec_chain_and_a_late_read_is_never_a_wrong_path(store: Store) -> None:
     assert second.comm is None and second.uid == os.getuid()
 
 
+def test_a_command_line_read_after_the_next_exec_is_not_kept(store: Store, monkeypatch) -> None:
+    """The command line of an allow-listed binary is read after the other /proc files;
+    if the process exec'd again before that read ended, it may be the next image's (a
+    binary the allow-list does not name: its secrets). The 2 ms margin counts from the
+    end of every read of the image, the command line's too: here that read ends 20 ms
+    after the others, and an exec stamped 5 ms after they began leaves no argv."""
+    from elsa.testing import wait_for
+
+    rec = _recorder(store, argv=["*/sleep"])
+    read_argv = rec.ctx.procfs.argv
+
+    def slow_argv(pid: int) -> Any:
+        time.sleep(0.02)  # the event thread preempted between the reads
+        return read_argv(pid)
+
+    monkeypatch.setattr(rec.ctx.procfs, "argv", slow_argv)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe").endswith("sleep"))
+        began = time.monotonic_ns()
+        rec.on_exec(child.pid, child.pid, began)
+        assert rec.open[child.pid].row[record.INDEX["argv"]] is not None
+        rec.on_exec(child.pid, child.pid, began + 5_000_000)
+        rec.flush()
+    finally:
+        child.kill()
+        child.wait()
+    first, = _rows(store)
+    assert (first.path_status, first.argv) == ("replaced", None)
+
+
 def test_filters_skip_uids_and_paths_but_never_an_unknown_path(store: Store) -> None:
     rec = _recorder(store, exclude=["*/sleep"])
     child = subprocess.Popen(["sleep", "30"])
@@ -492,6 +575,48 @@ def test_stop_writes_open_images_and_a_restart_carries_on(store: Store) -> None:
         child.wait()
     reasons = sorted(r.end_reason for r in _rows(store))
     assert reasons == ["exit", "lost"]
+
+
+def test_a_program_carried_on_after_a_restart_that_exec_d_at_its_fork_keeps_its_figures(
+        store: Store) -> None:
+    """An image left open at a stop that began with its process (fork and exec, as a
+    job's program) counts from zero after the restart too, so its exit record gives its
+    CPU; a later image's base, read at its exec, was not kept: its figures stay NULL."""
+    from elsa.core.model import CLOCK_TICKS
+    from elsa.kernel.procfs import boottime_offset_ns
+    from elsa.testing import wait_for
+
+    rec = _recorder(store)
+    children = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    try:
+        starts = []
+        for delay_ns, child in zip((0, 1_000_000_000), children):
+            wait_for(lambda c=child: os.readlink(f"/proc/{c.pid}/exe").endswith("sleep"))
+            start = ProcFS().ident(child.pid).start_ticks
+            starts.append(start)
+            # The exec's stamp: at the process's start, or a second after it.
+            rec.on_exec(child.pid, child.pid, start * 1_000_000_000 // CLOCK_TICKS
+                        - boottime_offset_ns() + delay_ns)
+        rec.stop()
+        store.flush()
+        again = _recorder(store)
+        again.start()
+        assert sorted(again.open) == sorted(c.pid for c in children)
+        for child, start in zip(children, starts):
+            child.kill()
+            child.wait()
+            again.on_exit(child.pid, child.pid, 9, time.monotonic_ns())
+            again.on_usage([_usage("taskstats", child.pid, start, cpu_user_us=5_000,
+                                   read_bytes=40)])
+        again.flush(force=True)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    at_fork, later = sorted(_rows(store), key=lambda r: r.exec_ns)
+    assert (at_fork.end_reason, at_fork.cpu_user_us, at_fork.read_bytes) == ("exit", 5_000, 40)
+    assert (later.end_reason, later.cpu_user_us, later.read_bytes) == ("exit", None, None)
 
 
 # -- packages ---------------------------------------------------------------------------------
@@ -608,6 +733,17 @@ def test_cli_table_csv_json(tmp_path: Path, capsys) -> None:
     q3 = json.loads(_cli(["apps", "--db", path, "--by", "binary", "--comm", "python3",
                           "--json"], capsys))
     assert sum(r["cpu_user_us"] or 0 for r in q3) == 7_200_000_000
+
+
+def test_cli_job_refuses_the_filters_it_would_not_apply(tmp_path: Path, capsys) -> None:
+    """--job lists every program of the job: a filter given with it was ignored, so
+    '--job J --path /usr/*' listed programs outside /usr as if they matched."""
+    path = _db(tmp_path)
+    for extra in (["--path", "/usr/*"], ["--comm", "python3"], ["--user", "0"],
+                  ["--package", "gcc*"], ["--since", "1d"], ["--until", "1d"]):
+        assert cli.main(["apps", "--db", path, "--job", format_jid(JID), *extra]) != 0
+        err = capsys.readouterr().err
+        assert f"{extra[0]} does not apply to --job" in err and "--by" in err, err
 
 
 def test_docs_describe_every_column_and_option() -> None:

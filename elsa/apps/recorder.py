@@ -91,6 +91,12 @@ REPLACED_MARGIN_NS = 2_000_000
 FORK_EXEC_S = 2 / CLOCK_TICKS
 _ZERO_BASE = (0, 0, 0, 0)
 _NO_BASE = (None, None, None, None)
+
+
+def _at_fork(exec_boot_ns: int, start_ticks: int) -> bool:
+    """An exec (kernel stamp, ns since boot) came right after its process's fork."""
+    return exec_boot_ns * CLOCK_TICKS // 1_000_000_000 - start_ticks < FORK_EXEC_S * CLOCK_TICKS
+
 _ELAPSED = ROW_FIELDS.index("elapsed_us")
 _EXTRA = ROW_FIELDS.index("extra")
 _COMM = ROW_FIELDS.index("comm")
@@ -280,7 +286,10 @@ class AppRecorder(EventListener):
                 except Exception:
                     alive = False
             if alive and pid not in self.open:
-                self.open[pid] = _Image(row, (None, None, None, None), 0)
+                # The base read at the exec was not kept; an image begun with its
+                # process (a job's program) counts from zero, as at its exec.
+                base = _ZERO_BASE if _at_fork(row[R_EXEC_NS], start) else _NO_BASE
+                self.open[pid] = _Image(row, base, 0)
                 self.counters["reopened"] += 1
             else:
                 row[R_END_REASON] = "lost"
@@ -317,18 +326,17 @@ class AppRecorder(EventListener):
                 self.done.append(prow)
             else:
                 self._end_by_exec(prev, f, ts_ns)
-        uid = f[F_UID] if f[F_UID] is not None else f[F_EUID]
-        if uid is not None and ((self.uids and uid not in self.uids) or uid < self.min_uid):
+        if not self._uid_admits(f[F_UID] if f[F_UID] is not None else f[F_EUID]):
             self.counters["excluded"] += 1
             return
         path = f[F_PATH]
+        if path is not None and f[F_INO] is not None and not f[F_DELETED]:
+            # Also a binary the filters exclude: a later run of it gone before the
+            # read is then known as excluded, not kept as an unknown program.
+            self._learn(f[F_DEV], f[F_INO], path)
         if path is not None and not self._admits(path):
             self.counters["excluded"] += 1
             return
-        if path is not None and f[F_INO] is not None and not f[F_DELETED]:
-            # Only binaries the filters let in: a gone program is never given a path
-            # they would have excluded.
-            self._learn(f[F_DEV], f[F_INO], path)
         row: List[Any] = [None] * _N
         row[R_HOST_ID] = self.ctx.host_id
         row[R_BOOT_ID] = self.ctx.boot_id
@@ -349,11 +357,13 @@ class AppRecorder(EventListener):
                 row[R_PACKAGE], row[R_PACKAGE_VERSION] = owner
             if self.argv is not None and self.argv.match(path):
                 row[R_ARGV] = self._argv(tgid)
+                # The read of the image ends here: a next exec within the margin of
+                # it may have given the next image's command line.
+                read_ns = time.monotonic_ns()
         base: Optional[Tuple[Optional[int], ...]]
         if prev is None and start is None:
             base = None  # reaped before the read: the exit record dates its fork
-        elif prev is None and (exec_boot_ns * CLOCK_TICKS // 1_000_000_000 - (start or 0)
-                               < FORK_EXEC_S * CLOCK_TICKS):
+        elif prev is None and _at_fork(exec_boot_ns, start or 0):
             base = _ZERO_BASE  # exec'd right after its fork
         elif f[F_STATUS] == "gone":
             base = _NO_BASE  # read after it ended: its end figures, not the exec's
@@ -466,12 +476,29 @@ class AppRecorder(EventListener):
                 waiting.remove(end)
                 if not waiting:
                     del self.ending[pid]
-            rows = [end.final() for end in due]
+            rows = []
             for end in due:
-                if end.row[R_PATH_STATUS] == "gone" and end.record is not None:
-                    self._binary(end.row, end.record)
-            self.store.submit_many(INSERT, rows)
-            self.counters["records"] += len(due)
+                # A process reaped before the read had no uid at its exec: its exit
+                # record gives the real uid, which the uid filters judge as at an exec.
+                uid_read = end.row[R_UID] is not None
+                row = end.final()
+                if end.row[R_PATH_STATUS] == "gone" and end.record is not None \
+                        and not self._binary(row, end.record):
+                    admitted = False  # its binary is one the filters exclude
+                else:
+                    admitted = uid_read or self._uid_admits(row[R_UID])
+                if not admitted:
+                    self.counters[row[R_PATH_STATUS]] -= 1  # counted at its end
+                    self.counters["excluded"] += 1
+                    continue
+                rows.append(row)
+            if rows:
+                self.store.submit_many(INSERT, rows)
+            self.counters["records"] += len(rows)
+
+    def _uid_admits(self, uid: Optional[int]) -> bool:
+        """The uid filters let *uid* in (an unknown uid always)."""
+        return uid is None or not ((self.uids and uid not in self.uids) or uid < self.min_uid)
 
     def _admits(self, path: str) -> bool:
         """The include and exclude filters let *path* in."""
@@ -483,43 +510,47 @@ class AppRecorder(EventListener):
             self.binaries.clear()
         self.binaries[(dev, ino)] = path
 
-    def _binary(self, row: List[Any], rec: UsageRow) -> None:
+    def _binary(self, row: List[Any], rec: UsageRow) -> bool:
         """A gone last image's binary from its exit record: the device and inode it
         names, and the path of an earlier resolved run of that file while the path
         still names it (a file replaced at the path since has another inode), else
-        the file of its command name in SEARCH_DIRS with that device and inode."""
+        the file of its command name in SEARCH_DIRS with that device and inode.
+        False: that binary is one the filters exclude (the row is not to be stored)."""
         extra = rec[_EXTRA]
         if not extra or '"exe_inode"' not in extra:
-            return
+            return True
         try:
             ids = json.loads(extra)
             dev, ino = int(ids["exe_dev"]), int(ids["exe_inode"])
         except (ValueError, KeyError, TypeError):
-            return
+            return True
         if not ino:
-            return
+            return True
         row[R_EXE_DEV], row[R_EXE_INO] = dev, ino
         known = self.binaries.get((dev, ino))
         path = known if known is not None else self._search(rec[_COMM], dev, ino)
         if path is None:
-            return
+            return True
         if known is not None:
             try:
                 st = os.stat(path)
             except OSError:
-                return
+                return True
             if (st.st_dev, st.st_ino) != (dev, ino):
-                return
+                return True
+        if not self._admits(path):
+            return False
         row[R_EXE_PATH], row[R_EXE_DELETED], row[R_PATH_STATUS] = path, 0, "inode"
         self.counters["gone"] -= 1
         self.counters["inode"] += 1
         owner = self.packages.owners.get(path)
         if owner is not None:
             row[R_PACKAGE], row[R_PACKAGE_VERSION] = owner
+        return True
 
     def _search(self, comm: str, dev: int, ino: int) -> Optional[str]:
-        """The file named *comm* in SEARCH_DIRS whose device and inode are these, if
-        the filters let it in (then remembered as a resolved binary)."""
+        """The file named *comm* in SEARCH_DIRS whose device and inode are these (then
+        remembered as a resolved binary)."""
         key = (dev, ino, comm)
         if not comm or "/" in comm or key in self.not_found:
             return None
@@ -533,9 +564,8 @@ class AppRecorder(EventListener):
                 # As /proc/PID/exe names it: /bin is a link to /usr/bin on merged-/usr
                 # systems, and the filters match the path a live read gives.
                 path = os.path.realpath(path)
-                if self._admits(path):
-                    self._learn(dev, ino, path)
-                    return path
+                self._learn(dev, ino, path)
+                return path
         # Not there: a program run from elsewhere, many times too briefly to be read,
         # costs the search once.
         if len(self.not_found) >= BINARIES_MAX:

@@ -203,6 +203,15 @@ def cmd_apps(args: argparse.Namespace, out: Any) -> int:
     from elsa.users import user_name
 
     if args.job:
+        # The list is every program of the job: a filter would silently not apply.
+        given = [f"--{name}" for name in ("path", "package", "comm", "user", "since",
+                                          "until", "host") if getattr(args, name, None)]
+        if given:
+            one = len(given) == 1
+            raise ElsaError(f"apps: {', '.join(given)} {'does' if one else 'do'} not apply to "
+                            "--job, which lists every program of the job; leave "
+                            f"{'it' if one else 'them'} out, or select records with --by "
+                            "(e.g. --by binary)")
         try:
             jid = parse_jid(args.job)
         except ValueError as exc:
