@@ -48,6 +48,12 @@ def _type_name(t: Any) -> str:
     return names.get(t, getattr(t, "__name__", str(t)))
 
 
+def _a(t: Any) -> str:
+    """*t*'s name with its article: "an integer", "a string"."""
+    name = _type_name(t)
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
 # Checks for Option(check=...), for the core and for plugins' option tables.
 def positive(v: Any) -> Optional[str]:
     return None if v > 0 else "must be greater than 0"
@@ -205,13 +211,13 @@ def check_value(value: Any, opt: Option, *, name: str, path: str) -> Any:
         ok = isinstance(value, ok_types)
     if not ok:
         raise ConfigError(
-            f"{path}: key '{name}' must be a {_type_name(expected)}, got "
+            f"{path}: key '{name}' must be {_a(expected)}, got "
             f"{_type_name(type(value))} {value!r}")
     if opt.item_type is not None:
         for i, item in enumerate(value):
             if not isinstance(item, opt.item_type):
                 raise ConfigError(
-                    f"{path}: key '{name}[{i}]' must be a {_type_name(opt.item_type)}, got "
+                    f"{path}: key '{name}[{i}]' must be {_a(opt.item_type)}, got "
                     f"{_type_name(type(item))} {item!r}")
     if opt.choices and value not in opt.choices:
         raise ConfigError(f"{path}: key '{name}' must be one of "

@@ -45,12 +45,12 @@ def test_valid_file(tmp_path):
     # AF_UNIX's sun_path holds 108 bytes with the NUL (unix(7)); bind() said "None"
     (f'socket = "/run/{"x" * 103}"\n', "key 'socket' must be at most 107 bytes long"),
     ('netlink_rcvbuf = 0\n', "key 'netlink_rcvbuf' must be greater than 0"),
-    ('netlink_rcvbuf = true\n', "key 'netlink_rcvbuf' must be a integer, got boolean"),
+    ('netlink_rcvbuf = true\n', "key 'netlink_rcvbuf' must be an integer, got boolean"),
     # setsockopt's C int, which the kernel doubles
     ('netlink_rcvbuf = 2147483648\n', "key 'netlink_rcvbuf' must be at most 1073741824"),
     ('disabled_plugins = ["a", 2]\n', "key 'disabled_plugins[1]' must be a string, got integer 2"),
     ('[sources.x]\nenabled = "yes"\n', "key 'sources.x.enabled' must be a boolean"),
-    ('[limits]\nmax_connections = "many"\n', "key 'limits.max_connections' must be a integer"),
+    ('[limits]\nmax_connections = "many"\n', "key 'limits.max_connections' must be an integer"),
     ('[limits]\nnope = 1\n', "unknown key 'limits.nope'"),
     ('backends = 3\n', "key 'backends' must be a table of tables"),
     ('[backends]\ncnproc = 1\n', "key 'backends.cnproc' must be a table"),
