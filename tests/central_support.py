@@ -19,6 +19,7 @@ from elsa.core.aggregator import INSERT_PROC
 from elsa.core.model import Job
 from elsa.core.store import Store
 from elsa.core.thresholds import INSERT_FOLDED
+from elsa.testing import wait_for
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -146,6 +147,17 @@ def drained(sh: Shipper) -> bool:
     s = sh.status()
     return (s["backlog_records"] == 0 and s["backlog_jobs"] == 0 and s["backlog_apps"] == 0
             and not s["failing"])
+
+
+def ship_all(store: Store, url: str, host: str, **kw: Any) -> Dict[str, Any]:
+    """Ship *store* to *url* as node *host* until nothing is left, then stop;
+    the shipper's last status."""
+    sh = shipper(store, url, host, **kw).start()
+    try:
+        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
+    finally:
+        sh.stop()
+    return sh.status()
 
 
 def central_job_totals(pg: PgServer, db: str = "postgres") -> Dict[Tuple[str, int], Tuple]:

@@ -99,3 +99,18 @@ def spawned() -> Iterator[List[subprocess.Popen]]:
                 except ProcessLookupError:
                     pass
             p.wait(5)
+
+
+@pytest.fixture
+def host_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Sets this process's time zone (``TZ``, as the host's) for the test; the
+    machine's own is back afterwards."""
+    import time
+
+    def use(zone: str) -> None:
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+
+    yield use
+    monkeypatch.undo()
+    time.tzset()

@@ -355,15 +355,9 @@ def test_a_quantity_no_record_measured_is_unpriced_in_whole_hours_too(site, caps
 
 
 @pytest.fixture
-def utc_host(monkeypatch):
+def utc_host(host_zone):
     """The host's zone is UTC, whatever this machine's is (the billing zone differs)."""
-    import time
-
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
+    host_zone("UTC")
 
 
 def test_bill_header_shows_a_window_cut_within_a_minute(site, capsys, utc_host):

@@ -42,6 +42,7 @@ from tests.central_support import (  # noqa: E402
     fresh_db,
     local_job_totals,
     pg,
+    ship_all,
     shipper,
 )
 
@@ -108,11 +109,7 @@ def test_ship_resend_and_reports_match(pg: PgServer, tmp_path: Path, capsys) -> 
     fresh_db(pg, "ship")
     url = add_node(pg, "n1", "ship")
     st = fill_store(tmp_path / "n1", 1)
-    sh = shipper(st, url, "n1", batch_rows=250).start()
-    try:
-        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
-    finally:
-        sh.stop()
+    ship_all(st, url, "n1", batch_rows=250)
     assert central_job_totals(pg, "ship") == local_job_totals(st, "n1")
     # A crash before the local mark was written: everything is sent again.
     st.submit("DELETE FROM meta WHERE key = ?", (MARK_KEY,))
@@ -207,11 +204,7 @@ def test_user_mapping_applied_at_report_time(pg: PgServer, tmp_path: Path, capsy
                                   1002, 100, "lone", 0, 7_000_000, 0, 1_500_000, 10, 20, 0,
                                   0, 0, 0, 5, 0, 1, 1, None, None, None)])
     st.flush()
-    sh = shipper(st, url, "m1").start()
-    try:
-        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
-    finally:
-        sh.stop()
+    ship_all(st, url, "m1")
     with admin(pg, "umap") as c:
         schema.map_user(c, "m1", "1000", "alice", "physics")
         schema.map_user(c, "*", "1001", "alice", "physics")
@@ -441,11 +434,7 @@ def test_web_pages_over_the_central_store(pg: PgServer, tmp_path: Path) -> None:
     url = add_node(pg, "n1", "web")
     st = fill_store(tmp_path / "n1", 1)
     fill_apps(st, 1, 200, [r[0] for r in st.db.execute("SELECT jid FROM jobs")])
-    sh = shipper(st, url, "n1", batch_rows=500).start()
-    try:
-        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
-    finally:
-        sh.stop()
+    ship_all(st, url, "n1", batch_rows=500)
     dburl = pg.admin_url.replace("/postgres?", "/web?")
     web = {"trusted_proxies": ["127.0.0.1"], "user_header": "Remote-User", "login": False,
            "pam_service": "login", "actions": False, "page_size": 50, "session_hours": 1.0}
@@ -491,15 +480,6 @@ def _local_apps(st: Any) -> list:
                          f"ORDER BY {', '.join(record.KEY)}").fetchall()
 
 
-def _ship(st: Any, url: str, host: str, **kw: Any) -> Dict[str, Any]:
-    sh = shipper(st, url, host, **kw).start()
-    try:
-        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
-    finally:
-        sh.stop()
-    return sh.status()
-
-
 def _central_tags(pg: PgServer, db: str, host: str) -> Dict[int, Dict[str, str]]:
     with admin(pg, db) as c:
         return {j: json.loads(t) for j, t in c.execute(
@@ -513,7 +493,7 @@ def test_tags_changed_long_after_the_end_are_shipped(pg: PgServer, tmp_path: Pat
     fresh_db(pg, "retag")
     url = add_node(pg, "r1", "retag")
     st = fill_store(tmp_path / "r1", 14, jobs=3, procs=20)
-    _ship(st, url, "r1")
+    ship_all(st, url, "r1")
     jids = sorted(_central_tags(pg, "retag", "r1"))
     assert st.db.execute("SELECT MAX(ended) FROM jobs").fetchone()[0] < time.time() - RECHECK_S
     st.set_tags(jids[0], {"queue": "q0", "account": "late-retag"})
@@ -568,7 +548,7 @@ def test_app_records_shipped_updated_once_and_resent_idempotently(
     st = fill_store(tmp_path / "a1", 11, jobs=3, procs=20)
     jids = [r[0] for r in st.db.execute("SELECT jid FROM jobs")] + [None]
     rows = fill_apps(st, 11, 450, jids)
-    s = _ship(st, url, "a1", batch_rows=200)
+    s = ship_all(st, url, "a1", batch_rows=200)
     assert s["shipped_apps"] == 450 and s["backlog_apps"] == 0, s
     # Open records (images running when elsad stopped) are shipped too: the
     # node's reports count them.
@@ -603,7 +583,7 @@ def test_app_records_shipped_updated_once_and_resent_idempotently(
     # A lost mark: everything is sent again, nothing doubled.
     st.submit("DELETE FROM meta WHERE key = ?", (APP_MARK_KEY,))
     st.flush()
-    s = _ship(st, url, "a1", batch_rows=100)
+    s = ship_all(st, url, "a1", batch_rows=100)
     assert s["shipped_apps"] == 450, s
     assert _central_apps(pg, "apps", "a1") == got
     with admin(pg, "apps") as c:
@@ -652,7 +632,7 @@ def test_apps_report_central_equals_node(pg: PgServer, tmp_path: Path, capsys) -
         st = fill_store(tmp_path / host, 20 + n, jobs=2, procs=10)
         jids = [r[0] for r in st.db.execute("SELECT jid FROM jobs")] + [None]
         fill_apps(st, 20 + n, 300, jids)
-        _ship(st, url, host)
+        ship_all(st, url, host)
         stores[host] = st
     dburl = pg.admin_url.replace("/postgres?", "/appsrep?")
 
@@ -753,7 +733,7 @@ def test_schema_1_database_upgraded_then_app_records_ship(pg: PgServer, tmp_path
         sh.stop()
     with admin(pg, "up1") as c:
         assert schema.migrate(c)[:2] == (1, schema.VERSION)
-    s = _ship(st, url, "u1")
+    s = ship_all(st, url, "u1")
     assert s["shipped_apps"] == 40 and s["shipped_records"] == 60, s
     assert _central_apps(pg, "up1", "u1") == _local_apps(st)
     st.close()
@@ -796,7 +776,7 @@ def test_unknown_figures_reach_the_central_rollup_as_null(pg: PgServer, tmp_path
     st.submit_many(INSERT_PROC, procs)
     st.submit_many(INSERT_FOLDED, folded)
     st.flush()
-    _ship(st, url, "k1")
+    ship_all(st, url, "k1")
     central = open_db(pg.admin_url.replace("/postgres?", "/unk?"))
     local = open_db(st.path)
     strip = ("user", "account")
@@ -863,11 +843,7 @@ def test_sacct_formats_and_eff_on_the_central_store(pg: PgServer, tmp_path: Path
     fresh_db(pg, "sacctc")
     url = add_node(pg, "s1", "sacctc")
     st = fill_store(tmp_path / "s1", 6, jobs=2, procs=20)
-    sh = shipper(st, url, "s1").start()
-    try:
-        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
-    finally:
-        sh.stop()
+    ship_all(st, url, "s1")
     dburl = pg.admin_url.replace("/postgres?", "/sacctc?")
     capsys.readouterr()  # the shipper's log lines
     assert elsa_main(["jobs", "--db", dburl, "-P", "--format", "jid,user,procs,state,exit"]) == 0
@@ -904,11 +880,7 @@ def test_bill_by_job_keeps_each_hosts_outside_job_items(pg: PgServer, tmp_path: 
              (k + 1) * 1_000_000, 0, 2_000_000, 10, 20, 0, 0, 0, 0, 5, 0, 1, 1, None, None,
              None) for i in range(3 + k)])
         st.flush()
-        sh = shipper(st, url, host).start()
-        try:
-            wait_for(lambda s=sh: drained(s), 30, what="the backlog to drain")
-        finally:
-            sh.stop()
+        ship_all(st, url, host)
         capsys.readouterr()
         assert elsa_main(["bill", "--config", str(cfg), "--db", st.path, "--by", "job",
                           "--json", *window]) == 0
@@ -1039,11 +1011,7 @@ def test_bill_leaves_a_running_jobs_records_to_the_job_as_the_node_does(
          "work", 0, 3_000_000, 0, 50_000_000, 10, 20, 0, 0, 0, 0, 5, 0, 1, 1, None, None,
          None) for i in range(6) for j, pid in ((jid, 6000), (None, 7000))])
     st.flush()
-    sh = shipper(st, url, "r1").start()
-    try:
-        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
-    finally:
-        sh.stop()
+    ship_all(st, url, "r1")
     cfg = tmp_path / "bill.toml"
     cfg.write_text(f'state_dir = "{tmp_path}"\n[billing]\n[billing.rates]\ncpu_user = 1\n')
     # Whole hours (the rollup's path) and a window cut inside the hour (the records').

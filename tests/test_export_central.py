@@ -9,9 +9,8 @@ from pathlib import Path
 
 from elsa.central.pgserver import PgServer
 from elsa.report.cli import main
-from elsa.testing import wait_for
 from tests import apel_strict
-from tests.central_support import add_node, drained, fill_store, fresh_db, pg, shipper
+from tests.central_support import add_node, fill_store, fresh_db, pg, ship_all
 
 __all__ = ["pg"]  # the fixture
 
@@ -22,11 +21,7 @@ def test_exports_from_the_central_store(pg: PgServer, tmp_path: Path, capsys,
     fresh_db(pg, "exp")
     url = add_node(pg, "n1", "exp")
     st = fill_store(tmp_path / "n1", 1)
-    sh = shipper(st, url, "n1").start()
-    try:
-        wait_for(lambda: drained(sh), 30, what="the backlog to drain")
-    finally:
-        sh.stop()
+    ship_all(st, url, "n1")
     dburl = pg.admin_url.replace("/postgres?", "/exp?")
     capsys.readouterr()  # the shipper's log lines
     assert main(["export", "jsonl", "--db", st.path]) == 0

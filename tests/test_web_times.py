@@ -5,8 +5,6 @@ browser runs in another zone does not read two different times for one moment
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from elsa.core.aggregator import INSERT_SAMPLE
@@ -20,12 +18,8 @@ T0 = 1.7e9  # 2023-11-14 22:13:20 UTC = 17:13:20 EST
 
 
 @pytest.fixture
-def new_york(monkeypatch):
-    monkeypatch.setenv("TZ", "America/New_York")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
+def new_york(host_zone):
+    host_zone("America/New_York")
 
 
 def test_page_times_and_chart_labels_share_the_named_server_zone(tmp_path, new_york):
