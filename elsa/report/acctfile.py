@@ -32,9 +32,23 @@ def summarize(files: Sequence[str], by: str, since: Optional[float] = None,
               until: Optional[float] = None) -> Tuple[List[Dict[str, Any]], List[str]]:
     """The rows of the records that ended in [*since*, *until*) (the store's
     window, on btime + etime), and the problems met, each naming file and offset."""
+    rows, per_file = summarize_files(files, by, since, until)
+    return rows, [p for found in per_file.values() for p in found]
+
+
+def _add_problems(problems: Dict[str, List[str]], files: Sequence[str],
+                  decs: Sequence[pacct.Decoded]) -> None:
+    for f, d in zip(files, decs):  # (a file given twice: its problems twice, as read)
+        problems[f].extend(p.message for p in d.problems)
+
+
+def summarize_files(files: Sequence[str], by: str, since: Optional[float] = None,
+                    until: Optional[float] = None
+                    ) -> Tuple[List[Dict[str, Any]], Dict[str, List[str]]]:
+    """:func:`summarize`, with the problems of each file apart (in *files*' order)."""
     np = pacct.np
     window = (since, until)
-    problems: List[str] = []
+    problems: Dict[str, List[str]] = {f: [] for f in files}
     # A pipe is read once, by the checked decoder: the fast paths may give up
     # halfway through a file and hand it to that decoder, which reads it again.
     once = not all(pacct.rereadable(f) for f in files)
@@ -45,7 +59,7 @@ def summarize(files: Sequence[str], by: str, since: Optional[float] = None,
         cols = None if once else _fast_columns(files)
         if cols is None:  # corrupt or mixed-order input: the checked decoder
             decs = [pacct.read_file(f) for f in files]
-            problems = [p.message for d in decs for p in d.problems]
+            _add_problems(problems, files, decs)
             cols = {k: np.concatenate([d.columns[k] for d in decs])
                     for k in ("uid", "comm", "btime", "utime", "stime", "etime", "mem",
                               "minflt", "majflt")}
@@ -55,7 +69,7 @@ def summarize(files: Sequence[str], by: str, since: Optional[float] = None,
         rows = _numpy(cols, by)
     else:
         decs = [pacct.read_file(f) for f in files]
-        problems = [p.message for d in decs for p in d.problems]
+        _add_problems(problems, files, decs)
         rows = _loop(decs, by, window)
     rows.sort(key=lambda r: -(r["cpu_user_us"] + r["cpu_system_us"]))
     return rows, problems

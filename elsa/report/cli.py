@@ -175,19 +175,15 @@ def cmd_summary(args: argparse.Namespace, out) -> int:
                 raise ElsaError(f"{opt} selects records of the store; --acct-file reads the "
                                 "pacct files given, which have one source (bsdacct), no jobs "
                                 f"and one host: leave out {opt}, or summarize the store")
-        from elsa.report.acctfile import summarize
+        from elsa.report.acctfile import summarize_files
 
         files = [f for group in args.acct_file for f in group]
-        rows, problems = summarize(files, args.by, args.since, args.until)
+        rows, per_file = summarize_files(files, args.by, args.since, args.until)
         # The first problems of each file, as import-acct lists them: the first
-        # file's could otherwise hide every other file's. Each message starts
-        # with its file (the longest such name, should one name prefix another).
-        per_file: Dict[str, List[str]] = {f: [] for f in files}
-        for p in problems:
-            per_file[max((f for f in per_file if p.startswith(f"{f}: ")), key=len,
-                         default=files[0])].append(p)
+        # file's could otherwise hide every other file's.
         for f, found in per_file.items():
             _warn_problems("summary", f, found)
+        problems = [p for found in per_file.values() for p in found]
         if problems:
             for r in rows:
                 r["problems"] = problems
